@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what shyped's sandbox, tests and demo need on Debian 12 (as root), and a venv in .venv.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+
+APT_PACKAGES=(
+    xen-utils-4.17     # oxenstored, the real xenstore daemon
+    xenstore-utils     # xenstore-ls, -write, -watch, -chmod
+    gcc libc6-dev      # builds the sandbox preload library
+    python3-venv
+    graphviz           # policy graph rendering (optional at run time)
+    prometheus         # promtool and a real Prometheus server for the metrics tests
+    systemd            # systemd-analyze verify on the units
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# The Debian prometheus package starts a server on :9090 at install; the tests run their own.
+if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
+    systemctl stop prometheus || true
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[test]'

@@ -1,0 +1,1 @@
+"""The pure policy core: sHype model, decisions, formats and analysis. No I/O."""
