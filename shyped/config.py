@@ -1,0 +1,238 @@
+"""The daemon's configuration file (`shyped.toml`), parsed and validated in one place.
+
+Parsing is pure (text in, `Config` out) so that every mistake an operator can make is reported
+with the file and key before the daemon touches xenstore. Defaults are the secure ones: fail
+closed, enforcing, local sockets only.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message names the file and the key."""
+
+
+class Mode(Enum):
+    """Whether vetoes are carried out (`enforcing`) or only decided and logged (`permissive`)."""
+
+    ENFORCING = "enforcing"
+    PERMISSIVE = "permissive"
+
+
+class DomainVeto(Enum):
+    """What a denied domain admission does to the domain."""
+
+    DESTROY = "destroy"
+    PAUSE = "pause"
+
+
+@attrs.frozen
+class XenstoreConfig:
+    transport: str = "unix"  # "unix" (xenstored socket) or "xenbus" (/dev/xen/xenbus)
+    socket: Path = Path("/var/run/xenstored/socket")
+    reconnect_max_backoff: float = 30.0
+
+
+@attrs.frozen
+class ActuatorConfig:
+    kind: str = "xl"  # "xl" on a real dom0, "sandbox" for the sandbox toolstack
+    xl: tuple[str, ...] = ("xl",)
+    timeout: float = 30.0
+
+
+@attrs.frozen
+class ControlConfig:
+    socket: Path = Path("/run/shyped/control.sock")
+    read_group: str | None = None
+    admin_group: str | None = None
+
+
+@attrs.frozen
+class MetricsConfig:
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    port: int = 9474
+
+
+@attrs.frozen
+class Config:
+    """Everything `shyped` reads from its configuration file."""
+
+    policy: Path
+    labels: Path = Path("/var/lib/shyped/labels.json")
+    mode: Mode = Mode.ENFORCING
+    domain_veto: DomainVeto = DomainVeto.DESTROY
+    unlabelled_domain: str | None = None  # None: deny; else the label to assume
+    unlabelled_resource: str | None = None
+    xenstore: XenstoreConfig = XenstoreConfig()
+    actuator: ActuatorConfig = ActuatorConfig()
+    control: ControlConfig = ControlConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    source: Path | None = None
+
+
+_TOP_KEYS = {"policy", "enforcement", "xenstore", "actuator", "control", "metrics"}
+
+
+def _table(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: [{key}] must be a table")
+    return value
+
+
+def _get(
+    table: dict[str, Any], section: str, key: str, kind: type, default: Any, where: str
+) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {section}.{key} must be a {kind.__name__}, not {value!r}")
+    return value
+
+
+def _check_unknown(table: dict[str, Any], section: str, known: set[str], where: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) in [{section}]: {', '.join(unknown)}")
+
+
+def _enum(cls: type[Enum], value: str, name: str, where: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in cls)
+        raise ConfigError(f"{where}: {name} must be one of {choices}, not {value!r}") from None
+
+
+def _default_label(value: str, name: str, where: str) -> str | None:
+    if value == "deny":
+        return None
+    if not value or ":" in value:
+        raise ConfigError(f"{where}: {name} must be 'deny' or a label name, not {value!r}")
+    return value
+
+
+def parse_config(text: str, source: Path | None = None) -> Config:
+    """Parse and validate the text of a `shyped.toml`; relative paths are taken from its folder."""
+    where = str(source) if source else "<config>"
+    base = source.parent if source else Path.cwd()
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    _check_unknown(doc, "top level", _TOP_KEYS, where)
+
+    pol = _table(doc, "policy", where)
+    _check_unknown(
+        pol, "policy", {"path", "labels", "unlabelled_domain", "unlabelled_resource"}, where
+    )
+    if "path" not in pol:
+        raise ConfigError(f"{where}: policy.path is required")
+    policy = base / _get(pol, "policy", "path", str, "", where)
+    labels = base / _get(pol, "policy", "labels", str, "/var/lib/shyped/labels.json", where)
+    unl_dom = _default_label(
+        _get(pol, "policy", "unlabelled_domain", str, "deny", where),
+        "policy.unlabelled_domain",
+        where,
+    )
+    unl_res = _default_label(
+        _get(pol, "policy", "unlabelled_resource", str, "deny", where),
+        "policy.unlabelled_resource",
+        where,
+    )
+
+    enf = _table(doc, "enforcement", where)
+    _check_unknown(enf, "enforcement", {"mode", "domain_veto"}, where)
+    mode = _enum(
+        Mode, _get(enf, "enforcement", "mode", str, "enforcing", where), "enforcement.mode", where
+    )
+    veto = _enum(
+        DomainVeto,
+        _get(enf, "enforcement", "domain_veto", str, "destroy", where),
+        "enforcement.domain_veto",
+        where,
+    )
+
+    xs = _table(doc, "xenstore", where)
+    _check_unknown(xs, "xenstore", {"transport", "socket", "reconnect_max_backoff"}, where)
+    transport = _get(xs, "xenstore", "transport", str, "unix", where)
+    if transport not in ("unix", "xenbus"):
+        raise ConfigError(f"{where}: xenstore.transport must be 'unix' or 'xenbus'")
+    backoff = _get(xs, "xenstore", "reconnect_max_backoff", float, 30.0, where)
+    if backoff <= 0:
+        raise ConfigError(f"{where}: xenstore.reconnect_max_backoff must be positive")
+    xenstore = XenstoreConfig(
+        transport=transport,
+        socket=base / _get(xs, "xenstore", "socket", str, "/var/run/xenstored/socket", where),
+        reconnect_max_backoff=backoff,
+    )
+
+    act = _table(doc, "actuator", where)
+    _check_unknown(act, "actuator", {"kind", "xl", "timeout"}, where)
+    kind = _get(act, "actuator", "kind", str, "xl", where)
+    if kind not in ("xl", "sandbox"):
+        raise ConfigError(f"{where}: actuator.kind must be 'xl' or 'sandbox'")
+    xl_raw = act.get("xl", "xl")
+    if isinstance(xl_raw, str):
+        xl_cmd: tuple[str, ...] = (xl_raw,)
+    elif isinstance(xl_raw, list) and xl_raw and all(isinstance(a, str) for a in xl_raw):
+        xl_cmd = tuple(xl_raw)
+    else:
+        raise ConfigError(f"{where}: actuator.xl must be a command string or a list of strings")
+    actuator = ActuatorConfig(
+        kind=kind, xl=xl_cmd, timeout=_get(act, "actuator", "timeout", float, 30.0, where)
+    )
+
+    ctl = _table(doc, "control", where)
+    _check_unknown(ctl, "control", {"socket", "read_group", "admin_group"}, where)
+    control = ControlConfig(
+        socket=base / _get(ctl, "control", "socket", str, "/run/shyped/control.sock", where),
+        read_group=_get(ctl, "control", "read_group", str, None, where),
+        admin_group=_get(ctl, "control", "admin_group", str, None, where),
+    )
+
+    met = _table(doc, "metrics", where)
+    _check_unknown(met, "metrics", {"enabled", "address", "port"}, where)
+    port = _get(met, "metrics", "port", int, 9474, where)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{where}: metrics.port must be 0..65535")
+    metrics = MetricsConfig(
+        enabled=_get(met, "metrics", "enabled", bool, False, where),
+        address=_get(met, "metrics", "address", str, "127.0.0.1", where),
+        port=port,
+    )
+    return Config(
+        policy=policy,
+        labels=labels,
+        mode=mode,
+        domain_veto=veto,
+        unlabelled_domain=unl_dom,
+        unlabelled_resource=unl_res,
+        xenstore=xenstore,
+        actuator=actuator,
+        control=control,
+        metrics=metrics,
+        source=source,
+    )
+
+
+def load_config(path: Path) -> Config:
+    """Read and parse a configuration file; any problem is a `ConfigError` naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: configuration is not UTF-8 text") from None
+    return parse_config(text, path)
