@@ -69,8 +69,6 @@ class Config:
     labels: Path = Path("/var/lib/shyped/labels.json")
     mode: Mode = Mode.ENFORCING
     domain_veto: DomainVeto = DomainVeto.DESTROY
-    unlabelled_domain: str | None = None  # None: deny; else the label to assume
-    unlabelled_resource: str | None = None
     xenstore: XenstoreConfig = XenstoreConfig()
     actuator: ActuatorConfig = ActuatorConfig()
     control: ControlConfig = ControlConfig()
@@ -115,14 +113,6 @@ def _enum(cls: type[Enum], value: str, name: str, where: str) -> Any:
         raise ConfigError(f"{where}: {name} must be one of {choices}, not {value!r}") from None
 
 
-def _default_label(value: str, name: str, where: str) -> str | None:
-    if value == "deny":
-        return None
-    if not value or ":" in value:
-        raise ConfigError(f"{where}: {name} must be 'deny' or a label name, not {value!r}")
-    return value
-
-
 def parse_config(text: str, source: Path | None = None) -> Config:
     """Parse and validate the text of a `shyped.toml`; relative paths are taken from its folder."""
     where = str(source) if source else "<config>"
@@ -134,23 +124,11 @@ def parse_config(text: str, source: Path | None = None) -> Config:
     _check_unknown(doc, "top level", _TOP_KEYS, where)
 
     pol = _table(doc, "policy", where)
-    _check_unknown(
-        pol, "policy", {"path", "labels", "unlabelled_domain", "unlabelled_resource"}, where
-    )
+    _check_unknown(pol, "policy", {"path", "labels"}, where)
     if "path" not in pol:
         raise ConfigError(f"{where}: policy.path is required")
     policy = base / _get(pol, "policy", "path", str, "", where)
     labels = base / _get(pol, "policy", "labels", str, "/var/lib/shyped/labels.json", where)
-    unl_dom = _default_label(
-        _get(pol, "policy", "unlabelled_domain", str, "deny", where),
-        "policy.unlabelled_domain",
-        where,
-    )
-    unl_res = _default_label(
-        _get(pol, "policy", "unlabelled_resource", str, "deny", where),
-        "policy.unlabelled_resource",
-        where,
-    )
 
     enf = _table(doc, "enforcement", where)
     _check_unknown(enf, "enforcement", {"mode", "domain_veto"}, where)
@@ -217,8 +195,6 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         labels=labels,
         mode=mode,
         domain_veto=veto,
-        unlabelled_domain=unl_dom,
-        unlabelled_resource=unl_res,
         xenstore=xenstore,
         actuator=actuator,
         control=control,

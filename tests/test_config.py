@@ -10,7 +10,6 @@ def test_minimal_config_gets_secure_defaults(tmp_path: Path) -> None:
     assert cfg.policy == tmp_path / "p.toml"
     assert cfg.mode is Mode.ENFORCING
     assert cfg.domain_veto is DomainVeto.DESTROY
-    assert cfg.unlabelled_domain is None and cfg.unlabelled_resource is None
     assert cfg.metrics.enabled is False and cfg.metrics.address == "127.0.0.1"
     assert str(cfg.control.socket).startswith("/run/shyped/")
 
@@ -20,8 +19,6 @@ def test_full_config(tmp_path: Path) -> None:
 [policy]
 path = "/etc/shyped/policy.toml"
 labels = "/var/lib/shyped/labels.json"
-unlabelled_domain = "untrusted"
-unlabelled_resource = "deny"
 [enforcement]
 mode = "permissive"
 domain_veto = "pause"
@@ -37,7 +34,6 @@ port = 9999
 """
     cfg = parse_config(text, tmp_path / "x.toml")
     assert cfg.mode is Mode.PERMISSIVE and cfg.domain_veto is DomainVeto.PAUSE
-    assert cfg.unlabelled_domain == "untrusted"
     assert cfg.xenstore.transport == "xenbus" and cfg.xenstore.reconnect_max_backoff == 5.0
     assert cfg.actuator.xl == ("python3", "-m", "shyped.sandbox", "xl")
     assert cfg.metrics.port == 9999
@@ -51,7 +47,6 @@ port = 9999
         ('[policy]\npath = "p"\nbogus = 1\n', "unknown key(s) in [policy]: bogus"),
         ("[policy]\npath = 3\n", "policy.path must be a str"),
         ('[policy]\npath = "p"\n[metrics]\nport = 70000\n', "metrics.port must be 0..65535"),
-        ('[policy]\npath = "p"\nunlabelled_domain = "a:b"\n', "must be 'deny' or a label"),
         ("[policy\n", "Expected ']'"),
         ('[policy]\npath = "p"\n[actuator]\nxl = []\n', "actuator.xl must be a command"),
     ],
