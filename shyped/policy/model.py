@@ -61,6 +61,22 @@ def _fs(items: Iterable[str]) -> frozenset[str]:
     return frozenset(items)
 
 
+def _strs(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(items)
+
+
+def _sets(items: Iterable[ConflictSet]) -> tuple[ConflictSet, ...]:
+    return tuple(items)
+
+
+def _vms(items: Iterable[VmLabel]) -> tuple[VmLabel, ...]:
+    return tuple(items)
+
+
+def _ress(items: Iterable[ResourceLabel]) -> tuple[ResourceLabel, ...]:
+    return tuple(items)
+
+
 # --------------------------------------------------------------------------- label strings
 
 
@@ -238,13 +254,13 @@ class Policy:
     name: str
     version: PolicyVersion
     bootstrap: str
-    ste_types: tuple[str, ...] = attrs.field(converter=tuple, default=())
-    cw_types: tuple[str, ...] = attrs.field(converter=tuple, default=())
-    conflict_sets: tuple[ConflictSet, ...] = attrs.field(converter=tuple, default=())
-    vm_labels: tuple[VmLabel, ...] = attrs.field(converter=tuple, default=())
-    resource_labels: tuple[ResourceLabel, ...] = attrs.field(converter=tuple, default=())
-    mls_levels: tuple[str, ...] = attrs.field(converter=tuple, default=())
-    mls_categories: tuple[str, ...] = attrs.field(converter=tuple, default=())
+    ste_types: tuple[str, ...] = attrs.field(converter=_strs, default=())
+    cw_types: tuple[str, ...] = attrs.field(converter=_strs, default=())
+    conflict_sets: tuple[ConflictSet, ...] = attrs.field(converter=_sets, default=())
+    vm_labels: tuple[VmLabel, ...] = attrs.field(converter=_vms, default=())
+    resource_labels: tuple[ResourceLabel, ...] = attrs.field(converter=_ress, default=())
+    mls_levels: tuple[str, ...] = attrs.field(converter=_strs, default=())
+    mls_categories: tuple[str, ...] = attrs.field(converter=_strs, default=())
     defaults: Defaults = attrs.field(factory=Defaults)
     from_policy: PolicyRef | None = None
 
