@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shyped.sandbox.xenstored import SandboxXenstored
-
-
-def short_tmp_dir(prefix: str = "xs") -> Path:
-    """A fresh directory under /tmp: pytest's tmp_path can exceed the AF_UNIX path limit."""
-    return Path(tempfile.mkdtemp(dir="/tmp", prefix=prefix))
+from shyped.sandbox.xenstored import SandboxXenstored, short_instance_dir
 
 
 @pytest.fixture
 def xenstored() -> Iterator[SandboxXenstored]:
     """A fresh, running sandbox oxenstored, stopped (and its directory removed) afterwards."""
-    directory = short_tmp_dir()
+    # Not tmp_path: pytest's directories can exceed the AF_UNIX socket path limit.
+    directory = short_instance_dir()
     instance = SandboxXenstored(directory)
     instance.start()
     try:

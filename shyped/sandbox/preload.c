@@ -7,11 +7,16 @@
  *  - xc_interface_open/close: domains.ml opens a libxenctrl handle at module
  *    initialisation (`let xc = Xenctrl.interface_open ()`), which fails without
  *    /dev/xen/privcmd and kills the daemon.  We hand back a dummy non-NULL handle.
- *  - xenevtchn_*: xenstored.ml calls Event.init (xenevtchn_open) unconditionally.
- *    The handle owns a pipe whose read end is the "event channel fd": nothing
- *    ever writes it, so no event ever fires.  Binding calls return fake ports.
- *  - xc_map_foreign_range: fails (ENOSYS) so XS_INTRODUCE of a domain fails
- *    cleanly instead of mapping a ring no one services.
+ *  - xenevtchn_*: Event.init opens the event channel device and binds VIRQ_DOM_EXC.
+ *    The "device" is a FIFO in the run directory: each byte written to it is one
+ *    VIRQ_DOM_EXC (what Xen raises when a domain shuts down or dies).  Binding
+ *    calls hand out fresh port numbers; notifications go nowhere.
+ *  - xc_domain_getinfolist: answers from $RUNDIR/domain-state/<domid> files, so
+ *    on VIRQ_DOM_EXC oxenstored's Domains.cleanup sees the state the sandbox
+ *    toolstack set and fires @releaseDomain by itself, as on a real host.
+ *  - xc_map_foreign_range: returns a zeroed anonymous page, so XS_INTRODUCE from
+ *    the sandbox toolstack succeeds (and fires @introduceDomain) with a ring no
+ *    guest ever drives.  xc_get_last_error: a static "no error" for failwith_xc.
  *  - setrlimit(RLIMIT_NOFILE): oxenstored raises the limit to fs.nr_open and
  *    dies with EPERM without CAP_SYS_RESOURCE; we clamp to the hard limit.
  *  - Paths: the daemon's run directory is compiled in as /var/run/xenstored
@@ -34,6 +39,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -327,39 +333,138 @@ EXPORT int xc_interface_close(void *xch)
     return 0;
 }
 
+/* XS_INTRODUCE maps the guest's xenstore ring page (domains.ml: Domains.create).  We hand
+ * back a private zeroed page: the ring stays empty forever (no guest drives it), but the
+ * introduction succeeds, so oxenstored registers the domain and fires @introduceDomain, and a
+ * later XS_RELEASE fires @releaseDomain, as on a real host.  Xenmmap.unmap munmaps it. */
 EXPORT void *xc_map_foreign_range(void *xch, uint32_t dom, int size, int prot, unsigned long mfn)
 {
+    void *page;
     (void)xch;
     (void)dom;
-    (void)size;
-    (void)prot;
     (void)mfn;
-    errno = ENOSYS;
-    return NULL;
+    page = mmap(NULL, (size_t)size, prot | PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1,
+                0);
+    return page == MAP_FAILED ? NULL : page;
+}
+
+/* Without a hypervisor, a domain's state comes from $RUNDIR/domain-state/<domid>, written by
+ * SandboxXenstored.set_domain_state(): absent or "running" -> running; "shutdown <code>";
+ * "dying"; "gone" (no such domain).  oxenstored asks for it (Domains.cleanup, via the OCaml
+ * stub_xc_domain_getinfo) when the VIRQ_DOM_EXC event fires, exactly as on a real host. */
+
+/* struct xen_domctl_getdomaininfo, xen/include/public/domctl.h, Xen 4.17 (x86). */
+struct shyped_domaininfo {
+    uint16_t domain;
+    uint16_t pad1;
+    uint32_t flags;
+    uint64_t tot_pages, max_pages, outstanding_pages, shr_pages, paged_pages;
+    uint64_t shared_info_frame, cpu_time;
+    uint32_t nr_online_vcpus, max_vcpu_id, ssidref;
+    uint8_t handle[16];
+    uint32_t cpupool;
+    uint8_t gpaddr_bits;
+    uint8_t pad2[7];
+    uint32_t emulation_flags, misc_flags; /* struct xen_arch_domainconfig */
+};
+
+#define DOMINF_DYING (1U << 0)
+#define DOMINF_SHUTDOWN (1U << 2)
+#define DOMINF_RUNNING (1U << 5)
+#define DOMINF_SHUTDOWNSHIFT 16
+
+EXPORT int xc_domain_getinfolist(void *xch, uint32_t first_domain, unsigned int max_domains,
+                                 struct shyped_domaininfo *info)
+{
+    char path[4096], state[64] = "running";
+    const char *rundir = getenv("SHYPED_XENSTORED_RUNDIR");
+    unsigned code = 0;
+    (void)xch;
+
+    if (max_domains == 0)
+        return 0;
+    if (rundir != NULL && *rundir != '\0') {
+        FILE *f;
+        snprintf(path, sizeof(path), "%s/domain-state/%u", rundir, first_domain);
+        f = fopen(path, "re");
+        if (f != NULL) {
+            if (fscanf(f, "%63s %u", state, &code) < 1)
+                strcpy(state, "running");
+            fclose(f);
+        }
+    }
+    if (strcmp(state, "gone") == 0)
+        return 0;
+    memset(info, 0, sizeof(*info));
+    info->domain = (uint16_t)first_domain;
+    info->nr_online_vcpus = 1;
+    if (strcmp(state, "dying") == 0)
+        info->flags = DOMINF_DYING;
+    else if (strcmp(state, "shutdown") == 0)
+        info->flags = DOMINF_SHUTDOWN | ((code & 0xff) << DOMINF_SHUTDOWNSHIFT);
+    else
+        info->flags = DOMINF_RUNNING;
+    return 1;
+}
+
+/* xc_error, tools/include/xenctrl.h: failwith_xc() reads it from our dummy handle. */
+static struct {
+    int code;
+    char message[1024];
+} no_xc_error;
+
+EXPORT const void *xc_get_last_error(void *xch)
+{
+    (void)xch;
+    return &no_xc_error;
 }
 
 /* ------------------------------------------------------------------ */
 /* libxenevtchn                                                        */
 
+/* The "event channel device" is a FIFO, $RUNDIR/evtchn (a pipe when RUNDIR is unset).  Every
+ * byte written to it is one VIRQ_DOM_EXC, the virtual interrupt Xen raises when a domain
+ * shuts down or dies; nothing else is ever pending.  Binding calls hand out fresh ports;
+ * notifications go nowhere. */
 struct shyped_evtchn {
-    int pipe[2];
+    int fd;
+    int write_fd;
     int next_port;
+    int virq_port;
 };
 
 EXPORT void *xenevtchn_open(void *logger, unsigned open_flags)
 {
     struct shyped_evtchn *h;
+    const char *rundir = getenv("SHYPED_XENSTORED_RUNDIR");
     (void)logger;
     (void)open_flags;
     h = calloc(1, sizeof(*h));
     if (h == NULL)
         return NULL;
-    if (pipe2(h->pipe, O_CLOEXEC | O_NONBLOCK) != 0) {
-        free(h);
-        return NULL;
+    h->write_fd = -1;
+    if (rundir != NULL && *rundir != '\0') {
+        char path[4096];
+        snprintf(path, sizeof(path), "%s/evtchn", rundir);
+        if (mkfifo(path, 0600) != 0 && errno != EEXIST)
+            goto fail;
+        /* O_RDWR: the open never blocks and the FIFO never reports EOF. */
+        h->fd = open(path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
+        if (h->fd < 0)
+            goto fail;
+    } else {
+        int p[2];
+        if (pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0)
+            goto fail;
+        h->fd = p[0];
+        h->write_fd = p[1];
     }
     h->next_port = 1;
+    h->virq_port = -1;
     return h;
+fail:
+    free(h);
+    return NULL;
 }
 
 EXPORT void *xenevtchn_fdopen(void *logger, int fd, unsigned open_flags)
@@ -373,21 +478,24 @@ EXPORT int xenevtchn_close(void *xh)
     struct shyped_evtchn *h = xh;
     if (h == NULL)
         return 0;
-    close(h->pipe[0]);
-    close(h->pipe[1]);
+    close(h->fd);
+    if (h->write_fd >= 0)
+        close(h->write_fd);
     free(h);
     return 0;
 }
 
 EXPORT int xenevtchn_fd(void *xh)
 {
-    return ((struct shyped_evtchn *)xh)->pipe[0];
+    return ((struct shyped_evtchn *)xh)->fd;
 }
 
 EXPORT int xenevtchn_bind_virq(void *xh, unsigned int virq)
 {
+    struct shyped_evtchn *h = xh;
     (void)virq;
-    return ((struct shyped_evtchn *)xh)->next_port++;
+    h->virq_port = h->next_port++;
+    return h->virq_port;
 }
 
 EXPORT int xenevtchn_bind_interdomain(void *xh, uint32_t domid, int remote_port)
@@ -419,7 +527,11 @@ EXPORT int xenevtchn_notify(void *xh, int port)
 
 EXPORT int xenevtchn_pending(void *xh)
 {
-    (void)xh;
+    struct shyped_evtchn *h = xh;
+    char byte;
+    ssize_t n = read(h->fd, &byte, 1);
+    if (n == 1 && h->virq_port >= 0)
+        return h->virq_port;
     errno = EAGAIN;
     return -1;
 }

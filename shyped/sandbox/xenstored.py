@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import enum
 import fcntl
 import hashlib
+import mmap
 import os
 import shutil
 import signal
@@ -68,6 +70,18 @@ _XS_ERROR = 16
 _HEADER = struct.Struct("<IIII")
 
 
+class DomainState(enum.Enum):
+    """What the simulated hypervisor reports for a domain (see preload.c)."""
+
+    RUNNING = "running"
+    #: Shut down (code is the SHUTDOWN_* reason); oxenstored fires @releaseDomain, keeps it.
+    SHUTDOWN = "shutdown"
+    #: Being destroyed: oxenstored releases it and fires @releaseDomain.
+    DYING = "dying"
+    #: No longer exists: same as DYING for oxenstored.
+    GONE = "gone"
+
+
 class SandboxXenstoredError(RuntimeError):
     """Anything that prevents a sandbox oxenstored from serving requests."""
 
@@ -88,6 +102,11 @@ def cache_dir() -> Path:
     """Where compiled preload libraries are kept ($XDG_CACHE_HOME/shyped or ~/.cache/shyped)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "shyped"
+
+
+def short_instance_dir(prefix: str = "xs") -> Path:
+    """A fresh directory under /tmp, short enough for the AF_UNIX socket path limit."""
+    return Path(tempfile.mkdtemp(dir="/tmp", prefix=prefix))
 
 
 def preload_source() -> bytes:
@@ -210,6 +229,10 @@ class SandboxXenstored:
     #: SIGKILL the daemon when the process that started it dies (PR_SET_PDEATHSIG).  Note that
     #: Linux tracks the *thread* that forked: start it from a long-lived thread.
     die_with_parent: bool = True
+    #: Start like a real host (no --no-domain-init): dom0's ring connection D0 exists, so
+    #: XS_INTRODUCE fires @introduceDomain and VIRQ_DOM_EXC (:meth:`set_domain_state`) makes
+    #: oxenstored release dead domains and fire @releaseDomain by itself.
+    domain_init: bool = True
     _proc: subprocess.Popen[bytes] | None = attrs.field(default=None, init=False, repr=False)
 
     # -- paths ---------------------------------------------------------------------------
@@ -270,7 +293,7 @@ class SandboxXenstored:
             "access-log-nb-chars": 0,
             "access-log-read-ops": self.access_log_read_ops,
             "access-log-special-ops": True,
-            # Never used with --no-domain-init; pointed here so /proc/xen is never read.
+            # dom0's ring page and its event channel port (/proc/xen/xsd_* on a real host).
             "xenstored-kva": str(self.instance_dir / "xsd_kva"),
             "xenstored-port": str(self.instance_dir / "xsd_port"),
         }
@@ -336,15 +359,17 @@ class SandboxXenstored:
             env["SHYPED_XENSTORED_PARENT_PID"] = str(os.getpid())
         else:
             env.pop("SHYPED_XENSTORED_PARENT_PID", None)
-        argv = [
-            str(self.binary),
-            "--no-fork",
-            "--no-domain-init",
-            "--pid-file",
-            str(self.pid_file),
-            "--config-file",
-            str(self.config_path),
-        ]
+        argv = [str(self.binary), "--no-fork"]
+        if self.domain_init:
+            # dom0's ring: a zeroed page nobody drives; its remote port is never notified.
+            (self.instance_dir / "xsd_kva").write_bytes(bytes(mmap.PAGESIZE))
+            (self.instance_dir / "xsd_port").write_text("1")
+        else:
+            argv.append("--no-domain-init")
+        argv += ["--pid-file", str(self.pid_file), "--config-file", str(self.config_path)]
+        state_dir = self.instance_dir / "domain-state"
+        shutil.rmtree(state_dir, ignore_errors=True)
+        state_dir.mkdir()
         with open(self.stdout_path, "ab") as out:
             self._proc = subprocess.Popen(
                 argv,
@@ -371,6 +396,36 @@ class SandboxXenstored:
                 )
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
+
+    # -- simulated hypervisor events ---------------------------------------------------------
+
+    def set_domain_state(self, domid: int, state: DomainState, shutdown_code: int = 0) -> None:
+        """Tell oxenstored, as Xen would, that a domain shut down, is dying or is gone.
+
+        Records the state its ``xc_domain_getinfolist`` stub will report, then raises
+        VIRQ_DOM_EXC: oxenstored checks every introduced domain, releases dying/gone ones
+        (dropping their connection and permissions) and fires @releaseDomain, exactly as after
+        ``xl destroy`` on a real host.  Shutdown fires @releaseDomain but keeps the domain.
+        Needs ``domain_init`` (the VIRQ is only watched with dom0's connection set up).
+        """
+        if not self.domain_init:
+            raise SandboxXenstoredError("set_domain_state needs domain_init=True")
+        if not 0 < domid < 0x7FF0:
+            raise ValueError(f"not a guest domid: {domid}")
+        state_dir = self.instance_dir / "domain-state"
+        tmp = state_dir / f".{domid}.tmp"
+        tmp.write_text(f"{state.value} {shutdown_code}\n")
+        os.replace(tmp, state_dir / str(domid))
+        self.raise_dom_exc_virq()
+
+    def raise_dom_exc_virq(self) -> None:
+        """Raise VIRQ_DOM_EXC once (oxenstored then re-reads every domain's state)."""
+        self.check()
+        fd = os.open(self.instance_dir / "evtchn", os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.write(fd, b"\0")
+        finally:
+            os.close(fd)
 
     def is_running(self) -> bool:
         """True while the daemon process is alive (a crash is noticed here)."""
