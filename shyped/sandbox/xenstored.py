@@ -215,13 +215,15 @@ def _validate_instance_dir(_inst: object, _attr: object, value: Path) -> None:
 class SandboxXenstored:
     """One oxenstored instance whose socket, logs, pid file and config live in ``instance_dir``.
 
-    Every client of the socket is privileged (dom0): there is no RESTRICT and no domain ever
-    connects through a ring.  Not thread-safe; start and stop it from one thread.
+    Every client of the socket is privileged (dom0; oxenstored has no RESTRICT).  Domains can be
+    introduced and released, but their rings stay silent: no guest ever issues a request.
+    Not thread-safe; start and stop it from one thread.
     """
 
     instance_dir: Path = attrs.field(converter=_absolute, validator=_validate_instance_dir)
     binary: Path = attrs.field(default=DEFAULT_OXENSTORED, converter=Path)
-    #: oxenstored.conf keys overriding :data:`DEBIAN_DEFAULT_CONFIG` (e.g. quota-maxentity).
+    #: oxenstored.conf keys overriding :data:`DEBIAN_DEFAULT_CONFIG` (e.g. quota-maxentity) and
+    #: the access-log-* settings; paths and persistence are always the instance's own.
     config: Mapping[str, str | int | float | bool] = attrs.field(factory=dict)
     log_level: str = "info"
     #: Also log READ/DIRECTORY/GET_PERMS in the access log (Debian default: off).
