@@ -1,0 +1,33 @@
+"""The daemon's xenstore edge: a Twisted gateway over pyxs, its errors, and the wire format."""
+
+from shyped.xenstore.errors import (
+    Again,
+    ConnectionLost,
+    NoEntry,
+    PermissionDenied,
+    XenstoreError,
+)
+from shyped.xenstore.gateway import (
+    GatewayConfig,
+    GatewayStats,
+    Node,
+    Snapshot,
+    Transaction,
+    XenstoreGateway,
+)
+from shyped.xenstore.wire import Perm
+
+__all__ = [
+    "Again",
+    "ConnectionLost",
+    "GatewayConfig",
+    "GatewayStats",
+    "NoEntry",
+    "Node",
+    "Perm",
+    "PermissionDenied",
+    "Snapshot",
+    "Transaction",
+    "XenstoreError",
+    "XenstoreGateway",
+]

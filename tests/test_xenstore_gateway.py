@@ -1,0 +1,422 @@
+"""The xenstore gateway against a real oxenstored (tests/conftest.py's ``xenstored`` fixture).
+
+Async tests run on the Twisted reactor through pytest-twisted; blocking pyxs/raw clients stand
+in for other xenstore users (the toolstack, a guest).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.python import threadable
+
+from shyped.sandbox.xenstored import SandboxXenstored
+from shyped.xenstore import (
+    Again,
+    ConnectionLost,
+    GatewayConfig,
+    NoEntry,
+    Perm,
+    Transaction,
+    XenstoreGateway,
+)
+from shyped.xenstore.rawclient import RawClient
+
+
+def _config(xsd: SandboxXenstored, **overrides: Any) -> GatewayConfig:
+    values: dict[str, Any] = {
+        "socket_path": str(xsd.socket_path),
+        "reconnect_initial": 0.02,
+        "reconnect_max": 0.2,
+    }
+    values.update(overrides)
+    return GatewayConfig(**values)
+
+
+@pytest.fixture
+def gateway(xenstored: SandboxXenstored) -> Iterator[XenstoreGateway]:
+    gw = XenstoreGateway(_config(xenstored))
+    pytest_twisted.blockon(gw.connect())
+    yield gw
+    pytest_twisted.blockon(gw.close())
+
+
+async def sleep(seconds: float) -> None:
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+async def eventually(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    """Let the reactor run until ``predicate()`` holds (no timing is asserted)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await sleep(0.01)
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_values_come_back_verbatim_bytes(
+    gateway: XenstoreGateway, xenstored: SandboxXenstored
+) -> None:
+    hostile = b"\x00\xff\xfe trailing NUL\x00"
+    await gateway.write("/local/domain/5/data/v", hostile)
+    assert await gateway.read("/local/domain/5/data/v") == hostile
+    with RawClient(str(xenstored.socket_path)) as other:  # stored exactly so
+        assert other.read(b"/local/domain/5/data/v") == hostile
+    await gateway.write("/local/domain/5/data/empty", b"")
+    assert await gateway.read("/local/domain/5/data/empty") == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_node_raises_noentry_and_read_many_maps_it_to_none(
+    gateway: XenstoreGateway,
+) -> None:
+    await gateway.write("/vm/a", b"1")
+    with pytest.raises(NoEntry) as err:
+        await gateway.read("/vm/missing")
+    assert err.value.path == "/vm/missing"
+    assert err.value.errno_name == "ENOENT"
+    got = await gateway.read_many(["/vm/a", "/vm/missing", "/vm"])
+    assert got == {"/vm/a": b"1", "/vm/missing": None, "/vm": b""}
+
+
+@pytest_twisted.ensureDeferred
+async def test_directory_mkdir_rm(gateway: XenstoreGateway) -> None:
+    await gateway.mkdir("/libxl/7/device/vbd/51712")
+    await gateway.write("/libxl/7/device/vif/0/frontend", b"/local/domain/7/device/vif/0")
+    assert await gateway.directory("/libxl/7/device") == ("vbd", "vif")
+    assert await gateway.read("/libxl/7/device/vbd/51712") == b""
+    await gateway.rm("/libxl/7/device")
+    assert await gateway.directory("/libxl/7") == ()
+    with pytest.raises(NoEntry):
+        await gateway.directory("/libxl/7/device")
+
+
+@pytest_twisted.ensureDeferred
+async def test_permissions_round_trip(gateway: XenstoreGateway, xs: Any) -> None:
+    await gateway.write("/local/domain/7/device/vif/0/state", b"1")
+    await gateway.set_perms("/local/domain/7/device/vif/0", [Perm("n", 7), Perm("r", 0)])
+    assert await gateway.get_perms("/local/domain/7/device/vif/0") == (
+        Perm("n", 7),
+        Perm("r", 0),
+    )
+    # A plain pyxs client agrees on what was stored.
+    assert xs.get_perms(b"/local/domain/7/device/vif/0") == [b"n7", b"r0"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_requests_are_refused_before_reaching_xenstored(
+    gateway: XenstoreGateway,
+) -> None:
+    for bad in ("/trailing/", "/sp ace", "/dou//ble", "/é"):
+        with pytest.raises(ValueError):
+            await gateway.read(bad)
+    with pytest.raises(TypeError):
+        await gateway.write("/vm/x", "not bytes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        await gateway.set_perms("/vm/x", [])
+    assert gateway.connected
+
+
+# -- transactions --------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_transaction_writes_are_invisible_until_commit(
+    gateway: XenstoreGateway, xenstored: SandboxXenstored
+) -> None:
+    seen_inside: list[bool] = []
+
+    def create(tx: Transaction) -> int:
+        tx.write("/vm/u1/name", b"bank-a")
+        tx.write("/vm/u1/domid", b"3")
+        with RawClient(str(xenstored.socket_path)) as other:
+            try:
+                other.read(b"/vm/u1/name")
+                seen_inside.append(True)
+            except NoEntry:
+                seen_inside.append(False)
+        return tx.tx_id
+
+    tx_id = await gateway.transaction(create)
+    assert tx_id > 0
+    assert seen_inside == [False]
+    assert await gateway.read_many(["/vm/u1/name", "/vm/u1/domid"]) == {
+        "/vm/u1/name": b"bank-a",
+        "/vm/u1/domid": b"3",
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_transaction_function_error_aborts_everything(gateway: XenstoreGateway) -> None:
+    class Refused(Exception):
+        pass
+
+    def half(tx: Transaction) -> None:
+        tx.write("/vm/u2/name", b"x")
+        raise Refused
+
+    with pytest.raises(Refused):
+        await gateway.transaction(half)
+    with pytest.raises(NoEntry):
+        await gateway.read("/vm/u2/name")
+
+
+@pytest_twisted.ensureDeferred
+async def test_conflicting_transactions_of_two_gateways_retry_on_eagain(
+    gateway: XenstoreGateway, xenstored: SandboxXenstored
+) -> None:
+    other = XenstoreGateway(_config(xenstored))
+    await other.connect()
+    try:
+        await gateway.write("/counter", b"0")
+        a_has_read = threading.Event()
+        b_committed = threading.Event()
+        a_calls: list[int] = []
+
+        def increment(tx: Transaction) -> int:
+            value = int(tx.read("/counter"))
+            tx.write("/counter", b"%d" % (value + 1))
+            return value + 1
+
+        def increment_slowly(tx: Transaction) -> int:
+            a_calls.append(tx.tx_id)
+            value = int(tx.read("/counter"))
+            if len(a_calls) == 1:  # first attempt: let the other gateway commit in between
+                a_has_read.set()
+                assert b_committed.wait(10)
+            tx.write("/counter", b"%d" % (value + 1))
+            return value + 1
+
+        a = gateway.transaction(increment_slowly)
+        await eventually(a_has_read.is_set)
+        assert await other.transaction(increment) == 1
+        b_committed.set()
+        assert await a == 2  # re-ran on the committed value
+        assert len(a_calls) == 2
+        assert await gateway.read("/counter") == b"2"
+    finally:
+        await other.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_transaction_gives_up_with_again_after_max_attempts(
+    gateway: XenstoreGateway, xenstored: SandboxXenstored
+) -> None:
+    await gateway.write("/hot", b"0")
+    calls: list[int] = []
+
+    def always_conflicting(tx: Transaction) -> None:
+        calls.append(tx.tx_id)
+        tx.write("/hot", tx.read("/hot") + b"+")
+        with RawClient(str(xenstored.socket_path)) as writer:
+            writer.write(b"/hot", b"%d" % len(calls))
+
+    with pytest.raises(Again):
+        await gateway.transaction(always_conflicting, max_attempts=3)
+    assert len(calls) == 3
+    assert await gateway.read("/hot") == b"3"  # only the outside writes landed
+
+
+# -- snapshot ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_snapshot_reads_a_subtree_with_values_children_and_perms(
+    gateway: XenstoreGateway,
+) -> None:
+    base = "/local/domain/4"
+    for i in range(30):
+        await gateway.write(f"{base}/device/vbd/{i}/state", b"%d" % (i % 8))
+    await gateway.write(f"{base}/name", b"guest\x00")
+    await gateway.set_perms(f"{base}/device", [Perm("n", 4), Perm("r", 0)])
+
+    snap = await gateway.snapshot(base)
+    assert snap.consistent and snap.root == base
+    assert snap.nodes[f"{base}/name"].value == b"guest\x00"
+    assert len(snap.nodes[f"{base}/device/vbd"].children) == 30
+    assert snap.nodes[f"{base}/device/vbd/17/state"].value == b"1"
+    assert snap.nodes[f"{base}/device"].perms == (Perm("n", 4), Perm("r", 0))
+    assert len(snap.nodes) == 1 + 1 + 1 + 1 + 30 * 2  # base, name, device, vbd, i, i/state
+    order = list(snap.nodes)  # parents before children
+    assert all(order.index(p.rsplit("/", 1)[0]) < i for i, p in enumerate(order) if i)
+
+    bare = await gateway.snapshot(base, with_perms=False)
+    assert bare.nodes[f"{base}/device"].perms is None
+    assert (await gateway.snapshot("/local/domain/99")).nodes == {}
+
+
+# -- watches -------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_watch_events_are_delivered_on_the_reactor_thread(
+    gateway: XenstoreGateway, xs: Any
+) -> None:
+    events: list[tuple[str, str, bool]] = []
+
+    def on_event(path: str, token: str) -> None:
+        events.append((path, token, threadable.isInIOThread()))
+
+    await gateway.watch("/local/domain/3", "dom3", on_event)
+    xs.write(b"/local/domain/3/device/vif/0/state", b"4")
+    await eventually(lambda: any(p.endswith("/state") for p, _, _ in events))
+    assert events[0][:2] == ("/local/domain/3", "dom3")  # fires once on registration
+    assert ("/local/domain/3/device/vif/0/state", "dom3", True) in events
+    assert all(in_reactor for _, _, in_reactor in events)
+
+    await gateway.unwatch("dom3")
+    before = len(events)
+    xs.write(b"/local/domain/3/device/vif/0/state", b"5")
+    await gateway.read("/local/domain/3/device/vif/0/state")  # a round trip after the write
+    await sleep(0.05)
+    assert len(events) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_watch_tokens_are_unique(gateway: XenstoreGateway) -> None:
+    await gateway.watch("/a", "t", lambda p, t: None)
+    with pytest.raises(ValueError):
+        await gateway.watch("/b", "t", lambda p, t: None)
+    with pytest.raises(ValueError):
+        await gateway.watch("/b", "bad token", lambda p, t: None)
+    assert gateway.watched() == {"t": "/a"}
+
+
+# -- connection loss -----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_fails_fast_when_xenstored_is_absent(xenstored: SandboxXenstored) -> None:
+    gw = XenstoreGateway(_config(xenstored, socket_path=str(xenstored.socket_path) + "-none"))
+    with pytest.raises(ConnectionLost):
+        await gw.connect()
+    assert not gw.connected
+    await gw.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_xenstored_restart_reconnects_rearms_watches_and_asks_for_reconcile(
+    xenstored: SandboxXenstored,
+) -> None:
+    lost: list[ConnectionLost] = []
+    reconnected: list[bool] = []
+    events: list[str] = []
+    gw = XenstoreGateway(
+        _config(xenstored),
+        on_connection_lost=lost.append,
+        on_reconnected=lambda: reconnected.append(gw.connected),
+    )
+    await gw.connect()
+    try:
+        await gw.watch("/local/domain", "domains", lambda p, t: events.append(p))
+        await gw.write("/local/domain/1/name", b"before")
+        await eventually(lambda: "/local/domain/1/name" in events)
+
+        xenstored.stop()
+        await eventually(lambda: lost)
+        assert not gw.connected
+        with pytest.raises(ConnectionLost):
+            await gw.read("/local/domain/1/name")  # fails at once, nothing queued
+
+        xenstored.start()  # same socket path, empty store
+        await eventually(lambda: reconnected)
+        assert reconnected == [True] and gw.connected and gw.reconnects == 1
+
+        events.clear()
+        with RawClient(str(xenstored.socket_path)) as toolstack:
+            toolstack.write(b"/local/domain/2/name", b"after")
+        await eventually(lambda: "/local/domain/2/name" in events)  # the watch was re-armed
+        assert await gw.read("/local/domain/2/name") == b"after"
+    finally:
+        await gw.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_fails_later_requests(gateway: XenstoreGateway) -> None:
+    await gateway.close()
+    assert not gateway.connected
+    with pytest.raises(ConnectionLost):
+        await gateway.read("/")
+    with pytest.raises(ConnectionLost):
+        await gateway.transaction(lambda tx: None)
+
+
+# -- flooding ------------------------------------------------------------------------------
+
+
+def _flood(xsd: SandboxXenstored, prefix: str, distinct: int, seconds: float) -> Any:
+    return subprocess.Popen(
+        [sys.executable, "-m", "shyped.xenstore.rawclient", "flood", "--socket",
+         str(xsd.socket_path), "--prefix", prefix, "--rate", "10000",
+         "--duration", str(seconds), "--distinct", str(distinct)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+@pytest_twisted.ensureDeferred
+async def test_flood_from_one_guest_stays_bounded_and_others_still_get_events(
+    xenstored: SandboxXenstored,
+) -> None:
+    gw = XenstoreGateway(_config(xenstored, max_pending_events=50, max_events_per_turn=20))
+    await gw.connect()
+    try:
+        hostile: list[str] = []
+        overflowed: list[str] = []
+        quiet: list[str] = []
+
+        def slow_handler(path: str, token: str) -> None:
+            hostile.append(path)
+            time.sleep(0.0005)  # a daemon slower than the guest: the queue fills up
+
+        await gw.watch("/local/domain/5", "dom5", slow_handler, overflowed.append)
+        await gw.watch("/local/domain/6", "dom6", lambda p, t: quiet.append(p))
+
+        flood = _flood(xenstored, "/local/domain/5/data", distinct=500, seconds=1.5)
+        await eventually(lambda: len(hostile) > 100)  # the flood is under way
+        await gw.write("/local/domain/6/device/vbd/0/state", b"3")
+        await eventually(lambda: "/local/domain/6/device/vbd/0/state" in quiet)
+        out, _ = flood.communicate(timeout=30)
+        assert flood.returncode == 0, out
+        writes = int(out.split()[0])
+
+        stats = gw.stats().events
+        assert stats.high_water <= 50
+        assert stats.received >= writes * 0.9  # nearly every write produced an event...
+        assert len(hostile) < stats.received  # ...but fewer were delivered
+        assert overflowed == ["/local/domain/5"] * len(overflowed) and overflowed
+        assert gw.connected
+    finally:
+        await gw.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_repeated_writes_to_one_node_coalesce(xenstored: SandboxXenstored) -> None:
+    gw = XenstoreGateway(_config(xenstored))
+    await gw.connect()
+    try:
+        seen: list[str] = []
+        await gw.watch("/local/domain/5", "dom5", lambda p, t: seen.append(p))
+        flood = _flood(xenstored, "/local/domain/5/data", distinct=1, seconds=1.0)
+        out, _ = flood.communicate(timeout=30)
+        assert flood.returncode == 0, out
+        await gw.read("/local/domain/5/data/k0")
+        await eventually(lambda: gw.stats().events.pending == 0)
+        stats = gw.stats().events
+        assert stats.dropped == 0  # duplicates never count against the bound
+        assert len(seen) + stats.coalesced == stats.received
+        assert stats.coalesced > 0
+    finally:
+        await gw.close()
