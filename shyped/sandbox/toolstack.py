@@ -358,10 +358,7 @@ class Toolstack:
             discard_enable=spec.discard,
             trusted=spec.trusted,
         )
-        libxl = session.conn(Actor.LIBXL)
-        if libxl.read(L.libxl_device_path(dom.domid, "vbd", devid)) is not None:
-            raise ToolstackError(f"device vbd {devid} already exists in xenstore")
-        self._run(session, L.vbd_add_step(dev))
+        self._device_add(session, dev, L.vbd_add_step(dev))
         self._driver_state(host, dev, backend=True, state=L.INIT_WAIT)
         self._run(session, L.blkback_probe_steps(dev))
         node, major_minor = _block_device(host, dev)
@@ -378,9 +375,6 @@ class Toolstack:
         devid: int,
         hotplug: bool,
     ) -> L.VifDevice:
-        libxl = session.conn(Actor.LIBXL)
-        if libxl.read(L.libxl_device_path(dom.domid, "vif", devid)) is not None:
-            raise ToolstackError(f"device vif {devid} already exists in xenstore")
         script = spec.script or "vif-bridge"
         dev = L.VifDevice(
             domid=dom.domid,
@@ -396,12 +390,27 @@ class Toolstack:
             mtu=spec.mtu or 1500,
             trusted=spec.trusted,
         )
-        self._run(session, L.vif_add_step(dev))
+        self._device_add(session, dev, L.vif_add_step(dev))
         self._driver_state(host, dev, backend=True, state=L.INIT_WAIT)
         self._run(session, L.netback_probe_steps(dev))
         if hotplug:  # at create time the scripts run after xenconsoled's tty (capture order)
             self._run(session, L.vif_hotplug_steps(dev))
         return dev
+
+    def _device_add(self, session: _Session, dev: L.Device, add: Step) -> None:
+        """The device-add transaction: libxl__device_exists reads the libxl path inside it
+        ("device already exists in xenstore" if present), then libxl__device_generic_add."""
+        conn = session.conn(Actor.LIBXL)
+        record = L.libxl_device_path(dev.domid, dev.kind, dev.devid)
+
+        def body() -> list[Op]:
+            if conn.read(record) is not None:
+                raise ToolstackError(
+                    f"Domain {dev.domid}:device {dev.kind} {dev.devid} already exists in xenstore"
+                )
+            return [op for op in add.ops if not isinstance(op, L.Read)]
+
+        self._transact(conn, body, add.what)
 
     # -- devices: detach -------------------------------------------------------------------
 
