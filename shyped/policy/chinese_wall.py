@@ -58,7 +58,7 @@ class RunningSet:
 
     def running_labels(self) -> Mapping[str, int]:
         """VM label name -> number of running domains with it (a copy)."""
-        return dict(self._labels)
+        return {name: n for name, n in self._labels.items() if n}
 
     def blocked_types(self) -> Mapping[str, int]:
         """CW type -> block count, non-zero entries only (a copy)."""

@@ -324,10 +324,16 @@ class PolicyEngine:
 
     @staticmethod
     def _unresolved(
-        hook: Hook, r: _Resolved, subject: str | None, obj: str | None, who: str
+        hook: Hook,
+        failed: list[tuple[str, _Resolved]],
+        subject: str | None,
+        obj: str | None,
     ) -> Decision:
-        assert r.rule is not None
-        return Decision(False, hook, r.rule, f"{who}: {r.desc}", subject, obj)
+        """Deny for labels that did not resolve; the same rule whichever side failed first."""
+        rules = {r.rule for _, r in failed}
+        rule = Rule.LABEL if Rule.LABEL in rules else Rule.DEFAULT
+        reason = "; ".join(f"{who}: {r.desc}" for who, r in failed)
+        return Decision(False, hook, rule, reason, subject, obj)
 
     def _pair(self, hook: Hook, a: LabelInput, b: LabelInput, *, writable: bool) -> Decision:
         ra, rb = self._resolve_vm(a), self._resolve_vm(b)
@@ -335,10 +341,9 @@ class PolicyEngine:
         name_a = la.name if la is not None else ra.raw
         name_b = lb.name if lb is not None else rb.raw
         first, second = ("mapper", "granter") if hook is Hook.GRANT else ("first", "second")
-        if la is None:
-            return self._unresolved(hook, ra, name_a, name_b, f"{first} domain")
-        if lb is None:
-            return self._unresolved(hook, rb, name_a, name_b, f"{second} domain")
+        if la is None or lb is None:
+            failed = [(f"{w} domain", r) for w, r in ((first, ra), (second, rb)) if r.label is None]
+            return self._unresolved(hook, failed, name_a, name_b)
         assert isinstance(la, VmLabel) and isinstance(lb, VmLabel)
         common = self._ste.common(la.name, lb.name)
         if not common:
@@ -371,10 +376,9 @@ class PolicyEngine:
         ld, lr = rd.label, rr.label
         name_d = ld.name if ld is not None else rd.raw
         name_r = lr.name if lr is not None else rr.raw
-        if ld is None:
-            return self._unresolved(hook, rd, name_d, name_r, "domain")
-        if lr is None:
-            return self._unresolved(hook, rr, name_d, name_r, "resource")
+        if ld is None or lr is None:
+            failed = [(w, r) for w, r in (("domain", rd), ("resource", rr)) if r.label is None]
+            return self._unresolved(hook, failed, name_d, name_r)
         assert isinstance(ld, VmLabel) and isinstance(lr, ResourceLabel)
         rtype = lr.ste_types
         mode = "read-write" if writable else "read-only"

@@ -156,9 +156,14 @@ class _SourceIndex:
                 path = (*path, self._aot[path] - 1)
         last = (*path, keys[-1])
         if aot:
+            if last in self.lines and last not in self._aot:  # [x] or x = ... then [[x]]
+                self.duplicates.append((".".join(map(str, last)), self.lines[last], self.line))
             n = self._aot.get(last, 0)
             self._aot[last] = n + 1
+            self.lines.setdefault(last, self.line)
             return (*last, n)
+        if last in self._aot:  # [[x]] then [x]
+            self.duplicates.append((".".join(map(str, last)), self.lines[last], self.line))
         return last
 
     def _key(self) -> tuple[str, ...]:
@@ -282,20 +287,21 @@ _TOML_ERR_END = re.compile(r"^(.*?)\s*\(at end of document\)$", re.S)
 
 def _syntax_error(e: tomllib.TOMLDecodeError, text: str, file: str) -> PolicyError:
     msg = str(e)
-    m = _TOML_ERR_AT.match(msg)
-    if m:
-        return PolicyError.single(
-            f"TOML syntax: {m.group(1)}", file=file, line=int(m.group(2)), column=int(m.group(3))
-        )
-    # Duplicate keys are reported "at end of document": find them ourselves.
+    # tomllib reports keys/tables defined twice vaguely (often "at end of document"): when the
+    # scan finds such a redefinition, name it and both of its lines instead.
     try:
         dups = _SourceIndex(text).duplicates
     except (ValueError, IndexError):
         dups = []
     if dups:
         return PolicyError(
-            Problem(f"key {key!r} is defined twice (first at line {first})", file=file, line=line)
+            Problem(f"{key!r} is defined twice (first at line {first})", file=file, line=line)
             for key, first, line in dups
+        )
+    m = _TOML_ERR_AT.match(msg)
+    if m:
+        return PolicyError.single(
+            f"TOML syntax: {m.group(1)}", file=file, line=int(m.group(2)), column=int(m.group(3))
         )
     m = _TOML_ERR_END.match(msg)
     body = m.group(1) if m else msg
