@@ -36,7 +36,15 @@ class NotRunningError(ValueError):
 class RunningSet:
     """Per-type Chinese Wall counts of the running domains under one policy engine. Mutable."""
 
-    __slots__ = ("_blocked", "_blocked_in_set", "_engine", "_labels", "_permits", "_types")
+    __slots__ = (
+        "_blocked",
+        "_blocked_in_set",
+        "_denies",
+        "_engine",
+        "_labels",
+        "_permits",
+        "_types",
+    )
 
     def __init__(self, engine: PolicyEngine) -> None:
         self._engine = engine
@@ -45,6 +53,7 @@ class RunningSet:
         self._types: Counter[str] = Counter()  # CW type -> running domains carrying it
         self._labels: Counter[str] = Counter()  # VM label name -> running domains
         self._permits: dict[LabelInput, Decision] = {}  # per label input, all permits alike
+        self._denies: dict[LabelInput, Decision] = {}  # valid until the counts change
 
     # ---------------------------------------------------------------- queries
 
@@ -74,7 +83,12 @@ class RunningSet:
         blocked = self._blocked
         for t in lab.cw_types:
             if blocked[t]:
-                return self._deny(label, lab)
+                hit = self._denies.get(label)
+                if hit is None:
+                    if len(self._denies) >= 1 << 16:
+                        self._denies.clear()
+                    hit = self._denies[label] = self._deny(label, lab)
+                return hit
         hit = self._permits.get(label)
         if hit is None:
             hit = self._permit(label, lab)
@@ -138,12 +152,15 @@ class RunningSet:
         self._types = Counter()
         self._labels = Counter()
         self._permits = {}
+        self._denies = {}
         for lab in resolved:
             self._add(lab, 1)
 
     # ---------------------------------------------------------------- internals
 
     def _add(self, lab: VmLabel, n: int) -> None:
+        if self._denies:
+            self._denies.clear()  # a deny's reason names the running types: recompute
         for pair in self._engine.cw_blocks(lab):
             self._blocked_in_set[pair] += n
             self._blocked[pair[1]] += n
