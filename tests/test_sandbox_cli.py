@@ -102,3 +102,20 @@ def test_socket_option_and_errors(xenstored: SandboxXenstored) -> None:
 def test_demo_prints_the_paused_reference_layout() -> None:
     result = xl("demo")
     assert normalize_layout(result.stdout) == reference_layout("layout-paused.txt")
+
+
+@pytest.mark.parametrize(
+    ("label_line", "warns"),
+    [('seclabel="ACM:sHype:green"', True), ("access_control=['policy=sHype,label=green']", False)],
+)
+def test_labels_write_no_xenstore_node(
+    xenstored: SandboxXenstored, label_line: str, warns: bool
+) -> None:
+    """libxl 4.17 without XSM only warns about seclabel; xl ignores access_control."""
+    env = xenstored.env()
+    xl("boot-host", env=env)
+    result = xl("create", "-p", str(XSGOLD_CFG), label_line, env=env)
+    assert ("XSM Disabled" in result.stderr) is warns
+    assert normalize_layout(xenstore_ls(xenstored)) == reference_layout("layout-paused.txt")
+    # libxl stores what xl passed it: seclabel as c_info.ssid_label, access_control not at all.
+    assert ('"ssid_label": "ACM:sHype:green"' in xl("list", "-l", env=env).stdout) is warns

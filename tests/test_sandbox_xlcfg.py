@@ -60,7 +60,7 @@ def test_acm_labels_from_seclabel_or_access_control() -> None:
     assert a.label == b.label == SecurityLabel("sHype", "green")
     assert str(a.label) == "ACM:sHype:green"
     flask = domain_config_from_text('name="c"\nseclabel="system_u:system_r:domU_t"\n')
-    assert flask.label is None and flask.seclabel_raw == "system_u:system_r:domU_t"
+    assert flask.label is None and flask.seclabel == "system_u:system_r:domU_t"
     with pytest.raises(XlConfigError, match="different labels"):
         domain_config_from_text(
             'name="d"\nseclabel="ACM:p:red"\naccess_control=["policy=p,label=blue"]\n'

@@ -27,6 +27,8 @@ from shyped.sandbox.toolstack import Toolstack, ToolstackError
 from shyped.sandbox.xlcfg import (
     XlConfigError,
     domain_config_from_text,
+    domain_config_from_values,
+    parse_assignments,
     parse_disk_spec,
     parse_vif_spec,
 )
@@ -160,8 +162,18 @@ def _run(args: argparse.Namespace) -> int:
         if args.overrides:
             text += "\n" + "\n".join(args.overrides) + "\n"
         print(f"Parsing config from {args.config}", file=sys.stderr)
-        cfg = domain_config_from_text(text, str(args.config))
-        ts.create(cfg, paused=args.paused)
+        values = parse_assignments(text, str(args.config))
+        cfg = domain_config_from_values(values, str(args.config))
+        domid = ts.create(cfg, paused=args.paused)
+        if "seclabel" in values or "init_seclabel" in values:
+            # xl puts the label in c_info.ssid_label; without XSM libxl only warns
+            # (libxl_create.c libxl__domain_config_setdefault) and writes no xenstore node.
+            # (`access_control = [...]` is xm syntax, which xl 4.17 ignores silently.)
+            print(
+                "libxl: warning: libxl_create.c:1085:libxl__domain_config_setdefault: "
+                f"Domain {domid}:XSM Disabled: init_seclabel not supported",
+                file=sys.stderr,
+            )
     elif cmd == "unpause":
         ts.unpause(args.domain)
     elif cmd == "pause":

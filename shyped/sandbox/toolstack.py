@@ -896,10 +896,8 @@ def _sectors(params: str) -> int:
 def _config_json(cfg: DomainConfig) -> dict[str, Any]:
     """The part of libxl's stored domain configuration `xl list -l` prints."""
     c_info: dict[str, Any] = {"type": cfg.type, "name": cfg.name, "uuid": cfg.uuid}
-    if cfg.label is not None:
-        c_info["ssid_label"] = str(cfg.label)
-    elif cfg.seclabel_raw is not None:
-        c_info["ssid_label"] = cfg.seclabel_raw
+    if cfg.seclabel is not None:  # access_control is not read by xl, so not stored
+        c_info["ssid_label"] = cfg.seclabel
     b_info: dict[str, Any] = {
         "max_vcpus": cfg.max_vcpus,
         "avail_vcpus": list(range(cfg.vcpus)),

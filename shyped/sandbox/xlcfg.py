@@ -358,8 +358,9 @@ class DomainConfig:
     on_crash: str = "destroy"
     #: The ACM label from `seclabel="ACM:..."` or `access_control=[...]` (never in xenstore).
     label: SecurityLabel | None = None
-    #: A non-ACM `seclabel` (a FLASK context), kept verbatim; libxl ignores it without XSM.
-    seclabel_raw: str | None = None
+    #: `seclabel` (or `init_seclabel`) verbatim, whatever its scheme: what xl hands libxl as
+    #: c_info.ssid_label; libxl only warns about it without XSM.
+    seclabel: str | None = None
 
     @property
     def max_memkb(self) -> int:
@@ -427,13 +428,9 @@ def domain_config_from_values(
         raise XlConfigError(f"{filename}: uuid {raw_uuid!r} is not a UUID") from None
 
     label: SecurityLabel | None = None
-    seclabel_raw: str | None = None
-    seclabel = string("seclabel") or string("init_seclabel")
-    if seclabel is not None:
-        if seclabel.startswith("ACM:"):
-            label = parse_acm_label(seclabel)
-        else:
-            seclabel_raw = seclabel
+    seclabel = string("init_seclabel") or string("seclabel")
+    if seclabel is not None and seclabel.startswith("ACM:"):
+        label = parse_acm_label(seclabel)
     if "access_control" in values:
         acl = values["access_control"]
         if not isinstance(acl, list):
@@ -467,5 +464,5 @@ def domain_config_from_values(
         on_reboot=string("on_reboot") or "restart",
         on_crash=string("on_crash") or "destroy",
         label=label,
-        seclabel_raw=seclabel_raw,
+        seclabel=seclabel,
     )
