@@ -332,3 +332,34 @@ def test_device_layout_is_pure_data() -> None:
     assert L.SetPerms("/local/domain/3/device/vbd/51712", ("n3", "r0")) in st.ops
     assert L.SetPerms("/local/domain/0/backend/vbd/3/51712", ("n0", "r3")) in st.ops
     assert L.Write("/libxl/3/device/vbd/51712/params", "/img") in st.ops
+
+
+def test_frontends_react_to_what_a_daemon_did_while_the_domain_was_paused(
+    xenstored: SandboxXenstored, ts: Toolstack
+) -> None:
+    """The simulated drivers read xenstore: a handshake cut before unpause (backend online=0,
+    Closing) is answered by the frontend closing, and a removed device is simply absent."""
+    domid = ts.create(xsgold(), paused=True)
+    with XsConn(str(xenstored.socket_path)) as daemon:
+        daemon.start()
+        daemon.write("/local/domain/0/backend/vif/1/0/online", "0")
+        daemon.write("/local/domain/0/backend/vif/1/0/state", "5")
+        assert daemon.commit()
+        for path in (
+            "/local/domain/1/device/vbd/51712",
+            "/local/domain/0/backend/vbd/1/51712",
+            "/libxl/1/device/vbd/51712",
+        ):
+            daemon.rm(path)
+    ts.unpause(domid)
+    with XsConn(str(xenstored.socket_path)) as xs:
+        assert xs.read("/local/domain/1/device/vif/0/state") == "6"
+        assert xs.read("/local/domain/0/backend/vif/1/0/state") == "6"
+        assert xs.read("/local/domain/1/device/vif/0/tx-ring-ref") is None
+        assert xs.read("/local/domain/0/backend/vif/1/0/hotplug-status") is None
+        assert xs.directory("/local/domain/1/device/vbd") == []
+    # The guest still booted, and the vetoed device can be cleaned up by the toolstack.
+    ts.detach_nic(domid, "0")
+    with XsConn(str(xenstored.socket_path)) as xs:
+        assert xs.read("/local/domain/1/control/feature-poweroff") == "1"
+        assert xs.read("/libxl/1/device/vif/0") is None
