@@ -60,3 +60,25 @@ def test_discarding_a_token_forgets_its_events() -> None:
 def test_bound_must_be_positive() -> None:
     with pytest.raises(ValueError):
         EventQueue(0)
+
+
+def test_lanes_are_served_round_robin_so_a_busy_guest_cannot_starve_a_quiet_one() -> None:
+    q = EventQueue(max_pending=1000)
+    for i in range(500):
+        q.push(b"/local/domain/5/data/%d" % i, b"doms", lane=b"5")
+    q.push(b"/local/domain/6/device/vif/0/state", b"doms", lane=b"6")
+    q.push(b"/local/domain/7/name", b"doms", lane=b"7")
+    first = q.take(3).events
+    assert [p.split(b"/")[3] for p, _ in first] == [b"5", b"6", b"7"]
+    rest = q.take(1000).events
+    assert len(rest) == 499 and rest[0][0] == b"/local/domain/5/data/1"  # lane keeps its order
+    assert len(q) == 0
+
+
+def test_a_partial_round_resumes_with_the_lanes_not_yet_served() -> None:
+    q = EventQueue(max_pending=100)
+    for lane in (b"a", b"b", b"c"):
+        for i in range(2):
+            q.push(lane + b"/%d" % i, b"t", lane=lane)
+    assert [p for p, _ in q.take(2).events] == [b"a/0", b"b/0"]
+    assert [p for p, _ in q.take(4).events] == [b"c/0", b"a/1", b"b/1", b"c/1"]

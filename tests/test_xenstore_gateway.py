@@ -403,6 +403,25 @@ async def test_flood_from_one_guest_stays_bounded_and_others_still_get_events(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_guest_backlog_does_not_delay_another_guests_event(
+    gateway: XenstoreGateway, xenstored: SandboxXenstored
+) -> None:
+    seen: list[str] = []
+    await gateway.watch("/local/domain", "domains", lambda p, t: seen.append(p))
+    await eventually(lambda: seen)
+    seen.clear()
+    # While the reactor is busy, guest 5 piles up 300 distinct events, then guest 6 writes.
+    with RawClient(str(xenstored.socket_path)) as writer:
+        for i in range(300):
+            writer.write(b"/local/domain/5/data/k%d" % i, b"x")
+        writer.write(b"/local/domain/6/device/vbd/0/state", b"3")
+        time.sleep(0.3)  # the reader thread queues them all meanwhile
+    await eventually(lambda: len(seen) == 301)
+    assert seen.index("/local/domain/6/device/vbd/0/state") <= 1  # served in the first round
+    assert [p for p in seen if "/5/" in p] == [f"/local/domain/5/data/k{i}" for i in range(300)]
+
+
+@pytest_twisted.ensureDeferred
 async def test_repeated_writes_to_one_node_coalesce(xenstored: SandboxXenstored) -> None:
     gw = XenstoreGateway(_config(xenstored))
     await gw.connect()

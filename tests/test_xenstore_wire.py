@@ -68,3 +68,15 @@ def test_error_names_map_to_gateway_exceptions() -> None:
     other = from_errno_name("EQUOTA", "/x")
     assert type(other) is XenstoreError and other.errno is None and "EQUOTA on /x" in str(other)
     assert from_errno_name("EINVAL").errno == 22
+
+
+def test_paths_are_checked_like_xenstored_does() -> None:
+    for good in (b"/", b"/local/domain/0/backend/vbd/5/51712/params", b"rel/a-b_c@d"):
+        assert wire.check_path(good) == good
+    assert wire.check_path(b"@introduceDomain", watch=True) == b"@introduceDomain"
+    too_long = b"/" + b"a" * wire.ABS_PATH_MAX
+    for bad in (b"", b"/a/", b"//a", b"/a//b", b"/a b", b"/a.b", b"/\xc3\xa9", too_long):
+        with pytest.raises(wire.WireError):
+            wire.check_path(bad)
+    with pytest.raises(wire.WireError):
+        wire.check_path(b"@anythingElse", watch=True)

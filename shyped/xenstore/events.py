@@ -10,12 +10,18 @@ tells the daemon that this watch's events are incomplete and it must re-read (re
 watched subtree.  Memory is therefore bounded by ``max_pending`` keys whatever the write rate,
 and nothing is lost silently.
 
+Fairness: events wait in *lanes* and ``take`` serves the lanes round-robin, one event per lane
+per round.  The gateway makes a lane of each watch token plus the first path component below
+the watched path (the domid under ``/local/domain``), so a guest with a thousand distinct
+nodes pending delays another guest's event by one event per busy lane, not by its backlog.
+
 Pure and not thread-safe: the gateway holds a lock around every call.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 
 import attrs
 
@@ -53,7 +59,10 @@ class EventQueue:
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
         self.max_pending = max_pending
-        self._pending: OrderedDict[RawEvent, None] = OrderedDict()
+        #: every pending event → its lane (the de-duplication index)
+        self._pending: dict[RawEvent, Hashable] = {}
+        #: lanes in service order, each a FIFO of its events
+        self._lanes: OrderedDict[Hashable, OrderedDict[RawEvent, None]] = OrderedDict()
         self._overflowed: set[bytes] = set()
         self._received = 0
         self._coalesced = 0
@@ -68,8 +77,11 @@ class EventQueue:
         """True if a ``take`` would return something."""
         return bool(self._pending or self._overflowed)
 
-    def push(self, path: bytes, token: bytes) -> None:
-        """Queue one event: coalesced if already pending, dropped (token flagged) if full."""
+    def push(self, path: bytes, token: bytes, lane: Hashable = None) -> None:
+        """Queue one event: coalesced if already pending, dropped (token flagged) if full.
+
+        ``lane`` groups events for round-robin service (default: the token).
+        """
         self._received += 1
         key = (path, token)
         if key in self._pending:
@@ -81,25 +93,46 @@ class EventQueue:
                 self._overflowed.add(token)
                 self._overflows += 1
             return
-        self._pending[key] = None
-        self._high_water = max(self._high_water, len(self._pending))
+        if lane is None:
+            lane = token
+        self._pending[key] = lane
+        queue = self._lanes.get(lane)
+        if queue is None:
+            queue = self._lanes[lane] = OrderedDict()
+        queue[key] = None
+        if len(self._pending) > self._high_water:
+            self._high_water = len(self._pending)
 
     def take(self, limit: int) -> EventBatch:
-        """Remove and return up to ``limit`` oldest events and every overflowed token."""
+        """Remove and return up to ``limit`` events, lanes served round-robin (each lane in
+        arrival order), and every overflowed token."""
+        events: list[RawEvent] = []
+        lanes = self._lanes
         pending = self._pending
-        if len(pending) <= limit:
-            events = tuple(pending)
-            pending.clear()
-        else:
-            events = tuple(pending.popitem(last=False)[0] for _ in range(limit))
+        while lanes and len(events) < limit:
+            for lane in list(lanes):
+                queue = lanes[lane]
+                key = queue.popitem(last=False)[0]
+                del pending[key]
+                events.append(key)
+                if queue:
+                    lanes.move_to_end(lane)  # served: to the back of the line
+                else:
+                    del lanes[lane]
+                if len(events) >= limit:
+                    break
         overflowed = frozenset(self._overflowed)
         self._overflowed.clear()
-        return EventBatch(events, overflowed)
+        return EventBatch(tuple(events), overflowed)
 
     def discard_token(self, token: bytes) -> None:
         """Forget pending events of a watch that was removed."""
         for key in [k for k in self._pending if k[1] == token]:
-            del self._pending[key]
+            lane = self._pending.pop(key)
+            queue = self._lanes[lane]
+            del queue[key]
+            if not queue:
+                del self._lanes[lane]
         self._overflowed.discard(token)
 
     def stats(self) -> EventQueueStats:

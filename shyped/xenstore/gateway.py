@@ -3,7 +3,8 @@
 Shape (one connection, three kinds of thread):
 
 * **Reactor thread** issues single requests (``read``, ``write``, ``read_many``…).  It writes
-  the framed request straight to the socket (one ``send``) and returns a Deferred; there is no
+  the framed request straight to the socket (one ``send``; ``read_many`` sends all its
+  requests in one) and returns a Deferred; there is no
   hop through a worker, so a request costs what a pyxs round trip costs plus one wake-up of
   the reactor.  Requests beyond a small in-flight window (count *and* bytes) wait in a
   reactor-side backlog, which keeps everything ever written and not yet answered well below
@@ -21,10 +22,12 @@ Shape (one connection, three kinds of thread):
   DIRECTORY/READ/GET_PERMS requests of a whole tree level at once (round trips ∝ depth, not
   node count).
 
-Watch events: see :mod:`shyped.xenstore.events` for the bound and the coalescing.  Callbacks
-run on the reactor thread, in arrival order, at most ``max_events_per_turn`` per reactor turn
-(then the reactor serves its other work before the next slice).  A watch whose events were
-dropped gets ``on_overflow(path)``: re-read that subtree.
+Watch events: see :mod:`shyped.xenstore.events` for the bound, the coalescing and the
+round-robin lanes (one per watch and first path component below the watched path, i.e. per
+domain under ``/local/domain``).  Callbacks run on the reactor thread, at most
+``max_events_per_turn`` per reactor turn (then the reactor serves its other work before the
+next slice).  A watch whose events were dropped gets ``on_overflow(path)``: re-read that
+subtree.
 
 Connection loss (xenstored exits, restarts, the socket errors): every waiting request fails
 with :class:`ConnectionLost` at once, ``on_connection_lost`` is called, and the gateway
@@ -37,9 +40,11 @@ at once with ``ConnectionLost``; nothing is queued for later, the reconcile cove
 Why not ``pyxs.Client``: its router leaves a request waiting forever when the socket dies
 (the reply variable is never set), its request ids are not thread-safe and overflow the
 32-bit header field, its ``Monitor`` queue is unbounded, and ``execute_command`` refuses
-non-ASCII values and strips trailing NULs from values.  We keep pyxs's connections
-(``UnixSocketConnection`` / ``XenBusConnection``), its router thread scaffolding and its
-path/permission validation, and frame requests with :mod:`shyped.xenstore.wire`.
+non-ASCII values and strips trailing NULs from values; its one ``send`` per header and one
+per payload and its path check (``posixpath.abspath`` per call) cost more than the request on
+a loaded reactor.  We keep pyxs's connections (``UnixSocketConnection`` /
+``XenBusConnection``) and its router thread scaffolding (terminator pair, send lock), and
+frame requests with :mod:`shyped.xenstore.wire`.
 
 Values are ``bytes`` both ways: anything a guest wrote is returned verbatim for a strict parser
 to decode.  Paths are ``str`` (xenstored only stores ASCII path characters).
@@ -61,7 +66,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import attrs
 import pyxs
 from pyxs.connection import UnixSocketConnection, XenBusConnection
-from pyxs.helpers import check_path, check_watch_path
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -197,18 +201,14 @@ class GatewayStats:
 
 
 def _encode_path(path: str, *, watch: bool = False) -> bytes:
-    """Validate a path the way xenstored will (pyxs's rules) and encode it."""
+    """Validate a path the way xenstored will and encode it (ValueError if it would refuse)."""
     if not isinstance(path, str):
         raise TypeError(f"xenstore paths are str, got {type(path).__name__}")
     try:
         raw = path.encode("ascii")
     except UnicodeEncodeError:
         raise ValueError(f"invalid xenstore path {path!r}") from None
-    try:
-        (check_watch_path if watch else check_path)(raw)
-    except pyxs.InvalidPath:
-        raise ValueError(f"invalid xenstore path {path!r}") from None
-    return raw
+    return wire.check_path(raw, watch=watch)
 
 
 def _check_value(value: bytes) -> bytes:
@@ -224,12 +224,13 @@ def _join(parent: str, name: str) -> str:
 class _Pending:
     """A request written to xenstored and not answered yet; filled in by the reader thread."""
 
-    __slots__ = ("lost", "op", "path", "reply_op", "reply_payload", "size")
+    __slots__ = ("lost", "op", "path", "payload", "reply_op", "reply_payload", "size")
 
-    def __init__(self, op: int, path: str | None, size: int) -> None:
+    def __init__(self, op: int, payload: bytes, path: str | None) -> None:
         self.op = op
+        self.payload = payload
         self.path = path
-        self.size = size
+        self.size = len(payload) + wire.HEADER.size
         self.reply_op = -1
         self.reply_payload = b""
         self.lost: str | None = None
@@ -254,8 +255,8 @@ class _Waiter(_Pending):
 
     __slots__ = ("_done",)
 
-    def __init__(self, op: int, path: str | None, size: int) -> None:
-        super().__init__(op, path, size)
+    def __init__(self, op: int, payload: bytes, path: str | None) -> None:
+        super().__init__(op, payload, path)
         self._done = threading.Event()
 
     def wake(self) -> None:
@@ -267,9 +268,12 @@ class _Waiter(_Pending):
 
 
 class _Call(_Pending):
-    """A request from the reactor: completed there, when the inbox is drained."""
+    """A request from the reactor: completed there, when the inbox is drained.
 
-    __slots__ = ("decode", "deferred", "payload")
+    Either it resolves its own Deferred, or it is one slot of a :class:`_Batch`.
+    """
+
+    __slots__ = ("batch", "decode", "deferred", "index")
 
     def __init__(
         self,
@@ -277,21 +281,65 @@ class _Call(_Pending):
         payload: bytes,
         path: str | None,
         decode: Callable[[bytes], Any],
+        batch: _Batch | None = None,
+        index: int = 0,
     ) -> None:
-        super().__init__(op, path, len(payload) + wire.HEADER.size)
-        self.payload = payload
+        super().__init__(op, payload, path)
         self.decode = decode
-        self.deferred: Deferred[Any] = Deferred()
+        self.batch = batch
+        self.index = index
+        self.deferred: Deferred[Any] | None = None if batch is not None else Deferred()
 
     def complete(self) -> None:
+        value: Any = None
+        error: XenstoreError | None = None
         try:
             value = self.decode(self.result())
         except wire.WireError as exc:
-            self.deferred.errback(XenstoreError("EPROTO", self.path, str(exc)))
+            error = XenstoreError("EPROTO", self.path, str(exc))
         except XenstoreError as exc:
-            self.deferred.errback(exc)
-        else:
-            self.deferred.callback(value)
+            error = exc
+        if self.batch is not None:
+            self.batch.settle(self.index, value, error)
+        elif self.deferred is not None:
+            if error is None:
+                self.deferred.callback(value)
+            else:
+                self.deferred.errback(error)
+
+    def fail(self, error: XenstoreError) -> None:
+        if self.batch is not None:
+            self.batch.settle(self.index, None, error)
+        elif self.deferred is not None:
+            self.deferred.errback(error)
+
+
+class _Batch:
+    """Several reads answered as one dict: one Deferred for the lot, not one per request.
+
+    A missing node reads as None; any other error fails the whole batch (first error wins).
+    """
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+        self.values: list[bytes | None] = [None] * len(keys)
+        self.remaining = len(keys)
+        self.error: XenstoreError | None = None
+        self.deferred: Deferred[dict[str, bytes | None]] = Deferred()
+        if not keys:
+            self.deferred.callback({})
+
+    def settle(self, index: int, value: bytes | None, error: XenstoreError | None) -> None:
+        if error is None:
+            self.values[index] = value
+        elif not isinstance(error, NoEntry) and self.error is None:
+            self.error = error
+        self.remaining -= 1
+        if self.remaining == 0:
+            if self.error is not None:
+                self.deferred.errback(self.error)
+            else:
+                self.deferred.callback(dict(zip(self.keys, self.values, strict=True)))
 
 
 class _Inbox:
@@ -304,13 +352,25 @@ class _Inbox:
         self._calls: list[_Call] = []
         self.events = EventQueue(max_events)
         self._scheduled = False
+        #: watch token → watched path + "/": events are laned by the next path component.
+        #: Written on the reactor thread, read on the reader thread (single dict operations).
+        self.lane_prefixes: dict[bytes, bytes] = {}
 
     def deliver(self, calls: Sequence[_Call], events: Sequence[RawEvent]) -> None:
         """Called on the reader thread with what one socket read produced."""
+        prefixes = self.lane_prefixes
         with self._lock:
             self._calls.extend(calls)
             for path, token in events:
-                self.events.push(path, token)
+                prefix = prefixes.get(token)
+                if prefix is not None and path.startswith(prefix):
+                    start = len(prefix)
+                    end = path.find(b"/", start)
+                    self.events.push(
+                        path, token, (token, path[start:end] if end > 0 else path[start:])
+                    )
+                else:
+                    self.events.push(path, token)
             if self._scheduled or not (self._calls or self.events.has_work()):
                 return
             self._scheduled = True
@@ -359,20 +419,26 @@ class _Router(pyxs.Router):  # type: ignore[misc]
         self.rvars: dict[int, _Pending]
         self._req_ids = itertools.count(1)
 
-    def submit(self, pending: _Pending, payload: bytes, tx_id: int) -> None:
-        """Write one request; its reply will land in ``pending``.  Raises ConnectionLost."""
+    def submit(self, items: Sequence[_Pending], tx_id: int) -> None:
+        """Write requests in one ``send``; each reply lands in its item.  Raises ConnectionLost
+        (then no item will be answered)."""
         with self.send_lock:
             if self.closed:
-                raise ConnectionLost("connection closed", path=pending.path)
-            req_id = next(self._req_ids) & 0xFFFFFFFF
-            data = wire.pack(pending.op, payload, req_id, tx_id)
-            # Registered first: xenstored may answer before send() returns.
-            self.rvars[req_id] = pending
+                raise ConnectionLost("connection closed", path=items[0].path)
+            frames = []
+            req_ids = []
+            for item in items:
+                req_id = next(self._req_ids) & 0xFFFFFFFF
+                frames.append(wire.pack(item.op, item.payload, req_id, tx_id))
+                # Registered first: xenstored may answer before send() returns.
+                self.rvars[req_id] = item
+                req_ids.append(req_id)
             try:
-                self.connection.transport.send(data)
+                self.connection.transport.send(frames[0] if len(frames) == 1 else b"".join(frames))
             except (OSError, AttributeError) as exc:
-                self.rvars.pop(req_id, None)
-                raise ConnectionLost(f"send failed: {exc}", path=pending.path) from None
+                for req_id in req_ids:
+                    self.rvars.pop(req_id, None)
+                raise ConnectionLost(f"send failed: {exc}", path=items[0].path) from None
 
     def __call__(self) -> None:
         reason = "closed by the gateway"
@@ -469,8 +535,8 @@ class _Channel:
         self.tx_id = tx_id
 
     def call(self, op: int, payload: bytes, path: str | None) -> bytes:
-        waiter = _Waiter(op, path, len(payload) + wire.HEADER.size)
-        self.router.submit(waiter, payload, self.tx_id)
+        waiter = _Waiter(op, payload, path)
+        self.router.submit((waiter,), self.tx_id)
         return waiter.wait()
 
     def pipeline(
@@ -481,21 +547,26 @@ class _Channel:
         Errors other than losing the connection are returned in place, not raised.
         """
         results: list[bytes | XenstoreError] = []
+        todo = deque(_Waiter(op, payload, path) for op, payload, path in requests)
         window: deque[_Waiter] = deque()
         window_bytes = 0
-        for op, payload, path in requests:
-            size = len(payload) + wire.HEADER.size
-            while window and (
-                len(window) >= self.config.max_inflight
-                or window_bytes + size > self.config.max_inflight_bytes
+        max_count, max_bytes = self.config.max_inflight, self.config.max_inflight_bytes
+        while todo or window:
+            batch: list[_Waiter] = []
+            while todo and (
+                (not window and not batch)
+                or (
+                    len(window) + len(batch) < max_count
+                    and window_bytes + todo[0].size <= max_bytes
+                )
             ):
-                window_bytes -= self._collect(window.popleft(), results)
-            waiter = _Waiter(op, path, size)
-            self.router.submit(waiter, payload, self.tx_id)
-            window.append(waiter)
-            window_bytes += size
-        while window:
-            self._collect(window.popleft(), results)
+                waiter = todo.popleft()
+                batch.append(waiter)
+                window_bytes += waiter.size
+            if batch:
+                self.router.submit(batch, self.tx_id)
+                window.extend(batch)
+            window_bytes -= self._collect(window.popleft(), results)
         return results
 
     @staticmethod
@@ -954,6 +1025,7 @@ class XenstoreGateway:
             return defer.fail(ValueError(f"watch token {token!r} already in use"))
         spec = _WatchSpec(path, token, raw_path, raw_token, on_event, on_overflow)
         self._watches[raw_token] = spec
+        self._inbox.lane_prefixes[raw_token] = raw_path if raw_path == b"/" else raw_path + b"/"
         if self._router is None:
             return defer.succeed(None)
 
@@ -961,6 +1033,7 @@ class XenstoreGateway:
             permanent = not isinstance(failure.value, ConnectionLost)
             if permanent and self._watches.get(raw_token) is spec:
                 del self._watches[raw_token]
+                self._inbox.lane_prefixes.pop(raw_token, None)
             return failure
 
         return self._send_watch(spec, Op.WATCH).addErrback(rejected)
@@ -971,6 +1044,7 @@ class XenstoreGateway:
         spec = self._watches.pop(raw_token, None)
         if spec is None:
             return defer.fail(KeyError(token))
+        self._inbox.lane_prefixes.pop(raw_token, None)
         self._inbox.discard_token(raw_token)
         if self._router is None:
             return defer.succeed(None)
@@ -1018,41 +1092,57 @@ class XenstoreGateway:
         self, op: int, payload: bytes, path: str | None, decode: Callable[[bytes], T]
     ) -> Deferred[T]:
         call = _Call(op, payload, path, decode)
+        deferred = call.deferred
+        assert deferred is not None
+        self._enqueue((call,))
+        return deferred
+
+    def _enqueue(self, calls: Iterable[_Call]) -> None:
+        """Queue calls behind any backlog and send what the window allows, in one write."""
         if self._router is None:
-            call.deferred.errback(ConnectionLost("not connected", path=path))
-            return call.deferred
-        self._requests += 1
-        if self._backlog or not self._window_has_room(call.size):
-            self._backlog.append(call)
-        else:
-            self._send(call)
-        return call.deferred
+            for call in calls:
+                call.fail(ConnectionLost("not connected", path=call.path))
+            return
+        before = len(self._backlog)
+        self._backlog.extend(calls)
+        self._requests += len(self._backlog) - before
+        self._pump()
 
-    def _window_has_room(self, size: int) -> bool:
-        if self._inflight == 0:
-            return True
-        return (
-            self._inflight < self.config.max_inflight
-            and self._inflight_bytes + size <= self.config.max_inflight_bytes
-        )
-
-    def _send(self, call: _Call) -> None:
+    def _pump(self) -> None:
+        backlog = self._backlog
+        if not backlog:
+            return
+        max_count, max_bytes = self.config.max_inflight, self.config.max_inflight_bytes
+        batch: list[_Call] = []
+        size = 0
+        while backlog and (
+            (self._inflight == 0 and not batch)
+            or (
+                self._inflight + len(batch) < max_count
+                and self._inflight_bytes + size + backlog[0].size <= max_bytes
+            )
+        ):
+            call = backlog.popleft()
+            batch.append(call)
+            size += call.size
+        if not batch:
+            return
         router = self._router
-        if router is None:
-            call.deferred.errback(ConnectionLost("not connected", path=call.path))
-            return
         try:
-            router.submit(call, call.payload, 0)
+            if router is None:
+                raise ConnectionLost("not connected")
+            router.submit(batch, 0)
         except ConnectionLost as exc:
-            call.deferred.errback(exc)
+            for call in batch:
+                call.fail(ConnectionLost(exc.detail, path=call.path))
             return
-        self._inflight += 1
-        self._inflight_bytes += call.size
+        self._inflight += len(batch)
+        self._inflight_bytes += size
 
     def _fail_backlog(self, reason: str) -> None:
         backlog, self._backlog = self._backlog, deque()
         for call in backlog:
-            call.deferred.errback(ConnectionLost(reason, path=call.path))
+            call.fail(ConnectionLost(reason, path=call.path))
 
     def _drain(self) -> None:
         """Reactor: complete replies, refill the window, run watch callbacks (one slice)."""
@@ -1060,8 +1150,7 @@ class XenstoreGateway:
         for call in calls:
             self._inflight -= 1
             self._inflight_bytes -= call.size
-        while self._backlog and self._window_has_room(self._backlog[0].size):
-            self._send(self._backlog.popleft())
+        self._pump()
         for call in calls:
             call.complete()
         if batch:
@@ -1085,13 +1174,16 @@ class XenstoreGateway:
     def read_many(self, paths: Iterable[str]) -> Deferred[dict[str, bytes | None]]:
         """Several values in about one round trip (pipelined, not atomic); None if absent."""
         wanted = list(dict.fromkeys(paths))
-        reads: list[Deferred[bytes | None]] = []
-        for path in wanted:
-            d: Deferred[bytes | None] = self._path_request(Op.READ, path, bytes)
-            reads.append(d.addErrback(_none_if_missing))
-        gathered: Deferred[list[bytes | None]] = defer.gatherResults(reads, consumeErrors=True)
-        gathered.addErrback(_first_error)
-        return gathered.addCallback(lambda values: dict(zip(wanted, values, strict=True)))
+        try:
+            payloads = [wire.path_payload(_encode_path(path)) for path in wanted]
+        except (ValueError, TypeError) as exc:
+            return defer.fail(exc)
+        batch = _Batch(wanted)
+        self._enqueue(
+            _Call(Op.READ, payload, path, bytes, batch, index)
+            for index, (path, payload) in enumerate(zip(wanted, payloads, strict=True))
+        )
+        return batch.deferred
 
     def directory(self, path: str) -> Deferred[tuple[str, ...]]:
         """Child names; NoEntry if absent."""
@@ -1161,11 +1253,6 @@ class XenstoreGateway:
         if not root.startswith("/"):
             return defer.fail(ValueError(f"snapshot root must be absolute, got {root!r}"))
         return self._in_worker(_run_snapshot, root, with_perms)
-
-
-def _none_if_missing(failure: Failure) -> None:
-    if not isinstance(failure.value, NoEntry):
-        failure.raiseException()
 
 
 def _first_error(failure: Failure) -> Failure:

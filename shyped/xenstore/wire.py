@@ -84,6 +84,33 @@ def unpack_header(data: bytes) -> Header:
     return Header(op, req_id, tx_id, length)
 
 
+# -- paths -----------------------------------------------------------------------------------
+
+#: xenstored's path alphabet (``is_valid_path`` in cxenstored, ``Store.Path`` in oxenstored).
+_PATH_CHARS = re.compile(rb"[A-Za-z0-9\-/_@]+")
+#: ``XENSTORE_ABS_PATH_MAX`` / ``XENSTORE_REL_PATH_MAX``.
+ABS_PATH_MAX = 3072
+REL_PATH_MAX = 2048
+SPECIAL_WATCHES = frozenset({b"@introduceDomain", b"@releaseDomain"})
+
+
+def check_path(path: bytes, *, watch: bool = False) -> bytes:
+    """Refuse a path xenstored would refuse (same rules as pyxs's ``check_path``, without its
+    cost on the hot path); a watch may also name ``@introduceDomain``/``@releaseDomain``."""
+    if path.startswith(b"@") and watch:
+        if path not in SPECIAL_WATCHES:
+            raise WireError(f"unknown special watch path {path[:64]!r}")
+        return path
+    if (
+        _PATH_CHARS.fullmatch(path) is None
+        or b"//" in path
+        or (len(path) > 1 and path.endswith(b"/"))
+        or len(path) > (ABS_PATH_MAX if path.startswith(b"/") else REL_PATH_MAX)
+    ):
+        raise WireError(f"invalid xenstore path {path[:64]!r}")
+    return path
+
+
 # -- request payloads ------------------------------------------------------------------------
 
 
