@@ -1,0 +1,650 @@
+"""The host model: domains, devices, vchans and their decisions, fed only by typed events.
+
+Pure (no I/O). `HostModel.apply` takes one event from `shyped.events` and returns what the
+daemon's engine must act on: `NeedsDecision` items (ask the policy, then `record_decision`) and
+`DomainReleased` (an admitted domain is gone: release its Chinese Wall counts). Decisions are
+idempotent: each carries a fingerprint of the facts it was made on, so replaying the same
+events (reconcile after a reconnect) asks nothing again, while a changed fact (another backend,
+another disk, a new vchan client) asks again.
+
+Order of decisions: a device is only asked about once both its domains are decided (admitted,
+denied or paused), a vchan once its server and every *present* client are; `record_decision`
+for a domain returns the device and vchan questions that were waiting on it. A vchan naming a
+domain that is not there yet is asked about (again) when that domain is decided.
+
+Lookups are dicts keyed by domid, uuid, `DeviceKey` and `VchanKey`, plus per-domain indexes of
+devices and vchans, so nothing on the event path scans all domains. Per-domain garbage is a
+counter plus a bounded ring of the last reasons.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterable
+from typing import Literal, NamedTuple, cast
+
+import attrs
+
+from shyped.events import (
+    BackendStateChanged,
+    DeviceAdded,
+    DeviceKey,
+    DeviceRemoved,
+    DomainAppeared,
+    DomainVanished,
+    Event,
+    FrontendStateChanged,
+    Garbage,
+    RescanHint,
+    RingsPublished,
+    RingsWithdrawn,
+    VchanPublished,
+    VchanRemoved,
+)
+
+DecisionKind = Literal["domain", "device", "vchan"]
+
+
+class DomainState(enum.StrEnum):
+    """Where a domain stands with the daemon."""
+
+    SEEN = "seen"  #: appeared, not decided yet
+    ADMITTED = "admitted"
+    DENIED = "denied"
+    PAUSED = "paused"  #: admitted once, then held paused by the daemon (e.g. after a relabel)
+    GONE = "gone"  #: vanished; only seen on objects handed out before
+
+
+#: States that count as decided for the devices and vchans waiting on a domain.
+_DECIDED = frozenset({DomainState.ADMITTED, DomainState.DENIED, DomainState.PAUSED})
+#: States whose domain belongs to the running system (Chinese Wall, policy update check).
+_RUNNING = frozenset({DomainState.ADMITTED, DomainState.PAUSED})
+
+
+class VchanKey(NamedTuple):
+    """A vchan rendezvous: the server domain and the directory it published."""
+
+    server: int
+    path: str
+
+
+@attrs.frozen
+class ResourceUse:
+    """A domain using a resource: vbd ``params`` path, vif bridge, 9pfs path (raw values)."""
+
+    domid: int
+    kind: str
+    resource: str
+    writable: bool
+
+
+@attrs.frozen
+class NeedsDecision:
+    """Something the policy must decide.
+
+    * ``domain``: `key` and `domid` are the domain; `uuid`, `name` identify it.
+    * ``device``: `key` is the `DeviceKey`, `domid` the frontend, `peers` = (backend,),
+      `resource` what the frontend uses through it (None for console and the like).
+    * ``vchan``: `key` is the `VchanKey`, `domid` the server, `peers` the named clients,
+      `any_peer` True if every domain may connect.
+
+    `facts` fingerprints what the question was asked on (see `HostModel.is_current`).
+    """
+
+    kind: DecisionKind
+    key: int | DeviceKey | VchanKey
+    domid: int
+    peers: tuple[int, ...] = ()
+    any_peer: bool = False
+    uuid: str | None = None
+    name: str | None = None
+    resource: ResourceUse | None = None
+    facts: tuple[object, ...] = ()
+
+
+@attrs.frozen
+class DomainReleased:
+    """A domain vanished; `state` and `label` are what it had (release CW counts if running)."""
+
+    domid: int
+    uuid: str | None
+    name: str | None
+    label: str | None
+    state: DomainState
+
+
+ModelOutput = NeedsDecision | DomainReleased
+
+
+@attrs.frozen
+class RecordedDecision:
+    """A decision the engine recorded, with the facts it was made on."""
+
+    allowed: bool
+    reason: str
+    facts: tuple[object, ...]
+
+
+@attrs.define
+class GarbageRecord:
+    """Ignored input: how much, and the last few (path, reason) pairs."""
+
+    ring: int = 16
+    count: int = 0
+    limit_hits: int = 0
+    last: deque[tuple[str, str]] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.last = deque(maxlen=self.ring)
+
+    def add(self, path: str, why: str, limit: bool) -> None:
+        self.count += 1
+        if limit:
+            self.limit_hits += 1
+        self.last.append((path, why))
+
+
+@attrs.define
+class Domain:
+    """A domain as the daemon knows it."""
+
+    domid: int
+    uuid: str | None
+    name: str | None
+    state: DomainState = DomainState.SEEN
+    label: str | None = None
+    decision: RecordedDecision | None = None
+    asked: tuple[object, ...] | None = None
+    garbage: GarbageRecord = attrs.field(factory=GarbageRecord)
+    events: int = 0
+
+
+@attrs.define
+class Device:
+    """A PV device between a frontend and a backend domain (from the trusted libxl record)."""
+
+    key: DeviceKey
+    backend: int
+    backend_kind: str
+    resource: str | None
+    writable: bool
+    frontend_state: int | None = None
+    backend_state: int | None = None
+    online: bool | None = None
+    grant_refs: tuple[tuple[str, int], ...] = ()
+    event_channels: tuple[tuple[str, int], ...] = ()
+    decision: RecordedDecision | None = None
+    asked: tuple[object, ...] | None = None
+
+    @property
+    def published(self) -> bool:
+        """The frontend has published its rings (grant refs and ports)."""
+        return bool(self.grant_refs)
+
+
+@attrs.define
+class Vchan:
+    """A vchan rendezvous offered by `key.server` to `clients` (or to anyone)."""
+
+    key: VchanKey
+    clients: tuple[int, ...]
+    any_domain: bool
+    ring_ref: int | None
+    port: int | None
+    decision: RecordedDecision | None = None
+    asked: tuple[object, ...] | None = None
+
+
+@attrs.frozen
+class RunningDomain:
+    """A running (admitted or paused) domain with its label."""
+
+    domid: int
+    uuid: str | None
+    name: str | None
+    label: str
+
+
+@attrs.frozen(order=True)
+class LiveChannel:
+    """An allowed channel between two running domains: a device kind or ``vchan``."""
+
+    dom_a: int
+    dom_b: int
+    kind: str
+
+
+@attrs.frozen
+class RunningSystem:
+    """What a new policy must accept (plain data; the policy side adapts it)."""
+
+    domains: tuple[RunningDomain, ...]
+    channels: tuple[LiveChannel, ...]
+    resources: tuple[ResourceUse, ...]
+
+
+def _add(index: dict[int, set[object]], domid: int, item: object) -> None:
+    s = index.get(domid)
+    if s is None:
+        index[domid] = {item}
+    else:
+        s.add(item)
+
+
+def _discard(index: dict[int, set[object]], domid: int, item: object) -> None:
+    s = index.get(domid)
+    if s is not None:
+        s.discard(item)
+        if not s:
+            del index[domid]
+
+
+class HostModel:
+    """Domains, devices, vchans and decisions; pure and single-threaded."""
+
+    def __init__(
+        self, dom0_label: str | None = None, *, dom0_name: str = "Domain-0", garbage_ring: int = 16
+    ) -> None:
+        self._ring = garbage_ring
+        self._domains: dict[int, Domain] = {
+            0: Domain(
+                0,
+                None,
+                dom0_name,
+                state=DomainState.ADMITTED,
+                label=dom0_label,
+                garbage=GarbageRecord(garbage_ring),
+            )
+        }
+        self._by_uuid: dict[str, int] = {}
+        self._devices: dict[DeviceKey, Device] = {}
+        self._vchans: dict[VchanKey, Vchan] = {}
+        self._dom_devices: dict[int, set[object]] = {}  # domid -> DeviceKeys (either end)
+        self._dom_vchans: dict[int, set[object]] = {}  # domid -> VchanKeys (server or client)
+        #: Garbage from domains the model does not know (or from dom0-only trees).
+        self.unattributed = GarbageRecord(garbage_ring)
+        #: Events applied, by event class name.
+        self.counters: dict[str, int] = {}
+
+    # ---- queries ------------------------------------------------------------------------
+
+    def domain(self, domid: int) -> Domain | None:
+        return self._domains.get(domid)
+
+    def domain_by_uuid(self, uuid: str) -> Domain | None:
+        d = self._by_uuid.get(uuid)
+        return None if d is None else self._domains.get(d)
+
+    def domains(self) -> list[Domain]:
+        return [self._domains[d] for d in sorted(self._domains)]
+
+    def device(self, key: DeviceKey) -> Device | None:
+        return self._devices.get(key)
+
+    def devices(self) -> list[Device]:
+        return [self._devices[k] for k in sorted(self._devices)]
+
+    def devices_of(self, domid: int) -> list[Device]:
+        """Devices with `domid` at either end."""
+        keys = cast("set[DeviceKey]", self._dom_devices.get(domid, set()))
+        return [self._devices[k] for k in sorted(keys)]
+
+    def vchan(self, key: VchanKey) -> Vchan | None:
+        return self._vchans.get(key)
+
+    def vchans(self) -> list[Vchan]:
+        return [self._vchans[k] for k in sorted(self._vchans)]
+
+    def vchans_of(self, domid: int) -> list[Vchan]:
+        """Vchans with `domid` as server or named client."""
+        keys = cast("set[VchanKey]", self._dom_vchans.get(domid, set()))
+        return [self._vchans[k] for k in sorted(keys)]
+
+    def garbage(self, domid: int | None) -> GarbageRecord:
+        """The garbage record of a domain (the unattributed one for None or unknown ids)."""
+        dom = self._domains.get(domid) if domid is not None else None
+        return dom.garbage if dom is not None else self.unattributed
+
+    def running_system(self) -> RunningSystem:
+        """Running domains with labels, allowed channels between them, resources they use."""
+        running = {
+            d: dom
+            for d, dom in self._domains.items()
+            if dom.state in _RUNNING and dom.label is not None
+        }
+        domains = tuple(
+            RunningDomain(d, dom.uuid, dom.name, cast(str, dom.label))
+            for d, dom in sorted(running.items())
+        )
+        channels: set[LiveChannel] = set()
+        resources: set[ResourceUse] = set()
+        for dev in self._devices.values():
+            fe = dev.key.frontend
+            if dev.decision is None or not dev.decision.allowed or fe not in running:
+                continue
+            if dev.backend in running:
+                channels.add(LiveChannel(fe, dev.backend, dev.key.kind))
+            if dev.resource is not None:
+                resources.add(ResourceUse(fe, dev.key.kind, dev.resource, dev.writable))
+        for v in self._vchans.values():
+            s = v.key.server
+            if v.decision is None or not v.decision.allowed or s not in running:
+                continue
+            peers = running if v.any_domain else v.clients
+            for c in peers:
+                if c != s and c in running:
+                    channels.add(LiveChannel(s, c, "vchan"))
+        return RunningSystem(
+            domains,
+            tuple(sorted(channels)),
+            tuple(sorted(resources, key=lambda r: (r.domid, r.kind, r.resource, r.writable))),
+        )
+
+    # ---- events -------------------------------------------------------------------------
+
+    def apply_all(self, events: Iterable[Event]) -> list[ModelOutput]:
+        out: list[ModelOutput] = []
+        for e in events:
+            out.extend(self.apply(e))
+        return out
+
+    def apply(self, event: Event) -> list[ModelOutput]:
+        """Update the model from one event; return what the engine must act on."""
+        name = type(event).__name__
+        self.counters[name] = self.counters.get(name, 0) + 1
+        match event:
+            case Garbage(domid=domid, path=path, why=why, limit=limit):
+                self.garbage(domid).add(path, why, limit)
+                return []
+            case FrontendStateChanged(device=key, state=state):
+                dev = self._devices.get(key)
+                if dev is not None:
+                    dev.frontend_state = state
+                    self._count(key.frontend)
+                return []
+            case BackendStateChanged(device=key, state=state, online=online):
+                dev = self._devices.get(key)
+                if dev is not None:
+                    dev.backend_state = state
+                    dev.online = online
+                    self._count(dev.backend)
+                return []
+            case RingsPublished(device=key, grant_refs=refs, event_channels=ports):
+                dev = self._devices.get(key)
+                if dev is not None:
+                    dev.grant_refs = refs
+                    dev.event_channels = ports
+                    self._count(key.frontend)
+                return []
+            case RingsWithdrawn(device=key):
+                dev = self._devices.get(key)
+                if dev is not None:
+                    dev.grant_refs = ()
+                    dev.event_channels = ()
+                    self._count(key.frontend)
+                return []
+            case DeviceAdded():
+                return self._device_added(event)
+            case DeviceRemoved(device=key):
+                self._drop_device(key)
+                self._count(key.frontend)
+                return []
+            case VchanPublished():
+                return self._vchan_published(event)
+            case VchanRemoved(server=server, path=path):
+                self._drop_vchan(VchanKey(server, path))
+                self._count(server)
+                return []
+            case DomainAppeared():
+                return self._domain_appeared(event)
+            case DomainVanished(domid=domid):
+                return self._domain_vanished(domid)
+            case RescanHint():
+                return []
+        raise TypeError(f"not an event: {event!r}")  # pragma: no cover
+
+    def _count(self, domid: int) -> None:
+        dom = self._domains.get(domid)
+        if dom is not None:
+            dom.events += 1
+
+    # ---- domains ------------------------------------------------------------------------
+
+    def _domain_appeared(self, e: DomainAppeared) -> list[ModelOutput]:
+        out: list[ModelOutput] = []
+        dom = self._domains.get(e.domid)
+        if dom is not None and dom.uuid != e.uuid:
+            out.extend(self._domain_vanished(e.domid))  # a new incarnation under the same id
+            dom = None
+        if dom is None:
+            dom = self._domains[e.domid] = Domain(
+                e.domid, e.uuid, e.name, garbage=GarbageRecord(self._ring)
+            )
+            self._by_uuid[e.uuid] = e.domid
+        else:
+            dom.name = e.name
+        dom.events += 1
+        need = self._ask_domain(dom)
+        if need is not None:
+            out.append(need)
+        return out
+
+    def _domain_vanished(self, domid: int) -> list[ModelOutput]:
+        if domid == 0:
+            return []
+        dom = self._domains.pop(domid, None)
+        if dom is None:
+            return []
+        if dom.uuid is not None and self._by_uuid.get(dom.uuid) == domid:
+            del self._by_uuid[dom.uuid]
+        for key in list(cast("set[DeviceKey]", self._dom_devices.get(domid, set()))):
+            if key.frontend == domid:
+                self._drop_device(key)
+        for vkey in list(cast("set[VchanKey]", self._dom_vchans.get(domid, set()))):
+            if vkey.server == domid:
+                self._drop_vchan(vkey)
+        released = DomainReleased(domid, dom.uuid, dom.name, dom.label, dom.state)
+        dom.state = DomainState.GONE
+        return [released]
+
+    def _decided(self, domid: int) -> bool:
+        dom = self._domains.get(domid)
+        return dom is not None and dom.state in _DECIDED
+
+    def _ask_domain(self, dom: Domain, force: bool = False) -> NeedsDecision | None:
+        facts: tuple[object, ...] = (dom.uuid,)
+        if not force and (
+            (dom.decision is not None and dom.decision.facts == facts) or dom.asked == facts
+        ):
+            return None
+        dom.asked = facts
+        return NeedsDecision(
+            "domain", dom.domid, dom.domid, uuid=dom.uuid, name=dom.name, facts=facts
+        )
+
+    def set_state(self, domid: int, state: DomainState) -> None:
+        """Record what the engine did to a domain (e.g. PAUSED); GONE comes from events only."""
+        if state is DomainState.GONE:
+            raise ValueError("a domain is gone when its xenstore tree is, not on request")
+        dom = self._domains.get(domid)
+        if dom is None:
+            raise KeyError(domid)
+        dom.state = state
+
+    # ---- devices ------------------------------------------------------------------------
+
+    def _device_added(self, e: DeviceAdded) -> list[ModelOutput]:
+        key = e.device
+        dev = self._devices.get(key)
+        if dev is None:
+            dev = self._devices[key] = Device(
+                key, e.backend, e.backend_kind, e.resource, e.writable
+            )
+            _add(self._dom_devices, key.frontend, key)
+            _add(self._dom_devices, e.backend, key)
+        else:
+            if dev.backend != e.backend:
+                if dev.backend != key.frontend:
+                    _discard(self._dom_devices, dev.backend, key)
+                _add(self._dom_devices, e.backend, key)
+            dev.backend = e.backend
+            dev.backend_kind = e.backend_kind
+            dev.resource = e.resource
+            dev.writable = e.writable
+        self._count(key.frontend)
+        need = self._ask_device(dev)
+        return [need] if need is not None else []
+
+    def _drop_device(self, key: DeviceKey) -> None:
+        dev = self._devices.pop(key, None)
+        if dev is not None:
+            _discard(self._dom_devices, key.frontend, key)
+            _discard(self._dom_devices, dev.backend, key)
+
+    @staticmethod
+    def _device_facts(dev: Device) -> tuple[object, ...]:
+        return (dev.backend, dev.backend_kind, dev.resource, dev.writable)
+
+    def _ask_device(self, dev: Device, force: bool = False) -> NeedsDecision | None:
+        fe = dev.key.frontend
+        if not (self._decided(fe) and self._decided(dev.backend)):
+            return None
+        facts = self._device_facts(dev)
+        if not force and (
+            (dev.decision is not None and dev.decision.facts == facts) or dev.asked == facts
+        ):
+            return None
+        dev.asked = facts
+        res = None
+        if dev.resource is not None:
+            res = ResourceUse(fe, dev.key.kind, dev.resource, dev.writable)
+        return NeedsDecision("device", dev.key, fe, peers=(dev.backend,), resource=res, facts=facts)
+
+    # ---- vchans -------------------------------------------------------------------------
+
+    def _vchan_published(self, e: VchanPublished) -> list[ModelOutput]:
+        key = VchanKey(e.server, e.path)
+        v = self._vchans.get(key)
+        if v is None:
+            v = self._vchans[key] = Vchan(key, e.clients, e.any_domain, e.ring_ref, e.port)
+            _add(self._dom_vchans, e.server, key)
+        else:
+            for c in v.clients:
+                if c != e.server and c not in e.clients:
+                    _discard(self._dom_vchans, c, key)
+            v.clients = e.clients
+            v.any_domain = e.any_domain
+            v.ring_ref = e.ring_ref
+            v.port = e.port
+        for c in e.clients:
+            _add(self._dom_vchans, c, key)
+        self._count(e.server)
+        need = self._ask_vchan(v)
+        return [need] if need is not None else []
+
+    def _drop_vchan(self, key: VchanKey) -> None:
+        v = self._vchans.pop(key, None)
+        if v is not None:
+            _discard(self._dom_vchans, key.server, key)
+            for c in v.clients:
+                _discard(self._dom_vchans, c, key)
+
+    def _vchan_facts(self, v: Vchan) -> tuple[object, ...]:
+        known = tuple(c for c in v.clients if self._decided(c))
+        return (v.clients, v.any_domain, known)
+
+    def _ask_vchan(self, v: Vchan, force: bool = False) -> NeedsDecision | None:
+        if not self._decided(v.key.server):
+            return None
+        for c in v.clients:
+            dom = self._domains.get(c)
+            if dom is not None and dom.state is DomainState.SEEN:
+                return None  # present but undecided: wait for it
+        facts = self._vchan_facts(v)
+        if not force and (
+            (v.decision is not None and v.decision.facts == facts) or v.asked == facts
+        ):
+            return None
+        v.asked = facts
+        return NeedsDecision(
+            "vchan",
+            v.key,
+            v.key.server,
+            peers=v.clients,
+            any_peer=v.any_domain,
+            facts=facts,
+        )
+
+    # ---- decisions ----------------------------------------------------------------------
+
+    def _facts_now(self, need: NeedsDecision) -> tuple[object, ...] | None:
+        if need.kind == "domain":
+            dom = self._domains.get(cast(int, need.key))
+            return None if dom is None else (dom.uuid,)
+        if need.kind == "device":
+            dev = self._devices.get(cast(DeviceKey, need.key))
+            return None if dev is None else self._device_facts(dev)
+        v = self._vchans.get(cast(VchanKey, need.key))
+        return None if v is None else self._vchan_facts(v)
+
+    def is_current(self, need: NeedsDecision) -> bool:
+        """The thing asked about still exists with the facts the question was asked on."""
+        return self._facts_now(need) == need.facts
+
+    def record_decision(
+        self, need: NeedsDecision, allowed: bool, *, label: str | None = None, reason: str = ""
+    ) -> list[NeedsDecision]:
+        """Store the engine's answer; returns questions that were waiting on it.
+
+        A stale answer (see `is_current`) is ignored and returns nothing. For a domain,
+        `label` is the label it runs with (kept even when denied, for reporting).
+        """
+        if not self.is_current(need):
+            return []
+        rec = RecordedDecision(allowed, reason, need.facts)
+        if need.kind == "device":
+            dev = self._devices[cast(DeviceKey, need.key)]
+            dev.decision, dev.asked = rec, None
+            return []
+        if need.kind == "vchan":
+            v = self._vchans[cast(VchanKey, need.key)]
+            v.decision, v.asked = rec, None
+            return []
+        dom = self._domains[cast(int, need.key)]
+        dom.decision, dom.asked = rec, None
+        dom.label = label
+        dom.state = DomainState.ADMITTED if allowed else DomainState.DENIED
+        ready: list[NeedsDecision] = []
+        for key in sorted(cast("set[DeviceKey]", self._dom_devices.get(dom.domid, set()))):
+            need_dev = self._ask_device(self._devices[key])
+            if need_dev is not None:
+                ready.append(need_dev)
+        for vkey in sorted(cast("set[VchanKey]", self._dom_vchans.get(dom.domid, set()))):
+            need_v = self._ask_vchan(self._vchans[vkey])
+            if need_v is not None:
+                ready.append(need_v)
+        return ready
+
+    def all_needs(self) -> list[NeedsDecision]:
+        """Every question again (after a policy change): domains first, then the rest.
+
+        Devices and vchans are included when their domains are decided now; their current
+        decisions stay in force until new ones are recorded.
+        """
+        out: list[NeedsDecision] = []
+        for d in sorted(self._domains):
+            if d == 0:
+                continue
+            need = self._ask_domain(self._domains[d], force=True)
+            if need is not None:
+                out.append(need)
+        for key in sorted(self._devices):
+            need = self._ask_device(self._devices[key], force=True)
+            if need is not None:
+                out.append(need)
+        for vkey in sorted(self._vchans):
+            need = self._ask_vchan(self._vchans[vkey], force=True)
+            if need is not None:
+                out.append(need)
+        return out
