@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from sandbox_toolstack_helpers import XSGOLD_CFG, normalize_layout, reference_layout, xenstore_ls
@@ -95,6 +96,10 @@ def test_socket_option_and_errors(xenstored: SandboxXenstored) -> None:
     xl("--socket", str(xenstored.socket_path), "boot-host", env=env)
     unknown = xl("--socket", str(xenstored.socket_path), "unpause", "ghost", env=env, check=False)
     assert unknown.returncode == 1 and "invalid domain identifier" in unknown.stderr
+    gone = Path(str(xenstored.socket_path) + "-gone")
+    no_daemon = xl("--socket", str(gone / "socket"), "list", env=env, check=False)
+    assert no_daemon.returncode == 1 and "no xenstored socket" in no_daemon.stderr
+    assert not gone.exists()  # no state file is left where no xenstored runs
     bad_cfg = xl("--socket", str(xenstored.socket_path), "create", "/nonexistent.cfg", check=False)
     assert bad_cfg.returncode == 1 and "error:" in bad_cfg.stderr
 

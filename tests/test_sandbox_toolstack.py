@@ -32,7 +32,7 @@ from shyped.sandbox.xlcfg import (
     parse_disk_spec,
     parse_vif_spec,
 )
-from shyped.sandbox.xsconn import XsConn
+from shyped.sandbox.xsconn import XsConn, XsError
 
 
 def xsgold() -> DomainConfig:
@@ -363,3 +363,22 @@ def test_frontends_react_to_what_a_daemon_did_while_the_domain_was_paused(
     with XsConn(str(xenstored.socket_path)) as xs:
         assert xs.read("/local/domain/1/control/feature-poweroff") == "1"
         assert xs.read("/libxl/1/device/vif/0") is None
+
+
+def test_create_without_pause_connects_like_create_then_unpause(
+    xenstored: SandboxXenstored, ts: Toolstack
+) -> None:
+    ts.create(xsgold(), paused=False)
+    assert_layout(xenstored, "layout-connected.txt")
+    assert not ts.list_domains()[1].paused
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_xenstored_is_an_error_not_a_hang(xenstored: SandboxXenstored) -> None:
+    conn = XsConn(str(xenstored.socket_path), timeout=2.0)
+    try:
+        xenstored.stop()
+        with pytest.raises(XsError):
+            conn.read("/local")
+    finally:
+        conn.close()

@@ -260,7 +260,6 @@ class HypervisorStore:
     @contextlib.contextmanager
     def locked(self) -> Iterator[HostState]:
         """Hold the lock, yield the state, write it back atomically if the block succeeds."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

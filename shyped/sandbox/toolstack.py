@@ -107,8 +107,13 @@ class Toolstack:
 
     # -- plumbing ------------------------------------------------------------------------
 
+    def _check_socket(self) -> None:
+        if not self.socket_path.exists():
+            raise ToolstackError(f"no xenstored socket at {self.socket_path}")
+
     @contextlib.contextmanager
     def _command(self) -> Iterator[tuple[HostState, _Session]]:
+        self._check_socket()
         session = _Session(str(self.socket_path))
         try:
             with self.store.locked() as host:
@@ -281,6 +286,7 @@ class Toolstack:
 
     def list_domains(self) -> list[DomainState]:
         """The hypervisor's domain list, by domid (`xl list`)."""
+        self._check_socket()
         host = self.store.read()
         host.ensure_dom0()
         return [host.domains[d] for d in sorted(host.domains)]

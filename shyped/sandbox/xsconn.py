@@ -31,9 +31,13 @@ class XsError(RuntimeError):
 class XsConn:
     """One connection to xenstored; transactions are one at a time, like libxenstore's."""
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, timeout: float = 30.0) -> None:
+        self.timeout = timeout
         self._client: Any = pyxs.Client(unix_socket_path=socket_path)
-        self._client.connect()
+        try:
+            self._client.connect()
+        except PyXSError as exc:
+            raise XsError(errno.ECONNREFUSED, f"cannot connect to xenstored: {exc}") from exc
         self.tx_id = 0
 
     def close(self) -> None:
@@ -54,10 +58,18 @@ class XsConn:
 
     def _command(self, op: int, payload: bytes, what: str) -> bytes:
         packet = Packet(op, payload, rq_id=next_rq_id(), tx_id=self.tx_id)
-        reply = self._client.router.send(packet).get()
+        try:
+            rvar = self._client.router.send(packet)
+        except PyXSError as exc:  # pyxs.exceptions.ConnectionError: the socket is gone
+            raise XsError(errno.ECONNRESET, f"{what}: {exc}") from exc
+        # pyxs' RVar.get() waits forever if xenstored goes away; never hang a toolstack call.
+        with rvar.condition:
+            if not rvar.condition.wait_for(lambda: rvar.target is not None, self.timeout):
+                raise XsError(errno.ETIMEDOUT, f"{what}: no answer from xenstored")
+        reply = rvar.target
         if reply.op == Op.ERROR:
-            exc: PyXSError = pyxs_error(reply.payload.rstrip(NUL))
-            code = int(exc.args[0])
+            failure: PyXSError = pyxs_error(reply.payload.rstrip(NUL))
+            code = int(failure.args[0])
             raise XsError(code, f"{what}: {errno.errorcode.get(code, code)}")
         return bytes(reply.payload)
 
