@@ -382,3 +382,16 @@ def test_a_dead_xenstored_is_an_error_not_a_hang(xenstored: SandboxXenstored) ->
             conn.read("/local")
     finally:
         conn.close()
+
+
+def test_a_failed_create_removes_what_it_wrote(xenstored: SandboxXenstored, ts: Toolstack) -> None:
+    cfg = domain_config_from_text(
+        'name = "twice"\nuuid = "6f1b1c9e-2a4d-4c55-9e0e-5ca1ab1e0002"\n'
+        "disk = ['/a.img,raw,xvda,w', '/b.img,raw,xvda,w']\nvif = ['bridge=xenbr0']\n"
+    )
+    with pytest.raises(ToolstackError, match="already exists"):
+        ts.create(cfg)
+    text = xenstore_ls(xenstored)
+    assert "/local/domain/1" not in text and "/vm/6f1b" not in text and "/libxl/1" not in text
+    assert "/backend/" not in text
+    assert [d.domid for d in ts.list_domains()] == [0]

@@ -205,48 +205,56 @@ class Toolstack:
             dom = host.create_domain(cfg.name, cfg.uuid, cfg.target_memkb, cfg.max_memkb, cfg.vcpus)
             dom.config = _config_json(cfg)
             domid = dom.domid
-            dom.store_port = dom.alloc_port("store peer=0 ")
-            dom.console_port = dom.alloc_port("console peer=0 ")
-            dom.store_mfn, dom.console_mfn = host.alloc_mfns(2, cfg.max_memkb // 4 + 2)
-            start = self.clock()
-            start_time = f"{int(start)}.{int((start % 1) * 100):02d}"
-            self._run(session, L.domain_make_step(domid, cfg.name, cfg.uuid))
-            self._run(session, L.dm_version_step(domid))
-            self._run(
-                session,
-                L.build_post_step(
-                    domid,
-                    cfg.uuid,
-                    max_memkb=cfg.max_memkb,
-                    target_memkb=cfg.target_memkb,
-                    vcpus=cfg.vcpus,
-                    max_vcpus=cfg.max_vcpus,
-                    store_port=dom.store_port,
-                    store_mfn=dom.store_mfn,
-                    start_time=start_time,
-                    kernel=cfg.kernel,
-                    ramdisk=cfg.ramdisk,
-                    cmdline=cfg.cmdline,
-                ),
-            )
-            # xs_introduce_domain: xenstored binds the store port from dom0 (the request
-            # itself is not sent: oxenstored cannot map a guest that does not exist).
-            host.ensure_dom0().alloc_port(f"peer={domid} xenstored")
-            self._run(session, L.dm_version_step(domid))
-            for spec in cfg.disks:
-                self._add_disk(host, session, dom, spec)
-            self._run(session, L.console_add_step(domid, dom.console_port, dom.console_mfn))
-            vifs = [
-                self._add_nic(host, session, dom, spec, devid=spec.devid or i, hotplug=False)
-                for i, spec in enumerate(cfg.vifs)
-            ]
-            dom.tty = host.alloc_pty(domid)
-            host.ensure_dom0().alloc_port(f"peer={domid} xenconsoled")
-            self._run(session, L.xenconsoled_tty_step(domid, dom.tty))
-            for dev in vifs:
-                self._run(session, L.vif_hotplug_steps(dev))
-            if not paused:
-                self._unpause(host, session, dom)
+            try:
+                dom.store_port = dom.alloc_port("store peer=0 ")
+                dom.console_port = dom.alloc_port("console peer=0 ")
+                dom.store_mfn, dom.console_mfn = host.alloc_mfns(2, cfg.max_memkb // 4 + 2)
+                start = self.clock()
+                start_time = f"{int(start)}.{int((start % 1) * 100):02d}"
+                self._run(session, L.domain_make_step(domid, cfg.name, cfg.uuid))
+                self._run(session, L.dm_version_step(domid))
+                self._run(
+                    session,
+                    L.build_post_step(
+                        domid,
+                        cfg.uuid,
+                        max_memkb=cfg.max_memkb,
+                        target_memkb=cfg.target_memkb,
+                        vcpus=cfg.vcpus,
+                        max_vcpus=cfg.max_vcpus,
+                        store_port=dom.store_port,
+                        store_mfn=dom.store_mfn,
+                        start_time=start_time,
+                        kernel=cfg.kernel,
+                        ramdisk=cfg.ramdisk,
+                        cmdline=cfg.cmdline,
+                    ),
+                )
+                # xs_introduce_domain: xenstored binds the store port from dom0 (the request
+                # itself is not sent: oxenstored cannot map a guest that does not exist).
+                host.ensure_dom0().alloc_port(f"peer={domid} xenstored")
+                self._run(session, L.dm_version_step(domid))
+                for spec in cfg.disks:
+                    self._add_disk(host, session, dom, spec)
+                self._run(session, L.console_add_step(domid, dom.console_port, dom.console_mfn))
+                vifs = [
+                    self._add_nic(host, session, dom, spec, devid=spec.devid or i, hotplug=False)
+                    for i, spec in enumerate(cfg.vifs)
+                ]
+                dom.tty = host.alloc_pty(domid)
+                host.ensure_dom0().alloc_port(f"peer={domid} xenconsoled")
+                self._run(session, L.xenconsoled_tty_step(domid, dom.tty))
+                for dev in vifs:
+                    self._run(session, L.vif_hotplug_steps(dev))
+                if not paused:
+                    self._unpause(host, session, dom)
+            except (ToolstackError, XsError) as exc:
+                # domcreate_destruction_cb: a failed create destroys what it made.
+                with contextlib.suppress(ToolstackError, XsError):
+                    self._devices_destroy(host, session, dom)
+                    vm = L.vm_path(cfg.uuid)
+                    self._run(session, L.domain_destroy_final_steps(domid, vm))
+                raise ToolstackError(f"creating domain {cfg.name} failed: {exc}") from exc
             return domid
 
     def unpause(self, domain: str | int) -> None:
