@@ -62,7 +62,7 @@ Memory is bounded per domain by `Limits`; going over a limit gives a `Garbage` w
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, Protocol
 
 import attrs
 
@@ -228,6 +228,20 @@ Event = (
 Node = tuple[str | bytes, bytes | None, Sequence[PermInput] | None]
 
 
+class SnapshotNode(Protocol):
+    """A snapshot entry as the gateway returns it (``shyped.xenstore.gateway.Node``)."""
+
+    @property
+    def value(self) -> bytes: ...
+
+    @property
+    def perms(self) -> Sequence[PermInput] | None: ...
+
+
+#: What `EventAssembler.reconcile` takes per path: ``(value, perms)`` or a `SnapshotNode`.
+SnapshotEntry = tuple[bytes, Sequence[PermInput] | None] | SnapshotNode
+
+
 @attrs.frozen
 class Limits:
     """Per-domain bounds on what the assembler tracks (guest-controlled amounts)."""
@@ -292,8 +306,16 @@ def _is_port_key(name: str) -> bool:
     return name == "event-channel" or name == "port" or name.startswith("event-channel-")
 
 
+_KINDS: set[str] = set()  # device kinds seen valid (bounded below)
+
+
 def _valid_kind(kind: str) -> bool:
-    return 0 < len(kind) <= _MAX_KIND and kind.replace("_", "").isalnum() and kind.islower()
+    if kind in _KINDS:
+        return True
+    ok = 0 < len(kind) <= _MAX_KIND and kind.replace("_", "").isalnum() and kind.islower()
+    if ok and len(_KINDS) < 256:
+        _KINDS.add(kind)
+    return ok
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,7 +467,8 @@ class EventAssembler:
         self._be_index: dict[tuple[int, str, int, int], DeviceKey] = {}
         self._vchan_servers: set[int] = set()
         self._out: list[Event] = []
-        self._dirty_doms: set[int] = set()
+        self._dirty_doms: set[int] = set()  # appearance facts changed
+        self._touched: set[int] = set()  # something was dropped: check whether to free it
         self._dirty_devs: set[DeviceKey] = set()
         self._dirty_vchans: set[tuple[int, str]] = set()
 
@@ -469,8 +492,7 @@ class EventAssembler:
 
     def reconcile(
         self,
-        snapshot: Mapping[str, tuple[bytes, Sequence[PermInput] | None]]
-        | Mapping[bytes, tuple[bytes, Sequence[PermInput] | None]],
+        snapshot: Mapping[str, SnapshotEntry] | Mapping[bytes, SnapshotEntry],
         root: str = "/",
     ) -> list[Event]:
         """Bring the state in line with a full snapshot of the subtree at `root`.
@@ -480,7 +502,8 @@ class EventAssembler:
         """
         nodes: dict[str, tuple[bytes, Sequence[PermInput] | None]] = {}
         for k, v in snapshot.items():
-            nodes[k.decode("ascii", "replace") if isinstance(k, bytes) else k] = v
+            key = k.decode("ascii", "replace") if isinstance(k, bytes) else k
+            nodes[key] = v if isinstance(v, tuple) else (v.value, v.perms)
         root = root.rstrip("/") or "/"
         prefix = "/" if root == "/" else root + "/"
         gone = [
@@ -521,7 +544,7 @@ class EventAssembler:
         dom = self._doms.get(domid)
         if dom is None:
             dom = self._doms[domid] = _Dom(domid)
-        self._dirty_doms.add(domid)
+            self._touched.add(domid)
         return dom
 
     def _apply(
@@ -615,7 +638,9 @@ class EventAssembler:
         if value is not None and name is None:
             self._garbage(d, path, "domain name is not printable UTF-8 of bounded length")
         dom = self._dom(d)
-        dom.name = name or None
+        if dom.name != name:
+            dom.name = name
+            self._dirty_doms.add(d)
 
     def _vm_pointer(self, d: int, path: str, value: bytes | None) -> None:
         if d == 0:
@@ -628,7 +653,10 @@ class EventAssembler:
                     uuid = text
             if uuid is None:
                 self._garbage(d, path, "vm is not /vm/<uuid>")
-        self._dom(d).uuid = uuid
+        dom = self._dom(d)
+        if dom.uuid != uuid:
+            dom.uuid = uuid
+            self._dirty_doms.add(d)
 
     def _home_removed(self, dom: _Dom) -> None:
         d = dom.domid
@@ -680,6 +708,7 @@ class EventAssembler:
             if hit:
                 del dom.fronts[fkey]
                 self._front_dirty(dom, fkey)
+                self._touched.add(d)
 
     def _front_dirty(self, dom: _Dom, fkey: tuple[str, int]) -> None:
         if fkey in dom.records:
@@ -697,6 +726,7 @@ class EventAssembler:
                 return
             if nrest == 0:
                 del dom.fronts[fkey]
+                self._touched.add(d)
             else:
                 sub = "/".join(rest)
                 pre = sub + "/"
@@ -798,6 +828,7 @@ class EventAssembler:
                     ):
                         del dom.backs[bkey]
                         self._back_dirty(be, bkey)
+                        self._touched.add(be)
                 return
             assert bkind is not None and fe is not None and devid is not None
             bk = dom.backs.get((bkind, fe, devid))
@@ -904,6 +935,7 @@ class EventAssembler:
         dom = self._dom(d)
         if not dom.libxl:
             dom.libxl = True
+            self._dirty_doms.add(d)
         if n < 6 or comps[3] != "device":
             return
         kind = comps[4]
@@ -996,7 +1028,7 @@ class EventAssembler:
         bdom = self._doms.get(be)
         if bdom is not None:
             bdom.served.discard(dk)
-            self._dirty_doms.add(be)
+            self._touched.add(be)
         rec.backend = None
 
     # ---- /vm ----------------------------------------------------------------------------
@@ -1094,51 +1126,51 @@ class EventAssembler:
     def _flush(self) -> list[Event]:
         out = self._out
         self._out = []
-        if not (self._dirty_doms or self._dirty_devs or self._dirty_vchans):
+        if not (self._dirty_doms or self._dirty_devs or self._dirty_vchans or self._touched):
             return out
         vanished: list[int] = []
-        touched = self._dirty_doms
-        self._dirty_doms = set()
-        for d in sorted(touched):
-            dom = self._doms.get(d)
-            if dom is None or d == 0:
-                continue
-            up = (
-                dom.name is not None
-                and dom.uuid is not None
-                and dom.libxl
-                and dom.uuid in self._vms
-            )
-            if up:
-                assert dom.uuid is not None and dom.name is not None
-                facts = (dom.uuid, dom.name)
-                if dom.emitted != facts:
-                    first = dom.emitted is None
-                    dom.emitted = facts
-                    out.append(DomainAppeared(d, dom.uuid, dom.name))
-                    if first:
-                        self._wake(dom)
-            elif dom.emitted is not None:
-                dom.emitted = None
-                vanished.append(d)
-                self._wake(dom)
-        devs = self._dirty_devs
-        self._dirty_devs = set()
-        for dk in sorted(devs):
-            self._flush_device(dk, out)
-        vchans = self._dirty_vchans
-        self._dirty_vchans = set()
-        for s, vpath in sorted(vchans):
-            self._flush_vchan(s, vpath, out)
-        out.extend(DomainVanished(d) for d in vanished)
-        # Device and vchan clean-up above only marks domains for this check, nothing else.
-        touched |= self._dirty_doms
-        self._dirty_doms = set()
-        for d in touched:
-            dom = self._doms.get(d)
-            if dom is not None and dom.empty():
-                del self._doms[d]
+        if self._dirty_doms:
+            doms = sorted(self._dirty_doms)
+            self._dirty_doms.clear()
+            self._touched.update(doms)
+            for d in doms:
+                self._flush_domain(d, out, vanished)
+        if self._dirty_devs:
+            devs = sorted(self._dirty_devs) if len(self._dirty_devs) > 1 else list(self._dirty_devs)
+            self._dirty_devs.clear()
+            for dk in devs:
+                self._flush_device(dk, out)
+        if self._dirty_vchans:
+            vcs = sorted(self._dirty_vchans)
+            self._dirty_vchans.clear()
+            for s, vpath in vcs:
+                self._flush_vchan(s, vpath, out)
+        if vanished:
+            out.extend(DomainVanished(d) for d in vanished)
+        if self._touched:
+            for d in self._touched:
+                dom = self._doms.get(d)
+                if dom is not None and dom.empty():
+                    del self._doms[d]
+            self._touched.clear()
         return out
+
+    def _flush_domain(self, d: int, out: list[Event], vanished: list[int]) -> None:
+        dom = self._doms.get(d)
+        if dom is None or d == 0:
+            return
+        if dom.name is not None and dom.uuid is not None and dom.libxl and dom.uuid in self._vms:
+            facts = (dom.uuid, dom.name)
+            if dom.emitted != facts:
+                first = dom.emitted is None
+                dom.emitted = facts
+                out.append(DomainAppeared(d, dom.uuid, dom.name))
+                if first:
+                    self._wake(dom)
+        elif dom.emitted is not None:
+            dom.emitted = None
+            vanished.append(d)
+            self._wake(dom)
 
     def _wake(self, dom: _Dom) -> None:
         """The domain came or went: re-evaluate everything that depends on its presence."""
@@ -1170,7 +1202,7 @@ class EventAssembler:
             if rec.gone:
                 self._unlink_backend(dk.frontend, dk.kind, dk.devid, rec)
                 del dom.records[rkey]
-                self._dirty_doms.add(dk.frontend)
+                self._touched.add(dk.frontend)
             return
         assert rec.backend is not None
         be, bkind = rec.backend
@@ -1232,7 +1264,7 @@ class EventAssembler:
             del dom.vchans[vpath]
             if not dom.vchans:
                 self._vchan_servers.discard(s)
-            self._dirty_doms.add(s)
+            self._touched.add(s)
 
     # ---- reconcile ----------------------------------------------------------------------
 

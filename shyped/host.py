@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Iterable
-from typing import Literal, NamedTuple, cast
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, NamedTuple, cast
 
 import attrs
 
@@ -266,6 +266,20 @@ class HostModel:
         self.unattributed = GarbageRecord(garbage_ring)
         #: Events applied, by event class name.
         self.counters: dict[str, int] = {}
+        self._handlers: dict[type, Callable[[Any], list[ModelOutput]]] = {
+            Garbage: self._on_garbage,
+            FrontendStateChanged: self._on_frontend_state,
+            BackendStateChanged: self._on_backend_state,
+            RingsPublished: self._on_rings,
+            RingsWithdrawn: self._on_rings_withdrawn,
+            DeviceAdded: self._device_added,
+            DeviceRemoved: self._on_device_removed,
+            VchanPublished: self._vchan_published,
+            VchanRemoved: self._on_vchan_removed,
+            DomainAppeared: self._domain_appeared,
+            DomainVanished: self._on_vanished,
+            RescanHint: self._on_hint,
+        }
 
     # ---- queries ------------------------------------------------------------------------
 
@@ -351,58 +365,65 @@ class HostModel:
 
     def apply(self, event: Event) -> list[ModelOutput]:
         """Update the model from one event; return what the engine must act on."""
-        name = type(event).__name__
+        cls = type(event)
+        name = cls.__name__
         self.counters[name] = self.counters.get(name, 0) + 1
-        match event:
-            case Garbage(domid=domid, path=path, why=why, limit=limit):
-                self.garbage(domid).add(path, why, limit)
-                return []
-            case FrontendStateChanged(device=key, state=state):
-                dev = self._devices.get(key)
-                if dev is not None:
-                    dev.frontend_state = state
-                    self._count(key.frontend)
-                return []
-            case BackendStateChanged(device=key, state=state, online=online):
-                dev = self._devices.get(key)
-                if dev is not None:
-                    dev.backend_state = state
-                    dev.online = online
-                    self._count(dev.backend)
-                return []
-            case RingsPublished(device=key, grant_refs=refs, event_channels=ports):
-                dev = self._devices.get(key)
-                if dev is not None:
-                    dev.grant_refs = refs
-                    dev.event_channels = ports
-                    self._count(key.frontend)
-                return []
-            case RingsWithdrawn(device=key):
-                dev = self._devices.get(key)
-                if dev is not None:
-                    dev.grant_refs = ()
-                    dev.event_channels = ()
-                    self._count(key.frontend)
-                return []
-            case DeviceAdded():
-                return self._device_added(event)
-            case DeviceRemoved(device=key):
-                self._drop_device(key)
-                self._count(key.frontend)
-                return []
-            case VchanPublished():
-                return self._vchan_published(event)
-            case VchanRemoved(server=server, path=path):
-                self._drop_vchan(VchanKey(server, path))
-                self._count(server)
-                return []
-            case DomainAppeared():
-                return self._domain_appeared(event)
-            case DomainVanished(domid=domid):
-                return self._domain_vanished(domid)
-            case RescanHint():
-                return []
-        raise TypeError(f"not an event: {event!r}")  # pragma: no cover
+        handler = self._handlers.get(cls)
+        if handler is None:
+            raise TypeError(f"not an event: {event!r}")
+        return handler(event)
+
+    def _on_garbage(self, e: Garbage) -> list[ModelOutput]:
+        self.garbage(e.domid).add(e.path, e.why, e.limit)
+        return []
+
+    def _on_frontend_state(self, e: FrontendStateChanged) -> list[ModelOutput]:
+        dev = self._devices.get(e.device)
+        if dev is not None:
+            dev.frontend_state = e.state
+            self._count(e.device.frontend)
+        return []
+
+    def _on_backend_state(self, e: BackendStateChanged) -> list[ModelOutput]:
+        dev = self._devices.get(e.device)
+        if dev is not None:
+            dev.backend_state = e.state
+            dev.online = e.online
+            self._count(dev.backend)
+        return []
+
+    def _on_rings(self, e: RingsPublished) -> list[ModelOutput]:
+        dev = self._devices.get(e.device)
+        if dev is not None:
+            dev.grant_refs = e.grant_refs
+            dev.event_channels = e.event_channels
+            self._count(e.device.frontend)
+        return []
+
+    def _on_rings_withdrawn(self, e: RingsWithdrawn) -> list[ModelOutput]:
+        dev = self._devices.get(e.device)
+        if dev is not None:
+            dev.grant_refs = ()
+            dev.event_channels = ()
+            self._count(e.device.frontend)
+        return []
+
+    def _on_device_removed(self, e: DeviceRemoved) -> list[ModelOutput]:
+        self._drop_device(e.device)
+        self._count(e.device.frontend)
+        return []
+
+    def _on_vchan_removed(self, e: VchanRemoved) -> list[ModelOutput]:
+        self._drop_vchan(VchanKey(e.server, e.path))
+        self._count(e.server)
+        return []
+
+    def _on_vanished(self, e: DomainVanished) -> list[ModelOutput]:
+        return self._domain_vanished(e.domid)
+
+    @staticmethod
+    def _on_hint(e: RescanHint) -> list[ModelOutput]:
+        return []
 
     def _count(self, domid: int) -> None:
         dom = self._domains.get(domid)

@@ -204,6 +204,22 @@ def test_every_reference_node_parses_and_order_does_not_matter(layout: str) -> N
     assert asm.reconcile(snap) == []  # already in line with the snapshot
 
 
+def test_reconcile_takes_gateway_snapshot_nodes_with_parsed_perms() -> None:
+    class Perm:
+        def __init__(self, text: bytes) -> None:
+            self.access, self.domid = chr(text[0]), int(text[1:])
+
+    class SnapNode:
+        def __init__(self, value: bytes, perms: list[bytes] | None) -> None:
+            self.value, self.children = value, ()
+            self.perms = None if perms is None else tuple(Perm(p) for p in perms)
+
+    snap = {p.encode(): SnapNode(*v) for p, v in CONNECTED.items()}
+    events = EventAssembler().reconcile(snap)
+    assert events == EventAssembler().reconcile(CONNECTED)
+    assert VchanPublished(0, VCHAN_PATH, (1,), False, 8, 23) in events
+
+
 def test_reconcile_replays_nothing_when_nothing_changed() -> None:
     asm = connected()
     assert asm.reconcile(CONNECTED) == []
