@@ -26,8 +26,10 @@ Watch events: see :mod:`shyped.xenstore.events` for the bound, the coalescing an
 round-robin lanes (one per watch and first path component below the watched path, i.e. per
 domain under ``/local/domain``).  Callbacks run on the reactor thread, at most
 ``max_events_per_turn`` per reactor turn (then the reactor serves its other work before the
-next slice).  A watch whose events were dropped gets ``on_overflow(path)``: re-read that
-subtree.
+next slice).  Events are dispatched before the replies that arrived with or after them, so
+when a request's Deferred fires, the callbacks of events xenstored sent before that reply have
+run (unless more than one slice was pending).  A watch whose events were dropped gets
+``on_overflow(path)``: re-read that subtree.
 
 Connection loss (xenstored exits, restarts, the socket errors): every waiting request fails
 with :class:`ConnectionLost` at once, ``on_connection_lost`` is called, and the gateway
@@ -673,13 +675,19 @@ def _run_transaction(
     channel = _Channel(router, config)
     delay = config.tx_backoff_initial
     for attempt in range(1, max_attempts + 1):
-        tx_id = channel.start()
+        try:
+            tx_id = channel.start()
+        except Again:  # cxenstored may refuse to open one under conflict pressure
+            tx_id = 0
         handle = Transaction(_Channel(router, config, tx_id))
         try:
+            if not tx_id:
+                raise Again("EAGAIN", detail="transaction start refused")
             result = fn(handle)
         except Again:
             handle._open = False
-            channel.abort_quietly(tx_id)
+            if tx_id:
+                channel.abort_quietly(tx_id)
         except ConnectionLost:
             raise
         except BaseException:
@@ -1151,10 +1159,12 @@ class XenstoreGateway:
             self._inflight -= 1
             self._inflight_bytes -= call.size
         self._pump()
-        for call in calls:
-            call.complete()
+        # Events first: they arrived before (or with) these replies, so a reply's callback
+        # sees the effects of the events xenstored sent ahead of it (up to one slice).
         if batch:
             self._dispatch(batch)
+        for call in calls:
+            call.complete()
         if more:
             self.reactor.callLater(0, self._drain)
 
