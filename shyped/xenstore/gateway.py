@@ -264,6 +264,9 @@ class _Waiter(_Pending):
     def wake(self) -> None:
         self._done.set()
 
+    def done(self) -> bool:
+        return self._done.is_set()
+
     def wait(self) -> bytes:
         self._done.wait()
         return self.result()
@@ -554,21 +557,25 @@ class _Channel:
         window_bytes = 0
         max_count, max_bytes = self.config.max_inflight, self.config.max_inflight_bytes
         while todo or window:
-            batch: list[_Waiter] = []
-            while todo and (
-                (not window and not batch)
-                or (
-                    len(window) + len(batch) < max_count
-                    and window_bytes + todo[0].size <= max_bytes
-                )
-            ):
-                waiter = todo.popleft()
-                batch.append(waiter)
-                window_bytes += waiter.size
-            if batch:
+            # Refill only once half the window is free: one send for many requests.
+            if todo and (not window or len(window) <= max_count // 2):
+                batch: list[_Waiter] = []
+                while todo and (
+                    (not window and not batch)
+                    or (
+                        len(window) + len(batch) < max_count
+                        and window_bytes + todo[0].size <= max_bytes
+                    )
+                ):
+                    waiter = todo.popleft()
+                    batch.append(waiter)
+                    window_bytes += waiter.size
                 self.router.submit(batch, self.tx_id)
                 window.extend(batch)
+            # Block for the oldest, then take every reply that is already in.
             window_bytes -= self._collect(window.popleft(), results)
+            while window and window[0].done():
+                window_bytes -= self._collect(window.popleft(), results)
         return results
 
     @staticmethod
