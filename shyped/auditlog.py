@@ -6,7 +6,7 @@ group is configured)::
     audit-000000000000.jsonl   records seq 0 … (the name is the seq of the file's first record)
     audit-000000004711.jsonl   the newest file: begins with a ``rotate`` record
     audit.state                the chain head after the last fsync (seq, hash, log id, file)
-    audit-….jsonl.torn-<seq>   bytes quarantined by a crash recovery, if any
+    audit-….jsonl.torn[.N]     bytes quarantined by a crash recovery, if any
 
 Writing is group commit: `AuditLog.append` seals a record into the chain in memory and
 `AuditLog.flush` writes every pending record with one ``write`` and one ``fdatasync``, then
@@ -602,7 +602,7 @@ class AuditLog(_Recorder[Record]):
             tail = b"".join(lines[keep:])
             if tail:
                 damaged = sum(1 for ln in lines[keep:] if ln.endswith(b"\n"))
-                qname = self._quarantine(path, len(data) - len(tail), tail, head)
+                qname = self._quarantine(path, len(data) - len(tail), tail)
                 quarantined.append((qname, tail, damaged))
             if head is not None:
                 break
@@ -667,10 +667,14 @@ class AuditLog(_Recorder[Record]):
         else:
             self._write_state()
 
-    def _quarantine(self, path: Path, keep: int, tail: bytes, head: Record | None) -> str:
-        """Move the bytes after the last good record of `path` aside, then cut them off."""
-        qpath = path.with_name(f"{path.name}.torn-{head.seq if head else 'none'}")
-        fd = os.open(qpath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, self._mode)
+    def _quarantine(self, path: Path, keep: int, tail: bytes) -> str:
+        """Copy the bytes after the last good record of `path` aside, then cut them off."""
+        qpath = path.with_name(f"{path.name}.torn")
+        n = 1
+        while qpath.exists():
+            n += 1
+            qpath = path.with_name(f"{path.name}.torn.{n}")
+        fd = os.open(qpath, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self._mode)
         try:
             self._secure(fd)
             _write_all(fd, tail)
@@ -1008,11 +1012,12 @@ class AuditLog(_Recorder[Record]):
 class AsyncAuditLog(_Recorder["Deferred[Record]"]):
     """Group commit on a writer thread, for the daemon's reactor.
 
-    `append` queues the record and returns a Deferred that fires with the sealed record once
-    the fsync covering it returned, or fails with `AuditUnavailable` (fail-closed). While the
-    writer thread fsyncs one batch, the next accumulates: the records of one reactor tick, and
-    of every tick during an fsync, share one write and one fsync. Listeners and the `state`
-    seen here run on the reactor thread.
+    `append` (reactor thread only) collects the record and returns a Deferred that fires with
+    the sealed record once the fsync covering it returned, or fails with `AuditUnavailable`
+    (fail-closed). The records of one reactor tick are handed to the writer thread together at
+    the end of the tick, and more accumulate while it fsyncs: one tick's records, and those of
+    every tick during an fsync, share one write and one fsync. Listeners and the `state` seen
+    here run on the reactor thread.
     """
 
     def __init__(self, log: AuditLog, reactor: Any = None) -> None:
@@ -1024,6 +1029,7 @@ class AsyncAuditLog(_Recorder["Deferred[Record]"]):
         self._reactor = reactor
         self._cond = threading.Condition()
         self._queue: list[tuple[Draft | None, Deferred[Record] | None]] = []
+        self._tick: list[tuple[Draft | None, Deferred[Record] | None]] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._stopped: Deferred[None] | None = None
@@ -1062,13 +1068,20 @@ class AsyncAuditLog(_Recorder["Deferred[Record]"]):
         self._resume.start(interval if interval > 0 else 1.0, now=False)
 
     def append(self, draft: Draft) -> Deferred[Record]:
+        if self._stopped is not None:
+            raise RuntimeError("the audit log is stopping")
         d: Deferred[Record] = Deferred()
-        with self._cond:
-            if self._stopping:
-                raise RuntimeError("the audit log is stopping")
-            self._queue.append((draft, d))
-            self._cond.notify()
+        if not self._tick:
+            self._reactor.callLater(0, self._hand_over)
+        self._tick.append((draft, d))
         return d
+
+    def _hand_over(self) -> None:
+        """End of the tick: give this tick's records to the writer thread, as one batch."""
+        with self._cond:
+            self._queue.extend(self._tick)
+            self._cond.notify()
+        self._tick = []
 
     def stop(self) -> Deferred[None]:
         """Write what is queued, close the log; fires when the writer thread has finished."""
@@ -1076,6 +1089,8 @@ class AsyncAuditLog(_Recorder["Deferred[Record]"]):
             self._stopped = Deferred()
             if self._resume.running:
                 self._resume.stop()
+            if self._tick:
+                self._hand_over()
             with self._cond:
                 self._stopping = True
                 self._cond.notify()

@@ -98,4 +98,7 @@ def tiny_tmpfs(base: Path, size: str = "16k") -> Iterator[Path]:
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+        # A failed test may still hold files open there: then detach it lazily.
+        done = subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
