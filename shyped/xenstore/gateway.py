@@ -267,6 +267,9 @@ class _Waiter(_Pending):
     def done(self) -> bool:
         return self._done.is_set()
 
+    def wait_done(self) -> None:
+        self._done.wait()
+
     def wait(self) -> bytes:
         self._done.wait()
         return self.result()
@@ -572,7 +575,11 @@ class _Channel:
                     window_bytes += waiter.size
                 self.router.submit(batch, self.tx_id)
                 window.extend(batch)
-            # Block for the oldest, then take every reply that is already in.
+            # xenstored answers a connection's requests in order: sleep until the reply that
+            # frees half the window (or the last one) is in, so this thread wakes once per
+            # half window rather than once per reply; then take every reply that is in.
+            target = len(window) - max_count // 2 if todo else len(window)
+            window[max(1, target) - 1].wait_done()
             window_bytes -= self._collect(window.popleft(), results)
             while window and window[0].done():
                 window_bytes -= self._collect(window.popleft(), results)
