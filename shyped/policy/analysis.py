@@ -1,7 +1,7 @@
 """Static analysis of a policy: who may talk, who may never run together, what is dead.
 
 All facts are derived with the same `PolicyEngine` the daemon decides with, so the analysis
-cannot drift from enforcement. Definitions (also in docs/policy-update.md, "Analysis"):
+cannot drift from enforcement. Definitions (also in docs/policy-analysis.md):
 
 - **may communicate** (`ste_edges`): VM labels *a* and *b* (possibly the same label: two
   domains carrying it) may set up a two-way channel — the engine permits an event channel
