@@ -9,9 +9,16 @@ oxenstored (machines differ; ratios travel):
   nodes per call (pipelined) against 16 raw round trips.
 * Watch→reply echo: a probe process writes ``/bench/req`` and waits until the responder's
   write of ``/bench/reply`` fires its watch.  Responder = a raw-socket process (the floor) or
-  the gateway (what any decision of the daemon costs at least), and the gateway again while a
-  separate process floods another watched subtree at ``--flood-rate`` writes/s (a hostile
-  guest): how much one guest's write rate delays the others.
+  the gateway (what any decision of the daemon costs at least), and both again while a
+  separate process floods another subtree (watched by the gateway) at ``--flood-rate``
+  writes/s, as a hostile guest would: how much one guest's write rate delays the others,
+  beyond what it costs xenstored itself (``gateway_echo_flood`` / ``raw_echo_flood``).
+* Reconcile: ``snapshot`` of a 231-node tree (one transaction, pipelined per tree level)
+  against the naive walk (READ + DIRECTORY + GET_PERMS per node, one round trip each) and
+  against the same walk pipelined with no bound and no threads (the floor).
+
+Rounds alternate baseline and gateway measurements; samples of all rounds are pooled.  On a
+shared 2-core machine expect noise in absolute numbers; compare the ratios.
 
     python benchmarks/bench_xenstore.py [--iterations 3000] [--json]
 """
@@ -201,6 +208,27 @@ def bench_pyxs_read(socket_path: str, iterations: int, warmup: int) -> list[floa
         return timed(lambda: client.read(b"/bench/value"), iterations, warmup)
 
 
+def start_flood(socket_path: str, args: Any) -> subprocess.Popen[bytes]:
+    """A hostile writer process: --flood-rate writes/s over --flood-distinct nodes."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "shyped.xenstore.rawclient", "flood", "--socket", socket_path,
+         "--prefix", FLOOD, "--rate", str(args.flood_rate), "--duration", "3600",
+         "--distinct", str(args.flood_distinct)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def bench_raw_echo_flood(socket_path: str, iterations: int, warmup: int, args: Any) -> list[float]:
+    """The raw echo while the flood runs: what xenstored itself loses to the flood."""
+    flood = start_flood(socket_path, args)
+    try:
+        time.sleep(0.5)
+        return bench_raw_echo(socket_path, iterations, warmup)
+    finally:
+        flood.kill()
+        flood.wait()
+
+
 def bench_raw_echo(socket_path: str, iterations: int, warmup: int) -> list[float]:
     responder = subprocess.Popen(
         _self_command("_responder", socket_path), stdout=subprocess.PIPE, text=True
@@ -265,12 +293,7 @@ def bench_gateway(socket_path: str, iterations: int, warmup: int, args: Any) -> 
 
             flooded: list[int] = [0]
             await gw.watch(FLOOD, "flood", lambda p, t: flooded.__setitem__(0, flooded[0] + 1))
-            flood = subprocess.Popen(
-                [sys.executable, "-m", "shyped.xenstore.rawclient", "flood", "--socket",
-                 socket_path, "--prefix", FLOOD, "--rate", str(args.flood_rate),
-                 "--duration", "3600", "--distinct", str(args.flood_distinct)],
-                stdout=subprocess.DEVNULL,
-            )  # fmt: skip
+            flood = start_flood(socket_path, args)
             try:
                 await task.deferLater(reactor, 0.5, lambda: None)
                 before = gw.stats().events.received
@@ -310,6 +333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--socket", help="use this xenstored socket instead of a sandbox one")
     parser.add_argument("--flood-rate", type=float, default=10_000, help="hostile writes/s")
     parser.add_argument("--flood-distinct", type=int, default=100, help="hostile nodes written")
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=0.0,
+        help="sys.setswitchinterval for the gateway process (0: Python's default, 5 ms)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
 
@@ -355,6 +384,7 @@ def run(socket_path: str, args: Any) -> int:
             ),
             "pyxs_read": bench_pyxs_read(socket_path, n, w),
             "raw_echo": bench_raw_echo(socket_path, n, w),
+            "raw_echo_flood": bench_raw_echo_flood(socket_path, n, w, args),
         }
         # The reactor cannot be restarted in one process: the gateway part runs in a child.
         out = subprocess.run(
@@ -382,7 +412,9 @@ def run(socket_path: str, args: Any) -> int:
         "raw_walk_pipelined": report["raw_walk_pipelined"]["p50_us"] / report["raw_walk"]["p50_us"],
         "raw_echo": base_echo["p50_us"] / base_read["p50_us"],
         "gateway_echo": report["gateway_echo"]["p50_us"] / base_echo["p50_us"],
-        "gateway_echo_flood": report["gateway_echo_flood"]["p50_us"] / base_echo["p50_us"],
+        "raw_echo_flood": report["raw_echo_flood"]["p50_us"] / base_echo["p50_us"],
+        "gateway_echo_flood": report["gateway_echo_flood"]["p50_us"]
+        / report["raw_echo_flood"]["p50_us"],
     }
     extra = {k: v for k, v in gateway.items() if not isinstance(v, list)}
     if args.json:
@@ -397,7 +429,8 @@ def run(socket_path: str, args: Any) -> int:
         "gateway_snapshot": "raw_walk",
         "raw_walk_pipelined": "raw_walk",
         "gateway_echo": "raw_echo",
-        "gateway_echo_flood": "raw_echo",
+        "raw_echo_flood": "raw_echo",
+        "gateway_echo_flood": "raw_echo_flood",
     }
     print(f"{'measurement':<22} {'p50 us':>9} {'p99 us':>9}  p50 ratio")
     for name, row in report.items():
@@ -415,6 +448,8 @@ def run(socket_path: str, args: Any) -> int:
 
 def _gateway_child(socket_path: str, n: int, w: int, args_json: str) -> None:
     args = argparse.Namespace(**json.loads(args_json))
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     results = bench_gateway(socket_path, n, w, args)
     stats = results.pop("gateway_stats")
     results["events"] = {
