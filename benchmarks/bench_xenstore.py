@@ -6,7 +6,8 @@ oxenstored (machines differ; ratios travel):
 * READ round trip: raw socket (one ``sendall`` + ``recv`` on the caller's thread, the floor),
   ``pyxs.Client`` (its router thread in between), the gateway (request written from the
   reactor, reply through the reader thread and one reactor wake-up), and ``read_many`` of 16
-  nodes per call (pipelined) against 16 raw round trips.
+  nodes per call (pipelined, one send) against the same 16 requests pipelined on a raw
+  socket (the floor) and 16 sequential raw round trips.
 * Watch→reply echo: a probe process writes ``/bench/req`` and waits until the responder's
   write of ``/bench/reply`` fires its watch.  Responder = a raw-socket process (the floor) or
   the gateway (what any decision of the daemon costs at least), and both again while a
