@@ -48,6 +48,14 @@ Which nodes make what (Xen 4.17 libxl, ``tools/libs/light/libxl_create.c`` and
   (a ``get_perms`` after the watch fired; the server's ``set_permissions`` fires the watch
   again). Values that do not parse never hide a rendezvous, and unreadable permissions count as
   readable by every domain.
+* **DomainResources(domid)** (an upsert) from ``/local/domain/<domid>/memory/{target,static-max}``
+  (KiB) and the ``/local/domain/<domid>/cpu/<n>/availability`` entries (``online``/``offline``),
+  which libxl writes in ``libxl__build_post`` (``tools/libs/light/libxl_dom.c``) after the
+  creation transaction, and ``xl mem-set``/``vcpu-set`` rewrite later. The ``memory`` and ``cpu``
+  directories are created with permissions ``n0,r<domid>`` (dom0 owns them, the guest may only
+  read; see ``layout-paused.txt``), so a guest cannot write below them: these are trusted sizes.
+  Sent after the domain's `DomainAppeared` (domain 0 included, which only has ``memory``) and
+  whenever they change; nothing is sent while none of them is known.
 * **RescanHint** for ``@introduceDomain`` / ``@releaseDomain``: a hint to reconcile, never relied
   on.
 * **Garbage(domid, path, why)** for anything malformed, counted against the domain whose
@@ -108,6 +116,21 @@ class DomainVanished:
     """The domain's ``/local/domain/<domid>`` tree is gone."""
 
     domid: int
+
+
+@attrs.frozen(slots=True)
+class DomainResources:
+    """The dom0-written size of a present domain (upsert; None: not written or unparsable).
+
+    ``vcpus`` counts the ``cpu/<n>`` entries (libxl writes one per possible vCPU, i.e.
+    ``max_vcpus``), ``vcpus_online`` those whose ``availability`` is ``online``.
+    """
+
+    domid: int
+    memory_target_kib: int | None
+    memory_static_max_kib: int | None
+    vcpus: int | None
+    vcpus_online: int | None
 
 
 @attrs.frozen(slots=True)
@@ -212,6 +235,7 @@ class Garbage:
 Event = (
     DomainAppeared
     | DomainVanished
+    | DomainResources
     | DeviceAdded
     | DeviceRemoved
     | FrontendStateChanged
@@ -267,6 +291,11 @@ _XENBUS_STATE_MAX: Final = 8  # XenbusStateReconfigured
 _RESOURCE_KEY: Final = {"vbd": "params", "vif": "bridge", "9pfs": "path"}
 _RECORD_KEYS: Final = frozenset({"frontend", "backend", "mode", *_RESOURCE_KEY.values()})
 _MAX_GARBAGE_PATH: Final = 200
+#: Bounds on the dom0-written sizes: memory in KiB (2^48 KiB = 256 PiB), vCPU indexes
+#: (HVM_MAX_VCPUS is 128 in Xen 4.17, XEN_LEGACY_MAX_VCPUS 32; leave room).
+_MEMORY_KIB_MAX: Final = 1 << 48
+_VCPU_INDEX_MAX: Final = 4095
+_MEMORY_KEYS: Final = frozenset({"target", "static-max"})
 _EMPTY: Final[frozenset[int]] = frozenset()
 
 
@@ -414,10 +443,14 @@ class _Dom:
 
     __slots__ = (
         "backs",
+        "cpus",
         "domid",
+        "em_res",
         "emitted",
         "fronts",
         "libxl",
+        "mem_max",
+        "mem_target",
         "name",
         "records",
         "served",
@@ -436,6 +469,18 @@ class _Dom:
         self.backs: dict[tuple[str, int, int], _Back] = {}
         self.vchans: dict[str, _Vchan] = {}
         self.served: set[DeviceKey] = set()
+        self.mem_target: int | None = None
+        self.mem_max: int | None = None
+        self.cpus: dict[int, bool] = {}  # vCPU index -> online
+        self.em_res: tuple[int | None, int | None, int | None, int | None] | None = None
+
+    def resources(self) -> tuple[int | None, int | None, int | None, int | None] | None:
+        """(target, static-max, vcpus, online) or None when nothing is known."""
+        if self.mem_target is None and self.mem_max is None and not self.cpus:
+            return None
+        vcpus = len(self.cpus) if self.cpus else None
+        online = sum(self.cpus.values()) if self.cpus else None
+        return (self.mem_target, self.mem_max, vcpus, online)
 
     def empty(self) -> bool:
         return (
@@ -449,6 +494,10 @@ class _Dom:
             and not self.backs
             and not self.vchans
             and not self.served
+            and self.mem_target is None
+            and self.mem_max is None
+            and not self.cpus
+            and self.em_res is None
         )
 
 
@@ -471,6 +520,7 @@ class EventAssembler:
         self._touched: set[int] = set()  # something was dropped: check whether to free it
         self._dirty_devs: set[DeviceKey] = set()
         self._dirty_vchans: set[tuple[int, str]] = set()
+        self._dirty_res: set[int] = set()  # dom0-written sizes changed
 
     # ---- public API ---------------------------------------------------------------------
 
@@ -628,6 +678,8 @@ class EventAssembler:
             self._name(d, path, value)
         elif n == 5 and sub == "vm":
             self._vm_pointer(d, path, value)
+        elif (sub == "memory" or sub == "cpu") and self._sizes(d, comps, path, value):
+            return
         else:
             self._vchan_node(d, comps, path, value, perms)
 
@@ -658,11 +710,84 @@ class EventAssembler:
             dom.uuid = uuid
             self._dirty_doms.add(d)
 
+    def _sizes(self, d: int, comps: list[str], path: str, value: bytes | None) -> bool:
+        """``memory/{target,static-max}`` and ``cpu/<n>/availability`` (dom0-written).
+
+        Returns True when a write was fully handled here; removals and other nodes go on to
+        the vchan check as before (a removed subtree may hold a rendezvous too).
+        """
+        n = len(comps)
+        sub = comps[4]
+        if sub == "memory":
+            if n == 5:
+                if value is None:
+                    dom = self._doms.get(d)
+                    if dom is not None and (dom.mem_target is not None or dom.mem_max is not None):
+                        dom.mem_target = dom.mem_max = None
+                        self._sizes_dirty(d)
+                return False
+            if n != 6 or comps[5] not in _MEMORY_KEYS:
+                return False
+            kib = None
+            if value is not None:
+                kib = parse_uint(value, _MEMORY_KIB_MAX)
+                if kib is None:
+                    self._garbage(d, path, "memory size is not a KiB count")
+            dom = self._doms.get(d) if value is None else self._dom(d)
+            if dom is not None:
+                if comps[5] == "target":
+                    if dom.mem_target != kib:
+                        dom.mem_target = kib
+                        self._sizes_dirty(d)
+                elif dom.mem_max != kib:
+                    dom.mem_max = kib
+                    self._sizes_dirty(d)
+            return value is not None
+        # cpu
+        if n == 5:
+            if value is None:
+                dom = self._doms.get(d)
+                if dom is not None and dom.cpus:
+                    dom.cpus.clear()
+                    self._sizes_dirty(d)
+            return False
+        if n > 7 or (n == 7 and comps[6] != "availability"):
+            return False
+        idx = parse_uint_component(comps[5], _VCPU_INDEX_MAX)
+        if idx is None:
+            if value is not None:
+                self._garbage(d, path, "cpu entry is not a vCPU index")
+            return value is not None
+        if value is None:
+            dom = self._doms.get(d)
+            if dom is not None and idx in dom.cpus:
+                del dom.cpus[idx]
+                self._sizes_dirty(d)
+            return False
+        if n == 6:
+            return True  # the cpu/<n> directory itself: its availability says more
+        online = value == b"online"
+        if not online and value != b"offline":
+            self._garbage(d, path, "cpu availability is not online or offline")
+        dom = self._dom(d)
+        if dom.cpus.get(idx) != online:
+            dom.cpus[idx] = online
+            self._sizes_dirty(d)
+        return True
+
+    def _sizes_dirty(self, d: int) -> None:
+        self._dirty_res.add(d)
+        self._touched.add(d)
+
     def _home_removed(self, dom: _Dom) -> None:
         d = dom.domid
         self._dirty_doms.add(d)
         dom.name = None
         dom.uuid = None
+        if dom.mem_target is not None or dom.mem_max is not None or dom.cpus:
+            dom.mem_target = dom.mem_max = None
+            dom.cpus.clear()
+            self._dirty_res.add(d)
         dom.fronts.clear()
         for bkey in dom.backs:
             dk = self._be_index.get((d, *bkey))
@@ -1126,7 +1251,13 @@ class EventAssembler:
     def _flush(self) -> list[Event]:
         out = self._out
         self._out = []
-        if not (self._dirty_doms or self._dirty_devs or self._dirty_vchans or self._touched):
+        if not (
+            self._dirty_doms
+            or self._dirty_devs
+            or self._dirty_vchans
+            or self._touched
+            or self._dirty_res
+        ):
             return out
         vanished: list[int] = []
         if self._dirty_doms:
@@ -1135,6 +1266,11 @@ class EventAssembler:
             self._touched.update(doms)
             for d in doms:
                 self._flush_domain(d, out, vanished)
+        if self._dirty_res:
+            res = sorted(self._dirty_res)
+            self._dirty_res.clear()
+            for d in res:
+                self._flush_resources(d, out)
         if self._dirty_devs:
             devs = sorted(self._dirty_devs) if len(self._dirty_devs) > 1 else list(self._dirty_devs)
             self._dirty_devs.clear()
@@ -1172,9 +1308,22 @@ class EventAssembler:
             vanished.append(d)
             self._wake(dom)
 
+    def _flush_resources(self, d: int, out: list[Event]) -> None:
+        dom = self._doms.get(d)
+        if dom is None:
+            return
+        if not self._present(d):
+            dom.em_res = None  # the domain's DomainVanished says it all
+            return
+        facts = dom.resources()
+        if facts != dom.em_res:
+            dom.em_res = facts
+            out.append(DomainResources(d, *(facts or (None, None, None, None))))
+
     def _wake(self, dom: _Dom) -> None:
         """The domain came or went: re-evaluate everything that depends on its presence."""
         d = dom.domid
+        self._dirty_res.add(d)
         self._dirty_devs.update(DeviceKey(k, d, i) for k, i in dom.records)
         self._dirty_devs.update(dom.served)
         self._dirty_vchans.update((d, p) for p in dom.vchans)
@@ -1272,8 +1421,15 @@ class EventAssembler:
         """Every node path the current state relies on (directories and their keys)."""
         for d, dom in self._doms.items():
             home = f"/local/domain/{d}"
-            if d != 0 and (dom.name or dom.uuid or dom.fronts or dom.backs or dom.vchans):
+            sized = dom.mem_target is not None or dom.mem_max is not None or dom.cpus
+            if d != 0 and (dom.name or dom.uuid or dom.fronts or dom.backs or dom.vchans or sized):
                 yield home
+            if dom.mem_target is not None:
+                yield home + "/memory/target"
+            if dom.mem_max is not None:
+                yield home + "/memory/static-max"
+            for idx in dom.cpus:
+                yield f"{home}/cpu/{idx}/availability"
             if dom.name is not None:
                 yield home + "/name"
             if dom.uuid is not None:

@@ -15,6 +15,10 @@ domain that is not there yet is asked about (again) when that domain is decided.
 Lookups are dicts keyed by domid, uuid, `DeviceKey` and `VchanKey`, plus per-domain indexes of
 devices and vchans, so nothing on the event path scans all domains. Per-domain garbage is a
 counter plus a bounded ring of the last reasons.
+
+Accounting facts kept per domain (see `shyped.accounting` for the derived view): the dom0-written
+sizes from `DomainResources` (trusted) and how many decisions were recorded for it, by kind and
+outcome (a device's against its frontend, a vchan's against its server).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from shyped.events import (
     DeviceKey,
     DeviceRemoved,
     DomainAppeared,
+    DomainResources,
     DomainVanished,
     Event,
     FrontendStateChanged,
@@ -158,6 +163,13 @@ class Domain:
     asked: tuple[object, ...] | None = None
     garbage: GarbageRecord = attrs.field(factory=GarbageRecord)
     events: int = 0
+    #: dom0-written sizes (`DomainResources`): KiB, and vCPUs possible / online. None: unknown.
+    memory_target_kib: int | None = None
+    memory_static_max_kib: int | None = None
+    vcpus: int | None = None
+    vcpus_online: int | None = None
+    #: Recorded decisions about this domain: (kind, allowed) -> count.
+    decisions: dict[tuple[DecisionKind, bool], int] = attrs.field(factory=dict)
 
 
 @attrs.define
@@ -277,6 +289,7 @@ class HostModel:
             VchanPublished: self._vchan_published,
             VchanRemoved: self._on_vchan_removed,
             DomainAppeared: self._domain_appeared,
+            DomainResources: self._on_resources,
             DomainVanished: self._on_vanished,
             RescanHint: self._on_hint,
         }
@@ -416,6 +429,15 @@ class HostModel:
     def _on_vchan_removed(self, e: VchanRemoved) -> list[ModelOutput]:
         self._drop_vchan(VchanKey(e.server, e.path))
         self._count(e.server)
+        return []
+
+    def _on_resources(self, e: DomainResources) -> list[ModelOutput]:
+        dom = self._domains.get(e.domid)
+        if dom is not None:
+            dom.memory_target_kib = e.memory_target_kib
+            dom.memory_static_max_kib = e.memory_static_max_kib
+            dom.vcpus = e.vcpus
+            dom.vcpus_online = e.vcpus_online
         return []
 
     def _on_vanished(self, e: DomainVanished) -> list[ModelOutput]:
@@ -624,6 +646,10 @@ class HostModel:
         if not self.is_current(need):
             return []
         rec = RecordedDecision(allowed, reason, need.facts)
+        counted = self._domains.get(need.domid)
+        if counted is not None:
+            tally = (need.kind, allowed)
+            counted.decisions[tally] = counted.decisions.get(tally, 0) + 1
         if need.kind == "device":
             dev = self._devices[cast(DeviceKey, need.key)]
             dev.decision, dev.asked = rec, None

@@ -13,6 +13,7 @@ from shyped.events import (
     DeviceKey,
     DeviceRemoved,
     DomainAppeared,
+    DomainResources,
     DomainVanished,
     Event,
     EventAssembler,
@@ -229,6 +230,7 @@ def test_reconcile_replays_nothing_when_nothing_changed() -> None:
 def test_reconcile_between_layouts_gives_the_removal_sequences() -> None:
     asm = connected()
     assert asm.reconcile(load_layout("layout-after-detach.txt")) == [
+        DomainResources(0, 1048576, 1048576, None, None),  # libxl filled in dom0's memory
         DeviceRemoved(VBD, 0),
         VchanRemoved(0, VCHAN_PATH),
     ]
