@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from hostmodel_helpers import UUID, from_snapshot, load_layout, model_from, replay_log
 
+from shyped.accounting import KIB, account_domain, account_host, touched_domains
 from shyped.events import (
     DomainAppeared,
     DomainResources,
@@ -15,6 +16,7 @@ from shyped.host import HostModel
 
 CONNECTED = load_layout("layout-connected.txt", "vchan.txt")
 KIB_128M = 131072
+MIB = 1024 * 1024
 
 
 def resources(events: list[object]) -> list[DomainResources]:
@@ -100,3 +102,65 @@ def test_host_model_keeps_the_sizes_and_the_decisions_per_kind() -> None:
 def test_sizes_of_an_unknown_domain_are_ignored_by_the_model() -> None:
     model = model_from([DomainResources(7, 1, 2, 3, 4)], HostModel())
     assert model.domain(7) is None
+
+
+# ---- shyped.accounting ----------------------------------------------------------------------
+
+
+def test_account_of_the_reference_guest_and_dom0() -> None:
+    _, model, _ = from_snapshot(CONNECTED)
+    acc = account_domain(model, 1)
+    assert acc is not None
+    assert (acc.uuid, acc.name, acc.label, acc.state) == (UUID, "xsgold", "guest", "admitted")
+    assert (acc.memory_target_bytes, acc.memory_max_bytes) == (128 * MIB, 128 * MIB)
+    assert (acc.vcpus, acc.vcpus_online) == (1, 1)
+    assert acc.devices == (("console", 1), ("vbd", 1), ("vif", 1))
+    # netfront's split channels and two rings, blkfront's one each, console's ring and port
+    assert acc.event_channels == (("console", 1), ("vbd", 1), ("vif", 2))
+    assert acc.grant_refs == (("console", 1), ("vbd", 1), ("vif", 2))
+    assert (acc.vchans_served, acc.vchans_joined) == (0, 1)
+    assert acc.decisions == (("device-channel", "permit", 3), ("domain-admit", "permit", 1))
+    assert acc.running and acc.device_count == 3 and acc.vchan_count == 1
+    dom0 = account_domain(model, 0)
+    assert dom0 is not None
+    assert dom0.backend_devices == (("console", 1), ("vbd", 1), ("vif", 1))
+    assert dom0.devices == ()
+    assert dom0.vchans_served == 1
+    assert (dom0.event_channels, dom0.grant_refs) == ((("vchan", 1),), (("vchan", 1),))
+    assert dom0.memory_bytes is None  # dom0's memory is not in this layout
+    assert account_domain(model, 9) is None
+
+
+def test_host_account_follows_detach_and_destroy() -> None:
+    asm, model, _ = from_snapshot(CONNECTED)
+    host = account_host(model)
+    assert [a.domid for a in host.domains] == [0, 1]
+    assert host.running_with_label("guest") == 1
+    model_from(asm.reconcile(load_layout("layout-after-detach.txt")), model)
+    acc = account_domain(model, 1)
+    assert acc is not None and acc.devices == (("console", 1), ("vif", 1))
+    assert acc.vchans_joined == 0
+    dom0 = account_domain(model, 0)
+    assert dom0 is not None and dom0.memory_bytes == 1048576 * KIB
+    model_from(asm.reconcile(load_layout("layout-after-destroy.txt")), model)
+    host = account_host(model)
+    assert [a.domid for a in host.domains] == [0]
+    assert host.domain(1) is None and host.domain(0) is not None
+
+
+def test_garbage_is_charged_to_the_writing_domain_and_touched_domains_say_whom() -> None:
+    asm, model, _ = from_snapshot(CONNECTED)
+    hostile = [
+        ("/local/domain/1/device/vbd/51712/ring-ref", b"-1", None),
+        ("/local/domain/1/device/vif/0/state", b"9", None),
+        ("/libxl/1/device/vbd/51712/mode", b"x", None),
+    ]
+    events = asm.feed_batch(hostile)
+    model_from(events, model)
+    acc = account_domain(model, 1)
+    assert acc is not None and acc.garbage_writes == 2
+    host = account_host(model)
+    assert host.unattributed_garbage_writes == 1  # the /libxl record is nobody's write
+    assert 1 in touched_domains(events)
+    assert touched_domains([DomainResources(4, 1, 1, 1, 1)]) == {4}
+    assert touched_domains(EventAssembler().reconcile(CONNECTED)) == {0, 1}
