@@ -15,13 +15,14 @@ A record is one JSON object on one line. Every record carries the header fields
     hash  sha256 (hex) of the canonical serialization of the record without ``hash``
 
 plus fields of its kind (a decision's ``hook``, ``decision``, ``subject`` …). The canonical
-serialization is JSON with sorted keys, no whitespace, UTF-8 (non-ASCII characters unescaped),
-and the line on disk is exactly the canonical serialization of the whole record (``hash``
-included) followed by ``\\n``. So any change to a byte of a line is detected: it either stops
-being JSON, stops being canonical, or changes the hash; and since every record names the hash of
-the one before and its own sequence number, deleting, inserting or reordering records breaks
-the chain at the first record after the change. The log id in every record keeps records of two
-logs from being spliced together.
+serialization is JSON with sorted keys, no whitespace, UTF-8 (non-ASCII characters unescaped).
+A line on disk is ``{"hash":"<64 hex>",`` followed by the canonical serialization of the record
+without ``hash`` minus its opening ``{``, then ``\\n``: still one JSON object, and the hash
+covers exactly the bytes stored after it, so a verifier hashes what is on disk (no
+re-serialization) and any change to a byte of a line changes the hash or breaks the line's
+form. Since every record names the hash of the one before and its own sequence number,
+deleting, inserting or reordering records breaks the chain at the first record after the
+change. The log id in every record keeps records of two logs from being spliced together.
 
 What `verify_chain` can and cannot detect is spelled out in docs/audit.md; in short, a chain
 is only as good as its anchors: truncation of the newest file at a record boundary is visible
@@ -55,6 +56,7 @@ MAX_TEXT: Final = 1024
 MAX_ITEMS: Final = 256
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX64B = re.compile(rb"[0-9a-f]{64}")
 _LOG_ID = re.compile(r"[0-9a-f]{32}")
 _KIND = re.compile(r"[a-z][a-z0-9-]{0,39}")
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
@@ -97,9 +99,18 @@ class RecordError(ValueError):
 # ------------------------------------------------------------------------------- values
 
 
+_time_cache: tuple[int, str] = (-1, "")
+
+
 def format_time(timestamp: float) -> str:
     """The ``time`` field for a POSIX timestamp (UTC, microseconds)."""
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    global _time_cache
+    sec, us = divmod(round(timestamp * 1_000_000), 1_000_000)
+    cached, text = _time_cache
+    if sec != cached:  # strftime once per second, not once per record
+        text = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _time_cache = (sec, text)
+    return f"{text}.{us:06d}Z"
 
 
 def clean_text(text: str) -> str:
@@ -120,8 +131,14 @@ def to_json_value(value: object) -> JsonValue:
 
     Raises TypeError for anything else (so a caller's mistake shows at the call, not in verify).
     """
-    if value is None or isinstance(value, bool | int):
-        return value
+    t = type(value)
+    if t is str:  # the common case first, cheaply
+        text = str(value)
+        return text if len(text) <= MAX_TEXT and text.isascii() else clean_text(text)
+    if value is None or t is int or t is bool:
+        return value  # type: ignore[return-value]
+    if isinstance(value, bool | int):
+        return int(value)
     if isinstance(value, enum.Enum):
         return to_json_value(value.value)
     if isinstance(value, str):
@@ -290,37 +307,55 @@ def decision_draft(
     return make_draft(Kind.DECISION, time, fields)
 
 
+_PREFIX = b'{"hash":"'
+_BODY_AT = len(_PREFIX) + 64 + 2  # after '{"hash":"<64 hex>",'
+
+
 def seal(draft: Draft, *, log: str, seq: int, prev: str) -> Record:
     """`draft` placed at `seq` after the record whose hash is `prev`."""
     fields: dict[str, Any] = dict(draft.body)
     fields.update(v=FORMAT_VERSION, log=log, seq=seq, time=draft.time, kind=draft.kind, prev=prev)
-    digest = record_hash(fields)
-    fields["hash"] = digest
-    line = canonical_bytes(fields) + b"\n"
+    body = canonical_bytes(fields)  # b'{...}', never empty: the header is in it
+    digest = hashlib.sha256(body).hexdigest()
+    line = b"".join((_PREFIX, digest.encode("ascii"), b'",', body[1:], b"\n"))
     return Record(log, seq, draft.time, draft.kind, prev, digest, draft.body, line)
 
 
 def parse_record(line: bytes) -> Record:
     """The record on `line` (with its ``\\n``), checked for form and its own hash.
 
-    Only the record itself is checked here; its place in the chain is `verify_chain`'s job.
+    The hash is checked against the bytes as stored, before anything else: no byte of a
+    record can change unnoticed. Only the record itself is checked here; its place in the chain
+    is `verify_chain`'s job.
     """
     if not line.endswith(b"\n"):
         raise RecordError("incomplete line (no newline at the end)")
+    stored = line[len(_PREFIX) : _BODY_AT - 2]
+    if (
+        not line.startswith(_PREFIX)
+        or line[_BODY_AT - 2 : _BODY_AT] != b'",'
+        or not _HEX64B.fullmatch(stored)
+    ):
+        raise RecordError('does not begin with {"hash":"<64 hex digits>",')
+    body = b"{" + line[_BODY_AT:-1]
+    digest = stored.decode("ascii")
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise RecordError("hash mismatch: the record's content was changed")
+    # The hash holds; what follows rejects records no writer of this format produces.
     try:
-        fields = json.loads(line.decode("utf-8"))
+        fields = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise RecordError(f"not UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise RecordError(f"not JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(fields, dict):
         raise RecordError("not a JSON object")
-    missing = sorted(HEADER_FIELDS - fields.keys())
+    missing = sorted((HEADER_FIELDS - {"hash"}) - fields.keys())
     if missing:
         raise RecordError(f"missing field(s) {', '.join(missing)}")
-    v, log, seq, time, kind, prev, digest = (
-        fields[k] for k in ("v", "log", "seq", "time", "kind", "prev", "hash")
-    )
+    if "hash" in fields:
+        raise RecordError("a second hash field")
+    v, log, seq, time, kind, prev = (fields[k] for k in ("v", "log", "seq", "time", "kind", "prev"))
     if v != FORMAT_VERSION or isinstance(v, bool):
         raise RecordError(f"unknown format version {v!r}")
     if not isinstance(log, str) or not _LOG_ID.fullmatch(log):
@@ -331,19 +366,10 @@ def parse_record(line: bytes) -> Record:
         raise RecordError(f"malformed time {time!r}")
     if not isinstance(kind, str) or not _KIND.fullmatch(kind):
         raise RecordError(f"malformed kind {kind!r}")
-    for name, h in (("prev", prev), ("hash", digest)):
-        if not isinstance(h, str) or not _HEX64.fullmatch(h):
-            raise RecordError(f"malformed {name} {h!r}")
-    try:
-        canonical = canonical_bytes(fields) + b"\n"
-    except ValueError as e:  # NaN/Infinity
-        raise RecordError(f"not canonical JSON ({e})") from None
-    if canonical != line:
-        raise RecordError("not in canonical form (bytes changed after writing?)")
-    if record_hash(fields) != digest:
-        raise RecordError("hash mismatch: the record's content was changed")
-    body = {k: val for k, val in fields.items() if k not in HEADER_FIELDS}
-    return Record(log, seq, time, kind, prev, digest, body, line)
+    if not isinstance(prev, str) or not _HEX64.fullmatch(prev):
+        raise RecordError(f"malformed prev {prev!r}")
+    rest = {k: val for k, val in fields.items() if k not in HEADER_FIELDS}
+    return Record(log, seq, time, kind, prev, digest, rest, line)
 
 
 def seq_hint(line: bytes) -> int | None:
@@ -608,6 +634,14 @@ class _Verifier:
         b = rec.body
         if rec.kind == Kind.RETENTION:
             self.retentions.append(rec)
+        elif rec.kind == Kind.LOG_START and "previous_log" in b:
+            self.add(
+                Level.WARNING,
+                f"the log was started again: the files of log {b.get('previous_log')} (up to "
+                f"seq {b.get('previous_seq')}, per its state file) were gone",
+                pos,
+                rec.seq,
+            )
         elif rec.kind == Kind.LOG_RECOVERED:
             lost = b.get("lost_records", 0)
             torn = b.get("torn_bytes", 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -64,15 +65,14 @@ def errors(report: audit.VerifyReport) -> list[audit.Finding]:
 # ------------------------------------------------------------------------------ records
 
 
-def test_line_is_canonical_json_and_hash_covers_everything_but_itself() -> None:
+def test_line_is_the_hash_then_the_canonical_json_it_covers() -> None:
     rec = seal(event_draft("mode-change", T0, mode="permissive"), log=LOG, seq=7, prev=GENESIS)
-    fields = json.loads(rec.line)
-    assert rec.line == json.dumps(fields, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    fields = json.loads(rec.line)  # still one JSON object
     without = {k: v for k, v in fields.items() if k != "hash"}
-    import hashlib
-
-    canon = json.dumps(without, sort_keys=True, separators=(",", ":")).encode()
-    assert fields["hash"] == hashlib.sha256(canon).hexdigest()
+    canon = json.dumps(without, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(canon.encode()).hexdigest()
+    assert fields["hash"] == rec.hash == digest == audit.record_hash(fields)
+    assert rec.line == f'{{"hash":"{digest}",{canon[1:]}\n'.encode()
     assert (fields["seq"], fields["prev"], fields["log"], fields["kind"]) == (
         7,
         GENESIS,
@@ -127,13 +127,20 @@ def test_bad_events_are_refused_at_the_call(
         event_draft(kind, T0, **details)
 
 
+def forge(body: bytes) -> bytes:
+    """A line whose hash is right for `body` (what only a forger with the format would make)."""
+    return b'{"hash":"' + hashlib.sha256(body).hexdigest().encode() + b'",' + body[1:] + b"\n"
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
         (b'{"v":1}', "incomplete line"),
-        (b"\xff\n", "not UTF-8"),
-        (b"[1]\n", "not a JSON object"),
-        (b'{"v":1}\n', "missing field"),
+        (b'{"v":1}\n', "does not begin with"),
+        (forge(b'{"x":"\xff"}'), "not UTF-8"),
+        (forge(b"{,}"), "not JSON"),
+        (forge(b'{"v":1}'), "missing field"),
+        (forge(b'{"hash":"x","kind":"a","log":"l","prev":"p","seq":1,"time":"t","v":1}'), "second"),
     ],
 )
 def test_parse_rejects_malformed_lines(line: bytes, message: str) -> None:
@@ -145,11 +152,17 @@ def test_parse_rejects_whitespace_and_key_order_changes() -> None:
     line = chain(2)[1]
     fields = json.loads(line)
     pretty = json.dumps(fields, sort_keys=True).encode() + b"\n"  # ", " and ": "
-    with pytest.raises(RecordError, match="canonical"):
+    with pytest.raises(RecordError, match="does not begin"):
         parse_record(pretty)
-    unsorted = json.dumps(dict(reversed(fields.items())), separators=(",", ":")).encode()
-    with pytest.raises(RecordError, match="canonical"):
-        parse_record(unsorted + b"\n")
+    with pytest.raises(RecordError, match="hash mismatch"):
+        parse_record(line[:75] + b" " + line[75:])  # one space the JSON would not mind
+    reordered = json.dumps(dict(reversed(fields.items())), separators=(",", ":")).encode()
+    with pytest.raises(RecordError, match="does not begin"):
+        parse_record(reordered + b"\n")
+    head, rest = line[:75], json.loads(b"{" + line[75:])
+    shuffled = json.dumps(dict(reversed(rest.items())), separators=(",", ":")).encode()
+    with pytest.raises(RecordError, match="hash mismatch"):
+        parse_record(head + shuffled[1:] + b"\n")
 
 
 # ------------------------------------------------------------------------------ verify
@@ -303,10 +316,11 @@ def test_log_starting_late_is_an_error_unless_retention_documents_it() -> None:
 
 def test_unreadable_line_is_located_by_its_seq_and_checking_resumes() -> None:
     lines = chain(6)
-    lines[2] = lines[2].replace(b'"seq":2', b'"seq":2,,')
+    lines[2] = b"garbage" + lines[2]
     report = verify_lines(lines, "f.jsonl")
     (err,) = report.errors
-    assert (err.line, err.seq) == (3, 2) and "not JSON" in err.message
+    assert (err.line, err.seq) == (3, 2) and "does not begin with" in err.message
+    assert "chain check resumes" in report.findings[1].message
 
 
 # ------------------------------------------------------------------------------ output

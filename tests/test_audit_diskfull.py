@@ -16,7 +16,7 @@ import pytest
 from audit_helpers import DENY, ListMirror, feed, file_records, resize_tmpfs, small, tiny_tmpfs
 from twisted.logger import globalLogPublisher
 
-from shyped.audit import Kind, Party, Record
+from shyped.audit import Kind, Party, Record, parse_record
 from shyped.auditlog import (
     AuditLog,
     AuditState,
@@ -222,4 +222,5 @@ def test_disk_full_during_rotation_leaves_no_half_file(tiny: Path) -> None:
     assert kinds.count(Kind.AUDIT_RESUMED) == 1
     first_new = list_log_files(d)[len(files)]
     assert file_records(d)[0]["kind"] == "log-start"
-    assert first_new.read_bytes().startswith(b'{"file":"' + first_new.name.encode())
+    rotate = parse_record(first_new.read_bytes().splitlines(keepends=True)[0])
+    assert rotate.kind == Kind.ROTATE and rotate.body["file"] == first_new.name

@@ -294,6 +294,8 @@ def test_state_file_of_a_log_whose_files_are_gone(tmp_path: Path) -> None:
     start = file_records(tmp_path)[0]
     assert start["kind"] == "log-start" and start["previous_log"] == old
     assert start["previous_seq"] == 2
+    report, _ = verify_directory(tmp_path)
+    assert report.ok and old in report.warnings[0].message
 
 
 def test_denials_are_mirrored_one_line_each(tmp_path: Path) -> None:
