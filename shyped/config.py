@@ -69,6 +69,9 @@ class Config:
     labels: Path = Path("/var/lib/shyped/labels.json")
     mode: Mode = Mode.ENFORCING
     domain_veto: DomainVeto = DomainVeto.DESTROY
+    #: How long a device veto waits for the backend to reach Closed (6) before removing the
+    #: device anyway (libxl's LIBXL_DESTROY_TIMEOUT is 10 s).
+    device_close_timeout: float = 10.0
     xenstore: XenstoreConfig = XenstoreConfig()
     actuator: ActuatorConfig = ActuatorConfig()
     control: ControlConfig = ControlConfig()
@@ -131,7 +134,7 @@ def parse_config(text: str, source: Path | None = None) -> Config:
     labels = base / _get(pol, "policy", "labels", str, "/var/lib/shyped/labels.json", where)
 
     enf = _table(doc, "enforcement", where)
-    _check_unknown(enf, "enforcement", {"mode", "domain_veto"}, where)
+    _check_unknown(enf, "enforcement", {"mode", "domain_veto", "device_close_timeout"}, where)
     mode = _enum(
         Mode, _get(enf, "enforcement", "mode", str, "enforcing", where), "enforcement.mode", where
     )
@@ -141,6 +144,9 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         "enforcement.domain_veto",
         where,
     )
+    close_timeout = _get(enf, "enforcement", "device_close_timeout", float, 10.0, where)
+    if not 0 < close_timeout <= 3600:
+        raise ConfigError(f"{where}: enforcement.device_close_timeout must be in (0, 3600] seconds")
 
     xs = _table(doc, "xenstore", where)
     _check_unknown(xs, "xenstore", {"transport", "socket", "reconnect_max_backoff"}, where)
@@ -195,6 +201,7 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         labels=labels,
         mode=mode,
         domain_veto=veto,
+        device_close_timeout=close_timeout,
         xenstore=xenstore,
         actuator=actuator,
         control=control,
