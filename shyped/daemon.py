@@ -1,0 +1,626 @@
+"""The daemon: xenstore watch -> typed events -> host model -> engine -> enforcer, on one reactor.
+
+Edge code that wires the pure parts together (DESIGN.md §5):
+
+* **Watches** on ``/local/domain``, ``/vm``, ``/libxl``, ``@introduceDomain`` and
+  ``@releaseDomain``. Events of one reactor turn form a batch: their values are read with ONE
+  ``read_many`` (plus a ``get_perms`` for each path where `shyped.events.needs_perms` says so,
+  sent in the same round trip), then fed to the `EventAssembler` at once. One batch is in
+  flight at a time, so facts are applied in order; paths that fire again meanwhile are read
+  once in the next batch. Events for the daemon's own label node
+  (``/local/domain/<d>/shyped/…``, which only dom0 may write) are dropped without a read.
+* **Reconcile** at start, after every reconnect and when a watch overflowed: one snapshot of
+  ``/`` (one transaction) through `EventAssembler.reconcile`, i.e. the same event path, so every
+  existing domain, device and vchan gets a decision and nothing escapes while the daemon was
+  down. Watch batches wait while a reconcile runs and re-read afterwards.
+* **Decisions**: every `NeedsDecision` is decided at once (pure `Engine`), recorded in the host
+  model (which releases the questions waiting on it), logged as one line, handed to the
+  decision listeners, then to the `Enforcer` (which waits for Deferreds the listeners return,
+  e.g. an audit record, before a veto).
+* **Policy reload** (`Daemon.reload_policy`, SIGHUP): load, `check_update` against the running
+  system, switch only if allowed (then every question is asked again), else keep the old
+  policy and log every reason. **Mode switch** (`Daemon.set_mode`): to enforcing asks every
+  question again so past permissive denials are carried out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet import defer, threads
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from shyped.actions import LABEL_DIR, WriteLabel
+from shyped.actuator import ToolstackActuator, XlActuator
+from shyped.config import Config, Mode
+from shyped.enforcer import Enforcer, EnforcerStats
+from shyped.engine import Engine, Outcome
+from shyped.events import EventAssembler, needs_perms
+from shyped.events import Node as EventNode
+from shyped.host import DomainReleased, DomainState, HostModel, NeedsDecision
+from shyped.labelstore import LabelStore, LabelStoreError, load_label_store
+from shyped.policy import acm_xml, toml_format, update
+from shyped.policy.decisions import PolicyEngine
+from shyped.policy.errors import PolicyError
+from shyped.policy.model import Policy
+from shyped.xenstore import (
+    ConnectionLost,
+    GatewayConfig,
+    NoEntry,
+    Perm,
+    XenstoreError,
+    XenstoreGateway,
+)
+
+_log = Logger(namespace="shyped.daemon")
+
+#: (path, token) of every watch the daemon registers.
+WATCHES = (
+    ("/local/domain", "shyped-local"),
+    ("/vm", "shyped-vm"),
+    ("/libxl", "shyped-libxl"),
+    ("@introduceDomain", "shyped-introduce"),
+    ("@releaseDomain", "shyped-release"),
+)
+
+#: A decision listener: called on the reactor thread with every outcome; may return a
+#: Deferred the enforcer waits for before carrying out the outcome's actions.
+Listener = Callable[[Outcome], "Deferred[Any] | None"]
+
+
+class StartupError(Exception):
+    """The daemon cannot start (bad configuration, policy or label store; no xenstored)."""
+
+
+# ------------------------------------------------------------------------------- the policy
+
+
+@attrs.frozen
+class LoadedPolicy:
+    """A policy with where it came from."""
+
+    policy: Policy
+    path: Path
+    sha256: str
+    format: str  # "toml" or "acm-xml"
+
+
+def _is_xml(path: Path, data: bytes) -> bool:
+    if path.suffix.lower() == ".xml":
+        return True
+    head = data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    return head == b"<"
+
+
+def load_policy(path: Path) -> LoadedPolicy:
+    """Load a TOML or Xen ACM XML policy (by extension, else by content).
+
+    Raises `PolicyError` (every problem, with file and line) or `OSError`.
+    """
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if _is_xml(path, data):
+        return LoadedPolicy(acm_xml.parse(data, file=str(path)).policy, path, digest, "acm-xml")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PolicyError.single(
+            f"not UTF-8: byte 0x{data[e.start]:02x} cannot be decoded", file=str(path), line=line
+        ) from None
+    return LoadedPolicy(toml_format.loads(text, file=str(path)), path, digest, "toml")
+
+
+def load_startup(config: Config) -> tuple[LoadedPolicy, LabelStore]:
+    """The policy and label store a daemon starts with; `StartupError` says what is wrong."""
+    try:
+        loaded = load_policy(config.policy)
+    except PolicyError as e:
+        raise StartupError(f"policy {config.policy} is not valid:\n{e}") from None
+    except OSError as e:
+        raise StartupError(f"cannot read policy {config.policy}: {e.strerror or e}") from None
+    try:
+        labels = load_label_store(config.labels)
+    except LabelStoreError as e:
+        raise StartupError(str(e)) from None
+    return loaded, labels
+
+
+def make_actuator(config: Config, reactor: Any) -> ToolstackActuator:
+    """``xl``: the configured xl command. ``sandbox``: the sandbox toolstack's xl-compatible
+    CLI as a child process (``python -m shyped.sandbox --socket <xenstored socket>``), so the
+    daemon's own process holds no sandbox state."""
+    act = config.actuator
+    if act.kind == "sandbox":
+        command: tuple[str, ...] = (
+            sys.executable,
+            "-m",
+            "shyped.sandbox",
+            "--socket",
+            str(config.xenstore.socket),
+        )
+    else:
+        command = act.xl
+    return XlActuator(reactor, command, timeout=act.timeout)
+
+
+# ------------------------------------------------------------------------------- results
+
+
+@attrs.frozen
+class ReloadResult:
+    """What a policy reload did: `applied`, or why not (`problems`, or a load `error`)."""
+
+    applied: bool
+    path: str
+    previous: str
+    new: str | None = None
+    sha256: str | None = None
+    problems: tuple[str, ...] = ()
+    error: str | None = None
+
+    def __str__(self) -> str:
+        if self.applied:
+            return f"policy {self.previous} -> {self.new} applied"
+        if self.error is not None:
+            return f"policy reload from {self.path} failed: {self.error}"
+        head = f"policy update {self.previous} -> {self.new} refused"
+        return "\n  ".join([head + f" ({len(self.problems)} reasons):", *self.problems])
+
+
+@attrs.frozen
+class DaemonStatus:
+    """A snapshot of the daemon for the control socket and metrics."""
+
+    mode: str
+    policy_name: str
+    policy_version: str
+    policy_sha256: str
+    policy_path: str
+    connected: bool
+    domains: dict[str, int]
+    devices: int
+    vchans: int
+    decisions: dict[str, int]
+    vetoes: int
+    reconciles: int
+    batches: int
+    own_events: int
+    running_labels: dict[str, int]
+    enforcer: EnforcerStats
+    uptime: float
+
+
+# ------------------------------------------------------------------------------- the daemon
+
+
+class Daemon:
+    """One shyped instance. Every method runs on the reactor thread."""
+
+    def __init__(
+        self,
+        config: Config,
+        policy: LoadedPolicy,
+        labels: LabelStore,
+        *,
+        reactor: Any = None,
+        gateway: XenstoreGateway | None = None,
+        actuator: ToolstackActuator | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.config = config
+        self.reactor = reactor
+        self.loaded = policy
+        self.gateway = gateway or XenstoreGateway(
+            GatewayConfig.from_xenstore_config(config.xenstore), reactor=reactor
+        )
+        self.gateway.on_reconnected = self._reconnected
+        self.gateway.on_connection_lost = self._connection_lost
+        self.engine = Engine(
+            PolicyEngine(policy.policy),
+            labels,
+            mode=config.mode,
+            domain_veto=config.domain_veto,
+        )
+        self.host = HostModel(policy.policy.bootstrap)
+        self.assembler = EventAssembler()
+        self.enforcer = Enforcer(
+            self.gateway,
+            actuator or make_actuator(config, reactor),
+            reactor=reactor,
+            close_timeout=config.device_close_timeout,
+        )
+        #: Decision listeners (audit trail, metrics …); see `Listener`.
+        self.listeners: list[Listener] = []
+        self._pending: dict[str, None] = {}
+        self._scheduled = False
+        self._busy = False
+        self._want_reconcile: str | None = None
+        self._reconcile_waiters: list[Deferred[None]] = []
+        self._idle_waiters: list[Deferred[None]] = []
+        self._decisions = {"permit": 0, "deny": 0}
+        self._vetoes = 0
+        self._reconciles = 0
+        self._batches = 0
+        self._own_events = 0
+        self._started = time.monotonic()
+        self._running = False
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def mode(self) -> Mode:
+        return self.engine.mode
+
+    async def start(self) -> None:
+        """Watch, connect, publish dom0's label and decide everything that exists."""
+        for path, token in WATCHES:
+            await self.gateway.watch(path, token, self._on_event, self._on_overflow)
+        try:
+            await self.gateway.connect()
+        except ConnectionLost as e:
+            raise StartupError(
+                f"cannot reach xenstored at {self.gateway.config.socket_path}: {e}"
+            ) from None
+        self._running = True
+        _log.info(
+            "shyped started: policy {name} {version} ({fmt}, sha256 {sha}), mode {mode}",
+            name=self.loaded.policy.name,
+            version=str(self.loaded.policy.version),
+            fmt=self.loaded.format,
+            sha=self.loaded.sha256[:16],
+            mode=self.mode.value,
+        )
+        self._publish_dom0_label()
+        await self.reconcile("start")
+
+    def stop(self) -> Deferred[None]:
+        """Close the xenstore connection (actions in flight are abandoned)."""
+        self._running = False
+        return self.gateway.close()
+
+    # ---- listeners ----------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        self.listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        self.listeners.remove(listener)
+
+    # ---- status -------------------------------------------------------------------------
+
+    def status(self) -> DaemonStatus:
+        states: dict[str, int] = {}
+        for dom in self.host.domains():
+            states[dom.state.value] = states.get(dom.state.value, 0) + 1
+        p = self.loaded.policy
+        return DaemonStatus(
+            mode=self.mode.value,
+            policy_name=p.name,
+            policy_version=str(p.version),
+            policy_sha256=self.loaded.sha256,
+            policy_path=str(self.loaded.path),
+            connected=self.gateway.connected,
+            domains=states,
+            devices=len(self.host.devices()),
+            vchans=len(self.host.vchans()),
+            decisions=dict(self._decisions),
+            vetoes=self._vetoes,
+            reconciles=self._reconciles,
+            batches=self._batches,
+            own_events=self._own_events,
+            running_labels=dict(self.engine.running.running_labels()),
+            enforcer=attrs.evolve(self.enforcer.stats, by_kind=dict(self.enforcer.stats.by_kind)),
+            uptime=time.monotonic() - self._started,
+        )
+
+    def settled(self) -> Deferred[None]:
+        """Fires once everything xenstored reported before the call has been decided and no
+        event, reconcile or action is pending (tests, the demo). A device veto waiting for
+        its backend to close counts as pending."""
+        return Deferred.fromCoroutine(self._settle())
+
+    async def _settle(self) -> None:
+        while True:
+            before = (self._batches, self._reconciles, self.enforcer.stats.actions)
+            # A reply comes after every watch event xenstored queued before it, and the
+            # gateway runs event callbacks before completing replies: a barrier.
+            with contextlib.suppress(XenstoreError):
+                await self.gateway.read("/")
+            idle: Deferred[None] = Deferred()
+            self._idle_waiters.append(idle)
+            self._check_idle()
+            await idle
+            if before == (self._batches, self._reconciles, self.enforcer.stats.actions):
+                return
+
+    def _check_idle(self) -> None:
+        if not self._idle_waiters:
+            return
+        if self._busy or self._pending or self._scheduled or self._want_reconcile:
+            return
+        if not self.enforcer.idle():
+            self.reactor.callLater(0.01, self._check_idle)
+            return
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    # ---- the event path -----------------------------------------------------------------
+
+    @staticmethod
+    def _own(path: str) -> bool:
+        """An event for the daemon's own label node (only dom0 may write there)."""
+        if not path.startswith("/local/domain/"):
+            return False
+        parts = path.split("/", 5)
+        return len(parts) > 4 and parts[4] == LABEL_DIR
+
+    def _on_event(self, path: str, _token: str) -> None:
+        if self._own(path):
+            self._own_events += 1
+            return
+        self._pending[path] = None
+        self._kick()
+
+    def _on_overflow(self, path: str) -> None:
+        _log.warn("watch on {path} overflowed: reconciling", path=path)
+        self.reconcile("overflow").addErrback(self._ignore_lost)
+
+    def _reconnected(self) -> None:
+        self.reconcile("reconnect").addErrback(self._ignore_lost)
+
+    def _connection_lost(self, error: ConnectionLost) -> None:
+        _log.warn("lost xenstored ({error}); reconnecting", error=str(error))
+
+    @staticmethod
+    def _ignore_lost(failure: Failure) -> None:
+        if not isinstance(failure.value, ConnectionLost):
+            _log.failure("reconcile failed", failure)
+
+    def _kick(self) -> None:
+        if self._scheduled or self._busy:
+            return
+        self._scheduled = True
+        self.reactor.callLater(0, self._step)
+
+    def _step(self) -> None:
+        self._scheduled = False
+        if self._busy:
+            return
+        if self._want_reconcile is not None:
+            reason, self._want_reconcile = self._want_reconcile, None
+            waiters, self._reconcile_waiters = self._reconcile_waiters, []
+            self._busy = True
+            d = Deferred.fromCoroutine(self._do_reconcile(reason))
+
+            def finished(result: Failure | None) -> None:
+                self._done()
+                for w in waiters:
+                    if isinstance(result, Failure):
+                        w.errback(result)
+                    else:
+                        w.callback(None)
+
+            d.addBoth(finished)
+        elif self._pending:
+            paths = list(self._pending)
+            self._pending = {}
+            self._busy = True
+            self._batches += 1
+            batch = Deferred.fromCoroutine(self._do_batch(paths))
+            batch.addErrback(self._batch_failed)
+            batch.addBoth(lambda _: self._done())
+        else:
+            self._check_idle()
+
+    def _done(self) -> None:
+        self._busy = False
+        if self._pending or self._want_reconcile is not None:
+            self._kick()
+        else:
+            self._check_idle()
+
+    def _batch_failed(self, failure: Failure) -> None:
+        if isinstance(failure.value, ConnectionLost):
+            return  # the reconcile after the reconnect covers it
+        _log.failure("watch batch failed; reconciling", failure)
+        self._want_reconcile = self._want_reconcile or "batch error"
+
+    async def _do_batch(self, paths: list[str]) -> None:
+        reads = [p for p in paths if not p.startswith("@")]
+        perm_paths = [p for p in reads if needs_perms(p)]
+        values_d = self.gateway.read_many(reads)
+        perms_d = [self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths]
+        values = await values_d
+        perms: dict[str, tuple[Perm, ...] | None] = dict(
+            zip(perm_paths, await defer.gatherResults(perms_d), strict=True)  # type: ignore[arg-type]
+        )
+        nodes: list[EventNode] = [(p, None, None) for p in paths if p.startswith("@")]
+        nodes.extend((p, values[p], perms.get(p)) for p in reads)
+        self._process(self.assembler.feed_batch(nodes))
+
+    def reconcile(self, reason: str) -> Deferred[None]:
+        """Walk the whole of xenstore through the event path (see the module docstring)."""
+        d: Deferred[None] = Deferred()
+        self._reconcile_waiters.append(d)
+        self._want_reconcile = reason
+        self._kick()
+        return d
+
+    async def _do_reconcile(self, reason: str) -> None:
+        snapshot = await self.gateway.snapshot("/", with_perms=True)
+        self._reconciles += 1
+        events = self.assembler.reconcile(snapshot.nodes, "/")
+        _log.info(
+            "reconcile ({reason}): {nodes} nodes, {events} events{inc}",
+            reason=reason,
+            nodes=len(snapshot.nodes),
+            events=len(events),
+            inc="" if snapshot.consistent else " (inconsistent walk; watches converge)",
+        )
+        self._process(events)
+
+    def _process(self, events: Iterable[Any]) -> None:
+        queue: deque[NeedsDecision] = deque()
+        for event in events:
+            self.enforcer.observe(event)
+            for out in self.host.apply(event):
+                if isinstance(out, DomainReleased):
+                    self._released(out)
+                else:
+                    queue.append(out)
+        self._decide(queue)
+
+    def _released(self, out: DomainReleased) -> None:
+        label = self.engine.release(out)
+        _log.info(
+            "domain gone: {name}({domid}{uuid}) {state}{counted}",
+            name=out.name or "?",
+            domid=out.domid,
+            uuid=f", {out.uuid}" if out.uuid else "",
+            state=out.state.value,
+            counted=f"; released Chinese Wall types of {label!r}" if label else "",
+        )
+
+    def _decide(self, queue: deque[NeedsDecision]) -> None:
+        while queue:
+            need = queue.popleft()
+            if not self.host.is_current(need):
+                continue
+            outcome = self.engine.decide(need, self.host)
+            ready = self.host.record_decision(
+                need, outcome.allowed, label=outcome.label, reason=outcome.decision.reason
+            )
+            queue.extend(ready)
+            self._emit(outcome)
+
+    def _emit(self, outcome: Outcome) -> None:
+        self._decisions[outcome.decision.verdict] += 1
+        if outcome.enforced:
+            self._vetoes += 1
+        line = outcome.log_line()
+        if outcome.allowed:
+            _log.info("{line}", line=line)
+        else:
+            _log.warn("{line}", line=line)
+        gates: list[Deferred[Any]] = []
+        for listener in list(self.listeners):
+            try:
+                result = listener(outcome)
+            except Exception:
+                _log.failure("decision listener {l!r} raised", l=listener)
+                continue
+            if isinstance(result, Deferred):
+                gates.append(result.addErrback(_listener_failed, listener))
+        gate = defer.DeferredList(gates, consumeErrors=True) if gates else None
+        self.enforcer.execute(outcome, gate)
+
+    def _publish_dom0_label(self) -> None:
+        label = self.engine.label_string(self.engine.dom0_label())
+        self.enforcer.execute_action(WriteLabel(0, None, label))
+
+    # ---- re-deciding everything ---------------------------------------------------------
+
+    def _sweep(self, reason: str) -> None:
+        """Ask every question again: running domains first, then the rest (see Engine)."""
+        self.engine.begin_sweep(self.host)
+        needs = self.host.all_needs()
+
+        def order(need: NeedsDecision) -> int:
+            if need.kind != "domain":
+                return 2
+            dom = self.host.domain(need.domid)
+            running = dom is not None and dom.state in (DomainState.ADMITTED, DomainState.PAUSED)
+            return 0 if running else 1
+
+        needs.sort(key=order)
+        _log.info("re-deciding {n} questions ({reason})", n=len(needs), reason=reason)
+        self._decide(deque(needs))
+        self._check_idle()
+
+    def set_mode(self, mode: Mode) -> None:
+        """Switch between enforcing and permissive at run time; to enforcing re-decides all."""
+        if mode is self.engine.mode:
+            return
+        previous, self.engine.mode = self.engine.mode, mode
+        _log.warn("mode {old} -> {new}", old=previous.value, new=mode.value)
+        if mode is Mode.ENFORCING:
+            self._sweep("mode switched to enforcing")
+
+    def reload_policy(self, path: str | Path | None = None) -> Deferred[ReloadResult]:
+        """Load a policy (default: the configured file) and switch to it if the running
+        system satisfies it; the label store is re-read first. Never fails: see the result."""
+        return Deferred.fromCoroutine(self._reload(Path(path) if path else self.config.policy))
+
+    async def _reload(self, path: Path) -> ReloadResult:
+        previous = f"{self.loaded.policy.name} {self.loaded.policy.version}"
+        try:
+            labels = await threads.deferToThreadPool(
+                self.reactor,
+                self.reactor.getThreadPool(),
+                load_label_store,
+                self.config.labels,
+            )
+        except LabelStoreError as e:
+            _log.error("label store not reloaded: {error}", error=str(e))
+        else:
+            self.engine.labels = labels
+        try:
+            loaded: LoadedPolicy = await threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), load_policy, path
+            )
+        except (PolicyError, OSError) as e:
+            text = str(e) if isinstance(e, PolicyError) else f"cannot read: {e.strerror or e}"
+            result = ReloadResult(False, str(path), previous, error=text)
+            _log.error("{result}", result=str(result))
+            return result
+        new = f"{loaded.policy.name} {loaded.policy.version}"
+        if loaded.sha256 == self.loaded.sha256:
+            _log.info("policy {path} unchanged (sha256 {sha}); nothing to do", path=str(path),
+                      sha=loaded.sha256[:16])  # fmt: skip
+            return ReloadResult(False, str(path), previous, new, loaded.sha256,
+                                problems=("the policy is unchanged",))  # fmt: skip
+        current = self.engine.policy.policy
+        check = update.check_update(current, loaded.policy, self.engine.running_system(self.host))
+        if not check.allowed:
+            problems = tuple(str(p) for p in check.problems)
+            result = ReloadResult(False, str(path), previous, new, loaded.sha256, problems)
+            _log.error("{result}; keeping {previous}", result=str(result), previous=previous)
+            return result
+        self.engine.switch_policy(PolicyEngine(loaded.policy), check)
+        dom0 = self.host.domain(0)
+        if dom0 is not None:
+            dom0.label = loaded.policy.bootstrap
+        self.loaded = loaded
+        _log.warn(
+            "policy {old} -> {new} applied (sha256 {sha})",
+            old=previous,
+            new=new,
+            sha=loaded.sha256[:16],
+        )
+        self._publish_dom0_label()
+        self._sweep("policy reload")
+        return ReloadResult(True, str(path), previous, new, loaded.sha256)
+
+
+def _absent(failure: Failure) -> Failure | None:
+    """A node removed between its event and the read: no permissions (the value is None)."""
+    return None if isinstance(failure.value, NoEntry) else failure
+
+
+def _listener_failed(failure: Failure, listener: Listener) -> None:
+    _log.failure("decision listener {l!r} failed", failure, l=listener)

@@ -1,0 +1,344 @@
+"""The enforcer: carries out the engine's actions through the xenstore gateway and the toolstack.
+
+Edge code (reactor thread). Every action of one subject (a domain, a device, a vchan) runs in
+order, after the Deferred the daemon passes as a gate (audit listeners that must have written
+their record before a veto is carried out); different subjects proceed independently. A
+failure is logged and counted, never raised into the event path.
+
+What each action does to xenstore (docs/operations.md has the operator's version):
+
+* `WriteLabel`: one transaction that checks ``/local/domain/<d>/vm`` still names the domain's
+  ``/vm/<uuid>`` (a domid reused meanwhile gets nothing), then writes
+  ``/local/domain/<d>/shyped/label`` = ``ACM:<policy>:<label>`` with permissions ``n0,r<d>`` on
+  the node and its directory: dom0 owns it, the guest may read it, nobody else sees it.
+* `VetoDomain`: the toolstack actuator's ``destroy`` (libxl removes every device and the
+  domain's trees) or ``pause``.
+* `CutDevice`, as ``xl block-detach``/``network-detach`` do (libxl_device.c
+  ``libxl__initiate_device_generic_remove`` then ``libxl__device_destroy``), plus revoking the
+  backend's read access to the frontend: one transaction sets the permissions of the frontend
+  directory and of every node below it (xenstored checks permissions per node, not per
+  subtree) to ``n<frontend>`` (the guest keeps ownership, so its driver can still write
+  ``state`` = Closed; nobody else may read), and writes backend ``online`` = 0 and, unless it is
+  already Closed, ``state`` = 5 (Closing). A backend driver (netback/blkback
+  ``frontend_changed``/``backend_changed``) reacts by closing. The enforcer waits for backend
+  ``state`` = 6 (Closed) up to ``close_timeout`` (libxl waits 10 s, then forces), then removes
+  the frontend, ``/libxl`` and backend directories in one transaction with libxl's path
+  clean-up (``libxl__xs_path_cleanup``: empty parents without a value go too).
+* `RemoveVchan`: removes the rendezvous directory (``ring-ref`` and ``event-channel``), as the
+  server's ``libxenvchan_close`` would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from shyped.actions import (
+    Action,
+    CutDevice,
+    RemoveVchan,
+    VetoDomain,
+    WriteLabel,
+    label_dir,
+    label_perms,
+)
+from shyped.actuator import ToolstackActuator
+from shyped.config import DomainVeto
+from shyped.engine import Outcome
+from shyped.events import BackendStateChanged, DeviceKey, DeviceRemoved, DomainVanished, Event
+from shyped.xenstore import NoEntry, Perm, Transaction, XenstoreGateway
+
+_log = Logger(namespace="shyped.enforcer")
+
+#: XenbusStateClosing / XenbusStateClosed.
+CLOSING = 5
+CLOSED = 6
+#: Most nodes a device veto re-permissions below a (guest-owned) frontend directory.
+MAX_FRONTEND_NODES = 512
+
+
+@attrs.define
+class EnforcerStats:
+    """Counters for status and metrics."""
+
+    actions: int = 0
+    failed: int = 0
+    close_timeouts: int = 0
+    in_flight: int = 0
+    by_kind: dict[str, int] = attrs.field(factory=dict)
+
+
+def _parse_state(raw: bytes | None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        return int(raw.strip(b"\x00") or b"-1")
+    except ValueError:
+        return None
+
+
+def path_cleanup(tx: Transaction, path: str) -> bool:
+    """``libxl__xs_path_cleanup``: remove `path`, then every parent that has become empty and
+    has an empty value. False if `path` was not there."""
+    try:
+        tx.rm(path)
+    except NoEntry:
+        return False
+    parent = path
+    while True:
+        parent = parent.rsplit("/", 1)[0]
+        if not parent:
+            return True
+        try:
+            if tx.read(parent) != b"" or tx.directory(parent):
+                return True
+            tx.rm(parent)
+        except NoEntry:
+            return True
+
+
+def _revoke_frontend(tx: Transaction, frontend_dir: str, frontend: int) -> int:
+    """Owner = the frontend, no access for anyone else, on the directory and below it."""
+    perms = (Perm("n", frontend),)
+    level = [frontend_dir]
+    done = 0
+    while level and done < MAX_FRONTEND_NODES:
+        next_level: list[str] = []
+        for path in level:
+            if done >= MAX_FRONTEND_NODES:
+                break
+            try:
+                tx.set_perms(path, perms)
+                kids = tx.directory(path)
+            except NoEntry:
+                continue
+            done += 1
+            next_level.extend(f"{path}/{k}" for k in kids)
+        level = next_level
+    return done
+
+
+class Enforcer:
+    """Carries out `Outcome.actions`; see the module docstring for what each one writes."""
+
+    def __init__(
+        self,
+        gateway: XenstoreGateway,
+        actuator: ToolstackActuator,
+        *,
+        reactor: Any,
+        close_timeout: float = 10.0,
+    ) -> None:
+        self.gateway = gateway
+        self.actuator = actuator
+        self.reactor = reactor
+        self.close_timeout = close_timeout
+        self.stats = EnforcerStats()
+        self._chains: dict[Hashable, Deferred[None]] = {}
+        self._waiters: dict[DeviceKey, list[Deferred[str]]] = {}
+
+    # ---- public -------------------------------------------------------------------------
+
+    def execute(self, outcome: Outcome, gate: Deferred[Any] | None = None) -> Deferred[None]:
+        """Carry out the outcome's actions in order, after `gate` and after anything still
+        running for the same subject. The Deferred never fails."""
+        if not outcome.actions:
+            return defer.succeed(None)
+        return self._chain((outcome.kind, outcome.need.key), outcome.actions, outcome.what, gate)
+
+    def execute_action(self, action: Action) -> Deferred[None]:
+        """One action outside a decision (dom0's label at start and after a reload)."""
+        return self._chain(("action", action), (action,), action.describe(), None)
+
+    def _chain(
+        self, key: Hashable, actions: tuple[Action, ...], what: str, gate: Deferred[Any] | None
+    ) -> Deferred[None]:
+        previous = self._chains.get(key)
+        waits: list[Deferred[Any]] = [d for d in (previous, gate) if d is not None]
+        start: Deferred[Any] = (
+            defer.DeferredList(waits, consumeErrors=True) if waits else defer.succeed(None)
+        )
+        self.stats.in_flight += 1
+
+        def run(_: object) -> Deferred[None]:
+            return Deferred.fromCoroutine(self._run_all(actions, what))
+
+        d: Deferred[None] = start.addCallback(run)
+
+        def done(_: object) -> None:
+            self.stats.in_flight -= 1
+            if self._chains.get(key) is d:
+                del self._chains[key]
+
+        d.addBoth(done)
+        self._chains[key] = d
+        return d
+
+    def observe(self, event: Event) -> None:
+        """Events from the daemon's stream that end a wait for a backend to close."""
+        if isinstance(event, BackendStateChanged):
+            if event.state is None or event.state >= CLOSED:
+                self._wake(event.device, "closed")
+        elif isinstance(event, DeviceRemoved):
+            self._wake(event.device, "removed")
+        elif isinstance(event, DomainVanished):
+            for key in [k for k in self._waiters if k.frontend == event.domid]:
+                self._wake(key, "domain gone")
+
+    def idle(self) -> bool:
+        return self.stats.in_flight == 0
+
+    # ---- running ------------------------------------------------------------------------
+
+    async def _run_all(self, actions: tuple[Action, ...], what: str) -> None:
+        for action in actions:
+            kind = type(action).__name__
+            self.stats.actions += 1
+            self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
+            try:
+                await self._run(action)
+            except Exception as exc:
+                self.stats.failed += 1
+                _log.error(
+                    "enforce: {action} for {what} failed: {error}",
+                    action=action.describe(),
+                    what=what,
+                    error=str(exc) or type(exc).__name__,
+                )
+
+    async def _run(self, action: Action) -> None:
+        if isinstance(action, WriteLabel):
+            await self._write_label(action)
+        elif isinstance(action, VetoDomain):
+            if action.how is DomainVeto.PAUSE:
+                await self.actuator.pause(action.domid)
+            else:
+                await self.actuator.destroy(action.domid)
+            _log.info("enforce: {action} done", action=action.describe())
+        elif isinstance(action, CutDevice):
+            await self._cut(action)
+        elif isinstance(action, RemoveVchan):
+            await self._remove_vchan(action)
+
+    async def _write_label(self, action: WriteLabel) -> None:
+        d = action.domid
+        perms = tuple(Perm.parse(p) for p in label_perms(d))
+        vm = f"/vm/{action.uuid}".encode() if action.uuid is not None else None
+
+        def body(tx: Transaction) -> bool:
+            if vm is not None:
+                try:
+                    if tx.read(f"/local/domain/{d}/vm") != vm:
+                        return False
+                except NoEntry:
+                    return False
+            tx.mkdir(label_dir(d))
+            tx.set_perms(label_dir(d), perms)
+            tx.write(action.path, action.label.encode())
+            tx.set_perms(action.path, perms)
+            return True
+
+        if not await self.gateway.transaction(body):
+            _log.info("enforce: domain {domid} is gone; label not written", domid=d)
+
+    def _wait_closed(self, key: DeviceKey) -> Deferred[str]:
+        d: Deferred[str] = Deferred(lambda _: self._forget(key, d))
+        self._waiters.setdefault(key, []).append(d)
+        return d
+
+    def _forget(self, key: DeviceKey, d: Deferred[str]) -> None:
+        waiters = self._waiters.get(key)
+        if waiters is not None and d in waiters:
+            waiters.remove(d)
+            if not waiters:
+                del self._waiters[key]
+
+    def _wake(self, key: DeviceKey, why: str) -> None:
+        for d in self._waiters.pop(key, []):
+            if not d.called:
+                d.callback(why)
+
+    async def _cut(self, action: CutDevice) -> None:
+        key = action.device
+        fe_dir, be_dir = action.frontend_dir, action.backend_dir
+
+        def cut(tx: Transaction) -> tuple[int | None, int]:
+            try:
+                state = _parse_state(tx.read(f"{be_dir}/state"))
+            except NoEntry:
+                state = None
+            revoked = _revoke_frontend(tx, fe_dir, key.frontend)
+            if state is not None:
+                tx.write(f"{be_dir}/online", b"0")
+                if state != CLOSED:
+                    tx.write(f"{be_dir}/state", str(CLOSING).encode())
+            return state, revoked
+
+        waiter = self._wait_closed(key)
+        try:
+            state, revoked = await self.gateway.transaction(cut)
+        except BaseException:
+            _discard(waiter)
+            raise
+        _log.info(
+            "enforce: cut {what}: backend online=0 state=Closing, frontend readable by "
+            "domain {fe} only ({n} nodes)",
+            what=action.describe(),
+            fe=key.frontend,
+            n=revoked,
+        )
+        if state is None or state == CLOSED:
+            _discard(waiter)
+        else:
+            waiter.addTimeout(self.close_timeout, self.reactor, onTimeoutCancel=_timed_out)
+            why = await waiter
+            if why == "timeout":
+                self.stats.close_timeouts += 1
+                _log.warn(
+                    "enforce: backend {be} did not reach Closed within {t} s; removing the "
+                    "device anyway (as libxl forces after its timeout)",
+                    be=be_dir,
+                    t=self.close_timeout,
+                )
+
+        def remove(tx: Transaction) -> list[str]:
+            paths = (fe_dir, action.libxl_dir, be_dir)
+            return [p for p in paths if path_cleanup(tx, p)]
+
+        removed = await self.gateway.transaction(remove)
+        _log.info(
+            "enforce: removed {what}: {paths}",
+            what=action.describe(),
+            paths=", ".join(removed) or "nothing left",
+        )
+
+    async def _remove_vchan(self, action: RemoveVchan) -> None:
+        def body(tx: Transaction) -> bool:
+            try:
+                tx.rm(action.path)
+            except NoEntry:
+                return False
+            return True
+
+        if await self.gateway.transaction(body):
+            _log.info("enforce: {action} done", action=action.describe())
+
+
+def _discard(d: Deferred[str]) -> None:
+    """Cancel a wait nobody needs any more (its CancelledError is expected)."""
+
+    def trap(f: Failure) -> Failure | None:
+        return None if isinstance(f.value, defer.CancelledError) else f
+
+    d.addErrback(trap)
+    d.cancel()
+
+
+def _timed_out(_result: object, _timeout: float) -> str:
+    return "timeout"

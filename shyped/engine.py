@@ -1,0 +1,459 @@
+"""The decision engine: a question from the host model in, a decision and its actions out.
+
+Pure (no I/O, no reactor): `Engine.decide` takes a `shyped.host.NeedsDecision` and the
+`shyped.host.HostModel` it came from and returns an `Outcome`: the policy's `Decision`, every
+check that was made, the parties (as audit `Party` values), and the `shyped.actions` to carry
+out. The daemon records the outcome in the host model, tells its listeners, and hands the
+actions to the enforcer.
+
+Per hook (DESIGN.md §1):
+
+* **domain**: the label is looked up in the label store (UUID first, then name); a domain
+  without one is "unlabelled" and the policy's ``[defaults] unlabelled_domain`` decides (a
+  label name, or deny). Admission is the Chinese Wall check of `RunningSet`; an admitted domain
+  is counted, and its label is published (`WriteLabel`). Veto: `VetoDomain` (destroy, or pause
+  with ``domain_veto = "pause"``).
+* **device**: STE between the frontend's and the backend's labels (`Hook.DEVICE_CHANNEL`), then,
+  if the device uses a resource, the resource's label (label store: ``disk:<params>`` for a
+  vbd, ``bridge:<name>`` for a vif) against the frontend's label (`PolicyEngine.resource`,
+  writable unless the vbd is read-only). Veto: `CutDevice`.
+* **vchan**: STE between the server and every *present* named client. A rendezvous readable by
+  every domain is denied outright: any domain could connect, so no STE check can stand for it.
+  Clients that do not exist yet are asked about again when they appear (the host model does
+  that). Veto: `RemoveVchan`.
+
+Modes: in ``permissive`` nothing is vetoed (the vetoes are still computed, as
+`Outcome.planned`), and a denied domain that keeps running still counts in the Chinese Wall
+running set when its label resolves, because it *is* running: a domain that conflicts with it
+is denied too (docs/operations.md). Labels are published in both modes.
+
+Chinese Wall bookkeeping: `Engine` keeps which label each counted domain runs with. After a
+policy switch or a switch to enforcing mode the daemon re-asks every question (`sweep`): the
+count is rebuilt from the domains the host model holds as running (admitted or paused), which
+are re-admitted first, then the rest are decided against them, as ACM's
+``chwall_init_state`` replays the running domains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import cast
+
+import attrs
+
+from shyped.actions import Action, CutDevice, RemoveVchan, VetoDomain, WriteLabel, is_veto
+from shyped.audit import Party
+from shyped.config import DomainVeto, Mode
+from shyped.events import DeviceKey
+from shyped.host import (
+    DecisionKind,
+    Domain,
+    DomainReleased,
+    DomainState,
+    HostModel,
+    NeedsDecision,
+    VchanKey,
+)
+from shyped.host import RunningSystem as HostRunningSystem
+from shyped.labelstore import (
+    LabelStore,
+    LabelStoreError,
+    bridge_resource,
+    disk_resource,
+    resource_id,
+)
+from shyped.policy import update
+from shyped.policy.chinese_wall import NotRunningError, RunningSet
+from shyped.policy.decisions import Decision, Hook, PolicyEngine, Rule, UnknownLabelError
+from shyped.policy.model import LabelRef
+
+#: Host states whose domains are running as far as the policy is concerned.
+_RUNNING = frozenset({DomainState.ADMITTED, DomainState.PAUSED})
+_UNDECIDED = frozenset({DomainState.SEEN, DomainState.GONE})
+
+
+def _uuid_text(uuid: str | None) -> str:
+    return f", {uuid}" if uuid else ""
+
+
+def describe_party(p: Party | None) -> str:
+    """``web(3, 6f1b…)``, ``Domain-0(0)``, ``disk:/img/a.img``: for log lines."""
+    if p is None:
+        return "?"
+    if p.resource is not None:
+        return p.resource
+    return f"{p.name or '?'}({p.domid}{_uuid_text(p.uuid)})"
+
+
+@attrs.frozen
+class Outcome:
+    """One decision as the daemon took it.
+
+    `decision` is the check that decided (the first denial, else the last permit); `checks`
+    every check made, in order. `subject` is the domain asked about (device: the frontend;
+    vchan: the server), `peer` the other domain (device: the backend; vchan: the client that
+    decided), `clients` all named vchan clients, `resource` the resource a device uses.
+    `planned` are the vetoes enforcing mode carries out; `actions` what the daemon will
+    actually do (label writes, and the vetoes when enforcing). `note` says why a planned veto is
+    not carried out.
+    """
+
+    need: NeedsDecision
+    what: str
+    decision: Decision
+    checks: tuple[Decision, ...]
+    subject: Party
+    mode: Mode
+    policy: str
+    peer: Party | None = None
+    clients: tuple[Party, ...] = ()
+    resource: Party | None = None
+    label: str | None = None
+    actions: tuple[Action, ...] = ()
+    planned: tuple[Action, ...] = ()
+    note: str = ""
+
+    @property
+    def kind(self) -> DecisionKind:
+        return self.need.kind
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision.permitted
+
+    @property
+    def enforced(self) -> bool:
+        """A veto is carried out for this decision."""
+        return any(is_veto(a) for a in self.actions)
+
+    def parties(self) -> str:
+        if self.kind == "domain":
+            text = f"dom={describe_party(self.subject)}"
+        elif self.kind == "device":
+            text = f"fe={describe_party(self.subject)} be={describe_party(self.peer)}"
+        else:
+            text = f"server={describe_party(self.subject)} clients=" + (
+                ",".join(describe_party(c) for c in self.clients) or "-"
+            )
+        if self.resource is not None:
+            text += f" res={self.resource.resource}"
+        return text
+
+    def log_line(self) -> str:
+        """``decision: deny device vif 3/0 fe=… be=… [ste] <reason> -> <actions>``."""
+        d = self.decision
+        line = f"decision: {d.verdict} {self.what} {self.parties()} [{d.rule}] {d.reason}"
+        vetoes = [a for a in self.actions if is_veto(a)]
+        if vetoes:
+            line += " -> " + "; ".join(a.describe() for a in vetoes)
+        elif self.planned:
+            line += f" ({self.note or 'not enforced'})"
+        return line
+
+
+def _party(dom: Domain | None, domid: int) -> Party:
+    if dom is None:
+        return Party(domid=domid)
+    return Party(name=dom.name, domid=domid, uuid=dom.uuid, label=dom.label)
+
+
+def resource_of(kind: str, raw: str) -> str | None:
+    """The label store's resource id of what a device uses; None if it is not a valid one."""
+    try:
+        if kind == "vif":
+            return bridge_resource(raw)
+        if kind == "vbd":
+            return disk_resource(raw)
+        return resource_id(raw)
+    except LabelStoreError:
+        return None
+
+
+class Engine:
+    """Decisions under one policy, label store and mode; holds the Chinese Wall count."""
+
+    def __init__(
+        self,
+        policy: PolicyEngine,
+        labels: LabelStore,
+        *,
+        mode: Mode = Mode.ENFORCING,
+        domain_veto: DomainVeto = DomainVeto.DESTROY,
+    ) -> None:
+        self._policy = policy
+        self._running: RunningSet = policy.running_set()
+        self._counted: dict[int, str] = {}
+        self.labels = labels
+        self.mode = mode
+        self.domain_veto = domain_veto
+
+    # ---- state --------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> PolicyEngine:
+        return self._policy
+
+    @property
+    def running(self) -> RunningSet:
+        """The Chinese Wall counts (read them; the engine changes them)."""
+        return self._running
+
+    def counted(self) -> dict[int, str]:
+        """domid -> label name of every domain counted in the Chinese Wall set (a copy)."""
+        return dict(self._counted)
+
+    def dom0_label(self) -> str:
+        return self._policy.policy.bootstrap
+
+    def label_string(self, name: str) -> str:
+        return self._policy.policy.label_string(name)
+
+    # ---- decisions ----------------------------------------------------------------------
+
+    def decide(self, need: NeedsDecision, host: HostModel) -> Outcome:
+        """Decide one question from `host` (which must be the model that asked it)."""
+        if need.kind == "domain":
+            return self._domain(need, host)
+        if need.kind == "device":
+            return self._device(need, host)
+        return self._vchan(need, host)
+
+    def release(self, released: DomainReleased) -> str | None:
+        """A domain is gone: uncount it. Returns the label it was counted with, if any."""
+        label = self._counted.pop(released.domid, None)
+        if label is not None:
+            try:
+                self._running.stop(label)
+            except (NotRunningError, UnknownLabelError):  # pragma: no cover - model out of step
+                self._rebuild()
+        return label
+
+    def _outcome(
+        self,
+        need: NeedsDecision,
+        what: str,
+        checks: list[Decision],
+        veto: Action,
+        *,
+        subject: Party,
+        exempt: str = "",
+        peer: Party | None = None,
+        clients: tuple[Party, ...] = (),
+        resource: Party | None = None,
+        label: str | None = None,
+        published: tuple[Action, ...] = (),
+    ) -> Outcome:
+        """The deciding check is the first denial, else the last permit; a denial plans
+        `veto`, carried out when enforcing unless `exempt` says why not."""
+        decision = next((c for c in checks if not c.permitted), checks[-1])
+        actions: tuple[Action, ...] = published
+        planned: tuple[Action, ...] = ()
+        note = ""
+        if not decision.permitted:
+            planned = (veto,)
+            if self.mode is Mode.PERMISSIVE:
+                note = "permissive: not enforced"
+            elif exempt:
+                note = exempt
+            else:
+                actions = (*actions, veto)
+        return Outcome(
+            need,
+            what,
+            decision,
+            tuple(checks),
+            subject,
+            self.mode,
+            self._policy.policy.name,
+            peer=peer,
+            clients=clients,
+            resource=resource,
+            label=label,
+            actions=actions,
+            planned=planned,
+            note=note,
+        )
+
+    def _resolve(self, label: str | None) -> str | None:
+        try:
+            return self._policy.resolve_domain(label).name
+        except UnknownLabelError:
+            return None
+
+    def _domain(self, need: NeedsDecision, host: HostModel) -> Outcome:
+        domid = cast(int, need.key)
+        previous = self._counted.pop(domid, None)
+        if previous is not None:
+            # Asked again (sweep): decide against the others, with the label it runs with.
+            self._running.stop(previous)
+            raw: str | None = previous
+        else:
+            raw = self.labels.domain_label(need.uuid, need.name)
+        decision = self._running.admit(raw)
+        name = self._resolve(raw)
+        published: tuple[Action, ...] = ()
+        if name is not None and (decision.permitted or self.mode is Mode.PERMISSIVE):
+            self._running.start(name)
+            self._counted[domid] = name
+            published = (WriteLabel(domid, need.uuid, self.label_string(name)),)
+        recorded = name if name is not None else raw
+        return self._outcome(
+            need,
+            f"domain {domid}",
+            [decision],
+            VetoDomain(domid, self.domain_veto),
+            subject=Party(name=need.name, domid=domid, uuid=need.uuid, label=recorded),
+            label=recorded,
+            published=published,
+        )
+
+    def _exempt(self, host: HostModel, domid: int, role: str) -> str:
+        """Why a veto is left to the domain's own veto: it is being destroyed."""
+        dom = host.domain(domid)
+        if (
+            dom is not None
+            and dom.state is DomainState.DENIED
+            and self.domain_veto is DomainVeto.DESTROY
+        ):
+            return f"{role} domain {domid} is being destroyed"
+        return ""
+
+    def _device(self, need: NeedsDecision, host: HostModel) -> Outcome:
+        key = cast(DeviceKey, need.key)
+        fe, be = need.domid, need.peers[0]
+        fe_dom, be_dom = host.domain(fe), host.domain(be)
+        fe_label = fe_dom.label if fe_dom is not None else None
+        be_label = be_dom.label if be_dom is not None else None
+        checks = [self._policy.channel(Hook.DEVICE_CHANNEL, fe_label, be_label)]
+        res_party = None
+        if need.resource is not None:
+            use = need.resource
+            rid = resource_of(key.kind, use.resource)
+            rlabel = self.labels.resource_label(rid) if rid is not None else None
+            res_party = Party(resource=rid or use.resource[:200], label=rlabel)
+            if checks[0].permitted:
+                checks.append(self._policy.resource(fe_label, rlabel, writable=use.writable))
+        dev = host.device(key)
+        backend_kind = dev.backend_kind if dev is not None else key.kind
+        veto = CutDevice(key, be, backend_kind)
+        return self._outcome(
+            need,
+            f"device {key.kind} {fe}/{key.devid}",
+            checks,
+            veto,
+            exempt=self._exempt(host, fe, "frontend"),
+            subject=_party(fe_dom, fe),
+            peer=_party(be_dom, be),
+            resource=res_party,
+        )
+
+    def _vchan(self, need: NeedsDecision, host: HostModel) -> Outcome:
+        key = cast(VchanKey, need.key)
+        server = need.domid
+        sdom = host.domain(server)
+        s_label = sdom.label if sdom is not None else None
+        clients = tuple(_party(host.domain(c), c) for c in need.peers)
+        peer: Party | None = None
+        checks: list[Decision] = []
+        if need.any_peer:
+            checks.append(
+                Decision(
+                    False,
+                    Hook.VCHAN,
+                    Rule.STE,
+                    "the rendezvous is readable by every domain: any domain could connect, so "
+                    "no STE check can stand for it (grant read to the client only)",
+                    s_label,
+                )
+            )
+        else:
+            for c in need.peers:
+                cdom = host.domain(c)
+                if cdom is None or cdom.state in _UNDECIDED:
+                    continue
+                d = self._policy.channel(Hook.VCHAN, s_label, cdom.label)
+                checks.append(d)
+                if peer is None or not d.permitted:
+                    peer = _party(cdom, c)
+                if not d.permitted:
+                    break
+            if not checks:
+                checks.append(
+                    Decision(
+                        True,
+                        Hook.VCHAN,
+                        Rule.STE,
+                        "no named client exists yet (decided again when one appears)",
+                        s_label,
+                    )
+                )
+        return self._outcome(
+            need,
+            f"vchan {key.path}",
+            checks,
+            RemoveVchan(server, key.path),
+            exempt=self._exempt(host, server, "server"),
+            subject=_party(sdom, server),
+            peer=peer,
+            clients=clients,
+        )
+
+    # ---- policy changes and sweeps ------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        self._running = self._policy.running_set(self._counted.values())
+
+    def begin_sweep(self, host: HostModel) -> None:
+        """Before every question is asked again: count only the domains the host model holds
+        as running (they are re-admitted first); the others are decided against them."""
+        self._counted = {
+            d: label
+            for d, label in self._counted.items()
+            if (dom := host.domain(d)) is not None and dom.state in _RUNNING
+        }
+        self._rebuild()
+
+    def running_system(self, host: HostModel) -> update.RunningSystem:
+        """The host's running system as `shyped.policy.update` wants it (resource labels from
+        the label store)."""
+        return adapt_running_system(host.running_system(), self.labels, self._counted)
+
+    def switch_policy(self, policy: PolicyEngine, check: update.UpdateCheck) -> None:
+        """Take `policy` (an allowed `check` from the current one): carry every counted
+        domain's label over (``from=`` renames followed) and recount."""
+        counted: dict[int, str] = {}
+        for d, old in self._counted.items():
+            ref = check.domain_labels.get(d, _MISSING)
+            if isinstance(ref, LabelRef):
+                counted[d] = ref.label
+            elif ref is _MISSING and old in check.maps.vm:
+                counted[d] = check.maps.vm[old]
+        self._policy = policy
+        self._counted = {
+            d: label for d, label in counted.items() if self._resolve(label) is not None
+        }
+        self._rebuild()
+
+
+_MISSING = LabelRef("-", "-")
+
+
+def adapt_running_system(
+    system: HostRunningSystem, labels: LabelStore, counted: Mapping[int, str] | None = None
+) -> update.RunningSystem:
+    """`shyped.host.RunningSystem` -> `shyped.policy.update.RunningSystem`.
+
+    A domain's label is the one it is counted with (else the one recorded in the host model);
+    a resource's label comes from the label store (None: unlabelled).
+    """
+    counted = counted or {}
+    domains = tuple(
+        update.RunningDomain(d.domid, counted.get(d.domid, d.label), d.name) for d in system.domains
+    )
+    channels = tuple(update.LiveChannel(c.dom_a, c.dom_b, c.kind) for c in system.channels)
+    resources = []
+    for r in system.resources:
+        rid = resource_of(r.kind, r.resource)
+        rlabel = labels.resource_label(rid) if rid is not None else None
+        resources.append(update.ResourceInUse(r.domid, rlabel, r.writable, rid or r.resource))
+    return update.RunningSystem(domains, channels, tuple(resources))
