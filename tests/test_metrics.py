@@ -1,0 +1,183 @@
+"""The metrics endpoint after a real sandbox scenario: the sandbox toolstack writes what a Xen
+4.17 host writes into the real oxenstored, the gateway snapshots it, the real event parser and
+host model take it in, a stand-in engine decides (real policy and quota checks), and the
+Twisted server answers a scrape over HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import pytest_twisted
+from metrics_helpers import (
+    MIB,
+    POLICY_SHA256,
+    Decider,
+    build_scenario,
+    http_get,
+    parse_scrape,
+    promtool_check,
+    scenario_policy,
+    value,
+    values,
+)
+from twisted.internet import reactor, threads
+
+from shyped.config import MetricsConfig
+from shyped.events import EventAssembler
+from shyped.host import HostModel
+from shyped.metrics import MetricsState, make_registry, start_metrics_server
+from shyped.sandbox.toolstack import Toolstack
+from shyped.sandbox.xenstored import SandboxXenstored
+from shyped.xenstore import GatewayConfig, XenstoreGateway
+
+
+@pytest.fixture
+def gateway(xenstored: SandboxXenstored) -> Iterator[XenstoreGateway]:
+    gw = XenstoreGateway(GatewayConfig(socket_path=str(xenstored.socket_path)))
+    pytest_twisted.blockon(gw.connect())
+    yield gw
+    pytest_twisted.blockon(gw.close())
+
+
+async def scrape(port: int) -> bytes:
+    url = f"http://127.0.0.1:{port}/metrics"
+    data: bytes = await threads.deferToThread(http_get, url)
+    return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_scrape_after_a_sandbox_scenario_and_after_a_destroy(
+    xenstored: SandboxXenstored, gateway: XenstoreGateway
+) -> None:
+    ts = Toolstack(xenstored.socket_path)
+    doms = build_scenario(ts)
+
+    policy = scenario_policy()
+    state = MetricsState()
+    state.set_policy(policy, POLICY_SHA256, 1_700_000_000.0)
+    state.set_mode("enforcing")
+    state.set_xenstore(gateway.connected, gateway.reconnects)
+    asm, model = EventAssembler(), HostModel(dom0_label="dom0")
+    decider = Decider(policy, state)
+    snap = await gateway.snapshot("/")
+    decider.run(model, asm.reconcile(snap.nodes))
+    state.publish(model)
+
+    port = start_metrics_server(
+        reactor, MetricsConfig(True, "127.0.0.1", 0), make_registry(lambda: state.snapshot)
+    )
+    try:
+        body = await scrape(port.getHost().port)
+        checked = promtool_check(body)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        s = parse_scrape(body.decode())
+
+        web1, db1, web2 = doms["web1"], doms["db1"], doms["web2"]
+        who = {"domain": "web1", "domid": str(web1), "label": "web"}
+        assert value(s, "shyped_domain_info", **who, state="admitted") == 1
+        assert value(s, "shyped_domain_info", domain="db1", state="denied", label="db") == 1
+        assert value(s, "shyped_domain_memory_max_bytes", **who) == 128 * MIB
+        assert value(s, "shyped_domain_memory_target_bytes", domain="web2") == 256 * MIB
+        assert value(s, "shyped_domain_vcpus", **who) == 4
+        assert value(s, "shyped_domain_vcpus_online", **who) == 2
+        for kind in ("vbd", "vif", "console"):
+            assert value(s, "shyped_domain_devices", **who, kind=kind) == 1
+        # netfront's split event channels and tx/rx rings, blkfront's one of each, console's
+        assert value(s, "shyped_domain_event_channels", **who, kind="vif") == 2
+        assert value(s, "shyped_domain_grant_refs", **who, kind="vbd") == 1
+        assert value(s, "shyped_domain_event_channels", **who, kind="vchan") == 1
+        assert value(s, "shyped_domain_vchans", **who, role="server") == 1
+        assert value(s, "shyped_domain_vchans", domain="web2", role="client") == 1
+        # db1 never ran: only the console port libxl wrote, no frontend published anything
+        assert values(s, "shyped_domain_event_channels", domain="db1", kind="vif") == []
+        assert value(s, "shyped_domain_event_channels", domain="db1", kind="console") == 1
+        assert value(s, "shyped_domain_backend_devices", domid="0", kind="vif") == 3
+        # the uuid label is the domain's, as libxl wrote /vm/<uuid>
+        assert value(s, "shyped_domain_info", uuid="6f1b1c9e-2a4d-4c55-9e0e-5ca1ab1e0001") == 1
+
+        # decisions: db1 over its memory quota is denied with rule quota, the rest permitted
+        assert (
+            value(s, "shyped_decisions_total", hook="domain-admit", decision="deny", reason="quota")
+            == 1
+        )
+        assert (
+            value(
+                s, "shyped_decisions_total", hook="domain-admit", decision="permit", reason="quota"
+            )
+            == 2
+        )
+        assert value(s, "shyped_decisions_total", hook="vchan", decision="permit", reason="ste")
+        total = sum(values(s, "shyped_decisions_total"))
+        assert total == len(decider.decisions)
+        assert value(s, "shyped_decision_latency_seconds_count", hook="domain-admit") == 3
+        assert (
+            value(
+                s,
+                "shyped_domain_decisions_total",
+                domain="db1",
+                hook="domain-admit",
+                decision="deny",
+            )
+            == 1
+        )
+        assert value(s, "shyped_domains", label="web", state="admitted") == 2
+
+        # quotas: web runs 2 of 2, its largest domain has 256 of 256 MiB; db has no runner
+        assert value(s, "shyped_quota_used", label="web", quota="domains") == 2
+        assert value(s, "shyped_quota_limit", label="web", quota="domains") == 2
+        assert value(s, "shyped_quota_used", label="web", quota="memory_bytes") == 256 * MIB
+        assert value(s, "shyped_quota_limit", label="db", quota="memory_bytes") == 64 * MIB
+        assert value(s, "shyped_quota_used", label="db", quota="domains") == 0
+
+        assert (
+            value(s, "shyped_policy_info", name="metrics.test", version="1.2", sha256=POLICY_SHA256)
+            == 1
+        )
+        assert value(s, "shyped_enforcement_mode", mode="enforcing") == 1
+        assert value(s, "shyped_enforcement_mode", mode="permissive") == 0
+        assert value(s, "shyped_xenstore_up") == 1
+        assert value(s, "shyped_watch_events_total", kind="domain_appeared") == 3
+        assert value(s, "shyped_watch_events_total", kind="domain_resources") >= 3
+        assert values(s, "shyped_domain_cpu_seconds_total") == []  # no hypervisor: absent
+
+        # destroy web2: after the next reconcile and publish its series are gone
+        ts.destroy(web2)
+        snap = await gateway.snapshot("/")
+        decider.run(model, asm.reconcile(snap.nodes))
+        state.publish(model)
+        s = parse_scrape((await scrape(port.getHost().port)).decode())
+        gone = [(n, lab) for n, lab, _ in s if lab.get("domain") == "web2"]
+        assert gone == []
+        assert [n for n, lab, _ in s if lab.get("domid") == str(web2)] == []
+        assert value(s, "shyped_domain_info", domain="web1", state="admitted") == 1
+        assert value(s, "shyped_domains", label="web", state="admitted") == 1
+        assert value(s, "shyped_quota_used", label="web", quota="domains") == 1
+        assert value(s, "shyped_quota_used", label="web", quota="memory_bytes") == 128 * MIB
+        # web1's rendezvous nodes are still in xenstore (without a hypervisor oxenstored
+        # cannot drop the permission naming the dead client): still served, still counted
+        assert value(s, "shyped_domain_vchans", domain="web1", role="server") == 1
+        assert value(s, "shyped_domain_info", domain="db1", domid=str(db1)) == 1
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_loopback_is_served_and_the_index_points_to_metrics() -> None:
+    state = MetricsState()
+    registry = make_registry(lambda: state.snapshot)
+    for address in ("0.0.0.0", "192.0.2.1", "localhost", "::"):
+        with pytest.raises(ValueError, match=r"metrics\.address"):
+            start_metrics_server(reactor, MetricsConfig(True, address, 0), registry)
+    port = start_metrics_server(reactor, MetricsConfig(True, "127.0.0.1", 0), registry)
+    try:
+        root = await threads.deferToThread(http_get, f"http://127.0.0.1:{port.getHost().port}/")
+        assert b"/metrics" in root
+        # nothing published yet: the exposition is still valid and says so
+        body = await scrape(port.getHost().port)
+        assert promtool_check(body).returncode == 0
+        s = parse_scrape(body.decode())
+        assert value(s, "shyped_metrics_published_timestamp_seconds") == 0
+        assert values(s, "shyped_domain_info") == []
+    finally:
+        await port.stopListening()
