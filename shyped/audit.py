@@ -502,6 +502,7 @@ class _Verifier:
         self.retentions: list[Record] = []
         self.anchor_seen = False
         self.unlocated: int | None = None  # index of a damaged line's finding without a seq
+        self.damaged_at: list[int] = []  # indexes of findings for damaged lines
 
     def add(self, level: Level, msg: str, pos: _Pos | None, seq: int | None) -> None:
         src, line = (pos.source, pos.line) if pos else (None, None)
@@ -538,6 +539,7 @@ class _Verifier:
             )
             return
         self.add(Level.ERROR, f"unreadable record: {why}", pos, seq)
+        self.damaged_at.append(len(self.findings) - 1)
         self.unlocated = len(self.findings) - 1 if seq is None else None
         self.resync = True
 
@@ -748,8 +750,8 @@ class _Verifier:
             if self.complete:
                 self.add(
                     Level.NOTICE,
-                    "no state file: truncation of the newest file at a record boundary cannot "
-                    "be detected",
+                    "no usable state file: truncation of the newest file at a record boundary "
+                    "cannot be detected",
                     None,
                     None,
                 )
@@ -762,11 +764,15 @@ class _Verifier:
                 None,
             )
         elif a.seq > last.seq:
+            damaged = {self.findings[i].seq for i in self.damaged_at}
+            missing = [s for s in range(last.seq + 1, a.seq + 1) if s not in damaged]
+            if not missing:  # they are there, damaged, and reported as such already
+                return
             self.add(
                 Level.ERROR,
                 f"truncated: the state file records seq {a.seq} (hash {a.hash[:16]}…"
                 f"{', in ' + a.file if a.file else ''}) as written, but the log ends at seq "
-                f"{last.seq}: {a.seq - last.seq} record(s) missing at the end",
+                f"{last.seq}: {len(missing)} record(s) missing at the end",
                 _Pos(pos.source, pos.line + 1),
                 last.seq + 1,
             )

@@ -372,3 +372,22 @@ def test_state_file_content(tmp_path: Path) -> None:
     assert (doc["seq"], doc["hash"], doc["file"]) == (*head, "audit-000000000000.jsonl")
     os.truncate(tmp_path / STATE_NAME, 100)  # torn state write: detected, not trusted
     assert read_state(tmp_path / STATE_NAME) == (None, "corrupt")
+
+
+def test_cutting_a_committed_record_in_half_is_not_a_crash_tail(tmp_path: Path) -> None:
+    with AuditLog(small(tmp_path)) as log:
+        recs = feed(log, 4)
+    path = list_log_files(tmp_path)[-1]
+    data = path.read_bytes()
+    cut = len(recs[-1].line) // 3
+    path.write_bytes(data[:-cut])  # the state file says this record was written
+    report, _ = verify_directory(tmp_path)
+    err = report.first_error
+    assert err is not None and "truncated" in err.message and err.seq == recs[-1].seq
+    assert any("incomplete last line" in w.message for w in report.warnings)
+    with AuditLog(small(tmp_path)) as log:  # a restart documents the loss
+        feed(log, 1)
+    rec = next(r for r in file_records(tmp_path) if r["kind"] == "log-recovered")
+    assert rec["lost_records"] == 1 and rec["torn_bytes"] == len(recs[-1].line) - cut
+    report, _ = verify_directory(tmp_path)
+    assert report.ok and "1 committed record(s)" in report.warnings[0].message
