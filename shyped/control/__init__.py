@@ -1,0 +1,1 @@
+"""The control socket: protocol (pure), backend interface, Twisted server, blocking client."""

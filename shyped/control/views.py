@@ -1,0 +1,222 @@
+"""Pure helpers a `ControlBackend` adapter builds its answers with. No I/O.
+
+They take the daemon's own objects (the `Policy`, its `PolicyEngine`, the Chinese Wall
+`RunningSet`, the `LabelStore`) so the answers cannot drift from enforcement: a dry run asks
+the same engine the daemon decides with, with the same inputs it will have when the domain
+appears (its label, the backend domain's label, the resource's stored label).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+from shyped.control.backend import (
+    DiskItem,
+    DomainInfo,
+    DryRunResult,
+    LabelInfo,
+    LabelList,
+    PolicyFormat,
+    PolicyInfo,
+    Verdict,
+    VifItem,
+)
+from shyped.control.protocol import ControlError, ErrorCode
+from shyped.labelstore import LabelStoreError, bridge_resource, resource_id
+from shyped.policy import acm_xml, toml_format
+from shyped.policy.chinese_wall import RunningSet
+from shyped.policy.decisions import Decision, Hook, PolicyEngine
+from shyped.policy.errors import LabelSyntaxError, PolicyError
+from shyped.policy.model import LabelRef, Policy, name_problem
+
+
+def label_list(policy: Policy, kind: str = "any") -> LabelList:
+    """The policy's VM (`vm`), resource (`res`) or all (`any`) labels, in declaration order."""
+    out: list[LabelInfo] = []
+    if kind in ("vm", "any"):
+        for v in policy.vm_labels:
+            out.append(
+                LabelInfo(
+                    name=v.name,
+                    label=policy.label_string(v.name),
+                    type="vm",
+                    ste_types=tuple(sorted(v.ste_types)),
+                    cw_types=tuple(sorted(v.cw_types)),
+                    mls=str(v.mls) if v.mls else None,
+                    bootstrap=v.name == policy.bootstrap,
+                )
+            )
+    if kind in ("res", "any"):
+        for r in policy.resource_labels:
+            out.append(
+                LabelInfo(
+                    name=r.name,
+                    label=policy.label_string(r.name),
+                    type="res",
+                    ste_types=(r.ste_type,),
+                    mls=str(r.mls) if r.mls else None,
+                )
+            )
+    return LabelList(policy=policy.name, labels=tuple(out))
+
+
+def label_name(policy: Policy, label: str) -> str:
+    """A label argument (bare name or ``ACM:<policy>:<label>``) as a bare name of `policy`.
+
+    ``invalid-argument`` if it cannot be parsed or names another policy; existence is not
+    checked here (see `find_label`).
+    """
+    if ":" in label:
+        try:
+            ref = LabelRef.parse(label)
+        except LabelSyntaxError as exc:
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        if ref.policy != policy.name:
+            raise ControlError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"label {label!r} is of policy {ref.policy!r}, not the active {policy.name!r}",
+            )
+        return ref.label
+    why = name_problem(label, "label name")
+    if why is not None:
+        raise ControlError(ErrorCode.INVALID_ARGUMENT, why)
+    return label
+
+
+def find_label(policy: Policy, label: str, kind: str) -> LabelInfo:
+    """The VM (`vm`) or resource (`res`) label named by `label`; ``not-found`` if none."""
+    name = label_name(policy, label)
+    exists = policy.vm_label(name) if kind == "vm" else policy.resource_label(name)
+    if exists is None:
+        what = "VM" if kind == "vm" else "resource"
+        raise ControlError(
+            ErrorCode.NOT_FOUND, f"policy {policy.name!r} has no {what} label {name!r}"
+        )
+    (info,) = [i for i in label_list(policy, kind).labels if i.name == name]
+    return info
+
+
+def policy_info(
+    policy: Policy, raw: bytes, fmt: PolicyFormat, source: str | None = None
+) -> PolicyInfo:
+    """Name, version and the sha256 of the bytes the policy was loaded from."""
+    return PolicyInfo(
+        name=policy.name,
+        version=str(policy.version),
+        sha256=hashlib.sha256(raw).hexdigest(),
+        format=fmt,
+        source=source,
+    )
+
+
+def detect_format(text: str, fmt: str = "auto") -> PolicyFormat:
+    """``acm-xml`` for text starting with ``<`` (after blanks/BOM), else ``toml``."""
+    if fmt == "toml":
+        return "toml"
+    if fmt == "acm-xml":
+        return "acm-xml"
+    return "acm-xml" if text.lstrip("\ufeff \t\r\n").startswith("<") else "toml"
+
+
+def parse_policy(text: str, filename: str, fmt: str = "auto") -> tuple[Policy, PolicyFormat]:
+    """Load a policy text; ``policy-invalid`` with every problem (file:line: message)."""
+    kind = detect_format(text, fmt)
+    try:
+        if kind == "acm-xml":
+            return acm_xml.loads(text.encode("utf-8"), file=filename), kind
+        return toml_format.loads(text, file=filename), kind
+    except PolicyError as exc:
+        problems = [str(p) for p in exc.problems]
+        raise ControlError(
+            ErrorCode.POLICY_INVALID,
+            f"{filename}: the policy does not load ({len(problems)} problem(s))",
+            {"problems": problems[:200]},
+        ) from None
+
+
+def match_domain(ref: str, domains: Iterable[DomainInfo]) -> DomainInfo:
+    """The domain `ref` names: a domid, then a UUID, then a unique name; ``not-found``."""
+    doms = [d for d in domains if d.state != "gone"]
+    if ref.isdecimal() and len(ref) < 12:
+        for d in doms:
+            if d.domid == int(ref):
+                return d
+    low = ref.lower()
+    for d in doms:
+        if d.uuid is not None and d.uuid.lower() == low:
+            return d
+    named = [d for d in doms if d.name == ref]
+    if len(named) == 1:
+        return named[0]
+    if len(named) > 1:
+        ids = ", ".join(str(d.domid) for d in named)
+        raise ControlError(
+            ErrorCode.INVALID_ARGUMENT, f"{len(named)} domains are named {ref!r} ({ids})"
+        )
+    raise ControlError(ErrorCode.NOT_FOUND, f"no domain {ref[:80]!r} (name, domid or uuid)")
+
+
+Kind = Literal["domain", "disk", "vif"]
+
+
+def _verdict(item: str, kind: Kind, d: Decision) -> Verdict:
+    return Verdict(item=item, kind=kind, permitted=d.permitted, reason=str(d), rule=str(d.rule))
+
+
+def _worst(item: str, kind: Kind, decisions: Iterable[Decision]) -> Verdict:
+    """The first denial among `decisions`, else a permit naming what was checked."""
+    ds = list(decisions)
+    for d in ds:
+        if not d.permitted:
+            return _verdict(item, kind, d)
+    reason = "; ".join(str(d) for d in ds)
+    return Verdict(item=item, kind=kind, permitted=True, reason=reason, rule=None)
+
+
+def dry_run(
+    engine: PolicyEngine,
+    *,
+    subject: str,
+    label: str | None,
+    running: RunningSet | None,
+    disks: Iterable[DiskItem],
+    vifs: Iterable[VifItem],
+    domain_label: Callable[[int], str | None],
+    resource_label: Callable[[str], str | None],
+) -> DryRunResult:
+    """Would a domain labelled `label` and each of its devices be admitted now?
+
+    `running` is the Chinese Wall running set for a *new* domain (an admission item is
+    included), None for devices of a running domain. `domain_label(domid)` gives a backend
+    domain's label (dom0: the bootstrap label), `resource_label(resource_id)` a resource's
+    stored label (None: unlabelled). Each device gets the first denial among its checks:
+    the device channel to its backend (STE/MLS), then the resource (STE/MLS, writable or not).
+    """
+    items: list[Verdict] = []
+    if running is not None:
+        items.append(_verdict(f"domain {subject}", "domain", running.admit(label)))
+    for disk in disks:
+        what = f"disk {disk.vdev}" + (f" ({disk.target})" if disk.target else "")
+        checks = [engine.channel(Hook.DEVICE_CHANNEL, label, domain_label(disk.backend_domid))]
+        if disk.target:
+            try:
+                rid = resource_id(disk.target)
+            except LabelStoreError as exc:
+                items.append(Verdict(what, "disk", False, f"deny resource: {exc}", "label"))
+                continue
+            checks.append(engine.resource(label, resource_label(rid), writable=disk.writable))
+        items.append(_worst(what, "disk", checks))
+    for n, vif in enumerate(vifs):
+        devid = vif.devid if vif.devid is not None else n
+        what = f"vif {devid} (bridge {vif.bridge})"
+        checks = [engine.channel(Hook.DEVICE_CHANNEL, label, domain_label(vif.backend_domid))]
+        try:
+            rid = bridge_resource(vif.bridge)
+        except LabelStoreError as exc:
+            items.append(Verdict(what, "vif", False, f"deny resource: {exc}", "label"))
+            continue
+        checks.append(engine.resource(label, resource_label(rid), writable=True))
+        items.append(_worst(what, "vif", checks))
+    return DryRunResult(permitted=all(i.permitted for i in items), items=tuple(items))

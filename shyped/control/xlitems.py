@@ -1,0 +1,181 @@
+"""What the daemon must check in an xl.cfg or an attach command, as control-protocol items.
+
+Pure. shypectl ``dry-run`` and shype-xl read a domain configuration the way ``xl create``
+does — the file, then each ``KEY=VALUE`` override from the command line appended as a line
+(tools/xl/xl_vmcontrol.c ``main_create``'s ``extra_config``), later assignments winning — with
+the safe parser of `shyped.sandbox.xlcfg` (``ast.literal_eval`` only, never ``eval``). Unlike
+the sandbox toolstack this accepts any guest type (HVM, PVH): only the name, uuid, label,
+disks and vifs matter here.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import attrs
+
+from shyped.control.backend import DiskItem, NewDomain, VifItem
+from shyped.sandbox.xlcfg import (
+    CfgValue,
+    SecurityLabel,
+    XlConfigError,
+    parse_access_control,
+    parse_acm_label,
+    parse_assignments,
+    parse_disk_spec,
+    parse_vif_spec,
+)
+
+#: libxl's default bridge for a vif without ``bridge=`` (libxl__device_nic_setdefault).
+DEFAULT_BRIDGE = "xenbr0"
+
+
+@attrs.frozen
+class CfgSummary:
+    """The parts of an xl.cfg the policy decides on."""
+
+    name: str
+    uuid: str | None
+    label: SecurityLabel | None
+    disks: tuple[DiskItem, ...]
+    vifs: tuple[VifItem, ...]
+    values: dict[str, CfgValue] = attrs.field(eq=False, repr=False)
+
+    @property
+    def domain(self) -> NewDomain:
+        return NewDomain(
+            name=self.name,
+            uuid=self.uuid,
+            label=str(self.label) if self.label is not None else None,
+        )
+
+
+def with_overrides(text: str, overrides: list[str]) -> str:
+    """The cfg text as xl sees it: each ``KEY=VALUE`` override appended as a line."""
+    if not overrides:
+        return text
+    return text + "\n" + "\n".join(overrides) + "\n"
+
+
+def cfg_label(values: dict[str, CfgValue], filename: str) -> SecurityLabel | None:
+    """The ACM label of a cfg: ``seclabel``/``init_seclabel`` = ``ACM:P:L`` or
+    ``access_control = ['policy=P,label=L']`` (both: they must agree). A non-ACM (FLASK)
+    seclabel is not an ACM label: None."""
+    label: SecurityLabel | None = None
+    for key in ("init_seclabel", "seclabel"):
+        value = values.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise XlConfigError(f"{filename}: {key} must be a string")
+        if value.startswith("ACM:"):
+            label = parse_acm_label(value)
+            break
+    if "access_control" in values:
+        acl = values["access_control"]
+        if not isinstance(acl, list):
+            raise XlConfigError(f"{filename}: access_control must be a list")
+        from_acl = parse_access_control(acl)
+        if label is not None and label != from_acl:
+            raise XlConfigError(f"{filename}: seclabel and access_control name different labels")
+        label = from_acl
+    return label
+
+
+def disk_item(spec: str) -> DiskItem:
+    d = parse_disk_spec(spec)
+    return DiskItem(
+        target=d.target,
+        vdev=d.vdev,
+        writable=d.readwrite,
+        backend_domid=d.backend_domid,
+        cdrom=d.cdrom,
+    )
+
+
+def vif_item(spec: str) -> VifItem:
+    v = parse_vif_spec(spec)
+    return VifItem(
+        bridge=v.bridge or DEFAULT_BRIDGE, backend_domid=v.backend_domid, mac=v.mac, devid=v.devid
+    )
+
+
+def summarize(text: str, filename: str = "<xl.cfg>") -> CfgSummary:
+    """Parse an xl.cfg text (overrides already appended); `XlConfigError` on anything bad."""
+    values = parse_assignments(text, filename)
+
+    def strings(key: str) -> list[str]:
+        value = values.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise XlConfigError(f"{filename}: {key} must be a list of strings")
+        return [str(v) for v in value]
+
+    name = values.get("name")
+    if not isinstance(name, str) or not name:
+        raise XlConfigError(f"{filename}: domain name must be specified")
+    uuid = values.get("uuid")
+    if uuid is not None and not isinstance(uuid, str):
+        raise XlConfigError(f"{filename}: uuid must be a string")
+    return CfgSummary(
+        name=name,
+        uuid=uuid,
+        label=cfg_label(values, filename),
+        disks=tuple(disk_item(s) for s in strings("disk")),
+        vifs=tuple(vif_item(s) for s in strings("vif")),
+        values=values,
+    )
+
+
+def set_cfg_label(text: str, label: str | None, filename: str = "<xl.cfg>") -> str:
+    """The cfg text with its ACM label replaced by `label` (removed when None).
+
+    Every ``seclabel``, ACM ``init_seclabel`` and ``access_control`` statement is removed (its
+    whole lines, comments on them included) and one ``seclabel = "ACM:P:L"`` line is put where
+    the first was, or appended. Other lines are kept byte for byte. The result is parsed again
+    and must carry exactly `label`. A FLASK ``init_seclabel`` (xl would prefer it over
+    ``seclabel``) is refused: edit that file by hand.
+    """
+    values = parse_assignments(text, filename)  # refuses anything that is not key = literal
+    init = values.get("init_seclabel")
+    if isinstance(init, str) and not init.startswith("ACM:"):
+        raise XlConfigError(f"{filename}: has a non-ACM init_seclabel; edit it by hand")
+    if label is not None:
+        parse_acm_label(label)
+    tree = ast.parse(text, filename=filename)
+    lines = text.splitlines(keepends=True)
+    drop: set[int] = set()
+    first: int | None = None
+    for stmt in tree.body:
+        assert isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name)
+        if stmt.targets[0].id in ("seclabel", "init_seclabel", "access_control"):
+            end = stmt.end_lineno or stmt.lineno
+            for n in range(stmt.lineno - 1, end):
+                drop.add(n)
+            if first is None:
+                first = stmt.lineno - 1
+    for stmt in tree.body:
+        assert isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name)
+        span = set(range(stmt.lineno - 1, stmt.end_lineno or stmt.lineno))
+        if stmt.targets[0].id not in ("seclabel", "init_seclabel", "access_control") and (
+            span & drop
+        ):
+            raise XlConfigError(
+                f"{filename}:{stmt.lineno}: a label shares its line with {stmt.targets[0].id}; "
+                "put it on a line of its own"
+            )
+    new_line = f'seclabel = "{label}"\n' if label is not None else None
+    out: list[str] = []
+    for n, line in enumerate(lines):
+        if n == first and new_line is not None:
+            out.append(new_line)
+        if n not in drop:
+            out.append(line)
+    if first is None and new_line is not None:
+        if out and not out[-1].endswith("\n"):
+            out[-1] += "\n"
+        out.append(new_line)
+    result = "".join(out)
+    check = cfg_label(parse_assignments(result, filename), filename)
+    if (str(check) if check else None) != label:
+        raise XlConfigError(f"{filename}: could not set the label safely; file left unchanged")
+    return result

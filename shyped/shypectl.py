@@ -1,0 +1,604 @@
+"""``shypectl``: the administrator's command line for shyped (Xen ACM's ``xm`` security verbs).
+
+Human output by default, ``--json`` for scripts (the daemon's result object; on failure
+``{"error": {"code": ..., "message": ..., "details": ...}}``). Every command talks to the
+daemon's control socket (``--socket``, ``$SHYPED_SOCKET``, default /run/shyped/control.sock)
+except ``audit`` and ``policy graph FILE``, which read files.
+
+Exit status (stable, see docs/control-protocol.md):
+
+====  =====================================================================================
+0     success (dry-run: every item PERMITTED; policy check: the update would be accepted)
+1     the policy said no: dry-run DENIED, relabel denied, policy load/check rejected;
+      policy diff: the policies differ
+2     usage error or bad input (arguments, cfg file, label or policy text)
+3     the daemon could not be asked or failed (not running, timeout, internal error)
+4     permission denied by the daemon (see control.read_group / admin_group)
+5     not found (domain, label, resource)
+====  =====================================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+from shyped.control import backend as b
+from shyped.control.client import ControlClient, DaemonUnreachable
+from shyped.control.protocol import ControlError, ErrorCode, unstructure
+from shyped.control.views import parse_policy
+from shyped.control.xlitems import set_cfg_label, summarize, with_overrides
+from shyped.policy import toml_format
+from shyped.policy.analysis import analyse, to_dot
+from shyped.policy.model import Policy
+from shyped.sandbox.xlcfg import XlConfigError
+
+EXIT_OK: Final = 0
+EXIT_DENIED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_DAEMON: Final = 3
+EXIT_PERMISSION: Final = 4
+EXIT_NOT_FOUND: Final = 5
+
+_EXIT_BY_CODE: Final = {
+    ErrorCode.DENIED: EXIT_DENIED,
+    ErrorCode.POLICY_REJECTED: EXIT_DENIED,
+    ErrorCode.BAD_REQUEST: EXIT_USAGE,
+    ErrorCode.INVALID_ARGUMENT: EXIT_USAGE,
+    ErrorCode.POLICY_INVALID: EXIT_USAGE,
+    ErrorCode.TOO_LARGE: EXIT_USAGE,
+    ErrorCode.PERMISSION_DENIED: EXIT_PERMISSION,
+    ErrorCode.NOT_FOUND: EXIT_NOT_FOUND,
+}
+
+
+def exit_status(code: ErrorCode) -> int:
+    """The documented exit status for a daemon error code (3 for anything else)."""
+    return _EXIT_BY_CODE.get(code, EXIT_DAEMON)
+
+
+class UsageError(Exception):
+    """Bad local input (exit 2)."""
+
+
+class Ctx:
+    """What every command gets: the client, output streams and the output mode."""
+
+    def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+        self.args = args
+        self.out = out
+        self.err = err
+        self.json = bool(args.json)
+        self._client: ControlClient | None = None
+
+    @property
+    def client(self) -> ControlClient:
+        if self._client is None:
+            self._client = ControlClient(self.args.socket, timeout=self.args.timeout)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def emit(self, result: Any, human: Callable[[], None]) -> None:
+        """Print `result` as JSON (--json) or through `human`."""
+        if self.json:
+            print(json.dumps(unstructure(result), indent=2, sort_keys=True), file=self.out)
+        else:
+            human()
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {path} is not UTF-8 text") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically, keeping its mode (and owner when root)."""
+    st = path.stat()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, st.st_mode & 0o7777)
+        if os.geteuid() == 0:
+            os.chown(tmp, st.st_uid, st.st_gid)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dirfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def _policy_source(path: Path) -> b.PolicySource:
+    return b.PolicySource(text=_read_text(path, "policy"), filename=str(path))
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_status(ctx: Ctx) -> int:
+    st = ctx.client.status()
+
+    def human() -> None:
+        c, p = st.counts, st.policy
+        ctx.say(f"mode:       {st.mode}")
+        ctx.say(f"policy:     {p.name} {p.version} ({p.format})")
+        ctx.say(f"sha256:     {p.sha256}")
+        if p.source:
+            ctx.say(f"source:     {p.source}")
+        ctx.say(f"ready:      {_yes(st.ready)}")
+        ctx.say(
+            f"domains:    {c.domains} ({c.admitted} admitted, {c.denied} denied, "
+            f"{c.paused} paused, {c.undecided} undecided)"
+        )
+        ctx.say(f"devices:    {c.devices}; vchans: {c.vchans}")
+        ctx.say(
+            f"labels:     {c.vm_labels} VM, {c.resource_labels} resource; "
+            f"{c.labelled_resources} labelled resource(s)"
+        )
+        if st.daemon:
+            ctx.say(f"daemon:     {st.daemon}")
+
+    ctx.emit(st, human)
+    return EXIT_OK
+
+
+def cmd_getenforce(ctx: Ctx) -> int:
+    mode = ctx.client.getenforce()
+    ctx.emit(mode, lambda: ctx.say(mode.mode.capitalize()))
+    return EXIT_OK
+
+
+_MODES: Final = {
+    "enforcing": "enforcing",
+    "1": "enforcing",
+    "permissive": "permissive",
+    "0": "permissive",
+}
+
+
+def cmd_setenforce(ctx: Ctx) -> int:
+    mode = _MODES.get(ctx.args.mode.lower())
+    if mode is None:
+        raise UsageError(f"mode must be enforcing|permissive|1|0, not {ctx.args.mode!r}")
+    res = ctx.client.setenforce(mode)  # type: ignore[arg-type]
+    ctx.emit(res, lambda: ctx.say(f"{res.mode} (was {res.previous})"))
+    return EXIT_OK
+
+
+def cmd_labels(ctx: Ctx) -> int:
+    res = ctx.client.labels(ctx.args.type)
+
+    def human() -> None:
+        for lab in res.labels:
+            extra = []
+            if ctx.args.long:
+                extra.append("ste=" + ",".join(lab.ste_types))
+                if lab.type == "vm":
+                    extra.append("cw=" + ",".join(lab.cw_types))
+                if lab.mls:
+                    extra.append("mls=" + lab.mls)
+                if lab.bootstrap:
+                    extra.append("bootstrap")
+            tail = ("  " + " ".join(extra)) if extra else ""
+            kind = "" if ctx.args.type != "any" else f"{lab.type:<4}"
+            ctx.say(f"{kind}{lab.name}{tail}")
+
+    ctx.emit(res, human)
+    return EXIT_OK
+
+
+def cmd_getlabel(ctx: Ctx) -> int:
+    if ctx.args.kind == "dom":
+        dom = ctx.client.get_domain_label(ctx.args.target)
+        ctx.emit(dom, lambda: ctx.say(dom.label or "(unlabelled)"))
+    else:
+        res = ctx.client.get_resource_label(ctx.args.target)
+        ctx.emit(res, lambda: ctx.say(res.label or "(unlabelled)"))
+    return EXIT_OK
+
+
+def _edit_cfg(ctx: Ctx, path: Path, label: str | None) -> int:
+    text = _read_text(path, "domain config")
+    new = set_cfg_label(text, label, str(path))
+    if new != text:
+        _write_atomic(path, new)
+    result = {"config": str(path), "label": label}
+    ctx.emit(result, lambda: ctx.say(f"{path}: {'seclabel = ' + label if label else 'unlabelled'}"))
+    return EXIT_OK
+
+
+def cmd_addlabel(ctx: Ctx) -> int:
+    kind, target, label = ctx.args.kind, ctx.args.target, ctx.args.label
+    if kind == "dom":
+        info = ctx.client.validate_label(label, "vm")
+        return _edit_cfg(ctx, Path(target), info.label)
+    if kind == "mgt":
+        dom = ctx.client.relabel_domain(target, label)
+        ctx.emit(dom, lambda: ctx.say(f"{dom.name or dom.domid} (domid {dom.domid}): {dom.label}"))
+        return EXIT_OK
+    change = ctx.client.set_resource_label(target, label)
+    ctx.emit(
+        change,
+        lambda: ctx.say(
+            f"{change.resource}: {change.label} (was {change.previous or 'unlabelled'})"
+        ),
+    )
+    return EXIT_OK
+
+
+def cmd_rmlabel(ctx: Ctx) -> int:
+    kind, target = ctx.args.kind, ctx.args.target
+    if kind == "dom":
+        return _edit_cfg(ctx, Path(target), None)
+    change = ctx.client.set_resource_label(target, None)
+    ctx.emit(
+        change,
+        lambda: ctx.say(f"{change.resource}: unlabelled (was {change.previous or 'unlabelled'})"),
+    )
+    return EXIT_OK
+
+
+def cmd_resources(ctx: Ctx) -> int:
+    res = ctx.client.resources()
+
+    def human() -> None:
+        width = max((len(r.resource) for r in res.resources), default=8)
+        for r in res.resources:
+            ctx.say(f"{r.resource:<{width}}  {r.label or '(unlabelled)'}")
+
+    ctx.emit(res, human)
+    return EXIT_OK
+
+
+def _print_verdicts(ctx: Ctx, items: Sequence[b.Verdict]) -> None:
+    width = max((len(i.item) for i in items), default=10)
+    for i in items:
+        verdict = "PERMITTED" if i.permitted else "DENIED"
+        ctx.say(f"{i.item:<{width}}  {verdict:<9}  {i.reason}")
+
+
+def cmd_dry_run(ctx: Ctx) -> int:
+    path = Path(ctx.args.config)
+    text = with_overrides(_read_text(path, "domain config"), ctx.args.overrides)
+    cfg = summarize(text, str(path))
+    res = ctx.client.dry_run(b.DryRunArgs(domain=cfg.domain, disks=cfg.disks, vifs=cfg.vifs))
+
+    def human() -> None:
+        _print_verdicts(ctx, res.items)
+        ctx.say("PERMITTED" if res.permitted else "DENIED")
+
+    ctx.emit(res, human)
+    return EXIT_OK if res.permitted else EXIT_DENIED
+
+
+def cmd_list(ctx: Ctx) -> int:
+    res = ctx.client.list_domains()
+
+    def human() -> None:
+        ctx.say(f"{'Name':<40} {'ID':>5} {'State':<9} Security Label")
+        for d in sorted(res.domains, key=lambda d: d.domid):
+            ctx.say(f"{(d.name or '?'):<40} {d.domid:>5} {d.state:<9} {d.label or '-'}")
+
+    ctx.emit(res, human)
+    return EXIT_OK
+
+
+# ---- policy
+
+
+def cmd_policy_show(ctx: Ctx) -> int:
+    res = ctx.client.policy_show(ctx.args.format)
+
+    def human() -> None:
+        ctx.out.write(res.text if res.text.endswith("\n") else res.text + "\n")
+
+    ctx.emit(res, human)
+    return EXIT_OK
+
+
+def cmd_policy_check(ctx: Ctx) -> int:
+    res = ctx.client.policy_check(_policy_source(Path(ctx.args.file)))
+
+    def human() -> None:
+        p = res.policy
+        if res.allowed:
+            ctx.say(f"{p.name} {p.version}: would be accepted")
+        else:
+            ctx.say(f"{p.name} {p.version}: would be rejected ({len(res.problems)} reason(s))")
+            for problem in res.problems:
+                ctx.say(f"  {problem}")
+
+    ctx.emit(res, human)
+    return EXIT_OK if res.allowed else EXIT_DENIED
+
+
+def cmd_policy_load(ctx: Ctx) -> int:
+    source = _policy_source(Path(ctx.args.file)) if ctx.args.file else None
+    res = ctx.client.policy_load(source)
+
+    def human() -> None:
+        was = f" (was {res.previous.name} {res.previous.version})" if res.previous else ""
+        ctx.say(f"loaded {res.policy.name} {res.policy.version}{was}")
+
+    ctx.emit(res, human)
+    return EXIT_OK
+
+
+def _active_policy(ctx: Ctx) -> tuple[Policy, str]:
+    shown = ctx.client.policy_show("toml")
+    policy, _ = parse_policy(shown.text, f"<active policy {shown.policy.name}>", "toml")
+    return policy, f"active {shown.policy.name} {shown.policy.version}"
+
+
+def _file_policy(path: Path) -> Policy:
+    text = _read_text(path, "policy")
+    return parse_policy(text, str(path))[0]
+
+
+def _label_summary(old: Policy, new: Policy) -> list[str]:
+    lines: list[str] = []
+    for what, a, b_ in (
+        ("VM label", {v.name: v for v in old.vm_labels}, {v.name: v for v in new.vm_labels}),
+        (
+            "resource label",
+            {r.name: r for r in old.resource_labels},
+            {r.name: r for r in new.resource_labels},
+        ),
+    ):
+        for name in sorted(set(b_) - set(a)):
+            lines.append(f"+ {what} {name}")
+        for name in sorted(set(a) - set(b_)):
+            lines.append(f"- {what} {name}")
+        for name in sorted(set(a) & set(b_)):
+            if a[name] != b_[name]:
+                lines.append(f"~ {what} {name}")
+    for what, ta, tb in (
+        ("STE type", set(old.ste_types), set(new.ste_types)),
+        ("CW type", set(old.cw_types), set(new.cw_types)),
+    ):
+        lines += [f"+ {what} {t}" for t in sorted(tb - ta)]
+        lines += [f"- {what} {t}" for t in sorted(ta - tb)]
+    return lines
+
+
+def cmd_policy_diff(ctx: Ctx) -> int:
+    new = _file_policy(Path(ctx.args.file))
+    if ctx.args.against:
+        old, old_name = _file_policy(Path(ctx.args.against)), str(ctx.args.against)
+    else:
+        old, old_name = _active_policy(ctx)
+    a = toml_format.dumps(old).splitlines(keepends=True)
+    bb = toml_format.dumps(new).splitlines(keepends=True)
+    diff = list(difflib.unified_diff(a, bb, fromfile=old_name, tofile=str(ctx.args.file)))
+    summary = _label_summary(old, new)
+    result = {"same": not diff, "summary": summary, "diff": "".join(diff)}
+
+    def human() -> None:
+        for line in summary:
+            ctx.say(line)
+        if summary and diff:
+            ctx.say()
+        ctx.out.write("".join(diff))
+
+    ctx.emit(result, human)
+    return EXIT_OK if not diff else EXIT_DENIED
+
+
+def cmd_policy_graph(ctx: Ctx) -> int:
+    policy = _file_policy(Path(ctx.args.file)) if ctx.args.file else _active_policy(ctx)[0]
+    dot = to_dot(
+        analyse(policy), resources=not ctx.args.no_resources, conflicts=not ctx.args.no_conflicts
+    )
+    output: Path | None = ctx.args.output
+    svg = ctx.args.svg or (output is not None and output.suffix == ".svg")
+    data = dot.encode()
+    if svg:
+        tool = shutil.which("dot")
+        if tool is None:
+            raise UsageError("SVG needs Graphviz's `dot` (apt-get install graphviz); use DOT")
+        proc = subprocess.run([tool, "-Tsvg"], input=data, capture_output=True, check=False)
+        if proc.returncode != 0:
+            raise UsageError(f"dot failed: {proc.stderr.decode(errors='replace').strip()}")
+        data = proc.stdout
+    if output is not None:
+        output.write_bytes(data)
+        if not ctx.json:
+            ctx.say(f"wrote {output}")
+        else:
+            ctx.say(json.dumps({"output": str(output), "format": "svg" if svg else "dot"}))
+    else:
+        ctx.out.write(data.decode())
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- argparse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shypectl",
+        description="Administer shyped: sHype/Xen ACM mandatory access control for Xen.",
+        epilog="Exit status: 0 ok, 1 denied/rejected, 2 usage or bad input, 3 daemon "
+        "unreachable or failed, 4 permission denied, 5 not found.",
+    )
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        help="control socket (default $SHYPED_SOCKET or /run/shyped/control.sock)",
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for answers")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser(
+        "status", help="mode, active policy (name, version, sha256), counts"
+    ).set_defaults(func=cmd_status)
+    sub.add_parser("getenforce", help="print Enforcing or Permissive").set_defaults(
+        func=cmd_getenforce
+    )
+    p = sub.add_parser("setenforce", help="switch between enforcing and permissive")
+    p.add_argument("mode", help="enforcing|permissive|1|0")
+    p.set_defaults(func=cmd_setenforce)
+
+    p = sub.add_parser("labels", help="the active policy's labels (xm labels)")
+    p.add_argument(
+        "--type",
+        choices=("vm", "res", "any"),
+        default="vm",
+        help="VM labels (default), resource labels, or both",
+    )
+    p.add_argument("-l", "--long", action="store_true", help="with types and MLS")
+    p.set_defaults(func=cmd_labels)
+
+    p = sub.add_parser("getlabel", help="a domain's or resource's label (xm getlabel)")
+    p.add_argument("kind", choices=("dom", "res"))
+    p.add_argument(
+        "target", help="dom: name, domid or uuid; res: file:/path, phy:/dev/…, bridge:NAME"
+    )
+    p.set_defaults(func=cmd_getlabel)
+
+    p = sub.add_parser(
+        "addlabel",
+        help="label a domain config (dom), a running domain (mgt) or a resource (res)",
+        description="dom CFG: write seclabel= into the xl.cfg (after the daemon validated the "
+        "label); mgt DOMAIN: relabel a running domain (the daemon re-checks the Chinese Wall "
+        "and its live channels and resources); res RESOURCE: label a disk image, device or "
+        "bridge (file:/path, phy:/dev/…, bridge:NAME).",
+    )
+    p.add_argument("label", help="label name or ACM:<policy>:<label>")
+    p.add_argument("kind", choices=("dom", "mgt", "res"))
+    p.add_argument("target")
+    p.set_defaults(func=cmd_addlabel)
+
+    p = sub.add_parser("rmlabel", help="remove the label of a domain config or a resource")
+    p.add_argument("kind", choices=("dom", "res"))
+    p.add_argument("target")
+    p.set_defaults(func=cmd_rmlabel)
+
+    sub.add_parser("resources", help="labelled resources (xm resources)").set_defaults(
+        func=cmd_resources
+    )
+
+    p = sub.add_parser(
+        "dry-run",
+        help="would this domain and its disks/vifs be admitted now? (xm dry-run)",
+    )
+    p.add_argument("config", help="xl.cfg file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="as for xl create")
+    p.set_defaults(func=cmd_dry_run)
+
+    sub.add_parser("list", help="domains with their labels (xl list -Z)").set_defaults(
+        func=cmd_list
+    )
+
+    pol = sub.add_parser("policy", help="show, check, load, diff or graph a policy")
+    psub = pol.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
+    p = psub.add_parser("show", help="print the active policy")
+    p.add_argument("--format", choices=("toml", "acm-xml"), default="toml")
+    p.set_defaults(func=cmd_policy_show)
+    p = psub.add_parser("check", help="would FILE replace the active policy now?")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_policy_check)
+    p = psub.add_parser("load", help="activate FILE (or re-read the configured policy)")
+    p.add_argument("file", type=Path, nargs="?")
+    p.set_defaults(func=cmd_policy_load)
+    p = psub.add_parser("diff", help="what FILE changes against the active policy")
+    p.add_argument("file", type=Path)
+    p.add_argument("--against", type=Path, help="compare with this file instead")
+    p.set_defaults(func=cmd_policy_diff)
+    p = psub.add_parser("graph", help="the policy's communication graph (DOT, or SVG)")
+    p.add_argument("file", type=Path, nargs="?", help="policy file (default: the active one)")
+    p.add_argument("--svg", action="store_true", help="render SVG with Graphviz dot")
+    p.add_argument("-o", "--output", type=Path, help="write here (.svg implies --svg)")
+    p.add_argument("--no-resources", action="store_true", help="leave resource labels out")
+    p.add_argument("--no-conflicts", action="store_true", help="leave CW conflicts out")
+    p.set_defaults(func=cmd_policy_graph)
+
+    try:
+        from shyped import auditcli
+    except ImportError:  # pragma: no cover - the audit CLI ships with the daemon
+        pass
+    else:
+        a = auditcli.add_audit_commands(sub)
+        a.set_defaults(func=lambda ctx: auditcli.run(ctx.args, ctx.out, ctx.err))
+    return parser
+
+
+def _print_error(ctx: Ctx, exc: ControlError) -> None:
+    if ctx.json:
+        print(json.dumps({"error": exc.to_json()}, indent=2, sort_keys=True), file=ctx.out)
+        return
+    print(f"shypectl: {exc.message} [{exc.code}]", file=ctx.err)
+    for key in ("reasons", "problems"):
+        for item in exc.details.get(key, [])[:100]:
+            print(f"  {item}", file=ctx.err)
+
+
+def run(
+    argv: Sequence[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+) -> int:
+    """Run shypectl with `argv`; the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ctx = Ctx(args, out, err)
+    try:
+        status: int = args.func(ctx)
+        return status
+    except ControlError as exc:
+        _print_error(ctx, exc)
+        return exit_status(exc.code)
+    except DaemonUnreachable as exc:
+        if ctx.json:
+            doc = {"error": {"code": "unreachable", "message": str(exc)}}
+            print(json.dumps(doc, indent=2), file=out)
+        else:
+            print(f"shypectl: {exc}", file=err)
+        return EXIT_DAEMON
+    except (UsageError, XlConfigError) as exc:
+        if ctx.json:
+            print(json.dumps({"error": {"code": "usage", "message": str(exc)}}, indent=2), file=out)
+        else:
+            print(f"shypectl: {exc}", file=err)
+        return EXIT_USAGE
+    finally:
+        ctx.close()
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()
