@@ -1,0 +1,162 @@
+"""A real Prometheus server (Debian's /usr/bin/prometheus) scrapes the Twisted endpoint every
+second on loopback; its HTTP API must then return our series. Bounded waits; the server is
+killed afterwards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from hostmodel_helpers import from_snapshot, load_layout
+from metrics_helpers import POLICY_SHA256, http_get, scenario_policy
+from twisted.internet import reactor, task, threads
+
+from shyped.config import MetricsConfig
+from shyped.metrics import MetricsState, make_registry, start_metrics_server
+from shyped.policy.decisions import Decision, Hook, Rule
+
+PROMETHEUS = shutil.which("prometheus")
+pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed")
+UUID1 = "6f1b1c9e-2a4d-4c55-9e0e-5ca1ab1e0001"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Prometheus:
+    """One prometheus process on loopback with its own storage, scraping `target`."""
+
+    def __init__(self, workdir: Path, target: str) -> None:
+        self.port = free_port()
+        config = workdir / "prometheus.yml"
+        config.write_text(
+            "global:\n"
+            "  scrape_interval: 1s\n"
+            "  evaluation_interval: 1s\n"
+            "scrape_configs:\n"
+            "  - job_name: shyped\n"
+            "    scrape_interval: 1s\n"
+            "    scrape_timeout: 1s\n"
+            "    static_configs:\n"
+            f"      - targets: ['{target}']\n"
+        )
+        self.log = (workdir / "prometheus.log").open("wb")
+        assert PROMETHEUS is not None
+        self.proc = subprocess.Popen(
+            [
+                PROMETHEUS,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+        )
+
+    def api(self, path: str, **params: str) -> Any:
+        url = f"http://127.0.0.1:{self.port}{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        return json.loads(http_get(url, timeout=5))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+async def wait_for(probe: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `probe` in a thread (the reactor keeps serving scrapes) until it returns a truthy
+    value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = await threads.deferToThread(probe)
+        except OSError as exc:  # not listening yet
+            last = exc
+        if last and not isinstance(last, OSError):
+            return last
+        await task.deferLater(reactor, 0.25, lambda: None)
+    raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
+
+
+@pytest_twisted.ensureDeferred
+async def test_prometheus_scrapes_the_endpoint_and_answers_queries(tmp_path: Path) -> None:
+    _, model, _ = from_snapshot(load_layout("layout-connected.txt", "vchan.txt"))
+    state = MetricsState()
+    state.set_policy(scenario_policy(), POLICY_SHA256, 1_700_000_000.0)
+    state.set_mode("enforcing")
+    state.set_xenstore(True, 0)
+    state.observe_decision(Decision(False, Hook.VCHAN, Rule.STE, "no common type"), 0.0004)
+    state.publish(model)
+    port = start_metrics_server(
+        reactor, MetricsConfig(True, "127.0.0.1", 0), make_registry(lambda: state.snapshot)
+    )
+    prom = Prometheus(tmp_path, f"127.0.0.1:{port.getHost().port}")
+    try:
+
+        def query(expr: str) -> list[dict[str, Any]]:
+            if prom.proc.poll() is not None:
+                raise AssertionError(f"prometheus exited with {prom.proc.returncode}")
+            answer = prom.api("/api/v1/query", query=expr)
+            assert answer["status"] == "success", answer
+            result: list[dict[str, Any]] = answer["data"]["result"]
+            return result
+
+        await wait_for(lambda: http_get(f"http://127.0.0.1:{prom.port}/-/ready"), 60, "ready")
+        up = await wait_for(lambda: query('up{job="shyped"} == 1'), 60, "a successful scrape")
+        assert up[0]["metric"]["instance"] == f"127.0.0.1:{port.getHost().port}"
+
+        mem = await wait_for(lambda: query("shyped_domain_memory_max_bytes"), 30, "memory")
+        assert len(mem) == 1
+        labels = mem[0]["metric"]
+        assert {k: labels[k] for k in ("domain", "domid", "uuid", "label")} == {
+            "domain": "xsgold",
+            "domid": "1",
+            "uuid": UUID1,
+            "label": "guest",
+        }
+        assert float(mem[0]["value"][1]) == 128 * 1024 * 1024
+
+        denials = query('sum(shyped_decisions_total{decision="deny"}) by (hook, reason)')
+        assert [(r["metric"], r["value"][1]) for r in denials] == [
+            ({"hook": "vchan", "reason": "ste"}, "1")
+        ]
+        info = query("shyped_policy_info")
+        assert info[0]["metric"]["sha256"] == POLICY_SHA256
+        devices = query("sum by (kind) (shyped_domain_devices)")
+        assert {r["metric"]["kind"]: r["value"][1] for r in devices} == {
+            "console": "1",
+            "vbd": "1",
+            "vif": "1",
+        }
+        # Prometheus negotiated OpenMetrics (families named without _total); its metadata
+        # holds the types we declared
+        meta = prom.api("/api/v1/metadata")["data"]
+        assert meta["shyped_decisions"][0]["type"] == "counter"
+        assert meta["shyped_decision_latency_seconds"][0]["type"] == "histogram"
+        assert meta["shyped_domain"][0]["type"] == "info"
+        assert meta["shyped_domain_memory_max_bytes"][0]["type"] == "gauge"
+    finally:
+        prom.stop()
+        await port.stopListening()
