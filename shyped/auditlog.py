@@ -516,7 +516,7 @@ class AuditLog(_Recorder[Record]):
         return True
 
     def commit(self, draft: Draft) -> Record:
-        """`append` + `flush`: one durable record."""
+        """`append` + `flush`: one durable record (unless ``ignore`` had to drop it)."""
         rec = self.append(draft)
         self.flush()
         return rec
@@ -539,10 +539,11 @@ class AuditLog(_Recorder[Record]):
         if not self._open:
             return
         if self._pending:
+            n = sum(1 for p in self._pending if p.counted)
             try:
                 self.flush()
             except AuditUnavailable:
-                _log.error("audit: {n} record(s) not written at close", n=len(self._pending))
+                _log.error("audit: {n} record(s) not written at close", n=n)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
