@@ -190,7 +190,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     )
     v.add_argument("files", nargs="*", type=Path, metavar="FILE", help="log files, in order")
     v.add_argument("--state", type=Path, help="state file to check the head against")
-    v.add_argument("--json", action="store_true", help="a JSON report")
+    # SUPPRESS: an absent --json leaves a parent parser's global --json (shypectl --json …) be.
+    v.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="a JSON report")
     v.add_argument("--strict", action="store_true", help="documented losses fail too")
     v.set_defaults(audit_func=_run_verify)
     t = sub.add_parser(
@@ -201,7 +202,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     )
     t.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
     t.add_argument("--denied", action="store_true", help="denials only")
-    t.add_argument("--json", action="store_true", help="the records' JSON lines")
+    t.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="the records' JSON lines"
+    )
     t.add_argument("-n", "--lines", type=int, default=10, help="records to show (default 10)")
     t.add_argument("--interval", type=float, default=0.5, help="seconds between polls with -f")
     t.set_defaults(audit_func=_run_tail)
@@ -221,7 +224,7 @@ def _run_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         args.files,
         directory=args.dir,
         state=args.state,
-        json_output=args.json,
+        json_output=getattr(args, "json", False),
         strict=args.strict,
         out=out,
         err=err,
@@ -232,7 +235,7 @@ def _run_tail(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return audit_tail(
         follow=args.follow,
         denied_only=args.denied,
-        json_output=args.json,
+        json_output=getattr(args, "json", False),
         directory=args.dir,
         lines=args.lines,
         interval=args.interval,

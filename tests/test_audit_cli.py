@@ -149,3 +149,17 @@ def test_verify_function_and_module_entry_point(logdir: Path) -> None:
         text=True,
     )
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 1
+
+
+def test_a_global_json_flag_of_the_parent_parser_is_honoured(logdir: Path) -> None:
+    parser = argparse.ArgumentParser(prog="shypectl")
+    parser.add_argument("--json", action="store_true")  # as shypectl has
+    add_audit_commands(parser.add_subparsers(dest="command"))
+    for argv in (["--json", "audit", "--dir", str(logdir), "verify"],
+                 ["audit", "--dir", str(logdir), "verify", "--json"]):  # fmt: skip
+        out = io.StringIO()
+        assert run(parser.parse_args(argv), out, io.StringIO()) == 0
+        assert json.loads(out.getvalue())["ok"] is True
+    out = io.StringIO()
+    run(parser.parse_args(["audit", "--dir", str(logdir), "verify"]), out, io.StringIO())
+    assert out.getvalue().startswith("OK: ")
