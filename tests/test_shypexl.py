@@ -1,0 +1,224 @@
+"""shype-xl with the sandbox toolstack (`python -m shyped.sandbox` on a real oxenstored) as its
+xl, and the real control server in front of ModelBackend (the daemon's stand-in), whose
+admissions look the new domain up in the sandbox and decide it with the policy engine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid as uuidlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+from control_helpers import (
+    Dom,
+    ModelBackend,
+    SandboxAdmission,
+    cleanup,
+    run_cli,
+    serving,
+    short_dir,
+)
+
+from shyped.control import backend as b
+from shyped.sandbox.xenstored import SandboxXenstored
+
+CFG = """\
+name = "{name}"
+type = "pv"
+kernel = "/guest/vmlinuz"
+memory = 128
+seclabel = "ACM:example:{label}"
+disk = [ 'format=raw,vdev=xvda,access=rw,target=/img/{name}.img' ]
+vif = [ 'mac=00:16:3e:5a:11:0{n},bridge=xenbr0' ]
+"""
+
+
+@attrs.frozen
+class Env:
+    backend: ModelBackend
+    admission: SandboxAdmission
+    ctl: Path
+    xsd: SandboxXenstored
+    directory: Path
+
+    def cfg(self, name: str, label: str, n: int = 1, extra: str = "") -> Path:
+        path = self.directory / f"{name}.cfg"
+        path.write_text(CFG.format(name=name, label=label, n=n) + extra)
+        return path
+
+    def xl_cmd(self) -> str:
+        return f"{sys.executable} -m shyped.sandbox --socket {self.xsd.socket_path}"
+
+    async def shype_xl(self, *args: str, socket: Path | None = None) -> Any:
+        argv = [sys.executable, "-m", "shyped.shypexl", "--socket", str(socket or self.ctl)]
+        return await run_cli([*argv, "--xl", self.xl_cmd(), *args])
+
+    def xl_list(self) -> dict[str, str]:
+        """name -> xl's state flags, from the sandbox's `xl list`."""
+        out = subprocess.run(
+            [*self.xl_cmd().split(), "list"], capture_output=True, text=True, check=True
+        ).stdout
+        return {line.split()[0]: line.split()[4] for line in out.splitlines()[1:]}
+
+    def label_resources(self) -> None:
+        store = self.backend.store
+        for name in ("web-2", "web-3"):
+            store = store.with_resource(f"file:/img/{name}.img", "public-net")
+        store = store.with_resource("file:/img/bank-x.img", "bank-a-disk")
+        self.backend.store = store.with_resource("bridge:xenbr0", "public-net")
+
+
+@pytest.fixture
+def env(xenstored: SandboxXenstored) -> Iterator[Env]:
+    directory = short_dir("ctlx")
+    backend = ModelBackend(directory)
+    admission = SandboxAdmission(backend, xenstored.socket_path)
+    backend.admission = admission
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shyped.sandbox",
+            "--socket",
+            str(xenstored.socket_path),
+            "boot-host",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        with serving(backend, directory) as server:
+            e = Env(backend, admission, server.path, xenstored, directory)
+            e.label_resources()
+            yield e
+    finally:
+        cleanup(directory)
+
+
+@pytest_twisted.ensureDeferred
+async def test_other_subcommands_pass_through_untouched(env: Env) -> None:
+    r = await env.shype_xl("list")
+    direct = subprocess.run([*env.xl_cmd().split(), "list"], capture_output=True, text=True)
+    assert (r.returncode, r.stdout) == (0, direct.stdout)
+    # even without a daemon: only create and attaches are checked
+    r = await env.shype_xl("list", "Domain-0", socket=env.directory / "none.sock")
+    assert r.returncode == 0 and "Domain-0" in r.stdout
+    r = await env.shype_xl("destroy", "no-such-domain")
+    assert r.returncode == 1 and "no-such-domain" in r.stderr  # xl's own failure and status
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_admitted_then_unpaused(env: Env) -> None:
+    cfg = env.cfg("web-2", "web")
+    r = await env.shype_xl("create", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "admitted (ACM:example:web)" in r.stderr
+    assert env.xl_list()["web-2"] == "-b----"  # running, not paused
+    # the cfg had no uuid: shype-xl made one, registered it and gave it to xl
+    dom = next(d for d in env.backend.domains.values() if d.name == "web-2")
+    assert dom.uuid is not None and uuidlib.UUID(dom.uuid)
+    assert env.backend.reload_store().domain_label(dom.uuid, None) == "web"
+    assert (dom.state, dom.label) == ("admitted", "web")
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_paused_stays_paused(env: Env) -> None:
+    uuid = "6f1b1c9e-2a4d-4c55-9e0e-5ca1ab1e0042"
+    r = await env.shype_xl("create", "-p", str(env.cfg("web-3", "web", 3)), f'uuid="{uuid}"')
+    assert r.returncode == 0, r.stderr
+    assert env.xl_list()["web-3"] == "--p---"
+    assert env.backend.reload_store().domain_label(uuid, None) == "web"
+
+
+@pytest_twisted.ensureDeferred
+async def test_dry_run_denial_creates_nothing(env: Env) -> None:
+    # bank-a-1 runs (in the daemon's view): bank-b is walled off
+    r = await env.shype_xl("create", str(env.cfg("bank-x", "bank-b")))
+    assert r.returncode == 1
+    assert "DENIED by shyped (nothing created)" in r.stderr and "chinese-wall" in r.stderr
+    assert "bank-x" not in env.xl_list()
+    assert env.backend.reload_store().by_uuid == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_admission_denial_destroys_the_paused_domain(env: Env) -> None:
+    admission = env.admission
+
+    def racing(args: b.WaitAdmissionArgs) -> Any:
+        # another bank-b domain got admitted between the dry run and the admission
+        env.backend.add_domain(Dom(50, "racer", None, "bank-b"))
+        return admission(args)
+
+    env.backend.admission = racing
+    env.backend.domains.pop(1)  # no bank-a domain now: the dry run permits bank-a
+    r = await env.shype_xl("create", str(env.cfg("bank-x", "bank-a")), "vif=[]")
+    assert r.returncode == 1, r.stderr
+    assert "domain bank-x (domid 1) DENIED by shyped" in r.stderr  # created, then denied
+    assert "chinese-wall" in r.stderr and "bank-b" in r.stderr
+    assert "bank-x" not in env.xl_list()  # destroyed, never unpaused
+    assert env.backend.reload_store().by_uuid == {}  # its registration is forgotten
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_daemon_fails_closed(env: Env) -> None:
+    nowhere = env.directory / "none.sock"
+    r = await env.shype_xl("create", str(env.cfg("web-2", "web")), socket=nowhere)
+    assert r.returncode == 3
+    assert "cannot connect to shyped" in r.stderr and "fail closed" in r.stderr
+    assert "web-2" not in env.xl_list()
+    r = await env.shype_xl("block-attach", "Domain-0", "/img/x.img,raw,xvdb,rw", socket=nowhere)
+    assert r.returncode == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_fail_open_goes_on_with_a_warning(env: Env) -> None:
+    nowhere = env.directory / "none.sock"
+    r = await env.shype_xl("--fail-open", "create", str(env.cfg("web-2", "web")), socket=nowhere)
+    assert r.returncode == 0, r.stderr
+    assert "WARNING" in r.stderr and "--fail-open" in r.stderr
+    assert env.xl_list()["web-2"] == "-b----"
+
+
+@pytest_twisted.ensureDeferred
+async def test_attach_is_checked_first(env: Env) -> None:
+    assert (await env.shype_xl("create", str(env.cfg("web-2", "web")))).returncode == 0
+    # an unlabelled image: denied, nothing attached
+    r = await env.shype_xl("block-attach", "web-2", "format=raw,vdev=xvdb,target=/img/other.img")
+    assert r.returncode == 1 and "DENIED" in r.stderr and "unlabelled resources" in r.stderr
+    paths = subprocess.run(
+        ["xenstore-ls", "-f", "/libxl"], env=env.xsd.env(), capture_output=True, text=True
+    ).stdout
+    assert "/device/vbd/51728" not in paths
+    # a labelled one goes through to xl
+    r = await env.shype_xl("block-attach", "web-2", "format=raw,vdev=xvdb,target=/img/web-3.img")
+    assert r.returncode == 0, r.stderr
+    paths = subprocess.run(
+        ["xenstore-ls", "-f", "/libxl"], env=env.xsd.env(), capture_output=True, text=True
+    ).stdout
+    assert "/device/vbd/51728" in paths
+    r = await env.shype_xl("network-attach", "web-2", "bridge=secret-br")
+    assert r.returncode == 1 and "DENIED" in r.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_errors(env: Env) -> None:
+    cfg = env.cfg("web-2", "web")
+    r = await env.shype_xl("create", "-F", str(cfg))
+    assert r.returncode == 2 and "cannot be wrapped" in r.stderr
+    r = await env.shype_xl("create")
+    assert r.returncode == 2 and "no config file" in r.stderr
+    bad = env.directory / "bad.cfg"
+    bad.write_text(
+        'name = "x"\nseclabel = "ACM:example:web"\n'
+        'access_control = ["policy=example,label=bank-a"]\n'
+    )
+    r = await env.shype_xl("create", str(bad))
+    assert r.returncode == 2 and "different labels" in r.stderr
+    r = await env.shype_xl("--bogus", "list")
+    assert r.returncode == 2
+    assert env.xl_list().keys() == {"Domain-0"}
