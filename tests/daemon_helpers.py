@@ -62,7 +62,7 @@ def make_config(
     *,
     mode: Mode = Mode.ENFORCING,
     veto: DomainVeto = DomainVeto.DESTROY,
-    close_timeout: float = 60.0,
+    close_timeout: float = 0.5,
     policy: Path = HOSTING,
     labels: Path = LABELS,
     actuator: str = "sandbox",
