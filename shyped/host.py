@@ -18,7 +18,9 @@ counter plus a bounded ring of the last reasons.
 
 Accounting facts kept per domain (see `shyped.accounting` for the derived view): the dom0-written
 sizes from `DomainResources` (trusted) and how many decisions were recorded for it, by kind and
-outcome (a device's against its frontend, a vchan's against its server).
+outcome (a device's against its frontend, a vchan's against its server). `Domain.revision`
+changes whenever anything its account is derived from changes (its own fields, its devices at
+either end, vchans it serves or is named in), so a reader can recompute only those accounts.
 """
 
 from __future__ import annotations
@@ -170,6 +172,8 @@ class Domain:
     vcpus_online: int | None = None
     #: Recorded decisions about this domain: (kind, allowed) -> count.
     decisions: dict[tuple[DecisionKind, bool], int] = attrs.field(factory=dict)
+    #: Changes (model-wide unique value) when anything this domain's account derives from does.
+    revision: int = 0
 
 
 @attrs.define
@@ -278,6 +282,7 @@ class HostModel:
         self.unattributed = GarbageRecord(garbage_ring)
         #: Events applied, by event class name.
         self.counters: dict[str, int] = {}
+        self._revision = 0
         self._handlers: dict[type, Callable[[Any], list[ModelOutput]]] = {
             Garbage: self._on_garbage,
             FrontendStateChanged: self._on_frontend_state,
@@ -388,6 +393,8 @@ class HostModel:
 
     def _on_garbage(self, e: Garbage) -> list[ModelOutput]:
         self.garbage(e.domid).add(e.path, e.why, e.limit)
+        if e.domid is not None:
+            self._bump(e.domid)
         return []
 
     def _on_frontend_state(self, e: FrontendStateChanged) -> list[ModelOutput]:
@@ -438,6 +445,7 @@ class HostModel:
             dom.memory_static_max_kib = e.memory_static_max_kib
             dom.vcpus = e.vcpus
             dom.vcpus_online = e.vcpus_online
+            self._bump(e.domid)
         return []
 
     def _on_vanished(self, e: DomainVanished) -> list[ModelOutput]:
@@ -451,6 +459,15 @@ class HostModel:
         dom = self._domains.get(domid)
         if dom is not None:
             dom.events += 1
+            self._revision += 1
+            dom.revision = self._revision
+
+    def _bump(self, domid: int) -> None:
+        """Something `domid`'s account derives from changed."""
+        dom = self._domains.get(domid)
+        if dom is not None:
+            self._revision += 1
+            dom.revision = self._revision
 
     # ---- domains ------------------------------------------------------------------------
 
@@ -467,7 +484,7 @@ class HostModel:
             self._by_uuid[e.uuid] = e.domid
         else:
             dom.name = e.name
-        dom.events += 1
+        self._count(e.domid)
         need = self._ask_domain(dom)
         if need is not None:
             out.append(need)
@@ -514,6 +531,7 @@ class HostModel:
         if dom is None:
             raise KeyError(domid)
         dom.state = state
+        self._bump(domid)
 
     # ---- devices ------------------------------------------------------------------------
 
@@ -531,11 +549,13 @@ class HostModel:
                 if dev.backend != key.frontend:
                     _discard(self._dom_devices, dev.backend, key)
                 _add(self._dom_devices, e.backend, key)
+                self._bump(dev.backend)
             dev.backend = e.backend
             dev.backend_kind = e.backend_kind
             dev.resource = e.resource
             dev.writable = e.writable
         self._count(key.frontend)
+        self._bump(e.backend)
         need = self._ask_device(dev)
         return [need] if need is not None else []
 
@@ -544,6 +564,8 @@ class HostModel:
         if dev is not None:
             _discard(self._dom_devices, key.frontend, key)
             _discard(self._dom_devices, dev.backend, key)
+            self._bump(key.frontend)
+            self._bump(dev.backend)
 
     @staticmethod
     def _device_facts(dev: Device) -> tuple[object, ...]:
@@ -576,12 +598,14 @@ class HostModel:
             for c in v.clients:
                 if c != e.server and c not in e.clients:
                     _discard(self._dom_vchans, c, key)
+                    self._bump(c)
             v.clients = e.clients
             v.any_domain = e.any_domain
             v.ring_ref = e.ring_ref
             v.port = e.port
         for c in e.clients:
             _add(self._dom_vchans, c, key)
+            self._bump(c)
         self._count(e.server)
         need = self._ask_vchan(v)
         return [need] if need is not None else []
@@ -590,8 +614,10 @@ class HostModel:
         v = self._vchans.pop(key, None)
         if v is not None:
             _discard(self._dom_vchans, key.server, key)
+            self._bump(key.server)
             for c in v.clients:
                 _discard(self._dom_vchans, c, key)
+                self._bump(c)
 
     def _vchan_facts(self, v: Vchan) -> tuple[object, ...]:
         known = tuple(c for c in v.clients if self._decided(c))
@@ -650,6 +676,7 @@ class HostModel:
         if counted is not None:
             tally = (need.kind, allowed)
             counted.decisions[tally] = counted.decisions.get(tally, 0) + 1
+            self._bump(need.domid)
         if need.kind == "device":
             dev = self._devices[cast(DeviceKey, need.key)]
             dev.decision, dev.asked = rec, None
