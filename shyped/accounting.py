@@ -20,6 +20,7 @@ domain; `account_host` walks every domain once, for metrics and ``shypectl statu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Final
 
@@ -96,16 +97,16 @@ class DomainAccount:
     def running(self) -> bool:
         return self.state in RUNNING_STATES
 
-    @property
+    @functools.cached_property
     def device_count(self) -> int:
         """Devices this domain is the frontend of, every kind together."""
         return _total(self.devices)
 
-    @property
+    @functools.cached_property
     def event_channel_count(self) -> int:
         return _total(self.event_channels)
 
-    @property
+    @functools.cached_property
     def grant_ref_count(self) -> int:
         return _total(self.grant_refs)
 
@@ -216,6 +217,35 @@ def account_host(model: HostModel) -> HostAccount:
         model.unattributed.count,
         model.unattributed.limit_hits,
     )
+
+
+class AccountCache:
+    """`account_host` that recomputes only the accounts whose `Domain.revision` changed.
+
+    For one model at a time (a different model object starts afresh); single-threaded, like the
+    model it reads. Publishing metrics after every batch then costs O(changed domains) account
+    builds plus one pass over the domain list.
+    """
+
+    def __init__(self) -> None:
+        self._model: HostModel | None = None
+        self._accounts: dict[int, tuple[int, DomainAccount]] = {}
+
+    def host(self, model: HostModel) -> HostAccount:
+        if model is not self._model:
+            self._model = model
+            self._accounts = {}
+        old = self._accounts
+        fresh: dict[int, tuple[int, DomainAccount]] = {}
+        out: list[DomainAccount] = []
+        for dom in model.domains():
+            hit = old.get(dom.domid)
+            fresh_needed = hit is None or hit[0] != dom.revision
+            acc = _account(model, dom) if fresh_needed or hit is None else hit[1]
+            fresh[dom.domid] = (dom.revision, acc)
+            out.append(acc)
+        self._accounts = fresh
+        return HostAccount(tuple(out), model.unattributed.count, model.unattributed.limit_hits)
 
 
 def touched_domains(events: Iterable[Event]) -> set[int]:

@@ -5,9 +5,10 @@ scrape on a pool thread. So the two never share mutable state: `MetricsState` (r
 only) accumulates counters and, on `MetricsState.publish`, builds one immutable
 `MetricsSnapshot` and swaps a single reference to it (atomic in CPython). `MetricsCollector`
 only ever reads that reference, once per scrape, so a scrape sees one consistent moment and
-never a half-applied batch, and it takes no lock the reactor could wait on. Publishing walks
-every domain (`shyped.accounting.account_host`); call it after a batch, or from
-`PeriodicPublisher` at most once per interval when events are heavy.
+never a half-applied batch, and it takes no lock the reactor could wait on. Publishing rebuilds
+the accounts of the domains that changed since the last one (`shyped.accounting.AccountCache`)
+and passes once over the domain list; call it after a batch, or let `PeriodicPublisher` do it
+at most once per interval.
 
 Names follow the Prometheus conventions: ``shyped_`` prefix, base units (bytes, seconds),
 ``_total`` counters, ``_info`` metrics for text facts. Label values come from closed sets (hook,
@@ -57,7 +58,7 @@ from twisted.web.server import Request, Site
 from twisted.web.wsgi import WSGIResource
 
 import shyped
-from shyped.accounting import DomainAccount, HostAccount, account_host
+from shyped.accounting import AccountCache, DomainAccount, HostAccount
 from shyped.config import MetricsConfig, Mode
 from shyped.events import Event
 from shyped.host import HostModel
@@ -187,6 +188,7 @@ class MetricsState:
         self._events: dict[str, int] = {}
         self._cpu: Sequence[XlDomain] | None = None
         self._snapshot: MetricsSnapshot = EMPTY_SNAPSHOT
+        self._accounts = AccountCache()
         self.dirty = True
 
     @property
@@ -240,7 +242,7 @@ class MetricsState:
 
     def publish(self, model: HostModel | None) -> MetricsSnapshot:
         """Build a frozen snapshot of everything (and the model's domains) and swap it in."""
-        host = account_host(model) if model is not None else None
+        host = self._accounts.host(model) if model is not None else None
         quotas: tuple[QuotaUsage, ...] = ()
         if host is not None and self._policy is not None:
             quotas = quota_table(self._policy, host)
@@ -529,8 +531,10 @@ def _host_families(snap: MetricsSnapshot) -> list[Metric]:
         ):
             for kind, n in pairs:
                 fam.add_metric([*lv, kind], n)
-        vchans.add_metric([*lv, "server"], acc.vchans_served)
-        vchans.add_metric([*lv, "client"], acc.vchans_joined)
+        if acc.vchans_served:
+            vchans.add_metric([*lv, "server"], acc.vchans_served)
+        if acc.vchans_joined:
+            vchans.add_metric([*lv, "client"], acc.vchans_joined)
         garbage.add_metric(lv, acc.garbage_writes)
         limits.add_metric(lv, acc.garbage_limit_hits)
         for hook, verdict, n in acc.decisions:

@@ -246,29 +246,33 @@ def quota_table(
 ) -> tuple[QuotaUsage, ...]:
     """Label → limit/used per quota kind, for VM labels that have a quota (or every label with
     `include_unlimited`), in the policy's label order and `QuotaKind` order."""
-    by_label: dict[str, list[DomainAccount]] = {}
+    wanted = {
+        vm.name: vm for vm in policy.vm_labels if include_unlimited or not vm.quota.is_unlimited
+    }
+    running: dict[str, int] = dict.fromkeys(wanted, 0)
+    # label -> per-domain quota (PER_DOMAIN order) -> (highest use, its domid)
+    best: dict[str, list[tuple[int, int] | None]] = {n: [None] * len(PER_DOMAIN) for n in wanted}
     for acc in host.domains:
-        if acc.running and acc.label is not None:
-            by_label.setdefault(acc.label, []).append(acc)
-    rows: list[QuotaUsage] = []
-    for vm in policy.vm_labels:
-        if vm.quota.is_unlimited and not include_unlimited:
+        label = acc.label
+        if label is None or label not in wanted or not acc.running:
             continue
-        running = by_label.get(vm.name, [])
-        for kind in QuotaKind:
+        running[label] += 1
+        top = best[label]
+        for i, kind in enumerate(PER_DOMAIN):
+            use = domain_use(acc, kind)
+            if use is not None:
+                cur = top[i]
+                if cur is None or use > cur[0]:
+                    top[i] = (use, acc.domid)
+    rows: list[QuotaUsage] = []
+    for name, vm in wanted.items():
+        rows.append(QuotaUsage(name, QuotaKind.DOMAINS, vm.quota.max_domains, running[name]))
+        for kind, top_use in zip(PER_DOMAIN, best[name], strict=True):
             limit = limit_of(vm.quota, kind)
-            if kind is QuotaKind.DOMAINS:
-                rows.append(QuotaUsage(vm.name, kind, limit, len(running)))
-                continue
-            best: tuple[int, int] | None = None
-            for acc in running:
-                use = domain_use(acc, kind)
-                if use is not None and (best is None or use > best[0]):
-                    best = (use, acc.domid)
-            if best is None:
-                rows.append(QuotaUsage(vm.name, kind, limit, 0))
+            if top_use is None:
+                rows.append(QuotaUsage(name, kind, limit, 0))
             else:
-                rows.append(QuotaUsage(vm.name, kind, limit, best[0], best[1]))
+                rows.append(QuotaUsage(name, kind, limit, top_use[0], top_use[1]))
     return tuple(rows)
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from hostmodel_helpers import UUID, from_snapshot, load_layout, model_from, replay_log
 
-from shyped.accounting import KIB, account_domain, account_host, touched_domains
+from shyped.accounting import (
+    KIB,
+    AccountCache,
+    account_domain,
+    account_host,
+    touched_domains,
+)
 from shyped.events import (
     DomainAppeared,
     DomainResources,
@@ -164,3 +170,23 @@ def test_garbage_is_charged_to_the_writing_domain_and_touched_domains_say_whom()
     assert 1 in touched_domains(events)
     assert touched_domains([DomainResources(4, 1, 1, 1, 1)]) == {4}
     assert touched_domains(EventAssembler().reconcile(CONNECTED)) == {0, 1}
+
+
+def test_account_cache_always_equals_a_full_recount() -> None:
+    """Replay the capture batch by batch (every decision allowed), with hostile writes and a
+    vchan whose client set changes: the cache must never serve a stale account."""
+    asm, model, cache = EventAssembler(), HostModel(dom0_label="dom0"), AccountCache()
+    extra = [
+        ("/local/domain/1/device/vbd/51712/ring-ref", b"junk", None),
+        ("/local/domain/1/memory/target", b"65536", None),
+        ("/local/domain/0/data/v2/ring-ref", b"7", [b"n0", b"r1"]),
+        ("/local/domain/0/data/v2/event-channel", b"9", [b"n0", b"r1"]),
+        ("/local/domain/0/data/v2/event-channel", b"9", [b"n0"]),
+    ]
+    steps = [s.nodes for s in replay_log() if s.nodes]
+    steps[len(steps) // 2 : len(steps) // 2] = [(n,) for n in extra]
+    for nodes in steps:
+        model_from(asm.feed_batch(nodes), model)
+        assert cache.host(model) == account_host(model)
+    other = from_snapshot(CONNECTED)[1]  # another model: the cache starts afresh
+    assert cache.host(other) == account_host(other)
