@@ -170,7 +170,7 @@ def test_scrapes_in_threads_only_ever_see_whole_snapshots() -> None:
                 s = parse_scrape(generate_latest(registry).decode())
                 at = value(s, "shyped_metrics_published_timestamp_seconds")
                 info = {lab["domid"] for n, lab, _ in s if n == "shyped_domain_info"}
-                vch = {lab["domid"] for n, lab, _ in s if n == "shyped_domain_vchans"}
+                vch = {lab["domid"] for n, lab, _ in s if n == "shyped_domain_garbage_writes_total"}
                 seen.append((at, info, vch, sum(values(s, "shyped_domains"))))
         except BaseException as exc:  # surfaced below
             errors.append(exc)
