@@ -254,8 +254,12 @@ class Wrapper:
         for o, v in opts:
             if o in ("-f", "--defconfig"):
                 filename = v
-            elif o in ("-q", "--quiet", "-d", "-i", "--ignore-global-affinity-masks"):
-                passthrough.append(o)
+            elif o in ("-q", "--quiet"):
+                passthrough.append("-q")
+            elif o in ("-i", "--ignore-global-affinity-masks"):
+                passthrough.append("-i")
+            elif o == "-d":
+                passthrough.append("-d")
         overrides = []
         for p in positional:
             if "=" in p:

@@ -493,3 +493,29 @@ async def test_socket_file_handling(backend: ModelBackend) -> None:
     with pytest.raises(ControlSetupError, match="not a socket"):
         ControlServer(backend, ControlConfig(socket=path)).start()
     assert path.read_text() == "not a socket"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pipelined_flood_is_answered_and_others_get_turns(sock: Path) -> None:
+    n = 3000
+    flood = b"".join(b'{"version":1,"op":"ping","id":%d}\n' % i for i in range(n))
+
+    def go() -> tuple[list[int], str]:
+        import threading
+
+        other: list[str] = []
+
+        def meanwhile() -> None:
+            with ControlClient(sock) as c:
+                other.append(c.status().policy.name)
+
+        with connect(sock) as s:
+            s.sendall(flood)
+            t = threading.Thread(target=meanwhile)
+            t.start()
+            answers = read_lines(s, n)
+            t.join(30)
+        return [a["id"] for a in answers if a["ok"]], other[0]
+
+    ids, other = await in_thread(go)
+    assert ids == list(range(n)) and other == "example"

@@ -127,6 +127,14 @@ async def test_create_admitted_then_unpaused(env: Env) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_create_as_xendomains_calls_it(env: Env) -> None:
+    # Debian's xendomains: `xen create --quiet --defconfig FILE`
+    r = await env.shype_xl("create", "--quiet", "--defconfig", str(env.cfg("web-2", "web")))
+    assert r.returncode == 0, r.stderr
+    assert env.xl_list()["web-2"] == "-b----"
+
+
+@pytest_twisted.ensureDeferred
 async def test_create_paused_stays_paused(env: Env) -> None:
     uuid = "6f1b1c9e-2a4d-4c55-9e0e-5ca1ab1e0042"
     r = await env.shype_xl("create", "-p", str(env.cfg("web-3", "web", 3)), f'uuid="{uuid}"')

@@ -62,6 +62,8 @@ log = Logger(namespace="shyped.control")
 
 #: Linux's SO_PEERGROUPS (not exported by every Python build).
 SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
+#: Requests handled for one connection before the reactor serves others.
+LINES_PER_TURN: Final = 16
 #: CPython caps getsockopt buffers at 1024 bytes: 256 supplementary groups.
 _GROUPS_BUF: Final = 1024
 
@@ -154,6 +156,8 @@ class ControlProtocol(Protocol):
         self._pending: defer.Deferred[Any] | None = None
         self._request_timer: DelayedCall | None = None
         self._idle_timer: DelayedCall | None = None
+        self._later: DelayedCall | None = None
+        self._draining = False
         self.peer = Peer(uid=-1, gid=-1, pid=0)
         self.access: Access | None = None
         self._admitted = False
@@ -188,10 +192,10 @@ class ControlProtocol(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._closing = True
-        for timer in (self._request_timer, self._idle_timer):
+        for timer in (self._request_timer, self._idle_timer, self._later):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._request_timer = self._idle_timer = None
+        self._request_timer = self._idle_timer = self._later = None
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.cancel()
@@ -213,6 +217,25 @@ class ControlProtocol(Protocol):
         self._drain()
 
     def _drain(self) -> None:
+        """Handle the complete lines in the buffer, a few per reactor turn.
+
+        Re-entrant calls (an answer that completes synchronously inside `_handle`) return at
+        once; the loop below picks the next line up. After `LINES_PER_TURN` lines the rest
+        waits for the next turn, so one client's pipelined flood cannot hog the reactor.
+        """
+        if self._draining or self._closing:
+            return
+        self._draining = True
+        try:
+            self._drain_lines()
+        finally:
+            self._draining = False
+        if self._busy and not self._paused and len(self._buf) > self.max_line:
+            self._paused = True
+            self._tx.pauseProducing()
+
+    def _drain_lines(self) -> None:
+        handled = 0
         while not self._busy and not self._closing:
             nl = self._buf.find(b"\n")
             if nl < 0:
@@ -223,6 +246,10 @@ class ControlProtocol(Protocol):
                 else:
                     self._buf.clear()
                 return
+            if handled >= LINES_PER_TURN:
+                if self._later is None:
+                    self._later = self.factory.clock.callLater(0, self._drain_later)
+                return
             line = bytes(self._buf[:nl])
             del self._buf[: nl + 1]
             self._cancel_request_timer()
@@ -230,10 +257,12 @@ class ControlProtocol(Protocol):
                 self._too_large()
                 return
             if line.strip():
+                handled += 1
                 self._handle(line)
-        if self._busy and not self._paused and len(self._buf) > self.max_line:
-            self._paused = True
-            self._tx.pauseProducing()
+
+    def _drain_later(self) -> None:
+        self._later = None
+        self._drain()
 
     def _too_large(self) -> None:
         self._close_with(
