@@ -45,6 +45,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 from twisted.internet import error as twisted_error
 from twisted.internet import protocol
@@ -362,8 +363,14 @@ def _per_domain_gauge(name: str, doc: str, extra: Sequence[str] = ()) -> GaugeMe
     return GaugeMetricFamily(name, doc, labels=[*DOMAIN_LABELS, *extra])
 
 
-def families(snap: MetricsSnapshot) -> list[Metric]:
-    """The metric families of one snapshot (pure; the collector caches them per snapshot)."""
+def families(snap: MetricsSnapshot, cache: SampleCache | None = None) -> list[Metric]:
+    """The metric families of one snapshot (pure; see `MetricsCollector` for the caches)."""
+    return _families(snap, cache)[0]
+
+
+def _families(
+    snap: MetricsSnapshot, cache: SampleCache | None
+) -> tuple[list[Metric], SampleCache | None]:
     out: list[Metric] = []
     out.append(InfoMetricFamily("shyped_build", "shyped version", {"version": shyped.__version__}))
     out.append(
@@ -444,8 +451,10 @@ def families(snap: MetricsSnapshot) -> list[Metric]:
         ev.add_metric([kind], n)
     out.append(ev)
 
+    new_cache = None
     if snap.host is not None:
-        out.extend(_host_families(snap))
+        host_fams, new_cache = _host_families(snap, cache)
+        out.extend(host_fams)
     if snap.quotas:
         limit = GaugeMetricFamily(
             "shyped_quota_limit",
@@ -462,88 +471,126 @@ def families(snap: MetricsSnapshot) -> list[Metric]:
             if row.metric_limit is not None:
                 limit.add_metric([row.label, row.kind.metric], row.metric_limit)
         out.extend((limit, used))
-    return out
+    return out, new_cache
 
 
-def _host_families(snap: MetricsSnapshot) -> list[Metric]:
+#: The per-domain families, in the order `_domain_samples` fills them:
+#: (name, type, help, extra labels).
+_DOMAIN_FAMILIES: Final = (
+    ("shyped_domain", "info", "A domain the daemon knows, with its state", ()),
+    ("shyped_domain_memory_target_bytes", "gauge", "memory/target (dom0-written)", ()),
+    ("shyped_domain_memory_max_bytes", "gauge", "memory/static-max (dom0-written)", ()),
+    ("shyped_domain_vcpus", "gauge", "vCPUs the domain was built with (cpu/<n>)", ()),
+    ("shyped_domain_vcpus_online", "gauge", "vCPUs marked online (cpu/<n>)", ()),
+    (
+        "shyped_domain_devices",
+        "gauge",
+        "Devices the domain is the frontend of, by kind",
+        ("kind",),
+    ),
+    (
+        "shyped_domain_backend_devices",
+        "gauge",
+        "Devices the domain serves as backend, by kind",
+        ("kind",),
+    ),
+    (
+        "shyped_domain_event_channels",
+        "gauge",
+        "Event channel ports the domain published, by device kind (guest-written: a count)",
+        ("kind",),
+    ),
+    (
+        "shyped_domain_grant_refs",
+        "gauge",
+        "Grant references the domain published, by device kind (guest-written: a count)",
+        ("kind",),
+    ),
+    ("shyped_domain_vchans", "gauge", "vchan rendezvous by the domain's role", ("role",)),
+    (
+        "shyped_domain_garbage_writes",
+        "counter",
+        "Writes of the domain the parser ignored (malformed or over a bound)",
+        (),
+    ),
+    (
+        "shyped_domain_garbage_limit_hits",
+        "counter",
+        "Ignored writes of the domain that hit a per-domain bound",
+        (),
+    ),
+    (
+        "shyped_domain_decisions",
+        "counter",
+        "Decisions recorded about the domain by hook and decision",
+        ("hook", "decision"),
+    ),
+)
+_SAMPLE_NAME: Final = tuple(
+    name + {"info": "_info", "counter": "_total"}.get(kind, "")
+    for name, kind, _, _ in _DOMAIN_FAMILIES
+)
+
+DomainSamples = tuple[tuple[Sample, ...], ...]
+#: Per-domain samples of the last scrape, by domid, with the account they were made from.
+SampleCache = dict[int, tuple[DomainAccount, DomainSamples]]
+
+
+def _domain_samples(acc: DomainAccount) -> DomainSamples:
+    """One domain's samples for each of `_DOMAIN_FAMILIES` (sharing one label dict)."""
+    base = dict(zip(DOMAIN_LABELS, _dom_labels(acc), strict=True))
+    n = _SAMPLE_NAME
+
+    def one(i: int, value: float | None) -> tuple[Sample, ...]:
+        return () if value is None else (Sample(n[i], base, value),)
+
+    def by(i: int, label: str, pairs: Iterable[tuple[str, int]]) -> tuple[Sample, ...]:
+        return tuple(Sample(n[i], {**base, label: k}, v) for k, v in pairs if v)
+
+    return (
+        (Sample(n[0], {**base, "state": str(acc.state)}, 1.0),),
+        one(1, acc.memory_target_bytes),
+        one(2, acc.memory_max_bytes),
+        one(3, acc.vcpus),
+        one(4, acc.vcpus_online),
+        by(5, "kind", acc.devices),
+        by(6, "kind", acc.backend_devices),
+        by(7, "kind", acc.event_channels),
+        by(8, "kind", acc.grant_refs),
+        by(9, "role", (("server", acc.vchans_served), ("client", acc.vchans_joined))),
+        one(10, acc.garbage_writes),
+        one(11, acc.garbage_limit_hits),
+        tuple(
+            Sample(n[12], {**base, "hook": hook, "decision": verdict}, count)
+            for hook, verdict, count in acc.decisions
+        ),
+    )
+
+
+def _host_families(
+    snap: MetricsSnapshot, cache: SampleCache | None = None
+) -> tuple[list[Metric], SampleCache]:
+    """The per-host and per-domain families; samples of accounts unchanged since `cache` was
+    made are reused (at thousands of domains, allocating fewer objects per scrape keeps the
+    garbage collector, which stops every thread, from running full collections)."""
     host = snap.host
     assert host is not None
-    info = InfoMetricFamily(
-        "shyped_domain", "A domain the daemon knows, with its state", labels=list(DOMAIN_LABELS)
-    )
-    mem_t = _per_domain_gauge("shyped_domain_memory_target_bytes", "memory/target (dom0-written)")
-    mem_m = _per_domain_gauge("shyped_domain_memory_max_bytes", "memory/static-max (dom0-written)")
-    vcpus = _per_domain_gauge("shyped_domain_vcpus", "vCPUs the domain was built with (cpu/<n>)")
-    online = _per_domain_gauge("shyped_domain_vcpus_online", "vCPUs marked online (cpu/<n>)")
-    devs = _per_domain_gauge(
-        "shyped_domain_devices", "Devices the domain is the frontend of, by kind", ["kind"]
-    )
-    back = _per_domain_gauge(
-        "shyped_domain_backend_devices", "Devices the domain serves as backend, by kind", ["kind"]
-    )
-    ports = _per_domain_gauge(
-        "shyped_domain_event_channels",
-        "Event channel ports the domain published, by device kind (guest-written: a count)",
-        ["kind"],
-    )
-    refs = _per_domain_gauge(
-        "shyped_domain_grant_refs",
-        "Grant references the domain published, by device kind (guest-written: a count)",
-        ["kind"],
-    )
-    vchans = _per_domain_gauge(
-        "shyped_domain_vchans", "vchan rendezvous by the domain's role", ["role"]
-    )
-    garbage = CounterMetricFamily(
-        "shyped_domain_garbage_writes",
-        "Writes of the domain the parser ignored (malformed or over a bound)",
-        labels=list(DOMAIN_LABELS),
-    )
-    limits = CounterMetricFamily(
-        "shyped_domain_garbage_limit_hits",
-        "Ignored writes of the domain that hit a per-domain bound",
-        labels=list(DOMAIN_LABELS),
-    )
-    decisions = CounterMetricFamily(
-        "shyped_domain_decisions",
-        "Decisions recorded about the domain by hook and decision",
-        labels=[*DOMAIN_LABELS, "hook", "decision"],
-    )
+    fams = [Metric(name, doc, kind) for name, kind, doc, _ in _DOMAIN_FAMILIES]
+    new_cache: SampleCache = {}
     counts: dict[tuple[str, str], int] = {}
     for acc in host.domains:
-        lv = _dom_labels(acc)
-        info.add_metric(lv, {"state": str(acc.state)})
+        hit = cache.get(acc.domid) if cache is not None else None
+        parts = hit[1] if hit is not None and hit[0] is acc else _domain_samples(acc)
+        new_cache[acc.domid] = (acc, parts)
+        for fam, part in zip(fams, parts, strict=True):
+            fam.samples.extend(part)
         key = (acc.label or "", str(acc.state))
         counts[key] = counts.get(key, 0) + 1
-        if acc.memory_target_bytes is not None:
-            mem_t.add_metric(lv, acc.memory_target_bytes)
-        if acc.memory_max_bytes is not None:
-            mem_m.add_metric(lv, acc.memory_max_bytes)
-        if acc.vcpus is not None:
-            vcpus.add_metric(lv, acc.vcpus)
-        if acc.vcpus_online is not None:
-            online.add_metric(lv, acc.vcpus_online)
-        for fam, pairs in (
-            (devs, acc.devices),
-            (back, acc.backend_devices),
-            (ports, acc.event_channels),
-            (refs, acc.grant_refs),
-        ):
-            for kind, n in pairs:
-                fam.add_metric([*lv, kind], n)
-        if acc.vchans_served:
-            vchans.add_metric([*lv, "server"], acc.vchans_served)
-        if acc.vchans_joined:
-            vchans.add_metric([*lv, "client"], acc.vchans_joined)
-        garbage.add_metric(lv, acc.garbage_writes)
-        limits.add_metric(lv, acc.garbage_limit_hits)
-        for hook, verdict, n in acc.decisions:
-            decisions.add_metric([*lv, hook, verdict], n)
     doms = GaugeMetricFamily(
         "shyped_domains", "Domains by label and state", labels=["label", "state"]
     )
-    for (label, state), n in sorted(counts.items()):
-        doms.add_metric([label, state], n)
+    for (label, state), count in sorted(counts.items()):
+        doms.add_metric([label, state], count)
     out: list[Metric] = [
         doms,
         CounterMetricFamily(
@@ -551,19 +598,7 @@ def _host_families(snap: MetricsSnapshot) -> list[Metric]:
             "Ignored writes no domain can be charged with (/libxl, /vm, invalid paths)",
             value=host.unattributed_garbage_writes,
         ),
-        info,
-        mem_t,
-        mem_m,
-        vcpus,
-        online,
-        devs,
-        back,
-        ports,
-        refs,
-        vchans,
-        garbage,
-        limits,
-        decisions,
+        *fams,
     ]
     if snap.cpu is not None:
         cpu = CounterMetricFamily(
@@ -576,7 +611,7 @@ def _host_families(snap: MetricsSnapshot) -> list[Metric]:
             if owner is not None:
                 cpu.add_metric(_dom_labels(owner), c.seconds)
         out.append(cpu)
-    return out
+    return out, new_cache
 
 
 class MetricsCollector(Collector):
@@ -584,19 +619,24 @@ class MetricsCollector(Collector):
 
     `get_snapshot` must only read a reference (e.g. ``lambda: state.snapshot``): it runs on the
     scrape thread. The families of the last snapshot are kept, so scrapes between two
-    publications cost only the text formatting.
+    publications cost only the text formatting, and so are the per-domain samples, reused for
+    every account the next snapshot shares (`shyped.accounting.AccountCache` keeps unchanged
+    accounts the same objects).
     """
 
     def __init__(self, get_snapshot: Callable[[], MetricsSnapshot]) -> None:
         self._get = get_snapshot
         self._cache: tuple[MetricsSnapshot, list[Metric]] | None = None
+        self._samples: SampleCache | None = None
 
     def collect(self) -> Iterable[Metric]:
         snap = self._get()
         cache = self._cache
         if cache is not None and cache[0] is snap:
             return cache[1]
-        fams = families(snap)
+        fams, samples = _families(snap, self._samples)
+        # Each reference is swapped whole: a concurrent scrape uses either the old or new one.
+        self._samples = samples
         self._cache = (snap, fams)
         return fams
 

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -35,6 +36,7 @@ from shyped.metrics import (
     LATENCY_BUCKETS,
     MAX_EVENT_KINDS,
     METRIC_NAMES,
+    MetricsCollector,
     MetricsState,
     PeriodicPublisher,
     XlCpuProvider,
@@ -325,3 +327,28 @@ async def test_the_provider_reads_xl_output_from_a_child_process(tmp_path: Path)
     slow = XlCpuProvider(reactor, state, (str(hung),), timeout=0.2)
     await slow.poll()  # killed after the timeout: no series rather than a stuck poll
     assert slow.failures == 1 and state.publish(model).cpu is None
+
+
+def test_a_changed_domain_is_rescraped_and_the_others_samples_are_reused() -> None:
+    asm, model, _ = from_snapshot(CONNECTED)
+    state = MetricsState()
+    collector = MetricsCollector(lambda: state.snapshot)
+    state.publish(model)
+
+    def samples() -> dict[tuple[str, str], Any]:
+        return {
+            (s.name, s.labels.get("domid", "")): s
+            for fam in collector.collect()
+            for s in fam.samples
+            if s.name in ("shyped_domain_memory_target_bytes", "shyped_domain_garbage_writes_total")
+        }
+
+    before = samples()
+    model.apply_all(asm.feed("/local/domain/1/memory/target", b"65536"))
+    state.publish(model)
+    after = samples()
+    assert after["shyped_domain_memory_target_bytes", "1"].value == 65536 * 1024
+    assert before["shyped_domain_memory_target_bytes", "1"].value == 131072 * 1024
+    # dom0 did not change: the very same sample objects are served again
+    key = ("shyped_domain_garbage_writes_total", "0")
+    assert after[key] is before[key]
