@@ -116,8 +116,12 @@ def test_max_domains_counts_the_domain_being_admitted() -> None:
 
 
 def test_zero_means_none_allowed_and_every_exceeded_quota_is_named() -> None:
-    d = check(policy(max_vchans=0, max_vcpus=1, max_memory_mib=512), "web", account(),
-              hook=Hook.DOMAIN_ADMIT)  # fmt: skip
+    d = check(
+        policy(max_vchans=0, max_vcpus=1, max_memory_mib=512),
+        "web",
+        account(),
+        hook=Hook.DOMAIN_ADMIT,
+    )
     assert not d.permitted
     assert "quota max_vcpus: domain 'web1' (3) may use 2 vCPUs, limit 1 vCPUs" in d.reason
     assert "quota max_vchans: domain 'web1' (3) has 2 vchans, limit 0 vchans" in d.reason
@@ -218,8 +222,10 @@ def test_usage_table_over_the_reference_domain() -> None:
     }
     text = format_quota_table(rows)
     assert text.splitlines()[0].split() == ["LABEL", "QUOTA", "USED", "LIMIT", "DOMID"]
-    assert any(line.split() == ["bank-a-web", "max_memory_mib", "128", "8192", "1"]
-               for line in text.splitlines())  # fmt: skip
+    assert any(
+        line.split() == ["bank-a-web", "max_memory_mib", "128", "8192", "1"]
+        for line in text.splitlines()
+    )
 
 
 def test_usage_table_marks_an_exceeded_quota_and_counts_only_running_domains() -> None:
