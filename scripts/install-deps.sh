@@ -13,6 +13,10 @@ APT_PACKAGES=(
     graphviz           # policy graph rendering (optional at run time)
     prometheus         # promtool and a real Prometheus server for the metrics tests
     systemd            # systemd-analyze verify on the units
+    qemu-system-x86    # e2e tier (tests/e2e): boots Debian's Xen 4.17 and a PV dom0 under TCG
+    busybox-static     # e2e tier: the dom0/domU initramfs userland
+    cpio               # e2e tier: initramfs archives
+    iproute2           # e2e tier: `ip` in dom0 (bridge, vif-bridge hotplug script)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
