@@ -117,6 +117,10 @@ class BuildError(Exception):
     """The images could not be built; the message says which step and why."""
 
 
+class DownloadError(BuildError):
+    """apt-get download failed, even after refreshing the package lists."""
+
+
 @attrs.frozen
 class Images:
     """A built image set, as the runner boots it."""
@@ -230,16 +234,16 @@ def _kernel_package() -> str:
     raise BuildError(f"{KERNEL_META} names no linux-image package:\n{out}")
 
 
-def resolve_packages() -> list[Package]:
-    """The Debian packages to download: the Xen set at the host's xen-utils-4.17 version (or the
-    candidate when the host has none) and the kernel the metapackage points at."""
+def resolve_packages(*, follow_host: bool = True) -> list[Package]:
+    """The Debian packages to download: the Xen set at the host's xen-utils-4.17 version
+    (`follow_host`, and the host has it) or at apt's candidate, and the kernel the metapackage
+    points at."""
     kernel = _kernel_package()
     candidates = _apt_candidates([*XEN_PACKAGES, kernel])
     if kernel not in candidates:
         raise BuildError(f"apt has no candidate for {kernel}; run apt-get update")
-    xen_version = _installed_version(f"xen-utils-{XEN_SERIES}") or candidates.get(
-        f"xen-utils-{XEN_SERIES}"
-    )
+    host = _installed_version(f"xen-utils-{XEN_SERIES}") if follow_host else None
+    xen_version = host or candidates.get(f"xen-utils-{XEN_SERIES}")
     if xen_version is None:
         raise BuildError(f"apt has no candidate for xen-utils-{XEN_SERIES}; run apt-get update")
     return [*(Package(n, xen_version) for n in XEN_PACKAGES), Package(kernel, candidates[kernel])]
@@ -266,7 +270,10 @@ def download(packages: list[Package], debs: Path) -> dict[str, Path]:
         except BuildError:
             # Stale lists name a version the mirror no longer has: refresh once and retry.
             _run(["apt-get", "update", "-q"], what="apt-get update")
-            _run(["apt-get", "download", "-q", *specs], what="apt-get download", cwd=debs)
+            try:
+                _run(["apt-get", "download", "-q", *specs], what="apt-get download", cwd=debs)
+            except BuildError as exc:
+                raise DownloadError(str(exc)) from exc
         for pkg in missing:
             matches = sorted(debs.glob(f"{pkg.name}_{pkg.version.replace(':', '%3a')}_*.deb"))
             if not matches:
@@ -671,6 +678,22 @@ def ensure_images(
     cache = cache or cache_dir()
     log = log if log is not None else []
     packages = resolve_packages()
+    try:
+        return _ensure(cache, packages, force=force, log=log)
+    except DownloadError:
+        # The mirror dropped the host's (older) xen-utils-4.17 version: take apt's candidate.
+        # dom0 stays self-consistent; only e2e_host's xl (the host's) is then another 4.17.x.
+        fallback = resolve_packages(follow_host=False)
+        if fallback == packages:
+            raise
+        log.append(
+            f"host xen-utils-{XEN_SERIES} {packages[0].version} is not downloadable; using "
+            f"{fallback[0].version} (upgrade the host's Xen packages to match)"
+        )
+        return _ensure(cache, fallback, force=force, log=log)
+
+
+def _ensure(cache: Path, packages: list[Package], *, force: bool, log: list[str]) -> Images:
     key = input_key(packages)
     images_root = cache / "images"
     final = images_root / key
@@ -689,6 +712,7 @@ def ensure_images(
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=images_root))
         try:
             _build(packages, debs, staging, log)
+            staging.chmod(0o755)
             if final.exists():
                 shutil.rmtree(final)
             staging.rename(final)

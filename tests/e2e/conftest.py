@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -80,7 +81,16 @@ def _require_success(result: RunResult) -> None:
 @pytest.fixture(scope="session")
 def boot_run(e2e_run: RunScenario) -> RunResult:
     """The boot scenario with the reference domain (tests/reference/xsgold.cfg)."""
-    return e2e_run("boot", {"xsgold.cfg": XSGOLD_CFG.read_bytes()})
+    result = e2e_run("boot", {"xsgold.cfg": XSGOLD_CFG.read_bytes()})
+    # Seen once in ~10 boots: a "Segmentation fault" from some dom0 process while the guest
+    # connected, with the scenario passing.  Surface it (with the kernel's line naming the
+    # process) without failing, until its cause is known.
+    crashes = [line for line in result.text("dmesg.txt").splitlines() if "segfault" in line]
+    if crashes:
+        warnings.warn(
+            "dom0 process crashed during boot scenario:\n" + "\n".join(crashes), stacklevel=1
+        )
+    return result
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

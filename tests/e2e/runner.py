@@ -47,6 +47,8 @@ DOM0_CMDLINE = "console=hvc0 earlyprintk=xen rdinit=/init"
 QEMU_CPU = "max,-smap,-rdtscp"
 HOST_SHARE_TAG = "hostroot"
 
+#: Seconds beyond the scenario timeout for dom0 to report a killed scenario's diagnostics.
+DIAG_MARGIN = 90.0
 #: Serial lines that mean the machine will not come back.
 PANIC = re.compile(
     r"Panic on CPU|Kernel panic - not syncing|Manual reset required|Reboot in five seconds"
@@ -180,7 +182,7 @@ def qemu_command(images: Images, initrd: Path, serial: Path, *, host_share: bool
 
 
 @attrs.define
-class _Follower:
+class SerialFollower:
     """Reads the serial log as it grows and decodes the @@E2E protocol."""
 
     path: Path
@@ -312,7 +314,7 @@ def run_scenario(
     except OSError as exc:
         qemu_log.close()
         raise E2EError(f"cannot start QEMU ({exc}): run scripts/install-deps.sh") from exc
-    follower = _Follower(serial, started)
+    follower = SerialFollower(serial, started)
 
     def fail(why: str) -> E2EError:
         follower.poll()
@@ -326,7 +328,9 @@ def run_scenario(
         phases = (
             ("init", timeouts.boot, "dom0's /init never ran (hypervisor or kernel boot hung)"),
             ("ready", timeouts.ready, "dom0's Xen services did not come up"),
-            ("exit", timeouts.scenario, "the scenario did not finish"),
+            # dom0 kills the scenario itself after timeouts.scenario and then sends its diag/
+            # files; the margin lets that arrive before the runner gives up.
+            ("exit", timeouts.scenario + DIAG_MARGIN, "the scenario did not finish"),
         )
         deadline = started
         for key, budget, why in phases:
