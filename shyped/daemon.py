@@ -73,6 +73,9 @@ WATCHES = (
     ("@releaseDomain", "shyped-release"),
 )
 
+#: Read rounds one watch batch may take to pick up the rest of a burst (see `_do_batch`).
+BATCH_ROUNDS = 4
+
 #: A decision listener: called on the reactor thread with every outcome; may return a
 #: Deferred the enforcer waits for before carrying out the outcome's actions.
 Listener = Callable[[Outcome], "Deferred[Any] | None"]
@@ -441,16 +444,35 @@ class Daemon:
         self._want_reconcile = self._want_reconcile or "batch error"
 
     async def _do_batch(self, paths: list[str]) -> None:
-        reads = [p for p in paths if not p.startswith("@")]
-        perm_paths = [p for p in reads if needs_perms(p)]
-        values_d = self.gateway.read_many(reads)
-        perms_d = [self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths]
-        values = await values_d
-        perms: dict[str, tuple[Perm, ...] | None] = dict(
-            zip(perm_paths, await defer.gatherResults(perms_d), strict=True)  # type: ignore[arg-type]
-        )
-        nodes: list[EventNode] = [(p, None, None) for p in paths if p.startswith("@")]
-        nodes.extend((p, values[p], perms.get(p)) for p in reads)
+        """Read the batch's values, then feed them to the assembler at once.
+
+        A transaction's watch events may reach the reactor in more than one slice. The reply
+        to a read comes after every event xenstored sent before it, and the gateway runs event
+        callbacks before completing replies, so paths that became pending while the read was
+        out belong (at least) to the same burst: they are read too, up to `BATCH_ROUNDS`
+        rounds, and everything is fed together. A device is then announced with its whole
+        libxl record, not first without the resource it uses.
+        """
+        values: dict[str, bytes | None] = {}
+        perms: dict[str, tuple[Perm, ...] | None] = {}
+        hints: list[str] = []
+        for _ in range(BATCH_ROUNDS):
+            hints.extend(p for p in paths if p.startswith("@"))
+            reads = [p for p in paths if not p.startswith("@")]
+            perm_paths = [p for p in reads if needs_perms(p)]
+            values_d = self.gateway.read_many(reads)
+            perms_d = [self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths]
+            for path in reads:  # re-read paths move to the end: they are newer facts
+                values.pop(path, None)
+            values.update(await values_d)
+            got = await defer.gatherResults(perms_d)
+            perms.update(zip(perm_paths, got, strict=True))  # type: ignore[arg-type]
+            if not self._pending:
+                break
+            paths = list(self._pending)
+            self._pending = {}
+        nodes: list[EventNode] = [(p, None, None) for p in dict.fromkeys(hints)]
+        nodes.extend((p, v, perms.get(p)) for p, v in values.items())
         self._process(self.assembler.feed_batch(nodes))
 
     def reconcile(self, reason: str) -> Deferred[None]:

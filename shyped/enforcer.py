@@ -286,10 +286,16 @@ class Enforcer:
         except BaseException:
             _discard(waiter)
             raise
+        if state is None:
+            done = "backend gone"
+        elif state == CLOSED:
+            done = "backend already Closed, online=0"
+        else:
+            done = f"backend online=0, state {state} -> Closing"
         _log.info(
-            "enforce: cut {what}: backend online=0 state=Closing, frontend readable by "
-            "domain {fe} only ({n} nodes)",
+            "enforce: {what}: {done}; frontend readable by domain {fe} only ({n} nodes)",
             what=action.describe(),
+            done=done,
             fe=key.frontend,
             n=revoked,
         )
@@ -313,7 +319,7 @@ class Enforcer:
 
         removed = await self.gateway.transaction(remove)
         _log.info(
-            "enforce: removed {what}: {paths}",
+            "enforce: {what}: removed {paths}",
             what=action.describe(),
             paths=", ".join(removed) or "nothing left",
         )

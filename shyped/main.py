@@ -1,0 +1,154 @@
+"""The ``shyped`` command: run the daemon, check a configuration, or run the sandbox demo.
+
+Exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 if the daemon could not run (xenstored
+unreachable) or the demo saw an unexpected decision, 2 for a configuration, policy or label
+store that cannot be used (the message says which file and what; no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from twisted.internet.defer import Deferred
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+
+from shyped.config import ConfigError, load_config
+
+DEFAULT_CONFIG = Path("/etc/shyped/shyped.toml")
+_LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn}
+_log = Logger(namespace="shyped")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shyped",
+        description="sHype-style mandatory access control for Xen, enforced from dom0 at the "
+        "xenstore/toolstack layer (STE, Chinese Wall, MLS). Without a command, runs the daemon "
+        "(SIGHUP reloads the policy and the label store; SIGTERM stops).",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"configuration file (default {DEFAULT_CONFIG}; see conf/shyped.toml)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=sorted(_LEVELS),
+        default="info",
+        help="least severe log level written to stderr (default info: one line per decision)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", help="run the daemon (the default)")
+    sub.add_parser("check", help="load the configuration, policy and label store, report, and exit")
+    demo = sub.add_parser(
+        "demo",
+        help="start a sandbox xenstored, run the daemon on conf/'s example policy and a "
+        "scripted scenario, print each decision and a summary, and exit",
+    )
+    demo.add_argument(
+        "--verbose", action="store_true", help="also show the daemon's own log on stderr"
+    )
+    return parser
+
+
+def start_logging(level: str, stream: TextIO = sys.stderr) -> None:
+    """twisted.logger to `stream`, one line per event at `level` and above."""
+    # zope interfaces do not type-check: the observers are declared Any.
+    predicate: Any = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
+    text: Any = textFileLogObserver(stream)
+    observer: Any = FilteringLogObserver(text, [predicate])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def _error(message: str) -> int:
+    print(f"shyped: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check(config_path: Path) -> int:
+    from shyped.daemon import StartupError, load_startup
+
+    try:
+        config = load_config(config_path)
+        loaded, labels = load_startup(config)
+    except (ConfigError, StartupError) as e:
+        return _error(str(e))
+    p = loaded.policy
+    print(
+        f"{config_path}: ok\n"
+        f"policy {p.name} {p.version} ({loaded.format}, {loaded.path}, sha256 {loaded.sha256})\n"
+        f"  {len(p.vm_labels)} VM labels, {len(p.resource_labels)} resource labels, "
+        f"{len(p.conflict_sets)} conflict sets\n"
+        f"labels {config.labels}: {len(labels.by_uuid)} by uuid, {len(labels.by_name)} by name, "
+        f"{len(labels.resources)} resources\n"
+        f"mode {config.mode.value}, domain veto {config.domain_veto.value}, "
+        f"actuator {config.actuator.kind}, xenstore {config.xenstore.socket}"
+    )
+    return 0
+
+
+def _run(config_path: Path, level: str) -> int:
+    from shyped.daemon import Daemon, StartupError, load_startup
+
+    try:
+        config = load_config(config_path)
+        loaded, labels = load_startup(config)
+    except (ConfigError, StartupError) as e:
+        return _error(str(e))
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
+    start_logging(level)
+    daemon = Daemon(config, loaded, labels, reactor=reactor)
+    status = {"code": 0}
+
+    def failed(failure: Any) -> None:
+        if isinstance(failure.value, StartupError):
+            _log.critical("{error}", error=str(failure.value))
+        else:
+            _log.failure("shyped failed to start", failure)
+        status["code"] = 1
+        reactor.stop()
+
+    def start() -> None:
+        Deferred.fromCoroutine(daemon.start()).addErrback(failed)
+
+    def hangup(_signum: int, _frame: object) -> None:
+        def reload() -> None:
+            _log.info("SIGHUP: reloading the label store and the policy")
+            daemon.reload_policy()
+
+        reactor.callFromThread(reload)
+
+    reactor.callWhenRunning(start)
+    reactor.callWhenRunning(signal.signal, signal.SIGHUP, hangup)
+    reactor.run()
+    return status["code"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from shyped.demo import run_demo
+
+        return run_demo(verbose=args.verbose)
+    if args.command == "check":
+        return _check(args.config)
+    return _run(args.config, args.log_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
