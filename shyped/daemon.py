@@ -248,7 +248,8 @@ class Daemon:
         )
         #: Decision listeners (audit trail, metrics …); see `Listener`.
         self.listeners: list[Listener] = []
-        self._pending: dict[str, None] = {}
+        #: path -> monotonic time its (first pending) event arrived
+        self._pending: dict[str, float] = {}
         self._scheduled = False
         self._busy = False
         self._want_reconcile: str | None = None
@@ -376,7 +377,8 @@ class Daemon:
         if self._own(path):
             self._own_events += 1
             return
-        self._pending[path] = None
+        if path not in self._pending:
+            self._pending[path] = time.monotonic()
         self._kick()
 
     def _on_overflow(self, path: str) -> None:
@@ -421,10 +423,11 @@ class Daemon:
             d.addBoth(finished)
         elif self._pending:
             paths = list(self._pending)
+            received = min(self._pending.values())
             self._pending = {}
             self._busy = True
             self._batches += 1
-            batch = Deferred.fromCoroutine(self._do_batch(paths))
+            batch = Deferred.fromCoroutine(self._do_batch(paths, received))
             batch.addErrback(self._batch_failed)
             batch.addBoth(lambda _: self._done())
         else:
@@ -443,7 +446,7 @@ class Daemon:
         _log.failure("watch batch failed; reconciling", failure)
         self._want_reconcile = self._want_reconcile or "batch error"
 
-    async def _do_batch(self, paths: list[str]) -> None:
+    async def _do_batch(self, paths: list[str], received: float) -> None:
         """Read the batch's values, then feed them to the assembler at once.
 
         A transaction's watch events may reach the reactor in more than one slice. The reply
@@ -473,7 +476,7 @@ class Daemon:
             self._pending = {}
         nodes: list[EventNode] = [(p, None, None) for p in dict.fromkeys(hints)]
         nodes.extend((p, v, perms.get(p)) for p, v in values.items())
-        self._process(self.assembler.feed_batch(nodes))
+        self._process(self.assembler.feed_batch(nodes), received)
 
     def reconcile(self, reason: str) -> Deferred[None]:
         """Walk the whole of xenstore through the event path (see the module docstring)."""
@@ -484,6 +487,7 @@ class Daemon:
         return d
 
     async def _do_reconcile(self, reason: str) -> None:
+        received = time.monotonic()
         snapshot = await self.gateway.snapshot("/", with_perms=True)
         self._reconciles += 1
         events = self.assembler.reconcile(snapshot.nodes, "/")
@@ -494,9 +498,9 @@ class Daemon:
             events=len(events),
             inc="" if snapshot.consistent else " (inconsistent walk; watches converge)",
         )
-        self._process(events)
+        self._process(events, received)
 
-    def _process(self, events: Iterable[Any]) -> None:
+    def _process(self, events: Iterable[Any], received: float | None) -> None:
         queue: deque[NeedsDecision] = deque()
         for event in events:
             self.enforcer.observe(event)
@@ -505,7 +509,7 @@ class Daemon:
                     self._released(out)
                 else:
                     queue.append(out)
-        self._decide(queue)
+        self._decide(queue, received)
 
     def _released(self, out: DomainReleased) -> None:
         label = self.engine.release(out)
@@ -518,12 +522,14 @@ class Daemon:
             counted=f"; released Chinese Wall types of {label!r}" if label else "",
         )
 
-    def _decide(self, queue: deque[NeedsDecision]) -> None:
+    def _decide(self, queue: deque[NeedsDecision], received: float | None = None) -> None:
         while queue:
             need = queue.popleft()
             if not self.host.is_current(need):
                 continue
             outcome = self.engine.decide(need, self.host)
+            if received is not None:
+                outcome = attrs.evolve(outcome, received=received)
             ready = self.host.record_decision(
                 need, outcome.allowed, label=outcome.label, reason=outcome.decision.reason
             )

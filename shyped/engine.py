@@ -95,7 +95,7 @@ class Outcome:
     decided), `clients` all named vchan clients, `resource` the resource a device uses.
     `planned` are the vetoes enforcing mode carries out; `actions` what the daemon will
     actually do (label writes, and the vetoes when enforcing). `note` says why a planned veto is
-    not carried out.
+    not carried out. `received` is set by the daemon (decision latency for metrics).
     """
 
     need: NeedsDecision
@@ -112,6 +112,9 @@ class Outcome:
     actions: tuple[Action, ...] = ()
     planned: tuple[Action, ...] = ()
     note: str = ""
+    #: ``time.monotonic()`` when the daemon received the xenstore event (or started the
+    #: reconcile) this decision came from; None for re-decisions (reload, mode switch).
+    received: float | None = None
 
     @property
     def kind(self) -> DecisionKind:
