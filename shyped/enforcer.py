@@ -59,6 +59,10 @@ _log = Logger(namespace="shyped.enforcer")
 #: XenbusStateClosing / XenbusStateClosed.
 CLOSING = 5
 CLOSED = 6
+#: Seconds between re-reads of a backend's state while a device veto waits for Closed.
+RECHECK = 1.0
+#: Times a device veto says Closing again when the backend's own writes overwrote it.
+MAX_REASSERT = 3
 #: Most nodes a device veto re-permissions below a (guest-owned) frontend directory.
 MAX_FRONTEND_NODES = 512
 
@@ -75,12 +79,13 @@ class EnforcerStats:
 
 
 def _parse_state(raw: bytes | None) -> int | None:
+    """A backend's XenbusState; None if the node is absent, 0 (Unknown) if it is garbage."""
     if raw is None:
         return None
     try:
-        return int(raw.strip(b"\x00") or b"-1")
+        return int(raw.strip(b"\x00"))
     except ValueError:
-        return None
+        return 0
 
 
 def path_cleanup(tx: Transaction, path: str) -> bool:
@@ -185,6 +190,8 @@ class Enforcer:
         if isinstance(event, BackendStateChanged):
             if event.state is None or event.state >= CLOSED:
                 self._wake(event.device, "closed")
+            elif event.state < CLOSING:
+                self._wake(event.device, "reopened")
         elif isinstance(event, DeviceRemoved):
             self._wake(event.device, "removed")
         elif isinstance(event, DomainVanished):
@@ -268,21 +275,21 @@ class Enforcer:
         key = action.device
         fe_dir, be_dir = action.frontend_dir, action.backend_dir
 
-        def cut(tx: Transaction) -> tuple[int | None, int]:
+        def close(tx: Transaction, revoke: bool) -> tuple[int | None, int]:
             try:
                 state = _parse_state(tx.read(f"{be_dir}/state"))
             except NoEntry:
                 state = None
-            revoked = _revoke_frontend(tx, fe_dir, key.frontend)
+            revoked = _revoke_frontend(tx, fe_dir, key.frontend) if revoke else 0
             if state is not None:
                 tx.write(f"{be_dir}/online", b"0")
-                if state != CLOSED:
+                if state not in (CLOSING, CLOSED) or (revoke and state != CLOSED):
                     tx.write(f"{be_dir}/state", str(CLOSING).encode())
             return state, revoked
 
         waiter = self._wait_closed(key)
         try:
-            state, revoked = await self.gateway.transaction(cut)
+            state, revoked = await self.gateway.transaction(lambda tx: close(tx, True))
         except BaseException:
             _discard(waiter)
             raise
@@ -299,12 +306,38 @@ class Enforcer:
             fe=key.frontend,
             n=revoked,
         )
-        if state is None or state == CLOSED:
-            _discard(waiter)
-        else:
-            waiter.addTimeout(self.close_timeout, self.reactor, onTimeoutCancel=_timed_out)
-            why = await waiter
-            if why == "timeout":
+        deadline = self.reactor.seconds() + self.close_timeout
+        reasserted = 0
+        while True:
+            if state is None or state == CLOSED:
+                _discard(waiter)
+                break
+            remaining = deadline - self.reactor.seconds()
+            why = "timeout"
+            if remaining > 0:
+                # Events wake the wait at once; a re-read every RECHECK seconds covers what
+                # coalesced watch events can hide (Closing overwritten before it was read).
+                waiter.addTimeout(min(remaining, RECHECK), self.reactor, onTimeoutCancel=_timed_out)
+                why = await waiter
+                if why == "timeout" and deadline - self.reactor.seconds() > 0:
+                    why = await self._recheck(be_dir)
+                    if why == "waiting":
+                        waiter = self._wait_closed(key)
+                        continue
+            else:
+                _discard(waiter)
+            if why == "reopened" and reasserted < MAX_REASSERT:
+                # The backend driver's probe (InitWait) raced with the cut and overwrote
+                # Closing: say it again, as long as the wait lasts.
+                reasserted += 1
+                waiter = self._wait_closed(key)
+                try:
+                    state, _ = await self.gateway.transaction(lambda tx: close(tx, False))
+                except BaseException:
+                    _discard(waiter)
+                    raise
+                continue
+            if why in ("timeout", "reopened"):
                 self.stats.close_timeouts += 1
                 _log.warn(
                     "enforce: backend {be} did not reach Closed within {t} s; removing the "
@@ -312,6 +345,7 @@ class Enforcer:
                     be=be_dir,
                     t=self.close_timeout,
                 )
+            break
 
         def remove(tx: Transaction) -> list[str]:
             paths = (fe_dir, action.libxl_dir, be_dir)
@@ -323,6 +357,15 @@ class Enforcer:
             what=action.describe(),
             paths=", ".join(removed) or "nothing left",
         )
+
+    async def _recheck(self, be_dir: str) -> str:
+        try:
+            state = _parse_state(await self.gateway.read(f"{be_dir}/state"))
+        except NoEntry:
+            return "closed"
+        if state is None or state >= CLOSED:
+            return "closed"
+        return "reopened" if state < CLOSING else "waiting"
 
     async def _remove_vchan(self, action: RemoveVchan) -> None:
         def body(tx: Transaction) -> bool:

@@ -82,10 +82,8 @@ async def test_denied_vif_is_cut_before_the_guest_runs_then_removed_once_closed(
 @pytest_twisted.ensureDeferred
 async def test_a_backend_that_never_closes_is_removed_after_the_timeout(host: Harness) -> None:
     daemon = await host.start(host.config(close_timeout=0.3))
-    d = await host.call(host.ts.create, domcfg("web-a1"), paused=False)
-    await host.settle()
-    # Hot-plug on a running guest: netfront connects before the daemon has decided.
-    await host.call(host.ts.attach_nic, d, parse_vif_spec("bridge=xenbr-public"))
+    # The domain stays paused: its netfront never answers the Closing.
+    d = await host.call(host.ts.create, domcfg("web-a1", vifs=["bridge=xenbr-public"]))
     await host.settle()
     assert not host.last(f"device vif {d}/0").allowed
     assert daemon.enforcer.stats.close_timeouts == 1
@@ -235,3 +233,20 @@ async def test_a_vchan_for_a_domain_not_there_yet_is_decided_when_it_appears(
     await host.settle()
     assert not host.last(f"vchan {path}").allowed
     assert not host.exists(path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_closing_is_said_again_when_the_backend_probe_overwrites_it(host: Harness) -> None:
+    """A backend driver's probe (InitWait) may land after the cut: Closing is written again."""
+    await host.start(host.config(close_timeout=60.0))
+    d = await host.call(host.ts.create, domcfg("web-a1", vifs=["bridge=xenbr-bank-b"]))
+    state = be(d, "vif", 0) + "/state"
+    await eventually(lambda: host.read(state) == "5")
+    with XsConn(str(host.xsd.socket_path)) as backend:
+        backend.write(state, "2")
+    await eventually(lambda: host.read(state) == "5")
+    assert host.read(be(d, "vif", 0) + "/online") == "0"
+    await host.call(host.ts.unpause, d)
+    await host.settle()
+    assert not host.exists(record(d, "vif", 0))
+    assert host.daemon is not None and host.daemon.enforcer.stats.close_timeouts == 0
