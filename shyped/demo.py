@@ -36,7 +36,7 @@ IMAGES = "/srv/xen/images"
 
 
 def _cfg(name: str, *, vifs: tuple[str, ...] = (), disks: tuple[str, ...] = ()) -> Any:
-    from shyped.sandbox.xlcfg import domain_config_from_text
+    from shyped.xlcfg import domain_config_from_text
 
     n = sum(ord(c) * (i + 1) for i, c in enumerate(name))
     lines = [
@@ -158,7 +158,7 @@ class Scenario:
             self.surprises.append("web-b1 was not destroyed")
 
         self.step("shop-1 hot-plugs a vif served by web-a1 (a bank domain as its net backend)")
-        from shyped.sandbox.xlcfg import parse_disk_spec, parse_vif_spec
+        from shyped.xlcfg import parse_disk_spec, parse_vif_spec
 
         ts.attach_nic(s, parse_vif_spec(f"bridge=xenbr-public,backend={d}"))
         say("  .. (a simulated backend only reacts while a toolstack command runs; if it does")

@@ -40,7 +40,7 @@ from shyped.control.xlitems import set_cfg_label, summarize, with_overrides
 from shyped.policy import toml_format
 from shyped.policy.analysis import analyse, to_dot
 from shyped.policy.model import Policy
-from shyped.sandbox.xlcfg import XlConfigError
+from shyped.xlcfg import XlConfigError
 
 EXIT_OK: Final = 0
 EXIT_DENIED: Final = 1

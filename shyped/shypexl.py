@@ -43,8 +43,8 @@ from shyped.control import backend as b
 from shyped.control.client import ControlClient, DaemonUnreachable, default_socket
 from shyped.control.protocol import ControlError
 from shyped.control.xlitems import disk_item, summarize, vif_item, with_overrides
-from shyped.sandbox.xlcfg import XlConfigError
 from shyped.shypectl import EXIT_DAEMON, EXIT_DENIED, EXIT_OK, EXIT_USAGE, exit_status
+from shyped.xlcfg import XlConfigError
 
 XL_ENV: Final = "SHYPE_XL"
 FAIL_OPEN_ENV: Final = "SHYPE_XL_FAIL_OPEN"

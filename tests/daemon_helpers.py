@@ -19,9 +19,9 @@ from shyped.engine import Outcome
 from shyped.labelstore import LabelStore, load_label_store
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored
-from shyped.sandbox.xlcfg import DomainConfig, domain_config_from_text
 from shyped.sandbox.xsconn import XsConn
 from shyped.xenstore import GatewayConfig, XenstoreGateway
+from shyped.xlcfg import DomainConfig, domain_config_from_text
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ from shyped.policy.decisions import Decision, Hook, PolicyEngine
 from shyped.policy.model import Policy, PolicyVersion, Quota, VmLabel
 from shyped.quota import check, running_with_label
 from shyped.sandbox.toolstack import Toolstack
-from shyped.sandbox.xlcfg import DomainConfig, parse_disk_spec, parse_vif_spec
+from shyped.xlcfg import DomainConfig, parse_disk_spec, parse_vif_spec
 
 POLICY_TEXT = "test policy for the metrics scenario"
 POLICY_SHA256 = hashlib.sha256(POLICY_TEXT.encode()).hexdigest()

@@ -13,8 +13,8 @@ from twisted.internet import defer
 from shyped.config import Mode
 from shyped.policy.decisions import Hook, Rule
 from shyped.sandbox.xenstored import SandboxXenstored
-from shyped.sandbox.xlcfg import parse_disk_spec, parse_vif_spec
 from shyped.sandbox.xsconn import XsConn
+from shyped.xlcfg import parse_disk_spec, parse_vif_spec
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 Pure. shypectl ``dry-run`` and shype-xl read a domain configuration the way ``xl create``
 does — the file, then each ``KEY=VALUE`` override from the command line appended as a line
 (tools/xl/xl_vmcontrol.c ``main_create``'s ``extra_config``), later assignments winning — with
-the safe parser of `shyped.sandbox.xlcfg` (``ast.literal_eval`` only, never ``eval``). Unlike
+the safe parser of `shyped.xlcfg` (``ast.literal_eval`` only, never ``eval``). Unlike
 the sandbox toolstack this accepts any guest type (HVM, PVH): only the name, uuid, label,
 disks and vifs matter here.
 """
@@ -15,7 +15,7 @@ import ast
 import attrs
 
 from shyped.control.backend import DiskItem, NewDomain, VifItem
-from shyped.sandbox.xlcfg import (
+from shyped.xlcfg import (
     CfgValue,
     SecurityLabel,
     XlConfigError,

@@ -41,8 +41,8 @@ from shyped.sandbox.hypervisor import (
     HypervisorStore,
 )
 from shyped.sandbox.layout import Actor, Op, Step
-from shyped.sandbox.xlcfg import DiskSpec, DomainConfig, VifSpec
 from shyped.sandbox.xsconn import XsConn, XsError
+from shyped.xlcfg import DiskSpec, DomainConfig, VifSpec
 
 #: Sectors reported for a disk image the sandbox cannot see: the capture's 8 MiB image.
 DEFAULT_SECTORS = 16384

@@ -6,7 +6,7 @@ import pytest
 from sandbox_toolstack_helpers import XSGOLD_CFG
 
 from shyped.sandbox import layout as L
-from shyped.sandbox.xlcfg import (
+from shyped.xlcfg import (
     SecurityLabel,
     XlConfigError,
     domain_config_from_text,
