@@ -44,6 +44,7 @@ XEN_CMDLINE = (
 #: dom0's command line; QEMU splits -initrd on commas, so it must contain none.
 DOM0_CMDLINE = "console=hvc0 earlyprintk=xen rdinit=/init"
 #: -cpu: plain `max` makes dom0 take an SMAP fault; PVH guests need -rdtscp; qemu64 lacks HAP.
+#: $SHYPED_E2E_QEMU_CPU overrides it (for experiments).
 QEMU_CPU = "max,-smap,-rdtscp"
 HOST_SHARE_TAG = "hostroot"
 
@@ -159,7 +160,7 @@ def qemu_command(images: Images, initrd: Path, serial: Path, *, host_share: bool
     cmd = [
         "qemu-system-x86_64",
         "-accel", "tcg",
-        "-cpu", QEMU_CPU,
+        "-cpu", os.environ.get("SHYPED_E2E_QEMU_CPU") or QEMU_CPU,
         "-smp", "1",
         "-m", "2048",
         "-nodefaults",
@@ -169,7 +170,7 @@ def qemu_command(images: Images, initrd: Path, serial: Path, *, host_share: bool
         "-no-reboot",
         "-serial", f"file:{serial}",
         "-kernel", str(images.xen),
-        "-append", XEN_CMDLINE,
+        "-append", os.environ.get("SHYPED_E2E_XEN_CMDLINE") or XEN_CMDLINE,
         "-initrd", f"{images.kernel} {DOM0_CMDLINE},{initrd}",
     ]  # fmt: skip
     if host_share:
