@@ -53,6 +53,7 @@ from shyped.policy import acm_xml, toml_format, update
 from shyped.policy.decisions import PolicyEngine
 from shyped.policy.errors import PolicyError
 from shyped.policy.model import Policy
+from shyped.relabel import RelabelCheck, check_domain_relabel, check_resource_relabel
 from shyped.xenstore import (
     ConnectionLost,
     GatewayConfig,
@@ -331,6 +332,11 @@ class Daemon:
             uptime=time.monotonic() - self._started,
         )
 
+    @property
+    def ready(self) -> bool:
+        """The first reconcile is done: everything that existed at start has been decided."""
+        return self._reconciles > 0
+
     def settled(self) -> Deferred[None]:
         """Fires once everything xenstored reported before the call has been decided and no
         event, reconcile or action is pending (tests, the demo). A device veto waiting for
@@ -386,6 +392,7 @@ class Daemon:
         self.reconcile("overflow").addErrback(self._ignore_lost)
 
     def _reconnected(self) -> None:
+        self._publish_dom0_label()  # a restarted xenstored may have lost it
         self.reconcile("reconnect").addErrback(self._ignore_lost)
 
     def _connection_lost(self, error: ConnectionLost) -> None:
@@ -459,7 +466,7 @@ class Daemon:
         values: dict[str, bytes | None] = {}
         perms: dict[str, tuple[Perm, ...] | None] = {}
         hints: list[str] = []
-        for _ in range(BATCH_ROUNDS):
+        for round_ in range(1, BATCH_ROUNDS + 1):
             hints.extend(p for p in paths if p.startswith("@"))
             reads = [p for p in paths if not p.startswith("@")]
             perm_paths = [p for p in reads if needs_perms(p)]
@@ -470,8 +477,8 @@ class Daemon:
             values.update(await values_d)
             got = await defer.gatherResults(perms_d)
             perms.update(zip(perm_paths, got, strict=True))  # type: ignore[arg-type]
-            if not self._pending:
-                break
+            if not self._pending or round_ == BATCH_ROUNDS:
+                break  # what is still pending is the next batch's
             paths = list(self._pending)
             self._pending = {}
         nodes: list[EventNode] = [(p, None, None) for p in dict.fromkeys(hints)]
@@ -588,6 +595,51 @@ class Daemon:
         _log.warn("mode {old} -> {new}", old=previous.value, new=mode.value)
         if mode is Mode.ENFORCING:
             self._sweep("mode switched to enforcing")
+
+    # ---- labels at run time (the control socket) ----------------------------------------
+
+    def set_labels(self, labels: LabelStore) -> None:
+        """Decide from `labels` from now on (running domains keep the label they run with)."""
+        self.engine.labels = labels
+
+    def check_resource_relabel(self, resource: str, label: str | None) -> RelabelCheck:
+        """May `resource` (a label store id) take `label` (None: unlabelled) with the running
+        domains' current uses (see `shyped.relabel`)? Changes nothing."""
+        system = self.engine.running_system(self.host)
+        return check_resource_relabel(self.engine.policy, system, resource, label)
+
+    def relabel(
+        self, domid: int, label: str, *, before: Callable[[], None] | None = None
+    ) -> Deferred[RelabelCheck]:
+        """Relabel running domain `domid` if the Chinese Wall and its live channels and
+        resources allow `label` (`shyped.relabel.check_domain_relabel`); else change nothing.
+
+        `before` runs once the check passed and before anything changes (the control socket
+        persists the label store there); if it raises, nothing changes. Then the Chinese Wall
+        count, the host model and the label node in xenstore take the new label; the Deferred
+        fires with the check once the label node is written.
+        """
+        system = self.engine.running_system(self.host)
+        check = check_domain_relabel(self.engine.policy, system, domid, label)
+        dom = self.host.domain(domid)
+        if not check.allowed or dom is None or check.new is None:
+            return defer.succeed(check)
+        if before is not None:
+            before()
+        self.engine.relabel(domid, check.new)
+        self.host.set_label(domid, check.new)
+        written = self.enforcer.execute_action(
+            WriteLabel(domid, dom.uuid, self.engine.label_string(check.new))
+        )
+        _log.warn(
+            "relabel: {name}({domid}{uuid}) {old} -> {new}",
+            name=dom.name or "?",
+            domid=domid,
+            uuid=f", {dom.uuid}" if dom.uuid else "",
+            old=check.old,
+            new=check.new,
+        )
+        return written.addCallback(lambda _: check)
 
     def reload_policy(self, path: str | Path | None = None) -> Deferred[ReloadResult]:
         """Load a policy (default: the configured file) and switch to it if the running

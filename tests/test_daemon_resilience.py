@@ -1,0 +1,82 @@
+"""The daemon under trouble: xenstored restarted under it, a guest flooding xenstore."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import pytest_twisted
+from daemon_helpers import POLICY, Harness, domcfg, eventually
+from twisted.internet import defer
+
+from shyped.sandbox.xenstored import SandboxXenstored
+
+
+@pytest.fixture
+def host(xenstored: SandboxXenstored) -> Iterator[Harness]:
+    h = Harness.boot(xenstored)
+    try:
+        yield h
+    finally:
+        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
+
+
+def restart(xsd: SandboxXenstored) -> None:
+    xsd.stop()
+    xsd.start()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_xenstored_is_reconciled_and_decisions_go_on(host: Harness) -> None:
+    daemon = await host.start()
+    await host.call(host.ts.create, domcfg("web-a1"))
+    await host.settle()
+    assert daemon.engine.running.running_labels() == {"bank-a-web": 1}
+    reconnects = daemon.gateway.reconnects
+    await host.call(restart, host.xsd)  # a fresh store: every tree is gone
+    await eventually(lambda: daemon.gateway.reconnects > reconnects and daemon.gateway.connected)
+    await host.settle()
+    assert daemon.status().reconciles >= 2
+    assert daemon.engine.running.running_labels() == {}  # web-a1's tree went with the store
+    assert host.read("/local/domain/0/shyped/label") == f"ACM:{POLICY}:dom0"  # published again
+    await host.call(host.ts.boot_host)
+    b = await host.call(host.ts.create, domcfg("web-b1"))
+    await host.settle()
+    assert host.last(f"domain {b}").allowed
+    assert host.read(f"/local/domain/{b}/shyped/label") == f"ACM:{POLICY}:bank-b-web"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flooding_guest_does_not_keep_others_from_being_decided(host: Harness) -> None:
+    daemon = await host.start()
+    noisy = await host.call(host.ts.create, domcfg("shop-1"), paused=False)
+    await host.settle()
+    flood = subprocess.Popen(
+        [sys.executable, "-m", "shyped.xenstore.rawclient", "flood", "--socket",
+         str(host.xsd.socket_path), "--prefix", f"/local/domain/{noisy}/data", "--rate",
+         "10000", "--duration", "4", "--distinct", "2000"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        await eventually(lambda: daemon.status().batches > 20)  # the flood reaches the daemon
+        a = await host.call(host.ts.create, domcfg("web-a1"))
+        b = await host.call(host.ts.create, domcfg("web-b1"))
+        await eventually(lambda: bool(host.decided(f"domain {b}")), timeout=30)
+        assert host.last(f"domain {a}").allowed
+        assert not host.last(f"domain {b}").allowed
+        assert flood.poll() is None, "the decisions came while the flood was still on"
+    finally:
+        out, _ = flood.communicate(timeout=60)
+    assert flood.returncode == 0
+    await host.settle()
+    assert "web-b1" not in host.domains()
+    assert daemon.gateway.connected
+    writes = int(out.split()[0])
+    assert writes > 10_000
+    # Only the decisions were taken, nothing for the noise; the garbage is not counted either
+    # (plain data writes are not malformed, just uninteresting).
+    assert {o.what for o in host.outcomes} >= {f"domain {a}", f"domain {b}"}
+    assert not any(o.what.startswith(f"vchan /local/domain/{noisy}/") for o in host.outcomes)
