@@ -62,6 +62,36 @@ class MetricsConfig:
 
 
 @attrs.frozen
+class AuditConfig:
+    """The ``[audit]`` table (docs/audit.md). The audit trail is on when the table is present
+    (``enabled`` defaults to true there) and off without it; `shyped.auditlog.AuditSettings`
+    is built from it by `settings`."""
+
+    enabled: bool = False
+    directory: Path = Path("/var/log/shyped/audit")
+    max_file_bytes: int = 8 << 20
+    keep_files: int = 16
+    disk_full_action: str = "fail-closed"  # or "ignore"
+    retry_interval: float = 5.0
+    mirror_denials: bool = False
+    group: str | None = None
+
+    def settings(self) -> Any:
+        """The `shyped.auditlog.AuditSettings` these keys stand for."""
+        from shyped.auditlog import AuditSettings, DiskFullAction
+
+        return AuditSettings(
+            directory=self.directory,
+            max_file_bytes=self.max_file_bytes,
+            keep_files=self.keep_files,
+            disk_full_action=DiskFullAction(self.disk_full_action),
+            retry_interval=self.retry_interval,
+            mirror_denials=self.mirror_denials,
+            group=self.group,
+        )
+
+
+@attrs.frozen
 class Config:
     """Everything `shyped` reads from its configuration file."""
 
@@ -76,10 +106,21 @@ class Config:
     actuator: ActuatorConfig = ActuatorConfig()
     control: ControlConfig = ControlConfig()
     metrics: MetricsConfig = MetricsConfig()
+    audit: AuditConfig = AuditConfig()
     source: Path | None = None
 
 
-_TOP_KEYS = {"policy", "enforcement", "xenstore", "actuator", "control", "metrics"}
+_TOP_KEYS = {"policy", "enforcement", "xenstore", "actuator", "control", "metrics", "audit"}
+_AUDIT_KEYS = {
+    "enabled",
+    "directory",
+    "max_file_bytes",
+    "keep_files",
+    "disk_full_action",
+    "retry_interval",
+    "mirror_denials",
+    "group",
+}
 
 
 def _table(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
@@ -196,6 +237,7 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         address=_get(met, "metrics", "address", str, "127.0.0.1", where),
         port=port,
     )
+    audit = _audit(doc, base, where)
     return Config(
         policy=policy,
         labels=labels,
@@ -206,7 +248,40 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         actuator=actuator,
         control=control,
         metrics=metrics,
+        audit=audit,
         source=source,
+    )
+
+
+def _audit(doc: dict[str, Any], base: Path, where: str) -> AuditConfig:
+    if "audit" not in doc:
+        return AuditConfig()
+    aud = _table(doc, "audit", where)
+    _check_unknown(aud, "audit", _AUDIT_KEYS, where)
+    size = _get(aud, "audit", "max_file_bytes", int, 8 << 20, where)
+    if size < 1024:
+        raise ConfigError(f"{where}: audit.max_file_bytes must be at least 1024")
+    keep = _get(aud, "audit", "keep_files", int, 16, where)
+    if keep < 0:
+        raise ConfigError(f"{where}: audit.keep_files must be 0 (keep all) or more")
+    action = _get(aud, "audit", "disk_full_action", str, "fail-closed", where)
+    if action not in ("fail-closed", "ignore"):
+        raise ConfigError(f"{where}: audit.disk_full_action must be 'fail-closed' or 'ignore'")
+    retry = _get(aud, "audit", "retry_interval", float, 5.0, where)
+    if not 0 < retry <= 3600:
+        raise ConfigError(f"{where}: audit.retry_interval must be in (0, 3600] seconds")
+    group = _get(aud, "audit", "group", str, None, where)
+    if group == "":
+        raise ConfigError(f"{where}: audit.group must name a group")
+    return AuditConfig(
+        enabled=_get(aud, "audit", "enabled", bool, True, where),
+        directory=base / _get(aud, "audit", "directory", str, "/var/log/shyped/audit", where),
+        max_file_bytes=size,
+        keep_files=keep,
+        disk_full_action=action,
+        retry_interval=retry,
+        mirror_denials=_get(aud, "audit", "mirror_denials", bool, False, where),
+        group=group,
     )
 
 

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,47 @@ def test_bad_config_names_the_problem(text: str, message: str) -> None:
 def test_unreadable_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read configuration"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_audit_table_turns_the_trail_on_and_maps_to_audit_settings(tmp_path: Path) -> None:
+    from shyped.auditlog import DiskFullAction
+
+    off = parse_config('[policy]\npath = "p.toml"\n', tmp_path / "shyped.toml")
+    assert off.audit.enabled is False
+    text = """
+[policy]
+path = "p.toml"
+[audit]
+directory = "audit"
+max_file_bytes = 4096
+keep_files = 3
+disk_full_action = "ignore"
+retry_interval = 0.5
+mirror_denials = true
+group = "adm"
+"""
+    cfg = parse_config(text, tmp_path / "shyped.toml")
+    assert cfg.audit.enabled is True
+    settings = cfg.audit.settings()
+    assert settings.directory == tmp_path / "audit"
+    assert settings.max_file_bytes == 4096 and settings.keep_files == 3
+    assert settings.disk_full_action is DiskFullAction.IGNORE
+    assert settings.retry_interval == 0.5 and settings.mirror_denials and settings.group == "adm"
+    default = parse_config('[policy]\npath = "p.toml"\n[audit]\n', tmp_path / "shyped.toml")
+    assert default.audit.enabled and str(default.audit.directory) == "/var/log/shyped/audit"
+    assert default.audit.settings().disk_full_action is DiskFullAction.FAIL_CLOSED
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('disk_full_action = "halt"', "audit.disk_full_action must be"),
+        ("max_file_bytes = 10", "audit.max_file_bytes must be at least 1024"),
+        ("keep_files = -1", "audit.keep_files"),
+        ("mirror_denials = 1", "audit.mirror_denials must be a bool"),
+        ("colour = 1", "unknown key(s) in [audit]: colour"),
+    ],
+)
+def test_bad_audit_table_names_the_key(table: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(f'[policy]\npath = "p.toml"\n[audit]\n{table}\n')
