@@ -41,6 +41,8 @@ from typing import cast
 
 import attrs
 
+from shyped import quota
+from shyped.accounting import HOOK_OF_KIND, account_domain
 from shyped.actions import Action, CutDevice, RemoveVchan, VetoDomain, WriteLabel, is_veto
 from shyped.audit import Party
 from shyped.config import DomainVeto, Mode
@@ -70,6 +72,13 @@ from shyped.policy.model import LabelRef
 #: Host states whose domains are running as far as the policy is concerned.
 _RUNNING = frozenset({DomainState.ADMITTED, DomainState.PAUSED})
 _UNDECIDED = frozenset({DomainState.SEEN, DomainState.GONE})
+#: Quotas re-checked when a running domain's account changes (`Engine.recheck_quota`).
+_RECHECKED = (
+    quota.QuotaKind.MEMORY,
+    quota.QuotaKind.VCPUS,
+    quota.QuotaKind.EVENT_CHANNELS,
+    quota.QuotaKind.GRANT_REFS,
+)
 
 
 def _uuid_text(uuid: str | None) -> str:
@@ -294,8 +303,13 @@ class Engine:
             raw = self.labels.domain_label(need.uuid, need.name)
         decision = self._running.admit(raw)
         name = self._resolve(raw)
+        checks = [decision]
+        if decision.permitted and name is not None:
+            others = quota.running_with_label(host, name, exclude=domid)
+            checks = self._with_quota(checks, host, domid, name, Hook.DOMAIN_ADMIT, others)
+        allowed = all(c.permitted for c in checks)
         published: tuple[Action, ...] = ()
-        if name is not None and (decision.permitted or self.mode is Mode.PERMISSIVE):
+        if name is not None and (allowed or self.mode is Mode.PERMISSIVE):
             self._running.start(name)
             self._counted[domid] = name
             published = (WriteLabel(domid, need.uuid, self.label_string(name)),)
@@ -303,7 +317,7 @@ class Engine:
         return self._outcome(
             need,
             f"domain {domid}",
-            [decision],
+            checks,
             VetoDomain(domid, self.domain_veto),
             subject=Party(name=need.name, domid=domid, uuid=need.uuid, label=recorded),
             label=recorded,
@@ -336,6 +350,8 @@ class Engine:
             res_party = Party(resource=rid or use.resource[:200], label=rlabel)
             if checks[0].permitted:
                 checks.append(self._policy.resource(fe_label, rlabel, writable=use.writable))
+        if all(c.permitted for c in checks) and fe_dom is not None:
+            checks = self._with_quota(checks, host, fe, fe_label, Hook.DEVICE_CHANNEL)
         dev = host.device(key)
         backend_kind = dev.backend_kind if dev is not None else key.kind
         veto = CutDevice(key, be, backend_kind)
@@ -390,6 +406,8 @@ class Engine:
                         s_label,
                     )
                 )
+        if all(c.permitted for c in checks) and sdom is not None:
+            checks = self._with_quota(checks, host, server, s_label, Hook.VCHAN)
         return self._outcome(
             need,
             f"vchan {key.path}",
@@ -400,6 +418,84 @@ class Engine:
             peer=peer,
             clients=clients,
         )
+
+    # ---- quotas -------------------------------------------------------------------------
+
+    def _with_quota(
+        self,
+        checks: list[Decision],
+        host: HostModel,
+        domid: int,
+        label: str | None,
+        hook: Hook,
+        others: int | None = None,
+    ) -> list[Decision]:
+        """`checks` (all permits) and, if it denies, the quota check of `domid` under `label`
+        at `hook` (it then decides). A permitting quota check is not listed: the policy's
+        check reports the permit."""
+        name = self._resolve(label)
+        account = account_domain(host, domid)
+        if name is None or account is None:
+            return checks
+        q = quota.check(self._policy.policy, name, account, hook=hook, others_running=others)
+        return checks if q.permitted else [*checks, q]
+
+    def recheck_quota(self, domid: int, host: HostModel) -> Outcome | None:
+        """A running, admitted domain whose account changed (sizes written after admission,
+        rings published): a domain veto with rule ``quota`` if it now exceeds a per-domain
+        quota of its label (memory, vCPUs, event channels, grant refs; devices and vchans are
+        checked at their own hooks), else None."""
+        dom = host.domain(domid)
+        if dom is None or dom.state is not DomainState.ADMITTED or domid == 0:
+            return None
+        name = self._resolve(dom.label)
+        account = account_domain(host, domid)
+        if name is None or account is None:
+            return None
+        q = quota.check(
+            self._policy.policy, name, account, hook=Hook.DOMAIN_ADMIT, kinds=_RECHECKED
+        )
+        if q.permitted:
+            return None
+        if self.mode is Mode.ENFORCING and self._counted.get(domid) is not None:
+            self._running.stop(self._counted.pop(domid))
+        need = NeedsDecision(
+            "domain", domid, domid, uuid=dom.uuid, name=dom.name, facts=(dom.uuid,)
+        )
+        return self._outcome(
+            need,
+            f"domain {domid}",
+            [q],
+            VetoDomain(domid, self.domain_veto),
+            subject=_party(dom, domid),
+            label=name,
+        )
+
+    def refuse(self, need: NeedsDecision, host: HostModel, rule: Rule, reason: str) -> Outcome:
+        """Deny `need` without asking the policy (the audit trail cannot record it:
+        fail-closed); the veto is the hook's usual one. Nothing is counted."""
+        hook = HOOK_OF_KIND[need.kind]
+        dom = host.domain(need.domid)
+        subject = _party(dom, need.domid)
+        if need.kind == "domain":
+            subject = Party(name=need.name, domid=need.domid, uuid=need.uuid)
+        d = Decision(False, hook, rule, reason, subject.label)
+        veto: Action
+        if need.kind == "domain":
+            if self._counted.pop(need.domid, None) is not None:
+                self._rebuild()
+            veto = VetoDomain(need.domid, self.domain_veto)
+            what = f"domain {need.domid}"
+        elif need.kind == "device":
+            key = cast(DeviceKey, need.key)
+            dev = host.device(key)
+            veto = CutDevice(key, need.peers[0], dev.backend_kind if dev else key.kind)
+            what = f"device {key.kind} {need.domid}/{key.devid}"
+        else:
+            vkey = cast(VchanKey, need.key)
+            veto = RemoveVchan(need.domid, vkey.path)
+            what = f"vchan {vkey.path}"
+        return self._outcome(need, what, [d], veto, subject=subject)
 
     # ---- policy changes and sweeps ------------------------------------------------------
 
