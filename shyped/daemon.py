@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import sys
 import time
 from collections import deque
@@ -40,8 +41,12 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shyped.actions import LABEL_DIR, WriteLabel
+from shyped import quota as quota_mod
+from shyped.accounting import account_host, touched_domains
+from shyped.actions import LABEL_DIR, WriteLabel, is_veto
 from shyped.actuator import ToolstackActuator, XlActuator
+from shyped.audit import Kind as AuditKind
+from shyped.auditlog import AsyncAuditLog, AuditState, AuditUnavailable
 from shyped.config import Config, Mode
 from shyped.enforcer import Enforcer, EnforcerStats
 from shyped.engine import Engine, Outcome
@@ -49,8 +54,9 @@ from shyped.events import EventAssembler, needs_perms
 from shyped.events import Node as EventNode
 from shyped.host import DomainReleased, DomainState, HostModel, NeedsDecision
 from shyped.labelstore import LabelStore, LabelStoreError, load_label_store
+from shyped.metrics import MetricsState, PeriodicPublisher
 from shyped.policy import acm_xml, toml_format, update
-from shyped.policy.decisions import PolicyEngine
+from shyped.policy.decisions import PolicyEngine, Rule
 from shyped.policy.errors import PolicyError
 from shyped.policy.model import Policy
 from shyped.relabel import RelabelCheck, check_domain_relabel, check_resource_relabel
@@ -203,6 +209,10 @@ class DaemonStatus:
     running_labels: dict[str, int]
     enforcer: EnforcerStats
     uptime: float
+    #: label -> quota -> {limit, used, domid, exceeded} (`shyped.quota.quota_table_dict`)
+    quotas: dict[str, dict[str, dict[str, Any]]] = attrs.field(factory=dict)
+    #: the audit trail's state ("ok", "unavailable", "degraded"), None without one
+    audit: str | None = None
 
 
 # ------------------------------------------------------------------------------- the daemon
@@ -220,6 +230,8 @@ class Daemon:
         reactor: Any = None,
         gateway: XenstoreGateway | None = None,
         actuator: ToolstackActuator | None = None,
+        audit: AsyncAuditLog | None = None,
+        metrics: MetricsState | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -263,6 +275,13 @@ class Daemon:
         self._own_events = 0
         self._started = time.monotonic()
         self._running = False
+        #: The audit trail (records gate enforcing actions) and the metrics, if configured.
+        self.audit = audit
+        self.metrics = metrics
+        self._publisher: PeriodicPublisher | None = None
+        self._reconnects = 0
+        if audit is not None:
+            audit.add_listener(self._audit_state)
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -272,6 +291,16 @@ class Daemon:
 
     async def start(self) -> None:
         """Watch, connect, publish dom0's label and decide everything that exists."""
+        if self.audit is not None:
+            try:
+                self.audit.start()
+            except Exception as e:
+                raise StartupError(f"audit log: {e}") from None
+        if self.metrics is not None:
+            self.metrics.set_policy(self.loaded.policy, self.loaded.sha256, time.time())
+            self.metrics.set_mode(self.mode)
+            self.metrics.set_xenstore(False, 0)
+            self._publisher = PeriodicPublisher(self.reactor, self.metrics, lambda: self.host)
         for path, token in WATCHES:
             await self.gateway.watch(path, token, self._on_event, self._on_overflow)
         try:
@@ -289,13 +318,41 @@ class Daemon:
             sha=self.loaded.sha256[:16],
             mode=self.mode.value,
         )
+        self._audit_event(
+            AuditKind.DAEMON_START,
+            policy=f"{self.loaded.policy.name} {self.loaded.policy.version}",
+            policy_sha256=self.loaded.sha256,
+            mode=self.mode.value,
+            pid=_pid(),
+        )
+        if self.metrics is not None:
+            self.metrics.set_xenstore(True, self._reconnects)
+        if self._publisher is not None:
+            self._publisher.start()
         self._publish_dom0_label()
         await self.reconcile("start")
 
     def stop(self) -> Deferred[None]:
-        """Close the xenstore connection (actions in flight are abandoned)."""
+        """Close the xenstore connection (actions in flight are abandoned); the audit trail
+        ends with a ``daemon-stop`` record naming the chain head and is closed."""
         self._running = False
-        return self.gateway.close()
+        if self._publisher is not None:
+            self._publisher.stop()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        audit = self.audit
+        if audit is not None and audit.log.log_id:
+            seq, head = audit.log.head
+            done = self._audit_event(
+                AuditKind.DAEMON_STOP, decisions=sum(self._decisions.values()),
+                head_seq=seq, head_hash=head,
+            )  # fmt: skip
+            if done is not None:
+                with contextlib.suppress(Exception):
+                    await done
+            await audit.stop()
+        await self.gateway.close()
 
     # ---- listeners ----------------------------------------------------------------------
 
@@ -306,6 +363,15 @@ class Daemon:
         self.listeners.remove(listener)
 
     # ---- status -------------------------------------------------------------------------
+
+    def quota_table(self) -> tuple[quota_mod.QuotaUsage, ...]:
+        """The quota usage table of the running domains (``shypectl status``)."""
+        return quota_mod.quota_table(self.loaded.policy, account_host(self.host))
+
+    def publish_metrics(self) -> None:
+        """Publish a metrics snapshot now (the periodic publisher does it every second)."""
+        if self.metrics is not None:
+            self.metrics.publish(self.host)
 
     def status(self) -> DaemonStatus:
         states: dict[str, int] = {}
@@ -330,6 +396,8 @@ class Daemon:
             running_labels=dict(self.engine.running.running_labels()),
             enforcer=attrs.evolve(self.enforcer.stats, by_kind=dict(self.enforcer.stats.by_kind)),
             uptime=time.monotonic() - self._started,
+            quotas=quota_mod.quota_table_dict(self.quota_table()),
+            audit=None if self.audit is None else self.audit.state.value,
         )
 
     @property
@@ -392,11 +460,16 @@ class Daemon:
         self.reconcile("overflow").addErrback(self._ignore_lost)
 
     def _reconnected(self) -> None:
+        self._reconnects += 1
+        if self.metrics is not None:
+            self.metrics.set_xenstore(True, self._reconnects)
         self._publish_dom0_label()  # a restarted xenstored may have lost it
         self.reconcile("reconnect").addErrback(self._ignore_lost)
 
     def _connection_lost(self, error: ConnectionLost) -> None:
         _log.warn("lost xenstored ({error}); reconnecting", error=str(error))
+        if self.metrics is not None:
+            self.metrics.set_xenstore(False, self._reconnects)
 
     @staticmethod
     def _ignore_lost(failure: Failure) -> None:
@@ -498,6 +571,9 @@ class Daemon:
         snapshot = await self.gateway.snapshot("/", with_perms=True)
         self._reconciles += 1
         events = self.assembler.reconcile(snapshot.nodes, "/")
+        self._audit_event(
+            AuditKind.RECONCILE, reason=reason, nodes=len(snapshot.nodes), events=len(events)
+        )
         _log.info(
             "reconcile ({reason}): {nodes} nodes, {events} events{inc}",
             reason=reason,
@@ -509,6 +585,9 @@ class Daemon:
 
     def _process(self, events: Iterable[Any], received: float | None) -> None:
         queue: deque[NeedsDecision] = deque()
+        events = list(events)
+        if self.metrics is not None:
+            self.metrics.observe_events(events)
         for event in events:
             self.enforcer.observe(event)
             for out in self.host.apply(event):
@@ -517,6 +596,22 @@ class Daemon:
                 else:
                     queue.append(out)
         self._decide(queue, received)
+        self._recheck_quotas(touched_domains(events), received)
+
+    def _recheck_quotas(self, domids: Iterable[int], received: float | None) -> None:
+        """Running domains whose account changed (sizes written after admission, rings
+        published) are checked against their label's per-domain quotas again."""
+        for domid in sorted(domids):
+            outcome = self.engine.recheck_quota(domid, self.host)
+            if outcome is None:
+                continue
+            if received is not None:
+                outcome = attrs.evolve(outcome, received=received)
+            ready = self.host.record_decision(
+                outcome.need, False, label=outcome.label, reason=outcome.decision.reason
+            )
+            self._emit(outcome)
+            self._decide(deque(ready), received)
 
     def _released(self, out: DomainReleased) -> None:
         label = self.engine.release(out)
@@ -534,7 +629,10 @@ class Daemon:
             need = queue.popleft()
             if not self.host.is_current(need):
                 continue
-            outcome = self.engine.decide(need, self.host)
+            if self._audit_refusing():
+                outcome = self.engine.refuse(need, self.host, Rule.AUDIT, self._audit_reason())
+            else:
+                outcome = self.engine.decide(need, self.host)
             if received is not None:
                 outcome = attrs.evolve(outcome, received=received)
             ready = self.host.record_decision(
@@ -543,7 +641,7 @@ class Daemon:
             queue.extend(ready)
             self._emit(outcome)
 
-    def _emit(self, outcome: Outcome) -> None:
+    def _emit(self, outcome: Outcome, *, record: bool = True) -> None:
         self._decisions[outcome.decision.verdict] += 1
         if outcome.enforced:
             self._vetoes += 1
@@ -552,7 +650,13 @@ class Daemon:
             _log.info("{line}", line=line)
         else:
             _log.warn("{line}", line=line)
+        if self.metrics is not None:
+            latency = None if outcome.received is None else time.monotonic() - outcome.received
+            self.metrics.observe_decision(outcome.decision, latency)
         gates: list[Deferred[Any]] = []
+        recorded = self._audit_decision(outcome) if record else None
+        if recorded is not None and outcome.mode is Mode.ENFORCING:
+            gates.append(recorded)
         for listener in list(self.listeners):
             try:
                 result = listener(outcome)
@@ -593,6 +697,9 @@ class Daemon:
             return
         previous, self.engine.mode = self.engine.mode, mode
         _log.warn("mode {old} -> {new}", old=previous.value, new=mode.value)
+        self._audit_event(AuditKind.MODE_CHANGE, old=previous.value, new=mode.value)
+        if self.metrics is not None:
+            self.metrics.set_mode(mode)
         if mode is Mode.ENFORCING:
             self._sweep("mode switched to enforcing")
 
@@ -631,6 +738,10 @@ class Daemon:
         written = self.enforcer.execute_action(
             WriteLabel(domid, dom.uuid, self.engine.label_string(check.new))
         )
+        self._audit_event(
+            AuditKind.RELABEL, domid=domid, name=dom.name, uuid=dom.uuid,
+            old=check.old, new=check.new,
+        )  # fmt: skip
         _log.warn(
             "relabel: {name}({domid}{uuid}) {old} -> {new}",
             name=dom.name or "?",
@@ -667,6 +778,7 @@ class Daemon:
             text = str(e) if isinstance(e, PolicyError) else f"cannot read: {e.strerror or e}"
             result = ReloadResult(False, str(path), previous, error=text)
             _log.error("{result}", result=str(result))
+            self._audit_event(AuditKind.POLICY_REJECT, path=str(path), error=text)
             return result
         new = f"{loaded.policy.name} {loaded.policy.version}"
         if loaded.sha256 == self.loaded.sha256:
@@ -680,12 +792,22 @@ class Daemon:
             problems = tuple(str(p) for p in check.problems)
             result = ReloadResult(False, str(path), previous, new, loaded.sha256, problems)
             _log.error("{result}; keeping {previous}", result=str(result), previous=previous)
+            self._audit_event(
+                AuditKind.POLICY_REJECT, path=str(path), policy=new, policy_sha256=loaded.sha256,
+                problems=list(problems),
+            )  # fmt: skip
             return result
         self.engine.switch_policy(PolicyEngine(loaded.policy), check)
         dom0 = self.host.domain(0)
         if dom0 is not None:
             dom0.label = loaded.policy.bootstrap
         self.loaded = loaded
+        self._audit_event(
+            AuditKind.POLICY_LOAD, path=str(path), previous=previous, policy=new,
+            policy_sha256=loaded.sha256,
+        )  # fmt: skip
+        if self.metrics is not None:
+            self.metrics.set_policy(loaded.policy, loaded.sha256, time.time())
         _log.warn(
             "policy {old} -> {new} applied (sha256 {sha})",
             old=previous,
@@ -695,6 +817,101 @@ class Daemon:
         self._publish_dom0_label()
         self._sweep("policy reload")
         return ReloadResult(True, str(path), previous, new, loaded.sha256)
+
+    # ---- the audit trail ----------------------------------------------------------------
+
+    def audit_event(self, kind: AuditKind | str, **details: object) -> Deferred[Any] | None:
+        """Record a daemon event (e.g. ``resource-label`` from the control socket); fires
+        once durable, None without an audit trail. Never raises."""
+        return self._audit_event(kind, **details)
+
+    def _audit_event(self, kind: AuditKind | str, **details: object) -> Deferred[Any] | None:
+        if self.audit is None:
+            return None
+        try:
+            d = self.audit.record_event(kind, **details)
+        except Exception:
+            _log.failure("audit: cannot record {kind}", kind=str(kind))
+            return None
+        return d.addErrback(_audit_lost, str(kind))
+
+    def _audit_decision(self, outcome: Outcome) -> Deferred[Any] | None:
+        """Record `outcome`; the Deferred fires once its fsync returned. In enforcing mode a
+        permit whose record cannot be written (fail-closed) is turned into the veto."""
+        if self.audit is None:
+            return None
+        details: dict[str, object] = {
+            "what": outcome.what,
+            "actions": [a.describe() for a in outcome.actions if is_veto(a)],
+        }
+        if outcome.resource is not None:
+            details["resource"] = outcome.resource
+        if outcome.clients:
+            details["clients"] = list(outcome.clients)
+        if outcome.planned and not outcome.enforced:
+            details["not_enforced"] = outcome.note or "not enforced"
+        try:
+            d = self.audit.record_decision(
+                outcome.decision,
+                subject=outcome.subject,
+                obj=outcome.peer,
+                policy_sha256=self.loaded.sha256,
+                mode=outcome.mode.value,
+                **details,
+            )
+        except Exception:
+            _log.failure("audit: cannot record {what}", what=outcome.what)
+            return None
+        return d.addErrback(self._audit_record_failed, outcome)
+
+    def _audit_record_failed(self, failure: Failure, outcome: Outcome) -> None:
+        _audit_lost(failure, outcome.what)
+        if (
+            not isinstance(failure.value, AuditUnavailable)
+            or not outcome.allowed
+            or outcome.mode is not Mode.ENFORCING
+            or not self.host.is_current(outcome.need)
+        ):
+            return
+        refused = self.engine.refuse(outcome.need, self.host, Rule.AUDIT, self._audit_reason())
+        ready = self.host.record_decision(
+            refused.need, False, label=outcome.label, reason=refused.decision.reason
+        )
+        self._emit(refused, record=False)  # it cannot be recorded: that is why it is denied
+        self._decide(deque(ready))
+
+    def _audit_refusing(self) -> bool:
+        """Fail-closed: the trail cannot record, so nothing new is allowed."""
+        return self.audit is not None and not self.audit.available
+
+    def _audit_reason(self) -> str:
+        return (
+            "the audit trail cannot record decisions (disk_full_action = fail-closed): "
+            "nothing new is allowed until it can"
+        )
+
+    def _audit_state(self, state: AuditState, reason: str) -> None:
+        if state is AuditState.OK:
+            _log.warn("audit trail writable again ({reason}): decisions resume", reason=reason)
+        else:
+            _log.critical(
+                "AUDIT TRAIL {state}: {reason}; new domains, devices and vchans are {what}",
+                state=state.value.upper(),
+                reason=reason,
+                what="DENIED" if state is AuditState.UNAVAILABLE else "decided but not recorded",
+            )
+        if self.metrics is not None:
+            self.metrics.dirty = True
+
+
+def _pid() -> int:
+    return os.getpid()
+
+
+def _audit_lost(failure: Failure, what: str) -> None:
+    if isinstance(failure.value, AuditUnavailable):
+        return  # the state listener said it loudly once
+    _log.failure("audit: record of {what} failed", failure, what=what)
 
 
 def _absent(failure: Failure) -> Failure | None:

@@ -58,7 +58,8 @@ class Rule(enum.StrEnum):
     MLS = "mls"
     DEFAULT = "default"  # unlabelled subject/resource and the policy says deny
     LABEL = "label"  # label unknown, malformed, or of another policy
-    QUOTA = "quota"  # reserved for per-label quotas (a later issue)
+    QUOTA = "quota"  # a per-label quota (shyped.quota)
+    AUDIT = "audit"  # the audit trail cannot record the decision (fail-closed): denied
 
 
 @attrs.frozen

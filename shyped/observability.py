@@ -1,0 +1,67 @@
+"""Building the daemon's audit trail and metrics endpoint from its configuration (edge code).
+
+`build_audit` makes the `AsyncAuditLog` the `Daemon` records into (``[audit]``); `Metrics`
+holds the `MetricsState` the daemon feeds and serves it on ``[metrics] address:port``
+(loopback only) with the audit collector and, on a real host (``actuator.kind = "xl"``), CPU
+time per domain from ``xl list``. `shyped.main` wires them; the daemon tests do the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from shyped.auditlog import AsyncAuditLog, AuditCollector, AuditLog
+from shyped.config import Config
+from shyped.metrics import MetricsState, XlCpuProvider, make_registry, start_metrics_server
+
+_log = Logger(namespace="shyped.observability")
+
+
+def build_audit(config: Config, reactor: Any, *, durable: bool = True) -> AsyncAuditLog | None:
+    """The audit trail ``[audit]`` asks for (None when off); the daemon starts and stops it.
+    `durable=False` skips the fsyncs (benchmarks only)."""
+    if not config.audit.enabled:
+        return None
+    return AsyncAuditLog(AuditLog(config.audit.settings(), durable=durable), reactor)
+
+
+class Metrics:
+    """The metrics state the daemon feeds and, once `start`ed, its HTTP endpoint."""
+
+    def __init__(self, config: Config, reactor: Any, audit: AsyncAuditLog | None = None) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.state = MetricsState()
+        self.registry = make_registry(lambda: self.state.snapshot)
+        if audit is not None:
+            self.registry.register(AuditCollector(audit.log))
+        self.port: Any = None  # IListeningPort
+        self.cpu: XlCpuProvider | None = None
+
+    def start(self) -> IListeningPort:
+        """Listen (raises ValueError for a non-loopback address, or the bind error)."""
+        port = start_metrics_server(self.reactor, self.config.metrics, self.registry)
+        self.port = port
+        if self.config.actuator.kind == "xl":
+            self.cpu = XlCpuProvider(self.reactor, self.state, self.config.actuator.xl)
+            if not self.cpu.start():
+                _log.info("no CPU time per domain: xl list -v is not available")
+        return port
+
+    def stop(self) -> Any:
+        if self.cpu is not None:
+            self.cpu.stop()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+def build_metrics(config: Config, reactor: Any, audit: AsyncAuditLog | None) -> Metrics | None:
+    """The metrics ``[metrics]`` asks for (None when disabled); not listening yet."""
+    if not config.metrics.enabled:
+        return None
+    return Metrics(config, reactor, audit)

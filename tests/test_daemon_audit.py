@@ -1,0 +1,171 @@
+"""The daemon's audit trail against real oxenstored: one record per decision and per daemon
+event, a chain ``shypectl audit verify`` accepts, records durable before enforcing actions,
+and fail-closed on a full disk (a small tmpfs this test mounts) with recovery."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from daemon_helpers import Harness, domcfg, eventually, image
+from twisted.internet import defer
+from wiring_helpers import quota_policy, records, shypectl_verify, start, with_audit
+
+from shyped.config import Mode
+from shyped.policy.decisions import Rule
+from shyped.sandbox.xenstored import SandboxXenstored
+
+
+@pytest.fixture
+def host(xenstored: SandboxXenstored) -> Iterator[Harness]:
+    h = Harness.boot(xenstored)
+    try:
+        yield h
+    finally:
+        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_scenario_leaves_one_record_per_decision_and_event_and_the_chain_verifies(
+    host: Harness, tmp_path: Path
+) -> None:
+    audit_dir = tmp_path / "audit"
+    daemon, _ = await start(host, with_audit(host.config(), audit_dir))
+    a = await host.call(
+        host.ts.create, domcfg("web-a1", vifs=["bridge=xenbr-bank-a"], disks=[image("web-a1")])
+    )
+    b = await host.call(host.ts.create, domcfg("web-b1"))  # Chinese Wall: destroyed
+    await host.settle()
+    assert "web-b1" not in host.domains()
+    daemon.set_mode(Mode.PERMISSIVE)
+    daemon.set_mode(Mode.ENFORCING)
+    await host.settle()
+    newer = quota_policy(tmp_path, {}, version="1.1")
+    assert (await daemon.reload_policy(newer)).applied
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[policy\n")
+    assert not (await daemon.reload_policy(bad)).applied
+    await host.settle()
+    decided = len(host.outcomes)
+    await host.stop()
+
+    recs = records(audit_dir)
+    kinds = Counter(r["kind"] for r in recs)
+    assert kinds["decision"] == decided
+    assert kinds["daemon-start"] == 1 and kinds["daemon-stop"] == 1
+    assert kinds["reconcile"] == 1 and kinds["mode-change"] == 2
+    assert kinds["policy-load"] == 1 and kinds["policy-reject"] == 1
+    assert [r["kind"] for r in recs][-1] == "daemon-stop"
+    mine = [r for r in recs if r["kind"] == "decision" and r.get("what") == f"domain {b}"]
+    assert len(mine) == 1
+    denied = mine[0]
+    assert denied["decision"] == "deny" and denied["rule"] == "chinese-wall"
+    assert denied["subject"]["name"] == "web-b1" and denied["subject"]["domid"] == b
+    assert denied["subject"]["uuid"] == domcfg("web-b1").uuid
+    assert denied["subject"]["label"] == "bank-b-web" and denied["mode"] == "enforcing"
+    assert denied["actions"] == [f"destroy domain {b}"]
+    disk = next(r for r in recs if r.get("what") == f"device vbd {a}/51712")
+    assert disk["decision"] == "permit" and disk["resource"]["label"] == "bank-a-disk"
+    assert disk["object"]["domid"] == 0
+    modes = [(r["old"], r["new"]) for r in recs if r["kind"] == "mode-change"]
+    assert modes == [("enforcing", "permissive"), ("permissive", "enforcing")]
+    stop = recs[-1]
+    assert stop["head_seq"] == recs[-2]["seq"] and stop["head_hash"] == recs[-2]["hash"]
+
+    verified = shypectl_verify(audit_dir)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_enforcing_veto_waits_for_the_record_to_be_durable(
+    host: Harness, tmp_path: Path
+) -> None:
+    audit_dir = tmp_path / "audit"
+    seen: list[tuple[bool, int]] = []
+    real = host.ts.destroy
+
+    def destroy(domid: int) -> None:  # the veto: is its record on disk already?
+        on_disk = [r for r in records(audit_dir) if r.get("what") == f"domain {domid}"]
+        seen.append((bool(on_disk), domid))
+        real(domid)
+
+    await start(host, with_audit(host.config(), audit_dir), destroy=destroy)
+    await host.call(host.ts.create, domcfg("web-a1"))
+    b = await host.call(host.ts.create, domcfg("web-b1"))
+    await host.settle()
+    assert seen == [(True, b)]
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+
+
+def _fill(path: Path) -> Path:
+    """Fill the filesystem of `path` to the last block."""
+    filler = path / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (4096, 512, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root")
+@pytest_twisted.ensureDeferred
+async def test_disk_full_fails_closed_denies_new_domains_and_recovers(
+    host: Harness, tmp_path: Path
+) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    _mount_tmpfs(mnt, "64k")
+    try:
+        audit_dir = mnt / "audit"
+        config = with_audit(host.config(), audit_dir, retry_interval=0.1)
+        daemon, _ = await start(host, config)
+        assert daemon.audit is not None
+        a = await host.call(host.ts.create, domcfg("web-a1"))
+        await host.settle()
+        assert host.last(f"domain {a}").allowed
+        filler = _fill(mnt)
+        # The log's last page still has room (tmpfs allocates pages): records go on until one
+        # needs a new page, which the full filesystem refuses.
+        for i in range(64):
+            await daemon.audit_event("resource-label", resource=f"disk:/pad/{i}", pad="x" * 900)
+            if daemon.status().audit != "ok":
+                break
+        assert daemon.status().audit == "unavailable"
+        # Fail-closed: the next domain is refused.
+        c = await host.call(host.ts.create, domcfg("batch-a1"))
+        await eventually(lambda: "batch-a1" not in host.domains())
+        assert host.last(f"domain {c}").decision.rule is Rule.AUDIT
+        assert daemon.status().audit == "unavailable"
+        d = await host.call(host.ts.create, domcfg("reports-a1"))
+        await host.settle()
+        assert "reports-a1" not in host.domains()
+        assert host.last(f"domain {d}").decision.rule is Rule.AUDIT
+        # Space returns: the log resumes and admissions are decided by the policy again.
+        filler.unlink()
+        await eventually(lambda: daemon.status().audit == "ok")
+        e = await host.call(host.ts.create, domcfg("batch-a1"))
+        await host.settle()
+        assert host.last(f"domain {e}").allowed and "batch-a1" in host.domains()
+        await host.stop()
+        verified = shypectl_verify(audit_dir)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        kinds = Counter(r["kind"] for r in records(audit_dir))
+        assert kinds["audit-resumed"] >= 1
+        after = [r for r in records(audit_dir) if r.get("what") == f"domain {e}"]
+        assert after and after[-1]["decision"] == "permit"
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
