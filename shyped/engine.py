@@ -533,6 +533,17 @@ class Engine:
         }
         self._rebuild()
 
+    def relabel(self, domid: int, label: str) -> None:
+        """Count running domain `domid` with `label` from now on (after an allowed
+        `shyped.relabel.check_domain_relabel`); a domain not counted starts being counted."""
+        name = self._policy.resolve_domain(label).name
+        old = self._counted.get(domid)
+        if old is None:
+            self._running.start(name)
+        else:
+            self._running.relabel(old, name)
+        self._counted[domid] = name
+
 
 _MISSING = LabelRef("-", "-")
 

@@ -533,6 +533,14 @@ class HostModel:
         dom.state = state
         self._bump(domid)
 
+    def set_label(self, domid: int, label: str | None) -> None:
+        """Record a domain's new label (a relabel the daemon allowed); decisions stay."""
+        dom = self._domains.get(domid)
+        if dom is None:
+            raise KeyError(domid)
+        dom.label = label
+        self._bump(domid)
+
     # ---- devices ------------------------------------------------------------------------
 
     def _device_added(self, e: DeviceAdded) -> list[ModelOutput]:
