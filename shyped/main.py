@@ -112,7 +112,18 @@ def _run(config_path: Path, level: str) -> int:
 
     reactor: Any = _reactor
     start_logging(level)
-    daemon = Daemon(config, loaded, labels, reactor=reactor)
+    from shyped.observability import build_audit, build_metrics
+
+    audit = build_audit(config, reactor)
+    metrics = build_metrics(config, reactor, audit)
+    daemon = Daemon(
+        config,
+        loaded,
+        labels,
+        reactor=reactor,
+        audit=audit,
+        metrics=None if metrics is None else metrics.state,
+    )
     status = {"code": 0}
 
     def failed(failure: Any) -> None:
@@ -124,6 +135,14 @@ def _run(config_path: Path, level: str) -> int:
         reactor.stop()
 
     def start() -> None:
+        if metrics is not None:
+            try:
+                metrics.start()
+            except Exception as e:  # a bad address, the port taken
+                _log.critical("metrics endpoint: {error}", error=str(e))
+                status["code"] = 1
+                reactor.stop()
+                return
         Deferred.fromCoroutine(daemon.start()).addErrback(failed)
 
     def hangup(_signum: int, _frame: object) -> None:
@@ -134,6 +153,7 @@ def _run(config_path: Path, level: str) -> int:
         reactor.callFromThread(reload)
 
     reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", daemon.stop)
     reactor.callWhenRunning(signal.signal, signal.SIGHUP, hangup)
     reactor.run()
     return status["code"]
