@@ -101,7 +101,17 @@ def _check(config_path: Path) -> int:
 
 
 def _run(config_path: Path, level: str) -> int:
-    from shyped.daemon import Daemon, StartupError, load_startup
+    """The daemon, its control socket and systemd notifications, until SIGTERM/SIGINT.
+
+    Order: the control socket listens first (it answers ``unavailable`` until the daemon is
+    ready), then the daemon connects and reconciles; READY=1 goes to systemd only once that
+    first reconcile has decided every domain that exists. SIGHUP: RELOADING=1, reload, READY=1.
+    On the way out: STOPPING=1, the control socket closes, then the xenstore connection.
+    """
+    from shyped.control.daemon_backend import DaemonControlBackend
+    from shyped.control.server import ControlServer, ControlSetupError
+    from shyped.daemon import Daemon, ReloadResult, StartupError, load_startup
+    from shyped.sdnotify import Notifier, Watchdog
 
     try:
         config = load_config(config_path)
@@ -111,7 +121,6 @@ def _run(config_path: Path, level: str) -> int:
     from twisted.internet import reactor as _reactor
 
     reactor: Any = _reactor
-    start_logging(level)
     from shyped.observability import build_audit, build_metrics
 
     audit = build_audit(config, reactor)
@@ -124,7 +133,22 @@ def _run(config_path: Path, level: str) -> int:
         audit=audit,
         metrics=None if metrics is None else metrics.state,
     )
+    try:
+        server = ControlServer(DaemonControlBackend(daemon), config.control, reactor=reactor)
+    except ControlSetupError as e:
+        return _error(f"{config_path}: control: {e}")
+    start_logging(level)
+    notifier = Notifier()
+    watchdog = Watchdog.from_environment(notifier)
     status = {"code": 0}
+
+    def summary() -> str:
+        st = daemon.status()
+        p = daemon.loaded.policy
+        return (
+            f"{st.mode}; policy {p.name} {p.version}; {sum(st.domains.values())} domains "
+            f"({st.domains.get('admitted', 0)} admitted, {st.domains.get('denied', 0)} denied)"
+        )
 
     def failed(failure: Any) -> None:
         if isinstance(failure.value, StartupError):
@@ -133,6 +157,10 @@ def _run(config_path: Path, level: str) -> int:
             _log.failure("shyped failed to start", failure)
         status["code"] = 1
         reactor.stop()
+
+    def ready(_: object) -> None:
+        _log.info("ready: {summary}", summary=summary())
+        notifier.ready(summary())
 
     def start() -> None:
         if metrics is not None:
@@ -143,19 +171,54 @@ def _run(config_path: Path, level: str) -> int:
                 status["code"] = 1
                 reactor.stop()
                 return
-        Deferred.fromCoroutine(daemon.start()).addErrback(failed)
+        try:
+            server.start()
+        except (ControlSetupError, OSError) as e:
+            _log.critical("control socket {path}: {error}", path=str(server.path), error=str(e))
+            status["code"] = 1
+            reactor.stop()
+            return
+        if watchdog is not None:
+            watchdog.start()
+        Deferred.fromCoroutine(daemon.start()).addCallbacks(ready, failed)
+
+    def reloaded(result: ReloadResult) -> None:
+        if result.applied:
+            what = f"policy {result.new} applied"
+        elif result.error is not None:
+            what = "reload failed (see the log)"
+        elif result.sha256 == daemon.loaded.sha256:
+            what = "policy unchanged"
+        else:
+            what = f"policy {result.new} refused ({len(result.problems)} reasons)"
+        if daemon.ready:
+            notifier.ready(f"{summary()}; reload: {what}")
 
     def hangup(_signum: int, _frame: object) -> None:
         def reload() -> None:
             _log.info("SIGHUP: reloading the label store and the policy")
-            daemon.reload_policy()
+            if daemon.ready:  # before READY=1, systemd is not told about reloads
+                notifier.reloading("reloading the policy and the label store")
+            daemon.reload_policy().addCallback(reloaded)
 
         reactor.callFromThread(reload)
 
+    def shutdown() -> Deferred[Any]:
+        notifier.stopping("stopping")
+        if watchdog is not None:
+            watchdog.stop()
+        stopped = server.stop()
+        stopped.addBoth(lambda _: daemon.stop())
+        if metrics is not None:
+            stopped.addBoth(lambda _: metrics.stop())
+        stopped.addErrback(lambda f: _log.failure("while stopping", f))
+        return stopped
+
     reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", daemon.stop)
     reactor.callWhenRunning(signal.signal, signal.SIGHUP, hangup)
+    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
     reactor.run()
+    notifier.close()
     return status["code"]
 
 

@@ -35,6 +35,7 @@ def write_config(tmp: Path, socket: Path, *, policy: Path = HOSTING, extra: str 
         f'[enforcement]\nmode = "enforcing"\ndevice_close_timeout = 60.0\n{extra}'
         f'[xenstore]\nsocket = "{socket}"\n'
         '[actuator]\nkind = "sandbox"\n'
+        f'[control]\nsocket = "{socket.parent / "control.sock"}"\n'
     )
     return path
 

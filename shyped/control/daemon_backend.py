@@ -1,0 +1,585 @@
+"""The control socket's view of the running daemon: `DaemonControlBackend` (a `ControlBackend`).
+
+Edge code (imperative shell): each op reads the `Daemon`'s own objects — its host model, its
+`Engine` (policy engine, Chinese Wall `RunningSet`, label store) — and answers with the pure
+helpers of `shyped.control.views` and `shyped.relabel`, so an answer cannot drift from
+enforcement: a dry run asks the same engine, with the same running set and label store, the
+daemon decides with when the domain appears.
+
+Choices worth knowing:
+
+- **Not ready, no answer**: until the daemon's first reconcile is done, every op that depends
+  on the host or changes anything is refused with ``unavailable``; ``status`` answers (with
+  ``ready: false``), and so do the ops that only read the policy or the label store.
+- **Label store writes** (``register_domain``, ``relabel_domain``, ``set_resource_label``)
+  are atomic file replacements (temp file, fsync, rename) done on the reactor thread *before*
+  the in-memory change, so the file and the daemon never disagree and a failed write changes
+  nothing. The file is small; this blocks the reactor for an fsync, a few ms, on an admin op.
+- **policy_load** with a text: the text is parsed, then written to a temporary file beside the
+  configured policy file and handed to `Daemon.reload_policy`, which runs the update check on
+  the running system; only if the daemon switched is the file renamed over the configured one
+  (so the daemon starts with it next time). A refused policy leaves the file untouched.
+- **wait_admission** listens to the daemon's decisions (`Daemon.add_listener`) and re-checks
+  waiting admissions after each; a domain that is denied, or any of whose devices is denied,
+  answers at once (shype-xl destroys it) without waiting for the other devices. Only disks
+  and vifs count toward the number of devices asked for (`CFG_DEVICE_KINDS`). A slow
+  re-check (every `WAIT_RECHECK` s) also notices a domain that vanished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from shyped import __version__
+from shyped.audit import Kind
+from shyped.config import Mode
+from shyped.control import backend as b
+from shyped.control import views
+from shyped.control.protocol import ControlError, ErrorCode
+from shyped.engine import Outcome, resource_of
+from shyped.host import Device, Domain, DomainState
+from shyped.labelstore import LabelStore, LabelStoreError, resource_id, save_label_store
+from shyped.policy import acm_xml, toml_format, update
+from shyped.policy.model import Policy
+from shyped.relabel import RelabelCheck
+
+if TYPE_CHECKING:
+    from shyped.daemon import Daemon, ReloadResult
+
+log = Logger(namespace="shyped.control")
+
+#: Seconds between re-checks of waiting admissions (besides the one after every decision).
+WAIT_RECHECK: Final = 0.5
+
+_RUNNING: Final = frozenset({DomainState.ADMITTED, DomainState.PAUSED})
+#: Frontend kinds of the devices a cfg's ``disk`` and ``vif`` lists create: what shype-xl
+#: counts in `wait_admission`'s ``devices`` (libxl also adds a console, decided but not
+#: counted; a denied console still fails the admission).
+CFG_DEVICE_KINDS: Final = frozenset({"vbd", "vbd3", "vif"})
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    """One `wait_admission` in progress."""
+
+    uuid: str
+    devices: int
+    deferred: Deferred[b.Admission]
+    timer: Any = None
+    #: The domid once the domain was seen (to tell "gone" from "not there yet").
+    domid: int | None = None
+    name: str | None = None
+
+
+class DaemonControlBackend:
+    """`shyped.control.backend.ControlBackend` over a running `shyped.daemon.Daemon`."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.reactor: Any = daemon.reactor
+        #: Called with every control audit event (the audit log hooks in here).
+        self.audit_hooks: list[Callable[[b.ControlAudit], None]] = []
+        self._waiters: list[_Waiter] = []
+        self._check_scheduled = False
+        self._recheck = LoopingCall(self._check_waiters)
+        self._recheck.clock = self.reactor
+        self._policy_lock = defer.DeferredLock()
+        daemon.add_listener(self._on_outcome)
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    @property
+    def _policy(self) -> Policy:
+        return self.daemon.engine.policy.policy
+
+    @property
+    def _store(self) -> LabelStore:
+        return self.daemon.engine.labels
+
+    def _ready(self) -> None:
+        if not self.daemon.ready:
+            raise ControlError(
+                ErrorCode.UNAVAILABLE,
+                "shyped is starting: the domains that exist are not all decided yet "
+                "(first reconcile); try again in a moment",
+            )
+
+    def _full(self, label: str | None) -> str | None:
+        """A recorded label as ``ACM:<policy>:<label>`` when the policy has it, else as is."""
+        if label is None:
+            return None
+        policy = self._policy
+        if ":" not in label and (
+            policy.vm_label(label) is not None or policy.resource_label(label) is not None
+        ):
+            return policy.label_string(label)
+        return label
+
+    def _info(self, dom: Domain) -> b.DomainInfo:
+        reason = dom.decision.reason if dom.decision is not None else None
+        return b.DomainInfo(
+            domid=dom.domid,
+            name=dom.name,
+            uuid=dom.uuid,
+            label=self._full(dom.label),
+            state=dom.state.value,
+            reason=reason,
+        )
+
+    def _domains(self) -> tuple[b.DomainInfo, ...]:
+        return tuple(self._info(d) for d in self.daemon.host.domains())
+
+    def _domain(self, ref: str) -> Domain:
+        info = views.match_domain(ref, self._domains())
+        dom = self.daemon.host.domain(info.domid)
+        if dom is None:  # pragma: no cover - the list was just built from the model
+            raise ControlError(ErrorCode.NOT_FOUND, f"no domain {ref[:80]!r}")
+        return dom
+
+    def _policy_info(self) -> b.PolicyInfo:
+        loaded = self.daemon.loaded
+        return b.PolicyInfo(
+            name=loaded.policy.name,
+            version=str(loaded.policy.version),
+            sha256=loaded.sha256,
+            format=cast(b.PolicyFormat, loaded.format),
+            source=str(loaded.path),
+        )
+
+    def _save(self, store: LabelStore) -> None:
+        """Persist `store`, then decide with it; a failed write changes nothing."""
+        path = self.daemon.config.labels
+        try:
+            save_label_store(store, path)
+        except OSError as exc:
+            raise ControlError(
+                ErrorCode.INTERNAL,
+                f"cannot write the label store {path}: {exc.strerror or exc}; nothing changed",
+            ) from None
+        self.daemon.set_labels(store)
+
+    @staticmethod
+    def _resource(spec: str) -> str:
+        try:
+            return resource_id(spec)
+        except LabelStoreError as exc:
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+
+    # ---- status and mode ----------------------------------------------------------------
+
+    def status(self) -> b.Status:
+        states: dict[str, int] = {}
+        doms = self.daemon.host.domains()
+        for dom in doms:
+            states[dom.state.value] = states.get(dom.state.value, 0) + 1
+        counts = b.Counts(
+            domains=len(doms),
+            admitted=states.get("admitted", 0),
+            denied=states.get("denied", 0),
+            paused=states.get("paused", 0),
+            undecided=states.get("seen", 0),
+            devices=len(self.daemon.host.devices()),
+            vchans=len(self.daemon.host.vchans()),
+            vm_labels=len(self._policy.vm_labels),
+            resource_labels=len(self._policy.resource_labels),
+            labelled_resources=len(self._store.resources),
+        )
+        return b.Status(
+            mode=self.daemon.mode.value,
+            policy=self._policy_info(),
+            counts=counts,
+            ready=self.daemon.ready,
+            daemon=f"shyped {__version__} (pid {os.getpid()})",
+        )
+
+    def getenforce(self) -> b.EnforceMode:
+        return b.EnforceMode(self.daemon.mode.value)
+
+    def setenforce(self, args: b.SetEnforceArgs) -> b.EnforceMode:
+        self._ready()
+        previous: b.ModeName = self.daemon.mode.value
+        self.daemon.set_mode(Mode(args.mode))
+        return b.EnforceMode(self.daemon.mode.value, previous)
+
+    # ---- labels and domains -------------------------------------------------------------
+
+    def labels(self, args: b.LabelsArgs) -> b.LabelList:
+        return views.label_list(self._policy, args.type)
+
+    def validate_label(self, args: b.ValidateLabelArgs) -> b.LabelInfo:
+        return views.find_label(self._policy, args.label, args.type)
+
+    def list_domains(self) -> b.DomainList:
+        self._ready()
+        return b.DomainList(self._domains())
+
+    def get_domain_label(self, args: b.DomainArgs) -> b.DomainInfo:
+        self._ready()
+        return self._info(self._domain(args.domain))
+
+    def get_resource_label(self, args: b.ResourceArgs) -> b.ResourceInfo:
+        rid = self._resource(args.resource)
+        return b.ResourceInfo(rid, self._full(self._store.resource_label(rid)))
+
+    def resources(self) -> b.ResourceList:
+        return b.ResourceList(
+            tuple(
+                b.ResourceInfo(rid, self._full(label))
+                for rid, label in sorted(self._store.resources.items())
+            )
+        )
+
+    def _domain_label(self, domid: int) -> str | None:
+        dom = self.daemon.host.domain(domid)
+        return dom.label if dom is not None else None
+
+    def dry_run(self, args: b.DryRunArgs) -> b.DryRunResult:
+        self._ready()
+        engine = self.daemon.engine
+        if args.domain is not None:
+            new = args.domain
+            # The label the daemon will decide with: shype-xl registers the cfg's label for
+            # the UUID; without one, the store's label by UUID, then by name.
+            label = new.label or self._store.domain_label(new.uuid, new.name)
+            subject, running = new.name, engine.running
+        else:
+            dom = self._domain(cast(str, args.running))
+            label, subject, running = dom.label, dom.name or str(dom.domid), None
+        return views.dry_run(
+            engine.policy,
+            subject=subject,
+            label=label,
+            running=running,
+            disks=args.disks,
+            vifs=args.vifs,
+            domain_label=self._domain_label,
+            resource_label=self._store.resource_label,
+        )
+
+    def register_domain(self, args: b.RegisterDomainArgs) -> b.Registration:
+        self._ready()
+        bare = views.find_label(self._policy, args.label, "vm").name if args.label else None
+        try:
+            store = self._store.with_domain(uuid=args.uuid, label=bare)
+        except LabelStoreError as exc:
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        self._save(store)
+        log.info(
+            "control: label of domain {uuid} ({name}) {what}",
+            uuid=args.uuid.lower(),
+            name=args.name or "?",
+            what=f"registered: {bare}" if bare else "forgotten",
+        )
+        return b.Registration(args.uuid.lower(), args.name, self._full(bare))
+
+    def relabel_domain(self, args: b.RelabelDomainArgs) -> Deferred[b.DomainInfo]:
+        self._ready()
+        dom = self._domain(args.domain)
+        bare = views.find_label(self._policy, args.label, "vm").name
+        who = f"{dom.name or '?'} (domid {dom.domid})"
+        if dom.domid == 0:
+            raise ControlError(
+                ErrorCode.DENIED,
+                f"relabel of {who} to {bare} denied",
+                {"reasons": ["dom0 runs with the policy's bootstrap label"]},
+            )
+        if dom.state not in _RUNNING:
+            raise ControlError(
+                ErrorCode.DENIED,
+                f"relabel of {who} to {bare} denied",
+                {"reasons": [f"{who} is {dom.state.value}: only admitted domains are relabelled"]},
+            )
+        store = self._store
+        if dom.uuid is not None:
+            try:
+                store = store.with_domain(uuid=dom.uuid, label=bare)
+            except LabelStoreError as exc:  # pragma: no cover - uuid and label were checked
+                raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+
+        def answer(check: RelabelCheck) -> b.DomainInfo:
+            if not check.allowed:
+                raise ControlError(
+                    ErrorCode.DENIED,
+                    f"relabel of {who} to {bare} denied ({len(check.problems)} reason(s))",
+                    {"reasons": list(check.reasons)},
+                )
+            now = self.daemon.host.domain(dom.domid)
+            return self._info(now if now is not None else dom)
+
+        d = self.daemon.relabel(dom.domid, bare, before=lambda: self._save(store))
+        return d.addCallback(answer)
+
+    def set_resource_label(self, args: b.SetResourceLabelArgs) -> b.ResourceLabelChange:
+        self._ready()
+        rid = self._resource(args.resource)
+        bare = views.find_label(self._policy, args.label, "res").name if args.label else None
+        previous = self._store.resource_label(rid)
+        check = self.daemon.check_resource_relabel(rid, bare)
+        if not check.allowed:
+            raise ControlError(
+                ErrorCode.DENIED,
+                f"label {bare or 'none'} for {rid} denied: it is in use",
+                {"reasons": list(check.reasons)},
+            )
+        self._save(self._store.with_resource(args.resource, bare))
+        self._record(Kind.RESOURCE_LABEL, resource=rid, old=previous, new=bare)
+        log.info("control: resource {rid}: {old} -> {new}", rid=rid, old=previous, new=bare or "-")
+        return b.ResourceLabelChange(rid, self._full(bare), self._full(previous))
+
+    # ---- admission ----------------------------------------------------------------------
+
+    def wait_admission(self, args: b.WaitAdmissionArgs) -> Deferred[b.Admission]:
+        self._ready()
+        d: Deferred[b.Admission] = Deferred(lambda _: self._drop(waiter))
+        waiter = _Waiter(args.uuid.lower(), args.devices, d)
+        answer = self._admission(waiter)
+        if answer is not None:
+            return defer.succeed(answer)
+        waiter.timer = self.reactor.callLater(args.timeout, self._timed_out, waiter, args)
+        self._waiters.append(waiter)
+        if not self._recheck.running:
+            self._recheck.start(WAIT_RECHECK, now=False)
+        return d
+
+    def _drop(self, waiter: _Waiter) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()
+        if not self._waiters and self._recheck.running:
+            self._recheck.stop()
+
+    def _timed_out(self, waiter: _Waiter, args: b.WaitAdmissionArgs) -> None:
+        waiter.timer = None
+        self._drop(waiter)
+        if waiter.domid is None:
+            what = f"no domain with uuid {args.uuid} appeared"
+        else:
+            what = f"domain {waiter.name or '?'} (domid {waiter.domid}) is not decided"
+        waiter.deferred.errback(
+            ControlError(
+                ErrorCode.ADMISSION_TIMEOUT,
+                f"{what} within {args.timeout:g} s (waiting for the domain and "
+                f"{args.devices} device(s))",
+            )
+        )
+
+    def _on_outcome(self, outcome: Outcome) -> None:
+        """Every decision: re-check waiting admissions once the current batch is done."""
+        if self._waiters and not self._check_scheduled:
+            self._check_scheduled = True
+            self.reactor.callLater(0, self._check_waiters)
+
+    def _check_waiters(self) -> None:
+        self._check_scheduled = False
+        for waiter in list(self._waiters):
+            answer = self._admission(waiter)
+            if answer is not None:
+                self._drop(waiter)
+                waiter.deferred.callback(answer)
+
+    def _device_verdict(self, dev: Device) -> b.DeviceVerdict:
+        assert dev.decision is not None
+        rid = resource_of(dev.key.kind, dev.resource) if dev.resource is not None else None
+        return b.DeviceVerdict(
+            kind=dev.key.kind,
+            devid=dev.key.devid,
+            backend_domid=dev.backend,
+            permitted=dev.decision.allowed,
+            reason=dev.decision.reason,
+            resource=rid or dev.resource,
+        )
+
+    def _admission(self, waiter: _Waiter) -> b.Admission | None:
+        """The answer for `waiter` if there is one now, else None."""
+        host = self.daemon.host
+        dom = host.domain_by_uuid(waiter.uuid)
+        if dom is None or dom.state is DomainState.GONE:
+            if waiter.domid is None:
+                return None
+            return b.Admission(
+                waiter.domid, waiter.name, waiter.uuid, False, "gone", "the domain is gone"
+            )
+        waiter.domid, waiter.name = dom.domid, dom.name
+        if dom.state is DomainState.SEEN or dom.decision is None:
+            return None
+        decided = [
+            dev
+            for dev in host.devices_of(dom.domid)
+            if dev.key.frontend == dom.domid and dev.decision is not None
+        ]
+        verdicts = tuple(self._device_verdict(dev) for dev in decided)
+        admitted = dom.state in _RUNNING
+        denied_device = any(not v.permitted for v in verdicts)
+        counted = sum(v.kind in CFG_DEVICE_KINDS for v in verdicts)
+        if admitted and not denied_device and counted < waiter.devices:
+            return None
+        return b.Admission(
+            domid=dom.domid,
+            name=dom.name,
+            uuid=waiter.uuid,
+            admitted=admitted,
+            state=dom.state.value,
+            reason=dom.decision.reason,
+            devices=verdicts,
+        )
+
+    # ---- policy -------------------------------------------------------------------------
+
+    def policy_show(self, args: b.PolicyShowArgs) -> b.PolicyText:
+        if args.format == "toml":
+            text = toml_format.dumps(self._policy)
+        else:
+            try:
+                text = acm_xml.dumps(self._policy).decode()
+            except acm_xml.AcmExportError as exc:
+                raise ControlError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"policy {self._policy.name} cannot be written as ACM XML: {exc}",
+                ) from None
+        return b.PolicyText(self._policy_info(), args.format, text)
+
+    def _check(self, src: b.PolicySource) -> tuple[Policy, b.PolicyCheckResult]:
+        new, fmt = views.parse_policy(src.text, src.filename, src.format)
+        raw = src.text.encode("utf-8")
+        info = views.policy_info(new, raw, fmt, src.filename)
+        if info.sha256 == self.daemon.loaded.sha256:
+            return new, b.PolicyCheckResult(True, info)  # the active policy: loading is a no-op
+        system = self.daemon.engine.running_system(self.daemon.host)
+        check = update.check_update(self._policy, new, system)
+        return new, b.PolicyCheckResult(check.allowed, info, tuple(str(p) for p in check.problems))
+
+    def policy_check(self, args: b.PolicySource) -> b.PolicyCheckResult:
+        self._ready()
+        return self._check(args)[1]
+
+    def policy_load(self, args: b.PolicyLoadArgs) -> Deferred[b.PolicyLoadResult]:
+        self._ready()
+        return self._policy_lock.run(self._load, args.source)
+
+    def _load(self, source: b.PolicySource | None) -> Deferred[b.PolicyLoadResult]:
+        previous = self._policy_info()
+        if source is None:
+            return self.daemon.reload_policy().addCallback(self._loaded, previous)
+        target = self.daemon.config.policy
+        _, fmt = views.parse_policy(source.text, source.filename, source.format)
+        if target.suffix.lower() == ".xml" and fmt != "acm-xml":
+            raise ControlError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"the daemon reads its policy from {target} (ACM XML); send an ACM XML policy "
+                "or point policy.path at a .toml file",
+            )
+        raw = source.text.encode("utf-8")
+        if hashlib.sha256(raw).hexdigest() == self.daemon.loaded.sha256:
+            return defer.succeed(b.PolicyLoadResult(previous, previous))
+        try:
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{target.name}.load.", suffix=target.suffix, dir=target.parent
+            )
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o640)
+        except OSError as exc:
+            raise ControlError(
+                ErrorCode.INTERNAL,
+                f"cannot write the policy beside {target}: {exc.strerror or exc}; nothing changed",
+            ) from None
+        staged = Path(tmp)
+        d = self.daemon.reload_policy(staged)
+        d.addBoth(self._staged_done, staged, target)
+        return d.addCallback(self._loaded, previous)
+
+    def _staged_done(self, result: ReloadResult | Failure, staged: Path, target: Path) -> Any:
+        """Keep the staged file as the configured policy if the daemon switched to it."""
+        if isinstance(result, Failure) or not result.applied:
+            staged.unlink(missing_ok=True)
+            return result
+        try:
+            os.replace(staged, target)
+            dirfd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+        except OSError as exc:
+            log.error(
+                "policy applied but not saved as {target}: {error}; the next start uses the "
+                "old file",
+                target=str(target),
+                error=exc.strerror or str(exc),
+            )
+            staged.unlink(missing_ok=True)
+            return result
+        self.daemon.loaded = attrs.evolve(self.daemon.loaded, path=target)
+        return result
+
+    def _loaded(self, result: ReloadResult, previous: b.PolicyInfo) -> b.PolicyLoadResult:
+        if result.applied:
+            return b.PolicyLoadResult(self._policy_info(), previous)
+        if result.error is not None:
+            raise ControlError(
+                ErrorCode.POLICY_INVALID,
+                f"the policy does not load: {result.error.splitlines()[0]}",
+                {"problems": result.error.splitlines()[:200]},
+            )
+        if result.sha256 == previous.sha256:
+            return b.PolicyLoadResult(previous, previous)  # unchanged: nothing to do
+        raise ControlError(
+            ErrorCode.POLICY_REJECTED,
+            f"policy {result.new} rejected: the running system does not satisfy it "
+            f"({len(result.problems)} reason(s)); {result.previous} stays",
+            {"problems": list(result.problems)},
+        )
+
+    # ---- audit --------------------------------------------------------------------------
+
+    def _record(self, kind: str, **details: object) -> None:
+        """An audit record through the daemon's audit trail, if it keeps one."""
+        trail = self.daemon.audit
+        if trail is None:
+            return
+        try:
+            d = trail.record_event(kind, **details)
+        except Exception:
+            log.failure("audit: cannot record {kind}", kind=kind)
+            return
+        d.addErrback(lambda f: log.failure("audit: record of {kind} failed", f, kind=kind))
+
+    def audit(self, event: b.ControlAudit) -> None:
+        self._record(
+            "control",
+            op=event.op,
+            uid=event.peer.uid,
+            gid=event.peer.gid,
+            pid=event.peer.pid,
+            allowed=event.allowed,
+            code=event.code,
+            summary=event.summary,
+        )
+        log.info(
+            "control: {op} by uid {uid} (pid {pid}) {verdict}: {summary}",
+            op=event.op,
+            uid=event.peer.uid,
+            pid=event.peer.pid,
+            verdict="done" if event.allowed and event.code is None else (event.code or "refused"),
+            summary=event.summary,
+        )
+        for hook in list(self.audit_hooks):
+            try:
+                hook(event)
+            except Exception:
+                log.failure("control audit hook {h!r} raised", h=hook)
