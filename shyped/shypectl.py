@@ -167,11 +167,25 @@ def cmd_status(ctx: Ctx) -> int:
             f"labels:     {c.vm_labels} VM, {c.resource_labels} resource; "
             f"{c.labelled_resources} labelled resource(s)"
         )
+        if st.audit is not None:
+            ctx.say(f"audit:      {st.audit}")
         if st.daemon:
             ctx.say(f"daemon:     {st.daemon}")
+        if st.quotas:
+            ctx.say("quotas:")
+            for line in _quota_lines(st.quotas):
+                ctx.say(f"  {line}")
 
     ctx.emit(st, human)
     return EXIT_OK
+
+
+def _quota_lines(rows: Sequence[b.QuotaRow]) -> list[str]:
+    """The usage table as `shyped.quota.format_quota_table` prints it."""
+    from shyped.quota import QuotaKind, QuotaUsage, format_quota_table
+
+    usage = [QuotaUsage(r.label, QuotaKind(r.quota), r.limit, r.used, r.domid) for r in rows]
+    return format_quota_table(usage).splitlines()
 
 
 def cmd_getenforce(ctx: Ctx) -> int:

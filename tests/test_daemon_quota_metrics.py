@@ -15,8 +15,11 @@ from twisted.internet import defer
 from wiring_helpers import labels_with, quota_policy, scrape, start, with_audit, with_metrics
 
 from shyped.config import Config
+from shyped.control import backend as b
+from shyped.control.protocol import structure, unstructure
 from shyped.policy.decisions import Hook, Rule
 from shyped.sandbox.xenstored import SandboxXenstored
+from shyped.shypectl import _quota_lines
 from shyped.xlcfg import parse_vif_spec
 
 
@@ -51,6 +54,15 @@ async def test_max_domains_destroys_the_second_domain_of_the_label(
     assert "shop-2" not in host.domains() and "shop-1" in host.domains()
     table = daemon.status().quotas["shop"]["max_domains"]
     assert table == {"limit": 1, "used": 1, "domid": None, "exceeded": False}
+    # What shypectl status gets over the control protocol, and prints.
+    rows = b.quota_rows(daemon.quota_table())
+    status = b.Status(
+        "enforcing", b.PolicyInfo("p", "1", "0" * 64, "toml"), b.Counts(), quotas=rows
+    )
+    assert structure(unstructure(status), b.Status) == status
+    printed = [line.split() for line in _quota_lines(rows)]
+    assert printed[0] == ["LABEL", "QUOTA", "USED", "LIMIT", "DOMID"]
+    assert ["shop", "max_domains", "1", "1", "-"] in printed
     # The first one gone, the label's slot is free again.
     await host.call(host.ts.destroy, first)
     third = await host.call(host.ts.create, domcfg("shop-3"))

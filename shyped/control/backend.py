@@ -38,7 +38,11 @@ from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias, TypeVar
 import attrs
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from twisted.internet.defer import Deferred
+
+    from shyped.quota import QuotaUsage
 
 _T = TypeVar("_T")
 
@@ -224,6 +228,26 @@ class Counts:
 
 
 @attrs.frozen
+class QuotaRow:
+    """One row of the quota usage table (`shyped.quota.QuotaUsage`): `used` in the quota's
+    unit (MiB for memory), `domid` the domain with the highest use (None for max_domains)."""
+
+    label: str
+    quota: str
+    used: int
+    limit: int | None = None
+    domid: int | None = None
+    exceeded: bool = False
+
+
+def quota_rows(table: Iterable[QuotaUsage]) -> tuple[QuotaRow, ...]:
+    """`shyped.quota.quota_table` rows as the protocol carries them."""
+    return tuple(
+        QuotaRow(r.label, r.kind.value, r.used, r.limit, r.domid, r.exceeded) for r in table
+    )
+
+
+@attrs.frozen
 class Status:
     mode: ModeName
     policy: PolicyInfo
@@ -231,6 +255,11 @@ class Status:
     #: False until the first reconcile is done.
     ready: bool = True
     daemon: str = ""
+    #: Labels with quotas: limit and use per quota.
+    quotas: tuple[QuotaRow, ...] = ()
+    #: The audit trail: "ok", "unavailable" (fail-closed: new domains denied), "degraded"
+    #: (records dropped), None without one.
+    audit: str | None = None
 
 
 @attrs.frozen
