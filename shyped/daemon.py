@@ -280,6 +280,7 @@ class Daemon:
         self.metrics = metrics
         self._publisher: PeriodicPublisher | None = None
         self._reconnects = 0
+        self._unsynced: set[Deferred[Any]] = set()  # decision records not yet durable
         if audit is not None:
             audit.add_listener(self._audit_state)
 
@@ -862,7 +863,23 @@ class Daemon:
         except Exception:
             _log.failure("audit: cannot record {what}", what=outcome.what)
             return None
-        return d.addErrback(self._audit_record_failed, outcome)
+        d.addErrback(self._audit_record_failed, outcome)
+        self._unsynced.add(d)
+        d.addBoth(self._record_synced, d)
+        return d
+
+    def _record_synced(self, result: object, d: Deferred[Any]) -> object:
+        self._unsynced.discard(d)
+        return result
+
+    def audit_synced(self) -> Deferred[None]:
+        """Fires once the record of every decision taken so far is durable, or refused (then
+        a permit has been turned into a veto): the control socket answers admissions only
+        then. Already fired without an audit trail or nothing pending."""
+        if not self._unsynced:
+            return defer.succeed(None)
+        pending = defer.DeferredList(list(self._unsynced), consumeErrors=True)
+        return pending.addCallback(lambda _: None)
 
     def _audit_record_failed(self, failure: Failure, outcome: Outcome) -> None:
         _audit_lost(failure, outcome.what)

@@ -96,8 +96,13 @@ async def test_enforcing_veto_waits_for_the_record_to_be_durable(
         seen.append((bool(on_disk), domid))
         real(domid)
 
-    await start(host, with_audit(host.config(), audit_dir), destroy=destroy)
-    await host.call(host.ts.create, domcfg("web-a1"))
+    daemon, _ = await start(host, with_audit(host.config(), audit_dir), destroy=destroy)
+    a = await host.call(host.ts.create, domcfg("web-a1"))
+    await eventually(lambda: host.decided(f"domain {a}"))
+    await daemon.audit_synced()  # what the control socket waits for before answering
+    assert [r["decision"] for r in records(audit_dir) if r.get("what") == f"domain {a}"] == [
+        "permit"
+    ]
     b = await host.call(host.ts.create, domcfg("web-b1"))
     await host.settle()
     assert seen == [(True, b)]
