@@ -77,9 +77,9 @@ def test_a_hung_boot_fails_with_the_serial_tail(e2e_images: Images, tmp_path: Pa
     script.write_text("e2e_fail 'never reached'\n")
     started = time.monotonic()
     with pytest.raises(E2EError) as info:
-        run_scenario(e2e_images, script, workdir=tmp_path / "run", timeouts=Timeouts(boot=4))
+        run_scenario(e2e_images, script, workdir=tmp_path / "run", timeouts=Timeouts(boot=8))
     message = str(info.value)
-    assert "timeout after 4s: dom0's /init never ran" in message
+    assert "timeout after 8s: dom0's /init never ran" in message
     assert "serial log tail" in message and "(XEN)" in message
     assert time.monotonic() - started < 60
     # QEMU is gone: nothing keeps the serial log growing.
