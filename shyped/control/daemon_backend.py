@@ -202,6 +202,8 @@ class DaemonControlBackend:
             counts=counts,
             ready=self.daemon.ready,
             daemon=f"shyped {__version__} (pid {os.getpid()})",
+            quotas=b.quota_rows(self.daemon.quota_table()),
+            audit=None if self.daemon.audit is None else self.daemon.audit.state.value,
         )
 
     def getenforce(self) -> b.EnforceMode:
@@ -384,6 +386,11 @@ class DaemonControlBackend:
 
     def _check_waiters(self) -> None:
         self._check_scheduled = False
+        synced = self.daemon.audit_synced()
+        if not synced.called:  # answer once the decisions' audit records are durable
+            self._check_scheduled = True
+            synced.addCallback(lambda _: self._check_waiters())
+            return
         for waiter in list(self._waiters):
             answer = self._admission(waiter)
             if answer is not None:
