@@ -150,13 +150,22 @@ def _run(config_path: Path, level: str) -> int:
             f"({st.domains.get('admitted', 0)} admitted, {st.domains.get('denied', 0)} denied)"
         )
 
+    stopping = {"now": False}
+
+    def stop(code: int) -> None:
+        status["code"] = code
+        if not stopping["now"]:
+            reactor.stop()
+
     def failed(failure: Any) -> None:
+        if stopping["now"]:  # SIGTERM while starting: the shutdown closed the connection
+            _log.info("start interrupted by the shutdown")
+            return
         if isinstance(failure.value, StartupError):
             _log.critical("{error}", error=str(failure.value))
         else:
             _log.failure("shyped failed to start", failure)
-        status["code"] = 1
-        reactor.stop()
+        stop(1)
 
     def ready(_: object) -> None:
         _log.info("ready: {summary}", summary=summary())
@@ -168,15 +177,13 @@ def _run(config_path: Path, level: str) -> int:
                 metrics.start()
             except Exception as e:  # a bad address, the port taken
                 _log.critical("metrics endpoint: {error}", error=str(e))
-                status["code"] = 1
-                reactor.stop()
+                stop(1)
                 return
         try:
             server.start()
         except (ControlSetupError, OSError) as e:
             _log.critical("control socket {path}: {error}", path=str(server.path), error=str(e))
-            status["code"] = 1
-            reactor.stop()
+            stop(1)
             return
         if watchdog is not None:
             watchdog.start()
@@ -204,6 +211,7 @@ def _run(config_path: Path, level: str) -> int:
         reactor.callFromThread(reload)
 
     def shutdown() -> Deferred[Any]:
+        stopping["now"] = True
         notifier.stopping("stopping")
         if watchdog is not None:
             watchdog.stop()

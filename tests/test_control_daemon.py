@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from control_daemon_helpers import (
     HOSTING,
     POLICY,
     PY,
+    DaemonProcess,
     Host,
     acm,
     image,
@@ -426,6 +430,71 @@ def test_sd_notify_ready_after_the_first_reconcile_reloading_on_sighup_and_stopp
 
 
 # --------------------------------------------------------------------------- before ready
+
+
+class MuteXenstored:
+    """A Unix socket that accepts connections and never answers: the daemon connects, but its
+    watches are never acknowledged, so its first reconcile never comes."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(8)
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                conn, _ = self.sock.accept()
+                self.conns.append(conn)  # read nothing, answer nothing
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_until_the_first_reconcile_there_is_no_ready_and_no_answer_but_status(
+    tmp_path: Path,
+) -> None:
+    directory = Path(tempfile.mkdtemp(dir="/tmp", prefix="shy"))
+    mute = MuteXenstored(directory / "xs.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(directory / "notify.sock"))
+    config = directory / "shyped.toml"
+    config.write_text(
+        f'[policy]\npath = "{HOSTING}"\nlabels = "{tmp_path / "labels.json"}"\n'
+        f'[xenstore]\nsocket = "{directory / "xs.sock"}"\n[actuator]\nkind = "sandbox"\n'
+        f'[control]\nsocket = "{directory / "control.sock"}"\n'
+    )
+    env = {"NOTIFY_SOCKET": str(directory / "notify.sock")}
+    daemon = DaemonProcess(config, directory / "daemon.log", env)
+    try:
+        ctl = [PY, "-m", "shyped.shypectl", "--socket", str(directory / "control.sock")]
+        wait(lambda: (directory / "control.sock").exists() and mute.conns, what="connected")
+        st = subprocess.run([*ctl, "status"], capture_output=True, text=True)
+        assert st.returncode == 0 and "ready:      no" in st.stdout, st.stderr
+        for args in (["list"], ["getlabel", "dom", "0"], ["setenforce", "permissive"]):
+            r = subprocess.run([*ctl, *args], capture_output=True, text=True)
+            assert r.returncode == 3 and "[unavailable]" in r.stderr, (args, r.stderr)
+        notify.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            notify.recv(4096)  # no READY=1 (nor anything else) so far
+        daemon.proc.send_signal(signal.SIGTERM)
+        notify.setblocking(True)
+        notify.settimeout(30)
+        assert notify.recv(4096).decode().splitlines()[0] == "STOPPING=1"
+        assert daemon.proc.wait(timeout=30) == 0
+        assert "Traceback" not in daemon.text() and "] ready: " not in daemon.text()
+    finally:
+        daemon.stop()
+        notify.close()
+        mute.close()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_before_the_first_reconcile_the_backend_answers_status_but_nothing_else(
