@@ -40,7 +40,10 @@ import json, socket, sys
 path, mode, lines = sys.argv[1], sys.argv[2], sys.argv[3:]
 socks = []
 def ask(s, line):
-    s.sendall(line.encode() + b"\n")
+    try:
+        s.sendall(line.encode() + b"\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server may answer (busy, too-large) and close before reading it all
     buf = b""
     while not buf.endswith(b"\n"):
         c = s.recv(65536)
