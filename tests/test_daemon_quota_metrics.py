@@ -142,6 +142,8 @@ async def test_scrape_of_a_scenario_shows_decisions_domains_policy_mode_and_pass
     assert value(samples, "shyped_policy_info", name="example.hosting", version="1.0") == 1
     assert value(samples, "shyped_enforcement_mode", mode="enforcing") == 1
     assert value(samples, "shyped_xenstore_up") == 1
+    assert value(samples, "shyped_decision_latency_seconds_count", hook="domain-admit") == 3
+    assert value(samples, "shyped_watch_events_total", kind="domain_appeared") >= 3
     assert value(samples, "shyped_audit_healthy") == 1
     assert value(samples, "shyped_audit_records_total") > 0
     assert value(samples, "shyped_quota_limit", label="bank-a-web", quota="domains") == 4
