@@ -698,7 +698,10 @@ class Daemon:
 
         needs.sort(key=order)
         _log.info("re-deciding {n} questions ({reason})", n=len(needs), reason=reason)
-        self._decide(deque(needs))
+        try:
+            self._decide(deque(needs))
+        finally:
+            self.engine.end_sweep()
         self._check_idle()
 
     def set_mode(self, mode: Mode) -> None:

@@ -195,6 +195,8 @@ class Engine:
         self._policy = policy
         self._running: RunningSet = policy.running_set()
         self._counted: dict[int, str] = {}
+        #: During a sweep: the domains re-admitted so far (max_domains counts only those).
+        self._swept: set[int] | None = None
         self.labels = labels
         self.mode = mode
         self.domain_veto = domain_veto
@@ -305,13 +307,15 @@ class Engine:
         name = self._resolve(raw)
         checks = [decision]
         if decision.permitted and name is not None:
-            others = quota.running_with_label(host, name, exclude=domid)
+            others = self._others_counted(name, domid)
             checks = self._with_quota(checks, host, domid, name, Hook.DOMAIN_ADMIT, others)
         allowed = all(c.permitted for c in checks)
         published: tuple[Action, ...] = ()
         if name is not None and (allowed or self.mode is Mode.PERMISSIVE):
             self._running.start(name)
             self._counted[domid] = name
+            if self._swept is not None:
+                self._swept.add(domid)
             published = (WriteLabel(domid, need.uuid, self.label_string(name)),)
         recorded = name if name is not None else raw
         return self._outcome(
@@ -440,6 +444,16 @@ class Engine:
         q = quota.check(self._policy.policy, name, account, hook=hook, others_running=others)
         return checks if q.permitted else [*checks, q]
 
+    def _others_counted(self, label: str, domid: int) -> int:
+        """Running domains counted with `label` besides `domid` (for max_domains). During a
+        sweep only those re-admitted so far: the first comers keep their place, as in the
+        Chinese Wall replay, and a lowered max_domains refuses the later ones only."""
+        return sum(
+            1
+            for d, name in self._counted.items()
+            if name == label and d != domid and (self._swept is None or d in self._swept)
+        )
+
     def recheck_quota(self, domid: int, host: HostModel) -> Outcome | None:
         """A running, admitted domain whose account changed (sizes written after admission,
         rings published): a domain veto with rule ``quota`` if it now exceeds a per-domain
@@ -510,7 +524,12 @@ class Engine:
             for d, label in self._counted.items()
             if (dom := host.domain(d)) is not None and dom.state in _RUNNING
         }
+        self._swept = set()
         self._rebuild()
+
+    def end_sweep(self) -> None:
+        """Every question of the sweep has been asked again."""
+        self._swept = None
 
     def running_system(self, host: HostModel) -> update.RunningSystem:
         """The host's running system as `shyped.policy.update` wants it (resource labels from

@@ -71,6 +71,28 @@ async def test_max_domains_destroys_the_second_domain_of_the_label(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_reload_lowering_max_domains_keeps_the_first_comer(
+    host: Harness, tmp_path: Path
+) -> None:
+    daemon, _ = await start(host, shop_config(host, tmp_path, {}))
+    first = await host.call(host.ts.create, domcfg("shop-1"))
+    second = await host.call(host.ts.create, domcfg("shop-2"))
+    await host.settle()
+    assert {"shop-1", "shop-2"} <= set(host.domains())
+    lowered = tmp_path / "lowered"
+    lowered.mkdir()
+    result = await daemon.reload_policy(
+        quota_policy(lowered, {"shop": {"max_domains": 1}}, version="1.1")
+    )
+    assert result.applied, str(result)
+    await host.settle()
+    assert host.last(f"domain {first}").allowed and "shop-1" in host.domains()
+    out = host.last(f"domain {second}")
+    assert not out.allowed and out.decision.rule is Rule.QUOTA and out.enforced
+    assert "shop-2" not in host.domains()
+
+
+@pytest_twisted.ensureDeferred
 async def test_max_devices_cuts_the_device_over_the_quota(host: Harness, tmp_path: Path) -> None:
     await start(host, shop_config(host, tmp_path, {"max_devices": 2}))
     d = await host.call(host.ts.create, domcfg("shop-1", vifs=["bridge=xenbr-public"]))
