@@ -104,6 +104,22 @@ async def test_directory_mkdir_rm(gateway: XenstoreGateway) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_directory_listing_larger_than_a_request_payload(
+    gateway: XenstoreGateway,
+) -> None:
+    # /vm on a host with a few hundred domains: oxenstored answers a dom0 client with more
+    # than XENSTORE_PAYLOAD_MAX bytes, and the connection must survive it.
+    uuids = [f"6f1b1c9e-2a4d-4c55-9e0e-{n:012d}" for n in range(200)]
+    await gateway.transaction(lambda tx: [tx.write(f"/vm/{u}/name", b"x") for u in uuids])
+    listing = await gateway.directory("/vm")
+    assert sum(len(u) + 1 for u in listing) > 4096
+    assert sorted(listing) == sorted(uuids)
+    assert gateway.connected
+    snap = await gateway.snapshot("/vm", with_perms=False)
+    assert f"/vm/{uuids[-1]}/name" in snap.nodes
+
+
+@pytest_twisted.ensureDeferred
 async def test_permissions_round_trip(gateway: XenstoreGateway, xs: Any) -> None:
     await gateway.write("/local/domain/7/device/vif/0/state", b"1")
     await gateway.set_perms("/local/domain/7/device/vif/0", [Perm("n", 7), Perm("r", 0)])

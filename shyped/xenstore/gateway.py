@@ -481,8 +481,8 @@ class _Router(pyxs.Router):  # type: ignore[misc]
             events: list[RawEvent] = []
             while len(buf) >= header.size:
                 op, req_id, _tx, length = header.unpack_from(buf)
-                if length > wire.PAYLOAD_MAX:
-                    raise wire.WireError(f"payload length {length} exceeds the maximum")
+                if length > wire.REPLY_MAX:
+                    raise wire.WireError(f"payload length {length} exceeds {wire.REPLY_MAX}")
                 end = header.size + length
                 if len(buf) < end:
                     break

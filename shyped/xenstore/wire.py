@@ -24,8 +24,12 @@ NUL = b"\x00"
 #: ``struct xsd_sockmsg``: type, req_id, tx_id, len; all uint32 little-endian.
 HEADER = struct.Struct("<IIII")
 
-#: ``XENSTORE_PAYLOAD_MAX``: xenstored rejects longer payloads.
+#: ``XENSTORE_PAYLOAD_MAX``: xenstored rejects longer request payloads.
 PAYLOAD_MAX = 4096
+#: Replies to a dom0 socket client are not bounded by PAYLOAD_MAX: oxenstored answers a
+#: DIRECTORY of /vm or /local/domain on a host with a few hundred domains with more than 4 KiB.
+#: This bound only protects against a corrupted stream.
+REPLY_MAX = 1 << 20
 
 
 class Op(enum.IntEnum):
@@ -79,8 +83,8 @@ def unpack_header(data: bytes) -> Header:
     if len(data) != HEADER.size:
         raise WireError(f"header must be {HEADER.size} bytes, got {len(data)}")
     op, req_id, tx_id, length = HEADER.unpack(data)
-    if length > PAYLOAD_MAX:
-        raise WireError(f"payload length {length} exceeds {PAYLOAD_MAX}")
+    if length > REPLY_MAX:
+        raise WireError(f"payload length {length} exceeds {REPLY_MAX}")
     return Header(op, req_id, tx_id, length)
 
 
