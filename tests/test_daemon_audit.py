@@ -144,9 +144,11 @@ async def test_disk_full_fails_closed_denies_new_domains_and_recovers(
         assert host.last(f"domain {a}").allowed
         filler = _fill(mnt)
         # The log's last page still has room (tmpfs allocates pages): records go on until one
-        # needs a new page, which the full filesystem refuses.
-        for i in range(64):
-            await daemon.audit_event("resource-label", resource=f"disk:/pad/{i}", pad="x" * 900)
+        # needs a new page, which the full filesystem refuses. Small padding records leave less
+        # room in that page than any decision record needs, so the log cannot resume by itself
+        # (its retry would otherwise fit the next record into the page's last bytes).
+        for i in range(2000):
+            await daemon.audit_event("resource-label", resource=f"disk:/pad/{i}")
             if daemon.status().audit != "ok":
                 break
         assert daemon.status().audit == "unavailable"
