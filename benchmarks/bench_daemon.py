@@ -1,30 +1,50 @@
 """The daemon end to end on a sandbox oxenstored: decision latency, and boot storms.
 
 Every figure is compared with a baseline measured in the same run on the same xenstored
-(machines differ; ratios travel):
+(machines differ; ratios travel). Everything is measured once per host size N (``--present``
+and ``--storm``, one sandbox per N): the toolstack creates N labelled domains (each a vif, a
+vbd and a console, plus one ``web-a1``), then the daemon starts (the cold storm), then the
+latencies are measured with those N domains present, then N more domains are created while
+the daemon runs (the live storm).
 
-* **Decision latency**: a client commits the transaction libxl writes to add a vif
-  (``libxl__device_add_async``: libxl record, backend and frontend directories) or the one a
-  libxenvchan server writes (``ring-ref`` and ``event-channel`` with the client's read
-  permission); the time from the commit request until the daemon's decision listener runs
-  (watch events → one ``read_many`` → events → host model → engine). Baseline: a raw-socket
-  client watching the same tree gets the event of a write and reads the node (one event + one
-  read round trip: the least any decision needs). Rounds alternate baseline and daemon;
-  samples are pooled.
-* **Boot storm, cold**: N domains (each a vif, a vbd and a console, labelled) exist before
-  the daemon starts; the time from ``start()`` to everything decided and every label node
-  written (one snapshot, N admissions, 3N device decisions, N label transactions). Ratio per
-  domain against N = 10.
-* **Boot storm, live**: the daemon runs while the toolstack creates N domains back to back;
-  how long after the last ``create`` returned the daemon had decided everything (its lag),
-  and the toolstack's own time per domain for scale.
+* **Floor (echo)**: a raw-socket client writes a node; another raw client watching it gets the
+  event and writes a reply node; the first client sees the reply's watch event. Write → event
+  → write → event: the least any "write triggers a decision that is written back" can cost.
+  Also shown: event + read (a watcher gets the event and reads the node), the least any
+  decision needs before it can decide.
+* **Admission (decision visible in xenstore)**: another process commits libxl's first
+  domain-creation transaction (``libxl__domain_make``) for a labelled domain; the interval
+  ends when a raw client of that process, watching ``/local/domain/<d>/shyped/label``, sees
+  the label node the daemon writes on admission (the daemon's decision, visible in xenstore).
+  Undone (``/vm``, ``/local/domain``, ``/libxl`` removed) after each sample.
+* **vif / vchan decision (listener)**: another process commits the transaction libxl writes to
+  add a vif (``libxl__device_add_async``: libxl record, backend and frontend directories) or
+  the one a libxenvchan server writes (``ring-ref`` and ``event-channel`` with the client's
+  read permission); the interval ends when the daemon's decision listener runs (watch events
+  → one ``read_many`` → events → host model → engine). A permitted device or channel writes
+  nothing to xenstore, so the listener is where its decision becomes observable; a denied one
+  would be followed by the veto. Also shown: the daemon's own share (first watch event →
+  decision).
 
-Run: .venv/bin/python benchmarks/bench_daemon.py [--iterations 200] [--storm 10,100] [--json]
+  Rounds alternate floors and daemon; samples are pooled; p50 / p99 and x = p50 / echo p50.
+* **Boot storm, cold**: the N domains exist before the daemon starts; the time from
+  ``start()`` to everything decided and every label node written (one snapshot, N admissions,
+  3N device decisions, N label transactions). Per domain against the first N.
+* **Boot storm, live**: the daemon runs while the toolstack creates N more domains back to
+  back; the time from the first ``create`` until the daemon had decided everything (the
+  toolstack's own time dominates: shown per domain, with the daemon's lag after the last
+  ``create``). Per domain against the first N.
+
+Run: .venv/bin/python benchmarks/bench_daemon.py [--iterations 200] [--present 10,1000]
+[--storm 10,1000] [--json]. The default run takes 2.5 to 6 minutes on a loaded 2-core
+machine, most of it the sandbox toolstack creating some 2,000 domains (it keeps its hypervisor
+state in memory here: `MemoryHypervisor`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -32,10 +52,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 from twisted.internet import defer, threads
 
 from shyped.config import ActuatorConfig, Config, XenstoreConfig
@@ -43,10 +64,12 @@ from shyped.daemon import Daemon, load_policy
 from shyped.engine import Outcome
 from shyped.labelstore import LabelStore
 from shyped.sandbox import layout as L
+from shyped.sandbox.hypervisor import HostState, HypervisorStore
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored, short_instance_dir
 from shyped.sandbox.xsconn import XsConn
 from shyped.xenstore import GatewayConfig, XenstoreGateway
+from shyped.xenstore.errors import NoEntry
 from shyped.xenstore.rawclient import RawClient
 from shyped.xlcfg import domain_config_from_text
 
@@ -63,8 +86,26 @@ class NoActuator:
     unpause = destroy = pause
 
 
+@attrs.frozen
+class MemoryHypervisor(HypervisorStore):
+    """The sandbox hypervisor's state kept in this process instead of its JSON file, which is
+    re-read and rewritten whole on every toolstack command (quadratic in domains: thousands of
+    creates would take many minutes of toolstack time that says nothing about the daemon)."""
+
+    state: HostState = attrs.field(factory=HostState)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[HostState]:
+        yield self.state
+
+
+def toolstack(xsd: SandboxXenstored) -> Toolstack:
+    return Toolstack(xsd.socket_path, store=MemoryHypervisor(xsd.socket_path.parent / "hv"))
+
+
 def labels(n: int) -> LabelStore:
     store = LabelStore().with_domain(name="web-a1", label="bank-a-web")
+    store = store.with_domain(name=PROBE_NAME, label="shop")
     store = store.with_resource("bridge:xenbr-public", "xenbr-public")
     store = store.with_resource("bridge:xenbr-bank-a", "xenbr-bank-a")
     for i in range(n):
@@ -108,7 +149,7 @@ def stats(samples: Sequence[float]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- the baseline
 
 
-def raw_echo_read(socket_path: str, iterations: int) -> list[float]:
+def raw_event_read(socket_path: str, iterations: int) -> list[float]:
     """Write a node; a watching raw client gets the event and reads the node."""
     out: list[float] = []
     with RawClient(socket_path) as watcher, RawClient(socket_path) as writer:
@@ -120,6 +161,25 @@ def raw_echo_read(socket_path: str, iterations: int) -> list[float]:
             writer.write(path, b"%d" % i)
             got, _ = watcher.wait_event()
             watcher.read(got)
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def raw_echo(socket_path: str, iterations: int) -> list[float]:
+    """Write a request; a watching raw client gets the event and writes a reply; the writer
+    sees the reply's watch event."""
+    out: list[float] = []
+    with RawClient(socket_path) as echo, RawClient(socket_path) as writer:
+        echo.watch(b"/echo/req", b"q")
+        echo.wait_event()
+        writer.watch(b"/echo/reply", b"r")
+        writer.wait_event()
+        for i in range(iterations):
+            t0 = time.perf_counter()
+            writer.write(b"/echo/req", b"%d" % i)
+            echo.wait_event()
+            echo.write(b"/echo/reply", b"%d" % i)
+            writer.wait_event()
             out.append(time.perf_counter() - t0)
     return out
 
@@ -143,6 +203,13 @@ def apply_tx(conn: XsConn, ops: Sequence[Any], before_commit: Any = None) -> Non
     assert conn.commit()
 
 
+#: The domain whose admission is measured: labelled (by name), outside the toolstack's domids.
+PROBE_DOMID = 32000
+PROBE_UUID = "00000000-0000-4000-8000-00000000fffe"
+PROBE_NAME = "probe"
+PROBE_LABEL_NODE = f"/local/domain/{PROBE_DOMID}/shyped/label"
+
+
 def transactions(domid: int) -> dict[str, tuple[str, list[Any], list[Any]]]:
     """kind -> (what the daemon decides, the transaction's ops, the ops undoing it)."""
     dev = L.VifDevice(domid=domid, devid=7, mac="00:16:3e:00:00:07", bridge="xenbr-bank-a")
@@ -153,13 +220,25 @@ def transactions(domid: int) -> dict[str, tuple[str, list[Any], list[Any]]]:
     return {
         "vif": (f"device vif {domid}/7", add, [L.Rm(p) for p in vif_dirs]),
         "vchan": (f"vchan {vpath}", vchan, [L.Rm(vpath)]),
+        "admit": (
+            f"domain {PROBE_DOMID}",
+            list(L.domain_make_step(PROBE_DOMID, PROBE_NAME, PROBE_UUID).ops),
+            [
+                L.Rm(path)
+                for path in (
+                    L.vm_path(PROBE_UUID),
+                    L.dom_path(PROBE_DOMID),
+                    L.libxl_path(PROBE_DOMID),
+                )
+            ],
+        ),
     }
 
 
 def writer(socket_path: str, domid: int) -> None:
     """Child process: on ``<kind>`` commit that transaction and print the time of the commit
-    request; on ``undo <kind>`` undo it. A process of its own, as libxl is: no GIL shared with
-    the daemon."""
+    request (and, for ``admit``, the time its raw watcher saw the label node); on ``undo
+    <kind>`` undo it. A process of its own, as libxl is: no GIL shared with the daemon."""
     txs = transactions(domid)
     t0 = 0.0
 
@@ -176,13 +255,31 @@ def writer(socket_path: str, domid: int) -> None:
             if words[0] == "undo":
                 apply_tx(conn, txs[words[1]][2])
                 print("ok", flush=True)
+            elif words[0] == "admit":
+                with RawClient(socket_path) as watcher:
+                    node = PROBE_LABEL_NODE.encode()
+                    watcher.watch(node, b"label")
+                    watcher.wait_event()  # the registration's own event
+                    apply_tx(conn, txs["admit"][1], mark)
+                    while True:
+                        watcher.wait_event()
+                        try:
+                            watcher.read(node)
+                        except NoEntry:
+                            continue
+                        break
+                    seen = time.monotonic()
+                print(repr(t0), repr(seen), flush=True)
             else:
                 apply_tx(conn, txs[words[0]][1], mark)
                 print(repr(t0), flush=True)
 
 
 class Latency:
-    """Drive the writer process; time from its commit request to the daemon's decision."""
+    """Drive the writer process; time from its commit request to the decision: the daemon's
+    listener for vif and vchan, the label node seen by a raw watcher for an admission."""
+
+    KINDS = ("vif", "vchan", "admit")
 
     def __init__(self, daemon: Daemon, socket_path: str, domid: int) -> None:
         self.daemon = daemon
@@ -191,9 +288,11 @@ class Latency:
         self.decided: dict[str, float] = {}
         self.received: dict[str, float] = {}
         self.events: dict[str, threading.Event] = {}
-        self.samples: dict[str, list[float]] = {"vif": [], "vchan": []}
+        self.samples: dict[str, list[float]] = {k: [] for k in self.KINDS}
         #: the daemon's share: from the first watch event of the batch to the decision
-        self.inside: dict[str, list[float]] = {"vif": [], "vchan": []}
+        self.inside: dict[str, list[float]] = {k: [] for k in self.KINDS}
+        #: admissions: commit request -> the daemon's listener (the label is written after)
+        self.listener: list[float] = []
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "_writer", socket_path, str(domid)],
             stdin=subprocess.PIPE,
@@ -217,15 +316,21 @@ class Latency:
         return self.proc.stdout.readline()
 
     def round(self, reactor: Any, iterations: int) -> None:
-        """Worker thread: alternate vif adds and vchan publications, each undone after."""
+        """Worker thread: alternate vif adds, vchan publications and admissions, each undone
+        after (and the daemon settled) so that every sample starts from the same host."""
         for _ in range(iterations):
             for kind, (what, _ops, _undo) in self.txs.items():
                 self.decided.pop(what, None)
                 self.events[what] = done = threading.Event()
-                t0 = float(self.ask(kind))
+                times = [float(x) for x in self.ask(kind).split()]
                 if not done.wait(10):
                     raise RuntimeError(f"no decision on {what}")
-                self.samples[kind].append(self.decided[what] - t0)
+                t0 = times[0]
+                if kind == "admit":
+                    self.samples[kind].append(times[1] - t0)
+                    self.listener.append(self.decided[what] - t0)
+                else:
+                    self.samples[kind].append(self.decided[what] - t0)
                 self.inside[kind].append(self.decided[what] - self.received[what])
                 del self.events[what]
                 self.ask(f"undo {kind}")
@@ -237,55 +342,56 @@ class Latency:
         self.proc.wait(10)
 
 
-async def bench_latency(reactor: Any, iterations: int, rounds: int) -> dict[str, Any]:
+async def measure_latency(
+    reactor: Any, daemon: Daemon, socket_path: str, domid: int, iterations: int, rounds: int
+) -> dict[str, Any]:
+    """Floors and decisions, alternating in ``rounds``; p50/p99 against the echo floor."""
+    lat = Latency(daemon, socket_path, domid)
+    echo: list[float] = []
+    event_read: list[float] = []
+    per = max(1, iterations // rounds)
+    try:
+        for _ in range(rounds):
+            echo += await threads.deferToThread(raw_echo, socket_path, per)
+            event_read += await threads.deferToThread(raw_event_read, socket_path, per)
+            await threads.deferToThread(lat.round, reactor, per)
+    finally:
+        lat.close()
+    floor = stats(echo)
+    out: dict[str, Any] = {"floor_echo": floor, "floor_event_read": stats(event_read)}
+    out["floor_event_read"]["x_floor"] = out["floor_event_read"]["median_us"] / floor["median_us"]
+    for kind in Latency.KINDS:
+        s = stats(lat.samples[kind])
+        s["x_floor"] = s["median_us"] / floor["median_us"]
+        s["inside_median_us"] = statistics.median(lat.inside[kind]) * 1e6
+        if kind == "admit":
+            s["listener_median_us"] = statistics.median(lat.listener) * 1e6
+        out[kind] = s
+    return out
+
+
+# ----------------------------------------------------------------------------- one host size
+
+
+async def bench_size(
+    reactor: Any, n: int, *, latency: bool, storm: bool, iterations: int, rounds: int
+) -> dict[str, Any]:
+    """N domains, then the cold start, the latencies with N present, the live storm."""
     directory = short_instance_dir("bench-daemon")
     xsd = SandboxXenstored(directory)
     xsd.start()
+    out: dict[str, Any] = {"domains": n}
     try:
-        ts = Toolstack(xsd.socket_path)
+        socket_path = str(xsd.socket_path)
+        ts = toolstack(xsd)
         ts.boot_host()
         web = ts.create(
             domain_config_from_text(
                 'name = "web-a1"\nuuid = "00000000-0000-4000-8000-0000000000a1"\n'
             )
         )
-        daemon = make_daemon(xsd, labels(0))
-        await daemon.start()
-        await daemon.settled()
-        lat = Latency(daemon, str(xsd.socket_path), web)
-        base: list[float] = []
-        per = max(1, iterations // rounds)
-        for _ in range(rounds):
-            base += await threads.deferToThread(raw_echo_read, str(xsd.socket_path), per)
-            await threads.deferToThread(lat.round, reactor, per)
-        lat.close()
-        await daemon.stop()
-    finally:
-        xsd.stop()
-        shutil.rmtree(directory, ignore_errors=True)
-    b = stats(base)
-    out: dict[str, Any] = {"baseline_echo_read": b}
-    for kind, samples in lat.samples.items():
-        s = stats(samples)
-        s["x_baseline"] = s["median_us"] / b["median_us"]
-        s["inside_median_us"] = statistics.median(lat.inside[kind]) * 1e6
-        out[f"decision_{kind}"] = s
-    return out
-
-
-# ----------------------------------------------------------------------------- boot storms
-
-
-async def bench_storm(reactor: Any, n: int) -> dict[str, float]:
-    directory = short_instance_dir("bench-storm")
-    xsd = SandboxXenstored(directory)
-    xsd.start()
-    try:
-        ts = Toolstack(xsd.socket_path)
-        ts.boot_host()
         t = time.perf_counter()
-        for i in range(n):
-            ts.create(shop(i))
+        await threads.deferToThread(lambda: [ts.create(shop(i)) for i in range(n)])
         create_s = time.perf_counter() - t
         daemon = make_daemon(xsd, labels(2 * n))
         decided: list[Outcome] = []
@@ -294,49 +400,69 @@ async def bench_storm(reactor: Any, n: int) -> dict[str, float]:
         await daemon.start()
         await daemon.settled()
         cold = time.perf_counter() - t
-        assert sum(1 for o in decided if o.kind == "domain" and o.allowed) == n, "cold storm"
-        # Live: the daemon runs while n more domains are created back to back.
-        before = len(decided)
-        t = time.perf_counter()
-        await threads.deferToThread(lambda: [ts.create(shop(n + i)) for i in range(n)])
-        created = time.perf_counter()
-        await daemon.settled()
-        lag = time.perf_counter() - created
-        live_create = created - t
-        assert sum(1 for o in decided[before:] if o.kind == "domain") == n, "live storm"
+        admitted = sum(1 for o in decided if o.kind == "domain" and o.allowed)
+        assert admitted == n + 1, f"cold storm: {admitted} of {n + 1} admitted"
+        if storm:
+            out["cold_s"] = cold
+            out["toolstack_create_ms_per_domain"] = create_s / n * 1e3
+        if latency:
+            out["latency"] = await measure_latency(
+                reactor, daemon, socket_path, web, iterations, rounds
+            )
+        if storm:
+            before = len(decided)
+            t = time.perf_counter()
+            await threads.deferToThread(lambda: [ts.create(shop(n + i)) for i in range(n)])
+            created = time.perf_counter()
+            await daemon.settled()
+            done = time.perf_counter()
+            new = sum(1 for o in decided[before:] if o.kind == "domain" and o.allowed)
+            assert new == n, f"live storm: {new} of {n} admitted"
+            out["live_s"] = done - t
+            out["live_create_ms_per_domain"] = (created - t) / n * 1e3
+            out["live_lag_ms"] = (done - created) * 1e3
         await daemon.stop()
     finally:
         xsd.stop()
         shutil.rmtree(directory, ignore_errors=True)
-    return {
-        "domains": n,
-        "cold_s": cold,
-        "cold_ms_per_domain": cold / n * 1e3,
-        "toolstack_create_ms_per_domain": create_s / n * 1e3,
-        "live_create_ms_per_domain": live_create / n * 1e3,
-        "live_lag_ms": lag * 1e3,
-    }
+    return out
 
 
 # ----------------------------------------------------------------------------- main
 
 
+def sizes(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--iterations", type=int, default=200, help="decisions per kind")
-    parser.add_argument("--rounds", type=int, default=4, help="baseline/daemon alternations")
-    parser.add_argument("--storm", default="10,100", help="domain counts for the storms")
+    parser.add_argument("--iterations", type=int, default=200, help="decisions per kind and N")
+    parser.add_argument("--rounds", type=int, default=4, help="floor/daemon alternations")
+    parser.add_argument(
+        "--present", default="10,1000", help="domains present while measuring latency"
+    )
+    parser.add_argument("--storm", default="10,1000", help="domain counts for the storms")
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args(argv)
-    sizes = [int(x) for x in args.storm.split(",") if x]
-    result: dict[str, Any] = {}
+    present, storm = sizes(args.present), sizes(args.storm)
+    result: dict[str, Any] = {"sizes": []}
     from twisted.internet import reactor as _reactor
 
     reactor: Any = _reactor
 
     async def run() -> None:
-        result["latency"] = await bench_latency(reactor, args.iterations, args.rounds)
-        result["storm"] = [await bench_storm(reactor, n) for n in sizes]
+        for n in sorted(set(present) | set(storm)):
+            result["sizes"].append(
+                await bench_size(
+                    reactor,
+                    n,
+                    latency=n in present,
+                    storm=n in storm,
+                    iterations=args.iterations,
+                    rounds=args.rounds,
+                )
+            )
 
     def go() -> None:
         d = defer.ensureDeferred(run())
@@ -356,25 +482,48 @@ def report(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    lat = result["latency"]
-    b = lat["baseline_echo_read"]
-    print("decision latency (median / p90 / p99 µs; x = median / baseline median)")
-    print(f"  baseline: raw watch event + read {b['median_us']:8.0f} {b['p90_us']:8.0f} "
-          f"{b['p99_us']:8.0f}")  # fmt: skip
-    for kind in ("vif", "vchan"):
-        s = lat[f"decision_{kind}"]
-        print(f"  {kind:<5} decision (n={s['n']:.0f})        {s['median_us']:8.0f} "
-              f"{s['p90_us']:8.0f} {s['p99_us']:8.0f}   x{s['x_baseline']:.1f}"
-              f"   (first event -> decision: {s['inside_median_us']:.0f})")  # fmt: skip
-    print("boot storms")
-    storms = result["storm"]
-    first = storms[0]["cold_ms_per_domain"] if storms else 1.0
+    rows = [
+        ("floor_echo", "floor: raw echo (write, event, write, event)"),
+        ("floor_event_read", "floor: raw event + read"),
+        ("admit", "admission: commit -> label node seen"),
+        ("vif", "vif: commit -> listener"),
+        ("vchan", "vchan: commit -> listener"),
+    ]
+    print(
+        "decision latency (p50 / p99 µs; x = p50 / echo floor p50, same N, same run; "
+        "vs N0 = this x / the first N's x)"
+    )
+    measured = [size for size in result["sizes"] if "latency" in size]
+    for size in measured:
+        lat = size["latency"]
+        print(f"  {size['domains']} domains present")
+        for key, title in rows:
+            s = lat[key]
+            x = s.get("x_floor", 1.0)
+            vs = x / measured[0]["latency"][key].get("x_floor", 1.0)
+            extra = ""
+            if key == "admit":
+                extra = f"   (commit -> listener {s['listener_median_us']:.0f})"
+            elif key in ("vif", "vchan"):
+                extra = f"   (first event -> decision {s['inside_median_us']:.0f})"
+            print(
+                f"    {title:<46} {s['median_us']:7.0f} {s['p99_us']:7.0f}  x{x:<5.1f} "
+                f"vs N0 x{vs:<4.2f}{extra}"
+            )
+    storms = [s for s in result["sizes"] if "cold_s" in s]
+    if not storms:
+        return
+    print("boot storms (domains x 3 devices; x = per-domain time / that of the first N)")
+    first = storms[0]
+    cold1 = first["cold_s"] / first["domains"]
+    live1 = first["live_s"] / first["domains"]
     for s in storms:
+        n = s["domains"]
         print(
-            f"  {s['domains']:>5} domains: cold start {s['cold_s'] * 1e3:8.0f} ms "
-            f"({s['cold_ms_per_domain']:.2f} ms/domain, x{s['cold_ms_per_domain'] / first:.2f}"
-            f" per domain vs the first); live: toolstack {s['live_create_ms_per_domain']:.1f} "
-            f"ms/domain, daemon lag after the last create {s['live_lag_ms']:.0f} ms"
+            f"  {n:>5}: cold {s['cold_s']:7.2f} s (x{s['cold_s'] / n / cold1:.2f}); "
+            f"live {s['live_s']:7.2f} s (x{s['live_s'] / n / live1:.2f}; toolstack "
+            f"{s['live_create_ms_per_domain']:.0f} ms/domain, daemon lag after the last "
+            f"create {s['live_lag_ms']:.0f} ms)"
         )
 
 
