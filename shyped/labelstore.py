@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
 import attrs
+
+from shyped.atomicfile import write_atomic
 
 
 class LabelStoreError(Exception):
@@ -174,20 +175,4 @@ def load_label_store(path: Path) -> LabelStore:
 def save_label_store(store: LabelStore, path: Path) -> None:
     """Write the store atomically: readers see the old file or the new one, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = store.to_json().encode()
-    fd, tmp = tempfile.mkstemp(prefix=".labels.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o640)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dirfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    write_atomic(path, store.to_json().encode(), mode=0o640)

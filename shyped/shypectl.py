@@ -27,11 +27,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from shyped.atomicfile import write_atomic
 from shyped.control import backend as b
 from shyped.control.client import ControlClient, DaemonUnreachable
 from shyped.control.protocol import ControlError, ErrorCode, unstructure
@@ -116,24 +116,8 @@ def _read_text(path: Path, what: str) -> str:
 def _write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` atomically, keeping its mode (and owner when root)."""
     st = path.stat()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, st.st_mode & 0o7777)
-        if os.geteuid() == 0:
-            os.chown(tmp, st.st_uid, st.st_gid)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dirfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
+    write_atomic(path, text.encode("utf-8"), mode=st.st_mode & 0o7777, owner=owner)
 
 
 def _policy_source(path: Path) -> b.PolicySource:

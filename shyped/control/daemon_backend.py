@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shyped import __version__
+from shyped.atomicfile import fsync_dir
 from shyped.audit import Kind
 from shyped.config import Mode
 from shyped.control import backend as b
@@ -517,11 +518,7 @@ class DaemonControlBackend:
             return result
         try:
             os.replace(staged, target)
-            dirfd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dirfd)
-            finally:
-                os.close(dirfd)
+            fsync_dir(target.parent)
         except OSError as exc:
             log.error(
                 "policy applied but not saved as {target}: {error}; the next start uses the "
