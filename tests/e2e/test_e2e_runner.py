@@ -80,7 +80,13 @@ def test_a_hung_boot_fails_with_the_serial_tail(e2e_images: Images, tmp_path: Pa
         run_scenario(e2e_images, script, workdir=tmp_path / "run", timeouts=Timeouts(boot=8))
     message = str(info.value)
     assert "timeout after 8s: dom0's /init never ran" in message
-    assert "serial log tail" in message and "(XEN)" in message
+    assert "serial log tail" in message
+    # The tail is taken from the serial log (Xen's or dom0's lines, depending on how far the
+    # boot got in 8 s on this machine).
+    serial = (tmp_path / "run" / "serial.log").read_text(errors="replace")
+    tail = [ln.strip() for ln in message.split("--- serial log tail", 1)[1].splitlines()[1:]]
+    tail = [ln for ln in tail if ln]
+    assert tail and all(ln in serial for ln in tail)
     assert time.monotonic() - started < 60
     # QEMU is gone: nothing keeps the serial log growing.
     size = (tmp_path / "run" / "serial.log").stat().st_size
