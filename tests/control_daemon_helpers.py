@@ -4,19 +4,16 @@ subprocesses against its control socket. Nothing here stands in for the daemon."
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
 
 import attrs
+from process_helpers import ShypedProcess
 
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored
@@ -50,46 +47,6 @@ def image(name: str, access: str = "rw", vdev: str = "xvda") -> str:
     return f"format=raw,vdev={vdev},access={access},target=/srv/xen/images/{name}.img"
 
 
-def wait(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
-    """Poll until `predicate()` holds (no timing is asserted)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s {what}")
-        time.sleep(0.05)
-
-
-class DaemonProcess:
-    """``python -m shyped.main --config CONFIG`` with its stderr (the log) in a file."""
-
-    def __init__(self, config: Path, log: Path, env: Mapping[str, str] | None = None) -> None:
-        self.log = log
-        self.stderr: IO[str] = log.open("w")
-        full = dict(os.environ)
-        full.update(env or {})
-        self.proc = subprocess.Popen(
-            [PY, "-m", "shyped.main", "--config", str(config)],
-            stderr=self.stderr,
-            stdout=subprocess.DEVNULL,
-            env=full,
-            cwd=ROOT,
-        )
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def wait_ready(self) -> None:
-        wait(lambda: "] ready: " in self.text() or self.proc.poll() is not None, what="ready")
-        assert self.proc.poll() is None, self.text()
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=30)
-        self.stderr.close()
-        return code
-
-
 @attrs.define
 class Host:
     """A sandbox host with a private copy of the example policy and label store, a
@@ -99,7 +56,7 @@ class Host:
     ts: Toolstack
     directory: Path  # short: AF_UNIX paths
     mode: str = "enforcing"
-    daemon: DaemonProcess | None = None
+    daemon: ShypedProcess | None = None
 
     @property
     def config(self) -> Path:
@@ -129,10 +86,10 @@ class Host:
             f'[control]\nsocket = "{self.socket}"\n'
         )
 
-    def start(self, env: Mapping[str, str] | None = None, *, ready: bool = True) -> DaemonProcess:
+    def start(self, env: Mapping[str, str] | None = None, *, ready: bool = True) -> ShypedProcess:
         self.write_config()
         n = len(list(self.directory.glob("daemon*.log")))
-        self.daemon = DaemonProcess(self.config, self.directory / f"daemon{n}.log", env)
+        self.daemon = ShypedProcess(self.config, self.directory / f"daemon{n}.log", env)
         if ready:
             self.daemon.wait_ready()
         return self.daemon

@@ -21,14 +21,13 @@ from control_daemon_helpers import (
     HOSTING,
     POLICY,
     PY,
-    DaemonProcess,
     Host,
     acm,
     image,
     sandbox_host,
     uuid_of,
-    wait,
 )
+from process_helpers import ShypedProcess, wait_until
 
 from shyped.config import ActuatorConfig, Config, ControlConfig, XenstoreConfig
 from shyped.control import backend as b
@@ -175,7 +174,7 @@ def test_a_relabel_that_breaks_the_chinese_wall_or_a_live_channel_changes_nothin
     create(host, "shop-1", "shop")
     server, client = host.domid("web-a1"), host.domid("batch-a1")
     vchan = host.ts.vchan_listen(server, client, port=7)
-    wait(lambda: f"decision: permit vchan {vchan.path}" in host.log())
+    wait_until(lambda: f"decision: permit vchan {vchan.path}" in host.log())
 
     def state() -> tuple[object, ...]:
         nodes = tuple(host.label_node(n) for n in ("web-a1", "batch-a1", "shop-1"))
@@ -242,7 +241,7 @@ def test_dry_run_agrees_with_what_the_daemon_then_does(host: Host) -> None:
     assert "web-b1" not in host.xl_list()
     # ... and the same cfg created behind shyped's back is destroyed for the same reason.
     assert host.xl("create", str(b1)).returncode == 0
-    wait(lambda: "web-b1" not in host.xl_list(), what="web-b1 destroyed")
+    wait_until(lambda: "web-b1" not in host.xl_list(), what="web-b1 destroyed")
     assert f"[chinese-wall] {cw} -> destroy domain" in host.log()
 
     # Denied for a device: the shop (labelled by name in the store) with bank A's disk.
@@ -253,9 +252,9 @@ def test_dry_run_agrees_with_what_the_daemon_then_does(host: Host) -> None:
     disk = reason_of(r.stdout, "disk xvda")
     assert "lacks STE type 'bank-a'" in disk
     assert host.xl("create", str(s1)).returncode == 0
-    wait(lambda: f"{disk} -> cut vbd" in host.log(), what="the disk cut")
+    wait_until(lambda: f"{disk} -> cut vbd" in host.log(), what="the disk cut")
     s1_disk = f"/libxl/{host.domid('shop-1')}/device/vbd/51712"
-    wait(lambda: host.read(s1_disk + "/backend") is None, what="the disk removed")
+    wait_until(lambda: host.read(s1_disk + "/backend") is None, what="the disk removed")
     assert listing(host)["shop-1"] == ("admitted", acm("shop"))  # the domain itself runs
 
 
@@ -359,15 +358,15 @@ def test_setenforce_permissive_over_the_socket_stops_the_vetoes(host: Host) -> N
 
     # enforcing: a vif on bank B's bridge is cut and removed
     assert host.xl("network-attach", "web-a1", "bridge=xenbr-bank-b").returncode == 0
-    wait(lambda: f"deny device vif {a1}/0" in host.log())
+    wait_until(lambda: f"deny device vif {a1}/0" in host.log())
     assert f"-> cut vif {a1}/0" in host.log()
-    wait(lambda: host.read(f"/libxl/{a1}/device/vif/0/backend") is None, what="vif 0 removed")
+    wait_until(lambda: host.read(f"/libxl/{a1}/device/vif/0/backend") is None, what="vif 0 removed")
 
     assert ok(host.ctl("setenforce", "permissive")).strip() == "permissive (was enforcing)"
     assert ok(host.ctl("getenforce")).strip() == "Permissive"
     assert host.xl("network-attach", "web-a1", "bridge=xenbr-bank-b").returncode == 0
     denials = f"deny device vif {a1}/"
-    wait(lambda: host.log().count(denials) == 2, what="the second vif decided")
+    wait_until(lambda: host.log().count(denials) == 2, what="the second vif decided")
     line = [li for li in host.log().splitlines() if denials in li][-1]
     assert line.endswith("(permissive: not enforced)")
     devid = line.split(denials, 1)[1].split()[0]
@@ -379,7 +378,7 @@ def test_setenforce_permissive_over_the_socket_stops_the_vetoes(host: Host) -> N
 
     # back to enforcing: every question is asked again and the vif is cut now
     assert ok(host.ctl("setenforce", "1")).strip() == "enforcing (was permissive)"
-    wait(lambda: host.read(f"/libxl/{a1}/device/vif/{devid}/backend") is None, what="cut")
+    wait_until(lambda: host.read(f"/libxl/{a1}/device/vif/{devid}/backend") is None, what="cut")
     assert "mode permissive -> enforcing" in host.log()
 
 
@@ -472,10 +471,10 @@ def test_until_the_first_reconcile_there_is_no_ready_and_no_answer_but_status(
         f'[control]\nsocket = "{directory / "control.sock"}"\n'
     )
     env = {"NOTIFY_SOCKET": str(directory / "notify.sock")}
-    daemon = DaemonProcess(config, directory / "daemon.log", env)
+    daemon = ShypedProcess(config, directory / "daemon.log", env)
     try:
         ctl = [PY, "-m", "shyped.shypectl", "--socket", str(directory / "control.sock")]
-        wait(lambda: (directory / "control.sock").exists() and mute.conns, what="connected")
+        wait_until(lambda: (directory / "control.sock").exists() and mute.conns, what="connected")
         st = subprocess.run([*ctl, "status"], capture_output=True, text=True)
         assert st.returncode == 0 and "ready:      no" in st.stdout, st.stderr
         for args in (["list"], ["getlabel", "dom", "0"], ["setenforce", "permissive"]):

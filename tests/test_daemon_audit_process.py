@@ -5,23 +5,21 @@ that ``shypectl audit verify`` accepts, every veto carried out before the kill h
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from daemon_helpers import HOSTING, LABELS, domcfg
+from process_helpers import ShypedProcess, wait_until
 from wiring_helpers import records, shypectl_verify
 
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored
 
 ROOT = Path(__file__).resolve().parents[1]
-SHYPED = [sys.executable, "-m", "shyped.main"]
 
 
 def write_config(tmp: Path, socket: Path, audit: Path) -> Path:
@@ -37,35 +35,6 @@ def write_config(tmp: Path, socket: Path, audit: Path) -> Path:
     return path
 
 
-def wait(predicate: Callable[[], object], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.05)
-
-
-class Shyped:
-    def __init__(self, config: Path, log: Path) -> None:
-        self.log = log
-        self.stderr = log.open("w")
-        self.proc = subprocess.Popen(
-            [*SHYPED, "--config", str(config)], stderr=self.stderr, stdout=subprocess.DEVNULL
-        )
-        wait(lambda: "reconcile (start)" in self.text() or self.proc.poll() is not None)
-        assert self.proc.poll() is None, self.text()
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=30)
-        self.stderr.close()
-        return code
-
-
 @pytest.fixture
 def host(xenstored: SandboxXenstored) -> Iterator[Toolstack]:
     ts = Toolstack(xenstored.socket_path)
@@ -78,7 +47,7 @@ def test_sigkill_mid_scenario_leaves_a_verifiable_log_that_continues_after_resta
 ) -> None:
     audit = tmp_path / "audit"
     config = write_config(tmp_path, xenstored.socket_path, audit)
-    first = Shyped(config, tmp_path / "log1")
+    first = ShypedProcess.start(config, tmp_path / "log1")
     try:
         host.create(domcfg("web-a1"))
         # A stream of competitors the daemon destroys, killed while it goes on.
@@ -99,7 +68,7 @@ def test_sigkill_mid_scenario_leaves_a_verifiable_log_that_continues_after_resta
             alive = {d.domid for d in host.list_domains()}
             return sum(1 for d in list(created) if d not in alive)
 
-        wait(lambda: gone() >= 3)
+        wait_until(lambda: gone() >= 3)
     finally:
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
         stop.set()
@@ -116,10 +85,10 @@ def test_sigkill_mid_scenario_leaves_a_verifiable_log_that_continues_after_resta
     assert set(destroyed) <= denied  # every carried-out veto was on disk first
     assert not any(r["kind"] == "daemon-stop" for r in recs)
 
-    second = Shyped(config, tmp_path / "log2")
+    second = ShypedProcess.start(config, tmp_path / "log2")
     try:
         # The competitors left paused while it was down are decided now.
-        wait(lambda: not [d for d in host.list_domains() if d.name.startswith("web-b")])
+        wait_until(lambda: not [d for d in host.list_domains() if d.name.startswith("web-b")])
     finally:
         assert second.stop() == 0
     verified = shypectl_verify(audit)

@@ -7,19 +7,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from daemon_helpers import HOSTING, LABELS, POLICY, domcfg, image
+from process_helpers import SHYPED, ShypedProcess, wait_until
 
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.sandbox.xsconn import XsConn
 
 ROOT = Path(__file__).resolve().parents[1]
-SHYPED = [sys.executable, "-m", "shyped.main"]
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -38,37 +37,6 @@ def write_config(tmp: Path, socket: Path, *, policy: Path = HOSTING, extra: str 
         f'[control]\nsocket = "{socket.parent / "control.sock"}"\n'
     )
     return path
-
-
-def wait(predicate: Callable[[], object], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.05)
-
-
-class Daemon:
-    """``shyped --config …`` as a child process with its stderr in a file."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.log = log
-        self.stderr = log.open("w")
-        self.proc = subprocess.Popen(
-            [*SHYPED, "--config", str(config)], stderr=self.stderr, stdout=subprocess.DEVNULL
-        )
-        wait(lambda: "reconcile (start)" in self.text() or self.proc.poll() is not None)
-        assert self.proc.poll() is None, self.text()
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=30)
-        self.stderr.close()
-        return code
 
 
 @pytest.fixture
@@ -133,11 +101,13 @@ def test_the_daemon_process_logs_decisions_reloads_on_sighup_and_stops_on_sigter
 ) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text(HOSTING.read_text())
-    daemon = Daemon(write_config(tmp_path, xenstored.socket_path, policy=policy), tmp_path / "log")
+    daemon = ShypedProcess.start(
+        write_config(tmp_path, xenstored.socket_path, policy=policy), tmp_path / "log"
+    )
     try:
         a = host.create(domcfg("web-a1"))
         b = host.create(domcfg("web-b1"))
-        wait(lambda: all(d.domid != b for d in host.list_domains()))  # destroyed via the CLI
+        wait_until(lambda: all(d.domid != b for d in host.list_domains()))  # destroyed via the CLI
         text = daemon.text()
         assert f"decision: permit domain {a} dom=web-a1({a}, " in text
         assert f"decision: deny domain {b} dom=web-b1({b}, " in text
@@ -153,7 +123,7 @@ def test_the_daemon_process_logs_decisions_reloads_on_sighup_and_stops_on_sigter
             .replace('name = "bank-a-web"', 'name = "bank-a-frontend"')
         )
         daemon.proc.send_signal(signal.SIGHUP)
-        wait(lambda: "refused" in daemon.text())
+        wait_until(lambda: "refused" in daemon.text())
         assert "which the new policy deletes" in daemon.text()
         # … and one that renames it with from= is applied and relabels the domain.
         policy.write_text(
@@ -163,7 +133,7 @@ def test_the_daemon_process_logs_decisions_reloads_on_sighup_and_stops_on_sigter
         )
         daemon.proc.send_signal(signal.SIGHUP)
         relabelled = f"ACM:{POLICY}:bank-a-frontend"
-        wait(lambda: read(xenstored, f"/local/domain/{a}/shyped/label") == relabelled)
+        wait_until(lambda: read(xenstored, f"/local/domain/{a}/shyped/label") == relabelled)
         assert "example.hosting 1.1 applied" in daemon.text()
     finally:
         code = daemon.stop()
@@ -175,21 +145,21 @@ def test_a_daemon_killed_mid_veto_finishes_the_job_after_restart(
     xenstored: SandboxXenstored, host: Toolstack, tmp_path: Path
 ) -> None:
     config = write_config(tmp_path, xenstored.socket_path)
-    first = Daemon(config, tmp_path / "log1")
+    first = ShypedProcess.start(config, tmp_path / "log1")
     try:
         d = host.create(domcfg("web-a1", vifs=["bridge=xenbr-bank-b"], disks=[image("web-a1")]))
         backend = f"/local/domain/0/backend/vif/{d}/0"
         # The cut is done; the daemon waits (60 s) for the backend to close. Kill it there.
-        wait(lambda: read(xenstored, backend + "/state") == "5")
+        wait_until(lambda: read(xenstored, backend + "/state") == "5")
     finally:
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
     # While it is down, a competitor appears.
     b = host.create(domcfg("web-b1"))
-    second = Daemon(config, tmp_path / "log2")
+    second = ShypedProcess.start(config, tmp_path / "log2")
     try:
         host.unpause(d)  # the guest runs: netfront closes, netback reaches Closed
-        wait(lambda: read(xenstored, f"/libxl/{d}/device/vif/0/frontend") is None)
-        wait(lambda: all(x.domid != b for x in host.list_domains()))
+        wait_until(lambda: read(xenstored, f"/libxl/{d}/device/vif/0/frontend") is None)
+        wait_until(lambda: all(x.domid != b for x in host.list_domains()))
         assert read(xenstored, backend + "/state") is None
         assert read(xenstored, f"/local/domain/{d}/device/vbd/51712/state") == "4"
         text = second.text()
