@@ -306,7 +306,7 @@ class Engine:
         decision = self._running.admit(raw)
         name = self._resolve(raw)
         checks = [decision]
-        if decision.permitted and name is not None:
+        if decision.permitted and name is not None and self._has_quota(name):
             others = self._others_counted(name, domid)
             checks = self._with_quota(checks, host, domid, name, Hook.DOMAIN_ADMIT, others)
         allowed = all(c.permitted for c in checks)
@@ -438,11 +438,19 @@ class Engine:
         at `hook` (it then decides). A permitting quota check is not listed: the policy's
         check reports the permit."""
         name = self._resolve(label)
+        if name is None or not self._has_quota(name):
+            return checks  # no quota: no account (dom0's spans every backend device)
         account = account_domain(host, domid)
-        if name is None or account is None:
+        if account is None:
             return checks
         q = quota.check(self._policy.policy, name, account, hook=hook, others_running=others)
         return checks if q.permitted else [*checks, q]
+
+    def _has_quota(self, label: str) -> bool:
+        """Whether the VM label carries any quota: only then is an account worth computing
+        (a quota-free label, like dom0's, skips the O(devices) account on the hot path)."""
+        vm = self._policy.policy.vm_label(label)
+        return vm is not None and not vm.quota.is_unlimited
 
     def _others_counted(self, label: str, domid: int) -> int:
         """Running domains counted with `label` besides `domid` (for max_domains). During a
@@ -463,8 +471,10 @@ class Engine:
         if dom is None or dom.state is not DomainState.ADMITTED or domid == 0:
             return None
         name = self._resolve(dom.label)
+        if name is None or not self._has_quota(name):
+            return None
         account = account_domain(host, domid)
-        if name is None or account is None:
+        if account is None:
             return None
         q = quota.check(
             self._policy.policy, name, account, hook=Hook.DOMAIN_ADMIT, kinds=_RECHECKED
