@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from control_daemon_helpers import sandbox_host, wait
+from control_daemon_helpers import sandbox_host
+from process_helpers import wait_until
 from runner import RunResult
 from sandbox_toolstack_helpers import xenstore_ls
 from test_e2e_boot import assert_same_layout, layout_values, xl_list
@@ -208,7 +209,7 @@ def test_greens_layouts_match_the_daemon_on_the_sandbox(
         cfg.write_text((DAEMON_FILES / "green.cfg").read_text())
         created = host.shype_xl("create", "-p", str(cfg))
         assert created.returncode == 0, (created.stdout, created.stderr)
-        wait(lambda: host.read("/local/domain/1/device/vbd/51712/state") is not None)
+        wait_until(lambda: host.read("/local/domain/1/device/vbd/51712/state") is not None)
         assert_same_layout(
             run.text("layout-green-paused.txt"), xenstore_ls(xenstored), "after shype-xl create -p"
         )
