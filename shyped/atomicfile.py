@@ -24,16 +24,21 @@ def fsync_dir(directory: Path) -> None:
 def write_atomic(
     path: Path, data: bytes, *, mode: int = 0o640, owner: tuple[int, int] | None = None
 ) -> None:
-    """Replace `path` with `data` (file mode `mode`, and `owner` uid/gid when given)."""
+    """Replace `path` with `data` (file mode `mode`, and `owner` uid/gid when given).
+
+    Mode and owner are set on the open descriptor, never by name: in a folder another user
+    can write, the temporary name may be swapped for a symlink before we get to it, and a
+    `chown` by name would then hand the link's target to that user.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            if owner is not None:
+                os.fchown(f.fileno(), *owner)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        if owner is not None:
-            os.chown(tmp, *owner)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -25,6 +25,7 @@ import difflib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -114,8 +115,14 @@ def _read_text(path: Path, what: str) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` atomically, keeping its mode (and owner when root)."""
-    st = path.stat()
+    """Replace `path` with `text` atomically, keeping its mode (and owner when root).
+
+    Only a regular file is edited: a symlink would make us stat (and copy the mode and owner
+    of) whatever it points to.
+    """
+    st = path.lstat()
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{path} is not a regular file (symlinks are not edited)")
     owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
     write_atomic(path, text.encode("utf-8"), mode=st.st_mode & 0o7777, owner=owner)
 

@@ -139,6 +139,12 @@ async def test_addlabel_and_rmlabel_on_a_config_file(sock: Path, backend: ModelB
     assert r.returncode == 0 and cfg.read_text() == CFG
     r = await ctl(sock, "addlabel", "web", "dom", str(backend.directory / "missing.cfg"))
     assert r.returncode == 2 and "cannot read domain config" in r.stderr
+    # a symlink is not edited (its target's mode and owner would be copied onto the new file)
+    link = backend.directory / "link.cfg"
+    link.symlink_to(cfg)
+    r = await ctl(sock, "addlabel", "web", "dom", str(link))
+    assert r.returncode == 2 and "not a regular file" in r.stderr
+    assert link.is_symlink() and cfg.read_text() == CFG
 
 
 @pytest_twisted.ensureDeferred
