@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from local_users import local_user, needs_users
 from pyxs import PyXSError
 from pyxs._internal import Op
 
@@ -254,6 +255,28 @@ def test_preload_is_cached(spare_dir: Path) -> None:
     first = build_preload(spare_dir)
     assert build_preload(spare_dir) == first
     assert [p.name for p in spare_dir.iterdir()] == [first.name]  # no temp file left
+
+
+@needs_users
+def test_a_library_planted_by_another_user_is_never_preloaded(spare_dir: Path) -> None:
+    """Root running the demo with a user's $XDG_CACHE_HOME (sudo -E) must not load that
+    user's code into oxenstored: the user plants a library under the name root would use."""
+    genuine = build_preload(spare_dir / "genuine")
+    with local_user("shyca") as user:
+        cache = spare_dir / "user-cache"
+        cache.mkdir()
+        os.chown(cache, user.uid, user.gid)
+        planted = cache / genuine.name
+        shutil.copy(genuine, planted)  # stands for the user's own build of any code
+        os.chown(planted, user.uid, user.gid)
+        with pytest.raises(SandboxXenstoredError, match="owned by uid"):
+            build_preload(cache)
+        # a root-owned but world-writable folder is refused as well
+        planted.unlink()
+        os.chown(cache, 0, 0)
+        cache.chmod(0o777)
+        with pytest.raises(SandboxXenstoredError, match="writable by others"):
+            build_preload(cache)
 
 
 def test_too_long_instance_dir_is_refused() -> None:

@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -126,6 +127,7 @@ def build_preload(directory: Path | None = None) -> Path:
     directory = directory or cache_dir()
     target = directory / f"xenstored-preload-{digest}.so"
     if target.exists():
+        _check_private(directory, target)
         return target
     gcc = shutil.which("gcc")
     if gcc is None:
@@ -133,7 +135,8 @@ def build_preload(directory: Path | None = None) -> Path:
             "gcc is needed to build the sandbox xenstored preload library: "
             "install the Debian package `gcc` (scripts/install-deps.sh)"
         )
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    _check_private(directory)
     fd, tmp_name = tempfile.mkstemp(prefix=".preload-", suffix=".so", dir=directory)
     os.close(fd)
     try:
@@ -153,6 +156,32 @@ def build_preload(directory: Path | None = None) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
     return target
+
+
+def _check_private(directory: Path, library: Path | None = None) -> None:
+    """Refuse a library (or its folder) that anyone but us or root could have put there.
+
+    The library is preloaded into oxenstored, which runs with our privileges: root running
+    the demo or the tests with another user's $HOME or $XDG_CACHE_HOME (``sudo -E``) must not
+    load that user's code. Every folder from / down must be owned by us or root and not
+    writable by others (sticky folders such as /tmp excepted above the last one).
+    """
+    euid = os.geteuid()
+    real = directory.resolve()
+    chain = [*([library] if library is not None else []), real, *real.parents]
+    for p in chain:
+        st = p.lstat()
+        sticky_ok = p in real.parents and st.st_mode & stat.S_ISVTX
+        if st.st_uid not in (0, euid):
+            why = f"{p} is owned by uid {st.st_uid}"
+        elif st.st_mode & 0o022 and not sticky_ok:
+            why = f"{p} is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+        else:
+            continue
+        raise SandboxXenstoredError(
+            f"refusing the sandbox preload library in {directory}: {why}; "
+            "set XDG_CACHE_HOME to a folder of your own"
+        )
 
 
 def _format_value(value: str | int | float | bool) -> str:
