@@ -235,7 +235,11 @@ class SharedNodeTracker:
         self._dirty.add(ChannelKey(owner, path))
 
     def over_limit(self, owner: int, path: str, peers: frozenset[int], world: bool) -> None:
-        """Report a node that cannot be tracked: denied and removed (fail closed)."""
+        """Report a node that cannot be tracked: denied and removed (fail closed). A generic
+        entry for the same node is dropped: the over-limit denial decides it."""
+        before = self._owner_of.get(path)
+        if before is not None:
+            self._forget(before, path)
         self._out.append(ChannelShared(owner, path, tuple(sorted(peers)), world, True))
 
     def _removed(self, path: str) -> None:

@@ -1,0 +1,176 @@
+"""Hostile guests against the daemon on real oxenstored: every cross-domain xenstore channel is
+decided (issue 11 #3, #4, #9; issue 20 #4).
+
+In the sandbox every client is dom0, so each test writes only what the guest itself could write
+on real Xen: nodes below nodes it owns (oxenstored's new nodes inherit the parent's permission
+list, owner included), with a permission list whose owner is the guest (xenstored refuses an
+unprivileged owner change: ``store.ml`` ``setperms``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from daemon_helpers import HOSTING, Harness, domcfg, image
+from twisted.internet import defer
+
+from shyped.config import DomainVeto
+from shyped.policy.decisions import Hook, Rule
+from shyped.sandbox.xenstored import SandboxXenstored
+from shyped.sandbox.xsconn import XsConn
+
+
+@pytest.fixture
+def host(xenstored: SandboxXenstored) -> Iterator[Harness]:
+    h = Harness.boot(xenstored)
+    try:
+        yield h
+    finally:
+        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
+
+
+def guest_writes(h: Harness, owner: int, nodes: dict[str, str], perms: tuple[str, ...]) -> None:
+    """What guest `owner` does: write nodes below a node it owns, then SET_PERMS them."""
+    with XsConn(str(h.xsd.socket_path)) as xs:
+        for path, value in nodes.items():
+            xs.write(path, value)
+            assert (xs.get_perms(path) or ("?",))[0] == f"n{owner}", "not a node the guest owns"
+            xs.set_perms(path, perms)
+
+
+# ------------------------------------------------------------------ issue 11 #3: hidden vchan
+
+
+@pytest.mark.parametrize("where", ["device/vif/0/v", "device/suspend/event-channel/v"])
+@pytest_twisted.ensureDeferred
+async def test_hidden_vchan_outside_data_is_decided_and_its_grant_revoked(
+    host: Harness, where: str
+) -> None:
+    await host.start()
+    a = await host.call(host.ts.create, domcfg("web-a1", vifs=["bridge=xenbr-bank-a"]))
+    s = await host.call(host.ts.create, domcfg("shop-1"))
+    await host.settle()
+    base = f"/local/domain/{a}/{where}"
+    guest_writes(
+        host,
+        a,
+        {f"{base}/ring-ref": "8", f"{base}/event-channel": "23"},
+        (f"n{a}", f"r{s}"),
+    )
+    await host.settle()
+    for key in ("ring-ref", "event-channel"):
+        out = host.last(f"xs-channel {base}/{key}")
+        assert not out.allowed and out.enforced
+        assert out.decision.hook is Hook.XS_CHANNEL and out.decision.rule is Rule.STE
+        assert [c.domid for c in out.clients] == [s]
+        # The guest keeps its node; the peer may no longer read it.
+        assert host.perms(f"{base}/{key}") == (f"n{a}",)
+    # The device it hid in is untouched (its own decision stands).
+    assert host.last(f"device vif {a}/0").allowed
+    assert host.perms(f"/local/domain/{a}/device/vif/0") == (f"n{a}", "r0")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_shared_with_a_permitted_peer_stays_and_a_world_readable_one_is_reset(
+    host: Harness,
+) -> None:
+    await host.start()
+    a = await host.call(host.ts.create, domcfg("web-a1"))
+    b = await host.call(host.ts.create, domcfg("batch-a1"))  # shares bank-a, same MLS level
+    await host.settle()
+    ok = f"/local/domain/{a}/data/anything/x"
+    world = f"/local/domain/{a}/attr/y"
+    guest_writes(host, a, {ok: "hello"}, (f"n{a}", f"b{b}"))
+    guest_writes(host, a, {world: "hello"}, (f"r{a}",))
+    await host.settle()
+    assert host.last(f"xs-channel {ok}").allowed
+    assert host.perms(ok) == (f"n{a}", f"b{b}")
+    out = host.last(f"xs-channel {world}")
+    assert not out.allowed and "every domain" in out.decision.reason
+    assert host.perms(world) == (f"n{a}",)
+    # Granting again is decided again (the reset fired the watch once and decided nothing).
+    n_before = len(host.decided(f"xs-channel {world}"))
+    guest_writes(host, a, {world: "again"}, (f"r{a}",))
+    await host.settle()
+    assert len(host.decided(f"xs-channel {world}")) == n_before + 1
+    assert host.perms(world) == (f"n{a}",)
+
+
+# ------------------------------------------------------------ issue 11 #4: slot exhaustion
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rendezvous_past_the_slot_limit_is_denied_and_removed(host: Harness) -> None:
+    await host.start()
+    a = await host.call(host.ts.create, domcfg("web-a1"))
+    b = await host.call(host.ts.create, domcfg("batch-a1"))  # a permitted peer
+    await host.settle()
+    home = f"/local/domain/{a}/data"
+    pads = {f"{home}/pad{i}/ring-ref": "1" for i in range(64)}
+    guest_writes(host, a, pads, (f"n{a}",))
+    await host.settle()
+    real = f"{home}/vchan/{b}/1"
+    guest_writes(
+        host, a, {f"{real}/ring-ref": "8", f"{real}/event-channel": "23"}, (f"n{a}", f"r{b}")
+    )
+    await host.settle()
+    for key in ("ring-ref", "event-channel"):
+        out = host.last(f"xs-channel {real}/{key}")
+        assert not out.allowed and out.enforced and out.decision.rule is Rule.QUOTA
+        assert not host.exists(f"{real}/{key}")
+
+
+# ------------------------------------------------------- issue 11 #9: max_vchans for clients
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_vchans_counts_rendezvous_a_domain_joins_as_client(
+    host: Harness, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(_quota_after_keys(HOSTING.read_text(), "bank-a-batch", "max_vchans = 2"))
+    await host.start(host.config(policy=policy))
+    a = await host.call(host.ts.create, domcfg("web-a1"))
+    b = await host.call(host.ts.create, domcfg("batch-a1"))
+    await host.settle()
+    eps = [await host.call(host.ts.vchan_listen, a, b, port=p) for p in range(4)]
+    await host.settle()
+    verdicts = [host.last(f"vchan {ep.path}") for ep in eps]
+    assert [v.allowed for v in verdicts] == [True, True, False, False]
+    for v in verdicts[2:]:
+        assert v.decision.rule is Rule.QUOTA and "max_vchans" in v.decision.reason
+        assert v.peer is not None and v.peer.domid == b
+    assert [host.exists(ep.path) for ep in eps] == [True, True, False, False]
+
+
+def _quota_after_keys(text: str, label: str, line: str) -> str:
+    """The policy text with ``[label.quota] <line>`` added to VM label `label`."""
+    lines = text.splitlines(keepends=True)
+    start = lines.index(f'name = "{label}"\n')
+    end = start + 1
+    while end < len(lines) and lines[end].strip() and not lines[end].startswith("["):
+        end += 1
+    return "".join([*lines[:end], "[label.quota]\n", line + "\n", *lines[end:]])
+
+
+# ------------------------------------------------ issue 20 #4: denied domains fail closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_everything_a_denied_domain_is_party_to_is_denied(host: Harness) -> None:
+    # Paused, not destroyed: the denied domain stays, as it does while a destroy is pending.
+    await host.start(host.config(veto=DomainVeto.PAUSE))
+    await host.call(host.ts.create, domcfg("web-a1"))
+    b = await host.call(host.ts.create, domcfg("web-b1", disks=[image("web-b1")]))
+    await host.settle()
+    assert not host.last(f"domain {b}").allowed  # Chinese Wall: bank-a runs
+    ep = await host.call(host.ts.vchan_listen, b, 0)  # STE alone would permit (dom0)
+    await host.settle()
+    vbd = host.last(f"device vbd {b}/51712")
+    assert not vbd.allowed and vbd.decision.rule is Rule.DENIED_DOMAIN
+    vchan = host.last(f"vchan {ep.path}")
+    assert not vchan.allowed and vchan.decision.rule is Rule.DENIED_DOMAIN
+    assert not host.exists(ep.path)
