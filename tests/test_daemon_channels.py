@@ -15,10 +15,15 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from daemon_helpers import HOSTING, Harness, domcfg, image
-from twisted.internet import defer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer, reactor, threads
+from twisted.internet.threads import blockingCallFromThread
 
+from shyped.channels import reach
 from shyped.config import DomainVeto
-from shyped.policy.decisions import Hook, Rule
+from shyped.policy.decisions import Hook, PolicyEngine, Rule
+from shyped.policy.toml_format import load
 from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.sandbox.xsconn import XsConn
 
@@ -174,3 +179,67 @@ async def test_everything_a_denied_domain_is_party_to_is_denied(host: Harness) -
     vchan = host.last(f"vchan {ep.path}")
     assert not vchan.allowed and vchan.decision.rule is Rule.DENIED_DOMAIN
     assert not host.exists(ep.path)
+
+
+# ------------------------------------------- property: random guest trees on real oxenstored
+
+GUEST_NAMES = ("web-a1", "batch-a1", "shop-1", "reports-a1")
+
+
+def _tree() -> st.SearchStrategy[list[tuple[int, str, str, tuple[tuple[str, int], ...]]]]:
+    """(owner index, default letter, relative path, ACL as (letter, peer index | 9 = no domain))."""
+    letter = st.sampled_from("nrwb")
+    rel = st.lists(st.sampled_from(["a", "ring-ref", "event-channel", "v"]), min_size=1, max_size=3)
+    acl = st.lists(st.tuples(letter, st.sampled_from([0, 1, 2, 3, 9])), max_size=3)
+    node = st.tuples(st.integers(0, 3), letter, rel.map("/".join), acl.map(tuple))
+    return st.lists(node, min_size=1, max_size=6)
+
+
+@pytest_twisted.ensureDeferred
+async def test_property_no_guest_node_reaches_a_guest_the_policy_keeps_apart(
+    host: Harness,
+) -> None:
+    await host.start()
+    doms = [await host.call(host.ts.create, domcfg(n)) for n in GUEST_NAMES]
+    await host.settle()
+    policy = PolicyEngine(load(HOSTING))
+    labels = {d: host.daemon.host.domain(d).label for d in doms}  # type: ignore[union-attr]
+
+    def settle() -> None:
+        blockingCallFromThread(reactor, lambda: defer.ensureDeferred(host.settle()))
+
+    @settings(
+        max_examples=10,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
+    @given(_tree())
+    def prop(tree: list[tuple[int, str, str, tuple[tuple[str, int], ...]]]) -> None:
+        written = []
+        with XsConn(str(host.xsd.socket_path)) as xs:
+            for d in doms:  # housekeeping (dom0): last example's tree goes
+                xs.rm(f"/local/domain/{d}/data/p")
+            for oi, default, rel, acl in tree:
+                o = doms[oi]
+                path = f"/local/domain/{o}/data/p/{rel}"
+                xs.write(path, "7")  # below data/ (n<o>): the guest owns what it creates
+                entries = [f"{x}{doms[p] if p < 4 else 60}" for x, p in acl]
+                xs.set_perms(path, (f"{default}{o}", *entries))
+                written.append(path)
+        settle()
+        with XsConn(str(host.xsd.socket_path)) as xs:
+            for path in written:
+                perms = xs.get_perms(path)
+                if perms is None:
+                    continue  # removed (over a limit) or replaced by a later write's parent rm
+                r = reach(perms)
+                if r is None:
+                    continue
+                owner, peers, world = r
+                assert not world, f"{path} {perms} reaches every domain"
+                for p in peers & set(doms):
+                    d = policy.channel(Hook.XS_CHANNEL, labels[owner], labels[p])
+                    assert d.permitted, f"{path} {perms}: {d}"
+
+    await threads.deferToThread(prop)
