@@ -1326,8 +1326,8 @@ class EventAssembler:
 
     def _covered(self, owner: int, path: str) -> tuple[frozenset[int], bool]:
         """Who another hook decides for a shared node of `owner` (`shyped.channels`): a
-        published vchan's clients for its key nodes; the trusted record's other end for a
-        node in a device directory of an announced device; else nobody."""
+        published vchan's clients for its key nodes; for a node in a directory of an announced
+        device (per the trusted record) owned by one end of it, the other end; else nobody."""
         leaf = path[path.rfind("/") + 1 :]
         dom = self._doms.get(owner)
         if leaf in _VCHAN_KEYS and dom is not None:
@@ -1335,23 +1335,22 @@ class EventAssembler:
             if vc is not None and vc.emitted is not None:
                 return frozenset(vc.emitted[0]), vc.emitted[1]
         where = device_dir_of(path)
-        if where is None or parse_domid_component(path.split("/")[3]) != owner:
+        home = parse_domid_component(path.split("/")[3])
+        if where is None or home is None:
             return _EMPTY, False
         side, kind, a, b = where
-        rec = None
-        if side == "front":
-            rec = dom.records.get((kind, a)) if dom is not None else None
+        if side == "front":  # libxl: frontend keys n<fe>,r<be>; read-only ones n<be>,r<fe>
+            hdom = self._doms.get(home)
+            rec = hdom.records.get((kind, a)) if hdom is not None else None
+            ends = (home, rec.emitted[0]) if rec is not None and rec.emitted else None
         else:
-            dk = self._be_index.get((owner, kind, a, b))
-            fdom = self._doms.get(dk.frontend) if dk is not None else None
-            if dk is not None and fdom is not None:
-                rec = fdom.records.get((dk.kind, dk.devid))
-            if rec is not None and rec.emitted is not None:
-                return frozenset({a}), False
+            dk = self._be_index.get((home, kind, a, b))
+            fdom = self._doms.get(a) if dk is not None else None
+            rec = fdom.records.get((dk.kind, dk.devid)) if fdom and dk else None
+            ends = (a, home) if rec is not None and rec.emitted else None
+        if ends is None or owner not in ends:
             return _EMPTY, False
-        if rec is None or rec.emitted is None:
-            return _EMPTY, False
-        return frozenset({rec.emitted[0]}), False
+        return frozenset(ends) - {owner}, False
 
     def _flush_domain(self, d: int, out: list[Event], vanished: list[int]) -> None:
         dom = self._doms.get(d)

@@ -26,6 +26,7 @@ from shyped.policy.decisions import Hook, PolicyEngine, Rule
 from shyped.policy.toml_format import load
 from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.sandbox.xsconn import XsConn
+from shyped.xlcfg import parse_vif_spec
 
 
 @pytest.fixture
@@ -102,6 +103,32 @@ async def test_a_node_shared_with_a_permitted_peer_stays_and_a_world_readable_on
     await host.settle()
     assert len(host.decided(f"xs-channel {world}")) == n_before + 1
     assert host.perms(world) == (f"n{a}",)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_driver_domain_handshake_is_left_to_the_device_hook(host: Harness) -> None:
+    """Frontend keys readable by the backend domain, backend keys readable by the frontend,
+    both per the trusted record: the device decision covers them, no xs-channel one."""
+    await host.start()
+    n = await host.call(host.ts.create, domcfg("netdom"))
+    a = await host.call(host.ts.create, domcfg("web-a1"))
+    await host.call(host.ts.attach_nic, a, parse_vif_spec(f"bridge=xenbr-bank-a,backend={n}"))
+    await host.settle()
+    assert host.last(f"device vif {a}/0").allowed
+    assert host.perms(f"/local/domain/{a}/device/vif/0") == (f"n{a}", f"r{n}")
+    assert host.perms(f"/local/domain/{n}/backend/vif/{a}/0") == (f"n{n}", f"r{a}")
+    # libxl's read-only frontend keys are the backend domain's (ro_frontend_perms)
+    assert host.perms(f"/local/domain/{a}/device/vif/0/mtu") == (f"n{n}", f"r{a}")
+    assert [o.what for o in host.outcomes if o.what.startswith("xs-channel")] == []
+    # A third domain named on a frontend key is not the backend: decided.
+    s = await host.call(host.ts.create, domcfg("shop-1"))
+    await host.settle()
+    key = f"/local/domain/{a}/device/vif/0/mac"
+    guest_writes(host, a, {key: "00:16:3e:00:00:01"}, (f"n{a}", f"r{n}", f"r{s}"))
+    await host.settle()
+    out = host.last(f"xs-channel {key}")
+    assert not out.allowed and [c.domid for c in out.clients] == [s]
+    assert host.perms(key) == (f"n{a}",)
 
 
 # ------------------------------------------------------------ issue 11 #4: slot exhaustion
