@@ -416,43 +416,15 @@ class Engine:
         sdom = host.domain(server)
         s_label = sdom.label if sdom is not None else None
         clients = tuple(_party(host.domain(c), c) for c in need.peers)
-        peer: Party | None = None
-        checks: list[Decision] = []
-        denied = self._denied_party(Hook.VCHAN, host, (server, *need.peers), s_label)
-        if denied is not None:
-            checks.append(denied)
-        elif need.any_peer:
-            checks.append(
-                Decision(
-                    False,
-                    Hook.VCHAN,
-                    Rule.STE,
-                    "the rendezvous is readable by every domain: any domain could connect, so "
-                    "no STE check can stand for it (grant read to the client only)",
-                    s_label,
-                )
-            )
-        else:
-            for c in need.peers:
-                cdom = host.domain(c)
-                if cdom is None or cdom.state in _UNDECIDED:
-                    continue
-                d = self._policy.channel(Hook.VCHAN, s_label, cdom.label)
-                checks.append(d)
-                if peer is None or not d.permitted:
-                    peer = _party(cdom, c)
-                if not d.permitted:
-                    break
-            if not checks:
-                checks.append(
-                    Decision(
-                        True,
-                        Hook.VCHAN,
-                        Rule.STE,
-                        "no named client exists yet (decided again when one appears)",
-                        s_label,
-                    )
-                )
+        checks, peer = self._pair_checks(
+            Hook.VCHAN,
+            need,
+            host,
+            s_label,
+            anyone="the rendezvous is readable by every domain: any domain could connect, so "
+            "no STE check can stand for it (grant read to the client only)",
+            nobody="no named client exists yet (decided again when one appears)",
+        )
         if all(c.permitted for c in checks) and sdom is not None:
             checks = self._with_quota(checks, host, server, s_label, Hook.VCHAN)
         for c in need.peers:  # a rendezvous counts against its clients' quotas too
@@ -474,62 +446,65 @@ class Engine:
             clients=clients,
         )
 
+    def _pair_checks(
+        self,
+        hook: Hook,
+        need: NeedsDecision,
+        host: HostModel,
+        label: str | None,
+        *,
+        anyone: str,
+        nobody: str,
+    ) -> tuple[list[Decision], Party | None]:
+        """The checks between `need.domid` (labelled `label`) and each present, decided peer:
+        denied outright if a party is a denied domain or every domain may connect; else the
+        policy's channel decision per peer up to the first denial (`nobody` permits when no
+        named peer exists yet). Returns the checks and the peer that decided."""
+        denied = self._denied_party(hook, host, (need.domid, *need.peers), label)
+        if denied is not None:
+            return [denied], None
+        if need.any_peer:
+            return [Decision(False, hook, Rule.STE, anyone, label)], None
+        checks: list[Decision] = []
+        peer: Party | None = None
+        for c in need.peers:
+            cdom = host.domain(c)
+            if cdom is None or cdom.state in _UNDECIDED:
+                continue
+            d = self._policy.channel(hook, label, cdom.label)
+            checks.append(d)
+            if peer is None or not d.permitted:
+                peer = _party(cdom, c)
+            if not d.permitted:
+                break
+        if not checks:
+            checks.append(Decision(True, hook, Rule.STE, nobody, label))
+        return checks, peer
+
     def _channel(self, need: NeedsDecision, host: HostModel) -> Outcome:
         key = cast(ChannelKey, need.key)
         owner = need.domid
         odom = host.domain(owner)
         o_label = odom.label if odom is not None else None
         peers = tuple(_party(host.domain(c), c) for c in need.peers)
-        peer: Party | None = None
-        checks: list[Decision] = []
         veto: Action = ResetPerms(owner, key.path)
-        denied = self._denied_party(Hook.XS_CHANNEL, host, (owner, *need.peers), o_label)
         if need.over_limit:
             veto = RemoveNode(owner, key.path)
-            checks.append(
-                Decision(
-                    False,
-                    Hook.XS_CHANNEL,
-                    Rule.QUOTA,
-                    f"domain {owner} has more shared or rendezvous nodes than the daemon tracks: "
-                    "denied and removed (fail closed)",
-                    o_label,
-                )
+            reason = (
+                f"domain {owner} has more shared or rendezvous nodes than the daemon tracks: "
+                "denied and removed (fail closed)"
             )
-        elif denied is not None:
-            checks.append(denied)
-        elif need.any_peer:
-            checks.append(
-                Decision(
-                    False,
-                    Hook.XS_CHANNEL,
-                    Rule.STE,
-                    "the node is reachable by every domain: no STE check can stand for it "
-                    "(name the peer in its permissions)",
-                    o_label,
-                )
-            )
+            checks, peer = [Decision(False, Hook.XS_CHANNEL, Rule.QUOTA, reason, o_label)], None
         else:
-            for c in need.peers:
-                cdom = host.domain(c)
-                if cdom is None or cdom.state in _UNDECIDED:
-                    continue
-                d = self._policy.channel(Hook.XS_CHANNEL, o_label, cdom.label)
-                checks.append(d)
-                if peer is None or not d.permitted:
-                    peer = _party(cdom, c)
-                if not d.permitted:
-                    break
-            if not checks:
-                checks.append(
-                    Decision(
-                        True,
-                        Hook.XS_CHANNEL,
-                        Rule.STE,
-                        "no named domain exists yet (decided again when one appears)",
-                        o_label,
-                    )
-                )
+            checks, peer = self._pair_checks(
+                Hook.XS_CHANNEL,
+                need,
+                host,
+                o_label,
+                anyone="the node is reachable by every domain: no STE check can stand for it "
+                "(name the peer in its permissions)",
+                nobody="no named domain exists yet (decided again when one appears)",
+            )
         return self._outcome(
             need,
             f"xs-channel {key.path}",

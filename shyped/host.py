@@ -673,26 +673,32 @@ class HostModel:
         return (v.clients, v.any_domain, known, self._party_states((v.key.server, *v.clients)))
 
     def _ask_vchan(self, v: Vchan, force: bool = False) -> NeedsDecision | None:
-        if not self._decided(v.key.server):
+        return self._ask_pair("vchan", v, v.key.server, v.clients, v.any_domain, force)
+
+    def _ask_pair(
+        self,
+        kind: DecisionKind,
+        obj: Vchan | Channel,
+        subject: int,
+        peers: tuple[int, ...],
+        any_peer: bool,
+        force: bool,
+    ) -> NeedsDecision | None:
+        """The question about a vchan or shared node once its subject and every present peer
+        are decided (None: wait, or already asked/decided on the same facts)."""
+        if not self._decided(subject):
             return None
-        for c in v.clients:
+        for c in peers:
             dom = self._domains.get(c)
             if dom is not None and dom.state is DomainState.SEEN:
                 return None  # present but undecided: wait for it
-        facts = self._vchan_facts(v)
+        facts = self._vchan_facts(obj) if isinstance(obj, Vchan) else self._channel_facts(obj)
         if not force and (
-            (v.decision is not None and v.decision.facts == facts) or v.asked == facts
+            (obj.decision is not None and obj.decision.facts == facts) or obj.asked == facts
         ):
             return None
-        v.asked = facts
-        return NeedsDecision(
-            "vchan",
-            v.key,
-            v.key.server,
-            peers=v.clients,
-            any_peer=v.any_domain,
-            facts=facts,
-        )
+        obj.asked = facts
+        return NeedsDecision(kind, obj.key, subject, peers=peers, any_peer=any_peer, facts=facts)
 
     # ---- shared nodes (generic channels) -------------------------------------------------
 
@@ -744,21 +750,7 @@ class HostModel:
         return (ch.peers, ch.any_domain, self._party_states((ch.key.owner, *ch.peers)))
 
     def _ask_channel(self, ch: Channel, force: bool = False) -> NeedsDecision | None:
-        if not self._decided(ch.key.owner):
-            return None
-        for c in ch.peers:
-            dom = self._domains.get(c)
-            if dom is not None and dom.state is DomainState.SEEN:
-                return None  # present but undecided: wait for it
-        facts = self._channel_facts(ch)
-        if not force and (
-            (ch.decision is not None and ch.decision.facts == facts) or ch.asked == facts
-        ):
-            return None
-        ch.asked = facts
-        return NeedsDecision(
-            "channel", ch.key, ch.key.owner, peers=ch.peers, any_peer=ch.any_domain, facts=facts
-        )
+        return self._ask_pair("channel", ch, ch.key.owner, ch.peers, ch.any_domain, force)
 
     def _party_states(self, domids: Iterable[int]) -> tuple[object, ...]:
         """Which parties are decided, and which of them are denied: a decision is asked again

@@ -9,12 +9,11 @@ unprivileged owner change: ``store.ml`` ``setperms``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import pytest_twisted
-from daemon_helpers import HOSTING, Harness, domcfg, image
+from daemon_helpers import HOSTING, Harness, domcfg, host_fixture, image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor, threads
@@ -24,18 +23,10 @@ from shyped.channels import reach
 from shyped.config import DomainVeto
 from shyped.policy.decisions import Hook, PolicyEngine, Rule
 from shyped.policy.toml_format import load
-from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.sandbox.xsconn import XsConn
 from shyped.xlcfg import parse_vif_spec
 
-
-@pytest.fixture
-def host(xenstored: SandboxXenstored) -> Iterator[Harness]:
-    h = Harness.boot(xenstored)
-    try:
-        yield h
-    finally:
-        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
+__all__ = ["host_fixture"]  # the `host` fixture
 
 
 def guest_writes(h: Harness, owner: int, nodes: dict[str, str], perms: tuple[str, ...]) -> None:
