@@ -69,7 +69,9 @@ Which nodes make what (Xen 4.17 libxl, ``tools/libs/light/libxl_create.c`` and
   against the record and counted, never followed.
 
 Memory is bounded per domain by `Limits`; going over a limit gives a `Garbage` with
-``limit=True`` and the excess is not tracked.
+``limit=True`` and the excess is not tracked. Where the excess could carry a channel (vchan
+keys past ``vchans_per_domain``, shared nodes past ``shared_nodes_per_domain``) it is also
+reported as an over-limit `ChannelShared`: denied and removed, never only counted.
 """
 
 from __future__ import annotations

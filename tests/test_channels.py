@@ -214,3 +214,40 @@ def test_no_guest_node_reaches_another_guest_the_policy_keeps_apart(
         changed = sim.feed(store, changed)
     assert not changed, "the vetoes did not settle"
     assert _violations(store) == []
+
+
+# -------------------------------------------------- denied domains, decided again (20 #4)
+
+
+def test_a_domain_denied_later_takes_its_permitted_channels_with_it() -> None:
+    """A domain first admitted (device, vchan and shared node permitted), then denied (here:
+    the daemon's answer to a quota re-check): every one of them is decided again, denied."""
+    from test_engine import Host, uuid
+
+    from shyped.events import DeviceAdded, DeviceKey, DomainAppeared, VchanPublished
+
+    h = Host()
+    h.feed(DomainAppeared(1, uuid(1), "web-a1"), DomainAppeared(2, uuid(2), "batch-a1"))
+    vbd = DeviceKey("vbd", 1, 51712)
+    first = h.feed(
+        DeviceAdded(vbd, 0, "vbd", "/srv/xen/images/web-a1.img", True),
+        VchanPublished(2, "/local/domain/2/data/vchan/1/0", (1,), False, 8, 23),
+        ChannelShared(2, "/local/domain/2/data/x", (1,), False),
+    )
+    assert [o.allowed for o in first] == [True, True, True]
+    dom = h.model.domain(1)
+    assert dom is not None
+    need = NeedsDecision("domain", 1, 1, uuid=dom.uuid, name=dom.name, facts=(dom.uuid,))
+    again = h.model.record_decision(need, False, label=dom.label)
+    start = len(h.out)
+    h.decide(again)
+    redecided = h.out[start:]
+    assert sorted(o.what for o in redecided) == [
+        "device vbd 1/51712",
+        "vchan /local/domain/2/data/vchan/1/0",
+        "xs-channel /local/domain/2/data/x",
+    ]
+    for o in redecided:
+        assert not o.allowed and o.decision.rule == "denied-domain", o.log_line()
+    # A channel between a denied domain and another is vetoed even by the other's side.
+    assert any(isinstance(a, ResetPerms) for o in redecided for a in o.actions)
