@@ -49,6 +49,7 @@ HOOK_OF_KIND: Final[Mapping[str, Hook]] = {
     "domain": Hook.DOMAIN_ADMIT,
     "device": Hook.DEVICE_CHANNEL,
     "vchan": Hook.VCHAN,
+    "channel": Hook.XS_CHANNEL,
 }
 
 #: Pseudo device kind under which a served vchan's ring-ref and port are counted.

@@ -115,10 +115,36 @@ class RemoveVchan:
         return f"remove vchan rendezvous {self.path}"
 
 
-Action = WriteLabel | VetoDomain | CutDevice | RemoveVchan
+@attrs.frozen
+class ResetPerms:
+    """Make a shared guest-owned node reachable by its owner only (``n<owner>``).
+
+    The owner keeps the node and its value (and may set permissions again: that fires the
+    watch and is decided again); nothing changes if the node's owner is no longer `owner`.
+    """
+
+    owner: int
+    path: str
+
+    def describe(self) -> str:
+        return f"reset permissions of {self.path} to n{self.owner}"
+
+
+@attrs.frozen
+class RemoveNode:
+    """Remove a node (and what is below it) that could not be tracked (over a limit)."""
+
+    owner: int
+    path: str
+
+    def describe(self) -> str:
+        return f"remove {self.path}"
+
+
+Action = WriteLabel | VetoDomain | CutDevice | RemoveVchan | ResetPerms | RemoveNode
 
 #: Actions that take something away from a guest (the rest only publish facts).
-VETO_ACTIONS: Final = (VetoDomain, CutDevice, RemoveVchan)
+VETO_ACTIONS: Final = (VetoDomain, CutDevice, RemoveVchan, ResetPerms, RemoveNode)
 
 
 def is_veto(action: Action) -> bool:

@@ -4,7 +4,8 @@ Edge code that wires the pure parts together (DESIGN.md §5):
 
 * **Watches** on ``/local/domain``, ``/vm``, ``/libxl``, ``@introduceDomain`` and
   ``@releaseDomain``. Events of one reactor turn form a batch: their values are read with ONE
-  ``read_many`` (plus a ``get_perms`` for each path where `shyped.events.needs_perms` says so,
+  ``read_many`` (plus a ``get_perms`` for each path where `shyped.events.needs_perms` says so:
+  vchan keys and every node a guest could own,
   sent in the same round trip), then fed to the `EventAssembler` at once. One batch is in
   flight at a time, so facts are applied in order; paths that fire again meanwhile are read
   once in the next batch. Events for the daemon's own label node
@@ -570,7 +571,7 @@ class Daemon:
     async def _do_reconcile(self, reason: str) -> None:
         received = time.monotonic()
         # Values and children in one transaction; permissions only where the assembler uses
-        # them (vchan keys), pipelined after it: a third of the requests of a full walk. A
+        # them (vchan keys, nodes a guest could own), pipelined after it. A
         # permission changed in between fires the watch, so the next batch has it.
         snapshot = await self.gateway.snapshot("/", with_perms=False)
         perm_paths = [p for p in snapshot.nodes if needs_perms(p)]

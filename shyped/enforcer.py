@@ -26,6 +26,12 @@ What each action does to xenstore (docs/operations.md has the operator's version
   clean-up (``libxl__xs_path_cleanup``: empty parents without a value go too).
 * `RemoveVchan`: removes the rendezvous directory (``ring-ref`` and ``event-channel``), as the
   server's ``libxenvchan_close`` would.
+* `ResetPerms` (a denied ``xs-channel``): one transaction that reads the node's permissions
+  and, if its owner is still the guest the decision was about, sets them to ``n<owner>``: the
+  guest keeps its node and value, no other domain may read or write it. The node keeps no
+  grant, so the watch this fires decides nothing new (idempotent, no loop); a guest that
+  grants again is decided again.
+* `RemoveNode` (a node past a tracking bound): removes the node and what is below it.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ from twisted.python.failure import Failure
 from shyped.actions import (
     Action,
     CutDevice,
+    RemoveNode,
     RemoveVchan,
+    ResetPerms,
     VetoDomain,
     WriteLabel,
     label_dir,
@@ -232,6 +240,10 @@ class Enforcer:
             await self._cut(action)
         elif isinstance(action, RemoveVchan):
             await self._remove_vchan(action)
+        elif isinstance(action, ResetPerms):
+            await self._reset_perms(action)
+        elif isinstance(action, RemoveNode):
+            await self._remove_path(action.path, action.describe())
 
     async def _write_label(self, action: WriteLabel) -> None:
         d = action.domid
@@ -368,15 +380,36 @@ class Enforcer:
         return "reopened" if state < CLOSING else "waiting"
 
     async def _remove_vchan(self, action: RemoveVchan) -> None:
+        await self._remove_path(action.path, action.describe())
+
+    async def _remove_path(self, path: str, what: str) -> None:
         def body(tx: Transaction) -> bool:
             try:
-                tx.rm(action.path)
+                tx.rm(path)
             except NoEntry:
                 return False
             return True
 
         if await self.gateway.transaction(body):
-            _log.info("enforce: {action} done", action=action.describe())
+            _log.info("enforce: {action} done", action=what)
+
+    async def _reset_perms(self, action: ResetPerms) -> None:
+        only_owner = (Perm("n", action.owner),)
+
+        def body(tx: Transaction) -> str:
+            try:
+                perms = tx.get_perms(action.path)
+            except NoEntry:
+                return "node gone"
+            if not perms or perms[0].domid != action.owner:
+                return "owner changed: decided again from the next watch event"
+            if tuple(perms) == only_owner:
+                return "already owner-only"
+            tx.set_perms(action.path, only_owner)
+            return "done"
+
+        result = await self.gateway.transaction(body)
+        _log.info("enforce: {action}: {result}", action=action.describe(), result=result)
 
 
 def _discard(d: Deferred[str]) -> None:

@@ -20,7 +20,16 @@ Per hook (DESIGN.md §1):
 * **vchan**: STE between the server and every *present* named client. A rendezvous readable by
   every domain is denied outright: any domain could connect, so no STE check can stand for it.
   Clients that do not exist yet are asked about again when they appear (the host model does
-  that). Veto: `RemoveVchan`.
+  that). Quotas (``max_vchans`` …) are checked for the server and for every present named
+  client: a rendezvous counts for both ends. Veto: `RemoveVchan`.
+* **channel** (``xs-channel``, `shyped.channels`): a guest-owned node another guest may read or
+  write, whatever it is called. STE (and MLS: equal labels, as any two-way channel) between
+  the owner and every present named domain; readable by every domain: denied outright. Veto:
+  `ResetPerms` (owner only). A node past the tracking bound is denied (rule ``quota``) and
+  removed (`RemoveNode`).
+* **Denied domains** (fail closed): a device, vchan or channel one of whose parties is a
+  domain denied admission (its veto carried out or still pending) is denied (rule
+  ``denied-domain``), whatever STE says; it is decided again when that changes.
 
 Modes: in ``permissive`` nothing is vetoed (the vetoes are still computed, as
 `Outcome.planned`), and a denied domain that keeps running still counts in the Chinese Wall
@@ -43,8 +52,18 @@ import attrs
 
 from shyped import quota
 from shyped.accounting import HOOK_OF_KIND, account_domain
-from shyped.actions import Action, CutDevice, RemoveVchan, VetoDomain, WriteLabel, is_veto
+from shyped.actions import (
+    Action,
+    CutDevice,
+    RemoveNode,
+    RemoveVchan,
+    ResetPerms,
+    VetoDomain,
+    WriteLabel,
+    is_veto,
+)
 from shyped.audit import Party
+from shyped.channels import ChannelKey
 from shyped.config import DomainVeto, Mode
 from shyped.events import DeviceKey
 from shyped.host import (
@@ -230,6 +249,8 @@ class Engine:
             return self._domain(need, host)
         if need.kind == "device":
             return self._device(need, host)
+        if need.kind == "channel":
+            return self._channel(need, host)
         return self._vchan(need, host)
 
     def release(self, released: DomainReleased) -> str | None:
@@ -339,13 +360,32 @@ class Engine:
             return f"{role} domain {domid} is being destroyed"
         return ""
 
+    @staticmethod
+    def _denied_party(
+        hook: Hook, host: HostModel, domids: tuple[int, ...], subject: str | None
+    ) -> Decision | None:
+        """A deny if one of `domids` is a domain denied admission (fail closed)."""
+        for d in domids:
+            dom = host.domain(d)
+            if dom is not None and dom.state is DomainState.DENIED:
+                return Decision(
+                    False,
+                    hook,
+                    Rule.DENIED_DOMAIN,
+                    f"domain {d} is denied admission: nothing it is party to is permitted",
+                    subject,
+                    dom.label,
+                )
+        return None
+
     def _device(self, need: NeedsDecision, host: HostModel) -> Outcome:
         key = cast(DeviceKey, need.key)
         fe, be = need.domid, need.peers[0]
         fe_dom, be_dom = host.domain(fe), host.domain(be)
         fe_label = fe_dom.label if fe_dom is not None else None
         be_label = be_dom.label if be_dom is not None else None
-        checks = [self._policy.channel(Hook.DEVICE_CHANNEL, fe_label, be_label)]
+        denied = self._denied_party(Hook.DEVICE_CHANNEL, host, (fe, be), fe_label)
+        checks = [denied or self._policy.channel(Hook.DEVICE_CHANNEL, fe_label, be_label)]
         res_party = None
         if need.resource is not None:
             use = need.resource
@@ -376,42 +416,25 @@ class Engine:
         sdom = host.domain(server)
         s_label = sdom.label if sdom is not None else None
         clients = tuple(_party(host.domain(c), c) for c in need.peers)
-        peer: Party | None = None
-        checks: list[Decision] = []
-        if need.any_peer:
-            checks.append(
-                Decision(
-                    False,
-                    Hook.VCHAN,
-                    Rule.STE,
-                    "the rendezvous is readable by every domain: any domain could connect, so "
-                    "no STE check can stand for it (grant read to the client only)",
-                    s_label,
-                )
-            )
-        else:
-            for c in need.peers:
-                cdom = host.domain(c)
-                if cdom is None or cdom.state in _UNDECIDED:
-                    continue
-                d = self._policy.channel(Hook.VCHAN, s_label, cdom.label)
-                checks.append(d)
-                if peer is None or not d.permitted:
-                    peer = _party(cdom, c)
-                if not d.permitted:
-                    break
-            if not checks:
-                checks.append(
-                    Decision(
-                        True,
-                        Hook.VCHAN,
-                        Rule.STE,
-                        "no named client exists yet (decided again when one appears)",
-                        s_label,
-                    )
-                )
+        checks, peer = self._pair_checks(
+            Hook.VCHAN,
+            need,
+            host,
+            s_label,
+            anyone="the rendezvous is readable by every domain: any domain could connect, so "
+            "no STE check can stand for it (grant read to the client only)",
+            nobody="no named client exists yet (decided again when one appears)",
+        )
         if all(c.permitted for c in checks) and sdom is not None:
             checks = self._with_quota(checks, host, server, s_label, Hook.VCHAN)
+        for c in need.peers:  # a rendezvous counts against its clients' quotas too
+            cdom = host.domain(c)
+            if not all(x.permitted for x in checks):
+                break
+            if cdom is not None and cdom.state not in _UNDECIDED and c != 0:
+                checks = self._with_quota(checks, host, c, cdom.label, Hook.VCHAN)
+                if not checks[-1].permitted:
+                    peer = _party(cdom, c)
         return self._outcome(
             need,
             f"vchan {key.path}",
@@ -421,6 +444,75 @@ class Engine:
             subject=_party(sdom, server),
             peer=peer,
             clients=clients,
+        )
+
+    def _pair_checks(
+        self,
+        hook: Hook,
+        need: NeedsDecision,
+        host: HostModel,
+        label: str | None,
+        *,
+        anyone: str,
+        nobody: str,
+    ) -> tuple[list[Decision], Party | None]:
+        """The checks between `need.domid` (labelled `label`) and each present, decided peer:
+        denied outright if a party is a denied domain or every domain may connect; else the
+        policy's channel decision per peer up to the first denial (`nobody` permits when no
+        named peer exists yet). Returns the checks and the peer that decided."""
+        denied = self._denied_party(hook, host, (need.domid, *need.peers), label)
+        if denied is not None:
+            return [denied], None
+        if need.any_peer:
+            return [Decision(False, hook, Rule.STE, anyone, label)], None
+        checks: list[Decision] = []
+        peer: Party | None = None
+        for c in need.peers:
+            cdom = host.domain(c)
+            if cdom is None or cdom.state in _UNDECIDED:
+                continue
+            d = self._policy.channel(hook, label, cdom.label)
+            checks.append(d)
+            if peer is None or not d.permitted:
+                peer = _party(cdom, c)
+            if not d.permitted:
+                break
+        if not checks:
+            checks.append(Decision(True, hook, Rule.STE, nobody, label))
+        return checks, peer
+
+    def _channel(self, need: NeedsDecision, host: HostModel) -> Outcome:
+        key = cast(ChannelKey, need.key)
+        owner = need.domid
+        odom = host.domain(owner)
+        o_label = odom.label if odom is not None else None
+        peers = tuple(_party(host.domain(c), c) for c in need.peers)
+        veto: Action = ResetPerms(owner, key.path)
+        if need.over_limit:
+            veto = RemoveNode(owner, key.path)
+            reason = (
+                f"domain {owner} has more shared or rendezvous nodes than the daemon tracks: "
+                "denied and removed (fail closed)"
+            )
+            checks, peer = [Decision(False, Hook.XS_CHANNEL, Rule.QUOTA, reason, o_label)], None
+        else:
+            checks, peer = self._pair_checks(
+                Hook.XS_CHANNEL,
+                need,
+                host,
+                o_label,
+                anyone="the node is reachable by every domain: no STE check can stand for it "
+                "(name the peer in its permissions)",
+                nobody="no named domain exists yet (decided again when one appears)",
+            )
+        return self._outcome(
+            need,
+            f"xs-channel {key.path}",
+            checks,
+            veto,
+            subject=_party(odom, owner),
+            peer=peer,
+            clients=peers,
         )
 
     # ---- quotas -------------------------------------------------------------------------
@@ -515,6 +607,14 @@ class Engine:
             dev = host.device(key)
             veto = CutDevice(key, need.peers[0], dev.backend_kind if dev else key.kind)
             what = f"device {key.kind} {need.domid}/{key.devid}"
+        elif need.kind == "channel":
+            ckey = cast(ChannelKey, need.key)
+            veto = (
+                RemoveNode(need.domid, ckey.path)
+                if need.over_limit
+                else ResetPerms(need.domid, ckey.path)
+            )
+            what = f"xs-channel {ckey.path}"
         else:
             vkey = cast(VchanKey, need.key)
             veto = RemoveVchan(need.domid, vkey.path)

@@ -56,6 +56,11 @@ Which nodes make what (Xen 4.17 libxl, ``tools/libs/light/libxl_create.c`` and
   read; see ``layout-paused.txt``), so a guest cannot write below them: these are trusted sizes.
   Sent after the domain's `DomainAppeared` (domain 0 included, which only has ``memory``) and
   whenever they change; nothing is sent while none of them is known.
+* **ChannelShared / ChannelUnshared** (`shyped.channels`): every node a guest owns below
+  ``/local/domain/`` whose permissions let another guest read or write it, wherever it is:
+  the gateway passes permissions for every path where `needs_perms` is true (vchan keys and
+  every `shyped.channels.guest_path`). A vchan key node past the rendezvous limit is reported
+  as an over-limit channel (denied and removed), never only counted.
 * **RescanHint** for ``@introduceDomain`` / ``@releaseDomain``: a hint to reconcile, never relied
   on.
 * **Garbage(domid, path, why)** for anything malformed, counted against the domain whose
@@ -64,7 +69,9 @@ Which nodes make what (Xen 4.17 libxl, ``tools/libs/light/libxl_create.c`` and
   against the record and counted, never followed.
 
 Memory is bounded per domain by `Limits`; going over a limit gives a `Garbage` with
-``limit=True`` and the excess is not tracked.
+``limit=True`` and the excess is not tracked. Where the excess could carry a channel (vchan
+keys past ``vchans_per_domain``, shared nodes past ``shared_nodes_per_domain``) it is also
+reported as an over-limit `ChannelShared`: denied and removed, never only counted.
 """
 
 from __future__ import annotations
@@ -74,6 +81,14 @@ from typing import Final, NamedTuple, Protocol
 
 import attrs
 
+from shyped.channels import (
+    ChannelShared,
+    ChannelUnshared,
+    SharedNodeTracker,
+    TrackerLimits,
+    device_dir_of,
+    guest_path,
+)
 from shyped.xsparse import (
     MAX_NAME,
     MAX_VALUE,
@@ -244,6 +259,8 @@ Event = (
     | RingsWithdrawn
     | VchanPublished
     | VchanRemoved
+    | ChannelShared
+    | ChannelUnshared
     | RescanHint
     | Garbage
 )
@@ -275,6 +292,7 @@ class Limits:
     backends_per_domain: int = 16384
     ring_keys_per_device: int = 64
     vchans_per_domain: int = 64
+    shared_nodes_per_domain: int = 4096
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,10 +318,13 @@ _EMPTY: Final[frozenset[int]] = frozenset()
 
 
 def needs_perms(path: str | bytes) -> bool:
-    """True if the gateway must pass the node's permissions with its value (vchan keys)."""
+    """True if the gateway must pass the node's permissions with its value: vchan keys and
+    every node a guest could own (`shyped.channels.guest_path`)."""
     p = path.decode("ascii", "replace") if isinstance(path, bytes) else path
     if not p.startswith(_LOCAL_DOMAIN):
         return False
+    if guest_path(p):
+        return True
     leaf = p[p.rfind("/") + 1 :]
     if leaf not in _VCHAN_KEYS:
         return False
@@ -521,6 +542,7 @@ class EventAssembler:
         self._dirty_devs: set[DeviceKey] = set()
         self._dirty_vchans: set[tuple[int, str]] = set()
         self._dirty_res: set[int] = set()  # dom0-written sizes changed
+        self._shared = SharedNodeTracker(TrackerLimits(self._limits.shared_nodes_per_domain))
 
     # ---- public API ---------------------------------------------------------------------
 
@@ -642,10 +664,14 @@ class EventAssembler:
             return
         if n == 4:
             if value is None:
+                self._shared.note(d, path, None, None)
+                self._shared.domain_gone(d)
                 dom = self._doms.get(d)
                 if dom is not None:
                     self._home_removed(dom)
             return
+        if d != 0 and (value is None or perms is not None):
+            self._shared.note(d, path, value, perms)
         if value is None and d not in self._doms:
             return  # nothing tracked there
         sub = comps[4]
@@ -810,6 +836,7 @@ class EventAssembler:
                         self._dirty_vchans.add((s, path))
 
     def _remove_all_local(self) -> None:
+        self._shared.note(0, "/local", None, None)
         for dom in list(self._doms.values()):
             self._home_removed(dom)
 
@@ -1214,6 +1241,12 @@ class EventAssembler:
         if vc is None:
             if len(dom.vchans) >= self._limits.vchans_per_domain:
                 self._garbage(s, path, "too many vchan rendezvous directories", limit=True)
+                p = parse_perms(perms) if perms is not None else None
+                if p is None:  # unknown reach: every domain
+                    self._shared.over_limit(s, path, _EMPTY, True)
+                else:
+                    peers = frozenset(d for d, a in p.acl if a != "n" and d not in (0, s))
+                    self._shared.over_limit(s, path, peers, p.default != "n")
                 return
             vc = dom.vchans[vpath] = _Vchan()
             self._vchan_servers.add(s)
@@ -1252,7 +1285,8 @@ class EventAssembler:
         out = self._out
         self._out = []
         if not (
-            self._dirty_doms
+            self._shared.pending()
+            or self._dirty_doms
             or self._dirty_devs
             or self._dirty_vchans
             or self._touched
@@ -1281,6 +1315,7 @@ class EventAssembler:
             self._dirty_vchans.clear()
             for s, vpath in vcs:
                 self._flush_vchan(s, vpath, out)
+        out.extend(self._shared.flush(self._covered))
         if vanished:
             out.extend(DomainVanished(d) for d in vanished)
         if self._touched:
@@ -1290,6 +1325,34 @@ class EventAssembler:
                     del self._doms[d]
             self._touched.clear()
         return out
+
+    def _covered(self, owner: int, path: str) -> tuple[frozenset[int], bool]:
+        """Who another hook decides for a shared node of `owner` (`shyped.channels`): a
+        published vchan's clients for its key nodes; for a node in a directory of an announced
+        device (per the trusted record) owned by one end of it, the other end; else nobody."""
+        leaf = path[path.rfind("/") + 1 :]
+        dom = self._doms.get(owner)
+        if leaf in _VCHAN_KEYS and dom is not None:
+            vc = dom.vchans.get(path[: -len(leaf) - 1])
+            if vc is not None and vc.emitted is not None:
+                return frozenset(vc.emitted[0]), vc.emitted[1]
+        where = device_dir_of(path)
+        home = parse_domid_component(path.split("/")[3])
+        if where is None or home is None:
+            return _EMPTY, False
+        side, kind, a, b = where
+        if side == "front":  # libxl: frontend keys n<fe>,r<be>; read-only ones n<be>,r<fe>
+            hdom = self._doms.get(home)
+            rec = hdom.records.get((kind, a)) if hdom is not None else None
+            ends = (home, rec.emitted[0]) if rec is not None and rec.emitted else None
+        else:
+            dk = self._be_index.get((home, kind, a, b))
+            fdom = self._doms.get(a) if dk is not None else None
+            rec = fdom.records.get((dk.kind, dk.devid)) if fdom and dk else None
+            ends = (a, home) if rec is not None and rec.emitted else None
+        if ends is None or owner not in ends:
+            return _EMPTY, False
+        return frozenset(ends) - {owner}, False
 
     def _flush_domain(self, d: int, out: list[Event], vanished: list[int]) -> None:
         dom = self._doms.get(d)
@@ -1343,6 +1406,8 @@ class EventAssembler:
         )
         if not active:
             if rec.emitted is not None:
+                self._shared.recheck(dk.frontend)
+                self._shared.recheck(rec.emitted[0])
                 out.append(DeviceRemoved(dk, rec.emitted[0]))
                 rec.emitted = None
                 rec.em_fe_state = None
@@ -1360,6 +1425,8 @@ class EventAssembler:
             if rec.emitted is not None and rec.emitted[:2] != facts[:2]:
                 rec.em_be = (None, None)
             rec.emitted = facts
+            self._shared.recheck(dk.frontend)
+            self._shared.recheck(be)
             out.append(DeviceAdded(dk, be, bkind, rec.resource, rec.writable))
         fe = dom.fronts.get(rkey)
         state = fe.state if fe is not None else None
@@ -1404,6 +1471,8 @@ class EventAssembler:
                 if clients or world:
                     facts = (clients, world, vc.rr_val, vc.ec_val)
         if facts != vc.emitted:
+            self._shared.touch(vpath + "/ring-ref")
+            self._shared.touch(vpath + "/event-channel")
             if facts is not None:
                 out.append(VchanPublished(s, vpath, facts[0], facts[1], facts[2], facts[3]))
             elif vc.emitted is not None:
@@ -1465,3 +1534,4 @@ class EventAssembler:
                     yield vpath + "/event-channel"
         for u in self._vms:
             yield f"/vm/{u}"
+        yield from self._shared.paths()

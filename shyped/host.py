@@ -32,6 +32,7 @@ from typing import Any, Literal, NamedTuple, cast
 
 import attrs
 
+from shyped.channels import ChannelKey, ChannelShared, ChannelUnshared
 from shyped.events import (
     BackendStateChanged,
     DeviceAdded,
@@ -50,7 +51,7 @@ from shyped.events import (
     VchanRemoved,
 )
 
-DecisionKind = Literal["domain", "device", "vchan"]
+DecisionKind = Literal["domain", "device", "vchan", "channel"]
 
 
 class DomainState(enum.StrEnum):
@@ -95,12 +96,15 @@ class NeedsDecision:
       `resource` what the frontend uses through it (None for console and the like).
     * ``vchan``: `key` is the `VchanKey`, `domid` the server, `peers` the named clients,
       `any_peer` True if every domain may connect.
+    * ``channel``: `key` is the `ChannelKey` of a shared guest-owned node, `domid` its owner,
+      `peers` the domains it names, `any_peer` True if every domain may reach it;
+      `over_limit` True for a node past the tracking bound (not stored: always current).
 
     `facts` fingerprints what the question was asked on (see `HostModel.is_current`).
     """
 
     kind: DecisionKind
-    key: int | DeviceKey | VchanKey
+    key: int | DeviceKey | VchanKey | ChannelKey
     domid: int
     peers: tuple[int, ...] = ()
     any_peer: bool = False
@@ -108,6 +112,7 @@ class NeedsDecision:
     name: str | None = None
     resource: ResourceUse | None = None
     facts: tuple[object, ...] = ()
+    over_limit: bool = False
 
 
 @attrs.frozen
@@ -212,6 +217,17 @@ class Vchan:
     asked: tuple[object, ...] | None = None
 
 
+@attrs.define
+class Channel:
+    """A guest-owned node `key.path` of `key.owner` that `peers` (or anyone) may reach."""
+
+    key: ChannelKey
+    peers: tuple[int, ...]
+    any_domain: bool
+    decision: RecordedDecision | None = None
+    asked: tuple[object, ...] | None = None
+
+
 @attrs.frozen
 class RunningDomain:
     """A running (admitted or paused) domain with its label."""
@@ -278,6 +294,8 @@ class HostModel:
         self._vchans: dict[VchanKey, Vchan] = {}
         self._dom_devices: dict[int, set[object]] = {}  # domid -> DeviceKeys (either end)
         self._dom_vchans: dict[int, set[object]] = {}  # domid -> VchanKeys (server or client)
+        self._channels: dict[ChannelKey, Channel] = {}
+        self._dom_channels: dict[int, set[object]] = {}  # domid -> ChannelKeys (owner or peer)
         #: Garbage from domains the model does not know (or from dom0-only trees).
         self.unattributed = GarbageRecord(garbage_ring)
         #: Events applied, by event class name.
@@ -293,6 +311,8 @@ class HostModel:
             DeviceRemoved: self._on_device_removed,
             VchanPublished: self._vchan_published,
             VchanRemoved: self._on_vchan_removed,
+            ChannelShared: self._channel_shared,
+            ChannelUnshared: self._on_channel_unshared,
             DomainAppeared: self._domain_appeared,
             DomainResources: self._on_resources,
             DomainVanished: self._on_vanished,
@@ -333,6 +353,17 @@ class HostModel:
         keys = cast("set[VchanKey]", self._dom_vchans.get(domid, set()))
         return [self._vchans[k] for k in sorted(keys)]
 
+    def channel(self, key: ChannelKey) -> Channel | None:
+        return self._channels.get(key)
+
+    def channels(self) -> list[Channel]:
+        return [self._channels[k] for k in sorted(self._channels)]
+
+    def channels_of(self, domid: int) -> list[Channel]:
+        """Shared nodes `domid` owns or is named in."""
+        keys = cast("set[ChannelKey]", self._dom_channels.get(domid, set()))
+        return [self._channels[k] for k in sorted(keys)]
+
     def garbage(self, domid: int | None) -> GarbageRecord:
         """The garbage record of a domain (the unattributed one for None or unknown ids)."""
         dom = self._domains.get(domid) if domid is not None else None
@@ -367,6 +398,13 @@ class HostModel:
             for c in peers:
                 if c != s and c in running:
                     channels.add(LiveChannel(s, c, "vchan"))
+        for ch in self._channels.values():
+            o = ch.key.owner
+            if ch.decision is None or not ch.decision.allowed or o not in running:
+                continue
+            for c in running if ch.any_domain else ch.peers:
+                if c != o and c in running:
+                    channels.add(LiveChannel(o, c, "xs-channel"))
         return RunningSystem(
             domains,
             tuple(sorted(channels)),
@@ -504,6 +542,9 @@ class HostModel:
         for vkey in list(cast("set[VchanKey]", self._dom_vchans.get(domid, set()))):
             if vkey.server == domid:
                 self._drop_vchan(vkey)
+        for ckey in list(cast("set[ChannelKey]", self._dom_channels.get(domid, set()))):
+            if ckey.owner == domid:
+                self._drop_channel(ckey)
         released = DomainReleased(domid, dom.uuid, dom.name, dom.label, dom.state)
         dom.state = DomainState.GONE
         return [released]
@@ -575,9 +616,9 @@ class HostModel:
             self._bump(key.frontend)
             self._bump(dev.backend)
 
-    @staticmethod
-    def _device_facts(dev: Device) -> tuple[object, ...]:
-        return (dev.backend, dev.backend_kind, dev.resource, dev.writable)
+    def _device_facts(self, dev: Device) -> tuple[object, ...]:
+        states = self._party_states((dev.key.frontend, dev.backend))
+        return (dev.backend, dev.backend_kind, dev.resource, dev.writable, states)
 
     def _ask_device(self, dev: Device, force: bool = False) -> NeedsDecision | None:
         fe = dev.key.frontend
@@ -629,29 +670,97 @@ class HostModel:
 
     def _vchan_facts(self, v: Vchan) -> tuple[object, ...]:
         known = tuple(c for c in v.clients if self._decided(c))
-        return (v.clients, v.any_domain, known)
+        return (v.clients, v.any_domain, known, self._party_states((v.key.server, *v.clients)))
 
     def _ask_vchan(self, v: Vchan, force: bool = False) -> NeedsDecision | None:
-        if not self._decided(v.key.server):
+        return self._ask_pair("vchan", v, v.key.server, v.clients, v.any_domain, force)
+
+    def _ask_pair(
+        self,
+        kind: DecisionKind,
+        obj: Vchan | Channel,
+        subject: int,
+        peers: tuple[int, ...],
+        any_peer: bool,
+        force: bool,
+    ) -> NeedsDecision | None:
+        """The question about a vchan or shared node once its subject and every present peer
+        are decided (None: wait, or already asked/decided on the same facts)."""
+        if not self._decided(subject):
             return None
-        for c in v.clients:
+        for c in peers:
             dom = self._domains.get(c)
             if dom is not None and dom.state is DomainState.SEEN:
                 return None  # present but undecided: wait for it
-        facts = self._vchan_facts(v)
+        facts = self._vchan_facts(obj) if isinstance(obj, Vchan) else self._channel_facts(obj)
         if not force and (
-            (v.decision is not None and v.decision.facts == facts) or v.asked == facts
+            (obj.decision is not None and obj.decision.facts == facts) or obj.asked == facts
         ):
             return None
-        v.asked = facts
-        return NeedsDecision(
-            "vchan",
-            v.key,
-            v.key.server,
-            peers=v.clients,
-            any_peer=v.any_domain,
-            facts=facts,
-        )
+        obj.asked = facts
+        return NeedsDecision(kind, obj.key, subject, peers=peers, any_peer=any_peer, facts=facts)
+
+    # ---- shared nodes (generic channels) -------------------------------------------------
+
+    def _channel_shared(self, e: ChannelShared) -> list[ModelOutput]:
+        key = ChannelKey(e.owner, e.path)
+        if e.over_limit:  # not stored: decided (denied) at once, whoever the parties are
+            self._count(e.owner)
+            facts: tuple[object, ...] = ("over-limit", e.peers, e.any_domain)
+            return [
+                NeedsDecision(
+                    "channel",
+                    key,
+                    e.owner,
+                    peers=e.peers,
+                    any_peer=e.any_domain,
+                    facts=facts,
+                    over_limit=True,
+                )
+            ]
+        ch = self._channels.get(key)
+        if ch is None:
+            ch = self._channels[key] = Channel(key, e.peers, e.any_domain)
+            _add(self._dom_channels, e.owner, key)
+        else:
+            for c in ch.peers:
+                if c != e.owner and c not in e.peers:
+                    _discard(self._dom_channels, c, key)
+            ch.peers = e.peers
+            ch.any_domain = e.any_domain
+        for c in e.peers:
+            _add(self._dom_channels, c, key)
+        self._count(e.owner)
+        need = self._ask_channel(ch)
+        return [need] if need is not None else []
+
+    def _on_channel_unshared(self, e: ChannelUnshared) -> list[ModelOutput]:
+        self._drop_channel(ChannelKey(e.owner, e.path))
+        self._count(e.owner)
+        return []
+
+    def _drop_channel(self, key: ChannelKey) -> None:
+        ch = self._channels.pop(key, None)
+        if ch is not None:
+            _discard(self._dom_channels, key.owner, key)
+            for c in ch.peers:
+                _discard(self._dom_channels, c, key)
+
+    def _channel_facts(self, ch: Channel) -> tuple[object, ...]:
+        return (ch.peers, ch.any_domain, self._party_states((ch.key.owner, *ch.peers)))
+
+    def _ask_channel(self, ch: Channel, force: bool = False) -> NeedsDecision | None:
+        return self._ask_pair("channel", ch, ch.key.owner, ch.peers, ch.any_domain, force)
+
+    def _party_states(self, domids: Iterable[int]) -> tuple[object, ...]:
+        """Which parties are decided, and which of them are denied: a decision is asked again
+        when a party gets decided or denied (fail closed for denied domains)."""
+        out = []
+        for d in domids:
+            dom = self._domains.get(d)
+            if dom is not None and dom.state in _DECIDED:
+                out.append((d, dom.state is DomainState.DENIED))
+        return tuple(out)
 
     # ---- decisions ----------------------------------------------------------------------
 
@@ -662,6 +771,11 @@ class HostModel:
         if need.kind == "device":
             dev = self._devices.get(cast(DeviceKey, need.key))
             return None if dev is None else self._device_facts(dev)
+        if need.kind == "channel":
+            if need.over_limit:
+                return need.facts
+            ch = self._channels.get(cast(ChannelKey, need.key))
+            return None if ch is None else self._channel_facts(ch)
         v = self._vchans.get(cast(VchanKey, need.key))
         return None if v is None else self._vchan_facts(v)
 
@@ -693,6 +807,11 @@ class HostModel:
             v = self._vchans[cast(VchanKey, need.key)]
             v.decision, v.asked = rec, None
             return []
+        if need.kind == "channel":
+            if not need.over_limit:
+                ch = self._channels[cast(ChannelKey, need.key)]
+                ch.decision, ch.asked = rec, None
+            return []
         dom = self._domains[cast(int, need.key)]
         dom.decision, dom.asked = rec, None
         dom.label = label
@@ -706,6 +825,10 @@ class HostModel:
             need_v = self._ask_vchan(self._vchans[vkey])
             if need_v is not None:
                 ready.append(need_v)
+        for ckey in sorted(cast("set[ChannelKey]", self._dom_channels.get(dom.domid, set()))):
+            need_c = self._ask_channel(self._channels[ckey])
+            if need_c is not None:
+                ready.append(need_c)
         return ready
 
     def all_needs(self) -> list[NeedsDecision]:
@@ -727,6 +850,10 @@ class HostModel:
                 out.append(need)
         for vkey in sorted(self._vchans):
             need = self._ask_vchan(self._vchans[vkey], force=True)
+            if need is not None:
+                out.append(need)
+        for ckey in sorted(self._channels):
+            need = self._ask_channel(self._channels[ckey], force=True)
             if need is not None:
                 out.append(need)
         return out

@@ -5,12 +5,14 @@ sandbox toolstack plays xl, the backends and the guests from worker threads."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet import reactor, task, threads
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task, threads
 
 from shyped.actuator import SandboxActuator
 from shyped.config import ActuatorConfig, Config, DomainVeto, Mode, XenstoreConfig
@@ -181,3 +183,14 @@ class Harness:
         found = self.decided(what)
         assert found, f"no decision about {what}; have {[o.what for o in self.outcomes]}"
         return found[-1]
+
+
+@pytest.fixture(name="host")
+def host_fixture(xenstored: SandboxXenstored) -> Iterator[Harness]:
+    """Fixture ``host``: a booted sandbox host; its daemon (if started) is stopped after the
+    test. A test module gets it with ``from daemon_helpers import host_fixture``."""
+    h = Harness.boot(xenstored)
+    try:
+        yield h
+    finally:
+        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))

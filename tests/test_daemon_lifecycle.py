@@ -48,7 +48,10 @@ async def test_everything_created_before_the_daemon_started_is_decided_at_start(
     status = daemon.status()
     assert status.reconciles == 1
     assert status.domains == {"admitted": 3}  # dom0, web-a1, shop-1
-    assert status.decisions["deny"] == 3
+    # web-b1, the vif, the bad vchan, and web-b1's console: a denied domain is party to
+    # nothing (rule denied-domain, issue 20 #4)
+    assert status.decisions["deny"] == 4
+    assert not host.last(f"device console {b}/0").allowed
 
 
 @pytest_twisted.ensureDeferred

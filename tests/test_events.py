@@ -7,6 +7,7 @@ from hostmodel_helpers import UUID, VCHAN_PATH, load_layout, replay_log
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shyped.channels import ChannelShared, ChannelUnshared
 from shyped.events import (
     BackendStateChanged,
     DeviceAdded,
@@ -132,12 +133,20 @@ def test_parse_perms_accepts_parsed_entries() -> None:
     assert parse_perms([P("n", 0), P("q", 2)]) is None
 
 
-def test_needs_perms_only_for_vchan_keys_outside_device_dirs() -> None:
+def test_needs_perms_for_vchan_keys_and_every_node_a_guest_could_own() -> None:
     assert needs_perms("/local/domain/0/data/vchan-test/ring-ref")
     assert needs_perms(b"/local/domain/3/data/vchan/0/7/event-channel")
-    assert not needs_perms("/local/domain/1/device/vbd/51712/ring-ref")
-    assert not needs_perms("/local/domain/1/console/ring-ref")
+    # A guest owns its frontend dirs, data/, control keys …: every such node is a channel
+    # candidate, whatever its name.
+    assert needs_perms("/local/domain/1/device/vbd/51712/ring-ref")
+    assert needs_perms("/local/domain/1/device/vif/0/v/anything")
+    assert needs_perms("/local/domain/1/console/backend-id")
+    assert needs_perms("/local/domain/1/data/x")
+    # dom0's own home outside vchan keys, dom0-only subtrees of a guest's home, other trees.
     assert not needs_perms("/local/domain/0/data/vchan-test/other")
+    assert not needs_perms("/local/domain/1")
+    for sub in ("name", "vm", "domid", "memory/target", "cpu/0/availability", "store/port"):
+        assert not needs_perms(f"/local/domain/1/{sub}")
     assert not needs_perms("/vm/x/ring-ref")
 
 
@@ -465,13 +474,26 @@ def test_guest_vchan_server_names_its_client_in_the_permissions() -> None:
 def test_vchan_waits_for_permissions_and_follows_setperms() -> None:
     asm = connected()
     assert publish(asm, None, None) == []  # the write events; set_permissions comes next
-    assert asm.feed(VC + "/ring-ref", b"12", [b"n1", b"r0", b"r2"]) == []
+    # a lone ring-ref domain 2 may read is a channel of its own until the rendezvous is whole
+    assert asm.feed(VC + "/ring-ref", b"12", [b"n1", b"r0", b"r2"]) == [
+        ChannelShared(1, VC + "/ring-ref", (2,), False)
+    ]
     events = asm.feed(VC + "/event-channel", b"7", [b"n1", b"r2", b"r0"])
-    assert events == [VchanPublished(1, VC, (0, 2), False, 12, 7)]
-    # a client dropped from one node is no longer a client (it needs to read both)
+    assert events == [
+        VchanPublished(1, VC, (0, 2), False, 12, 7),
+        ChannelUnshared(1, VC + "/ring-ref"),  # the vchan decision covers it now
+    ]
+    # a client dropped from one node is no longer a client (it needs to read both) …
     events = asm.feed(VC + "/event-channel", b"7", [b"n1", b"r0"])
-    assert events == [VchanPublished(1, VC, (0,), False, 12, 7)]
-    assert asm.feed(VC + "/ring-ref", None) == [VchanRemoved(1, VC)]
+    # … but it may still read the other node: a channel the vchan decision does not cover
+    assert events == [
+        VchanPublished(1, VC, (0,), False, 12, 7),
+        ChannelShared(1, VC + "/ring-ref", (2,), False),
+    ]
+    assert asm.feed(VC + "/ring-ref", None) == [
+        VchanRemoved(1, VC),
+        ChannelUnshared(1, VC + "/ring-ref"),
+    ]
 
 
 def test_world_readable_or_unreadable_permissions_open_the_vchan_to_anyone() -> None:
@@ -482,7 +504,11 @@ def test_world_readable_or_unreadable_permissions_open_the_vchan_to_anyone() -> 
     assert events[0] == Garbage(
         1, VC + "/ring-ref", "unreadable permissions: treated as readable by all"
     )
-    assert events[1:] == [VchanPublished(1, VC, (0,), False, 12, 7)]
+    # the node whose permissions cannot be read reaches every domain: not covered by the vchan
+    assert events[1:] == [
+        VchanPublished(1, VC, (0,), False, 12, 7),
+        ChannelShared(1, VC + "/ring-ref", (), True),
+    ]
     asm.feed(VC, None)
     events = publish(asm, [b"zz"], [b"zz"])
     assert events[-1] == VchanPublished(1, VC, (), True, 12, 7)

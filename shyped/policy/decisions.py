@@ -42,12 +42,15 @@ class Hook(enum.StrEnum):
     DEVICE_CHANNEL = "device-channel"
     GRANT = "grant"
     VCHAN = "vchan"
+    XS_CHANNEL = "xs-channel"  #: a guest-owned xenstore node another guest may reach
     RESOURCE = "resource"
     POLICY_UPDATE = "policy-update"
 
 
 #: Hooks of two-way channels between two domains.
-CHANNEL_HOOKS: Final = frozenset({Hook.EVTCHN, Hook.DEVICE_CHANNEL, Hook.VCHAN, Hook.GRANT})
+CHANNEL_HOOKS: Final = frozenset(
+    {Hook.EVTCHN, Hook.DEVICE_CHANNEL, Hook.VCHAN, Hook.GRANT, Hook.XS_CHANNEL}
+)
 
 
 class Rule(enum.StrEnum):
@@ -60,6 +63,7 @@ class Rule(enum.StrEnum):
     LABEL = "label"  # label unknown, malformed, or of another policy
     QUOTA = "quota"  # a per-label quota (shyped.quota)
     AUDIT = "audit"  # the audit trail cannot record the decision (fail-closed): denied
+    DENIED_DOMAIN = "denied-domain"  # a party is a domain denied admission (fail-closed)
 
 
 @attrs.frozen
@@ -255,8 +259,9 @@ class PolicyEngine:
     def channel(self, hook: Hook, a: LabelInput, b: LabelInput) -> Decision:
         """May domains labelled `a` and `b` set up a two-way channel at `hook`?
 
-        `hook` is EVTCHN, DEVICE_CHANNEL (frontend/backend), VCHAN, or GRANT (a writable grant
-        map). STE: a common type; MLS (if both carry one): equal labels.
+        `hook` is EVTCHN, DEVICE_CHANNEL (frontend/backend), VCHAN, XS_CHANNEL (a guest-owned
+        xenstore node the other may read or write) or GRANT (a writable grant map). STE: a
+        common type; MLS (if both carry one): equal labels.
         """
         if hook not in CHANNEL_HOOKS:
             raise ValueError(f"{hook} is not a channel hook")

@@ -49,7 +49,12 @@ from shyped.policy.model import LabelRef, Policy, PolicyRef, VmLabel
 
 #: Channel kinds that are not PV device kinds (the rest, ``vbd``, ``vif``, ``console`` ...,
 #: are checked as device channels between frontend and backend).
-_KIND_HOOKS: Final = {"vchan": Hook.VCHAN, "evtchn": Hook.EVTCHN, "grant": Hook.GRANT}
+_KIND_HOOKS: Final = {
+    "vchan": Hook.VCHAN,
+    "xs-channel": Hook.XS_CHANNEL,
+    "evtchn": Hook.EVTCHN,
+    "grant": Hook.GRANT,
+}
 
 LabelSpec = str | LabelRef | None
 
