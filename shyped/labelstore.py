@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 
 from shyped.atomicfile import write_atomic
+from shyped.boundedread import LABELS_MAX_BYTES, read_bounded
 
 
 class LabelStoreError(Exception):
@@ -143,6 +144,8 @@ def parse_label_store(text: str, where: str = "<labels>") -> LabelStore:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise LabelStoreError(f"{where}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise LabelStoreError(f"{where}: JSON nested too deeply") from None
     if not isinstance(doc, dict) or doc.get("version") != 1:
         raise LabelStoreError(f'{where}: expected an object with "version": 1')
     domains = doc.get("domains", {})
@@ -162,13 +165,18 @@ def parse_label_store(text: str, where: str = "<labels>") -> LabelStore:
 
 
 def load_label_store(path: Path) -> LabelStore:
-    """Read the store; a missing file is an empty store, an unreadable or bad one an error."""
+    """Read the store; a missing file is an empty store, an unreadable or bad one an error.
+
+    At most `LABELS_MAX_BYTES` of a regular file are read (``/dev/zero`` is refused at once).
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, LABELS_MAX_BYTES, "label store").decode("utf-8")
     except FileNotFoundError:
         return LabelStore()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LabelStoreError(f"{path}: cannot read label store: {exc}") from None
+    except OSError as exc:
+        raise LabelStoreError(f"{path}: cannot read label store: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise LabelStoreError(f"{path}: cannot read label store: not UTF-8: {exc}") from None
     return parse_label_store(text, str(path))
 
 

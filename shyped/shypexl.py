@@ -39,6 +39,7 @@ from typing import Final, NoReturn, TextIO
 
 import attrs
 
+from shyped.boundedread import XLCFG_MAX_BYTES, read_bounded
 from shyped.control import backend as b
 from shyped.control.client import ControlClient, DaemonUnreachable, default_socket
 from shyped.control.protocol import ControlError
@@ -271,7 +272,7 @@ class Wrapper:
         if filename is None:
             raise Refused("create: no config file", EXIT_USAGE)
         try:
-            text = Path(filename).read_text(encoding="utf-8")
+            text = read_bounded(filename, XLCFG_MAX_BYTES, "domain config").decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise Refused(f"cannot read {filename}: {exc}", EXIT_USAGE) from None
         cfg = summarize(with_overrides(text, overrides), filename)
