@@ -54,7 +54,7 @@ from shyped.engine import Engine, Outcome
 from shyped.events import EventAssembler, needs_perms
 from shyped.events import Node as EventNode
 from shyped.host import DomainReleased, DomainState, HostModel, NeedsDecision
-from shyped.labelstore import LabelStore, LabelStoreError, load_label_store
+from shyped.labelstore import LabelStore, LabelStoreError, load_label_store, resolve_resource
 from shyped.metrics import MetricsState, PeriodicPublisher
 from shyped.policy import acm_xml, toml_format, update
 from shyped.policy.decisions import PolicyEngine, Rule
@@ -260,6 +260,7 @@ class Daemon:
             labels,
             mode=config.mode,
             domain_veto=config.domain_veto,
+            resolve=resolve_resource,
         )
         self.host = HostModel(policy.policy.bootstrap)
         self.assembler = EventAssembler()

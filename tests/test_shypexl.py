@@ -296,3 +296,13 @@ async def test_a_cfg_xl_would_read_otherwise_is_refused(env: Env) -> None:
     r = await env.shype_xl("--fail-open", "create", str(cfg), socket=nowhere)
     assert r.returncode == 2 and "backslash" in r.stderr, r.stderr
     assert env.xl_list()["shop-1"] == "--p---"
+
+
+@pytest_twisted.ensureDeferred
+async def test_dry_run_sees_a_slashed_path_as_the_labelled_disk(env: Env) -> None:
+    """Issue 11 #11 through shype-xl's dry run: ``//img/bank-x.img`` is bank-a's disk, not an
+    unlabelled one."""
+    assert (await env.shype_xl("create", str(env.cfg("web-2", "web")))).returncode == 0
+    r = await env.shype_xl("block-attach", "web-2", "format=raw,vdev=xvdb,target=//img/bank-x.img")
+    assert r.returncode == 1 and "DENIED" in r.stderr, r.stderr
+    assert "bank-a" in r.stderr and "unlabelled" not in r.stderr
