@@ -226,17 +226,23 @@ def parse_label_store(text: str, where: str = "<labels>") -> LabelStore:
     domains = doc.get("domains", {})
     if not isinstance(domains, dict):
         raise LabelStoreError(f'{where}: "domains" must be an object')
-    store = LabelStore()
+    # Filled in place (linear: one `with_*` copy per entry would be quadratic in the file),
+    # with the checks `with_domain` / `with_resource` make.
+    by_uuid: dict[str, str] = {}
+    by_name: dict[str, str] = {}
+    resources: dict[str, str] = {}
     try:
         for key, label in _str_map(domains.get("uuid", {}), "domains.uuid").items():
-            store = store.with_domain(uuid=key, label=label)
+            _assign(by_uuid, _check_uuid(key), label)
         for key, label in _str_map(domains.get("name", {}), "domains.name").items():
-            store = store.with_domain(name=key, label=label)
+            if not _NAME.match(key):
+                raise LabelStoreError(f"invalid domain name {key!r}")
+            _assign(by_name, key, label)
         for key, label in _str_map(doc.get("resources", {}), "resources").items():
-            store = store.with_resource(key if not key.startswith("disk:") else key[5:], label)
+            _assign(resources, resource_id(key), label)
     except LabelStoreError as exc:
         raise LabelStoreError(f"{where}: {exc}") from None
-    return store
+    return LabelStore(by_uuid=by_uuid, by_name=by_name, resources=resources)
 
 
 def load_label_store(path: Path) -> LabelStore:
