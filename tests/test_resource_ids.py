@@ -8,14 +8,17 @@ daemon: the disk spec's target reaches the daemon as the vbd's ``params`` in lib
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import pytest_twisted
+from control_daemon_helpers import sandbox_host
 from daemon_helpers import HOSTING, LABELS, Harness, domcfg
 
 from shyped.labelstore import load_label_store
 from shyped.policy.decisions import Rule
+from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.xlcfg import parse_disk_spec
 
 XVDA = 51712
@@ -95,3 +98,19 @@ async def test_a_disk_id_that_cannot_be_read_is_denied_not_unlabelled(
     await host.settle()
     out = host.last(f"device vbd {a}/{XVDA}")
     assert not out.allowed and out.decision.rule is Rule.LABEL, out.log_line()
+
+
+def test_shypectl_labels_and_dry_runs_by_the_canonical_id(xenstored: SandboxXenstored) -> None:
+    """The control socket's side: ``addlabel … res //srv/…`` stores the canonical id, and
+    ``dry-run`` decides ``//srv/…`` as the labelled disk it is (the real daemon process)."""
+    with sandbox_host(xenstored) as h:
+        h.start()
+        r = h.ctl("addlabel", "bank-b-disk", "res", "file://srv/xen/images/new-b.img")
+        assert r.returncode == 0, r.stderr
+        assert "disk:/srv/xen/images/new-b.img" in json.loads(h.labels.read_text())["resources"]
+        cfg = h.cfg(
+            "shop-1", "shop", disks=["format=raw,vdev=xvda,target=//srv/xen/images/web-b1.img"]
+        )
+        r = h.ctl("dry-run", str(cfg))
+        assert r.returncode == 1 and "DENIED" in r.stdout, r.stdout + r.stderr
+        assert "lacks STE type 'bank-b'" in r.stdout, r.stdout
