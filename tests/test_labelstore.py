@@ -2,6 +2,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shyped.labelstore import (
     LabelStore,
@@ -112,3 +114,13 @@ def test_two_spellings_of_one_file_with_different_labels_are_refused(tmp_path: P
     same = LabelStore().with_resource(str(real), "a").with_resource(f"/{tmp_path}/link.img", "a")
     path.write_text(same.to_json())
     assert load_label_store(path).resources == {f"disk:{real}": "a"}
+
+
+@given(st.text(alphabet="/.ab", min_size=1, max_size=30))
+def test_canonical_disk_ids_are_single_slashed_and_stable(tail: str) -> None:
+    rid = resource_id("/" + tail)
+    path = rid.removeprefix("disk:")
+    assert path.startswith("/") and "//" not in path
+    assert "/./" not in path + "/" and "/../" not in path + "/"
+    assert resource_id(rid) == rid  # ids round-trip
+    assert resource_id("/" + "/" + tail) == rid  # a leading // is the same file
