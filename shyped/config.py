@@ -7,12 +7,16 @@ closed, enforcing, local sockets only.
 
 from __future__ import annotations
 
+import grp
+import math
 import tomllib
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import attrs
+
+from shyped.boundedread import CONFIG_MAX_BYTES, read_bounded
 
 
 class ConfigError(Exception):
@@ -143,6 +147,36 @@ def _get(
     return value
 
 
+def _seconds(
+    table: dict[str, Any], section: str, key: str, default: float, where: str, top: float = 3600
+) -> float:
+    """A duration in seconds: finite, more than 0 and at most `top`."""
+    value: float = _get(table, section, key, float, default, where)
+    if not (math.isfinite(value) and 0 < value <= top):
+        raise ConfigError(
+            f"{where}: {section}.{key} must be in (0, {top:g}] seconds, not {value!r}"
+        )
+    return value
+
+
+def _path(
+    table: dict[str, Any], section: str, key: str, default: str, base: Path, where: str
+) -> Path:
+    """A path (relative to the config's folder) that names something: not empty, not ".",
+    no NUL byte."""
+    value: str = _get(table, section, key, str, default, where)
+    if value.strip() in ("", ".", "./") or "\x00" in value:
+        raise ConfigError(f"{where}: {section}.{key} must name a file, not {value!r}")
+    return base / value
+
+
+def _group(table: dict[str, Any], section: str, key: str, where: str) -> str | None:
+    value: str | None = _get(table, section, key, str, None, where)
+    if value is not None and not value.strip():
+        raise ConfigError(f"{where}: {section}.{key} must name a group, not {value!r}")
+    return value
+
+
 def _check_unknown(table: dict[str, Any], section: str, known: set[str], where: str) -> None:
     unknown = sorted(set(table) - known)
     if unknown:
@@ -165,14 +199,16 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: values nested too deeply") from None
     _check_unknown(doc, "top level", _TOP_KEYS, where)
 
     pol = _table(doc, "policy", where)
     _check_unknown(pol, "policy", {"path", "labels"}, where)
     if "path" not in pol:
         raise ConfigError(f"{where}: policy.path is required")
-    policy = base / _get(pol, "policy", "path", str, "", where)
-    labels = base / _get(pol, "policy", "labels", str, "/var/lib/shyped/labels.json", where)
+    policy = _path(pol, "policy", "path", "", base, where)
+    labels = _path(pol, "policy", "labels", "/var/lib/shyped/labels.json", base, where)
 
     enf = _table(doc, "enforcement", where)
     _check_unknown(enf, "enforcement", {"mode", "domain_veto", "device_close_timeout"}, where)
@@ -185,21 +221,17 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         "enforcement.domain_veto",
         where,
     )
-    close_timeout = _get(enf, "enforcement", "device_close_timeout", float, 10.0, where)
-    if not 0 < close_timeout <= 3600:
-        raise ConfigError(f"{where}: enforcement.device_close_timeout must be in (0, 3600] seconds")
+    close_timeout = _seconds(enf, "enforcement", "device_close_timeout", 10.0, where)
 
     xs = _table(doc, "xenstore", where)
     _check_unknown(xs, "xenstore", {"transport", "socket", "reconnect_max_backoff"}, where)
     transport = _get(xs, "xenstore", "transport", str, "unix", where)
     if transport not in ("unix", "xenbus"):
         raise ConfigError(f"{where}: xenstore.transport must be 'unix' or 'xenbus'")
-    backoff = _get(xs, "xenstore", "reconnect_max_backoff", float, 30.0, where)
-    if backoff <= 0:
-        raise ConfigError(f"{where}: xenstore.reconnect_max_backoff must be positive")
+    backoff = _seconds(xs, "xenstore", "reconnect_max_backoff", 30.0, where)
     xenstore = XenstoreConfig(
         transport=transport,
-        socket=base / _get(xs, "xenstore", "socket", str, "/var/run/xenstored/socket", where),
+        socket=_path(xs, "xenstore", "socket", "/var/run/xenstored/socket", base, where),
         reconnect_max_backoff=backoff,
     )
 
@@ -215,16 +247,18 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         xl_cmd = tuple(xl_raw)
     else:
         raise ConfigError(f"{where}: actuator.xl must be a command string or a list of strings")
+    if not xl_cmd[0].strip() or any("\x00" in a for a in xl_cmd):
+        raise ConfigError(f"{where}: actuator.xl must name a command, not {xl_raw!r}")
     actuator = ActuatorConfig(
-        kind=kind, xl=xl_cmd, timeout=_get(act, "actuator", "timeout", float, 30.0, where)
+        kind=kind, xl=xl_cmd, timeout=_seconds(act, "actuator", "timeout", 30.0, where)
     )
 
     ctl = _table(doc, "control", where)
     _check_unknown(ctl, "control", {"socket", "read_group", "admin_group"}, where)
     control = ControlConfig(
-        socket=base / _get(ctl, "control", "socket", str, "/run/shyped/control.sock", where),
-        read_group=_get(ctl, "control", "read_group", str, None, where),
-        admin_group=_get(ctl, "control", "admin_group", str, None, where),
+        socket=_path(ctl, "control", "socket", "/run/shyped/control.sock", base, where),
+        read_group=_group(ctl, "control", "read_group", where),
+        admin_group=_group(ctl, "control", "admin_group", where),
     )
 
     met = _table(doc, "metrics", where)
@@ -267,15 +301,11 @@ def _audit(doc: dict[str, Any], base: Path, where: str) -> AuditConfig:
     action = _get(aud, "audit", "disk_full_action", str, "fail-closed", where)
     if action not in ("fail-closed", "ignore"):
         raise ConfigError(f"{where}: audit.disk_full_action must be 'fail-closed' or 'ignore'")
-    retry = _get(aud, "audit", "retry_interval", float, 5.0, where)
-    if not 0 < retry <= 3600:
-        raise ConfigError(f"{where}: audit.retry_interval must be in (0, 3600] seconds")
-    group = _get(aud, "audit", "group", str, None, where)
-    if group == "":
-        raise ConfigError(f"{where}: audit.group must name a group")
+    retry = _seconds(aud, "audit", "retry_interval", 5.0, where)
+    group = _group(aud, "audit", "group", where)
     return AuditConfig(
         enabled=_get(aud, "audit", "enabled", bool, True, where),
-        directory=base / _get(aud, "audit", "directory", str, "/var/log/shyped/audit", where),
+        directory=_path(aud, "audit", "directory", "/var/log/shyped/audit", base, where),
         max_file_bytes=size,
         keep_files=keep,
         disk_full_action=action,
@@ -285,12 +315,32 @@ def _audit(doc: dict[str, Any], base: Path, where: str) -> AuditConfig:
     )
 
 
+def check_host(config: Config) -> None:
+    """What start needs from this host beyond the file itself: every group named exists (a
+    decimal gid is taken as is, as the control socket does). `ConfigError` naming the key."""
+    where = str(config.source) if config.source else "<config>"
+    for key, name in (
+        ("control.read_group", config.control.read_group),
+        ("control.admin_group", config.control.admin_group),
+        ("audit.group", config.audit.group if config.audit.enabled else None),
+    ):
+        if name is None or name.isdecimal():
+            continue
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            raise ConfigError(f"{where}: {key}: no group named {name!r}") from None
+
+
 def load_config(path: Path) -> Config:
-    """Read and parse a configuration file; any problem is a `ConfigError` naming the file."""
+    """Read (at most `CONFIG_MAX_BYTES`, a regular file) and parse a configuration file; any
+    problem is a `ConfigError` naming the file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = read_bounded(path, CONFIG_MAX_BYTES, "configuration")
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: configuration is not UTF-8 text") from None
     return parse_config(text, path)

@@ -48,13 +48,14 @@ from shyped.actions import LABEL_DIR, WriteLabel, is_veto
 from shyped.actuator import ToolstackActuator, XlActuator
 from shyped.audit import Kind as AuditKind
 from shyped.auditlog import AsyncAuditLog, AuditState, AuditUnavailable
-from shyped.config import Config, Mode
+from shyped.boundedread import POLICY_MAX_BYTES, read_bounded
+from shyped.config import Config, ConfigError, Mode, check_host
 from shyped.enforcer import Enforcer, EnforcerStats
 from shyped.engine import Engine, Outcome
 from shyped.events import EventAssembler, needs_perms
 from shyped.events import Node as EventNode
 from shyped.host import DomainReleased, DomainState, HostModel, NeedsDecision
-from shyped.labelstore import LabelStore, LabelStoreError, load_label_store
+from shyped.labelstore import LabelStore, LabelStoreError, load_label_store, resolve_resource
 from shyped.metrics import MetricsState, PeriodicPublisher
 from shyped.policy import acm_xml, toml_format, update
 from shyped.policy.decisions import PolicyEngine, Rule
@@ -116,9 +117,10 @@ def _is_xml(path: Path, data: bytes) -> bool:
 def load_policy(path: Path) -> LoadedPolicy:
     """Load a TOML or Xen ACM XML policy (by extension, else by content).
 
-    Raises `PolicyError` (every problem, with file and line) or `OSError`.
+    Reads at most `POLICY_MAX_BYTES` of a regular file. Raises `PolicyError` (every problem,
+    with file and line) or `OSError` (`InputFileError`: not a regular file, or too large).
     """
-    data = path.read_bytes()
+    data = read_bounded(path, POLICY_MAX_BYTES, "policy")
     digest = hashlib.sha256(data).hexdigest()
     if _is_xml(path, data):
         return LoadedPolicy(acm_xml.parse(data, file=str(path)).policy, path, digest, "acm-xml")
@@ -133,7 +135,15 @@ def load_policy(path: Path) -> LoadedPolicy:
 
 
 def load_startup(config: Config) -> tuple[LoadedPolicy, LabelStore]:
-    """The policy and label store a daemon starts with; `StartupError` says what is wrong."""
+    """The policy and label store a daemon starts with; `StartupError` says what is wrong.
+
+    `shyped check` and start both come through here, so check validates what start does:
+    the file (`load_config`), the host (`check_host`: groups), the policy and the store.
+    """
+    try:
+        check_host(config)
+    except ConfigError as e:
+        raise StartupError(str(e)) from None
     try:
         loaded = load_policy(config.policy)
     except PolicyError as e:
@@ -251,6 +261,7 @@ class Daemon:
             labels,
             mode=config.mode,
             domain_veto=config.domain_veto,
+            resolve=resolve_resource,
         )
         self.host = HostModel(policy.policy.bootstrap)
         self.assembler = EventAssembler()

@@ -45,7 +45,7 @@ are re-admitted first, then the rest are decided against them, as ACM's
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import cast
 
 import attrs
@@ -210,8 +210,12 @@ class Engine:
         *,
         mode: Mode = Mode.ENFORCING,
         domain_veto: DomainVeto = DomainVeto.DESTROY,
+        resolve: Callable[[str], str] | None = None,
     ) -> None:
         self._policy = policy
+        #: Resource id -> the id of what it names now (the daemon passes
+        #: `shyped.labelstore.resolve_resource`, which follows symlinks; pure callers: as is).
+        self.resolve: Callable[[str], str] = resolve or _as_is
         self._running: RunningSet = policy.running_set()
         self._counted: dict[int, str] = {}
         #: During a sweep: the domains re-admitted so far (max_domains counts only those).
@@ -390,10 +394,15 @@ class Engine:
         if need.resource is not None:
             use = need.resource
             rid = resource_of(key.kind, use.resource)
+            if rid is not None:
+                rid = self.resolve(rid)
             rlabel = self.labels.resource_label(rid) if rid is not None else None
             res_party = Party(resource=rid or use.resource[:200], label=rlabel)
             if checks[0].permitted:
-                checks.append(self._policy.resource(fe_label, rlabel, writable=use.writable))
+                if rid is None:  # never "unlabelled": an id we cannot read is denied
+                    checks.append(_invalid_resource(use.resource))
+                else:
+                    checks.append(self._policy.resource(fe_label, rlabel, writable=use.writable))
         if all(c.permitted for c in checks) and fe_dom is not None:
             checks = self._with_quota(checks, host, fe, fe_label, Hook.DEVICE_CHANNEL)
         dev = host.device(key)
@@ -644,7 +653,9 @@ class Engine:
     def running_system(self, host: HostModel) -> update.RunningSystem:
         """The host's running system as `shyped.policy.update` wants it (resource labels from
         the label store)."""
-        return adapt_running_system(host.running_system(), self.labels, self._counted)
+        return adapt_running_system(
+            host.running_system(), self.labels, self._counted, resolve=self.resolve
+        )
 
     def switch_policy(self, policy: PolicyEngine, check: update.UpdateCheck) -> None:
         """Take `policy` (an allowed `check` from the current one): carry every counted
@@ -677,8 +688,25 @@ class Engine:
 _MISSING = LabelRef("-", "-")
 
 
+def _as_is(rid: str) -> str:
+    return rid
+
+
+def _invalid_resource(raw: str) -> Decision:
+    return Decision(
+        permitted=False,
+        hook=Hook.RESOURCE,
+        rule=Rule.LABEL,
+        reason=f"resource {raw[:200]!r} is not a valid resource id (absolute path or bridge)",
+    )
+
+
 def adapt_running_system(
-    system: HostRunningSystem, labels: LabelStore, counted: Mapping[int, str] | None = None
+    system: HostRunningSystem,
+    labels: LabelStore,
+    counted: Mapping[int, str] | None = None,
+    *,
+    resolve: Callable[[str], str] = _as_is,
 ) -> update.RunningSystem:
     """`shyped.host.RunningSystem` -> `shyped.policy.update.RunningSystem`.
 
@@ -693,6 +721,8 @@ def adapt_running_system(
     resources = []
     for r in system.resources:
         rid = resource_of(r.kind, r.resource)
+        if rid is not None:
+            rid = resolve(rid)
         rlabel = labels.resource_label(rid) if rid is not None else None
         resources.append(update.ResourceInUse(r.domid, rlabel, r.writable, rid or r.resource))
     return update.RunningSystem(domains, channels, tuple(resources))

@@ -2,10 +2,12 @@
 
 Xen ACM kept label assignments outside the policy (in the domain config and a resource label
 file); so do we. Domains are keyed by UUID (preferred: names can be reused) or by name;
-resources by a normalised resource id: `file:/path` / `phy:/dev/…` disk images (stored under
-their absolute path, which is what libxl writes as the backend's `params`) and `bridge:NAME`
-for network bridges. The mapping is pure; `load_label_store` / `save_label_store` are the only
-I/O, and saving is atomic (temp file, fsync, rename, fsync of the folder).
+resources by a canonical resource id: `file:/path` / `phy:/dev/…` disk images (stored under
+their absolute path, which is what libxl writes as the backend's `params`; `//` collapsed,
+symlinks resolved where the file exists, see `resource_id` and `resolve_resource`) and
+`bridge:NAME` for network bridges. The mapping is pure; `load_label_store` /
+`save_label_store` and `resolve_resource` are the only I/O, and saving is atomic (temp file,
+fsync, rename, fsync of the folder).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import os
 import re
 import uuid as uuidlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
 from shyped.atomicfile import write_atomic
+from shyped.boundedread import LABELS_MAX_BYTES, read_bounded
 
 
 class LabelStoreError(Exception):
@@ -29,11 +32,37 @@ class LabelStoreError(Exception):
 _NAME = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}$")
 
 
-def resource_id(spec: str) -> str:
-    """Normalise a resource as operators write it to the id the daemon matches on.
+#: Prefixes naming a disk's format or backend in front of its path: xl's deprecated
+#: ``phy:``/``file:``/``tap:…`` forms, and the ``<format>:`` libxl writes as a qdisk backend's
+#: ``params`` (libxl_disk.c: ``aio:``/``qcow:``/``qcow2:``/``vhd:``/``qed:``). Longest first.
+_DISK_PREFIXES: Final = (
+    "disk:",  # our own canonical form, so ids round-trip
+    "tap2:aio:",
+    "tap:qcow2:",
+    "tap:qcow:",
+    "tap:aio:",
+    "tap:vhd:",
+    "qcow2:",
+    "qcow:",
+    "file:",
+    "phy:",
+    "raw:",
+    "aio:",
+    "vhd:",
+    "qed:",
+)
+_MAX_PATH: Final = 1024
 
-    `file:/a/b.img`, `phy:/dev/vg/x`, `tap:aio:/x` and a bare absolute path all name a disk by
-    its absolute path (libxl's backend `params`); `bridge:xenbr0` names a bridge.
+
+def resource_id(spec: str) -> str:
+    """Normalise a resource as operators write it, or as libxl records it, to the canonical id
+    the daemon matches on (pure: no file system access; see `resolve_resource` for symlinks).
+
+    `file:/a/b.img`, `phy:/dev/vg/x`, `tap:aio:/x`, libxl's qdisk ``aio:/x`` and a bare
+    absolute path all name a disk by its absolute path: ``disk:`` + the path with every run
+    of ``/`` collapsed to one (``//srv/x`` is ``/srv/x``, which `os.path.normpath` alone keeps
+    as ``//srv/x``), ``.`` and ``..`` resolved lexically. ``phy:NAME`` without a slash is
+    ``/dev/NAME``, as ACM's ``unify_resname`` did. `bridge:xenbr0` names a bridge.
     """
     s = spec.strip()
     if s.startswith("bridge:"):
@@ -41,16 +70,63 @@ def resource_id(spec: str) -> str:
         if not _NAME.match(name):
             raise LabelStoreError(f"invalid bridge name in resource {spec!r}")
         return "bridge:" + name
-    for prefix in ("file:", "phy:", "tap:aio:", "tap:qcow2:", "tap2:aio:"):
+    for prefix in _DISK_PREFIXES:
         if s.startswith(prefix):
             s = s[len(prefix) :]
+            if prefix == "phy:" and s and not s.startswith("/"):
+                s = "/dev/" + s
             break
-    if not s.startswith("/") or "\x00" in s or len(s) > 1024:
+    if not s.startswith("/") or "\x00" in s or len(s) > _MAX_PATH:
         raise LabelStoreError(
             f"invalid resource {spec!r}: expected file:/path, phy:/dev/..., an absolute path "
             "or bridge:NAME"
         )
-    return "disk:" + os.path.normpath(s)
+    return "disk:" + _collapse(s)
+
+
+def _collapse(path: str) -> str:
+    """An absolute path with one leading ``/`` and ``.``/``..``/``//`` resolved lexically."""
+    return "/" + os.path.normpath(path).lstrip("/")
+
+
+def resolve_resource(rid: str) -> str:
+    """The id of the file a disk resource id names *now*: ``disk:`` + ``realpath`` of its path
+    (every symlink in the part of the path that exists followed, as the backend will follow
+    them; a path that does not exist stays as `resource_id` normalised it). Bridges are
+    returned unchanged. I/O: called by the daemon at decision and assignment time,
+    never by the pure core (see docs/operations.md for what this does not close)."""
+    if not rid.startswith("disk:"):
+        return rid
+    path = rid[len("disk:") :]
+    try:
+        real = os.path.realpath(path)
+    except (OSError, ValueError):
+        return rid
+    if len(real) > _MAX_PATH:
+        return rid
+    return "disk:" + _collapse(real)
+
+
+def canonical_resource(spec: str) -> str:
+    """`resource_id` then `resolve_resource`: what the daemon matches on."""
+    return resolve_resource(resource_id(spec))
+
+
+def resolved_store(store: LabelStore) -> LabelStore:
+    """The store with every disk key resolved (`resolve_resource`); two keys naming one file
+    with different labels are an error (the store would be ambiguous)."""
+    resources: dict[str, str] = {}
+    origin: dict[str, str] = {}
+    for key, label in sorted(store.resources.items()):
+        rid = resolve_resource(key)
+        if rid in resources and resources[rid] != label:
+            raise LabelStoreError(
+                f"resources {origin[rid]!r} and {key!r} name the same file {rid[5:]!r} with "
+                f"different labels ({resources[rid]!r}, {label!r})"
+            )
+        resources[rid] = label
+        origin[rid] = key
+    return attrs.evolve(store, resources=resources)
 
 
 def disk_resource(params: str) -> str:
@@ -143,33 +219,50 @@ def parse_label_store(text: str, where: str = "<labels>") -> LabelStore:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise LabelStoreError(f"{where}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise LabelStoreError(f"{where}: JSON nested too deeply") from None
     if not isinstance(doc, dict) or doc.get("version") != 1:
         raise LabelStoreError(f'{where}: expected an object with "version": 1')
     domains = doc.get("domains", {})
     if not isinstance(domains, dict):
         raise LabelStoreError(f'{where}: "domains" must be an object')
-    store = LabelStore()
+    # Filled in place (linear: one `with_*` copy per entry would be quadratic in the file),
+    # with the checks `with_domain` / `with_resource` make.
+    by_uuid: dict[str, str] = {}
+    by_name: dict[str, str] = {}
+    resources: dict[str, str] = {}
     try:
         for key, label in _str_map(domains.get("uuid", {}), "domains.uuid").items():
-            store = store.with_domain(uuid=key, label=label)
+            _assign(by_uuid, _check_uuid(key), label)
         for key, label in _str_map(domains.get("name", {}), "domains.name").items():
-            store = store.with_domain(name=key, label=label)
+            if not _NAME.match(key):
+                raise LabelStoreError(f"invalid domain name {key!r}")
+            _assign(by_name, key, label)
         for key, label in _str_map(doc.get("resources", {}), "resources").items():
-            store = store.with_resource(key if not key.startswith("disk:") else key[5:], label)
+            _assign(resources, resource_id(key), label)
     except LabelStoreError as exc:
         raise LabelStoreError(f"{where}: {exc}") from None
-    return store
+    return LabelStore(by_uuid=by_uuid, by_name=by_name, resources=resources)
 
 
 def load_label_store(path: Path) -> LabelStore:
-    """Read the store; a missing file is an empty store, an unreadable or bad one an error."""
+    """Read the store; a missing file is an empty store, an unreadable or bad one an error.
+
+    At most `LABELS_MAX_BYTES` of a regular file are read (``/dev/zero`` is refused at once).
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, LABELS_MAX_BYTES, "label store").decode("utf-8")
     except FileNotFoundError:
         return LabelStore()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LabelStoreError(f"{path}: cannot read label store: {exc}") from None
-    return parse_label_store(text, str(path))
+    except OSError as exc:
+        raise LabelStoreError(f"{path}: cannot read label store: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise LabelStoreError(f"{path}: cannot read label store: not UTF-8: {exc}") from None
+    store = parse_label_store(text, str(path))
+    try:
+        return resolved_store(store)
+    except LabelStoreError as exc:
+        raise LabelStoreError(f"{path}: {exc}") from None
 
 
 def save_label_store(store: LabelStore, path: Path) -> None:

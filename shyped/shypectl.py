@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from shyped.atomicfile import write_atomic
+from shyped.boundedread import POLICY_MAX_BYTES, XLCFG_MAX_BYTES, read_bounded
 from shyped.control import backend as b
 from shyped.control.client import ControlClient, DaemonUnreachable
 from shyped.control.protocol import ControlError, ErrorCode, unstructure
@@ -106,10 +107,11 @@ class Ctx:
 
 
 def _read_text(path: Path, what: str) -> str:
+    cap = POLICY_MAX_BYTES if what == "policy" else XLCFG_MAX_BYTES
     try:
-        return path.read_text(encoding="utf-8")
+        return read_bounded(path, cap, what).decode("utf-8")
     except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise UsageError(f"{what} {path} is not UTF-8 text") from None
 

@@ -12,6 +12,11 @@
 6. admitted: ``xl unpause`` (unless ``-p`` was asked for; ``-c``/``-V``/``-A`` then attach
    the console/viewer); denied or no answer: ``xl destroy`` and exit non-zero with the reason.
 
+Every command after ``create`` names the domain by its **domid**, never by its name: the domid
+the daemon admitted for the UUID, or else the one ``xl list -l`` shows for that UUID (exactly
+one domain, or shype-xl does nothing to any and says so; the new domain stays paused). A name
+can be taken by another domain (a rename, or a cfg read differently), a domid/UUID pair cannot.
+
 ``block-attach`` and ``network-attach`` are dry-run first and passed to xl only if
 permitted. Every other sub-command is exec'd as is.
 
@@ -28,6 +33,7 @@ itself fails; pass-through sub-commands exit with xl's status.
 from __future__ import annotations
 
 import getopt
+import json
 import os
 import shlex
 import subprocess
@@ -39,6 +45,7 @@ from typing import Final, NoReturn, TextIO
 
 import attrs
 
+from shyped.boundedread import XLCFG_MAX_BYTES, read_bounded
 from shyped.control import backend as b
 from shyped.control.client import ControlClient, DaemonUnreachable, default_socket
 from shyped.control.protocol import ControlError
@@ -271,7 +278,7 @@ class Wrapper:
         if filename is None:
             raise Refused("create: no config file", EXIT_USAGE)
         try:
-            text = Path(filename).read_text(encoding="utf-8")
+            text = read_bounded(filename, XLCFG_MAX_BYTES, "domain config").decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise Refused(f"cannot read {filename}: {exc}", EXIT_USAGE) from None
         cfg = summarize(with_overrides(text, overrides), filename)
@@ -298,7 +305,7 @@ class Wrapper:
             self.client.register_domain(uuid, cfg.name, label)
         except DaemonUnreachable as exc:
             self.unreachable(exc)
-            return self._create_unchecked(create_argv, cfg.name, paused, flags)
+            return self._create_unchecked(create_argv, uuid, paused, flags)
 
         status = self.xl(*create_argv)
         if status != 0:
@@ -310,9 +317,18 @@ class Wrapper:
         except (ControlError, DaemonUnreachable) as exc:
             if isinstance(exc, DaemonUnreachable) and self.opts.fail_open:
                 self.say(f"WARNING: {exc}; unpausing without shyped's admission (--fail-open)")
-                return self._finish(cfg.name, paused, flags)
-            self.say(f"no admission for {cfg.name}: {exc}; destroying it (fail closed)")
-            self.xl("destroy", cfg.name)
+                return self._finish_by_uuid(uuid, paused, flags)
+            domid = self._domid_of(uuid)
+            if domid is None:
+                self.say(
+                    f"no admission for {cfg.name}: {exc}; and no single domain with uuid "
+                    f"{uuid}: nothing destroyed (it stays paused)"
+                )
+            else:
+                self.say(
+                    f"no admission for {cfg.name}: {exc}; destroying domid {domid} (fail closed)"
+                )
+                self.xl("destroy", str(domid))
             self._forget(uuid)
             code = exc.code if isinstance(exc, ControlError) else None
             return exit_status(code) if code is not None else EXIT_DAEMON
@@ -329,12 +345,48 @@ class Wrapper:
         return self._finish(str(adm.domid), paused, flags)
 
     def _create_unchecked(
-        self, create_argv: list[str], name: str, paused: bool, flags: set[str]
+        self, create_argv: list[str], uuid: str, paused: bool, flags: set[str]
     ) -> int:
         status = self.xl(*create_argv)
         if status != 0:
             return status
-        return self._finish(name, paused, flags)
+        return self._finish_by_uuid(uuid, paused, flags)
+
+    def _domid_of(self, uuid: str) -> int | None:
+        """The domid of the one domain whose UUID is `uuid` (``xl list -l``); None if there is
+        none, more than one, or xl's answer cannot be read."""
+        try:
+            out = subprocess.run(
+                self.xl_argv("list", "-l"),
+                check=False,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                timeout=self.opts.timeout,
+            )
+            records = json.loads(out.stdout) if out.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired, ValueError, RecursionError):
+            return None
+        if not isinstance(records, list):
+            return None
+        found: list[int] = []
+        for r in records:
+            try:
+                domid, their = r["domid"], r["config"]["c_info"]["uuid"]
+            except (KeyError, TypeError):
+                continue
+            if isinstance(domid, int) and isinstance(their, str) and their.lower() == uuid:
+                found.append(domid)
+        return found[0] if len(found) == 1 else None
+
+    def _finish_by_uuid(self, uuid: str, paused: bool, flags: set[str]) -> int:
+        domid = self._domid_of(uuid)
+        if domid is None:
+            self.say(
+                f"cannot tell which domain xl created (no single domain with uuid {uuid}); "
+                "not unpausing anything"
+            )
+            return EXIT_DAEMON
+        return self._finish(str(domid), paused, flags)
 
     def _finish(self, domain: str, paused: bool, flags: set[str]) -> int:
         if not paused:

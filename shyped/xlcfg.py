@@ -1,11 +1,10 @@
 """A small, safe parser for xl domain configuration files (xl.cfg(5)) and device specs.
 
 Why: the sandbox toolstack must accept the same files an operator gives `xl create`, and the
-daemon's wrapper reads the security label out of them.  xl.cfg is a list of Python-like
-assignments (`key = "string" | number | [list]`, `#` comments); we parse it with `ast` and
-`ast.literal_eval` on each value, never `eval`.  Disk specs follow xl-disk-configuration(5)
-(key=value or positional `target,format,vdev,access`, deprecated `phy:`/`file:` prefixes) and
-vif specs xl-network-configuration(5).
+daemon's wrapper reads the security label out of them.  The file itself is read by
+`shyped.xlcfgfile` exactly as libxl reads it, or refused (never `eval`).  Disk specs follow
+xl-disk-configuration(5) (key=value or positional `target,format,vdev,access`, deprecated
+`phy:`/`file:` prefixes) and vif specs xl-network-configuration(5).
 
 Security labels: the xl.cfg(5) of Xen 4.17 knows `seclabel` / `init_seclabel` (FLASK contexts
 handed to libxl as `c_info.ssid_label` / `b_info.exec_ssid_label`, see tools/xl/xl_parse.c
@@ -19,62 +18,16 @@ daemon's wrapper, and the sandbox toolstack, like libxl, writes nothing for them
 
 from __future__ import annotations
 
-import ast
 import re
 import uuid as uuidlib
 from collections.abc import Mapping
-from typing import Literal
+from typing import Final, Literal
 
 import attrs
 
-CfgValue = str | int | float | list[str | int | float]
+from shyped.xlcfgfile import CfgValue, XlConfigError, parse_assignments
 
-
-class XlConfigError(ValueError):
-    """An xl.cfg file or device spec that xl would refuse; the message says which part."""
-
-
-# -- the file ------------------------------------------------------------------------------
-
-
-def parse_assignments(text: str, filename: str = "<xl.cfg>") -> dict[str, CfgValue]:
-    """Parse `key = value` lines into a dict, refusing anything that is not a literal."""
-    try:
-        tree = ast.parse(text, filename=filename, mode="exec")
-    except SyntaxError as exc:
-        raise XlConfigError(f"{filename}:{exc.lineno}: syntax error: {exc.msg}") from None
-    values: dict[str, CfgValue] = {}
-    for stmt in tree.body:
-        if not (
-            isinstance(stmt, ast.Assign)
-            and len(stmt.targets) == 1
-            and isinstance(stmt.targets[0], ast.Name)
-        ):
-            raise XlConfigError(f"{filename}:{stmt.lineno}: only `key = value` lines are allowed")
-        key = stmt.targets[0].id
-        try:
-            value = ast.literal_eval(stmt.value)
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            raise XlConfigError(
-                f"{filename}:{stmt.lineno}: {key}: value must be a string, number or list"
-            ) from None
-        values[key] = _check_value(key, value, filename, stmt.lineno)
-    return values
-
-
-def _check_value(key: str, value: object, filename: str, line: int) -> CfgValue:
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, str | int | float):
-        return value
-    if isinstance(value, list | tuple):
-        items: list[str | int | float] = []
-        for item in value:
-            if isinstance(item, bool) or not isinstance(item, str | int | float):
-                raise XlConfigError(f"{filename}:{line}: {key}: list items must be scalars")
-            items.append(item)
-        return items
-    raise XlConfigError(f"{filename}:{line}: {key}: unsupported value {type(value).__name__}")
+__all__ = ["CfgValue", "XlConfigError", "parse_assignments"]
 
 
 # -- labels --------------------------------------------------------------------------------
@@ -108,7 +61,7 @@ def _label_part(part: str, whole: str) -> str:
     return part
 
 
-def parse_access_control(entries: list[str | int | float]) -> SecurityLabel:
+def parse_access_control(entries: list[str | int]) -> SecurityLabel:
     """xm's `access_control = ['policy=P,label=L']` -> SecurityLabel."""
     if len(entries) != 1 or not isinstance(entries[0], str):
         raise XlConfigError("access_control must be a list with one 'policy=P,label=L' string")
@@ -322,14 +275,15 @@ def _key_values(text: str, what: str) -> dict[str, str]:
     return out
 
 
+_INT: Final = re.compile(r"0|[1-9][0-9]{0,17}|0[xX][0-9a-fA-F]{1,15}")
+
+
 def _int(text: str, what: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise XlConfigError(f"{what}: {text!r} is not a number") from None
-    if value < 0:
-        raise XlConfigError(f"{what}: {text!r} is negative")
-    return value
+    """A non-negative number as libxl's strtol(…, 0) reads it, for the unambiguous forms only:
+    decimal without a leading 0, or 0x hex (no sign, blank, octal, or Python's ``1_0``)."""
+    if not _INT.fullmatch(text):
+        raise XlConfigError(f"{what}: {text!r} is not a plain decimal or 0x number")
+    return int(text, 0)
 
 
 # -- the domain ----------------------------------------------------------------------------

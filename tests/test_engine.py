@@ -173,15 +173,15 @@ def test_read_only_use_is_checked_as_read_only() -> None:
     assert h.device("vbd", 1, 51744, archive, w=True).allowed
 
 
-def test_unusable_resource_names_count_as_unlabelled() -> None:
+def test_unusable_resource_names_are_denied_not_unlabelled() -> None:
     assert resource_of("vbd", "relative/path.img") is None
     assert resource_of("vif", "bad bridge!") is None
     assert resource_of("9pfs", "/srv/share") == "disk:/srv/share"
     h = Host()
     h.domain(1, "web-a1")
     o = h.device("vbd", 1, 51712, "relative/path.img")
-    assert not o.allowed and o.decision.rule is Rule.DEFAULT
-    assert "unlabelled resources are denied" in o.decision.reason
+    assert not o.allowed and o.decision.rule is Rule.LABEL
+    assert "not a valid resource id" in o.decision.reason
 
 
 def test_devices_of_a_domain_being_destroyed_are_left_to_its_destruction() -> None:

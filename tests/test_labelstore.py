@@ -2,14 +2,18 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shyped.labelstore import (
     LabelStore,
     LabelStoreError,
     bridge_resource,
+    canonical_resource,
     disk_resource,
     load_label_store,
     parse_label_store,
+    resolve_resource,
     resource_id,
     save_label_store,
 )
@@ -65,3 +69,58 @@ def test_round_trip_through_disk_is_atomic_and_private(tmp_path: Path) -> None:
 def test_bad_store_is_refused_whole(text: str) -> None:
     with pytest.raises(LabelStoreError, match=r"labels\.json"):
         parse_label_store(text, "/var/lib/shyped/labels.json")
+
+
+def test_resource_ids_collapse_slashes_and_prefixes_as_acm_did() -> None:
+    want = "disk:/srv/xen/images/a.img"
+    for spelling in (
+        "//srv/xen/images/a.img",
+        "///srv//xen///images/a.img",
+        "/srv/xen/./images/../images/a.img",
+        "file://srv/xen/images/a.img",
+        "aio:/srv/xen/images/a.img",  # libxl's qdisk params
+        "qcow2:/srv/xen/images/a.img",
+        "tap:aio://srv/xen/images/a.img",
+        "disk:/srv/xen/images/a.img",  # the canonical id itself
+        "/srv/xen/images/a.img/",
+    ):
+        assert resource_id(spelling) == want, spelling
+    assert resource_id("phy:sda") == "disk:/dev/sda"  # ACM's unify_resname
+    assert resource_id("//") == "disk:/"
+
+
+def test_resolve_follows_symlinks_where_the_file_exists(tmp_path: Path) -> None:
+    real = tmp_path / "real.img"
+    real.write_bytes(b"x")
+    link = tmp_path / "sub" / "link.img"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    assert canonical_resource(f"//{link}") == f"disk:{real}"
+    assert canonical_resource(f"{tmp_path}/nope/../real.img") == f"disk:{real}"
+    assert resolve_resource("bridge:xenbr0") == "bridge:xenbr0"
+
+
+def test_two_spellings_of_one_file_with_different_labels_are_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real.img"
+    real.write_bytes(b"x")
+    (tmp_path / "link.img").symlink_to(real)
+    path = tmp_path / "labels.json"
+    store = (
+        LabelStore().with_resource(str(real), "a").with_resource(str(tmp_path / "link.img"), "b")
+    )
+    path.write_text(store.to_json())
+    with pytest.raises(LabelStoreError, match="name the same file"):
+        load_label_store(path)
+    same = LabelStore().with_resource(str(real), "a").with_resource(f"/{tmp_path}/link.img", "a")
+    path.write_text(same.to_json())
+    assert load_label_store(path).resources == {f"disk:{real}": "a"}
+
+
+@given(st.text(alphabet="/.ab", min_size=1, max_size=30))
+def test_canonical_disk_ids_are_single_slashed_and_stable(tail: str) -> None:
+    rid = resource_id("/" + tail)
+    path = rid.removeprefix("disk:")
+    assert path.startswith("/") and "//" not in path
+    assert "/./" not in path + "/" and "/../" not in path + "/"
+    assert resource_id(rid) == rid  # ids round-trip
+    assert resource_id("/" + "/" + tail) == rid  # a leading // is the same file

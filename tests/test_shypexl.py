@@ -23,8 +23,10 @@ from control_helpers import (
     serving,
     short_dir,
 )
+from twisted.internet import defer
 
 from shyped.control import backend as b
+from shyped.control.protocol import ControlError, ErrorCode
 from shyped.sandbox.xenstored import SandboxXenstored
 
 CFG = """\
@@ -230,3 +232,77 @@ async def test_usage_errors(env: Env) -> None:
     r = await env.shype_xl("--bogus", "list")
     assert r.returncode == 2
     assert env.xl_list().keys() == {"Domain-0"}
+
+
+def _logging_xl(env: Env) -> tuple[str, Path]:
+    """An xl that logs each argv (one line) and runs the sandbox's."""
+    log = env.directory / "xl.log"
+    script = env.directory / "xl-logging"
+    script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {log}\nexec {env.xl_cmd()} "$@"\n')
+    script.chmod(0o755)
+    return str(script), log
+
+
+def _domids(env: Env) -> dict[str, str]:
+    out = subprocess.run(
+        [*env.xl_cmd().split(), "list"], capture_output=True, text=True, check=True
+    ).stdout
+    return {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_fail_open_unpauses_by_domid_never_by_name(env: Env) -> None:
+    """Issue 20 #3: shype-xl acted by name (``xl unpause NAME`` on fail-open); a name may be
+    another domain's by then. It must act on the domid of the UUID it created."""
+    xl, log = _logging_xl(env)
+    nowhere = env.directory / "none.sock"
+    argv = [sys.executable, "-m", "shyped.shypexl", "--socket", str(nowhere), "--xl", xl]
+    r = await run_cli([*argv, "--fail-open", "create", str(env.cfg("web-2", "web"))])
+    assert r.returncode == 0, r.stderr
+    domid = _domids(env)["web-2"]
+    calls = log.read_text().splitlines()
+    assert f"unpause {domid}" in calls, calls
+    assert not [c for c in calls if c.split()[:1] in (["unpause"], ["destroy"]) and "web-2" in c]
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_admission_destroys_by_domid(env: Env) -> None:
+    """The fail-closed destroy after a failed admission wait names the domid, not the name."""
+    xl, log = _logging_xl(env)
+
+    def no_answer(args: b.WaitAdmissionArgs) -> Any:
+        return defer.fail(ControlError(ErrorCode.ADMISSION_TIMEOUT, "no admission in time"))
+
+    env.backend.admission = no_answer
+    argv = [sys.executable, "-m", "shyped.shypexl", "--socket", str(env.ctl), "--xl", xl]
+    r = await run_cli([*argv, "--admission-timeout", "1", "create", str(env.cfg("web-2", "web"))])
+    assert r.returncode != 0
+    calls = log.read_text().splitlines()
+    destroys = [c for c in calls if c.startswith("destroy")]
+    assert destroys and all(c.split()[1].isdecimal() for c in destroys), calls
+    assert "web-2" not in env.xl_list()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cfg_xl_would_read_otherwise_is_refused(env: Env) -> None:
+    """``name="shop-\\061"`` is ``shop-`` for libxl and was ``shop-1`` for shyped: with a paused
+    ``shop-1`` beside it, a fail-open create unpaused that other domain. Now refused up front."""
+    other = env.directory / "shop-1.cfg"
+    other.write_text('name = "shop-1"\ntype = "pv"\nkernel = "/k"\nmemory = 64\n')
+    subprocess.run([*env.xl_cmd().split(), "create", "-p", str(other)], check=True)
+    cfg = env.directory / "esc.cfg"
+    cfg.write_text('name = "shop-\\061"\ntype = "pv"\nkernel = "/k"\nmemory = 64\n')
+    nowhere = env.directory / "none.sock"
+    r = await env.shype_xl("--fail-open", "create", str(cfg), socket=nowhere)
+    assert r.returncode == 2 and "backslash" in r.stderr, r.stderr
+    assert env.xl_list()["shop-1"] == "--p---"
+
+
+@pytest_twisted.ensureDeferred
+async def test_dry_run_sees_a_slashed_path_as_the_labelled_disk(env: Env) -> None:
+    """Issue 11 #11 through shype-xl's dry run: ``//img/bank-x.img`` is bank-a's disk, not an
+    unlabelled one."""
+    assert (await env.shype_xl("create", str(env.cfg("web-2", "web")))).returncode == 0
+    r = await env.shype_xl("block-attach", "web-2", "format=raw,vdev=xvdb,target=//img/bank-x.img")
+    assert r.returncode == 1 and "DENIED" in r.stderr, r.stderr
+    assert "bank-a" in r.stderr and "unlabelled" not in r.stderr

@@ -51,7 +51,13 @@ from shyped.control import views
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.engine import Outcome, resource_of
 from shyped.host import Device, Domain, DomainState
-from shyped.labelstore import LabelStore, LabelStoreError, resource_id, save_label_store
+from shyped.labelstore import (
+    LabelStore,
+    LabelStoreError,
+    canonical_resource,
+    resolve_resource,
+    save_label_store,
+)
 from shyped.policy import acm_xml, toml_format, update
 from shyped.policy.model import Policy
 from shyped.relabel import RelabelCheck
@@ -174,7 +180,7 @@ class DaemonControlBackend:
     @staticmethod
     def _resource(spec: str) -> str:
         try:
-            return resource_id(spec)
+            return canonical_resource(spec)
         except LabelStoreError as exc:
             raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
 
@@ -268,7 +274,7 @@ class DaemonControlBackend:
             disks=args.disks,
             vifs=args.vifs,
             domain_label=self._domain_label,
-            resource_label=self._store.resource_label,
+            resource_label=lambda rid: self._store.resource_label(resolve_resource(rid)),
         )
 
     def register_domain(self, args: b.RegisterDomainArgs) -> b.Registration:
@@ -336,7 +342,7 @@ class DaemonControlBackend:
                 f"label {bare or 'none'} for {rid} denied: it is in use",
                 {"reasons": list(check.reasons)},
             )
-        self._save(self._store.with_resource(args.resource, bare))
+        self._save(self._store.with_resource(rid, bare))
         self._record(Kind.RESOURCE_LABEL, resource=rid, old=previous, new=bare)
         log.info("control: resource {rid}: {old} -> {new}", rid=rid, old=previous, new=bare or "-")
         return b.ResourceLabelChange(rid, self._full(bare), self._full(previous))
@@ -401,6 +407,7 @@ class DaemonControlBackend:
     def _device_verdict(self, dev: Device) -> b.DeviceVerdict:
         assert dev.decision is not None
         rid = resource_of(dev.key.kind, dev.resource) if dev.resource is not None else None
+        rid = resolve_resource(rid) if rid is not None else None
         return b.DeviceVerdict(
             kind=dev.key.kind,
             devid=dev.key.devid,

@@ -3,14 +3,12 @@
 Pure. shypectl ``dry-run`` and shype-xl read a domain configuration the way ``xl create``
 does — the file, then each ``KEY=VALUE`` override from the command line appended as a line
 (tools/xl/xl_vmcontrol.c ``main_create``'s ``extra_config``), later assignments winning — with
-the safe parser of `shyped.xlcfg` (``ast.literal_eval`` only, never ``eval``). Unlike
+`shyped.xlcfgfile`, which reads exactly what libxl reads or refuses the file. Unlike
 the sandbox toolstack this accepts any guest type (HVM, PVH): only the name, uuid, label,
 disks and vifs matter here.
 """
 
 from __future__ import annotations
-
-import ast
 
 import attrs
 
@@ -25,7 +23,9 @@ from shyped.xlcfg import (
     parse_disk_spec,
     parse_vif_spec,
 )
+from shyped.xlcfgfile import parse_statements
 
+_LABEL_KEYS = frozenset({"seclabel", "init_seclabel", "access_control"})
 #: libxl's default bridge for a vif without ``bridge=`` (libxl__device_nic_setdefault).
 DEFAULT_BRIDGE = "xenbr0"
 
@@ -135,32 +135,25 @@ def set_cfg_label(text: str, label: str | None, filename: str = "<xl.cfg>") -> s
     and must carry exactly `label`. A FLASK ``init_seclabel`` (xl would prefer it over
     ``seclabel``) is refused: edit that file by hand.
     """
-    values = parse_assignments(text, filename)  # refuses anything that is not key = literal
+    statements = parse_statements(text, filename)  # refuses anything libxl could read otherwise
+    values = {st.key: st.value for st in statements}
     init = values.get("init_seclabel")
     if isinstance(init, str) and not init.startswith("ACM:"):
         raise XlConfigError(f"{filename}: has a non-ACM init_seclabel; edit it by hand")
     if label is not None:
         parse_acm_label(label)
-    tree = ast.parse(text, filename=filename)
     lines = text.splitlines(keepends=True)
     drop: set[int] = set()
     first: int | None = None
-    for stmt in tree.body:
-        assert isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name)
-        if stmt.targets[0].id in ("seclabel", "init_seclabel", "access_control"):
-            end = stmt.end_lineno or stmt.lineno
-            for n in range(stmt.lineno - 1, end):
-                drop.add(n)
+    for st in statements:
+        if st.key in _LABEL_KEYS:
+            drop.update(range(st.first_line - 1, st.last_line))
             if first is None:
-                first = stmt.lineno - 1
-    for stmt in tree.body:
-        assert isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name)
-        span = set(range(stmt.lineno - 1, stmt.end_lineno or stmt.lineno))
-        if stmt.targets[0].id not in ("seclabel", "init_seclabel", "access_control") and (
-            span & drop
-        ):
+                first = st.first_line - 1
+    for st in statements:
+        if st.key not in _LABEL_KEYS and set(range(st.first_line - 1, st.last_line)) & drop:
             raise XlConfigError(
-                f"{filename}:{stmt.lineno}: a label shares its line with {stmt.targets[0].id}; "
+                f"{filename}:{st.first_line}: a label shares its line with {st.key}; "
                 "put it on a line of its own"
             )
     new_line = f'seclabel = "{label}"\n' if label is not None else None

@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import attrs
 
+from shyped.boundedread import POLICY_MAX_BYTES, read_bounded
 from shyped.policy.errors import PathPart, PolicyError, Problem
 from shyped.policy.model import (
     QUOTA_FIELDS,
@@ -615,7 +616,7 @@ def loads(text: str, *, file: str = "<string>") -> Policy:
 def load(path: str | Path) -> Policy:
     """Load a policy file (UTF-8 TOML)."""
     p = Path(path)
-    data = p.read_bytes()
+    data = read_bounded(p, POLICY_MAX_BYTES, "policy")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

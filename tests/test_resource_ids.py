@@ -1,0 +1,116 @@
+"""Issue 11 #11: a resource id that escapes its label.
+
+`os.path.normpath` keeps a leading ``//`` (POSIX allows it a meaning), so ``//srv/…`` was not
+the labelled ``disk:/srv/…``: with ``unlabelled_resource`` set to a label, a rival's disk was
+attached as "unlabelled". Played end to end as a cfg author on the sandbox with a running
+daemon: the disk spec's target reaches the daemon as the vbd's ``params`` in libxl's record.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from control_daemon_helpers import sandbox_host
+from daemon_helpers import HOSTING, LABELS, Harness, domcfg
+
+from shyped.labelstore import load_label_store
+from shyped.policy.decisions import Rule
+from shyped.sandbox.xenstored import SandboxXenstored
+from shyped.xlcfg import parse_disk_spec
+
+XVDA = 51712
+
+
+@pytest.fixture
+def host(harness: Harness) -> Harness:
+    return harness
+
+
+def lenient_policy(tmp: Path) -> Path:
+    """The example policy, but unlabelled resources count as bank-a's disks."""
+    text = HOSTING.read_text().replace(
+        'unlabelled_resource = "deny"', 'unlabelled_resource = "bank-a-disk"'
+    )
+    assert 'unlabelled_resource = "bank-a-disk"' in text
+    path = tmp / "lenient.toml"
+    path.write_text(text)
+    return path
+
+
+def spec(target: str, vdev: str = "xvda") -> str:
+    return f"format=raw,vdev={vdev},access=rw,target={target}"
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "target",
+    [
+        "//srv/xen/images/web-b1.img",
+        "///srv//xen//images/web-b1.img",
+        "//srv/xen/./images/../images/web-b1.img",
+    ],
+)
+async def test_a_rivals_disk_spelled_with_slashes_is_still_the_rivals(
+    host: Harness, tmp_path: Path, target: str
+) -> None:
+    await host.start(host.config(policy=lenient_policy(tmp_path)))
+    a = await host.call(host.ts.create, domcfg("web-a1"))  # bank-a
+    await host.settle()
+    await host.call(host.ts.attach_disk, a, parse_disk_spec(spec(target)))
+    await host.settle()
+    out = host.last(f"device vbd {a}/{XVDA}")
+    assert not out.allowed, out.log_line()
+    assert out.decision.rule is Rule.STE and "bank-b" in out.decision.reason
+    assert out.resource is not None and out.resource.resource == "disk:/srv/xen/images/web-b1.img"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_symlink_to_a_rivals_disk_is_the_rivals_disk(host: Harness, tmp_path: Path) -> None:
+    """realpath at decision time: a link (made by any local user) is the file it points at."""
+    real = tmp_path / "rival" / "web-b1.img"
+    real.parent.mkdir()
+    real.write_bytes(b"\0" * 512)
+    link = tmp_path / "mine" / "disk.img"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    store = load_label_store(LABELS).with_resource(f"file:{real}", "bank-b-disk")
+    await host.start(host.config(policy=lenient_policy(tmp_path)), labels=store)
+    a = await host.call(host.ts.create, domcfg("web-a1"))
+    await host.settle()
+    await host.call(host.ts.attach_disk, a, parse_disk_spec(spec(f"/{link}")))
+    await host.settle()
+    out = host.last(f"device vbd {a}/{XVDA}")
+    assert not out.allowed and out.decision.rule is Rule.STE, out.log_line()
+    assert out.resource is not None and out.resource.resource == f"disk:{real}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_disk_id_that_cannot_be_read_is_denied_not_unlabelled(
+    host: Harness, tmp_path: Path
+) -> None:
+    await host.start(host.config(policy=lenient_policy(tmp_path)))
+    a = await host.call(host.ts.create, domcfg("web-a1"))
+    await host.settle()
+    await host.call(host.ts.attach_disk, a, parse_disk_spec(spec("srv/xen/images/web-b1.img")))
+    await host.settle()
+    out = host.last(f"device vbd {a}/{XVDA}")
+    assert not out.allowed and out.decision.rule is Rule.LABEL, out.log_line()
+
+
+def test_shypectl_labels_and_dry_runs_by_the_canonical_id(xenstored: SandboxXenstored) -> None:
+    """The control socket's side: ``addlabel … res //srv/…`` stores the canonical id, and
+    ``dry-run`` decides ``//srv/…`` as the labelled disk it is (the real daemon process)."""
+    with sandbox_host(xenstored) as h:
+        h.start()
+        r = h.ctl("addlabel", "bank-b-disk", "res", "file://srv/xen/images/new-b.img")
+        assert r.returncode == 0, r.stderr
+        assert "disk:/srv/xen/images/new-b.img" in json.loads(h.labels.read_text())["resources"]
+        cfg = h.cfg(
+            "shop-1", "shop", disks=["format=raw,vdev=xvda,target=//srv/xen/images/web-b1.img"]
+        )
+        r = h.ctl("dry-run", str(cfg))
+        assert r.returncode == 1 and "DENIED" in r.stdout, r.stdout + r.stderr
+        assert "lacks STE type 'bank-b'" in r.stdout, r.stdout
