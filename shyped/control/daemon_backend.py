@@ -584,8 +584,18 @@ class DaemonControlBackend:
         d.addErrback(lambda f: log.failure("audit: record of {kind} failed", f, kind=kind))
 
     def audit(self, event: b.ControlAudit) -> None:
+        if event.count is not None:  # a summary of refusals: the server already logged it
+            self._record(
+                Kind.CONTROL_REFUSALS,
+                uid=event.peer.uid,
+                gid=event.peer.gid,
+                kinds=event.op,
+                count=event.count,
+                summary=event.summary,
+            )
+            return
         self._record(
-            "control",
+            Kind.CONTROL,
             op=event.op,
             uid=event.peer.uid,
             gid=event.peer.gid,

@@ -85,6 +85,8 @@ __all__ = [
 
 #: Requests handled for one connection before the reactor serves others.
 LINES_PER_TURN: Final = 16
+#: Bytes of unhandled request lines beyond which a connection is no longer read.
+BACKLOG: Final = 64 * 1024
 
 
 # --------------------------------------------------------------------------- connections
@@ -203,7 +205,8 @@ class ControlProtocol(Protocol):
         """Read from the peer only while its answers are read and its lines do not pile up."""
         if self._closing:
             return
-        pause = self._write_blocked or (self._busy and len(self._buf) > self.max_line)
+        backlog = len(self._buf) > BACKLOG and (self._busy or b"\n" in self._buf)
+        pause = self._write_blocked or backlog or len(self._buf) > self.max_line
         if pause and not self._reading_paused:
             self._reading_paused = True
             self._tx.pauseProducing()
