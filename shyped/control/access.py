@@ -62,6 +62,9 @@ class ServerLimits:
     refusal_interval: float = 60.0
     #: Distinct uids tracked per interval; the rest are summarised together (uid -1).
     refusal_uids: int = 64
+    #: Pending connections the kernel queues before connect() fails with EAGAIN (capped by
+    #: net.core.somaxconn): room for everyone while an outsider floods connects.
+    backlog: int = 1024
     #: Expensive requests (policy parses) run at once per slot class; more wait their turn.
     heavy_per_class: int = 2
 

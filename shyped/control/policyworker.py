@@ -10,6 +10,7 @@ this process only, never the daemon's reactor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -22,11 +23,19 @@ MAX_PROBLEMS = 200
 
 
 def _limit(cpu_seconds: int, memory_bytes: int) -> None:
-    os.nice(10)  # the daemon's decisions come first
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))
+    """Lower this process's priority and limits. Under the shipped unit the seccomp filter
+    (``SystemCallFilter=~@resources``) refuses setrlimit/setpriority: then the parent's
+    wall-clock timeout and the unit's MemoryMax=/TasksMax= are the bounds."""
+    steps: list[tuple[Any, ...]] = [
+        (os.nice, 10),  # the daemon's decisions come first
+        (resource.setrlimit, resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1)),
+        (resource.setrlimit, resource.RLIMIT_AS, (memory_bytes, memory_bytes)),
+        (resource.setrlimit, resource.RLIMIT_CORE, (0, 0)),
+        (resource.setrlimit, resource.RLIMIT_NOFILE, (16, 16)),
+    ]
+    for fn, *args in steps:
+        with contextlib.suppress(OSError, ValueError):
+            fn(*args)
 
 
 def answer(request: dict[str, Any]) -> tuple[Any, ...]:

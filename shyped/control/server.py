@@ -573,7 +573,11 @@ class ControlServer:
             self.path.parent.mkdir(mode=0o755, parents=True)
         _clear_stale_socket(self.path)
         self._port = self._reactor.listenUNIX(
-            os.fspath(self.path), self.factory, mode=0o666, wantPID=False
+            os.fspath(self.path),
+            self.factory,
+            backlog=self.factory.limits.backlog,
+            mode=0o666,
+            wantPID=False,
         )
         self._flush.start(self.factory.limits.refusal_interval, now=False)
         log.info("control: listening on {path}", path=str(self.path))
