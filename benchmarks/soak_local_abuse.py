@@ -111,8 +111,9 @@ def hold():
             time.sleep(0.05)
         if len(held) > 256:
             held.pop(0).close()
-for fn in (refused, refused, garbage, garbage, hold):
-    threading.Thread(target=fn, daemon=True).start()
+kinds = os.environ.get("SOAK_FLOOD", "refused,refused,garbage,garbage,hold").split(",")
+for fn in kinds:
+    threading.Thread(target=globals()[fn], daemon=True).start()
 threading.Event().wait()
 """
 )
@@ -208,6 +209,15 @@ def rss_mb(pid: int) -> float:
     return int(m.group(1)) / 1024 if m else float("nan")
 
 
+def cpu_s(pid: int) -> float:
+    """utime + stime of `pid` (and its reaped children), seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def audit_seq(directory: Path) -> int:
     """The highest record sequence number in the audit trail (retention cannot lower it)."""
     best = 0
@@ -288,13 +298,16 @@ def phase(host: Host, accounts: Accounts, load: str | None, seconds: float) -> d
     audit_dir = host.directory / "audit"
     rss0, seq0 = rss_mb(pid), audit_seq(audit_dir)
     with ExitStack() as stack:
-        for proc in start_load(host, accounts, load):
+        loaders = start_load(host, accounts, load)
+        for proc in loaders:
             stack.callback(stop, proc)
         time.sleep(2.0 if load else 0.0)  # let the load build up
         probe = spawn_as(accounts.reader, READER_PROBE, str(host.socket))
         t0 = time.monotonic()
+        cpu0, load0 = cpu_s(pid), sum(cpu_s(p.pid) for p in loaders)
         lat = workload(host, seconds)
         elapsed = time.monotonic() - t0
+        cpu1, load1 = cpu_s(pid), sum(cpu_s(p.pid) for p in loaders)
         reader = json.loads(probe.communicate("", timeout=120)[0] or "{}")
         rss1 = rss_mb(pid)
     seq1 = audit_seq(audit_dir)
@@ -308,6 +321,8 @@ def phase(host: Host, accounts: Accounts, load: str | None, seconds: float) -> d
             **{k: v for k, v in summary(reader.get("latency", [])).items() if k != "n"},
         },
         "audit_records_per_s": (seq1 - seq0) / elapsed,
+        "daemon_cpu": (cpu1 - cpu0) / elapsed,
+        "load_cpu": (load1 - load0) / elapsed,
         "latency": {k: summary(v) for k, v in lat.items()},
     }
 
@@ -385,7 +400,8 @@ def report(base: dict[str, Any], loaded: dict[str, Any]) -> str:
         r = ph["reader"]
         lines.append(
             f"load={ph['load']:<13} {ph['seconds']:.0f}s  rss {ph['rss_mb']['before']:.0f}->"
-            f"{ph['rss_mb']['after']:.0f} MB  audit {ph['audit_records_per_s']:.2f} rec/s  "
+            f"{ph['rss_mb']['after']:.0f} MB  cpu daemon {ph['daemon_cpu']:.2f} "
+            f"load {ph['load_cpu']:.2f}  audit {ph['audit_records_per_s']:.2f} rec/s  "
             f"reader list {r['counts']} {r['errors'] or ''} "
             f"p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms"
         )

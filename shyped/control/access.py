@@ -65,6 +65,11 @@ class ServerLimits:
     #: Pending connections the kernel queues before connect() fails with EAGAIN (capped by
     #: net.core.somaxconn): room for everyone while an outsider floods connects.
     backlog: int = 1024
+    #: An outsider's connection over its slots is answered ``busy`` after this many seconds
+    #: (held, not read) ...
+    tarpit_delay: float = 1.0
+    #: ... while fewer than this many are held so; beyond, closed at once without an answer.
+    tarpit_max: int = 32
     #: Expensive requests (policy parses) run at once per slot class; more wait their turn.
     heavy_per_class: int = 2
 

@@ -36,7 +36,7 @@ import stat
 from pathlib import Path
 from typing import Any, Final
 
-from twisted.internet import defer
+from twisted.internet import defer, unix
 from twisted.internet.base import DelayedCall
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
@@ -85,6 +85,8 @@ __all__ = [
 
 #: Requests handled for one connection before the reactor serves others.
 LINES_PER_TURN: Final = 16
+#: Connections accepted per reactor turn at most (a connect flood waits in the listen queue).
+ACCEPTS_PER_TURN: Final = 8
 #: Bytes of unhandled request lines beyond which a connection is no longer read.
 BACKLOG: Final = 64 * 1024
 
@@ -143,14 +145,40 @@ class ControlProtocol(Protocol):
                     pid=self.peer.pid,
                     why=why,
                 )
-            self._close_with(None, ControlError(ErrorCode.BUSY, why))
+            self._refuse_connection(why)
             return
         self._admitted = True
         self._tx.bufferSize = self.factory.limits.write_buffer
         self._tx.registerProducer(self, True)
         self._arm_idle()
 
+    def _refuse_connection(self, why: str) -> None:
+        """No slot: answer ``busy`` -- for an outsider only after a delay, from a bounded
+        tarpit (a connect loop then waits instead of costing the reactor a connection per
+        turn), and past the tarpit's size by closing at once without an answer."""
+        error = ControlError(ErrorCode.BUSY, why)
+        if self.slot != "other":
+            self._close_with(None, error)
+            return
+        factory = self.factory
+        if factory.tarpit >= factory.limits.tarpit_max:
+            self._closing = True
+            self._tx.abortConnection()
+            return
+        factory.tarpit += 1
+        self._closing = True
+        self._tx.pauseProducing()
+
+        def release() -> None:
+            factory.tarpit -= 1
+            self._closing = False
+            self._close_with(None, error)
+
+        self._later = factory.clock.callLater(factory.limits.tarpit_delay, release)
+
     def connectionLost(self, reason: Any = None) -> None:
+        if self._later is not None and self._later.active() and not self._admitted:
+            self.factory.tarpit -= 1  # left the tarpit early
         self._closing = True
         for timer in (self._request_timer, self._idle_timer, self._later, self._stall_timer):
             if timer is not None and timer.active():
@@ -467,6 +495,8 @@ class ControlFactory(Factory):
         self.connections: set[ControlProtocol] = set()
         self.slots = Slots(limits)
         self.refusals = RefusalLog(max_uids=limits.refusal_uids)
+        #: Refused outsider connections held before their answer (`ServerLimits.tarpit_max`).
+        self.tarpit = 0
         #: Expensive requests (policy parses) in progress, per slot class.
         self.heavy = {
             cls: defer.DeferredSemaphore(max(1, limits.heavy_per_class)) for cls in SLOT_CLASSES
@@ -539,6 +569,17 @@ def _clear_stale_socket(path: Path) -> None:
     raise ControlSetupError(f"{path}: another daemon is listening there")
 
 
+class _ControlPort(unix.Port):
+    """Twisted's Unix listening port, accepting at most `ACCEPTS_PER_TURN` connections per
+    reactor turn: Twisted grows its accept batch without bound while connections keep coming,
+    so a local connect flood would otherwise hold the reactor (and every decision) for as
+    many accepts as the listen queue holds."""
+
+    def doRead(self) -> Any:
+        self.numberAccepts = min(self.numberAccepts, ACCEPTS_PER_TURN)
+        return super().doRead()  # type: ignore[no-untyped-call]
+
+
 class ControlServer:
     """Serves `backend` on the Unix socket of `config` (see module docstring)."""
 
@@ -572,13 +613,17 @@ class ControlServer:
         if not self.path.parent.exists():
             self.path.parent.mkdir(mode=0o755, parents=True)
         _clear_stale_socket(self.path)
-        self._port = self._reactor.listenUNIX(
+        port_type: Any = _ControlPort  # Twisted's port classes are not typed
+        port = port_type(
             os.fspath(self.path),
             self.factory,
-            backlog=self.factory.limits.backlog,
-            mode=0o666,
-            wantPID=False,
+            self.factory.limits.backlog,
+            0o666,
+            self._reactor,
+            False,
         )
+        port.startListening()
+        self._port = port
         self._flush.start(self.factory.limits.refusal_interval, now=False)
         log.info("control: listening on {path}", path=str(self.path))
 
