@@ -334,7 +334,9 @@ def start_load(host: Host, accounts: Accounts, load: str | None) -> list[subproc
         if kind == "control-flood":
             procs.append(spawn_as(accounts.outsider, CONTROL_FLOOD, str(host.socket)))
         elif kind == "policy-check":
-            procs.append(spawn_as(accounts.reader, POLICY_BOMBS, str(host.socket), "8"))
+            # another read-group member than the probe (its own per-uid connection cap)
+            bomber, groups = accounts.outsiders[0], (accounts.read_gid,)
+            procs.append(spawn_as(bomber, POLICY_BOMBS, str(host.socket), "8", groups=groups))
         elif kind == "metrics-fds":
             procs.append(spawn_as(accounts.outsider, METRICS_FDS, str(metrics_port(host))))
     return procs
@@ -426,7 +428,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         parser.error("run as root: the load runs as real users made with useradd (setpriv)")
     logs = io.StringIO()  # sandbox_host prints the daemon's log at the end
-    with system_accounts() as accounts, redirect_stdout(logs), soak_host(accounts) as host:
+    with (
+        system_accounts(more_outsiders=1) as accounts,
+        redirect_stdout(logs),
+        soak_host(accounts) as host,
+    ):
         base = phase(host, accounts, None, args.seconds)
         loaded = phase(host, accounts, args.load, args.seconds)
         assert host.daemon is not None and host.daemon.proc.poll() is None, "the daemon died"

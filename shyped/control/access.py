@@ -72,6 +72,8 @@ class ServerLimits:
     tarpit_max: int = 32
     #: Expensive requests (policy parses) run at once per slot class; more wait their turn.
     heavy_per_class: int = 2
+    #: ... of which the read group gets this many (it may only check, never load).
+    heavy_read: int = 1
 
     def slots(self, cls: SlotClass) -> int:
         return {
@@ -80,6 +82,9 @@ class ServerLimits:
             "read": self.read_slots,
             "other": self.other_slots,
         }[cls]
+
+    def heavy(self, cls: SlotClass) -> int:
+        return max(1, self.heavy_read if cls == "read" else self.heavy_per_class)
 
     def per_uid(self, cls: SlotClass) -> int | None:
         if cls == "root":

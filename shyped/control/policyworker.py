@@ -27,7 +27,7 @@ def _limit(cpu_seconds: int, memory_bytes: int) -> None:
     (``SystemCallFilter=~@resources``) refuses setrlimit/setpriority: then the parent's
     wall-clock timeout and the unit's MemoryMax=/TasksMax= are the bounds."""
     steps: list[tuple[Any, ...]] = [
-        (os.nice, 10),  # the daemon's decisions come first
+        (os.nice, 19),  # the daemon's decisions come first
         (resource.setrlimit, resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1)),
         (resource.setrlimit, resource.RLIMIT_AS, (memory_bytes, memory_bytes)),
         (resource.setrlimit, resource.RLIMIT_CORE, (0, 0)),

@@ -498,9 +498,7 @@ class ControlFactory(Factory):
         #: Refused outsider connections held before their answer (`ServerLimits.tarpit_max`).
         self.tarpit = 0
         #: Expensive requests (policy parses) in progress, per slot class.
-        self.heavy = {
-            cls: defer.DeferredSemaphore(max(1, limits.heavy_per_class)) for cls in SLOT_CLASSES
-        }
+        self.heavy = {cls: defer.DeferredSemaphore(limits.heavy(cls)) for cls in SLOT_CLASSES}
 
     def admit(self, conn: ControlProtocol) -> str | None:
         """Count a new connection in its slot class, or say why it is refused."""
