@@ -126,6 +126,8 @@ class _Worker(ProcessProtocol):
             signal.SIGKILL,
         ):
             what = f"took more than {self.cpu} s of CPU to parse"
+        elif isinstance(reason.value, ProcessTerminated) and reason.value.signal is None:
+            what = f"made the policy parser fail (exit status {reason.value.exitCode})"
         else:
             what = f"could not be parsed within {lim.memory_bytes >> 20} MiB of memory"
         message = f"the policy text {what} (a parser limit); nothing was loaded"
@@ -167,12 +169,17 @@ def _decode(raw: bytes) -> tuple[Policy, PolicyFormat]:
         answer = _SafeUnpickler(io.BytesIO(raw)).load()
     except Exception as exc:
         log.error("policy parser answered nonsense: {err}", err=str(exc)[:200])
-        raise ControlError(
-            ErrorCode.POLICY_INVALID,
-            "the policy parser gave no usable answer; nothing was loaded",
-            {"problems": ["the policy parser gave no usable answer"]},
-        ) from None
-    if answer[0] == "ok" and isinstance(answer[1], Policy):
-        return answer[1], answer[2]
-    _, code, message, details = answer
-    raise ControlError(ErrorCode(code), str(message), dict(details))
+        answer = None
+    match answer:
+        case ("ok", Policy() as policy, "toml" | "acm-xml" as fmt):
+            return policy, fmt
+        case ("error", str(code), str(message), dict(details)) if code in _CODES:
+            raise ControlError(ErrorCode(code), message, details)
+    raise ControlError(
+        ErrorCode.POLICY_INVALID,
+        "the policy parser gave no usable answer; nothing was loaded",
+        {"problems": ["the policy parser gave no usable answer"]},
+    )
+
+
+_CODES: Final = frozenset(str(c) for c in ErrorCode)
