@@ -23,7 +23,8 @@ send pathological policies (62 KB of dotted keys, 5,000 nested arrays) to ``poli
 from 8 connections in parallel, over and over; ``metrics-fds`` -- an outsider opens and holds
 as many TCP connections to the metrics port as it can; ``all`` -- the three at once.
 
-Reported per phase: daemon RSS before/after (VmRSS), the read group's ``list`` answers (a
+Reported per phase: daemon RSS before/after (VmRSS), its open descriptors (before / at the
+end of the workload), its CPU (and the load's) in cores, the read group's ``list`` answers (a
 read-group member asks every 0.2 s: ok / busy / other errors, latency p50/p99), audit
 records added per second, and the workload's latencies p50/p99; with load, each p50/p99 as a
 ratio to the phase without load.
@@ -209,6 +210,10 @@ def rss_mb(pid: int) -> float:
     return int(m.group(1)) / 1024 if m else float("nan")
 
 
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def cpu_s(pid: int) -> float:
     """utime + stime of `pid` (and its reaped children), seconds."""
     try:
@@ -296,7 +301,7 @@ def phase(host: Host, accounts: Accounts, load: str | None, seconds: float) -> d
     assert host.daemon is not None
     pid = host.daemon.proc.pid
     audit_dir = host.directory / "audit"
-    rss0, seq0 = rss_mb(pid), audit_seq(audit_dir)
+    rss0, seq0, fds0 = rss_mb(pid), audit_seq(audit_dir), fds(pid)
     with ExitStack() as stack:
         loaders = start_load(host, accounts, load)
         for proc in loaders:
@@ -308,6 +313,7 @@ def phase(host: Host, accounts: Accounts, load: str | None, seconds: float) -> d
         lat = workload(host, seconds)
         elapsed = time.monotonic() - t0
         cpu1, load1 = cpu_s(pid), sum(cpu_s(p.pid) for p in loaders)
+        fds1 = fds(pid)
         reader = json.loads(probe.communicate("", timeout=120)[0] or "{}")
         rss1 = rss_mb(pid)
     seq1 = audit_seq(audit_dir)
@@ -315,6 +321,7 @@ def phase(host: Host, accounts: Accounts, load: str | None, seconds: float) -> d
         "load": load or "none",
         "seconds": elapsed,
         "rss_mb": {"before": rss0, "after": rss1},
+        "fds": {"before": fds0, "end": fds1},
         "reader": {
             "counts": reader.get("counts"),
             "errors": reader.get("errors"),
@@ -402,7 +409,8 @@ def report(base: dict[str, Any], loaded: dict[str, Any]) -> str:
         r = ph["reader"]
         lines.append(
             f"load={ph['load']:<13} {ph['seconds']:.0f}s  rss {ph['rss_mb']['before']:.0f}->"
-            f"{ph['rss_mb']['after']:.0f} MB  cpu daemon {ph['daemon_cpu']:.2f} "
+            f"{ph['rss_mb']['after']:.0f} MB  fds {ph['fds']['before']}->{ph['fds']['end']}  "
+            f"cpu daemon {ph['daemon_cpu']:.2f} "
             f"load {ph['load_cpu']:.2f}  audit {ph['audit_records_per_s']:.2f} rec/s  "
             f"reader list {r['counts']} {r['errors'] or ''} "
             f"p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms"

@@ -19,6 +19,9 @@ from typing import Any
 
 import attrs
 import pytest
+from control_helpers import ModelBackend, cleanup, short_dir
+
+from shyped.config import ControlConfig
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 
@@ -199,3 +202,23 @@ def run_as(
     )
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@contextmanager
+def reachable_backend(prefix: str) -> Iterator[ModelBackend]:
+    """A `ModelBackend` in a fresh directory the test users can reach (its socket is there)."""
+    directory = short_dir(prefix)
+    os.chmod(directory, 0o755)
+    try:
+        yield ModelBackend(directory)
+    finally:
+        cleanup(directory)
+
+
+def groups_config(backend: ModelBackend, acc: Accounts) -> ControlConfig:
+    """The control socket in `backend`'s directory, with the accounts' read and admin groups."""
+    return ControlConfig(
+        socket=backend.directory / "control.sock",
+        read_group=acc.read_group,
+        admin_group=acc.admin_group,
+    )

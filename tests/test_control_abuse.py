@@ -4,25 +4,25 @@ unread, connection slots taken by many uids, floods of refused requests."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 import pytest_twisted
-from control_helpers import ModelBackend, aserving, cleanup, in_thread, short_dir
+from control_helpers import ModelBackend, aserving, in_thread
 from peercred_helpers import (
     SETENFORCE,
     Account,
     Accounts,
     as_user,
     code,
+    groups_config,
     needs_users,
+    reachable_backend,
     run_as,
     spawn_as,
     system_accounts,
 )
 
-from shyped.config import ControlConfig
 from shyped.control.server import ServerLimits
 
 pytestmark = needs_users
@@ -38,20 +38,11 @@ def accounts() -> Iterator[Accounts]:
 
 @pytest.fixture
 def backend() -> Iterator[ModelBackend]:
-    directory = short_dir("ctla")
-    os.chmod(directory, 0o755)  # the other users must reach the socket
-    try:
-        yield ModelBackend(directory)
-    finally:
-        cleanup(directory)
+    with reachable_backend("ctla") as b:
+        yield b
 
 
-def config(backend: ModelBackend, acc: Accounts) -> ControlConfig:
-    return ControlConfig(
-        socket=backend.directory / "control.sock",
-        read_group=acc.read_group,
-        admin_group=acc.admin_group,
-    )
+config = groups_config
 
 
 #: Sends `x\n` lines (up to argv[2] bytes) and never reads an answer; prints how many bytes the

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 import pytest_twisted
-from control_helpers import ModelBackend, aserving, cleanup, in_thread, short_dir
+from control_helpers import ModelBackend, aserving, in_thread
 from peercred_helpers import (
     SETENFORCE,
     STATUS,
@@ -15,11 +14,12 @@ from peercred_helpers import (
     Accounts,
     as_user,
     code,
+    groups_config,
     needs_users,
+    reachable_backend,
     system_accounts,
 )
 
-from shyped.config import ControlConfig
 from shyped.control.server import ServerLimits
 
 pytestmark = needs_users
@@ -33,20 +33,11 @@ def accounts() -> Iterator[Accounts]:
 
 @pytest.fixture
 def backend() -> Iterator[ModelBackend]:
-    directory = short_dir("ctlp")
-    os.chmod(directory, 0o755)  # the other users must reach the socket
-    try:
-        yield ModelBackend(directory)
-    finally:
-        cleanup(directory)
+    with reachable_backend("ctlp") as b:
+        yield b
 
 
-def config(backend: ModelBackend, acc: Accounts) -> ControlConfig:
-    return ControlConfig(
-        socket=backend.directory / "control.sock",
-        read_group=acc.read_group,
-        admin_group=acc.admin_group,
-    )
+config = groups_config
 
 
 @pytest_twisted.ensureDeferred
