@@ -29,14 +29,10 @@ Why it looks like this:
 
 from __future__ import annotations
 
-import errno
-import os
-import socket
-import stat
 from pathlib import Path
 from typing import Any, Final
 
-from twisted.internet import defer, unix
+from twisted.internet import defer
 from twisted.internet.base import DelayedCall
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
@@ -57,6 +53,7 @@ from shyped.control.access import (
     slot_class,
 )
 from shyped.control.backend import Access, ControlAudit, ControlBackend, NoArgs, Peer, Pong
+from shyped.control.listener import clear_stale_socket, listen
 from shyped.control.protocol import (
     VERSION,
     ControlError,
@@ -85,8 +82,6 @@ __all__ = [
 
 #: Requests handled for one connection before the reactor serves others.
 LINES_PER_TURN: Final = 16
-#: Connections accepted per reactor turn at most (a connect flood waits in the listen queue).
-ACCEPTS_PER_TURN: Final = 8
 #: Bytes of unhandled request lines beyond which a connection is no longer read.
 BACKLOG: Final = 64 * 1024
 
@@ -545,39 +540,6 @@ class ControlFactory(Factory):
 # --------------------------------------------------------------------------- the server
 
 
-def _clear_stale_socket(path: Path) -> None:
-    """Remove a socket file nobody listens on; refuse a live one or a non-socket."""
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ControlSetupError(f"{path} exists and is not a socket; not removing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(str(path))
-    except OSError as exc:
-        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            path.unlink(missing_ok=True)
-            return
-        raise ControlSetupError(f"{path}: cannot check the existing socket: {exc}") from None
-    finally:
-        probe.close()
-    raise ControlSetupError(f"{path}: another daemon is listening there")
-
-
-class _ControlPort(unix.Port):
-    """Twisted's Unix listening port, accepting at most `ACCEPTS_PER_TURN` connections per
-    reactor turn: Twisted grows its accept batch without bound while connections keep coming,
-    so a local connect flood would otherwise hold the reactor (and every decision) for as
-    many accepts as the listen queue holds."""
-
-    def doRead(self) -> Any:
-        self.numberAccepts = min(self.numberAccepts, ACCEPTS_PER_TURN)
-        return super().doRead()  # type: ignore[no-untyped-call]
-
-
 class ControlServer:
     """Serves `backend` on the Unix socket of `config` (see module docstring)."""
 
@@ -610,18 +572,8 @@ class ControlServer:
         """Listen now; `ControlSetupError` if the socket cannot be served."""
         if not self.path.parent.exists():
             self.path.parent.mkdir(mode=0o755, parents=True)
-        _clear_stale_socket(self.path)
-        port_type: Any = _ControlPort  # Twisted's port classes are not typed
-        port = port_type(
-            os.fspath(self.path),
-            self.factory,
-            self.factory.limits.backlog,
-            0o666,
-            self._reactor,
-            False,
-        )
-        port.startListening()
-        self._port = port
+        clear_stale_socket(self.path)
+        self._port = listen(self.path, self.factory, self.factory.limits.backlog, self._reactor)
         self._flush.start(self.factory.limits.refusal_interval, now=False)
         log.info("control: listening on {path}", path=str(self.path))
 
