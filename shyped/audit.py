@@ -78,6 +78,9 @@ class Kind(enum.StrEnum):
     DAEMON_START = "daemon-start"
     DAEMON_STOP = "daemon-stop"
     RECONCILE = "reconcile"
+    CONTROL = "control"  #: a change request on the control socket, done or refused
+    #: Refusals of one uid in one interval beyond the first, counted (shyped.control.refusals).
+    CONTROL_REFUSALS = "control-refusals"
     # Written by the audit log itself.
     LOG_START = "log-start"
     ROTATE = "rotate"

@@ -57,6 +57,8 @@ class Host:
     directory: Path  # short: AF_UNIX paths
     mode: str = "enforcing"
     daemon: ShypedProcess | None = None
+    #: Appended to the configuration, right after ``[control]``'s socket (more keys, tables).
+    extra: str = ""
 
     @property
     def config(self) -> Path:
@@ -83,7 +85,7 @@ class Host:
             f'[enforcement]\nmode = "{self.mode}"\ndevice_close_timeout = 2.0\n'
             f'[xenstore]\nsocket = "{self.xsd.socket_path}"\n'
             '[actuator]\nkind = "sandbox"\n'
-            f'[control]\nsocket = "{self.socket}"\n'
+            f'[control]\nsocket = "{self.socket}"\n' + self.extra
         )
 
     def start(self, env: Mapping[str, str] | None = None, *, ready: bool = True) -> ShypedProcess:

@@ -398,7 +398,7 @@ async def test_trickling_bytes_do_not_keep_a_request_alive(backend: ModelBackend
 
 @pytest_twisted.ensureDeferred
 async def test_connection_cap_answers_busy(backend: ModelBackend) -> None:
-    limits = ServerLimits(max_connections=0, admin_reserve=2)
+    limits = ServerLimits(root_slots=2)
     async with aserving(backend, backend.directory, limits=limits) as server:
 
         def go() -> tuple[dict[str, Any], str]:

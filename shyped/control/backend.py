@@ -418,6 +418,9 @@ class ControlAudit:
     #: The error code when refused or failed; None when it succeeded.
     code: str | None
     summary: str
+    #: None for one request; for a summary of refusals (``op`` then names their kinds), how
+    #: many were refused in the interval beyond the one recorded in full.
+    count: int | None = None
 
 
 # --------------------------------------------------------------------------- the protocol

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -71,12 +72,26 @@ class ControlClient:
         if self._sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.timeout)
-            try:
-                sock.connect(os.fspath(self.path))
-            except OSError as exc:
-                sock.close()
-                why = exc.strerror or str(exc)
-                raise DaemonUnreachable(f"cannot connect to shyped at {self.path}: {why}") from None
+            deadline = time.monotonic() + self.timeout
+            while True:
+                try:
+                    sock.connect(os.fspath(self.path))
+                    break
+                except BlockingIOError:  # EAGAIN: the listen queue is full (a connect flood)
+                    if time.monotonic() < deadline:
+                        time.sleep(0.02)
+                        continue
+                    sock.close()
+                    raise DaemonUnreachable(
+                        f"cannot connect to shyped at {self.path}: its listen queue stayed full "
+                        f"for {self.timeout:g} s"
+                    ) from None
+                except OSError as exc:
+                    sock.close()
+                    why = exc.strerror or str(exc)
+                    raise DaemonUnreachable(
+                        f"cannot connect to shyped at {self.path}: {why}"
+                    ) from None
             self._sock = sock
         return self._sock
 

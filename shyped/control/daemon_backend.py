@@ -15,6 +15,10 @@ Choices worth knowing:
   are atomic file replacements (temp file, fsync, rename) done on the reactor thread *before*
   the in-memory change, so the file and the daemon never disagree and a failed write changes
   nothing. The file is small; this blocks the reactor for an fsync, a few ms, on an admin op.
+- **Submitted policy texts** (``policy_check``, ``policy_load``) are parsed in a worker
+  process with CPU, memory and time limits (`shyped.control.policyparse`), never on the
+  reactor: a pathological text costs its sender a ``policy-invalid`` answer, not the daemon
+  its decisions.
 - **policy_load** with a text: the text is parsed, then written to a temporary file beside the
   configured policy file and handed to `Daemon.reload_policy`, which runs the update check on
   the running system; only if the daemon switched is the file renamed over the configured one
@@ -48,6 +52,7 @@ from shyped.audit import Kind
 from shyped.config import Mode
 from shyped.control import backend as b
 from shyped.control import views
+from shyped.control.policyparse import parse_isolated
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.engine import Outcome, resource_of
 from shyped.host import Device, Domain, DomainState
@@ -351,8 +356,9 @@ class DaemonControlBackend:
 
     def wait_admission(self, args: b.WaitAdmissionArgs) -> Deferred[b.Admission]:
         self._ready()
+        uuid = views.canonical_uuid(args.uuid)
         d: Deferred[b.Admission] = Deferred(lambda _: self._drop(waiter))
-        waiter = _Waiter(args.uuid.lower(), args.devices, d)
+        waiter = _Waiter(uuid, args.devices, d)
         answer = self._admission(waiter)
         if answer is not None:
             return defer.succeed(answer)
@@ -466,19 +472,25 @@ class DaemonControlBackend:
                 ) from None
         return b.PolicyText(self._policy_info(), args.format, text)
 
-    def _check(self, src: b.PolicySource) -> tuple[Policy, b.PolicyCheckResult]:
-        new, fmt = views.parse_policy(src.text, src.filename, src.format)
+    def _parse(self, src: b.PolicySource) -> Deferred[tuple[Policy, b.PolicyFormat]]:
+        """Parse a submitted text in a worker process (`shyped.control.policyparse`)."""
+        return parse_isolated(self.reactor, src.text, src.filename, src.format)
+
+    def _check(
+        self, src: b.PolicySource, parsed: tuple[Policy, b.PolicyFormat]
+    ) -> b.PolicyCheckResult:
+        new, fmt = parsed
         raw = src.text.encode("utf-8")
         info = views.policy_info(new, raw, fmt, src.filename)
         if info.sha256 == self.daemon.loaded.sha256:
-            return new, b.PolicyCheckResult(True, info)  # the active policy: loading is a no-op
+            return b.PolicyCheckResult(True, info)  # the active policy: loading is a no-op
         system = self.daemon.engine.running_system(self.daemon.host)
         check = update.check_update(self._policy, new, system)
-        return new, b.PolicyCheckResult(check.allowed, info, tuple(str(p) for p in check.problems))
+        return b.PolicyCheckResult(check.allowed, info, tuple(str(p) for p in check.problems))
 
-    def policy_check(self, args: b.PolicySource) -> b.PolicyCheckResult:
+    def policy_check(self, args: b.PolicySource) -> Deferred[b.PolicyCheckResult]:
         self._ready()
-        return self._check(args)[1]
+        return self._parse(args).addCallback(lambda parsed: self._check(args, parsed))
 
     def policy_load(self, args: b.PolicyLoadArgs) -> Deferred[b.PolicyLoadResult]:
         self._ready()
@@ -488,8 +500,16 @@ class DaemonControlBackend:
         previous = self._policy_info()
         if source is None:
             return self.daemon.reload_policy().addCallback(self._loaded, previous)
+        return self._parse(source).addCallback(self._load_parsed, source, previous)
+
+    def _load_parsed(
+        self,
+        parsed: tuple[Policy, b.PolicyFormat],
+        source: b.PolicySource,
+        previous: b.PolicyInfo,
+    ) -> Deferred[b.PolicyLoadResult] | b.PolicyLoadResult:
         target = self.daemon.config.policy
-        _, fmt = views.parse_policy(source.text, source.filename, source.format)
+        fmt = parsed[1]
         if target.suffix.lower() == ".xml" and fmt != "acm-xml":
             raise ControlError(
                 ErrorCode.INVALID_ARGUMENT,
@@ -498,7 +518,7 @@ class DaemonControlBackend:
             )
         raw = source.text.encode("utf-8")
         if hashlib.sha256(raw).hexdigest() == self.daemon.loaded.sha256:
-            return defer.succeed(b.PolicyLoadResult(previous, previous))
+            return b.PolicyLoadResult(previous, previous)
         try:
             fd, tmp = tempfile.mkstemp(
                 prefix=f".{target.name}.load.", suffix=target.suffix, dir=target.parent
@@ -571,8 +591,18 @@ class DaemonControlBackend:
         d.addErrback(lambda f: log.failure("audit: record of {kind} failed", f, kind=kind))
 
     def audit(self, event: b.ControlAudit) -> None:
+        if event.count is not None:  # a summary of refusals: the server already logged it
+            self._record(
+                Kind.CONTROL_REFUSALS,
+                uid=event.peer.uid,
+                gid=event.peer.gid,
+                kinds=event.op,
+                count=event.count,
+                summary=event.summary,
+            )
+            return
         self._record(
-            "control",
+            Kind.CONTROL,
             op=event.op,
             uid=event.peer.uid,
             gid=event.peer.gid,

@@ -103,10 +103,21 @@ class Op:
     access: b.Access
     #: ControlBackend method called (with the args unless `args` is NoArgs).
     method: str
+    #: Expensive (a policy parse in a worker process): the server runs a few at once per
+    #: access class, the rest wait their turn.
+    heavy: bool = False
 
 
-def _op(name: str, args: type[Any], result: type[Any], access: b.Access, method: str = "") -> Op:
-    return Op(name, args, result, access, method or name)
+def _op(
+    name: str,
+    args: type[Any],
+    result: type[Any],
+    access: b.Access,
+    method: str = "",
+    *,
+    heavy: bool = False,
+) -> Op:
+    return Op(name, args, result, access, method or name, heavy)
 
 
 OPS: Final[Mapping[str, Op]] = {
@@ -124,12 +135,12 @@ OPS: Final[Mapping[str, Op]] = {
         _op("dry_run", b.DryRunArgs, b.DryRunResult, "read"),
         _op("wait_admission", b.WaitAdmissionArgs, b.Admission, "read"),
         _op("policy_show", b.PolicyShowArgs, b.PolicyText, "read"),
-        _op("policy_check", b.PolicySource, b.PolicyCheckResult, "read"),
+        _op("policy_check", b.PolicySource, b.PolicyCheckResult, "read", heavy=True),
         _op("setenforce", b.SetEnforceArgs, b.EnforceMode, "admin"),
         _op("register_domain", b.RegisterDomainArgs, b.Registration, "admin"),
         _op("relabel_domain", b.RelabelDomainArgs, b.DomainInfo, "admin"),
         _op("set_resource_label", b.SetResourceLabelArgs, b.ResourceLabelChange, "admin"),
-        _op("policy_load", b.PolicyLoadArgs, b.PolicyLoadResult, "admin"),
+        _op("policy_load", b.PolicyLoadArgs, b.PolicyLoadResult, "admin", heavy=True),
     )
 }
 

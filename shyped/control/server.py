@@ -5,47 +5,56 @@ Why it looks like this:
 - **Who may ask** is decided from the kernel's word, not the client's: `SO_PEERCRED` (uid,
   gid, pid at connect time) and `SO_PEERGROUPS` (supplementary groups). root and members of
   the admin group may change things; members of the read group may query. Anyone else still
-  gets an answer (``permission-denied``) so a refused operator sees why, and the refusal is
-  logged (and, for change requests, passed to `ControlBackend.audit`). The socket itself is
+  gets an answer (``permission-denied``) so a refused operator sees why. The socket itself is
   mode 0666: authorization is the server's, per request.
+- **Nobody can starve another class**: connection slots are reserved per class (root, admin
+  group, read group, others; `shyped.control.access`), so outsiders -- however many uids they
+  have -- never take a slot of the read group, the admins or root.
 - **Nobody can disturb the daemon or other clients**: each connection has its own buffer and
   at most one request in flight (further lines wait, and reading pauses when they pile up);
-  a line longer than the peer's limit (64 KiB read-only, 12 MiB admin) is answered with
-  ``too-large`` and the connection closed; a request line not finished within
-  `ServerLimits.request_timeout` of its first byte is answered with ``request-timeout`` and
-  closed (a slow writer cannot hold it open by trickling bytes); idle connections are closed;
-  connections are capped in total and per uid (root and admins have a reserve so unprivileged
-  users cannot lock them out). A backend exception becomes ``internal`` and is logged; it
-  never reaches the reactor.
+  a peer that does not read its answers is not read either (the connection is the transport's
+  push producer: once `ServerLimits.write_buffer` bytes of answers wait, no further request is
+  taken) and is cut off after `ServerLimits.stall_timeout`; a line longer than the peer's limit
+  (64 KiB read-only, 12 MiB admin) is answered with ``too-large`` and the connection closed; a
+  request line not finished within `ServerLimits.request_timeout` of its first byte is
+  answered with ``request-timeout`` and closed; idle connections are closed. Expensive ops
+  (policy parses) run at most `ServerLimits.heavy_per_class` at once per slot class. A backend
+  exception becomes ``internal`` and is logged; it never reaches the reactor.
+- **Refusals cannot flood the log or the audit trail**: the first refusal of a uid in an
+  interval is written in full, the rest are counted and summarised once per interval
+  (`shyped.control.refusals`).
 - Requests are answered in order; a connection that goes away cancels its pending request
   (a `wait_admission` stops waiting).
 """
 
 from __future__ import annotations
 
-import errno
-import grp
-import os
-import socket
-import stat
-import struct
-from collections import Counter
 from pathlib import Path
 from typing import Any, Final
 
-import attrs
 from twisted.internet import defer
 from twisted.internet.base import DelayedCall
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shyped import __version__
 from shyped.config import ControlConfig
+from shyped.control.access import (
+    SLOT_CLASSES,
+    Authorizer,
+    ControlSetupError,
+    ServerLimits,
+    SlotClass,
+    Slots,
+    allowed,
+    peer_credentials,
+    slot_class,
+)
 from shyped.control.backend import Access, ControlAudit, ControlBackend, NoArgs, Peer, Pong
+from shyped.control.listener import clear_stale_socket, listen
 from shyped.control.protocol import (
-    MAX_ADMIN_LINE,
-    MAX_READ_LINE,
     VERSION,
     ControlError,
     ErrorCode,
@@ -57,94 +66,35 @@ from shyped.control.protocol import (
     parse_document,
     request_id,
 )
+from shyped.control.refusals import RefusalLog
 
 log = Logger(namespace="shyped.control")
 
-#: Linux's SO_PEERGROUPS (not exported by every Python build).
-SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
+__all__ = [
+    "Authorizer",
+    "ControlFactory",
+    "ControlProtocol",
+    "ControlServer",
+    "ControlSetupError",
+    "ServerLimits",
+    "peer_credentials",
+]
+
 #: Requests handled for one connection before the reactor serves others.
 LINES_PER_TURN: Final = 16
-#: CPython caps getsockopt buffers at 1024 bytes: 256 supplementary groups.
-_GROUPS_BUF: Final = 1024
-
-
-class ControlSetupError(Exception):
-    """The control socket cannot be served (bad group name, path in use ...)."""
-
-
-@attrs.frozen
-class ServerLimits:
-    """Per-connection and global limits; defaults suit a dom0."""
-
-    max_connections: int = 64  #: connections of read-only peers, in total
-    max_connections_per_uid: int = 8  #: per non-root uid
-    admin_reserve: int = 16  #: extra connections only root/admins may use
-    request_timeout: float = 10.0  #: seconds from a request's first byte to its newline
-    idle_timeout: float = 600.0  #: seconds without a request in flight before closing
-    max_read_line: int = MAX_READ_LINE
-    max_admin_line: int = MAX_ADMIN_LINE
-
-
-# --------------------------------------------------------------------------- authorization
-
-
-def peer_credentials(sock: socket.socket) -> Peer:
-    """The connecting process's uid/gid/pid and supplementary groups, from the kernel."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    groups: tuple[int, ...] = ()
-    try:
-        data = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _GROUPS_BUF)
-        groups = tuple(struct.unpack(f"{len(data) // 4}I", data[: len(data) // 4 * 4]))
-    except OSError as exc:  # ERANGE: more than 256 groups; ENOPROTOOPT: old kernel
-        log.warn("control: cannot read peer groups of pid {pid}: {err}", pid=pid, err=exc)
-    return Peer(uid=uid, gid=gid, pid=pid, groups=groups)
-
-
-@attrs.frozen
-class Authorizer:
-    """root and `admin_gids` members may change things; `read_gids` members may query."""
-
-    read_gids: frozenset[int] = frozenset()
-    admin_gids: frozenset[int] = frozenset()
-
-    @classmethod
-    def from_config(cls, config: ControlConfig) -> Authorizer:
-        return cls(
-            read_gids=_gids(config.read_group, "control.read_group"),
-            admin_gids=_gids(config.admin_group, "control.admin_group"),
-        )
-
-    def access(self, peer: Peer) -> Access | None:
-        """What `peer` may do: ``admin``, ``read`` or nothing (None)."""
-        gids = {peer.gid, *peer.groups}
-        if peer.uid == 0 or gids & self.admin_gids:
-            return "admin"
-        if gids & self.read_gids:
-            return "read"
-        return None
-
-
-def _gids(name: str | None, key: str) -> frozenset[int]:
-    if name is None:
-        return frozenset()
-    try:
-        return frozenset({grp.getgrnam(name).gr_gid})
-    except KeyError:
-        if name.isdecimal():
-            return frozenset({int(name)})
-        raise ControlSetupError(f"{key}: no group named {name!r}") from None
-
-
-def allowed(have: Access | None, need: Access) -> bool:
-    return have == "admin" or (have == "read" and need == "read")
+#: Bytes of unhandled request lines beyond which a connection is no longer read.
+BACKLOG: Final = 64 * 1024
 
 
 # --------------------------------------------------------------------------- connections
 
 
 class ControlProtocol(Protocol):
-    """One client connection: line framing, limits, authorization, one request at a time."""
+    """One client connection: line framing, limits, authorization, one request at a time.
+
+    It is also the push producer of its own transport: the transport pauses it when answers
+    pile up unread, and it then stops taking requests and stops reading.
+    """
 
     factory: ControlFactory
 
@@ -152,14 +102,17 @@ class ControlProtocol(Protocol):
         self._buf = bytearray()
         self._busy = False
         self._closing = False
-        self._paused = False
+        self._reading_paused = False
+        self._write_blocked = False
         self._pending: defer.Deferred[Any] | None = None
         self._request_timer: DelayedCall | None = None
         self._idle_timer: DelayedCall | None = None
+        self._stall_timer: DelayedCall | None = None
         self._later: DelayedCall | None = None
         self._draining = False
         self.peer = Peer(uid=-1, gid=-1, pid=0)
         self.access: Access | None = None
+        self.slot: SlotClass = "other"
         self._admitted = False
 
     @property
@@ -177,31 +130,112 @@ class ControlProtocol(Protocol):
             self._close_with(None, ControlError(ErrorCode.PERMISSION_DENIED, "unknown peer"))
             return
         self.access = self.factory.authorizer.access(self.peer)
+        self.slot = slot_class(self.peer, self.access)
         why = self.factory.admit(self)
         if why is not None:
-            log.warn(
-                "control: refused connection from uid={uid} pid={pid}: {why}",
-                uid=self.peer.uid,
-                pid=self.peer.pid,
-                why=why,
-            )
-            self._close_with(None, ControlError(ErrorCode.BUSY, why))
+            if self.factory.refused(self.peer, "connect"):
+                log.warn(
+                    "control: refused connection from uid={uid} pid={pid}: {why}",
+                    uid=self.peer.uid,
+                    pid=self.peer.pid,
+                    why=why,
+                )
+            self._refuse_connection(why)
             return
         self._admitted = True
+        self._tx.bufferSize = self.factory.limits.write_buffer
+        self._tx.registerProducer(self, True)
         self._arm_idle()
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def _refuse_connection(self, why: str) -> None:
+        """No slot: answer ``busy`` -- for an outsider only after a delay, from a bounded
+        tarpit (a connect loop then waits instead of costing the reactor a connection per
+        turn), and past the tarpit's size by closing at once without an answer."""
+        error = ControlError(ErrorCode.BUSY, why)
+        if self.slot != "other":
+            self._close_with(None, error)
+            return
+        factory = self.factory
+        if factory.tarpit >= factory.limits.tarpit_max:
+            self._closing = True
+            self._tx.abortConnection()
+            return
+        factory.tarpit += 1
         self._closing = True
-        for timer in (self._request_timer, self._idle_timer, self._later):
+        self._tx.pauseProducing()
+
+        def release() -> None:
+            factory.tarpit -= 1
+            self._closing = False
+            self._close_with(None, error)
+
+        self._later = factory.clock.callLater(factory.limits.tarpit_delay, release)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._later is not None and self._later.active() and not self._admitted:
+            self.factory.tarpit -= 1  # left the tarpit early
+        self._closing = True
+        for timer in (self._request_timer, self._idle_timer, self._later, self._stall_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._request_timer = self._idle_timer = self._later = None
+        self._request_timer = self._idle_timer = self._later = self._stall_timer = None
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.cancel()
         if self._admitted:
             self.factory.release(self)
             self._admitted = False
+
+    # ---- flow control (IPushProducer, called by the transport)
+
+    def pauseProducing(self) -> None:
+        """Answers are piling up unread: take no more requests, stop reading, start the clock."""
+        self._write_blocked = True
+        self._update_reading()
+        if self._stall_timer is None:
+            self._stall_timer = self.factory.clock.callLater(
+                self.factory.limits.stall_timeout, self._stalled
+            )
+
+    def resumeProducing(self) -> None:
+        """The peer read its answers: go on."""
+        self._write_blocked = False
+        if self._stall_timer is not None:
+            if self._stall_timer.active():
+                self._stall_timer.cancel()
+            self._stall_timer = None
+        self._update_reading()
+        if not self._closing and self._later is None:
+            self._later = self.factory.clock.callLater(0, self._drain_later)
+
+    def stopProducing(self) -> None:
+        self._closing = True
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        if self.factory.refused(self.peer, "stalled"):
+            log.info(
+                "control: uid={uid} pid={pid} left its answers unread for {s:g} s: cut off",
+                uid=self.peer.uid,
+                pid=self.peer.pid,
+                s=self.factory.limits.stall_timeout,
+            )
+        self._closing = True
+        self._buf.clear()
+        self._tx.abortConnection()
+
+    def _update_reading(self) -> None:
+        """Read from the peer only while its answers are read and its lines do not pile up."""
+        if self._closing:
+            return
+        backlog = len(self._buf) > BACKLOG and (self._busy or b"\n" in self._buf)
+        pause = self._write_blocked or backlog or len(self._buf) > self.max_line
+        if pause and not self._reading_paused:
+            self._reading_paused = True
+            self._tx.pauseProducing()
+        elif not pause and self._reading_paused:
+            self._reading_paused = False
+            self._tx.resumeProducing()
 
     # ---- input
 
@@ -230,13 +264,11 @@ class ControlProtocol(Protocol):
             self._drain_lines()
         finally:
             self._draining = False
-        if self._busy and not self._paused and len(self._buf) > self.max_line:
-            self._paused = True
-            self._tx.pauseProducing()
+        self._update_reading()
 
     def _drain_lines(self) -> None:
         handled = 0
-        while not self._busy and not self._closing:
+        while not self._busy and not self._closing and not self._write_blocked:
             nl = self._buf.find(b"\n")
             if nl < 0:
                 if len(self._buf) > self.max_line:
@@ -290,11 +322,12 @@ class ControlProtocol(Protocol):
 
     def _request_timed_out(self) -> None:
         self._request_timer = None
-        log.info(
-            "control: request from uid={uid} pid={pid} not finished in time",
-            uid=self.peer.uid,
-            pid=self.peer.pid,
-        )
+        if self.factory.refused(self.peer, "timeout"):
+            log.info(
+                "control: request from uid={uid} pid={pid} not finished in time",
+                uid=self.peer.uid,
+                pid=self.peer.pid,
+            )
         self._close_with(
             None,
             ControlError(
@@ -333,11 +366,16 @@ class ControlProtocol(Protocol):
             return
         self._busy = True
         self._arm_idle()
-        d = defer.maybeDeferred(self._dispatch, request)
+        if request.op.heavy:
+            d = self.factory.heavy[self.slot].run(self._dispatch, request)
+        else:
+            d = defer.maybeDeferred(self._dispatch, request)
         self._pending = d
         d.addCallbacks(self._done, self._failed, callbackArgs=(request,), errbackArgs=(request,))
 
     def _dispatch(self, request: Request) -> Any:
+        if self._closing:  # gone while waiting for its turn
+            raise defer.CancelledError()
         if request.op.name == "ping":  # answered by the server itself: is anyone there?
             return Pong(protocol=VERSION, daemon=f"shyped {__version__}")
         method = getattr(self.factory.backend, request.op.method)
@@ -354,15 +392,18 @@ class ControlProtocol(Protocol):
             ErrorCode.PERMISSION_DENIED,
             f"{op.name!r} needs {need} (uid {self.peer.uid}, gid {self.peer.gid})",
         )
-        log.warn(
-            "control: refused {op} from uid={uid} gid={gid} pid={pid}",
-            op=op.name,
-            uid=self.peer.uid,
-            gid=self.peer.gid,
-            pid=self.peer.pid,
-        )
-        if op.access == "admin":
-            self._audit(request, allowed=False, code=str(exc.code), summary=exc.message)
+        if self.factory.refused(self.peer, op.name):
+            log.warn(
+                "control: refused {op} from uid={uid} gid={gid} pid={pid} (further refusals "
+                "of this uid are summarised every {s:g} s)",
+                op=op.name,
+                uid=self.peer.uid,
+                gid=self.peer.gid,
+                pid=self.peer.pid,
+                s=self.factory.limits.refusal_interval,
+            )
+            if op.access == "admin":
+                self._audit(request, allowed=False, code=str(exc.code), summary=exc.message)
         raise exc
 
     def _done(self, result: Any, request: Request) -> None:
@@ -392,13 +433,11 @@ class ControlProtocol(Protocol):
         self._answer(encode_error(request.id, exc))
 
     def _audit(self, request: Request, *, allowed: bool, code: str | None, summary: str) -> None:
-        event = ControlAudit(
-            peer=self.peer, op=request.op.name, allowed=allowed, code=code, summary=summary
+        self.factory.audit(
+            ControlAudit(
+                peer=self.peer, op=request.op.name, allowed=allowed, code=code, summary=summary
+            )
         )
-        try:
-            self.factory.backend.audit(event)
-        except Exception:
-            log.failure("control: audit of {op} failed", op=request.op.name)
 
     # ---- output
 
@@ -408,16 +447,14 @@ class ControlProtocol(Protocol):
             return
         self._tx.write(data)
         self._arm_idle()
-        if self._paused:
-            self._paused = False
-            self._tx.resumeProducing()
+        self._update_reading()
         self._drain()
 
     def close(self) -> None:
         """Close this connection (server shutdown)."""
         self._closing = True
         if self.transport is not None:
-            self._tx.loseConnection()
+            self._tx.abortConnection() if self._write_blocked else self._tx.loseConnection()
 
     def _send_error(self, rid: RequestId, exc: ControlError) -> None:
         if not self._closing:
@@ -435,7 +472,7 @@ def _internal() -> ControlError:
 
 
 class ControlFactory(Factory):
-    """Shared state of the connections: backend, limits, and who is connected."""
+    """Shared state of the connections: backend, limits, slots, refusal counts."""
 
     protocol = ControlProtocol  # type: ignore[assignment]
 
@@ -451,61 +488,56 @@ class ControlFactory(Factory):
         self.limits = limits
         self.clock = clock
         self.connections: set[ControlProtocol] = set()
-        self._per_uid: Counter[int] = Counter()
-        self._unprivileged = 0
+        self.slots = Slots(limits)
+        self.refusals = RefusalLog(max_uids=limits.refusal_uids)
+        #: Refused outsider connections held before their answer (`ServerLimits.tarpit_max`).
+        self.tarpit = 0
+        #: Expensive requests (policy parses) in progress, per slot class.
+        self.heavy = {cls: defer.DeferredSemaphore(limits.heavy(cls)) for cls in SLOT_CLASSES}
 
     def admit(self, conn: ControlProtocol) -> str | None:
-        """Count a new connection in, or say why it is refused."""
-        limits = self.limits
-        privileged = conn.access == "admin"
-        total = len(self.connections)
-        if privileged:
-            if total >= limits.max_connections + limits.admin_reserve:
-                return "too many connections"
-        else:
-            if self._unprivileged >= limits.max_connections:
-                return "too many connections"
-            if self._per_uid[conn.peer.uid] >= limits.max_connections_per_uid:
-                return f"too many connections from uid {conn.peer.uid}"
-            self._unprivileged += 1
-        self._per_uid[conn.peer.uid] += 1
-        self.connections.add(conn)
-        return None
+        """Count a new connection in its slot class, or say why it is refused."""
+        why = self.slots.take(conn.slot, conn.peer.uid)
+        if why is None:
+            self.connections.add(conn)
+        return why
 
     def release(self, conn: ControlProtocol) -> None:
         if conn not in self.connections:
             return
         self.connections.discard(conn)
-        self._per_uid[conn.peer.uid] -= 1
-        if self._per_uid[conn.peer.uid] <= 0:
-            del self._per_uid[conn.peer.uid]
-        if conn.access != "admin":
-            self._unprivileged -= 1
+        self.slots.give_back(conn.slot, conn.peer.uid)
+
+    def refused(self, peer: Peer, kind: str) -> bool:
+        """Count a refusal of `peer`; True if it is to be written in full (its first now)."""
+        return self.refusals.note(peer.uid, peer.gid, kind)
+
+    def flush_refusals(self) -> None:
+        """One log line and one audit record per uid refused more than once this interval."""
+        interval = self.limits.refusal_interval
+        for s in self.refusals.flush():
+            text = s.describe(interval)
+            log.warn("control: {text}", text=text)
+            kinds = ",".join(kind for kind, _ in s.kinds)
+            self.audit(
+                ControlAudit(
+                    peer=Peer(uid=s.uid, gid=s.gid, pid=0),
+                    op=kinds[:200],
+                    allowed=False,
+                    code="refused",
+                    summary=text,
+                    count=s.count,
+                )
+            )
+
+    def audit(self, event: ControlAudit) -> None:
+        try:
+            self.backend.audit(event)
+        except Exception:
+            log.failure("control: audit of {op} failed", op=event.op)
 
 
 # --------------------------------------------------------------------------- the server
-
-
-def _clear_stale_socket(path: Path) -> None:
-    """Remove a socket file nobody listens on; refuse a live one or a non-socket."""
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ControlSetupError(f"{path} exists and is not a socket; not removing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(str(path))
-    except OSError as exc:
-        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            path.unlink(missing_ok=True)
-            return
-        raise ControlSetupError(f"{path}: cannot check the existing socket: {exc}") from None
-    finally:
-        probe.close()
-    raise ControlSetupError(f"{path}: another daemon is listening there")
 
 
 class ControlServer:
@@ -533,19 +565,23 @@ class ControlServer:
             reactor,
         )
         self._port: Any = None
+        self._flush = LoopingCall(self.factory.flush_refusals)
+        self._flush.clock = reactor
 
     def start(self) -> None:
         """Listen now; `ControlSetupError` if the socket cannot be served."""
         if not self.path.parent.exists():
             self.path.parent.mkdir(mode=0o755, parents=True)
-        _clear_stale_socket(self.path)
-        self._port = self._reactor.listenUNIX(
-            os.fspath(self.path), self.factory, mode=0o666, wantPID=False
-        )
+        clear_stale_socket(self.path)
+        self._port = listen(self.path, self.factory, self.factory.limits.backlog, self._reactor)
+        self._flush.start(self.factory.limits.refusal_interval, now=False)
         log.info("control: listening on {path}", path=str(self.path))
 
     def stop(self) -> defer.Deferred[None]:
         """Stop listening, close every connection, remove the socket file."""
+        if self._flush.running:
+            self._flush.stop()
+            self.factory.flush_refusals()
         for conn in list(self.factory.connections):
             conn.close()
         port, self._port = self._port, None

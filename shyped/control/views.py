@@ -9,8 +9,9 @@ appears (its label, the backend domain's label, the resource's stored label).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import Final, Literal
 
 from shyped.control.backend import (
     DiskItem,
@@ -134,6 +135,20 @@ def parse_policy(text: str, filename: str, fmt: str = "auto") -> tuple[Policy, P
             f"{filename}: the policy does not load ({len(problems)} problem(s))",
             {"problems": problems[:200]},
         ) from None
+
+
+_UUID: Final = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+
+
+def canonical_uuid(text: str) -> str:
+    """A domain UUID as xenstore writes it (8-4-4-4-12 hex digits, lower case);
+    ``invalid-argument`` for anything else (no braces, ``urn:``, bare hex or paths)."""
+    if _UUID.fullmatch(text) is None:
+        raise ControlError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"{text[:80]!r} is not a domain UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)",
+        )
+    return text.lower()
 
 
 def match_domain(ref: str, domains: Iterable[DomainInfo]) -> DomainInfo:
