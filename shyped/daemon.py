@@ -641,6 +641,9 @@ class Daemon:
                 continue
             if self._audit_refusing():
                 outcome = self.engine.refuse(need, self.host, Rule.AUDIT, self._audit_reason())
+            elif self._untrusted_identity(need):
+                reason = f"{need.identity}: a domain is only admitted under a sound identity"
+                outcome = self.engine.refuse(need, self.host, Rule.LABEL, reason)
             else:
                 outcome = self.engine.decide(need, self.host)
             if received is not None:
@@ -650,6 +653,14 @@ class Daemon:
             )
             queue.extend(ready)
             self._emit(outcome)
+
+    def _untrusted_identity(self, need: NeedsDecision) -> bool:
+        """A new domain whose name does not parse or whose UUID another domain holds is denied
+        (docs/operations.md, "Domain identity"); one that already runs keeps its decision."""
+        if need.kind != "domain" or not need.identity:
+            return False
+        dom = self.host.domain(need.domid)
+        return dom is not None and dom.state in (DomainState.SEEN, DomainState.DENIED)
 
     def _emit(self, outcome: Outcome, *, record: bool = True) -> None:
         self._decisions[outcome.decision.verdict] += 1
