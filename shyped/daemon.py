@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 
 from shyped import quota as quota_mod
 from shyped.accounting import account_host, touched_domains
-from shyped.actions import LABEL_DIR, WriteLabel, is_veto
+from shyped.actions import LABEL_DIR, VetoDomain, WriteLabel, is_veto
 from shyped.actuator import ToolstackActuator, XlActuator
 from shyped.audit import Kind as AuditKind
 from shyped.auditlog import AsyncAuditLog, AuditState, AuditUnavailable
@@ -60,6 +60,7 @@ from shyped.policy.decisions import PolicyEngine, Rule
 from shyped.policy.errors import PolicyError
 from shyped.policy.model import Policy
 from shyped.relabel import RelabelCheck, check_domain_relabel, check_resource_relabel
+from shyped.vetoretry import VetoAttempt, worth_recording
 from shyped.xenstore import (
     ConnectionLost,
     GatewayConfig,
@@ -213,6 +214,8 @@ class DaemonStatus:
     quotas: dict[str, dict[str, dict[str, Any]]] = attrs.field(factory=dict)
     #: the audit trail's state ("ok", "unavailable", "degraded"), None without one
     audit: str | None = None
+    #: domain vetoes that failed and are retried (`pending_vetoes`)
+    vetoes_pending: tuple[dict[str, Any], ...] = ()
 
 
 # ------------------------------------------------------------------------------- the daemon
@@ -259,6 +262,8 @@ class Daemon:
             reactor=reactor,
             close_timeout=config.device_close_timeout,
         )
+        self.enforcer.vetoes.wanted = self._veto_wanted
+        self.enforcer.vetoes.on_attempt = self._veto_attempt
         #: Decision listeners (audit trail, metrics …); see `Listener`.
         self.listeners: list[Listener] = []
         #: path -> monotonic time its (first pending) event arrived
@@ -337,6 +342,7 @@ class Daemon:
         """Close the xenstore connection (actions in flight are abandoned); the audit trail
         ends with a ``daemon-stop`` record naming the chain head and is closed."""
         self._running = False
+        self.enforcer.vetoes.stop()
         if self._publisher is not None:
             self._publisher.stop()
         return Deferred.fromCoroutine(self._stop())
@@ -399,7 +405,42 @@ class Daemon:
             uptime=time.monotonic() - self._started,
             quotas=quota_mod.quota_table_dict(self.quota_table()),
             audit=None if self.audit is None else self.audit.state.value,
+            vetoes_pending=self.pending_vetoes(),
         )
+
+    def pending_vetoes(self) -> tuple[dict[str, Any], ...]:
+        """Domain vetoes that failed and are retried: domid, veto, failed attempts, last
+        error, seconds since the first failure and until the next attempt."""
+        now = self.reactor.seconds()
+        return tuple(
+            {
+                "domid": p.action.domid,
+                "name": dom.name if (dom := self.host.domain(p.action.domid)) else None,
+                "veto": p.action.how.value,
+                "failures": p.failures,
+                "error": p.last_error,
+                "failing_for": round(now - p.first_failed, 3),
+                "next_attempt_in": round(max(0.0, p.next_at - now), 3),
+            }
+            for _, p in sorted(self.enforcer.vetoes.pending.items())
+        )
+
+    def _veto_wanted(self, action: VetoDomain) -> bool:
+        """A pending veto is retried while its domain is still there and denied, enforcing."""
+        dom = self.host.domain(action.domid)
+        return dom is not None and dom.state is DomainState.DENIED and self.mode is Mode.ENFORCING
+
+    def _veto_attempt(self, attempt: VetoAttempt) -> None:
+        if self.metrics is not None:
+            self.metrics.set_vetoes(
+                len(self.enforcer.vetoes.pending), self.enforcer.vetoes.failures
+            )
+        if worth_recording(attempt):
+            self._audit_event(
+                "veto-retry", domid=attempt.action.domid, veto=attempt.action.how.value,
+                result=attempt.result, failures=attempt.failures, error=attempt.error or None,
+                retry_in=None if attempt.retry_in is None else round(attempt.retry_in, 3),
+            )  # fmt: skip
 
     @property
     def ready(self) -> bool:

@@ -1,0 +1,85 @@
+"""A veto the toolstack fails to carry out stays pending and is retried (issue 11, finding 5;
+issue 20, finding 1's "the failed veto is not retried"). The actuator is the configured xl
+command: a wrapper that fails its first N runs, as a busy or descriptor-starved ``xl`` would,
+then runs the sandbox's xl-compatible CLI (tests/test_vetoretry.py: backoff and records)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+import pytest_twisted
+from daemon_helpers import Harness, domcfg, eventually
+from twisted.internet import defer
+
+from shyped.config import ActuatorConfig, Mode
+from shyped.metrics import MetricsState, families
+from shyped.sandbox.xenstored import SandboxXenstored
+
+
+@pytest.fixture
+def host(xenstored: SandboxXenstored) -> Iterator[Harness]:
+    h = Harness.boot(xenstored)
+    try:
+        yield h
+    finally:
+        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
+
+
+def failing_xl(tmp: Path, xsd: SandboxXenstored, fails: int) -> Path:
+    """An xl that fails its first `fails` runs (counted in a file), then works."""
+    count = tmp / "xl-runs"
+    script = tmp / "xl"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'n=$(cat "{count}" 2>/dev/null || echo 0); n=$((n+1)); echo "$n" > "{count}"\n'
+        f'if [ "$n" -le {fails} ]; then echo "libxl: cannot destroy: busy ($n)" >&2; exit 1; fi\n'
+        f'exec "{sys.executable}" -m shyped.sandbox --socket "{xsd.socket_path}" "$@"\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_destroy_is_retried_until_the_denied_domain_is_gone(
+    host: Harness, tmp_path: Path
+) -> None:
+    xl = failing_xl(tmp_path, host.xsd, fails=2)
+    config = attrs.evolve(host.config(), actuator=ActuatorConfig("xl", (str(xl),)))
+    daemon = await host.start(config, in_process_actuator=False)
+    daemon.metrics = MetricsState()
+    await host.call(host.ts.create, domcfg("web-a1"))
+    b = await host.call(host.ts.create, domcfg("web-b1"))
+    await host.settle()
+    assert not host.last(f"domain {b}").allowed
+    assert "web-b1" in host.domains()  # the first attempt failed
+    # No new event, no SIGHUP, no restart: the retry alone destroys it.
+    await eventually(lambda: "web-b1" not in host.domains(), timeout=30)
+    await eventually(lambda: not daemon.enforcer.vetoes.pending)
+    assert daemon.enforcer.vetoes.failures == 2
+    assert daemon.status().vetoes_pending == ()
+    assert "web-a1" in host.domains()
+    snap = daemon.metrics.publish(daemon.host)
+    series = {m.name: m.samples[0].value for m in families(snap) if m.samples}
+    assert series["shyped_vetoes_pending"] == 0
+    assert series["shyped_veto_failures"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_switching_to_permissive_drops_a_pending_veto(host: Harness, tmp_path: Path) -> None:
+    xl = failing_xl(tmp_path, host.xsd, fails=1000)
+    config = attrs.evolve(host.config(), actuator=ActuatorConfig("xl", (str(xl),)))
+    daemon = await host.start(config, in_process_actuator=False)
+    await host.call(host.ts.create, domcfg("web-a1"))
+    await host.call(host.ts.create, domcfg("web-b1"))
+    await host.settle()
+    await eventually(lambda: bool(daemon.enforcer.vetoes.pending))
+    (pending,) = daemon.status().vetoes_pending  # shown while pending
+    assert pending["veto"] == "destroy" and "busy" in pending["error"]
+    assert pending["failures"] >= 1
+    daemon.set_mode(Mode.PERMISSIVE)
+    await eventually(lambda: not daemon.enforcer.vetoes.pending, timeout=30)
+    assert "web-b1" in host.domains()
