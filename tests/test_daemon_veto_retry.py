@@ -16,6 +16,7 @@ from daemon_helpers import Harness, domcfg, eventually
 from twisted.internet import defer
 
 from shyped.config import ActuatorConfig, Mode
+from shyped.control.daemon_backend import DaemonControlBackend
 from shyped.metrics import MetricsState, families
 from shyped.sandbox.xenstored import SandboxXenstored
 
@@ -80,6 +81,8 @@ async def test_switching_to_permissive_drops_a_pending_veto(host: Harness, tmp_p
     (pending,) = daemon.status().vetoes_pending  # shown while pending
     assert pending["veto"] == "destroy" and "busy" in pending["error"]
     assert pending["failures"] >= 1
+    (shown,) = DaemonControlBackend(daemon).status().vetoes_pending  # shypectl status
+    assert shown.domid == pending["domid"] and shown.name == "web-b1"
     daemon.set_mode(Mode.PERMISSIVE)
     await eventually(lambda: not daemon.enforcer.vetoes.pending, timeout=30)
     assert "web-b1" in host.domains()

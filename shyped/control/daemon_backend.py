@@ -205,6 +205,7 @@ class DaemonControlBackend:
             daemon=f"shyped {__version__} (pid {os.getpid()})",
             quotas=b.quota_rows(self.daemon.quota_table()),
             audit=None if self.daemon.audit is None else self.daemon.audit.state.value,
+            vetoes_pending=tuple(b.PendingVeto(**p) for p in self.daemon.pending_vetoes()),
         )
 
     def getenforce(self) -> b.EnforceMode:
