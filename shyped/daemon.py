@@ -53,7 +53,7 @@ from shyped.engine import Engine, Outcome
 from shyped.events import EventAssembler, needs_perms
 from shyped.events import Node as EventNode
 from shyped.host import DomainReleased, DomainState, HostModel, NeedsDecision
-from shyped.labelstore import LabelStore, LabelStoreError, load_label_store
+from shyped.labelstore import LabelStore, LabelStoreError, load_label_store, save_label_store
 from shyped.metrics import MetricsState, PeriodicPublisher
 from shyped.policy import acm_xml, toml_format, update
 from shyped.policy.decisions import PolicyEngine, Rule
@@ -862,7 +862,14 @@ class Daemon:
                 problems=list(problems),
             )  # fmt: skip
             return result
-        self.engine.switch_policy(PolicyEngine(loaded.policy), check)
+        try:
+            self._switch(loaded, check)
+        except OSError as e:
+            text = f"cannot rewrite the label store {self.config.labels}: {e.strerror or e}"
+            result = ReloadResult(False, str(path), previous, new, loaded.sha256, error=text)
+            _log.error("{result}; keeping {previous}", result=str(result), previous=previous)
+            self._audit_event(AuditKind.POLICY_REJECT, path=str(path), error=text)
+            return result
         dom0 = self.host.domain(0)
         if dom0 is not None:
             dom0.label = loaded.policy.bootstrap
@@ -882,6 +889,30 @@ class Daemon:
         self._publish_dom0_label()
         self._sweep("policy reload")
         return ReloadResult(True, str(path), previous, new, loaded.sha256)
+
+    def _switch(self, loaded: LoadedPolicy, check: update.UpdateCheck) -> None:
+        """Switch to an allowed policy together with the label store: labels the update
+        renames (``from=``) are rewritten in the store, which is written (atomically) before
+        the switch; if the switch fails the old store is written back. `OSError`: the store
+        could not be written, nothing changed."""
+        old = self.engine.labels
+        labels = old.renamed(check.maps.vm_renames, check.maps.resource_renames)
+        if labels != old:
+            save_label_store(labels, self.config.labels)
+        try:
+            self.engine.switch_policy(PolicyEngine(loaded.policy), check)
+        except BaseException:
+            if labels != old:
+                save_label_store(old, self.config.labels)
+            raise
+        if labels != old:
+            self.engine.labels = labels
+            renamed = {**check.maps.vm_renames, **check.maps.resource_renames}
+            _log.warn(
+                "label store {path}: renamed labels rewritten ({renames})",
+                path=str(self.config.labels),
+                renames=", ".join(f"{o} -> {n}" for o, n in sorted(renamed.items())),
+            )
 
     # ---- the audit trail ----------------------------------------------------------------
 
