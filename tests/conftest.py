@@ -30,3 +30,17 @@ def xs(xenstored: SandboxXenstored) -> Iterator[Any]:
     """A connected ``pyxs.Client`` on the ``xenstored`` fixture's instance."""
     with xenstored.client() as client:
         yield client
+
+
+@pytest.fixture
+def harness(xenstored: SandboxXenstored) -> Iterator[Any]:
+    """A booted sandbox host (`daemon_helpers.Harness`); its daemon, if started, is stopped."""
+    import pytest_twisted
+    from daemon_helpers import Harness
+    from twisted.internet import defer
+
+    h = Harness.boot(xenstored)
+    try:
+        yield h
+    finally:
+        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))

@@ -6,31 +6,18 @@ in ``layout-paused.txt``); the sandbox toolstack plays ``xl create``/``destroy``
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import pytest_twisted
 from daemon_helpers import Harness, domcfg
-from twisted.internet import defer
 
 from shyped.config import DomainVeto
 from shyped.host import DomainState
 from shyped.policy.decisions import Rule
-from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.sandbox.xsconn import XsConn
 
 #: Names xl would write but the daemon cannot parse: too long, and a zero-width space (not
 #: printable).
 BAD_NAMES = ["w" * 300, "web-a1\u200b"]
-
-
-@pytest.fixture
-def host(xenstored: SandboxXenstored) -> Iterator[Harness]:
-    h = Harness.boot(xenstored)
-    try:
-        yield h
-    finally:
-        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
 
 
 def xl_rename(h: Harness, domid: int, uuid: str, name: str) -> None:
@@ -43,59 +30,59 @@ def xl_rename(h: Harness, domid: int, uuid: str, name: str) -> None:
 @pytest.mark.parametrize("bad", BAD_NAMES, ids=["300-chars", "zero-width-space"])
 @pytest_twisted.ensureDeferred
 async def test_renaming_a_running_domain_to_an_unparsable_name_keeps_its_chinese_wall(
-    host: Harness, bad: str
+    harness: Harness, bad: str
 ) -> None:
-    daemon = await host.start()
-    a = await host.call(host.ts.create, domcfg("web-a1"))
-    await host.settle()
-    assert host.last(f"domain {a}").allowed
-    await host.call(xl_rename, host, a, domcfg("web-a1").uuid, bad)
-    await host.settle()
+    daemon = await harness.start()
+    a = await harness.call(harness.ts.create, domcfg("web-a1"))
+    await harness.settle()
+    assert harness.last(f"domain {a}").allowed
+    await harness.call(xl_rename, harness, a, domcfg("web-a1").uuid, bad)
+    await harness.settle()
     dom = daemon.host.domain(a)
     assert dom is not None and dom.state is DomainState.ADMITTED  # still there, still counted
     assert dom.name is None and "not printable UTF-8" in dom.identity
     assert daemon.engine.running.running_labels() == {"bank-a-web": 1}
-    b = await host.call(host.ts.create, domcfg("web-b1"))
-    await host.settle()
-    out = host.last(f"domain {b}")
+    b = await harness.call(harness.ts.create, domcfg("web-b1"))
+    await harness.settle()
+    out = harness.last(f"domain {b}")
     assert not out.allowed and out.decision.rule is Rule.CHINESE_WALL
-    assert "web-b1" not in host.domains()
+    assert "web-b1" not in harness.domains()
 
 
 @pytest.mark.parametrize("bad", BAD_NAMES, ids=["300-chars", "zero-width-space"])
 @pytest_twisted.ensureDeferred
 async def test_a_domain_with_an_unparsable_name_created_while_down_is_decided_and_listed(
-    host: Harness, bad: str
+    harness: Harness, bad: str
 ) -> None:
-    a = await host.call(host.ts.create, domcfg("web-a1"))
-    await host.call(xl_rename, host, a, domcfg("web-a1").uuid, bad)
-    daemon = await host.start(host.config(veto=DomainVeto.PAUSE))  # keep it to list it
+    a = await harness.call(harness.ts.create, domcfg("web-a1"))
+    await harness.call(xl_rename, harness, a, domcfg("web-a1").uuid, bad)
+    daemon = await harness.start(harness.config(veto=DomainVeto.PAUSE))  # keep it to list it
     dom = daemon.host.domain(a)
     assert dom is not None and dom.state is DomainState.DENIED and dom.name is None
-    out = host.last(f"domain {a}")
+    out = harness.last(f"domain {a}")
     assert not out.allowed and "not printable UTF-8" in out.decision.reason
-    assert out.enforced and host.domains()["web-a1"].paused  # the hypervisor's own name
+    assert out.enforced and harness.domains()["web-a1"].paused  # the hypervisor's own name
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_duplicate_uuid_is_denied_and_destroying_it_keeps_the_holder_counted(
-    host: Harness,
+    harness: Harness,
 ) -> None:
-    daemon = await host.start(host.config(veto=DomainVeto.PAUSE))
+    daemon = await harness.start(harness.config(veto=DomainVeto.PAUSE))
     uuid = domcfg("web-a1").uuid
-    a = await host.call(host.ts.create, domcfg("web-a1"))
-    twin = await host.call(host.ts.create, domcfg("batch-a1", uuid=uuid))
-    await host.settle()
-    out = host.last(f"domain {twin}")
+    a = await harness.call(harness.ts.create, domcfg("web-a1"))
+    twin = await harness.call(harness.ts.create, domcfg("batch-a1", uuid=uuid))
+    await harness.settle()
+    out = harness.last(f"domain {twin}")
     assert not out.allowed and f"UUID {uuid} is already held by domain {a}" in out.decision.reason
     listed = {d.domid: d for d in daemon.host.domains()}
     assert listed[twin].state is DomainState.DENIED and listed[a].state is DomainState.ADMITTED
     # xl destroy of the twin removes /vm/<uuid>, which both name: the holder still runs.
-    await host.call(host.ts.destroy, twin)
-    await host.settle()
+    await harness.call(harness.ts.destroy, twin)
+    await harness.settle()
     assert daemon.host.domain(a) is not None
     assert daemon.engine.running.running_labels() == {"bank-a-web": 1}
-    b = await host.call(host.ts.create, domcfg("web-b1"))
-    await host.settle()
-    assert host.last(f"domain {b}").decision.rule is Rule.CHINESE_WALL
-    assert not host.last(f"domain {b}").allowed
+    b = await harness.call(harness.ts.create, domcfg("web-b1"))
+    await harness.settle()
+    assert harness.last(f"domain {b}").decision.rule is Rule.CHINESE_WALL
+    assert not harness.last(f"domain {b}").allowed

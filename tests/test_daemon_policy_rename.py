@@ -7,24 +7,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 from daemon_helpers import HOSTING, LABELS, POLICY, Harness, domcfg, image
-from twisted.internet import defer
-
-from shyped.sandbox.xenstored import SandboxXenstored
-
-
-@pytest.fixture
-def host(xenstored: SandboxXenstored) -> Iterator[Harness]:
-    h = Harness.boot(xenstored)
-    try:
-        yield h
-    finally:
-        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
 
 
 def renaming_policy(tmp_path: Path) -> Path:
@@ -48,41 +35,41 @@ def renaming_policy(tmp_path: Path) -> Path:
 
 @pytest_twisted.ensureDeferred
 async def test_a_rename_rewrites_the_label_store_with_the_switch(
-    host: Harness, tmp_path: Path
+    harness: Harness, tmp_path: Path
 ) -> None:
     labels = tmp_path / "labels.json"
     shutil.copy(LABELS, labels)
-    daemon = await host.start(host.config(labels=labels))
-    s = await host.call(host.ts.create, domcfg("shop-1", disks=[image("shop-1")]))
-    await host.settle()
-    assert host.last(f"device vbd {s}/51712").allowed
+    daemon = await harness.start(harness.config(labels=labels))
+    s = await harness.call(harness.ts.create, domcfg("shop-1", disks=[image("shop-1")]))
+    await harness.settle()
+    assert harness.last(f"device vbd {s}/51712").allowed
     result = await daemon.reload_policy(renaming_policy(tmp_path))
     assert result.applied, str(result)
-    await host.settle()
+    await harness.settle()
     # The running disk keeps its (renamed) label: not cut.
-    assert host.last(f"device vbd {s}/51712").allowed
-    assert host.exists(f"/libxl/{s}/device/vbd/51712")
+    assert harness.last(f"device vbd {s}/51712").allowed
+    assert harness.exists(f"/libxl/{s}/device/vbd/51712")
     stored = json.loads(labels.read_text())
     assert stored["resources"]["disk:/srv/xen/images/shop-1.img"] == "shop-volume"
     assert stored["domains"]["name"]["shop-1"] == "web-shop"
     # The domain of the renamed VM label, created again, is admitted under the new name.
-    await host.call(host.ts.destroy, s)
-    await host.settle()
-    s2 = await host.call(host.ts.create, domcfg("shop-1", disks=[image("shop-1")]))
-    await host.settle()
-    again = host.last(f"domain {s2}")
+    await harness.call(harness.ts.destroy, s)
+    await harness.settle()
+    s2 = await harness.call(harness.ts.create, domcfg("shop-1", disks=[image("shop-1")]))
+    await harness.settle()
+    again = harness.last(f"domain {s2}")
     assert again.allowed and again.label == "web-shop"
-    assert host.read(f"/local/domain/{s2}/shyped/label") == f"ACM:{POLICY}:web-shop"
-    assert host.last(f"device vbd {s2}/51712").allowed
+    assert harness.read(f"/local/domain/{s2}/shyped/label") == f"ACM:{POLICY}:web-shop"
+    assert harness.last(f"device vbd {s2}/51712").allowed
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_store_that_cannot_be_rewritten_keeps_the_old_policy_and_store(
-    host: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     labels = tmp_path / "labels.json"
     shutil.copy(LABELS, labels)
-    daemon = await host.start(host.config(labels=labels))
+    daemon = await harness.start(harness.config(labels=labels))
     before = labels.read_bytes()
 
     def full(*_: object) -> None:

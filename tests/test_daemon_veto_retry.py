@@ -6,28 +6,16 @@ then runs the sandbox's xl-compatible CLI (tests/test_vetoretry.py: backoff and 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
-import pytest
 import pytest_twisted
 from daemon_helpers import Harness, domcfg, eventually
-from twisted.internet import defer
 
 from shyped.config import ActuatorConfig, Mode
 from shyped.control.daemon_backend import DaemonControlBackend
 from shyped.metrics import MetricsState, families
 from shyped.sandbox.xenstored import SandboxXenstored
-
-
-@pytest.fixture
-def host(xenstored: SandboxXenstored) -> Iterator[Harness]:
-    h = Harness.boot(xenstored)
-    try:
-        yield h
-    finally:
-        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
 
 
 def failing_xl(tmp: Path, xsd: SandboxXenstored, fails: int) -> Path:
@@ -46,23 +34,23 @@ def failing_xl(tmp: Path, xsd: SandboxXenstored, fails: int) -> Path:
 
 @pytest_twisted.ensureDeferred
 async def test_a_failed_destroy_is_retried_until_the_denied_domain_is_gone(
-    host: Harness, tmp_path: Path
+    harness: Harness, tmp_path: Path
 ) -> None:
-    xl = failing_xl(tmp_path, host.xsd, fails=2)
-    config = attrs.evolve(host.config(), actuator=ActuatorConfig("xl", (str(xl),)))
-    daemon = await host.start(config, in_process_actuator=False)
+    xl = failing_xl(tmp_path, harness.xsd, fails=2)
+    config = attrs.evolve(harness.config(), actuator=ActuatorConfig("xl", (str(xl),)))
+    daemon = await harness.start(config, in_process_actuator=False)
     daemon.metrics = MetricsState()
-    await host.call(host.ts.create, domcfg("web-a1"))
-    b = await host.call(host.ts.create, domcfg("web-b1"))
-    await host.settle()
-    assert not host.last(f"domain {b}").allowed
-    assert "web-b1" in host.domains()  # the first attempt failed
+    await harness.call(harness.ts.create, domcfg("web-a1"))
+    b = await harness.call(harness.ts.create, domcfg("web-b1"))
+    await harness.settle()
+    assert not harness.last(f"domain {b}").allowed
+    assert "web-b1" in harness.domains()  # the first attempt failed
     # No new event, no SIGHUP, no restart: the retry alone destroys it.
-    await eventually(lambda: "web-b1" not in host.domains(), timeout=30)
+    await eventually(lambda: "web-b1" not in harness.domains(), timeout=30)
     await eventually(lambda: not daemon.enforcer.vetoes.pending)
     assert daemon.enforcer.vetoes.failures == 2
     assert daemon.status().vetoes_pending == ()
-    assert "web-a1" in host.domains()
+    assert "web-a1" in harness.domains()
     snap = daemon.metrics.publish(daemon.host)
     series = {m.name: m.samples[0].value for m in families(snap) if m.samples}
     assert series["shyped_vetoes_pending"] == 0
@@ -70,13 +58,15 @@ async def test_a_failed_destroy_is_retried_until_the_denied_domain_is_gone(
 
 
 @pytest_twisted.ensureDeferred
-async def test_switching_to_permissive_drops_a_pending_veto(host: Harness, tmp_path: Path) -> None:
-    xl = failing_xl(tmp_path, host.xsd, fails=1000)
-    config = attrs.evolve(host.config(), actuator=ActuatorConfig("xl", (str(xl),)))
-    daemon = await host.start(config, in_process_actuator=False)
-    await host.call(host.ts.create, domcfg("web-a1"))
-    await host.call(host.ts.create, domcfg("web-b1"))
-    await host.settle()
+async def test_switching_to_permissive_drops_a_pending_veto(
+    harness: Harness, tmp_path: Path
+) -> None:
+    xl = failing_xl(tmp_path, harness.xsd, fails=1000)
+    config = attrs.evolve(harness.config(), actuator=ActuatorConfig("xl", (str(xl),)))
+    daemon = await harness.start(config, in_process_actuator=False)
+    await harness.call(harness.ts.create, domcfg("web-a1"))
+    await harness.call(harness.ts.create, domcfg("web-b1"))
+    await harness.settle()
     await eventually(lambda: bool(daemon.enforcer.vetoes.pending))
     (pending,) = daemon.status().vetoes_pending  # shown while pending
     assert pending["veto"] == "destroy" and "busy" in pending["error"]
@@ -85,4 +75,4 @@ async def test_switching_to_permissive_drops_a_pending_veto(host: Harness, tmp_p
     assert shown.domid == pending["domid"] and shown.name == "web-b1"
     daemon.set_mode(Mode.PERMISSIVE)
     await eventually(lambda: not daemon.enforcer.vetoes.pending, timeout=30)
-    assert "web-b1" in host.domains()
+    assert "web-b1" in harness.domains()
