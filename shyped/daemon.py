@@ -56,7 +56,7 @@ from shyped.host import DomainReleased, DomainState, HostModel, NeedsDecision
 from shyped.labelstore import LabelStore, LabelStoreError, load_label_store, save_label_store
 from shyped.metrics import MetricsState, PeriodicPublisher
 from shyped.policy import acm_xml, toml_format, update
-from shyped.policy.decisions import PolicyEngine, Rule
+from shyped.policy.decisions import PolicyEngine, Rule, UnknownLabelError
 from shyped.policy.errors import PolicyError
 from shyped.policy.model import Policy
 from shyped.relabel import RelabelCheck, check_domain_relabel, check_resource_relabel
@@ -431,6 +431,8 @@ class Daemon:
         return dom is not None and dom.state is DomainState.DENIED and self.mode is Mode.ENFORCING
 
     def _veto_attempt(self, attempt: VetoAttempt) -> None:
+        if attempt.result == "failed":
+            self._count_while_pending(attempt.action.domid)
         if self.metrics is not None:
             self.metrics.set_vetoes(
                 len(self.enforcer.vetoes.pending), self.enforcer.vetoes.failures
@@ -441,6 +443,22 @@ class Daemon:
                 result=attempt.result, failures=attempt.failures, error=attempt.error or None,
                 retry_in=None if attempt.retry_in is None else round(attempt.retry_in, 3),
             )  # fmt: skip
+
+    def _count_while_pending(self, domid: int) -> None:
+        """A denied domain whose veto failed still runs: it counts in the Chinese Wall set
+        (as a permissively admitted one does) until it is gone, so its rivals stay out."""
+        dom = self.host.domain(domid)
+        if dom is None or dom.label is None or domid in self.engine.counted():
+            return
+        try:
+            self.engine.relabel(domid, dom.label)
+        except UnknownLabelError:
+            return  # a label that does not resolve has no Chinese Wall types
+        _log.warn(
+            "domain {domid} ({label}) counts in the Chinese Wall while its veto is pending",
+            domid=domid,
+            label=dom.label,
+        )
 
     @property
     def ready(self) -> bool:

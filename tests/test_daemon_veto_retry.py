@@ -76,3 +76,24 @@ async def test_switching_to_permissive_drops_a_pending_veto(
     daemon.set_mode(Mode.PERMISSIVE)
     await eventually(lambda: not daemon.enforcer.vetoes.pending, timeout=30)
     assert "web-b1" in harness.domains()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_denied_domain_whose_veto_is_pending_still_counts_in_the_chinese_wall(
+    harness: Harness, tmp_path: Path
+) -> None:
+    xl = failing_xl(tmp_path, harness.xsd, fails=1000)
+    config = attrs.evolve(harness.config(), actuator=ActuatorConfig("xl", (str(xl),)))
+    daemon = await harness.start(config, in_process_actuator=False)
+    a = await harness.call(harness.ts.create, domcfg("web-a1"))
+    await harness.call(harness.ts.create, domcfg("web-b1"))
+    await harness.settle()
+    await eventually(lambda: bool(daemon.enforcer.vetoes.pending))
+    # Bank A's domain goes; bank B's denied domain still runs (its destroy keeps failing):
+    # another bank A domain must not join it.
+    await harness.call(harness.ts.destroy, a)
+    await harness.settle()
+    a2 = await harness.call(harness.ts.create, domcfg("batch-a1"))
+    await harness.settle()
+    out = harness.last(f"domain {a2}")
+    assert not out.allowed and "bank-b" in out.decision.reason
