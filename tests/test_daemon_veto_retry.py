@@ -11,6 +11,7 @@ from pathlib import Path
 import attrs
 import pytest_twisted
 from daemon_helpers import Harness, domcfg, eventually
+from wiring_helpers import records, shypectl_verify, start, with_audit
 
 from shyped.config import ActuatorConfig, Mode
 from shyped.control.daemon_backend import DaemonControlBackend
@@ -97,3 +98,30 @@ async def test_a_denied_domain_whose_veto_is_pending_still_counts_in_the_chinese
     await harness.settle()
     out = harness.last(f"domain {a2}")
     assert not out.allowed and "bank-b" in out.decision.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_attempt_is_in_the_audit_trail_and_the_chain_verifies(
+    harness: Harness, tmp_path: Path
+) -> None:
+    tries: list[int] = []
+
+    def destroy(domid: int) -> None:  # xl destroy failing three times, then working
+        tries.append(domid)
+        if len(tries) <= 3:
+            raise RuntimeError(f"libxl: cannot destroy: busy ({len(tries)})")
+        harness.ts.destroy(domid)
+
+    audit_dir = tmp_path / "audit"
+    await start(harness, with_audit(harness.config(), audit_dir), destroy=destroy)
+    await harness.call(harness.ts.create, domcfg("web-a1"))
+    b = await harness.call(harness.ts.create, domcfg("web-b1"))
+    await eventually(lambda: "web-b1" not in harness.domains(), timeout=30)
+    await harness.stop()
+    recs = [r for r in records(audit_dir) if r["kind"] == "veto-retry"]
+    # The end is "done", or "gone" when the domain's removal reached the daemon first.
+    assert [(r["result"], r["failures"]) for r in recs[:3]] == [("failed", n) for n in (1, 2, 3)]
+    assert len(recs) == 4 and recs[3]["result"] in ("done", "gone") and recs[3]["failures"] == 3
+    assert all(r["domid"] == b and r["veto"] == "destroy" for r in recs)
+    assert "busy (1)" in recs[0]["error"] and recs[0]["retry_in"] > 0
+    assert shypectl_verify(audit_dir).returncode == 0
