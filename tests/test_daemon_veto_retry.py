@@ -15,6 +15,7 @@ from wiring_helpers import records, shypectl_verify, start, with_audit
 
 from shyped.config import ActuatorConfig, Mode
 from shyped.control.daemon_backend import DaemonControlBackend
+from shyped.daemon import Daemon
 from shyped.metrics import MetricsState, families
 from shyped.sandbox.xenstored import SandboxXenstored
 
@@ -33,18 +34,27 @@ def failing_xl(tmp: Path, xsd: SandboxXenstored, fails: int) -> Path:
     return script
 
 
+async def rivals_with_failing_xl(
+    harness: Harness, tmp: Path, fails: int
+) -> tuple[Daemon, int, int]:
+    """A daemon whose xl fails `fails` times; web-a1 admitted, then its rival web-b1 denied.
+    Returns the daemon and both domids."""
+    xl = failing_xl(tmp, harness.xsd, fails)
+    config = attrs.evolve(harness.config(), actuator=ActuatorConfig("xl", (str(xl),)))
+    daemon = await harness.start(config, in_process_actuator=False)
+    a = await harness.call(harness.ts.create, domcfg("web-a1"))
+    b = await harness.call(harness.ts.create, domcfg("web-b1"))
+    await harness.settle()
+    assert not harness.last(f"domain {b}").allowed
+    return daemon, a, b
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_failed_destroy_is_retried_until_the_denied_domain_is_gone(
     harness: Harness, tmp_path: Path
 ) -> None:
-    xl = failing_xl(tmp_path, harness.xsd, fails=2)
-    config = attrs.evolve(harness.config(), actuator=ActuatorConfig("xl", (str(xl),)))
-    daemon = await harness.start(config, in_process_actuator=False)
+    daemon, _, _ = await rivals_with_failing_xl(harness, tmp_path, fails=2)
     daemon.metrics = MetricsState()
-    await harness.call(harness.ts.create, domcfg("web-a1"))
-    b = await harness.call(harness.ts.create, domcfg("web-b1"))
-    await harness.settle()
-    assert not harness.last(f"domain {b}").allowed
     assert "web-b1" in harness.domains()  # the first attempt failed
     # No new event, no SIGHUP, no restart: the retry alone destroys it.
     await eventually(lambda: "web-b1" not in harness.domains(), timeout=30)
@@ -62,12 +72,7 @@ async def test_a_failed_destroy_is_retried_until_the_denied_domain_is_gone(
 async def test_switching_to_permissive_drops_a_pending_veto(
     harness: Harness, tmp_path: Path
 ) -> None:
-    xl = failing_xl(tmp_path, harness.xsd, fails=1000)
-    config = attrs.evolve(harness.config(), actuator=ActuatorConfig("xl", (str(xl),)))
-    daemon = await harness.start(config, in_process_actuator=False)
-    await harness.call(harness.ts.create, domcfg("web-a1"))
-    await harness.call(harness.ts.create, domcfg("web-b1"))
-    await harness.settle()
+    daemon, _, _ = await rivals_with_failing_xl(harness, tmp_path, fails=1000)
     await eventually(lambda: bool(daemon.enforcer.vetoes.pending))
     (pending,) = daemon.status().vetoes_pending  # shown while pending
     assert pending["veto"] == "destroy" and "busy" in pending["error"]
@@ -83,12 +88,7 @@ async def test_switching_to_permissive_drops_a_pending_veto(
 async def test_a_denied_domain_whose_veto_is_pending_still_counts_in_the_chinese_wall(
     harness: Harness, tmp_path: Path
 ) -> None:
-    xl = failing_xl(tmp_path, harness.xsd, fails=1000)
-    config = attrs.evolve(harness.config(), actuator=ActuatorConfig("xl", (str(xl),)))
-    daemon = await harness.start(config, in_process_actuator=False)
-    a = await harness.call(harness.ts.create, domcfg("web-a1"))
-    await harness.call(harness.ts.create, domcfg("web-b1"))
-    await harness.settle()
+    daemon, a, _ = await rivals_with_failing_xl(harness, tmp_path, fails=1000)
     await eventually(lambda: bool(daemon.enforcer.vetoes.pending))
     # Bank A's domain goes; bank B's denied domain still runs (its destroy keeps failing):
     # another bank A domain must not join it.
