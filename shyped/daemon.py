@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 
 from shyped import quota as quota_mod
 from shyped.accounting import account_host, touched_domains
-from shyped.actions import LABEL_DIR, WriteLabel, is_veto
+from shyped.actions import LABEL_DIR, VetoDomain, WriteLabel, is_veto
 from shyped.actuator import ToolstackActuator, XlActuator
 from shyped.audit import Kind as AuditKind
 from shyped.auditlog import AsyncAuditLog, AuditState, AuditUnavailable
@@ -55,13 +55,20 @@ from shyped.engine import Engine, Outcome
 from shyped.events import EventAssembler, needs_perms
 from shyped.events import Node as EventNode
 from shyped.host import DomainReleased, DomainState, HostModel, NeedsDecision
-from shyped.labelstore import LabelStore, LabelStoreError, load_label_store, resolve_resource
+from shyped.labelstore import (
+    LabelStore,
+    LabelStoreError,
+    load_label_store,
+    resolve_resource,
+    save_label_store,
+)
 from shyped.metrics import MetricsState, PeriodicPublisher
 from shyped.policy import acm_xml, toml_format, update
-from shyped.policy.decisions import PolicyEngine, Rule
+from shyped.policy.decisions import PolicyEngine, Rule, UnknownLabelError
 from shyped.policy.errors import PolicyError
 from shyped.policy.model import Policy
 from shyped.relabel import RelabelCheck, check_domain_relabel, check_resource_relabel
+from shyped.vetoretry import VetoAttempt, worth_recording
 from shyped.xenstore import (
     ConnectionLost,
     GatewayConfig,
@@ -224,6 +231,8 @@ class DaemonStatus:
     quotas: dict[str, dict[str, dict[str, Any]]] = attrs.field(factory=dict)
     #: the audit trail's state ("ok", "unavailable", "degraded"), None without one
     audit: str | None = None
+    #: domain vetoes that failed and are retried (`pending_vetoes`)
+    vetoes_pending: tuple[dict[str, Any], ...] = ()
 
 
 # ------------------------------------------------------------------------------- the daemon
@@ -271,6 +280,8 @@ class Daemon:
             reactor=reactor,
             close_timeout=config.device_close_timeout,
         )
+        self.enforcer.vetoes.wanted = self._veto_wanted
+        self.enforcer.vetoes.on_attempt = self._veto_attempt
         #: Decision listeners (audit trail, metrics …); see `Listener`.
         self.listeners: list[Listener] = []
         #: path -> monotonic time its (first pending) event arrived
@@ -349,6 +360,7 @@ class Daemon:
         """Close the xenstore connection (actions in flight are abandoned); the audit trail
         ends with a ``daemon-stop`` record naming the chain head and is closed."""
         self._running = False
+        self.enforcer.vetoes.stop()
         if self._publisher is not None:
             self._publisher.stop()
         return Deferred.fromCoroutine(self._stop())
@@ -411,6 +423,59 @@ class Daemon:
             uptime=time.monotonic() - self._started,
             quotas=quota_mod.quota_table_dict(self.quota_table()),
             audit=None if self.audit is None else self.audit.state.value,
+            vetoes_pending=self.pending_vetoes(),
+        )
+
+    def pending_vetoes(self) -> tuple[dict[str, Any], ...]:
+        """Domain vetoes that failed and are retried: domid, veto, failed attempts, last
+        error, seconds since the first failure and until the next attempt."""
+        now = self.reactor.seconds()
+        return tuple(
+            {
+                "domid": p.action.domid,
+                "name": dom.name if (dom := self.host.domain(p.action.domid)) else None,
+                "veto": p.action.how.value,
+                "failures": p.failures,
+                "error": p.last_error,
+                "failing_for": round(now - p.first_failed, 3),
+                "next_attempt_in": round(max(0.0, p.next_at - now), 3),
+            }
+            for _, p in sorted(self.enforcer.vetoes.pending.items())
+        )
+
+    def _veto_wanted(self, action: VetoDomain) -> bool:
+        """A pending veto is retried while its domain is still there and denied, enforcing."""
+        dom = self.host.domain(action.domid)
+        return dom is not None and dom.state is DomainState.DENIED and self.mode is Mode.ENFORCING
+
+    def _veto_attempt(self, attempt: VetoAttempt) -> None:
+        if attempt.result == "failed":
+            self._count_while_pending(attempt.action.domid)
+        if self.metrics is not None:
+            self.metrics.set_vetoes(
+                len(self.enforcer.vetoes.pending), self.enforcer.vetoes.failures
+            )
+        if worth_recording(attempt):
+            self._audit_event(
+                "veto-retry", domid=attempt.action.domid, veto=attempt.action.how.value,
+                result=attempt.result, failures=attempt.failures, error=attempt.error or None,
+                retry_in=None if attempt.retry_in is None else round(attempt.retry_in, 3),
+            )  # fmt: skip
+
+    def _count_while_pending(self, domid: int) -> None:
+        """A denied domain whose veto failed still runs: it counts in the Chinese Wall set
+        (as a permissively admitted one does) until it is gone, so its rivals stay out."""
+        dom = self.host.domain(domid)
+        if dom is None or dom.label is None or domid in self.engine.counted():
+            return
+        try:
+            self.engine.relabel(domid, dom.label)
+        except UnknownLabelError:
+            return  # a label that does not resolve has no Chinese Wall types
+        _log.warn(
+            "domain {domid} ({label}) counts in the Chinese Wall while its veto is pending",
+            domid=domid,
+            label=dom.label,
         )
 
     @property
@@ -653,6 +718,9 @@ class Daemon:
                 continue
             if self._audit_refusing():
                 outcome = self.engine.refuse(need, self.host, Rule.AUDIT, self._audit_reason())
+            elif self._untrusted_identity(need):
+                reason = f"{need.identity}: a domain is only admitted under a sound identity"
+                outcome = self.engine.refuse(need, self.host, Rule.LABEL, reason)
             else:
                 outcome = self.engine.decide(need, self.host)
             if received is not None:
@@ -662,6 +730,14 @@ class Daemon:
             )
             queue.extend(ready)
             self._emit(outcome)
+
+    def _untrusted_identity(self, need: NeedsDecision) -> bool:
+        """A new domain whose name does not parse or whose UUID another domain holds is denied
+        (docs/operations.md, "Domain identity"); one that already runs keeps its decision."""
+        if need.kind != "domain" or not need.identity:
+            return False
+        dom = self.host.domain(need.domid)
+        return dom is not None and dom.state in (DomainState.SEEN, DomainState.DENIED)
 
     def _emit(self, outcome: Outcome, *, record: bool = True) -> None:
         self._decisions[outcome.decision.verdict] += 1
@@ -822,7 +898,14 @@ class Daemon:
                 problems=list(problems),
             )  # fmt: skip
             return result
-        self.engine.switch_policy(PolicyEngine(loaded.policy), check)
+        try:
+            self._switch(loaded, check)
+        except OSError as e:
+            text = f"cannot rewrite the label store {self.config.labels}: {e.strerror or e}"
+            result = ReloadResult(False, str(path), previous, new, loaded.sha256, error=text)
+            _log.error("{result}; keeping {previous}", result=str(result), previous=previous)
+            self._audit_event(AuditKind.POLICY_REJECT, path=str(path), error=text)
+            return result
         dom0 = self.host.domain(0)
         if dom0 is not None:
             dom0.label = loaded.policy.bootstrap
@@ -842,6 +925,30 @@ class Daemon:
         self._publish_dom0_label()
         self._sweep("policy reload")
         return ReloadResult(True, str(path), previous, new, loaded.sha256)
+
+    def _switch(self, loaded: LoadedPolicy, check: update.UpdateCheck) -> None:
+        """Switch to an allowed policy together with the label store: labels the update
+        renames (``from=``) are rewritten in the store, which is written (atomically) before
+        the switch; if the switch fails the old store is written back. `OSError`: the store
+        could not be written, nothing changed."""
+        old = self.engine.labels
+        labels = old.renamed(check.maps.vm_renames, check.maps.resource_renames)
+        if labels != old:
+            save_label_store(labels, self.config.labels)
+        try:
+            self.engine.switch_policy(PolicyEngine(loaded.policy), check)
+        except BaseException:
+            if labels != old:
+                save_label_store(old, self.config.labels)
+            raise
+        if labels != old:
+            self.engine.labels = labels
+            renamed = {**check.maps.vm_renames, **check.maps.resource_renames}
+            _log.warn(
+                "label store {path}: renamed labels rewritten ({renames})",
+                path=str(self.config.labels),
+                renames=", ".join(f"{o} -> {n}" for o, n in sorted(renamed.items())),
+            )
 
     # ---- the audit trail ----------------------------------------------------------------
 

@@ -60,6 +60,7 @@ from shyped.actuator import ToolstackActuator
 from shyped.config import DomainVeto
 from shyped.engine import Outcome
 from shyped.events import BackendStateChanged, DeviceKey, DeviceRemoved, DomainVanished, Event
+from shyped.vetoretry import VetoRetrier
 from shyped.xenstore import NoEntry, Perm, Transaction, XenstoreGateway
 
 _log = Logger(namespace="shyped.enforcer")
@@ -155,6 +156,8 @@ class Enforcer:
         self.stats = EnforcerStats()
         self._chains: dict[Hashable, Deferred[None]] = {}
         self._waiters: dict[DeviceKey, list[Deferred[str]]] = {}
+        #: Domain vetoes that failed, retried until done or the domain is gone.
+        self.vetoes = VetoRetrier(reactor, self._retry_veto)
 
     # ---- public -------------------------------------------------------------------------
 
@@ -168,6 +171,10 @@ class Enforcer:
     def execute_action(self, action: Action) -> Deferred[None]:
         """One action outside a decision (dom0's label at start and after a reload)."""
         return self._chain(("action", action), (action,), action.describe(), None)
+
+    def _retry_veto(self, action: VetoDomain) -> Deferred[None]:
+        """Run a pending veto again, in order with anything else about that domain."""
+        return self._chain(("domain", action.domid), (action,), f"domain {action.domid}", None)
 
     def _chain(
         self, key: Hashable, actions: tuple[Action, ...], what: str, gate: Deferred[Any] | None
@@ -203,6 +210,7 @@ class Enforcer:
         elif isinstance(event, DeviceRemoved):
             self._wake(event.device, "removed")
         elif isinstance(event, DomainVanished):
+            self.vetoes.gone(event.domid)
             for key in [k for k in self._waiters if k.frontend == event.domid]:
                 self._wake(key, "domain gone")
 
@@ -220,6 +228,9 @@ class Enforcer:
                 await self._run(action)
             except Exception as exc:
                 self.stats.failed += 1
+                if isinstance(action, VetoDomain):  # kept pending; the retrier logs it
+                    self.vetoes.failed(action, str(exc) or type(exc).__name__)
+                    continue
                 _log.error(
                     "enforce: {action} for {what} failed: {error}",
                     action=action.describe(),
@@ -236,6 +247,7 @@ class Enforcer:
             else:
                 await self.actuator.destroy(action.domid)
             _log.info("enforce: {action} done", action=action.describe())
+            self.vetoes.succeeded(action)
         elif isinstance(action, CutDevice):
             await self._cut(action)
         elif isinstance(action, RemoveVchan):

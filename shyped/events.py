@@ -14,16 +14,19 @@ again emits nothing.
 Which nodes make what (Xen 4.17 libxl, ``tools/libs/light/libxl_create.c`` and
 ``libxl_device.c``; see ``/work/shared/xen-4.17-reference``):
 
-* **DomainAppeared(domid)** once all of these are present: ``/local/domain/<domid>/name`` (a
-  printable name), ``/local/domain/<domid>/vm`` (exactly ``/vm/<uuid>``), the node
-  ``/vm/<uuid>`` (or anything below it) and ``/libxl/<domid>`` (or anything below it). libxl
-  writes all of them in the first creation transaction, so a live stream yields the event at
-  the end of that transaction's burst. All are dom0-only nodes. Re-emitted (an upsert) if the
-  name or uuid changes. Domain 0 is always present and never announced.
-* **DomainVanished(domid)** as soon as one of those no longer holds: on ``xl destroy`` that is
-  the removal of ``/vm/<uuid>``, right before ``/local/domain/<domid>`` and ``/libxl/<domid>``
-  (the toolstack's clean-up after death); ``@releaseDomain`` only yields a `RescanHint`. Its
-  devices and vchans are removed first, and vchan permissions naming it stop counting.
+* **DomainAppeared(domid)** once all of these are present: ``/local/domain/<domid>/name`` (any
+  value: a name that is not printable UTF-8 of bounded length is announced as None with a
+  ``name_problem``, and decided), ``/local/domain/<domid>/vm`` (exactly ``/vm/<uuid>``), the
+  node ``/vm/<uuid>`` (or anything below it) and ``/libxl/<domid>`` (or anything below it).
+  libxl writes all of them in the first creation transaction, so a live stream yields the
+  event at the end of that transaction's burst. All are dom0-only nodes. Re-emitted (an
+  upsert) if the name or uuid changes. Domain 0 is always present and never announced.
+* **DomainVanished(domid)** only when xenstore says the domain is gone: its home
+  ``/local/domain/<domid>`` is removed (on ``xl destroy`` right after ``/vm/<uuid>``, the
+  toolstack's clean-up after death; ``@releaseDomain`` only yields a `RescanHint`). Never
+  because a value fails to parse, nor on the removal of ``/vm/<uuid>`` alone (two domains may
+  share a UUID; the other one still runs). Its devices and vchans are removed first, and vchan
+  permissions naming it stop counting.
 * **DeviceAdded / DeviceRemoved** from the dom0-only libxl record
   ``/libxl/<fe>/device/<kind>/<devid>/{frontend,backend}``: ``frontend`` must be the canonical
   frontend directory of that very device (``/local/domain/<fe>/device/<kind>/<devid>``, console
@@ -119,11 +122,17 @@ class DeviceKey(NamedTuple):
 
 @attrs.frozen(slots=True)
 class DomainAppeared:
-    """A toolstack-created domain is complete in xenstore (upsert: re-sent on rename)."""
+    """A toolstack-created domain is complete in xenstore (upsert: re-sent on rename).
+
+    `name` is None when the ``name`` node does not parse (or was removed): `name_problem`
+    then says why, and the domain is still there (a value that fails to parse never makes a
+    domain vanish).
+    """
 
     domid: int
     uuid: str
-    name: str
+    name: str | None
+    name_problem: str = ""
 
 
 @attrs.frozen(slots=True)
@@ -473,6 +482,8 @@ class _Dom:
         "mem_max",
         "mem_target",
         "name",
+        "name_problem",
+        "name_set",
         "records",
         "served",
         "uuid",
@@ -482,9 +493,11 @@ class _Dom:
     def __init__(self, domid: int) -> None:
         self.domid = domid
         self.name: str | None = None
+        self.name_set = False  # the name node exists (whether its value parses or not)
+        self.name_problem = ""
         self.uuid: str | None = None
         self.libxl = False
-        self.emitted: tuple[str, str] | None = None
+        self.emitted: tuple[str, str | None, str] | None = None
         self.records: dict[tuple[str, int], _Record] = {}
         self.fronts: dict[tuple[str, int], _Front] = {}
         self.backs: dict[tuple[str, int, int], _Back] = {}
@@ -507,6 +520,7 @@ class _Dom:
         return (
             self.domid != 0
             and self.name is None
+            and not self.name_set
             and self.uuid is None
             and not self.libxl
             and self.emitted is None
@@ -713,14 +727,23 @@ class EventAssembler:
         if d == 0:
             return
         name = None if value is None else parse_text(value, MAX_NAME)
+        problem = ""
         if value is not None and name is None:
+            problem = (
+                f"domain name is not printable UTF-8 of at most {MAX_NAME} bytes: {_short(value)}"
+            )
             self._garbage(d, path, "domain name is not printable UTF-8 of bounded length")
         dom = self._dom(d)
-        if dom.name != name:
+        if dom.name != name or dom.name_set != (value is not None) or dom.name_problem != problem:
             dom.name = name
+            dom.name_set = value is not None
+            dom.name_problem = problem
             self._dirty_doms.add(d)
 
     def _vm_pointer(self, d: int, path: str, value: bytes | None) -> None:
+        """``/local/domain/<d>/vm`` (dom0-only). Once the domain is announced, a value that
+        does not parse (or a removal) is only counted: the domain keeps its UUID until its
+        home goes (or its ``/vm/<uuid>``). A valid other UUID is a new incarnation."""
         if d == 0:
             return
         uuid = None
@@ -732,6 +755,8 @@ class EventAssembler:
             if uuid is None:
                 self._garbage(d, path, "vm is not /vm/<uuid>")
         dom = self._dom(d)
+        if uuid is None and dom.emitted is not None:
+            return
         if dom.uuid != uuid:
             dom.uuid = uuid
             self._dirty_doms.add(d)
@@ -809,6 +834,8 @@ class EventAssembler:
         d = dom.domid
         self._dirty_doms.add(d)
         dom.name = None
+        dom.name_set = False
+        dom.name_problem = ""
         dom.uuid = None
         if dom.mem_target is not None or dom.mem_max is not None or dom.cpus:
             dom.mem_target = dom.mem_max = None
@@ -1355,21 +1382,30 @@ class EventAssembler:
         return frozenset(ends) - {owner}, False
 
     def _flush_domain(self, d: int, out: list[Event], vanished: list[int]) -> None:
+        """Announce a domain once its creation facts are all there; once announced it is gone
+        only when its home ``/local/domain/<d>`` is removed (libxl's clean-up after death,
+        with ``@releaseDomain``). A name that does not parse, a removed ``name``, ``vm``,
+        ``/vm/<uuid>`` (two domains may share one) or ``/libxl/<d>`` never make it vanish."""
         dom = self._doms.get(d)
         if dom is None or d == 0:
             return
-        if dom.name is not None and dom.uuid is not None and dom.libxl and dom.uuid in self._vms:
-            facts = (dom.uuid, dom.name)
-            if dom.emitted != facts:
-                first = dom.emitted is None
-                dom.emitted = facts
-                out.append(DomainAppeared(d, dom.uuid, dom.name))
-                if first:
-                    self._wake(dom)
-        elif dom.emitted is not None:
+        if dom.emitted is None:
+            complete = dom.name_set and dom.libxl and dom.uuid is not None
+            if not complete or dom.uuid not in self._vms:
+                return
+        elif dom.uuid is None:
             dom.emitted = None
             vanished.append(d)
             self._wake(dom)
+            return
+        uuid = dom.uuid
+        facts = (uuid, dom.name, dom.name_problem)
+        if dom.emitted != facts:
+            first = dom.emitted is None
+            dom.emitted = facts
+            out.append(DomainAppeared(d, uuid, dom.name, dom.name_problem))
+            if first:
+                self._wake(dom)
 
     def _flush_resources(self, d: int, out: list[Event]) -> None:
         dom = self._doms.get(d)

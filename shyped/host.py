@@ -113,6 +113,9 @@ class NeedsDecision:
     resource: ResourceUse | None = None
     facts: tuple[object, ...] = ()
     over_limit: bool = False
+    #: ``domain`` only: why its identity cannot be trusted (a name that does not parse, a
+    #: UUID another domain holds); such a domain is denied unless it already runs.
+    identity: str = ""
 
 
 @attrs.frozen
@@ -179,6 +182,8 @@ class Domain:
     decisions: dict[tuple[DecisionKind, bool], int] = attrs.field(factory=dict)
     #: Changes (model-wide unique value) when anything this domain's account derives from does.
     revision: int = 0
+    #: Why its identity cannot be trusted ("" if it can): see `NeedsDecision.identity`.
+    identity: str = ""
 
 
 @attrs.define
@@ -289,7 +294,8 @@ class HostModel:
                 garbage=GarbageRecord(garbage_ring),
             )
         }
-        self._by_uuid: dict[str, int] = {}
+        #: uuid -> domids naming it, in order of appearance (the first one holds the UUID).
+        self._by_uuid: dict[str, list[int]] = {}
         self._devices: dict[DeviceKey, Device] = {}
         self._vchans: dict[VchanKey, Vchan] = {}
         self._dom_devices: dict[int, set[object]] = {}  # domid -> DeviceKeys (either end)
@@ -325,8 +331,13 @@ class HostModel:
         return self._domains.get(domid)
 
     def domain_by_uuid(self, uuid: str) -> Domain | None:
-        d = self._by_uuid.get(uuid)
-        return None if d is None else self._domains.get(d)
+        """The domain holding `uuid`: the first of those that name it and are still there."""
+        ds = self._by_uuid.get(uuid)
+        return None if not ds else self._domains.get(ds[0])
+
+    def domains_by_uuid(self, uuid: str) -> list[Domain]:
+        """Every domain naming `uuid` (more than one: a duplicate UUID), holder first."""
+        return [self._domains[d] for d in self._by_uuid.get(uuid, ())]
 
     def domains(self) -> list[Domain]:
         return [self._domains[d] for d in sorted(self._domains)]
@@ -510,6 +521,8 @@ class HostModel:
     # ---- domains ------------------------------------------------------------------------
 
     def _domain_appeared(self, e: DomainAppeared) -> list[ModelOutput]:
+        """A domain is identified by its domid; a UUID another domain already holds, or a name
+        that does not parse, is an identity problem (decided: denied unless it runs)."""
         out: list[ModelOutput] = []
         dom = self._domains.get(e.domid)
         if dom is not None and dom.uuid != e.uuid:
@@ -519,9 +532,14 @@ class HostModel:
             dom = self._domains[e.domid] = Domain(
                 e.domid, e.uuid, e.name, garbage=GarbageRecord(self._ring)
             )
-            self._by_uuid[e.uuid] = e.domid
+            self._by_uuid.setdefault(e.uuid, []).append(e.domid)
         else:
             dom.name = e.name
+        holder = self._by_uuid[e.uuid][0]
+        problems = [e.name_problem] if e.name_problem else []
+        if holder != e.domid:
+            problems.append(f"UUID {e.uuid} is already held by domain {holder}")
+        dom.identity = "; ".join(problems)
         self._count(e.domid)
         need = self._ask_domain(dom)
         if need is not None:
@@ -534,8 +552,12 @@ class HostModel:
         dom = self._domains.pop(domid, None)
         if dom is None:
             return []
-        if dom.uuid is not None and self._by_uuid.get(dom.uuid) == domid:
-            del self._by_uuid[dom.uuid]
+        if dom.uuid is not None:
+            holders = self._by_uuid.get(dom.uuid, [])
+            if domid in holders:
+                holders.remove(domid)
+            if not holders:
+                self._by_uuid.pop(dom.uuid, None)
         for key in list(cast("set[DeviceKey]", self._dom_devices.get(domid, set()))):
             if key.frontend == domid:
                 self._drop_device(key)
@@ -561,7 +583,13 @@ class HostModel:
             return None
         dom.asked = facts
         return NeedsDecision(
-            "domain", dom.domid, dom.domid, uuid=dom.uuid, name=dom.name, facts=facts
+            "domain",
+            dom.domid,
+            dom.domid,
+            uuid=dom.uuid,
+            name=dom.name,
+            facts=facts,
+            identity=dom.identity,
         )
 
     def set_state(self, domid: int, state: DomainState) -> None:

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import uuid as uuidlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -186,6 +187,16 @@ class LabelStore:
         resources = dict(self.resources)
         _assign(resources, resource_id(spec), label)
         return attrs.evolve(self, resources=resources)
+
+    def renamed(self, vm: Mapping[str, str], resource: Mapping[str, str]) -> LabelStore:
+        """A copy with the labels a policy update renames (``from=``; old -> new name) rewritten,
+        as ACM rewrote assignments on rename. Labels the maps do not name stay as they are."""
+        return attrs.evolve(
+            self,
+            by_uuid={k: vm.get(v, v) for k, v in self.by_uuid.items()},
+            by_name={k: vm.get(v, v) for k, v in self.by_name.items()},
+            resources={k: resource.get(v, v) for k, v in self.resources.items()},
+        )
 
     def to_json(self) -> str:
         doc = {

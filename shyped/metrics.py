@@ -155,6 +155,9 @@ class MetricsSnapshot:
     quotas: tuple[QuotaUsage, ...] = ()
     #: None: no CPU time provider, or it failed (no series at all).
     cpu: tuple[CpuTime, ...] | None = None
+    #: Domain vetoes that failed and are being retried; failed veto attempts so far.
+    vetoes_pending: int = 0
+    veto_failures: int = 0
 
 
 #: What a scrape shows before the daemon published anything.
@@ -188,6 +191,7 @@ class MetricsState:
         self._xs_reconnects = 0
         self._events: dict[str, int] = {}
         self._cpu: Sequence[XlDomain] | None = None
+        self._vetoes: tuple[int, int] = (0, 0)
         self._snapshot: MetricsSnapshot = EMPTY_SNAPSHOT
         self._accounts = AccountCache()
         self.dirty = True
@@ -236,6 +240,12 @@ class MetricsState:
         self._xs_reconnects = reconnects
         self.dirty = True
 
+    def set_vetoes(self, pending: int, failures: int) -> None:
+        """Domain vetoes pending a retry, and failed veto attempts so far."""
+        if (pending, failures) != self._vetoes:
+            self._vetoes = (pending, failures)
+            self.dirty = True
+
     def set_cpu_times(self, domains: Sequence[XlDomain] | None) -> None:
         """What the CPU time provider last read (None: not available)."""
         self._cpu = domains
@@ -266,6 +276,8 @@ class MetricsState:
             host=host,
             quotas=quotas,
             cpu=cpu,
+            vetoes_pending=self._vetoes[0],
+            veto_failures=self._vetoes[1],
         )
         self._snapshot = snap  # the one atomic swap the collector sees
         self.dirty = False
@@ -326,6 +338,8 @@ class PeriodicPublisher:
 METRIC_NAMES: Final = (
     "shyped_build_info",
     "shyped_metrics_published_timestamp_seconds",
+    "shyped_vetoes_pending",
+    "shyped_veto_failures_total",
     "shyped_decisions_total",
     "shyped_decision_latency_seconds",
     "shyped_policy_info",
@@ -378,6 +392,21 @@ def _families(
             "shyped_metrics_published_timestamp_seconds",
             "When the daemon published the state this scrape shows (0: not yet)",
             value=snap.published_at,
+        )
+    )
+
+    out.append(
+        GaugeMetricFamily(
+            "shyped_vetoes_pending",
+            "Domain vetoes that failed and are retried until done or the domain is gone",
+            value=snap.vetoes_pending,
+        )
+    )
+    out.append(
+        CounterMetricFamily(
+            "shyped_veto_failures",
+            "Failed attempts to carry out a domain veto (destroy/pause)",
+            value=snap.veto_failures,
         )
     )
 

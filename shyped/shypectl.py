@@ -162,6 +162,13 @@ def cmd_status(ctx: Ctx) -> int:
         )
         if st.audit is not None:
             ctx.say(f"audit:      {st.audit}")
+        if st.vetoes_pending:
+            ctx.say(f"vetoes:     {len(st.vetoes_pending)} PENDING (failed, retried):")
+            for v in st.vetoes_pending:
+                ctx.say(
+                    f"  {v.veto} {v.name or '?'}({v.domid}): {v.failures} failed attempt(s) "
+                    f"in {v.failing_for:.0f} s, next in {v.next_attempt_in:.0f} s: {v.error}"
+                )
         if st.daemon:
             ctx.say(f"daemon:     {st.daemon}")
         if st.quotas:

@@ -4,6 +4,7 @@ sandbox toolstack plays xl, the backends and the guests from worker threads."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -109,6 +110,13 @@ class Harness:
         return cls(xsd, ts)
 
     def config(self, **kw: Any) -> Config:
+        """A configuration for this host; by default with a private copy of the example label
+        store (a daemon rewrites its store, e.g. on a policy update that renames labels)."""
+        if "labels" not in kw:
+            private = self.xsd.instance_dir / "labels.json"
+            if not private.exists():
+                shutil.copy(LABELS, private)
+            kw["labels"] = private
         return make_config(self.xsd, **kw)
 
     async def start(

@@ -4,6 +4,7 @@ that ``shypectl audit verify`` accepts, every veto carried out before the kill h
 
 from __future__ import annotations
 
+import shutil
 import signal
 import threading
 import time
@@ -24,8 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_config(tmp: Path, socket: Path, audit: Path) -> Path:
     path = tmp / "shyped.toml"
+    labels = tmp / "labels.json"  # a private copy: the daemon rewrites it on a rename
+    if not labels.exists():
+        shutil.copy(LABELS, labels)
     path.write_text(
-        f'[policy]\npath = "{HOSTING}"\nlabels = "{LABELS}"\n'
+        f'[policy]\npath = "{HOSTING}"\nlabels = "{labels}"\n'
         '[enforcement]\nmode = "enforcing"\n'
         f'[xenstore]\nsocket = "{socket}"\n'
         '[actuator]\nkind = "sandbox"\n'

@@ -4,6 +4,7 @@ SIGKILL then restart), the sandbox actuator, and the README's demo."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,8 +30,11 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 def write_config(tmp: Path, socket: Path, *, policy: Path = HOSTING, extra: str = "") -> Path:
     path = tmp / "shyped.toml"
+    labels = tmp / "labels.json"  # a private copy: the daemon rewrites it on a rename
+    if not labels.exists():
+        shutil.copy(LABELS, labels)
     path.write_text(
-        f'[policy]\npath = "{policy}"\nlabels = "{LABELS}"\n'
+        f'[policy]\npath = "{policy}"\nlabels = "{labels}"\n'
         f'[enforcement]\nmode = "enforcing"\ndevice_close_timeout = 60.0\n{extra}'
         f'[xenstore]\nsocket = "{socket}"\n'
         '[actuator]\nkind = "sandbox"\n'

@@ -372,10 +372,39 @@ def test_rename_is_an_upsert_and_bad_vm_pointer_is_garbage() -> None:
     asm.feed_batch([(p, v, None) for p, v in BASE])
     assert asm.feed("/local/domain/5/name", b"renamed") == [DomainAppeared(5, UUID, "renamed")]
     events = asm.feed("/local/domain/5/vm", b"/vm/../../etc")
-    assert events == [
-        Garbage(5, "/local/domain/5/vm", "vm is not /vm/<uuid>"),
-        DomainVanished(5),
-    ]
+    # Only counted: a value that does not parse never makes a running domain vanish.
+    assert events == [Garbage(5, "/local/domain/5/vm", "vm is not /vm/<uuid>")]
+    assert asm.present_domains() == [0, 5]
+
+
+@pytest.mark.parametrize("bad", [b"x" * 300, "shop\u200b-1".encode()])
+def test_an_unparsable_name_is_announced_and_never_vanishes(bad: bytes) -> None:
+    asm = EventAssembler()
+    asm.feed_batch([(p, v, None) for p, v in BASE])
+    events = asm.feed("/local/domain/5/name", bad)
+    (appeared,) = of(events, DomainAppeared)
+    assert appeared.domid == 5 and appeared.uuid == UUID and appeared.name is None
+    assert "not printable UTF-8" in appeared.name_problem
+    assert not of(events, DomainVanished)
+    assert asm.feed("/local/domain/5/name", b"five") == [DomainAppeared(5, UUID, "five")]
+    # Created with such a name (e.g. while the daemon was down): announced all the same.
+    fresh = EventAssembler()
+    nodes = [(p, bad if p.endswith("/name") else v, None) for p, v in BASE]
+    (first,) = of(fresh.feed_batch(nodes), DomainAppeared)
+    assert first.name is None and first.name_problem
+    assert of(fresh.feed("/local/domain/5", None), DomainVanished) == [DomainVanished(5)]
+
+
+def test_two_domains_one_uuid_the_vm_dir_removal_vanishes_neither() -> None:
+    asm = EventAssembler()
+    asm.feed_batch([(p, v, None) for p, v in BASE])
+    twin = [(p.replace("/5", "/6"), v, None) for p, v in BASE if "/vm/" not in p[:4]]
+    (appeared,) = of(asm.feed_batch(twin), DomainAppeared)
+    assert appeared.domid == 6 and appeared.uuid == UUID
+    # xl destroy of one: /vm/<uuid> first, then its home; the twin still runs.
+    assert of(asm.feed(f"/vm/{UUID}", None), DomainVanished) == []
+    assert of(asm.feed("/local/domain/5", None), DomainVanished) == [DomainVanished(5)]
+    assert asm.present_domains() == [0, 6]
 
 
 # ---- trust: records decide, guests are only counted ---------------------------------------

@@ -17,6 +17,7 @@ from shyped.events import (
     DeviceAdded,
     DeviceKey,
     DomainAppeared,
+    DomainVanished,
     EventAssembler,
     Garbage,
     VchanPublished,
@@ -175,6 +176,21 @@ def test_a_new_domain_under_an_old_id_is_released_and_asked_about_again() -> Non
     assert needs(out) == [NeedsDecision("domain", 1, 1, uuid=other, name="reborn", facts=(other,))]
     assert model.apply(DomainAppeared(1, other, "renamed")) == []  # a rename asks nothing
     assert model.domain(1).name == "renamed"  # type: ignore[union-attr]
+
+
+def test_a_duplicate_uuid_is_an_identity_problem_of_the_newcomer_only() -> None:
+    _, model, _ = from_snapshot(CONNECTED)
+    (twin,) = needs(model.apply(DomainAppeared(7, UUID, "twin")))
+    assert twin.identity == f"UUID {UUID} is already held by domain 1"
+    assert model.domain_by_uuid(UUID) is model.domain(1)
+    assert [d.domid for d in model.domains_by_uuid(UUID)] == [1, 7]
+    model.record_decision(twin, False, reason=twin.identity)
+    out = model.apply(DomainVanished(7))
+    assert out == [DomainReleased(7, UUID, "twin", None, DomainState.DENIED)]
+    assert model.domain_by_uuid(UUID) is model.domain(1)  # the holder keeps it
+    bad = model.apply(DomainAppeared(1, UUID, None, "name is not printable"))
+    assert bad == [] and model.domain(1).identity == "name is not printable"  # type: ignore[union-attr]
+    assert model.domain(1).state is DomainState.ADMITTED  # type: ignore[union-attr]
 
 
 def test_vchan_to_an_absent_client_is_asked_again_when_it_arrives() -> None:

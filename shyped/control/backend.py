@@ -248,6 +248,21 @@ def quota_rows(table: Iterable[QuotaUsage]) -> tuple[QuotaRow, ...]:
 
 
 @attrs.frozen
+class PendingVeto:
+    """A domain veto the toolstack failed to carry out, retried with backoff until done or
+    the domain is gone (docs/operations.md, "Pending vetoes")."""
+
+    domid: int
+    veto: str  # "destroy" or "pause"
+    failures: int
+    error: str
+    #: Seconds since the first failure, and until the next attempt.
+    failing_for: float
+    next_attempt_in: float
+    name: str | None = None
+
+
+@attrs.frozen
 class Status:
     mode: ModeName
     policy: PolicyInfo
@@ -260,6 +275,8 @@ class Status:
     #: The audit trail: "ok", "unavailable" (fail-closed: new domains denied), "degraded"
     #: (records dropped), None without one.
     audit: str | None = None
+    #: Domain vetoes that failed and are being retried.
+    vetoes_pending: tuple[PendingVeto, ...] = ()
 
 
 @attrs.frozen

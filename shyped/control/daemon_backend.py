@@ -216,6 +216,7 @@ class DaemonControlBackend:
             daemon=f"shyped {__version__} (pid {os.getpid()})",
             quotas=b.quota_rows(self.daemon.quota_table()),
             audit=None if self.daemon.audit is None else self.daemon.audit.state.value,
+            vetoes_pending=tuple(b.PendingVeto(**p) for p in self.daemon.pending_vetoes()),
         )
 
     def getenforce(self) -> b.EnforceMode:
@@ -282,21 +283,65 @@ class DaemonControlBackend:
             resource_label=lambda rid: self._store.resource_label(resolve_resource(rid)),
         )
 
-    def register_domain(self, args: b.RegisterDomainArgs) -> b.Registration:
+    def register_domain(
+        self, args: b.RegisterDomainArgs
+    ) -> b.Registration | Deferred[b.Registration]:
+        """Label a UUID before its domain is created (None: forget it). A UUID a domain holds
+        now (running, or being decided) takes the one path of every label change of a running
+        domain: the relabel check (`Daemon.relabel`); it is never forgotten while the domain
+        runs, and a domain of another name cannot claim it."""
         self._ready()
         bare = views.find_label(self._policy, args.label, "vm").name if args.label else None
         try:
             store = self._store.with_domain(uuid=args.uuid, label=bare)
         except LabelStoreError as exc:
             raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
-        self._save(store)
-        log.info(
-            "control: label of domain {uuid} ({name}) {what}",
-            uuid=args.uuid.lower(),
-            name=args.name or "?",
-            what=f"registered: {bare}" if bare else "forgotten",
-        )
-        return b.Registration(args.uuid.lower(), args.name, self._full(bare))
+        uuid = args.uuid.lower()
+        registration = b.Registration(args.uuid.lower(), args.name, self._full(bare))
+        holder = self._holder(uuid)
+        if holder is None:
+            self._save(store)
+            log.info(
+                "control: label of domain {uuid} ({name}) {what}",
+                uuid=uuid, name=args.name or "?",
+                what=f"registered: {bare}" if bare else "forgotten",
+            )  # fmt: skip
+            return registration
+        who = f"{holder.name or '?'} (domid {holder.domid})"
+        refused = f"label {bare or 'none'} for UUID {uuid} denied"
+        if args.name is not None and args.name != holder.name:
+            why = f"UUID {uuid} is already held by running domain {who}"
+        elif bare is None:
+            why = f"{who} runs with this UUID: its label is not forgotten while it runs"
+        elif bare == holder.label:
+            self._save(store)  # what it runs with already: nothing changes
+            return registration
+        elif holder.state not in _RUNNING:
+            why = f"{who} is {holder.state.value}: try again once it is decided"
+        else:
+            why = ""
+        if why or bare is None:
+            raise ControlError(ErrorCode.DENIED, refused, {"reasons": [why]})
+
+        def answer(check: RelabelCheck) -> b.Registration:
+            if not check.allowed:
+                raise ControlError(
+                    ErrorCode.DENIED,
+                    f"{refused}: relabel of running domain {who} refused "
+                    f"({len(check.problems)} reason(s))",
+                    {"reasons": list(check.reasons)},
+                )
+            return registration
+
+        d = self.daemon.relabel(holder.domid, bare, before=lambda: self._save(store))
+        return d.addCallback(answer)
+
+    def _holder(self, uuid: str) -> Domain | None:
+        """The domain holding `uuid` now: running, or appeared and not decided yet."""
+        dom = self.daemon.host.domain_by_uuid(uuid.lower())
+        if dom is None or dom.state not in (*_RUNNING, DomainState.SEEN):
+            return None
+        return dom
 
     def relabel_domain(self, args: b.RelabelDomainArgs) -> Deferred[b.DomainInfo]:
         self._ready()
