@@ -81,6 +81,11 @@ class Kind(enum.StrEnum):
     CONTROL = "control"  #: a change request on the control socket, done or refused
     #: Refusals of one uid in one interval beyond the first, counted (shyped.control.refusals).
     CONTROL_REFUSALS = "control-refusals"
+    #: An attempt of a domain veto that failed or finally succeeded (shyped.vetoretry).
+    VETO_RETRY = "veto-retry"
+    #: Guest-paced decisions of one key in one interval beyond the burst, counted
+    #: (shyped.daemon.GUEST_REPEAT_BURST).
+    DECISION_REPEATS = "decision-repeats"
     # Written by the audit log itself.
     LOG_START = "log-start"
     ROTATE = "rotate"

@@ -39,6 +39,7 @@ from typing import Any
 import attrs
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -68,6 +69,7 @@ from shyped.policy.decisions import PolicyEngine, Rule, UnknownLabelError
 from shyped.policy.errors import PolicyError
 from shyped.policy.model import Policy
 from shyped.relabel import RelabelCheck, check_domain_relabel, check_resource_relabel
+from shyped.repeats import RepeatLog
 from shyped.vetoretry import VetoAttempt, worth_recording
 from shyped.xenstore import (
     ConnectionLost,
@@ -79,6 +81,16 @@ from shyped.xenstore import (
 )
 
 _log = Logger(namespace="shyped.daemon")
+
+#: Decisions a guest triggers at its own pace (grants and rendezvous in its own subtree) are
+#: written in full `GUEST_REPEAT_BURST` times per key (server, kind, verdict, rule, peers) and
+#: interval, then only counted and summarised once per `GUEST_REPEAT_INTERVAL` seconds (one
+#: ``decision-repeats`` audit record and log line), so no guest can fill the log or rotate the
+#: audit trail's older records away (`shyped.repeats`). Vetoes are carried out all the same.
+GUEST_REPEAT_BURST = 20
+GUEST_REPEAT_INTERVAL = 60.0
+_GUEST_PACED_KINDS = frozenset({"vchan", "channel"})
+RepeatKey = tuple[int, str, str, str, tuple[int, ...]]
 
 #: (path, token) of every watch the daemon registers.
 WATCHES = (
@@ -304,6 +316,11 @@ class Daemon:
         self._publisher: PeriodicPublisher | None = None
         self._reconnects = 0
         self._unsynced: set[Deferred[Any]] = set()  # decision records not yet durable
+        self._repeats: RepeatLog[RepeatKey] = RepeatLog(
+            (-1, "", "", "", ()), burst=GUEST_REPEAT_BURST, max_keys=256
+        )
+        self._repeat_flush = LoopingCall(self._flush_repeats)
+        self._repeat_flush.clock = reactor
         if audit is not None:
             audit.add_listener(self._audit_state)
 
@@ -353,6 +370,7 @@ class Daemon:
             self.metrics.set_xenstore(True, self._reconnects)
         if self._publisher is not None:
             self._publisher.start()
+        self._repeat_flush.start(GUEST_REPEAT_INTERVAL, now=False)
         self._publish_dom0_label()
         await self.reconcile("start")
 
@@ -366,6 +384,9 @@ class Daemon:
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self._repeat_flush.running:
+            self._repeat_flush.stop()
+            self._flush_repeats()
         audit = self.audit
         if audit is not None and audit.log.log_id:
             seq, head = audit.log.head
@@ -457,7 +478,7 @@ class Daemon:
             )
         if worth_recording(attempt):
             self._audit_event(
-                "veto-retry", domid=attempt.action.domid, veto=attempt.action.how.value,
+                AuditKind.VETO_RETRY, domid=attempt.action.domid, veto=attempt.action.how.value,
                 result=attempt.result, failures=attempt.failures, error=attempt.error or None,
                 retry_in=None if attempt.retry_in is None else round(attempt.retry_in, 3),
             )  # fmt: skip
@@ -743,11 +764,12 @@ class Daemon:
         self._decisions[outcome.decision.verdict] += 1
         if outcome.enforced:
             self._vetoes += 1
-        line = outcome.log_line()
-        if outcome.allowed:
-            _log.info("{line}", line=line)
+        if not self._in_full(outcome):
+            record = False  # counted; summarised by _flush_repeats
+        elif outcome.allowed:
+            _log.info("{line}", line=outcome.log_line())
         else:
-            _log.warn("{line}", line=line)
+            _log.warn("{line}", line=outcome.log_line())
         if self.metrics is not None:
             latency = None if outcome.received is None else time.monotonic() - outcome.received
             self.metrics.observe_decision(outcome.decision, latency)
@@ -765,6 +787,30 @@ class Daemon:
                 gates.append(result.addErrback(_listener_failed, listener))
         gate = defer.DeferredList(gates, consumeErrors=True) if gates else None
         self.enforcer.execute(outcome, gate)
+
+    def _in_full(self, outcome: Outcome) -> bool:
+        """False for a guest-paced decision past its burst (see `GUEST_REPEAT_BURST`)."""
+        if outcome.kind not in _GUEST_PACED_KINDS:
+            return True
+        d = outcome.decision
+        need = outcome.need
+        key = (need.domid, str(need.kind), d.verdict, str(d.rule), tuple(sorted(need.peers)))
+        return self._repeats.note(key, f"{d.verdict} {outcome.kind} [{d.rule}]")
+
+    def _flush_repeats(self) -> None:
+        """One log line and one audit record per key decided more often than its burst."""
+        for r in self._repeats.flush():
+            server, kind, verdict, rule, peers = r.key
+            who = "other domains" if server < 0 else f"domain {server}"
+            text = (
+                f"{r.count} more {kind} decision(s) of {who} in {GUEST_REPEAT_INTERVAL:g} s "
+                f"({r.kinds_text()}), recorded as this count only"
+            )
+            _log.warn("decision: {text}", text=text)
+            self._audit_event(
+                AuditKind.DECISION_REPEATS, subject_domid=server, hook_kind=kind, verdict=verdict,
+                rule=rule, peers=list(peers), count=r.count, summary=text,
+            )  # fmt: skip
 
     def _publish_dom0_label(self) -> None:
         label = self.engine.label_string(self.engine.dom0_label())

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from daemon_helpers import Harness, domcfg, eventually, image
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from wiring_helpers import quota_policy, records, shypectl_verify, start, with_audit
 
 from shyped.config import Mode
@@ -176,3 +176,57 @@ async def test_disk_full_fails_closed_denies_new_domains_and_recovers(
         assert after and after[-1]["decision"] == "permit"
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_guest_flooding_denied_rendezvous_cannot_rotate_the_trail_away(
+    host: Harness, tmp_path: Path
+) -> None:
+    """Red-team finding: a guest re-created denied rendezvous in its own data/ as fast as it
+    could; each was a decision record, and retention deleted every earlier record (domain
+    admissions included). Guest-paced decisions past a burst are now counted and summarised;
+    every rendezvous is still denied and removed."""
+    from shyped.daemon import GUEST_REPEAT_BURST
+    from shyped.sandbox.xsconn import XsConn
+
+    audit_dir = tmp_path / "audit"
+    config = with_audit(host.config(), audit_dir, max_file_bytes=16384, keep_files=2)
+    await start(host, config)
+    a = await host.call(host.ts.create, domcfg("web-a1"))
+    s = await host.call(host.ts.create, domcfg("shop-1"))  # shares no type with web-a1
+    await host.settle()
+    flood = 300
+
+    def guest() -> None:  # web-a1, writing only below its own data/ (n<a> on real Xen)
+        with XsConn(str(host.xsd.socket_path)) as xs:
+            for i in range(flood):
+                v = f"/local/domain/{a}/data/v{i % 60}"
+                xs.rm(v)
+                for key, value in (("ring-ref", "77"), ("event-channel", "9")):
+                    xs.write(f"{v}/{key}", value)
+                    xs.set_perms(f"{v}/{key}", (f"n{a}", f"r{s}"))
+                if i % 30 == 29:
+                    blocking_settle(host)
+
+    await threads.deferToThread(guest)
+    await host.settle()
+    denied = [o for o in host.outcomes if o.kind == "vchan" and not o.allowed]
+    assert len(denied) >= flood // 2  # decided (possibly coalesced), every one denied
+    await host.stop()  # flushes the summaries
+    recs = records(audit_dir)
+    admitted = {r["what"] for r in recs if r["kind"] == "decision" and r["what"].startswith("dom")}
+    assert {f"domain {a}", f"domain {s}"} <= admitted, "the admissions were rotated away"
+    full = [r for r in recs if r["kind"] == "decision" and r["what"].startswith("vchan")]
+    assert len(full) == GUEST_REPEAT_BURST
+    (summary,) = [r for r in recs if r["kind"] == "decision-repeats"]
+    assert summary["subject_domid"] == a and summary["peers"] == [s]
+    assert summary["verdict"] == "deny" and summary["count"] == len(denied) - GUEST_REPEAT_BURST
+    assert shypectl_verify(audit_dir).returncode == 0
+
+
+def blocking_settle(host: Harness) -> None:
+    """`host.settle()` from a thread (the guest's writer)."""
+    from twisted.internet import reactor
+    from twisted.internet.threads import blockingCallFromThread
+
+    blockingCallFromThread(reactor, lambda: defer.ensureDeferred(host.settle()))

@@ -12,10 +12,11 @@ refusals of further uids are counted together under uid -1.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Final
 
 import attrs
+
+from shyped.repeats import RepeatLog
 
 #: The uid under which refusals beyond `RefusalLog.max_uids` distinct uids are counted.
 OVERFLOW_UID: Final = -1
@@ -38,40 +39,22 @@ class RefusalSummary:
 
 
 @attrs.define
-class _Tally:
-    gid: int
-    kinds: Counter[str] = attrs.field(factory=Counter)
-
-
-@attrs.define
 class RefusalLog:
     """Counts refusals per uid for the current interval (see module docstring)."""
 
     max_uids: int = 64
-    _seen: dict[int, _Tally] = attrs.field(factory=dict, init=False)
+    _log: RepeatLog[tuple[int, int]] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._log = RepeatLog((OVERFLOW_UID, OVERFLOW_UID), max_keys=self.max_uids)
 
     def note(self, uid: int, gid: int, kind: str) -> bool:
         """Count a refusal; True when it is the uid's first this interval (write it in full)."""
-        tally = self._seen.get(uid)
-        if tally is None:
-            if len(self._seen) < self.max_uids:
-                self._seen[uid] = _Tally(gid)
-                return True
-            tally = self._seen.setdefault(OVERFLOW_UID, _Tally(OVERFLOW_UID))
-        tally.kinds[kind] += 1
-        return False
+        return self._log.note((uid, gid), kind)
 
     def flush(self) -> list[RefusalSummary]:
         """The summaries of the interval that ends now (uids with counted refusals only)."""
-        out = [
-            RefusalSummary(
-                uid=uid,
-                gid=tally.gid,
-                count=sum(tally.kinds.values()),
-                kinds=tuple(tally.kinds.most_common(8)),
-            )
-            for uid, tally in sorted(self._seen.items())
-            if tally.kinds
+        return [
+            RefusalSummary(uid=r.key[0], gid=r.key[1], count=r.count, kinds=r.kinds)
+            for r in sorted(self._log.flush(), key=lambda r: r.key)
         ]
-        self._seen.clear()
-        return out
