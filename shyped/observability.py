@@ -2,7 +2,8 @@
 
 `build_audit` makes the `AsyncAuditLog` the `Daemon` records into (``[audit]``); `Metrics`
 holds the `MetricsState` the daemon feeds and serves it on ``[metrics] address:port``
-(loopback only) with the audit collector and, on a real host (``actuator.kind = "xl"``), CPU
+(loopback only, behind the access control and budgets of `shyped.metricsweb`) with the
+audit collector and, on a real host (``actuator.kind = "xl"``), CPU
 time per domain from ``xl list``. `shyped.main` wires them; the daemon tests do the same.
 """
 
@@ -15,7 +16,8 @@ from twisted.logger import Logger
 
 from shyped.auditlog import AsyncAuditLog, AuditCollector, AuditLog
 from shyped.config import Config
-from shyped.metrics import MetricsState, XlCpuProvider, make_registry, start_metrics_server
+from shyped.metrics import MetricsState, XlCpuProvider, make_registry
+from shyped.metricsweb import ConnectionCollector, MetricsAccess, load_access, start_metrics_server
 
 _log = Logger(namespace="shyped.observability")
 
@@ -31,8 +33,15 @@ def build_audit(config: Config, reactor: Any, *, durable: bool = True) -> AsyncA
 class Metrics:
     """The metrics state the daemon feeds and, once `start`ed, its HTTP endpoint."""
 
-    def __init__(self, config: Config, reactor: Any, audit: AsyncAuditLog | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        audit: AsyncAuditLog | None = None,
+        access: MetricsAccess | None = None,
+    ) -> None:
         self.config = config
+        self.access = access if access is not None else load_access(config.metrics)
         self.reactor = reactor
         self.state = MetricsState()
         self.registry = make_registry(lambda: self.state.snapshot)
@@ -43,8 +52,12 @@ class Metrics:
 
     def start(self) -> IListeningPort:
         """Listen (raises ValueError for a non-loopback address, or the bind error)."""
-        port = start_metrics_server(self.reactor, self.config.metrics, self.registry)
+        port: IListeningPort = start_metrics_server(
+            self.reactor, self.config.metrics, self.registry, self.access
+        )
         self.port = port
+        listening: Any = port  # a tcp.Port: its factory is the BudgetedFactory
+        self.registry.register(ConnectionCollector(listening.factory))
         if self.config.actuator.kind == "xl":
             self.cpu = XlCpuProvider(self.reactor, self.state, self.config.actuator.xl)
             if not self.cpu.start():
@@ -61,7 +74,8 @@ class Metrics:
 
 
 def build_metrics(config: Config, reactor: Any, audit: AsyncAuditLog | None) -> Metrics | None:
-    """The metrics ``[metrics]`` asks for (None when disabled); not listening yet."""
+    """The metrics ``[metrics]`` asks for (None when disabled); not listening yet. Reads the
+    credentials files: a `shyped.config.ConfigError` says what is wrong with them."""
     if not config.metrics.enabled:
         return None
     return Metrics(config, reactor, audit)

@@ -110,7 +110,9 @@ async def test_prometheus_scrapes_the_endpoint_and_answers_queries(tmp_path: Pat
     state.observe_decision(Decision(False, Hook.VCHAN, Rule.STE, "no common type"), 0.0004)
     state.publish(model)
     port = start_metrics_server(
-        reactor, MetricsConfig(True, "127.0.0.1", 0), make_registry(lambda: state.snapshot)
+        reactor,
+        MetricsConfig(True, "127.0.0.1", 0, allow_unauthenticated=True),
+        make_registry(lambda: state.snapshot),
     )
     prom = Prometheus(tmp_path, f"127.0.0.1:{port.getHost().port}")
     try:
