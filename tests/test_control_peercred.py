@@ -5,12 +5,8 @@ live where those users cannot read)."""
 
 from __future__ import annotations
 
-import grp
 import json
 import os
-import pwd
-import secrets
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,18 +16,12 @@ import attrs
 import pytest
 import pytest_twisted
 from control_helpers import ModelBackend, aserving, cleanup, in_thread, short_dir
+from user_helpers import SYSTEM_PYTHON, Account, needs_users, setpriv, system_users
 
 from shyped.config import ControlConfig
 from shyped.control.server import ServerLimits
 
-SYSTEM_PYTHON = "/usr/bin/python3"
-
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0
-    or not all(shutil.which(t) for t in ("useradd", "groupadd", "userdel", "groupdel", "setpriv"))
-    or not os.access(SYSTEM_PYTHON, os.X_OK),
-    reason="needs root, useradd/groupadd/setpriv and /usr/bin/python3",
-)
+pytestmark = needs_users
 
 #: Sends each argv line as a request on its own connection (or all on one with --one) and
 #: prints the answers as JSON lines; an EOF instead of an answer prints {"eof": true}.
@@ -64,13 +54,6 @@ for line in lines:
 
 
 @attrs.frozen
-class Account:
-    name: str
-    uid: int
-    gid: int
-
-
-@attrs.frozen
 class Accounts:
     read_group: str
     read_gid: int
@@ -81,55 +64,18 @@ class Accounts:
     outsider: Account  # its own group only
 
 
-def _run(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, text=True)
-
-
 @pytest.fixture(scope="module")
 def accounts() -> Iterator[Accounts]:
-    tag = secrets.token_hex(3)
-    groups = [f"shyt-r{tag}", f"shyt-a{tag}", f"shyt-o{tag}"]
-    users = [f"shyt-r{tag}", f"shyt-a{tag}", f"shyt-o{tag}"]
-    made_groups: list[str] = []
-    made_users: list[str] = []
-    try:
-        for g in groups:
-            _run("groupadd", "--system", g)
-            made_groups.append(g)
-        for u, g in zip(users, groups, strict=True):
-            _run(
-                "useradd",
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                "--gid",
-                g,
-                u,
-            )
-            made_users.append(u)
-
-        def acc(u: str) -> Account:
-            pw = pwd.getpwnam(u)
-            return Account(u, pw.pw_uid, pw.pw_gid)
-
+    with system_users(["shyt-r", "shyt-a", "shyt-o"]) as (reader, admin, outsider):
         yield Accounts(
-            read_group=groups[0],
-            read_gid=grp.getgrnam(groups[0]).gr_gid,
-            admin_group=groups[1],
-            admin_gid=grp.getgrnam(groups[1]).gr_gid,
-            reader=acc(users[0]),
-            admin=acc(users[1]),
-            outsider=acc(users[2]),
+            read_group=reader.name,
+            read_gid=reader.gid,
+            admin_group=admin.name,
+            admin_gid=admin.gid,
+            reader=reader,
+            admin=admin,
+            outsider=outsider,
         )
-    finally:
-        for u in made_users:
-            subprocess.run(["userdel", u], check=False, capture_output=True)
-        for g in made_groups:
-            subprocess.run(["groupdel", g], check=False, capture_output=True)
-    for u in users:
-        with pytest.raises(KeyError):
-            pwd.getpwnam(u)
 
 
 @pytest.fixture
@@ -146,15 +92,8 @@ def as_user(
     account: Account, path: Path, *lines: str, groups: tuple[int, ...] = (), hold: bool = False
 ) -> list[dict[str, Any]]:
     """Run the client as `account` (its primary gid; `groups` as supplementary groups)."""
-    group_args = ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
     argv = [
-        "setpriv",
-        "--reuid",
-        str(account.uid),
-        "--regid",
-        str(account.gid),
-        *group_args,
-        "--",
+        *setpriv(account, groups),
         SYSTEM_PYTHON,
         "-c",
         CLIENT,
