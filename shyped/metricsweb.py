@@ -104,6 +104,28 @@ class MetricsAccess:
     unauthenticated: bool = False
 
 
+def _tls_options(cert_path: Path, cert: bytes, key_path: Path, key: bytes) -> Any:
+    """Twisted's `CertificateOptions` for the PEM certificate chain (leaf first) and its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        chain = x509.load_pem_x509_certificates(cert)
+        private = load_pem_private_key(key, password=None)
+        options = ssl.CertificateOptions(
+            privateKey=private,  # type: ignore[arg-type]  # pyOpenSSL takes cryptography's
+            certificate=chain[0],  # type: ignore[arg-type]
+            extraCertChain=chain[1:] or None,  # type: ignore[arg-type]
+        )
+        options.getContext()  # the key must match the certificate
+    except Exception as exc:  # cryptography's and OpenSSL's errors have no common base
+        raise ConfigError(
+            f"metrics.tls_server_config: {cert_path} and {key_path} are not a PEM certificate "
+            f"(chain) and its unencrypted key: {exc}"
+        ) from None
+    return options
+
+
 def load_access(config: MetricsConfig) -> MetricsAccess:
     """Read the bearer token and TLS files `config` names (a `ConfigError` says what is wrong)."""
     if not config.authenticated and not config.allow_unauthenticated:
@@ -134,14 +156,7 @@ def load_access(config: MetricsConfig) -> MetricsAccess:
                 f"metrics.tls_server_config.cert_file {config.tls_cert_file}: cannot read: "
                 f"{exc.strerror}"
             ) from None
-        try:
-            pem: Any = ssl.PrivateCertificate.loadPEM  # untyped
-            tls = pem(cert + b"\n" + key).options()
-        except Exception as exc:  # OpenSSL's errors have no common base worth naming
-            raise ConfigError(
-                f"metrics.tls_server_config: {config.tls_cert_file} and {config.tls_key_file} "
-                f"are not a PEM certificate and its key: {exc}"
-            ) from None
+        tls = _tls_options(config.tls_cert_file, cert, config.tls_key_file, key)
     users = {u.encode(): h.encode() for u, h in config.basic_auth_users}
     return MetricsAccess(users, token, tls, not config.authenticated)
 
@@ -423,14 +438,15 @@ class BudgetedFactory(policies.WrappingFactory):
         self.port: Any = None  # IListeningPort, set by `start_metrics_server`
         self.paused = False
         self._resume: Any = None
+        self._logged: dict[str, float] = {}
 
     def buildProtocol(self, addr: Any) -> Any:
         peer = str(getattr(addr, "host", addr))
         if len(self.protocols) >= self.max_total:
-            self.refused["total"] += 1
+            self._refuse("total", f"{len(self.protocols)} connections, max_connections")
             return None
         if self.per_peer[peer] >= self.max_per_peer:
-            self.refused["peer"] += 1
+            self._refuse("peer", f"{peer} holds {self.per_peer[peer]}, max_connections_per_peer")
             return None
         if self.budget.exhausted(accepting=1):
             self.refused["descriptors"] += 1
@@ -441,6 +457,18 @@ class BudgetedFactory(policies.WrappingFactory):
             p.peer = peer
             self.per_peer[peer] += 1
         return p
+
+    def _refuse(self, reason: str, what: str) -> None:
+        """Count a refusal; log it at most once a minute per reason."""
+        self.refused[reason] += 1
+        now = self.reactor.seconds()
+        if now - self._logged.get(reason, -float("inf")) >= 60:
+            self._logged[reason] = now
+            _log.warn(
+                "metrics endpoint: {what}: refusing connections ({n} so far)",
+                what=what,
+                n=self.refused[reason],
+            )
 
     def unregisterProtocol(self, p: Any) -> None:
         unregister: Any = super().unregisterProtocol

@@ -57,6 +57,15 @@ class Metrics:
         )
         self.port = port
         listening: Any = port  # a tcp.Port: its factory is the BudgetedFactory
+        host = listening.getHost()
+        scheme = "http" if self.access.tls is None else "https"
+        _log.info(
+            "metrics endpoint on {scheme}://{host}:{port}/metrics ({auth})",
+            scheme=scheme,
+            host=getattr(host, "host", "?"),
+            port=getattr(host, "port", "?"),
+            auth="no authentication" if self.access.unauthenticated else "authentication required",
+        )
         self.registry.register(ConnectionCollector(listening.factory))
         if self.config.actuator.kind == "xl":
             self.cpu = XlCpuProvider(self.reactor, self.state, self.config.actuator.xl)
