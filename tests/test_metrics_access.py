@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -392,3 +393,19 @@ def test_the_soft_descriptor_limit_is_raised_to_the_hard_one() -> None:
         check=True,
     ).stdout
     assert out.strip() == "(300, 300) (300, 300)"
+
+
+def test_the_unit_sets_one_descriptor_limit_above_what_the_daemon_may_hold() -> None:
+    from process_helpers import ROOT
+
+    from shyped.control.server import ServerLimits
+
+    text = (ROOT / "systemd" / "shyped.service").read_text()
+    values = re.findall(r"^LimitNOFILE=(\S+)$", text, re.MULTILINE)
+    # soft = hard: the unit's SystemCallFilter denies setrlimit, so no lower soft limit
+    assert len(values) == 1 and values[0].isdigit(), values
+    limit, metrics, control = int(values[0]), MetricsConfig(), ServerLimits()
+    assert limit > 1024  # the default soft limit the attack exhausted
+    assert limit - metrics.fd_reserve > (
+        metrics.max_connections + control.max_connections + control.admin_reserve
+    )
