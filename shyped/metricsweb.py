@@ -424,8 +424,9 @@ class BudgetedFactory(policies.WrappingFactory):
     noisy = False
 
     def __init__(
-        self, site: Site, config: MetricsConfig, reactor: Any, budget: FdBudget | None = None
+        self, site: Any, config: MetricsConfig, reactor: Any, budget: FdBudget | None = None
     ) -> None:
+        """`site`: the HTTP site, or a TLS factory wrapping it."""
         init: Any = super().__init__
         init(site)
         self.reactor = reactor
@@ -554,12 +555,12 @@ def start_metrics_server(
     check_loopback(config.address)
     if access is None:
         access = load_access(config)
-    site = metrics_site(reactor, registry, access, idle_timeout=config.idle_timeout)
+    site: Any = metrics_site(reactor, registry, access, idle_timeout=config.idle_timeout)
+    if access.tls is not None:  # TLS inside the budgets: a refused client costs no handshake
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        site = TLSMemoryBIOFactory(access.tls, False, site)
     factory = BudgetedFactory(site, config, reactor)
-    port: Any
-    if access.tls is not None:
-        port = reactor.listenSSL(config.port, factory, access.tls, interface=config.address)
-    else:
-        port = reactor.listenTCP(config.port, factory, interface=config.address)
+    port: Any = reactor.listenTCP(config.port, factory, interface=config.address)
     factory.port = port
     return port  # type: ignore[no-any-return]

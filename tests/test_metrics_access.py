@@ -225,6 +225,14 @@ async def test_tls_serves_https_with_the_configured_certificate(
     assert ok.status == 200 and b"shyped_probe" in ok.body
     denied = await threads.deferToThread(get, url, {}, ctx)
     assert denied.status == 401 and probe.runs == 1
+    # the budgets wrap the TLS layer: a refused client is closed before any handshake
+    port = served[-1]
+    port.factory.max_per_peer = 0
+    refused = await threads.deferToThread(connect, "127.0.0.1", port.getHost().port)
+    assert await threads.deferToThread(closed_at_once, refused)
+    assert port.factory.refused["peer"] == 1
+    refused.close()
+    port.factory.max_per_peer = 8
     plain = url.replace("https", "http")
     with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
         await threads.deferToThread(get, plain, basic("prom", PASSWORD))
