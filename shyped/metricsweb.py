@@ -498,6 +498,7 @@ class BudgetedFactory(policies.WrappingFactory):
         self._resume = None
         if self.port is None:
             return
+        self.budget.measure()
         if self.budget.exhausted():
             self._resume = self.reactor.callLater(0.5, self._try_resume)
             return

@@ -17,7 +17,13 @@ from twisted.logger import Logger
 from shyped.auditlog import AsyncAuditLog, AuditCollector, AuditLog
 from shyped.config import Config
 from shyped.metrics import MetricsState, XlCpuProvider, make_registry
-from shyped.metricsweb import ConnectionCollector, MetricsAccess, load_access, start_metrics_server
+from shyped.metricsweb import (
+    ConnectionCollector,
+    MetricsAccess,
+    load_access,
+    nofile_limit,
+    start_metrics_server,
+)
 
 _log = Logger(namespace="shyped.observability")
 
@@ -67,6 +73,14 @@ class Metrics:
             auth="no authentication" if self.access.unauthenticated else "authentication required",
         )
         self.registry.register(ConnectionCollector(listening.factory))
+        room = nofile_limit() - self.config.metrics.fd_reserve
+        if room < self.config.metrics.max_connections + 64:
+            _log.warn(
+                "metrics endpoint: the descriptor limit {limit} less fd_reserve leaves {room} "
+                "descriptors: it will refuse connections early (raise LimitNOFILE)",
+                limit=nofile_limit(),
+                room=room,
+            )
         if self.config.actuator.kind == "xl":
             self.cpu = XlCpuProvider(self.reactor, self.state, self.config.actuator.xl)
             if not self.cpu.start():
