@@ -11,7 +11,8 @@ bcrypt runs on the reactor's thread pool, one check at a time, and a successful
 (user, password) pair is remembered, so neither a scrape nor a guesser stalls the reactor.
 
 Budgets: `BudgetedFactory` (a `twisted.protocols.policies.WrappingFactory`) refuses a
-connection past `max_connections` in total or `max_connections_per_peer` per peer address by
+connection past `max_connections` in total or `max_connections_per_peer` per peer (the uid
+owning the client's socket, `shyped.peeruid`; its address where that is unknown) by
 returning None from `buildProtocol` (Twisted then closes the accepted socket at once), gives
 each connection `connection_timeout` seconds to live (`TimeoutMixin`, never reset: a slow
 client cannot hold a slot) besides the site's idle timeout, and stops accepting (`stopReading`
@@ -55,6 +56,7 @@ from twisted.web.wsgi import WSGIResource
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from shyped.config import ConfigError, MetricsConfig
+from shyped.peeruid import PeerUids
 
 _log = Logger(namespace="shyped.metrics")
 
@@ -434,6 +436,7 @@ class BudgetedFactory(policies.WrappingFactory):
         self.max_per_peer = config.max_connections_per_peer
         self.lifetime = config.connection_timeout
         self.budget = budget if budget is not None else FdBudget(config.fd_reserve)
+        self.uids = PeerUids()
         self.per_peer: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self.port: Any = None  # IListeningPort, set by `start_metrics_server`
@@ -441,8 +444,18 @@ class BudgetedFactory(policies.WrappingFactory):
         self._resume: Any = None
         self._logged: dict[str, float] = {}
 
+    def peer_of(self, addr: Any) -> str:
+        """``uid N`` for a client on this host (the owner of its socket), else its address."""
+        host = str(getattr(addr, "host", addr))
+        local = None if self.port is None else self.port.getHost()
+        if local is not None and hasattr(addr, "port"):
+            uid = self.uids.uid((host, addr.port), (local.host, local.port))
+            if uid is not None:
+                return f"uid {uid}"
+        return host
+
     def buildProtocol(self, addr: Any) -> Any:
-        peer = str(getattr(addr, "host", addr))
+        peer = self.peer_of(addr)
         if len(self.protocols) >= self.max_total:
             self._refuse("total", f"{len(self.protocols)} connections, max_connections")
             return None
@@ -510,6 +523,7 @@ class BudgetedFactory(policies.WrappingFactory):
         if self._resume is not None and self._resume.active():
             self._resume.cancel()
         self._resume = None
+        self.uids.close()
         stop: Any = super().doStop
         stop()
 

@@ -276,20 +276,30 @@ async def test_connections_past_the_total_or_per_peer_cap_are_closed_at_once(
     port, _, _ = serve(served, config)
     factory = port.factory
     n = port.getHost().port
+    # the peer is the uid owning the client socket, so another loopback source address does
+    # not count as another peer
+    peer = "uid 0" if factory.uids.available else "127.0.0.1"
+    sources = ("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4")
+    if not factory.uids.available:
+        sources = ("127.0.0.1",) * 4
 
     def run() -> tuple[list[bytes], bool, bool]:
-        held = [connect("127.0.0.1", n, "127.0.0.1"), connect("127.0.0.1", n, "127.0.0.1")]
-        over_peer = connect("127.0.0.1", n, "127.0.0.1")
+        held = [connect("127.0.0.1", n, sources[0]), connect("127.0.0.1", n, sources[1])]
+        over_peer = connect("127.0.0.1", n, sources[2])
         peer_closed = closed_at_once(over_peer)
-        held.append(connect("127.0.0.1", n, "127.0.0.2"))  # another peer: allowed
-        over_total = connect("127.0.0.1", n, "127.0.0.3")
+        peers.update(dict(factory.per_peer))
+        factory.max_per_peer = 10  # (from this thread: a plain attribute, read on accept)
+        held.append(connect("127.0.0.1", n, sources[2]))
+        over_total = connect("127.0.0.1", n, sources[3])
         total_closed = closed_at_once(over_total)
         answers = [scrape_on(s) for s in held]
         for s in [*held, over_peer, over_total]:
             s.close()
         return answers, peer_closed, total_closed
 
+    peers: dict[str, int] = {}
     answers, peer_closed, total_closed = await threads.deferToThread(run)
+    assert peers == {peer: 2}
     assert peer_closed and total_closed
     assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
     assert factory.refused["peer"] == 1 and factory.refused["total"] == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -20,6 +21,7 @@ from daemon_helpers import HOSTING, LABELS, domcfg, uuid_of
 from process_helpers import ROOT, SHYPED, ShypedProcess, wait_until
 from user_helpers import SYSTEM_PYTHON, Account, needs_users, setpriv, system_users
 
+from shyped.peeruid import PeerUids
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored
 
@@ -231,6 +233,13 @@ def test_holding_connections_to_the_metrics_port_cannot_stop_a_veto(
             lambda: "metrics endpoint: " in daemon.text() or open_fds(daemon.proc.pid) >= limit - 8,
             what="the connection flood to reach the daemon",
         )
+        if not budget:  # the outsider's uid is at its cap: another uid's scrape still works
+            assert f"uid {outsider.uid} holds 8" in daemon.text()
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
+            )
+            with urllib.request.urlopen(req, timeout=20) as resp:
+                assert resp.status == 200 and b"shyped_metrics_http_refused" in resp.read()
         b = host.create(domcfg("web-b1"))  # web-a1's Chinese Wall rival: must be destroyed
         wait_until(
             lambda: all(d.domid != b for d in host.list_domains()),
@@ -258,3 +267,33 @@ def test_holding_connections_to_the_metrics_port_cannot_stop_a_veto(
             hog.stdin.close()
             hog.wait(timeout=30)
         assert daemon.stop() == 0
+
+
+def test_the_owner_of_a_loopback_client_socket_is_its_uid(outsider: Account) -> None:
+    uids = PeerUids()
+    if not uids.available:
+        pytest.skip("no NETLINK_SOCK_DIAG here")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = subprocess.Popen(
+            [*setpriv(outsider), SYSTEM_PYTHON, "-c", "import socket, sys; "
+             f"s = socket.create_connection(('127.0.0.1', {port})); sys.stdin.read()"],
+            stdin=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            conn, addr = server.accept()
+            with conn:
+                assert uids.uid(addr, conn.getsockname()) == outsider.uid
+                mine = socket.create_connection(("127.0.0.1", port))
+                conn2, addr2 = server.accept()
+                with mine, conn2:
+                    assert uids.uid(addr2, conn2.getsockname()) == os.geteuid()
+                # no such connection: no uid
+                assert uids.uid(("127.0.0.9", 1), ("127.0.0.1", port)) is None
+        finally:
+            assert client.stdin is not None
+            client.stdin.close()
+            client.wait(timeout=30)
+    uids.close()
