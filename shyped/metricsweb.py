@@ -220,7 +220,7 @@ class MetricsChecker:
             return defer.fail(cred_error.UnauthorizedLogin())
         user: bytes = credentials.username
         password: bytes = credentials.password
-        key = _digest(user + b"\0" + password)
+        key = _digest(len(user).to_bytes(4, "big") + user + password)
         if key in self._good:
             return defer.succeed(user)
         hashed = self.access.users.get(user)
