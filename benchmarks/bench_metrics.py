@@ -198,7 +198,9 @@ async def http_scrapes(
         state.set_policy(policy(), "0" * 64, time.time())
         model = build(n, state)
         registry = make_registry(lambda s=state: s.snapshot, process=False)
-        port = start_metrics_server(reactor, MetricsConfig(True, "127.0.0.1", 0), registry)
+        port = start_metrics_server(
+            reactor, MetricsConfig(True, "127.0.0.1", 0, allow_unauthenticated=True), registry
+        )
         url = f"http://127.0.0.1:{port.getHost().port}/metrics"
 
         def get(u: str = url) -> float:

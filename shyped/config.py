@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grp
 import math
+import re
 import tomllib
 from enum import Enum
 from pathlib import Path
@@ -60,9 +61,27 @@ class ControlConfig:
 
 @attrs.frozen
 class MetricsConfig:
+    """The ``[metrics]`` table (docs/metrics.md). Access control follows Prometheus'
+    exporter web config: bcrypt-hashed `basic_auth_users` and/or a bearer token in a root-only
+    file, TLS optional; with neither, the endpoint starts only if `allow_unauthenticated`."""
+
     enabled: bool = False
     address: str = "127.0.0.1"
     port: int = 9474
+    allow_unauthenticated: bool = False
+    basic_auth_users: tuple[tuple[str, str], ...] = ()  # (user, bcrypt hash)
+    bearer_token_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    max_connections: int = 64
+    max_connections_per_peer: int = 8
+    idle_timeout: float = 10.0  # seconds without a byte from the client
+    connection_timeout: float = 30.0  # seconds a connection may live at most (slowloris)
+    fd_reserve: int = 128  # stop accepting when fewer descriptors than this are left
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.basic_auth_users) or self.bearer_token_file is not None
 
 
 @attrs.frozen
@@ -261,16 +280,7 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         admin_group=_group(ctl, "control", "admin_group", where),
     )
 
-    met = _table(doc, "metrics", where)
-    _check_unknown(met, "metrics", {"enabled", "address", "port"}, where)
-    port = _get(met, "metrics", "port", int, 9474, where)
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{where}: metrics.port must be 0..65535")
-    metrics = MetricsConfig(
-        enabled=_get(met, "metrics", "enabled", bool, False, where),
-        address=_get(met, "metrics", "address", str, "127.0.0.1", where),
-        port=port,
-    )
+    metrics = _metrics(doc, base, where)
     audit = _audit(doc, base, where)
     return Config(
         policy=policy,
@@ -285,6 +295,83 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         audit=audit,
         source=source,
     )
+
+
+_METRICS_KEYS = {
+    "enabled",
+    "address",
+    "port",
+    "allow_unauthenticated",
+    "basic_auth_users",
+    "bearer_token_file",
+    "tls_server_config",
+    "max_connections",
+    "max_connections_per_peer",
+    "idle_timeout",
+    "connection_timeout",
+    "fd_reserve",
+}
+#: A bcrypt hash as htpasswd -B, Python's bcrypt and Prometheus' web config write it.
+_BCRYPT = re.compile(r"\$2[aby]?\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+
+
+def _metrics(doc: dict[str, Any], base: Path, where: str) -> MetricsConfig:
+    met = _table(doc, "metrics", where)
+    _check_unknown(met, "metrics", _METRICS_KEYS, where)
+
+    def number(key: str, kind: type, default: Any, low: float, high: float) -> Any:
+        value = _get(met, "metrics", key, kind, default, where)
+        if not low <= value <= high:
+            raise ConfigError(f"{where}: metrics.{key} must be in [{low}, {high}], not {value!r}")
+        return value
+
+    def path(table: dict[str, Any], section: str, key: str) -> Path | None:
+        value = _get(table, section, key, str, None, where)
+        if value == "":
+            raise ConfigError(f"{where}: {section}.{key} must name a file")
+        return None if value is None else base / value
+
+    users = _table(met, "basic_auth_users", where + ": [metrics]")
+    for user, hashed in users.items():
+        if not isinstance(hashed, str) or not _BCRYPT.fullmatch(hashed):
+            raise ConfigError(
+                f"{where}: metrics.basic_auth_users.{user} must be a bcrypt hash "
+                "(htpasswd -nBC 12 USER, or python3 -c 'import bcrypt; "
+                'print(bcrypt.hashpw(b"PASSWORD", bcrypt.gensalt()).decode())\')'
+            )
+        if not user or ":" in user:
+            raise ConfigError(f"{where}: metrics.basic_auth_users: {user!r} is not a user name")
+    tls = _table(met, "tls_server_config", where + ": [metrics]")
+    _check_unknown(tls, "metrics.tls_server_config", {"cert_file", "key_file"}, where)
+    cert = path(tls, "metrics.tls_server_config", "cert_file")
+    key = path(tls, "metrics.tls_server_config", "key_file")
+    if (cert is None) != (key is None):
+        raise ConfigError(f"{where}: metrics.tls_server_config needs both cert_file and key_file")
+    port = _get(met, "metrics", "port", int, 9474, where)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{where}: metrics.port must be 0..65535")
+    config = MetricsConfig(
+        enabled=_get(met, "metrics", "enabled", bool, False, where),
+        address=_get(met, "metrics", "address", str, "127.0.0.1", where),
+        port=port,
+        allow_unauthenticated=_get(met, "metrics", "allow_unauthenticated", bool, False, where),
+        basic_auth_users=tuple(sorted(users.items())),
+        bearer_token_file=path(met, "metrics", "bearer_token_file"),
+        tls_cert_file=cert,
+        tls_key_file=key,
+        max_connections=number("max_connections", int, 64, 1, 10_000),
+        max_connections_per_peer=number("max_connections_per_peer", int, 8, 1, 10_000),
+        idle_timeout=number("idle_timeout", float, 10.0, 0.1, 3600),
+        connection_timeout=number("connection_timeout", float, 30.0, 0.1, 86400),
+        fd_reserve=number("fd_reserve", int, 128, 16, 1_000_000),
+    )
+    if config.enabled and not config.authenticated and not config.allow_unauthenticated:
+        raise ConfigError(
+            f"{where}: [metrics] is enabled without access control: set basic_auth_users "
+            "and/or bearer_token_file (docs/metrics.md), or allow_unauthenticated = true to let "
+            "every local user read the domains, UUIDs, labels and policy it exports"
+        )
+    return config
 
 
 def _audit(doc: dict[str, Any], base: Path, where: str) -> AuditConfig:

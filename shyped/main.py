@@ -84,6 +84,10 @@ def _check(config_path: Path) -> int:
     try:
         config = load_config(config_path)
         loaded, labels = load_startup(config)
+        if config.metrics.enabled:
+            from shyped.metricsweb import load_access
+
+            load_access(config.metrics)  # the token and TLS key files: root's only
     except (ConfigError, StartupError) as e:
         return _error(str(e))
     p = loaded.policy
@@ -121,10 +125,15 @@ def _run(config_path: Path, level: str) -> int:
     from twisted.internet import reactor as _reactor
 
     reactor: Any = _reactor
+    from shyped.metricsweb import raise_nofile_limit
     from shyped.observability import build_audit, build_metrics
 
+    raise_nofile_limit()
     audit = build_audit(config, reactor)
-    metrics = build_metrics(config, reactor, audit)
+    try:
+        metrics = build_metrics(config, reactor, audit)
+    except ConfigError as e:
+        return _error(f"{config_path}: {e}")
     daemon = Daemon(
         config,
         loaded,

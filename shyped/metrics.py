@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import ipaddress
 import math
 import os
 import re
@@ -36,7 +35,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
-from prometheus_client import make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -50,19 +48,17 @@ from prometheus_client.utils import floatToGoString
 from twisted.internet import error as twisted_error
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
-from twisted.web.wsgi import WSGIResource
 
 import shyped
 from shyped.accounting import AccountCache, DomainAccount, HostAccount
-from shyped.config import MetricsConfig, Mode
+from shyped.config import Mode
 from shyped.events import Event
 from shyped.host import HostModel
+from shyped.metricsweb import check_loopback as check_loopback
+from shyped.metricsweb import start_metrics_server as start_metrics_server
 from shyped.policy.decisions import Decision
 from shyped.policy.model import Policy
 from shyped.quota import QuotaUsage, quota_table
@@ -685,60 +681,6 @@ def make_registry(
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
     return registry
-
-
-# ---- the HTTP endpoint ----------------------------------------------------------------------
-
-
-class _Index(Resource):
-    isLeaf = True
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")  # type: ignore[no-untyped-call]
-        return b"shyped metrics: /metrics\n"
-
-
-class _QuietSite(Site):
-    """A site that does not write an access log line per scrape."""
-
-    def log(self, request: Any) -> None:
-        pass
-
-
-def check_loopback(address: str) -> None:
-    """Refuse anything but a loopback IP address: the series name domains, labels, uuids."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        raise ValueError(f"metrics.address {address!r} is not an IP address") from None
-    if not ip.is_loopback:
-        raise ValueError(
-            f"metrics.address {address!r} is not a loopback address; the endpoint is for a "
-            "local Prometheus (or a local proxy) only"
-        )
-
-
-def metrics_site(reactor: Any, registry: CollectorRegistry) -> Site:
-    """``/metrics`` served by prometheus_client's WSGI app on the reactor's thread pool."""
-    root = Resource()  # type: ignore[no-untyped-call]
-    app = make_wsgi_app(registry)
-    wsgi: Any = WSGIResource(reactor, reactor.getThreadPool(), app)  # type: ignore[no-untyped-call]
-    index: Any = _Index()  # type: ignore[no-untyped-call]
-    root.putChild(b"metrics", wsgi)
-    root.putChild(b"", index)
-    site = _QuietSite(root)  # type: ignore[no-untyped-call]
-    site.noisy = False
-    return site
-
-
-def start_metrics_server(
-    reactor: Any, config: MetricsConfig, registry: CollectorRegistry
-) -> IListeningPort:
-    """Listen on ``config.address:config.port`` (loopback only; port 0 picks a free one)."""
-    check_loopback(config.address)
-    site = metrics_site(reactor, registry)
-    port: IListeningPort = reactor.listenTCP(config.port, site, interface=config.address)
-    return port
 
 
 # ---- CPU time from xl -----------------------------------------------------------------------

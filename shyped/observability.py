@@ -2,7 +2,8 @@
 
 `build_audit` makes the `AsyncAuditLog` the `Daemon` records into (``[audit]``); `Metrics`
 holds the `MetricsState` the daemon feeds and serves it on ``[metrics] address:port``
-(loopback only) with the audit collector and, on a real host (``actuator.kind = "xl"``), CPU
+(loopback only, behind the access control and budgets of `shyped.metricsweb`) with the
+audit collector and, on a real host (``actuator.kind = "xl"``), CPU
 time per domain from ``xl list``. `shyped.main` wires them; the daemon tests do the same.
 """
 
@@ -15,7 +16,14 @@ from twisted.logger import Logger
 
 from shyped.auditlog import AsyncAuditLog, AuditCollector, AuditLog
 from shyped.config import Config
-from shyped.metrics import MetricsState, XlCpuProvider, make_registry, start_metrics_server
+from shyped.metrics import MetricsState, XlCpuProvider, make_registry
+from shyped.metricsweb import (
+    ConnectionCollector,
+    MetricsAccess,
+    load_access,
+    nofile_limit,
+    start_metrics_server,
+)
 
 _log = Logger(namespace="shyped.observability")
 
@@ -31,8 +39,15 @@ def build_audit(config: Config, reactor: Any, *, durable: bool = True) -> AsyncA
 class Metrics:
     """The metrics state the daemon feeds and, once `start`ed, its HTTP endpoint."""
 
-    def __init__(self, config: Config, reactor: Any, audit: AsyncAuditLog | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        audit: AsyncAuditLog | None = None,
+        access: MetricsAccess | None = None,
+    ) -> None:
         self.config = config
+        self.access = access if access is not None else load_access(config.metrics)
         self.reactor = reactor
         self.state = MetricsState()
         self.registry = make_registry(lambda: self.state.snapshot)
@@ -43,8 +58,29 @@ class Metrics:
 
     def start(self) -> IListeningPort:
         """Listen (raises ValueError for a non-loopback address, or the bind error)."""
-        port = start_metrics_server(self.reactor, self.config.metrics, self.registry)
+        port: IListeningPort = start_metrics_server(
+            self.reactor, self.config.metrics, self.registry, self.access
+        )
         self.port = port
+        listening: Any = port  # a tcp.Port: its factory is the BudgetedFactory
+        host = listening.getHost()
+        scheme = "http" if self.access.tls is None else "https"
+        _log.info(
+            "metrics endpoint on {scheme}://{host}:{port}/metrics ({auth})",
+            scheme=scheme,
+            host=getattr(host, "host", "?"),
+            port=getattr(host, "port", "?"),
+            auth="no authentication" if self.access.unauthenticated else "authentication required",
+        )
+        self.registry.register(ConnectionCollector(listening.factory))
+        room = nofile_limit() - self.config.metrics.fd_reserve
+        if room < self.config.metrics.max_connections + 64:
+            _log.warn(
+                "metrics endpoint: the descriptor limit {limit} less fd_reserve leaves {room} "
+                "descriptors: it will refuse connections early (raise LimitNOFILE)",
+                limit=nofile_limit(),
+                room=room,
+            )
         if self.config.actuator.kind == "xl":
             self.cpu = XlCpuProvider(self.reactor, self.state, self.config.actuator.xl)
             if not self.cpu.start():
@@ -61,7 +97,8 @@ class Metrics:
 
 
 def build_metrics(config: Config, reactor: Any, audit: AsyncAuditLog | None) -> Metrics | None:
-    """The metrics ``[metrics]`` asks for (None when disabled); not listening yet."""
+    """The metrics ``[metrics]`` asks for (None when disabled); not listening yet. Reads the
+    credentials files: a `shyped.config.ConfigError` says what is wrong with them."""
     if not config.metrics.enabled:
         return None
     return Metrics(config, reactor, audit)

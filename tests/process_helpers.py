@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -28,11 +28,18 @@ def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str
 class ShypedProcess:
     """``python -m shyped.main --config CONFIG`` with its stderr (the log) in a file."""
 
-    def __init__(self, config: Path, log: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        """`prefix`: a command that runs the daemon (e.g. ``prlimit --nofile=256``)."""
         self.log = log
         self.stderr: IO[str] = log.open("w")
         self.proc = subprocess.Popen(
-            [*SHYPED, "--config", str(config)],
+            [*prefix, *SHYPED, "--config", str(config)],
             stderr=self.stderr,
             stdout=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
@@ -40,9 +47,9 @@ class ShypedProcess:
         )
 
     @classmethod
-    def start(cls, config: Path, log: Path) -> ShypedProcess:
+    def start(cls, config: Path, log: Path, prefix: Sequence[str] = ()) -> ShypedProcess:
         """Start it and wait until its start-up reconcile began."""
-        daemon = cls(config, log)
+        daemon = cls(config, log, prefix=prefix)
         wait_until(lambda: "reconcile (start)" in daemon.text() or daemon.proc.poll() is not None)
         assert daemon.proc.poll() is None, daemon.text()
         return daemon

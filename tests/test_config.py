@@ -32,6 +32,7 @@ xl = ["python3", "-m", "shyped.sandbox", "xl"]
 [metrics]
 enabled = true
 port = 9999
+bearer_token_file = "metrics.token"
 """
     cfg = parse_config(text, tmp_path / "x.toml")
     assert cfg.mode is Mode.PERMISSIVE and cfg.domain_veto is DomainVeto.PAUSE

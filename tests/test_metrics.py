@@ -65,7 +65,9 @@ async def test_scrape_after_a_sandbox_scenario_and_after_a_destroy(
     state.publish(model)
 
     port = start_metrics_server(
-        reactor, MetricsConfig(True, "127.0.0.1", 0), make_registry(lambda: state.snapshot)
+        reactor,
+        MetricsConfig(True, "127.0.0.1", 0, allow_unauthenticated=True),
+        make_registry(lambda: state.snapshot),
     )
     try:
         body = await scrape(port.getHost().port)
@@ -168,8 +170,12 @@ async def test_only_loopback_is_served_and_the_index_points_to_metrics() -> None
     registry = make_registry(lambda: state.snapshot)
     for address in ("0.0.0.0", "192.0.2.1", "localhost", "::"):
         with pytest.raises(ValueError, match=r"metrics\.address"):
-            start_metrics_server(reactor, MetricsConfig(True, address, 0), registry)
-    port = start_metrics_server(reactor, MetricsConfig(True, "127.0.0.1", 0), registry)
+            start_metrics_server(
+                reactor, MetricsConfig(True, address, 0, allow_unauthenticated=True), registry
+            )
+    port = start_metrics_server(
+        reactor, MetricsConfig(True, "127.0.0.1", 0, allow_unauthenticated=True), registry
+    )
     try:
         root = await threads.deferToThread(http_get, f"http://127.0.0.1:{port.getHost().port}/")
         assert b"/metrics" in root

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 import pytest_twisted
 from hostmodel_helpers import from_snapshot, load_layout
@@ -39,20 +40,21 @@ def free_port() -> int:
 class Prometheus:
     """One prometheus process on loopback with its own storage, scraping `target`."""
 
-    def __init__(self, workdir: Path, target: str) -> None:
+    def __init__(self, workdir: Path, target: str, jobs: dict[str, str] | None = None) -> None:
+        """`jobs`: job name -> extra scrape config lines (default: one job, ``shyped``)."""
         self.port = free_port()
         config = workdir / "prometheus.yml"
-        config.write_text(
-            "global:\n"
-            "  scrape_interval: 1s\n"
-            "  evaluation_interval: 1s\n"
-            "scrape_configs:\n"
-            "  - job_name: shyped\n"
-            "    scrape_interval: 1s\n"
-            "    scrape_timeout: 1s\n"
-            "    static_configs:\n"
-            f"      - targets: ['{target}']\n"
-        )
+        text = "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n"
+        for job, extra in (jobs or {"shyped": ""}).items():
+            text += (
+                f"  - job_name: {job}\n"
+                "    scrape_interval: 1s\n"
+                "    scrape_timeout: 1s\n"
+                f"{extra}"
+                "    static_configs:\n"
+                f"      - targets: ['{target}']\n"
+            )
+        config.write_text(text)
         self.log = (workdir / "prometheus.log").open("wb")
         assert PROMETHEUS is not None
         self.proc = subprocess.Popen(
@@ -110,7 +112,9 @@ async def test_prometheus_scrapes_the_endpoint_and_answers_queries(tmp_path: Pat
     state.observe_decision(Decision(False, Hook.VCHAN, Rule.STE, "no common type"), 0.0004)
     state.publish(model)
     port = start_metrics_server(
-        reactor, MetricsConfig(True, "127.0.0.1", 0), make_registry(lambda: state.snapshot)
+        reactor,
+        MetricsConfig(True, "127.0.0.1", 0, allow_unauthenticated=True),
+        make_registry(lambda: state.snapshot),
     )
     prom = Prometheus(tmp_path, f"127.0.0.1:{port.getHost().port}")
     try:
@@ -157,6 +161,62 @@ async def test_prometheus_scrapes_the_endpoint_and_answers_queries(tmp_path: Pat
         assert meta["shyped_decision_latency_seconds"][0]["type"] == "histogram"
         assert meta["shyped_domain"][0]["type"] == "info"
         assert meta["shyped_domain_memory_max_bytes"][0]["type"] == "gauge"
+    finally:
+        prom.stop()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_prometheus_scrapes_with_basic_auth_or_a_bearer_token_and_not_without(
+    tmp_path: Path,
+) -> None:
+    password, token = "a scrape password", "0123456789abcdef0123456789abcdef"
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+    token_file = tmp_path / "shyped.token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    # Prometheus' own copies of the credentials (credentials_file / password_file)
+    (tmp_path / "prom.password").write_text(password)
+    (tmp_path / "prom.token").write_text(token)
+    state = MetricsState()
+    state.set_mode("enforcing")
+    config = MetricsConfig(
+        True, "127.0.0.1", 0, basic_auth_users=(("prometheus", hashed),),
+        bearer_token_file=token_file,
+    )  # fmt: skip
+    port = start_metrics_server(reactor, config, make_registry(lambda: state.snapshot))
+    jobs = {
+        "basic": "    basic_auth:\n      username: prometheus\n"
+        f"      password_file: {tmp_path / 'prom.password'}\n",
+        "bearer": "    authorization:\n      type: Bearer\n"
+        f"      credentials_file: {tmp_path / 'prom.token'}\n",
+        "anonymous": "",
+    }
+    prom = Prometheus(tmp_path, f"127.0.0.1:{port.getHost().port}", jobs)
+    try:
+
+        def targets() -> dict[str, dict[str, Any]]:
+            if prom.proc.poll() is not None:
+                raise AssertionError(f"prometheus exited with {prom.proc.returncode}")
+            active = prom.api("/api/v1/targets")["data"]["activeTargets"]
+            return {t["labels"]["job"]: t for t in active if t["health"] != "unknown"}
+
+        await wait_for(lambda: http_get(f"http://127.0.0.1:{prom.port}/-/ready"), 60, "ready")
+        seen = await wait_for(lambda: len(targets()) == 3 and targets(), 60, "three scrapes")
+        assert seen["basic"]["health"] == "up" and seen["bearer"]["health"] == "up"
+        assert seen["anonymous"]["health"] == "down"
+        assert "401" in seen["anonymous"]["lastError"]
+
+        def series_jobs() -> set[str]:
+            answer = prom.api("/api/v1/query", query="shyped_build_info")
+            return {r["metric"]["job"] for r in answer["data"]["result"]}
+
+        def both() -> set[str] | None:
+            jobs = series_jobs()
+            return jobs if {"basic", "bearer"} <= jobs else None
+
+        await wait_for(both, 30, "series of both authenticated jobs")
+        assert "anonymous" not in series_jobs()
     finally:
         prom.stop()
         await port.stopListening()

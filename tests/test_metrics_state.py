@@ -219,7 +219,9 @@ async def test_a_slow_scrape_does_not_hold_up_the_reactor() -> None:
     registry = make_registry(lambda: state.snapshot, process=False)
     blocking = _Blocking()
     registry.register(blocking)
-    port = start_metrics_server(reactor, MetricsConfig(True, "127.0.0.1", 0), registry)
+    port = start_metrics_server(
+        reactor, MetricsConfig(True, "127.0.0.1", 0, allow_unauthenticated=True), registry
+    )
     url = f"http://127.0.0.1:{port.getHost().port}/metrics"
     try:
         scrape = threads.deferToThread(http_get, url)

@@ -32,7 +32,12 @@ def with_audit(config: Config, directory: Path, **kw: Any) -> Config:
 
 
 def with_metrics(config: Config) -> Config:
-    return attrs.evolve(config, metrics=MetricsConfig(enabled=True, address="127.0.0.1", port=0))
+    return attrs.evolve(
+        config,
+        metrics=MetricsConfig(
+            enabled=True, address="127.0.0.1", port=0, allow_unauthenticated=True
+        ),
+    )
 
 
 async def start(

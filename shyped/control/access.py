@@ -75,6 +75,15 @@ class ServerLimits:
     #: ... of which the read group gets this many (it may only check, never load).
     heavy_read: int = 1
 
+    @property
+    def max_descriptors(self) -> int:
+        """Connections the server may hold open at once (every class's slots and the tarpit);
+        the unit's LimitNOFILE must leave room for them beside the metrics endpoint."""
+        return (
+            self.root_slots + self.admin_slots + self.read_slots + self.other_slots
+            + self.tarpit_max
+        )  # fmt: skip
+
     def slots(self, cls: SlotClass) -> int:
         return {
             "root": self.root_slots,
