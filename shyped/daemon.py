@@ -44,7 +44,15 @@ from twisted.python.failure import Failure
 
 from shyped import quota as quota_mod
 from shyped.accounting import account_host, touched_domains
-from shyped.actions import LABEL_DIR, WriteLabel, is_veto
+from shyped.actions import (
+    LABEL_DIR,
+    Action,
+    RemoveNode,
+    RemoveVchan,
+    ResetPerms,
+    WriteLabel,
+    is_veto,
+)
 from shyped.actuator import ToolstackActuator, XlActuator
 from shyped.audit import Kind as AuditKind
 from shyped.auditlog import AsyncAuditLog, AuditState, AuditUnavailable
@@ -271,6 +279,7 @@ class Daemon:
             reactor=reactor,
             close_timeout=config.device_close_timeout,
         )
+        self.enforcer.on_changed = self._veto_changed
         #: Decision listeners (audit trail, metrics …); see `Listener`.
         self.listeners: list[Listener] = []
         #: path -> monotonic time its (first pending) event arrived
@@ -467,6 +476,21 @@ class Daemon:
         if path not in self._pending:
             self._pending[path] = time.monotonic()
         self._kick()
+
+    def _veto_changed(self, action: Action) -> None:
+        """A node veto has run: what the assembler emitted about those nodes no longer holds,
+        and a re-grant may hide in a coalesced watch event. Withdraw it and read the nodes
+        again, so what is there now is decided afresh (`EventAssembler.withdraw`)."""
+        assert isinstance(action, ResetPerms | RemoveVchan | RemoveNode)
+        events, again = self.assembler.withdraw(
+            action.path, subtree=not isinstance(action, ResetPerms)
+        )
+        self._process(events, None)
+        now = time.monotonic()
+        for path in again:
+            self._pending.setdefault(path, now)
+        if again:
+            self._kick()
 
     def _on_overflow(self, path: str) -> None:
         _log.warn("watch on {path} overflowed: reconciling", path=path)
