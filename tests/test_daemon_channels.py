@@ -44,6 +44,16 @@ def guest_writes(h: Harness, owner: int, nodes: dict[str, str], perms: tuple[str
             xs.set_perms(path, perms)
 
 
+async def _web_and_shop(h: Harness) -> tuple[int, int]:
+    """The daemon started, then web-a1 (a vif on bank-a's bridge) and shop-1, which share no
+    STE type: every channel between them is denied."""
+    await h.start()
+    a = await h.call(h.ts.create, domcfg("web-a1", vifs=["bridge=xenbr-bank-a"]))
+    s = await h.call(h.ts.create, domcfg("shop-1"))
+    await h.settle()
+    return a, s
+
+
 # ------------------------------------------------------------------ issue 11 #3: hidden vchan
 
 
@@ -59,10 +69,7 @@ def guest_writes(h: Harness, owner: int, nodes: dict[str, str], perms: tuple[str
 async def test_hidden_vchan_outside_data_is_decided_and_its_grant_revoked(
     host: Harness, where: str
 ) -> None:
-    await host.start()
-    a = await host.call(host.ts.create, domcfg("web-a1", vifs=["bridge=xenbr-bank-a"]))
-    s = await host.call(host.ts.create, domcfg("shop-1"))
-    await host.settle()
+    a, s = await _web_and_shop(host)
     base = f"/local/domain/{a}/{where}"
     guest_writes(
         host,
@@ -167,10 +174,7 @@ def _guest_acts_right_after_the_veto(h: Harness, veto: str, act: Callable[[], No
 async def test_a_grant_made_again_right_after_its_reset_is_decided_again(
     host: Harness, where: str
 ) -> None:
-    await host.start()
-    a = await host.call(host.ts.create, domcfg("web-a1", vifs=["bridge=xenbr-bank-a"]))
-    s = await host.call(host.ts.create, domcfg("shop-1"))
-    await host.settle()
+    a, s = await _web_and_shop(host)
     node = f"/local/domain/{a}/{where}"
     grant = (f"n{a}", f"r{s}")
     ran = _guest_acts_right_after_the_veto(
@@ -190,10 +194,7 @@ async def test_a_grant_made_again_right_after_its_reset_is_decided_again(
 async def test_a_rendezvous_published_again_right_after_its_removal_is_decided_again(
     host: Harness,
 ) -> None:
-    await host.start()
-    a = await host.call(host.ts.create, domcfg("web-a1"))
-    s = await host.call(host.ts.create, domcfg("shop-1"))  # no STE type shared with web-a1
-    await host.settle()
+    a, s = await _web_and_shop(host)
     vpath = f"/local/domain/{a}/data/vchan/{s}/1"
     keys = {f"{vpath}/ring-ref": "8", f"{vpath}/event-channel": "23"}
     ran = _guest_acts_right_after_the_veto(
