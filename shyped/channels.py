@@ -46,6 +46,12 @@ Not channels here (they are decided elsewhere):
   clients (or "every domain") its ``vchan`` decision covers: that richer decision stands for
   them; a domain that may reach one of the two nodes without being a client is decided here.
 
+A veto the daemon carried out (permissions reset, rendezvous removed) is reported back with
+`SharedNodeTracker.withdraw`: what was emitted about those nodes is forgotten and they are read
+again, so a grant the guest makes again before the daemon's next read is decided again even
+though its facts equal those decided before the veto (watch events coalesce: the daemon sees
+only a node's latest state).
+
 Bounds: at most `TrackerLimits.shared_per_domain` shared nodes are tracked per owner; a node
 past the bound is not tracked but reported at once as ``over_limit`` (denied and removed: fail
 closed). Unparsable permissions count as readable and writable by every domain.
@@ -270,6 +276,24 @@ class SharedNodeTracker:
                 if domid in cur.peers:
                     cur.peers = cur.peers - {domid}
                     self._dirty.add(ChannelKey(owner, p))
+
+    def withdraw(self, path: str, subtree: bool) -> list[str]:
+        """The daemon's veto changed `path` (its permissions reset; with `subtree`, it and what
+        was below it removed): forget what is tracked there, so that whatever is read there
+        next is new and decided again, even if it equals what was emitted before the veto (a
+        guest that grants again before the daemon reads the node must not hide behind the
+        same facts). Returns the forgotten paths: the caller reads them again."""
+        if not subtree:
+            owner = self._owner_of.get(path)
+            if owner is None:
+                return []
+            self._forget(owner, path)
+            return [path]
+        pre = path + "/"
+        paths = [p for p in self._by_home.get(_home_of(path), ()) if p == path or p.startswith(pre)]
+        for p in paths:
+            self._forget(self._owner_of[p], p)
+        return sorted(paths)
 
     def touch(self, path: str) -> None:
         """Re-evaluate one node if it is tracked (what covers it changed)."""

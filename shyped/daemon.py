@@ -45,7 +45,16 @@ from twisted.python.failure import Failure
 
 from shyped import quota as quota_mod
 from shyped.accounting import account_host, touched_domains
-from shyped.actions import LABEL_DIR, VetoDomain, WriteLabel, is_veto
+from shyped.actions import (
+    LABEL_DIR,
+    Action,
+    RemoveNode,
+    RemoveVchan,
+    ResetPerms,
+    VetoDomain,
+    WriteLabel,
+    is_veto,
+)
 from shyped.actuator import ToolstackActuator, XlActuator
 from shyped.audit import Kind as AuditKind
 from shyped.auditlog import AsyncAuditLog, AuditState, AuditUnavailable
@@ -83,14 +92,13 @@ from shyped.xenstore import (
 _log = Logger(namespace="shyped.daemon")
 
 #: Decisions a guest triggers at its own pace (grants and rendezvous in its own subtree) are
-#: written in full `GUEST_REPEAT_BURST` times per key (server, kind, verdict, rule, peers) and
-#: interval, then only counted and summarised once per `GUEST_REPEAT_INTERVAL` seconds (one
-#: ``decision-repeats`` audit record and log line), so no guest can fill the log or rotate the
-#: audit trail's older records away (`shyped.repeats`). Vetoes are carried out all the same.
+#: written in full `GUEST_REPEAT_BURST` times per guest and interval, then only counted and
+#: summarised once per `GUEST_REPEAT_INTERVAL` seconds (one ``decision-repeats`` audit record
+#: and log line per guest), so no guest can fill the log or rotate the audit trail's older
+#: records away (`shyped.repeats`). Vetoes are carried out all the same.
 GUEST_REPEAT_BURST = 20
 GUEST_REPEAT_INTERVAL = 60.0
 _GUEST_PACED_KINDS = frozenset({"vchan", "channel"})
-RepeatKey = tuple[int, str, str, str, tuple[int, ...]]
 
 #: (path, token) of every watch the daemon registers.
 WATCHES = (
@@ -294,6 +302,7 @@ class Daemon:
         )
         self.enforcer.vetoes.wanted = self._veto_wanted
         self.enforcer.vetoes.on_attempt = self._veto_attempt
+        self.enforcer.on_changed = self._veto_changed
         #: Decision listeners (audit trail, metrics …); see `Listener`.
         self.listeners: list[Listener] = []
         #: path -> monotonic time its (first pending) event arrived
@@ -316,9 +325,7 @@ class Daemon:
         self._publisher: PeriodicPublisher | None = None
         self._reconnects = 0
         self._unsynced: set[Deferred[Any]] = set()  # decision records not yet durable
-        self._repeats: RepeatLog[RepeatKey] = RepeatLog(
-            (-1, "", "", "", ()), burst=GUEST_REPEAT_BURST, max_keys=256
-        )
+        self._repeats: RepeatLog[int] = RepeatLog(-1, burst=GUEST_REPEAT_BURST, max_keys=256)
         self._repeat_flush = LoopingCall(self._flush_repeats)
         self._repeat_flush.clock = reactor
         if audit is not None:
@@ -553,6 +560,21 @@ class Daemon:
         if path not in self._pending:
             self._pending[path] = time.monotonic()
         self._kick()
+
+    def _veto_changed(self, action: Action) -> None:
+        """A node veto has run: what the assembler emitted about those nodes no longer holds,
+        and a re-grant may hide in a coalesced watch event. Withdraw it and read the nodes
+        again, so what is there now is decided afresh (`EventAssembler.withdraw`)."""
+        assert isinstance(action, ResetPerms | RemoveVchan | RemoveNode)
+        events, again = self.assembler.withdraw(
+            action.path, subtree=not isinstance(action, ResetPerms)
+        )
+        self._process(events, None)
+        now = time.monotonic()
+        for path in again:
+            self._pending.setdefault(path, now)
+        if again:
+            self._kick()
 
     def _on_overflow(self, path: str) -> None:
         _log.warn("watch on {path} overflowed: reconciling", path=path)
@@ -789,27 +811,24 @@ class Daemon:
         self.enforcer.execute(outcome, gate)
 
     def _in_full(self, outcome: Outcome) -> bool:
-        """False for a guest-paced decision past its burst (see `GUEST_REPEAT_BURST`)."""
+        """False for a guest-paced decision past its guest's burst (`GUEST_REPEAT_BURST`)."""
         if outcome.kind not in _GUEST_PACED_KINDS:
             return True
         d = outcome.decision
-        need = outcome.need
-        key = (need.domid, str(need.kind), d.verdict, str(d.rule), tuple(sorted(need.peers)))
-        return self._repeats.note(key, f"{d.verdict} {outcome.kind} [{d.rule}]")
+        return self._repeats.note(outcome.need.domid, f"{d.verdict} {outcome.kind} [{d.rule}]")
 
     def _flush_repeats(self) -> None:
-        """One log line and one audit record per key decided more often than its burst."""
+        """One log line and one audit record per guest decided more often than its burst."""
         for r in self._repeats.flush():
-            server, kind, verdict, rule, peers = r.key
-            who = "other domains" if server < 0 else f"domain {server}"
+            who = "other domains" if r.key < 0 else f"domain {r.key}"
             text = (
-                f"{r.count} more {kind} decision(s) of {who} in {GUEST_REPEAT_INTERVAL:g} s "
-                f"({r.kinds_text()}), recorded as this count only"
+                f"{r.count} more decision(s) about channels of {who} in "
+                f"{GUEST_REPEAT_INTERVAL:g} s ({r.kinds_text()}), recorded as this count only"
             )
             _log.warn("decision: {text}", text=text)
             self._audit_event(
-                AuditKind.DECISION_REPEATS, subject_domid=server, hook_kind=kind, verdict=verdict,
-                rule=rule, peers=list(peers), count=r.count, summary=text,
+                AuditKind.DECISION_REPEATS, subject_domid=r.key, count=r.count,
+                kinds=dict(r.kinds), summary=text,
             )  # fmt: skip
 
     def _publish_dom0_label(self) -> None:

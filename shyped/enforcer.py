@@ -30,13 +30,19 @@ What each action does to xenstore (docs/operations.md has the operator's version
   and, if its owner is still the guest the decision was about, sets them to ``n<owner>``: the
   guest keeps its node and value, no other domain may read or write it. The node keeps no
   grant, so the watch this fires decides nothing new (idempotent, no loop); a guest that
-  grants again is decided again.
+  grants again is decided again (see `Enforcer.on_changed` below).
 * `RemoveNode` (a node past a tracking bound): removes the node and what is below it.
+
+Once a `ResetPerms`, `RemoveVchan` or `RemoveNode` has run (whatever it found), the enforcer
+calls `Enforcer.on_changed` with it: the daemon withdraws what it had emitted about those nodes
+and reads them again (`shyped.events.EventAssembler.withdraw`). Watch events coalesce, so
+without that a guest that grants again right after the reset, before the daemon reads the
+node, would show the facts decided before the reset, and its new grant would stay undecided.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import attrs
@@ -74,6 +80,8 @@ RECHECK = 1.0
 MAX_REASSERT = 3
 #: Most nodes a device veto re-permissions below a (guest-owned) frontend directory.
 MAX_FRONTEND_NODES = 512
+#: Vetoes whose change to a node the daemon must learn from itself (see `Enforcer.on_changed`).
+CHANGES_NODES = (ResetPerms, RemoveVchan, RemoveNode)
 
 
 @attrs.define
@@ -158,6 +166,9 @@ class Enforcer:
         self._waiters: dict[DeviceKey, list[Deferred[str]]] = {}
         #: Domain vetoes that failed, retried until done or the domain is gone.
         self.vetoes = VetoRetrier(reactor, self._retry_veto)
+        #: Called with each node veto (`CHANGES_NODES`) once it has run, before the next
+        #: action of its chain and before `idle` can be true again.
+        self.on_changed: Callable[[Action], None] | None = None
 
     # ---- public -------------------------------------------------------------------------
 
@@ -237,6 +248,12 @@ class Enforcer:
                     what=what,
                     error=str(exc) or type(exc).__name__,
                 )
+                continue
+            if self.on_changed is not None and isinstance(action, CHANGES_NODES):
+                try:
+                    self.on_changed(action)
+                except Exception:
+                    _log.failure("enforce: on_changed for {action} raised", action=action)
 
     async def _run(self, action: Action) -> None:
         if isinstance(action, WriteLabel):

@@ -605,6 +605,34 @@ class EventAssembler:
             self._apply(p, value, perms)
         return self._flush()
 
+    def withdraw(self, path: str, *, subtree: bool = False) -> tuple[list[Event], list[str]]:
+        """The daemon's own veto changed `path` in xenstore: its permissions were reset
+        (``ResetPerms``), or, with `subtree`, it and everything below it were removed
+        (``RemoveVchan``, ``RemoveNode``). Watch events coalesce and a read shows only the
+        node's latest state, so a guest that grants again (or publishes the same rendezvous
+        again) before the daemon reads the node would show the very facts emitted before the
+        veto, and nothing would be decided. So what was emitted about the shared nodes and
+        vchan rendezvous there is withdrawn now (`ChannelUnshared`, `VchanRemoved`), and the
+        caller must read the returned paths again (a watch batch): what is there then is new
+        and decided again.
+        """
+        again = self._shared.withdraw(path, subtree)
+        comps = path.split("/")
+        d = (
+            parse_domid_component(comps[3])
+            if len(comps) > 4 and comps[1:3] == ["local", "domain"]
+            else None
+        )
+        dom = self._doms.get(d) if d is not None else None
+        if dom is not None and subtree:
+            pre = path + "/"
+            for vpath, vc in dom.vchans.items():
+                if vpath == path or vpath.startswith(pre):
+                    vc.gone = True
+                    self._dirty_vchans.add((dom.domid, vpath))
+                    again.extend((vpath + "/ring-ref", vpath + "/event-channel"))
+        return self._flush(), sorted(set(again))
+
     def present_domains(self) -> list[int]:
         """Domain ids currently announced (plus domain 0)."""
         return sorted(d for d, dom in self._doms.items() if d == 0 or dom.emitted is not None)

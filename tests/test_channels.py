@@ -21,7 +21,7 @@ from shyped.channels import (
     reach,
 )
 from shyped.engine import Engine
-from shyped.events import EventAssembler, Limits
+from shyped.events import Event, EventAssembler, Limits, VchanPublished, VchanRemoved
 from shyped.host import DomainReleased, HostModel, NeedsDecision
 from shyped.labelstore import load_label_store
 from shyped.policy.decisions import Hook, PolicyEngine
@@ -126,13 +126,14 @@ class Sim:
         self.engine = Engine(PolicyEngine(POLICY), STORE)
 
     def feed(self, store: Store, paths: Iterable[str]) -> list[str]:
+        """One watch batch: `paths` read from `store` (their latest state only); returns the
+        paths to read next (the vetoes' watch events and `EventAssembler.withdraw`'s)."""
         nodes = []
         for p in paths:
             v = store.get(p)
             nodes.append((p, v[0], v[1]) if v is not None else (p, None, None))
         queue: list[NeedsDecision] = []
-        for e in self.asm.feed_batch(nodes):
-            queue.extend(o for o in self.model.apply(e) if not isinstance(o, DomainReleased))
+        self._apply(self.asm.feed_batch(nodes), queue)
         changed: list[str] = []
         while queue:
             need = queue.pop(0)
@@ -145,12 +146,28 @@ class Sim:
                     cur = store.get(a.path)
                     if cur is not None and cur[1][0][1:] == str(a.owner):
                         store[a.path] = (cur[0], (f"n{a.owner}",))
-                        changed.append(a.path)
                 elif isinstance(a, RemoveNode | RemoveVchan):
                     for p in [p for p in store if p == a.path or p.startswith(a.path + "/")]:
                         del store[p]
-                    changed.append(a.path)
+                else:
+                    continue
+                changed.append(a.path)
+                # the daemon's Enforcer.on_changed -> Daemon._veto_changed
+                events, again = self.asm.withdraw(a.path, subtree=not isinstance(a, ResetPerms))
+                self._apply(events, queue)
+                changed.extend(again)
         return changed
+
+    def _apply(self, events: Iterable[Event], queue: list[NeedsDecision]) -> None:
+        for e in events:
+            queue.extend(o for o in self.model.apply(e) if not isinstance(o, DomainReleased))
+
+    def settle(self, store: Store, changed: list[str]) -> None:
+        for _ in range(20):
+            if not changed:
+                return
+            changed = self.feed(store, changed)
+        raise AssertionError("the vetoes did not settle")
 
 
 def _guest_tree() -> st.SearchStrategy[list[tuple[int, str, str, Perms]]]:
@@ -207,13 +224,58 @@ def test_no_guest_node_reaches_another_guest_the_policy_keeps_apart(
         path = f"/local/domain/{owner}/{where}/{rel}"
         store[path] = (b"7", perms)
         written.append(path)
-    changed = sim.feed(store, written)
-    for _ in range(20):
-        if not changed:
-            break
-        changed = sim.feed(store, changed)
-    assert not changed, "the vetoes did not settle"
+    sim.settle(store, sim.feed(store, written))
     assert _violations(store) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(_guest_tree())
+def test_a_tree_granted_again_right_after_its_vetoes_is_decided_again(
+    tree: list[tuple[int, str, str, Perms]],
+) -> None:
+    """The guest writes its whole tree again right after the daemon's vetoes ran, before the
+    daemon reads anything: each veto's watch event and the guest's coalesce, so the next read
+    shows the very facts decided before the veto. They are decided (and vetoed) again."""
+    store: Store = {}
+    _domain_nodes(store)
+    sim = Sim(Limits())
+    sim.feed(store, sorted(store))
+    written = [f"/local/domain/{owner}/{where}/{rel}" for owner, where, rel, _ in tree]
+    for path, (_, _, _, perms) in zip(written, tree, strict=True):
+        store[path] = (b"7", perms)
+    changed = sim.feed(store, written)
+    for path, (_, _, _, perms) in zip(written, tree, strict=True):
+        store[path] = (b"8", perms)  # the guest grants again
+    sim.settle(store, [*changed, *written])
+    assert _violations(store) == []
+
+
+def test_withdraw_makes_the_same_facts_new_again() -> None:
+    """`EventAssembler.withdraw` after a reset and after a rendezvous removal: the same
+    grant, read once after the guest made it again, is emitted again."""
+    asm = EventAssembler()
+    node = "/local/domain/1/data/x"
+    assert asm.feed(node, b"v", [b"r1"]) == [ChannelShared(1, node, (), True)]
+    assert asm.feed(node, b"v", [b"r1"]) == []  # same facts: nothing
+    events, again = asm.withdraw(node)
+    assert events == [ChannelUnshared(1, node)] and again == [node]
+    assert asm.feed(node, b"v", [b"r1"]) == [ChannelShared(1, node, (), True)]
+    assert asm.withdraw("/local/domain/1/data/untracked") == ([], [])
+
+    store: Store = {}
+    _domain_nodes(store)
+    asm.feed_batch((p, v, perms) for p, (v, perms) in sorted(store.items()))
+    vpath = "/local/domain/1/data/vchan/2/1"
+    keys = [
+        (f"{vpath}/ring-ref", b"8", [b"n1", b"r2"]),
+        (f"{vpath}/event-channel", b"23", [b"n1", b"r2"]),
+    ]
+    published = [VchanPublished(1, vpath, (2,), False, 8, 23)]
+    assert asm.feed_batch(keys) == published
+    assert asm.feed_batch(keys) == []  # same facts: nothing
+    events, again = asm.withdraw(vpath, subtree=True)
+    assert events == [VchanRemoved(1, vpath)] and again == sorted(k for k, _, _ in keys)
+    assert asm.feed_batch(keys) == published
 
 
 # -------------------------------------------------- denied domains, decided again (20 #4)

@@ -9,12 +9,14 @@ unprivileged owner change: ``store.ml`` ``setperms``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted
 from daemon_helpers import HOSTING, Harness, domcfg, host_fixture, image
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor, threads
 from twisted.internet.threads import blockingCallFromThread
@@ -24,9 +26,13 @@ from shyped.config import DomainVeto
 from shyped.policy.decisions import Hook, PolicyEngine, Rule
 from shyped.policy.toml_format import load
 from shyped.sandbox.xsconn import XsConn
+from shyped.xenstore import Transaction
+from shyped.xenstore.gateway import _run_transaction
 from shyped.xlcfg import parse_vif_spec
 
 __all__ = ["host_fixture"]  # the `host` fixture
+
+T = TypeVar("T")
 
 
 def guest_writes(h: Harness, owner: int, nodes: dict[str, str], perms: tuple[str, ...]) -> None:
@@ -36,6 +42,16 @@ def guest_writes(h: Harness, owner: int, nodes: dict[str, str], perms: tuple[str
             xs.write(path, value)
             assert (xs.get_perms(path) or ("?",))[0] == f"n{owner}", "not a node the guest owns"
             xs.set_perms(path, perms)
+
+
+async def _web_and_shop(h: Harness) -> tuple[int, int]:
+    """The daemon started, then web-a1 (a vif on bank-a's bridge) and shop-1, which share no
+    STE type: every channel between them is denied."""
+    await h.start()
+    a = await h.call(h.ts.create, domcfg("web-a1", vifs=["bridge=xenbr-bank-a"]))
+    s = await h.call(h.ts.create, domcfg("shop-1"))
+    await h.settle()
+    return a, s
 
 
 # ------------------------------------------------------------------ issue 11 #3: hidden vchan
@@ -53,10 +69,7 @@ def guest_writes(h: Harness, owner: int, nodes: dict[str, str], perms: tuple[str
 async def test_hidden_vchan_outside_data_is_decided_and_its_grant_revoked(
     host: Harness, where: str
 ) -> None:
-    await host.start()
-    a = await host.call(host.ts.create, domcfg("web-a1", vifs=["bridge=xenbr-bank-a"]))
-    s = await host.call(host.ts.create, domcfg("shop-1"))
-    await host.settle()
+    a, s = await _web_and_shop(host)
     base = f"/local/domain/{a}/{where}"
     guest_writes(
         host,
@@ -127,6 +140,72 @@ async def test_a_driver_domain_handshake_is_left_to_the_device_hook(host: Harnes
     out = host.last(f"xs-channel {key}")
     assert not out.allowed and [c.domid for c in out.clients] == [s]
     assert host.perms(key) == (f"n{a}",)
+
+
+# ------------------------------- a grant made again right after its veto, before the daemon reads
+
+
+def _guest_acts_right_after_the_veto(h: Harness, veto: str, act: Callable[[], None]) -> list[str]:
+    """From now on, the daemon's `veto` transaction (``_reset_perms`` or ``_remove_path``) runs
+    on the reactor thread and the guest does `act` right after it commits, before the reactor
+    can read anything: the veto's watch event and the guest's coalesce, and the daemon's next
+    read shows only the guest's new state. Returns the vetoes run so far (appended to)."""
+    assert h.daemon is not None
+    gw = h.daemon.gateway
+    ran: list[str] = []
+
+    def transaction(fn: Callable[[Transaction], T], **kw: Any) -> defer.Deferred[T]:
+        if veto not in fn.__qualname__:
+            return orig(fn, **kw)
+        assert gw._router is not None
+        result = _run_transaction(gw._router, gw.config, fn, gw.config.tx_max_attempts)
+        ran.append(f"{veto}: {result}")
+        if len(ran) == 1:
+            act()
+        return defer.succeed(result)
+
+    orig = gw.transaction
+    gw.transaction = transaction  # type: ignore[method-assign]
+    return ran
+
+
+@pytest.mark.parametrize("where", ["data/p/x", "device/vif/0/x"])
+@pytest_twisted.ensureDeferred
+async def test_a_grant_made_again_right_after_its_reset_is_decided_again(
+    host: Harness, where: str
+) -> None:
+    a, s = await _web_and_shop(host)
+    node = f"/local/domain/{a}/{where}"
+    grant = (f"n{a}", f"r{s}")
+    ran = _guest_acts_right_after_the_veto(
+        host, "_reset_perms", lambda: guest_writes(host, a, {node: "again"}, grant)
+    )
+    guest_writes(host, a, {node: "hello"}, grant)
+    await host.settle()
+    assert ran[0] == "_reset_perms: done"
+    verdicts = host.decided(f"xs-channel {node}")
+    # Two grants, each decided and reset: the second is not hidden behind the first's facts.
+    assert [(o.allowed, [c.domid for c in o.clients]) for o in verdicts] == [(False, [s])] * 2
+    assert host.perms(node) == (f"n{a}",)
+    assert host.read(node) == "again"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rendezvous_published_again_right_after_its_removal_is_decided_again(
+    host: Harness,
+) -> None:
+    a, s = await _web_and_shop(host)
+    vpath = f"/local/domain/{a}/data/vchan/{s}/1"
+    keys = {f"{vpath}/ring-ref": "8", f"{vpath}/event-channel": "23"}
+    ran = _guest_acts_right_after_the_veto(
+        host, "_remove_path", lambda: guest_writes(host, a, keys, (f"n{a}", f"r{s}"))
+    )
+    guest_writes(host, a, keys, (f"n{a}", f"r{s}"))
+    await host.settle()
+    assert ran[0] == "_remove_path: True"
+    verdicts = host.decided(f"vchan {vpath}")
+    assert [(o.allowed, [c.domid for c in o.clients]) for o in verdicts] == [(False, [s])] * 2
+    assert not host.exists(f"{vpath}/ring-ref") and not host.exists(f"{vpath}/event-channel")
 
 
 # ------------------------------------------------------------ issue 11 #4: slot exhaustion
@@ -240,6 +319,18 @@ async def test_property_no_guest_node_reaches_a_guest_the_policy_keeps_apart(
         database=None,
     )
     @given(_tree())
+    # The same node granted twice: the second grant came right after the first's reset and
+    # hid behind the first's facts in a coalesced watch event (EventAssembler.withdraw).
+    @example(
+        tree=[
+            (0, "w", "a/a/event-channel", (("b", 0), ("n", 3), ("b", 9))),
+            (2, "r", "a/v/a", ()),
+            (0, "w", "ring-ref/v/a", ()),
+            (2, "r", "v/event-channel/a", (("r", 3), ("b", 3), ("n", 3))),
+            (2, "n", "ring-ref/a/event-channel", (("b", 0), ("b", 3), ("b", 1))),
+            (0, "b", "a/a/event-channel", (("b", 1), ("b", 2))),
+        ]
+    )
     def prop(tree: list[tuple[int, str, str, tuple[tuple[str, int], ...]]]) -> None:
         written = []
         with XsConn(str(host.xsd.socket_path)) as xs:
@@ -262,7 +353,8 @@ async def test_property_no_guest_node_reaches_a_guest_the_policy_keeps_apart(
                 if r is None:
                     continue
                 owner, peers, world = r
-                assert not world, f"{path} {perms} reaches every domain"
+                seen = [o.log_line() for o in host.outcomes if path in o.what]
+                assert not world, f"{path} {perms} reaches every domain; decided: {seen}"
                 for p in peers & set(doms):
                     d = policy.channel(Hook.XS_CHANNEL, labels[owner], labels[p])
                     assert d.permitted, f"{path} {perms}: {d}"
