@@ -22,7 +22,6 @@ from user_helpers import needs_users as needs_users
 
 from shyped.config import ControlConfig
 
-
 #: Sends each argv line as a request on its own connection (or all on one with --one) and
 #: prints the answers as JSON lines; an EOF instead of an answer prints {"eof": true}.
 CLIENT = r"""
