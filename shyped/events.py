@@ -1288,8 +1288,8 @@ class EventAssembler:
                         old.ec, old.ec_val, old.ec_acc = False, None, None
                     self._dirty_vchans.add((s, vpath))
             return
-        if leaf not in _VCHAN_KEYS or len(comps) < 6:
-            return
+        if leaf not in _VCHAN_KEYS or len(comps) < 6 or (s != 0 and not guest_path(path)):
+            return  # dom0-only subtrees (store/ring-ref …) are libxl's, never a rendezvous
         vpath = path[: -len(leaf) - 1]
         dom = self._dom(s)
         vc = dom.vchans.get(vpath)
