@@ -557,6 +557,7 @@ class Daemon:
         if self._own(path):
             self._own_events += 1
             return
+        self.enforcer.touched(path)  # a cut's frontend, checked at once (not batched)
         if path not in self._pending:
             self._pending[path] = time.monotonic()
         self._kick()
