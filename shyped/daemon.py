@@ -662,6 +662,10 @@ class Daemon:
         rounds, and everything is fed together. A device is then announced with its whole
         libxl record, not first without the resource it uses.
         """
+        overflowed = self._pending.take_overflowed()
+        if overflowed:
+            received = min(received, *overflowed.values())
+            self._process(await self._reread_guests(sorted(overflowed)), received)
         values: dict[str, bytes | None] = {}
         perms: dict[str, tuple[Perm, ...] | None] = {}
         hints: list[str] = []
@@ -686,6 +690,30 @@ class Daemon:
         nodes: list[EventNode] = [(p, None, None) for p in dict.fromkeys(hints)]
         nodes.extend((p, v, perms.get(p)) for p, v in values.items())
         self._process(self.assembler.feed_batch(nodes), received)
+
+    async def _reread_guests(self, domids: list[int]) -> list[Any]:
+        """Guests whose backlog of changed paths overflowed (`shyped.fairbatch`): their paths
+        were dropped, so their whole tree is read again (a snapshot taken after the drop shows
+        every change they stood for) and reconciled, as at start but for that subtree."""
+        events: list[Any] = []
+        for domid in domids:
+            root = f"/local/domain/{domid}"
+            _log.warn(
+                "guest {domid} changed more than {n} paths faster than they were read: "
+                "reading its tree {root} again",
+                domid=domid,
+                n=self._pending.max_waiting,
+                root=root,
+            )
+            snapshot = await self.gateway.snapshot(root, with_perms=False)
+            perm_paths = [p for p in snapshot.nodes if needs_perms(p)]
+            got = await defer.gatherResults(
+                [self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths]
+            )
+            perms = dict(zip(perm_paths, got, strict=True))
+            nodes = {p: (node.value, perms.get(p)) for p, node in snapshot.nodes.items()}
+            events.extend(self.assembler.reconcile(nodes, root))  # type: ignore[arg-type]
+        return events
 
     def reconcile(self, reason: str) -> Deferred[None]:
         """Walk the whole of xenstore through the event path (see the module docstring)."""

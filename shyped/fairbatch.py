@@ -19,6 +19,11 @@ takes something from every waiting domain until `per_batch` runs out, and the li
 nothing waits forever: a domain waits at most ``ceil(domains * per_domain / per_batch)``
 batches for its turn. The daemon's ``settled()`` barrier waits until nothing is pending at
 all, deferred paths included.
+
+A guest that writes faster than its budget drains would grow its backlog without bound: past
+`max_waiting` paths its backlog is dropped and replaced by one mark, "read this guest's tree
+again" (`take_overflowed`, at the next batch): a snapshot of ``/local/domain/<d>`` taken after
+the drop shows every change the dropped paths stood for (fail closed: nothing is ignored).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ import attrs
 PER_DOMAIN = 128
 #: Guest paths one batch reads in all (trusted paths are not counted).
 PER_BATCH = 2048
+#: Paths one guest may have waiting; past it they are forgotten and its whole tree is read
+#: again instead (`FairBatches.take_overflowed`): memory stays bounded, nothing is missed.
+MAX_WAITING = 10_000
 
 _GUEST = re.compile(r"/local/domain/([0-9]{1,10})(?:/([^/]*))?")
 #: Nodes libxl writes below ``/local/domain/<d>`` that the guest may read but not write.
@@ -55,22 +63,28 @@ class FairBatches:
 
     per_domain: int = PER_DOMAIN
     per_batch: int = PER_BATCH
+    max_waiting: int = MAX_WAITING
     #: path -> time its first pending event arrived
     _trusted: dict[str, float] = attrs.field(factory=dict, init=False)
     #: domid -> (path -> time), domains in turn order (the next batch starts at the front)
     _guests: dict[int, dict[str, float]] = attrs.field(factory=dict, init=False)
     #: what the current batch has taken per domain (`begin` resets it)
     _spent: dict[int, int] = attrs.field(factory=dict, init=False)
+    #: guests whose backlog overflowed -> earliest time of what was dropped
+    _overflowed: dict[int, float] = attrs.field(factory=dict, init=False)
+    #: times a guest's backlog overflowed (status, tests)
+    overflows: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.per_domain < 1 or self.per_batch < 1:
-            raise ValueError("per_domain and per_batch must be at least 1")
+        if self.per_domain < 1 or self.per_batch < 1 or self.max_waiting < 1:
+            raise ValueError("per_domain, per_batch and max_waiting must be at least 1")
 
     def __len__(self) -> int:
-        return len(self._trusted) + sum(len(p) for p in self._guests.values())
+        guests = sum(len(p) for p in self._guests.values())
+        return len(self._trusted) + guests + len(self._overflowed)
 
     def __bool__(self) -> bool:
-        return bool(self._trusted or self._guests)
+        return bool(self._trusted or self._guests or self._overflowed)
 
     def __contains__(self, path: object) -> bool:
         if not isinstance(path, str):
@@ -85,11 +99,26 @@ class FairBatches:
         domid = guest_of(path)
         if domid is None:
             self._trusted.setdefault(path, now)
+        elif domid in self._overflowed:
+            pass  # its whole tree is read again at the next batch
         else:
-            self._guests.setdefault(domid, {}).setdefault(path, now)
+            paths = self._guests.setdefault(domid, {})
+            paths.setdefault(path, now)
+            if len(paths) > self.max_waiting:
+                del self._guests[domid]
+                self._overflowed[domid] = min(paths.values())
+                self.overflows += 1
+
+    def take_overflowed(self) -> dict[int, float]:
+        """Guests whose tree must be read again whole (their backlog overflowed), with the
+        earliest time of what was dropped. Taken once: events after this queue again."""
+        taken, self._overflowed = self._overflowed, {}
+        return taken
 
     def waiting(self, domid: int) -> int:
-        """Paths of guest `domid` still pending."""
+        """Paths of guest `domid` still pending (`max_waiting` + 1 once it overflowed)."""
+        if domid in self._overflowed:
+            return self.max_waiting + 1
         return len(self._guests.get(domid, {}))
 
     def begin(self) -> None:

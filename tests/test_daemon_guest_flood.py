@@ -13,6 +13,7 @@ import pytest_twisted
 from daemon_helpers import Harness, domcfg, host_fixture
 
 from shyped.engine import Outcome
+from shyped.fairbatch import FairBatches
 from shyped.policy.decisions import Rule
 from shyped.sandbox.xsconn import XsConn
 
@@ -65,3 +66,34 @@ async def test_a_rivals_veto_is_not_queued_behind_another_guests_flood(host: Har
     for path in grants:
         assert host.last(f"xs-channel {path}").allowed is False
         assert host.perms(path) in (None, (f"n{a}",))  # reset, or removed past a bound
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backlog_past_its_bound_is_read_again_whole_and_nothing_is_missed(
+    host: Harness,
+) -> None:
+    await host.start()
+    daemon = host.daemon
+    assert daemon is not None
+    daemon._pending = FairBatches(per_domain=8, max_waiting=100)
+    a = await host.call(host.ts.create, domcfg("web-a1"))
+    s = await host.call(host.ts.create, domcfg("shop-1"))
+    await host.settle()
+    early = f"/local/domain/{a}/data/early/ring-ref"  # granted first: among the dropped paths
+    with XsConn(str(host.xsd.socket_path)) as xs:  # held reactor: one burst past the bound
+        xs.write(early, "1")
+        xs.set_perms(early, (f"n{a}", f"r{s}"))
+        for i in range(300):
+            xs.write(f"/local/domain/{a}/data/f{i}", str(i))
+    await host.settle()
+    assert daemon._pending.overflows == 1 and not daemon._pending
+    out = host.last(f"xs-channel {early}")
+    assert not out.allowed and [c.domid for c in out.clients] == [s]
+    assert host.perms(early) == (f"n{a}",)
+    # Later changes are queued as before.
+    late = f"/local/domain/{a}/data/late"
+    with XsConn(str(host.xsd.socket_path)) as xs:
+        xs.write(late, "1")
+        xs.set_perms(late, (f"n{a}", f"r{s}"))
+    await host.settle()
+    assert not host.last(f"xs-channel {late}").allowed and daemon._pending.overflows == 1

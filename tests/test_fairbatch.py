@@ -88,9 +88,29 @@ def test_the_batch_cap_turns_round_robin_over_flooding_domains() -> None:
     assert counts == {1: 3, 2: 3, 3: 3, 4: 3}
 
 
+def test_a_backlog_past_its_bound_becomes_one_reread_of_the_guests_tree() -> None:
+    q = FairBatches(per_domain=4, per_batch=100, max_waiting=10)
+    _flood(q, 3, 5, t=1.0)
+    _flood(q, 5, 10, t=2.0)
+    assert q.overflows == 0 and q.waiting(5) == 10
+    q.add("/local/domain/5/data/more", 3.0)  # the 11th: dropped, its tree to be read again
+    assert q.overflows == 1 and q.waiting(5) == 11
+    q.add("/local/domain/5/data/later", 4.0)  # nothing more is kept for it
+    q.add("/local/domain/5/name", 4.0)  # trusted: kept
+    assert len(q) == 5 + 1 + 1
+    q.begin()
+    taken, _ = q.take()
+    assert taken[0] == "/local/domain/5/name" and len(taken) == 1 + 4
+    assert q.take_overflowed() == {5: 2.0}
+    assert q.take_overflowed() == {}
+    q.add("/local/domain/5/data/after", 5.0)  # after the re-read was taken: queued again
+    assert q.waiting(5) == 1 and len(q) == 2
+
+
 def test_bad_budgets_are_refused() -> None:
-    with pytest.raises(ValueError, match="at least 1"):
-        FairBatches(per_domain=0)
+    for bad in ({"per_domain": 0}, {"per_batch": 0}, {"max_waiting": 0}):
+        with pytest.raises(ValueError, match="at least 1"):
+            FairBatches(**bad)
 
 
 @given(
