@@ -22,7 +22,6 @@ import json
 import multiprocessing
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -202,44 +201,36 @@ async def bench(reactor: Any, samples: int, writers: int) -> dict[str, Any]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def report(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print(
+        f"rival admission -> veto, {result['samples']} samples each; flood "
+        f"{result['writers']} writers, {result['flood_ops_per_s']:.0f} ops/s"
+    )
+    for span, title in (("create", "from create"), ("event", "from 1st event")):
+        r = result[span]
+        print(
+            f"  {title:15s} quiet p50 {r['quiet_p50_ms']:7.1f} ms max {r['quiet_max_ms']:7.1f}"
+            f" | flood p50 {r['flood_p50_ms']:7.1f} ms max {r['flood_max_ms']:7.1f}"
+            f" | ratio p50 {r['ratio_p50']:5.2f}x max {r['ratio_max']:5.2f}x"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=10, help="rival creations per mode")
     parser.add_argument("--writers", type=int, default=2, help="flood writer processes")
     parser.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args(argv)
-    from twisted.internet import reactor as _reactor
 
-    reactor: Any = _reactor
-    result: dict[str, Any] = {}
+    async def run(reactor: Any) -> None:
+        report(await bench(reactor, args.samples, args.writers), args.json)
 
-    def go() -> None:
-        d = defer.ensureDeferred(bench(reactor, args.samples, args.writers))
-        d.addCallback(result.update)
-        d.addErrback(lambda f: result.setdefault("error", f.getTraceback()))
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(go)
-    reactor.run()
-    if "error" in result:
-        print(result["error"], file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(
-            f"rival admission -> veto, {result['samples']} samples each; flood "
-            f"{result['writers']} writers, {result['flood_ops_per_s']:.0f} ops/s"
-        )
-        for span, title in (("create", "from create"), ("event", "from 1st event")):
-            r = result[span]
-            print(
-                f"  {title:15s} quiet p50 {r['quiet_p50_ms']:7.1f} ms max {r['quiet_max_ms']:7.1f}"
-                f" | flood p50 {r['flood_p50_ms']:7.1f} ms max {r['flood_max_ms']:7.1f}"
-                f" | ratio p50 {r['ratio_p50']:5.2f}x max {r['ratio_max']:5.2f}x"
-            )
-    return 0
+    # Runs the reactor until `run` is done; exits 1 with the traceback if it failed.
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

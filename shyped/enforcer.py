@@ -132,29 +132,43 @@ def path_cleanup(tx: Transaction, path: str) -> bool:
             return True
 
 
-def _revoke_frontend(tx: Transaction, frontend_dir: str, frontend: int) -> tuple[int, bool]:
-    """Owner = the frontend, no access for anyone else, on the directory and below it.
-
-    Returns the nodes set and whether that was all of them. Past `MAX_FRONTEND_NODES` (the
-    guest owns its frontend directory and may fill it with junk nodes to make the walk stop
-    early) the rest keeps what the guest gave it: the caller must fail closed."""
-    perms = (Perm("n", frontend),)
+def _walk_frontend(tx: Transaction, frontend_dir: str, visit: Callable[[str], bool]) -> bool:
+    """`visit` the directory and every node below it, breadth first, up to
+    `MAX_FRONTEND_NODES` (nodes gone meanwhile are skipped); stops early when `visit` says
+    False. True if every node was visited: the guest owns its frontend directory and may fill
+    it with junk nodes to make a walk stop at the cap."""
     level = [frontend_dir]
     done = 0
     while level:
         next_level: list[str] = []
         for path in level:
             if done >= MAX_FRONTEND_NODES:
-                return done, False
+                return False
             try:
-                tx.set_perms(path, perms)
+                if not visit(path):
+                    return True
                 kids = tx.directory(path)
             except NoEntry:
                 continue
             done += 1
             next_level.extend(f"{path}/{k}" for k in kids)
         level = next_level
-    return done, True
+    return True
+
+
+def _revoke_frontend(tx: Transaction, frontend_dir: str, frontend: int) -> tuple[int, bool]:
+    """Owner = the frontend, no access for anyone else, on the directory and below it.
+    Returns the nodes set and whether that was all of them (else the caller fails closed)."""
+    perms = (Perm("n", frontend),)
+    done: list[str] = []
+
+    def revoke(path: str) -> bool:
+        tx.set_perms(path, perms)
+        done.append(path)
+        return True
+
+    complete = _walk_frontend(tx, frontend_dir, revoke)
+    return len(done), complete
 
 
 def _frontend_regranted(tx: Transaction, frontend_dir: str, frontend: int) -> str | None:
@@ -162,24 +176,17 @@ def _frontend_regranted(tx: Transaction, frontend_dir: str, frontend: int) -> st
     grants another domain again (the guest owns its nodes and may SET_PERMS them during the
     wait), or it holds more than `MAX_FRONTEND_NODES` nodes to look at."""
     only_owner = (Perm("n", frontend),)
-    level = [frontend_dir]
-    seen = 0
-    while level:
-        next_level: list[str] = []
-        for path in level:
-            if seen >= MAX_FRONTEND_NODES:
-                return f"more than {MAX_FRONTEND_NODES} nodes"
-            try:
-                perms = tuple(tx.get_perms(path))
-                kids = tx.directory(path)
-            except NoEntry:
-                continue
-            seen += 1
-            if perms != only_owner:
-                return f"{path} granted again ({','.join(str(p) for p in perms)})"
-            next_level.extend(f"{path}/{k}" for k in kids)
-        level = next_level
-    return None
+    found: list[str] = []
+
+    def check(path: str) -> bool:
+        perms = tuple(tx.get_perms(path))
+        if perms != only_owner:
+            found.append(f"{path} granted again ({','.join(str(p) for p in perms)})")
+        return not found
+
+    if not _walk_frontend(tx, frontend_dir, check):
+        return f"more than {MAX_FRONTEND_NODES} nodes"
+    return found[0] if found else None
 
 
 class Enforcer:
