@@ -36,7 +36,7 @@ from shyped.engine import Outcome
 from shyped.labelstore import LabelStore
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored, short_instance_dir
-from shyped.sandbox.xsconn import XsConn
+from shyped.sandbox.xsconn import XsConn, XsError
 from shyped.xenstore import GatewayConfig, XenstoreGateway
 from shyped.xlcfg import DomainConfig, domain_config_from_text
 
@@ -57,10 +57,14 @@ def _write(socket_path: str, domid: int, n: int, stop: Any, ops: Any) -> None:
     with XsConn(socket_path) as xs:
         while not stop.is_set():
             path = f"/local/domain/{domid}/data/f{n}-{i}/ring-ref"
-            xs.write(path, str(i))
-            xs.set_perms(path, perms)
-            xs.rm(path.rsplit("/", 1)[0])
-            i += 1
+            try:
+                xs.write(path, str(i))
+                xs.set_perms(path, perms)
+                xs.rm(path.rsplit("/", 1)[0])
+            except XsError:  # xenstored too busy to answer in time: the flood goes on
+                continue
+            finally:
+                i += 1
             if i % 64 == 0:
                 with ops.get_lock():
                     ops.value += 3 * 64
