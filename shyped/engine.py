@@ -46,7 +46,7 @@ are re-admitted first, then the rest are decided against them, as ACM's
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import cast
+from typing import Final, cast
 
 import attrs
 
@@ -186,6 +186,30 @@ def _party(dom: Domain | None, domid: int) -> Party:
     if dom is None:
         return Party(domid=domid)
     return Party(name=dom.name, domid=domid, uuid=dom.uuid, label=dom.label)
+
+
+#: Device kinds whose host resource the label store names (disk image, bridge, 9pfs path):
+#: decided by STE between the two domains and between the frontend and the resource.
+RESOURCE_KINDS: Final = frozenset({"vbd", "vif", "9pfs"})
+#: Device kinds whose backend serves the frontend from its own state, not from a host
+#: resource another label could own: STE between the two domains decides them.
+CHANNEL_KINDS: Final = frozenset({"console", "vuart", "vkbd", "vfb", "vtpm"})
+
+
+def unknown_kind(kind: str) -> Decision | None:
+    """A denial for a device kind shyped does not understand (PCI passthrough, pvcalls, USB,
+    display, sound, anything new): each hands the guest a host resource — a PCI device,
+    dom0's network stack, a USB device — that no label covers, so STE between the guest and
+    dom0 (whose bootstrap label shares a type with everyone) would let it through."""
+    if kind in RESOURCE_KINDS or kind in CHANNEL_KINDS:
+        return None
+    return Decision(
+        permitted=False,
+        hook=Hook.RESOURCE,
+        rule=Rule.LABEL,
+        reason=f"device kind {kind!r} gives the guest a host resource no label covers "
+        "(not understood by shyped: denied)",
+    )
 
 
 def resource_of(kind: str, raw: str) -> str | None:
@@ -390,6 +414,9 @@ class Engine:
         be_label = be_dom.label if be_dom is not None else None
         denied = self._denied_party(Hook.DEVICE_CHANNEL, host, (fe, be), fe_label)
         checks = [denied or self._policy.channel(Hook.DEVICE_CHANNEL, fe_label, be_label)]
+        unknown = unknown_kind(key.kind)
+        if unknown is not None and checks[0].permitted:
+            checks.append(unknown)
         res_party = None
         if need.resource is not None:
             use = need.resource
