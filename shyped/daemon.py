@@ -35,7 +35,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,7 @@ from shyped.xenstore import (
     XenstoreError,
     XenstoreGateway,
 )
+from shyped.xsparse import MAX_NAME, parse_text
 
 _log = Logger(namespace="shyped.daemon")
 
@@ -748,7 +749,13 @@ class Daemon:
             events=len(events),
             inc="" if snapshot.consistent else " (inconsistent walk; watches converge)",
         )
-        self._process(events, received)
+        # A running domain keeps the label it was admitted with (its dom0-owned label node),
+        # for this reconcile's decisions only: a domid reused later is a new domain.
+        self.engine.remember_published(published_labels(snapshot.nodes))
+        try:
+            self._process(events, received)
+        finally:
+            self.engine.remember_published({})
 
     def _process(self, events: Iterable[Any], received: float | None) -> None:
         queue: deque[NeedsDecision] = deque()
@@ -1154,6 +1161,26 @@ class Daemon:
             )
         if self.metrics is not None:
             self.metrics.dirty = True
+
+
+def published_labels(nodes: Mapping[str, Any]) -> dict[int, str]:
+    """``/local/domain/<d>/shyped/label`` values of a snapshot, by domid (d != 0). The
+    directory is dom0's (``n0,r<d>``, under the dom0-owned home): a guest cannot write it."""
+    out: dict[int, str] = {}
+    for path, node in nodes.items():
+        comps = path.split("/")
+        if (
+            len(comps) != 6
+            or comps[1:3] != ["local", "domain"]
+            or comps[4:] != [LABEL_DIR, "label"]
+        ):
+            continue
+        if not comps[3].isdigit() or comps[3] == "0":
+            continue
+        text = parse_text(node.value, MAX_NAME)
+        if text is not None:
+            out[int(comps[3])] = text
+    return out
 
 
 def _pid() -> int:
