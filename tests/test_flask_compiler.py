@@ -9,6 +9,7 @@ the call the daemon makes for event channels, grants and vchans).
 
 from __future__ import annotations
 
+import io
 import subprocess
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shyped import shypectl
 from shyped.policy import acm_xml, toml_format
 from shyped.policy.decisions import Hook, PolicyEngine
 from shyped.policy.flask import (
@@ -30,6 +32,7 @@ from shyped.policy.model import Defaults, Policy
 from tests.flask_helpers import (
     COMM_PAIR,
     COMM_SELF,
+    XEN_SOURCE,
     allow_rules,
     build_binary,
     cache_dir,
@@ -182,3 +185,46 @@ def test_compiler_is_deterministic_and_emits_no_comms_for_denied_pairs() -> None
     a, b = type_name("bank-a-web"), type_name("bank-b-web")
     assert f"domain_comms({a}, {b})" not in module
     assert f"domain_comms({b}, {a})" not in module
+
+
+# --------------------------------------------------------------------------- shypectl policy flask
+
+
+def _shypectl(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    status = shypectl.run(["policy", "flask", *argv], out, err)
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_cli_module_needs_no_daemon_and_no_tools(tmp_path: Path) -> None:
+    out = tmp_path / "shype.te"
+    status, said, _ = _shypectl(str(FIXED[0]), "--module", "-o", str(out))
+    assert status == 0 and "wrote" in said
+    assert out.read_text() == compile_policy(_load(FIXED[0])).module
+
+
+def test_cli_refuses_bad_input_and_writes_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[policy]\nname = 'x'\n")
+    out = tmp_path / "out.bin"
+    status, _, err = _shypectl(str(bad), "--module", "-o", str(out))
+    assert status == 2 and "does not load" in err and not out.exists()
+    status, _, err = _shypectl(str(FIXED[0]), "--xen-source", str(XEN_SOURCE))
+    assert status == 2 and "needs -o" in err
+    missing = tmp_path / "no-such.tar.xz"
+    status, _, err = _shypectl(str(FIXED[0]), "--xen-source", str(missing), "-o", str(out))
+    assert status == 3 and "not found" in err and not out.exists()
+
+
+@needs_flask_tools
+def test_cli_binary_and_source_are_what_checkpolicy_built(tmp_path: Path) -> None:
+    cache = cache_dir(tmp_path)
+    common = ["--xen-source", str(XEN_SOURCE), "--cache", str(cache)]
+    out = tmp_path / "xenpolicy"
+    status, _, err = _shypectl(str(FIXED[1]), *common, "-o", str(out))
+    assert status == 0, err
+    assert mismatches(_load(FIXED[1]), out) == []
+    status, conf, err = _shypectl(str(FIXED[1]), *common, "--source")
+    assert status == 0, err
+    assert "\ndomain_comms(" not in conf  # m4 expanded Xen's macros
+    assert f"type {type_name(_load(FIXED[1]).bootstrap)}," in conf
