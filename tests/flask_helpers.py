@@ -15,10 +15,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Final
 
+import attrs
 import pytest
 
 from shyped import flaskbuild
-from shyped.policy.flask import DOM0_TYPE, FlaskPolicy
+from shyped.policy.flask import DOM0_TYPE, UNLABELLED_TYPE, FlaskPolicy, type_name
+from shyped.policy.model import Policy
 
 XEN_SOURCE: Final = Path(
     os.environ.get("SHYPED_XEN_SOURCE", "/work/shared/xen-4.17.7-flask/xen-4.17.7-hv.tar.xz")
@@ -29,11 +31,12 @@ _DUMP: Final = """
 import json, sys
 import setools
 p = setools.SELinuxPolicy(sys.argv[1])
-out = []
+rules = []
 for r in setools.TERuleQuery(p, ruletype=["allow"]).results():
     for e in r.expand():
-        out.append([str(e.source), str(e.target), str(e.tclass), sorted(map(str, e.perms))])
-print(json.dumps(out))
+        rules.append([str(e.source), str(e.target), str(e.tclass), sorted(map(str, e.perms))])
+doms = [str(t) for a in p.typeattributes() if str(a) == "domain_type" for t in a.expand()]
+print(json.dumps({"rules": rules, "domain_types": sorted(doms)}))
 """
 
 #: (source role, target role, class, permission) of a channel between two domain types.
@@ -81,30 +84,47 @@ def build_binary(fp: FlaskPolicy, cache: Path, out: Path) -> Path:
     return out
 
 
-def allow_rules(binary: Path) -> list[tuple[str, str, str, list[str]]]:
-    """Every allow rule of a binary policy, expanded (setools)."""
+@attrs.frozen
+class BinaryPolicy:
+    """What setools read from a binary policy."""
+
+    rules: list[tuple[str, str, str, list[str]]]
+    domain_types: frozenset[str]  # every type with the attribute domain_type
+
+
+def read_binary(binary: Path) -> BinaryPolicy:
+    """Every allow rule of a binary policy, expanded, and its domain types (setools)."""
     proc = subprocess.run(
         [SYSTEM_PYTHON, "-c", _DUMP, str(binary)], capture_output=True, check=True, text=True
     )
-    return [tuple(r) for r in json.loads(proc.stdout)]  # type: ignore[misc]
+    doc = json.loads(proc.stdout)
+    return BinaryPolicy([tuple(r) for r in doc["rules"]], frozenset(doc["domain_types"]))
 
 
-def _owner(fp: FlaskPolicy) -> dict[str, tuple[str, str]]:
+def expected_subjects(policy: Policy) -> list[tuple[str, str | None]]:
+    """(domain type, label) as docs/flask.md maps them: dom0, every VM label, unlabelled."""
+    out: list[tuple[str, str | None]] = [(DOM0_TYPE, policy.bootstrap)]
+    out += [(type_name(lab.name), lab.name) for lab in policy.vm_labels]
+    out.append((UNLABELLED_TYPE, None))
+    return out
+
+
+def _owner(subjects: list[tuple[str, str | None]]) -> dict[str, tuple[str, str]]:
     """type → (domain type it belongs to, role: dom/self/channel)."""
     out: dict[str, tuple[str, str]] = {}
-    for s in fp.subjects:
-        out[s.type] = (s.type, "dom")
-        out[f"{s.type}_channel"] = (s.type, "channel")
-        if s.type != DOM0_TYPE:  # dom0 is a singleton domain: its _self is dom0_t itself
-            out[f"{s.type}_self"] = (s.type, "self")
+    for t, _label in subjects:
+        out[t] = (t, "dom")
+        out[f"{t}_channel"] = (t, "channel")
+        if t != DOM0_TYPE:  # dom0 is a singleton domain: its _self is dom0_t itself
+            out[f"{t}_self"] = (t, "self")
     return out
 
 
 def observed(
-    fp: FlaskPolicy, rules: list[tuple[str, str, str, list[str]]]
+    subjects: list[tuple[str, str | None]], rules: list[tuple[str, str, str, list[str]]]
 ) -> dict[tuple[str, str], set[Rule]]:
     """(domain type A, domain type B) → every (role, role, class, perm) allowed from A to B."""
-    owner = _owner(fp)
+    owner = _owner(subjects)
     out: dict[tuple[str, str], set[Rule]] = defaultdict(set)
     for src, tgt, cls, perms in rules:
         a, b = owner.get(src), owner.get(tgt)

@@ -33,11 +33,12 @@ from tests.flask_helpers import (
     COMM_PAIR,
     COMM_SELF,
     XEN_SOURCE,
-    allow_rules,
     build_binary,
     cache_dir,
+    expected_subjects,
     needs_flask_tools,
     observed,
+    read_binary,
 )
 from tests.policy_helpers import policies
 
@@ -55,33 +56,41 @@ def _load(path: Path) -> Policy:
 
 def mismatches(policy: Policy, binary: Path) -> list[str]:
     """Every way the binary's rules between domain types differ from the engine's relation."""
-    fp = compile_policy(policy)
     engine = PolicyEngine(policy)
-    got = observed(fp, allow_rules(binary))
+    read = read_binary(binary)
+    subjects = expected_subjects(policy)
+    got = observed(subjects, read.rules)
     bad: list[str] = []
-    for a in fp.subjects:
-        for b in fp.subjects:
-            if a.type == b.type == DOM0_TYPE:
+    types = {t for t, _ in subjects}
+    known = types | {f"{t}_self" for t in types - {DOM0_TYPE}}
+    if read.domain_types != known:
+        bad.append(
+            f"domain types: extra {sorted(read.domain_types - known)}, "
+            f"missing {sorted(known - read.domain_types)}"
+        )
+    for a, la in subjects:
+        for b, lb in subjects:
+            if a == b == DOM0_TYPE:
                 continue  # dom0 with itself: Xen's dom0.te, not the sHype policy
-            decision = engine.channel(Hook.EVTCHN, a.label, b.label)
-            perms = got.get((a.type, b.type), set())
-            if a.type == b.type:
+            decision = engine.channel(Hook.EVTCHN, la, lb)
+            perms = got.get((a, b), set())
+            if a == b:
                 comm = COMM_PAIR | COMM_SELF
                 seen = perms & comm
                 want = comm if decision.permitted else set()
-            elif a.type == DOM0_TYPE:
+            elif a == DOM0_TYPE:
                 seen = perms & COMM_PAIR
                 want = set(COMM_PAIR) if decision.permitted else set()
                 if ("dom", "dom", "domain", "create") not in perms:
-                    bad.append(f"dom0 may not create {b.type}")
+                    bad.append(f"dom0 may not create {b}")
             else:
                 seen = perms
                 want = set(COMM_PAIR) if decision.permitted else set()
-                if a.type == UNLABELLED_TYPE and b.label is not None and b.type != DOM0_TYPE:
+                if a == UNLABELLED_TYPE and lb is not None and b != DOM0_TYPE:
                     want.add(("dom", "dom", "domain", "transition"))
             if seen != want:
                 bad.append(
-                    f"{a.type} -> {b.type} ({a.label!r} -> {b.label!r}, engine: {decision}): "
+                    f"{a} -> {b} ({la!r} -> {lb!r}, engine: {decision}): "
                     f"extra {sorted(seen - want)}, missing {sorted(want - seen)}"
                 )
     return bad
@@ -132,16 +141,35 @@ def test_fixed_policies_compile_to_exactly_the_engine_relation(path: Path, tmp_p
     _check(_load(path), tmp_path)
 
 
+_A, _B = type_name("bank-a-web"), type_name("bank-b-web")
+_WRONG = {
+    "comms between labels sharing no STE type": (
+        f"domain_comms({_A}, {_B})\n",
+        {f"{_A} -> {_B}", f"{_B} -> {_A}"},
+    ),
+    "an undocumented type": (
+        f"declare_domain(shype_x_t)\ndomain_comms(shype_x_t, {_A})\n",
+        {"domain types"},
+    ),
+    "one-way grant only": (
+        f"allow {_A} {_B}:grant map_read;\n",
+        {f"{_A} -> {_B}"},
+    ),
+}
+
+
 @needs_flask_tools
-def test_a_wrong_compiler_fails_the_equivalence_check(tmp_path: Path) -> None:
-    """One extra domain_comms between labels sharing no STE type is caught, by pair."""
+@pytest.mark.parametrize("wrong", sorted(_WRONG))
+def test_a_wrong_compiler_fails_the_equivalence_check(wrong: str, tmp_path: Path) -> None:
+    """A deliberately wrong module is caught, naming the pairs it got wrong."""
+    extra, culprits = _WRONG[wrong]
     policy = _load(FIXED[0])
     fp = compile_policy(policy)
-    a, b = type_name("bank-a-web"), type_name("bank-b-web")
-    wrong = attrs.evolve(fp, module=fp.module + f"domain_comms({a}, {b})\n")
-    binary = build_binary(wrong, cache_dir(tmp_path), tmp_path / "wrong.bin")
+    binary = build_binary(
+        attrs.evolve(fp, module=fp.module + extra), cache_dir(tmp_path), tmp_path / "wrong.bin"
+    )
     bad = mismatches(policy, binary)
-    assert {m.split(" (")[0] for m in bad} == {f"{a} -> {b}", f"{b} -> {a}"}
+    assert {m.split(" (")[0].split(":")[0] for m in bad} == culprits, bad
 
 
 @needs_flask_tools

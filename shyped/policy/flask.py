@@ -104,13 +104,6 @@ class FlaskPolicy:
     subjects: tuple[Subject, ...]
     comms: frozenset[tuple[str, str]]
 
-    def type_of(self, label: str) -> str:
-        """The domain type of a VM label (KeyError if the policy has no such label)."""
-        for s in self.subjects:
-            if s.label == label and s.type != DOM0_TYPE:
-                return s.type
-        raise KeyError(label)
-
 
 def subjects(policy: Policy) -> tuple[Subject, ...]:
     """dom0 (as the bootstrap label), one type per VM label, and unlabelled domains."""
