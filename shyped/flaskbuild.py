@@ -64,22 +64,25 @@ class BuildResult:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def policy_tree(xen_source: Path, cache: Path = DEFAULT_CACHE) -> Path:
     """The extracted policy tree of `xen_source` (a .tar.xz), extracting it on first use."""
     if not xen_source.is_file():
         raise FlaskBuildError(f"Xen source tarball {xen_source} not found")
-    dest = cache / _sha256(xen_source)
+    try:
+        dest = cache / _sha256(xen_source)
+    except OSError as e:
+        raise FlaskBuildError(f"cannot read {xen_source}: {e}") from e
     if (dest / "tools/flask/policy/modules/xen.if").is_file():
         return dest
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache))
+    except OSError as e:
+        raise FlaskBuildError(f"cannot use the cache {cache} (--cache DIR): {e}") from e
     try:
         with tarfile.open(xen_source) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(TREE_PATHS)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+import tarfile
 from pathlib import Path
 
 import attrs
@@ -242,6 +243,17 @@ def test_cli_refuses_bad_input_and_writes_nothing(tmp_path: Path) -> None:
     missing = tmp_path / "no-such.tar.xz"
     status, _, err = _shypectl(str(FIXED[0]), "--xen-source", str(missing), "-o", str(out))
     assert status == 3 and "not found" in err and not out.exists()
+    junk = tmp_path / "junk.tar.xz"
+    junk.write_bytes(b"not a tarball")
+    cache = ["--cache", str(tmp_path / "cache")]
+    status, _, err = _shypectl(str(FIXED[0]), "--xen-source", str(junk), *cache, "-o", str(out))
+    assert status == 3 and "cannot extract" in err and not out.exists()
+    other = tmp_path / "other.tar.xz"
+    with tarfile.open(other, "w:xz") as tar:
+        tar.add(bad, arcname="README")
+    status, _, err = _shypectl(str(FIXED[0]), "--xen-source", str(other), *cache, "-o", str(out))
+    assert status == 3 and "holds no tools/flask/policy/" in err and not out.exists()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # nothing half-extracted
 
 
 @needs_flask_tools
