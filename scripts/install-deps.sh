@@ -17,6 +17,8 @@ APT_PACKAGES=(
     busybox-static     # e2e tier: the dom0/domU initramfs userland
     cpio               # e2e tier: initramfs archives
     iproute2           # e2e tier: `ip` in dom0 (bridge, vif-bridge hotplug script)
+    m4 checkpolicy     # shypectl policy flask: Xen FLASK policy build (m4, checkpolicy -t Xen)
+    setools            # FLASK compiler tests: read the binary policy back (sesearch, python3-setools)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

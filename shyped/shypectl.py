@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from shyped import flaskbuild
 from shyped.atomicfile import write_atomic
 from shyped.boundedread import POLICY_MAX_BYTES, XLCFG_MAX_BYTES, read_bounded
 from shyped.control import backend as b
@@ -537,7 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_list
     )
 
-    pol = sub.add_parser("policy", help="show, check, load, diff or graph a policy")
+    pol = sub.add_parser(
+        "policy", help="show, check, load, diff, graph or compile (flask) a policy"
+    )
     psub = pol.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
     p = psub.add_parser("show", help="print the active policy")
     p.add_argument("--format", choices=("toml", "acm-xml"), default="toml")
@@ -559,6 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resources", action="store_true", help="leave resource labels out")
     p.add_argument("--no-conflicts", action="store_true", help="leave CW conflicts out")
     p.set_defaults(func=cmd_policy_graph)
+    flaskbuild.add_command(psub)
+    psub.choices["flask"].set_defaults(
+        func=lambda ctx: flaskbuild.run_command(ctx.args, ctx.out, ctx.err)
+    )
 
     try:
         from shyped import auditcli
