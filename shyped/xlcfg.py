@@ -2,9 +2,10 @@
 
 Why: the sandbox toolstack must accept the same files an operator gives `xl create`, and the
 daemon's wrapper reads the security label out of them.  The file itself is read by
-`shyped.xlcfgfile` exactly as libxl reads it, or refused (never `eval`).  Disk specs follow
-xl-disk-configuration(5) (key=value or positional `target,format,vdev,access`, deprecated
-`phy:`/`file:` prefixes) and vif specs xl-network-configuration(5).
+`shyped.xlcfgfile` exactly as libxl reads it, or refused (never `eval`).  Disk specs are read
+as libxlutil 4.17's ``xlu_disk_parse`` reads them (xl-disk-configuration(5): key=value or
+positional `target,format,vdev,access`, deprecated `phy:`/`file:`/`raw:`… prefixes), or refused
+(tests/test_xlcfg_differential_disk.py); vif specs follow xl-network-configuration(5).
 
 Security labels: the xl.cfg(5) of Xen 4.17 knows `seclabel` / `init_seclabel` (FLASK contexts
 handed to libxl as `c_info.ssid_label` / `b_info.exec_ssid_label`, see tools/xl/xl_parse.c
@@ -231,6 +232,8 @@ class _DiskParse:
                 if key not in _DISK_KEYS:
                     raise self.fail(f"unknown or unsupported parameter {key!r}")
                 self.key(key, value)
+            elif token in ("colo", "no-colo"):
+                raise self.fail(f"{token!r}: COLO is not supported")
             elif token == "cdrom":
                 self.cdrom = True
             elif token in _DISK_FLAGS:

@@ -128,6 +128,11 @@ CORPUS = [
     "trusted,raw,xvda",
     "/x,,xvda,untrusted",
     "colo,/x,,xvda",
+    "/x,raw,colo,xvdb",
+    "/x,raw,no-colo,xvdb",
+    "/x,raw,colo,r",
+    "/x,raw,xvda,no-colo",
+    "colo-port=1,/x,raw,xvdb",
     "specification=xen,/x,,xvda",
     # leading and trailing blanks
     "  /img/a.img,  raw,  xvda,  r",
@@ -213,10 +218,19 @@ def test_corpus_agrees_with_libxl_or_is_refused(spec: str) -> None:
         ["/x", "", "xvda", "r", "w"],
         ["format=raw", "/x,xvda"],
         ["/x,,xvda", "access=r"],
+        # xl block-attach D 'format=raw,vdev=xvda,target=/a' access=r: read-only /a for xl
+        # (each argument is scanned alone), `/a,access=r` if the arguments were joined by ","
+        ["format=raw,vdev=xvda,target=/img/a.img", "access=r"],
+        ["/x,", ",xvda"],
     ],
 )
 def test_block_attach_argument_lists_agree_with_libxl_or_are_refused(specs: list[str]) -> None:
     assert disagreement(specs) is None
+
+
+def test_block_attach_arguments_are_scanned_one_by_one() -> None:
+    d = parse_disk_specs(["format=raw,vdev=xvda,target=/img/a.img", "access=r"])
+    assert (d.target, d.readwrite) == ("/img/a.img", False)
 
 
 def test_the_red_team_forms_are_now_read_as_libxl_reads_them() -> None:
@@ -242,7 +256,7 @@ def test_the_red_team_forms_are_now_read_as_libxl_reads_them() -> None:
         ("/img/a.img\t,raw,xvda", "control character"),
         ("vdev= xvda,/img/a.img", "vdev"),
         ("backend=0x3,/x,,xvda", "backend"),
-        ("colo,/x,,xvda", "too many positional|format"),
+        ("/x,raw,colo,xvdb", "COLO is not supported"),
         ("specification=xen,/x,,xvda", "unsupported parameter"),
     ],
 )
@@ -302,6 +316,11 @@ _TOKENS = [
     "ioemu:",
     "tapdisk:",
     "foo:",
+    "colo",
+    "no-colo",
+    "colo-port=1",
+    "specification=xen",
+    "grant_usage=1",
     "=",
     ":",
 ]
