@@ -2,9 +2,10 @@
 
 Why: the sandbox toolstack must accept the same files an operator gives `xl create`, and the
 daemon's wrapper reads the security label out of them.  The file itself is read by
-`shyped.xlcfgfile` exactly as libxl reads it, or refused (never `eval`).  Disk specs follow
-xl-disk-configuration(5) (key=value or positional `target,format,vdev,access`, deprecated
-`phy:`/`file:` prefixes) and vif specs xl-network-configuration(5).
+`shyped.xlcfgfile` exactly as libxl reads it, or refused (never `eval`).  Disk specs are read
+as libxlutil 4.17's ``xlu_disk_parse`` reads them (xl-disk-configuration(5): key=value or
+positional `target,format,vdev,access`, deprecated `phy:`/`file:`/`raw:`… prefixes), or refused
+(tests/test_xlcfg_differential_disk.py); vif specs follow xl-network-configuration(5).
 
 Security labels: the xl.cfg(5) of Xen 4.17 knows `seclabel` / `init_seclabel` (FLASK contexts
 handed to libxl as `c_info.ssid_label` / `b_info.exec_ssid_label`, see tools/xl/xl_parse.c
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import re
 import uuid as uuidlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Final, Literal
 
 import attrs
@@ -75,19 +76,20 @@ def parse_access_control(entries: list[str | int]) -> SecurityLabel:
 # -- devices -------------------------------------------------------------------------------
 
 _DISK_FORMATS = ("raw", "qcow", "qcow2", "vhd", "qed", "empty")
-_DEPRECATED_PREFIXES = {
-    "phy:": ("raw", "phy"),
-    "file:": ("raw", None),
-    "raw:": ("raw", None),
-    "aio:": ("raw", None),
-    "tap:aio:": ("raw", None),
-    "tap2:aio:": ("raw", None),
-    "qcow:": ("qcow", None),
-    "qcow2:": ("qcow2", None),
-    "tap:qcow2:": ("qcow2", None),
-    "vhd:": ("vhd", None),
-    "tap:vhd:": ("vhd", None),
-}
+_BACKENDTYPES = ("phy", "tap", "qdisk", "standalone")
+# The deprecated `word:` prefixes libxlutil 4.17 knows (xl-disk-configuration(5)): a format,
+# a block script (`nbd:` is `script=block-nbd`), or nothing at all (`phy:`, `file:` …: libxl
+# picks the backend from the target, the prefix does not choose it).
+_FORMAT_PREFIXES = ("raw", "qcow", "qcow2", "vhd")
+_SCRIPT_PREFIXES = ("iscsi", "nbd", "enbd", "drbd")
+_PLAIN_PREFIXES = ("tapdisk", "tap", "tap2", "aio", "ioemu", "file", "phy")
+_PREFIX = re.compile(r"([a-z][a-z0-9]*):")
+_DISK_KEYS = ("format", "access", "backend", "backendtype", "vdev", "script", "devtype")
+# (`trusted`/`untrusted` came after 4.17: libxlutil 4.17 reads them as positional parameters)
+_DISK_FLAGS = ("cdrom", "discard", "no-discard", "direct-io-safe")
+_VDEV = re.compile(r"[A-Za-z0-9]+")
+_DOMID = re.compile(r"0|[1-9][0-9]{0,4}")
+_DOMID_FIRST_RESERVED = 0x7FF0
 
 
 @attrs.frozen
@@ -101,106 +103,201 @@ class DiskSpec:
     cdrom: bool = False
     script: str | None = None
     backend_domid: int = 0
-    backendtype: str | None = None  # phy / qdisk / tap (None: libxl picks)
+    backendtype: str | None = None  # phy / qdisk / tap / standalone (None: libxl picks)
     discard: bool = True
     trusted: bool = True
 
 
-def _exact_target(spec: str, target: str) -> str:
-    """A disk target as libxl keeps it (``libxlu_disk_l.l``: blanks before a parameter are
-    skipped, blanks after it are part of it), refused when the two readings could differ:
-    ``/img/a.img `` (trailing blank) is another file than ``/img/a.img``."""
-    body = target.lstrip(" \t\n")
-    if body != body.rstrip() or any(ord(c) < 0x20 or c == "\x7f" for c in body):
-        raise XlConfigError(
-            f"disk spec {spec!r}: the target {body!r} has trailing blanks or control "
-            "characters; refused (libxl would open the name with them)"
+@attrs.define
+class _DiskParse:
+    """The reading so far (libxlutil's DiskParseContext + libxl_device_disk, in Python)."""
+
+    spec: str
+    target: str | None = None
+    vdev: str | None = None
+    format: str | None = None
+    backendtype: str | None = None
+    script: str | None = None
+    backend: str | None = None
+    readwrite: bool = True
+    cdrom: bool = False
+    had_prefix: bool = False
+    access_set: bool = False
+    flags: dict[str, bool] = attrs.Factory(dict)
+
+    def fail(self, why: str) -> XlConfigError:
+        return XlConfigError(f"disk spec {self.spec!r}: {why}")
+
+    def save(self, what: str, value: str) -> None:
+        """A string parameter: set once (an empty one may be set again), as libxl does."""
+        if getattr(self, what):
+            raise self.fail(f"{what} given twice")
+        setattr(self, what, value)
+
+    def set_format(self, value: str) -> None:
+        fmt = value or "raw"
+        if fmt not in _DISK_FORMATS:
+            raise self.fail(f"unknown format {value!r}")
+        if self.format not in (None, fmt):
+            raise self.fail(f"format given twice ({self.format!r}, {fmt!r})")
+        self.format = fmt
+
+    def set_access(self, value: str) -> None:
+        if value not in ("r", "ro", "w", "rw", ""):
+            raise self.fail(f"access must be r, ro, w or rw, not {value!r}")
+        self.readwrite = value not in ("r", "ro")
+
+    def set_backendtype(self, value: str) -> None:
+        if value not in _BACKENDTYPES:
+            raise self.fail(f"unknown backendtype {value!r}")
+        if self.backendtype not in (None, value):
+            raise self.fail("backendtype given twice")
+        self.backendtype = value
+
+    def vdev_and_devtype(self, value: str) -> bool:
+        """`hdc:cdrom` / `xvda:disk` (deprecated): True if `value` had the colon."""
+        vdev, colon, devtype = value.rpartition(":")
+        if not colon:
+            return False
+        if devtype not in ("cdrom", "disk"):
+            raise self.fail(f"unknown device type {devtype!r} in {value!r}")
+        self.save("vdev", vdev)
+        self.cdrom = devtype == "cdrom"
+        return True
+
+    def key(self, key: str, value: str) -> None:
+        if key == "format":
+            self.set_format(value)
+        elif key == "access":
+            self.set_access(value)
+        elif key == "backendtype":
+            self.set_backendtype(value)
+        elif key == "devtype":
+            if value not in ("cdrom", "disk"):
+                raise self.fail(f"devtype must be cdrom or disk, not {value!r}")
+            self.cdrom = value == "cdrom"
+        else:  # vdev, script, backend: strings
+            self.save(key, value)
+
+    def positional(self, value: str) -> None:
+        """target, format, vdev, access in that order; a slot already filled (format by a
+        prefix or format=, vdev by vdev=) is skipped."""
+        if self.target is None:
+            self.target = value
+        elif not self.had_prefix and self.format is None:
+            if self.target == "" and self.vdev_and_devtype(value):
+                self.format = "empty"
+            else:
+                self.set_format(value)
+        elif self.vdev is None:
+            if not self.vdev_and_devtype(value):
+                self.save("vdev", value)
+        elif not self.access_set:
+            self.access_set = True
+            self.set_access(value)
+        else:
+            raise self.fail("too many positional parameters")
+
+    def scan(self, text: str) -> None:
+        pos = 0
+        while True:
+            # blanks before a parameter are skipped; blanks after it or after `=` are kept
+            while pos < len(text) and text[pos] == " ":
+                pos += 1
+            if pos >= len(text):
+                return
+            rest = text[pos:]
+            if rest.startswith("target="):
+                # target= swallows the rest of the spec, commas included, less one final comma
+                value = rest[len("target=") :]
+                self.save("target", value[:-1] if value.endswith(",") else value)
+                return
+            prefix = _PREFIX.match(rest)
+            if prefix:
+                word, after = prefix[1], rest[prefix.end() : prefix.end() + 1]
+                if word in _FORMAT_PREFIXES + _SCRIPT_PREFIXES + _PLAIN_PREFIXES:
+                    if word in _FORMAT_PREFIXES:
+                        self.set_format(word)
+                    elif word in _SCRIPT_PREFIXES:
+                        self.save("script", f"block-{word}")
+                    self.had_prefix = True
+                    pos += prefix.end()
+                    continue
+                if not re.fullmatch(r"[a-z0-9]", after):
+                    raise self.fail(f"unknown prefix {word + ':'!r}")
+            token, comma, _ = rest.partition(",")
+            pos += len(token) + len(comma)
+            key, equals, value = token.partition("=")
+            if equals:
+                if key not in _DISK_KEYS:
+                    raise self.fail(f"unknown or unsupported parameter {key!r}")
+                self.key(key, value)
+            elif token in ("colo", "no-colo"):
+                raise self.fail(f"{token!r}: COLO is not supported")
+            elif token == "cdrom":
+                self.cdrom = True
+            elif token in _DISK_FLAGS:
+                self.flags[token.removeprefix("no-")] = not token.startswith("no-")
+            else:
+                self.positional(token)
+
+    def result(self) -> DiskSpec:
+        fmt = self.format or "raw"
+        if self.cdrom and not self.target:
+            fmt = "empty"
+        if self.vdev is None:
+            raise self.fail("no vdev")
+        if not _VDEV.fullmatch(self.vdev):
+            raise self.fail(f"vdev {self.vdev!r} is not letters and digits")
+        if not self.target and not self.cdrom:
+            raise self.fail("no target")
+        target = self.target or ""
+        if target != target.strip(" "):
+            raise self.fail(
+                f"the target {target!r} has leading or trailing blanks; refused (libxl would "
+                "open the name with them)"
+            )
+        if self.script is not None and not re.fullmatch(r"[^\s]+", self.script):
+            raise self.fail(f"script {self.script!r} is empty or has blanks")
+        backend = 0
+        if self.backend is not None:
+            if not _DOMID.fullmatch(self.backend) or int(self.backend) >= _DOMID_FIRST_RESERVED:
+                raise self.fail(f"backend {self.backend!r} is not a domid (plain decimal)")
+            backend = int(self.backend)
+        return DiskSpec(
+            target=target,
+            vdev=self.vdev,
+            format=fmt,
+            readwrite=self.readwrite and not self.cdrom,
+            cdrom=self.cdrom,
+            script=self.script,
+            backend_domid=backend,
+            backendtype=self.backendtype,
+            discard=self.flags.get("discard", True),
         )
-    return body
 
 
 def parse_disk_spec(spec: str) -> DiskSpec:
-    """Parse an xl-disk-configuration(5) string (positional and/or key=value)."""
-    target: str | None = None
-    fmt: str | None = None
-    vdev: str | None = None
-    access: str | None = None
-    values: dict[str, str] = {}
-    flags: set[str] = set()
-    raw = spec.split(",")
-    tokens = [t.strip() for t in raw]
-    for idx, token in enumerate(tokens):
-        if "=" in token:
-            key, _, value = token.partition("=")
-            key = key.strip()
-            if key == "target":
-                # target= swallows the rest of the string, commas included (xl-disk-config(5)),
-                # and libxl keeps its blanks: never strip them (see _exact_target).
-                target = _exact_target(spec, ",".join([raw[idx].split("=", 1)[1], *raw[idx + 1 :]]))
-                break
-            values[key] = value.strip()
-            continue
-        if token in ("cdrom", "devtype=cdrom", "discard", "no-discard", "direct-io-safe"):
-            flags.add(token)
-            continue
-        if token in ("trusted", "untrusted"):
-            flags.add(token)
-            continue
-        # Positional: target, format, vdev, access in order; empty means "default".
-        if target is None:
-            target = _exact_target(spec, raw[idx])
-            for prefix, (pfx_format, _backend) in _DEPRECATED_PREFIXES.items():
-                if target.startswith(prefix):
-                    target = target[len(prefix) :]
-                    fmt = pfx_format
-                    if _backend:
-                        values.setdefault("backendtype", _backend)
-                    break
-        elif fmt is None:
-            fmt = token or "raw"
-        elif vdev is None:
-            vdev = token
-        elif access is None:
-            access = token
-        else:
-            raise XlConfigError(f"disk spec {spec!r}: too many positional parameters")
-    fmt = values.pop("format", fmt or "raw")
-    vdev = values.pop("vdev", vdev)
-    access = values.pop("access", access or "rw")
-    devtype = values.pop("devtype", "disk")
-    script = values.pop("script", None)
-    backend = values.pop("backend", "0")
-    backendtype = values.pop("backendtype", None)
-    if values:
-        raise XlConfigError(f"disk spec {spec!r}: unknown key(s) {', '.join(sorted(values))}")
-    if vdev and vdev.endswith(":cdrom"):
-        vdev, devtype = vdev[: -len(":cdrom")], "cdrom"
-    if "cdrom" in flags or "devtype=cdrom" in flags:
-        devtype = "cdrom"
-    if not vdev:
-        raise XlConfigError(f"disk spec {spec!r}: no vdev")
-    if fmt not in _DISK_FORMATS:
-        raise XlConfigError(f"disk spec {spec!r}: unknown format {fmt!r}")
-    if access not in ("r", "ro", "w", "rw"):
-        raise XlConfigError(f"disk spec {spec!r}: access must be r, ro, w or rw")
-    if devtype not in ("disk", "cdrom"):
-        raise XlConfigError(f"disk spec {spec!r}: devtype must be disk or cdrom")
-    if not target and devtype != "cdrom":
-        raise XlConfigError(f"disk spec {spec!r}: no target")
-    if backendtype not in (None, "phy", "qdisk", "tap", "standalone"):
-        raise XlConfigError(f"disk spec {spec!r}: unknown backendtype {backendtype!r}")
-    return DiskSpec(
-        target=target or "",
-        vdev=vdev,
-        format=fmt,
-        readwrite=access in ("w", "rw") and devtype != "cdrom",
-        cdrom=devtype == "cdrom",
-        script=script,
-        backend_domid=_int(backend, f"disk spec {spec!r}: backend"),
-        backendtype=backendtype,
-        discard="no-discard" not in flags,
-        trusted="untrusted" not in flags,
-    )
+    """Parse an xl-disk-configuration(5) string as libxlutil 4.17's ``xlu_disk_parse`` does
+    (checked against it in tests/test_xlcfg_differential_disk.py), or refuse it."""
+    return parse_disk_specs([spec])
+
+
+def parse_disk_specs(specs: Sequence[str]) -> DiskSpec:
+    """Several specs making one disk, as ``xl block-attach DOM SPEC…`` hands them to
+    ``xlu_disk_parse``: each is scanned on its own (a ``target=`` ends at its spec's end), into
+    one reading.
+
+    Refused besides what libxl refuses: control characters anywhere, a target with leading or
+    trailing blanks or empty (non-cdrom), a vdev other than letters and digits, a backend
+    other than a decimal domid, the COLO and ``specification=`` parameters."""
+    state = _DiskParse(", ".join(repr(s) for s in specs) if len(specs) != 1 else specs[0])
+    for spec in specs:
+        bad = [c for c in spec if ord(c) < 0x20 or c == "\x7f"]
+        if bad:
+            raise state.fail(f"control character {bad[0]!r} refused (tabs and newlines included)")
+        state.scan(spec)
+    return state.result()
 
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
