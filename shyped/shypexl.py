@@ -226,7 +226,7 @@ class Wrapper:
             self.exec_xl(cmd, *rest)
         domain, specs = rest[0], rest[1:]
         if cmd == "block-attach":
-            args = b.DryRunArgs(running=domain, disks=(disk_item(",".join(specs)),))
+            args = b.DryRunArgs(running=domain, disks=(disk_item(specs),))
         else:
             args = b.DryRunArgs(running=domain, vifs=(vif_item(",".join(specs)),))
         try:

@@ -211,6 +211,11 @@ async def test_attach_is_checked_first(env: Env) -> None:
         ["xenstore-ls", "-f", "/libxl"], env=env.xsd.env(), capture_output=True, text=True
     ).stdout
     assert "/device/vbd/51728" in paths
+    # several arguments are scanned one by one, as xl does (a target= ends with its argument)
+    r = await env.shype_xl(
+        "block-attach", "web-2", "format=raw,vdev=xvdc,target=/img/web-3.img", "access=r"
+    )
+    assert r.returncode == 0, r.stderr
     r = await env.shype_xl("network-attach", "web-2", "bridge=secret-br")
     assert r.returncode == 1 and "DENIED" in r.stderr
 

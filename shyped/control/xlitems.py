@@ -10,6 +10,8 @@ disks and vifs matter here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attrs
 
 from shyped.control.backend import DiskItem, NewDomain, VifItem
@@ -21,6 +23,7 @@ from shyped.xlcfg import (
     parse_acm_label,
     parse_assignments,
     parse_disk_spec,
+    parse_disk_specs,
     parse_vif_spec,
 )
 from shyped.xlcfgfile import parse_statements
@@ -82,8 +85,10 @@ def cfg_label(values: dict[str, CfgValue], filename: str) -> SecurityLabel | Non
     return label
 
 
-def disk_item(spec: str) -> DiskItem:
-    d = parse_disk_spec(spec)
+def disk_item(spec: str | Sequence[str]) -> DiskItem:
+    """One disk of a cfg's ``disk`` list (a string), or of ``xl block-attach``'s arguments
+    (a list: xl scans each on its own, so they are never joined)."""
+    d = parse_disk_spec(spec) if isinstance(spec, str) else parse_disk_specs(spec)
     return DiskItem(
         target=d.target,
         vdev=d.vdev,

@@ -30,7 +30,7 @@ from shyped.xlcfg import (
     domain_config_from_text,
     domain_config_from_values,
     parse_assignments,
-    parse_disk_spec,
+    parse_disk_specs,
     parse_vif_spec,
 )
 
@@ -195,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise ToolstackError(f"{' '.join(sorted(wanted))} is an invalid domain identifier")
             _print_list(doms)
     elif cmd == "block-attach":
-        ts.attach_disk(args.domain, parse_disk_spec(",".join(args.disk_spec)))
+        ts.attach_disk(args.domain, parse_disk_specs(args.disk_spec))
     elif cmd == "network-attach":
         ts.attach_nic(args.domain, parse_vif_spec(",".join(args.vif_spec)))
     elif cmd == "block-detach":
