@@ -59,19 +59,19 @@ from typing import Any
 import attrs
 from twisted.internet import defer, threads
 
-from shyped.config import ActuatorConfig, Config, XenstoreConfig
-from shyped.daemon import Daemon, load_policy
-from shyped.engine import Outcome
-from shyped.labelstore import LabelStore
+from shyped.core.engine import Outcome
+from shyped.core.labelstore import LabelStore
+from shyped.core.xlcfg import domain_config_from_text
 from shyped.sandbox import layout as L
 from shyped.sandbox.hypervisor import HostState, HypervisorStore
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored, short_instance_dir
 from shyped.sandbox.xsconn import XsConn
+from shyped.service.config import ActuatorConfig, Config, XenstoreConfig
+from shyped.service.daemon import Daemon, load_policy
 from shyped.xenstore import GatewayConfig, XenstoreGateway
 from shyped.xenstore.errors import NoEntry
 from shyped.xenstore.rawclient import RawClient
-from shyped.xlcfg import domain_config_from_text
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = ROOT / "conf" / "policies" / "hosting.toml"

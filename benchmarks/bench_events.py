@@ -18,8 +18,8 @@ import gc
 import time
 from collections.abc import Callable
 
-from shyped.events import EventAssembler
-from shyped.host import HostModel, NeedsDecision
+from shyped.core.events import EventAssembler
+from shyped.core.host import HostModel, NeedsDecision
 
 Node = tuple[str, bytes | None, list[bytes] | None]
 

@@ -24,12 +24,11 @@ import attrs
 import pytest_twisted
 from twisted.internet import defer, threads
 
-from shyped.config import ControlConfig
 from shyped.control import backend as b
 from shyped.control import views
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.control.server import Authorizer, ControlServer, ServerLimits
-from shyped.labelstore import (
+from shyped.core.labelstore import (
     LabelStore,
     LabelStoreError,
     load_label_store,
@@ -39,6 +38,7 @@ from shyped.labelstore import (
 from shyped.policy.decisions import PolicyEngine
 from shyped.policy.model import Policy
 from shyped.policy.update import RunningDomain, RunningSystem, check_update
+from shyped.service.config import ControlConfig
 
 POLICY_TOML = """\
 [policy]
@@ -454,7 +454,7 @@ async def shypectl(
     *args: str, socket: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return await run_cli(
-        [sys.executable, "-m", "shyped.shypectl", "--socket", str(socket), *args], env
+        [sys.executable, "-m", "shyped.cli.shypectl", "--socket", str(socket), *args], env
     )
 
 

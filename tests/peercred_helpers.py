@@ -21,7 +21,7 @@ import attrs
 import pytest
 from control_helpers import ModelBackend, cleanup, short_dir
 
-from shyped.config import ControlConfig
+from shyped.service.config import ControlConfig
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 

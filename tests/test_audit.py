@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shyped import audit
-from shyped.audit import (
+from shyped.core import audit
+from shyped.core.audit import (
     GENESIS,
     Anchor,
     Kind,

@@ -23,12 +23,12 @@ from metrics_helpers import (
 )
 from twisted.internet import reactor, threads
 
-from shyped.config import MetricsConfig
-from shyped.events import EventAssembler
-from shyped.host import HostModel
-from shyped.metrics import MetricsState, make_registry, start_metrics_server
+from shyped.core.events import EventAssembler
+from shyped.core.host import HostModel
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored
+from shyped.service.config import MetricsConfig
+from shyped.service.metrics import MetricsState, make_registry, start_metrics_server
 from shyped.xenstore import GatewayConfig, XenstoreGateway
 
 

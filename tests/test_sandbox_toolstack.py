@@ -22,17 +22,17 @@ from sandbox_toolstack_helpers import (
     xenstore_ls,
 )
 
-from shyped.sandbox import layout as L
-from shyped.sandbox.hypervisor import HypervisorStore
-from shyped.sandbox.toolstack import Toolstack, ToolstackError
-from shyped.sandbox.xenstored import SandboxXenstored
-from shyped.sandbox.xsconn import XsConn, XsError
-from shyped.xlcfg import (
+from shyped.core.xlcfg import (
     DomainConfig,
     domain_config_from_text,
     parse_disk_spec,
     parse_vif_spec,
 )
+from shyped.sandbox import layout as L
+from shyped.sandbox.hypervisor import HypervisorStore
+from shyped.sandbox.toolstack import Toolstack, ToolstackError
+from shyped.sandbox.xenstored import SandboxXenstored
+from shyped.sandbox.xsconn import XsConn, XsError
 
 
 def xsgold() -> DomainConfig:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 from sandbox_toolstack_helpers import XSGOLD_CFG
 
-from shyped.sandbox import layout as L
-from shyped.xlcfg import (
+from shyped.core.xlcfg import (
     SecurityLabel,
     XlConfigError,
     domain_config_from_text,
@@ -14,6 +13,7 @@ from shyped.xlcfg import (
     parse_disk_spec,
     parse_vif_spec,
 )
+from shyped.sandbox import layout as L
 
 
 def test_reference_cfg() -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
-from shyped.config import ControlConfig
 from shyped.control import backend as b
 from shyped.control.protocol import (
     OPS,
@@ -23,6 +22,7 @@ from shyped.control.protocol import (
     encode_request,
     parse_response,
 )
+from shyped.service.config import ControlConfig
 
 #: Environment variable naming the control socket (overrides the default path).
 SOCKET_ENV: Final = "SHYPED_SOCKET"

@@ -2,7 +2,7 @@
 
 Edge code (imperative shell): each op reads the `Daemon`'s own objects — its host model, its
 `Engine` (policy engine, Chinese Wall `RunningSet`, label store) — and answers with the pure
-helpers of `shyped.control.views` and `shyped.relabel`, so an answer cannot drift from
+helpers of `shyped.control.views` and `shyped.core.relabel`, so an answer cannot drift from
 enforcement: a dry run asks the same engine, with the same running set and label store, the
 daemon decides with when the domain appears.
 
@@ -47,28 +47,28 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shyped import __version__
-from shyped.atomicfile import fsync_dir
-from shyped.audit import Kind
-from shyped.config import Mode
 from shyped.control import backend as b
 from shyped.control import views
 from shyped.control.policyparse import parse_isolated
 from shyped.control.protocol import ControlError, ErrorCode
-from shyped.engine import Outcome, resource_of
-from shyped.host import Device, Domain, DomainState
-from shyped.labelstore import (
+from shyped.core.audit import Kind
+from shyped.core.engine import Outcome, resource_of
+from shyped.core.host import Device, Domain, DomainState
+from shyped.core.labelstore import (
     LabelStore,
     LabelStoreError,
     canonical_resource,
     resolve_resource,
     save_label_store,
 )
+from shyped.core.relabel import RelabelCheck
+from shyped.fileio.atomicfile import fsync_dir
 from shyped.policy import acm_xml, toml_format, update
 from shyped.policy.model import Policy
-from shyped.relabel import RelabelCheck
+from shyped.service.config import Mode
 
 if TYPE_CHECKING:
-    from shyped.daemon import Daemon, ReloadResult
+    from shyped.service.daemon import Daemon, ReloadResult
 
 log = Logger(namespace="shyped.control")
 
@@ -96,7 +96,7 @@ class _Waiter:
 
 
 class DaemonControlBackend:
-    """`shyped.control.backend.ControlBackend` over a running `shyped.daemon.Daemon`."""
+    """`shyped.control.backend.ControlBackend` over a running `shyped.service.daemon.Daemon`."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon

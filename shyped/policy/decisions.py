@@ -61,7 +61,7 @@ class Rule(enum.StrEnum):
     MLS = "mls"
     DEFAULT = "default"  # unlabelled subject/resource and the policy says deny
     LABEL = "label"  # label unknown, malformed, or of another policy
-    QUOTA = "quota"  # a per-label quota (shyped.quota)
+    QUOTA = "quota"  # a per-label quota (shyped.core.quota)
     AUDIT = "audit"  # the audit trail cannot record the decision (fail-closed): denied
     DENIED_DOMAIN = "denied-domain"  # a party is a domain denied admission (fail-closed)
 

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import attrs
 
-from shyped.boundedread import POLICY_MAX_BYTES, read_bounded
+from shyped.fileio.boundedread import POLICY_MAX_BYTES, read_bounded
 from shyped.policy.errors import PathPart, PolicyError, Problem
 from shyped.policy.model import (
     QUOTA_FIELDS,

@@ -32,6 +32,7 @@ from typing import Any
 
 import attrs
 
+from shyped.core.xlcfg import DiskSpec, DomainConfig, VifSpec
 from shyped.sandbox import layout as L
 from shyped.sandbox.hypervisor import (
     GUEST_PORTS_PER_VCPU,
@@ -42,7 +43,6 @@ from shyped.sandbox.hypervisor import (
 )
 from shyped.sandbox.layout import Actor, Op, Step
 from shyped.sandbox.xsconn import XsConn, XsError
-from shyped.xlcfg import DiskSpec, DomainConfig, VifSpec
 
 #: Sectors reported for a disk image the sandbox cannot see: the capture's 8 MiB image.
 DEFAULT_SECTORS = 16384

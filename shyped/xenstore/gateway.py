@@ -86,7 +86,7 @@ from shyped.xenstore.events import EventBatch, EventQueue, EventQueueStats, RawE
 from shyped.xenstore.wire import Op, Perm
 
 if TYPE_CHECKING:
-    from shyped.config import XenstoreConfig
+    from shyped.service.config import XenstoreConfig
 
 T = TypeVar("T")
 _log = Logger(namespace="shyped.xenstore")
@@ -149,7 +149,8 @@ class GatewayConfig:
 
     @classmethod
     def from_xenstore_config(cls, config: XenstoreConfig, **overrides: Any) -> GatewayConfig:
-        """From the daemon's ``[xenstore]`` table (:class:`shyped.config.XenstoreConfig`)."""
+        """From the daemon's ``[xenstore]`` table
+        (:class:`shyped.service.config.XenstoreConfig`)."""
         socket_path = str(config.socket)
         values: dict[str, Any] = {
             "transport": config.transport,

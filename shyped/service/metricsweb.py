@@ -12,7 +12,7 @@ bcrypt runs on the reactor's thread pool, one check at a time, and a successful
 
 Budgets: `BudgetedFactory` (a `twisted.protocols.policies.WrappingFactory`) refuses a
 connection past `max_connections` in total or `max_connections_per_peer` per peer (the uid
-owning the client's socket, `shyped.peeruid`; its address where that is unknown) by
+owning the client's socket, `shyped.service.peeruid`; its address where that is unknown) by
 returning None from `buildProtocol` (Twisted then closes the accepted socket at once), gives
 each connection `connection_timeout` seconds to live (`TimeoutMixin`, never reset: a slow
 client cannot hold a slot) besides the site's idle timeout, and stops accepting (`stopReading`
@@ -55,8 +55,8 @@ from twisted.web.server import Request, Site
 from twisted.web.wsgi import WSGIResource
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from shyped.config import ConfigError, MetricsConfig
-from shyped.peeruid import PeerUids
+from shyped.service.config import ConfigError, MetricsConfig
+from shyped.service.peeruid import PeerUids
 
 _log = Logger(namespace="shyped.metrics")
 

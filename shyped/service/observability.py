@@ -2,9 +2,9 @@
 
 `build_audit` makes the `AsyncAuditLog` the `Daemon` records into (``[audit]``); `Metrics`
 holds the `MetricsState` the daemon feeds and serves it on ``[metrics] address:port``
-(loopback only, behind the access control and budgets of `shyped.metricsweb`) with the
+(loopback only, behind the access control and budgets of `shyped.service.metricsweb`) with the
 audit collector and, on a real host (``actuator.kind = "xl"``), CPU
-time per domain from ``xl list``. `shyped.main` wires them; the daemon tests do the same.
+time per domain from ``xl list``. `shyped.cli.main` wires them; the daemon tests do the same.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from shyped.auditlog import AsyncAuditLog, AuditCollector, AuditLog
-from shyped.config import Config
-from shyped.metrics import MetricsState, XlCpuProvider, make_registry
-from shyped.metricsweb import (
+from shyped.service.auditlog import AsyncAuditLog, AuditCollector, AuditLog
+from shyped.service.config import Config
+from shyped.service.metrics import MetricsState, XlCpuProvider, make_registry
+from shyped.service.metricsweb import (
     ConnectionCollector,
     MetricsAccess,
     load_access,
@@ -98,7 +98,7 @@ class Metrics:
 
 def build_metrics(config: Config, reactor: Any, audit: AsyncAuditLog | None) -> Metrics | None:
     """The metrics ``[metrics]`` asks for (None when disabled); not listening yet. Reads the
-    credentials files: a `shyped.config.ConfigError` says what is wrong with them."""
+    credentials files: a `shyped.service.config.ConfigError` says what is wrong with them."""
     if not config.metrics.enabled:
         return None
     return Metrics(config, reactor, audit)

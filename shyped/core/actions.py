@@ -1,7 +1,8 @@
 """What the daemon does about a decision: pure action values, and the xenstore paths they touch.
 
-The engine (`shyped.engine`) turns decisions into these values; the enforcer
-(`shyped.enforcer`) carries them out through the xenstore gateway and the toolstack actuator.
+The engine (`shyped.core.engine`) turns decisions into these values; the enforcer
+(`shyped.service.enforcer`) carries them out through the xenstore gateway and the toolstack
+actuator.
 Keeping them plain data lets tests check *what* would be done without a xenstored, and lets
 audit/metrics listeners see the planned actions before anything happens.
 
@@ -16,8 +17,8 @@ from typing import Final
 
 import attrs
 
-from shyped.config import DomainVeto
-from shyped.events import DeviceKey, frontend_dir
+from shyped.core.events import DeviceKey, frontend_dir
+from shyped.service.config import DomainVeto
 
 #: The one node the daemon writes per domain, relative to ``/local/domain/<domid>``.
 LABEL_DIR: Final = "shyped"

@@ -1,7 +1,7 @@
 """Audit records and their hash chain: record -> canonical bytes -> hash, and verification.
 
-Pure: no files, no clock, no reactor. `shyped.auditlog` is the edge that writes and reads the
-files; this module decides what a record is, what its bytes are and whether a sequence of lines
+Pure: no files, no clock, no reactor. `shyped.service.auditlog` is the edge that writes and reads
+the files; this module decides what a record is, what its bytes are and whether a sequence of lines
 is an intact chain.
 
 A record is one JSON object on one line. Every record carries the header fields
@@ -81,10 +81,10 @@ class Kind(enum.StrEnum):
     CONTROL = "control"  #: a change request on the control socket, done or refused
     #: Refusals of one uid in one interval beyond the first, counted (shyped.control.refusals).
     CONTROL_REFUSALS = "control-refusals"
-    #: An attempt of a domain veto that failed or finally succeeded (shyped.vetoretry).
+    #: An attempt of a domain veto that failed or finally succeeded (shyped.service.vetoretry).
     VETO_RETRY = "veto-retry"
     #: Guest-paced decisions of one key in one interval beyond the burst, counted
-    #: (shyped.daemon.GUEST_REPEAT_BURST).
+    #: (shyped.service.daemon.GUEST_REPEAT_BURST).
     DECISION_REPEATS = "decision-repeats"
     # Written by the audit log itself.
     LOG_START = "log-start"

@@ -35,7 +35,7 @@ What each action does to xenstore (docs/operations.md has the operator's version
 
 Once a `ResetPerms`, `RemoveVchan` or `RemoveNode` has run (whatever it found), the enforcer
 calls `Enforcer.on_changed` with it: the daemon withdraws what it had emitted about those nodes
-and reads them again (`shyped.events.EventAssembler.withdraw`). Watch events coalesce, so
+and reads them again (`shyped.core.events.EventAssembler.withdraw`). Watch events coalesce, so
 without that a guest that grants again right after the reset, before the daemon reads the
 node, would show the facts decided before the reset, and its new grant would stay undecided.
 """
@@ -51,7 +51,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shyped.actions import (
+from shyped.core.actions import (
     Action,
     CutDevice,
     RemoveNode,
@@ -62,11 +62,11 @@ from shyped.actions import (
     label_dir,
     label_perms,
 )
-from shyped.actuator import ToolstackActuator
-from shyped.config import DomainVeto
-from shyped.engine import Outcome
-from shyped.events import BackendStateChanged, DeviceKey, DeviceRemoved, DomainVanished, Event
-from shyped.vetoretry import VetoRetrier
+from shyped.core.engine import Outcome
+from shyped.core.events import BackendStateChanged, DeviceKey, DeviceRemoved, DomainVanished, Event
+from shyped.service.actuator import ToolstackActuator
+from shyped.service.config import DomainVeto
+from shyped.service.vetoretry import VetoRetrier
 from shyped.xenstore import NoEntry, Perm, Transaction, XenstoreGateway
 
 _log = Logger(namespace="shyped.enforcer")

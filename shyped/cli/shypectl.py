@@ -32,17 +32,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from shyped.atomicfile import write_atomic
-from shyped.boundedread import POLICY_MAX_BYTES, XLCFG_MAX_BYTES, read_bounded
 from shyped.control import backend as b
 from shyped.control.client import ControlClient, DaemonUnreachable
 from shyped.control.protocol import ControlError, ErrorCode, unstructure
 from shyped.control.views import parse_policy
 from shyped.control.xlitems import set_cfg_label, summarize, with_overrides
+from shyped.core.xlcfg import XlConfigError
+from shyped.fileio.atomicfile import write_atomic
+from shyped.fileio.boundedread import POLICY_MAX_BYTES, XLCFG_MAX_BYTES, read_bounded
 from shyped.policy import toml_format
 from shyped.policy.analysis import analyse, to_dot
 from shyped.policy.model import Policy
-from shyped.xlcfg import XlConfigError
 
 EXIT_OK: Final = 0
 EXIT_DENIED: Final = 1
@@ -181,8 +181,8 @@ def cmd_status(ctx: Ctx) -> int:
 
 
 def _quota_lines(rows: Sequence[b.QuotaRow]) -> list[str]:
-    """The usage table as `shyped.quota.format_quota_table` prints it."""
-    from shyped.quota import QuotaKind, QuotaUsage, format_quota_table
+    """The usage table as `shyped.core.quota.format_quota_table` prints it."""
+    from shyped.core.quota import QuotaKind, QuotaUsage, format_quota_table
 
     usage = [QuotaUsage(r.label, QuotaKind(r.quota), r.limit, r.used, r.domid) for r in rows]
     return format_quota_table(usage).splitlines()
@@ -561,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_policy_graph)
 
     try:
-        from shyped import auditcli
+        from shyped.cli import auditcli
     except ImportError:  # pragma: no cover - the audit CLI ships with the daemon
         pass
     else:

@@ -9,7 +9,7 @@ reason names the label, the quota and the numbers::
     deny domain-admit [quota]: label 'web' quota max_memory_mib: domain 'web1' (3) may use
     256 MiB, limit 128 MiB
 
-What is compared (see `shyped.accounting`):
+What is compared (see `shyped.core.accounting`):
 
 * ``max_domains``: running (admitted or paused) domains with the label, counting the one being
   checked;
@@ -25,7 +25,7 @@ What is compared (see `shyped.accounting`):
 
 Sizes that are not known yet (libxl writes ``memory/*`` and ``cpu/*`` after the creation
 transaction) are not checked; the engine re-checks a domain when its account changes
-(`shyped.accounting.touched_domains`). Which quotas a check looks at depends on the hook:
+(`shyped.core.accounting.touched_domains`). Which quotas a check looks at depends on the hook:
 `KINDS_BY_HOOK`.
 """
 
@@ -37,8 +37,8 @@ from typing import Any, Final
 
 import attrs
 
-from shyped.accounting import RUNNING_STATES, DomainAccount, HostAccount
-from shyped.host import HostModel
+from shyped.core.accounting import RUNNING_STATES, DomainAccount, HostAccount
+from shyped.core.host import HostModel
 from shyped.policy.decisions import Decision, Hook, Rule
 from shyped.policy.model import QUOTA_FIELDS, Policy, Quota
 

@@ -2,7 +2,7 @@
 
 `add_audit_commands` mounts the ``audit`` sub-command on shypectl's sub-parsers and `run` runs a
 parsed command; `audit_verify` and `audit_tail` are the same as functions. Until shypectl
-exists this is runnable on its own: ``python -m shyped.auditcli [--dir DIR] verify|tail …``.
+exists this is runnable on its own: ``python -m shyped.cli.auditcli [--dir DIR] verify|tail …``.
 
 Exit status of ``verify``: 0 the chain is intact (documented losses are printed as warnings),
 1 it is broken (or has warnings, with ``--strict``), 2 the log could not be read.
@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from shyped.audit import Anchor, Finding, Level, Record, VerifyReport, format_human
-from shyped.auditlog import (
+from shyped.core.audit import Anchor, Finding, Level, Record, VerifyReport, format_human
+from shyped.service.auditlog import (
     DEFAULT_DIRECTORY,
     STATE_NAME,
     Follower,
@@ -253,7 +253,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
 def build_parser() -> argparse.ArgumentParser:
     return configure_parser(
         argparse.ArgumentParser(
-            prog="python -m shyped.auditcli", description=__doc__.split("\n\n")[0]
+            prog="python -m shyped.cli.auditcli", description=__doc__.split("\n\n")[0]
         )
     )
 

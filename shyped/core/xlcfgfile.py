@@ -24,7 +24,7 @@ everything outside it** with an error naming the line:
 `tests/test_xlcfg_differential.py` checks this against Debian's ``libxlutil.so.4.17`` through
 ctypes: for every cfg of a corpus and of hypothesis' making, either both readings agree on
 every key, or this module refuses the file. The work is linear in the text (one regular
-expression scan, no recursion), and callers cap the size (`shyped.boundedread`).
+expression scan, no recursion), and callers cap the size (`shyped.fileio.boundedread`).
 """
 
 from __future__ import annotations

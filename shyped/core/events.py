@@ -59,10 +59,10 @@ Which nodes make what (Xen 4.17 libxl, ``tools/libs/light/libxl_create.c`` and
   read; see ``layout-paused.txt``), so a guest cannot write below them: these are trusted sizes.
   Sent after the domain's `DomainAppeared` (domain 0 included, which only has ``memory``) and
   whenever they change; nothing is sent while none of them is known.
-* **ChannelShared / ChannelUnshared** (`shyped.channels`): every node a guest owns below
+* **ChannelShared / ChannelUnshared** (`shyped.core.channels`): every node a guest owns below
   ``/local/domain/`` whose permissions let another guest read or write it, wherever it is:
   the gateway passes permissions for every path where `needs_perms` is true (vchan keys and
-  every `shyped.channels.guest_path`). A vchan key node past the rendezvous limit is reported
+  every `shyped.core.channels.guest_path`). A vchan key node past the rendezvous limit is reported
   as an over-limit channel (denied and removed), never only counted.
 * **RescanHint** for ``@introduceDomain`` / ``@releaseDomain``: a hint to reconcile, never relied
   on.
@@ -84,7 +84,7 @@ from typing import Final, NamedTuple, Protocol
 
 import attrs
 
-from shyped.channels import (
+from shyped.core.channels import (
     ChannelShared,
     ChannelUnshared,
     SharedNodeTracker,
@@ -92,7 +92,7 @@ from shyped.channels import (
     device_dir_of,
     guest_path,
 )
-from shyped.xsparse import (
+from shyped.core.xsparse import (
     MAX_NAME,
     MAX_VALUE,
     U32_MAX,
@@ -328,7 +328,7 @@ _EMPTY: Final[frozenset[int]] = frozenset()
 
 def needs_perms(path: str | bytes) -> bool:
     """True if the gateway must pass the node's permissions with its value: vchan keys and
-    every node a guest could own (`shyped.channels.guest_path`)."""
+    every node a guest could own (`shyped.core.channels.guest_path`)."""
     p = path.decode("ascii", "replace") if isinstance(path, bytes) else path
     if not p.startswith(_LOCAL_DOMAIN):
         return False
@@ -1382,7 +1382,7 @@ class EventAssembler:
         return out
 
     def _covered(self, owner: int, path: str) -> tuple[frozenset[int], bool]:
-        """Who another hook decides for a shared node of `owner` (`shyped.channels`): a
+        """Who another hook decides for a shared node of `owner` (`shyped.core.channels`): a
         published vchan's clients for its key nodes; for a node in a directory of an announced
         device (per the trusted record) owned by one end of it, the other end; else nobody."""
         leaf = path[path.rfind("/") + 1 :]

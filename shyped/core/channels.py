@@ -1,6 +1,6 @@
 """Generic cross-domain xenstore channels: guest-owned nodes that another guest may reach.
 
-Pure (no I/O). `SharedNodeTracker` is the part of `shyped.events.EventAssembler` that watches
+Pure (no I/O). `SharedNodeTracker` is the part of `shyped.core.events.EventAssembler` that watches
 the permissions of every node a guest could own and turns "domain A's node lets domain B read
 or write it" into `ChannelShared` / `ChannelUnshared` events, which the host model turns into
 decisions at the ``xs-channel`` hook (docs/policy.md).
@@ -64,7 +64,7 @@ from typing import Final, NamedTuple
 
 import attrs
 
-from shyped.xsparse import PermInput, parse_domid_component, parse_perms
+from shyped.core.xsparse import PermInput, parse_domid_component, parse_perms
 
 _LOCAL_DOMAIN: Final = "/local/domain/"
 #: Children of a guest's home that libxl creates owned by dom0 with no guest-owned node below

@@ -26,7 +26,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from shyped.actions import VetoDomain
+from shyped.core.actions import VetoDomain
 
 _log = Logger(namespace="shyped.enforcer")
 

@@ -3,7 +3,7 @@
 What a domain holds, in the units the rest of the daemon reports (bytes, counts):
 
 * **sizes** (trusted): memory target and static maximum and the vCPUs (possible / online), from
-  the dom0-owned ``memory/*`` and ``cpu/*`` nodes (`shyped.events.DomainResources`);
+  the dom0-owned ``memory/*`` and ``cpu/*`` nodes (`shyped.core.events.DomainResources`);
 * **devices per kind** where the domain is the frontend, from the dom0-only libxl record
   (trusted), and devices it serves as a backend;
 * **event channel ports and grant references published per device kind** (plus ``vchan`` for
@@ -26,7 +26,7 @@ from typing import Final
 
 import attrs
 
-from shyped.events import (
+from shyped.core.events import (
     DeviceAdded,
     DeviceRemoved,
     DomainAppeared,
@@ -39,7 +39,7 @@ from shyped.events import (
     VchanPublished,
     VchanRemoved,
 )
-from shyped.host import Domain, DomainState, HostModel
+from shyped.core.host import Domain, DomainState, HostModel
 from shyped.policy.decisions import Hook
 
 KIB: Final = 1024

@@ -57,8 +57,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from shyped import audit
-from shyped.audit import (
+from shyped.core import audit
+from shyped.core.audit import (
     GENESIS,
     Anchor,
     Draft,
@@ -326,7 +326,7 @@ class _Recorder(Generic[T]):
         mode: str | None = None,
         **details: object,
     ) -> T:
-        """Audit one access decision (see `shyped.audit.decision_draft`)."""
+        """Audit one access decision (see `shyped.core.audit.decision_draft`)."""
         return self.append(
             decision_draft(
                 decision,
@@ -1203,7 +1203,7 @@ class AuditCollector(Collector):
 def verify_files(
     paths: Sequence[Path], *, anchor: Anchor | None = None, complete: bool = False
 ) -> VerifyReport:
-    """`shyped.audit.verify_chain` over files (in the order given)."""
+    """`shyped.core.audit.verify_chain` over files (in the order given)."""
     return audit.verify_chain(
         ((p.name, read_lines(p)) for p in paths), anchor=anchor, complete=complete
     )

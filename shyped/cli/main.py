@@ -24,7 +24,7 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
-from shyped.config import ConfigError, load_config
+from shyped.service.config import ConfigError, load_config
 
 DEFAULT_CONFIG = Path("/etc/shyped/shyped.toml")
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn}
@@ -79,13 +79,13 @@ def _error(message: str) -> int:
 
 
 def _check(config_path: Path) -> int:
-    from shyped.daemon import StartupError, load_startup
+    from shyped.service.daemon import StartupError, load_startup
 
     try:
         config = load_config(config_path)
         loaded, labels = load_startup(config)
         if config.metrics.enabled:
-            from shyped.metricsweb import load_access
+            from shyped.service.metricsweb import load_access
 
             load_access(config.metrics)  # the token and TLS key files: root's only
     except (ConfigError, StartupError) as e:
@@ -114,8 +114,8 @@ def _run(config_path: Path, level: str) -> int:
     """
     from shyped.control.daemon_backend import DaemonControlBackend
     from shyped.control.server import ControlServer, ControlSetupError
-    from shyped.daemon import Daemon, ReloadResult, StartupError, load_startup
-    from shyped.sdnotify import Notifier, Watchdog
+    from shyped.service.daemon import Daemon, ReloadResult, StartupError, load_startup
+    from shyped.service.sdnotify import Notifier, Watchdog
 
     try:
         config = load_config(config_path)
@@ -125,8 +125,8 @@ def _run(config_path: Path, level: str) -> int:
     from twisted.internet import reactor as _reactor
 
     reactor: Any = _reactor
-    from shyped.metricsweb import raise_nofile_limit
-    from shyped.observability import build_audit, build_metrics
+    from shyped.service.metricsweb import raise_nofile_limit
+    from shyped.service.observability import build_audit, build_metrics
 
     raise_nofile_limit()
     audit = build_audit(config, reactor)
@@ -242,7 +242,7 @@ def _run(config_path: Path, level: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        from shyped.demo import run_demo
+        from shyped.cli.demo import run_demo
 
         return run_demo(verbose=args.verbose)
     if args.command == "check":

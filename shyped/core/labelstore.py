@@ -22,8 +22,8 @@ from typing import Any, Final
 
 import attrs
 
-from shyped.atomicfile import write_atomic
-from shyped.boundedread import LABELS_MAX_BYTES, read_bounded
+from shyped.fileio.atomicfile import write_atomic
+from shyped.fileio.boundedread import LABELS_MAX_BYTES, read_bounded
 
 
 class LabelStoreError(Exception):

@@ -45,13 +45,13 @@ from typing import Final, NoReturn, TextIO
 
 import attrs
 
-from shyped.boundedread import XLCFG_MAX_BYTES, read_bounded
+from shyped.cli.shypectl import EXIT_DAEMON, EXIT_DENIED, EXIT_OK, EXIT_USAGE, exit_status
 from shyped.control import backend as b
 from shyped.control.client import ControlClient, DaemonUnreachable, default_socket
 from shyped.control.protocol import ControlError
 from shyped.control.xlitems import disk_item, summarize, vif_item, with_overrides
-from shyped.shypectl import EXIT_DAEMON, EXIT_DENIED, EXIT_OK, EXIT_USAGE, exit_status
-from shyped.xlcfg import XlConfigError
+from shyped.core.xlcfg import XlConfigError
+from shyped.fileio.boundedread import XLCFG_MAX_BYTES, read_bounded
 
 XL_ENV: Final = "SHYPE_XL"
 FAIL_OPEN_ENV: Final = "SHYPE_XL_FAIL_OPEN"

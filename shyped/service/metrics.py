@@ -6,7 +6,7 @@ only) accumulates counters and, on `MetricsState.publish`, builds one immutable
 `MetricsSnapshot` and swaps a single reference to it (atomic in CPython). `MetricsCollector`
 only ever reads that reference, once per scrape, so a scrape sees one consistent moment and
 never a half-applied batch, and it takes no lock the reactor could wait on. Publishing rebuilds
-the accounts of the domains that changed since the last one (`shyped.accounting.AccountCache`)
+the accounts of the domains that changed since the last one (`shyped.core.accounting.AccountCache`)
 and passes once over the domain list; call it after a batch, or let `PeriodicPublisher` do it
 at most once per interval.
 
@@ -53,15 +53,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import shyped
-from shyped.accounting import AccountCache, DomainAccount, HostAccount
-from shyped.config import Mode
-from shyped.events import Event
-from shyped.host import HostModel
-from shyped.metricsweb import check_loopback as check_loopback
-from shyped.metricsweb import start_metrics_server as start_metrics_server
+from shyped.core.accounting import AccountCache, DomainAccount, HostAccount
+from shyped.core.events import Event
+from shyped.core.host import HostModel
+from shyped.core.quota import QuotaUsage, quota_table
 from shyped.policy.decisions import Decision
 from shyped.policy.model import Policy
-from shyped.quota import QuotaUsage, quota_table
+from shyped.service.config import Mode
+from shyped.service.metricsweb import check_loopback as check_loopback
+from shyped.service.metricsweb import start_metrics_server as start_metrics_server
 
 _log = Logger(namespace="shyped.metrics")
 
@@ -645,7 +645,7 @@ class MetricsCollector(Collector):
     `get_snapshot` must only read a reference (e.g. ``lambda: state.snapshot``): it runs on the
     scrape thread. The families of the last snapshot are kept, so scrapes between two
     publications cost only the text formatting, and so are the per-domain samples, reused for
-    every account the next snapshot shares (`shyped.accounting.AccountCache` keeps unchanged
+    every account the next snapshot shares (`shyped.core.accounting.AccountCache` keeps unchanged
     accounts the same objects).
     """
 

@@ -1,6 +1,6 @@
 """The host model: domains, devices, vchans and their decisions, fed only by typed events.
 
-Pure (no I/O). `HostModel.apply` takes one event from `shyped.events` and returns what the
+Pure (no I/O). `HostModel.apply` takes one event from `shyped.core.events` and returns what the
 daemon's engine must act on: `NeedsDecision` items (ask the policy, then `record_decision`) and
 `DomainReleased` (an admitted domain is gone: release its Chinese Wall counts). Decisions are
 idempotent: each carries a fingerprint of the facts it was made on, so replaying the same
@@ -16,11 +16,11 @@ Lookups are dicts keyed by domid, uuid, `DeviceKey` and `VchanKey`, plus per-dom
 devices and vchans, so nothing on the event path scans all domains. Per-domain garbage is a
 counter plus a bounded ring of the last reasons.
 
-Accounting facts kept per domain (see `shyped.accounting` for the derived view): the dom0-written
-sizes from `DomainResources` (trusted) and how many decisions were recorded for it, by kind and
-outcome (a device's against its frontend, a vchan's against its server). `Domain.revision`
-changes whenever anything its account is derived from changes (its own fields, its devices at
-either end, vchans it serves or is named in), so a reader can recompute only those accounts.
+Accounting facts kept per domain (see `shyped.core.accounting` for the derived view): the
+dom0-written sizes from `DomainResources` (trusted) and how many decisions were recorded for it, by
+kind and outcome (a device's against its frontend, a vchan's against its server). `Domain.revision`
+changes whenever anything its account is derived from changes (its own fields, its devices at either
+end, vchans it serves or is named in), so a reader can recompute only those accounts.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from typing import Any, Literal, NamedTuple, cast
 
 import attrs
 
-from shyped.channels import ChannelKey, ChannelShared, ChannelUnshared
-from shyped.events import (
+from shyped.core.channels import ChannelKey, ChannelShared, ChannelUnshared
+from shyped.core.events import (
     BackendStateChanged,
     DeviceAdded,
     DeviceKey,

@@ -1,8 +1,8 @@
 """The decision engine: a question from the host model in, a decision and its actions out.
 
-Pure (no I/O, no reactor): `Engine.decide` takes a `shyped.host.NeedsDecision` and the
-`shyped.host.HostModel` it came from and returns an `Outcome`: the policy's `Decision`, every
-check that was made, the parties (as audit `Party` values), and the `shyped.actions` to carry
+Pure (no I/O, no reactor): `Engine.decide` takes a `shyped.core.host.NeedsDecision` and the
+`shyped.core.host.HostModel` it came from and returns an `Outcome`: the policy's `Decision`, every
+check that was made, the parties (as audit `Party` values), and the `shyped.core.actions` to carry
 out. The daemon records the outcome in the host model, tells its listeners, and hands the
 actions to the enforcer.
 
@@ -22,7 +22,7 @@ Per hook (DESIGN.md §1):
   Clients that do not exist yet are asked about again when they appear (the host model does
   that). Quotas (``max_vchans`` …) are checked for the server and for every present named
   client: a rendezvous counts for both ends. Veto: `RemoveVchan`.
-* **channel** (``xs-channel``, `shyped.channels`): a guest-owned node another guest may read or
+* **channel** (``xs-channel``, `shyped.core.channels`): a guest-owned node another guest may read or
   write, whatever it is called. STE (and MLS: equal labels, as any two-way channel) between
   the owner and every present named domain; readable by every domain: denied outright. Veto:
   `ResetPerms` (owner only). A node past the tracking bound is denied (rule ``quota``) and
@@ -50,9 +50,9 @@ from typing import cast
 
 import attrs
 
-from shyped import quota
-from shyped.accounting import HOOK_OF_KIND, account_domain
-from shyped.actions import (
+from shyped.core import quota
+from shyped.core.accounting import HOOK_OF_KIND, account_domain
+from shyped.core.actions import (
     Action,
     CutDevice,
     RemoveNode,
@@ -62,11 +62,10 @@ from shyped.actions import (
     WriteLabel,
     is_veto,
 )
-from shyped.audit import Party
-from shyped.channels import ChannelKey
-from shyped.config import DomainVeto, Mode
-from shyped.events import DeviceKey
-from shyped.host import (
+from shyped.core.audit import Party
+from shyped.core.channels import ChannelKey
+from shyped.core.events import DeviceKey
+from shyped.core.host import (
     DecisionKind,
     Domain,
     DomainReleased,
@@ -75,8 +74,8 @@ from shyped.host import (
     NeedsDecision,
     VchanKey,
 )
-from shyped.host import RunningSystem as HostRunningSystem
-from shyped.labelstore import (
+from shyped.core.host import RunningSystem as HostRunningSystem
+from shyped.core.labelstore import (
     LabelStore,
     LabelStoreError,
     bridge_resource,
@@ -87,6 +86,7 @@ from shyped.policy import update
 from shyped.policy.chinese_wall import NotRunningError, RunningSet
 from shyped.policy.decisions import Decision, Hook, PolicyEngine, Rule, UnknownLabelError
 from shyped.policy.model import LabelRef
+from shyped.service.config import DomainVeto, Mode
 
 #: Host states whose domains are running as far as the policy is concerned.
 _RUNNING = frozenset({DomainState.ADMITTED, DomainState.PAUSED})
@@ -214,7 +214,7 @@ class Engine:
     ) -> None:
         self._policy = policy
         #: Resource id -> the id of what it names now (the daemon passes
-        #: `shyped.labelstore.resolve_resource`, which follows symlinks; pure callers: as is).
+        #: `shyped.core.labelstore.resolve_resource`, which follows symlinks; pure callers: as is).
         self.resolve: Callable[[str], str] = resolve or _as_is
         self._running: RunningSet = policy.running_set()
         self._counted: dict[int, str] = {}
@@ -675,7 +675,7 @@ class Engine:
 
     def relabel(self, domid: int, label: str) -> None:
         """Count running domain `domid` with `label` from now on (after an allowed
-        `shyped.relabel.check_domain_relabel`); a domain not counted starts being counted."""
+        `shyped.core.relabel.check_domain_relabel`); a domain not counted starts being counted."""
         name = self._policy.resolve_domain(label).name
         old = self._counted.get(domid)
         if old is None:
@@ -708,7 +708,7 @@ def adapt_running_system(
     *,
     resolve: Callable[[str], str] = _as_is,
 ) -> update.RunningSystem:
-    """`shyped.host.RunningSystem` -> `shyped.policy.update.RunningSystem`.
+    """`shyped.core.host.RunningSystem` -> `shyped.policy.update.RunningSystem`.
 
     A domain's label is the one it is counted with (else the one recorded in the host model);
     a resource's label comes from the label store (None: unlabelled).

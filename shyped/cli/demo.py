@@ -26,17 +26,17 @@ import attrs
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
 
-from shyped.config import ActuatorConfig, Config, ConfigError, load_config
-from shyped.engine import Outcome
+from shyped.core.engine import Outcome
+from shyped.service.config import ActuatorConfig, Config, ConfigError, load_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 #: Where the scenario's guests keep their disks (labelled in conf/labels.json).
 IMAGES = "/srv/xen/images"
 
 
 def _cfg(name: str, *, vifs: tuple[str, ...] = (), disks: tuple[str, ...] = ()) -> Any:
-    from shyped.xlcfg import domain_config_from_text
+    from shyped.core.xlcfg import domain_config_from_text
 
     n = sum(ord(c) * (i + 1) for i, c in enumerate(name))
     lines = [
@@ -158,7 +158,7 @@ class Scenario:
             self.surprises.append("web-b1 was not destroyed")
 
         self.step("shop-1 hot-plugs a vif served by web-a1 (a bank domain as its net backend)")
-        from shyped.xlcfg import parse_disk_spec, parse_vif_spec
+        from shyped.core.xlcfg import parse_disk_spec, parse_vif_spec
 
         ts.attach_nic(s, parse_vif_spec(f"bridge=xenbr-public,backend={d}"))
         say("  .. (a simulated backend only reacts while a toolstack command runs; if it does")
@@ -226,10 +226,10 @@ def demo_config(socket: Path, conf: Path = CONF) -> Config:
 
 def run_demo(*, verbose: bool = False, conf: Path = CONF) -> int:
     """Run the scenario; 0 if every decision was the expected one."""
-    from shyped.daemon import Daemon, StartupError, load_startup
-    from shyped.main import start_logging
+    from shyped.cli.main import start_logging
     from shyped.sandbox.toolstack import Toolstack
     from shyped.sandbox.xenstored import SandboxXenstored, short_instance_dir
+    from shyped.service.daemon import Daemon, StartupError, load_startup
 
     say = _Printer()
     if not (conf / "shyped.toml").is_file():

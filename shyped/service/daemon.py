@@ -4,7 +4,7 @@ Edge code that wires the pure parts together (DESIGN.md §5):
 
 * **Watches** on ``/local/domain``, ``/vm``, ``/libxl``, ``@introduceDomain`` and
   ``@releaseDomain``. Events of one reactor turn form a batch: their values are read with ONE
-  ``read_many`` (plus a ``get_perms`` for each path where `shyped.events.needs_perms` says so:
+  ``read_many`` (plus a ``get_perms`` for each path where `shyped.core.events.needs_perms` says so:
   vchan keys and every node a guest could own,
   sent in the same round trip), then fed to the `EventAssembler` at once. One batch is in
   flight at a time, so facts are applied in order; paths that fire again meanwhile are read
@@ -43,9 +43,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shyped import quota as quota_mod
-from shyped.accounting import account_host, touched_domains
-from shyped.actions import (
+from shyped.core import quota as quota_mod
+from shyped.core.accounting import account_host, touched_domains
+from shyped.core.actions import (
     LABEL_DIR,
     Action,
     RemoveNode,
@@ -55,31 +55,31 @@ from shyped.actions import (
     WriteLabel,
     is_veto,
 )
-from shyped.actuator import ToolstackActuator, XlActuator
-from shyped.audit import Kind as AuditKind
-from shyped.auditlog import AsyncAuditLog, AuditState, AuditUnavailable
-from shyped.boundedread import POLICY_MAX_BYTES, read_bounded
-from shyped.config import Config, ConfigError, Mode, check_host
-from shyped.enforcer import Enforcer, EnforcerStats
-from shyped.engine import Engine, Outcome
-from shyped.events import EventAssembler, needs_perms
-from shyped.events import Node as EventNode
-from shyped.host import DomainReleased, DomainState, HostModel, NeedsDecision
-from shyped.labelstore import (
+from shyped.core.audit import Kind as AuditKind
+from shyped.core.engine import Engine, Outcome
+from shyped.core.events import EventAssembler, needs_perms
+from shyped.core.events import Node as EventNode
+from shyped.core.host import DomainReleased, DomainState, HostModel, NeedsDecision
+from shyped.core.labelstore import (
     LabelStore,
     LabelStoreError,
     load_label_store,
     resolve_resource,
     save_label_store,
 )
-from shyped.metrics import MetricsState, PeriodicPublisher
+from shyped.core.relabel import RelabelCheck, check_domain_relabel, check_resource_relabel
+from shyped.core.repeats import RepeatLog
+from shyped.fileio.boundedread import POLICY_MAX_BYTES, read_bounded
 from shyped.policy import acm_xml, toml_format, update
 from shyped.policy.decisions import PolicyEngine, Rule, UnknownLabelError
 from shyped.policy.errors import PolicyError
 from shyped.policy.model import Policy
-from shyped.relabel import RelabelCheck, check_domain_relabel, check_resource_relabel
-from shyped.repeats import RepeatLog
-from shyped.vetoretry import VetoAttempt, worth_recording
+from shyped.service.actuator import ToolstackActuator, XlActuator
+from shyped.service.auditlog import AsyncAuditLog, AuditState, AuditUnavailable
+from shyped.service.config import Config, ConfigError, Mode, check_host
+from shyped.service.enforcer import Enforcer, EnforcerStats
+from shyped.service.metrics import MetricsState, PeriodicPublisher
+from shyped.service.vetoretry import VetoAttempt, worth_recording
 from shyped.xenstore import (
     ConnectionLost,
     GatewayConfig,
@@ -95,7 +95,7 @@ _log = Logger(namespace="shyped.daemon")
 #: written in full `GUEST_REPEAT_BURST` times per guest and interval, then only counted and
 #: summarised once per `GUEST_REPEAT_INTERVAL` seconds (one ``decision-repeats`` audit record
 #: and log line per guest), so no guest can fill the log or rotate the audit trail's older
-#: records away (`shyped.repeats`). Vetoes are carried out all the same.
+#: records away (`shyped.core.repeats`). Vetoes are carried out all the same.
 GUEST_REPEAT_BURST = 20
 GUEST_REPEAT_INTERVAL = 60.0
 _GUEST_PACED_KINDS = frozenset({"vchan", "channel"})
@@ -247,7 +247,7 @@ class DaemonStatus:
     running_labels: dict[str, int]
     enforcer: EnforcerStats
     uptime: float
-    #: label -> quota -> {limit, used, domid, exceeded} (`shyped.quota.quota_table_dict`)
+    #: label -> quota -> {limit, used, domid, exceeded} (`shyped.core.quota.quota_table_dict`)
     quotas: dict[str, dict[str, dict[str, Any]]] = attrs.field(factory=dict)
     #: the audit trail's state ("ok", "unavailable", "degraded"), None without one
     audit: str | None = None
@@ -877,7 +877,7 @@ class Daemon:
 
     def check_resource_relabel(self, resource: str, label: str | None) -> RelabelCheck:
         """May `resource` (a label store id) take `label` (None: unlabelled) with the running
-        domains' current uses (see `shyped.relabel`)? Changes nothing."""
+        domains' current uses (see `shyped.core.relabel`)? Changes nothing."""
         system = self.engine.running_system(self.host)
         return check_resource_relabel(self.engine.policy, system, resource, label)
 
@@ -885,7 +885,7 @@ class Daemon:
         self, domid: int, label: str, *, before: Callable[[], None] | None = None
     ) -> Deferred[RelabelCheck]:
         """Relabel running domain `domid` if the Chinese Wall and its live channels and
-        resources allow `label` (`shyped.relabel.check_domain_relabel`); else change nothing.
+        resources allow `label` (`shyped.core.relabel.check_domain_relabel`); else change nothing.
 
         `before` runs once the check passed and before anything changes (the control socket
         persists the label store there); if it raises, nothing changes. Then the Chinese Wall

@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from shyped.boundedread import CONFIG_MAX_BYTES, read_bounded
+from shyped.fileio.boundedread import CONFIG_MAX_BYTES, read_bounded
 
 
 class ConfigError(Exception):
@@ -87,7 +87,7 @@ class MetricsConfig:
 @attrs.frozen
 class AuditConfig:
     """The ``[audit]`` table (docs/audit.md). The audit trail is on when the table is present
-    (``enabled`` defaults to true there) and off without it; `shyped.auditlog.AuditSettings`
+    (``enabled`` defaults to true there) and off without it; `shyped.service.auditlog.AuditSettings`
     is built from it by `settings`."""
 
     enabled: bool = False
@@ -100,8 +100,8 @@ class AuditConfig:
     group: str | None = None
 
     def settings(self) -> Any:
-        """The `shyped.auditlog.AuditSettings` these keys stand for."""
-        from shyped.auditlog import AuditSettings, DiskFullAction
+        """The `shyped.service.auditlog.AuditSettings` these keys stand for."""
+        from shyped.service.auditlog import AuditSettings, DiskFullAction
 
         return AuditSettings(
             directory=self.directory,

@@ -2,7 +2,7 @@
 
 Why: the sandbox toolstack must accept the same files an operator gives `xl create`, and the
 daemon's wrapper reads the security label out of them.  The file itself is read by
-`shyped.xlcfgfile` exactly as libxl reads it, or refused (never `eval`).  Disk specs follow
+`shyped.core.xlcfgfile` exactly as libxl reads it, or refused (never `eval`).  Disk specs follow
 xl-disk-configuration(5) (key=value or positional `target,format,vdev,access`, deprecated
 `phy:`/`file:` prefixes) and vif specs xl-network-configuration(5).
 
@@ -25,7 +25,7 @@ from typing import Final, Literal
 
 import attrs
 
-from shyped.xlcfgfile import CfgValue, XlConfigError, parse_assignments
+from shyped.core.xlcfgfile import CfgValue, XlConfigError, parse_assignments
 
 __all__ = ["CfgValue", "XlConfigError", "parse_assignments"]
 
