@@ -35,6 +35,7 @@ from shyped.core.labelstore import (
     resource_id,
     save_label_store,
 )
+from shyped.policy.chinese_wall import running_set
 from shyped.policy.decisions import PolicyEngine
 from shyped.policy.model import Policy
 from shyped.policy.update import RunningDomain, RunningSystem, check_update
@@ -146,7 +147,7 @@ class ModelBackend:
         return [d.label for d in self.domains.values() if d.state in ("admitted", "paused")]
 
     def running_set(self) -> Any:
-        return self.engine.running_set(self.running_labels())
+        return running_set(self.engine, self.running_labels())
 
     def add_domain(self, dom: Dom) -> None:
         self.domains[dom.domid] = dom

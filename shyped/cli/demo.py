@@ -226,7 +226,7 @@ def demo_config(socket: Path, conf: Path = CONF) -> Config:
 
 def run_demo(*, verbose: bool = False, conf: Path = CONF) -> int:
     """Run the scenario; 0 if every decision was the expected one."""
-    from shyped.cli.main import start_logging
+    from shyped.cli.logs import start_logging
     from shyped.sandbox.toolstack import Toolstack
     from shyped.sandbox.xenstored import SandboxXenstored, short_instance_dir
     from shyped.service.daemon import Daemon, StartupError, load_startup

@@ -12,22 +12,15 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.logger import (
-    FilteringLogObserver,
-    Logger,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogBeginner,
-    textFileLogObserver,
-)
+from twisted.logger import Logger
 
+from shyped.cli.logs import LEVELS, start_logging
 from shyped.service.config import ConfigError, load_config
 
 DEFAULT_CONFIG = Path("/etc/shyped/shyped.toml")
-_LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn}
 _log = Logger(namespace="shyped")
 
 
@@ -46,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        choices=sorted(_LEVELS),
+        choices=sorted(LEVELS),
         default="info",
         help="least severe log level written to stderr (default info: one line per decision)",
     )
@@ -62,15 +55,6 @@ def _parser() -> argparse.ArgumentParser:
         "--verbose", action="store_true", help="also show the daemon's own log on stderr"
     )
     return parser
-
-
-def start_logging(level: str, stream: TextIO = sys.stderr) -> None:
-    """twisted.logger to `stream`, one line per event at `level` and above."""
-    # zope interfaces do not type-check: the observers are declared Any.
-    predicate: Any = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
-    text: Any = textFileLogObserver(stream)
-    observer: Any = FilteringLogObserver(text, [predicate])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
 def _error(message: str) -> int:

@@ -18,7 +18,7 @@ from typing import Final
 import attrs
 
 from shyped.core.events import DeviceKey, frontend_dir
-from shyped.service.config import DomainVeto
+from shyped.core.modes import DomainVeto
 
 #: The one node the daemon writes per domain, relative to ``/local/domain/<domid>``.
 LABEL_DIR: Final = "shyped"

@@ -82,11 +82,11 @@ from shyped.core.labelstore import (
     disk_resource,
     resource_id,
 )
+from shyped.core.modes import DomainVeto, Mode
 from shyped.policy import update
-from shyped.policy.chinese_wall import NotRunningError, RunningSet
+from shyped.policy.chinese_wall import NotRunningError, RunningSet, running_set
 from shyped.policy.decisions import Decision, Hook, PolicyEngine, Rule, UnknownLabelError
 from shyped.policy.model import LabelRef
-from shyped.service.config import DomainVeto, Mode
 
 #: Host states whose domains are running as far as the policy is concerned.
 _RUNNING = frozenset({DomainState.ADMITTED, DomainState.PAUSED})
@@ -216,7 +216,7 @@ class Engine:
         #: Resource id -> the id of what it names now (the daemon passes
         #: `shyped.core.labelstore.resolve_resource`, which follows symlinks; pure callers: as is).
         self.resolve: Callable[[str], str] = resolve or _as_is
-        self._running: RunningSet = policy.running_set()
+        self._running: RunningSet = running_set(policy)
         self._counted: dict[int, str] = {}
         #: During a sweep: the domains re-admitted so far (max_domains counts only those).
         self._swept: set[int] | None = None
@@ -633,7 +633,7 @@ class Engine:
     # ---- policy changes and sweeps ------------------------------------------------------
 
     def _rebuild(self) -> None:
-        self._running = self._policy.running_set(self._counted.values())
+        self._running = running_set(self._policy, self._counted.values())
 
     def begin_sweep(self, host: HostModel) -> None:
         """Before every question is asked again: count only the domains the host model holds

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import attrs
 
+from shyped.policy.chinese_wall import running_set
 from shyped.policy.decisions import Decision, Hook, PolicyEngine, UnknownLabelError
 from shyped.policy.update import Reason, RunningDomain, RunningSystem, UpdateProblem
 
@@ -90,7 +91,7 @@ def check_domain_relabel(
 
     problems: list[UpdateProblem] = []
     others = [d.label for d in system.domains if d.domid != domid]
-    admission = engine.running_set(others).admit(new)
+    admission = running_set(engine, others).admit(new)
     if not admission.permitted:
         problems.append(
             UpdateProblem(

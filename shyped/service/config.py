@@ -17,25 +17,13 @@ from typing import Any
 
 import attrs
 
+from shyped.core.modes import DomainVeto as DomainVeto
+from shyped.core.modes import Mode as Mode
 from shyped.fileio.boundedread import CONFIG_MAX_BYTES, read_bounded
 
 
 class ConfigError(Exception):
     """A configuration file that cannot be used; the message names the file and the key."""
-
-
-class Mode(Enum):
-    """Whether vetoes are carried out (`enforcing`) or only decided and logged (`permissive`)."""
-
-    ENFORCING = "enforcing"
-    PERMISSIVE = "permissive"
-
-
-class DomainVeto(Enum):
-    """What a denied domain admission does to the domain."""
-
-    DESTROY = "destroy"
-    PAUSE = "pause"
 
 
 @attrs.frozen

@@ -63,7 +63,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import pyxs
@@ -85,10 +85,21 @@ from shyped.xenstore.errors import (
 from shyped.xenstore.events import EventBatch, EventQueue, EventQueueStats, RawEvent
 from shyped.xenstore.wire import Op, Perm
 
-if TYPE_CHECKING:
-    from shyped.service.config import XenstoreConfig
-
 T = TypeVar("T")
+
+
+class XenstoreSettings(Protocol):
+    """What `GatewayConfig.from_xenstore_config` reads: the daemon's ``[xenstore]`` table
+    (:class:`shyped.service.config.XenstoreConfig`), which lives above this layer."""
+
+    @property
+    def transport(self) -> str: ...
+    @property
+    def socket(self) -> os.PathLike[str]: ...
+    @property
+    def reconnect_max_backoff(self) -> float: ...
+
+
 _log = Logger(namespace="shyped.xenstore")
 
 #: Per-read chunk: many replies/events per system call under load, yet few enough (~200 events)
@@ -148,7 +159,7 @@ class GatewayConfig:
     workers: int = attrs.field(default=2, validator=_positive)
 
     @classmethod
-    def from_xenstore_config(cls, config: XenstoreConfig, **overrides: Any) -> GatewayConfig:
+    def from_xenstore_config(cls, config: XenstoreSettings, **overrides: Any) -> GatewayConfig:
         """From the daemon's ``[xenstore]`` table
         (:class:`shyped.service.config.XenstoreConfig`)."""
         socket_path = str(config.socket)
