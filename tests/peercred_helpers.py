@@ -8,9 +8,6 @@ from __future__ import annotations
 import grp
 import json
 import os
-import pwd
-import secrets
-import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,19 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import pytest
 from control_helpers import ModelBackend, cleanup, short_dir
+from user_helpers import SYSTEM_PYTHON, setpriv, system_users
+from user_helpers import Account as Account  # re-exported for the control tests
+from user_helpers import needs_users as needs_users
 
 from shyped.service.config import ControlConfig
-
-SYSTEM_PYTHON = "/usr/bin/python3"
-
-needs_users = pytest.mark.skipif(
-    os.geteuid() != 0
-    or not all(shutil.which(t) for t in ("useradd", "groupadd", "userdel", "groupdel", "setpriv"))
-    or not os.access(SYSTEM_PYTHON, os.X_OK),
-    reason="needs root, useradd/groupadd/setpriv and /usr/bin/python3",
-)
 
 #: Sends each argv line as a request on its own connection (or all on one with --one) and
 #: prints the answers as JSON lines; an EOF instead of an answer prints {"eof": true}.
@@ -63,13 +53,6 @@ for line in lines:
 
 
 @attrs.frozen
-class Account:
-    name: str
-    uid: int
-    gid: int
-
-
-@attrs.frozen
 class Accounts:
     read_group: str
     read_gid: int
@@ -82,58 +65,22 @@ class Accounts:
     outsiders: tuple[Account, ...] = ()
 
 
-def _run(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, text=True)
-
-
 @contextmanager
 def system_accounts(more_outsiders: int = 0) -> Iterator[Accounts]:
     """A read group, an admin group, a member of each and outsiders (1 + `more_outsiders`)."""
-    tag = secrets.token_hex(3)
-    extra = [f"shyt-o{i}{tag}" for i in range(more_outsiders)]
-    groups = [f"shyt-r{tag}", f"shyt-a{tag}", f"shyt-o{tag}", *extra]
-    users = list(groups)
-    made_groups: list[str] = []
-    made_users: list[str] = []
-    try:
-        for g in groups:
-            _run("groupadd", "--system", g)
-            made_groups.append(g)
-        for u, g in zip(users, groups, strict=True):
-            _run(
-                "useradd",
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                "--gid",
-                g,
-                u,
-            )
-            made_users.append(u)
-
-        def acc(u: str) -> Account:
-            pw = pwd.getpwnam(u)
-            return Account(u, pw.pw_uid, pw.pw_gid)
-
+    prefixes = ["shyt-r", "shyt-a", "shyt-o", *(f"shyt-o{i}" for i in range(more_outsiders))]
+    with system_users(prefixes) as users:
+        reader, admin, outsider, *more = users
         yield Accounts(
-            read_group=groups[0],
-            read_gid=grp.getgrnam(groups[0]).gr_gid,
-            admin_group=groups[1],
-            admin_gid=grp.getgrnam(groups[1]).gr_gid,
-            reader=acc(users[0]),
-            admin=acc(users[1]),
-            outsider=acc(users[2]),
-            outsiders=tuple(acc(u) for u in users[3:]),
+            read_group=reader.name,
+            read_gid=grp.getgrnam(reader.name).gr_gid,
+            admin_group=admin.name,
+            admin_gid=grp.getgrnam(admin.name).gr_gid,
+            reader=reader,
+            admin=admin,
+            outsider=outsider,
+            outsiders=tuple(more),
         )
-    finally:
-        for u in made_users:
-            subprocess.run(["userdel", u], check=False, capture_output=True)
-        for g in made_groups:
-            subprocess.run(["groupdel", g], check=False, capture_output=True)
-    for u in users:
-        with pytest.raises(KeyError):
-            pwd.getpwnam(u)
 
 
 def as_user(
@@ -141,7 +88,7 @@ def as_user(
 ) -> list[dict[str, Any]]:
     """Run the client as `account` (its primary gid; `groups` as supplementary groups)."""
     argv = [
-        *setpriv_argv(account, groups),
+        *setpriv(account, groups),
         SYSTEM_PYTHON,
         "-c",
         CLIENT,
@@ -162,26 +109,12 @@ def code(answer: dict[str, Any]) -> str | None:
     return None if answer.get("ok") else answer.get("error", {}).get("code", "eof")
 
 
-def setpriv_argv(account: Account, groups: tuple[int, ...] = ()) -> list[str]:
-    """``setpriv`` as `account` (its primary gid; `groups` as supplementary groups)."""
-    group_args = ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
-    return [
-        "setpriv",
-        "--reuid",
-        str(account.uid),
-        "--regid",
-        str(account.gid),
-        *group_args,
-        "--",
-    ]
-
-
 def spawn_as(
     account: Account, script: str, *args: str, groups: tuple[int, ...] = ()
 ) -> subprocess.Popen[str]:
     """Start the stdlib-only `script` as `account`; stdin/stdout are pipes (text)."""
     return subprocess.Popen(
-        [*setpriv_argv(account, groups), SYSTEM_PYTHON, "-c", script, *args],
+        [*setpriv(account, groups), SYSTEM_PYTHON, "-c", script, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -194,7 +127,7 @@ def run_as(
 ) -> list[Any]:
     """Run `script` as `account` to its end; its stdout's JSON lines."""
     result = subprocess.run(
-        [*setpriv_argv(account, groups), SYSTEM_PYTHON, "-c", script, *args],
+        [*setpriv(account, groups), SYSTEM_PYTHON, "-c", script, *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from local_users import local_user, needs_users, python_as
+from user_helpers import local_user, needs_users, python_as
 
 from shyped.fileio.atomicfile import write_atomic
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from local_users import local_user, needs_users
 from pyxs import PyXSError
 from pyxs._internal import Op
+from user_helpers import local_user, needs_users
 
 from shyped.sandbox.xenstored import (
     AlreadyRunning,

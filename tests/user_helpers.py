@@ -86,3 +86,15 @@ def setpriv(account: Account, groups: Sequence[int] = ()) -> list[str]:
         *group_args,
         "--",
     ]
+
+
+@contextmanager
+def local_user(prefix: str = "shyu") -> Iterator[Account]:
+    """One fresh system user with a group of its own (see `system_users`)."""
+    with system_users([prefix]) as (user,):
+        yield user
+
+
+def python_as(account: Account, script: str, args: Sequence[str] = ()) -> list[str]:
+    """argv running the stdlib-only `script` under the system Python as `account`."""
+    return [*setpriv(account), SYSTEM_PYTHON, "-c", script, *args]

@@ -23,8 +23,8 @@ MAX_PROBLEMS = 200
 
 
 def _limit(cpu_seconds: int, memory_bytes: int) -> None:
-    """Lower this process's priority and limits. Under the shipped unit the seccomp filter
-    (``SystemCallFilter=~@resources``) refuses setrlimit/setpriority: then the parent's
+    """Lower this process's priority and limits (the shipped unit allows setrlimit,
+    prlimit64 and setpriority for this). Where a seccomp filter refuses them the parent's
     wall-clock timeout and the unit's MemoryMax=/TasksMax= are the bounds."""
     steps: list[tuple[Any, ...]] = [
         (os.nice, 19),  # the daemon's decisions come first
