@@ -18,7 +18,7 @@ import gc
 import time
 from collections.abc import Callable
 
-from shyped.core.events import EventAssembler
+from shyped.core.assembler import EventAssembler
 from shyped.core.host import HostModel, NeedsDecision
 
 Node = tuple[str, bytes | None, list[bytes] | None]

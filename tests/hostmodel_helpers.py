@@ -15,7 +15,8 @@ from pathlib import Path
 
 import attrs
 
-from shyped.core.events import Event, EventAssembler
+from shyped.core.assembler import EventAssembler
+from shyped.core.events import Event
 from shyped.core.host import HostModel, ModelOutput, NeedsDecision
 
 REFERENCE = Path(__file__).parent / "reference"

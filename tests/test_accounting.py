@@ -12,10 +12,10 @@ from shyped.core.accounting import (
     account_host,
     touched_domains,
 )
+from shyped.core.assembler import EventAssembler
 from shyped.core.events import (
     DomainAppeared,
     DomainResources,
-    EventAssembler,
     Garbage,
 )
 from shyped.core.host import HostModel

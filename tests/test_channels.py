@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shyped.core.actions import RemoveNode, RemoveVchan, ResetPerms
+from shyped.core.assembler import EventAssembler
 from shyped.core.channels import (
     ChannelShared,
     ChannelUnshared,
@@ -21,7 +22,7 @@ from shyped.core.channels import (
     reach,
 )
 from shyped.core.engine import Engine
-from shyped.core.events import Event, EventAssembler, Limits, VchanPublished, VchanRemoved
+from shyped.core.events import Event, Limits, VchanPublished, VchanRemoved
 from shyped.core.host import DomainReleased, HostModel, NeedsDecision
 from shyped.core.labelstore import load_label_store
 from shyped.policy.decisions import Hook, PolicyEngine

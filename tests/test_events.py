@@ -8,6 +8,7 @@ from hostmodel_helpers import UUID, VCHAN_PATH, load_layout, replay_log
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shyped.core.assembler import EventAssembler
 from shyped.core.channels import ChannelShared, ChannelUnshared
 from shyped.core.events import (
     BackendStateChanged,
@@ -18,7 +19,6 @@ from shyped.core.events import (
     DomainResources,
     DomainVanished,
     Event,
-    EventAssembler,
     FrontendStateChanged,
     Garbage,
     Limits,

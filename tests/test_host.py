@@ -13,12 +13,12 @@ from hostmodel_helpers import (
     summary,
 )
 
+from shyped.core.assembler import EventAssembler
 from shyped.core.events import (
     DeviceAdded,
     DeviceKey,
     DomainAppeared,
     DomainVanished,
-    EventAssembler,
     Garbage,
     VchanPublished,
 )

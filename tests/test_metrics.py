@@ -23,7 +23,7 @@ from metrics_helpers import (
 )
 from twisted.internet import reactor, threads
 
-from shyped.core.events import EventAssembler
+from shyped.core.assembler import EventAssembler
 from shyped.core.host import HostModel
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shyped.core.accounting import DomainAccount, account_domain, account_host
-from shyped.core.events import EventAssembler
+from shyped.core.assembler import EventAssembler
 from shyped.core.host import DomainState, HostModel, NeedsDecision
 from shyped.core.quota import (
     MIB,

@@ -1,8 +1,8 @@
 """Generic cross-domain xenstore channels: guest-owned nodes that another guest may reach.
 
-Pure (no I/O). `SharedNodeTracker` is the part of `shyped.core.events.EventAssembler` that watches
-the permissions of every node a guest could own and turns "domain A's node lets domain B read
-or write it" into `ChannelShared` / `ChannelUnshared` events, which the host model turns into
+Pure (no I/O). `SharedNodeTracker` is the part of `shyped.core.assembler.EventAssembler` that
+watches the permissions of every node a guest could own and turns "domain A's node lets domain B
+read or write it" into `ChannelShared` / `ChannelUnshared` events, which the host model turns into
 decisions at the ``xs-channel`` hook (docs/policy.md).
 
 Why every node (xenstored, Xen 4.17.5 — ``tools/xenstore/xenstored_core.c`` and

@@ -55,10 +55,11 @@ from shyped.core.actions import (
     WriteLabel,
     is_veto,
 )
+from shyped.core.assembler import EventAssembler
 from shyped.core.audit import Kind as AuditKind
 from shyped.core.engine import Engine, Outcome
-from shyped.core.events import EventAssembler, needs_perms
 from shyped.core.events import Node as EventNode
+from shyped.core.events import needs_perms
 from shyped.core.host import DomainReleased, DomainState, HostModel, NeedsDecision
 from shyped.core.labelstore import (
     LabelStore,

@@ -35,7 +35,7 @@ What each action does to xenstore (docs/operations.md has the operator's version
 
 Once a `ResetPerms`, `RemoveVchan` or `RemoveNode` has run (whatever it found), the enforcer
 calls `Enforcer.on_changed` with it: the daemon withdraws what it had emitted about those nodes
-and reads them again (`shyped.core.events.EventAssembler.withdraw`). Watch events coalesce, so
+and reads them again (`shyped.core.assembler.EventAssembler.withdraw`). Watch events coalesce, so
 without that a guest that grants again right after the reset, before the daemon reads the
 node, would show the facts decided before the reset, and its new grant would stay undecided.
 """
