@@ -222,12 +222,44 @@ async def test_a_guest_flooding_denied_rendezvous_cannot_rotate_the_trail_away(
     guest_paced = [o for o in host.outcomes if o.kind in ("vchan", "channel")]
     assert all(o.need.domid == a and not o.allowed for o in guest_paced)
     full = [r for r in recs if r["kind"] == "decision" and r["what"].startswith(("vchan", "xs-"))]
-    assert len(full) == GUEST_REPEAT_BURST
+    pairs = {(o.need.kind, o.decision.verdict) for o in guest_paced}  # one peer: shop-1
+    assert len(full) == GUEST_REPEAT_BURST + len(pairs)
     (summary,) = [r for r in recs if r["kind"] == "decision-repeats"]
     assert summary["subject_domid"] == a
-    assert summary["count"] == len(guest_paced) - GUEST_REPEAT_BURST
+    assert summary["count"] == len(guest_paced) - len(full)
     assert set(summary["kinds"]) <= {"deny vchan [ste]", "deny channel [ste]"}
     assert shypectl_verify(audit_dir).returncode == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_permitted_channel_cannot_hide_behind_a_burst_of_junk(
+    host: Harness, tmp_path: Path
+) -> None:
+    """Red team: a guest spent its burst on junk grants, then opened the channel that
+    mattered; only a count named it. The first decision of each pair is always in full."""
+    from shyped.sandbox.xsconn import XsConn
+    from shyped.service.daemon import GUEST_REPEAT_BURST
+
+    audit_dir = tmp_path / "audit"
+    await start(host, with_audit(host.config(), audit_dir))
+    a = await host.call(host.ts.create, domcfg("web-a1"))
+    b = await host.call(host.ts.create, domcfg("batch-a1"))  # shares a type with web-a1
+    s = await host.call(host.ts.create, domcfg("shop-1"))
+    await host.settle()
+    secret = f"/local/domain/{a}/data/secret"
+    with XsConn(str(host.xsd.socket_path)) as xs:
+        for i in range(2 * GUEST_REPEAT_BURST):
+            junk = f"/local/domain/{a}/data/junk{i}"
+            xs.write(junk, "x")
+            xs.set_perms(junk, (f"n{a}", f"r{s}"))
+        xs.write(secret, "the channel that matters")
+        xs.set_perms(secret, (f"n{a}", f"r{b}"))
+    await host.settle()
+    assert host.last(f"xs-channel {secret}").allowed
+    await host.stop()
+    recs = records(audit_dir)
+    (named,) = [r for r in recs if r["kind"] == "decision" and r["what"] == f"xs-channel {secret}"]
+    assert named["decision"] == "permit" and named["object"]["domid"] == b
 
 
 def blocking_settle(host: Harness) -> None:

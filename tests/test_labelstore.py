@@ -23,10 +23,19 @@ UUID = "6f1b1c9e-2a4d-4c55-9e0e-5ca1ab1e0001"
 
 def test_resource_ids_normalise_operator_spellings() -> None:
     assert resource_id("file:/var/lib/xen/images/a.img") == "disk:/var/lib/xen/images/a.img"
-    assert resource_id("phy:/dev/vg0/../vg0/lv") == "disk:/dev/vg0/lv"
+    assert resource_id("phy:/dev/vg0/./lv") == "disk:/dev/vg0/lv"
     assert resource_id("/srv/x.img") == disk_resource("/srv/x.img")
     assert resource_id("bridge:xenbr0") == bridge_resource("xenbr0") == "bridge:xenbr0"
-    for bad in ("relative.img", "bridge:bad name", "file:", "bridge:"):
+    for bad in (
+        "relative.img",
+        "bridge:bad name",
+        "file:",
+        "bridge:",
+        "phy:/dev/vg0/../vg0/lv",  # `..` after a symlink is not what it reads as: refused
+        "/srv/a.img ",  # libxl keeps the blank: another file
+        " /srv/a.img",
+        "/srv/a\x01.img",
+    ):
         with pytest.raises(LabelStoreError):
             resource_id(bad)
 
@@ -76,7 +85,7 @@ def test_resource_ids_collapse_slashes_and_prefixes_as_acm_did() -> None:
     for spelling in (
         "//srv/xen/images/a.img",
         "///srv//xen///images/a.img",
-        "/srv/xen/./images/../images/a.img",
+        "/srv/xen/./images/./a.img",
         "file://srv/xen/images/a.img",
         "aio:/srv/xen/images/a.img",  # libxl's qdisk params
         "qcow2:/srv/xen/images/a.img",
@@ -96,7 +105,7 @@ def test_resolve_follows_symlinks_where_the_file_exists(tmp_path: Path) -> None:
     link.parent.mkdir()
     link.symlink_to(real)
     assert canonical_resource(f"//{link}") == f"disk:{real}"
-    assert canonical_resource(f"{tmp_path}/nope/../real.img") == f"disk:{real}"
+    assert canonical_resource(f"{tmp_path}/./sub/link.img") == f"disk:{real}"
     assert resolve_resource("bridge:xenbr0") == "bridge:xenbr0"
 
 
@@ -118,6 +127,10 @@ def test_two_spellings_of_one_file_with_different_labels_are_refused(tmp_path: P
 
 @given(st.text(alphabet="/.ab", min_size=1, max_size=30))
 def test_canonical_disk_ids_are_single_slashed_and_stable(tail: str) -> None:
+    if ".." in tail.split("/"):
+        with pytest.raises(LabelStoreError, match=r"'\.\.'"):
+            resource_id("/" + tail)
+        return
     rid = resource_id("/" + tail)
     path = rid.removeprefix("disk:")
     assert path.startswith("/") and "//" not in path

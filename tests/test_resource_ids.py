@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 import pytest_twisted
 from control_daemon_helpers import sandbox_host
 from daemon_helpers import HOSTING, LABELS, Harness, domcfg
 
 from shyped.core.labelstore import load_label_store
-from shyped.core.xlcfg import parse_disk_spec
+from shyped.core.xlcfg import XlConfigError, parse_disk_spec
 from shyped.policy.decisions import Rule
 from shyped.sandbox.xenstored import SandboxXenstored
 
@@ -50,7 +51,7 @@ def spec(target: str, vdev: str = "xvda") -> str:
     [
         "//srv/xen/images/web-b1.img",
         "///srv//xen//images/web-b1.img",
-        "//srv/xen/./images/../images/web-b1.img",
+        "//srv/xen/./images/./web-b1.img",
     ],
 )
 async def test_a_rivals_disk_spelled_with_slashes_is_still_the_rivals(
@@ -85,6 +86,73 @@ async def test_a_symlink_to_a_rivals_disk_is_the_rivals_disk(host: Harness, tmp_
     out = host.last(f"device vbd {a}/{XVDA}")
     assert not out.allowed and out.decision.rule is Rule.STE, out.log_line()
     assert out.resource is not None and out.resource.resource == f"disk:{real}"
+
+
+def _own_disk_and_rivals(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """shop-1's labelled disk, bank-b's, and a folder the cfg author owns."""
+    images = tmp_path / "images"
+    images.mkdir()
+    own, rival = images / "shop-1.img", images / "web-b1.img"
+    own.write_bytes(b"shop")
+    rival.write_bytes(b"BANK-B SECRET")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    return own, rival, mine
+
+
+@pytest_twisted.ensureDeferred
+async def test_dotdot_after_a_symlink_cannot_reach_a_rivals_disk(
+    host: Harness, tmp_path: Path
+) -> None:
+    """Red team: `L/../../images/shop-1.img` where L is a link: resolved by text it is the
+    author's labelled shop-1 image, for the kernel (and the backend) it is the author's own
+    `images/shop-1.img`, a link to bank-b's disk. A `..` is now refused (denied, rule label)."""
+    own, rival, mine = _own_disk_and_rivals(tmp_path)
+    (mine / "P" / "x").mkdir(parents=True)
+    (mine / "images").mkdir()
+    (mine / "L").symlink_to(mine / "P" / "x")
+    (mine / "images" / "shop-1.img").symlink_to(rival)
+    target = f"{mine}/L/../../images/shop-1.img"
+    assert Path(target).read_bytes() == b"BANK-B SECRET"  # what the backend would open
+    store = (
+        load_label_store(LABELS)
+        .with_resource(f"file:{own}", "shop-disk")
+        .with_resource(f"file:{rival}", "bank-b-disk")
+    )
+    await host.start(host.config(), labels=store)
+    s = await host.call(host.ts.create, domcfg("shop-1"))
+    await host.settle()
+    await host.call(host.ts.attach_disk, s, parse_disk_spec(spec(target)))
+    await host.settle()
+    out = host.last(f"device vbd {s}/{XVDA}")
+    assert not out.allowed and out.decision.rule is Rule.LABEL, out.log_line()
+    assert target in out.decision.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_trailing_blank_cannot_name_another_file(host: Harness, tmp_path: Path) -> None:
+    """Red team: libxl keeps a target's trailing blank, so `x.img ` (a link to bank-b's disk)
+    is not `x.img` (a link to the author's own). The cfg reader refuses such a target; the
+    daemon, deciding on libxl's record as written, refuses the id (denied, rule label)."""
+    own, rival, mine = _own_disk_and_rivals(tmp_path)
+    (mine / "x.img").symlink_to(own)
+    (mine / "x.img ").symlink_to(rival)
+    with pytest.raises(XlConfigError, match="trailing blanks"):
+        parse_disk_spec(spec(f"{mine}/x.img "))
+    store = (
+        load_label_store(LABELS)
+        .with_resource(f"file:{own}", "shop-disk")
+        .with_resource(f"file:{rival}", "bank-b-disk")
+    )
+    await host.start(host.config(), labels=store)
+    s = await host.call(host.ts.create, domcfg("shop-1"))
+    await host.settle()
+    disk = attrs.evolve(parse_disk_spec(spec(f"{mine}/x.img")), target=f"{mine}/x.img ")
+    await host.call(host.ts.attach_disk, s, disk)  # as xl would write it
+    await host.settle()
+    out = host.last(f"device vbd {s}/{XVDA}")
+    assert not out.allowed and out.decision.rule is Rule.LABEL, out.log_line()
+    assert f"{mine}/x.img '" in out.decision.reason  # libxl's record, blank included
 
 
 @pytest_twisted.ensureDeferred

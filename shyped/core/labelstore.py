@@ -62,10 +62,15 @@ def resource_id(spec: str) -> str:
     `file:/a/b.img`, `phy:/dev/vg/x`, `tap:aio:/x`, libxl's qdisk ``aio:/x`` and a bare
     absolute path all name a disk by its absolute path: ``disk:`` + the path with every run
     of ``/`` collapsed to one (``//srv/x`` is ``/srv/x``, which `os.path.normpath` alone keeps
-    as ``//srv/x``), ``.`` and ``..`` resolved lexically. ``phy:NAME`` without a slash is
+    as ``//srv/x``) and ``.`` components dropped. ``phy:NAME`` without a slash is
     ``/dev/NAME``, as ACM's ``unify_resname`` did. `bridge:xenbr0` names a bridge.
+
+    Refused (so denied where a device uses them): a ``..`` component (resolving it by text is
+    wrong after a symlink — ``/own/L/../x`` is not ``/own/x`` when ``L`` is a link — and the
+    backend follows the kernel's reading), leading or trailing blanks and control characters
+    (libxl keeps them: ``/img/a.img `` is another file than ``/img/a.img``).
     """
-    s = spec.strip()
+    s = spec
     if s.startswith("bridge:"):
         name = s[len("bridge:") :]
         if not _NAME.match(name):
@@ -77,17 +82,24 @@ def resource_id(spec: str) -> str:
             if prefix == "phy:" and s and not s.startswith("/"):
                 s = "/dev/" + s
             break
-    if not s.startswith("/") or "\x00" in s or len(s) > _MAX_PATH:
+    if not s.startswith("/") or len(s) > _MAX_PATH:
         raise LabelStoreError(
             f"invalid resource {spec!r}: expected file:/path, phy:/dev/..., an absolute path "
             "or bridge:NAME"
+        )
+    if s != s.strip() or any(ord(c) < 0x20 or c == "\x7f" for c in s):
+        raise LabelStoreError(f"invalid resource {spec!r}: blanks around it or control characters")
+    if ".." in s.split("/"):
+        raise LabelStoreError(
+            f"invalid resource {spec!r}: a '..' component (write the path without it)"
         )
     return "disk:" + _collapse(s)
 
 
 def _collapse(path: str) -> str:
-    """An absolute path with one leading ``/`` and ``.``/``..``/``//`` resolved lexically."""
-    return "/" + os.path.normpath(path).lstrip("/")
+    """An absolute path with one leading ``/``, runs of ``/`` collapsed and ``.`` dropped
+    (both purely lexical and always right; ``..`` is refused before this)."""
+    return "/" + "/".join(c for c in path.split("/") if c not in ("", "."))
 
 
 def resolve_resource(rid: str) -> str:

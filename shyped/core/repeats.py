@@ -61,3 +61,45 @@ class RepeatLog(Generic[K]):
         self._written.clear()
         self._counted.clear()
         return out
+
+
+PairKey = tuple[int, str, str, tuple[int, ...]]
+
+
+@attrs.define
+class PacedDecisions:
+    """Which guest-paced decisions (grants and rendezvous a guest makes in its own subtree)
+    are written in full, and which only counted, in the current interval.
+
+    Written in full: the first decision of each (guest, kind, verdict, peers) in the
+    interval — so every pair of domains a guest communicates with, or tried to, is named in
+    the trail whatever else the guest did (at most `new_pairs` new pairs per guest and
+    interval) — and then up to `burst` more per guest. The rest is counted per guest
+    (`flush`), so a guest re-creating nodes cannot fill the log or rotate records away, nor
+    hide a new permitted channel behind a burst of junk.
+    """
+
+    burst: int = 20
+    new_pairs: int = 64
+    max_guests: int = 4096
+    _log: RepeatLog[int] = attrs.field(init=False)
+    _pairs: set[PairKey] = attrs.field(factory=set, init=False)
+    _new: Counter[int] = attrs.field(factory=Counter, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._log = RepeatLog(-1, burst=self.burst, max_keys=self.max_guests)
+
+    def note(self, guest: int, kind: str, verdict: str, peers: tuple[int, ...], what: str) -> bool:
+        """Count a decision; True when it is to be written in full."""
+        pair = (guest, kind, verdict, peers)
+        if pair not in self._pairs and self._new[guest] < self.new_pairs:
+            self._pairs.add(pair)
+            self._new[guest] += 1
+            return True
+        return self._log.note(guest, what)
+
+    def flush(self) -> list[Repeats[int]]:
+        """Per guest, the decisions of the interval that ends now not written in full."""
+        self._pairs.clear()
+        self._new.clear()
+        return self._log.flush()

@@ -106,6 +106,19 @@ class DiskSpec:
     trusted: bool = True
 
 
+def _exact_target(spec: str, target: str) -> str:
+    """A disk target as libxl keeps it (``libxlu_disk_l.l``: blanks before a parameter are
+    skipped, blanks after it are part of it), refused when the two readings could differ:
+    ``/img/a.img `` (trailing blank) is another file than ``/img/a.img``."""
+    body = target.lstrip(" \t\n")
+    if body != body.rstrip() or any(ord(c) < 0x20 or c == "\x7f" for c in body):
+        raise XlConfigError(
+            f"disk spec {spec!r}: the target {body!r} has trailing blanks or control "
+            "characters; refused (libxl would open the name with them)"
+        )
+    return body
+
+
 def parse_disk_spec(spec: str) -> DiskSpec:
     """Parse an xl-disk-configuration(5) string (positional and/or key=value)."""
     target: str | None = None
@@ -114,14 +127,16 @@ def parse_disk_spec(spec: str) -> DiskSpec:
     access: str | None = None
     values: dict[str, str] = {}
     flags: set[str] = set()
-    tokens = [t.strip() for t in spec.split(",")]
+    raw = spec.split(",")
+    tokens = [t.strip() for t in raw]
     for idx, token in enumerate(tokens):
         if "=" in token:
             key, _, value = token.partition("=")
             key = key.strip()
             if key == "target":
-                # target= swallows the rest of the string, commas included (xl-disk-config(5)).
-                target = ",".join([value, *tokens[idx + 1 :]]).strip()
+                # target= swallows the rest of the string, commas included (xl-disk-config(5)),
+                # and libxl keeps its blanks: never strip them (see _exact_target).
+                target = _exact_target(spec, ",".join([raw[idx].split("=", 1)[1], *raw[idx + 1 :]]))
                 break
             values[key] = value.strip()
             continue
@@ -133,7 +148,7 @@ def parse_disk_spec(spec: str) -> DiskSpec:
             continue
         # Positional: target, format, vdev, access in order; empty means "default".
         if target is None:
-            target = token
+            target = _exact_target(spec, raw[idx])
             for prefix, (pfx_format, _backend) in _DEPRECATED_PREFIXES.items():
                 if target.startswith(prefix):
                     target = target[len(prefix) :]

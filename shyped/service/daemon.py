@@ -69,7 +69,7 @@ from shyped.core.labelstore import (
     save_label_store,
 )
 from shyped.core.relabel import RelabelCheck, check_domain_relabel, check_resource_relabel
-from shyped.core.repeats import RepeatLog
+from shyped.core.repeats import PacedDecisions
 from shyped.fileio.boundedread import POLICY_MAX_BYTES, read_bounded
 from shyped.policy import acm_xml, toml_format, update
 from shyped.policy.decisions import PolicyEngine, Rule, UnknownLabelError
@@ -92,11 +92,12 @@ from shyped.xenstore import (
 
 _log = Logger(namespace="shyped.daemon")
 
-#: Decisions a guest triggers at its own pace (grants and rendezvous in its own subtree) are
-#: written in full `GUEST_REPEAT_BURST` times per guest and interval, then only counted and
-#: summarised once per `GUEST_REPEAT_INTERVAL` seconds (one ``decision-repeats`` audit record
-#: and log line per guest), so no guest can fill the log or rotate the audit trail's older
-#: records away (`shyped.core.repeats`). Vetoes are carried out all the same.
+#: Decisions a guest triggers at its own pace (grants and rendezvous in its own subtree): the
+#: first of each (guest, kind, verdict, peers) and `GUEST_REPEAT_BURST` more per guest are
+#: written in full per interval, the rest only counted and summarised once per
+#: `GUEST_REPEAT_INTERVAL` seconds (one ``decision-repeats`` audit record and log line per
+#: guest), so no guest can fill the log or rotate the audit trail's older records away
+#: (`shyped.core.repeats.PacedDecisions`). Vetoes are carried out all the same.
 GUEST_REPEAT_BURST = 20
 GUEST_REPEAT_INTERVAL = 60.0
 _GUEST_PACED_KINDS = frozenset({"vchan", "channel"})
@@ -326,7 +327,7 @@ class Daemon:
         self._publisher: PeriodicPublisher | None = None
         self._reconnects = 0
         self._unsynced: set[Deferred[Any]] = set()  # decision records not yet durable
-        self._repeats: RepeatLog[int] = RepeatLog(-1, burst=GUEST_REPEAT_BURST, max_keys=256)
+        self._repeats = PacedDecisions(burst=GUEST_REPEAT_BURST)
         self._repeat_flush = LoopingCall(self._flush_repeats)
         self._repeat_flush.clock = reactor
         if audit is not None:
@@ -812,11 +813,13 @@ class Daemon:
         self.enforcer.execute(outcome, gate)
 
     def _in_full(self, outcome: Outcome) -> bool:
-        """False for a guest-paced decision past its guest's burst (`GUEST_REPEAT_BURST`)."""
+        """False for a guest-paced decision that is only counted (`PacedDecisions`)."""
         if outcome.kind not in _GUEST_PACED_KINDS:
             return True
-        d = outcome.decision
-        return self._repeats.note(outcome.need.domid, f"{d.verdict} {outcome.kind} [{d.rule}]")
+        d, need = outcome.decision, outcome.need
+        what = f"{d.verdict} {need.kind} [{d.rule}]"
+        peers = tuple(sorted(need.peers)) + ((-1,) if need.any_peer else ())
+        return self._repeats.note(need.domid, need.kind, d.verdict, peers, what)
 
     def _flush_repeats(self) -> None:
         """One log line and one audit record per guest decided more often than its burst."""
