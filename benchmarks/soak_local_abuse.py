@@ -40,6 +40,7 @@ import io
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -377,11 +378,15 @@ def soak_host(accounts: Accounts) -> Iterator[Host]:
     try:
         with sandbox_host(xsd) as host:
             os.chmod(host.directory, 0o755)
+            token = host.directory / "metrics.token"  # root-only: the outsider has none
+            token.write_text(secrets.token_hex(16) + "\n")
+            token.chmod(0o600)
             host.extra = (
                 f'read_group = "{accounts.read_group}"\n'
                 f'admin_group = "{accounts.admin_group}"\n'
                 f'[audit]\ndirectory = "{host.directory / "audit"}"\n'
                 f"[metrics]\nenabled = true\nport = {free_port()}\n"
+                f'bearer_token_file = "{token}"\n'
             )
             host.start()
             host.ts.create(cfg("shop-1"), paused=False)

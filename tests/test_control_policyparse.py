@@ -63,3 +63,24 @@ def test_the_answer_may_only_hold_policy_classes() -> None:
         _decode(pickle.dumps(("error", "not-a-code", "m", {})))
     with pytest.raises(ControlError):
         _decode(b"garbage")
+
+
+def test_no_function_of_the_policy_package_is_called_from_an_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only classes: pickle calls whatever callable an answer names (red-team suspicion)."""
+    import shyped.policy.toml_format as toml_format
+
+    raw = pickle.dumps(("ok", _CallsPolicyFunction(), "toml"))  # names toml_format.loads
+    called: list[str] = []
+    monkeypatch.setattr(toml_format, "loads", called.append)  # what the unpickler would find
+    with pytest.raises(ControlError) as err:
+        _decode(raw)
+    assert err.value.code is ErrorCode.POLICY_INVALID and called == []
+
+
+class _CallsPolicyFunction:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        from shyped.policy.toml_format import loads
+
+        return (loads, ("[policy]\n",))

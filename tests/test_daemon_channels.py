@@ -360,3 +360,23 @@ async def test_property_no_guest_node_reaches_a_guest_the_policy_keeps_apart(
                     assert d.permitted, f"{path} {perms}: {d}"
 
     await threads.deferToThread(prop)
+
+
+@pytest_twisted.ensureDeferred
+async def test_filling_the_rendezvous_slots_never_removes_libxls_own_nodes(host: Harness) -> None:
+    """Red team: with the daemon down, a guest filled its 64 rendezvous slots with lone
+    `data/padNN/ring-ref`; at restart the sorted replay put the dom0-owned `store/ring-ref`
+    (n0,r<d>) past the bound, and the daemon removed it (the guest's xenstore ring)."""
+    await host.start()
+    a = await host.call(host.ts.create, domcfg("web-a1"))
+    await host.settle()
+    store = f"/local/domain/{a}/store/ring-ref"
+    before = (host.read(store), host.perms(store))
+    assert before[0] is not None and before[1] is not None and before[1][0] == "n0"
+    await host.stop()
+    pads = {f"/local/domain/{a}/data/pad{i:02d}/ring-ref": "1" for i in range(64)}
+    guest_writes(host, a, pads, (f"n{a}",))
+    await host.start()
+    await host.settle()
+    assert (host.read(store), host.perms(store)) == before
+    assert not [o for o in host.outcomes if "store" in o.what]

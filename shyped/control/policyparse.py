@@ -67,9 +67,16 @@ class ParseLimits:
 
 
 class _SafeUnpickler(pickle.Unpickler):
+    """Only the policy model's classes (never a function: pickle would call it) and a few
+    plain builtins may appear in a worker's answer."""
+
     def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("shyped.policy.") or (module == "builtins" and name in _BUILTINS):
+        if module == "builtins" and name in _BUILTINS:
             return super().find_class(module, name)
+        if module.startswith("shyped.policy.") and "." not in name:
+            found = super().find_class(module, name)
+            if isinstance(found, type) and found.__module__ == module:
+                return found
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a parse answer")
 
 

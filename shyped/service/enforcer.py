@@ -272,7 +272,7 @@ class Enforcer:
         elif isinstance(action, ResetPerms):
             await self._reset_perms(action)
         elif isinstance(action, RemoveNode):
-            await self._remove_path(action.path, action.describe())
+            await self._remove_path(action.path, action.describe(), owner=action.owner)
 
     async def _write_label(self, action: WriteLabel) -> None:
         d = action.domid
@@ -411,9 +411,16 @@ class Enforcer:
     async def _remove_vchan(self, action: RemoveVchan) -> None:
         await self._remove_path(action.path, action.describe())
 
-    async def _remove_path(self, path: str, what: str) -> None:
+    async def _remove_path(self, path: str, what: str, owner: int | None = None) -> None:
+        """Remove `path`; with `owner`, only while that domain still owns it (a node of
+        dom0's or another domain's is never removed for a guest's over-limit)."""
+
         def body(tx: Transaction) -> bool:
             try:
+                if owner is not None:
+                    perms = tx.get_perms(path)
+                    if not perms or perms[0].domid != owner:
+                        return False
                 tx.rm(path)
             except NoEntry:
                 return False

@@ -10,6 +10,7 @@ from shyped.core.assembler.state import (
     _Access,
     _Vchan,
 )
+from shyped.core.channels import guest_path
 from shyped.core.events import (
     _VCHAN_KEYS,
 )
@@ -73,8 +74,8 @@ class VmVchanReader(LibxlReader):
                         old.ec, old.ec_val, old.ec_acc = False, None, None
                     self._dirty_vchans.add((s, vpath))
             return
-        if leaf not in _VCHAN_KEYS or len(comps) < 6:
-            return
+        if leaf not in _VCHAN_KEYS or len(comps) < 6 or (s != 0 and not guest_path(path)):
+            return  # dom0-only subtrees (store/ring-ref …) are libxl's, never a rendezvous
         vpath = path[: -len(leaf) - 1]
         dom = self._dom(s)
         vc = dom.vchans.get(vpath)
