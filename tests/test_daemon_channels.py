@@ -28,7 +28,7 @@ from shyped.policy.toml_format import load
 from shyped.sandbox.xsconn import XsConn
 from shyped.service.config import DomainVeto
 from shyped.xenstore import Transaction
-from shyped.xenstore.gateway import _run_transaction
+from shyped.xenstore.blocking import _run_transaction
 
 __all__ = ["host_fixture"]  # the `host` fixture
 

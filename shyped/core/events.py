@@ -265,7 +265,7 @@ Node = tuple[str | bytes, bytes | None, Sequence[PermInput] | None]
 
 
 class SnapshotNode(Protocol):
-    """A snapshot entry as the gateway returns it (``shyped.xenstore.gateway.Node``)."""
+    """A snapshot entry as the gateway returns it (``shyped.xenstore.gatewayconfig.Node``)."""
 
     @property
     def value(self) -> bytes: ...
