@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from audit_helpers import feed, file_records, small
 
-from shyped.core.audit import Level, parse_record
+from shyped.core.audit import parse_record
+from shyped.core.auditverify import Level
 from shyped.service.auditlog import AuditLog, list_log_files, verify_directory
 
 # The writer: batches of 1-5 records, flushed, acknowledged on stdout ("acked <seq>") only

@@ -13,7 +13,8 @@ import pytest
 from audit_helpers import DENY, ListMirror, feed, file_records, small
 from prometheus_client import CollectorRegistry, generate_latest
 
-from shyped.core.audit import Kind, Level, parse_record
+from shyped.core.audit import Kind, parse_record
+from shyped.core.auditverify import Level
 from shyped.service.auditlog import (
     STATE_NAME,
     AuditCollector,

@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from shyped.core.audit import Anchor, Finding, Level, Record, VerifyReport, format_human
+from shyped.core.audit import Record, format_human
+from shyped.core.auditverify import Anchor, Finding, Level, VerifyReport
 from shyped.service.auditlog import (
     DEFAULT_DIRECTORY,
     STATE_NAME,

@@ -12,10 +12,8 @@ from pathlib import Path
 import attrs
 from twisted.logger import Logger
 
-from shyped.core.audit import (
-    Anchor,
-    canonical_bytes,
-)
+from shyped.core.audit import canonical_bytes
+from shyped.core.auditverify import Anchor
 from shyped.service.auditlog.settings import (
     FILE_RE,
     STATE_SIZE,

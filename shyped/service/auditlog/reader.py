@@ -9,12 +9,9 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from shyped.core import audit
-from shyped.core.audit import (
-    Anchor,
-    Record,
-    VerifyReport,
-)
+from shyped.core import audit, auditverify
+from shyped.core.audit import Record
+from shyped.core.auditverify import Anchor, VerifyReport
 from shyped.service.auditlog.files import (
     list_log_files,
     read_lines,
@@ -31,8 +28,8 @@ _log = Logger(namespace="shyped.audit")
 def verify_files(
     paths: Sequence[Path], *, anchor: Anchor | None = None, complete: bool = False
 ) -> VerifyReport:
-    """`shyped.core.audit.verify_chain` over files (in the order given)."""
-    return audit.verify_chain(
+    """`shyped.core.auditverify.verify_chain` over files (in the order given)."""
+    return auditverify.verify_chain(
         ((p.name, read_lines(p)) for p in paths), anchor=anchor, complete=complete
     )
 

@@ -19,7 +19,6 @@ from twisted.logger import Logger
 from shyped.core import audit
 from shyped.core.audit import (
     GENESIS,
-    Anchor,
     Draft,
     Kind,
     Record,
@@ -29,6 +28,7 @@ from shyped.core.audit import (
     parse_record,
     seal,
 )
+from shyped.core.auditverify import Anchor
 from shyped.service.auditlog.files import (
     _first_seq,
     _fsync_dir,
