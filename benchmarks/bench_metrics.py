@@ -42,7 +42,8 @@ from shyped.core.host import HostModel, NeedsDecision
 from shyped.policy.decisions import Decision, Hook, Rule
 from shyped.policy.model import Policy, PolicyVersion, Quota, VmLabel
 from shyped.service.config import MetricsConfig
-from shyped.service.metrics import MetricsState, make_registry, start_metrics_server
+from shyped.service.metrics import MetricsState, start_metrics_server
+from shyped.service.metricsfamilies import make_registry
 
 Node = tuple[str, bytes | None, list[bytes] | None]
 LABELS = ("web", "db", "batch", "shop")

@@ -17,7 +17,8 @@ from shyped.control.daemon_backend import DaemonControlBackend
 from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.service.config import ActuatorConfig, Mode
 from shyped.service.daemon import Daemon
-from shyped.service.metrics import MetricsState, families
+from shyped.service.metrics import MetricsState
+from shyped.service.metricsfamilies import families
 
 
 def failing_xl(tmp: Path, xsd: SandboxXenstored, fails: int) -> Path:

@@ -28,7 +28,8 @@ from shyped.core.host import HostModel
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.service.config import MetricsConfig
-from shyped.service.metrics import MetricsState, make_registry, start_metrics_server
+from shyped.service.metrics import MetricsState, start_metrics_server
+from shyped.service.metricsfamilies import make_registry
 from shyped.xenstore import GatewayConfig, XenstoreGateway
 
 

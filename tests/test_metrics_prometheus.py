@@ -23,7 +23,8 @@ from twisted.internet import reactor, task, threads
 
 from shyped.policy.decisions import Decision, Hook, Rule
 from shyped.service.config import MetricsConfig
-from shyped.service.metrics import MetricsState, make_registry, start_metrics_server
+from shyped.service.metrics import MetricsState, start_metrics_server
+from shyped.service.metricsfamilies import make_registry
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed")

@@ -36,18 +36,14 @@ from shyped.service.config import MetricsConfig, Mode
 from shyped.service.metrics import (
     LATENCY_BUCKETS,
     MAX_EVENT_KINDS,
-    METRIC_NAMES,
-    MetricsCollector,
     MetricsState,
     PeriodicPublisher,
-    XlCpuProvider,
     XlDomain,
-    cpu_by_domid,
     event_kind,
-    make_registry,
-    parse_xl_list,
     start_metrics_server,
 )
+from shyped.service.metricsfamilies import METRIC_NAMES, MetricsCollector, make_registry
+from shyped.service.xlcpu import XlCpuProvider, cpu_by_domid, parse_xl_list
 
 CONNECTED = load_layout("layout-connected.txt", "vchan.txt")
 DESTROYED = load_layout("layout-after-destroy.txt")

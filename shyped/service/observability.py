@@ -16,7 +16,8 @@ from twisted.logger import Logger
 
 from shyped.service.auditlog import AsyncAuditLog, AuditCollector, AuditLog
 from shyped.service.config import Config
-from shyped.service.metrics import MetricsState, XlCpuProvider, make_registry
+from shyped.service.metrics import MetricsState
+from shyped.service.metricsfamilies import make_registry
 from shyped.service.metricsweb import (
     ConnectionCollector,
     MetricsAccess,
@@ -24,6 +25,7 @@ from shyped.service.metricsweb import (
     nofile_limit,
     start_metrics_server,
 )
+from shyped.service.xlcpu import XlCpuProvider
 
 _log = Logger(namespace="shyped.observability")
 
