@@ -33,6 +33,7 @@ from typing import Any
 import attrs
 
 from shyped.core.xlcfg import DiskSpec, DomainConfig, VifSpec
+from shyped.sandbox import devices as D
 from shyped.sandbox import layout as L
 from shyped.sandbox.hypervisor import (
     GUEST_PORTS_PER_VCPU,
@@ -236,16 +237,16 @@ class Toolstack:
                 self._run(session, L.dm_version_step(domid))
                 for spec in cfg.disks:
                     self._add_disk(host, session, dom, spec)
-                self._run(session, L.console_add_step(domid, dom.console_port, dom.console_mfn))
+                self._run(session, D.console_add_step(domid, dom.console_port, dom.console_mfn))
                 vifs = [
                     self._add_nic(host, session, dom, spec, devid=spec.devid or i, hotplug=False)
                     for i, spec in enumerate(cfg.vifs)
                 ]
                 dom.tty = host.alloc_pty(domid)
                 host.ensure_dom0().alloc_port(f"peer={domid} xenconsoled")
-                self._run(session, L.xenconsoled_tty_step(domid, dom.tty))
+                self._run(session, D.xenconsoled_tty_step(domid, dom.tty))
                 for dev in vifs:
-                    self._run(session, L.vif_hotplug_steps(dev))
+                    self._run(session, D.vif_hotplug_steps(dev))
                 if not paused:
                     self._unpause(host, session, dom)
             except (ToolstackError, XsError) as exc:
@@ -324,7 +325,7 @@ class Toolstack:
 
     # -- devices: attach -------------------------------------------------------------------
 
-    def attach_disk(self, domain: str | int, spec: DiskSpec) -> L.VbdDevice:
+    def attach_disk(self, domain: str | int, spec: DiskSpec) -> D.VbdDevice:
         """`xl block-attach`."""
         with self._command() as (host, session):
             dom = host.lookup(str(domain))
@@ -333,7 +334,7 @@ class Toolstack:
                 self._frontend_probe(host, session, dom, dev)
             return dev
 
-    def attach_nic(self, domain: str | int, spec: VifSpec) -> L.VifDevice:
+    def attach_nic(self, domain: str | int, spec: VifSpec) -> D.VifDevice:
         """`xl network-attach`: devid is the next free one (libxl__device_nextid)."""
         with self._command() as (host, session):
             dom = host.lookup(str(domain))
@@ -350,9 +351,9 @@ class Toolstack:
 
     def _add_disk(
         self, host: HostState, session: _Session, dom: DomainState, spec: DiskSpec
-    ) -> L.VbdDevice:
+    ) -> D.VbdDevice:
         try:
-            devid = L.disk_devid(spec.vdev)
+            devid = D.disk_devid(spec.vdev)
         except ValueError as exc:
             raise ToolstackError(str(exc)) from None
         if spec.format != "raw" or spec.backendtype in ("qdisk", "tap", "standalone"):
@@ -360,7 +361,7 @@ class Toolstack:
                 f"disk {spec.vdev}: only raw images/devices with the phy backend are simulated"
             )
         script = spec.script or "block"
-        dev = L.VbdDevice(
+        dev = D.VbdDevice(
             domid=dom.domid,
             devid=devid,
             vdev=spec.vdev,
@@ -372,11 +373,11 @@ class Toolstack:
             discard_enable=spec.discard,
             trusted=spec.trusted,
         )
-        self._device_add(session, dev, L.vbd_add_step(dev))
+        self._device_add(session, dev, D.vbd_add_step(dev))
         self._driver_state(host, dev, backend=True, state=L.INIT_WAIT)
-        self._run(session, L.blkback_probe_steps(dev))
+        self._run(session, D.blkback_probe_steps(dev))
         node, major_minor = _block_device(host, dev)
-        self._run(session, L.block_hotplug_steps(dev, node, major_minor))
+        self._run(session, D.block_hotplug_steps(dev, node, major_minor))
         return dev
 
     def _add_nic(
@@ -388,9 +389,9 @@ class Toolstack:
         *,
         devid: int,
         hotplug: bool,
-    ) -> L.VifDevice:
+    ) -> D.VifDevice:
         script = spec.script or "vif-bridge"
-        dev = L.VifDevice(
+        dev = D.VifDevice(
             domid=dom.domid,
             devid=devid,
             mac=spec.mac or _random_mac(dom.uuid, devid),
@@ -404,14 +405,14 @@ class Toolstack:
             mtu=spec.mtu or 1500,
             trusted=spec.trusted,
         )
-        self._device_add(session, dev, L.vif_add_step(dev))
+        self._device_add(session, dev, D.vif_add_step(dev))
         self._driver_state(host, dev, backend=True, state=L.INIT_WAIT)
-        self._run(session, L.netback_probe_steps(dev))
+        self._run(session, D.netback_probe_steps(dev))
         if hotplug:  # at create time the scripts run after xenconsoled's tty (capture order)
-            self._run(session, L.vif_hotplug_steps(dev))
+            self._run(session, D.vif_hotplug_steps(dev))
         return dev
 
-    def _device_add(self, session: _Session, dev: L.Device, add: Step) -> None:
+    def _device_add(self, session: _Session, dev: D.Device, add: Step) -> None:
         """The device-add transaction: libxl__device_exists reads the libxl path inside it
         ("device already exists in xenstore" if present), then libxl__device_generic_add."""
         conn = session.conn(Actor.LIBXL)
@@ -433,7 +434,7 @@ class Toolstack:
         with self._command() as (host, session):
             dom = host.lookup(str(domain))
             try:
-                devid = int(which) if which.isdigit() else L.disk_devid(which)
+                devid = int(which) if which.isdigit() else D.disk_devid(which)
             except ValueError as exc:
                 raise ToolstackError(str(exc)) from None
             dev = self._read_vbd(session, dom.domid, devid)
@@ -454,7 +455,7 @@ class Toolstack:
             raise ToolstackError(f"Unknown device {which}.")
 
     def _remove_device(
-        self, host: HostState, session: _Session, dom: DomainState, dev: L.Device, *, force: bool
+        self, host: HostState, session: _Session, dom: DomainState, dev: D.Device, *, force: bool
     ) -> None:
         """libxl__initiate_device_generic_remove, the drivers' reactions, the hotplug script's
         remove, then libxl__device_destroy."""
@@ -470,26 +471,26 @@ class Toolstack:
             self._backend_frontend_changed(host, session, dev, None)
         self._finish_remove(host, session, dev)
 
-    def _initiate_remove(self, session: _Session, dev: L.Device, *, force: bool) -> None:
+    def _initiate_remove(self, session: _Session, dev: D.Device, *, force: bool) -> None:
         conn = session.conn(Actor.LIBXL)
 
         def body() -> list[Op]:
             state = conn.read(f"{dev.backend}/state")
-            return L.device_remove_ops(
+            return D.device_remove_ops(
                 dev.kind, dev.domid, dev.devid, dev.backend_domid, state, force=force
             )
 
         self._transact(conn, body, f"remove {dev.kind} {dev.devid}")
 
-    def _finish_remove(self, host: HostState, session: _Session, dev: L.Device) -> None:
+    def _finish_remove(self, host: HostState, session: _Session, dev: D.Device) -> None:
         state = session.conn(Actor.LIBXL).read(f"{dev.backend}/state")
         if state not in (None, str(L.CLOSED)):
             raise ToolstackError(
                 f"backend {dev.backend} did not reach Closed (state {state}); not removed"
             )
-        if isinstance(dev, L.VbdDevice):
+        if isinstance(dev, D.VbdDevice):
             host.free_loop(dev.backend)  # block remove: losetup -d
-        self._run(session, L.device_destroy_step(dev.kind, dev.domid, dev.devid, dev.backend_domid))
+        self._run(session, D.device_destroy_step(dev.kind, dev.domid, dev.devid, dev.backend_domid))
         backend_dom = host.domains.get(dev.backend_domid)
         if backend_dom is not None:
             backend_dom.free_where(f"peer={dev.domid} dev={dev.kind}/{dev.devid} ")
@@ -503,7 +504,7 @@ class Toolstack:
         """libxl__devices_destroy with force: console synchronously, others in parallel."""
         conn = session.conn(Actor.LIBXL)
         base = f"{L.libxl_path(dom.domid)}/device"
-        pending: list[L.Device] = []
+        pending: list[D.Device] = []
         for kind in conn.directory(base) or []:
             for devid in conn.directory(f"{base}/{kind}") or []:
                 if not devid.isdigit():
@@ -511,9 +512,9 @@ class Toolstack:
                 if kind == "console":
                     backend = conn.read(f"{base}/{kind}/{devid}/backend") or ""
                     be_domid = _backend_domid(backend)
-                    self._run(session, L.device_destroy_step(kind, dom.domid, int(devid), be_domid))
+                    self._run(session, D.device_destroy_step(kind, dom.domid, int(devid), be_domid))
                     continue
-                dev: L.Device | None = None
+                dev: D.Device | None = None
                 if kind == "vbd":
                     dev = self._read_vbd(session, dom.domid, int(devid))
                 elif kind == "vif":
@@ -545,7 +546,7 @@ class Toolstack:
         dom.booted = True
         for _ in range(GUEST_PORTS_PER_VCPU * dom.vcpus):
             dom.alloc_port("guest kernel")
-        self._run(session, L.guest_boot_step(dom.domid))
+        self._run(session, D.guest_boot_step(dom.domid))
         for kind in ("vif", "vbd"):
             devids = session.conn(Actor.GUEST_KERNEL, dom.domid).directory(
                 f"{L.dom_path(dom.domid)}/device/{kind}"
@@ -557,14 +558,14 @@ class Toolstack:
 
     def _frontend_device(
         self, session: _Session, domid: int, kind: str, devid: int
-    ) -> L.Device | None:
+    ) -> D.Device | None:
         """The device as the guest sees it: its frontend directory points at the backend."""
         if kind == "vbd":
             return self._read_vbd(session, domid, devid)
         return self._read_vif(session, domid, devid)
 
     def _frontend_probe(
-        self, host: HostState, session: _Session, dom: DomainState, dev: L.Device
+        self, host: HostState, session: _Session, dom: DomainState, dev: D.Device
     ) -> None:
         """A frontend driver reacts to its backend's state (netback_changed/blkback_changed)."""
         guest = session.conn(Actor.GUEST_KERNEL, dom.domid)
@@ -574,7 +575,7 @@ class Toolstack:
         be_state = guest.read(f"{dev.backend}/state")
         mine = self._get_driver_state(host, dev, backend=False)
         if be_state == str(L.INIT_WAIT) and mine == L.INITIALISING:
-            if isinstance(dev, L.VifDevice):
+            if isinstance(dev, D.VifDevice):
                 self._netfront_connect(host, session, dom, dev)
             else:
                 self._blkfront_connect(host, session, dom, dev)
@@ -582,7 +583,7 @@ class Toolstack:
             self._frontend_backend_changed(host, session, dom, dev)
 
     def _netfront_connect(
-        self, host: HostState, session: _Session, dom: DomainState, dev: L.VifDevice
+        self, host: HostState, session: _Session, dom: DomainState, dev: D.VifDevice
     ) -> None:
         guest = session.conn(Actor.GUEST_KERNEL, dom.domid)
         split = guest.read(f"{dev.backend}/feature-split-event-channels") == "1"
@@ -596,7 +597,7 @@ class Toolstack:
         ev_rx = dom.alloc_port(f"{tag}netfront rx") if split else None
         self._run(
             session,
-            L.netfront_connect_steps(
+            D.netfront_connect_steps(
                 dev,
                 tx_ring_ref=tx_ref,
                 rx_ring_ref=rx_ref,
@@ -609,19 +610,19 @@ class Toolstack:
         self._backend_frontend_changed(host, session, dev, L.CONNECTED)
 
     def _blkfront_connect(
-        self, host: HostState, session: _Session, dom: DomainState, dev: L.VbdDevice
+        self, host: HostState, session: _Session, dom: DomainState, dev: D.VbdDevice
     ) -> None:
         tag = f"dev=vbd/{dev.devid} "
         ring = dom.alloc_grant(f"{tag}blkfront ring")
         port = dom.alloc_port(f"{tag}blkfront")
-        self._run(session, L.blkfront_connect_steps(dev, ring_ref=ring, evtchn=port))
+        self._run(session, D.blkfront_connect_steps(dev, ring_ref=ring, evtchn=port))
         self._driver_state(host, dev, backend=False, state=L.INITIALISED)
         self._backend_frontend_changed(host, session, dev, L.INITIALISED)
         guest = session.conn(Actor.GUEST_KERNEL, dom.domid)
         if guest.read(f"{dev.backend}/state") == str(L.CONNECTED):  # blkfront_connect
             self._run(
                 session,
-                L.state_step(
+                D.state_step(
                     Actor.GUEST_KERNEL,
                     dev.frontend,
                     L.CONNECTED,
@@ -632,7 +633,7 @@ class Toolstack:
             self._driver_state(host, dev, backend=False, state=L.CONNECTED)
 
     def _frontend_backend_changed(
-        self, host: HostState, session: _Session, dom: DomainState, dev: L.Device
+        self, host: HostState, session: _Session, dom: DomainState, dev: D.Device
     ) -> None:
         """Backend Closing/Closed seen by the frontend: xenbus_frontend_closed -> Closed, and
         the backend reacts to that."""
@@ -643,7 +644,7 @@ class Toolstack:
             return
         self._run(
             session,
-            L.state_step(
+            D.state_step(
                 Actor.GUEST_KERNEL,
                 dev.frontend,
                 L.CLOSED,
@@ -658,17 +659,17 @@ class Toolstack:
     # -- the backends ----------------------------------------------------------------------
 
     def _backend_frontend_changed(
-        self, host: HostState, session: _Session, dev: L.Device, fe_state: int | None
+        self, host: HostState, session: _Session, dev: D.Device, fe_state: int | None
     ) -> None:
         """netback/blkback frontend_changed; ``fe_state=None`` is XenbusStateUnknown (the
         frontend directory is gone)."""
-        if isinstance(dev, L.VifDevice):
+        if isinstance(dev, D.VifDevice):
             self._netback_frontend_changed(host, session, dev, fe_state)
         else:
             self._blkback_frontend_changed(host, session, dev, fe_state)
 
     def _netback_frontend_changed(
-        self, host: HostState, session: _Session, dev: L.VifDevice, fe_state: int | None
+        self, host: HostState, session: _Session, dev: D.VifDevice, fe_state: int | None
     ) -> None:
         be = session.conn(Actor.DOM0_KERNEL)
         mine = self._get_driver_state(host, dev, backend=True)
@@ -698,15 +699,15 @@ class Toolstack:
                 self._unbind_backend_ports(host, dev)
 
     def _netback_walk(
-        self, host: HostState, session: _Session, dev: L.VifDevice, target: int
+        self, host: HostState, session: _Session, dev: D.VifDevice, target: int
     ) -> None:
         current = self._get_driver_state(host, dev, backend=True)
-        for state in L.netback_walk(current, target):
-            self._run(session, L.state_step(Actor.DOM0_KERNEL, dev.backend, state, what="netback"))
+        for state in D.netback_walk(current, target):
+            self._run(session, D.state_step(Actor.DOM0_KERNEL, dev.backend, state, what="netback"))
             self._driver_state(host, dev, backend=True, state=state)
 
     def _blkback_frontend_changed(
-        self, host: HostState, session: _Session, dev: L.VbdDevice, fe_state: int | None
+        self, host: HostState, session: _Session, dev: D.VbdDevice, fe_state: int | None
     ) -> None:
         be = session.conn(Actor.DOM0_KERNEL)
         mine = self._get_driver_state(host, dev, backend=True)
@@ -714,7 +715,7 @@ class Toolstack:
             if mine == L.CONNECTED or be.read(f"{dev.backend}/physical-device") is None:
                 return
             self._bind_backend_ports(host, dev, 1)
-            self._run(session, L.blkback_connect_steps(dev, sectors=_sectors(dev.params)))
+            self._run(session, D.blkback_connect_steps(dev, sectors=_sectors(dev.params)))
             self._driver_state(host, dev, backend=True, state=L.CONNECTED)
         elif fe_state == L.CLOSING:
             self._blkback_switch(host, session, dev, L.CLOSING)
@@ -729,21 +730,21 @@ class Toolstack:
             self._unbind_backend_ports(host, dev)
 
     def _blkback_switch(
-        self, host: HostState, session: _Session, dev: L.VbdDevice, state: int
+        self, host: HostState, session: _Session, dev: D.VbdDevice, state: int
     ) -> None:
         """xenbus_switch_state: no write when the driver's own state already matches."""
         if self._get_driver_state(host, dev, backend=True) == state:
             return
-        self._run(session, L.state_step(Actor.DOM0_KERNEL, dev.backend, state, what="blkback"))
+        self._run(session, D.state_step(Actor.DOM0_KERNEL, dev.backend, state, what="blkback"))
         self._driver_state(host, dev, backend=True, state=state)
 
     @staticmethod
-    def _split(session: _Session, dev: L.VifDevice) -> bool:
+    def _split(session: _Session, dev: D.VifDevice) -> bool:
         be = session.conn(Actor.DOM0_KERNEL)
         return be.read(f"{dev.frontend}/event-channel-rx") is not None
 
     @staticmethod
-    def _bind_backend_ports(host: HostState, dev: L.Device, count: int) -> None:
+    def _bind_backend_ports(host: HostState, dev: D.Device, count: int) -> None:
         backend_dom = host.domains.get(dev.backend_domid)
         if backend_dom is None:
             return
@@ -751,7 +752,7 @@ class Toolstack:
             backend_dom.alloc_port(f"peer={dev.domid} dev={dev.kind}/{dev.devid} backend {i}")
 
     @staticmethod
-    def _unbind_backend_ports(host: HostState, dev: L.Device) -> None:
+    def _unbind_backend_ports(host: HostState, dev: D.Device) -> None:
         backend_dom = host.domains.get(dev.backend_domid)
         if backend_dom is not None:
             backend_dom.free_where(f"peer={dev.domid} dev={dev.kind}/{dev.devid} ")
@@ -759,13 +760,13 @@ class Toolstack:
     # -- driver states (the drivers' own view, which may differ from xenstore) -------------
 
     @staticmethod
-    def _driver_state(host: HostState, dev: L.Device, *, backend: bool, state: int) -> None:
+    def _driver_state(host: HostState, dev: D.Device, *, backend: bool, state: int) -> None:
         owner = host.domains.get(dev.backend_domid if backend else dev.domid)
         if owner is not None:
             owner.drivers[_driver_key(dev, backend=backend)] = state
 
     @staticmethod
-    def _get_driver_state(host: HostState, dev: L.Device, *, backend: bool) -> int:
+    def _get_driver_state(host: HostState, dev: D.Device, *, backend: bool) -> int:
         owner = host.domains.get(dev.backend_domid if backend else dev.domid)
         if owner is None:
             return L.CLOSED
@@ -773,11 +774,11 @@ class Toolstack:
 
     # -- reading libxl's records -----------------------------------------------------------
 
-    def _read_vbd(self, session: _Session, domid: int, devid: int) -> L.VbdDevice | None:
+    def _read_vbd(self, session: _Session, domid: int, devid: int) -> D.VbdDevice | None:
         rec = self._libxl_record(session, domid, "vbd", devid)
         if rec is None:
             return None
-        return L.VbdDevice(
+        return D.VbdDevice(
             domid=domid,
             devid=devid,
             vdev=rec.get("dev", str(devid)),
@@ -791,11 +792,11 @@ class Toolstack:
             discard_enable=rec.get("discard-enable", "1") == "1",
         )
 
-    def _read_vif(self, session: _Session, domid: int, devid: int) -> L.VifDevice | None:
+    def _read_vif(self, session: _Session, domid: int, devid: int) -> D.VifDevice | None:
         rec = self._libxl_record(session, domid, "vif", devid)
         if rec is None:
             return None
-        return L.VifDevice(
+        return D.VifDevice(
             domid=domid,
             devid=devid,
             mac=rec.get("mac", ""),
@@ -856,7 +857,7 @@ class Toolstack:
 # -- helpers --------------------------------------------------------------------------------
 
 
-def _driver_key(dev: L.Device, *, backend: bool) -> str:
+def _driver_key(dev: D.Device, *, backend: bool) -> str:
     side = "back" if backend else "front"
     return f"{side}:{dev.kind}/{dev.domid}/{dev.devid}"
 
@@ -883,7 +884,7 @@ def _random_mac(uuid: str, devid: int) -> str:
     return f"00:16:3e:{digest[0] & 0x7F:02x}:{digest[1]:02x}:{digest[2]:02x}"
 
 
-def _block_device(host: HostState, dev: L.VbdDevice) -> tuple[str | None, str]:
+def _block_device(host: HostState, dev: D.VbdDevice) -> tuple[str | None, str]:
     """What /etc/xen/scripts/block add finds: a block device is used as is; a file gets a
     loop device (losetup -f).  Returns (node written for files, major:minor in hex)."""
     path = dev.params
