@@ -48,8 +48,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import cast
 
-import attrs
-
 from shyped.core import quota
 from shyped.core.accounting import HOOK_OF_KIND, account_domain
 from shyped.core.actions import (
@@ -60,14 +58,11 @@ from shyped.core.actions import (
     ResetPerms,
     VetoDomain,
     WriteLabel,
-    is_veto,
 )
 from shyped.core.audit import Party
 from shyped.core.channels import ChannelKey
 from shyped.core.events import DeviceKey
 from shyped.core.host import (
-    DecisionKind,
-    Domain,
     DomainReleased,
     DomainState,
     HostModel,
@@ -77,12 +72,14 @@ from shyped.core.host import (
 from shyped.core.host import RunningSystem as HostRunningSystem
 from shyped.core.labelstore import (
     LabelStore,
-    LabelStoreError,
-    bridge_resource,
-    disk_resource,
-    resource_id,
 )
 from shyped.core.modes import DomainVeto, Mode
+from shyped.core.outcome import (
+    Outcome,
+    _party,
+    describe_party,
+    resource_of,
+)
 from shyped.policy import update
 from shyped.policy.chinese_wall import NotRunningError, RunningSet, running_set
 from shyped.policy.decisions import Decision, Hook, PolicyEngine, Rule, UnknownLabelError
@@ -98,106 +95,6 @@ _RECHECKED = (
     quota.QuotaKind.EVENT_CHANNELS,
     quota.QuotaKind.GRANT_REFS,
 )
-
-
-def _uuid_text(uuid: str | None) -> str:
-    return f", {uuid}" if uuid else ""
-
-
-def describe_party(p: Party | None) -> str:
-    """``web(3, 6f1b…)``, ``Domain-0(0)``, ``disk:/img/a.img``: for log lines."""
-    if p is None:
-        return "?"
-    if p.resource is not None:
-        return p.resource
-    return f"{p.name or '?'}({p.domid}{_uuid_text(p.uuid)})"
-
-
-@attrs.frozen
-class Outcome:
-    """One decision as the daemon took it.
-
-    `decision` is the check that decided (the first denial, else the last permit); `checks`
-    every check made, in order. `subject` is the domain asked about (device: the frontend;
-    vchan: the server), `peer` the other domain (device: the backend; vchan: the client that
-    decided), `clients` all named vchan clients, `resource` the resource a device uses.
-    `planned` are the vetoes enforcing mode carries out; `actions` what the daemon will
-    actually do (label writes, and the vetoes when enforcing). `note` says why a planned veto is
-    not carried out. `received` is set by the daemon (decision latency for metrics).
-    """
-
-    need: NeedsDecision
-    what: str
-    decision: Decision
-    checks: tuple[Decision, ...]
-    subject: Party
-    mode: Mode
-    policy: str
-    peer: Party | None = None
-    clients: tuple[Party, ...] = ()
-    resource: Party | None = None
-    label: str | None = None
-    actions: tuple[Action, ...] = ()
-    planned: tuple[Action, ...] = ()
-    note: str = ""
-    #: ``time.monotonic()`` when the daemon received the xenstore event (or started the
-    #: reconcile) this decision came from; None for re-decisions (reload, mode switch).
-    received: float | None = None
-
-    @property
-    def kind(self) -> DecisionKind:
-        return self.need.kind
-
-    @property
-    def allowed(self) -> bool:
-        return self.decision.permitted
-
-    @property
-    def enforced(self) -> bool:
-        """A veto is carried out for this decision."""
-        return any(is_veto(a) for a in self.actions)
-
-    def parties(self) -> str:
-        if self.kind == "domain":
-            text = f"dom={describe_party(self.subject)}"
-        elif self.kind == "device":
-            text = f"fe={describe_party(self.subject)} be={describe_party(self.peer)}"
-        else:
-            text = f"server={describe_party(self.subject)} clients=" + (
-                ",".join(describe_party(c) for c in self.clients) or "-"
-            )
-        if self.resource is not None:
-            text += f" res={self.resource.resource}"
-        return text
-
-    def log_line(self) -> str:
-        """``decision: deny device vif 3/0 fe=… be=… [ste] <reason> -> <actions>``."""
-        d = self.decision
-        line = f"decision: {d.verdict} {self.what} {self.parties()} [{d.rule}] {d.reason}"
-        vetoes = [a for a in self.actions if is_veto(a)]
-        if vetoes:
-            line += " -> " + "; ".join(a.describe() for a in vetoes)
-        elif self.planned:
-            line += f" ({self.note or 'not enforced'})"
-        return line
-
-
-def _party(dom: Domain | None, domid: int) -> Party:
-    if dom is None:
-        return Party(domid=domid)
-    return Party(name=dom.name, domid=domid, uuid=dom.uuid, label=dom.label)
-
-
-def resource_of(kind: str, raw: str) -> str | None:
-    """The label store's resource id of what a device uses; None if it is not a valid one."""
-    try:
-        if kind == "vif":
-            return bridge_resource(raw)
-        if kind == "vbd":
-            return disk_resource(raw)
-        return resource_id(raw)
-    except LabelStoreError:
-        return None
 
 
 class Engine:
@@ -726,3 +623,12 @@ def adapt_running_system(
         rlabel = labels.resource_label(rid) if rid is not None else None
         resources.append(update.ResourceInUse(r.domid, rlabel, r.writable, rid or r.resource))
     return update.RunningSystem(domains, channels, tuple(resources))
+
+
+__all__ = [
+    "Engine",
+    "Outcome",
+    "adapt_running_system",
+    "describe_party",
+    "resource_of",
+]
