@@ -45,7 +45,7 @@ are re-admitted first, then the rest are decided against them, as ACM's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import cast
 
 from shyped.core import quota
@@ -69,7 +69,6 @@ from shyped.core.host import (
     NeedsDecision,
     VchanKey,
 )
-from shyped.core.host import RunningSystem as HostRunningSystem
 from shyped.core.labelstore import (
     LabelStore,
 )
@@ -79,6 +78,11 @@ from shyped.core.outcome import (
     _party,
     describe_party,
     resource_of,
+)
+from shyped.core.running import (
+    _as_is,
+    _invalid_resource,
+    adapt_running_system,
 )
 from shyped.policy import update
 from shyped.policy.chinese_wall import NotRunningError, RunningSet, running_set
@@ -583,46 +587,6 @@ class Engine:
 
 
 _MISSING = LabelRef("-", "-")
-
-
-def _as_is(rid: str) -> str:
-    return rid
-
-
-def _invalid_resource(raw: str) -> Decision:
-    return Decision(
-        permitted=False,
-        hook=Hook.RESOURCE,
-        rule=Rule.LABEL,
-        reason=f"resource {raw[:200]!r} is not a valid resource id (absolute path or bridge)",
-    )
-
-
-def adapt_running_system(
-    system: HostRunningSystem,
-    labels: LabelStore,
-    counted: Mapping[int, str] | None = None,
-    *,
-    resolve: Callable[[str], str] = _as_is,
-) -> update.RunningSystem:
-    """`shyped.core.host.RunningSystem` -> `shyped.policy.update.RunningSystem`.
-
-    A domain's label is the one it is counted with (else the one recorded in the host model);
-    a resource's label comes from the label store (None: unlabelled).
-    """
-    counted = counted or {}
-    domains = tuple(
-        update.RunningDomain(d.domid, counted.get(d.domid, d.label), d.name) for d in system.domains
-    )
-    channels = tuple(update.LiveChannel(c.dom_a, c.dom_b, c.kind) for c in system.channels)
-    resources = []
-    for r in system.resources:
-        rid = resource_of(r.kind, r.resource)
-        if rid is not None:
-            rid = resolve(rid)
-        rlabel = labels.resource_label(rid) if rid is not None else None
-        resources.append(update.ResourceInUse(r.domid, rlabel, r.writable, rid or r.resource))
-    return update.RunningSystem(domains, channels, tuple(resources))
 
 
 __all__ = [
