@@ -21,121 +21,38 @@ Exit status (stable, see docs/control-protocol.md):
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
-import os
-import shutil
-import stat
-import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Final, TextIO
 
+from shyped.cli.ctlcommon import (
+    EXIT_DAEMON,
+    EXIT_DENIED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_PERMISSION,
+    EXIT_USAGE,
+    Ctx,
+    UsageError,
+    _read_text,
+    _write_atomic,
+    _yes,
+    exit_status,
+)
+from shyped.cli.shypectl_policy import (
+    cmd_policy_check,
+    cmd_policy_diff,
+    cmd_policy_graph,
+    cmd_policy_load,
+    cmd_policy_show,
+)
 from shyped.control import backend as b
-from shyped.control.client import ControlClient, DaemonUnreachable
-from shyped.control.protocol import ControlError, ErrorCode, unstructure
-from shyped.control.views import parse_policy
+from shyped.control.client import DaemonUnreachable
+from shyped.control.protocol import ControlError
 from shyped.control.xlitems import set_cfg_label, summarize, with_overrides
 from shyped.core.xlcfg import XlConfigError
-from shyped.fileio.atomicfile import write_atomic
-from shyped.fileio.boundedread import POLICY_MAX_BYTES, XLCFG_MAX_BYTES, read_bounded
-from shyped.policy import toml_format
-from shyped.policy.analysis import analyse, to_dot
-from shyped.policy.model import Policy
-
-EXIT_OK: Final = 0
-EXIT_DENIED: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_DAEMON: Final = 3
-EXIT_PERMISSION: Final = 4
-EXIT_NOT_FOUND: Final = 5
-
-_EXIT_BY_CODE: Final = {
-    ErrorCode.DENIED: EXIT_DENIED,
-    ErrorCode.POLICY_REJECTED: EXIT_DENIED,
-    ErrorCode.BAD_REQUEST: EXIT_USAGE,
-    ErrorCode.INVALID_ARGUMENT: EXIT_USAGE,
-    ErrorCode.POLICY_INVALID: EXIT_USAGE,
-    ErrorCode.TOO_LARGE: EXIT_USAGE,
-    ErrorCode.PERMISSION_DENIED: EXIT_PERMISSION,
-    ErrorCode.NOT_FOUND: EXIT_NOT_FOUND,
-}
-
-
-def exit_status(code: ErrorCode) -> int:
-    """The documented exit status for a daemon error code (3 for anything else)."""
-    return _EXIT_BY_CODE.get(code, EXIT_DAEMON)
-
-
-class UsageError(Exception):
-    """Bad local input (exit 2)."""
-
-
-class Ctx:
-    """What every command gets: the client, output streams and the output mode."""
-
-    def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
-        self.args = args
-        self.out = out
-        self.err = err
-        self.json = bool(args.json)
-        self._client: ControlClient | None = None
-
-    @property
-    def client(self) -> ControlClient:
-        if self._client is None:
-            self._client = ControlClient(self.args.socket, timeout=self.args.timeout)
-        return self._client
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-
-    def emit(self, result: Any, human: Callable[[], None]) -> None:
-        """Print `result` as JSON (--json) or through `human`."""
-        if self.json:
-            print(json.dumps(unstructure(result), indent=2, sort_keys=True), file=self.out)
-        else:
-            human()
-
-    def say(self, text: str = "") -> None:
-        print(text, file=self.out)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _read_text(path: Path, what: str) -> str:
-    cap = POLICY_MAX_BYTES if what == "policy" else XLCFG_MAX_BYTES
-    try:
-        return read_bounded(path, cap, what).decode("utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{what} {path} is not UTF-8 text") from None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` atomically, keeping its mode (and owner when root).
-
-    Only a regular file is edited: a symlink would make us stat (and copy the mode and owner
-    of) whatever it points to.
-    """
-    st = path.lstat()
-    if not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"{path} is not a regular file (symlinks are not edited)")
-    owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
-    write_atomic(path, text.encode("utf-8"), mode=st.st_mode & 0o7777, owner=owner)
-
-
-def _policy_source(path: Path) -> b.PolicySource:
-    return b.PolicySource(text=_read_text(path, "policy"), filename=str(path))
-
-
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "no"
-
 
 # --------------------------------------------------------------------------- commands
 
@@ -329,134 +246,6 @@ def cmd_list(ctx: Ctx) -> int:
     return EXIT_OK
 
 
-# ---- policy
-
-
-def cmd_policy_show(ctx: Ctx) -> int:
-    res = ctx.client.policy_show(ctx.args.format)
-
-    def human() -> None:
-        ctx.out.write(res.text if res.text.endswith("\n") else res.text + "\n")
-
-    ctx.emit(res, human)
-    return EXIT_OK
-
-
-def cmd_policy_check(ctx: Ctx) -> int:
-    res = ctx.client.policy_check(_policy_source(Path(ctx.args.file)))
-
-    def human() -> None:
-        p = res.policy
-        if res.allowed:
-            ctx.say(f"{p.name} {p.version}: would be accepted")
-        else:
-            ctx.say(f"{p.name} {p.version}: would be rejected ({len(res.problems)} reason(s))")
-            for problem in res.problems:
-                ctx.say(f"  {problem}")
-
-    ctx.emit(res, human)
-    return EXIT_OK if res.allowed else EXIT_DENIED
-
-
-def cmd_policy_load(ctx: Ctx) -> int:
-    source = _policy_source(Path(ctx.args.file)) if ctx.args.file else None
-    res = ctx.client.policy_load(source)
-
-    def human() -> None:
-        was = f" (was {res.previous.name} {res.previous.version})" if res.previous else ""
-        ctx.say(f"loaded {res.policy.name} {res.policy.version}{was}")
-
-    ctx.emit(res, human)
-    return EXIT_OK
-
-
-def _active_policy(ctx: Ctx) -> tuple[Policy, str]:
-    shown = ctx.client.policy_show("toml")
-    policy, _ = parse_policy(shown.text, f"<active policy {shown.policy.name}>", "toml")
-    return policy, f"active {shown.policy.name} {shown.policy.version}"
-
-
-def _file_policy(path: Path) -> Policy:
-    text = _read_text(path, "policy")
-    return parse_policy(text, str(path))[0]
-
-
-def _label_summary(old: Policy, new: Policy) -> list[str]:
-    lines: list[str] = []
-    for what, a, b_ in (
-        ("VM label", {v.name: v for v in old.vm_labels}, {v.name: v for v in new.vm_labels}),
-        (
-            "resource label",
-            {r.name: r for r in old.resource_labels},
-            {r.name: r for r in new.resource_labels},
-        ),
-    ):
-        for name in sorted(set(b_) - set(a)):
-            lines.append(f"+ {what} {name}")
-        for name in sorted(set(a) - set(b_)):
-            lines.append(f"- {what} {name}")
-        for name in sorted(set(a) & set(b_)):
-            if a[name] != b_[name]:
-                lines.append(f"~ {what} {name}")
-    for what, ta, tb in (
-        ("STE type", set(old.ste_types), set(new.ste_types)),
-        ("CW type", set(old.cw_types), set(new.cw_types)),
-    ):
-        lines += [f"+ {what} {t}" for t in sorted(tb - ta)]
-        lines += [f"- {what} {t}" for t in sorted(ta - tb)]
-    return lines
-
-
-def cmd_policy_diff(ctx: Ctx) -> int:
-    new = _file_policy(Path(ctx.args.file))
-    if ctx.args.against:
-        old, old_name = _file_policy(Path(ctx.args.against)), str(ctx.args.against)
-    else:
-        old, old_name = _active_policy(ctx)
-    a = toml_format.dumps(old).splitlines(keepends=True)
-    bb = toml_format.dumps(new).splitlines(keepends=True)
-    diff = list(difflib.unified_diff(a, bb, fromfile=old_name, tofile=str(ctx.args.file)))
-    summary = _label_summary(old, new)
-    result = {"same": not diff, "summary": summary, "diff": "".join(diff)}
-
-    def human() -> None:
-        for line in summary:
-            ctx.say(line)
-        if summary and diff:
-            ctx.say()
-        ctx.out.write("".join(diff))
-
-    ctx.emit(result, human)
-    return EXIT_OK if not diff else EXIT_DENIED
-
-
-def cmd_policy_graph(ctx: Ctx) -> int:
-    policy = _file_policy(Path(ctx.args.file)) if ctx.args.file else _active_policy(ctx)[0]
-    dot = to_dot(
-        analyse(policy), resources=not ctx.args.no_resources, conflicts=not ctx.args.no_conflicts
-    )
-    output: Path | None = ctx.args.output
-    svg = ctx.args.svg or (output is not None and output.suffix == ".svg")
-    data = dot.encode()
-    if svg:
-        tool = shutil.which("dot")
-        if tool is None:
-            raise UsageError("SVG needs Graphviz's `dot` (apt-get install graphviz); use DOT")
-        proc = subprocess.run([tool, "-Tsvg"], input=data, capture_output=True, check=False)
-        if proc.returncode != 0:
-            raise UsageError(f"dot failed: {proc.stderr.decode(errors='replace').strip()}")
-        data = proc.stdout
-    if output is not None:
-        output.write_bytes(data)
-        if not ctx.json:
-            ctx.say(f"wrote {output}")
-        else:
-            ctx.say(json.dumps({"output": str(output), "format": "svg" if svg else "dot"}))
-    else:
-        ctx.out.write(data.decode())
-    return EXIT_OK
-
-
 # --------------------------------------------------------------------------- argparse
 
 
@@ -612,6 +401,22 @@ def run(
 
 def main() -> None:
     sys.exit(run())
+
+
+__all__ = [
+    "EXIT_DAEMON",
+    "EXIT_DENIED",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_PERMISSION",
+    "EXIT_USAGE",
+    "Ctx",
+    "UsageError",
+    "build_parser",
+    "exit_status",
+    "main",
+    "run",
+]
 
 
 if __name__ == "__main__":
