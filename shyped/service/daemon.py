@@ -8,7 +8,10 @@ Edge code that wires the pure parts together (DESIGN.md §5):
   vchan keys and every node a guest could own,
   sent in the same round trip), then fed to the `EventAssembler` at once. One batch is in
   flight at a time, so facts are applied in order; paths that fire again meanwhile are read
-  once in the next batch. Events for the daemon's own label node
+  once in the next batch. A batch is fair per guest domain (`shyped.core.fairbatch`): trusted
+  paths (``/vm``, ``/libxl``, dom0's tree, the special watches) all and first, then at most a
+  budget of each guest's paths; a guest's flood waits for later batches and does not delay
+  the decisions about others. Events for the daemon's own label node
   (``/local/domain/<d>/shyped/…``, which only dom0 may write) are dropped without a read.
 * **Reconcile** at start, after every reconnect and when a watch overflowed: one snapshot of
   ``/`` (one transaction) through `EventAssembler.reconcile`, i.e. the same event path, so every

@@ -24,6 +24,11 @@ What each action does to xenstore (docs/operations.md has the operator's version
   ``state`` = 6 (Closed) up to ``close_timeout`` (libxl waits 10 s, then forces), then removes
   the frontend, ``/libxl`` and backend directories in one transaction with libxl's path
   clean-up (``libxl__xs_path_cleanup``: empty parents without a value go too).
+  Fail closed where the guest could outrun the revoke (it owns its frontend nodes): a frontend
+  directory with more than `MAX_FRONTEND_NODES` nodes is removed at once in that transaction,
+  and while the cut waits every watch event below it (`Enforcer.touched`) re-checks it: a node
+  that grants anyone again, or too many nodes, and it is removed at once. The guest cannot make
+  it again (``device/<kind>`` is dom0's); the backend sees its frontend gone and closes.
 * `RemoveVchan`: removes the rendezvous directory (``ring-ref`` and ``event-channel``), as the
   server's ``libxenvchan_close`` would.
 * `ResetPerms` (a denied ``xs-channel``): one transaction that reads the node's permissions
@@ -91,6 +96,8 @@ class EnforcerStats:
     actions: int = 0
     failed: int = 0
     close_timeouts: int = 0
+    #: Frontend directories removed at once during a cut (too many nodes, or granted again).
+    frontends_removed: int = 0
     in_flight: int = 0
     by_kind: dict[str, int] = attrs.field(factory=dict)
 
@@ -125,25 +132,61 @@ def path_cleanup(tx: Transaction, path: str) -> bool:
             return True
 
 
-def _revoke_frontend(tx: Transaction, frontend_dir: str, frontend: int) -> int:
-    """Owner = the frontend, no access for anyone else, on the directory and below it."""
-    perms = (Perm("n", frontend),)
+def _walk_frontend(tx: Transaction, frontend_dir: str, visit: Callable[[str], bool]) -> bool:
+    """`visit` the directory and every node below it, breadth first, up to
+    `MAX_FRONTEND_NODES` (nodes gone meanwhile are skipped); stops early when `visit` says
+    False. True if every node was visited: the guest owns its frontend directory and may fill
+    it with junk nodes to make a walk stop at the cap."""
     level = [frontend_dir]
     done = 0
-    while level and done < MAX_FRONTEND_NODES:
+    while level:
         next_level: list[str] = []
         for path in level:
             if done >= MAX_FRONTEND_NODES:
-                break
+                return False
             try:
-                tx.set_perms(path, perms)
+                if not visit(path):
+                    return True
                 kids = tx.directory(path)
             except NoEntry:
                 continue
             done += 1
             next_level.extend(f"{path}/{k}" for k in kids)
         level = next_level
-    return done
+    return True
+
+
+def _revoke_frontend(tx: Transaction, frontend_dir: str, frontend: int) -> tuple[int, bool]:
+    """Owner = the frontend, no access for anyone else, on the directory and below it.
+    Returns the nodes set and whether that was all of them (else the caller fails closed)."""
+    perms = (Perm("n", frontend),)
+    done: list[str] = []
+
+    def revoke(path: str) -> bool:
+        tx.set_perms(path, perms)
+        done.append(path)
+        return True
+
+    complete = _walk_frontend(tx, frontend_dir, revoke)
+    return len(done), complete
+
+
+def _frontend_regranted(tx: Transaction, frontend_dir: str, frontend: int) -> str | None:
+    """Why the frontend directory of a pending cut must go at once, or None: a node below it
+    grants another domain again (the guest owns its nodes and may SET_PERMS them during the
+    wait), or it holds more than `MAX_FRONTEND_NODES` nodes to look at."""
+    only_owner = (Perm("n", frontend),)
+    found: list[str] = []
+
+    def check(path: str) -> bool:
+        perms = tuple(tx.get_perms(path))
+        if perms != only_owner:
+            found.append(f"{path} granted again ({','.join(str(p) for p in perms)})")
+        return not found
+
+    if not _walk_frontend(tx, frontend_dir, check):
+        return f"more than {MAX_FRONTEND_NODES} nodes"
+    return found[0] if found else None
 
 
 class Enforcer:
@@ -164,6 +207,10 @@ class Enforcer:
         self.stats = EnforcerStats()
         self._chains: dict[Hashable, Deferred[None]] = {}
         self._waiters: dict[DeviceKey, list[Deferred[str]]] = {}
+        #: Frontend directories of device cuts waiting for their backend: frontend domid, and
+        #: whether a re-check of their permissions is due (see `touched`).
+        self._cuts: dict[str, int] = {}
+        self._recheck_due: set[str] = set()
         #: Domain vetoes that failed, retried until done or the domain is gone.
         self.vetoes = VetoRetrier(reactor, self._retry_veto)
         #: Called with each node veto (`CHANGES_NODES`) once it has run, before the next
@@ -224,6 +271,61 @@ class Enforcer:
             self.vetoes.gone(event.domid)
             for key in [k for k in self._waiters if k.frontend == event.domid]:
                 self._wake(key, "domain gone")
+
+    def touched(self, path: str) -> None:
+        """A watch event (raw path, before the daemon reads anything): if it is below the
+        frontend directory of a cut waiting for its backend, check that directory again. The
+        guest owns its frontend nodes and may grant the backend read access again during the
+        wait; the daemon leaves device-directory grants to the device hook, so the enforcer
+        itself must not let the revoke be undone (see `_recheck_frontend`)."""
+        for fe_dir in self._cuts:
+            if path == fe_dir or path.startswith(fe_dir + "/"):
+                self._schedule_recheck(fe_dir)
+                return
+
+    def _schedule_recheck(self, fe_dir: str) -> None:
+        if fe_dir in self._recheck_due:
+            return
+        self._recheck_due.add(fe_dir)
+        self.stats.in_flight += 1
+        d = Deferred.fromCoroutine(self._recheck_frontend(fe_dir))
+
+        def done(result: object) -> None:
+            self.stats.in_flight -= 1
+            if isinstance(result, Failure):
+                self.stats.failed += 1
+                _log.error(
+                    "enforce: re-checking {fe_dir} during its cut failed: {error}",
+                    fe_dir=fe_dir,
+                    error=str(result.value) or type(result.value).__name__,
+                )
+
+        d.addBoth(done)
+
+    async def _recheck_frontend(self, fe_dir: str) -> None:
+        """Fail closed on a frontend directory whose revoke the guest undid (or outgrew):
+        remove it at once, as the cut would at its end. The guest cannot make it again (its
+        parent ``device/<kind>`` is dom0's); the backend sees its frontend gone."""
+        self._recheck_due.discard(fe_dir)  # a touch while this runs checks again
+        frontend = self._cuts.get(fe_dir)
+        if frontend is None:
+            return
+
+        def body(tx: Transaction) -> str | None:
+            why = _frontend_regranted(tx, fe_dir, frontend)
+            if why is not None:
+                path_cleanup(tx, fe_dir)
+            return why
+
+        why = await self.gateway.transaction(body)
+        if why is not None:
+            self.stats.frontends_removed += 1
+            _log.warn(
+                "enforce: frontend {fe_dir} of a cut device: {why}; removed at once "
+                "(the backend must not read it while the cut waits)",
+                fe_dir=fe_dir,
+                why=why,
+            )
 
     def idle(self) -> bool:
         return self.stats.in_flight == 0
@@ -321,7 +423,12 @@ class Enforcer:
                 state = _parse_state(tx.read(f"{be_dir}/state"))
             except NoEntry:
                 state = None
-            revoked = _revoke_frontend(tx, fe_dir, key.frontend) if revoke else 0
+            revoked, complete = _revoke_frontend(tx, fe_dir, key.frontend) if revoke else (0, True)
+            if not complete:
+                # Fail closed: nodes past the cap would stay readable by the backend for the
+                # whole wait. Remove the frontend now, as the cut's end would.
+                path_cleanup(tx, fe_dir)
+                revoked = -1
             if state is not None:
                 tx.write(f"{be_dir}/online", b"0")
                 if state not in (CLOSING, CLOSED) or (revoke and state != CLOSED):
@@ -340,13 +447,51 @@ class Enforcer:
             done = "backend already Closed, online=0"
         else:
             done = f"backend online=0, state {state} -> Closing"
+        if revoked < 0:
+            self.stats.frontends_removed += 1
+            _log.warn(
+                "enforce: {what}: {done}; frontend has more than {cap} nodes: removed at once",
+                what=action.describe(),
+                done=done,
+                cap=MAX_FRONTEND_NODES,
+            )
+        else:
+            _log.info(
+                "enforce: {what}: {done}; frontend readable by domain {fe} only ({n} nodes)",
+                what=action.describe(),
+                done=done,
+                fe=key.frontend,
+                n=revoked,
+            )
+        self._cuts[fe_dir] = key.frontend
+        try:
+            # A grant made between the revoke and now fired an event nobody looked at.
+            self._schedule_recheck(fe_dir)
+            await self._wait_backend(key, be_dir, waiter, state, close)
+        finally:
+            self._cuts.pop(fe_dir, None)
+
+        def remove(tx: Transaction) -> list[str]:
+            paths = (fe_dir, action.libxl_dir, be_dir)
+            return [p for p in paths if path_cleanup(tx, p)]
+
+        removed = await self.gateway.transaction(remove)
         _log.info(
-            "enforce: {what}: {done}; frontend readable by domain {fe} only ({n} nodes)",
+            "enforce: {what}: removed {paths}",
             what=action.describe(),
-            done=done,
-            fe=key.frontend,
-            n=revoked,
+            paths=", ".join(removed) or "nothing left",
         )
+
+    async def _wait_backend(
+        self,
+        key: DeviceKey,
+        be_dir: str,
+        waiter: Deferred[str],
+        state: int | None,
+        close: Callable[[Transaction, bool], tuple[int | None, int]],
+    ) -> None:
+        """Wait for the backend to reach Closed, up to `close_timeout`, saying Closing again
+        when its driver's probe overwrote it."""
         deadline = self.reactor.seconds() + self.close_timeout
         reasserted = 0
         while True:
@@ -387,17 +532,6 @@ class Enforcer:
                     t=self.close_timeout,
                 )
             break
-
-        def remove(tx: Transaction) -> list[str]:
-            paths = (fe_dir, action.libxl_dir, be_dir)
-            return [p for p in paths if path_cleanup(tx, p)]
-
-        removed = await self.gateway.transaction(remove)
-        _log.info(
-            "enforce: {what}: removed {paths}",
-            what=action.describe(),
-            paths=", ".join(removed) or "nothing left",
-        )
 
     async def _recheck(self, be_dir: str) -> str:
         try:

@@ -33,6 +33,7 @@ from shyped.core.audit import Kind as AuditKind
 from shyped.core.engine import Engine, Outcome
 from shyped.core.events import Node as EventNode
 from shyped.core.events import needs_perms
+from shyped.core.fairbatch import FairBatches
 from shyped.core.host import DomainReleased, DomainState, HostModel, NeedsDecision
 from shyped.core.labelstore import (
     LabelStore,
@@ -138,8 +139,9 @@ class DaemonCore:
         self.enforcer.on_changed = self._veto_changed
         #: Decision listeners (audit trail, metrics …); see `Listener`.
         self.listeners: list[Listener] = []
-        #: path -> monotonic time its (first pending) event arrived
-        self._pending: dict[str, float] = {}
+        #: watched paths to read, with the monotonic time their first pending event arrived;
+        #: taken fairly per guest domain, trusted paths first (`shyped.core.fairbatch`)
+        self._pending = FairBatches()
         self._scheduled = False
         self._busy = False
         self._want_reconcile: str | None = None
@@ -252,8 +254,8 @@ class DaemonCore:
         if self._own(path):
             self._own_events += 1
             return
-        if path not in self._pending:
-            self._pending[path] = time.monotonic()
+        self.enforcer.touched(path)  # a cut's frontend, checked at once (not batched)
+        self._pending.add(path, time.monotonic())
         self._kick()
 
     def _veto_changed(self, action: Action) -> None:
@@ -267,7 +269,7 @@ class DaemonCore:
         self._process(events, None)
         now = time.monotonic()
         for path in again:
-            self._pending.setdefault(path, now)
+            self._pending.add(path, now)
         if again:
             self._kick()
 
@@ -318,9 +320,9 @@ class DaemonCore:
 
             d.addBoth(finished)
         elif self._pending:
-            paths = list(self._pending)
-            received = min(self._pending.values())
-            self._pending = {}
+            self._pending.begin()
+            paths, earliest = self._pending.take()
+            received = time.monotonic() if earliest is None else earliest
             self._busy = True
             self._batches += 1
             batch = Deferred.fromCoroutine(self._do_batch(paths, received))
@@ -352,6 +354,10 @@ class DaemonCore:
         rounds, and everything is fed together. A device is then announced with its whole
         libxl record, not first without the resource it uses.
         """
+        overflowed = self._pending.take_overflowed()
+        if overflowed:
+            received = min(received, *overflowed.values())
+            self._process(await self._reread_guests(sorted(overflowed)), received)
         values: dict[str, bytes | None] = {}
         perms: dict[str, tuple[Perm, ...] | None] = {}
         hints: list[str] = []
@@ -368,11 +374,38 @@ class DaemonCore:
             perms.update(zip(perm_paths, got, strict=True))  # type: ignore[arg-type]
             if not self._pending or round_ == BATCH_ROUNDS:
                 break  # what is still pending is the next batch's
-            paths = list(self._pending)
-            self._pending = {}
+            paths, earliest = self._pending.take()  # within what is left of the budgets
+            if not paths:
+                break
+            if earliest is not None:
+                received = min(received, earliest)
         nodes: list[EventNode] = [(p, None, None) for p in dict.fromkeys(hints)]
         nodes.extend((p, v, perms.get(p)) for p, v in values.items())
         self._process(self.assembler.feed_batch(nodes), received)
+
+    async def _reread_guests(self, domids: list[int]) -> list[Any]:
+        """Guests whose backlog of changed paths overflowed (`shyped.core.fairbatch`): their paths
+        were dropped, so their whole tree is read again (a snapshot taken after the drop shows
+        every change they stood for) and reconciled, as at start but for that subtree."""
+        events: list[Any] = []
+        for domid in domids:
+            root = f"/local/domain/{domid}"
+            _log.warn(
+                "guest {domid} changed more than {n} paths faster than they were read: "
+                "reading its tree {root} again",
+                domid=domid,
+                n=self._pending.max_waiting,
+                root=root,
+            )
+            snapshot = await self.gateway.snapshot(root, with_perms=False)
+            perm_paths = [p for p in snapshot.nodes if needs_perms(p)]
+            got = await defer.gatherResults(
+                [self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths]
+            )
+            perms = dict(zip(perm_paths, got, strict=True))
+            nodes = {p: (node.value, perms.get(p)) for p, node in snapshot.nodes.items()}
+            events.extend(self.assembler.reconcile(nodes, root))  # type: ignore[arg-type]
+        return events
 
     def reconcile(self, reason: str) -> Deferred[None]:
         """Walk the whole of xenstore through the event path (see the module docstring)."""
