@@ -22,12 +22,13 @@ from shyped.service.auditlog.writer import (
 from shyped.service.auditlog.writerstate import (
     Listener,
     _Recorder,
+    _StateView,
 )
 
 _log = Logger(namespace="shyped.audit")
 
 
-class AsyncAuditLog(_Recorder["Deferred[Record]"]):
+class AsyncAuditLog(_StateView, _Recorder["Deferred[Record]"]):
     """Group commit on a writer thread, for the daemon's reactor.
 
     `append` (reactor thread only) collects the record and returns a Deferred that fires with
@@ -56,18 +57,6 @@ class AsyncAuditLog(_Recorder["Deferred[Record]"]):
         self._resume = LoopingCall(self._poke_resume)
         self._resume.clock = reactor
         log.add_listener(lambda s, why: reactor.callFromThread(self._state_changed, s, why))
-
-    @property
-    def state(self) -> AuditState:
-        return self._state
-
-    @property
-    def healthy(self) -> bool:
-        return self._state is AuditState.OK
-
-    @property
-    def available(self) -> bool:
-        return self._state is not AuditState.UNAVAILABLE
 
     def add_listener(self, listener: Listener) -> None:
         """`listener(state, reason)` on every state change, on the reactor thread."""
@@ -124,11 +113,7 @@ class AsyncAuditLog(_Recorder["Deferred[Record]"]):
 
     def _state_changed(self, state: AuditState, why: str) -> None:
         self._state = state
-        for listener in list(self._listeners):
-            try:
-                listener(state, why)
-            except Exception as e:
-                _log.failure("audit: state listener failed: {e}", e=str(e))
+        self._tell_listeners(state, why)
 
     def _run(self) -> None:
         try:

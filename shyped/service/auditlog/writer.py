@@ -519,8 +519,4 @@ class AuditLog(_Rotation):
         if state is self._state:
             return
         self._state = state
-        for listener in list(self._listeners):
-            try:
-                listener(state, reason)
-            except Exception as e:
-                _log.failure("audit: state listener failed: {e}", e=str(e))
+        self._tell_listeners(state, reason)

@@ -100,7 +100,35 @@ class _Outage:
     kinds: Counter[str] = attrs.field(factory=Counter)
 
 
-class _WriterState(_Recorder[Record]):
+class _StateView:
+    """The audit state and its listeners: the same view on the writer and on its adaptor."""
+
+    _state: AuditState
+    _listeners: list[Listener]
+
+    @property
+    def state(self) -> AuditState:
+        return self._state
+
+    @property
+    def healthy(self) -> bool:
+        """Records reach stable storage."""
+        return self._state is AuditState.OK
+
+    @property
+    def available(self) -> bool:
+        """False while fail-closed after a write error: the daemon must deny new admissions."""
+        return self._state is not AuditState.UNAVAILABLE
+
+    def _tell_listeners(self, state: AuditState, reason: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(state, reason)
+            except Exception as e:
+                _log.failure("audit: state listener failed: {e}", e=str(e))
+
+
+class _WriterState(_StateView, _Recorder[Record]):
     """The writer's state and its read-only view; `AuditLog` is the writer."""
 
     def __init__(
@@ -144,20 +172,6 @@ class _WriterState(_Recorder[Record]):
         self._reset_pending()
 
     # ----------------------------------------------------------------- public
-
-    @property
-    def state(self) -> AuditState:
-        return self._state
-
-    @property
-    def healthy(self) -> bool:
-        """Records reach stable storage."""
-        return self._state is AuditState.OK
-
-    @property
-    def available(self) -> bool:
-        """False while fail-closed after a write error: the daemon must deny new admissions."""
-        return self._state is not AuditState.UNAVAILABLE
 
     @property
     def log_id(self) -> str:
