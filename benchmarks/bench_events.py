@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable
 
 from shyped.core.assembler import EventAssembler
-from shyped.core.host import HostModel, NeedsDecision
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import NeedsDecision
 
 Node = tuple[str, bytes | None, list[bytes] | None]
 

@@ -38,7 +38,8 @@ from prometheus_client import generate_latest
 from twisted.internet import defer, task, threads
 
 from shyped.core.assembler import EventAssembler
-from shyped.core.host import HostModel, NeedsDecision
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import NeedsDecision
 from shyped.policy.decisions import Decision, Hook, Rule
 from shyped.policy.model import Policy, PolicyVersion, Quota, VmLabel
 from shyped.service.config import MetricsConfig

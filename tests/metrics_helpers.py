@@ -16,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shyped.core.accounting import account_domain
 from shyped.core.events import Event
-from shyped.core.host import HostModel, NeedsDecision
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import NeedsDecision
 from shyped.core.quota import check, running_with_label
 from shyped.core.xlcfg import DomainConfig, parse_disk_spec, parse_vif_spec
 from shyped.policy.decisions import Decision, Hook, PolicyEngine

@@ -23,7 +23,8 @@ from shyped.core.channels import (
 )
 from shyped.core.engine import Engine
 from shyped.core.events import Event, Limits, VchanPublished, VchanRemoved
-from shyped.core.host import DomainReleased, HostModel, NeedsDecision
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import DomainReleased, NeedsDecision
 from shyped.core.labelstore import load_label_store
 from shyped.policy.decisions import Hook, PolicyEngine
 from shyped.policy.toml_format import load

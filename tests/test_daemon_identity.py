@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from daemon_helpers import Harness, domcfg
 
-from shyped.core.host import DomainState
+from shyped.core.hostfacts import DomainState
 from shyped.policy.decisions import Rule
 from shyped.sandbox.xsconn import XsConn
 from shyped.service.config import DomainVeto

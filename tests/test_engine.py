@@ -18,7 +18,8 @@ from shyped.core.events import (
     DomainVanished,
     VchanPublished,
 )
-from shyped.core.host import DomainReleased, DomainState, HostModel, NeedsDecision
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import DomainReleased, DomainState, NeedsDecision
 from shyped.core.labelstore import LabelStore, load_label_store
 from shyped.policy import update
 from shyped.policy.decisions import Hook, PolicyEngine, Rule

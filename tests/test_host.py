@@ -22,10 +22,10 @@ from shyped.core.events import (
     Garbage,
     VchanPublished,
 )
-from shyped.core.host import (
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import (
     DomainReleased,
     DomainState,
-    HostModel,
     LiveChannel,
     NeedsDecision,
     ResourceUse,

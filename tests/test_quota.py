@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from shyped.core.accounting import DomainAccount, account_domain, account_host
 from shyped.core.assembler import EventAssembler
-from shyped.core.host import DomainState, HostModel, NeedsDecision
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import DomainState, NeedsDecision
 from shyped.core.quota import (
     MIB,
     QuotaKind,

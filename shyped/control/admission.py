@@ -18,7 +18,7 @@ from shyped.control import backend as b
 from shyped.control import views
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.core.engine import Outcome, resource_of
-from shyped.core.host import Device, Domain, DomainState
+from shyped.core.hostfacts import Device, Domain, DomainState
 from shyped.core.labelstore import (
     LabelStore,
     LabelStoreError,

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 from shyped.control.policyparse import parse_isolated
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.core.audit import Kind
-from shyped.core.host import Domain, DomainState
+from shyped.core.hostfacts import Domain, DomainState
 from shyped.core.labelstore import (
     LabelStoreError,
     resolve_resource,

@@ -39,7 +39,8 @@ from shyped.core.events import (
     VchanPublished,
     VchanRemoved,
 )
-from shyped.core.host import Domain, DomainState, HostModel
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import Domain, DomainState
 from shyped.policy.decisions import Hook
 
 KIB: Final = 1024

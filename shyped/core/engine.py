@@ -1,6 +1,6 @@
 """The decision engine: a question from the host model in, a decision and its actions out.
 
-Pure (no I/O, no reactor): `Engine.decide` takes a `shyped.core.host.NeedsDecision` and the
+Pure (no I/O, no reactor): `Engine.decide` takes a `shyped.core.hostfacts.NeedsDecision` and the
 `shyped.core.host.HostModel` it came from and returns an `Outcome`: the policy's `Decision`, every
 check that was made, the parties (as audit `Party` values), and the `shyped.core.actions` to carry
 out. The daemon records the outcome in the host model, tells its listeners, and hands the
@@ -62,13 +62,8 @@ from shyped.core.actions import (
 from shyped.core.audit import Party
 from shyped.core.channels import ChannelKey
 from shyped.core.events import DeviceKey
-from shyped.core.host import (
-    DomainReleased,
-    DomainState,
-    HostModel,
-    NeedsDecision,
-    VchanKey,
-)
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import DomainReleased, DomainState, NeedsDecision, VchanKey
 from shyped.core.labelstore import (
     LabelStore,
 )

@@ -34,14 +34,10 @@ from shyped.core.events import (
 from shyped.core.hostfacts import (
     _RUNNING,
     Channel,
-    DecisionKind,
     Device,
     Domain,
-    DomainReleased,
     DomainState,
-    GarbageRecord,
     LiveChannel,
-    ModelOutput,
     NeedsDecision,
     RecordedDecision,
     ResourceUse,
@@ -243,23 +239,3 @@ class HostModel(HostUpdates):
             if need is not None:
                 out.append(need)
         return out
-
-
-__all__ = [
-    "Channel",
-    "DecisionKind",
-    "Device",
-    "Domain",
-    "DomainReleased",
-    "DomainState",
-    "GarbageRecord",
-    "LiveChannel",
-    "ModelOutput",
-    "NeedsDecision",
-    "RecordedDecision",
-    "ResourceUse",
-    "RunningDomain",
-    "RunningSystem",
-    "Vchan",
-    "VchanKey",
-]

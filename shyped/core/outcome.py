@@ -10,11 +10,7 @@ from shyped.core.actions import (
     is_veto,
 )
 from shyped.core.audit import Party
-from shyped.core.host import (
-    DecisionKind,
-    Domain,
-    NeedsDecision,
-)
+from shyped.core.hostfacts import DecisionKind, Domain, NeedsDecision
 from shyped.core.labelstore import (
     LabelStoreError,
     bridge_resource,

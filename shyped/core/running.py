@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from shyped.core.host import RunningSystem as HostRunningSystem
+from shyped.core.hostfacts import RunningSystem as HostRunningSystem
 from shyped.core.labelstore import (
     LabelStore,
 )
@@ -36,7 +36,7 @@ def adapt_running_system(
     *,
     resolve: Callable[[str], str] = _as_is,
 ) -> update.RunningSystem:
-    """`shyped.core.host.RunningSystem` -> `shyped.policy.update.RunningSystem`.
+    """`shyped.core.hostfacts.RunningSystem` -> `shyped.policy.update.RunningSystem`.
 
     A domain's label is the one it is counted with (else the one recorded in the host model);
     a resource's label comes from the label store (None: unlabelled).

@@ -34,7 +34,8 @@ from shyped.core.engine import Engine, Outcome
 from shyped.core.events import Node as EventNode
 from shyped.core.events import needs_perms
 from shyped.core.fairbatch import FairBatches
-from shyped.core.host import DomainReleased, DomainState, HostModel, NeedsDecision
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import DomainReleased, DomainState, NeedsDecision
 from shyped.core.labelstore import (
     LabelStore,
     resolve_resource,
