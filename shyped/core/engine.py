@@ -46,7 +46,7 @@ are re-admitted first, then the rest are decided against them, as ACM's
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import cast
+from typing import Final, cast
 
 from shyped.core import quota
 from shyped.core.accounting import HOOK_OF_KIND, account_domain
@@ -94,6 +94,30 @@ _RECHECKED = (
     quota.QuotaKind.EVENT_CHANNELS,
     quota.QuotaKind.GRANT_REFS,
 )
+
+
+#: Device kinds whose host resource the label store names (disk image, bridge, 9pfs path):
+#: decided by STE between the two domains and between the frontend and the resource.
+RESOURCE_KINDS: Final = frozenset({"vbd", "vif", "9pfs"})
+#: Device kinds whose backend serves the frontend from its own state, not from a host
+#: resource another label could own: STE between the two domains decides them.
+CHANNEL_KINDS: Final = frozenset({"console", "vuart", "vkbd", "vfb", "vtpm"})
+
+
+def unknown_kind(kind: str) -> Decision | None:
+    """A denial for a device kind shyped does not understand (PCI passthrough, pvcalls, USB,
+    display, sound, anything new): each hands the guest a host resource — a PCI device,
+    dom0's network stack, a USB device — that no label covers, so STE between the guest and
+    dom0 (whose bootstrap label shares a type with everyone) would let it through."""
+    if kind in RESOURCE_KINDS or kind in CHANNEL_KINDS:
+        return None
+    return Decision(
+        permitted=False,
+        hook=Hook.RESOURCE,
+        rule=Rule.LABEL,
+        reason=f"device kind {kind!r} gives the guest a host resource no label covers "
+        "(not understood by shyped: denied)",
+    )
 
 
 class Engine:
@@ -286,6 +310,9 @@ class Engine:
         be_label = be_dom.label if be_dom is not None else None
         denied = self._denied_party(Hook.DEVICE_CHANNEL, host, (fe, be), fe_label)
         checks = [denied or self._policy.channel(Hook.DEVICE_CHANNEL, fe_label, be_label)]
+        unknown = unknown_kind(key.kind)
+        if unknown is not None and checks[0].permitted:
+            checks.append(unknown)
         res_party = None
         if need.resource is not None:
             use = need.resource
