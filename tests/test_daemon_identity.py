@@ -86,3 +86,31 @@ async def test_a_duplicate_uuid_is_denied_and_destroying_it_keeps_the_holder_cou
     await harness.settle()
     assert harness.last(f"domain {b}").decision.rule is Rule.CHINESE_WALL
     assert not harness.last(f"domain {b}").allowed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rename_while_the_daemon_is_down_does_not_relabel_the_running_domain(
+    harness: Harness,
+) -> None:
+    host = harness
+    """Red team (second round): `xl rename web-b1 shop-1`, then a daemon restart: the
+    domain was looked up again by its new name, ran on as `shop`, and bank-a's web-a1 was
+    admitted beside bank-b's running web-b1. A running domain keeps the label it was
+    admitted with (its dom0-owned label node); relabelling it goes through relabel."""
+    await host.start()
+    b = await host.call(host.ts.create, domcfg("web-b1"))  # bank-b-web, by name
+    await host.settle()
+    assert host.last(f"domain {b}").label == "bank-b-web"
+    await host.stop()
+    with XsConn(str(host.xsd.socket_path)) as xs:  # what libxl_domain_rename writes
+        xs.write(f"/local/domain/{b}/name", "shop-1")
+        xs.write(f"/vm/{domcfg('web-b1').uuid}/name", "shop-1")
+    host.outcomes.clear()
+    await host.start()
+    await host.settle()
+    again = host.last(f"domain {b}")
+    assert again.allowed and again.label == "bank-b-web", again.log_line()
+    rival = await host.call(host.ts.create, domcfg("web-a1"))  # bank-a: Chinese Wall
+    await host.settle()
+    assert not host.last(f"domain {rival}").allowed
+    assert "web-a1" not in host.domains()

@@ -45,7 +45,7 @@ are re-admitted first, then the rest are decided against them, as ACM's
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final, cast
 
 from shyped.core import quota
@@ -138,6 +138,8 @@ class Engine:
         self.resolve: Callable[[str], str] = resolve or _as_is
         self._running: RunningSet = running_set(policy)
         self._counted: dict[int, str] = {}
+        #: label strings published for running domains, read at reconcile (`remember_published`)
+        self._published: dict[int, str] = {}
         #: During a sweep: the domains re-admitted so far (max_domains counts only those).
         self._swept: set[int] | None = None
         self.labels = labels
@@ -233,6 +235,19 @@ class Engine:
             note=note,
         )
 
+    def remember_published(self, published: Mapping[int, str]) -> None:
+        """Labels the daemon published for running domains (``/local/domain/<d>/shyped/label``,
+        dom0-owned, read at reconcile): a domain asked about for the first time since start
+        is decided with the label it was admitted with, not looked up again by a name or UUID
+        that may have changed since (``xl rename`` while the daemon was down must not relabel
+        a running domain behind the relabel checks). Only labels of the current policy count;
+        a node of an older policy falls back to the label store."""
+        self._published = {
+            domid: text
+            for domid, text in published.items()
+            if text.startswith("ACM:") and self._resolve(text) is not None
+        }
+
     def _resolve(self, label: str | None) -> str | None:
         try:
             return self._policy.resolve_domain(label).name
@@ -247,7 +262,7 @@ class Engine:
             self._running.stop(previous)
             raw: str | None = previous
         else:
-            raw = self.labels.domain_label(need.uuid, need.name)
+            raw = self._published.pop(domid, None) or self.labels.domain_label(need.uuid, need.name)
         decision = self._running.admit(raw)
         name = self._resolve(raw)
         checks = [decision]

@@ -7,7 +7,7 @@ import contextlib
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -41,6 +41,7 @@ from shyped.core.labelstore import (
     resolve_resource,
 )
 from shyped.core.repeats import PacedDecisions
+from shyped.core.xsparse import MAX_NAME, parse_text
 from shyped.policy.decisions import PolicyEngine, Rule, UnknownLabelError
 from shyped.service.actuator import ToolstackActuator
 from shyped.service.auditlog import AsyncAuditLog, AuditState, AuditUnavailable
@@ -440,7 +441,13 @@ class DaemonCore:
             events=len(events),
             inc="" if snapshot.consistent else " (inconsistent walk; watches converge)",
         )
-        self._process(events, received)
+        # A running domain keeps the label it was admitted with (its dom0-owned label node),
+        # for this reconcile's decisions only: a domid reused later is a new domain.
+        self.engine.remember_published(published_labels(snapshot.nodes))
+        try:
+            self._process(events, received)
+        finally:
+            self.engine.remember_published({})
 
     def _process(self, events: Iterable[Any], received: float | None) -> None:
         queue: deque[NeedsDecision] = deque()
@@ -684,6 +691,26 @@ class DaemonCore:
             )
         if self.metrics is not None:
             self.metrics.dirty = True
+
+
+def published_labels(nodes: Mapping[str, Any]) -> dict[int, str]:
+    """``/local/domain/<d>/shyped/label`` values of a snapshot, by domid (d != 0). The
+    directory is dom0's (``n0,r<d>``, under the dom0-owned home): a guest cannot write it."""
+    out: dict[int, str] = {}
+    for path, node in nodes.items():
+        comps = path.split("/")
+        if (
+            len(comps) != 6
+            or comps[1:3] != ["local", "domain"]
+            or comps[4:] != [LABEL_DIR, "label"]
+        ):
+            continue
+        if not comps[3].isdigit() or comps[3] == "0":
+            continue
+        text = parse_text(node.value, MAX_NAME)
+        if text is not None:
+            out[int(comps[3])] = text
+    return out
 
 
 def _pid() -> int:
