@@ -35,10 +35,10 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.python.failure import Failure
 
-from shyped.audit import Party, Record
-from shyped.auditlog import AsyncAuditLog, AuditLog, AuditSettings
+from shyped.core.audit import Party, Record
 from shyped.policy import toml_format
 from shyped.policy.decisions import Hook, PolicyEngine
+from shyped.service.auditlog import AsyncAuditLog, AuditLog, AuditSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "conf" / "policies" / "hosting.toml"

@@ -59,19 +59,20 @@ from typing import Any
 import attrs
 from twisted.internet import defer, threads
 
-from shyped.config import ActuatorConfig, Config, XenstoreConfig
-from shyped.daemon import Daemon, load_policy
-from shyped.engine import Outcome
-from shyped.labelstore import LabelStore
+from shyped.core.engine import Outcome
+from shyped.core.labelstore import LabelStore
+from shyped.core.xlcfg import domain_config_from_text
+from shyped.sandbox import devices as D
 from shyped.sandbox import layout as L
 from shyped.sandbox.hypervisor import HostState, HypervisorStore
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored, short_instance_dir
 from shyped.sandbox.xsconn import XsConn
+from shyped.service.config import ActuatorConfig, Config, XenstoreConfig
+from shyped.service.daemon import Daemon, load_policy
 from shyped.xenstore import GatewayConfig, XenstoreGateway
 from shyped.xenstore.errors import NoEntry
 from shyped.xenstore.rawclient import RawClient
-from shyped.xlcfg import domain_config_from_text
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = ROOT / "conf" / "policies" / "hosting.toml"
@@ -212,8 +213,8 @@ PROBE_LABEL_NODE = f"/local/domain/{PROBE_DOMID}/shyped/label"
 
 def transactions(domid: int) -> dict[str, tuple[str, list[Any], list[Any]]]:
     """kind -> (what the daemon decides, the transaction's ops, the ops undoing it)."""
-    dev = L.VifDevice(domid=domid, devid=7, mac="00:16:3e:00:00:07", bridge="xenbr-bank-a")
-    add = [op for op in L.vif_add_step(dev).ops if not isinstance(op, L.Read)]
+    dev = D.VifDevice(domid=domid, devid=7, mac="00:16:3e:00:00:07", bridge="xenbr-bank-a")
+    add = [op for op in D.vif_add_step(dev).ops if not isinstance(op, L.Read)]
     vpath = f"/local/domain/0/data/vchan/{domid}/9"
     vchan = list(L.vchan_server_step(0, domid, vpath, 8, 23).ops)
     vif_dirs = [dev.frontend, dev.backend, L.libxl_device_path(domid, "vif", 7)]

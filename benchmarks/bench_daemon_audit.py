@@ -30,15 +30,15 @@ from typing import Any
 import attrs
 from twisted.internet import defer, task
 
-from shyped.auditlog import AsyncAuditLog, AuditLog
-from shyped.config import ActuatorConfig, AuditConfig, Config, XenstoreConfig
-from shyped.daemon import Daemon, load_policy
-from shyped.engine import Outcome
-from shyped.labelstore import load_label_store
+from shyped.core.engine import Outcome
+from shyped.core.labelstore import load_label_store
+from shyped.core.xlcfg import domain_config_from_text
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored, short_instance_dir
+from shyped.service.auditlog import AsyncAuditLog, AuditLog
+from shyped.service.config import ActuatorConfig, AuditConfig, Config, XenstoreConfig
+from shyped.service.daemon import Daemon, load_policy
 from shyped.xenstore import GatewayConfig, XenstoreGateway
-from shyped.xlcfg import domain_config_from_text
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "conf" / "policies" / "hosting.toml"

@@ -18,8 +18,9 @@ import gc
 import time
 from collections.abc import Callable
 
-from shyped.events import EventAssembler
-from shyped.host import HostModel, NeedsDecision
+from shyped.core.assembler import EventAssembler
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import NeedsDecision
 
 Node = tuple[str, bytes | None, list[bytes] | None]
 

@@ -29,16 +29,16 @@ from typing import Any
 
 from twisted.internet import defer, task, threads
 
-from shyped.actuator import SandboxActuator
-from shyped.config import ActuatorConfig, Config, XenstoreConfig
-from shyped.daemon import Daemon, load_policy
-from shyped.engine import Outcome
-from shyped.labelstore import LabelStore
+from shyped.core.engine import Outcome
+from shyped.core.labelstore import LabelStore
+from shyped.core.xlcfg import DomainConfig, domain_config_from_text
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored, short_instance_dir
 from shyped.sandbox.xsconn import XsConn, XsError
+from shyped.service.actuator import SandboxActuator
+from shyped.service.config import ActuatorConfig, Config, XenstoreConfig
+from shyped.service.daemon import Daemon, load_policy
 from shyped.xenstore import GatewayConfig, XenstoreGateway
-from shyped.xlcfg import DomainConfig, domain_config_from_text
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = ROOT / "conf" / "policies" / "hosting.toml"

@@ -1,7 +1,7 @@
 """Cost of the metrics endpoint with 10, 1,000 and 5,000 domains.
 
 Each host model is built from synthetic xenstore nodes through the real parser
-(`shyped.events.EventAssembler`) and host model: per domain what libxl, the backends and the
+(`shyped.core.assembler.EventAssembler`) and host model: per domain what libxl, the backends and the
 guest write (name, vm, /vm/<uuid>, memory/*, cpu/*, a vif with split channels, a vbd and
 console 0 with their rings), every decision allowed, labels cycling over four VM labels with
 quotas. Then, per size:
@@ -37,12 +37,14 @@ from typing import Any
 from prometheus_client import generate_latest
 from twisted.internet import defer, task, threads
 
-from shyped.config import MetricsConfig
-from shyped.events import EventAssembler
-from shyped.host import HostModel, NeedsDecision
-from shyped.metrics import MetricsState, make_registry, start_metrics_server
+from shyped.core.assembler import EventAssembler
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import NeedsDecision
 from shyped.policy.decisions import Decision, Hook, Rule
 from shyped.policy.model import Policy, PolicyVersion, Quota, VmLabel
+from shyped.service.config import MetricsConfig
+from shyped.service.metrics import MetricsState, start_metrics_server
+from shyped.service.metricsfamilies import make_registry
 
 Node = tuple[str, bytes | None, list[bytes] | None]
 LABELS = ("web", "db", "batch", "shop")

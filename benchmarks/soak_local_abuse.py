@@ -59,9 +59,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' sandbox-host and real-user
 from control_daemon_helpers import Host, image, sandbox_host  # noqa: E402
 from peercred_helpers import Accounts, spawn_as, system_accounts  # noqa: E402
 
+from shyped.core.xlcfg import domain_config_from_text  # noqa: E402
 from shyped.sandbox.xenstored import SandboxXenstored, short_instance_dir  # noqa: E402
 from shyped.sandbox.xsconn import XsConn  # noqa: E402
-from shyped.xlcfg import domain_config_from_text  # noqa: E402
 
 LOADS = ("control-flood", "policy-check", "metrics-fds", "all")
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import attrs
 import pytest
 
-from shyped.audit import Party, Record
-from shyped.auditlog import AuditLog, AuditSettings, list_log_files
+from shyped.core.audit import Party, Record
 from shyped.policy.decisions import Decision, Hook, Rule
+from shyped.service.auditlog import AuditLog, AuditSettings, list_log_files
 
 DENY = Decision(False, Hook.EVTCHN, Rule.STE, "'web' and 'db' share no STE type", "web", "db")
 PERMIT = Decision(True, Hook.DEVICE_CHANNEL, Rule.STE, "'web' and 'net' share 'http'", "web")

@@ -114,14 +114,14 @@ class Host:
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``shypectl --socket S ARGS…``"""
-        return self.run([PY, "-m", "shyped.shypectl", "--socket", str(self.socket), *args])
+        return self.run([PY, "-m", "shyped.cli.shypectl", "--socket", str(self.socket), *args])
 
     def xl_argv(self) -> list[str]:
         return [PY, "-m", "shyped.sandbox", "--socket", str(self.xsd.socket_path)]
 
     def shype_xl(self, *args: str, xl: str | None = None) -> subprocess.CompletedProcess[str]:
         """``shype-xl --socket S --xl "<sandbox xl>" ARGS…``"""
-        argv = [PY, "-m", "shyped.shypexl", "--socket", str(self.socket)]
+        argv = [PY, "-m", "shyped.cli.shypexl", "--socket", str(self.socket)]
         argv += ["--xl", xl or " ".join(self.xl_argv()), "--admission-timeout", "60"]
         return self.run([*argv, *args])
 

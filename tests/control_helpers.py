@@ -24,21 +24,22 @@ import attrs
 import pytest_twisted
 from twisted.internet import defer, threads
 
-from shyped.config import ControlConfig
 from shyped.control import backend as b
 from shyped.control import views
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.control.server import Authorizer, ControlServer, ServerLimits
-from shyped.labelstore import (
+from shyped.core.labelstore import (
     LabelStore,
     LabelStoreError,
     load_label_store,
     resource_id,
     save_label_store,
 )
+from shyped.policy.chinese_wall import running_set
 from shyped.policy.decisions import PolicyEngine
 from shyped.policy.model import Policy
 from shyped.policy.update import RunningDomain, RunningSystem, check_update
+from shyped.service.config import ControlConfig
 
 POLICY_TOML = """\
 [policy]
@@ -146,7 +147,7 @@ class ModelBackend:
         return [d.label for d in self.domains.values() if d.state in ("admitted", "paused")]
 
     def running_set(self) -> Any:
-        return self.engine.running_set(self.running_labels())
+        return running_set(self.engine, self.running_labels())
 
     def add_domain(self, dom: Dom) -> None:
         self.domains[dom.domid] = dom
@@ -454,7 +455,7 @@ async def shypectl(
     *args: str, socket: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return await run_cli(
-        [sys.executable, "-m", "shyped.shypectl", "--socket", str(socket), *args], env
+        [sys.executable, "-m", "shyped.cli.shypectl", "--socket", str(socket), *args], env
     )
 
 

@@ -15,16 +15,16 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task, threads
 
-from shyped.actuator import SandboxActuator
-from shyped.config import ActuatorConfig, Config, DomainVeto, Mode, XenstoreConfig
-from shyped.daemon import Daemon, load_policy
-from shyped.engine import Outcome
-from shyped.labelstore import LabelStore, load_label_store
+from shyped.core.engine import Outcome
+from shyped.core.labelstore import LabelStore, load_label_store
+from shyped.core.xlcfg import DomainConfig, domain_config_from_text
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.sandbox.xsconn import XsConn
+from shyped.service.actuator import SandboxActuator
+from shyped.service.config import ActuatorConfig, Config, DomainVeto, Mode, XenstoreConfig
+from shyped.service.daemon import Daemon, load_policy
 from shyped.xenstore import GatewayConfig, XenstoreGateway
-from shyped.xlcfg import DomainConfig, domain_config_from_text
 
 T = TypeVar("T")
 

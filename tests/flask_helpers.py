@@ -18,7 +18,7 @@ from typing import Final
 import attrs
 import pytest
 
-from shyped import flaskbuild
+from shyped.cli import flaskbuild
 from shyped.policy.flask import DOM0_TYPE, UNLABELLED_TYPE, FlaskPolicy, type_name
 from shyped.policy.model import Policy
 

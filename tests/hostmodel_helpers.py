@@ -15,8 +15,10 @@ from pathlib import Path
 
 import attrs
 
-from shyped.events import Event, EventAssembler
-from shyped.host import HostModel, ModelOutput, NeedsDecision
+from shyped.core.assembler import EventAssembler
+from shyped.core.events import Event
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import ModelOutput, NeedsDecision
 
 REFERENCE = Path(__file__).parent / "reference"
 UUID = "6f1b1c9e-2a4d-4c55-9e0e-5ca1ab1e0001"

@@ -14,15 +14,16 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from shyped.accounting import account_domain
-from shyped.events import Event
-from shyped.host import HostModel, NeedsDecision
-from shyped.metrics import MetricsState
+from shyped.core.accounting import account_domain
+from shyped.core.events import Event
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import NeedsDecision
+from shyped.core.quota import check, running_with_label
+from shyped.core.xlcfg import DomainConfig, parse_disk_spec, parse_vif_spec
 from shyped.policy.decisions import Decision, Hook, PolicyEngine
 from shyped.policy.model import Policy, PolicyVersion, Quota, VmLabel
-from shyped.quota import check, running_with_label
 from shyped.sandbox.toolstack import Toolstack
-from shyped.xlcfg import DomainConfig, parse_disk_spec, parse_vif_spec
+from shyped.service.metrics import MetricsState
 
 POLICY_TEXT = "test policy for the metrics scenario"
 POLICY_SHA256 = hashlib.sha256(POLICY_TEXT.encode()).hexdigest()

@@ -20,7 +20,7 @@ from user_helpers import SYSTEM_PYTHON, setpriv, system_users
 from user_helpers import Account as Account  # re-exported for the control tests
 from user_helpers import needs_users as needs_users
 
-from shyped.config import ControlConfig
+from shyped.service.config import ControlConfig
 
 #: Sends each argv line as a request on its own connection (or all on one with --one) and
 #: prints the answers as JSON lines; an EOF instead of an answer prints {"eof": true}.

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO
 
 ROOT = Path(__file__).resolve().parents[1]
-SHYPED = [sys.executable, "-m", "shyped.main"]
+SHYPED = [sys.executable, "-m", "shyped.cli.main"]
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
@@ -26,7 +26,7 @@ def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str
 
 
 class ShypedProcess:
-    """``python -m shyped.main --config CONFIG`` with its stderr (the log) in a file."""
+    """``python -m shyped.cli.main --config CONFIG`` with its stderr (the log) in a file."""
 
     def __init__(
         self,

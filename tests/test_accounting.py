@@ -1,24 +1,24 @@
-"""Per-domain accounting: the dom0-written sizes (`DomainResources`) and `shyped.accounting`,
+"""Per-domain accounting: the dom0-written sizes (`DomainResources`) and `shyped.core.accounting`,
 fed by the real event parser from the Xen 4.17 reference capture."""
 
 from __future__ import annotations
 
 from hostmodel_helpers import UUID, from_snapshot, load_layout, model_from, replay_log
 
-from shyped.accounting import (
+from shyped.core.accounting import (
     KIB,
     AccountCache,
     account_domain,
     account_host,
     touched_domains,
 )
-from shyped.events import (
+from shyped.core.assembler import EventAssembler
+from shyped.core.events import (
     DomainAppeared,
     DomainResources,
-    EventAssembler,
     Garbage,
 )
-from shyped.host import HostModel
+from shyped.core.host import HostModel
 
 CONNECTED = load_layout("layout-connected.txt", "vchan.txt")
 KIB_128M = 131072
@@ -110,7 +110,7 @@ def test_sizes_of_an_unknown_domain_are_ignored_by_the_model() -> None:
     assert model.domain(7) is None
 
 
-# ---- shyped.accounting ----------------------------------------------------------------------
+# ---- shyped.core.accounting ----------------------------------------------------------------------
 
 
 def test_account_of_the_reference_guest_and_dom0() -> None:

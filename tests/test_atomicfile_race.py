@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from user_helpers import local_user, needs_users, python_as
 
-from shyped.atomicfile import write_atomic
+from shyped.fileio.atomicfile import write_atomic
 
 pytestmark = needs_users
 

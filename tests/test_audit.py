@@ -10,10 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shyped import audit
-from shyped.audit import (
+from shyped.core import audit, auditverify
+from shyped.core.audit import (
     GENESIS,
-    Anchor,
     Kind,
     Party,
     RecordError,
@@ -24,9 +23,8 @@ from shyped.audit import (
     make_draft,
     parse_record,
     seal,
-    verify_chain,
-    verify_lines,
 )
+from shyped.core.auditverify import Anchor, verify_chain, verify_lines
 from shyped.policy.decisions import Decision, Hook, Rule
 
 LOG = "0123456789abcdef0123456789abcdef"
@@ -58,7 +56,7 @@ def chain(n: int, log: str = LOG, start: int = 0, prev: str = GENESIS) -> list[b
     return lines
 
 
-def errors(report: audit.VerifyReport) -> list[audit.Finding]:
+def errors(report: auditverify.VerifyReport) -> list[auditverify.Finding]:
     return list(report.errors)
 
 

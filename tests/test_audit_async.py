@@ -12,8 +12,8 @@ from audit_helpers import DENY, file_records, resize_tmpfs, small, tiny_tmpfs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 
-from shyped.audit import Party, Record
-from shyped.auditlog import (
+from shyped.core.audit import Party, Record
+from shyped.service.auditlog import (
     STATE_NAME,
     AsyncAuditLog,
     AuditLog,

@@ -1,4 +1,4 @@
-"""``shypectl audit verify|tail`` (today ``python -m shyped.auditcli``)."""
+"""``shypectl audit verify|tail`` (today ``python -m shyped.cli.auditcli``)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from audit_helpers import feed, small
 
-from shyped.auditcli import add_audit_commands, audit_tail, audit_verify, main, run
-from shyped.auditlog import STATE_NAME, AuditLog, list_log_files
+from shyped.cli.auditcli import add_audit_commands, audit_tail, audit_verify, main, run
+from shyped.service.auditlog import STATE_NAME, AuditLog, list_log_files
 
 
 @pytest.fixture
@@ -140,11 +140,11 @@ def test_verify_function_and_module_entry_point(logdir: Path) -> None:
     assert audit_verify(directory=logdir, out=out) == 0 and out.getvalue().startswith("OK")
     assert main(["--dir", str(logdir), "verify", "--json"]) == 0
     done = subprocess.run(
-        [sys.executable, "-m", "shyped.auditcli", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "shyped.cli.auditcli", "--help"], capture_output=True, text=True
     )
     assert done.returncode == 0 and "verify" in done.stdout and "tail" in done.stdout
     done = subprocess.run(
-        [sys.executable, "-m", "shyped.auditcli", "--dir", str(logdir), "tail", "-n", "1"],
+        [sys.executable, "-m", "shyped.cli.auditcli", "--dir", str(logdir), "tail", "-n", "1"],
         capture_output=True,
         text=True,
     )

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from audit_helpers import feed, file_records, small
 
-from shyped.audit import Level, parse_record
-from shyped.auditlog import AuditLog, list_log_files, verify_directory
+from shyped.core.audit import parse_record
+from shyped.core.auditverify import Level
+from shyped.service.auditlog import AuditLog, list_log_files, verify_directory
 
 # The writer: batches of 1-5 records, flushed, acknowledged on stdout ("acked <seq>") only
 # after flush returned. In "tear" mode its os.write writes 20 bytes of the first batch that
@@ -23,8 +24,8 @@ from shyped.auditlog import AuditLog, list_log_files, verify_directory
 WRITER = r"""
 import os, random, signal, sys
 from pathlib import Path
-from shyped.audit import Party
-from shyped.auditlog import AuditLog, AuditSettings
+from shyped.core.audit import Party
+from shyped.service.auditlog import AuditLog, AuditSettings
 from shyped.policy.decisions import Decision, Hook, Rule
 
 directory, max_bytes, tear, seed = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])

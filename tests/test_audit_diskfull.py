@@ -16,8 +16,8 @@ import pytest
 from audit_helpers import DENY, ListMirror, feed, file_records, resize_tmpfs, small, tiny_tmpfs
 from twisted.logger import globalLogPublisher
 
-from shyped.audit import Kind, Party, Record, parse_record
-from shyped.auditlog import (
+from shyped.core.audit import Kind, Party, Record, parse_record
+from shyped.service.auditlog import (
     AuditLog,
     AuditState,
     AuditUnavailable,

@@ -13,8 +13,9 @@ import pytest
 from audit_helpers import DENY, ListMirror, feed, file_records, small
 from prometheus_client import CollectorRegistry, generate_latest
 
-from shyped.audit import Kind, Level, parse_record
-from shyped.auditlog import (
+from shyped.core.audit import Kind, parse_record
+from shyped.core.auditverify import Level
+from shyped.service.auditlog import (
     STATE_NAME,
     AuditCollector,
     AuditLog,
@@ -363,7 +364,7 @@ def test_log_kinds_cannot_be_forged_through_the_api(tmp_path: Path) -> None:
 
 def test_state_file_content(tmp_path: Path) -> None:
     with AuditLog(small(tmp_path)) as log:
-        log.record_decision(DENY, subject=__import__("shyped.audit").audit.Party("w", 1))
+        log.record_decision(DENY, subject=__import__("shyped.core.audit").core.audit.Party("w", 1))
         log.flush()
         head = log.head
     raw = (tmp_path / STATE_NAME).read_bytes()

@@ -1,4 +1,4 @@
-"""Generic xenstore channels (`shyped.channels`), pure: the tracker, and a property over the
+"""Generic xenstore channels (`shyped.core.channels`), pure: the tracker, and a property over the
 whole pure pipeline (assembler -> host model -> engine -> vetoes applied to an in-memory store):
 after it settles, no guest-owned node lets another guest reach it unless the policy permits
 that pair."""
@@ -11,8 +11,9 @@ from daemon_helpers import HOSTING, LABELS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shyped.actions import RemoveNode, RemoveVchan, ResetPerms
-from shyped.channels import (
+from shyped.core.actions import RemoveNode, RemoveVchan, ResetPerms
+from shyped.core.assembler import EventAssembler
+from shyped.core.channels import (
     ChannelShared,
     ChannelUnshared,
     SharedNodeTracker,
@@ -20,10 +21,11 @@ from shyped.channels import (
     guest_path,
     reach,
 )
-from shyped.engine import Engine
-from shyped.events import Event, EventAssembler, Limits, VchanPublished, VchanRemoved
-from shyped.host import DomainReleased, HostModel, NeedsDecision
-from shyped.labelstore import load_label_store
+from shyped.core.engine import Engine
+from shyped.core.events import Event, Limits, VchanPublished, VchanRemoved
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import DomainReleased, NeedsDecision
+from shyped.core.labelstore import load_label_store
 from shyped.policy.decisions import Hook, PolicyEngine
 from shyped.policy.toml_format import load
 
@@ -286,7 +288,7 @@ def test_a_domain_denied_later_takes_its_permitted_channels_with_it() -> None:
     the daemon's answer to a quota re-check): every one of them is decided again, denied."""
     from test_engine import Host, uuid
 
-    from shyped.events import DeviceAdded, DeviceKey, DomainAppeared, VchanPublished
+    from shyped.core.events import DeviceAdded, DeviceKey, DomainAppeared, VchanPublished
 
     h = Host()
     h.feed(DomainAppeared(1, uuid(1), "web-a1"), DomainAppeared(2, uuid(2), "batch-a1"))

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from shyped.config import ConfigError, DomainVeto, Mode, load_config, parse_config
+from shyped.service.config import ConfigError, DomainVeto, Mode, load_config, parse_config
 
 
 def test_minimal_config_gets_secure_defaults(tmp_path: Path) -> None:
@@ -66,7 +66,7 @@ def test_unreadable_config(tmp_path: Path) -> None:
 
 
 def test_audit_table_turns_the_trail_on_and_maps_to_audit_settings(tmp_path: Path) -> None:
-    from shyped.auditlog import DiskFullAction
+    from shyped.service.auditlog import DiskFullAction
 
     off = parse_config('[policy]\npath = "p.toml"\n', tmp_path / "shyped.toml")
     assert off.audit.enabled is False

@@ -86,7 +86,7 @@ def test_refused_flood_cannot_purge_the_audit_trail(host: Host, accounts: Accoun
     refused = [r for r in after if r["kind"] == "control" and r.get("allowed") is False]
     assert len(refused) == 1, refused
     verify = subprocess.run(
-        [PY, "-m", "shyped.auditcli", "--dir", str(host.directory / "audit"), "verify"],
+        [PY, "-m", "shyped.cli.auditcli", "--dir", str(host.directory / "audit"), "verify"],
         capture_output=True,
         text=True,
         check=False,

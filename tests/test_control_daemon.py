@@ -29,14 +29,14 @@ from control_daemon_helpers import (
 )
 from process_helpers import ShypedProcess, wait_until
 
-from shyped.config import ActuatorConfig, Config, ControlConfig, XenstoreConfig
 from shyped.control import backend as b
 from shyped.control.daemon_backend import DaemonControlBackend
 from shyped.control.protocol import ControlError, ErrorCode
-from shyped.daemon import Daemon, load_policy
-from shyped.labelstore import LabelStore
+from shyped.core.labelstore import LabelStore
+from shyped.core.xlcfg import domain_config_from_text
 from shyped.sandbox.xenstored import SandboxXenstored
-from shyped.xlcfg import domain_config_from_text
+from shyped.service.config import ActuatorConfig, Config, ControlConfig, XenstoreConfig
+from shyped.service.daemon import Daemon, load_policy
 
 
 @pytest.fixture
@@ -271,7 +271,7 @@ def test_shype_xl_destroys_a_domain_the_daemon_refuses_at_admission(host: Host) 
         "if 'create' in sys.argv[1:2]:\n"
         f"    subprocess.run(XL + ['create', {str(rival)!r}], check=True)\n"
         "    while True:\n"
-        f"        r = subprocess.run([{PY!r}, '-m', 'shyped.shypectl', '--socket', "
+        f"        r = subprocess.run([{PY!r}, '-m', 'shyped.cli.shypectl', '--socket', "
         f"{str(host.socket)!r}, '--json', 'getlabel', 'dom', 'web-b1'], capture_output=True)\n"
         "        if r.returncode == 0 and json.loads(r.stdout)['state'] == 'admitted': break\n"
         "        time.sleep(0.05)\n"
@@ -473,7 +473,7 @@ def test_until_the_first_reconcile_there_is_no_ready_and_no_answer_but_status(
     env = {"NOTIFY_SOCKET": str(directory / "notify.sock")}
     daemon = ShypedProcess(config, directory / "daemon.log", env)
     try:
-        ctl = [PY, "-m", "shyped.shypectl", "--socket", str(directory / "control.sock")]
+        ctl = [PY, "-m", "shyped.cli.shypectl", "--socket", str(directory / "control.sock")]
         wait_until(lambda: (directory / "control.sock").exists() and mute.conns, what="connected")
         st = subprocess.run([*ctl, "status"], capture_output=True, text=True)
         assert st.returncode == 0 and "ready:      no" in st.stdout, st.stderr

@@ -26,11 +26,11 @@ from control_helpers import (
 )
 from twisted.internet import defer
 
-from shyped.config import ControlConfig
 from shyped.control import backend as b
 from shyped.control.client import ControlClient, DaemonUnreachable
 from shyped.control.protocol import OPS, ControlError, ErrorCode
 from shyped.control.server import ControlServer, ControlSetupError, ServerLimits
+from shyped.service.config import ControlConfig
 
 
 @pytest.fixture

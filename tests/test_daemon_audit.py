@@ -18,9 +18,9 @@ from daemon_helpers import Harness, domcfg, eventually, image
 from twisted.internet import defer, threads
 from wiring_helpers import quota_policy, records, shypectl_verify, start, with_audit
 
-from shyped.config import Mode
 from shyped.policy.decisions import Rule
 from shyped.sandbox.xenstored import SandboxXenstored
+from shyped.service.config import Mode
 
 
 @pytest.fixture
@@ -186,8 +186,8 @@ async def test_a_guest_flooding_denied_rendezvous_cannot_rotate_the_trail_away(
     could; each was a decision record, and retention deleted every earlier record (domain
     admissions included). Guest-paced decisions past a burst are now counted and summarised;
     every rendezvous is still denied and removed."""
-    from shyped.daemon import GUEST_REPEAT_BURST
     from shyped.sandbox.xsconn import XsConn
+    from shyped.service.daemon import GUEST_REPEAT_BURST
 
     audit_dir = tmp_path / "audit"
     config = with_audit(host.config(), audit_dir, max_file_bytes=65536, keep_files=2)
@@ -237,8 +237,8 @@ async def test_a_permitted_channel_cannot_hide_behind_a_burst_of_junk(
 ) -> None:
     """Red team: a guest spent its burst on junk grants, then opened the channel that
     mattered; only a count named it. The first decision of each pair is always in full."""
-    from shyped.daemon import GUEST_REPEAT_BURST
     from shyped.sandbox.xsconn import XsConn
+    from shyped.service.daemon import GUEST_REPEAT_BURST
 
     audit_dir = tmp_path / "audit"
     await start(host, with_audit(host.config(), audit_dir))

@@ -21,14 +21,14 @@ from hypothesis import strategies as st
 from twisted.internet import defer, reactor, threads
 from twisted.internet.threads import blockingCallFromThread
 
-from shyped.channels import reach
-from shyped.config import DomainVeto
+from shyped.core.channels import reach
+from shyped.core.xlcfg import parse_vif_spec
 from shyped.policy.decisions import Hook, PolicyEngine, Rule
 from shyped.policy.toml_format import load
 from shyped.sandbox.xsconn import XsConn
+from shyped.service.config import DomainVeto
 from shyped.xenstore import Transaction
-from shyped.xenstore.gateway import _run_transaction
-from shyped.xlcfg import parse_vif_spec
+from shyped.xenstore.blocking import _run_transaction
 
 __all__ = ["host_fixture"]  # the `host` fixture
 

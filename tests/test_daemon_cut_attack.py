@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest_twisted
 from daemon_helpers import Harness, domcfg, eventually, host_fixture
 
-from shyped.config import Mode
-from shyped.enforcer import MAX_FRONTEND_NODES
+from shyped.core.xlcfg import parse_vif_spec
 from shyped.sandbox.xsconn import XsConn
-from shyped.xlcfg import parse_vif_spec
+from shyped.service.config import Mode
+from shyped.service.enforcer import MAX_FRONTEND_NODES
 
 __all__ = ["host_fixture"]  # the `host` fixture
 

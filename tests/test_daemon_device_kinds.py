@@ -11,6 +11,7 @@ import pytest_twisted
 from daemon_helpers import Harness, domcfg, host_fixture
 
 from shyped.policy.decisions import Rule
+from shyped.sandbox import devices as D
 from shyped.sandbox import layout as L
 from shyped.sandbox.xsconn import XsConn
 
@@ -21,7 +22,7 @@ def add_device(host: Harness, kind: str, fe: int, back: list[tuple[str, str]]) -
     """What libxl's generic device add writes for `kind` 0 of `fe`, backend dom0 (one
     transaction: the /libxl record, the backend and the frontend directories)."""
     front = [("state", "1"), ("backend-id", "0")]
-    ops = L._generic_add_ops(kind, fe, 0, 0, back, front, [])
+    ops = D._generic_add_ops(kind, fe, 0, 0, back, front, [])
     with XsConn(str(host.xsd.socket_path)) as xs:
         xs.start()
         for op in ops:

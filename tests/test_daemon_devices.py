@@ -10,11 +10,11 @@ import pytest_twisted
 from daemon_helpers import Harness, domcfg, eventually, image
 from twisted.internet import defer
 
-from shyped.config import Mode
+from shyped.core.xlcfg import parse_disk_spec, parse_vif_spec
 from shyped.policy.decisions import Hook, Rule
 from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.sandbox.xsconn import XsConn
-from shyped.xlcfg import parse_disk_spec, parse_vif_spec
+from shyped.service.config import Mode
 
 
 @pytest.fixture

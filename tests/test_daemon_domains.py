@@ -10,9 +10,9 @@ import pytest_twisted
 from daemon_helpers import POLICY, Harness, domcfg, eventually
 from twisted.internet import defer
 
-from shyped.config import DomainVeto, Mode
 from shyped.policy.decisions import Rule
 from shyped.sandbox.xenstored import SandboxXenstored
+from shyped.service.config import DomainVeto, Mode
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest_twisted
 from daemon_helpers import Harness, domcfg, host_fixture
 
-from shyped.engine import Outcome
-from shyped.fairbatch import FairBatches
+from shyped.core.engine import Outcome
+from shyped.core.fairbatch import FairBatches
 from shyped.policy.decisions import Rule
 from shyped.sandbox.xsconn import XsConn
 

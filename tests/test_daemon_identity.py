@@ -10,10 +10,10 @@ import pytest
 import pytest_twisted
 from daemon_helpers import Harness, domcfg
 
-from shyped.config import DomainVeto
-from shyped.host import DomainState
+from shyped.core.hostfacts import DomainState
 from shyped.policy.decisions import Rule
 from shyped.sandbox.xsconn import XsConn
+from shyped.service.config import DomainVeto
 
 #: Names xl would write but the daemon cannot parse: too long, and a zero-width space (not
 #: printable).

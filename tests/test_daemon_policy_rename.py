@@ -75,7 +75,7 @@ async def test_a_store_that_cannot_be_rewritten_keeps_the_old_policy_and_store(
     def full(*_: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("shyped.daemon.save_label_store", full)
+    monkeypatch.setattr("shyped.service.policylabels.save_label_store", full)
     result = await daemon.reload_policy(renaming_policy(tmp_path))
     assert not result.applied and "No space left on device" in str(result)
     assert daemon.status().policy_version == "1.0"

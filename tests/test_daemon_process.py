@@ -176,7 +176,7 @@ def test_a_daemon_killed_mid_veto_finishes_the_job_after_restart(
 def test_the_readme_demo_runs_the_scenario_and_exits_by_itself() -> None:
     env = dict(os.environ)
     result = subprocess.run(
-        [sys.executable, "-m", "shyped.main", "demo"],
+        [sys.executable, "-m", "shyped.cli.main", "demo"],
         capture_output=True,
         text=True,
         timeout=240,

@@ -14,13 +14,13 @@ from metrics_helpers import parse_scrape, promtool_check, value, values
 from twisted.internet import defer
 from wiring_helpers import labels_with, quota_policy, scrape, start, with_audit, with_metrics
 
-from shyped.config import Config
+from shyped.cli.shypectl import _quota_lines
 from shyped.control import backend as b
 from shyped.control.protocol import structure, unstructure
+from shyped.core.xlcfg import parse_vif_spec
 from shyped.policy.decisions import Hook, Rule
 from shyped.sandbox.xenstored import SandboxXenstored
-from shyped.shypectl import _quota_lines
-from shyped.xlcfg import parse_vif_spec
+from shyped.service.config import Config
 
 
 @pytest.fixture

@@ -13,11 +13,12 @@ import pytest_twisted
 from daemon_helpers import Harness, domcfg, eventually
 from wiring_helpers import records, shypectl_verify, start, with_audit
 
-from shyped.config import ActuatorConfig, Mode
 from shyped.control.daemon_backend import DaemonControlBackend
-from shyped.daemon import Daemon
-from shyped.metrics import MetricsState, families
 from shyped.sandbox.xenstored import SandboxXenstored
+from shyped.service.config import ActuatorConfig, Mode
+from shyped.service.daemon import Daemon
+from shyped.service.metrics import MetricsState
+from shyped.service.metricsfamilies import families
 
 
 def failing_xl(tmp: Path, xsd: SandboxXenstored, fails: int) -> Path:

@@ -1,4 +1,4 @@
-"""The pure decision engine (shyped.engine) over the host model, on the example hosting policy.
+"""The pure decision engine (shyped.core.engine) over the host model, on the example hosting policy.
 
 No xenstore here: events are built by hand, as the assembler would emit them."""
 
@@ -9,16 +9,23 @@ from daemon_helpers import HOSTING, LABELS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shyped.actions import CutDevice, RemoveVchan, VetoDomain, WriteLabel, label_node
-from shyped.config import DomainVeto, Mode
-from shyped.engine import Engine, Outcome, adapt_running_system, resource_of
-from shyped.events import DeviceAdded, DeviceKey, DomainAppeared, DomainVanished, VchanPublished
-from shyped.host import DomainReleased, DomainState, HostModel, NeedsDecision
-from shyped.labelstore import LabelStore, load_label_store
+from shyped.core.actions import CutDevice, RemoveVchan, VetoDomain, WriteLabel, label_node
+from shyped.core.engine import Engine, Outcome, adapt_running_system, resource_of
+from shyped.core.events import (
+    DeviceAdded,
+    DeviceKey,
+    DomainAppeared,
+    DomainVanished,
+    VchanPublished,
+)
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import DomainReleased, DomainState, NeedsDecision
+from shyped.core.labelstore import LabelStore, load_label_store
 from shyped.policy import update
 from shyped.policy.decisions import Hook, PolicyEngine, Rule
 from shyped.policy.model import Defaults
 from shyped.policy.toml_format import load
+from shyped.service.config import DomainVeto, Mode
 
 POLICY = load(HOSTING)
 STORE = load_label_store(LABELS)

@@ -1,4 +1,5 @@
-"""Typed-event parsing (shyped.events, shyped.xsparse) against the Xen 4.17 reference capture."""
+"""Typed-event parsing (shyped.core.events, shyped.core.xsparse) against the Xen 4.17 reference
+capture."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from hostmodel_helpers import UUID, VCHAN_PATH, load_layout, replay_log
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shyped.channels import ChannelShared, ChannelUnshared
-from shyped.events import (
+from shyped.core.assembler import EventAssembler
+from shyped.core.channels import ChannelShared, ChannelUnshared
+from shyped.core.events import (
     BackendStateChanged,
     DeviceAdded,
     DeviceKey,
@@ -17,7 +19,6 @@ from shyped.events import (
     DomainResources,
     DomainVanished,
     Event,
-    EventAssembler,
     FrontendStateChanged,
     Garbage,
     Limits,
@@ -29,7 +30,14 @@ from shyped.events import (
     frontend_dir,
     needs_perms,
 )
-from shyped.xsparse import U32_MAX, Perms, parse_path, parse_perms, parse_uint, parse_uint_component
+from shyped.core.xsparse import (
+    U32_MAX,
+    Perms,
+    parse_path,
+    parse_perms,
+    parse_uint,
+    parse_uint_component,
+)
 
 VIF = DeviceKey("vif", 1, 0)
 VBD = DeviceKey("vbd", 1, 51712)

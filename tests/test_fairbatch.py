@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shyped.fairbatch import FairBatches, guest_of
+from shyped.core.fairbatch import FairBatches, guest_of
 
 
 @pytest.mark.parametrize(

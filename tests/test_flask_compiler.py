@@ -1,7 +1,7 @@
 """The FLASK compiler: the compiled binary policy allows exactly the engine's channels.
 
 Each case compiles an sHype policy with `shyped.policy.flask`, builds the binary with Xen's
-policy tree, m4 and checkpolicy (`shyped.flaskbuild`), reads every allow rule back with setools
+policy tree, m4 and checkpolicy (`shyped.cli.flaskbuild`), reads every allow rule back with setools
 and compares, for every ordered pair of domain types (a type with itself included), the
 permissions between them with the engine's two-way channel decision (`PolicyEngine.channel`,
 the call the daemon makes for event channels, grants and vchans).
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shyped import shypectl
+from shyped.cli import shypectl
 from shyped.policy import acm_xml, toml_format
 from shyped.policy.decisions import Hook, PolicyEngine
 from shyped.policy.flask import (

@@ -1,4 +1,4 @@
-"""The host model (shyped.host), fed by events parsed from the Xen 4.17 reference capture."""
+"""The host model (shyped.core.host), fed by events parsed from the Xen 4.17 reference capture."""
 
 from __future__ import annotations
 
@@ -13,19 +13,19 @@ from hostmodel_helpers import (
     summary,
 )
 
-from shyped.events import (
+from shyped.core.assembler import EventAssembler
+from shyped.core.events import (
     DeviceAdded,
     DeviceKey,
     DomainAppeared,
     DomainVanished,
-    EventAssembler,
     Garbage,
     VchanPublished,
 )
-from shyped.host import (
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import (
     DomainReleased,
     DomainState,
-    HostModel,
     LiveChannel,
     NeedsDecision,
     ResourceUse,

@@ -17,8 +17,8 @@ import pytest
 from daemon_helpers import HOSTING, LABELS
 from process_helpers import SHYPED
 
-from shyped.boundedread import InputFileError, read_bounded
-from shyped.config import ConfigError, load_config, parse_config
+from shyped.fileio.boundedread import InputFileError, read_bounded
+from shyped.service.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 _AS_LIMIT = 1 << 30

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shyped.labelstore import (
+from shyped.core.labelstore import (
     LabelStore,
     LabelStoreError,
     bridge_resource,

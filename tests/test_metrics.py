@@ -23,12 +23,13 @@ from metrics_helpers import (
 )
 from twisted.internet import reactor, threads
 
-from shyped.config import MetricsConfig
-from shyped.events import EventAssembler
-from shyped.host import HostModel
-from shyped.metrics import MetricsState, make_registry, start_metrics_server
+from shyped.core.assembler import EventAssembler
+from shyped.core.host import HostModel
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored
+from shyped.service.config import MetricsConfig
+from shyped.service.metrics import MetricsState, start_metrics_server
+from shyped.service.metricsfamilies import make_registry
 from shyped.xenstore import GatewayConfig, XenstoreGateway
 
 

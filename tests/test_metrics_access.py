@@ -1,4 +1,4 @@
-"""Who may scrape the metrics endpoint, and what a client may hold (shyped.metricsweb): the
+"""Who may scrape the metrics endpoint, and what a client may hold (shyped.service.metricsweb): the
 ``[metrics]`` access keys, the credentials files' ownership and mode, 401 before the
 collector runs, TLS, the connection caps, a connection's lifetime and the descriptor reserve."""
 
@@ -26,8 +26,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 from twisted.internet import reactor, threads
 
-from shyped.config import ConfigError, MetricsConfig, parse_config
-from shyped.metricsweb import FdBudget, load_access, read_secret_file, start_metrics_server
+from shyped.service.config import ConfigError, MetricsConfig, parse_config
+from shyped.service.metricsweb import FdBudget, load_access, read_secret_file, start_metrics_server
 
 PASSWORD = b"correct horse battery staple"
 HASH = bcrypt.hashpw(PASSWORD, bcrypt.gensalt(4)).decode()
@@ -401,7 +401,7 @@ def test_the_descriptor_estimate_counts_accepts_between_measurements() -> None:
 
 def test_the_soft_descriptor_limit_is_raised_to_the_hard_one() -> None:
     code = (
-        "import resource; from shyped.metricsweb import raise_nofile_limit; "
+        "import resource; from shyped.service.metricsweb import raise_nofile_limit; "
         "print(raise_nofile_limit(), resource.getrlimit(resource.RLIMIT_NOFILE))"
     )
     out = subprocess.run(

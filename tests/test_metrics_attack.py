@@ -21,9 +21,9 @@ from daemon_helpers import HOSTING, LABELS, domcfg, uuid_of
 from process_helpers import ROOT, SHYPED, ShypedProcess, wait_until
 from user_helpers import SYSTEM_PYTHON, Account, needs_users, setpriv, system_users
 
-from shyped.peeruid import PeerUids
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored
+from shyped.service.peeruid import PeerUids
 
 pytestmark = needs_users
 
@@ -247,7 +247,7 @@ def test_holding_connections_to_the_metrics_port_cannot_stop_a_veto(
             what=f"the veto to destroy web-b1 ({b})",
         )
         status = subprocess.run(
-            [sys.executable, "-m", "shyped.shypectl", "--socket", str(
+            [sys.executable, "-m", "shyped.cli.shypectl", "--socket", str(
                 xenstored.socket_path.parent / "control.sock"), "--json", "status"],
             capture_output=True,
             text=True,

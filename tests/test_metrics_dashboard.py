@@ -16,8 +16,9 @@ from hostmodel_helpers import from_snapshot, load_layout
 from metrics_helpers import POLICY_SHA256, parse_scrape, scenario_policy
 from prometheus_client import generate_latest
 
-from shyped.metrics import MetricsState, XlDomain, make_registry
 from shyped.policy.decisions import Decision, Hook, Rule
+from shyped.service.metrics import MetricsState, XlDomain
+from shyped.service.metricsfamilies import make_registry
 
 DASHBOARD = Path(__file__).parent.parent / "conf" / "grafana-dashboard.json"
 METRIC = re.compile(r"\bshyped_[a-z0-9_]+\b")

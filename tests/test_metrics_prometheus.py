@@ -21,9 +21,10 @@ from hostmodel_helpers import from_snapshot, load_layout
 from metrics_helpers import POLICY_SHA256, http_get, scenario_policy
 from twisted.internet import reactor, task, threads
 
-from shyped.config import MetricsConfig
-from shyped.metrics import MetricsState, make_registry, start_metrics_server
 from shyped.policy.decisions import Decision, Hook, Rule
+from shyped.service.config import MetricsConfig
+from shyped.service.metrics import MetricsState, start_metrics_server
+from shyped.service.metricsfamilies import make_registry
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed")

@@ -30,24 +30,20 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.internet import reactor, task, threads
 
-from shyped.config import MetricsConfig, Mode
-from shyped.events import DomainAppeared, Garbage, RescanHint
-from shyped.metrics import (
+from shyped.core.events import DomainAppeared, Garbage, RescanHint
+from shyped.policy.decisions import Decision, Hook, Rule
+from shyped.service.config import MetricsConfig, Mode
+from shyped.service.metrics import (
     LATENCY_BUCKETS,
     MAX_EVENT_KINDS,
-    METRIC_NAMES,
-    MetricsCollector,
     MetricsState,
     PeriodicPublisher,
-    XlCpuProvider,
     XlDomain,
-    cpu_by_domid,
     event_kind,
-    make_registry,
-    parse_xl_list,
     start_metrics_server,
 )
-from shyped.policy.decisions import Decision, Hook, Rule
+from shyped.service.metricsfamilies import METRIC_NAMES, MetricsCollector, make_registry
+from shyped.service.xlcpu import XlCpuProvider, cpu_by_domid, parse_xl_list
 
 CONNECTED = load_layout("layout-connected.txt", "vchan.txt")
 DESTROYED = load_layout("layout-after-destroy.txt")

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from policy_helpers import brute_force_admits, policies
 
-from shyped.policy.chinese_wall import NotRunningError, RunningSet
+from shyped.policy.chinese_wall import NotRunningError, RunningSet, running_set
 from shyped.policy.decisions import Hook, PolicyEngine, Rule, UnknownLabelError
 from shyped.policy.model import ConflictSet, Defaults, Policy, PolicyVersion, VmLabel
 
@@ -33,7 +33,7 @@ def banks_policy(**kw: object) -> Policy:
 
 
 def test_same_label_runs_side_by_side_and_competitor_is_refused() -> None:
-    rs = PolicyEngine(banks_policy()).running_set(["dom0"])
+    rs = running_set(PolicyEngine(banks_policy()), ["dom0"])
     assert rs.try_start("bank-a").permitted
     assert rs.try_start("bank-a").permitted  # own types never block themselves
     d = rs.admit("bank-b")
@@ -45,7 +45,7 @@ def test_same_label_runs_side_by_side_and_competitor_is_refused() -> None:
 
 
 def test_counts_only_drop_when_the_last_domain_is_gone() -> None:
-    rs = PolicyEngine(banks_policy()).running_set()
+    rs = running_set(PolicyEngine(banks_policy()))
     rs.start("bank-a")
     rs.start("bank-a")
     rs.stop("bank-a")
@@ -58,7 +58,7 @@ def test_counts_only_drop_when_the_last_domain_is_gone() -> None:
 
 
 def test_label_in_two_sets_blocks_both() -> None:
-    rs = PolicyEngine(banks_policy()).running_set(["bank-a2"])
+    rs = running_set(PolicyEngine(banks_policy()), ["bank-a2"])
     assert not rs.admit("bank-b").permitted
     assert not rs.admit("oil-y").permitted
     assert rs.admit("bank-a").permitted
@@ -67,7 +67,7 @@ def test_label_in_two_sets_blocks_both() -> None:
 
 def test_unlabelled_and_unknown_labels() -> None:
     eng = PolicyEngine(banks_policy())
-    rs = eng.running_set()
+    rs = running_set(eng)
     d = rs.admit(None)
     assert (d.permitted, d.rule) == (False, Rule.DEFAULT)
     assert rs.admit("ACM:t.banks:nope").rule is Rule.LABEL
@@ -77,14 +77,14 @@ def test_unlabelled_and_unknown_labels() -> None:
     assert len(rs) == 0
 
     eng2 = PolicyEngine(banks_policy(defaults=Defaults(unlabelled_domain="bank-b")))
-    rs2 = eng2.running_set(["bank-a"])
+    rs2 = running_set(eng2, ["bank-a"])
     d2 = rs2.admit(None)
     assert not d2.permitted and d2.subject_label == "bank-b"
     assert "unlabelled (default 'bank-b')" in d2.reason
 
 
 def test_relabel_is_checked_without_the_domain_itself() -> None:
-    rs = PolicyEngine(banks_policy()).running_set(["bank-a"])
+    rs = running_set(PolicyEngine(banks_policy()), ["bank-a"])
     # the only bank-a domain may become bank-b: once it is gone nothing blocks 'b'
     assert rs.admit_relabel("bank-a", "bank-b").permitted
     assert rs.running_labels() == {"bank-a": 1}
@@ -95,7 +95,7 @@ def test_relabel_is_checked_without_the_domain_itself() -> None:
 
 def test_rebuild_is_all_or_nothing() -> None:
     eng = PolicyEngine(banks_policy())
-    rs = eng.running_set(["bank-a"])
+    rs = running_set(eng, ["bank-a"])
     with pytest.raises(UnknownLabelError) as e:
         rs.rebuild(eng, ["bank-b", "ghost"])
     assert "ghost" in str(e.value)
@@ -133,7 +133,7 @@ def test_admission_matches_brute_force(policy: Policy, data: st.DataObject) -> N
                 cs.name for cs in policy.conflict_sets_of(min(d.cw_types & lab.cw_types))
             }
     # a full recount agrees with the incremental counts
-    fresh = eng.running_set([lab.name for lab in running])
+    fresh = running_set(eng, [lab.name for lab in running])
     assert fresh.blocked_types() == rs.blocked_types()
     assert len(fresh) == len(rs) == len(running)
     for lab in labels:

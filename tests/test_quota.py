@@ -1,4 +1,4 @@
-"""Quota checks (shyped.quota): each quota kind permits at its limit and denies one beyond it
+"""Quota checks (shyped.core.quota): each quota kind permits at its limit and denies one beyond it
 with a reason naming the label, the quota and the numbers; the usage table over a host model
 built by the real parser from the reference capture."""
 
@@ -12,13 +12,11 @@ from hostmodel_helpers import load_layout
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shyped.accounting import DomainAccount, account_domain, account_host
-from shyped.events import EventAssembler
-from shyped.host import DomainState, HostModel, NeedsDecision
-from shyped.policy.decisions import Hook, Rule
-from shyped.policy.model import Policy, PolicyVersion, Quota, VmLabel
-from shyped.policy.toml_format import load as load_policy
-from shyped.quota import (
+from shyped.core.accounting import DomainAccount, account_domain, account_host
+from shyped.core.assembler import EventAssembler
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import DomainState, NeedsDecision
+from shyped.core.quota import (
     MIB,
     QuotaKind,
     QuotaUsage,
@@ -28,6 +26,9 @@ from shyped.quota import (
     quota_table_dict,
     running_with_label,
 )
+from shyped.policy.decisions import Hook, Rule
+from shyped.policy.model import Policy, PolicyVersion, Quota, VmLabel
+from shyped.policy.toml_format import load as load_policy
 
 CONNECTED = load_layout("layout-connected.txt", "vchan.txt")
 HOSTING = Path(__file__).parent.parent / "conf" / "policies" / "hosting.toml"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from shyped.core.relabel import RelabelCheck, check_domain_relabel, check_resource_relabel
 from shyped.policy import toml_format
 from shyped.policy.decisions import PolicyEngine
 from shyped.policy.update import (
@@ -16,7 +17,6 @@ from shyped.policy.update import (
     RunningDomain,
     RunningSystem,
 )
-from shyped.relabel import RelabelCheck, check_domain_relabel, check_resource_relabel
 
 HOSTING = Path(__file__).resolve().parents[1] / "conf" / "policies" / "hosting.toml"
 

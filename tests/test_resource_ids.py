@@ -17,10 +17,10 @@ import pytest_twisted
 from control_daemon_helpers import sandbox_host
 from daemon_helpers import HOSTING, LABELS, Harness, domcfg
 
-from shyped.labelstore import load_label_store
+from shyped.core.labelstore import load_label_store
+from shyped.core.xlcfg import XlConfigError, parse_disk_spec
 from shyped.policy.decisions import Rule
 from shyped.sandbox.xenstored import SandboxXenstored
-from shyped.xlcfg import XlConfigError, parse_disk_spec
 
 XVDA = 51712
 

@@ -22,17 +22,18 @@ from sandbox_toolstack_helpers import (
     xenstore_ls,
 )
 
-from shyped.sandbox import layout as L
-from shyped.sandbox.hypervisor import HypervisorStore
-from shyped.sandbox.toolstack import Toolstack, ToolstackError
-from shyped.sandbox.xenstored import SandboxXenstored
-from shyped.sandbox.xsconn import XsConn, XsError
-from shyped.xlcfg import (
+from shyped.core.xlcfg import (
     DomainConfig,
     domain_config_from_text,
     parse_disk_spec,
     parse_vif_spec,
 )
+from shyped.sandbox import devices as D
+from shyped.sandbox import layout as L
+from shyped.sandbox.hypervisor import HypervisorStore
+from shyped.sandbox.toolstack import Toolstack, ToolstackError
+from shyped.sandbox.xenstored import SandboxXenstored
+from shyped.sandbox.xsconn import XsConn, XsError
 
 
 def xsgold() -> DomainConfig:
@@ -326,8 +327,8 @@ def test_unknown_domain_and_device_errors(ts: Toolstack) -> None:
 
 
 def test_device_layout_is_pure_data() -> None:
-    dev = L.VbdDevice(domid=3, devid=51712, vdev="xvda", params="/img")
-    st = L.vbd_add_step(dev)
+    dev = D.VbdDevice(domid=3, devid=51712, vdev="xvda", params="/img")
+    st = D.vbd_add_step(dev)
     assert st.transaction and st.actor is L.Actor.LIBXL
     assert L.SetPerms("/local/domain/3/device/vbd/51712", ("n3", "r0")) in st.ops
     assert L.SetPerms("/local/domain/0/backend/vbd/3/51712", ("n0", "r3")) in st.ops

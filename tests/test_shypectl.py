@@ -56,7 +56,9 @@ def sock(backend: ModelBackend) -> Iterator[Path]:
 
 
 async def ctl(sock: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return await run_cli([sys.executable, "-m", "shyped.shypectl", "--socket", str(sock), *args])
+    return await run_cli(
+        [sys.executable, "-m", "shyped.cli.shypectl", "--socket", str(sock), *args]
+    )
 
 
 async def ctl_json(sock: Path, *args: str) -> tuple[int, object]:

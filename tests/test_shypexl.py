@@ -57,7 +57,7 @@ class Env:
         return f"{sys.executable} -m shyped.sandbox --socket {self.xsd.socket_path}"
 
     async def shype_xl(self, *args: str, socket: Path | None = None) -> Any:
-        argv = [sys.executable, "-m", "shyped.shypexl", "--socket", str(socket or self.ctl)]
+        argv = [sys.executable, "-m", "shyped.cli.shypexl", "--socket", str(socket or self.ctl)]
         return await run_cli([*argv, "--xl", self.xl_cmd(), *args])
 
     def xl_list(self) -> dict[str, str]:
@@ -261,7 +261,7 @@ async def test_fail_open_unpauses_by_domid_never_by_name(env: Env) -> None:
     another domain's by then. It must act on the domid of the UUID it created."""
     xl, log = _logging_xl(env)
     nowhere = env.directory / "none.sock"
-    argv = [sys.executable, "-m", "shyped.shypexl", "--socket", str(nowhere), "--xl", xl]
+    argv = [sys.executable, "-m", "shyped.cli.shypexl", "--socket", str(nowhere), "--xl", xl]
     r = await run_cli([*argv, "--fail-open", "create", str(env.cfg("web-2", "web"))])
     assert r.returncode == 0, r.stderr
     domid = _domids(env)["web-2"]
@@ -279,7 +279,7 @@ async def test_no_admission_destroys_by_domid(env: Env) -> None:
         return defer.fail(ControlError(ErrorCode.ADMISSION_TIMEOUT, "no admission in time"))
 
     env.backend.admission = no_answer
-    argv = [sys.executable, "-m", "shyped.shypexl", "--socket", str(env.ctl), "--xl", xl]
+    argv = [sys.executable, "-m", "shyped.cli.shypexl", "--socket", str(env.ctl), "--xl", xl]
     r = await run_cli([*argv, "--admission-timeout", "1", "create", str(env.cfg("web-2", "web"))])
     assert r.returncode != 0
     calls = log.read_text().splitlines()

@@ -17,9 +17,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 
-from shyped.auditlog import DEFAULT_DIRECTORY
-from shyped.config import Config, ControlConfig
-from shyped.sdnotify import Notifier, Watchdog, watchdog_interval
+from shyped.service.auditlog import DEFAULT_DIRECTORY
+from shyped.service.config import Config, ControlConfig
+from shyped.service.sdnotify import Notifier, Watchdog, watchdog_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "shyped.service"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from twisted.internet import defer, task
 
-from shyped.actions import VetoDomain
-from shyped.config import DomainVeto
-from shyped.vetoretry import CAP, VetoAttempt, VetoRetrier, backoff, worth_recording
+from shyped.core.actions import VetoDomain
+from shyped.service.config import DomainVeto
+from shyped.service.vetoretry import CAP, VetoAttempt, VetoRetrier, backoff, worth_recording
 
 
 def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:

@@ -394,7 +394,7 @@ async def test_xenbus_transport_reports_a_missing_device(xenstored: SandboxXenst
 def test_config_comes_from_the_daemon_xenstore_table() -> None:
     from pathlib import Path
 
-    from shyped.config import XenstoreConfig
+    from shyped.service.config import XenstoreConfig
 
     config = GatewayConfig.from_xenstore_config(
         XenstoreConfig(transport="xenbus", socket=Path("/run/xs"), reconnect_max_backoff=7.0),

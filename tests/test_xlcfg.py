@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 from sandbox_toolstack_helpers import XSGOLD_CFG
 
-from shyped.sandbox import layout as L
-from shyped.xlcfg import (
+from shyped.core.xlcfg import (
     SecurityLabel,
     XlConfigError,
     domain_config_from_text,
@@ -14,6 +13,8 @@ from shyped.xlcfg import (
     parse_disk_spec,
     parse_vif_spec,
 )
+from shyped.sandbox import devices as D
+from shyped.sandbox import layout as L
 
 
 def test_reference_cfg() -> None:
@@ -142,17 +143,17 @@ def test_vif_specs() -> None:
     ],
 )
 def test_disk_devid_follows_libxl(vdev: str, devid: int) -> None:
-    assert L.disk_devid(vdev) == devid
+    assert D.disk_devid(vdev) == devid
 
 
 @pytest.mark.parametrize("vdev", ["xvd", "xvda01", "hde", "foo", "sdq"])
 def test_disk_devid_rejects_what_libxl_rejects(vdev: str) -> None:
     with pytest.raises(ValueError):
-        L.disk_devid(vdev)
+        D.disk_devid(vdev)
 
 
 def test_netback_walk_follows_set_backend_state() -> None:
-    assert L.netback_walk(L.CONNECTED, L.CLOSED) == [L.CLOSING, L.CLOSED]
-    assert L.netback_walk(L.INIT_WAIT, L.CLOSED) == [L.CLOSING, L.CLOSED]
-    assert L.netback_walk(L.INIT_WAIT, L.CONNECTED) == [L.CONNECTED]
-    assert L.netback_walk(L.CLOSED, L.CONNECTED) == [L.INIT_WAIT, L.CONNECTED]
+    assert D.netback_walk(L.CONNECTED, L.CLOSED) == [L.CLOSING, L.CLOSED]
+    assert D.netback_walk(L.INIT_WAIT, L.CLOSED) == [L.CLOSING, L.CLOSED]
+    assert D.netback_walk(L.INIT_WAIT, L.CONNECTED) == [L.CONNECTED]
+    assert D.netback_walk(L.CLOSED, L.CONNECTED) == [L.INIT_WAIT, L.CONNECTED]

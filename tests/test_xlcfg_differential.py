@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from libxlutil_helpers import LibValue, load
 
-from shyped.xlcfgfile import CfgValue, XlConfigError, parse_assignments
+from shyped.core.xlcfgfile import CfgValue, XlConfigError, parse_assignments
 
 LIB = load()
 pytestmark = pytest.mark.skipif(LIB is None, reason="Debian's libxlutil.so.4.17 is not installed")

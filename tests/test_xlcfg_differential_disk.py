@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from libxlutil_helpers import load_with_disks
 
-from shyped.xlcfg import DiskSpec, XlConfigError, parse_disk_spec, parse_disk_specs
+from shyped.core.xlcfg import DiskSpec, XlConfigError, parse_disk_spec, parse_disk_specs
 
 LIB = load_with_disks()
 pytestmark = pytest.mark.skipif(LIB is None, reason="Debian's libxl 4.17 libraries not installed")

@@ -1,5 +1,5 @@
-"""Helpers for the audit/metrics/quota wiring tests: a daemon started like `shyped.main` does
-(audit trail and metrics endpoint built from the configuration by `shyped.observability`)
+"""Helpers for the audit/metrics/quota wiring tests: a daemon started like `shyped.cli.main` does
+(audit trail and metrics endpoint built from the configuration by `shyped.service.observability`)
 inside the in-process `daemon_helpers.Harness`, policies with quotas, and reading records."""
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import attrs
 from daemon_helpers import HOSTING, LABELS, Harness
 from twisted.internet import reactor, threads
 
-from shyped.actuator import SandboxActuator
-from shyped.auditlog import list_log_files, read_lines
-from shyped.config import AuditConfig, Config, MetricsConfig
-from shyped.daemon import Daemon, load_policy
-from shyped.labelstore import load_label_store
-from shyped.observability import Metrics, build_audit, build_metrics
+from shyped.core.labelstore import load_label_store
+from shyped.service.actuator import SandboxActuator
+from shyped.service.auditlog import list_log_files, read_lines
+from shyped.service.config import AuditConfig, Config, MetricsConfig
+from shyped.service.daemon import Daemon, load_policy
+from shyped.service.observability import Metrics, build_audit, build_metrics
 from shyped.xenstore import GatewayConfig, XenstoreGateway
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def records(directory: Path) -> list[dict[str, Any]]:
 
 def shypectl_verify(directory: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shyped.shypectl", "audit", "--dir", str(directory), "verify"],
+        [sys.executable, "-m", "shyped.cli.shypectl", "audit", "--dir", str(directory), "verify"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -20,9 +20,9 @@ from typing import Final, Literal
 import attrs
 from twisted.logger import Logger
 
-from shyped.config import ControlConfig
 from shyped.control.backend import Access, Peer
 from shyped.control.protocol import MAX_ADMIN_LINE, MAX_READ_LINE
+from shyped.service.config import ControlConfig
 
 log = Logger(namespace="shyped.control")
 

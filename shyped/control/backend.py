@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from twisted.internet.defer import Deferred
 
-    from shyped.quota import QuotaUsage
+    from shyped.core.quota import QuotaUsage
 
 _T = TypeVar("_T")
 
@@ -229,7 +229,7 @@ class Counts:
 
 @attrs.frozen
 class QuotaRow:
-    """One row of the quota usage table (`shyped.quota.QuotaUsage`): `used` in the quota's
+    """One row of the quota usage table (`shyped.core.quota.QuotaUsage`): `used` in the quota's
     unit (MiB for memory), `domid` the domain with the highest use (None for max_domains)."""
 
     label: str
@@ -241,7 +241,7 @@ class QuotaRow:
 
 
 def quota_rows(table: Iterable[QuotaUsage]) -> tuple[QuotaRow, ...]:
-    """`shyped.quota.quota_table` rows as the protocol carries them."""
+    """`shyped.core.quota.quota_table` rows as the protocol carries them."""
     return tuple(
         QuotaRow(r.label, r.kind.value, r.used, r.limit, r.domid, r.exceeded) for r in table
     )

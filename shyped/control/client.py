@@ -11,10 +11,8 @@ import os
 import socket
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, TypeVar
 
-from shyped.config import ControlConfig
 from shyped.control import backend as b
 from shyped.control.protocol import (
     OPS,
@@ -23,6 +21,8 @@ from shyped.control.protocol import (
     encode_request,
     parse_response,
 )
+from shyped.core.closing import Closing
+from shyped.service.config import ControlConfig
 
 #: Environment variable naming the control socket (overrides the default path).
 SOCKET_ENV: Final = "SHYPED_SOCKET"
@@ -42,7 +42,7 @@ def default_socket() -> Path:
     return Path(env) if env else ControlConfig().socket
 
 
-class ControlClient:
+class ControlClient(Closing):
     """A connection to the daemon's control socket (a context manager)."""
 
     def __init__(self, path: Path | str | None = None, *, timeout: float = 10.0) -> None:
@@ -51,17 +51,6 @@ class ControlClient:
         self._sock: socket.socket | None = None
         self._buf = bytearray()
         self._next_id = 1
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         if self._sock is not None:

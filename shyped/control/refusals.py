@@ -16,7 +16,7 @@ from typing import Final
 
 import attrs
 
-from shyped.repeats import RepeatLog
+from shyped.core.repeats import RepeatLog
 
 #: The uid under which refusals beyond `RefusalLog.max_uids` distinct uids are counted.
 OVERFLOW_UID: Final = -1

@@ -40,7 +40,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from shyped import __version__
-from shyped.config import ControlConfig
 from shyped.control.access import (
     SLOT_CLASSES,
     Authorizer,
@@ -67,6 +66,7 @@ from shyped.control.protocol import (
     request_id,
 )
 from shyped.control.refusals import RefusalLog
+from shyped.service.config import ControlConfig
 
 log = Logger(namespace="shyped.control")
 

@@ -25,7 +25,7 @@ from shyped.control.backend import (
     VifItem,
 )
 from shyped.control.protocol import ControlError, ErrorCode
-from shyped.labelstore import LabelStoreError, bridge_resource, resource_id
+from shyped.core.labelstore import LabelStoreError, bridge_resource, resource_id
 from shyped.policy import acm_xml, toml_format
 from shyped.policy.chinese_wall import RunningSet
 from shyped.policy.decisions import Decision, Hook, PolicyEngine

@@ -3,7 +3,7 @@
 Pure. shypectl ``dry-run`` and shype-xl read a domain configuration the way ``xl create``
 does — the file, then each ``KEY=VALUE`` override from the command line appended as a line
 (tools/xl/xl_vmcontrol.c ``main_create``'s ``extra_config``), later assignments winning — with
-`shyped.xlcfgfile`, which reads exactly what libxl reads or refuses the file. Unlike
+`shyped.core.xlcfgfile`, which reads exactly what libxl reads or refuses the file. Unlike
 the sandbox toolstack this accepts any guest type (HVM, PVH): only the name, uuid, label,
 disks and vifs matter here.
 """
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import attrs
 
 from shyped.control.backend import DiskItem, NewDomain, VifItem
-from shyped.xlcfg import (
+from shyped.core.xlcfg import (
     CfgValue,
     SecurityLabel,
     XlConfigError,
@@ -26,7 +26,7 @@ from shyped.xlcfg import (
     parse_disk_specs,
     parse_vif_spec,
 )
-from shyped.xlcfgfile import parse_statements
+from shyped.core.xlcfgfile import parse_statements
 
 _LABEL_KEYS = frozenset({"seclabel", "init_seclabel", "access_control"})
 #: libxl's default bridge for a vif without ``bridge=`` (libxl__device_nic_setdefault).

@@ -204,3 +204,10 @@ class RunningSet:
             cw_types=frozenset(blocked) | frozenset(rivals),
             conflict_set=cset.name,
         )
+
+
+def running_set(engine: PolicyEngine, labels: Iterable[LabelInput] = ()) -> RunningSet:
+    """A Chinese Wall running set under `engine`'s policy, counting `labels` as running."""
+    rs = RunningSet(engine)
+    rs.rebuild(engine, labels)
+    return rs

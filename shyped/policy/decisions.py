@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final, TypeAlias
+from typing import Final, TypeAlias
 
 import attrs
 
@@ -27,9 +27,6 @@ from shyped.policy import mls
 from shyped.policy.errors import LabelSyntaxError
 from shyped.policy.model import LabelRef, MlsLabel, Policy, ResourceLabel, VmLabel
 from shyped.policy.ste import DEFAULT_CACHE_SIZE, StePairCache
-
-if TYPE_CHECKING:
-    from shyped.policy.chinese_wall import RunningSet
 
 LabelInput: TypeAlias = str | LabelRef | None
 
@@ -61,7 +58,7 @@ class Rule(enum.StrEnum):
     MLS = "mls"
     DEFAULT = "default"  # unlabelled subject/resource and the policy says deny
     LABEL = "label"  # label unknown, malformed, or of another policy
-    QUOTA = "quota"  # a per-label quota (shyped.quota)
+    QUOTA = "quota"  # a per-label quota (shyped.core.quota)
     AUDIT = "audit"  # the audit trail cannot record the decision (fail-closed): denied
     DENIED_DOMAIN = "denied-domain"  # a party is a domain denied admission (fail-closed)
 
@@ -294,14 +291,6 @@ class PolicyEngine:
         if hit is not None:
             return hit
         return self._store(key, self._resource(domain, resource, writable=writable))
-
-    def running_set(self, labels: Iterable[LabelInput] = ()) -> RunningSet:
-        """A Chinese Wall running set under this policy, counting `labels` as running."""
-        from shyped.policy.chinese_wall import RunningSet
-
-        rs = RunningSet(self)
-        rs.rebuild(self, labels)
-        return rs
 
     def cw_blocks(self, label: VmLabel) -> tuple[tuple[str, str], ...]:
         """(conflict set, type) pairs a running domain with `label` blocks, with multiplicity.

@@ -22,10 +22,7 @@ from pathlib import Path
 
 from pyxs.exceptions import PyXSError
 
-from shyped.sandbox.hypervisor import DomainState, HypervisorError
-from shyped.sandbox.toolstack import Toolstack, ToolstackError
-from shyped.sandbox.xsconn import XsError
-from shyped.xlcfg import (
+from shyped.core.xlcfg import (
     XlConfigError,
     domain_config_from_text,
     domain_config_from_values,
@@ -33,6 +30,9 @@ from shyped.xlcfg import (
     parse_disk_specs,
     parse_vif_spec,
 )
+from shyped.sandbox.hypervisor import DomainState, HypervisorError
+from shyped.sandbox.toolstack import Toolstack, ToolstackError
+from shyped.sandbox.xsconn import XsError
 
 #: The reference domain of shared/xen-4.17-reference (xsgold.cfg), used by `demo`.
 DEMO_CFG = """\

@@ -21,183 +21,47 @@ multi-queue vifs and multi-page rings (the capture's dom0 advertises one queue),
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
-import stat
-import time
-import zlib
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import attrs
 
+from shyped.core.xlcfg import DiskSpec, DomainConfig, VifSpec
+from shyped.sandbox import devices as D
 from shyped.sandbox import layout as L
 from shyped.sandbox.hypervisor import (
-    GUEST_PORTS_PER_VCPU,
     DomainState,
     HostState,
-    HypervisorError,
-    HypervisorStore,
 )
 from shyped.sandbox.layout import Actor, Op, Step
-from shyped.sandbox.xsconn import XsConn, XsError
-from shyped.xlcfg import DiskSpec, DomainConfig, VifSpec
-
-#: Sectors reported for a disk image the sandbox cannot see: the capture's 8 MiB image.
-DEFAULT_SECTORS = 16384
-#: Netfront reserves NET_TX_RING_SIZE + NET_RX_RING_SIZE grant references per queue before
-#: granting its rings (xen-netfront.c xennet_init_queue), hence the capture's 520/521.
-NETFRONT_GRANT_POOL = 512
-MAX_TX_ATTEMPTS = 64
-XEN_SCRIPTS = "/etc/xen/scripts"
-
-
-class ToolstackError(RuntimeError):
-    """A toolstack command failed; the message is what xl would say."""
-
-
-#: Called after a transaction's operations and before its commit: (step description, attempt).
-CommitHook = Callable[[str, int], None]
-
-
-@attrs.frozen
-class VchanEndpoint:
-    """A libxenvchan rendezvous published by a server domain."""
-
-    server: int
-    client: int
-    path: str
-    ring_ref: int
-    evtchn: int
-
-
-class _Session:
-    """The connections of one toolstack command, one per simulated program."""
-
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
-        self._conns: dict[tuple[Actor, int], XsConn] = {}
-
-    def conn(self, actor: Actor, domid: int = 0) -> XsConn:
-        key = (actor, domid if actor is Actor.GUEST_KERNEL else 0)
-        if key not in self._conns:
-            self._conns[key] = XsConn(self.socket_path)
-        return self._conns[key]
-
-    def close(self) -> None:
-        for conn in self._conns.values():
-            conn.close()
-        self._conns.clear()
+from shyped.sandbox.toolstack_base import (
+    DEFAULT_SECTORS,
+    MAX_TX_ATTEMPTS,
+    NETFRONT_GRANT_POOL,
+    XEN_SCRIPTS,
+    CommitHook,
+    ToolstackError,
+    VchanEndpoint,
+    _backend_domid,
+    _block_device,
+    _config_json,
+    _driver_key,
+    _random_mac,
+    _Session,
+    _vchan_full_path,
+)
+from shyped.sandbox.toolstack_drivers import ToolstackDrivers
+from shyped.sandbox.xsconn import XsError
 
 
 @attrs.define
-class Toolstack:
+class Toolstack(ToolstackDrivers):
     """`xl` plus the rest of a Xen host, against the xenstored at ``socket_path``."""
-
-    socket_path: Path = attrs.field(converter=Path)
-    store: HypervisorStore = attrs.field()
-    #: Test hook run inside every transaction just before commit (provoke EAGAIN).
-    before_commit: CommitHook | None = None
-    clock: Callable[[], float] = time.time
-
-    @store.default
-    def _store_default(self) -> HypervisorStore:
-        return HypervisorStore.beside(self.socket_path)
-
-    # -- plumbing ------------------------------------------------------------------------
-
-    def _check_socket(self) -> None:
-        if not self.socket_path.exists():
-            raise ToolstackError(f"no xenstored socket at {self.socket_path}")
-
-    @contextlib.contextmanager
-    def _command(self) -> Iterator[tuple[HostState, _Session]]:
-        self._check_socket()
-        session = _Session(str(self.socket_path))
-        try:
-            with self.store.locked() as host:
-                yield host, session
-        except HypervisorError as exc:
-            raise ToolstackError(str(exc)) from exc
-        finally:
-            session.close()
-
-    def _run(self, session: _Session, steps: Step | list[Step]) -> None:
-        for st in [steps] if isinstance(steps, Step) else steps:
-            if st.actor in (Actor.HOTPLUG, Actor.VCHAN):
-                with XsConn(str(self.socket_path)) as fresh:  # a process of its own
-                    self._execute(fresh, st)
-            else:
-                self._execute(session.conn(st.actor, st.domid), st)
-
-    def _execute(self, conn: XsConn, st: Step) -> None:
-        if st.transaction:
-            self._transact(conn, lambda: list(st.ops), st.what)
-        else:
-            self._apply(conn, st.ops)
-
-    def _transact(self, conn: XsConn, body: Callable[[], list[Op]], what: str) -> None:
-        """Run ``body``'s ops in a transaction, retrying on EAGAIN as libxl does
-        (`if (errno == EAGAIN) goto retry_transaction`)."""
-        for attempt in range(1, MAX_TX_ATTEMPTS + 1):
-            conn.start()
-            try:
-                self._apply(conn, body())
-                if self.before_commit is not None:
-                    self.before_commit(what, attempt)
-            except XsError as exc:
-                conn.abort()
-                if exc.errno == errno.EAGAIN:
-                    continue
-                raise ToolstackError(f"{what}: {exc}") from exc
-            except BaseException:
-                conn.abort()
-                raise
-            if conn.commit():
-                return
-        raise ToolstackError(f"{what}: transaction kept failing with EAGAIN")
-
-    def _apply(self, conn: XsConn, ops: tuple[Op, ...] | list[Op]) -> None:
-        for op in ops:
-            if isinstance(op, L.Write):
-                conn.write(op.path, op.value)
-            elif isinstance(op, L.SetPerms):
-                conn.set_perms(op.path, op.perms)
-            elif isinstance(op, L.Mkdir):
-                conn.mkdir(op.path)
-            elif isinstance(op, L.Rm):
-                conn.rm(op.path)
-            elif isinstance(op, L.Read):
-                conn.read(op.path)
-            else:
-                self._path_cleanup(conn, op.path)
-
-    @staticmethod
-    def _path_cleanup(conn: XsConn, path: str) -> None:
-        """libxl__xs_path_cleanup: rm, then empty-valued childless parents."""
-        if not conn.rm(path):
-            return
-        parent = path
-        while "/" in parent.strip("/"):
-            parent = parent.rsplit("/", 1)[0]
-            value = conn.read(parent)
-            if value is None or value != "":
-                return
-            children = conn.directory(parent)
-            if children is None or children:
-                return
-            conn.rm(parent)
-
-    # -- host ------------------------------------------------------------------------------
 
     def boot_host(self) -> None:
         """What a freshly booted dom0 has written (layout-before-create.txt)."""
         with self._command() as (host, session):
             host.ensure_dom0()
             self._run(session, L.host_boot_steps())
-
-    # -- domains ---------------------------------------------------------------------------
 
     def create(self, cfg: DomainConfig, *, paused: bool = True) -> int:
         """`xl create [-p]`: make, build, add disks, console, vifs; unpause unless ``paused``."""
@@ -236,16 +100,16 @@ class Toolstack:
                 self._run(session, L.dm_version_step(domid))
                 for spec in cfg.disks:
                     self._add_disk(host, session, dom, spec)
-                self._run(session, L.console_add_step(domid, dom.console_port, dom.console_mfn))
+                self._run(session, D.console_add_step(domid, dom.console_port, dom.console_mfn))
                 vifs = [
                     self._add_nic(host, session, dom, spec, devid=spec.devid or i, hotplug=False)
                     for i, spec in enumerate(cfg.vifs)
                 ]
                 dom.tty = host.alloc_pty(domid)
                 host.ensure_dom0().alloc_port(f"peer={domid} xenconsoled")
-                self._run(session, L.xenconsoled_tty_step(domid, dom.tty))
+                self._run(session, D.xenconsoled_tty_step(domid, dom.tty))
                 for dev in vifs:
-                    self._run(session, L.vif_hotplug_steps(dev))
+                    self._run(session, D.vif_hotplug_steps(dev))
                 if not paused:
                     self._unpause(host, session, dom)
             except (ToolstackError, XsError) as exc:
@@ -322,9 +186,7 @@ class Toolstack:
                 if d.domid != 0
             ]
 
-    # -- devices: attach -------------------------------------------------------------------
-
-    def attach_disk(self, domain: str | int, spec: DiskSpec) -> L.VbdDevice:
+    def attach_disk(self, domain: str | int, spec: DiskSpec) -> D.VbdDevice:
         """`xl block-attach`."""
         with self._command() as (host, session):
             dom = host.lookup(str(domain))
@@ -333,7 +195,7 @@ class Toolstack:
                 self._frontend_probe(host, session, dom, dev)
             return dev
 
-    def attach_nic(self, domain: str | int, spec: VifSpec) -> L.VifDevice:
+    def attach_nic(self, domain: str | int, spec: VifSpec) -> D.VifDevice:
         """`xl network-attach`: devid is the next free one (libxl__device_nextid)."""
         with self._command() as (host, session):
             dom = host.lookup(str(domain))
@@ -350,9 +212,9 @@ class Toolstack:
 
     def _add_disk(
         self, host: HostState, session: _Session, dom: DomainState, spec: DiskSpec
-    ) -> L.VbdDevice:
+    ) -> D.VbdDevice:
         try:
-            devid = L.disk_devid(spec.vdev)
+            devid = D.disk_devid(spec.vdev)
         except ValueError as exc:
             raise ToolstackError(str(exc)) from None
         if spec.format != "raw" or spec.backendtype in ("qdisk", "tap", "standalone"):
@@ -360,7 +222,7 @@ class Toolstack:
                 f"disk {spec.vdev}: only raw images/devices with the phy backend are simulated"
             )
         script = spec.script or "block"
-        dev = L.VbdDevice(
+        dev = D.VbdDevice(
             domid=dom.domid,
             devid=devid,
             vdev=spec.vdev,
@@ -372,11 +234,11 @@ class Toolstack:
             discard_enable=spec.discard,
             trusted=spec.trusted,
         )
-        self._device_add(session, dev, L.vbd_add_step(dev))
+        self._device_add(session, dev, D.vbd_add_step(dev))
         self._driver_state(host, dev, backend=True, state=L.INIT_WAIT)
-        self._run(session, L.blkback_probe_steps(dev))
+        self._run(session, D.blkback_probe_steps(dev))
         node, major_minor = _block_device(host, dev)
-        self._run(session, L.block_hotplug_steps(dev, node, major_minor))
+        self._run(session, D.block_hotplug_steps(dev, node, major_minor))
         return dev
 
     def _add_nic(
@@ -388,9 +250,9 @@ class Toolstack:
         *,
         devid: int,
         hotplug: bool,
-    ) -> L.VifDevice:
+    ) -> D.VifDevice:
         script = spec.script or "vif-bridge"
-        dev = L.VifDevice(
+        dev = D.VifDevice(
             domid=dom.domid,
             devid=devid,
             mac=spec.mac or _random_mac(dom.uuid, devid),
@@ -404,14 +266,14 @@ class Toolstack:
             mtu=spec.mtu or 1500,
             trusted=spec.trusted,
         )
-        self._device_add(session, dev, L.vif_add_step(dev))
+        self._device_add(session, dev, D.vif_add_step(dev))
         self._driver_state(host, dev, backend=True, state=L.INIT_WAIT)
-        self._run(session, L.netback_probe_steps(dev))
+        self._run(session, D.netback_probe_steps(dev))
         if hotplug:  # at create time the scripts run after xenconsoled's tty (capture order)
-            self._run(session, L.vif_hotplug_steps(dev))
+            self._run(session, D.vif_hotplug_steps(dev))
         return dev
 
-    def _device_add(self, session: _Session, dev: L.Device, add: Step) -> None:
+    def _device_add(self, session: _Session, dev: D.Device, add: Step) -> None:
         """The device-add transaction: libxl__device_exists reads the libxl path inside it
         ("device already exists in xenstore" if present), then libxl__device_generic_add."""
         conn = session.conn(Actor.LIBXL)
@@ -426,14 +288,12 @@ class Toolstack:
 
         self._transact(conn, body, add.what)
 
-    # -- devices: detach -------------------------------------------------------------------
-
     def detach_disk(self, domain: str | int, which: str) -> None:
         """`xl block-detach <domain> <vdev|devid>`."""
         with self._command() as (host, session):
             dom = host.lookup(str(domain))
             try:
-                devid = int(which) if which.isdigit() else L.disk_devid(which)
+                devid = int(which) if which.isdigit() else D.disk_devid(which)
             except ValueError as exc:
                 raise ToolstackError(str(exc)) from None
             dev = self._read_vbd(session, dom.domid, devid)
@@ -454,7 +314,7 @@ class Toolstack:
             raise ToolstackError(f"Unknown device {which}.")
 
     def _remove_device(
-        self, host: HostState, session: _Session, dom: DomainState, dev: L.Device, *, force: bool
+        self, host: HostState, session: _Session, dom: DomainState, dev: D.Device, *, force: bool
     ) -> None:
         """libxl__initiate_device_generic_remove, the drivers' reactions, the hotplug script's
         remove, then libxl__device_destroy."""
@@ -470,26 +330,26 @@ class Toolstack:
             self._backend_frontend_changed(host, session, dev, None)
         self._finish_remove(host, session, dev)
 
-    def _initiate_remove(self, session: _Session, dev: L.Device, *, force: bool) -> None:
+    def _initiate_remove(self, session: _Session, dev: D.Device, *, force: bool) -> None:
         conn = session.conn(Actor.LIBXL)
 
         def body() -> list[Op]:
             state = conn.read(f"{dev.backend}/state")
-            return L.device_remove_ops(
+            return D.device_remove_ops(
                 dev.kind, dev.domid, dev.devid, dev.backend_domid, state, force=force
             )
 
         self._transact(conn, body, f"remove {dev.kind} {dev.devid}")
 
-    def _finish_remove(self, host: HostState, session: _Session, dev: L.Device) -> None:
+    def _finish_remove(self, host: HostState, session: _Session, dev: D.Device) -> None:
         state = session.conn(Actor.LIBXL).read(f"{dev.backend}/state")
         if state not in (None, str(L.CLOSED)):
             raise ToolstackError(
                 f"backend {dev.backend} did not reach Closed (state {state}); not removed"
             )
-        if isinstance(dev, L.VbdDevice):
+        if isinstance(dev, D.VbdDevice):
             host.free_loop(dev.backend)  # block remove: losetup -d
-        self._run(session, L.device_destroy_step(dev.kind, dev.domid, dev.devid, dev.backend_domid))
+        self._run(session, D.device_destroy_step(dev.kind, dev.domid, dev.devid, dev.backend_domid))
         backend_dom = host.domains.get(dev.backend_domid)
         if backend_dom is not None:
             backend_dom.free_where(f"peer={dev.domid} dev={dev.kind}/{dev.devid} ")
@@ -503,7 +363,7 @@ class Toolstack:
         """libxl__devices_destroy with force: console synchronously, others in parallel."""
         conn = session.conn(Actor.LIBXL)
         base = f"{L.libxl_path(dom.domid)}/device"
-        pending: list[L.Device] = []
+        pending: list[D.Device] = []
         for kind in conn.directory(base) or []:
             for devid in conn.directory(f"{base}/{kind}") or []:
                 if not devid.isdigit():
@@ -511,9 +371,9 @@ class Toolstack:
                 if kind == "console":
                     backend = conn.read(f"{base}/{kind}/{devid}/backend") or ""
                     be_domid = _backend_domid(backend)
-                    self._run(session, L.device_destroy_step(kind, dom.domid, int(devid), be_domid))
+                    self._run(session, D.device_destroy_step(kind, dom.domid, int(devid), be_domid))
                     continue
-                dev: L.Device | None = None
+                dev: D.Device | None = None
                 if kind == "vbd":
                     dev = self._read_vbd(session, dom.domid, int(devid))
                 elif kind == "vif":
@@ -525,308 +385,6 @@ class Toolstack:
             self._backend_frontend_changed(host, session, dev, None)
         for dev in pending:
             self._finish_remove(host, session, dev)
-
-    # -- the guest -------------------------------------------------------------------------
-
-    def _unpause(self, host: HostState, session: _Session, dom: DomainState) -> None:
-        dom.paused = False
-        if not dom.booted:
-            self._guest_boot(host, session, dom)
-
-    @staticmethod
-    def _guest_responsive(dom: DomainState) -> bool:
-        return dom.booted and not dom.paused
-
-    def _guest_boot(self, host: HostState, session: _Session, dom: DomainState) -> None:
-        """The guest kernel starts: control features, per-vCPU ports, then its xenbus
-        frontends probe the devices under <home>/device (vifs first, as in the capture)."""
-        if dom.booted:
-            return
-        dom.booted = True
-        for _ in range(GUEST_PORTS_PER_VCPU * dom.vcpus):
-            dom.alloc_port("guest kernel")
-        self._run(session, L.guest_boot_step(dom.domid))
-        for kind in ("vif", "vbd"):
-            devids = session.conn(Actor.GUEST_KERNEL, dom.domid).directory(
-                f"{L.dom_path(dom.domid)}/device/{kind}"
-            )
-            for devid in sorted(int(d) for d in devids or [] if d.isdigit()):
-                dev = self._frontend_device(session, dom.domid, kind, devid)
-                if dev is not None:
-                    self._frontend_probe(host, session, dom, dev)
-
-    def _frontend_device(
-        self, session: _Session, domid: int, kind: str, devid: int
-    ) -> L.Device | None:
-        """The device as the guest sees it: its frontend directory points at the backend."""
-        if kind == "vbd":
-            return self._read_vbd(session, domid, devid)
-        return self._read_vif(session, domid, devid)
-
-    def _frontend_probe(
-        self, host: HostState, session: _Session, dom: DomainState, dev: L.Device
-    ) -> None:
-        """A frontend driver reacts to its backend's state (netback_changed/blkback_changed)."""
-        guest = session.conn(Actor.GUEST_KERNEL, dom.domid)
-        fe_state = guest.read(f"{dev.frontend}/state")
-        if fe_state is None:
-            return
-        be_state = guest.read(f"{dev.backend}/state")
-        mine = self._get_driver_state(host, dev, backend=False)
-        if be_state == str(L.INIT_WAIT) and mine == L.INITIALISING:
-            if isinstance(dev, L.VifDevice):
-                self._netfront_connect(host, session, dom, dev)
-            else:
-                self._blkfront_connect(host, session, dom, dev)
-        elif be_state in (str(L.CLOSING), str(L.CLOSED)):
-            self._frontend_backend_changed(host, session, dom, dev)
-
-    def _netfront_connect(
-        self, host: HostState, session: _Session, dom: DomainState, dev: L.VifDevice
-    ) -> None:
-        guest = session.conn(Actor.GUEST_KERNEL, dom.domid)
-        split = guest.read(f"{dev.backend}/feature-split-event-channels") == "1"
-        xdp = guest.read(f"{dev.backend}/feature-xdp-headroom") == "1"
-        tag = f"dev=vif/{dev.devid} "
-        for _ in range(NETFRONT_GRANT_POOL):
-            dom.alloc_grant(f"{tag}netfront pool")
-        tx_ref = dom.alloc_grant(f"{tag}netfront tx ring")
-        rx_ref = dom.alloc_grant(f"{tag}netfront rx ring")
-        ev_tx = dom.alloc_port(f"{tag}netfront tx")
-        ev_rx = dom.alloc_port(f"{tag}netfront rx") if split else None
-        self._run(
-            session,
-            L.netfront_connect_steps(
-                dev,
-                tx_ring_ref=tx_ref,
-                rx_ring_ref=rx_ref,
-                evtchn_tx=ev_tx,
-                evtchn_rx=ev_rx,
-                xdp_headroom=xdp,
-            ),
-        )
-        self._driver_state(host, dev, backend=False, state=L.CONNECTED)
-        self._backend_frontend_changed(host, session, dev, L.CONNECTED)
-
-    def _blkfront_connect(
-        self, host: HostState, session: _Session, dom: DomainState, dev: L.VbdDevice
-    ) -> None:
-        tag = f"dev=vbd/{dev.devid} "
-        ring = dom.alloc_grant(f"{tag}blkfront ring")
-        port = dom.alloc_port(f"{tag}blkfront")
-        self._run(session, L.blkfront_connect_steps(dev, ring_ref=ring, evtchn=port))
-        self._driver_state(host, dev, backend=False, state=L.INITIALISED)
-        self._backend_frontend_changed(host, session, dev, L.INITIALISED)
-        guest = session.conn(Actor.GUEST_KERNEL, dom.domid)
-        if guest.read(f"{dev.backend}/state") == str(L.CONNECTED):  # blkfront_connect
-            self._run(
-                session,
-                L.state_step(
-                    Actor.GUEST_KERNEL,
-                    dev.frontend,
-                    L.CONNECTED,
-                    what="blkfront Connected",
-                    domid=dom.domid,
-                ),
-            )
-            self._driver_state(host, dev, backend=False, state=L.CONNECTED)
-
-    def _frontend_backend_changed(
-        self, host: HostState, session: _Session, dom: DomainState, dev: L.Device
-    ) -> None:
-        """Backend Closing/Closed seen by the frontend: xenbus_frontend_closed -> Closed, and
-        the backend reacts to that."""
-        if self._get_driver_state(host, dev, backend=False) == L.CLOSED:
-            return
-        guest = session.conn(Actor.GUEST_KERNEL, dom.domid)
-        if guest.read(f"{dev.frontend}/state") is None:
-            return
-        self._run(
-            session,
-            L.state_step(
-                Actor.GUEST_KERNEL,
-                dev.frontend,
-                L.CLOSED,
-                what=f"{dev.kind}front Closed",
-                domid=dom.domid,
-            ),
-        )
-        self._driver_state(host, dev, backend=False, state=L.CLOSED)
-        dom.free_where(f"dev={dev.kind}/{dev.devid} ")
-        self._backend_frontend_changed(host, session, dev, L.CLOSED)
-
-    # -- the backends ----------------------------------------------------------------------
-
-    def _backend_frontend_changed(
-        self, host: HostState, session: _Session, dev: L.Device, fe_state: int | None
-    ) -> None:
-        """netback/blkback frontend_changed; ``fe_state=None`` is XenbusStateUnknown (the
-        frontend directory is gone)."""
-        if isinstance(dev, L.VifDevice):
-            self._netback_frontend_changed(host, session, dev, fe_state)
-        else:
-            self._blkback_frontend_changed(host, session, dev, fe_state)
-
-    def _netback_frontend_changed(
-        self, host: HostState, session: _Session, dev: L.VifDevice, fe_state: int | None
-    ) -> None:
-        be = session.conn(Actor.DOM0_KERNEL)
-        mine = self._get_driver_state(host, dev, backend=True)
-        if fe_state == L.CONNECTED:
-            if mine != L.INIT_WAIT:
-                return
-            if be.read(f"{dev.backend}/hotplug-status") != "connected":
-                return  # netback waits for the hotplug script before Connected
-            self._bind_backend_ports(host, dev, 2 if self._split(session, dev) else 1)
-            self._netback_walk(host, session, dev, L.CONNECTED)
-        elif fe_state == L.CLOSING:
-            self._netback_walk(host, session, dev, L.CLOSING)
-        elif fe_state == L.CLOSED or fe_state is None:
-            self._netback_walk(host, session, dev, L.CLOSED)
-            online = be.read(f"{dev.backend}/online")
-            if fe_state is None or online != "1":
-                # device_unregister -> netback_remove: drops hotplug-status.
-                self._run(
-                    session,
-                    L.step(
-                        Actor.DOM0_KERNEL,
-                        [L.Rm(f"{dev.backend}/hotplug-status")],
-                        tx=False,
-                        what="netback_remove",
-                    ),
-                )
-                self._unbind_backend_ports(host, dev)
-
-    def _netback_walk(
-        self, host: HostState, session: _Session, dev: L.VifDevice, target: int
-    ) -> None:
-        current = self._get_driver_state(host, dev, backend=True)
-        for state in L.netback_walk(current, target):
-            self._run(session, L.state_step(Actor.DOM0_KERNEL, dev.backend, state, what="netback"))
-            self._driver_state(host, dev, backend=True, state=state)
-
-    def _blkback_frontend_changed(
-        self, host: HostState, session: _Session, dev: L.VbdDevice, fe_state: int | None
-    ) -> None:
-        be = session.conn(Actor.DOM0_KERNEL)
-        mine = self._get_driver_state(host, dev, backend=True)
-        if fe_state in (L.INITIALISED, L.CONNECTED):
-            if mine == L.CONNECTED or be.read(f"{dev.backend}/physical-device") is None:
-                return
-            self._bind_backend_ports(host, dev, 1)
-            self._run(session, L.blkback_connect_steps(dev, sectors=_sectors(dev.params)))
-            self._driver_state(host, dev, backend=True, state=L.CONNECTED)
-        elif fe_state == L.CLOSING:
-            self._blkback_switch(host, session, dev, L.CLOSING)
-        elif fe_state == L.CLOSED:
-            self._blkback_switch(host, session, dev, L.CLOSED)
-            if be.read(f"{dev.backend}/online") != "1":
-                self._unbind_backend_ports(host, dev)
-        else:
-            # Unknown: device_unregister; xenbus_dev_remove closes a device libxl set Closing.
-            if be.read(f"{dev.backend}/state") == str(L.CLOSING):
-                self._blkback_switch(host, session, dev, L.CLOSED)
-            self._unbind_backend_ports(host, dev)
-
-    def _blkback_switch(
-        self, host: HostState, session: _Session, dev: L.VbdDevice, state: int
-    ) -> None:
-        """xenbus_switch_state: no write when the driver's own state already matches."""
-        if self._get_driver_state(host, dev, backend=True) == state:
-            return
-        self._run(session, L.state_step(Actor.DOM0_KERNEL, dev.backend, state, what="blkback"))
-        self._driver_state(host, dev, backend=True, state=state)
-
-    @staticmethod
-    def _split(session: _Session, dev: L.VifDevice) -> bool:
-        be = session.conn(Actor.DOM0_KERNEL)
-        return be.read(f"{dev.frontend}/event-channel-rx") is not None
-
-    @staticmethod
-    def _bind_backend_ports(host: HostState, dev: L.Device, count: int) -> None:
-        backend_dom = host.domains.get(dev.backend_domid)
-        if backend_dom is None:
-            return
-        for i in range(count):
-            backend_dom.alloc_port(f"peer={dev.domid} dev={dev.kind}/{dev.devid} backend {i}")
-
-    @staticmethod
-    def _unbind_backend_ports(host: HostState, dev: L.Device) -> None:
-        backend_dom = host.domains.get(dev.backend_domid)
-        if backend_dom is not None:
-            backend_dom.free_where(f"peer={dev.domid} dev={dev.kind}/{dev.devid} ")
-
-    # -- driver states (the drivers' own view, which may differ from xenstore) -------------
-
-    @staticmethod
-    def _driver_state(host: HostState, dev: L.Device, *, backend: bool, state: int) -> None:
-        owner = host.domains.get(dev.backend_domid if backend else dev.domid)
-        if owner is not None:
-            owner.drivers[_driver_key(dev, backend=backend)] = state
-
-    @staticmethod
-    def _get_driver_state(host: HostState, dev: L.Device, *, backend: bool) -> int:
-        owner = host.domains.get(dev.backend_domid if backend else dev.domid)
-        if owner is None:
-            return L.CLOSED
-        return owner.drivers.get(_driver_key(dev, backend=backend), L.INITIALISING)
-
-    # -- reading libxl's records -----------------------------------------------------------
-
-    def _read_vbd(self, session: _Session, domid: int, devid: int) -> L.VbdDevice | None:
-        rec = self._libxl_record(session, domid, "vbd", devid)
-        if rec is None:
-            return None
-        return L.VbdDevice(
-            domid=domid,
-            devid=devid,
-            vdev=rec.get("dev", str(devid)),
-            params=rec.get("params", ""),
-            script=rec.get("script", f"{XEN_SCRIPTS}/block"),
-            readwrite=rec.get("mode", "w") == "w",
-            cdrom=rec.get("device-type") == "cdrom",
-            backend_domid=_backend_domid(rec.get("backend", "")),
-            backend_type=rec.get("type", "phy"),
-            removable=rec.get("removable") == "1",
-            discard_enable=rec.get("discard-enable", "1") == "1",
-        )
-
-    def _read_vif(self, session: _Session, domid: int, devid: int) -> L.VifDevice | None:
-        rec = self._libxl_record(session, domid, "vif", devid)
-        if rec is None:
-            return None
-        return L.VifDevice(
-            domid=domid,
-            devid=devid,
-            mac=rec.get("mac", ""),
-            bridge=rec.get("bridge", "xenbr0"),
-            script=rec.get("script", f"{XEN_SCRIPTS}/vif-bridge"),
-            backend_domid=_backend_domid(rec.get("backend", "")),
-            ip=rec.get("ip"),
-            vifname=rec.get("vifname"),
-            gatewaydev=rec.get("gatewaydev"),
-            rate=rec.get("rate"),
-            mtu=int(rec.get("mtu", "1500")),
-        )
-
-    @staticmethod
-    def _libxl_record(
-        session: _Session, domid: int, kind: str, devid: int
-    ) -> dict[str, str] | None:
-        """/libxl/<domid>/device/<kind>/<devid>: the trusted copy libxl keeps (dom0-only)."""
-        conn = session.conn(Actor.LIBXL)
-        base = L.libxl_device_path(domid, kind, devid)
-        keys = conn.directory(base)
-        if keys is None:
-            return None
-        record = {}
-        for key in keys:
-            value = conn.read(f"{base}/{key}")
-            if value is not None:
-                record[key] = value
-        return record
-
-    # -- vchan -----------------------------------------------------------------------------
 
     def vchan_listen(
         self, server: int, client: int, *, path: str | None = None, port: int = 0
@@ -853,91 +411,13 @@ class Toolstack:
             self._run(session, L.vchan_close_step(full))
 
 
-# -- helpers --------------------------------------------------------------------------------
-
-
-def _driver_key(dev: L.Device, *, backend: bool) -> str:
-    side = "back" if backend else "front"
-    return f"{side}:{dev.kind}/{dev.domid}/{dev.devid}"
-
-
-def _backend_domid(backend: str) -> int:
-    parts = backend.split("/")
-    if len(parts) > 3 and parts[1:3] == ["local", "domain"] and parts[3].isdigit():
-        return int(parts[3])
-    return 0
-
-
-def _vchan_full_path(server: int, client: int, path: str | None, port: int) -> str:
-    if path is None:
-        return L.vchan_path(server, client, port)
-    if path.startswith("/"):
-        return path
-    return f"{L.dom_path(server)}/{path}"
-
-
-def _random_mac(uuid: str, devid: int) -> str:
-    """libxl__device_nic_setdefault: Xen's OUI 00:16:3e and three pseudo-random bytes (here
-    derived from the domain's uuid so a replay is reproducible)."""
-    digest = zlib.crc32(f"{uuid}/{devid}".encode()).to_bytes(4, "big")
-    return f"00:16:3e:{digest[0] & 0x7F:02x}:{digest[1]:02x}:{digest[2]:02x}"
-
-
-def _block_device(host: HostState, dev: L.VbdDevice) -> tuple[str | None, str]:
-    """What /etc/xen/scripts/block add finds: a block device is used as is; a file gets a
-    loop device (losetup -f).  Returns (node written for files, major:minor in hex)."""
-    path = dev.params
-    is_block = False
-    with contextlib.suppress(OSError):
-        is_block = stat.S_ISBLK(os.stat(path).st_mode)
-    if is_block or (path.startswith("/dev/") and not os.path.isfile(path)):
-        if is_block:
-            rdev = os.stat(path).st_rdev
-            return None, f"{os.major(rdev):x}:{os.minor(rdev):x}"
-        return None, f"fe:{zlib.crc32(path.encode()) % 256:x}"  # a made-up dm device
-    loop = host.alloc_loop(dev.backend)
-    return loop, f"7:{int(loop.removeprefix('/dev/loop')):x}"
-
-
-def _sectors(params: str) -> int:
-    try:
-        size = os.stat(params).st_size
-    except OSError:
-        return DEFAULT_SECTORS
-    return size // 512 if size else DEFAULT_SECTORS
-
-
-def _config_json(cfg: DomainConfig) -> dict[str, Any]:
-    """The part of libxl's stored domain configuration `xl list -l` prints."""
-    c_info: dict[str, Any] = {"type": cfg.type, "name": cfg.name, "uuid": cfg.uuid}
-    if cfg.seclabel is not None:  # access_control is not read by xl, so not stored
-        c_info["ssid_label"] = cfg.seclabel
-    b_info: dict[str, Any] = {
-        "max_vcpus": cfg.max_vcpus,
-        "avail_vcpus": list(range(cfg.vcpus)),
-        "max_memkb": cfg.max_memkb,
-        "target_memkb": cfg.target_memkb,
-    }
-    for key, value in (("kernel", cfg.kernel), ("cmdline", cfg.cmdline), ("ramdisk", cfg.ramdisk)):
-        if value:
-            b_info[key] = value
-    disks = [
-        {
-            "pdev_path": d.target,
-            "vdev": d.vdev,
-            "format": d.format,
-            "readwrite": 1 if d.readwrite else 0,
-        }
-        for d in cfg.disks
-    ]
-    nics = [
-        {k: v for k, v in {"devid": i, "mac": n.mac, "bridge": n.bridge}.items() if v is not None}
-        for i, n in enumerate(cfg.vifs)
-    ]
-    return {
-        "c_info": c_info,
-        "b_info": b_info,
-        "disks": disks,
-        "nics": nics,
-        "on_crash": cfg.on_crash,
-    }
+__all__ = [
+    "DEFAULT_SECTORS",
+    "MAX_TX_ATTEMPTS",
+    "NETFRONT_GRANT_POOL",
+    "XEN_SCRIPTS",
+    "CommitHook",
+    "Toolstack",
+    "ToolstackError",
+    "VchanEndpoint",
+]

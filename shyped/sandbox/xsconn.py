@@ -9,13 +9,14 @@ access log.
 from __future__ import annotations
 
 import errno
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import pyxs
 from pyxs._internal import Op, Packet, next_rq_id
 from pyxs.exceptions import PyXSError
 from pyxs.helpers import error as pyxs_error
+
+from shyped.core.closing import Closing
 
 NUL = b"\x00"
 
@@ -28,7 +29,7 @@ class XsError(RuntimeError):
         self.errno = errno_
 
 
-class XsConn:
+class XsConn(Closing):
     """One connection to xenstored; transactions are one at a time, like libxenstore's."""
 
     def __init__(self, socket_path: str, timeout: float = 30.0) -> None:
@@ -42,17 +43,6 @@ class XsConn:
 
     def close(self) -> None:
         self._client.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- wire ----------------------------------------------------------------------------
 

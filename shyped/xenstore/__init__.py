@@ -1,5 +1,6 @@
 """The daemon's xenstore edge: a Twisted gateway over pyxs, its errors, and the wire format."""
 
+from shyped.xenstore.blocking import Transaction
 from shyped.xenstore.errors import (
     Again,
     ConnectionLost,
@@ -7,13 +8,12 @@ from shyped.xenstore.errors import (
     PermissionDenied,
     XenstoreError,
 )
-from shyped.xenstore.gateway import (
+from shyped.xenstore.gateway import XenstoreGateway
+from shyped.xenstore.gatewayconfig import (
     GatewayConfig,
     GatewayStats,
     Node,
     Snapshot,
-    Transaction,
-    XenstoreGateway,
 )
 from shyped.xenstore.wire import Perm
 

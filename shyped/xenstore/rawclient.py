@@ -17,15 +17,14 @@ import sys
 import time
 from collections import deque
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Self
 
+from shyped.core.closing import Closing
 from shyped.xenstore import wire
 from shyped.xenstore.errors import from_errno_name
 from shyped.xenstore.wire import Op
 
 
-class RawClient:
+class RawClient(Closing):
     """One Unix-socket connection; requests are answered in order (no pipelining here)."""
 
     def __init__(self, socket_path: str) -> None:
@@ -37,17 +36,6 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _recv_exact(self, size: int) -> bytes:
         data = bytearray()

@@ -20,9 +20,9 @@ from builder import Images
 from runner import REPO, RunResult
 from sandbox_toolstack_helpers import XSGOLD_CFG, normalize_layout, xenstore_ls
 
+from shyped.core.xlcfg import domain_config_from_text
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored
-from shyped.xlcfg import domain_config_from_text
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 

@@ -1,0 +1,238 @@
+"""The ``shyped`` command: run the daemon, check a configuration, or run the sandbox demo.
+
+Exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 if the daemon could not run (xenstored
+unreachable) or the demo saw an unexpected decision, 2 for a configuration, policy or label
+store that cannot be used (the message says which file and what; no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from shyped.cli.logs import LEVELS, start_logging
+from shyped.service.config import ConfigError, load_config
+
+DEFAULT_CONFIG = Path("/etc/shyped/shyped.toml")
+_log = Logger(namespace="shyped")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shyped",
+        description="sHype-style mandatory access control for Xen, enforced from dom0 at the "
+        "xenstore/toolstack layer (STE, Chinese Wall, MLS). Without a command, runs the daemon "
+        "(SIGHUP reloads the policy and the label store; SIGTERM stops).",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"configuration file (default {DEFAULT_CONFIG}; see conf/shyped.toml)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=sorted(LEVELS),
+        default="info",
+        help="least severe log level written to stderr (default info: one line per decision)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", help="run the daemon (the default)")
+    sub.add_parser("check", help="load the configuration, policy and label store, report, and exit")
+    demo = sub.add_parser(
+        "demo",
+        help="start a sandbox xenstored, run the daemon on conf/'s example policy and a "
+        "scripted scenario, print each decision and a summary, and exit",
+    )
+    demo.add_argument(
+        "--verbose", action="store_true", help="also show the daemon's own log on stderr"
+    )
+    return parser
+
+
+def _error(message: str) -> int:
+    print(f"shyped: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check(config_path: Path) -> int:
+    from shyped.service.daemon import StartupError, load_startup
+
+    try:
+        config = load_config(config_path)
+        loaded, labels = load_startup(config)
+        if config.metrics.enabled:
+            from shyped.service.metricsweb import load_access
+
+            load_access(config.metrics)  # the token and TLS key files: root's only
+    except (ConfigError, StartupError) as e:
+        return _error(str(e))
+    p = loaded.policy
+    print(
+        f"{config_path}: ok\n"
+        f"policy {p.name} {p.version} ({loaded.format}, {loaded.path}, sha256 {loaded.sha256})\n"
+        f"  {len(p.vm_labels)} VM labels, {len(p.resource_labels)} resource labels, "
+        f"{len(p.conflict_sets)} conflict sets\n"
+        f"labels {config.labels}: {len(labels.by_uuid)} by uuid, {len(labels.by_name)} by name, "
+        f"{len(labels.resources)} resources\n"
+        f"mode {config.mode.value}, domain veto {config.domain_veto.value}, "
+        f"actuator {config.actuator.kind}, xenstore {config.xenstore.socket}"
+    )
+    return 0
+
+
+def _run(config_path: Path, level: str) -> int:
+    """The daemon, its control socket and systemd notifications, until SIGTERM/SIGINT.
+
+    Order: the control socket listens first (it answers ``unavailable`` until the daemon is
+    ready), then the daemon connects and reconciles; READY=1 goes to systemd only once that
+    first reconcile has decided every domain that exists. SIGHUP: RELOADING=1, reload, READY=1.
+    On the way out: STOPPING=1, the control socket closes, then the xenstore connection.
+    """
+    from shyped.control.daemon_backend import DaemonControlBackend
+    from shyped.control.server import ControlServer, ControlSetupError
+    from shyped.service.daemon import Daemon, ReloadResult, StartupError, load_startup
+    from shyped.service.sdnotify import Notifier, Watchdog
+
+    try:
+        config = load_config(config_path)
+        loaded, labels = load_startup(config)
+    except (ConfigError, StartupError) as e:
+        return _error(str(e))
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
+    from shyped.service.metricsweb import raise_nofile_limit
+    from shyped.service.observability import build_audit, build_metrics
+
+    raise_nofile_limit()
+    audit = build_audit(config, reactor)
+    try:
+        metrics = build_metrics(config, reactor, audit)
+    except ConfigError as e:
+        return _error(f"{config_path}: {e}")
+    daemon = Daemon(
+        config,
+        loaded,
+        labels,
+        reactor=reactor,
+        audit=audit,
+        metrics=None if metrics is None else metrics.state,
+    )
+    try:
+        server = ControlServer(DaemonControlBackend(daemon), config.control, reactor=reactor)
+    except ControlSetupError as e:
+        return _error(f"{config_path}: control: {e}")
+    start_logging(level)
+    notifier = Notifier()
+    watchdog = Watchdog.from_environment(notifier)
+    status = {"code": 0}
+
+    def summary() -> str:
+        st = daemon.status()
+        p = daemon.loaded.policy
+        return (
+            f"{st.mode}; policy {p.name} {p.version}; {sum(st.domains.values())} domains "
+            f"({st.domains.get('admitted', 0)} admitted, {st.domains.get('denied', 0)} denied)"
+        )
+
+    stopping = {"now": False}
+
+    def stop(code: int) -> None:
+        status["code"] = code
+        if not stopping["now"]:
+            reactor.stop()
+
+    def failed(failure: Any) -> None:
+        if stopping["now"]:  # SIGTERM while starting: the shutdown closed the connection
+            _log.info("start interrupted by the shutdown")
+            return
+        if isinstance(failure.value, StartupError):
+            _log.critical("{error}", error=str(failure.value))
+        else:
+            _log.failure("shyped failed to start", failure)
+        stop(1)
+
+    def ready(_: object) -> None:
+        _log.info("ready: {summary}", summary=summary())
+        notifier.ready(summary())
+
+    def start() -> None:
+        if metrics is not None:
+            try:
+                metrics.start()
+            except Exception as e:  # a bad address, the port taken
+                _log.critical("metrics endpoint: {error}", error=str(e))
+                stop(1)
+                return
+        try:
+            server.start()
+        except (ControlSetupError, OSError) as e:
+            _log.critical("control socket {path}: {error}", path=str(server.path), error=str(e))
+            stop(1)
+            return
+        if watchdog is not None:
+            watchdog.start()
+        Deferred.fromCoroutine(daemon.start()).addCallbacks(ready, failed)
+
+    def reloaded(result: ReloadResult) -> None:
+        if result.applied:
+            what = f"policy {result.new} applied"
+        elif result.error is not None:
+            what = "reload failed (see the log)"
+        elif result.sha256 == daemon.loaded.sha256:
+            what = "policy unchanged"
+        else:
+            what = f"policy {result.new} refused ({len(result.problems)} reasons)"
+        if daemon.ready:
+            notifier.ready(f"{summary()}; reload: {what}")
+
+    def hangup(_signum: int, _frame: object) -> None:
+        def reload() -> None:
+            _log.info("SIGHUP: reloading the label store and the policy")
+            if daemon.ready:  # before READY=1, systemd is not told about reloads
+                notifier.reloading("reloading the policy and the label store")
+            daemon.reload_policy().addCallback(reloaded)
+
+        reactor.callFromThread(reload)
+
+    def shutdown() -> Deferred[Any]:
+        stopping["now"] = True
+        notifier.stopping("stopping")
+        if watchdog is not None:
+            watchdog.stop()
+        stopped = server.stop()
+        stopped.addBoth(lambda _: daemon.stop())
+        if metrics is not None:
+            stopped.addBoth(lambda _: metrics.stop())
+        stopped.addErrback(lambda f: _log.failure("while stopping", f))
+        return stopped
+
+    reactor.callWhenRunning(start)
+    reactor.callWhenRunning(signal.signal, signal.SIGHUP, hangup)
+    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
+    reactor.run()
+    notifier.close()
+    return status["code"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from shyped.cli.demo import run_demo
+
+        return run_demo(verbose=args.verbose)
+    if args.command == "check":
+        return _check(args.config)
+    return _run(args.config, args.log_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

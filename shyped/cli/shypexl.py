@@ -1,0 +1,437 @@
+"""``shype-xl``: ``xl`` with shyped's admission in front of ``create`` and device attaches.
+
+``shype-xl create <cfg> [xl create options] [KEY=VALUE…]``:
+
+1. reads the config as xl does (overrides appended) and its ACM label (``seclabel=`` or
+   ``access_control=['policy=P,label=L']``); a cfg without ``uuid`` gets one, passed to xl
+   as a ``uuid="…"`` override so the daemon and xl agree on the domain's key;
+2. asks the daemon for a dry run (domain, each disk and vif): any DENIED stops here;
+3. registers the label for the UUID with the daemon;
+4. runs ``xl create -p`` (the domain cannot execute an instruction while paused);
+5. waits for the daemon's admission of the domain and its devices (``--admission-timeout``);
+6. admitted: ``xl unpause`` (unless ``-p`` was asked for; ``-c``/``-V``/``-A`` then attach
+   the console/viewer); denied or no answer: ``xl destroy`` and exit non-zero with the reason.
+
+Every command after ``create`` names the domain by its **domid**, never by its name: the domid
+the daemon admitted for the UUID, or else the one ``xl list -l`` shows for that UUID (exactly
+one domain, or shype-xl does nothing to any and says so; the new domain stays paused). A name
+can be taken by another domain (a rename, or a cfg read differently), a domid/UUID pair cannot.
+
+``block-attach`` and ``network-attach`` are dry-run first and passed to xl only if
+permitted. Every other sub-command is exec'd as is.
+
+Fail closed: if the daemon cannot be reached, shype-xl refuses (exit 3). ``--fail-open`` (or
+``SHYPE_XL_FAIL_OPEN=1``) lets it go on without the daemon, with a warning; the daemon will
+still decide the domain when it next reconciles. The xl command is ``--xl`` or ``$SHYPE_XL``
+(split like a shell would), default ``xl``.
+
+Exit status: 0 ok; 1 denied by the policy (nothing is left running); 2 usage or bad cfg;
+3 daemon unreachable or failed; 4 permission denied by the daemon; xl's own status when xl
+itself fails; pass-through sub-commands exit with xl's status.
+"""
+
+from __future__ import annotations
+
+import getopt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import uuid as uuidlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final, NoReturn, TextIO
+
+import attrs
+
+from shyped.cli.shypectl import EXIT_DAEMON, EXIT_DENIED, EXIT_OK, EXIT_USAGE, exit_status
+from shyped.control import backend as b
+from shyped.control.client import ControlClient, DaemonUnreachable, default_socket
+from shyped.control.protocol import ControlError
+from shyped.control.xlitems import disk_item, summarize, vif_item, with_overrides
+from shyped.core.xlcfg import XlConfigError
+from shyped.fileio.boundedread import XLCFG_MAX_BYTES, read_bounded
+
+XL_ENV: Final = "SHYPE_XL"
+FAIL_OPEN_ENV: Final = "SHYPE_XL_FAIL_OPEN"
+#: xl's global options (tools/xl/xl.c): none takes an argument.
+_XL_GLOBAL: Final = frozenset("vfNtTh")
+#: ``xl create``'s options (tools/xl/xl_vmcontrol.c main_create).
+_CREATE_SHORT: Final = "Fnqf:pcdeVAih"
+_CREATE_LONG: Final = [
+    "dryrun",
+    "quiet",
+    "defconfig=",
+    "vncviewer",
+    "vncviewer-autopass",
+    "ignore-global-affinity-masks",
+    "help",
+]
+
+
+class Refused(Exception):
+    """shype-xl will not go on; `status` is the exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@attrs.frozen
+class Options:
+    xl: tuple[str, ...]
+    socket: Path
+    fail_open: bool
+    timeout: float
+    admission_timeout: float
+    xl_globals: tuple[str, ...]
+    command: str | None
+    rest: tuple[str, ...]
+
+
+_USAGE = """usage: shype-xl [--socket PATH] [--xl CMD] [--fail-open] [--timeout S]
+                [--admission-timeout S] [xl options] SUBCOMMAND [ARGS…]
+create, block-attach and network-attach are checked with shyped; the rest go to xl as is."""
+
+
+def parse_options(argv: Sequence[str]) -> Options:
+    """shype-xl's own options and xl's global options, up to the sub-command."""
+    xl = os.environ.get(XL_ENV, "xl")
+    socket = default_socket()
+    fail_open = os.environ.get(FAIL_OPEN_ENV, "") in ("1", "yes", "true")
+    timeout, admission_timeout = 10.0, 60.0
+    globals_: list[str] = []
+    args = list(argv)
+    i = 0
+
+    def value(name: str) -> str:
+        nonlocal i
+        if "=" in args[i]:
+            return args[i].split("=", 1)[1]
+        if i + 1 >= len(args):
+            raise Refused(f"{name} needs a value\n{_USAGE}", EXIT_USAGE)
+        i += 1
+        return args[i]
+
+    def number(name: str) -> float:
+        text = value(name)
+        try:
+            n = float(text)
+        except ValueError:
+            raise Refused(f"{name}: {text!r} is not a number", EXIT_USAGE) from None
+        if not 0 < n <= 600:
+            raise Refused(f"{name} must be in (0, 600]", EXIT_USAGE)
+        return n
+
+    while i < len(args):
+        a = args[i]
+        name = a.split("=", 1)[0]
+        if name == "--xl":
+            xl = value("--xl")
+        elif name == "--socket":
+            socket = Path(value("--socket"))
+        elif a == "--fail-open":
+            fail_open = True
+        elif name == "--timeout":
+            timeout = number("--timeout")
+        elif name == "--admission-timeout":
+            admission_timeout = number("--admission-timeout")
+        elif a == "--":
+            i += 1
+            break
+        elif a.startswith("-") and len(a) > 1 and not a.startswith("--"):
+            if not set(a[1:]) <= _XL_GLOBAL:
+                raise Refused(f"unknown option {a!r}\n{_USAGE}", EXIT_USAGE)
+            globals_.append(a)
+        elif a.startswith("--"):
+            raise Refused(f"unknown option {a!r}\n{_USAGE}", EXIT_USAGE)
+        else:
+            break
+        i += 1
+    xl_cmd = tuple(shlex.split(xl))
+    if not xl_cmd:
+        raise Refused("the xl command is empty", EXIT_USAGE)
+    command = args[i] if i < len(args) else None
+    return Options(
+        xl=xl_cmd,
+        socket=socket,
+        fail_open=fail_open,
+        timeout=timeout,
+        admission_timeout=admission_timeout,
+        xl_globals=tuple(globals_),
+        command=command,
+        rest=tuple(args[i + 1 :]),
+    )
+
+
+class Wrapper:
+    """One shype-xl run."""
+
+    def __init__(self, opts: Options, err: TextIO) -> None:
+        self.opts = opts
+        self.err = err
+        self.client = ControlClient(opts.socket, timeout=opts.timeout)
+
+    def say(self, text: str) -> None:
+        print(f"shype-xl: {text}", file=self.err, flush=True)
+
+    def xl_argv(self, *args: str) -> list[str]:
+        return [*self.opts.xl, *self.opts.xl_globals, *args]
+
+    def xl(self, *args: str) -> int:
+        """Run xl (inheriting stdio); its exit status."""
+        try:
+            return subprocess.run(self.xl_argv(*args), check=False).returncode
+        except OSError as exc:
+            raise Refused(f"cannot run {self.opts.xl[0]}: {exc.strerror}", EXIT_USAGE) from None
+
+    def exec_xl(self, *args: str) -> NoReturn:
+        argv = self.xl_argv(*args)
+        sys.stdout.flush()
+        self.err.flush()
+        try:
+            os.execvp(argv[0], argv)
+        except OSError as exc:
+            raise Refused(f"cannot run {argv[0]}: {exc.strerror}", EXIT_USAGE) from None
+
+    def unreachable(self, exc: DaemonUnreachable) -> None:
+        """Fail closed, or warn and go on with --fail-open."""
+        if not self.opts.fail_open:
+            raise Refused(f"{exc}; refusing (fail closed; --fail-open to override)", EXIT_DAEMON)
+        self.say(f"WARNING: {exc}; going on without shyped (--fail-open)")
+
+    def print_verdicts(self, items: Sequence[b.Verdict]) -> None:
+        for item in items:
+            verdict = "PERMITTED" if item.permitted else "DENIED"
+            print(f"  {item.item}: {verdict}: {item.reason}", file=self.err)
+
+    # ---- sub-commands
+
+    def run(self) -> int:
+        cmd = self.opts.command
+        if cmd is None:
+            print(_USAGE, file=self.err)
+            return EXIT_USAGE
+        if "-N" in self.opts.xl_globals or "-h" in self.opts.xl_globals:
+            self.exec_xl(cmd, *self.opts.rest)  # xl's dry run / help: nothing is created
+        if cmd == "create":
+            return self.create(list(self.opts.rest))
+        if cmd in ("block-attach", "network-attach"):
+            return self.attach(cmd, list(self.opts.rest))
+        self.exec_xl(cmd, *self.opts.rest)
+
+    def attach(self, cmd: str, rest: list[str]) -> int:
+        if len(rest) < 1 or rest[0] in ("-h", "--help"):
+            self.exec_xl(cmd, *rest)
+        domain, specs = rest[0], rest[1:]
+        if cmd == "block-attach":
+            args = b.DryRunArgs(running=domain, disks=(disk_item(specs),))
+        else:
+            args = b.DryRunArgs(running=domain, vifs=(vif_item(",".join(specs)),))
+        try:
+            res = self.client.dry_run(args)
+        except DaemonUnreachable as exc:
+            self.unreachable(exc)
+            self.exec_xl(cmd, *rest)
+        if not res.permitted:
+            self.say(f"{cmd} to {domain} DENIED by shyped:")
+            self.print_verdicts(res.items)
+            return EXIT_DENIED
+        self.exec_xl(cmd, *rest)
+
+    def create(self, rest: list[str]) -> int:
+        filename: str | None = None
+        if rest and not rest[0].startswith("-") and "=" not in rest[0]:
+            filename = rest.pop(0)
+        try:
+            opts, positional = getopt.gnu_getopt(rest, _CREATE_SHORT, _CREATE_LONG)
+        except getopt.GetoptError as exc:
+            raise Refused(f"create: {exc}", EXIT_USAGE) from None
+        flags = {o for o, _ in opts}
+        if flags & {"-h", "--help", "-n", "--dryrun"}:
+            self.exec_xl("create", *self.opts.rest)  # help or xl's own dry run
+        if flags & {"-F", "-e"}:
+            raise Refused(
+                "create -F/-e (xl stays in the foreground) cannot be wrapped: the domain must "
+                "be admitted while paused; run it daemonized",
+                EXIT_USAGE,
+            )
+        passthrough: list[str] = []
+        for o, v in opts:
+            if o in ("-f", "--defconfig"):
+                filename = v
+            elif o in ("-q", "--quiet"):
+                passthrough.append("-q")
+            elif o in ("-i", "--ignore-global-affinity-masks"):
+                passthrough.append("-i")
+            elif o == "-d":
+                passthrough.append("-d")
+        overrides = []
+        for p in positional:
+            if "=" in p:
+                overrides.append(p)
+            elif filename is None:
+                filename = p
+            else:
+                raise Refused(f"create: unexpected argument {p!r}", EXIT_USAGE)
+        if filename is None:
+            raise Refused("create: no config file", EXIT_USAGE)
+        try:
+            text = read_bounded(filename, XLCFG_MAX_BYTES, "domain config").decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Refused(f"cannot read {filename}: {exc}", EXIT_USAGE) from None
+        cfg = summarize(with_overrides(text, overrides), filename)
+        uuid = cfg.uuid
+        if uuid is None:
+            uuid = str(uuidlib.uuid4())
+            overrides.append(f'uuid="{uuid}"')
+        else:
+            try:
+                uuid = str(uuidlib.UUID(uuid))
+            except ValueError:
+                raise Refused(f"{filename}: uuid {uuid!r} is not a UUID", EXIT_USAGE) from None
+        paused = bool(flags & {"-p"})
+        create_argv = ["create", "-p", *passthrough, filename, *overrides]
+        label = str(cfg.label) if cfg.label else None
+
+        try:
+            domain = attrs.evolve(cfg.domain, uuid=uuid)
+            res = self.client.dry_run(b.DryRunArgs(domain=domain, disks=cfg.disks, vifs=cfg.vifs))
+            if not res.permitted:
+                self.say(f"domain {cfg.name} DENIED by shyped (nothing created):")
+                self.print_verdicts(res.items)
+                return EXIT_DENIED
+            self.client.register_domain(uuid, cfg.name, label)
+        except DaemonUnreachable as exc:
+            self.unreachable(exc)
+            return self._create_unchecked(create_argv, uuid, paused, flags)
+
+        status = self.xl(*create_argv)
+        if status != 0:
+            self._forget(uuid)
+            return status
+        devices = len(cfg.disks) + len(cfg.vifs)
+        try:
+            adm = self.client.wait_admission(uuid, devices, self.opts.admission_timeout)
+        except (ControlError, DaemonUnreachable) as exc:
+            if isinstance(exc, DaemonUnreachable) and self.opts.fail_open:
+                self.say(f"WARNING: {exc}; unpausing without shyped's admission (--fail-open)")
+                return self._finish_by_uuid(uuid, paused, flags)
+            domid = self._domid_of(uuid)
+            if domid is None:
+                self.say(
+                    f"no admission for {cfg.name}: {exc}; and no single domain with uuid "
+                    f"{uuid}: nothing destroyed (it stays paused)"
+                )
+            else:
+                self.say(
+                    f"no admission for {cfg.name}: {exc}; destroying domid {domid} (fail closed)"
+                )
+                self.xl("destroy", str(domid))
+            self._forget(uuid)
+            code = exc.code if isinstance(exc, ControlError) else None
+            return exit_status(code) if code is not None else EXIT_DAEMON
+        if not adm.permitted:
+            self.say(f"domain {cfg.name} (domid {adm.domid}) DENIED by shyped: {adm.reason}")
+            for dev in adm.devices:
+                if not dev.permitted:
+                    print(f"  {dev.kind} {dev.devid}: DENIED: {dev.reason}", file=self.err)
+            if adm.state != "gone":
+                self.xl("destroy", str(adm.domid))
+            self._forget(uuid)
+            return EXIT_DENIED
+        self.say(f"domain {cfg.name} (domid {adm.domid}) admitted ({label or 'unlabelled'})")
+        return self._finish(str(adm.domid), paused, flags)
+
+    def _create_unchecked(
+        self, create_argv: list[str], uuid: str, paused: bool, flags: set[str]
+    ) -> int:
+        status = self.xl(*create_argv)
+        if status != 0:
+            return status
+        return self._finish_by_uuid(uuid, paused, flags)
+
+    def _domid_of(self, uuid: str) -> int | None:
+        """The domid of the one domain whose UUID is `uuid` (``xl list -l``); None if there is
+        none, more than one, or xl's answer cannot be read."""
+        try:
+            out = subprocess.run(
+                self.xl_argv("list", "-l"),
+                check=False,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                timeout=self.opts.timeout,
+            )
+            records = json.loads(out.stdout) if out.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired, ValueError, RecursionError):
+            return None
+        if not isinstance(records, list):
+            return None
+        found: list[int] = []
+        for r in records:
+            try:
+                domid, their = r["domid"], r["config"]["c_info"]["uuid"]
+            except (KeyError, TypeError):
+                continue
+            if isinstance(domid, int) and isinstance(their, str) and their.lower() == uuid:
+                found.append(domid)
+        return found[0] if len(found) == 1 else None
+
+    def _finish_by_uuid(self, uuid: str, paused: bool, flags: set[str]) -> int:
+        domid = self._domid_of(uuid)
+        if domid is None:
+            self.say(
+                f"cannot tell which domain xl created (no single domain with uuid {uuid}); "
+                "not unpausing anything"
+            )
+            return EXIT_DAEMON
+        return self._finish(str(domid), paused, flags)
+
+    def _finish(self, domain: str, paused: bool, flags: set[str]) -> int:
+        if not paused:
+            status = self.xl("unpause", domain)
+            if status != 0:
+                return status
+        if "-c" in flags:
+            self.exec_xl("console", domain)
+        if flags & {"-V", "--vncviewer", "-A", "--vncviewer-autopass"}:
+            auto = ["--autopass"] if flags & {"-A", "--vncviewer-autopass"} else []
+            self.exec_xl("vncviewer", *auto, domain)
+        return EXIT_OK
+
+    def _forget(self, uuid: str) -> None:
+        try:
+            self.client.register_domain(uuid, None, None)
+        except (ControlError, DaemonUnreachable) as exc:
+            self.say(f"could not forget the label of {uuid}: {exc}")
+
+
+def run(argv: Sequence[str] | None = None, err: TextIO = sys.stderr) -> int:
+    try:
+        opts = parse_options(sys.argv[1:] if argv is None else argv)
+        wrapper = Wrapper(opts, err)
+        try:
+            return wrapper.run()
+        finally:
+            wrapper.client.close()
+    except Refused as exc:
+        print(f"shype-xl: {exc}", file=err)
+        return exc.status
+    except XlConfigError as exc:
+        print(f"shype-xl: {exc}", file=err)
+        return EXIT_USAGE
+    except ControlError as exc:
+        print(f"shype-xl: shyped refused: {exc.message} [{exc.code}]", file=err)
+        for key in ("reasons", "problems"):
+            for item in exc.details.get(key, [])[:50]:
+                print(f"  {item}", file=err)
+        return exit_status(exc.code)
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

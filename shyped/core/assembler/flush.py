@@ -1,0 +1,302 @@
+"""The derived events: what the facts gathered by the readers add up to (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from shyped.core.assembler.local import LocalReader
+from shyped.core.assembler.state import (
+    _EMPTY,
+    _Dom,
+)
+from shyped.core.channels import (
+    device_dir_of,
+)
+from shyped.core.events import (
+    _VCHAN_KEYS,
+    BackendStateChanged,
+    DeviceAdded,
+    DeviceKey,
+    DeviceRemoved,
+    DomainAppeared,
+    DomainResources,
+    DomainVanished,
+    Event,
+    FrontendStateChanged,
+    RingsPublished,
+    RingsWithdrawn,
+    VchanPublished,
+    VchanRemoved,
+    frontend_dir,
+)
+from shyped.core.xsparse import (
+    parse_domid_component,
+)
+
+
+class Flusher(LocalReader):
+    """Turns the dirty facts into typed events, and lists the paths a reconcile must read."""
+
+    def _flush(self) -> list[Event]:
+        out = self._out
+        self._out = []
+        if not (
+            self._shared.pending()
+            or self._dirty_doms
+            or self._dirty_devs
+            or self._dirty_vchans
+            or self._touched
+            or self._dirty_res
+        ):
+            return out
+        vanished: list[int] = []
+        if self._dirty_doms:
+            doms = sorted(self._dirty_doms)
+            self._dirty_doms.clear()
+            self._touched.update(doms)
+            for d in doms:
+                self._flush_domain(d, out, vanished)
+        if self._dirty_res:
+            res = sorted(self._dirty_res)
+            self._dirty_res.clear()
+            for d in res:
+                self._flush_resources(d, out)
+        if self._dirty_devs:
+            devs = sorted(self._dirty_devs) if len(self._dirty_devs) > 1 else list(self._dirty_devs)
+            self._dirty_devs.clear()
+            for dk in devs:
+                self._flush_device(dk, out)
+        if self._dirty_vchans:
+            vcs = sorted(self._dirty_vchans)
+            self._dirty_vchans.clear()
+            for s, vpath in vcs:
+                self._flush_vchan(s, vpath, out)
+        out.extend(self._shared.flush(self._covered))
+        if vanished:
+            out.extend(DomainVanished(d) for d in vanished)
+        if self._touched:
+            for d in self._touched:
+                dom = self._doms.get(d)
+                if dom is not None and dom.empty():
+                    del self._doms[d]
+            self._touched.clear()
+        return out
+
+    def _covered(self, owner: int, path: str) -> tuple[frozenset[int], bool]:
+        """Who another hook decides for a shared node of `owner` (`shyped.core.channels`): a
+        published vchan's clients for its key nodes; for a node in a directory of an announced
+        device (per the trusted record) owned by one end of it, the other end; else nobody."""
+        leaf = path[path.rfind("/") + 1 :]
+        dom = self._doms.get(owner)
+        if leaf in _VCHAN_KEYS and dom is not None:
+            vc = dom.vchans.get(path[: -len(leaf) - 1])
+            if vc is not None and vc.emitted is not None:
+                return frozenset(vc.emitted[0]), vc.emitted[1]
+        where = device_dir_of(path)
+        home = parse_domid_component(path.split("/")[3])
+        if where is None or home is None:
+            return _EMPTY, False
+        side, kind, a, b = where
+        if side == "front":  # libxl: frontend keys n<fe>,r<be>; read-only ones n<be>,r<fe>
+            hdom = self._doms.get(home)
+            rec = hdom.records.get((kind, a)) if hdom is not None else None
+            ends = (home, rec.emitted[0]) if rec is not None and rec.emitted else None
+        else:
+            dk = self._be_index.get((home, kind, a, b))
+            fdom = self._doms.get(a) if dk is not None else None
+            rec = fdom.records.get((dk.kind, dk.devid)) if fdom and dk else None
+            ends = (a, home) if rec is not None and rec.emitted else None
+        if ends is None or owner not in ends:
+            return _EMPTY, False
+        return frozenset(ends) - {owner}, False
+
+    def _flush_domain(self, d: int, out: list[Event], vanished: list[int]) -> None:
+        """Announce a domain once its creation facts are all there; once announced it is gone
+        only when its home ``/local/domain/<d>`` is removed (libxl's clean-up after death,
+        with ``@releaseDomain``). A name that does not parse, a removed ``name``, ``vm``,
+        ``/vm/<uuid>`` (two domains may share one) or ``/libxl/<d>`` never make it vanish."""
+        dom = self._doms.get(d)
+        if dom is None or d == 0:
+            return
+        if dom.emitted is None:
+            complete = dom.name_set and dom.libxl and dom.uuid is not None
+            if not complete or dom.uuid not in self._vms:
+                return
+        elif dom.uuid is None:
+            dom.emitted = None
+            vanished.append(d)
+            self._wake(dom)
+            return
+        uuid = dom.uuid
+        facts = (uuid, dom.name, dom.name_problem)
+        if dom.emitted != facts:
+            first = dom.emitted is None
+            dom.emitted = facts
+            out.append(DomainAppeared(d, uuid, dom.name, dom.name_problem))
+            if first:
+                self._wake(dom)
+
+    def _flush_resources(self, d: int, out: list[Event]) -> None:
+        dom = self._doms.get(d)
+        if dom is None:
+            return
+        if not self._present(d):
+            dom.em_res = None  # the domain's DomainVanished says it all
+            return
+        facts = dom.resources()
+        if facts != dom.em_res:
+            dom.em_res = facts
+            out.append(DomainResources(d, *(facts or (None, None, None, None))))
+
+    def _wake(self, dom: _Dom) -> None:
+        """The domain came or went: re-evaluate everything that depends on its presence."""
+        d = dom.domid
+        self._dirty_res.add(d)
+        self._dirty_devs.update(DeviceKey(k, d, i) for k, i in dom.records)
+        self._dirty_devs.update(dom.served)
+        self._dirty_vchans.update((d, p) for p in dom.vchans)
+
+    def _flush_device(self, dk: DeviceKey, out: list[Event]) -> None:
+        dom = self._doms.get(dk.frontend)
+        rkey = (dk.kind, dk.devid)
+        rec = dom.records.get(rkey) if dom is not None else None
+        if dom is None or rec is None:
+            return
+        active = (
+            not rec.gone
+            and rec.frontend_ok
+            and rec.backend is not None
+            and self._present(dk.frontend)
+            and self._present(rec.backend[0])
+        )
+        if not active:
+            if rec.emitted is not None:
+                self._shared.recheck(dk.frontend)
+                self._shared.recheck(rec.emitted[0])
+                out.append(DeviceRemoved(dk, rec.emitted[0]))
+                rec.emitted = None
+                rec.em_fe_state = None
+                rec.em_be = (None, None)
+                rec.em_rings = None
+            if rec.gone:
+                self._unlink_backend(dk.frontend, dk.kind, dk.devid, rec)
+                del dom.records[rkey]
+                self._touched.add(dk.frontend)
+            return
+        assert rec.backend is not None
+        be, bkind = rec.backend
+        facts = (be, bkind, rec.resource, rec.writable)
+        if rec.emitted != facts:
+            if rec.emitted is not None and rec.emitted[:2] != facts[:2]:
+                rec.em_be = (None, None)
+            rec.emitted = facts
+            self._shared.recheck(dk.frontend)
+            self._shared.recheck(be)
+            out.append(DeviceAdded(dk, be, bkind, rec.resource, rec.writable))
+        fe = dom.fronts.get(rkey)
+        state = fe.state if fe is not None else None
+        if state != rec.em_fe_state:
+            rec.em_fe_state = state
+            out.append(FrontendStateChanged(dk, state))
+        bdom = self._doms.get(be)
+        bk = bdom.backs.get((bkind, dk.frontend, dk.devid)) if bdom is not None else None
+        bfacts = (bk.state, bk.online) if bk is not None else (None, None)
+        if bfacts != rec.em_be:
+            rec.em_be = bfacts
+            out.append(BackendStateChanged(dk, be, bfacts[0], bfacts[1]))
+        rings = None
+        if fe is not None and fe.refs and fe.ports and (state is None or state == 3 or state == 4):
+            rings = (tuple(sorted(fe.refs.items())), tuple(sorted(fe.ports.items())))
+        if rings != rec.em_rings:
+            if rings is not None:
+                out.append(RingsPublished(dk, rings[0], rings[1]))
+            elif rec.em_rings is not None:
+                out.append(RingsWithdrawn(dk))
+            rec.em_rings = rings
+
+    def _flush_vchan(self, s: int, vpath: str, out: list[Event]) -> None:
+        dom = self._doms.get(s)
+        vc = dom.vchans.get(vpath) if dom is not None else None
+        if dom is None or vc is None:
+            return
+        facts = None
+        if not vc.gone and vc.rr and vc.ec and self._present(s):
+            ra, ea = vc.rr_acc, vc.ec_acc
+            if ra is not None and ea is not None:
+                if ra.world and ea.world:
+                    readers: frozenset[int] = _EMPTY
+                elif ra.world:
+                    readers = ea.readers
+                elif ea.world:
+                    readers = ra.readers
+                else:
+                    readers = ra.readers & ea.readers
+                clients = tuple(sorted(readers - {s}))
+                world = ra.world and ea.world
+                if clients or world:
+                    facts = (clients, world, vc.rr_val, vc.ec_val)
+        if facts != vc.emitted:
+            self._shared.touch(vpath + "/ring-ref")
+            self._shared.touch(vpath + "/event-channel")
+            if facts is not None:
+                out.append(VchanPublished(s, vpath, facts[0], facts[1], facts[2], facts[3]))
+            elif vc.emitted is not None:
+                out.append(VchanRemoved(s, vpath))
+            vc.emitted = facts
+        if vc.gone:
+            del dom.vchans[vpath]
+            if not dom.vchans:
+                self._vchan_servers.discard(s)
+            self._touched.add(s)
+
+    # ---- reconcile ----------------------------------------------------------------------
+
+    def _tracked_paths(self) -> Iterator[str]:
+        """Every node path the current state relies on (directories and their keys)."""
+        for d, dom in self._doms.items():
+            home = f"/local/domain/{d}"
+            sized = dom.mem_target is not None or dom.mem_max is not None or dom.cpus
+            if d != 0 and (dom.name or dom.uuid or dom.fronts or dom.backs or dom.vchans or sized):
+                yield home
+            if dom.mem_target is not None:
+                yield home + "/memory/target"
+            if dom.mem_max is not None:
+                yield home + "/memory/static-max"
+            for idx in dom.cpus:
+                yield f"{home}/cpu/{idx}/availability"
+            if dom.name is not None:
+                yield home + "/name"
+            if dom.uuid is not None:
+                yield home + "/vm"
+            if dom.libxl or dom.records:
+                yield f"/libxl/{d}"
+            for (kind, devid), rec in dom.records.items():
+                base = f"/libxl/{d}/device/{kind}/{devid}"
+                yield base
+                for k in rec.keys:
+                    yield base + "/" + k
+            for (kind, devid), fe in dom.fronts.items():
+                base = frontend_dir(DeviceKey(kind, d, devid))
+                yield base
+                if fe.state is not None:
+                    yield base + "/state"
+                for k in fe.refs:
+                    yield base + "/" + k
+                for k in fe.ports:
+                    yield base + "/" + k
+            for (bkind, fe_id, devid), bk in dom.backs.items():
+                base = f"{home}/backend/{bkind}/{fe_id}/{devid}"
+                yield base
+                if bk.state is not None:
+                    yield base + "/state"
+                if bk.online is not None:
+                    yield base + "/online"
+            for vpath, vc in dom.vchans.items():
+                yield vpath
+                if vc.rr:
+                    yield vpath + "/ring-ref"
+                if vc.ec:
+                    yield vpath + "/event-channel"
+        for u in self._vms:
+            yield f"/vm/{u}"
+        yield from self._shared.paths()

@@ -1,0 +1,178 @@
+"""The ``/libxl`` reader: the toolstack's device records (pure)."""
+
+from __future__ import annotations
+
+from shyped.core.assembler.state import (
+    _DEVID_MAX,
+    _RECORD_KEYS,
+    _RESOURCE_KEY,
+    AssemblerState,
+    _Dom,
+    _Record,
+    _valid_kind,
+)
+from shyped.core.events import (
+    _LOCAL_DOMAIN,
+    DeviceKey,
+    frontend_dir,
+)
+from shyped.core.xsparse import (
+    MAX_VALUE,
+    parse_abs_path_value,
+    parse_domid_component,
+    parse_text,
+    parse_uint_component,
+)
+
+
+class LibxlReader(AssemblerState):
+    """``/libxl/<domid>/device/<kind>/<devid>``: which backend serves a device, and what
+    resource it uses."""
+
+    def _remove_libxl_all(self) -> None:
+        for dom in list(self._doms.values()):
+            self._libxl_removed(dom, None, None)
+            if dom.libxl:
+                dom.libxl = False
+                self._dirty_doms.add(dom.domid)
+
+    def _libxl_removed(self, dom: _Dom, kind: str | None, devid: int | None) -> None:
+        for rkey, rec in dom.records.items():
+            if (kind is None or rkey[0] == kind) and (devid is None or rkey[1] == devid):
+                rec.gone = True
+                self._dirty_devs.add(DeviceKey(rkey[0], dom.domid, rkey[1]))
+
+    def _libxl(self, path: str, comps: list[str], value: bytes | None) -> None:
+        n = len(comps)
+        if n == 2:
+            if value is None:
+                self._remove_libxl_all()
+            return
+        d = parse_domid_component(comps[2])
+        if d is None:
+            self._garbage(None, path, "domain id in path is not a domain id")
+            return
+        if value is None:
+            dom = self._doms.get(d)
+            if dom is None:
+                return
+            if n == 3:
+                if dom.libxl:
+                    dom.libxl = False
+                    self._dirty_doms.add(d)
+                self._libxl_removed(dom, None, None)
+                return
+            if comps[3] != "device":
+                return
+            if n <= 6:
+                kind = comps[4] if n > 4 else None
+                devid = parse_uint_component(comps[5], _DEVID_MAX) if n > 5 else None
+                if n > 5 and devid is None:
+                    return
+                self._libxl_removed(dom, kind, devid)
+                return
+            if n == 7:
+                devid = parse_uint_component(comps[5], _DEVID_MAX)
+                if devid is not None:
+                    rec = dom.records.get((comps[4], devid))
+                    if rec is not None and comps[6] in rec.keys:
+                        self._record_key_removed(d, comps[4], devid, rec, comps[6])
+            return
+        dom = self._dom(d)
+        if not dom.libxl:
+            dom.libxl = True
+            self._dirty_doms.add(d)
+        if n < 6 or comps[3] != "device":
+            return
+        kind = comps[4]
+        devid = parse_uint_component(comps[5], _DEVID_MAX)
+        if not _valid_kind(kind) or devid is None:
+            self._garbage(None, path, "libxl device record with a bad kind or device id")
+            return
+        rkey = (kind, devid)
+        rec = dom.records.get(rkey)
+        if rec is None:
+            if len(dom.records) >= self._limits.records_per_domain:
+                self._garbage(None, path, "too many device records", limit=True)
+                return
+            rec = dom.records[rkey] = _Record()
+        elif rec.gone:
+            rec.reset()  # removed and written again within one batch
+            self._unlink_backend(d, kind, devid, rec)
+        dk = DeviceKey(kind, d, devid)
+        self._dirty_devs.add(dk)
+        if n != 7:
+            return
+        name = comps[6]
+        if name not in _RECORD_KEYS:
+            return
+        rec.keys.add(name)
+        if name == "frontend":
+            fpath = parse_abs_path_value(value)
+            rec.frontend_ok = fpath == frontend_dir(dk)
+            if not rec.frontend_ok:
+                self._garbage(None, path, "record frontend is not the device's frontend directory")
+        elif name == "backend":
+            target = self._parse_backend_path(value, d, devid)
+            if target is None:
+                self._garbage(None, path, "record backend is not a backend directory of it")
+            self._link_backend(dk, rec, target)
+        elif name == "mode":
+            if value not in (b"r", b"w"):
+                self._garbage(None, path, "record mode is not r or w")
+            rec.writable = value != b"r"
+        elif name == _RESOURCE_KEY.get(kind):
+            res = parse_text(value, MAX_VALUE)
+            if res is None:
+                self._garbage(None, path, "record resource is not printable UTF-8")
+            rec.resource = res
+
+    def _record_key_removed(self, d: int, kind: str, devid: int, rec: _Record, name: str) -> None:
+        rec.keys.discard(name)
+        if name == "frontend":
+            rec.frontend_ok = False
+        elif name == "backend":
+            self._unlink_backend(d, kind, devid, rec)
+        elif name == "mode":
+            rec.writable = True
+        else:
+            rec.resource = None
+        self._dirty_devs.add(DeviceKey(kind, d, devid))
+
+    @staticmethod
+    def _parse_backend_path(value: bytes, fe: int, devid: int) -> tuple[int, str] | None:
+        p = parse_abs_path_value(value)
+        if p is None or not p.startswith(_LOCAL_DOMAIN):
+            return None
+        comps = p.split("/")
+        if len(comps) != 8 or comps[4] != "backend" or not _valid_kind(comps[5]):
+            return None
+        be = parse_domid_component(comps[3])
+        if be is None or parse_domid_component(comps[6]) != fe:
+            return None
+        if parse_uint_component(comps[7], _DEVID_MAX) != devid:
+            return None
+        return be, comps[5]
+
+    def _link_backend(self, dk: DeviceKey, rec: _Record, target: tuple[int, str] | None) -> None:
+        if rec.backend == target:
+            return
+        self._unlink_backend(dk.frontend, dk.kind, dk.devid, rec)
+        rec.backend = target
+        if target is not None:
+            be, bkind = target
+            self._be_index[(be, bkind, dk.frontend, dk.devid)] = dk
+            self._dom(be).served.add(dk)
+
+    def _unlink_backend(self, fe: int, kind: str, devid: int, rec: _Record) -> None:
+        if rec.backend is None:
+            return
+        be, bkind = rec.backend
+        dk = DeviceKey(kind, fe, devid)
+        if self._be_index.get((be, bkind, fe, devid)) == dk:
+            del self._be_index[(be, bkind, fe, devid)]
+        bdom = self._doms.get(be)
+        if bdom is not None:
+            bdom.served.discard(dk)
+            self._touched.add(be)
+        rec.backend = None

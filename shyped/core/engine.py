@@ -1,0 +1,635 @@
+"""The decision engine: a question from the host model in, a decision and its actions out.
+
+Pure (no I/O, no reactor): `Engine.decide` takes a `shyped.core.hostfacts.NeedsDecision` and the
+`shyped.core.host.HostModel` it came from and returns an `Outcome`: the policy's `Decision`, every
+check that was made, the parties (as audit `Party` values), and the `shyped.core.actions` to carry
+out. The daemon records the outcome in the host model, tells its listeners, and hands the
+actions to the enforcer.
+
+Per hook (DESIGN.md §1):
+
+* **domain**: the label is looked up in the label store (UUID first, then name); a domain
+  without one is "unlabelled" and the policy's ``[defaults] unlabelled_domain`` decides (a
+  label name, or deny). Admission is the Chinese Wall check of `RunningSet`; an admitted domain
+  is counted, and its label is published (`WriteLabel`). Veto: `VetoDomain` (destroy, or pause
+  with ``domain_veto = "pause"``).
+* **device**: STE between the frontend's and the backend's labels (`Hook.DEVICE_CHANNEL`), then,
+  if the device uses a resource, the resource's label (label store: ``disk:<params>`` for a
+  vbd, ``bridge:<name>`` for a vif) against the frontend's label (`PolicyEngine.resource`,
+  writable unless the vbd is read-only). Veto: `CutDevice`.
+* **vchan**: STE between the server and every *present* named client. A rendezvous readable by
+  every domain is denied outright: any domain could connect, so no STE check can stand for it.
+  Clients that do not exist yet are asked about again when they appear (the host model does
+  that). Quotas (``max_vchans`` …) are checked for the server and for every present named
+  client: a rendezvous counts for both ends. Veto: `RemoveVchan`.
+* **channel** (``xs-channel``, `shyped.core.channels`): a guest-owned node another guest may read or
+  write, whatever it is called. STE (and MLS: equal labels, as any two-way channel) between
+  the owner and every present named domain; readable by every domain: denied outright. Veto:
+  `ResetPerms` (owner only). A node past the tracking bound is denied (rule ``quota``) and
+  removed (`RemoveNode`).
+* **Denied domains** (fail closed): a device, vchan or channel one of whose parties is a
+  domain denied admission (its veto carried out or still pending) is denied (rule
+  ``denied-domain``), whatever STE says; it is decided again when that changes.
+
+Modes: in ``permissive`` nothing is vetoed (the vetoes are still computed, as
+`Outcome.planned`), and a denied domain that keeps running still counts in the Chinese Wall
+running set when its label resolves, because it *is* running: a domain that conflicts with it
+is denied too (docs/operations.md). Labels are published in both modes.
+
+Chinese Wall bookkeeping: `Engine` keeps which label each counted domain runs with. After a
+policy switch or a switch to enforcing mode the daemon re-asks every question (`sweep`): the
+count is rebuilt from the domains the host model holds as running (admitted or paused), which
+are re-admitted first, then the rest are decided against them, as ACM's
+``chwall_init_state`` replays the running domains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Final, cast
+
+from shyped.core import quota
+from shyped.core.accounting import HOOK_OF_KIND, account_domain
+from shyped.core.actions import (
+    Action,
+    CutDevice,
+    RemoveNode,
+    RemoveVchan,
+    ResetPerms,
+    VetoDomain,
+    WriteLabel,
+)
+from shyped.core.audit import Party
+from shyped.core.channels import ChannelKey
+from shyped.core.events import DeviceKey
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import DomainReleased, DomainState, NeedsDecision, VchanKey
+from shyped.core.labelstore import (
+    LabelStore,
+)
+from shyped.core.modes import DomainVeto, Mode
+from shyped.core.outcome import (
+    Outcome,
+    _party,
+    describe_party,
+    resource_of,
+)
+from shyped.core.running import (
+    _as_is,
+    _invalid_resource,
+    adapt_running_system,
+)
+from shyped.policy import update
+from shyped.policy.chinese_wall import NotRunningError, RunningSet, running_set
+from shyped.policy.decisions import Decision, Hook, PolicyEngine, Rule, UnknownLabelError
+from shyped.policy.model import LabelRef
+
+#: Host states whose domains are running as far as the policy is concerned.
+_RUNNING = frozenset({DomainState.ADMITTED, DomainState.PAUSED})
+_UNDECIDED = frozenset({DomainState.SEEN, DomainState.GONE})
+#: Quotas re-checked when a running domain's account changes (`Engine.recheck_quota`).
+_RECHECKED = (
+    quota.QuotaKind.MEMORY,
+    quota.QuotaKind.VCPUS,
+    quota.QuotaKind.EVENT_CHANNELS,
+    quota.QuotaKind.GRANT_REFS,
+)
+
+
+#: Device kinds whose host resource the label store names (disk image, bridge, 9pfs path):
+#: decided by STE between the two domains and between the frontend and the resource.
+RESOURCE_KINDS: Final = frozenset({"vbd", "vif", "9pfs"})
+#: Device kinds whose backend serves the frontend from its own state, not from a host
+#: resource another label could own: STE between the two domains decides them.
+CHANNEL_KINDS: Final = frozenset({"console", "vuart", "vkbd", "vfb", "vtpm"})
+
+
+def unknown_kind(kind: str) -> Decision | None:
+    """A denial for a device kind shyped does not understand (PCI passthrough, pvcalls, USB,
+    display, sound, anything new): each hands the guest a host resource — a PCI device,
+    dom0's network stack, a USB device — that no label covers, so STE between the guest and
+    dom0 (whose bootstrap label shares a type with everyone) would let it through."""
+    if kind in RESOURCE_KINDS or kind in CHANNEL_KINDS:
+        return None
+    return Decision(
+        permitted=False,
+        hook=Hook.RESOURCE,
+        rule=Rule.LABEL,
+        reason=f"device kind {kind!r} gives the guest a host resource no label covers "
+        "(not understood by shyped: denied)",
+    )
+
+
+class Engine:
+    """Decisions under one policy, label store and mode; holds the Chinese Wall count."""
+
+    def __init__(
+        self,
+        policy: PolicyEngine,
+        labels: LabelStore,
+        *,
+        mode: Mode = Mode.ENFORCING,
+        domain_veto: DomainVeto = DomainVeto.DESTROY,
+        resolve: Callable[[str], str] | None = None,
+    ) -> None:
+        self._policy = policy
+        #: Resource id -> the id of what it names now (the daemon passes
+        #: `shyped.core.labelstore.resolve_resource`, which follows symlinks; pure callers: as is).
+        self.resolve: Callable[[str], str] = resolve or _as_is
+        self._running: RunningSet = running_set(policy)
+        self._counted: dict[int, str] = {}
+        #: label strings published for running domains, read at reconcile (`remember_published`)
+        self._published: dict[int, str] = {}
+        #: During a sweep: the domains re-admitted so far (max_domains counts only those).
+        self._swept: set[int] | None = None
+        self.labels = labels
+        self.mode = mode
+        self.domain_veto = domain_veto
+
+    # ---- state --------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> PolicyEngine:
+        return self._policy
+
+    @property
+    def running(self) -> RunningSet:
+        """The Chinese Wall counts (read them; the engine changes them)."""
+        return self._running
+
+    def counted(self) -> dict[int, str]:
+        """domid -> label name of every domain counted in the Chinese Wall set (a copy)."""
+        return dict(self._counted)
+
+    def dom0_label(self) -> str:
+        return self._policy.policy.bootstrap
+
+    def label_string(self, name: str) -> str:
+        return self._policy.policy.label_string(name)
+
+    # ---- decisions ----------------------------------------------------------------------
+
+    def decide(self, need: NeedsDecision, host: HostModel) -> Outcome:
+        """Decide one question from `host` (which must be the model that asked it)."""
+        if need.kind == "domain":
+            return self._domain(need, host)
+        if need.kind == "device":
+            return self._device(need, host)
+        if need.kind == "channel":
+            return self._channel(need, host)
+        return self._vchan(need, host)
+
+    def release(self, released: DomainReleased) -> str | None:
+        """A domain is gone: uncount it. Returns the label it was counted with, if any."""
+        label = self._counted.pop(released.domid, None)
+        if label is not None:
+            try:
+                self._running.stop(label)
+            except (NotRunningError, UnknownLabelError):  # pragma: no cover - model out of step
+                self._rebuild()
+        return label
+
+    def _outcome(
+        self,
+        need: NeedsDecision,
+        what: str,
+        checks: list[Decision],
+        veto: Action,
+        *,
+        subject: Party,
+        exempt: str = "",
+        peer: Party | None = None,
+        clients: tuple[Party, ...] = (),
+        resource: Party | None = None,
+        label: str | None = None,
+        published: tuple[Action, ...] = (),
+    ) -> Outcome:
+        """The deciding check is the first denial, else the last permit; a denial plans
+        `veto`, carried out when enforcing unless `exempt` says why not."""
+        decision = next((c for c in checks if not c.permitted), checks[-1])
+        actions: tuple[Action, ...] = published
+        planned: tuple[Action, ...] = ()
+        note = ""
+        if not decision.permitted:
+            planned = (veto,)
+            if self.mode is Mode.PERMISSIVE:
+                note = "permissive: not enforced"
+            elif exempt:
+                note = exempt
+            else:
+                actions = (*actions, veto)
+        return Outcome(
+            need,
+            what,
+            decision,
+            tuple(checks),
+            subject,
+            self.mode,
+            self._policy.policy.name,
+            peer=peer,
+            clients=clients,
+            resource=resource,
+            label=label,
+            actions=actions,
+            planned=planned,
+            note=note,
+        )
+
+    def remember_published(self, published: Mapping[int, str]) -> None:
+        """Labels the daemon published for running domains (``/local/domain/<d>/shyped/label``,
+        dom0-owned, read at reconcile): a domain asked about for the first time since start
+        is decided with the label it was admitted with, not looked up again by a name or UUID
+        that may have changed since (``xl rename`` while the daemon was down must not relabel
+        a running domain behind the relabel checks). Only labels of the current policy count;
+        a node of an older policy falls back to the label store."""
+        self._published = {
+            domid: text
+            for domid, text in published.items()
+            if text.startswith("ACM:") and self._resolve(text) is not None
+        }
+
+    def _resolve(self, label: str | None) -> str | None:
+        try:
+            return self._policy.resolve_domain(label).name
+        except UnknownLabelError:
+            return None
+
+    def _domain(self, need: NeedsDecision, host: HostModel) -> Outcome:
+        domid = cast(int, need.key)
+        previous = self._counted.pop(domid, None)
+        if previous is not None:
+            # Asked again (sweep): decide against the others, with the label it runs with.
+            self._running.stop(previous)
+            raw: str | None = previous
+        else:
+            raw = self._published.pop(domid, None) or self.labels.domain_label(need.uuid, need.name)
+        decision = self._running.admit(raw)
+        name = self._resolve(raw)
+        checks = [decision]
+        if decision.permitted and name is not None and self._has_quota(name):
+            others = self._others_counted(name, domid)
+            checks = self._with_quota(checks, host, domid, name, Hook.DOMAIN_ADMIT, others)
+        allowed = all(c.permitted for c in checks)
+        published: tuple[Action, ...] = ()
+        if name is not None and (allowed or self.mode is Mode.PERMISSIVE):
+            self._running.start(name)
+            self._counted[domid] = name
+            if self._swept is not None:
+                self._swept.add(domid)
+            published = (WriteLabel(domid, need.uuid, self.label_string(name)),)
+        recorded = name if name is not None else raw
+        return self._outcome(
+            need,
+            f"domain {domid}",
+            checks,
+            VetoDomain(domid, self.domain_veto),
+            subject=Party(name=need.name, domid=domid, uuid=need.uuid, label=recorded),
+            label=recorded,
+            published=published,
+        )
+
+    def _exempt(self, host: HostModel, domid: int, role: str) -> str:
+        """Why a veto is left to the domain's own veto: it is being destroyed."""
+        dom = host.domain(domid)
+        if (
+            dom is not None
+            and dom.state is DomainState.DENIED
+            and self.domain_veto is DomainVeto.DESTROY
+        ):
+            return f"{role} domain {domid} is being destroyed"
+        return ""
+
+    @staticmethod
+    def _denied_party(
+        hook: Hook, host: HostModel, domids: tuple[int, ...], subject: str | None
+    ) -> Decision | None:
+        """A deny if one of `domids` is a domain denied admission (fail closed)."""
+        for d in domids:
+            dom = host.domain(d)
+            if dom is not None and dom.state is DomainState.DENIED:
+                return Decision(
+                    False,
+                    hook,
+                    Rule.DENIED_DOMAIN,
+                    f"domain {d} is denied admission: nothing it is party to is permitted",
+                    subject,
+                    dom.label,
+                )
+        return None
+
+    def _device(self, need: NeedsDecision, host: HostModel) -> Outcome:
+        key = cast(DeviceKey, need.key)
+        fe, be = need.domid, need.peers[0]
+        fe_dom, be_dom = host.domain(fe), host.domain(be)
+        fe_label = fe_dom.label if fe_dom is not None else None
+        be_label = be_dom.label if be_dom is not None else None
+        denied = self._denied_party(Hook.DEVICE_CHANNEL, host, (fe, be), fe_label)
+        checks = [denied or self._policy.channel(Hook.DEVICE_CHANNEL, fe_label, be_label)]
+        unknown = unknown_kind(key.kind)
+        if unknown is not None and checks[0].permitted:
+            checks.append(unknown)
+        res_party = None
+        if need.resource is not None:
+            use = need.resource
+            rid = resource_of(key.kind, use.resource)
+            if rid is not None:
+                rid = self.resolve(rid)
+            rlabel = self.labels.resource_label(rid) if rid is not None else None
+            res_party = Party(resource=rid or use.resource[:200], label=rlabel)
+            if checks[0].permitted:
+                if rid is None:  # never "unlabelled": an id we cannot read is denied
+                    checks.append(_invalid_resource(use.resource))
+                else:
+                    checks.append(self._policy.resource(fe_label, rlabel, writable=use.writable))
+        if all(c.permitted for c in checks) and fe_dom is not None:
+            checks = self._with_quota(checks, host, fe, fe_label, Hook.DEVICE_CHANNEL)
+        dev = host.device(key)
+        backend_kind = dev.backend_kind if dev is not None else key.kind
+        veto = CutDevice(key, be, backend_kind)
+        return self._outcome(
+            need,
+            f"device {key.kind} {fe}/{key.devid}",
+            checks,
+            veto,
+            exempt=self._exempt(host, fe, "frontend"),
+            subject=_party(fe_dom, fe),
+            peer=_party(be_dom, be),
+            resource=res_party,
+        )
+
+    def _vchan(self, need: NeedsDecision, host: HostModel) -> Outcome:
+        key = cast(VchanKey, need.key)
+        server = need.domid
+        sdom = host.domain(server)
+        s_label = sdom.label if sdom is not None else None
+        clients = tuple(_party(host.domain(c), c) for c in need.peers)
+        checks, peer = self._pair_checks(
+            Hook.VCHAN,
+            need,
+            host,
+            s_label,
+            anyone="the rendezvous is readable by every domain: any domain could connect, so "
+            "no STE check can stand for it (grant read to the client only)",
+            nobody="no named client exists yet (decided again when one appears)",
+        )
+        if all(c.permitted for c in checks) and sdom is not None:
+            checks = self._with_quota(checks, host, server, s_label, Hook.VCHAN)
+        for c in need.peers:  # a rendezvous counts against its clients' quotas too
+            cdom = host.domain(c)
+            if not all(x.permitted for x in checks):
+                break
+            if cdom is not None and cdom.state not in _UNDECIDED and c != 0:
+                checks = self._with_quota(checks, host, c, cdom.label, Hook.VCHAN)
+                if not checks[-1].permitted:
+                    peer = _party(cdom, c)
+        return self._outcome(
+            need,
+            f"vchan {key.path}",
+            checks,
+            RemoveVchan(server, key.path),
+            exempt=self._exempt(host, server, "server"),
+            subject=_party(sdom, server),
+            peer=peer,
+            clients=clients,
+        )
+
+    def _pair_checks(
+        self,
+        hook: Hook,
+        need: NeedsDecision,
+        host: HostModel,
+        label: str | None,
+        *,
+        anyone: str,
+        nobody: str,
+    ) -> tuple[list[Decision], Party | None]:
+        """The checks between `need.domid` (labelled `label`) and each present, decided peer:
+        denied outright if a party is a denied domain or every domain may connect; else the
+        policy's channel decision per peer up to the first denial (`nobody` permits when no
+        named peer exists yet). Returns the checks and the peer that decided."""
+        denied = self._denied_party(hook, host, (need.domid, *need.peers), label)
+        if denied is not None:
+            return [denied], None
+        if need.any_peer:
+            return [Decision(False, hook, Rule.STE, anyone, label)], None
+        checks: list[Decision] = []
+        peer: Party | None = None
+        for c in need.peers:
+            cdom = host.domain(c)
+            if cdom is None or cdom.state in _UNDECIDED:
+                continue
+            d = self._policy.channel(hook, label, cdom.label)
+            checks.append(d)
+            if peer is None or not d.permitted:
+                peer = _party(cdom, c)
+            if not d.permitted:
+                break
+        if not checks:
+            checks.append(Decision(True, hook, Rule.STE, nobody, label))
+        return checks, peer
+
+    def _channel(self, need: NeedsDecision, host: HostModel) -> Outcome:
+        key = cast(ChannelKey, need.key)
+        owner = need.domid
+        odom = host.domain(owner)
+        o_label = odom.label if odom is not None else None
+        peers = tuple(_party(host.domain(c), c) for c in need.peers)
+        veto: Action = ResetPerms(owner, key.path)
+        if need.over_limit:
+            veto = RemoveNode(owner, key.path)
+            reason = (
+                f"domain {owner} has more shared or rendezvous nodes than the daemon tracks: "
+                "denied and removed (fail closed)"
+            )
+            checks, peer = [Decision(False, Hook.XS_CHANNEL, Rule.QUOTA, reason, o_label)], None
+        else:
+            checks, peer = self._pair_checks(
+                Hook.XS_CHANNEL,
+                need,
+                host,
+                o_label,
+                anyone="the node is reachable by every domain: no STE check can stand for it "
+                "(name the peer in its permissions)",
+                nobody="no named domain exists yet (decided again when one appears)",
+            )
+        return self._outcome(
+            need,
+            f"xs-channel {key.path}",
+            checks,
+            veto,
+            subject=_party(odom, owner),
+            peer=peer,
+            clients=peers,
+        )
+
+    # ---- quotas -------------------------------------------------------------------------
+
+    def _with_quota(
+        self,
+        checks: list[Decision],
+        host: HostModel,
+        domid: int,
+        label: str | None,
+        hook: Hook,
+        others: int | None = None,
+    ) -> list[Decision]:
+        """`checks` (all permits) and, if it denies, the quota check of `domid` under `label`
+        at `hook` (it then decides). A permitting quota check is not listed: the policy's
+        check reports the permit."""
+        name = self._resolve(label)
+        if name is None or not self._has_quota(name):
+            return checks  # no quota: no account (dom0's spans every backend device)
+        account = account_domain(host, domid)
+        if account is None:
+            return checks
+        q = quota.check(self._policy.policy, name, account, hook=hook, others_running=others)
+        return checks if q.permitted else [*checks, q]
+
+    def _has_quota(self, label: str) -> bool:
+        """Whether the VM label carries any quota: only then is an account worth computing
+        (a quota-free label, like dom0's, skips the O(devices) account on the hot path)."""
+        vm = self._policy.policy.vm_label(label)
+        return vm is not None and not vm.quota.is_unlimited
+
+    def _others_counted(self, label: str, domid: int) -> int:
+        """Running domains counted with `label` besides `domid` (for max_domains). During a
+        sweep only those re-admitted so far: the first comers keep their place, as in the
+        Chinese Wall replay, and a lowered max_domains refuses the later ones only."""
+        return sum(
+            1
+            for d, name in self._counted.items()
+            if name == label and d != domid and (self._swept is None or d in self._swept)
+        )
+
+    def recheck_quota(self, domid: int, host: HostModel) -> Outcome | None:
+        """A running, admitted domain whose account changed (sizes written after admission,
+        rings published): a domain veto with rule ``quota`` if it now exceeds a per-domain
+        quota of its label (memory, vCPUs, event channels, grant refs; devices and vchans are
+        checked at their own hooks), else None."""
+        dom = host.domain(domid)
+        if dom is None or dom.state is not DomainState.ADMITTED or domid == 0:
+            return None
+        name = self._resolve(dom.label)
+        if name is None or not self._has_quota(name):
+            return None
+        account = account_domain(host, domid)
+        if account is None:
+            return None
+        q = quota.check(
+            self._policy.policy, name, account, hook=Hook.DOMAIN_ADMIT, kinds=_RECHECKED
+        )
+        if q.permitted:
+            return None
+        if self.mode is Mode.ENFORCING and self._counted.get(domid) is not None:
+            self._running.stop(self._counted.pop(domid))
+        need = NeedsDecision(
+            "domain", domid, domid, uuid=dom.uuid, name=dom.name, facts=(dom.uuid,)
+        )
+        return self._outcome(
+            need,
+            f"domain {domid}",
+            [q],
+            VetoDomain(domid, self.domain_veto),
+            subject=_party(dom, domid),
+            label=name,
+        )
+
+    def refuse(self, need: NeedsDecision, host: HostModel, rule: Rule, reason: str) -> Outcome:
+        """Deny `need` without asking the policy (the audit trail cannot record it:
+        fail-closed); the veto is the hook's usual one. Nothing is counted."""
+        hook = HOOK_OF_KIND[need.kind]
+        dom = host.domain(need.domid)
+        subject = _party(dom, need.domid)
+        if need.kind == "domain":
+            subject = Party(name=need.name, domid=need.domid, uuid=need.uuid)
+        d = Decision(False, hook, rule, reason, subject.label)
+        veto: Action
+        if need.kind == "domain":
+            if self._counted.pop(need.domid, None) is not None:
+                self._rebuild()
+            veto = VetoDomain(need.domid, self.domain_veto)
+            what = f"domain {need.domid}"
+        elif need.kind == "device":
+            key = cast(DeviceKey, need.key)
+            dev = host.device(key)
+            veto = CutDevice(key, need.peers[0], dev.backend_kind if dev else key.kind)
+            what = f"device {key.kind} {need.domid}/{key.devid}"
+        elif need.kind == "channel":
+            ckey = cast(ChannelKey, need.key)
+            veto = (
+                RemoveNode(need.domid, ckey.path)
+                if need.over_limit
+                else ResetPerms(need.domid, ckey.path)
+            )
+            what = f"xs-channel {ckey.path}"
+        else:
+            vkey = cast(VchanKey, need.key)
+            veto = RemoveVchan(need.domid, vkey.path)
+            what = f"vchan {vkey.path}"
+        return self._outcome(need, what, [d], veto, subject=subject)
+
+    # ---- policy changes and sweeps ------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        self._running = running_set(self._policy, self._counted.values())
+
+    def begin_sweep(self, host: HostModel) -> None:
+        """Before every question is asked again: count only the domains the host model holds
+        as running (they are re-admitted first); the others are decided against them."""
+        self._counted = {
+            d: label
+            for d, label in self._counted.items()
+            if (dom := host.domain(d)) is not None and dom.state in _RUNNING
+        }
+        self._swept = set()
+        self._rebuild()
+
+    def end_sweep(self) -> None:
+        """Every question of the sweep has been asked again."""
+        self._swept = None
+
+    def running_system(self, host: HostModel) -> update.RunningSystem:
+        """The host's running system as `shyped.policy.update` wants it (resource labels from
+        the label store)."""
+        return adapt_running_system(
+            host.running_system(), self.labels, self._counted, resolve=self.resolve
+        )
+
+    def switch_policy(self, policy: PolicyEngine, check: update.UpdateCheck) -> None:
+        """Take `policy` (an allowed `check` from the current one): carry every counted
+        domain's label over (``from=`` renames followed) and recount."""
+        counted: dict[int, str] = {}
+        for d, old in self._counted.items():
+            ref = check.domain_labels.get(d, _MISSING)
+            if isinstance(ref, LabelRef):
+                counted[d] = ref.label
+            elif ref is _MISSING and old in check.maps.vm:
+                counted[d] = check.maps.vm[old]
+        self._policy = policy
+        self._counted = {
+            d: label for d, label in counted.items() if self._resolve(label) is not None
+        }
+        self._rebuild()
+
+    def relabel(self, domid: int, label: str) -> None:
+        """Count running domain `domid` with `label` from now on (after an allowed
+        `shyped.core.relabel.check_domain_relabel`); a domain not counted starts being counted."""
+        name = self._policy.resolve_domain(label).name
+        old = self._counted.get(domid)
+        if old is None:
+            self._running.start(name)
+        else:
+            self._running.relabel(old, name)
+        self._counted[domid] = name
+
+
+_MISSING = LabelRef("-", "-")
+
+
+__all__ = [
+    "Engine",
+    "Outcome",
+    "adapt_running_system",
+    "describe_party",
+    "resource_of",
+]

@@ -1,0 +1,241 @@
+"""What the host model knows and asks: domain states, keys, the facts kept per domain, device,
+vchan and shared node, the questions for the policy and the running system. Pure values;
+`shyped.core.host.HostModel` keeps and changes them."""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from typing import Literal, NamedTuple
+
+import attrs
+
+from shyped.core.channels import ChannelKey
+from shyped.core.events import (
+    DeviceKey,
+)
+
+DecisionKind = Literal["domain", "device", "vchan", "channel"]
+
+
+class DomainState(enum.StrEnum):
+    """Where a domain stands with the daemon."""
+
+    SEEN = "seen"  #: appeared, not decided yet
+    ADMITTED = "admitted"
+    DENIED = "denied"
+    PAUSED = "paused"  #: admitted once, then held paused by the daemon (e.g. after a relabel)
+    GONE = "gone"  #: vanished; only seen on objects handed out before
+
+
+#: States that count as decided for the devices and vchans waiting on a domain.
+_DECIDED = frozenset({DomainState.ADMITTED, DomainState.DENIED, DomainState.PAUSED})
+#: States whose domain belongs to the running system (Chinese Wall, policy update check).
+_RUNNING = frozenset({DomainState.ADMITTED, DomainState.PAUSED})
+
+
+class VchanKey(NamedTuple):
+    """A vchan rendezvous: the server domain and the directory it published."""
+
+    server: int
+    path: str
+
+
+@attrs.frozen
+class ResourceUse:
+    """A domain using a resource: vbd ``params`` path, vif bridge, 9pfs path (raw values)."""
+
+    domid: int
+    kind: str
+    resource: str
+    writable: bool
+
+
+@attrs.frozen
+class NeedsDecision:
+    """Something the policy must decide.
+
+    * ``domain``: `key` and `domid` are the domain; `uuid`, `name` identify it.
+    * ``device``: `key` is the `DeviceKey`, `domid` the frontend, `peers` = (backend,),
+      `resource` what the frontend uses through it (None for console and the like).
+    * ``vchan``: `key` is the `VchanKey`, `domid` the server, `peers` the named clients,
+      `any_peer` True if every domain may connect.
+    * ``channel``: `key` is the `ChannelKey` of a shared guest-owned node, `domid` its owner,
+      `peers` the domains it names, `any_peer` True if every domain may reach it;
+      `over_limit` True for a node past the tracking bound (not stored: always current).
+
+    `facts` fingerprints what the question was asked on (see `HostModel.is_current`).
+    """
+
+    kind: DecisionKind
+    key: int | DeviceKey | VchanKey | ChannelKey
+    domid: int
+    peers: tuple[int, ...] = ()
+    any_peer: bool = False
+    uuid: str | None = None
+    name: str | None = None
+    resource: ResourceUse | None = None
+    facts: tuple[object, ...] = ()
+    over_limit: bool = False
+    #: ``domain`` only: why its identity cannot be trusted (a name that does not parse, a
+    #: UUID another domain holds); such a domain is denied unless it already runs.
+    identity: str = ""
+
+
+@attrs.frozen
+class DomainReleased:
+    """A domain vanished; `state` and `label` are what it had (release CW counts if running)."""
+
+    domid: int
+    uuid: str | None
+    name: str | None
+    label: str | None
+    state: DomainState
+
+
+ModelOutput = NeedsDecision | DomainReleased
+
+
+@attrs.frozen
+class RecordedDecision:
+    """A decision the engine recorded, with the facts it was made on."""
+
+    allowed: bool
+    reason: str
+    facts: tuple[object, ...]
+
+
+@attrs.define
+class GarbageRecord:
+    """Ignored input: how much, and the last few (path, reason) pairs."""
+
+    ring: int = 16
+    count: int = 0
+    limit_hits: int = 0
+    last: deque[tuple[str, str]] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.last = deque(maxlen=self.ring)
+
+    def add(self, path: str, why: str, limit: bool) -> None:
+        self.count += 1
+        if limit:
+            self.limit_hits += 1
+        self.last.append((path, why))
+
+
+@attrs.define
+class Domain:
+    """A domain as the daemon knows it."""
+
+    domid: int
+    uuid: str | None
+    name: str | None
+    state: DomainState = DomainState.SEEN
+    label: str | None = None
+    decision: RecordedDecision | None = None
+    asked: tuple[object, ...] | None = None
+    garbage: GarbageRecord = attrs.field(factory=GarbageRecord)
+    events: int = 0
+    #: dom0-written sizes (`DomainResources`): KiB, and vCPUs possible / online. None: unknown.
+    memory_target_kib: int | None = None
+    memory_static_max_kib: int | None = None
+    vcpus: int | None = None
+    vcpus_online: int | None = None
+    #: Recorded decisions about this domain: (kind, allowed) -> count.
+    decisions: dict[tuple[DecisionKind, bool], int] = attrs.field(factory=dict)
+    #: Changes (model-wide unique value) when anything this domain's account derives from does.
+    revision: int = 0
+    #: Why its identity cannot be trusted ("" if it can): see `NeedsDecision.identity`.
+    identity: str = ""
+
+
+@attrs.define
+class Device:
+    """A PV device between a frontend and a backend domain (from the trusted libxl record)."""
+
+    key: DeviceKey
+    backend: int
+    backend_kind: str
+    resource: str | None
+    writable: bool
+    frontend_state: int | None = None
+    backend_state: int | None = None
+    online: bool | None = None
+    grant_refs: tuple[tuple[str, int], ...] = ()
+    event_channels: tuple[tuple[str, int], ...] = ()
+    decision: RecordedDecision | None = None
+    asked: tuple[object, ...] | None = None
+
+    @property
+    def published(self) -> bool:
+        """The frontend has published its rings (grant refs and ports)."""
+        return bool(self.grant_refs)
+
+
+@attrs.define
+class Vchan:
+    """A vchan rendezvous offered by `key.server` to `clients` (or to anyone)."""
+
+    key: VchanKey
+    clients: tuple[int, ...]
+    any_domain: bool
+    ring_ref: int | None
+    port: int | None
+    decision: RecordedDecision | None = None
+    asked: tuple[object, ...] | None = None
+
+
+@attrs.define
+class Channel:
+    """A guest-owned node `key.path` of `key.owner` that `peers` (or anyone) may reach."""
+
+    key: ChannelKey
+    peers: tuple[int, ...]
+    any_domain: bool
+    decision: RecordedDecision | None = None
+    asked: tuple[object, ...] | None = None
+
+
+@attrs.frozen
+class RunningDomain:
+    """A running (admitted or paused) domain with its label."""
+
+    domid: int
+    uuid: str | None
+    name: str | None
+    label: str
+
+
+@attrs.frozen(order=True)
+class LiveChannel:
+    """An allowed channel between two running domains: a device kind or ``vchan``."""
+
+    dom_a: int
+    dom_b: int
+    kind: str
+
+
+@attrs.frozen
+class RunningSystem:
+    """What a new policy must accept (plain data; the policy side adapts it)."""
+
+    domains: tuple[RunningDomain, ...]
+    channels: tuple[LiveChannel, ...]
+    resources: tuple[ResourceUse, ...]
+
+
+def _add(index: dict[int, set[object]], domid: int, item: object) -> None:
+    s = index.get(domid)
+    if s is None:
+        index[domid] = {item}
+    else:
+        s.add(item)
+
+
+def _discard(index: dict[int, set[object]], domid: int, item: object) -> None:
+    s = index.get(domid)
+    if s is not None:
+        s.discard(item)
+        if not s:
+            del index[domid]

@@ -1,0 +1,1 @@
+"""Reading and writing the files shyped trusts: bounded reads, atomic replacement."""

@@ -1,0 +1,732 @@
+"""The daemon's event path: watch batches and reconcile, decisions and enforcement, the audit
+trail (see `shyped.service.daemon` for the whole)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from shyped.core.accounting import touched_domains
+from shyped.core.actions import (
+    LABEL_DIR,
+    Action,
+    RemoveNode,
+    RemoveVchan,
+    ResetPerms,
+    VetoDomain,
+    WriteLabel,
+    is_veto,
+)
+from shyped.core.assembler import EventAssembler
+from shyped.core.audit import Kind as AuditKind
+from shyped.core.engine import Engine, Outcome
+from shyped.core.events import Node as EventNode
+from shyped.core.events import needs_perms
+from shyped.core.fairbatch import FairBatches
+from shyped.core.host import HostModel
+from shyped.core.hostfacts import DomainReleased, DomainState, NeedsDecision
+from shyped.core.labelstore import (
+    LabelStore,
+    resolve_resource,
+)
+from shyped.core.repeats import PacedDecisions
+from shyped.core.xsparse import MAX_NAME, parse_text
+from shyped.policy.decisions import PolicyEngine, Rule, UnknownLabelError
+from shyped.service.actuator import ToolstackActuator
+from shyped.service.auditlog import AsyncAuditLog, AuditState, AuditUnavailable
+from shyped.service.config import Config, Mode
+from shyped.service.enforcer import Enforcer
+from shyped.service.metrics import MetricsState, PeriodicPublisher
+from shyped.service.policyload import (
+    LoadedPolicy,
+    make_actuator,
+)
+from shyped.service.vetoretry import VetoAttempt, worth_recording
+from shyped.xenstore import (
+    ConnectionLost,
+    GatewayConfig,
+    NoEntry,
+    Perm,
+    XenstoreError,
+    XenstoreGateway,
+)
+
+_log = Logger(namespace="shyped.daemon")
+
+
+#: Decisions a guest triggers at its own pace (grants and rendezvous in its own subtree): the
+#: first of each (guest, kind, verdict, peers) and `GUEST_REPEAT_BURST` more per guest are
+#: written in full per interval, the rest only counted and summarised once per
+#: `GUEST_REPEAT_INTERVAL` seconds (one ``decision-repeats`` audit record and log line per
+#: guest), so no guest can fill the log or rotate the audit trail's older records away
+#: (`shyped.core.repeats.PacedDecisions`). Vetoes are carried out all the same.
+GUEST_REPEAT_BURST = 20
+GUEST_REPEAT_INTERVAL = 60.0
+_GUEST_PACED_KINDS = frozenset({"vchan", "channel"})
+
+#: (path, token) of every watch the daemon registers.
+WATCHES = (
+    ("/local/domain", "shyped-local"),
+    ("/vm", "shyped-vm"),
+    ("/libxl", "shyped-libxl"),
+    ("@introduceDomain", "shyped-introduce"),
+    ("@releaseDomain", "shyped-release"),
+)
+
+#: Read rounds one watch batch may take to pick up the rest of a burst (see `_do_batch`).
+BATCH_ROUNDS = 4
+
+#: A decision listener: called on the reactor thread with every outcome; may return a
+#: Deferred the enforcer waits for before carrying out the outcome's actions.
+Listener = Callable[[Outcome], "Deferred[Any] | None"]
+
+
+class DaemonCore:
+    """The daemon's state and its event path: watch batches, reconcile, decisions, enforcement
+    and the audit trail. `Daemon` (`shyped.service.daemon`) is the whole; every method runs on
+    the reactor thread."""
+
+    def __init__(
+        self,
+        config: Config,
+        policy: LoadedPolicy,
+        labels: LabelStore,
+        *,
+        reactor: Any = None,
+        gateway: XenstoreGateway | None = None,
+        actuator: ToolstackActuator | None = None,
+        audit: AsyncAuditLog | None = None,
+        metrics: MetricsState | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.config = config
+        self.reactor = reactor
+        self.loaded = policy
+        self.gateway = gateway or XenstoreGateway(
+            GatewayConfig.from_xenstore_config(config.xenstore), reactor=reactor
+        )
+        self.gateway.on_reconnected = self._reconnected
+        self.gateway.on_connection_lost = self._connection_lost
+        self.engine = Engine(
+            PolicyEngine(policy.policy),
+            labels,
+            mode=config.mode,
+            domain_veto=config.domain_veto,
+            resolve=resolve_resource,
+        )
+        self.host = HostModel(policy.policy.bootstrap)
+        self.assembler = EventAssembler()
+        self.enforcer = Enforcer(
+            self.gateway,
+            actuator or make_actuator(config, reactor),
+            reactor=reactor,
+            close_timeout=config.device_close_timeout,
+        )
+        self.enforcer.vetoes.wanted = self._veto_wanted
+        self.enforcer.vetoes.on_attempt = self._veto_attempt
+        self.enforcer.on_changed = self._veto_changed
+        #: Decision listeners (audit trail, metrics …); see `Listener`.
+        self.listeners: list[Listener] = []
+        #: watched paths to read, with the monotonic time their first pending event arrived;
+        #: taken fairly per guest domain, trusted paths first (`shyped.core.fairbatch`)
+        self._pending = FairBatches()
+        self._scheduled = False
+        self._busy = False
+        self._want_reconcile: str | None = None
+        self._reconcile_waiters: list[Deferred[None]] = []
+        self._idle_waiters: list[Deferred[None]] = []
+        self._decisions = {"permit": 0, "deny": 0}
+        self._vetoes = 0
+        self._reconciles = 0
+        self._batches = 0
+        self._own_events = 0
+        self._started = time.monotonic()
+        self._running = False
+        #: The audit trail (records gate enforcing actions) and the metrics, if configured.
+        self.audit = audit
+        self.metrics = metrics
+        self._publisher: PeriodicPublisher | None = None
+        self._reconnects = 0
+        self._unsynced: set[Deferred[Any]] = set()  # decision records not yet durable
+        self._repeats = PacedDecisions(burst=GUEST_REPEAT_BURST)
+        self._repeat_flush = LoopingCall(self._flush_repeats)
+        self._repeat_flush.clock = reactor
+        if audit is not None:
+            audit.add_listener(self._audit_state)
+
+    @property
+    def mode(self) -> Mode:
+        return self.engine.mode
+
+    def _veto_wanted(self, action: VetoDomain) -> bool:
+        """A pending veto is retried while its domain is still there and denied, enforcing."""
+        dom = self.host.domain(action.domid)
+        return dom is not None and dom.state is DomainState.DENIED and self.mode is Mode.ENFORCING
+
+    def _veto_attempt(self, attempt: VetoAttempt) -> None:
+        if attempt.result == "failed":
+            self._count_while_pending(attempt.action.domid)
+        if self.metrics is not None:
+            self.metrics.set_vetoes(
+                len(self.enforcer.vetoes.pending), self.enforcer.vetoes.failures
+            )
+        if worth_recording(attempt):
+            self._audit_event(
+                AuditKind.VETO_RETRY, domid=attempt.action.domid, veto=attempt.action.how.value,
+                result=attempt.result, failures=attempt.failures, error=attempt.error or None,
+                retry_in=None if attempt.retry_in is None else round(attempt.retry_in, 3),
+            )  # fmt: skip
+
+    def _count_while_pending(self, domid: int) -> None:
+        """A denied domain whose veto failed still runs: it counts in the Chinese Wall set
+        (as a permissively admitted one does) until it is gone, so its rivals stay out."""
+        dom = self.host.domain(domid)
+        if dom is None or dom.label is None or domid in self.engine.counted():
+            return
+        try:
+            self.engine.relabel(domid, dom.label)
+        except UnknownLabelError:
+            return  # a label that does not resolve has no Chinese Wall types
+        _log.warn(
+            "domain {domid} ({label}) counts in the Chinese Wall while its veto is pending",
+            domid=domid,
+            label=dom.label,
+        )
+
+    @property
+    def ready(self) -> bool:
+        """The first reconcile is done: everything that existed at start has been decided."""
+        return self._reconciles > 0
+
+    def settled(self) -> Deferred[None]:
+        """Fires once everything xenstored reported before the call has been decided and no
+        event, reconcile or action is pending (tests, the demo). A device veto waiting for
+        its backend to close counts as pending."""
+        return Deferred.fromCoroutine(self._settle())
+
+    async def _settle(self) -> None:
+        while True:
+            before = (self._batches, self._reconciles, self.enforcer.stats.actions)
+            # A reply comes after every watch event xenstored queued before it, and the
+            # gateway runs event callbacks before completing replies: a barrier.
+            with contextlib.suppress(XenstoreError):
+                await self.gateway.read("/")
+            idle: Deferred[None] = Deferred()
+            self._idle_waiters.append(idle)
+            self._check_idle()
+            await idle
+            if before == (self._batches, self._reconciles, self.enforcer.stats.actions):
+                return
+
+    def _check_idle(self) -> None:
+        if not self._idle_waiters:
+            return
+        if self._busy or self._pending or self._scheduled or self._want_reconcile:
+            return
+        if not self.enforcer.idle():
+            self.reactor.callLater(0.01, self._check_idle)
+            return
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    @staticmethod
+    def _own(path: str) -> bool:
+        """An event for the daemon's own label node (only dom0 may write there)."""
+        if not path.startswith("/local/domain/"):
+            return False
+        parts = path.split("/", 5)
+        return len(parts) > 4 and parts[4] == LABEL_DIR
+
+    def _on_event(self, path: str, _token: str) -> None:
+        if self._own(path):
+            self._own_events += 1
+            return
+        self.enforcer.touched(path)  # a cut's frontend, checked at once (not batched)
+        self._pending.add(path, time.monotonic())
+        self._kick()
+
+    def _veto_changed(self, action: Action) -> None:
+        """A node veto has run: what the assembler emitted about those nodes no longer holds,
+        and a re-grant may hide in a coalesced watch event. Withdraw it and read the nodes
+        again, so what is there now is decided afresh (`EventAssembler.withdraw`)."""
+        assert isinstance(action, ResetPerms | RemoveVchan | RemoveNode)
+        events, again = self.assembler.withdraw(
+            action.path, subtree=not isinstance(action, ResetPerms)
+        )
+        self._process(events, None)
+        now = time.monotonic()
+        for path in again:
+            self._pending.add(path, now)
+        if again:
+            self._kick()
+
+    def _on_overflow(self, path: str) -> None:
+        _log.warn("watch on {path} overflowed: reconciling", path=path)
+        self.reconcile("overflow").addErrback(self._ignore_lost)
+
+    def _reconnected(self) -> None:
+        self._reconnects += 1
+        if self.metrics is not None:
+            self.metrics.set_xenstore(True, self._reconnects)
+        self._publish_dom0_label()  # a restarted xenstored may have lost it
+        self.reconcile("reconnect").addErrback(self._ignore_lost)
+
+    def _connection_lost(self, error: ConnectionLost) -> None:
+        _log.warn("lost xenstored ({error}); reconnecting", error=str(error))
+        if self.metrics is not None:
+            self.metrics.set_xenstore(False, self._reconnects)
+
+    @staticmethod
+    def _ignore_lost(failure: Failure) -> None:
+        if not isinstance(failure.value, ConnectionLost):
+            _log.failure("reconcile failed", failure)
+
+    def _kick(self) -> None:
+        if self._scheduled or self._busy:
+            return
+        self._scheduled = True
+        self.reactor.callLater(0, self._step)
+
+    def _step(self) -> None:
+        self._scheduled = False
+        if self._busy:
+            return
+        if self._want_reconcile is not None:
+            reason, self._want_reconcile = self._want_reconcile, None
+            waiters, self._reconcile_waiters = self._reconcile_waiters, []
+            self._busy = True
+            d = Deferred.fromCoroutine(self._do_reconcile(reason))
+
+            def finished(result: Failure | None) -> None:
+                self._done()
+                for w in waiters:
+                    if isinstance(result, Failure):
+                        w.errback(result)
+                    else:
+                        w.callback(None)
+
+            d.addBoth(finished)
+        elif self._pending:
+            self._pending.begin()
+            paths, earliest = self._pending.take()
+            received = time.monotonic() if earliest is None else earliest
+            self._busy = True
+            self._batches += 1
+            batch = Deferred.fromCoroutine(self._do_batch(paths, received))
+            batch.addErrback(self._batch_failed)
+            batch.addBoth(lambda _: self._done())
+        else:
+            self._check_idle()
+
+    def _done(self) -> None:
+        self._busy = False
+        if self._pending or self._want_reconcile is not None:
+            self._kick()
+        else:
+            self._check_idle()
+
+    def _batch_failed(self, failure: Failure) -> None:
+        if isinstance(failure.value, ConnectionLost):
+            return  # the reconcile after the reconnect covers it
+        _log.failure("watch batch failed; reconciling", failure)
+        self._want_reconcile = self._want_reconcile or "batch error"
+
+    async def _do_batch(self, paths: list[str], received: float) -> None:
+        """Read the batch's values, then feed them to the assembler at once.
+
+        A transaction's watch events may reach the reactor in more than one slice. The reply
+        to a read comes after every event xenstored sent before it, and the gateway runs event
+        callbacks before completing replies, so paths that became pending while the read was
+        out belong (at least) to the same burst: they are read too, up to `BATCH_ROUNDS`
+        rounds, and everything is fed together. A device is then announced with its whole
+        libxl record, not first without the resource it uses.
+        """
+        overflowed = self._pending.take_overflowed()
+        if overflowed:
+            received = min(received, *overflowed.values())
+            self._process(await self._reread_guests(sorted(overflowed)), received)
+        values: dict[str, bytes | None] = {}
+        perms: dict[str, tuple[Perm, ...] | None] = {}
+        hints: list[str] = []
+        for round_ in range(1, BATCH_ROUNDS + 1):
+            hints.extend(p for p in paths if p.startswith("@"))
+            reads = [p for p in paths if not p.startswith("@")]
+            perm_paths = [p for p in reads if needs_perms(p)]
+            values_d = self.gateway.read_many(reads)
+            perms_d = [self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths]
+            for path in reads:  # re-read paths move to the end: they are newer facts
+                values.pop(path, None)
+            values.update(await values_d)
+            got = await defer.gatherResults(perms_d)
+            perms.update(zip(perm_paths, got, strict=True))  # type: ignore[arg-type]
+            if not self._pending or round_ == BATCH_ROUNDS:
+                break  # what is still pending is the next batch's
+            paths, earliest = self._pending.take()  # within what is left of the budgets
+            if not paths:
+                break
+            if earliest is not None:
+                received = min(received, earliest)
+        nodes: list[EventNode] = [(p, None, None) for p in dict.fromkeys(hints)]
+        nodes.extend((p, v, perms.get(p)) for p, v in values.items())
+        self._process(self.assembler.feed_batch(nodes), received)
+
+    async def _reread_guests(self, domids: list[int]) -> list[Any]:
+        """Guests whose backlog of changed paths overflowed (`shyped.core.fairbatch`): their paths
+        were dropped, so their whole tree is read again (a snapshot taken after the drop shows
+        every change they stood for) and reconciled, as at start but for that subtree."""
+        events: list[Any] = []
+        for domid in domids:
+            root = f"/local/domain/{domid}"
+            _log.warn(
+                "guest {domid} changed more than {n} paths faster than they were read: "
+                "reading its tree {root} again",
+                domid=domid,
+                n=self._pending.max_waiting,
+                root=root,
+            )
+            snapshot = await self.gateway.snapshot(root, with_perms=False)
+            perm_paths = [p for p in snapshot.nodes if needs_perms(p)]
+            got = await defer.gatherResults(
+                [self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths]
+            )
+            perms = dict(zip(perm_paths, got, strict=True))
+            nodes = {p: (node.value, perms.get(p)) for p, node in snapshot.nodes.items()}
+            events.extend(self.assembler.reconcile(nodes, root))  # type: ignore[arg-type]
+        return events
+
+    def reconcile(self, reason: str) -> Deferred[None]:
+        """Walk the whole of xenstore through the event path (see the module docstring)."""
+        d: Deferred[None] = Deferred()
+        self._reconcile_waiters.append(d)
+        self._want_reconcile = reason
+        self._kick()
+        return d
+
+    async def _do_reconcile(self, reason: str) -> None:
+        received = time.monotonic()
+        # Values and children in one transaction; permissions only where the assembler uses
+        # them (vchan keys, nodes a guest could own), pipelined after it. A
+        # permission changed in between fires the watch, so the next batch has it.
+        snapshot = await self.gateway.snapshot("/", with_perms=False)
+        perm_paths = [p for p in snapshot.nodes if needs_perms(p)]
+        got = await defer.gatherResults(
+            [self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths]
+        )
+        perms = dict(zip(perm_paths, got, strict=True))
+        nodes = {path: (node.value, perms.get(path)) for path, node in snapshot.nodes.items()}
+        self._reconciles += 1
+        events = self.assembler.reconcile(nodes, "/")  # type: ignore[arg-type]
+        self._audit_event(
+            AuditKind.RECONCILE, reason=reason, nodes=len(snapshot.nodes), events=len(events)
+        )
+        _log.info(
+            "reconcile ({reason}): {nodes} nodes, {events} events{inc}",
+            reason=reason,
+            nodes=len(snapshot.nodes),
+            events=len(events),
+            inc="" if snapshot.consistent else " (inconsistent walk; watches converge)",
+        )
+        # A running domain keeps the label it was admitted with (its dom0-owned label node),
+        # for this reconcile's decisions only: a domid reused later is a new domain.
+        self.engine.remember_published(published_labels(snapshot.nodes))
+        try:
+            self._process(events, received)
+        finally:
+            self.engine.remember_published({})
+
+    def _process(self, events: Iterable[Any], received: float | None) -> None:
+        queue: deque[NeedsDecision] = deque()
+        events = list(events)
+        if self.metrics is not None:
+            self.metrics.observe_events(events)
+        for event in events:
+            self.enforcer.observe(event)
+            for out in self.host.apply(event):
+                if isinstance(out, DomainReleased):
+                    self._released(out)
+                else:
+                    queue.append(out)
+        self._decide(queue, received)
+        self._recheck_quotas(touched_domains(events), received)
+
+    def _recheck_quotas(self, domids: Iterable[int], received: float | None) -> None:
+        """Running domains whose account changed (sizes written after admission, rings
+        published) are checked against their label's per-domain quotas again."""
+        for domid in sorted(domids):
+            outcome = self.engine.recheck_quota(domid, self.host)
+            if outcome is None:
+                continue
+            if received is not None:
+                outcome = attrs.evolve(outcome, received=received)
+            ready = self.host.record_decision(
+                outcome.need, False, label=outcome.label, reason=outcome.decision.reason
+            )
+            self._emit(outcome)
+            self._decide(deque(ready), received)
+
+    def _released(self, out: DomainReleased) -> None:
+        label = self.engine.release(out)
+        _log.info(
+            "domain gone: {name}({domid}{uuid}) {state}{counted}",
+            name=out.name or "?",
+            domid=out.domid,
+            uuid=f", {out.uuid}" if out.uuid else "",
+            state=out.state.value,
+            counted=f"; released Chinese Wall types of {label!r}" if label else "",
+        )
+
+    def _decide(self, queue: deque[NeedsDecision], received: float | None = None) -> None:
+        while queue:
+            need = queue.popleft()
+            if not self.host.is_current(need):
+                continue
+            if self._audit_refusing():
+                outcome = self.engine.refuse(need, self.host, Rule.AUDIT, self._audit_reason())
+            elif self._untrusted_identity(need):
+                reason = f"{need.identity}: a domain is only admitted under a sound identity"
+                outcome = self.engine.refuse(need, self.host, Rule.LABEL, reason)
+            else:
+                outcome = self.engine.decide(need, self.host)
+            if received is not None:
+                outcome = attrs.evolve(outcome, received=received)
+            ready = self.host.record_decision(
+                need, outcome.allowed, label=outcome.label, reason=outcome.decision.reason
+            )
+            queue.extend(ready)
+            self._emit(outcome)
+
+    def _untrusted_identity(self, need: NeedsDecision) -> bool:
+        """A new domain whose name does not parse or whose UUID another domain holds is denied
+        (docs/operations.md, "Domain identity"); one that already runs keeps its decision."""
+        if need.kind != "domain" or not need.identity:
+            return False
+        dom = self.host.domain(need.domid)
+        return dom is not None and dom.state in (DomainState.SEEN, DomainState.DENIED)
+
+    def _emit(self, outcome: Outcome, *, record: bool = True) -> None:
+        self._decisions[outcome.decision.verdict] += 1
+        if outcome.enforced:
+            self._vetoes += 1
+        if not self._in_full(outcome):
+            record = False  # counted; summarised by _flush_repeats
+        elif outcome.allowed:
+            _log.info("{line}", line=outcome.log_line())
+        else:
+            _log.warn("{line}", line=outcome.log_line())
+        if self.metrics is not None:
+            latency = None if outcome.received is None else time.monotonic() - outcome.received
+            self.metrics.observe_decision(outcome.decision, latency)
+        gates: list[Deferred[Any]] = []
+        recorded = self._audit_decision(outcome) if record else None
+        if recorded is not None and outcome.mode is Mode.ENFORCING:
+            gates.append(recorded)
+        for listener in list(self.listeners):
+            try:
+                result = listener(outcome)
+            except Exception:
+                _log.failure("decision listener {l!r} raised", l=listener)
+                continue
+            if isinstance(result, Deferred):
+                gates.append(result.addErrback(_listener_failed, listener))
+        gate = defer.DeferredList(gates, consumeErrors=True) if gates else None
+        self.enforcer.execute(outcome, gate)
+
+    def _in_full(self, outcome: Outcome) -> bool:
+        """False for a guest-paced decision that is only counted (`PacedDecisions`)."""
+        if outcome.kind not in _GUEST_PACED_KINDS:
+            return True
+        d, need = outcome.decision, outcome.need
+        what = f"{d.verdict} {need.kind} [{d.rule}]"
+        peers = tuple(sorted(need.peers)) + ((-1,) if need.any_peer else ())
+        return self._repeats.note(need.domid, need.kind, d.verdict, peers, what)
+
+    def _flush_repeats(self) -> None:
+        """One log line and one audit record per guest decided more often than its burst."""
+        for r in self._repeats.flush():
+            who = "other domains" if r.key < 0 else f"domain {r.key}"
+            text = (
+                f"{r.count} more decision(s) about channels of {who} in "
+                f"{GUEST_REPEAT_INTERVAL:g} s ({r.kinds_text()}), recorded as this count only"
+            )
+            _log.warn("decision: {text}", text=text)
+            self._audit_event(
+                AuditKind.DECISION_REPEATS, subject_domid=r.key, count=r.count,
+                kinds=dict(r.kinds), summary=text,
+            )  # fmt: skip
+
+    def _publish_dom0_label(self) -> None:
+        label = self.engine.label_string(self.engine.dom0_label())
+        self.enforcer.execute_action(WriteLabel(0, None, label))
+
+    def _sweep(self, reason: str) -> None:
+        """Ask every question again: running domains first, then the rest (see Engine)."""
+        self.engine.begin_sweep(self.host)
+        needs = self.host.all_needs()
+
+        def order(need: NeedsDecision) -> int:
+            if need.kind != "domain":
+                return 2
+            dom = self.host.domain(need.domid)
+            running = dom is not None and dom.state in (DomainState.ADMITTED, DomainState.PAUSED)
+            return 0 if running else 1
+
+        needs.sort(key=order)
+        _log.info("re-deciding {n} questions ({reason})", n=len(needs), reason=reason)
+        try:
+            self._decide(deque(needs))
+        finally:
+            self.engine.end_sweep()
+        self._check_idle()
+
+    def audit_event(self, kind: AuditKind | str, **details: object) -> Deferred[Any] | None:
+        """Record a daemon event (e.g. ``resource-label`` from the control socket); fires
+        once durable, None without an audit trail. Never raises."""
+        return self._audit_event(kind, **details)
+
+    def _audit_event(self, kind: AuditKind | str, **details: object) -> Deferred[Any] | None:
+        if self.audit is None:
+            return None
+        try:
+            d = self.audit.record_event(kind, **details)
+        except Exception:
+            _log.failure("audit: cannot record {kind}", kind=str(kind))
+            return None
+        return d.addErrback(_audit_lost, str(kind))
+
+    def _audit_decision(self, outcome: Outcome) -> Deferred[Any] | None:
+        """Record `outcome`; the Deferred fires once its fsync returned. In enforcing mode a
+        permit whose record cannot be written (fail-closed) is turned into the veto."""
+        if self.audit is None:
+            return None
+        details: dict[str, object] = {
+            "what": outcome.what,
+            "actions": [a.describe() for a in outcome.actions if is_veto(a)],
+        }
+        if outcome.resource is not None:
+            details["resource"] = outcome.resource
+        if outcome.clients:
+            details["clients"] = list(outcome.clients)
+        if outcome.planned and not outcome.enforced:
+            details["not_enforced"] = outcome.note or "not enforced"
+        try:
+            d = self.audit.record_decision(
+                outcome.decision,
+                subject=outcome.subject,
+                obj=outcome.peer,
+                policy_sha256=self.loaded.sha256,
+                mode=outcome.mode.value,
+                **details,
+            )
+        except Exception:
+            _log.failure("audit: cannot record {what}", what=outcome.what)
+            return None
+        d.addErrback(self._audit_record_failed, outcome)
+        self._unsynced.add(d)
+        d.addBoth(self._record_synced, d)
+        return d
+
+    def _record_synced(self, result: object, d: Deferred[Any]) -> object:
+        self._unsynced.discard(d)
+        return result
+
+    def audit_synced(self) -> Deferred[None]:
+        """Fires once the record of every decision taken so far is durable, or refused (then
+        a permit has been turned into a veto): the control socket answers admissions only
+        then. Already fired without an audit trail or nothing pending."""
+        if not self._unsynced:
+            return defer.succeed(None)
+        pending = defer.DeferredList(list(self._unsynced), consumeErrors=True)
+        return pending.addCallback(lambda _: None)
+
+    def _audit_record_failed(self, failure: Failure, outcome: Outcome) -> None:
+        _audit_lost(failure, outcome.what)
+        if (
+            not isinstance(failure.value, AuditUnavailable)
+            or not outcome.allowed
+            or outcome.mode is not Mode.ENFORCING
+            or not self.host.is_current(outcome.need)
+        ):
+            return
+        refused = self.engine.refuse(outcome.need, self.host, Rule.AUDIT, self._audit_reason())
+        ready = self.host.record_decision(
+            refused.need, False, label=outcome.label, reason=refused.decision.reason
+        )
+        self._emit(refused, record=False)  # it cannot be recorded: that is why it is denied
+        self._decide(deque(ready))
+
+    def _audit_refusing(self) -> bool:
+        """Fail-closed: the trail cannot record, so nothing new is allowed."""
+        return self.audit is not None and not self.audit.available
+
+    def _audit_reason(self) -> str:
+        return (
+            "the audit trail cannot record decisions (disk_full_action = fail-closed): "
+            "nothing new is allowed until it can"
+        )
+
+    def _audit_state(self, state: AuditState, reason: str) -> None:
+        if state is AuditState.OK:
+            _log.warn("audit trail writable again ({reason}): decisions resume", reason=reason)
+        else:
+            _log.critical(
+                "AUDIT TRAIL {state}: {reason}; new domains, devices and vchans are {what}",
+                state=state.value.upper(),
+                reason=reason,
+                what="DENIED" if state is AuditState.UNAVAILABLE else "decided but not recorded",
+            )
+        if self.metrics is not None:
+            self.metrics.dirty = True
+
+
+def published_labels(nodes: Mapping[str, Any]) -> dict[int, str]:
+    """``/local/domain/<d>/shyped/label`` values of a snapshot, by domid (d != 0). The
+    directory is dom0's (``n0,r<d>``, under the dom0-owned home): a guest cannot write it."""
+    out: dict[int, str] = {}
+    for path, node in nodes.items():
+        comps = path.split("/")
+        if (
+            len(comps) != 6
+            or comps[1:3] != ["local", "domain"]
+            or comps[4:] != [LABEL_DIR, "label"]
+        ):
+            continue
+        if not comps[3].isdigit() or comps[3] == "0":
+            continue
+        text = parse_text(node.value, MAX_NAME)
+        if text is not None:
+            out[int(comps[3])] = text
+    return out
+
+
+def _pid() -> int:
+    return os.getpid()
+
+
+def _audit_lost(failure: Failure, what: str) -> None:
+    if isinstance(failure.value, AuditUnavailable):
+        return  # the state listener said it loudly once
+    _log.failure("audit: record of {what} failed", failure, what=what)
+
+
+def _absent(failure: Failure) -> Failure | None:
+    """A node removed between its event and the read: no permissions (the value is None)."""
+    return None if isinstance(failure.value, NoEntry) else failure
+
+
+def _listener_failed(failure: Failure, listener: Listener) -> None:
+    _log.failure("decision listener {l!r} failed", failure, l=listener)
