@@ -182,3 +182,30 @@ def test_shypectl_labels_and_dry_runs_by_the_canonical_id(xenstored: SandboxXens
         r = h.ctl("dry-run", str(cfg))
         assert r.returncode == 1 and "DENIED" in r.stdout, r.stdout + r.stderr
         assert "lacks STE type 'bank-b'" in r.stdout, r.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hotplug_script_other_than_the_default_is_denied(host: Harness) -> None:
+    """Red team (third round): the label check read the bridge or params only; a vif with
+    `script=vif-route` (the guest on dom0's own IP stack, whatever the bridge) or a vbd with
+    `script=block-iscsi` (params read as a remote target) was permitted as the labelled
+    bridge or image. A script other than libxl's default is denied (rule label)."""
+    await host.start()
+    d = await host.call(
+        host.ts.create,
+        domcfg(
+            "web-a1",
+            vifs=["bridge=xenbr-bank-a", "bridge=xenbr-bank-a,script=vif-route,ip=10.0.0.5"],
+            disks=[
+                "vdev=xvda,access=rw,target=/srv/xen/images/web-a1.img",
+                "script=block-iscsi,vdev=xvdb,access=rw,target=/srv/xen/images/web-a1.img",
+            ],
+        ),
+    )
+    await host.settle()
+    assert host.last(f"device vif {d}/0").allowed  # default vif-bridge
+    assert host.last(f"device vbd {d}/{XVDA}").allowed  # default block
+    for what in (f"device vif {d}/1", f"device vbd {d}/51728"):
+        out = host.last(what)
+        assert not out.allowed and out.decision.rule is Rule.LABEL, out.log_line()
+        assert "hotplug script" in out.decision.reason

@@ -21,12 +21,15 @@ def _as_is(rid: str) -> str:
 
 
 def _invalid_resource(raw: str) -> Decision:
-    return Decision(
-        permitted=False,
-        hook=Hook.RESOURCE,
-        rule=Rule.LABEL,
-        reason=f"resource {raw[:200]!r} is not a valid resource id (absolute path or bridge)",
-    )
+    if raw.startswith("hotplug-script:"):
+        script = raw[len("hotplug-script:") :]
+        reason = (
+            f"the device's hotplug script {script[:200]!r} is not the default (block, "
+            "vif-bridge): what it reaches is not the resource the label store names"
+        )
+    else:
+        reason = f"resource {raw[:200]!r} is not a valid resource id (absolute path or bridge)"
+    return Decision(permitted=False, hook=Hook.RESOURCE, rule=Rule.LABEL, reason=reason)
 
 
 def adapt_running_system(

@@ -8,6 +8,7 @@ from shyped.core.assembler.local import LocalReader
 from shyped.core.assembler.state import (
     _EMPTY,
     _Dom,
+    resource_with_script,
 )
 from shyped.core.channels import (
     device_dir_of,
@@ -185,14 +186,15 @@ class Flusher(LocalReader):
             return
         assert rec.backend is not None
         be, bkind = rec.backend
-        facts = (be, bkind, rec.resource, rec.writable)
+        resource = resource_with_script(dk.kind, rec.resource, rec.script)
+        facts = (be, bkind, resource, rec.writable)
         if rec.emitted != facts:
             if rec.emitted is not None and rec.emitted[:2] != facts[:2]:
                 rec.em_be = (None, None)
             rec.emitted = facts
             self._shared.recheck(dk.frontend)
             self._shared.recheck(be)
-            out.append(DeviceAdded(dk, be, bkind, rec.resource, rec.writable))
+            out.append(DeviceAdded(dk, be, bkind, resource, rec.writable))
         fe = dom.fronts.get(rkey)
         state = fe.state if fe is not None else None
         if state != rec.em_fe_state:

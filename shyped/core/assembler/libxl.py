@@ -121,6 +121,8 @@ class LibxlReader(AssemblerState):
             if value not in (b"r", b"w"):
                 self._garbage(None, path, "record mode is not r or w")
             rec.writable = value != b"r"
+        elif name == "script":
+            rec.script = parse_text(value, MAX_VALUE) or "(unreadable)"
         elif name == _RESOURCE_KEY.get(kind):
             res = parse_text(value, MAX_VALUE)
             if res is None:
@@ -135,6 +137,8 @@ class LibxlReader(AssemblerState):
             self._unlink_backend(d, kind, devid, rec)
         elif name == "mode":
             rec.writable = True
+        elif name == "script":
+            rec.script = None
         else:
             rec.resource = None
         self._dirty_devs.add(DeviceKey(kind, d, devid))

@@ -23,7 +23,25 @@ _DEVID_MAX: Final = 0x7FFFFFFF
 _XENBUS_STATE_MAX: Final = 8  # XenbusStateReconfigured
 #: Record keys naming the resource a device uses, per frontend kind.
 _RESOURCE_KEY: Final = {"vbd": "params", "vif": "bridge", "9pfs": "path"}
-_RECORD_KEYS: Final = frozenset({"frontend", "backend", "mode", *_RESOURCE_KEY.values()})
+_RECORD_KEYS: Final = frozenset({"frontend", "backend", "mode", "script", *_RESOURCE_KEY.values()})
+#: The hotplug scripts libxl records by default (``/etc/xen/scripts/`` + ``block`` /
+#: ``vif-bridge``; a qdisk has none). Any other script decides itself what the device
+#: reaches (``vif-route`` puts the guest on dom0's IP stack, ``block-iscsi`` turns params into
+#: a remote target): the resource is then not the one the label store names.
+DEFAULT_SCRIPTS: Final = {
+    "vbd": "/etc/xen/scripts/block",
+    "vif": "/etc/xen/scripts/vif-bridge",
+}
+
+
+def resource_with_script(kind: str, resource: str | None, script: str | None) -> str | None:
+    """The resource a device record names, or ``hotplug-script:<script>`` (an id no label
+    store holds: the device is denied) when its script is not the kind's default."""
+    if script is None or script == DEFAULT_SCRIPTS.get(kind):
+        return resource
+    return f"hotplug-script:{script}"
+
+
 _MAX_GARBAGE_PATH: Final = 200
 #: Bounds on the dom0-written sizes: memory in KiB (2^48 KiB = 256 PiB), vCPU indexes
 #: (HVM_MAX_VCPUS is 128 in Xen 4.17, XEN_LEGACY_MAX_VCPUS 32; leave room).
@@ -77,6 +95,7 @@ class _Record:
         "gone",
         "keys",
         "resource",
+        "script",
         "writable",
     )
 
@@ -85,6 +104,7 @@ class _Record:
         self.frontend_ok = False
         self.backend: tuple[int, str] | None = None
         self.resource: str | None = None
+        self.script: str | None = None
         self.writable = True
         self.gone = False
         self.emitted: tuple[int, str, str | None, bool] | None = None
@@ -97,6 +117,7 @@ class _Record:
         self.keys.clear()
         self.frontend_ok = False
         self.resource = None
+        self.script = None
         self.writable = True
         self.gone = False
 
