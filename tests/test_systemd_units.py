@@ -78,7 +78,9 @@ def test_unit_verifies(unit_copy: Path) -> None:
 
 
 @needs_analyze
-def test_unit_exposure_is_at_most_2(unit_copy: Path) -> None:
+def test_unit_exposure_is_at_most_2_1(unit_copy: Path) -> None:
+    """2.1: setpriority allowed (parser workers), host /tmp and read-only /home (disk paths
+    resolved as the backend sees them) — see docs/install.md."""
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit_copy)],
         capture_output=True,
@@ -87,7 +89,7 @@ def test_unit_exposure_is_at_most_2(unit_copy: Path) -> None:
     )
     m = re.search(r"Overall exposure level for shyped\.service: (\d+\.\d+)", result.stdout)
     assert m, result.stdout + result.stderr
-    assert float(m.group(1)) <= 2.0, result.stdout
+    assert float(m.group(1)) <= 2.1, result.stdout
 
 
 def test_unit_is_what_the_daemon_expects() -> None:
@@ -108,6 +110,9 @@ def test_unit_is_what_the_daemon_expects() -> None:
     assert one(text, "Service", "CapabilityBoundingSet") == ""
     assert one(text, "Service", "ProtectSystem") == "strict"
     assert one(text, "Service", "NoNewPrivileges") == "yes"
+    # disk paths are resolved as the backend sees them: no private /tmp, no hidden /home
+    assert "PrivateTmp=yes" not in text
+    assert one(text, "Service", "ProtectHome") == "read-only"
 
 
 def test_tmpfiles_entry_creates_the_directories(tmp_path: Path) -> None:
