@@ -209,3 +209,19 @@ async def test_a_hotplug_script_other_than_the_default_is_denied(host: Harness) 
         out = host.last(what)
         assert not out.allowed and out.decision.rule is Rule.LABEL, out.log_line()
         assert "hotplug script" in out.decision.reason
+
+
+def test_a_layered_image_format_is_denied() -> None:
+    """Red team (third round, suspected): a qcow2 header can name any backing file, which
+    qemu's qdisk opens too; the image's label does not cover it. A vbd whose params carry a
+    layered format (as libxl writes a qdisk's params) is denied (rule label); raw is decided
+    by the image's label. (The sandbox simulates no qdisk: checked at the engine's edge.)"""
+    from shyped.core.outcome import resource_of
+    from shyped.core.running import _invalid_resource
+
+    assert resource_of("vbd", "aio:/srv/xen/images/web-a1.img") == "disk:/srv/xen/images/web-a1.img"
+    for params in ("qcow2:/srv/xen/images/web-a1.img", "vhd:/x.vhd", "qed:/x", "tap:qcow2:/x"):
+        assert resource_of("vbd", params) is None
+        denial = _invalid_resource(params)
+        assert not denial.permitted and denial.rule is Rule.LABEL
+        assert "backing files" in denial.reason

@@ -142,8 +142,16 @@ def resolved_store(store: LabelStore) -> LabelStore:
     return attrs.evolve(store, resources=resources)
 
 
+#: Image formats whose header can name a backing file that qemu opens too: the image's label
+#: would not cover what the backend reads, so a device using one is refused.
+LAYERED_FORMATS: Final = ("qcow2:", "qcow:", "vhd:", "qed:", "tap:qcow2:", "tap:qcow:", "tap:vhd:")
+
+
 def disk_resource(params: str) -> str:
-    """The resource id of a vbd whose backend `params` is the given path."""
+    """The resource id of a vbd whose backend `params` is the given path; refused for image
+    formats with backing files (`LAYERED_FORMATS`, as libxl writes a qdisk's params)."""
+    if params.startswith(LAYERED_FORMATS):
+        raise LabelStoreError(f"layered image format in {params[:200]!r}")
     return resource_id(params)
 
 

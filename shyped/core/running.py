@@ -6,9 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from shyped.core.hostfacts import RunningSystem as HostRunningSystem
-from shyped.core.labelstore import (
-    LabelStore,
-)
+from shyped.core.labelstore import LAYERED_FORMATS, LabelStore
 from shyped.core.outcome import (
     resource_of,
 )
@@ -26,6 +24,11 @@ def _invalid_resource(raw: str) -> Decision:
         reason = (
             f"the device's hotplug script {script[:200]!r} is not the default (block, "
             "vif-bridge): what it reaches is not the resource the label store names"
+        )
+    elif raw.startswith(LAYERED_FORMATS):
+        reason = (
+            f"disk {raw[:200]!r} is a qcow/qcow2/vhd/qed image: its header may name backing "
+            "files the backend opens too, which no label covers (use raw images)"
         )
     else:
         reason = f"resource {raw[:200]!r} is not a valid resource id (absolute path or bridge)"
