@@ -311,3 +311,23 @@ async def test_dry_run_sees_a_slashed_path_as_the_labelled_disk(env: Env) -> Non
     r = await env.shype_xl("block-attach", "web-2", "format=raw,vdev=xvdb,target=//img/bank-x.img")
     assert r.returncode == 1 and "DENIED" in r.stderr, r.stderr
     assert "bank-a" in r.stderr and "unlabelled" not in r.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_cfg_keys_that_hand_over_host_resources_are_refused(env: Env) -> None:
+    """Red team (third round): device_model_args, a host serial port, usbdevice … give the
+    guest host resources without any xenstore device record the daemon could decide; the
+    preview read them not at all. shype-xl refuses such a cfg before anything is created."""
+    cfg = env.cfg("web-2", "web")
+    base = cfg.read_text()
+    for extra in (
+        'device_model_args_hvm = [ "-drive", "file=/srv/xen/images/web-b1.img,if=ide" ]\n',
+        'serial = "file:/srv/xen/images/web-b1.img"\n',
+        'usbdevice = "host:1234:5678"\n',
+    ):
+        cfg.write_text(base + extra)
+        r = await env.shype_xl("create", str(cfg))
+        assert r.returncode == 2 and "host resources" in r.stderr, (extra, r.stderr)
+    assert "web-2" not in env.xl_list()
+    cfg.write_text(base + 'serial = "pty"\n')
+    assert (await env.shype_xl("create", str(cfg))).returncode == 0

@@ -10,7 +10,8 @@ disks and vifs matter here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Final
 
 import attrs
 
@@ -105,9 +106,39 @@ def vif_item(spec: str) -> VifItem:
     )
 
 
+#: xl.cfg keys that hand the guest a host resource without any xenstore device record (the
+#: device model's own arguments, host serial/USB/sound/PCI/IO ranges): the daemon never sees
+#: them, so shype-xl and dry-run refuse a cfg that sets them. PCI goes here too until shyped
+#: labels PCI devices (the daemon denies a pci device record in any case).
+HOST_RESOURCE_KEYS: Final = frozenset(
+    {
+        "device_model_args", "device_model_args_pv", "device_model_args_hvm",
+        "device_model_override", "usbdevice", "usbdev", "soundhw", "pci", "iomem",
+        "ioports", "irqs", "dtdev", "rdm",
+    }
+)  # fmt: skip
+#: Console/serial values that reach nothing on the host.
+_SERIAL_OK: Final = frozenset({"pty", "none"})
+
+
+def _host_resources(values: Mapping[str, object], filename: str) -> None:
+    keys = sorted(k for k in values if k in HOST_RESOURCE_KEYS)
+    serial = values.get("serial")
+    serials = serial if isinstance(serial, list) else [] if serial is None else [serial]
+    if any(v not in _SERIAL_OK for v in serials):
+        keys.append("serial")
+    if keys:
+        raise XlConfigError(
+            f"{filename}: {', '.join(keys)} would hand the guest host resources no shyped "
+            "decision covers (the device model's arguments, host serial/USB/sound/PCI/IO); "
+            "refused by shype-xl and dry-run"
+        )
+
+
 def summarize(text: str, filename: str = "<xl.cfg>") -> CfgSummary:
     """Parse an xl.cfg text (overrides already appended); `XlConfigError` on anything bad."""
     values = parse_assignments(text, filename)
+    _host_resources(values, filename)
 
     def strings(key: str) -> list[str]:
         value = values.get(key, [])
