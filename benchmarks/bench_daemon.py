@@ -66,6 +66,7 @@ from shyped.sandbox import devices as D
 from shyped.sandbox import layout as L
 from shyped.sandbox.hypervisor import HostState, HypervisorStore
 from shyped.sandbox.toolstack import Toolstack
+from shyped.sandbox.toolstack_base import apply_ops
 from shyped.sandbox.xenstored import SandboxXenstored, short_instance_dir
 from shyped.sandbox.xsconn import XsConn
 from shyped.service.config import ActuatorConfig, Config, XenstoreConfig
@@ -190,15 +191,7 @@ def raw_echo(socket_path: str, iterations: int) -> list[float]:
 
 def apply_tx(conn: XsConn, ops: Sequence[Any], before_commit: Any = None) -> None:
     conn.start()
-    for op in ops:
-        if isinstance(op, L.Write):
-            conn.write(op.path, op.value)
-        elif isinstance(op, L.SetPerms):
-            conn.set_perms(op.path, op.perms)
-        elif isinstance(op, L.Mkdir):
-            conn.mkdir(op.path)
-        elif isinstance(op, L.Rm):
-            conn.rm(op.path)
+    apply_ops(conn, ops)
     if before_commit is not None:
         before_commit()
     assert conn.commit()

@@ -12,7 +12,7 @@ from daemon_helpers import Harness, domcfg, host_fixture
 
 from shyped.policy.decisions import Rule
 from shyped.sandbox import devices as D
-from shyped.sandbox import layout as L
+from shyped.sandbox.toolstack_base import apply_ops
 from shyped.sandbox.xsconn import XsConn
 
 __all__ = ["host_fixture"]
@@ -25,13 +25,7 @@ def add_device(host: Harness, kind: str, fe: int, back: list[tuple[str, str]]) -
     ops = D._generic_add_ops(kind, fe, 0, 0, back, front, [])
     with XsConn(str(host.xsd.socket_path)) as xs:
         xs.start()
-        for op in ops:
-            if isinstance(op, L.Write):
-                xs.write(op.path, op.value)
-            elif isinstance(op, L.SetPerms):
-                xs.set_perms(op.path, op.perms)
-            elif isinstance(op, L.Mkdir):
-                xs.mkdir(op.path)
+        apply_ops(xs, ops)
         xs.commit()
 
 

@@ -11,7 +11,7 @@ import os
 import stat
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +208,7 @@ class ToolstackBase:
         if st.transaction:
             self._transact(conn, lambda: list(st.ops), st.what)
         else:
-            self._apply(conn, st.ops)
+            apply_ops(conn, st.ops)
 
     def _transact(self, conn: XsConn, body: Callable[[], list[Op]], what: str) -> None:
         """Run ``body``'s ops in a transaction, retrying on EAGAIN as libxl does
@@ -216,7 +216,7 @@ class ToolstackBase:
         for attempt in range(1, MAX_TX_ATTEMPTS + 1):
             conn.start()
             try:
-                self._apply(conn, body())
+                apply_ops(conn, body())
                 if self.before_commit is not None:
                     self.before_commit(what, attempt)
             except XsError as exc:
@@ -230,37 +230,6 @@ class ToolstackBase:
             if conn.commit():
                 return
         raise ToolstackError(f"{what}: transaction kept failing with EAGAIN")
-
-    def _apply(self, conn: XsConn, ops: tuple[Op, ...] | list[Op]) -> None:
-        for op in ops:
-            if isinstance(op, L.Write):
-                conn.write(op.path, op.value)
-            elif isinstance(op, L.SetPerms):
-                conn.set_perms(op.path, op.perms)
-            elif isinstance(op, L.Mkdir):
-                conn.mkdir(op.path)
-            elif isinstance(op, L.Rm):
-                conn.rm(op.path)
-            elif isinstance(op, L.Read):
-                conn.read(op.path)
-            else:
-                self._path_cleanup(conn, op.path)
-
-    @staticmethod
-    def _path_cleanup(conn: XsConn, path: str) -> None:
-        """libxl__xs_path_cleanup: rm, then empty-valued childless parents."""
-        if not conn.rm(path):
-            return
-        parent = path
-        while "/" in parent.strip("/"):
-            parent = parent.rsplit("/", 1)[0]
-            value = conn.read(parent)
-            if value is None or value != "":
-                return
-            children = conn.directory(parent)
-            if children is None or children:
-                return
-            conn.rm(parent)
 
     @staticmethod
     def _guest_responsive(dom: DomainState) -> bool:
@@ -350,3 +319,37 @@ class ToolstackBase:
             if value is not None:
                 record[key] = value
         return record
+
+
+def apply_ops(conn: XsConn, ops: Sequence[Op]) -> None:
+    """Carry out layout ops on `conn` as the program that owns them would (tests and
+    benchmarks replay libxl's writes through this too)."""
+    for op in ops:
+        if isinstance(op, L.Write):
+            conn.write(op.path, op.value)
+        elif isinstance(op, L.SetPerms):
+            conn.set_perms(op.path, op.perms)
+        elif isinstance(op, L.Mkdir):
+            conn.mkdir(op.path)
+        elif isinstance(op, L.Rm):
+            conn.rm(op.path)
+        elif isinstance(op, L.Read):
+            conn.read(op.path)
+        else:
+            _path_cleanup(conn, op.path)
+
+
+def _path_cleanup(conn: XsConn, path: str) -> None:
+    """libxl__xs_path_cleanup: rm, then empty-valued childless parents."""
+    if not conn.rm(path):
+        return
+    parent = path
+    while "/" in parent.strip("/"):
+        parent = parent.rsplit("/", 1)[0]
+        value = conn.read(parent)
+        if value is None or value != "":
+            return
+        children = conn.directory(parent)
+        if children is None or children:
+            return
+        conn.rm(parent)
