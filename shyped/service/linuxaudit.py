@@ -71,8 +71,8 @@ def format_user_avc(outcome: Outcome, *, comm: str = "shyped") -> str:
         f"avc:  denied  {{ {_value(outcome.kind)} }} for ",
         f"comm={_value(comm)}",
         f"scontext={_value(_context(outcome.policy, outcome.subject.label))}",
-        "tcontext="
-        + _value(_context(outcome.policy, target.label if target is not None else None)),
+        # no other party (a domain's admission): the domain itself, as SELinux's "self"
+        "tcontext=" + _value(_context(outcome.policy, (target or outcome.subject).label)),
         "tclass=shyped",
     ]
     for prefix, p in (("s", outcome.subject), ("t", outcome.peer)):
