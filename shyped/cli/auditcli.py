@@ -33,6 +33,7 @@ from shyped.cli.conventions import (
 )
 from shyped.core.audit import Record, format_human, iter_parsed
 from shyped.core.auditverify import Anchor, Finding, Level, VerifyReport
+from shyped.policy.decisions import Hook
 from shyped.service.auditlog import (
     DEFAULT_DIRECTORY,
     STATE_NAME,
@@ -155,10 +156,10 @@ def audit_tail(
 ) -> int:
     """Print the last `lines` records (denials only if asked); with `follow`, keep printing
     new ones across rotations until `stop()` is true or Ctrl-C."""
-    if not directory.is_dir():
-        print(f"audit tail: {directory}: no such directory", file=err)
-        return 2
     try:
+        if not directory.is_dir():
+            print(f"audit tail: {directory}: no such directory", file=err)
+            return 2
         backlog = tail_records(directory, lines, denied_only=denied_only)
         for rec in backlog:
             _show(rec, json_output, out)
@@ -178,6 +179,8 @@ def audit_tail(
             follower.close()
     except KeyboardInterrupt:
         return 0
+    except BrokenPipeError:
+        raise  # the reader went away: shyped.cli.conventions.guarded ends quietly
     except OSError as e:
         print(f"audit tail: {os_error_text(e)}", file=err)
         return 2
@@ -201,10 +204,10 @@ def audit_search(
 ) -> int:
     """Print the records `query` matches (oldest first; the `last` ones if given). 0 if any
     matched, 1 if none (``<no matches>`` on stderr), 2 if the log could not be read."""
-    if not directory.is_dir():
-        print(f"audit search: {directory}: no such directory", file=err)
-        return 2
     try:
+        if not directory.is_dir():
+            print(f"audit search: {directory}: no such directory", file=err)
+            return 2
         found = select(_records(directory), query, last)
     except OSError as e:
         print(f"audit search: {os_error_text(e)}", file=err)
@@ -260,7 +263,8 @@ def _filter_options(parser: argparse.ArgumentParser) -> None:
         "--hook",
         action="append",
         default=[],
-        help="decision hook: domain, device, vchan, xs-channel, …",
+        choices=[h.value for h in Hook],
+        help="decision hook",
     )
     parser.add_argument("--decision", choices=DECISIONS, help="permit or deny")
     parser.add_argument(

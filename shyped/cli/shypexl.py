@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(
         prog="shype-xl",
+        add_help=False,  # -h is xl's (its global help option)
         description="xl with shyped's admission in front of create and device attaches: "
         "create runs `xl create -p`, waits for the daemon to admit the domain and its "
         "devices, then unpauses it (or destroys it); block-attach and network-attach are "
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"{_XL_HELP} Exit status: 0 ok, 1 denied by the policy, 2 usage or bad cfg, "
         "3 daemon unreachable or no admission in time, 4 permission denied, 6 unknown label; "
         "otherwise xl's own status. docs/control-protocol.md, section shype-xl.",
+    )
+    parser.add_argument(
+        "--help", action="help", help="show this help and exit (xl's own: shype-xl -h)"
     )
     parser.add_argument(
         "--socket",
