@@ -5,10 +5,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,21 +19,36 @@ from audit_helpers import feed, small
 from user_helpers import local_user, needs_users, setpriv
 
 import shyped
-from shyped.cli import auditcli, conventions, main, shypectl, shypexl
-from shyped.sandbox.__main__ import _parser as sandbox_parser
+from shyped.cli import auditcli, conventions, shypectl
 from shyped.service.auditlog import AuditLog
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
-#: Every command: (name, its module for ``python -m``, its parser).
-COMMANDS: list[tuple[str, str, Callable[[], argparse.ArgumentParser]]] = [
-    ("shyped", "shyped.cli.main", main.build_parser),
-    ("shypectl", "shyped.cli.shypectl", shypectl.build_parser),
-    ("shype-xl", "shyped.cli.shypexl", shypexl.build_parser),
-    ("shyped.cli.auditcli", "shyped.cli.auditcli", auditcli.build_parser),
-    ("shype-sandbox", "shyped.sandbox", sandbox_parser),
-]
+
+def entry_points() -> list[tuple[str, str, str]]:
+    """(script, module, function) of every console script pyproject.toml declares."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    return [(name, *spec.split(":")) for name, spec in scripts.items()]
+
+
+#: Every command: (name, how to run it, its parser). Every entry point must expose
+#: ``build_parser()`` in its module (its --help, man page and completion come from it).
+COMMANDS: list[tuple[str, list[str], Callable[[], argparse.ArgumentParser]]] = [
+    (
+        name,
+        [PY, "-c", f"import sys; from {mod} import {func}; sys.argv[0] = {name!r}; "
+         f"sys.exit({func}())"],
+        importlib.import_module(mod).build_parser,
+    )
+    for name, mod, func in entry_points()
+] + [
+    (
+        "shyped.cli.auditcli",
+        [PY, "-m", "shyped.cli.auditcli"],
+        auditcli.build_parser,
+    )
+]  # fmt: skip
 
 
 def run(*argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -63,11 +80,11 @@ def test_help_on_every_command_and_subcommand(
         assert helps.get(path[-1]), f"{name} {' '.join(path)} has no help line"
 
 
-@pytest.mark.parametrize(("name", "module"), [(n, m) for n, m, _ in COMMANDS])
-def test_version_and_help_of_every_entry_point(name: str, module: str) -> None:
-    r = run(PY, "-m", module, "--version")
+@pytest.mark.parametrize(("name", "argv"), [(n, a) for n, a, _ in COMMANDS], ids=lambda v: str(v))
+def test_version_and_help_of_every_entry_point(name: str, argv: list[str]) -> None:
+    r = run(*argv, "--version")
     assert (r.returncode, r.stdout, r.stderr) == (0, f"{name} (shyped) {shyped.__version__}\n", "")
-    r = run(PY, "-m", module, "--help")
+    r = run(*argv, "--help")
     assert r.returncode == 0 and r.stdout.startswith("usage: ") and r.stderr == ""
 
 

@@ -252,6 +252,10 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The parser, under the name every entry point exposes (tests/test_cli_conventions.py).
+build_parser = _parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["xl"]:
