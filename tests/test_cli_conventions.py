@@ -166,6 +166,16 @@ def test_permission_denied_is_one_line_and_its_exit_status(tmp_path: Path) -> No
             as_user = [*setpriv(user), PY, "-m"]
             cases = [
                 (["shyped.cli.shypectl", "--socket", str(socket_path), "status"], 4),
+                (
+                    [
+                        "shyped.cli.shypexl",
+                        "--socket",
+                        str(socket_path),
+                        "create",
+                        "conf/shop-1.cfg",
+                    ],
+                    4,
+                ),
                 (["shyped.cli.shypectl", "audit", "--dir", str(audit), "verify"], 2),
                 (["shyped.cli.shypectl", "audit", "--dir", str(audit), "tail"], 2),
                 (["shyped.cli.shypectl", "audit", "--dir", str(audit), "search"], 2),

@@ -33,6 +33,7 @@ itself fails; pass-through sub-commands exit with xl's status.
 from __future__ import annotations
 
 import argparse
+import errno
 import getopt
 import json
 import os
@@ -48,7 +49,14 @@ import attrs
 
 from shyped.cli.conventions import add_version, exit_guarded, version_text
 from shyped.cli.ctlcommon import check_cfg_label
-from shyped.cli.shypectl import EXIT_DAEMON, EXIT_DENIED, EXIT_OK, EXIT_USAGE, exit_status
+from shyped.cli.shypectl import (
+    EXIT_DAEMON,
+    EXIT_DENIED,
+    EXIT_OK,
+    EXIT_PERMISSION,
+    EXIT_USAGE,
+    exit_status,
+)
 from shyped.control import backend as b
 from shyped.control.client import ControlClient, DaemonUnreachable, default_socket
 from shyped.control.protocol import ControlError
@@ -281,7 +289,11 @@ class Wrapper:
     def unreachable(self, exc: DaemonUnreachable) -> None:
         """Fail closed, or warn and go on with --fail-open."""
         if not self.opts.fail_open:
-            raise Refused(f"{exc}; refusing (fail closed; --fail-open to override)", EXIT_DAEMON)
+            denied = exc.errno in (errno.EACCES, errno.EPERM)
+            raise Refused(
+                f"{exc}; refusing (fail closed; --fail-open to override)",
+                EXIT_PERMISSION if denied else EXIT_DAEMON,
+            )
         self.say(f"WARNING: {exc}; going on without shyped (--fail-open)")
 
     def print_verdicts(self, items: Sequence[b.Verdict]) -> None:
