@@ -30,6 +30,7 @@ from shyped.cli.conventions import (
     add_version,
     exit_guarded,
     os_error_text,
+    seconds,
 )
 from shyped.core.audit import Record, format_human, iter_parsed
 from shyped.core.auditverify import Anchor, Finding, Level, VerifyReport
@@ -302,7 +303,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "--json", action="store_true", default=argparse.SUPPRESS, help="the records' JSON lines"
     )
     t.add_argument("-n", "--lines", type=int, default=10, help="records to show (default 10)")
-    t.add_argument("--interval", type=float, default=0.5, help="seconds between polls with -f")
+    t.add_argument("--interval", type=seconds, default=0.5, help="seconds between polls with -f")
     _where_options(t, argparse.SUPPRESS)
     t.set_defaults(audit_func=_run_tail)
     q = sub.add_parser(

@@ -113,6 +113,17 @@ def json_after_subcommands(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a duration in (0, 3600] seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 3600] seconds")
+    return value
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so that the interpreter's final flush cannot fail again."""
     with contextlib.suppress(OSError, ValueError, AttributeError):

@@ -11,15 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from shyped.cli.conventions import (
-    EXIT_DAEMON,
-    EXIT_DENIED,
-    EXIT_NOT_FOUND,
-    EXIT_OK,
-    EXIT_PERMISSION,
-    EXIT_UNKNOWN_LABEL,
-    EXIT_USAGE,
-)
+from shyped.cli.conventions import EXIT_DAEMON as EXIT_DAEMON
+from shyped.cli.conventions import EXIT_DENIED as EXIT_DENIED
+from shyped.cli.conventions import EXIT_NOT_FOUND as EXIT_NOT_FOUND
+from shyped.cli.conventions import EXIT_OK as EXIT_OK
+from shyped.cli.conventions import EXIT_PERMISSION as EXIT_PERMISSION
+from shyped.cli.conventions import EXIT_UNKNOWN_LABEL as EXIT_UNKNOWN_LABEL
+from shyped.cli.conventions import EXIT_USAGE as EXIT_USAGE
 from shyped.control import backend as b
 from shyped.control.client import ControlClient
 from shyped.control.protocol import ControlError, ErrorCode, unstructure
@@ -37,16 +35,6 @@ _EXIT_BY_CODE: Final = {
     ErrorCode.NOT_FOUND: EXIT_NOT_FOUND,
     ErrorCode.UNKNOWN_LABEL: EXIT_UNKNOWN_LABEL,
 }
-
-__all__ = [
-    "EXIT_DAEMON",
-    "EXIT_DENIED",
-    "EXIT_NOT_FOUND",
-    "EXIT_OK",
-    "EXIT_PERMISSION",
-    "EXIT_UNKNOWN_LABEL",
-    "EXIT_USAGE",
-]
 
 
 def exit_status(code: ErrorCode) -> int:

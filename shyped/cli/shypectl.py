@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Final, TextIO
 
 from shyped.cli import flaskbuild
-from shyped.cli.conventions import add_version, exit_guarded, json_after_subcommands
+from shyped.cli.conventions import add_version, exit_guarded, json_after_subcommands, seconds
 from shyped.cli.ctlcommon import (
     EXIT_DAEMON,
     EXIT_DENIED,
@@ -289,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
     add_version(parser)
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for answers")
+    parser.add_argument(
+        "--timeout", type=seconds, default=30.0, help="seconds to wait for answers (30)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser(
