@@ -201,7 +201,7 @@ def test_a_relabel_that_breaks_the_chinese_wall_or_a_live_channel_changes_nothin
     r = host.ctl("addlabel", "shop", "mgt", "0")
     assert r.returncode == 1 and "bootstrap label" in r.stderr
     r = host.ctl("addlabel", "nope", "mgt", "shop-1")
-    assert r.returncode == 5
+    assert r.returncode == 6 and "unknown label 'nope'" in r.stderr
     assert state() == before
     assert "relabel:" not in host.log()
 
