@@ -14,6 +14,7 @@ import pytest
 from audit_helpers import small
 
 from shyped.cli import shypectl
+from shyped.cli.auditcli import audit_tail
 from shyped.cli.auditquery import Query, QueryError, parse_time
 from shyped.core.audit import Party
 from shyped.policy.decisions import Decision, Hook, Rule
@@ -163,3 +164,38 @@ def test_verify_and_tail_default_to_the_configured_directory(logdir: Path, tmp_p
                        capture_output=True)  # fmt: skip
     assert r.returncode == 2 and "cannot read configuration" in r.stderr and "--dir" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_tail_takes_the_same_filters_and_follows_with_them(logdir: Path) -> None:
+    out = io.StringIO()
+    args = ["audit", "--dir", str(logdir), "tail", "--domain", "web-a1", "--json", "-n", "1"]
+    assert shypectl.run(args, out, io.StringIO()) == 0
+    assert [json.loads(line)["seq"] for line in out.getvalue().splitlines()] == [2]
+
+    polls = []
+
+    def sleep(_: float) -> None:  # between two polls: shop-1 is denied again, web-b1 too
+        if not polls:
+            with AuditLog(small(logdir)) as log:
+                for subject in (SHOP, BANKB):
+                    log.record_decision(
+                        ADMIT_DENY, subject=subject, policy_sha256="ab" * 32, mode="enforcing"
+                    )
+        polls.append(1)
+
+    out = io.StringIO()
+    code = audit_tail(
+        follow=True,
+        json_output=True,
+        directory=logdir,
+        lines=5,
+        query=Query(domains=("shop-1",)),
+        out=out,
+        stop=lambda: len(polls) >= 2,
+        sleep=sleep,
+    )
+    seqs = [json.loads(line)["seq"] for line in out.getvalue().splitlines()]
+    names = [
+        json.loads(line).get("subject", {}).get("name") for line in out.getvalue().splitlines()
+    ]
+    assert code == 0 and seqs[:2] == [2, 4] and len(seqs) == 3 and names[2] == "shop-1"

@@ -154,14 +154,23 @@ def audit_tail(
     err: TextIO = sys.stderr,
     stop: Callable[[], bool] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    query: Query | None = None,
 ) -> int:
-    """Print the last `lines` records (denials only if asked); with `follow`, keep printing
-    new ones across rotations until `stop()` is true or Ctrl-C."""
+    """Print the last `lines` records (denials only if asked, those `query` matches if
+    given); with `follow`, keep printing new ones across rotations until `stop()` is true or
+    Ctrl-C."""
+
+    def wanted(rec: Record) -> bool:
+        return (rec.denied or not denied_only) and (query is None or query.matches(rec))
+
     try:
         if not directory.is_dir():
             print(f"audit tail: {directory}: no such directory", file=err)
             return 2
-        backlog = tail_records(directory, lines, denied_only=denied_only)
+        if query is None:
+            backlog = tail_records(directory, lines, denied_only=denied_only)
+        else:
+            backlog = [r for r in _records(directory) if wanted(r)][-lines:] if lines > 0 else []
         for rec in backlog:
             _show(rec, json_output, out)
         out.flush()
@@ -172,7 +181,7 @@ def audit_tail(
         try:
             while stop is None or not stop():
                 for rec in follower.poll():
-                    if rec.denied or not denied_only:
+                    if wanted(rec):
                         _show(rec, json_output, out)
                 out.flush()
                 sleep(interval)
@@ -295,7 +304,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "tail",
         help="print the last records; -f follows new ones",
         description="Print the last records of the audit log, human-readable or as JSON "
-        "lines; with -f keep printing new records, across file rotations.",
+        "lines; with -f keep printing new records, across file rotations. The filters are "
+        "those of search.",
     )
     t.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
     t.add_argument("--denied", action="store_true", help="denials only")
@@ -304,6 +314,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     )
     t.add_argument("-n", "--lines", type=int, default=10, help="records to show (default 10)")
     t.add_argument("--interval", type=seconds, default=0.5, help="seconds between polls with -f")
+    _filter_options(t)
     _where_options(t, argparse.SUPPRESS)
     t.set_defaults(audit_func=_run_tail)
     q = sub.add_parser(
@@ -406,7 +417,9 @@ def _run_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _run_tail(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    query = _query(args)
     return audit_tail(
+        query=None if query == Query() else query,
         follow=args.follow,
         denied_only=args.denied,
         json_output=getattr(args, "json", False),
