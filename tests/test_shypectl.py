@@ -131,6 +131,13 @@ async def test_addlabel_and_rmlabel_on_a_config_file(sock: Path, backend: ModelB
     r = await ctl(sock, "addlabel", "bnak-a", "dom", str(cfg))  # a typo
     assert r.returncode == 6, r.stderr
     assert "unknown label 'bnak-a', did you mean 'bank-a'?" in r.stderr
+    code, doc = await ctl_json(sock, "addlabel", "bnak-a", "dom", str(cfg))
+    err = doc["error"]  # type: ignore[index]
+    assert (
+        code == 6
+        and err["code"] == "unknown-label"
+        and err["details"]["suggestions"][0] == "bank-a"
+    )
     r = await ctl(sock, "addlabel", "ACM:other:web", "dom", str(cfg))
     assert r.returncode == 2 and "not the active 'example'" in r.stderr
     assert cfg.read_text() == text
