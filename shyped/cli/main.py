@@ -116,7 +116,7 @@ def _run(config_path: Path, level: str, log_format: str | None = None) -> int:
 
     reactor: Any = _reactor
     from shyped.service.metricsweb import raise_nofile_limit
-    from shyped.service.observability import build_audit, build_metrics
+    from shyped.service.observability import build_audit, build_metrics, build_user_avc
 
     raise_nofile_limit()
     audit = build_audit(config, reactor)
@@ -137,10 +137,8 @@ def _run(config_path: Path, level: str, log_format: str | None = None) -> int:
     except ControlSetupError as e:
         return _error(f"{config_path}: control: {e}")
     start_logging(level, fmt=log_format or config.log.format)
-    if config.log.user_avc:
-        from shyped.service.linuxaudit import UserAvcMirror
-
-        user_avc = UserAvcMirror()
+    user_avc = build_user_avc(config)
+    if user_avc is not None:
         daemon.add_listener(user_avc)
         reactor.addSystemEventTrigger("after", "shutdown", user_avc.close)
     notifier = Notifier()
