@@ -203,7 +203,7 @@ def test_unexpected_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> N
     def denied() -> int:
         raise PermissionError(13, "Permission denied", "/etc/shyped/shyped.toml")
 
-    assert conventions.guarded(denied, "shyped") == conventions.EXIT_PERMISSION
+    assert conventions.guarded(denied, "shyped") == conventions.EXIT_USAGE  # a local file
     assert capsys.readouterr().err == "shyped: /etc/shyped/shyped.toml: Permission denied\n"
 
 

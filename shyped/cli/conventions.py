@@ -29,7 +29,7 @@ EXIT_DENIED: Final = 1
 EXIT_USAGE: Final = 2
 #: The daemon could not be asked or failed (not running, timeout, internal error).
 EXIT_DAEMON: Final = 3
-#: Permission denied (by the daemon, or the control socket refused the connection).
+#: Permission denied by the daemon, or on its control socket (a local file: EXIT_USAGE).
 EXIT_PERMISSION: Final = 4
 #: No such domain or resource.
 EXIT_NOT_FOUND: Final = 5
@@ -48,7 +48,7 @@ EXIT_TABLE: Final = (
     (EXIT_DENIED, "the policy said no; audit verify: the chain is broken"),
     (EXIT_USAGE, "usage error or bad input; a file or log that cannot be read"),
     (EXIT_DAEMON, "the daemon could not be asked or failed"),
-    (EXIT_PERMISSION, "permission denied"),
+    (EXIT_PERMISSION, "permission denied by the daemon or on its socket"),
     (EXIT_NOT_FOUND, "no such domain or resource"),
     (EXIT_UNKNOWN_LABEL, "unknown label (a typo: did you mean …)"),
     (EXIT_INTERNAL, "internal error of the command (one line; SHYPED_DEBUG=1 for details)"),
@@ -147,9 +147,10 @@ def os_error_text(exc: OSError) -> str:
 def guarded(run: Callable[[], int], prog: str, err: TextIO | None = None) -> int:
     """`run()`'s exit status, with every escaping exception turned into one line and a status.
 
-    ``BrokenPipeError`` (the reader went away): no message, `EXIT_BROKEN_PIPE`.
-    ``PermissionError``: `EXIT_PERMISSION`. Another ``OSError``: `EXIT_USAGE` (a file or
-    directory named on the command line cannot be used). Anything else is a bug:
+    ``BrokenPipeError`` (the reader went away): no message, `EXIT_BROKEN_PIPE`. Another
+    ``OSError``, permission denied included: `EXIT_USAGE` (a file or directory named on the
+    command line cannot be used; `EXIT_PERMISSION` is the daemon's refusal, or its socket's).
+    Anything else is a bug:
     `EXIT_INTERNAL`, with the traceback only when ``$SHYPED_DEBUG`` is set.
     """
     stream = err if err is not None else sys.stderr
@@ -166,8 +167,6 @@ def guarded(run: Callable[[], int], prog: str, err: TextIO | None = None) -> int
             _silence_stdout()
             return EXIT_BROKEN_PIPE
         _say(stream, f"{prog}: {os_error_text(exc)}")
-        if isinstance(exc, PermissionError):
-            return EXIT_PERMISSION
         return EXIT_USAGE
     except Exception as exc:
         if os.environ.get(DEBUG_ENV):
