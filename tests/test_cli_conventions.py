@@ -80,7 +80,7 @@ def test_help_on_every_command_and_subcommand(
         assert helps.get(path[-1]), f"{name} {' '.join(path)} has no help line"
 
 
-@pytest.mark.parametrize(("name", "argv"), [(n, a) for n, a, _ in COMMANDS], ids=lambda v: str(v))
+@pytest.mark.parametrize(("name", "argv"), [pytest.param(n, a, id=n) for n, a, _ in COMMANDS])
 def test_version_and_help_of_every_entry_point(name: str, argv: list[str]) -> None:
     r = run(*argv, "--version")
     assert (r.returncode, r.stdout, r.stderr) == (0, f"{name} (shyped) {shyped.__version__}\n", "")
