@@ -15,6 +15,9 @@ import pytest
 from control_daemon_helpers import ROOT, Host, sandbox_host
 from process_helpers import SHYPED, wait_until
 
+from shyped.cli import shypectl
+from shyped.control import views
+from shyped.core.hostfacts import Domain, DomainState
 from shyped.sandbox.xenstored import SandboxXenstored
 
 CONF = ROOT / "conf"
@@ -147,3 +150,20 @@ def test_log_format_flag_and_config_are_checked(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
     r = subprocess.run([*SHYPED, "--log-format", "xml"], capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice: 'xml'" in r.stderr
+
+
+def test_list_row_from_the_host_model() -> None:
+    """Mem from the memory target, VCPUs online, CPU seconds from the metrics' xl poll."""
+    dom = Domain(3, "5a0e0000-0000-4000-8000-00000000a001", "web-a1", DomainState.ADMITTED)
+    dom.memory_target_kib, dom.vcpus, dom.vcpus_online = 524288, 2, 1
+    info = views.domain_info(dom, "ACM:example.hosting:bank-a-web", {3: 12.34, 4: 1.0})
+    assert (info.memory_mib, info.vcpus, info.cpu_seconds, info.state) == (
+        512,
+        1,
+        12.34,
+        "admitted",
+    )
+    row = shypectl._list_row(info).split()
+    assert row == ["web-a1", "3", "512", "1", "admitted", "12.3", "ACM:example.hosting:bank-a-web"]
+    bare = views.domain_info(Domain(5, None, None), None)
+    assert shypectl._list_row(bare).split() == ["?", "5", "-", "-", "seen", "-", "-"]
