@@ -96,7 +96,7 @@ def format_text(event: Mapping[str, Any], *, timestamp: bool = True) -> str:
     failure = event.get("log_failure")
     if failure is not None:
         text += "\n" + failure.getTraceback().rstrip("\n")
-    return f"[{system}] {text}"
+    return f"[{system}] {text}" if text else ""
 
 
 class LineObserver:
@@ -113,6 +113,8 @@ class LineObserver:
             text = format_json(event)
         else:
             text = format_text(event, timestamp=not self.journal)
+        if not text:
+            return  # an event with nothing to say (as twisted's own observer skips it)
         if self.journal:
             prefix = f"<{PRIORITY.get(event.get('log_level', LogLevel.info), 6)}>"
             text = "\n".join(prefix + line for line in text.split("\n"))
