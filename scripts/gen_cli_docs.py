@@ -8,7 +8,9 @@ Man pages: argparse-manpage (PyPI ``argparse-manpage``, packaged in Debian as
 python3-argparse-manpage): it renders a parser and its sub-commands to roff, so the pages
 cannot drift from ``--help``. Completions: shtab, which writes a static bash script from the
 parser at build time, so pressing TAB does not start Python (argcomplete would import
-shyped, Twisted and all, on every TAB). tests/test_cli_docs.py runs ``--check``.
+shyped, Twisted and all, on every TAB). tests/test_cli_docs.py runs ``--check``. Both are
+pinned in pyproject.toml, and argparse's layout changes between Python versions: generate
+with the project's Python (Debian 12's 3.11, the .venv).
 
 Output (the layout of /usr/share, for packaging):
     share/man/man8/{shyped,shypectl,shype-xl}.8
