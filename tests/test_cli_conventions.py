@@ -99,6 +99,9 @@ def test_shype_xl_help_is_its_own_and_says_how_to_reach_xls() -> None:
     assert r.returncode == 0, r.stderr
     assert r.stderr.startswith("shype-xl create: Read CFG as xl does")
     assert r.stdout == "XL create -h\n"
+    # -h is xl's global help
+    r = run(PY, "-m", "shyped.cli.shypexl", "--xl", "echo XL", "-h")
+    assert (r.returncode, r.stdout) == (0, "XL -h\n"), r.stderr
     # with no sub-command: the usage, exit 2 (as xl)
     r = run(PY, "-m", "shyped.cli.shypexl", "--xl", "/nonexistent/xl")
     assert r.returncode == 2 and "shype-xl --help: shype-xl's help" in r.stderr

@@ -306,6 +306,8 @@ class Wrapper:
     def run(self) -> int:
         cmd = self.opts.command
         if cmd is None:
+            if "-h" in self.opts.xl_globals:
+                self.exec_xl()  # `shype-xl -h`: xl's own help
             print(_USAGE, file=self.err)
             return EXIT_USAGE
         if "-N" in self.opts.xl_globals or "-h" in self.opts.xl_globals:
