@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -101,6 +102,9 @@ def test_example_cfgs_list_columns_typos_journald_priorities_and_user_avc(host: 
     # a domain created behind shype-xl's back and denied: a warning for journald
     assert host.xl("create", str(CONF / "web-b1.cfg")).returncode == 0
     wait_until(lambda: "decision: deny domain" in host.log(), what="the denial")
+    # the veto carried out and the domain gone before anything else (and before the stop)
+    wait_until(lambda: "domain gone: web-b1" in host.log(), what="the veto")
+    wait_until(lambda: re.search(r"enforce: destroy domain \d+ done", host.log()), what="done")
     lines = host.log().splitlines()
     deny = next(line for line in lines if "decision: deny domain" in line)
     assert deny.startswith("<4>[shyped.daemon#warn] decision: deny domain ")
@@ -133,6 +137,8 @@ def test_json_log_format(host: Host) -> None:
     wait_until(lambda: '"message": "ready: ' in daemon.text() or daemon.proc.poll() is not None)
     assert host.xl("create", str(host.cfg("ghost-1"))).returncode == 0  # unlabelled: denied
     wait_until(lambda: "decision: deny domain" in daemon.text(), what="the denial")
+    wait_until(lambda: "domain gone: ghost-1" in daemon.text(), what="the veto")
+    wait_until(lambda: re.search(r"enforce: destroy domain \d+ done", daemon.text()), what="done")
     docs = [json.loads(line) for line in daemon.text().splitlines()]
     deny = next(d for d in docs if d["message"].startswith("decision: deny domain"))
     assert (deny["level"], deny["priority"], deny["namespace"]) == ("warn", 4, "shyped.daemon")
