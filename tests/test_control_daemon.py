@@ -74,7 +74,7 @@ def create(
 def listing(host: Host) -> dict[str, tuple[str, str]]:
     """``shypectl list``: name -> (state, label)."""
     rows = ok(host.ctl("list")).splitlines()[1:]
-    return {r.split()[0]: (r.split()[2], r.split()[3]) for r in rows}
+    return {r.split()[0]: (r.split()[4], r.split()[6]) for r in rows}
 
 
 # --------------------------------------------------------------------------- reading
@@ -132,7 +132,7 @@ def test_addlabel_and_rmlabel_for_a_cfg_a_resource_and_a_running_domain(host: Ho
     assert out.strip() == f"{cfg}: seclabel = {acm('bank-b-web')}"
     assert f'seclabel = "{acm("bank-b-web")}"' in cfg.read_text()
     r = host.ctl("addlabel", "no-such-label", "dom", str(cfg))
-    assert r.returncode == 5 and "no VM label 'no-such-label'" in r.stderr
+    assert r.returncode == 6 and "no VM label 'no-such-label'" in r.stderr
     assert acm("bank-b-web") in cfg.read_text()  # unchanged
     assert ok(host.ctl("rmlabel", "dom", str(cfg))).strip() == f"{cfg}: unlabelled"
     assert "seclabel" not in cfg.read_text()
@@ -201,7 +201,7 @@ def test_a_relabel_that_breaks_the_chinese_wall_or_a_live_channel_changes_nothin
     r = host.ctl("addlabel", "shop", "mgt", "0")
     assert r.returncode == 1 and "bootstrap label" in r.stderr
     r = host.ctl("addlabel", "nope", "mgt", "shop-1")
-    assert r.returncode == 5
+    assert r.returncode == 6 and "unknown label 'nope'" in r.stderr
     assert state() == before
     assert "relabel:" not in host.log()
 

@@ -211,7 +211,7 @@ async def test_every_request_kind(backend: ModelBackend, sock: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_backend_refusals_keep_their_codes(backend: ModelBackend, sock: Path) -> None:
-    assert (await error_of(sock, "validate_label", "nope", "vm")).code is ErrorCode.NOT_FOUND
+    assert (await error_of(sock, "validate_label", "nope", "vm")).code is ErrorCode.UNKNOWN_LABEL
     assert (
         await error_of(sock, "validate_label", "ACM:other:web", "vm")
     ).code is ErrorCode.INVALID_ARGUMENT

@@ -127,7 +127,17 @@ async def test_addlabel_and_rmlabel_on_a_config_file(sock: Path, backend: ModelB
     assert cfg.stat().st_mode & 0o777 == 0o640
     # an unknown label or one of another policy leaves the file alone
     r = await ctl(sock, "addlabel", "nope", "dom", str(cfg))
-    assert r.returncode == 5 and "no VM label 'nope'" in r.stderr
+    assert r.returncode == 6 and "unknown label 'nope'" in r.stderr
+    r = await ctl(sock, "addlabel", "bnak-a", "dom", str(cfg))  # a typo
+    assert r.returncode == 6, r.stderr
+    assert "unknown label 'bnak-a', did you mean 'bank-a'?" in r.stderr
+    code, doc = await ctl_json(sock, "addlabel", "bnak-a", "dom", str(cfg))
+    err = doc["error"]  # type: ignore[index]
+    assert (
+        code == 6
+        and err["code"] == "unknown-label"
+        and err["details"]["suggestions"][0] == "bank-a"
+    )
     r = await ctl(sock, "addlabel", "ACM:other:web", "dom", str(cfg))
     assert r.returncode == 2 and "not the active 'example'" in r.stderr
     assert cfg.read_text() == text
@@ -176,7 +186,7 @@ async def test_resource_labels(sock: Path, backend: ModelBackend) -> None:
     ]
     assert backend.reload_store().resource_label("bridge:xenbr0") == "public-net"
     r = await ctl(sock, "addlabel", "web", "res", "bridge:xenbr0")
-    assert r.returncode == 5 and "no resource label 'web'" in r.stderr
+    assert r.returncode == 6 and "no resource label 'web'; 'web' is a VM label" in r.stderr
     r = await ctl(sock, "rmlabel", "res", "file:/img/a.img")
     assert r.returncode == 0 and "was ACM:example:bank-a-disk" in r.stdout
     assert (await ctl(sock, "getlabel", "res", "/img/a.img")).stdout == "(unlabelled)\n"
@@ -216,12 +226,21 @@ async def test_dry_run(sock: Path, backend: ModelBackend) -> None:
 async def test_list(sock: Path) -> None:
     r = await ctl(sock, "list")
     rows = [line.split() for line in r.stdout.splitlines()]
-    assert rows[0] == ["Name", "ID", "State", "Security", "Label"]
+    # xl list -Z's columns; the stand-in backend knows no memory, vCPUs or CPU time
+    assert rows[0] == ["Name", "ID", "Mem", "VCPUs", "State", "Time(s)", "Security", "Label"]
     assert rows[1:] == [
-        ["Domain-0", "0", "admitted", "ACM:example:dom0"],
-        ["bank-a-1", "1", "admitted", "ACM:example:bank-a"],
-        ["web-1", "2", "admitted", "ACM:example:web"],
+        ["Domain-0", "0", "-", "-", "admitted", "-", "ACM:example:dom0"],
+        ["bank-a-1", "1", "-", "-", "admitted", "-", "ACM:example:bank-a"],
+        ["web-1", "2", "-", "-", "admitted", "-", "ACM:example:web"],
     ]
+    # a domain filter, as xl list DOMAIN: by name, domid or uuid
+    r = await ctl(sock, "list", "web-1", "1")
+    assert r.returncode == 0, r.stderr
+    assert [line.split()[0] for line in r.stdout.splitlines()[1:]] == ["bank-a-1", "web-1"]
+    r = await ctl(sock, "list", "ghost")
+    assert r.returncode == 5 and "no domain 'ghost'" in r.stderr and r.stdout == ""
+    r = await ctl(sock, "list", "web-1", "--json")  # --json after the sub-command
+    assert r.returncode == 0 and [d["name"] for d in json.loads(r.stdout)["domains"]] == ["web-1"]
 
 
 @pytest_twisted.ensureDeferred

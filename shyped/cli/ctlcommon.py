@@ -11,18 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from shyped.cli.conventions import EXIT_DAEMON as EXIT_DAEMON
+from shyped.cli.conventions import EXIT_DENIED as EXIT_DENIED
+from shyped.cli.conventions import EXIT_NOT_FOUND as EXIT_NOT_FOUND
+from shyped.cli.conventions import EXIT_OK as EXIT_OK
+from shyped.cli.conventions import EXIT_PERMISSION as EXIT_PERMISSION
+from shyped.cli.conventions import EXIT_UNKNOWN_LABEL as EXIT_UNKNOWN_LABEL
+from shyped.cli.conventions import EXIT_USAGE as EXIT_USAGE
 from shyped.control import backend as b
 from shyped.control.client import ControlClient
-from shyped.control.protocol import ErrorCode, unstructure
+from shyped.control.protocol import ControlError, ErrorCode, unstructure
 from shyped.fileio.atomicfile import write_atomic
 from shyped.fileio.boundedread import POLICY_MAX_BYTES, XLCFG_MAX_BYTES, read_bounded
-
-EXIT_OK: Final = 0
-EXIT_DENIED: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_DAEMON: Final = 3
-EXIT_PERMISSION: Final = 4
-EXIT_NOT_FOUND: Final = 5
 
 _EXIT_BY_CODE: Final = {
     ErrorCode.DENIED: EXIT_DENIED,
@@ -33,6 +33,7 @@ _EXIT_BY_CODE: Final = {
     ErrorCode.TOO_LARGE: EXIT_USAGE,
     ErrorCode.PERMISSION_DENIED: EXIT_PERMISSION,
     ErrorCode.NOT_FOUND: EXIT_NOT_FOUND,
+    ErrorCode.UNKNOWN_LABEL: EXIT_UNKNOWN_LABEL,
 }
 
 
@@ -104,6 +105,19 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _policy_source(path: Path) -> b.PolicySource:
     return b.PolicySource(text=_read_text(path, "policy"), filename=str(path))
+
+
+def check_cfg_label(client: ControlClient, label: object | None) -> None:
+    """An ``unknown-label`` error (exit 6, "did you mean …") for a cfg label the active
+    policy lacks, before a dry run would report it as a denial. A label of another policy,
+    or one that does not parse, is left to the dry run to deny."""
+    if label is None:
+        return
+    try:
+        client.validate_label(str(label), "vm")
+    except ControlError as exc:
+        if exc.code is ErrorCode.UNKNOWN_LABEL:
+            raise
 
 
 def _yes(flag: bool) -> str:

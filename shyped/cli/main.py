@@ -17,10 +17,10 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from shyped.cli.logs import LEVELS, start_logging
+from shyped.cli.conventions import DEFAULT_CONFIG, add_version, exit_guarded
+from shyped.cli.logs import FORMATS, LEVELS, start_logging
 from shyped.service.config import ConfigError, load_config
 
-DEFAULT_CONFIG = Path("/etc/shyped/shyped.toml")
 _log = Logger(namespace="shyped")
 
 
@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         default="info",
         help="least severe log level written to stderr (default info: one line per decision)",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        help="text (default) or json: one JSON object per line (overrides [log] format)",
+    )
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", help="run the daemon (the default)")
     sub.add_parser("check", help="load the configuration, policy and label store, report, and exit")
@@ -88,7 +94,7 @@ def _check(config_path: Path) -> int:
     return 0
 
 
-def _run(config_path: Path, level: str) -> int:
+def _run(config_path: Path, level: str, log_format: str | None = None) -> int:
     """The daemon, its control socket and systemd notifications, until SIGTERM/SIGINT.
 
     Order: the control socket listens first (it answers ``unavailable`` until the daemon is
@@ -110,7 +116,7 @@ def _run(config_path: Path, level: str) -> int:
 
     reactor: Any = _reactor
     from shyped.service.metricsweb import raise_nofile_limit
-    from shyped.service.observability import build_audit, build_metrics
+    from shyped.service.observability import build_audit, build_metrics, build_user_avc
 
     raise_nofile_limit()
     audit = build_audit(config, reactor)
@@ -130,7 +136,11 @@ def _run(config_path: Path, level: str) -> int:
         server = ControlServer(DaemonControlBackend(daemon), config.control, reactor=reactor)
     except ControlSetupError as e:
         return _error(f"{config_path}: control: {e}")
-    start_logging(level)
+    start_logging(level, fmt=log_format or config.log.format)
+    user_avc = build_user_avc(config)
+    if user_avc is not None:
+        daemon.add_listener(user_avc)
+        reactor.addSystemEventTrigger("after", "shutdown", user_avc.close)
     notifier = Notifier()
     watchdog = Watchdog.from_environment(notifier)
     status = {"code": 0}
@@ -223,6 +233,11 @@ def _run(config_path: Path, level: str) -> int:
     return status["code"]
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """shyped's parser with every sub-command (for man pages and completion too)."""
+    return _parser()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
@@ -231,8 +246,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(verbose=args.verbose)
     if args.command == "check":
         return _check(args.config)
-    return _run(args.config, args.log_level)
+    return _run(args.config, args.log_level, args.log_format)
+
+
+def console_main() -> None:
+    """The ``shyped`` console script: `main` without tracebacks (shyped.cli.conventions)."""
+    exit_guarded(main, "shyped")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

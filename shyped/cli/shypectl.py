@@ -21,6 +21,7 @@ Exit status (stable, see docs/control-protocol.md):
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Final, TextIO
 
 from shyped.cli import flaskbuild
+from shyped.cli.conventions import add_version, exit_guarded, json_after_subcommands, seconds
 from shyped.cli.ctlcommon import (
     EXIT_DAEMON,
     EXIT_DENIED,
@@ -40,6 +42,7 @@ from shyped.cli.ctlcommon import (
     _read_text,
     _write_atomic,
     _yes,
+    check_cfg_label,
     exit_status,
 )
 from shyped.cli.shypectl_policy import (
@@ -52,6 +55,7 @@ from shyped.cli.shypectl_policy import (
 from shyped.control import backend as b
 from shyped.control.client import DaemonUnreachable
 from shyped.control.protocol import ControlError
+from shyped.control.views import match_domain
 from shyped.control.xlitems import set_cfg_label, summarize, with_overrides
 from shyped.core.xlcfg import XlConfigError
 
@@ -225,6 +229,7 @@ def cmd_dry_run(ctx: Ctx) -> int:
     path = Path(ctx.args.config)
     text = with_overrides(_read_text(path, "domain config"), ctx.args.overrides)
     cfg = summarize(text, str(path))
+    check_cfg_label(ctx.client, cfg.label)
     res = ctx.client.dry_run(b.DryRunArgs(domain=cfg.domain, disks=cfg.disks, vifs=cfg.vifs))
 
     def human() -> None:
@@ -235,13 +240,32 @@ def cmd_dry_run(ctx: Ctx) -> int:
     return EXIT_OK if res.permitted else EXIT_DENIED
 
 
+def _list_row(d: b.DomainInfo) -> str:
+    """One line as ``xl list -Z`` prints it (tools/xl/xl_info.c), State being shyped's."""
+    mem = "-" if d.memory_mib is None else str(d.memory_mib)
+    vcpus = "-" if d.vcpus is None else str(d.vcpus)
+    time_s = "-" if d.cpu_seconds is None else f"{d.cpu_seconds:.1f}"
+    return (
+        f"{(d.name or '?'):<40} {d.domid:>5} {mem:>5} {vcpus:>5} {d.state:>10} {time_s:>9}"
+        f"  {d.label or '-'}"
+    )
+
+
+LIST_HEADER: Final = (
+    f"{'Name':<40} {'ID':>5} {'Mem':>5} {'VCPUs':>5} {'State':>10} {'Time(s)':>9}  Security Label"
+)
+
+
 def cmd_list(ctx: Ctx) -> int:
     res = ctx.client.list_domains()
+    if ctx.args.domains:
+        wanted = {match_domain(ref, res.domains).domid for ref in ctx.args.domains}
+        res = b.DomainList(tuple(d for d in res.domains if d.domid in wanted))
 
     def human() -> None:
-        ctx.say(f"{'Name':<40} {'ID':>5} {'State':<9} Security Label")
+        ctx.say(LIST_HEADER)
         for d in sorted(res.domains, key=lambda d: d.domid):
-            ctx.say(f"{(d.name or '?'):<40} {d.domid:>5} {d.state:<9} {d.label or '-'}")
+            ctx.say(_list_row(d))
 
     ctx.emit(res, human)
     return EXIT_OK
@@ -255,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="shypectl",
         description="Administer shyped: sHype/Xen ACM mandatory access control for Xen.",
         epilog="Exit status: 0 ok, 1 denied/rejected, 2 usage or bad input, 3 daemon "
-        "unreachable or failed, 4 permission denied, 5 not found.",
+        "unreachable or failed, 4 permission denied, 5 not found, 6 unknown label "
+        "(docs/operations.md, Exit status).",
     )
     parser.add_argument(
         "--socket",
@@ -263,7 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="control socket (default $SHYPED_SOCKET or /run/shyped/control.sock)",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for answers")
+    add_version(parser)
+    parser.add_argument(
+        "--timeout", type=seconds, default=30.0, help="seconds to wait for answers (30)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser(
@@ -323,9 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="as for xl create")
     p.set_defaults(func=cmd_dry_run)
 
-    sub.add_parser("list", help="domains with their labels (xl list -Z)").set_defaults(
-        func=cmd_list
+    p = sub.add_parser(
+        "list",
+        help="domains with their labels (xl list -Z)",
+        description="Name, ID, Mem (MiB), VCPUs, State (shyped's: seen, admitted, denied, "
+        "paused), Time(s) (CPU seconds, when the daemon polls xl; else -) and the security "
+        "label of every domain, or of the DOMAINs named.",
     )
+    p.add_argument("domains", nargs="*", metavar="DOMAIN", help="name, domid or uuid")
+    p.set_defaults(func=cmd_list)
 
     pol = sub.add_parser(
         "policy", help="show, check, load, diff, graph or compile (flask) a policy"
@@ -363,7 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         a = auditcli.add_audit_commands(sub)
         a.set_defaults(func=lambda ctx: auditcli.run(ctx.args, ctx.out, ctx.err))
-    return parser
+    return finish_parser(parser)
+
+
+def finish_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The conventions every verb gets (call last, after every sub-command is added):
+    ``--json`` after the sub-command too."""
+    return json_after_subcommands(parser)
 
 
 def _print_error(ctx: Ctx, exc: ControlError) -> None:
@@ -390,12 +430,14 @@ def run(
         _print_error(ctx, exc)
         return exit_status(exc.code)
     except DaemonUnreachable as exc:
+        denied = exc.errno in (errno.EACCES, errno.EPERM)
         if ctx.json:
-            doc = {"error": {"code": "unreachable", "message": str(exc)}}
+            code = "permission-denied" if denied else "unreachable"
+            doc = {"error": {"code": code, "message": str(exc)}}
             print(json.dumps(doc, indent=2), file=out)
         else:
             print(f"shypectl: {exc}", file=err)
-        return EXIT_DAEMON
+        return EXIT_PERMISSION if denied else EXIT_DAEMON
     except (UsageError, XlConfigError) as exc:
         if ctx.json:
             print(json.dumps({"error": {"code": "usage", "message": str(exc)}}, indent=2), file=out)
@@ -407,7 +449,7 @@ def run(
 
 
 def main() -> None:
-    sys.exit(run())
+    exit_guarded(run, "shypectl")
 
 
 __all__ = [

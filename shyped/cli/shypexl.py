@@ -32,6 +32,8 @@ itself fails; pass-through sub-commands exit with xl's status.
 
 from __future__ import annotations
 
+import argparse
+import errno
 import getopt
 import json
 import os
@@ -45,7 +47,16 @@ from typing import Final, NoReturn, TextIO
 
 import attrs
 
-from shyped.cli.shypectl import EXIT_DAEMON, EXIT_DENIED, EXIT_OK, EXIT_USAGE, exit_status
+from shyped.cli.conventions import add_version, exit_guarded, version_text
+from shyped.cli.ctlcommon import check_cfg_label
+from shyped.cli.shypectl import (
+    EXIT_DAEMON,
+    EXIT_DENIED,
+    EXIT_OK,
+    EXIT_PERMISSION,
+    EXIT_USAGE,
+    exit_status,
+)
 from shyped.control import backend as b
 from shyped.control.client import ControlClient, DaemonUnreachable, default_socket
 from shyped.control.protocol import ControlError
@@ -78,6 +89,10 @@ class Refused(Exception):
         self.status = status
 
 
+class Shown(Exception):
+    """``--help`` or ``--version`` before the sub-command: print it, exit 0."""
+
+
 @attrs.frozen
 class Options:
     xl: tuple[str, ...]
@@ -92,7 +107,81 @@ class Options:
 
 _USAGE = """usage: shype-xl [--socket PATH] [--xl CMD] [--fail-open] [--timeout S]
                 [--admission-timeout S] [xl options] SUBCOMMAND [ARGS…]
-create, block-attach and network-attach are checked with shyped; the rest go to xl as is."""
+create, block-attach and network-attach are checked with shyped; the rest go to xl as is.
+shype-xl --help: shype-xl's help; shype-xl help [SUBCOMMAND] or shype-xl -h: xl's."""
+
+_XL_HELP = (
+    "xl's own help: `shype-xl help` (xl's sub-commands), `shype-xl help SUBCOMMAND` or "
+    "`shype-xl SUBCOMMAND -h` (its options; for create, block-attach and network-attach "
+    "shype-xl's note comes first), `shype-xl -h` (xl's global options)."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """shype-xl's options as an argparse parser: its ``--help``, man page and completion.
+
+    The command line itself is read by `parse_options` (xl's global options and every
+    sub-command's arguments pass through to xl untouched, which argparse would not do).
+    """
+    parser = argparse.ArgumentParser(
+        prog="shype-xl",
+        add_help=False,  # -h is xl's (its global help option)
+        description="xl with shyped's admission in front of create and device attaches: "
+        "create runs `xl create -p`, waits for the daemon to admit the domain and its "
+        "devices, then unpauses it (or destroys it); block-attach and network-attach are "
+        "dry-run with the daemon first. Every other sub-command is xl's, run as is. Fail "
+        "closed: without the daemon, create and the attaches are refused (exit 3).",
+        epilog=f"{_XL_HELP} Exit status: 0 ok, 1 denied by the policy, 2 usage or bad cfg, "
+        "3 daemon unreachable or no admission in time, 4 permission denied, 6 unknown label; "
+        "otherwise xl's own status. docs/control-protocol.md, section shype-xl.",
+    )
+    parser.add_argument(
+        "--help", action="help", help="show this help and exit (xl's own: shype-xl -h)"
+    )
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="control socket (default $SHYPED_SOCKET or /run/shyped/control.sock)",
+    )
+    parser.add_argument(
+        "--xl", metavar="CMD", help=f"the xl command, split like a shell (default ${XL_ENV} or xl)"
+    )
+    parser.add_argument(
+        "--fail-open",
+        action="store_true",
+        help=f"go on without the daemon, with a warning (also ${FAIL_OPEN_ENV}=1)",
+    )
+    parser.add_argument("--timeout", metavar="S", help="seconds to wait for the daemon (10)")
+    parser.add_argument(
+        "--admission-timeout", metavar="S", help="seconds to wait for the admission (60)"
+    )
+    add_version(parser)
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    p = sub.add_parser(
+        "create",
+        help="create a domain paused, unpause it once shyped admitted it",
+        description="Read CFG as xl does, dry-run the domain, its disks and vifs with shyped, "
+        "register its label, `xl create -p`, wait for the admission, then `xl unpause` (or "
+        "`xl destroy` and exit 1). -F/-e are refused (the domain must be admitted while "
+        "paused).",
+    )
+    p.add_argument("config", metavar="CFG", help="xl.cfg file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="as for xl create")
+    p.add_argument("-p", action="store_true", help="leave the domain paused once admitted")
+    p.add_argument("-q", "--quiet", action="store_true", help="passed to xl create")
+    p.add_argument("-d", action="store_true", help="passed to xl create (debug)")
+    p.add_argument("-i", action="store_true", help="passed to xl create")
+    p.add_argument("-c", action="store_true", help="attach the console once admitted")
+    p.add_argument("-V", "--vncviewer", action="store_true", help="xl vncviewer once admitted")
+    p.add_argument("-A", "--vncviewer-autopass", action="store_true", help="same, --autopass")
+    p.add_argument("-n", "--dryrun", action="store_true", help="xl's own dry run (no daemon)")
+    p = sub.add_parser("block-attach", help="hot-plug a disk if shyped permits it")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("spec", nargs="+", metavar="DISKSPEC")
+    p = sub.add_parser("network-attach", help="hot-plug a vif if shyped permits it")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("spec", nargs="*", metavar="KEY=VALUE")
+    return parser
 
 
 def parse_options(argv: Sequence[str]) -> Options:
@@ -133,6 +222,8 @@ def parse_options(argv: Sequence[str]) -> Options:
             socket = Path(value("--socket"))
         elif a == "--fail-open":
             fail_open = True
+        elif a in ("--help", "--version"):
+            raise Shown(a)
         elif name == "--timeout":
             timeout = number("--timeout")
         elif name == "--admission-timeout":
@@ -198,7 +289,11 @@ class Wrapper:
     def unreachable(self, exc: DaemonUnreachable) -> None:
         """Fail closed, or warn and go on with --fail-open."""
         if not self.opts.fail_open:
-            raise Refused(f"{exc}; refusing (fail closed; --fail-open to override)", EXIT_DAEMON)
+            denied = exc.errno in (errno.EACCES, errno.EPERM)
+            raise Refused(
+                f"{exc}; refusing (fail closed; --fail-open to override)",
+                EXIT_PERMISSION if denied else EXIT_DAEMON,
+            )
         self.say(f"WARNING: {exc}; going on without shyped (--fail-open)")
 
     def print_verdicts(self, items: Sequence[b.Verdict]) -> None:
@@ -211,6 +306,8 @@ class Wrapper:
     def run(self) -> int:
         cmd = self.opts.command
         if cmd is None:
+            if "-h" in self.opts.xl_globals:
+                self.exec_xl()  # `shype-xl -h`: xl's own help
             print(_USAGE, file=self.err)
             return EXIT_USAGE
         if "-N" in self.opts.xl_globals or "-h" in self.opts.xl_globals:
@@ -223,6 +320,7 @@ class Wrapper:
 
     def attach(self, cmd: str, rest: list[str]) -> int:
         if len(rest) < 1 or rest[0] in ("-h", "--help"):
+            _subcommand_help(cmd, self.err)
             self.exec_xl(cmd, *rest)
         domain, specs = rest[0], rest[1:]
         if cmd == "block-attach":
@@ -249,6 +347,8 @@ class Wrapper:
         except getopt.GetoptError as exc:
             raise Refused(f"create: {exc}", EXIT_USAGE) from None
         flags = {o for o, _ in opts}
+        if flags & {"-h", "--help"}:
+            _subcommand_help("create", self.err)
         if flags & {"-h", "--help", "-n", "--dryrun"}:
             self.exec_xl("create", *self.opts.rest)  # help or xl's own dry run
         if flags & {"-F", "-e"}:
@@ -296,6 +396,7 @@ class Wrapper:
         label = str(cfg.label) if cfg.label else None
 
         try:
+            check_cfg_label(self.client, cfg.label)
             domain = attrs.evolve(cfg.domain, uuid=uuid)
             res = self.client.dry_run(b.DryRunArgs(domain=domain, disks=cfg.disks, vifs=cfg.vifs))
             if not res.permitted:
@@ -407,7 +508,25 @@ class Wrapper:
             self.say(f"could not forget the label of {uuid}: {exc}")
 
 
-def run(argv: Sequence[str] | None = None, err: TextIO = sys.stderr) -> int:
+def _show(what: str, out: TextIO) -> int:
+    if what == "--version":
+        print(version_text("shype-xl"), file=out)
+    else:
+        out.write(build_parser().format_help())
+    return EXIT_OK
+
+
+def _subcommand_help(cmd: str, err: TextIO) -> None:
+    """shype-xl's note on `cmd` before xl's own help for it."""
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction) and cmd in action.choices:
+            print(f"shype-xl {cmd}: {action.choices[cmd].description or ''}", file=err)
+            print("xl's options follow (shype-xl passes them on):\n", file=err, flush=True)
+
+
+def run(
+    argv: Sequence[str] | None = None, err: TextIO = sys.stderr, out: TextIO = sys.stdout
+) -> int:
     try:
         opts = parse_options(sys.argv[1:] if argv is None else argv)
         wrapper = Wrapper(opts, err)
@@ -415,6 +534,8 @@ def run(argv: Sequence[str] | None = None, err: TextIO = sys.stderr) -> int:
             return wrapper.run()
         finally:
             wrapper.client.close()
+    except Shown as shown:
+        return _show(str(shown), out)
     except Refused as exc:
         print(f"shype-xl: {exc}", file=err)
         return exc.status
@@ -430,7 +551,7 @@ def run(argv: Sequence[str] | None = None, err: TextIO = sys.stderr) -> int:
 
 
 def main() -> None:
-    sys.exit(run())
+    exit_guarded(run, "shype-xl")
 
 
 if __name__ == "__main__":

@@ -98,19 +98,19 @@ class DaemonBackendBase:
             return policy.label_string(label)
         return label
 
-    def _info(self, dom: Domain) -> b.DomainInfo:
-        reason = dom.decision.reason if dom.decision is not None else None
-        return b.DomainInfo(
-            domid=dom.domid,
-            name=dom.name,
-            uuid=dom.uuid,
-            label=self._full(dom.label),
-            state=dom.state.value,
-            reason=reason,
-        )
+    def _info(self, dom: Domain, cpu: dict[int, float] | None = None) -> b.DomainInfo:
+        cpu = self._cpu_seconds() if cpu is None else cpu
+        return views.domain_info(dom, self._full(dom.label), cpu)
+
+    def _cpu_seconds(self) -> dict[int, float] | None:
+        """CPU seconds by domid from the metrics' ``xl list`` poll (None: not polled)."""
+        metrics = getattr(self.daemon, "metrics", None)
+        cpu = None if metrics is None else metrics.snapshot.cpu
+        return None if cpu is None else {c.domid: c.seconds for c in cpu}
 
     def _domains(self) -> tuple[b.DomainInfo, ...]:
-        return tuple(self._info(d) for d in self.daemon.host.domains())
+        cpu = self._cpu_seconds()
+        return tuple(self._info(d, cpu) for d in self.daemon.host.domains())
 
     def _domain(self, ref: str) -> Domain:
         info = views.match_domain(ref, self._domains())

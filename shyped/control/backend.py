@@ -312,6 +312,12 @@ class DomainInfo:
     #: The daemon's view: seen (undecided), admitted, denied, paused, gone.
     state: str
     reason: str | None = None
+    #: ``xl list``'s columns, as far as the daemon knows them (None: unknown): memory target
+    #: in MiB and vCPUs online (dom0-written xenstore nodes), CPU seconds (from ``xl list``,
+    #: only on a real host with the metrics' CPU poll on).
+    memory_mib: int | None = None
+    vcpus: int | None = None
+    cpu_seconds: float | None = None
 
 
 @attrs.frozen

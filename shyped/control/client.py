@@ -33,7 +33,12 @@ _T = TypeVar("_T")
 
 
 class DaemonUnreachable(Exception):
-    """The daemon could not be asked (not running, socket missing, closed, timed out)."""
+    """The daemon could not be asked (not running, socket missing, closed, timed out).
+    `errno` is the connect error's, when there was one (EACCES: no permission on the socket)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 def default_socket() -> Path:
@@ -79,7 +84,7 @@ class ControlClient(Closing):
                     sock.close()
                     why = exc.strerror or str(exc)
                     raise DaemonUnreachable(
-                        f"cannot connect to shyped at {self.path}: {why}"
+                        f"cannot connect to shyped at {self.path}: {why}", exc.errno
                     ) from None
             self._sock = sock
         return self._sock

@@ -63,6 +63,7 @@ class ErrorCode(enum.StrEnum):
     PERMISSION_DENIED = "permission-denied"
     BUSY = "busy"  #: too many connections or requests
     NOT_FOUND = "not-found"
+    UNKNOWN_LABEL = "unknown-label"  #: the policy has no such label (details.suggestions)
     INVALID_ARGUMENT = "invalid-argument"
     DENIED = "denied"  #: the policy said no (details.reasons)
     POLICY_INVALID = "policy-invalid"  #: the policy text does not load (details.problems)

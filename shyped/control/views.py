@@ -8,9 +8,10 @@ appears (its label, the backend domain's label, the resource's stored label).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final, Literal
 
 from shyped.control.backend import (
@@ -25,6 +26,7 @@ from shyped.control.backend import (
     VifItem,
 )
 from shyped.control.protocol import ControlError, ErrorCode
+from shyped.core.hostfacts import Domain
 from shyped.core.labelstore import LabelStoreError, bridge_resource, resource_id
 from shyped.policy import acm_xml, toml_format
 from shyped.policy.chinese_wall import RunningSet
@@ -86,15 +88,35 @@ def label_name(policy: Policy, label: str) -> str:
     return label
 
 
+def unknown_label(policy: Policy, name: str, kind: str) -> ControlError:
+    """``unknown-label`` for `name`, with the closest labels of `kind` as suggestions."""
+    what, other = ("VM", "resource") if kind == "vm" else ("resource", "VM")
+    names = (
+        [v.name for v in policy.vm_labels]
+        if kind == "vm"
+        else [r.name for r in policy.resource_labels]
+    )
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    exists_other = (
+        policy.resource_label(name) if kind == "vm" else policy.vm_label(name)
+    ) is not None
+    text = f"unknown label {name!r}"
+    if close:
+        text += f", did you mean {close[0]!r}?"
+    text += f" (policy {policy.name!r} has no {what} label {name!r}"
+    text += f"; {name!r} is a {other} label)" if exists_other else ")"
+    return ControlError(
+        ErrorCode.UNKNOWN_LABEL, text, {"label": name, "kind": kind, "suggestions": close}
+    )
+
+
 def find_label(policy: Policy, label: str, kind: str) -> LabelInfo:
-    """The VM (`vm`) or resource (`res`) label named by `label`; ``not-found`` if none."""
+    """The VM (`vm`) or resource (`res`) label named by `label`; ``unknown-label`` (with
+    suggestions) if none."""
     name = label_name(policy, label)
     exists = policy.vm_label(name) if kind == "vm" else policy.resource_label(name)
     if exists is None:
-        what = "VM" if kind == "vm" else "resource"
-        raise ControlError(
-            ErrorCode.NOT_FOUND, f"policy {policy.name!r} has no {what} label {name!r}"
-        )
+        raise unknown_label(policy, name, kind)
     (info,) = [i for i in label_list(policy, kind).labels if i.name == name]
     return info
 
@@ -171,6 +193,25 @@ def match_domain(ref: str, domains: Iterable[DomainInfo]) -> DomainInfo:
             ErrorCode.INVALID_ARGUMENT, f"{len(named)} domains are named {ref!r} ({ids})"
         )
     raise ControlError(ErrorCode.NOT_FOUND, f"no domain {ref[:80]!r} (name, domid or uuid)")
+
+
+def domain_info(
+    dom: Domain, label: str | None, cpu_seconds: Mapping[int, float] | None = None
+) -> DomainInfo:
+    """One row of ``list`` (``xl list -Z``'s columns) for a domain of the host model."""
+    memory = dom.memory_target_kib if dom.memory_target_kib is not None else None
+    vcpus = dom.vcpus_online if dom.vcpus_online is not None else dom.vcpus
+    return DomainInfo(
+        domid=dom.domid,
+        name=dom.name,
+        uuid=dom.uuid,
+        label=label,
+        state=dom.state.value,
+        reason=dom.decision.reason if dom.decision is not None else None,
+        memory_mib=None if memory is None else memory // 1024,
+        vcpus=vcpus,
+        cpu_seconds=None if cpu_seconds is None else cpu_seconds.get(dom.domid),
+    )
 
 
 Kind = Literal["domain", "disk", "vif"]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pyxs.exceptions import PyXSError
 
+import shyped
 from shyped.core.xlcfg import (
     XlConfigError,
     domain_config_from_text,
@@ -67,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
         "--socket",
         type=Path,
         help="xenstored socket (default: $XENSTORED_PATH)",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"shype-sandbox (shyped) {shyped.__version__}"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -246,6 +250,10 @@ def _demo(args: argparse.Namespace) -> int:
         xsd.stop()
         shutil.rmtree(directory, ignore_errors=True)
     return 0
+
+
+#: The parser, under the name every entry point exposes (tests/test_cli_conventions.py).
+build_parser = _parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

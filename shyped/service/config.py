@@ -103,6 +103,16 @@ class AuditConfig:
 
 
 @attrs.frozen
+class LogConfig:
+    """``[log]``: the daemon's own log on stderr (docs/operations.md, "The log")."""
+
+    #: ``text`` (one line per event) or ``json`` (one JSON object per line).
+    format: str = "text"
+    #: Mirror denials to the Linux audit subsystem as USER_AVC when the kernel allows it.
+    user_avc: bool = True
+
+
+@attrs.frozen
 class Config:
     """Everything `shyped` reads from its configuration file."""
 
@@ -118,10 +128,13 @@ class Config:
     control: ControlConfig = ControlConfig()
     metrics: MetricsConfig = MetricsConfig()
     audit: AuditConfig = AuditConfig()
+    log: LogConfig = LogConfig()
     source: Path | None = None
 
 
-_TOP_KEYS = {"policy", "enforcement", "xenstore", "actuator", "control", "metrics", "audit"}
+_TOP_KEYS = {
+    "policy", "enforcement", "xenstore", "actuator", "control", "metrics", "audit", "log"
+}  # fmt: skip
 _AUDIT_KEYS = {
     "enabled",
     "directory",
@@ -281,8 +294,18 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         control=control,
         metrics=metrics,
         audit=audit,
+        log=_log_config(doc, where),
         source=source,
     )
+
+
+def _log_config(doc: dict[str, Any], where: str) -> LogConfig:
+    log = _table(doc, "log", where)
+    _check_unknown(log, "log", {"format", "user_avc"}, where)
+    fmt = _get(log, "log", "format", str, "text", where)
+    if fmt not in ("text", "json"):
+        raise ConfigError(f"{where}: log.format must be 'text' or 'json'")
+    return LogConfig(format=fmt, user_avc=_get(log, "log", "user_avc", bool, True, where))
 
 
 _METRICS_KEYS = {

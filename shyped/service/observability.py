@@ -1,6 +1,7 @@
 """Building the daemon's audit trail and metrics endpoint from its configuration (edge code).
 
-`build_audit` makes the `AsyncAuditLog` the `Daemon` records into (``[audit]``); `Metrics`
+`build_audit` makes the `AsyncAuditLog` the `Daemon` records into (``[audit]``);
+`build_user_avc` the mirror of denials to the Linux audit subsystem (``[log] user_avc``); `Metrics`
 holds the `MetricsState` the daemon feeds and serves it on ``[metrics] address:port``
 (loopback only, behind the access control and budgets of `shyped.service.metricsweb`) with the
 audit collector and, on a real host (``actuator.kind = "xl"``), CPU
@@ -16,6 +17,7 @@ from twisted.logger import Logger
 
 from shyped.service.auditlog import AsyncAuditLog, AuditCollector, AuditLog
 from shyped.service.config import Config
+from shyped.service.linuxaudit import UserAvcMirror
 from shyped.service.metrics import MetricsState
 from shyped.service.metricsfamilies import make_registry
 from shyped.service.metricsweb import (
@@ -28,6 +30,12 @@ from shyped.service.metricsweb import (
 from shyped.service.xlcpu import XlCpuProvider
 
 _log = Logger(namespace="shyped.observability")
+
+
+def build_user_avc(config: Config) -> UserAvcMirror | None:
+    """The USER_AVC mirror of denials ``[log] user_avc`` asks for (None when off); the caller
+    adds it to the daemon's decision listeners and closes it at shutdown."""
+    return UserAvcMirror() if config.log.user_avc else None
 
 
 def build_audit(config: Config, reactor: Any, *, durable: bool = True) -> AsyncAuditLog | None:
