@@ -21,6 +21,14 @@ Mapping:
   carry one) → ``domain_comms`` (event channels and grant maps both ways); a label with itself
   → ``domain_comms(T, T)`` (two domains of that label) and ``domain_self_comms(T)`` (a domain
   with itself), only where the engine permits it; nothing else between guests.
+
+Bootstrap (`BOOTSTRAP_RULES`): ``xl create -p`` of an unlabelled domain has libxl allocate its
+xenstore and console event channels with dom0 while building it, and the daemon relabels it
+afterwards (``shyped.service.flaskxen``). So dom0 and unlabelled domains always get event
+channels (``domain_event_comms``, no grants) even where the policy denies unlabelled domains,
+and every label type may keep using (``send``, ``status``) a channel created while its domain
+was unlabelled (``shype__unlabelled_t_channel``). An unlabelled domain still reaches no other
+guest, and the daemon vetoes it unless the policy's defaults admit it.
 """
 
 from __future__ import annotations
@@ -39,6 +47,10 @@ DOM0_TYPE: Final = "dom0_t"
 UNLABELLED_TYPE: Final = "shype__unlabelled_t"
 #: Xen's type names for those initial SIDs (``policy/initial_sids``), aliased to it.
 UNLABELLED_ALIASES: Final = ("domU_t", "dm_dom_t")
+#: FLASK's ``event`` permissions a relabelled domain keeps on the channels it got unlabelled.
+BOOTSTRAP_CHANNEL_PERMS: Final = ("send", "status")
+#: FLASK user and role of every domain context (Xen's ``system_u``/``system_r``).
+CONTEXT_PREFIX: Final = "system_u:system_r:"
 #: The name of the generated module (``<name>.te``).
 MODULE_NAME: Final = "shype"
 #: Xen's policy modules the generated one is compiled with, in order (``modules.conf``).
@@ -113,6 +125,11 @@ def subjects(policy: Policy) -> tuple[Subject, ...]:
     return tuple(out)
 
 
+def context(label: str | None) -> str:
+    """The FLASK security context a domain labelled `label` runs with (None: unlabelled)."""
+    return f"{CONTEXT_PREFIX}{UNLABELLED_TYPE if label is None else type_name(label)}"
+
+
 def may_communicate(engine: PolicyEngine, a: str | None, b: str | None) -> bool:
     """The engine's two-way channel decision between domains labelled `a` and `b`.
 
@@ -166,6 +183,17 @@ def compile_policy(policy: Policy) -> FlaskPolicy:
                 f"allow {DOM0_TYPE} {s.type}:domain2 relabelto;",
                 f"allow {UNLABELLED_TYPE} {s.type}:domain transition;",
             ]
+    lines += [
+        "",
+        "# Bootstrap: libxl builds an unlabelled domain's xenstore and console event channels",
+        "# with dom0; the daemon then relabels it, and the channels stay usable",
+    ]
+    if not may_communicate(engine, policy.bootstrap, None):
+        lines.append(f"domain_event_comms({DOM0_TYPE}, {UNLABELLED_TYPE})")
+    perms = " ".join(BOOTSTRAP_CHANNEL_PERMS)
+    for s in guests:
+        if s.label is not None:
+            lines.append(f"allow {s.type} {UNLABELLED_TYPE}_channel:event {{ {perms} }};")
     lines += ["", "# Channels the sHype policy permits (event channels and grants, both ways)"]
     comms: set[tuple[str, str]] = set()
     for i, a in enumerate(subs):
