@@ -1,8 +1,8 @@
 """The FLASK compiler: the compiled binary policy allows exactly the engine's channels.
 
 Each case compiles an sHype policy with `shyped.policy.flask`, builds the binary with Xen's
-policy tree, m4 and checkpolicy (`shyped.cli.flaskbuild`), reads every allow rule back with setools
-and compares, for every ordered pair of domain types (a type with itself included), the
+policy tree, m4 and checkpolicy (`shyped.service.flaskbuild`), reads every allow rule back with
+setools and compares, for every ordered pair of domain types (a type with itself included), the
 permissions between them with the engine's two-way channel decision (`PolicyEngine.channel`,
 the call the daemon makes for event channels, grants and vchans).
 """

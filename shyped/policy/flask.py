@@ -2,9 +2,9 @@
 
 The output is one FLASK module (``shype.te``) written with the macros of Xen's own policy tree
 (``tools/flask/policy/modules/xen.if``: ``declare_domain``, ``create_domain``,
-``manage_domain``, ``domain_comms``, ``domain_self_comms`` …). `shyped.cli.flaskbuild` puts it in
-place of Xen's example domU modules, runs m4 as Xen's ``Makefile.common`` does and compiles
-the result with ``checkpolicy -t Xen``. docs/flask.md describes the mapping.
+``manage_domain``, ``domain_comms``, ``domain_self_comms`` …). `shyped.service.flaskbuild`
+puts it in place of Xen's example domU modules, runs m4 as Xen's ``Makefile.common`` does and
+compiles the result with ``checkpolicy -t Xen``. docs/flask.md describes the mapping.
 
 Mapping:
 
