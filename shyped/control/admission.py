@@ -107,6 +107,9 @@ class DaemonBackendBase:
             label=self._full(dom.label),
             state=dom.state.value,
             reason=reason,
+            flask_context=None
+            if self.daemon.flask is None
+            else self.daemon.flask.flask.contexts.get(dom.domid),
         )
 
     def _domains(self) -> tuple[b.DomainInfo, ...]:
