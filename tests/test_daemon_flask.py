@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -29,7 +30,7 @@ from shyped.policy.flask import context
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xsconn import XsConn
 from shyped.service.flaskdaemon import AVC_RECORDS_PER_READ
-from shyped.service.flaskxc import FlaskError
+from shyped.service.flaskxc import DisabledBoundary, FlaskError
 from shyped.service.flaskxen import FlaskXen, policy_builder
 
 __all__ = ["host_fixture"]
@@ -286,3 +287,53 @@ async def test_xens_avc_denials_become_audit_records_and_a_metric(
     assert metrics is None or metrics.snapshot.flask is not None
     verified = shypectl_verify(audit_dir)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+@needs_flask_tools
+@pytest_twisted.ensureDeferred
+async def test_a_rename_of_a_running_domains_label_is_refused_with_flask(
+    host: Harness, tmp_path: Path
+) -> None:
+    """Its FLASK type would vanish from Xen's policy: refused before Xen is asked; with no
+    domain of that label running, the rename goes through both."""
+    from test_daemon_policy_rename import renaming_policy
+
+    fake = _fake(host)
+    daemon, _ = await start(host, host.config(), flask=_edge(fake, tmp_path))
+    s = await host.call(host.ts.create, domcfg("shop-1"))
+    await host.settle()
+    result = await daemon.reload_policy(renaming_policy(tmp_path))
+    assert not result.applied and "may not rename the label of a running domain (shop)" in str(
+        result.error
+    )
+    assert (
+        len(fake.loads) == 1 and daemon.loaded.policy.version == daemon.engine.policy.policy.version
+    )
+    await host.call(host.ts.destroy, s)
+    await host.settle()
+    assert (await daemon.reload_policy(renaming_policy(tmp_path))).applied
+    assert len(fake.loads) == 2
+
+
+def test_context_reads_start_after_the_request_and_are_shared_by_a_wave() -> None:
+    """A domain decided while ``xl list -Z`` is out may be newer than that read: its request
+    waits for the next read, which every request made meanwhile shares."""
+    from twisted.internet.defer import Deferred
+
+    calls: list[Deferred[str]] = []
+
+    class Manual(FlaskXen):
+        def _call(self, fn: object, *args: object) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            calls.append(d)
+            return d
+
+    edge = Manual(reactor, DisabledBoundary(), lambda _p: b"", poll_interval=0)
+    first = edge.refresh_contexts()
+    later = [edge.refresh_contexts() for _ in range(3)]
+    assert len(calls) == 1
+    calls[0].callback("d 1 1 1 --p--- 0 system_u:system_r:domU_t\n")
+    assert first.called and not any(d.called for d in later) and len(calls) == 2
+    calls[1].callback("d 1 1 1 --p--- 0 system_u:system_r:dom0_t\nn 2 1 1 --p--- 0 -\n")
+    got = [d.result for d in later]
+    assert got == [{1: "system_u:system_r:dom0_t", 2: None}] * 3 and len(calls) == 2

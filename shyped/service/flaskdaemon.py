@@ -85,11 +85,20 @@ class FlaskCoupling:
 
     # ------------------------------------------------------------------ policy switches
 
-    async def switch(self, policy: Policy) -> str | None:
+    async def switch(self, policy: Policy, renamed_running: Sequence[str] = ()) -> str | None:
         """Compile and load `policy` into Xen before the daemon switches to it: None when
-        done (or FLASK is absent), else why not (Xen keeps its policy, so must the daemon)."""
+        done (or FLASK is absent), else why not (Xen keeps its policy, so must the daemon).
+
+        `renamed_running`: labels of running domains the update renames. Refused: their FLASK
+        types would vanish from Xen's policy, and Xen cannot convert those domains' contexts
+        (docs/flask.md, "Known gaps")."""
         if not self.present:
             return None
+        if renamed_running:
+            return (
+                "Xen has FLASK: an update may not rename the label of a running domain "
+                f"({', '.join(renamed_running)}): its FLASK type would vanish from Xen's policy"
+            )
         try:
             prepared = await self.flask.prepare(policy)
         except (FlaskError, FlaskBuildError) as e:

@@ -121,6 +121,8 @@ class FlaskXen:
         self._poll = LoopingCall(self._read_console)
         self._poll.clock = reactor
         self._polling: Deferred[Any] | None = None
+        self._listing = False
+        self._context_waiters: list[Deferred[dict[int, str | None]]] = []
 
     @property
     def present(self) -> bool:
@@ -163,11 +165,33 @@ class FlaskXen:
 
     # ---------------------------------------------------------------- domains
 
-    async def refresh_contexts(self) -> dict[int, str | None]:
-        """Every domain's context as Xen lists it now."""
-        text = await self._call(self.boundary.list_contexts)
-        self.contexts = {d: row.context for d, row in parse_list_z(text).items()}
-        return self.contexts
+    def refresh_contexts(self) -> Deferred[dict[int, str | None]]:
+        """Every domain's context as Xen lists it from a read that starts after this call.
+        Calls made while a read is out share the next one (a policy switch re-decides every
+        running domain: one ``xl list -Z`` per wave, not one per domain)."""
+        d: Deferred[dict[int, str | None]] = Deferred()
+        self._context_waiters.append(d)
+        if not self._listing:
+            self._list_contexts()
+        return d
+
+    def _list_contexts(self) -> None:
+        waiters, self._context_waiters = self._context_waiters, []
+        self._listing = True
+
+        def done(result: str | Failure) -> None:
+            self._listing = False
+            if isinstance(result, Failure):
+                for w in waiters:
+                    w.errback(result)
+            else:
+                self.contexts = {d: row.context for d, row in parse_list_z(result).items()}
+                for w in waiters:
+                    w.callback(self.contexts)
+            if self._context_waiters:
+                self._list_contexts()
+
+        self._call(self.boundary.list_contexts).addBoth(done)
 
     async def ensure_domain(self, domid: int, label: str | None) -> DomainPlan:
         """Make domain `domid` run in Xen with the context of `label` (None: unlabelled):

@@ -171,7 +171,9 @@ class PolicyAndLabels(DaemonCore):
             )  # fmt: skip
             return result
         if self.flask is not None:  # Xen's policy first: if Xen refuses, nothing switches
-            refused = await self.flask.switch(loaded.policy)
+            running = self.engine.running.running_labels()
+            renamed = sorted(n for n in check.maps.vm_renames if n in running)
+            refused = await self.flask.switch(loaded.policy, renamed)
             if refused is None:  # the running system may have changed while Xen loaded
                 check = update.check_update(
                     current, loaded.policy, self.engine.running_system(self.host)
