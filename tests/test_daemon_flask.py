@@ -337,3 +337,22 @@ def test_context_reads_start_after_the_request_and_are_shared_by_a_wave() -> Non
     calls[1].callback("d 1 1 1 --p--- 0 system_u:system_r:dom0_t\nn 2 1 1 --p--- 0 -\n")
     got = [d.result for d in later]
     assert got == [{1: "system_u:system_r:dom0_t", 2: None}] * 3 and len(calls) == 2
+
+
+def test_the_flask_table_is_read_and_checked(tmp_path: Path) -> None:
+    from shyped.service.config import ConfigError, parse_config
+
+    base = 'policy = { path = "p.toml" }\n'
+    cfg = parse_config(
+        base + '[flask]\nenabled = false\nxen_source = "xen.tar.xz"\npoll_interval = 5\n',
+        tmp_path / "shyped.toml",
+    )
+    assert not cfg.flask.enabled and cfg.flask.xen_source == tmp_path / "xen.tar.xz"
+    assert cfg.flask.poll_interval == 5.0
+    for bad in (
+        "[flask]\nenable = true\n",
+        "[flask]\npoll_interval = 0\n",
+        "[flask]\nenabled = 1\n",
+    ):
+        with pytest.raises(ConfigError, match="flask"):
+            parse_config(base + bad)
