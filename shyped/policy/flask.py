@@ -167,6 +167,9 @@ def compile_policy(policy: Policy) -> FlaskPolicy:
         "allow domain_type xen_t:version { xen_extraversion xen_compile_info xen_capabilities",
         "    xen_changeset xen_pagesize xen_guest_handle };",
         "dontaudit domain_type xen_t:version { xen_commandline xen_build_id };",
+        "# Guests' early console output to Xen's console: denied as by a non-debug Xen without",
+        "# XSM, and not audited (as Xen's guest_features does when its boolean is off)",
+        "dontaudit domain_type xen_t:xen writeconsole;",
         "",
         "# dom0 builds, manages and may relabel unlabelled domains to every label",
     ]

@@ -101,6 +101,8 @@ def test_xen_refuses_guests_sharing_no_type_and_the_trail_records_it(run: RunRes
         for r in denied
     ), denied
     assert any(r["tclass"] == "grant" and r["scontext"].endswith(f":{alpha_t}") for r in denied)
+    # Guests' early console writes are denied without audit (the compiler's dontaudit).
+    assert not [r for r in denied if r["perms"] == ["writeconsole"]], denied
     assert run.text("audit-verify.txt.rc").strip() == "0", run.text("audit-verify.txt")
 
 
