@@ -56,6 +56,8 @@ class FlaskCoupling:
         self.core = core
         self.flask = flask
         self._by_class: dict[str, int] = {}
+        #: Xen's policy before the last switch (loaded back by `revert`).
+        self._previous: Prepared | None = None
         flask.on_avc = self._avc
 
     @property
@@ -118,7 +120,7 @@ class FlaskCoupling:
 
     async def revert(self) -> None:
         """The daemon did not switch after Xen did: load Xen's previous policy back."""
-        previous = getattr(self, "_previous", None)
+        previous = self._previous
         if not self.present or previous is None:
             return
         try:
