@@ -18,6 +18,8 @@ APT_PACKAGES=(
     cpio               # e2e tier: initramfs archives
     iproute2           # e2e tier: `ip` in dom0 (bridge, vif-bridge hotplug script)
     m4 checkpolicy     # shypectl policy flask: Xen FLASK policy build (m4, checkpolicy -t Xen)
+    flex bison         # e2e tier: builds Xen 4.17.7 with FLASK (tests/e2e/flaskxen.py)
+    linux-libc-dev     # e2e tier: <xen/evtchn.h>, <xen/gntalloc.h>, <xen/gntdev.h> for the guest program
     setools            # FLASK compiler tests: read the binary policy back (sesearch, python3-setools)
 )
 missing=()

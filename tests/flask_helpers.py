@@ -18,9 +18,9 @@ from typing import Final
 import attrs
 import pytest
 
-from shyped.cli import flaskbuild
 from shyped.policy.flask import DOM0_TYPE, UNLABELLED_TYPE, FlaskPolicy, type_name
 from shyped.policy.model import Policy
+from shyped.service import flaskbuild
 
 XEN_SOURCE: Final = Path(
     os.environ.get("SHYPED_XEN_SOURCE", "/work/shared/xen-4.17.7-flask/xen-4.17.7-hv.tar.xz")

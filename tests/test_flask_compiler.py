@@ -1,8 +1,8 @@
 """The FLASK compiler: the compiled binary policy allows exactly the engine's channels.
 
 Each case compiles an sHype policy with `shyped.policy.flask`, builds the binary with Xen's
-policy tree, m4 and checkpolicy (`shyped.cli.flaskbuild`), reads every allow rule back with setools
-and compares, for every ordered pair of domain types (a type with itself included), the
+policy tree, m4 and checkpolicy (`shyped.service.flaskbuild`), reads every allow rule back with
+setools and compares, for every ordered pair of domain types (a type with itself included), the
 permissions between them with the engine's two-way channel decision (`PolicyEngine.channel`,
 the call the daemon makes for event channels, grants and vchans).
 """
@@ -13,6 +13,7 @@ import io
 import subprocess
 import tarfile
 from pathlib import Path
+from typing import Final
 
 import attrs
 import pytest
@@ -51,6 +52,12 @@ FIXED = [
 ]
 
 
+#: dom0 <-> unlabelled event channels, whatever the policy says (libxl builds them).
+BOOTSTRAP_EVENTS: Final = frozenset({("channel", "dom", "event", "bind")})
+#: A label's use of channels its domain got while unlabelled (before the relabel).
+KEEP_CHANNELS: Final = frozenset({("dom", "channel", "event", p) for p in ("send", "status")})
+
+
 def _load(path: Path) -> Policy:
     return acm_xml.load(path).policy if path.suffix == ".xml" else toml_format.load(path)
 
@@ -75,6 +82,9 @@ def mismatches(policy: Policy, binary: Path) -> list[str]:
                 continue  # dom0 with itself: Xen's dom0.te, not the sHype policy
             decision = engine.channel(Hook.EVTCHN, la, lb)
             perms = got.get((a, b), set())
+            # Bootstrap (docs/flask.md): dom0 and unlabelled domains always get event
+            # channels, never grants; a label keeps the channels it got unlabelled.
+            bootstrap = {a, b} == {DOM0_TYPE, UNLABELLED_TYPE}
             if a == b:
                 comm = COMM_PAIR | COMM_SELF
                 seen = perms & comm
@@ -82,13 +92,19 @@ def mismatches(policy: Policy, binary: Path) -> list[str]:
             elif a == DOM0_TYPE:
                 seen = perms & COMM_PAIR
                 want = set(COMM_PAIR) if decision.permitted else set()
+                if bootstrap:
+                    want |= BOOTSTRAP_EVENTS
                 if ("dom", "dom", "domain", "create") not in perms:
                     bad.append(f"dom0 may not create {b}")
             else:
                 seen = perms
                 want = set(COMM_PAIR) if decision.permitted else set()
+                if bootstrap:
+                    want |= BOOTSTRAP_EVENTS
                 if a == UNLABELLED_TYPE and lb is not None and b != DOM0_TYPE:
                     want.add(("dom", "dom", "domain", "transition"))
+                if la is not None and b == UNLABELLED_TYPE:
+                    want |= KEEP_CHANNELS
             if seen != want:
                 bad.append(
                     f"{a} -> {b} ({la!r} -> {lb!r}, engine: {decision}): "
@@ -151,6 +167,10 @@ _WRONG = {
     "an undocumented type": (
         f"declare_domain(shype_x_t)\ndomain_comms(shype_x_t, {_A})\n",
         {"domain types"},
+    ),
+    "grants between dom0 and unlabelled domains (bootstrap is events only)": (
+        f"allow dom0_t {UNLABELLED_TYPE}:grant map_read;\n",
+        {f"{DOM0_TYPE} -> {UNLABELLED_TYPE}"},
     ),
     "one-way grant only": (
         f"allow {_A} {_B}:grant map_read;\n",

@@ -36,6 +36,7 @@ from shyped.service.config import MetricsConfig, Mode
 from shyped.service.metrics import (
     LATENCY_BUCKETS,
     MAX_EVENT_KINDS,
+    FlaskMetrics,
     MetricsState,
     PeriodicPublisher,
     XlDomain,
@@ -137,6 +138,7 @@ def test_every_family_the_collector_can_expose_is_listed() -> None:
     state.observe_watch_events("domain_appeared")
     state.set_policy(scenario_policy(), POLICY_SHA256, 1.0)
     state.set_cpu_times([XlDomain("xsgold", 1, UUID1, 12.5)])
+    state.set_flask(FlaskMetrics("enforcing", "ab" * 32, (("event", 2),), 1))
     state.publish(model)
     s = parse_scrape(scrape_text(state))
     families = {
@@ -145,6 +147,9 @@ def test_every_family_the_collector_can_expose_is_listed() -> None:
     assert families == set(METRIC_NAMES)
     assert value(s, "shyped_xenstore_up") == 0
     assert value(s, "shyped_xenstore_reconnects_total") == 3
+    assert value(s, "shyped_flask_mode", mode="enforcing") == 1
+    assert value(s, "shyped_flask_mode", mode="absent") == 0
+    assert value(s, "shyped_flask_avc_denials_total", tclass="event") == 2
 
 
 # ---- consistency under concurrent scrapes -----------------------------------------------------

@@ -21,6 +21,7 @@ from shyped.service.actuator import SandboxActuator
 from shyped.service.auditlog import list_log_files, read_lines
 from shyped.service.config import AuditConfig, Config, MetricsConfig
 from shyped.service.daemon import Daemon, load_policy
+from shyped.service.flaskxen import FlaskXen
 from shyped.service.observability import Metrics, build_audit, build_metrics
 from shyped.xenstore import GatewayConfig, XenstoreGateway
 
@@ -41,10 +42,15 @@ def with_metrics(config: Config) -> Config:
 
 
 async def start(
-    h: Harness, config: Config, *, destroy: Callable[[int], object] | None = None
+    h: Harness,
+    config: Config,
+    *,
+    destroy: Callable[[int], object] | None = None,
+    flask: FlaskXen | None = None,
 ) -> tuple[Daemon, Metrics | None]:
     """A daemon with the audit trail and metrics its configuration asks for (`destroy`:
-    instead of the toolstack's, for the domain veto)."""
+    instead of the toolstack's, for the domain veto; `flask`: Xen's FLASK edge, by default
+    the real one, which finds no Xen here)."""
     audit = build_audit(config, reactor)
     metrics = build_metrics(config, reactor, audit)
     gateway = XenstoreGateway(
@@ -58,6 +64,7 @@ async def start(
         actuator=SandboxActuator(h.ts.pause, h.ts.unpause, destroy or h.ts.destroy),
         audit=audit,
         metrics=None if metrics is None else metrics.state,
+        flask=flask,
     )
     daemon.add_listener(h.outcomes.append)
     h.daemon = daemon

@@ -84,6 +84,14 @@ def cmd_status(ctx: Ctx) -> int:
         )
         if st.audit is not None:
             ctx.say(f"audit:      {st.audit}")
+        if st.flask is not None:
+            f = st.flask
+            ctx.say(
+                f"xen flask:  {f.mode} ({f.reason})"
+                if f.reason
+                else f"xen flask:  {f.mode}; policy sha256 {f.policy_sha256 or '-'}; "
+                f"{f.denials} AVC denial(s) read, {f.relabels} relabel(s)"
+            )
         if st.vetoes_pending:
             ctx.say(f"vetoes:     {len(st.vetoes_pending)} PENDING (failed, retried):")
             for v in st.vetoes_pending:
@@ -263,9 +271,10 @@ def cmd_list(ctx: Ctx) -> int:
         res = b.DomainList(tuple(d for d in res.domains if d.domid in wanted))
 
     def human() -> None:
-        ctx.say(LIST_HEADER)
+        xen = any(d.flask_context for d in res.domains)  # Xen has FLASK: its view too
+        ctx.say(LIST_HEADER + ("  (Xen FLASK context)" if xen else ""))
         for d in sorted(res.domains, key=lambda d: d.domid):
-            ctx.say(_list_row(d))
+            ctx.say(_list_row(d) + (f"  ({d.flask_context or '-'})" if xen else ""))
 
     ctx.emit(res, human)
     return EXIT_OK

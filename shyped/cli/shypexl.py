@@ -4,7 +4,8 @@
 
 1. reads the config as xl does (overrides appended) and its ACM label (``seclabel=`` or
    ``access_control=['policy=P,label=L']``); a cfg without ``uuid`` gets one, passed to xl
-   as a ``uuid="…"`` override so the daemon and xl agree on the domain's key;
+   as a ``uuid="…"`` override so the daemon and xl agree on the domain's key; when Xen has
+   FLASK (the daemon's status), a labelled cfg gets ``seclabel="<its FLASK context>"``;
 2. asks the daemon for a dry run (domain, each disk and vif): any DENIED stops here;
 3. registers the label for the UUID with the daemon;
 4. runs ``xl create -p`` (the domain cannot execute an instruction while paused);
@@ -63,6 +64,7 @@ from shyped.control.protocol import ControlError
 from shyped.control.xlitems import disk_item, summarize, vif_item, with_overrides
 from shyped.core.xlcfg import XlConfigError
 from shyped.fileio.boundedread import XLCFG_MAX_BYTES, read_bounded
+from shyped.policy.flask import context as flask_context
 
 XL_ENV: Final = "SHYPE_XL"
 FAIL_OPEN_ENV: Final = "SHYPE_XL_FAIL_OPEN"
@@ -404,6 +406,9 @@ class Wrapper:
                 self.print_verdicts(res.items)
                 return EXIT_DENIED
             self.client.register_domain(uuid, cfg.name, label)
+            if cfg.label is not None and self._xen_flask():
+                # xl hands seclabel= to Xen's FLASK (an ACM label would be refused there)
+                create_argv.append(f'seclabel="{flask_context(cfg.label.label)}"')
         except DaemonUnreachable as exc:
             self.unreachable(exc)
             return self._create_unchecked(create_argv, uuid, paused, flags)
@@ -444,6 +449,15 @@ class Wrapper:
             return EXIT_DENIED
         self.say(f"domain {cfg.name} (domid {adm.domid}) admitted ({label or 'unlabelled'})")
         return self._finish(str(adm.domid), paused, flags)
+
+    def _xen_flask(self) -> bool:
+        """Xen has FLASK (the daemon's status says so): the domain is built with its label's
+        FLASK context (docs/flask.md); without, xl only warns about seclabel=."""
+        try:
+            st = self.client.status()
+        except ControlError:
+            return False
+        return st.flask is not None and st.flask.mode != "absent"
 
     def _create_unchecked(
         self, create_argv: list[str], uuid: str, paused: bool, flags: set[str]

@@ -100,7 +100,11 @@ class DaemonBackendBase:
 
     def _info(self, dom: Domain, cpu: dict[int, float] | None = None) -> b.DomainInfo:
         cpu = self._cpu_seconds() if cpu is None else cpu
-        return views.domain_info(dom, self._full(dom.label), cpu)
+        info = views.domain_info(dom, self._full(dom.label), cpu)
+        flask = self.daemon.flask
+        if flask is None:
+            return info
+        return attrs.evolve(info, flask_context=flask.flask.contexts.get(dom.domid))
 
     def _cpu_seconds(self) -> dict[int, float] | None:
         """CPU seconds by domid from the metrics' ``xl list`` poll (None: not polled)."""

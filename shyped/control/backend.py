@@ -263,6 +263,21 @@ class PendingVeto:
 
 
 @attrs.frozen
+class FlaskInfo:
+    """Xen's FLASK as the daemon detected it at start."""
+
+    #: enforcing, permissive, or absent (Debian's Xen has no XSM; the sandbox no Xen)
+    mode: str
+    #: why it is absent
+    reason: str | None = None
+    #: the binary FLASK policy shyped compiled and loaded into Xen
+    policy_sha256: str | None = None
+    #: AVC denials read from Xen's console ring; domains relabelled in Xen
+    denials: int = 0
+    relabels: int = 0
+
+
+@attrs.frozen
 class Status:
     mode: ModeName
     policy: PolicyInfo
@@ -277,6 +292,8 @@ class Status:
     audit: str | None = None
     #: Domain vetoes that failed and are being retried.
     vetoes_pending: tuple[PendingVeto, ...] = ()
+    #: Xen's FLASK (hypervisor enforcement, docs/flask.md); None from a daemon without it.
+    flask: FlaskInfo | None = None
 
 
 @attrs.frozen
@@ -318,6 +335,8 @@ class DomainInfo:
     memory_mib: int | None = None
     vcpus: int | None = None
     cpu_seconds: float | None = None
+    #: Its security context in Xen (``xl list -Z``) when Xen has FLASK, as last read.
+    flask_context: str | None = None
 
 
 @attrs.frozen

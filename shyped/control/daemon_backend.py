@@ -99,6 +99,20 @@ class DaemonControlBackend(DaemonBackendBase):
             quotas=b.quota_rows(self.daemon.quota_table()),
             audit=None if self.daemon.audit is None else self.daemon.audit.state.value,
             vetoes_pending=tuple(b.PendingVeto(**p) for p in self.daemon.pending_vetoes()),
+            flask=self._flask_info(),
+        )
+
+    def _flask_info(self) -> b.FlaskInfo | None:
+        coupling = self.daemon.flask
+        if coupling is None:
+            return None
+        st = coupling.flask.status()
+        return b.FlaskInfo(
+            mode=st["mode"],
+            reason=st["reason"],
+            policy_sha256=st["policy_sha256"],
+            denials=st["denials"],
+            relabels=st["relabels"],
         )
 
     def getenforce(self) -> b.EnforceMode:

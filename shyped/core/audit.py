@@ -86,6 +86,14 @@ class Kind(enum.StrEnum):
     #: Guest-paced decisions of one key in one interval beyond the burst, counted
     #: (shyped.service.daemon.GUEST_REPEAT_BURST).
     DECISION_REPEATS = "decision-repeats"
+    #: Xen's FLASK (shyped.service.flaskxen): detected at start, a binary policy loaded or
+    #: refused, a domain relabelled in Xen, AVC denials read from Xen's console ring (and a
+    #: count of those not written in full).
+    FLASK_STATE = "flask-state"
+    FLASK_LOAD = "flask-load"
+    FLASK_RELABEL = "flask-relabel"
+    FLASK_AVC = "flask-avc"
+    FLASK_AVC_REPEATS = "flask-avc-repeats"
     # Written by the audit log itself.
     LOG_START = "log-start"
     ROTATE = "rotate"

@@ -2,9 +2,9 @@
 
 The output is one FLASK module (``shype.te``) written with the macros of Xen's own policy tree
 (``tools/flask/policy/modules/xen.if``: ``declare_domain``, ``create_domain``,
-``manage_domain``, ``domain_comms``, ``domain_self_comms`` …). `shyped.cli.flaskbuild` puts it in
-place of Xen's example domU modules, runs m4 as Xen's ``Makefile.common`` does and compiles
-the result with ``checkpolicy -t Xen``. docs/flask.md describes the mapping.
+``manage_domain``, ``domain_comms``, ``domain_self_comms`` …). `shyped.service.flaskbuild`
+puts it in place of Xen's example domU modules, runs m4 as Xen's ``Makefile.common`` does and
+compiles the result with ``checkpolicy -t Xen``. docs/flask.md describes the mapping.
 
 Mapping:
 
@@ -21,6 +21,14 @@ Mapping:
   carry one) → ``domain_comms`` (event channels and grant maps both ways); a label with itself
   → ``domain_comms(T, T)`` (two domains of that label) and ``domain_self_comms(T)`` (a domain
   with itself), only where the engine permits it; nothing else between guests.
+
+Bootstrap (`BOOTSTRAP_RULES`): ``xl create -p`` of an unlabelled domain has libxl allocate its
+xenstore and console event channels with dom0 while building it, and the daemon relabels it
+afterwards (``shyped.service.flaskxen``). So dom0 and unlabelled domains always get event
+channels (``domain_event_comms``, no grants) even where the policy denies unlabelled domains,
+and every label type may keep using (``send``, ``status``) a channel created while its domain
+was unlabelled (``shype__unlabelled_t_channel``). An unlabelled domain still reaches no other
+guest, and the daemon vetoes it unless the policy's defaults admit it.
 """
 
 from __future__ import annotations
@@ -39,6 +47,10 @@ DOM0_TYPE: Final = "dom0_t"
 UNLABELLED_TYPE: Final = "shype__unlabelled_t"
 #: Xen's type names for those initial SIDs (``policy/initial_sids``), aliased to it.
 UNLABELLED_ALIASES: Final = ("domU_t", "dm_dom_t")
+#: FLASK's ``event`` permissions a relabelled domain keeps on the channels it got unlabelled.
+BOOTSTRAP_CHANNEL_PERMS: Final = ("send", "status")
+#: FLASK user and role of every domain context (Xen's ``system_u``/``system_r``).
+CONTEXT_PREFIX: Final = "system_u:system_r:"
 #: The name of the generated module (``<name>.te``).
 MODULE_NAME: Final = "shype"
 #: Xen's policy modules the generated one is compiled with, in order (``modules.conf``).
@@ -113,6 +125,11 @@ def subjects(policy: Policy) -> tuple[Subject, ...]:
     return tuple(out)
 
 
+def context(label: str | None) -> str:
+    """The FLASK security context a domain labelled `label` runs with (None: unlabelled)."""
+    return f"{CONTEXT_PREFIX}{UNLABELLED_TYPE if label is None else type_name(label)}"
+
+
 def may_communicate(engine: PolicyEngine, a: str | None, b: str | None) -> bool:
     """The engine's two-way channel decision between domains labelled `a` and `b`.
 
@@ -150,6 +167,9 @@ def compile_policy(policy: Policy) -> FlaskPolicy:
         "allow domain_type xen_t:version { xen_extraversion xen_compile_info xen_capabilities",
         "    xen_changeset xen_pagesize xen_guest_handle };",
         "dontaudit domain_type xen_t:version { xen_commandline xen_build_id };",
+        "# Guests' early console output to Xen's console: denied as by a non-debug Xen without",
+        "# XSM, and not audited (as Xen's guest_features does when its boolean is off)",
+        "dontaudit domain_type xen_t:xen writeconsole;",
         "",
         "# dom0 builds, manages and may relabel unlabelled domains to every label",
     ]
@@ -166,6 +186,17 @@ def compile_policy(policy: Policy) -> FlaskPolicy:
                 f"allow {DOM0_TYPE} {s.type}:domain2 relabelto;",
                 f"allow {UNLABELLED_TYPE} {s.type}:domain transition;",
             ]
+    lines += [
+        "",
+        "# Bootstrap: libxl builds an unlabelled domain's xenstore and console event channels",
+        "# with dom0; the daemon then relabels it, and the channels stay usable",
+    ]
+    if not may_communicate(engine, policy.bootstrap, None):
+        lines.append(f"domain_event_comms({DOM0_TYPE}, {UNLABELLED_TYPE})")
+    perms = " ".join(BOOTSTRAP_CHANNEL_PERMS)
+    for s in guests:
+        if s.label is not None:
+            lines.append(f"allow {s.type} {UNLABELLED_TYPE}_channel:event {{ {perms} }};")
     lines += ["", "# Channels the sHype policy permits (event channels and grants, both ways)"]
     comms: set[tuple[str, str]] = set()
     for i, a in enumerate(subs):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grp
 import math
+import os
 import re
 import tomllib
 from enum import Enum
@@ -113,6 +114,17 @@ class LogConfig:
 
 
 @attrs.frozen
+class FlaskConfig:
+    """Xen's FLASK (docs/flask.md): detected at start unless `enabled` is false; the policy
+    is compiled with Xen's policy tree from `xen_source` (needed only when Xen has FLASK)."""
+
+    enabled: bool = True
+    xen_source: Path | None = None
+    cache: Path = Path("/var/cache/shyped-flask")
+    poll_interval: float = 2.0
+
+
+@attrs.frozen
 class Config:
     """Everything `shyped` reads from its configuration file."""
 
@@ -130,10 +142,12 @@ class Config:
     audit: AuditConfig = AuditConfig()
     log: LogConfig = LogConfig()
     source: Path | None = None
+    flask: FlaskConfig = FlaskConfig()
 
 
 _TOP_KEYS = {
-    "policy", "enforcement", "xenstore", "actuator", "control", "metrics", "audit", "log"
+    "policy", "enforcement", "xenstore", "actuator", "control", "metrics", "audit", "log",
+    "flask",
 }  # fmt: skip
 _AUDIT_KEYS = {
     "enabled",
@@ -283,6 +297,17 @@ def parse_config(text: str, source: Path | None = None) -> Config:
 
     metrics = _metrics(doc, base, where)
     audit = _audit(doc, base, where)
+    fl = _table(doc, "flask", where)
+    _check_unknown(fl, "flask", {"enabled", "xen_source", "cache", "poll_interval"}, where)
+    env_source = os.environ.get("SHYPED_XEN_SOURCE") or None
+    flask = FlaskConfig(
+        enabled=_get(fl, "flask", "enabled", bool, True, where),
+        xen_source=_path(fl, "flask", "xen_source", "x", base, where)
+        if "xen_source" in fl
+        else (Path(env_source) if env_source else None),
+        cache=_path(fl, "flask", "cache", "/var/cache/shyped-flask", base, where),
+        poll_interval=_seconds(fl, "flask", "poll_interval", 2.0, where),
+    )
     return Config(
         policy=policy,
         labels=labels,
@@ -296,6 +321,7 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         audit=audit,
         log=_log_config(doc, where),
         source=source,
+        flask=flask,
     )
 
 

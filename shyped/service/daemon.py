@@ -45,6 +45,8 @@ from twisted.logger import Logger
 from shyped.core import quota as quota_mod
 from shyped.core.accounting import account_host
 from shyped.core.audit import Kind as AuditKind
+from shyped.core.labelstore import LabelStore
+from shyped.service.config import Config
 from shyped.service.enforcer import EnforcerStats
 from shyped.service.eventpath import (
     BATCH_ROUNDS,
@@ -54,6 +56,8 @@ from shyped.service.eventpath import (
     Listener,
     _pid,
 )
+from shyped.service.flaskdaemon import FlaskCoupling, FlaskStartError
+from shyped.service.flaskxen import FlaskXen, make_flask
 from shyped.service.metrics import PeriodicPublisher
 from shyped.service.policylabels import (
     PolicyAndLabels,
@@ -100,6 +104,8 @@ class DaemonStatus:
     audit: str | None = None
     #: domain vetoes that failed and are retried (`pending_vetoes`)
     vetoes_pending: tuple[dict[str, Any], ...] = ()
+    #: Xen's FLASK: mode, the binary policy shyped loaded, denials read (`FlaskXen.status`)
+    flask: dict[str, Any] = attrs.field(factory=dict)
 
 
 # ------------------------------------------------------------------------------- the daemon
@@ -108,6 +114,21 @@ class DaemonStatus:
 class Daemon(PolicyAndLabels):
     """One shyped instance. Every method runs on the reactor thread."""
 
+    def __init__(
+        self,
+        config: Config,
+        policy: LoadedPolicy,
+        labels: LabelStore,
+        *,
+        flask: FlaskXen | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(config, policy, labels, **kw)
+        #: Xen's FLASK (`shyped.service.flaskdaemon`); absent on Debian's Xen and the sandbox.
+        self.flask: FlaskCoupling | None = FlaskCoupling(
+            self, flask or make_flask(config, self.reactor)
+        )
+
     async def start(self) -> None:
         """Watch, connect, publish dom0's label and decide everything that exists."""
         if self.audit is not None:
@@ -115,6 +136,11 @@ class Daemon(PolicyAndLabels):
                 self.audit.start()
             except Exception as e:
                 raise StartupError(f"audit log: {e}") from None
+        try:
+            if self.flask is not None:
+                await self.flask.start(self.loaded.policy)
+        except FlaskStartError as e:
+            raise StartupError(str(e)) from None
         if self.metrics is not None:
             self.metrics.set_policy(self.loaded.policy, self.loaded.sha256, time.time())
             self.metrics.set_mode(self.mode)
@@ -157,6 +183,8 @@ class Daemon(PolicyAndLabels):
         ends with a ``daemon-stop`` record naming the chain head and is closed."""
         self._running = False
         self.enforcer.vetoes.stop()
+        if self.flask is not None:
+            self.flask.stop()
         if self._publisher is not None:
             self._publisher.stop()
         return Deferred.fromCoroutine(self._stop())
@@ -219,6 +247,7 @@ class Daemon(PolicyAndLabels):
             quotas=quota_mod.quota_table_dict(self.quota_table()),
             audit=None if self.audit is None else self.audit.state.value,
             vetoes_pending=self.pending_vetoes(),
+            flask={} if self.flask is None else self.flask.flask.status(),
         )
 
     def pending_vetoes(self) -> tuple[dict[str, Any], ...]:

@@ -136,6 +136,19 @@ class MetricsSnapshot:
     #: Domain vetoes that failed and are being retried; failed veto attempts so far.
     vetoes_pending: int = 0
     veto_failures: int = 0
+    #: None: the daemon did not detect Xen's FLASK yet.
+    flask: FlaskMetrics | None = None
+
+
+@attrs.frozen
+class FlaskMetrics:
+    """Xen's FLASK as the daemon sees it (`shyped.service.flaskxen`)."""
+
+    mode: str  #: enforcing, permissive, absent
+    policy_sha256: str | None = None  #: the binary policy shyped loaded into Xen
+    #: AVC denials read from Xen's console ring, by object class (closed set), sorted
+    denials: tuple[tuple[str, int], ...] = ()
+    relabels: int = 0
 
 
 #: What a scrape shows before the daemon published anything.
@@ -170,6 +183,7 @@ class MetricsState:
         self._events: dict[str, int] = {}
         self._cpu: Sequence[XlDomain] | None = None
         self._vetoes: tuple[int, int] = (0, 0)
+        self._flask: FlaskMetrics | None = None
         self._snapshot: MetricsSnapshot = EMPTY_SNAPSHOT
         self._accounts = AccountCache()
         self.dirty = True
@@ -224,6 +238,12 @@ class MetricsState:
             self._vetoes = (pending, failures)
             self.dirty = True
 
+    def set_flask(self, flask: FlaskMetrics) -> None:
+        """Xen's FLASK: mode, loaded policy, denials read, relabels."""
+        if flask != self._flask:
+            self._flask = flask
+            self.dirty = True
+
     def set_cpu_times(self, domains: Sequence[XlDomain] | None) -> None:
         """What the CPU time provider last read (None: not available)."""
         self._cpu = domains
@@ -256,6 +276,7 @@ class MetricsState:
             cpu=cpu,
             vetoes_pending=self._vetoes[0],
             veto_failures=self._vetoes[1],
+            flask=self._flask,
         )
         self._snapshot = snap  # the one atomic swap the collector sees
         self.dirty = False

@@ -24,6 +24,7 @@ from shyped.service.config import Mode
 from shyped.service.metrics import (
     DOMAIN_LABELS,
     LATENCY_BUCKETS,
+    FlaskMetrics,
     MetricsSnapshot,
 )
 
@@ -62,6 +63,10 @@ METRIC_NAMES: Final = (
     "shyped_domain_cpu_seconds_total",
     "shyped_quota_limit",
     "shyped_quota_used",
+    "shyped_flask_mode",
+    "shyped_flask_policy_info",
+    "shyped_flask_avc_denials_total",
+    "shyped_flask_relabels_total",
 )
 
 
@@ -105,6 +110,9 @@ def _families(
             value=snap.veto_failures,
         )
     )
+
+    if snap.flask is not None:
+        out.extend(_flask_families(snap.flask))
 
     dec = CounterMetricFamily(
         "shyped_decisions",
@@ -337,6 +345,41 @@ def _host_families(
                 cpu.add_metric(_dom_labels(owner), c.seconds)
         out.append(cpu)
     return out, new_cache
+
+
+def _flask_families(flask: FlaskMetrics) -> list[Metric]:
+    """Xen's FLASK (docs/metrics.md): its mode, the policy shyped loaded, AVC denials."""
+    mode = GaugeMetricFamily(
+        "shyped_flask_mode", "Xen's FLASK as detected at start (1 for the current mode)",
+        labels=["mode"],
+    )  # fmt: skip
+    for m in ("enforcing", "permissive", "absent"):
+        mode.add_metric([m], 1.0 if flask.mode == m else 0.0)
+    out: list[Metric] = [mode]
+    if flask.policy_sha256 is not None:
+        out.append(
+            InfoMetricFamily(
+                "shyped_flask_policy",
+                "The binary FLASK policy shyped loaded into Xen",
+                {"sha256": flask.policy_sha256},
+            )
+        )
+    avc = CounterMetricFamily(
+        "shyped_flask_avc_denials",
+        "AVC denials read from Xen's console ring, by FLASK object class",
+        labels=["tclass"],
+    )
+    for tclass, n in flask.denials:
+        avc.add_metric([tclass], n)
+    out.append(avc)
+    out.append(
+        CounterMetricFamily(
+            "shyped_flask_relabels",
+            "Domains shyped relabelled in Xen (from unlabelled)",
+            value=flask.relabels,
+        )
+    )
+    return out
 
 
 class MetricsCollector(Collector):

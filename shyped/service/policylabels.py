@@ -29,6 +29,7 @@ from shyped.service.config import Mode
 from shyped.service.eventpath import (
     DaemonCore,
 )
+from shyped.service.flaskdaemon import FlaskCoupling
 from shyped.service.policyload import (
     LoadedPolicy,
     load_policy,
@@ -61,6 +62,9 @@ class ReloadResult:
 class PolicyAndLabels(DaemonCore):
     """Mode switches, label changes and policy reloads at run time (SIGHUP, the control
     socket): each checked against the running system, then everything decided again."""
+
+    #: Xen's FLASK, switched with the daemon's policy (set by `shyped.service.daemon.Daemon`).
+    flask: FlaskCoupling | None = None
 
     def set_mode(self, mode: Mode) -> None:
         """Switch between enforcing and permissive at run time; to enforcing re-decides all."""
@@ -166,9 +170,27 @@ class PolicyAndLabels(DaemonCore):
                 problems=list(problems),
             )  # fmt: skip
             return result
+        if self.flask is not None:  # Xen's policy first: if Xen refuses, nothing switches
+            running = self.engine.running.running_labels()
+            renamed = sorted(n for n in check.maps.vm_renames if n in running)
+            refused = await self.flask.switch(loaded.policy, renamed)
+            if refused is None:  # the running system may have changed while Xen loaded
+                check = update.check_update(
+                    current, loaded.policy, self.engine.running_system(self.host)
+                )
+                if not check.allowed:
+                    await self.flask.revert()
+                    refused = "; ".join(str(p) for p in check.problems)
+            if refused is not None:
+                result = ReloadResult(False, str(path), previous, new, loaded.sha256, error=refused)
+                _log.error("{result}; keeping {previous}", result=str(result), previous=previous)
+                self._audit_event(AuditKind.POLICY_REJECT, path=str(path), error=refused)
+                return result
         try:
             self._switch(loaded, check)
         except OSError as e:
+            if self.flask is not None:
+                await self.flask.revert()
             text = f"cannot rewrite the label store {self.config.labels}: {e.strerror or e}"
             result = ReloadResult(False, str(path), previous, new, loaded.sha256, error=text)
             _log.error("{result}; keeping {previous}", result=str(result), previous=previous)

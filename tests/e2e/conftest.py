@@ -11,11 +11,14 @@ import json
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 from builder import BuildError, Images, ensure_images
-from runner import E2EError, RunResult, run_scenario
+from flaskboot import FlaskMode, compile_flask_policy, flask_hypervisor
+from flaskxen import FlaskXen, ensure_flask_xen
+from runner import E2EError, Hypervisor, RunResult, run_scenario
 from sandbox_toolstack_helpers import XSGOLD_CFG
 
 _TIMINGS: dict[str, Any] = {}
@@ -33,25 +36,75 @@ def e2e_images() -> Images:
     return images
 
 
+@pytest.fixture(scope="session")
+def flask_xen() -> Callable[[], FlaskXen]:
+    """The FLASK hypervisor (tests/e2e/flaskxen.py), built on first use only: a function, so
+    a run without FLASK scenarios never builds it."""
+    built: list[FlaskXen] = []
+
+    def get() -> FlaskXen:
+        if not built:
+            log: list[str] = []
+            started = time.monotonic()
+            try:
+                built.append(ensure_flask_xen(log=log))
+            except BuildError as exc:
+                pytest.fail(f"FLASK Xen could not be built: {exc}\n" + "\n".join(log), False)
+            _TIMINGS["flask xen"] = {"seconds": round(time.monotonic() - started, 1), "log": log}
+        return built[0]
+
+    return get
+
+
 RunScenario = Callable[..., RunResult]
 
 
 @pytest.fixture(scope="session")
-def e2e_run(e2e_images: Images, tmp_path_factory: pytest.TempPathFactory) -> RunScenario:
+def e2e_run(
+    e2e_images: Images,
+    flask_xen: Callable[[], FlaskXen],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> RunScenario:
     """A function booting the machine once for one scenario:
-    `e2e_run(name, files={...}, expect_success=True)`.
+    `e2e_run(name, files={...}, expect_success=True)` on Debian's Xen, or
+    `e2e_run(name, files, xen="flask", flask_policy=Path("policy.toml"))` on Xen 4.17.7 built
+    with FLASK (tests/e2e/flaskxen.py), booted with `flask=enforcing` (`flask_mode=`) and
+    `flask_policy` (an sHype policy file) compiled by `shypectl policy flask` as its boot
+    policy (`flask_binary=`: a compiled FLASK policy instead).  The scenario sees
+    $E2E_XEN (`debian` or `flask`); the compiled policy is in the run's workdir.
 
     A boot, timeout or damaged-result error fails the calling test with the serial log's
     tail, and so does a scenario exiting non-zero unless expect_success=False.  Each call is a
     full boot (~80 s under TCG): group a scenario's checks into one run."""
 
     def run(
-        scenario: str, files: dict[str, bytes] | None = None, *, expect_success: bool = True
+        scenario: str,
+        files: dict[str, bytes] | None = None,
+        *,
+        expect_success: bool = True,
+        xen: Literal["debian", "flask"] = "debian",
+        flask_policy: Path | None = None,
+        flask_binary: Path | None = None,
+        flask_mode: FlaskMode = "enforcing",
     ) -> RunResult:
         workdir = tmp_path_factory.mktemp(f"e2e-{scenario}")
+        hypervisor: Hypervisor | None = None
+        if xen == "flask":
+            if flask_policy is not None and flask_binary is not None:
+                raise ValueError("give flask_policy or flask_binary, not both")
+            if flask_policy is not None:
+                try:
+                    flask_binary = compile_flask_policy(flask_policy, workdir / "xenpolicy")
+                except BuildError as exc:
+                    pytest.fail(f"FLASK policy: {exc}", pytrace=False)
+            hypervisor = flask_hypervisor(flask_xen(), mode=flask_mode, policy_binary=flask_binary)
+        elif flask_policy is not None or flask_binary is not None:
+            raise ValueError("a FLASK policy needs xen='flask'")
         started = time.monotonic()
         try:
-            result = run_scenario(e2e_images, scenario, workdir=workdir, files=files)
+            result = run_scenario(
+                e2e_images, scenario, workdir=workdir, files=files, hypervisor=hypervisor
+            )
         except E2EError as exc:
             pytest.fail(str(exc), pytrace=False)
         _TIMINGS[f"scenario {scenario}"] = {

@@ -61,6 +61,19 @@ PANIC = re.compile(
 _MARK = re.compile(r"@@E2E (?P<kind>[A-Z]+)(?: (?P<rest>.*))?$")
 
 
+@attrs.frozen
+class Hypervisor:
+    """The Xen QEMU boots when not the images' own (Debian's): its binary, words appended to
+    XEN_CMDLINE (e.g. ``flask=enforcing``), and multiboot modules after dom0's kernel and
+    initramfs (e.g. a binary FLASK policy, which Xen finds by its magic)."""
+
+    xen: Path
+    cmdline: str = ""
+    modules: tuple[Path, ...] = ()
+    #: a short name for logs and the job's $E2E_XEN (``debian``, ``flask``)
+    name: str = "custom"
+
+
 class E2EError(Exception):
     """The machine did not boot, a phase timed out, or the results were damaged; the message
     ends with the tail of the serial log."""
@@ -157,10 +170,22 @@ def _cpio_job(scenario: Path, files: Mapping[str, bytes], env: Mapping[str, str]
         return out.getvalue()
 
 
-def qemu_command(images: Images, initrd: Path, serial: Path, *, host_share: bool) -> list[str]:
-    for path in (images.xen, images.kernel, initrd):
+def qemu_command(
+    images: Images,
+    initrd: Path,
+    serial: Path,
+    *,
+    host_share: bool,
+    hypervisor: Hypervisor | None = None,
+) -> list[str]:
+    xen = hypervisor.xen if hypervisor else images.xen
+    modules = hypervisor.modules if hypervisor else ()
+    for path in (xen, images.kernel, initrd, *modules):
         if "," in str(path) or " " in str(path):
             raise E2EError(f"QEMU's multiboot -initrd cannot take a path with ',' or ' ': {path}")
+    xen_cmdline = os.environ.get("SHYPED_E2E_XEN_CMDLINE") or XEN_CMDLINE
+    if hypervisor and hypervisor.cmdline:
+        xen_cmdline = f"{xen_cmdline} {hypervisor.cmdline}"
     cmd = [
         "qemu-system-x86_64",
         "-accel", "tcg",
@@ -173,9 +198,9 @@ def qemu_command(images: Images, initrd: Path, serial: Path, *, host_share: bool
         "-monitor", "none",
         "-no-reboot",
         "-serial", f"file:{serial}",
-        "-kernel", str(images.xen),
-        "-append", os.environ.get("SHYPED_E2E_XEN_CMDLINE") or XEN_CMDLINE,
-        "-initrd", f"{images.kernel} {DOM0_CMDLINE},{initrd}",
+        "-kernel", str(xen),
+        "-append", xen_cmdline,
+        "-initrd", ",".join([f"{images.kernel} {DOM0_CMDLINE}", str(initrd), *map(str, modules)]),
     ]  # fmt: skip
     if host_share:
         cmd += [
@@ -281,8 +306,10 @@ def run_scenario(
     env: Mapping[str, str] | None = None,
     timeouts: Timeouts | None = None,
     host_share: bool = True,
+    hypervisor: Hypervisor | None = None,
 ) -> RunResult:
     """Boot, run `scenario` (a name under scenarios/ or a path) in dom0, collect its results.
+    `hypervisor`: boot that Xen (with its command line and modules) instead of the images'.
 
     Raises E2EError (with the serial log's tail) when a phase times out, the machine panics,
     or a result arrives damaged; a scenario that fails still returns, with its exit code."""
@@ -302,6 +329,7 @@ def run_scenario(
         "E2E_PYTHON": str(Path(sys.prefix) / "bin" / "python"),
         "E2E_HOST_PATHS": " ".join(host_paths()),
         "E2E_HOST_SHARE": HOST_SHARE_TAG if host_share else "",
+        "E2E_XEN": hypervisor.name if hypervisor else "debian",
         **(env or {}),
     }
     initrd = workdir / "dom0-job.cpio.gz"
@@ -310,7 +338,7 @@ def run_scenario(
             shutil.copyfileobj(base, out)
         out.write(_cpio_job(script, files or {}, job_env))
 
-    cmd = qemu_command(images, initrd, serial, host_share=host_share)
+    cmd = qemu_command(images, initrd, serial, host_share=host_share, hypervisor=hypervisor)
     (workdir / "qemu-cmdline.txt").write_text(" ".join(cmd) + "\n")
     qemu_log = (workdir / "qemu.log").open("wb")
     started = time.monotonic()
@@ -391,6 +419,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH",
         help="put PATH into /job/files in dom0 (repeatable)",
     )
+    parser.add_argument(
+        "--xen",
+        choices=("debian", "flask"),
+        default="debian",
+        help="flask: Xen 4.17.7 built with FLASK (tests/e2e/flaskxen.py)",
+    )
+    parser.add_argument(
+        "--flask-policy", type=Path, help="sHype policy file, compiled as Xen's boot policy"
+    )
+    parser.add_argument(
+        "--flask-mode", choices=("enforcing", "permissive", "disabled"), default="enforcing"
+    )
     args = parser.parse_args(argv)
     scenario: str | Path = args.scenario
     if args.scenario.endswith(".sh"):
@@ -398,10 +438,22 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="shyped-e2e-run-"))
     log: list[str] = []
     images = ensure_images(log=log)
+    hypervisor = None
+    if args.xen == "flask":
+        # Imported here: flaskboot builds on this module.
+        from flaskboot import compile_flask_policy, flask_hypervisor
+        from flaskxen import ensure_flask_xen
+
+        binary = None
+        if args.flask_policy:
+            binary = compile_flask_policy(args.flask_policy, workdir / "xenpolicy")
+        hypervisor = flask_hypervisor(
+            ensure_flask_xen(log=log), mode=args.flask_mode, policy_binary=binary
+        )
     print("\n".join(log))
     files = {Path(p).name: Path(p).read_bytes() for p in args.file}
     try:
-        result = run_scenario(images, scenario, workdir=workdir, files=files)
+        result = run_scenario(images, scenario, workdir=workdir, files=files, hypervisor=hypervisor)
     except E2EError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -13,7 +13,18 @@ from pathlib import Path
 
 import pytest
 from builder import Images
-from runner import E2EError, SerialFollower, Timeouts, run_scenario
+from flaskboot import flask_hypervisor
+from flaskxen import FlaskXen
+from runner import (
+    DOM0_CMDLINE,
+    XEN_CMDLINE,
+    E2EError,
+    Hypervisor,
+    SerialFollower,
+    Timeouts,
+    qemu_command,
+    run_scenario,
+)
 
 LIB = Path(__file__).parent / "image" / "e2e-lib.sh"
 
@@ -70,6 +81,41 @@ def test_a_damaged_result_is_an_error(tmp_path: Path, damage: str) -> None:
 def test_panic_lines_are_noticed(tmp_path: Path) -> None:
     follower = follow(tmp_path, ["(XEN) ****************", "(XEN) Panic on CPU 0:"])
     assert follower.panic == "(XEN) Panic on CPU 0:"
+
+
+def _arg(cmd: list[str], flag: str) -> str:
+    return cmd[cmd.index(flag) + 1]
+
+
+def test_a_hypervisor_replaces_xen_and_adds_its_cmdline_and_modules(tmp_path: Path) -> None:
+    images = Images(tmp_path / "images", {})
+    initrd, policy = tmp_path / "dom0.cpio.gz", tmp_path / "xenpolicy"
+    debian = qemu_command(images, initrd, tmp_path / "serial", host_share=False)
+    assert _arg(debian, "-kernel") == str(images.xen)
+    assert _arg(debian, "-append") == XEN_CMDLINE
+    assert _arg(debian, "-initrd") == f"{images.kernel} {DOM0_CMDLINE},{initrd}"
+
+    flask = FlaskXen(tmp_path / "flask-xen", {})
+    hv = flask_hypervisor(flask, mode="enforcing", policy_binary=policy)
+    cmd = qemu_command(images, initrd, tmp_path / "serial", host_share=False, hypervisor=hv)
+    assert _arg(cmd, "-kernel") == str(flask.xen)
+    assert _arg(cmd, "-append") == f"{XEN_CMDLINE} flask=enforcing"
+    # The policy is one more multiboot module, after dom0's kernel and initramfs.
+    assert _arg(cmd, "-initrd").split(",") == [
+        f"{images.kernel} {DOM0_CMDLINE}",
+        str(initrd),
+        str(policy),
+    ]
+    with pytest.raises(E2EError, match="cannot take a path with"):
+        bad = Hypervisor(xen=flask.xen, modules=(tmp_path / "a,b",))
+        qemu_command(images, initrd, tmp_path / "serial", host_share=False, hypervisor=bad)
+
+
+def test_enforcing_flask_without_a_policy_is_refused_up_front(tmp_path: Path) -> None:
+    """Xen would panic at boot ("Unable to load FLASK policy")."""
+    with pytest.raises(ValueError, match="panics Xen"):
+        flask_hypervisor(FlaskXen(tmp_path, {}), mode="enforcing", policy_binary=None)
+    assert flask_hypervisor(FlaskXen(tmp_path, {}), mode="permissive").modules == ()
 
 
 def test_a_hung_boot_fails_with_the_serial_tail(e2e_images: Images, tmp_path: Path) -> None:

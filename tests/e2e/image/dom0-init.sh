@@ -61,7 +61,11 @@ XENBIN=/usr/lib/xen-4.17/bin
     --config-file /etc/shyped-e2e/oxenstored.conf || die "oxenstored"
 e2e_wait_for 30 "xenstored answers" xenstore-read -s / || die "xenstored did not come up"
 "$XENBIN/xen-init-dom0" >/dev/null || die "xen-init-dom0"
-"$XENBIN/xenconsoled" --pid-file /run/xenconsoled.pid || die "xenconsoled"
+# Guest consoles are logged (/var/log/xen/console/guest-<name>.log): scenarios read what
+# guest programs print there.
+mkdir -p /var/log/xen/console
+"$XENBIN/xenconsoled" --pid-file /run/xenconsoled.pid --log=guest \
+    --log-dir=/var/log/xen/console || die "xenconsoled"
 ip link add name xenbr0 type bridge stp_state 0 forward_delay 0 || die "bridge"
 ip link set xenbr0 up || die "bridge up"
 ip link set lo up
@@ -77,7 +81,7 @@ else
 fi
 if [ "$rc" != 0 ]; then
     # What anyone debugging a failed scenario looks at first.
-    for f in /var/log/xen/*.log /var/log/messages; do
+    for f in /var/log/xen/*.log /var/log/xen/console/*.log /var/log/messages; do
         [ -f "$f" ] && e2e_put "diag${f}" "$f"
     done
     xenstore-ls -fp >/tmp/xenstore-ls.txt 2>&1 && e2e_put diag/xenstore-ls.txt /tmp/xenstore-ls.txt
