@@ -12,6 +12,8 @@ fsync, rename, fsync of the folder).
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import json
 import os
 import re
@@ -236,43 +238,210 @@ def _assign(table: dict[str, str], key: str, label: str | None) -> None:
         table[key] = label
 
 
-def _str_map(value: Any, what: str) -> dict[str, str]:
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
-        raise LabelStoreError(f"{what} must be an object of strings")
-    return dict(value)
+# --------------------------------------------------------------------------- validation
+
+_TOP_KEYS: Final = ("version", "domains", "resources")
+_DOMAIN_KEYS: Final = ("uuid", "name")
+_WS: Final = re.compile(r"[ \t\n\r]*")
 
 
-def parse_label_store(text: str, where: str = "<labels>") -> LabelStore:
-    """Parse the JSON store; every entry is validated so a bad file is refused whole."""
+@attrs.frozen
+class StoreProblem:
+    """One thing wrong with a label store file, at its line (`error`: the store is refused;
+    `warning`: it is used, but an assignment names a label the policy lacks)."""
+
+    severity: str
+    message: str
+    file: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return (
+            f"{where}: {self.message}"
+            if self.severity == "error"
+            else (f"{where}: warning: {self.message}")
+        )
+
+
+def _key_lines(
+    text: str,
+) -> tuple[dict[tuple[str, ...], int], list[tuple[tuple[str, ...], int, int]]]:
+    """The line of every object key of (valid) JSON text by key path, and the keys defined
+    twice in one object (path, first line, line) — `json` silently keeps the last."""
+    lines: dict[tuple[str, ...], int] = {}
+    dups: list[tuple[tuple[str, ...], int, int]] = []
+    raw = json.JSONDecoder().raw_decode
+
+    def ws(i: int) -> int:
+        m = _WS.match(text, i)
+        return m.end() if m else i
+
+    def value(i: int, path: tuple[str, ...]) -> int:
+        i = ws(i)
+        if text.startswith("{", i):
+            i = ws(i + 1)
+            if text.startswith("}", i):
+                return i + 1
+            while True:
+                i = ws(i)
+                key, j = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+                here = (*path, key)
+                line = text.count("\n", 0, i) + 1
+                if here in lines:
+                    dups.append((here, lines[here], line))
+                else:
+                    lines[here] = line
+                i = ws(value(ws(j) + 1, here))
+                if not text.startswith(",", i):
+                    return i + 1
+                i += 1
+        if text.startswith("[", i):
+            i, n = ws(i + 1), 0
+            if text.startswith("]", i):
+                return i + 1
+            while True:
+                i = ws(value(i, (*path, str(n))))
+                n += 1
+                if not text.startswith(",", i):
+                    return i + 1
+                i += 1
+        return int(raw(text, i)[1])
+
+    # On failure lines stay unknown; json.loads has judged the text already.
+    with contextlib.suppress(RecursionError, ValueError, IndexError):
+        value(0, ())
+    return lines, dups
+
+
+def _hint(name: str, known: Any) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def label_store_problems(text: str, where: str, policy: Any = None) -> list[StoreProblem]:
+    """Every problem of a label store's text, each at its line: JSON syntax, unknown keys
+    (with "did you mean"), keys defined twice, values that are not strings, bad domain uuids
+    and names, bad resource ids, label names that cannot be labels, two keys naming one
+    domain or resource with different labels (errors); with a `policy`
+    (`shyped.policy.model.Policy`), labels it lacks (warnings: the daemon denies such a
+    domain or resource with rule ``label``)."""
+    out: list[StoreProblem] = []
+
+    def bad(message: str, line: int | None, severity: str = "error") -> None:
+        out.append(StoreProblem(severity, message, where, line))
+
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise LabelStoreError(f"{where}: not valid JSON: {exc}") from None
+        return [
+            StoreProblem(
+                "error", f"not valid JSON: {exc.msg} (column {exc.colno})", where, exc.lineno
+            )
+        ]
     except RecursionError:
-        raise LabelStoreError(f"{where}: JSON nested too deeply") from None
-    if not isinstance(doc, dict) or doc.get("version") != 1:
-        raise LabelStoreError(f'{where}: expected an object with "version": 1')
+        return [StoreProblem("error", "JSON nested too deeply", where)]
+    lines, dups = _key_lines(text)
+    for path, first, line in dups:
+        bad(
+            f"{'.'.join(path)!r} is defined twice (first at line {first}); "
+            "JSON would keep only the last",
+            line,
+        )
+
+    def at(*path: str) -> int | None:
+        return lines.get(path)
+
+    if not isinstance(doc, dict):
+        return [*out, StoreProblem("error", 'expected an object with "version": 1', where, 1)]
+    if doc.get("version") != 1:
+        bad('expected "version": 1', at("version") or 1)
+    for key in doc:
+        if key not in _TOP_KEYS:
+            bad(f"unknown key {key!r}{_hint(key, _TOP_KEYS)}", at(key))
     domains = doc.get("domains", {})
     if not isinstance(domains, dict):
-        raise LabelStoreError(f'{where}: "domains" must be an object')
+        bad('"domains" must be an object', at("domains"))
+        domains = {}
+    for key in domains:
+        if key not in _DOMAIN_KEYS:
+            bad(f"unknown key 'domains.{key}'{_hint(key, _DOMAIN_KEYS)}", at("domains", key))
+
+    def entries(value: Any, *path: str) -> list[tuple[str, str, int | None]]:
+        if not isinstance(value, dict):
+            bad(f"{'.'.join(path)} must be an object of strings", at(*path))
+            return []
+        found = []
+        for k, v in value.items():
+            line = at(*path, k)
+            if not isinstance(v, str):
+                bad(f"{'.'.join(path)}.{k}: the label must be a string, not {v!r:.40}", line)
+            elif not _NAME.match(v):
+                bad(f"{'.'.join(path)}.{k}: invalid label name {v!r}", line)
+            else:
+                found.append((k, v, line))
+        return found
+
+    vm_ok = set() if policy is None else {v.name for v in policy.vm_labels}
+    res_ok = set() if policy is None else {r.name for r in policy.resource_labels}
+    seen: dict[str, tuple[str, str]] = {}
+
+    def once(key: str, shown: str, label: str, line: int | None) -> None:
+        if key in seen and seen[key][1] != label:
+            bad(f"{shown!r} and {seen[key][0]!r} name the same thing with different labels", line)
+        seen.setdefault(key, (shown, label))
+
+    def lacks(what: str, k: str, label: str, known: set[str], line: int | None) -> None:
+        if policy is not None and label not in known:
+            kind = "VM" if what == "domain" else "resource"
+            bad(
+                f"{what} {k}: policy {policy.name!r} has no {kind} label {label!r}"
+                + _hint(label, known),
+                line,
+                "warning",
+            )
+
+    for k, label, ln in entries(domains.get("uuid", {}), "domains", "uuid"):
+        try:
+            once("uuid:" + _check_uuid(k), k, label, ln)
+        except LabelStoreError as exc:
+            bad(str(exc), ln)
+            continue
+        lacks("domain", k, label, vm_ok, ln)
+    for k, label, ln in entries(domains.get("name", {}), "domains", "name"):
+        if not _NAME.match(k):
+            bad(f"invalid domain name {k!r}", ln)
+            continue
+        lacks("domain", k, label, vm_ok, ln)
+    for k, label, ln in entries(doc.get("resources", {}), "resources"):
+        try:
+            once(resource_id(k), k, label, ln)
+        except LabelStoreError as exc:
+            bad(str(exc), ln)
+            continue
+        lacks("resource", k, label, res_ok, ln)
+    return sorted(out, key=lambda p: (p.line is None, p.line or 0))
+
+
+def parse_label_store(text: str, where: str = "<labels>") -> LabelStore:
+    """Parse the JSON store; every entry is validated so a bad file is refused whole, with
+    every problem at its line (`label_store_problems`)."""
+    errors = [p for p in label_store_problems(text, where) if p.severity == "error"]
+    if errors:
+        raise LabelStoreError("\n".join(str(p) for p in errors))
+    doc = json.loads(text)
+    domains = doc.get("domains", {})
     # Filled in place (linear: one `with_*` copy per entry would be quadratic in the file),
     # with the checks `with_domain` / `with_resource` make.
     by_uuid: dict[str, str] = {}
     by_name: dict[str, str] = {}
     resources: dict[str, str] = {}
-    try:
-        for key, label in _str_map(domains.get("uuid", {}), "domains.uuid").items():
-            _assign(by_uuid, _check_uuid(key), label)
-        for key, label in _str_map(domains.get("name", {}), "domains.name").items():
-            if not _NAME.match(key):
-                raise LabelStoreError(f"invalid domain name {key!r}")
-            _assign(by_name, key, label)
-        for key, label in _str_map(doc.get("resources", {}), "resources").items():
-            _assign(resources, resource_id(key), label)
-    except LabelStoreError as exc:
-        raise LabelStoreError(f"{where}: {exc}") from None
+    for key, label in domains.get("uuid", {}).items():
+        _assign(by_uuid, _check_uuid(key), label)
+    for key, label in domains.get("name", {}).items():
+        _assign(by_name, key, label)
+    for key, label in doc.get("resources", {}).items():
+        _assign(resources, resource_id(key), label)
     return LabelStore(by_uuid=by_uuid, by_name=by_name, resources=resources)
 
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Final, cast
@@ -450,20 +450,38 @@ def _sorted(problems: Iterable[Problem]) -> list[Problem]:
     return sorted(problems, key=lambda p: (p.line is None, p.line or 0))
 
 
-def parse(data: bytes | str, *, file: str = "<string>") -> AcmDocument:
-    """Import an ACM policy document; raise `AcmXmlError` listing every problem with its line."""
+def parse_with_lines(
+    data: bytes | str, *, file: str = "<string>"
+) -> tuple[AcmDocument, Callable[[tuple[PathPart, ...]], int | None]]:
+    """`parse`, and the line of a model path (`errors.Problem.path`) in the document.
+
+    Every problem is collected: a document that is not well-formed stops at the first
+    (libxml2 does); schema errors are all reported, and stop there (the reader relies on the
+    schema); past the schema, the reader's and the model's problems are reported together.
+    """
     raw, _text_unused = _decode(data, file)
     root = _parse_tree(raw, file)
     _validate_schema(root, file)
     reader = _Reader(file)
     parts, header = reader.read(root)
-    if reader.problems:
-        raise AcmXmlError(_sorted(reader.problems))
     try:
         policy = parts.build()
     except PolicyError as e:
-        raise AcmXmlError(_sorted(reader.locate(p) for p in e.problems)) from None
-    return AcmDocument(policy, header)
+        seen = {p.line for p in reader.problems}
+        model = [q for q in (reader.locate(p) for p in e.problems) if q.line not in seen]
+        raise AcmXmlError([*_sorted(reader.problems), *_sorted(model)]) from None
+    if reader.problems:
+        raise AcmXmlError(_sorted(reader.problems))
+
+    def line_of(path: tuple[PathPart, ...]) -> int | None:
+        return reader.locate(Problem("", path)).line
+
+    return AcmDocument(policy, header), line_of
+
+
+def parse(data: bytes | str, *, file: str = "<string>") -> AcmDocument:
+    """Import an ACM policy document; raise `AcmXmlError` listing every problem with its line."""
+    return parse_with_lines(data, file=file)[0]
 
 
 def loads(data: bytes | str, *, file: str = "<string>") -> Policy:
