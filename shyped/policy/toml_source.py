@@ -249,6 +249,9 @@ class _SourceIndex:
         return None
 
 
+#: The source index under a public name, for other TOML files (the daemon's configuration).
+SourceIndex = _SourceIndex
+
 _TOML_ERR_AT = re.compile(r"^(.*?)\s*\(at line (\d+), column (\d+)\)$", re.S)
 _TOML_ERR_END = re.compile(r"^(.*?)\s*\(at end of document\)$", re.S)
 

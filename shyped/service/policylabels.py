@@ -48,6 +48,8 @@ class ReloadResult:
     sha256: str | None = None
     problems: tuple[str, ...] = ()
     error: str | None = None
+    #: The label store could not be reloaded (the old one stays): every problem, one a line.
+    label_store_error: str | None = None
 
     def __str__(self) -> str:
         if self.applied:
@@ -61,6 +63,10 @@ class ReloadResult:
 class PolicyAndLabels(DaemonCore):
     """Mode switches, label changes and policy reloads at run time (SIGHUP, the control
     socket): each checked against the running system, then everything decided again."""
+
+    #: Reloads (SIGHUP, ``policy load``) that found the label store unusable and kept the old.
+    label_store_reload_failures: int = 0
+    _store_error: str | None = None
 
     def set_mode(self, mode: Mode) -> None:
         """Switch between enforcing and permissive at run time; to enforcing re-decides all."""
@@ -124,7 +130,8 @@ class PolicyAndLabels(DaemonCore):
     def reload_policy(self, path: str | Path | None = None) -> Deferred[ReloadResult]:
         """Load a policy (default: the configured file) and switch to it if the running
         system satisfies it; the label store is re-read first. Never fails: see the result."""
-        return Deferred.fromCoroutine(self._reload(Path(path) if path else self.config.policy))
+        done = Deferred.fromCoroutine(self._reload(Path(path) if path else self.config.policy))
+        return done.addCallback(lambda r: attrs.evolve(r, label_store_error=self._store_error))
 
     async def _reload(self, path: Path) -> ReloadResult:
         previous = f"{self.loaded.policy.name} {self.loaded.policy.version}"
@@ -136,8 +143,15 @@ class PolicyAndLabels(DaemonCore):
                 self.config.labels,
             )
         except LabelStoreError as e:
-            _log.error("label store not reloaded: {error}", error=str(e))
+            self._store_error = str(e)
+            self.label_store_reload_failures += 1
+            _log.error(
+                "label store not reloaded, keeping the one in use (failure {n}):\n{error}",
+                n=self.label_store_reload_failures,
+                error=str(e),
+            )
         else:
+            self._store_error = None
             self.engine.labels = labels
         try:
             loaded: LoadedPolicy = await threads.deferToThreadPool(
