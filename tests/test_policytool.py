@@ -132,7 +132,7 @@ def test_lint_acm_xml_reports_lines(tmp_path: Path) -> None:
     f.write_text(xml)
     code, out, _ = ctl("policy", "lint", str(f))
     assert code == 0 and "[never-admissible]" in out
-    banned = [i for i, s in enumerate(xml.splitlines(), 1) if ">banned<" in s][0]
+    banned = next(i for i, s in enumerate(xml.splitlines(), 1) if ">banned<" in s)
     assert f"{f}:{banned}: warning: VM label 'banned'" in out
     f.write_text(xml.replace("</PolicyHeader>", "</PolicyHeadr>"))
     code, out, _ = ctl("policy", "lint", str(f))

@@ -465,6 +465,35 @@ def load_label_store(path: Path) -> LabelStore:
         raise LabelStoreError(f"{path}: {exc}") from None
 
 
+def overwrite_problem(path: Path, current: LabelStore) -> str | None:
+    """Why replacing the store file at `path` with a change to `current` (the store in use)
+    would lose something, or None: the file has errors (every one, at its line), or it holds
+    other assignments than `current` (edited by hand since it was loaded). `addlabel` and
+    `rmlabel` ask this first; a reload (SIGHUP) takes the file in, then they may write."""
+    try:
+        text = read_bounded(path, LABELS_MAX_BYTES, "label store").decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        return None  # the write reports what is wrong with the path
+    errors = [p for p in label_store_problems(text, str(path)) if p.severity == "error"]
+    if errors:
+        return (
+            f"the label store {path} has errors; fix them and reload (SIGHUP) before changing "
+            "labels, so that the edit is not overwritten:\n" + "\n".join(map(str, errors))
+        )
+    try:
+        on_disk = resolved_store(parse_label_store(text, str(path)))
+    except LabelStoreError as exc:
+        return f"the label store {path} cannot be used: {exc}"
+    if on_disk != current:
+        return (
+            f"the label store {path} was changed since the daemon loaded it; reload (SIGHUP) "
+            "to take the change in before changing labels, so that it is not overwritten"
+        )
+    return None
+
+
 def save_label_store(store: LabelStore, path: Path) -> None:
     """Write the store atomically: readers see the old file or the new one, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)

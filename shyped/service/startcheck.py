@@ -35,7 +35,11 @@ def store_warnings(config: Config, loaded: LoadedPolicy) -> tuple[str, ...]:
     except (OSError, UnicodeDecodeError):
         return ()  # a missing store is empty; an unreadable one was refused already
     problems = label_store_problems(text, str(config.labels), loaded.policy)
-    return tuple(str(p) for p in problems if p.severity == "warning")
+    return tuple(
+        f"{p.file}:{p.line}: {p.message}" if p.line else f"{p.file}: {p.message}"
+        for p in problems
+        if p.severity == "warning"
+    )
 
 
 def validate_startup(path: Path) -> Startup:
