@@ -173,6 +173,10 @@ def test_check_refuses_what_start_refuses(
         store.write_text(labels)
     cfg = tmp_path / "shyped.toml"
     cfg.write_text(f'[policy]\npath = "{GOOD_POLICY}"\nlabels = "{store}"\n{extra}')
+    cfg.write_text(f'[policy]\npath = "{GOOD_POLICY}"\nlabels = "{tmp_path / "none.json"}"\n')
+    assert cli.main(["--config", str(cfg), "check"]) == 0  # the baseline passes
+    capsys.readouterr()
+    cfg.write_text(f'[policy]\npath = "{GOOD_POLICY}"\nlabels = "{store}"\n{extra}')
     results = []
     for command in ("check", "run"):
         code = cli.main(["--config", str(cfg), command])

@@ -9,8 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from policy_helpers import policies
 
 from shyped.cli.shypectl import run
+from shyped.policy.model import Policy
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "conf" / "policies" / "hosting.toml"
@@ -134,6 +137,15 @@ def test_lint_acm_xml_reports_lines(tmp_path: Path) -> None:
     assert code == 0 and "[never-admissible]" in out
     banned = next(i for i, s in enumerate(xml.splitlines(), 1) if ">banned<" in s)
     assert f"{f}:{banned}: warning: VM label 'banned'" in out
+    # an unknown type in the XML: an error at its line, and the warnings still come
+    lines = xml.splitlines()
+    typo = next(i for i, s in enumerate(lines, 1) if ">typo<" in s)
+    ste = next(i for i in range(typo, len(lines)) if "<Type>web</Type>" in lines[i]) + 1
+    lines[ste - 1] = lines[ste - 1].replace(">web<", ">wbe<")
+    f.write_text("\n".join(lines))
+    code, out, _ = ctl("policy", "lint", str(f))
+    assert code == 1 and f"{f}:{ste}: error: VM label 'typo' names unknown STE type 'wbe'" in out
+    assert f"{f}:{banned}: warning: VM label 'banned' is never admissible" in out
     f.write_text(xml.replace("</PolicyHeader>", "</PolicyHeadr>"))
     code, out, _ = ctl("policy", "lint", str(f))
     assert code == 1 and "not well-formed" in out
@@ -240,3 +252,34 @@ def test_check_labels_against_a_policy(tmp_path: Path) -> None:
     code, out, _ = ctl("policy", "check-labels", str(EXAMPLE), str(store))
     assert code == 0 and "0 error(s), 1 warning(s)" in out
     assert ctl("policy", "check-labels", "--strict", str(EXAMPLE), str(store))[0] == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(policies())
+def test_lint_of_a_valid_policy_reports_exactly_the_analysis(policy: Policy) -> None:
+    """No errors on a valid policy, and one warning per dead item the analysis names, each
+    at the line of that item's name (checked by re-reading the line)."""
+    from shyped.policy.analysis import analyse
+    from shyped.policy.lint import lint_toml
+    from shyped.policy.toml_format import dumps
+
+    text = dumps(policy)
+    report = lint_toml(text, "p.toml")
+    assert report.errors == 0 and report.policy == policy
+    a = analyse(policy)
+    lines = text.splitlines()
+    expected_names = {
+        "never-admissible": a.never_admitted,
+        "mute": a.mute,
+        "unusable-resource": a.unusable_resources,
+        "inert-conflict-set": a.inert_conflict_sets,
+    }
+    for code, names in expected_names.items():
+        found = [f for f in report.findings if f.code == code]
+        assert len(found) == len(names), (code, found, names)
+        for f in found:
+            assert f.line is not None and lines[f.line - 1].startswith("name = ")
+            assert any(f'name = "{n}"' == lines[f.line - 1] for n in names)
+    assert sum(f.code == "unused-type" for f in report.findings) == len(a.unused_ste_types) + len(
+        a.unused_cw_types
+    )

@@ -450,33 +450,53 @@ def _sorted(problems: Iterable[Problem]) -> list[Problem]:
     return sorted(problems, key=lambda p: (p.line is None, p.line or 0))
 
 
-def parse_with_lines(
-    data: bytes | str, *, file: str = "<string>"
-) -> tuple[AcmDocument, Callable[[tuple[PathPart, ...]], int | None]]:
-    """`parse`, and the line of a model path (`errors.Problem.path`) in the document.
+@attrs.frozen
+class Checked:
+    """A schema-valid document checked as a whole: the document (None if anything is wrong),
+    every reader and model problem with its line, `line_of` (the line of a model path) and the
+    `Policy` constructor's arguments as read (for lint's analysis of the rest)."""
 
-    Every problem is collected: a document that is not well-formed stops at the first
-    (libxml2 does); schema errors are all reported, and stop there (the reader relies on the
-    schema); past the schema, the reader's and the model's problems are reported together.
-    """
+    document: AcmDocument | None
+    problems: tuple[Problem, ...]
+    line_of: Callable[[tuple[PathPart, ...]], int | None]
+    parts: Mapping[str, object]
+
+
+def check_document(data: bytes | str, *, file: str = "<string>") -> Checked:
+    """Import with every problem collected. A document that is not well-formed stops at the
+    first error (libxml2 does) and schema errors are all reported and stop there (the reader
+    relies on the schema): both raise `AcmXmlError`. Past the schema, the reader's and the
+    model's problems are returned together."""
     raw, _text_unused = _decode(data, file)
     root = _parse_tree(raw, file)
     _validate_schema(root, file)
     reader = _Reader(file)
     parts, header = reader.read(root)
+
+    def line_of(path: tuple[PathPart, ...]) -> int | None:
+        return reader.locate(Problem("", path)).line
+
+    kwargs = attrs.asdict(parts, recurse=False)
     try:
         policy = parts.build()
     except PolicyError as e:
         seen = {p.line for p in reader.problems}
         model = [q for q in (reader.locate(p) for p in e.problems) if q.line not in seen]
-        raise AcmXmlError([*_sorted(reader.problems), *_sorted(model)]) from None
+        problems = (*_sorted(reader.problems), *_sorted(model))
+        return Checked(None, problems, line_of, kwargs)
     if reader.problems:
-        raise AcmXmlError(_sorted(reader.problems))
+        return Checked(None, tuple(_sorted(reader.problems)), line_of, kwargs)
+    return Checked(AcmDocument(policy, header), (), line_of, kwargs)
 
-    def line_of(path: tuple[PathPart, ...]) -> int | None:
-        return reader.locate(Problem("", path)).line
 
-    return AcmDocument(policy, header), line_of
+def parse_with_lines(
+    data: bytes | str, *, file: str = "<string>"
+) -> tuple[AcmDocument, Callable[[tuple[PathPart, ...]], int | None]]:
+    """`parse`, and the line of a model path (`errors.Problem.path`) in the document."""
+    checked = check_document(data, file=file)
+    if checked.document is None:
+        raise AcmXmlError(checked.problems)
+    return checked.document, checked.line_of
 
 
 def parse(data: bytes | str, *, file: str = "<string>") -> AcmDocument:

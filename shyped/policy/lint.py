@@ -172,37 +172,67 @@ def lint_toml(text: str, file: str = "<string>", *, analysis: bool = True) -> Li
         return LintReport(file, "toml", _sorted(findings), None, tuple(sorted(skipped)), False)
     checked = toml_format.check_text(doc, current, file=file)
     findings += [_error(p, "invalid", file) for p in checked.problems]
-    policy = checked.policy
-    repaired = False
-    touched: set[str] = set()
-    if policy is None and checked.parts is not None:
-        policy = repaired_policy(checked.parts, touched)
-        repaired = policy is not None
-    if policy is not None and analysis:
-        line_of = checked.line_of
-        if repaired and checked.parts is not None:
-            line_of = _original_lines(checked.parts, policy, line_of)
-        findings += warnings(analyse(policy), line_of, file, skip=touched)
-    return LintReport(
+    return _analysed(
         file,
         "toml",
-        _sorted(findings),
-        None if (skipped or repaired) else policy,
+        findings,
+        checked.policy,
+        checked.parts,
+        checked.line_of,
+        analysis,
         tuple(sorted(skipped)),
-        checked=policy is not None,
-        repaired=repaired,
     )
 
 
 def _lint_xml(data: bytes, file: str, analysis: bool) -> LintReport:
     try:
-        doc, line_of = acm_xml.parse_with_lines(data, file=file)
+        checked = acm_xml.check_document(data, file=file)
     except PolicyError as e:
         syntax = any(p.message.startswith("not well-formed") for p in e.problems)
         findings = [_error(p, "syntax" if syntax else "invalid", file) for p in e.problems]
         return LintReport(file, "acm-xml", _sorted(findings), checked=False)
-    found = warnings(analyse(doc.policy), line_of, file) if analysis else []
-    return LintReport(file, "acm-xml", _sorted(found), doc.policy)
+    findings = [_error(p, "invalid", file) for p in checked.problems]
+    return _analysed(
+        file,
+        "acm-xml",
+        findings,
+        None if checked.document is None else checked.document.policy,
+        checked.parts,
+        checked.line_of,
+        analysis,
+    )
+
+
+def _analysed(
+    file: str,
+    fmt: str,
+    findings: list[Finding],
+    policy: Policy | None,
+    parts: Mapping[str, Any] | None,
+    line_of: Locator,
+    analysis: bool,
+    skipped: tuple[int, ...] = (),
+) -> LintReport:
+    """The report, with the analysis' warnings on `policy`, or on the policy `parts` make
+    with the items the errors name left out (and nothing said about those)."""
+    touched: set[str] = set()
+    repaired = False
+    if policy is None and parts is not None:
+        policy = repaired_policy(parts, touched)
+        repaired = policy is not None
+    if policy is not None and analysis:
+        if repaired and parts is not None:
+            line_of = _original_lines(parts, policy, line_of)
+        findings = findings + warnings(analyse(policy), line_of, file, skip=touched)
+    return LintReport(
+        file,
+        fmt,
+        _sorted(findings),
+        None if (skipped or repaired) else policy,
+        skipped,
+        checked=policy is not None,
+        repaired=repaired,
+    )
 
 
 @attrs.frozen
@@ -249,9 +279,9 @@ def repaired_policy(parts: Mapping[str, Any], touched: set[str] | None = None) -
     say what the rest allows; None if a problem cannot be repaired (the bootstrap label)."""
     kw = dict(parts)
     for key in ("ste_types", "cw_types", "mls_levels", "mls_categories"):
-        kw[key] = list(kw[key])
+        kw[key] = list(kw.get(key, ()))
     for key in ("conflict_sets", "vm_labels", "resource_labels"):
-        kw[key] = list(kw[key])
+        kw[key] = list(kw.get(key, ()))
     for _ in range(3):
         try:
             return Policy(**kw)
