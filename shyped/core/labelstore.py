@@ -273,6 +273,13 @@ def _key_lines(
     dups: list[tuple[tuple[str, ...], int, int]] = []
     raw = json.JSONDecoder().raw_decode
 
+    seen = [0, 1]  # position, line: keys come in text order, so counting is linear
+
+    def line_at(i: int) -> int:
+        seen[1] += text.count("\n", seen[0], i)
+        seen[0] = i
+        return seen[1]
+
     def ws(i: int) -> int:
         m = _WS.match(text, i)
         return m.end() if m else i
@@ -287,7 +294,7 @@ def _key_lines(
                 i = ws(i)
                 key, j = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
                 here = (*path, key)
-                line = text.count("\n", 0, i) + 1
+                line = line_at(i)
                 if here in lines:
                     dups.append((here, lines[here], line))
                 else:
@@ -326,123 +333,129 @@ def label_store_problems(text: str, where: str, policy: Any = None) -> list[Stor
     domain or resource with different labels (errors); with a `policy`
     (`shyped.policy.model.Policy`), labels it lacks (warnings: the daemon denies such a
     domain or resource with rule ``label``)."""
-    out: list[StoreProblem] = []
+    return _check_store(text, where, policy)[0]
 
-    def bad(message: str, line: int | None, severity: str = "error") -> None:
-        out.append(StoreProblem(severity, message, where, line))
+
+def _check_store(text: str, where: str, policy: Any) -> tuple[list[StoreProblem], LabelStore]:
+    """The problems and the store the text makes (meaningful only without errors). One pass:
+    lines are looked up (`_key_lines`) only when there is something to report."""
+    found: list[tuple[str, tuple[str, ...], str]] = []  # message, key path, severity
+
+    def bad(message: str, path: tuple[str, ...], severity: str = "error") -> None:
+        found.append((message, path, severity))
+
+    twice = [False]
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(items)
+        if len(obj) != len(items):
+            twice[0] = True
+        return obj
 
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, object_pairs_hook=pairs)
     except json.JSONDecodeError as exc:
-        return [
-            StoreProblem(
-                "error", f"not valid JSON: {exc.msg} (column {exc.colno})", where, exc.lineno
-            )
-        ]
+        msg = f"not valid JSON: {exc.msg} (column {exc.colno})"
+        return [StoreProblem("error", msg, where, exc.lineno)], LabelStore()
     except RecursionError:
-        return [StoreProblem("error", "JSON nested too deeply", where)]
-    lines, dups = _key_lines(text)
-    for path, first, line in dups:
-        bad(
-            f"{'.'.join(path)!r} is defined twice (first at line {first}); "
-            "JSON would keep only the last",
-            line,
-        )
-
-    def at(*path: str) -> int | None:
-        return lines.get(path)
-
+        return [StoreProblem("error", "JSON nested too deeply", where)], LabelStore()
+    by_uuid: dict[str, str] = {}
+    by_name: dict[str, str] = {}
+    resources: dict[str, str] = {}
     if not isinstance(doc, dict):
-        return [*out, StoreProblem("error", 'expected an object with "version": 1', where, 1)]
+        bad('expected an object with "version": 1', ())
+        doc = {"version": 1}
     if doc.get("version") != 1:
-        bad('expected "version": 1', at("version") or 1)
+        bad('expected "version": 1', ("version",))
     for key in doc:
         if key not in _TOP_KEYS:
-            bad(f"unknown key {key!r}{_hint(key, _TOP_KEYS)}", at(key))
+            bad(f"unknown key {key!r}{_hint(key, _TOP_KEYS)}", (key,))
     domains = doc.get("domains", {})
     if not isinstance(domains, dict):
-        bad('"domains" must be an object', at("domains"))
+        bad('"domains" must be an object', ("domains",))
         domains = {}
     for key in domains:
         if key not in _DOMAIN_KEYS:
-            bad(f"unknown key 'domains.{key}'{_hint(key, _DOMAIN_KEYS)}", at("domains", key))
+            bad(f"unknown key 'domains.{key}'{_hint(key, _DOMAIN_KEYS)}", ("domains", key))
 
-    def entries(value: Any, *path: str) -> list[tuple[str, str, int | None]]:
+    def entries(value: Any, *path: str) -> list[tuple[str, str, tuple[str, ...]]]:
         if not isinstance(value, dict):
-            bad(f"{'.'.join(path)} must be an object of strings", at(*path))
+            bad(f"{'.'.join(path)} must be an object of strings", path)
             return []
-        found = []
+        out = []
         for k, v in value.items():
-            line = at(*path, k)
+            at = (*path, k)
             if not isinstance(v, str):
-                bad(f"{'.'.join(path)}.{k}: the label must be a string, not {v!r:.40}", line)
+                bad(f"{'.'.join(path)}.{k}: the label must be a string, not {v!r:.40}", at)
             elif not _NAME.match(v):
-                bad(f"{'.'.join(path)}.{k}: invalid label name {v!r}", line)
+                bad(f"{'.'.join(path)}.{k}: invalid label name {v!r}", at)
             else:
-                found.append((k, v, line))
-        return found
+                out.append((k, v, at))
+        return out
 
     vm_ok = set() if policy is None else {v.name for v in policy.vm_labels}
     res_ok = set() if policy is None else {r.name for r in policy.resource_labels}
-    seen: dict[str, tuple[str, str]] = {}
 
-    def once(key: str, shown: str, label: str, line: int | None) -> None:
-        if key in seen and seen[key][1] != label:
-            bad(f"{shown!r} and {seen[key][0]!r} name the same thing with different labels", line)
-        seen.setdefault(key, (shown, label))
+    origin: dict[str, str] = {}
 
-    def lacks(what: str, k: str, label: str, known: set[str], line: int | None) -> None:
+    def put(table: dict[str, str], key: str, shown: str, label: str, at: tuple[str, ...]) -> None:
+        if key in table and table[key] != label:
+            bad(f"{shown!r} and {origin[key]!r} name the same thing with different labels", at)
+        table[key] = label
+        origin.setdefault(key, shown)
+
+    def lacks(what: str, k: str, label: str, known: set[str], at: tuple[str, ...]) -> None:
         if policy is not None and label not in known:
             kind = "VM" if what == "domain" else "resource"
-            bad(
-                f"{what} {k}: policy {policy.name!r} has no {kind} label {label!r}"
-                + _hint(label, known),
-                line,
-                "warning",
-            )
+            msg = f"{what} {k}: policy {policy.name!r} has no {kind} label {label!r}"
+            bad(msg + _hint(label, known), at, "warning")
 
-    for k, label, ln in entries(domains.get("uuid", {}), "domains", "uuid"):
+    for k, label, at in entries(domains.get("uuid", {}), "domains", "uuid"):
         try:
-            once("uuid:" + _check_uuid(k), k, label, ln)
+            put(by_uuid, _check_uuid(k), k, label, at)
         except LabelStoreError as exc:
-            bad(str(exc), ln)
+            bad(str(exc), at)
             continue
-        lacks("domain", k, label, vm_ok, ln)
-    for k, label, ln in entries(domains.get("name", {}), "domains", "name"):
+        lacks("domain", k, label, vm_ok, at)
+    for k, label, at in entries(domains.get("name", {}), "domains", "name"):
         if not _NAME.match(k):
-            bad(f"invalid domain name {k!r}", ln)
+            bad(f"invalid domain name {k!r}", at)
             continue
-        lacks("domain", k, label, vm_ok, ln)
-    for k, label, ln in entries(doc.get("resources", {}), "resources"):
+        by_name[k] = label
+        lacks("domain", k, label, vm_ok, at)
+    for k, label, at in entries(doc.get("resources", {}), "resources"):
         try:
-            once(resource_id(k), k, label, ln)
+            put(resources, resource_id(k), k, label, at)
         except LabelStoreError as exc:
-            bad(str(exc), ln)
+            bad(str(exc), at)
             continue
-        lacks("resource", k, label, res_ok, ln)
-    return sorted(out, key=lambda p: (p.line is None, p.line or 0))
+        lacks("resource", k, label, res_ok, at)
+    store = LabelStore(by_uuid=by_uuid, by_name=by_name, resources=resources)
+    if not found and not twice[0]:
+        return [], store
+    lines, dups = _key_lines(text)
+    problems = [
+        StoreProblem(
+            "error",
+            f"{'.'.join(path)!r} is defined twice (first at line {first}); "
+            "JSON would keep only the last",
+            where,
+            line,
+        )
+        for path, first, line in dups
+    ]
+    problems += [StoreProblem(sev, msg, where, lines.get(path, 1)) for msg, path, sev in found]
+    return sorted(problems, key=lambda p: p.line or 0), store
 
 
 def parse_label_store(text: str, where: str = "<labels>") -> LabelStore:
     """Parse the JSON store; every entry is validated so a bad file is refused whole, with
     every problem at its line (`label_store_problems`)."""
-    errors = [p for p in label_store_problems(text, where) if p.severity == "error"]
+    problems, store = _check_store(text, where, None)
+    errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise LabelStoreError("\n".join(str(p) for p in errors))
-    doc = json.loads(text)
-    domains = doc.get("domains", {})
-    # Filled in place (linear: one `with_*` copy per entry would be quadratic in the file),
-    # with the checks `with_domain` / `with_resource` make.
-    by_uuid: dict[str, str] = {}
-    by_name: dict[str, str] = {}
-    resources: dict[str, str] = {}
-    for key, label in domains.get("uuid", {}).items():
-        _assign(by_uuid, _check_uuid(key), label)
-    for key, label in domains.get("name", {}).items():
-        _assign(by_name, key, label)
-    for key, label in doc.get("resources", {}).items():
-        _assign(resources, resource_id(key), label)
-    return LabelStore(by_uuid=by_uuid, by_name=by_name, resources=resources)
+    return store
 
 
 def load_label_store(path: Path) -> LabelStore:
