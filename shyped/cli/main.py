@@ -45,7 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", help="run the daemon (the default)")
-    sub.add_parser("check", help="load the configuration, policy and label store, report, and exit")
+    sub.add_parser(
+        "check",
+        help="run start's own validation (configuration, groups, policy, label store, metrics "
+        "credentials), report every problem at file:line, and exit: 0 ok, 2 refused",
+    )
     demo = sub.add_parser(
         "demo",
         help="start a sandbox xenstored, run the daemon on conf/'s example policy and a "
@@ -197,6 +201,8 @@ def _run(config_path: Path, level: str) -> int:
             what = "policy unchanged"
         else:
             what = f"policy {result.new} refused ({len(result.problems)} reasons)"
+        if result.label_store_error is not None:
+            what += "; label store not reloaded (errors, see the log)"
         if daemon.ready:
             notifier.ready(f"{summary()}; reload: {what}")
 
