@@ -283,3 +283,25 @@ def test_lint_of_a_valid_policy_reports_exactly_the_analysis(policy: Policy) -> 
     assert sum(f.code == "unused-type" for f in report.findings) == len(a.unused_ste_types) + len(
         a.unused_cw_types
     )
+
+
+def test_lint_recovers_an_unclosed_array_at_the_line_that_opened_it(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text()
+    opened = 'ste = ["net-infra", "bank-a", "bank-b", "web"]'  # netdom's types
+    assert text.count(opened) == 1
+    f = tmp_path / "p.toml"
+    f.write_text(text.replace(opened, opened[:-1]))
+    line = line_no(text, opened)
+    code, out, _ = ctl("policy", "lint", str(f))
+    assert code == 1
+    assert f"{f}:{line}: error: TOML syntax: Unclosed array (noticed at line {line + 1})" in out
+    assert "1 error(s)" in out, out  # no cascade over the rest of the file
+    # a declaration left out: the uses of what it declares are not reported one by one
+    decl = 'ste = ["system", "net-infra", "bank-a", "bank-b", "web"]'
+    f.write_text(text.replace(f"[types]\n{decl}", f"[types]\n{decl[:-1]}"))
+    code, out, _ = ctl("policy", "lint", str(f))
+    assert code == 1 and "[declarations]" in out and "unknown STE type" not in out, out
+
+
+def line_no(text: str, needle: str) -> int:
+    return next(i for i, s in enumerate(text.splitlines(), 1) if needle in s)

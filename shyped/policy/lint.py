@@ -21,6 +21,7 @@ Pure (text in, report out); ``shypectl policy lint`` prints it. What one run fin
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -114,7 +115,8 @@ def _error(p: Problem, code: str, file: str) -> Finding:
 
 
 def _sorted(findings: list[Finding]) -> tuple[Finding, ...]:
-    return tuple(sorted(findings, key=lambda f: (f.line is None, f.line or 0)))
+    unique = list(dict.fromkeys(findings))  # a syntax error seen again after a recovery
+    return tuple(sorted(unique, key=lambda f: (f.line is None, f.line or 0)))
 
 
 # --------------------------------------------------------------------------- formats
@@ -149,6 +151,52 @@ def _blank(text: str, line: int) -> str:
     return "\n".join(lines)
 
 
+_STATEMENT_RE: Final = re.compile(r"\s*(\[|[A-Za-z0-9_\"'.-][^=]*=)")
+
+
+_TABLE_RE: Final = re.compile(r"\s*\[\[?\s*([A-Za-z0-9_-]+)")
+
+
+def _table_of(lines: list[str], line: int) -> str | None:
+    """The table a line of TOML text is in (by the nearest header above it)."""
+    for k in range(line, 0, -1):
+        m = _TABLE_RE.match(lines[k - 1]) if k <= len(lines) else None
+        if m is not None:
+            return m.group(1)
+    return None
+
+
+def _progress(text: str) -> float:
+    """How far tomllib gets in `text`: the line of its error, or infinity."""
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"at line (\d+)", str(e))
+        return int(m.group(1)) if m else text.count("\n") + 1
+    return math.inf
+
+
+def _recover(text: str, line: int) -> tuple[str, list[int]]:
+    """`text` with the syntax error at `line` left out: that line, or — when that gets
+    further — the statement before it from its first line (an array or inline table left
+    open reports its error on the next statement). The lines left out."""
+    lines = text.split("\n")
+    candidates = [[line]]
+    start = next((k for k in range(line - 1, 0, -1) if _STATEMENT_RE.match(lines[k - 1])), None)
+    if start is not None:
+        candidates.append(list(range(start, line)))
+    best: tuple[float, str, list[int]] | None = None
+    for cand in candidates:
+        blanked = text
+        for n in cand:
+            blanked = _blank(blanked, n)
+        got = _progress(blanked)
+        if best is None or got > best[0]:
+            best = (got, blanked, cand)
+    assert best is not None
+    return best[1], best[2]
+
+
 def lint_toml(text: str, file: str = "<string>", *, analysis: bool = True) -> LintReport:
     """Lint TOML policy text (see the module docstring for syntax error recovery)."""
     findings: list[Finding] = []
@@ -162,16 +210,39 @@ def lint_toml(text: str, file: str = "<string>", *, analysis: bool = True) -> Li
         except tomllib.TOMLDecodeError as e:
             err = _syntax_error(e, current, file)
         lines = sorted({p.line for p in err.problems if p.line is not None} - set(skipped))
-        findings += [_error(p, "syntax", file) for p in err.problems]
         if not lines:
+            findings += [_error(p, "syntax", file) for p in err.problems]
             break
+        if len(err.problems) == 1 and len(lines) == 1:
+            current, left_out = _recover(current, lines[0])
+            p = err.problems[0]
+            if left_out[0] != lines[0]:  # the statement before was not closed
+                noticed = f" (noticed at line {p.line})"
+                p = Problem(p.message + noticed, p.path, p.file, left_out[0])
+            findings.append(_error(p, "syntax", file))
+            skipped += left_out
+            continue
+        findings += [_error(p, "syntax", file) for p in err.problems]
         for line in lines:
             current = _blank(current, line)
         skipped += lines
     if doc is None:
         return LintReport(file, "toml", _sorted(findings), None, tuple(sorted(skipped)), False)
-    checked = toml_format.check_text(doc, current, file=file)
+    source = text.split("\n")
+    lost = any(_table_of(source, n) in ("types", "mls") for n in skipped)
+    checked = toml_format.check_text(doc, current, file=file, declarations_lost=lost)
     findings += [_error(p, "invalid", file) for p in checked.problems]
+    if lost:
+        findings.append(
+            Finding(
+                "info",
+                "declarations",
+                "a line of [types] or [mls] was left out: unknown types and levels are not "
+                "reported until the syntax error is fixed",
+                file,
+                min(n for n in skipped if _table_of(source, n) in ("types", "mls")),
+            )
+        )
     return _analysed(
         file,
         "toml",

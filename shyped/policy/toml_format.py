@@ -316,7 +316,9 @@ class Checked:
     parts: Mapping[str, Any] | None = None
 
 
-def check_text(doc: dict[str, Any], text: str, *, file: str = "<string>") -> Checked:
+def check_text(
+    doc: dict[str, Any], text: str, *, file: str = "<string>", declarations_lost: bool = False
+) -> Checked:
     """Check a parsed TOML document (`text` is its source, for lines): shape problems and the
     model's own problems are collected together. A value the shape could not read is left out
     of the model (or replaced by a placeholder), and a model problem at a line the shape
@@ -327,10 +329,11 @@ def check_text(doc: dict[str, Any], text: str, *, file: str = "<string>") -> Che
         return index.line_of(_toml_path(path))
 
     sh = _Shape()
+    sh.declarations_bad = declarations_lost  # (lint left a line of [types]/[mls] out)
     parts, placeholders = _build(doc, sh)
     shape = [Problem(msg, file=file, line=index.line_of(path)) for msg, path in sh.problems]
     if sh.declarations_bad:
-        return Checked(None, tuple(_sorted(shape)), line_of)
+        return Checked(None, tuple(_sorted(shape)), line_of)  # no parts: nothing to analyse
     try:
         policy = Policy(**parts)
     except PolicyError as e:
