@@ -399,6 +399,9 @@ def _repair(kw: dict[str, Any], path: tuple[PathPart, ...], touched: set[str] | 
     if head == "from_policy":
         kw["from_policy"] = None
         return True
+    if head == "name":
+        kw["name"] = "unnamed"
+        return True
     if head == "defaults":
         kw["defaults"] = Defaults()
         return True
