@@ -58,3 +58,14 @@ def test_bad_store_on_sighup_and_addlabel_keep_the_hand_edit(host: Host) -> None
     resources = json.loads(host.labels.read_text())["resources"]
     assert resources["bridge:xenbr-test"] == "xenbr-public"  # the hand edit survived
     assert resources["bridge:xenbr-new"] == "xenbr-public"
+
+    # An assignment of a label the policy lacks: taken in (the domain would be denied with
+    # rule label), and the reload says so, at its line.
+    doc = json.loads(host.labels.read_text())
+    doc.setdefault("domains", {}).setdefault("name", {})["ghost"] = "bank-a-webb"
+    host.labels.write_text(json.dumps(doc, indent=2) + "\n")
+    line = next(i for i, s in enumerate(host.labels.read_text().splitlines(), 1) if "ghost" in s)
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "has no VM label 'bank-a-webb'" in daemon.text(), what="warning logged")
+    assert f"{host.labels}:{line}: domain ghost: policy" in daemon.text()
+    assert "did you mean 'bank-a-web'?" in daemon.text()

@@ -33,6 +33,7 @@ from shyped.service.policyload import (
     LoadedPolicy,
     load_policy,
 )
+from shyped.service.startcheck import store_warnings
 
 _log = Logger(namespace="shyped.daemon")
 
@@ -130,8 +131,18 @@ class PolicyAndLabels(DaemonCore):
     def reload_policy(self, path: str | Path | None = None) -> Deferred[ReloadResult]:
         """Load a policy (default: the configured file) and switch to it if the running
         system satisfies it; the label store is re-read first. Never fails: see the result."""
-        done = Deferred.fromCoroutine(self._reload(Path(path) if path else self.config.policy))
-        return done.addCallback(lambda r: attrs.evolve(r, label_store_error=self._store_error))
+        return Deferred.fromCoroutine(self._reload_store_too(path))
+
+    async def _reload_store_too(self, path: str | Path | None) -> ReloadResult:
+        result = await self._reload(Path(path) if path else self.config.policy)
+        if self._store_error is not None:
+            return attrs.evolve(result, label_store_error=self._store_error)
+        warnings = await threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), store_warnings, self.config, self.loaded
+        )
+        for warning in warnings:  # assignments of labels the active policy lacks
+            _log.warn("label store: {warning}", warning=warning)
+        return result
 
     async def _reload(self, path: Path) -> ReloadResult:
         previous = f"{self.loaded.policy.name} {self.loaded.policy.version}"
