@@ -452,9 +452,8 @@ def _sorted(problems: Iterable[Problem]) -> list[Problem]:
 
 @attrs.frozen
 class Checked:
-    """A schema-valid document checked as a whole: the document (None if anything is wrong),
-    every reader and model problem with its line, `line_of` (the line of a model path) and the
-    `Policy` constructor's arguments as read (for lint's analysis of the rest)."""
+    """`check_document`'s answer: the document (None on problems), every problem at its
+    line, the line of a model path, and the `Policy` arguments as read (lint analyses them)."""
 
     document: AcmDocument | None
     problems: tuple[Problem, ...]
@@ -463,45 +462,35 @@ class Checked:
 
 
 def check_document(data: bytes | str, *, file: str = "<string>") -> Checked:
-    """Import with every problem collected. A document that is not well-formed stops at the
-    first error (libxml2 does) and schema errors are all reported and stop there (the reader
-    relies on the schema): both raise `AcmXmlError`. Past the schema, the reader's and the
-    model's problems are returned together."""
+    """Import with every problem collected: not well-formed (the first error: libxml2 stops)
+    or schema-invalid (every error) raise `AcmXmlError`; past the schema, the reader's and
+    the model's problems are returned together."""
     raw, _text_unused = _decode(data, file)
     root = _parse_tree(raw, file)
     _validate_schema(root, file)
     reader = _Reader(file)
     parts, header = reader.read(root)
-
-    def line_of(path: tuple[PathPart, ...]) -> int | None:
-        return reader.locate(Problem("", path)).line
-
-    kwargs = attrs.asdict(parts, recurse=False)
+    problems = _sorted(reader.problems)
     try:
         policy = parts.build()
     except PolicyError as e:
-        seen = {p.line for p in reader.problems}
-        model = [q for q in (reader.locate(p) for p in e.problems) if q.line not in seen]
-        problems = (*_sorted(reader.problems), *_sorted(model))
-        return Checked(None, problems, line_of, kwargs)
-    if reader.problems:
-        return Checked(None, tuple(_sorted(reader.problems)), line_of, kwargs)
-    return Checked(AcmDocument(policy, header), (), line_of, kwargs)
-
-
-def parse_with_lines(
-    data: bytes | str, *, file: str = "<string>"
-) -> tuple[AcmDocument, Callable[[tuple[PathPart, ...]], int | None]]:
-    """`parse`, and the line of a model path (`errors.Problem.path`) in the document."""
-    checked = check_document(data, file=file)
-    if checked.document is None:
-        raise AcmXmlError(checked.problems)
-    return checked.document, checked.line_of
+        seen = {p.line for p in problems}
+        problems += _sorted(q for q in map(reader.locate, e.problems) if q.line not in seen)
+    doc = None if problems else AcmDocument(policy, header)
+    return Checked(
+        doc,
+        tuple(problems),
+        lambda path: reader.locate(Problem("", path)).line,
+        attrs.asdict(parts, recurse=False),
+    )
 
 
 def parse(data: bytes | str, *, file: str = "<string>") -> AcmDocument:
     """Import an ACM policy document; raise `AcmXmlError` listing every problem with its line."""
-    return parse_with_lines(data, file=file)[0]
+    checked = check_document(data, file=file)
+    if checked.document is None:
+        raise AcmXmlError(checked.problems)
+    return checked.document
 
 
 def loads(data: bytes | str, *, file: str = "<string>") -> Policy:

@@ -319,8 +319,10 @@ class Located:
 def load_located(data: bytes, file: str) -> Located:
     """Load a policy file's bytes (TOML or ACM XML); `PolicyError` lists every problem."""
     if is_xml(file, data):
-        doc, line_of = acm_xml.parse_with_lines(data, file=file)
-        return Located(doc.policy, line_of, "acm-xml", doc)
+        xml = acm_xml.check_document(data, file=file)
+        if xml.document is None:
+            raise acm_xml.AcmXmlError(xml.problems)
+        return Located(xml.document.policy, xml.line_of, "acm-xml", xml.document)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
