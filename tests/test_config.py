@@ -143,6 +143,8 @@ GOOD_POLICY = Path(__file__).resolve().parent.parent / "conf" / "policies" / "ho
         ('[control]\nread_group = "no-such-group-shyped"\n', None, "no group named"),
         ('[audit]\ngroup = "no-such-group-shyped"\n', None, "no group named"),
         ('[xenstore]\nsocket = ""\n', None, "xenstore.socket must name a file"),
+        ('[control]\nsocket = " "\n', None, "control.socket must name a file"),
+        ("[metrics]\nport = -1\nfd_reserve = 1\n", None, "metrics.fd_reserve must be in"),
         ("[audit]\nkeep_files = 10000000000\n", None, "audit.keep_files must be"),
         ("[enforcement]\ndevice_close_timeout = 1e9\n", None, "device_close_timeout must be"),
         ("[enforcment]\n", None, "did you mean 'enforcement'?"),
@@ -184,3 +186,33 @@ def test_check_refuses_what_start_refuses(
     (check_code, check_err), (run_code, run_err) = results
     assert check_code == run_code == 2
     assert message in check_err and check_err == run_err
+
+
+def test_check_and_start_refuse_a_bad_policy_with_every_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shyped.cli import main as cli
+    from shyped.service import observability
+
+    def started(*_: object) -> None:
+        raise AssertionError("start got past its validation")
+
+    monkeypatch.setattr(observability, "build_audit", started)
+    text = GOOD_POLICY.read_text()
+    bad = text.replace('ste = ["bank-b"]', 'ste = ["bank-c"]').replace(
+        'cw = ["public"]', "cw = []\nsize = 3"
+    )
+    policy = tmp_path / "policy.toml"
+    policy.write_text(bad)
+    cfg = tmp_path / "shyped.toml"
+    cfg.write_text(f'[policy]\npath = "{policy}"\nlabels = "{tmp_path / "l.json"}"\n')
+    errs = []
+    for command in ("check", "run"):
+        assert cli.main(["--config", str(cfg), command]) == 2
+        errs.append(capsys.readouterr().err)
+    assert errs[0] == errs[1]
+    lines = bad.splitlines()
+    typo = next(i for i, s in enumerate(lines, 1) if s == 'ste = ["bank-c"]')
+    size = next(i for i, s in enumerate(lines, 1) if s == "size = 3")
+    assert f"{policy}:{typo}: VM label 'bank-b-web' names unknown STE type 'bank-c'" in errs[0]
+    assert f"{policy}:{size}: unknown key 'size' in label 'shop'" in errs[0]

@@ -170,7 +170,7 @@ CASES = {
     "unknown key (typo)": (
         'cw = ["sys"]',
         'cw = ["sys"]\ncw_types = ["sys"]  # <-',
-        "unknown key 'cw_types' in label #1 (allowed: name, ste, cw, level, categories, from, "
+        "unknown key 'cw_types' in label 'dom0' (allowed: name, ste, cw, level, categories, from, "
         "quota)",
     ),
     "wrong value type": (

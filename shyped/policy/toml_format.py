@@ -242,9 +242,9 @@ def _build(doc: dict[str, Any], sh: _Shape) -> tuple[dict[str, Any], frozenset[s
 
     labels: list[VmLabel] = []
     for i, t in enumerate(sh.tables(doc, "label")):
-        sh.keys(t, _LABEL_KEYS, f"label #{i + 1}", "label", i)
         lname = sh.string(t, "name", f"label #{i + 1}", "label", i, required=True) or ""
-        what = f"label {lname!r}"
+        what = f"label {lname!r}" if lname else f"label #{i + 1}"
+        sh.keys(t, _LABEL_KEYS, what, "label", i)
         labels.append(
             VmLabel(
                 lname,
@@ -258,9 +258,9 @@ def _build(doc: dict[str, Any], sh: _Shape) -> tuple[dict[str, Any], frozenset[s
 
     resources: list[ResourceLabel] = []
     for i, t in enumerate(sh.tables(doc, "resource")):
-        sh.keys(t, _RESOURCE_KEYS, f"resource #{i + 1}", "resource", i)
         rname = sh.string(t, "name", f"resource #{i + 1}", "resource", i, required=True) or ""
-        what = f"resource {rname!r}"
+        what = f"resource {rname!r}" if rname else f"resource #{i + 1}"
+        sh.keys(t, _RESOURCE_KEYS, what, "resource", i)
         ste: str | None = None
         if isinstance(t.get("ste"), list):
             sh.bad(
