@@ -216,3 +216,34 @@ def test_check_and_start_refuse_a_bad_policy_with_every_problem(
     size = next(i for i, s in enumerate(lines, 1) if s == "size = 3")
     assert f"{policy}:{typo}: VM label 'bank-b-web' names unknown STE type 'bank-c'" in errs[0]
     assert f"{policy}:{size}: unknown key 'size' in label 'shop'" in errs[0]
+
+
+def test_a_policy_typo_in_an_array_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    """`["a"} "b"]` (a `}` for a `,`): the line scanner behind the error message looped
+    forever on it, growing without bound, so `shyped check`, start and a SIGHUP reload hung
+    on a one-character typo. Run as an operator would, with a memory cap and a timeout."""
+    import resource
+    import subprocess
+    import sys
+
+    text = GOOD_POLICY.read_text()
+    types = 'cw = ["system", "infra", "bank-a", "bank-b", "public"]'
+    policy = tmp_path / "policy.toml"
+    policy.write_text(text.replace(types, types.replace('"infra",', '"infra"}')))
+    cfg = tmp_path / "shyped.toml"
+    cfg.write_text(f'[policy]\npath = "{policy}"\nlabels = "{tmp_path / "l.json"}"\n')
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    r = subprocess.run(
+        [sys.executable, "-m", "shyped.cli.main", "--config", str(cfg), "check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=cap,
+        check=False,
+    )
+    line = next(i for i, s in enumerate(text.splitlines(), 1) if s == types)
+    assert r.returncode == 2, r.stderr
+    assert f"{policy}:{line}:24: TOML syntax: Unclosed array" in r.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from policy_helpers import policies
 
 from shyped.cli.shypectl import run
@@ -305,3 +306,25 @@ def test_lint_recovers_an_unclosed_array_at_the_line_that_opened_it(tmp_path: Pa
 
 def line_no(text: str, needle: str) -> int:
     return next(i for i, s in enumerate(text.splitlines(), 1) if needle in s)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 10_000), st.sampled_from([*"[]{}\"'=,\n#. a1-", ""])),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_lint_reports_and_never_raises_on_a_damaged_policy(edits: list[tuple[int, str]]) -> None:
+    """Any damage to a policy gives findings (or a clean report), never an exception."""
+    from shyped.policy.lint import lint
+
+    text = EXAMPLE.read_text()
+    for pos, ch in edits:
+        i = pos % len(text)
+        text = text[:i] + ch + text[i + 1 :]  # replace (or delete, with "")
+    report = lint(text.encode(), "p.toml")
+    assert all(f.line is None or f.line >= 1 for f in report.findings)
+    if report.errors == 0:
+        assert report.policy is not None
