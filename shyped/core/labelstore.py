@@ -169,6 +169,12 @@ def _check_uuid(text: str) -> str:
         raise LabelStoreError(f"invalid domain uuid {text!r}") from None
 
 
+def _domain_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise LabelStoreError(f"invalid domain name {name!r}")
+    return name
+
+
 @attrs.frozen
 class LabelStore:
     """Label assignments: domain uuid → label, domain name → label, resource id → label."""
@@ -199,9 +205,7 @@ class LabelStore:
             key = _check_uuid(uuid)
             _assign(by_uuid, key, label)
         if name is not None:
-            if not _NAME.match(name):
-                raise LabelStoreError(f"invalid domain name {name!r}")
-            _assign(by_name, name, label)
+            _assign(by_name, _domain_name(name), label)
         return attrs.evolve(self, by_uuid=by_uuid, by_name=by_name)
 
     def with_resource(self, spec: str, label: str | None) -> LabelStore:
@@ -396,40 +400,30 @@ def _check_store(text: str, where: str, policy: Any) -> tuple[list[StoreProblem]
     vm_ok = set() if policy is None else {v.name for v in policy.vm_labels}
     res_ok = set() if policy is None else {r.name for r in policy.resource_labels}
 
-    origin: dict[str, str] = {}
-
-    def put(table: dict[str, str], key: str, shown: str, label: str, at: tuple[str, ...]) -> None:
-        if key in table and table[key] != label:
-            bad(f"{shown!r} and {origin[key]!r} name the same thing with different labels", at)
-        table[key] = label
-        origin.setdefault(key, shown)
-
     def lacks(what: str, k: str, label: str, known: set[str], at: tuple[str, ...]) -> None:
         if policy is not None and label not in known:
             kind = "VM" if what == "domain" else "resource"
             msg = f"{what} {k}: policy {policy.name!r} has no {kind} label {label!r}"
             bad(msg + _hint(label, known), at, "warning")
 
-    for k, label, at in entries(domains.get("uuid", {}), "domains", "uuid"):
-        try:
-            put(by_uuid, _check_uuid(k), k, label, at)
-        except LabelStoreError as exc:
-            bad(str(exc), at)
-            continue
-        lacks("domain", k, label, vm_ok, at)
-    for k, label, at in entries(domains.get("name", {}), "domains", "name"):
-        if not _NAME.match(k):
-            bad(f"invalid domain name {k!r}", at)
-            continue
-        by_name[k] = label
-        lacks("domain", k, label, vm_ok, at)
-    for k, label, at in entries(doc.get("resources", {}), "resources"):
-        try:
-            put(resources, resource_id(k), k, label, at)
-        except LabelStoreError as exc:
-            bad(str(exc), at)
-            continue
-        lacks("resource", k, label, res_ok, at)
+    for table, canonical, what, known, path in (
+        (by_uuid, _check_uuid, "domain", vm_ok, ("domains", "uuid")),
+        (by_name, _domain_name, "domain", vm_ok, ("domains", "name")),
+        (resources, resource_id, "resource", res_ok, ("resources",)),
+    ):
+        holder = domains if path[0] == "domains" else doc
+        origin: dict[str, str] = {}
+        for k, label, at in entries(holder.get(path[-1], {}), *path):
+            try:
+                key = canonical(k)
+            except LabelStoreError as exc:
+                bad(str(exc), at)
+                continue
+            if key in table and table[key] != label:
+                bad(f"{k!r} and {origin[key]!r} name the same thing with different labels", at)
+            table[key] = label
+            origin.setdefault(key, k)
+            lacks(what, k, label, known, at)
     store = LabelStore(by_uuid=by_uuid, by_name=by_name, resources=resources)
     if not found and not twice[0]:
         return [], store
