@@ -176,8 +176,8 @@ def add_commands(psub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description="Check a policy FILE (TOML or ACM XML) without a daemon: syntax, keys, "
         "types, references, every problem at file:line in one run, plus warnings from the "
         "analysis (never-admissible, mute and isolated labels, unusable resource labels, inert "
-        "conflict sets, unused types). Exit 0 clean, 1 errors (or warnings with --strict), "
-        "2 unreadable. See docs/policy.md.",
+        "conflict sets, unused types). `shypectl --json policy lint FILE` for scripts. Exit 0 "
+        "clean, 1 errors (or warnings with --strict), 2 unreadable. See docs/policy.md.",
     )
     p.add_argument("file", type=Path, help="policy file (TOML or ACM XML)")
     p.add_argument("--strict", action="store_true", help="warnings fail too (exit 1)")
