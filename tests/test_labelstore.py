@@ -137,3 +137,25 @@ def test_canonical_disk_ids_are_single_slashed_and_stable(tail: str) -> None:
     assert "/./" not in path + "/" and "/../" not in path + "/"
     assert resource_id(rid) == rid  # ids round-trip
     assert resource_id("/" + "/" + tail) == rid  # a leading // is the same file
+
+
+def test_a_bad_store_is_refused_with_every_problem_at_its_line() -> None:
+    from shyped.core.labelstore import LabelStoreError, parse_label_store
+
+    text = (
+        '{\n  "version": 1,\n'
+        '  "domains": {"name": {"a": "x", "a": "y", "bad name": "x"}},\n'  # 3: twice, bad name
+        '  "resources": {"../up.img": "r"},\n'  # 4
+        '  "extra": 1\n}\n'  # 5
+    )
+    with pytest.raises(LabelStoreError) as err:
+        parse_label_store(text, "labels.json")
+    lines = str(err.value).splitlines()
+    assert lines[0] == (
+        "labels.json:3: 'domains.name.a' is defined twice (first at line 3); "
+        "JSON would keep only the last"
+    )
+    assert lines[1] == "labels.json:3: invalid domain name 'bad name'"
+    assert lines[2].startswith("labels.json:4: invalid resource '../up.img'")
+    assert lines[3] == "labels.json:5: unknown key 'extra'"
+    assert len(lines) == 4

@@ -170,7 +170,7 @@ CASES = {
     "unknown key (typo)": (
         'cw = ["sys"]',
         'cw = ["sys"]\ncw_types = ["sys"]  # <-',
-        "unknown key 'cw_types' in label #1 (allowed: name, ste, cw, level, categories, from, "
+        "unknown key 'cw_types' in label 'dom0' (allowed: name, ste, cw, level, categories, from, "
         "quota)",
     ),
     "wrong value type": (
@@ -195,8 +195,9 @@ CASES = {
     ),
     "unknown quota field": (
         "max_domains = 2",
-        "max_domains = 2\nmax_disks = 3  # <-",
-        "unknown key 'max_disks' in label 'bank-a' quota (allowed: max_domains, max_memory_mib, "
+        "max_domains = 2\nmax_vcpu = 3  # <-",
+        "unknown key 'max_vcpu' in label 'bank-a' quota (did you mean 'max_vcpus'? allowed: "
+        "max_domains, max_memory_mib, "
         "max_vcpus, max_devices, max_vchans, max_event_channels, max_grant_refs)",
     ),
     "resource with several STE types": (

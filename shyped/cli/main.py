@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from shyped.cli.conventions import DEFAULT_CONFIG, add_version, exit_guarded
 from shyped.cli.logs import FORMATS, LEVELS, start_logging
-from shyped.service.config import ConfigError, load_config
+from shyped.service.config import ConfigError
 
 _log = Logger(namespace="shyped")
 
@@ -51,7 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     add_version(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", help="run the daemon (the default)")
-    sub.add_parser("check", help="load the configuration, policy and label store, report, and exit")
+    sub.add_parser(
+        "check",
+        help="run start's own validation (configuration, groups, policy, label store, metrics "
+        "credentials), report every problem at file:line, and exit: 0 ok, 2 refused",
+    )
     demo = sub.add_parser(
         "demo",
         help="start a sandbox xenstored, run the daemon on conf/'s example policy and a "
@@ -69,25 +73,28 @@ def _error(message: str) -> int:
 
 
 def _check(config_path: Path) -> int:
-    from shyped.service.daemon import StartupError, load_startup
+    """What start would refuse, refused the same way (`validate_startup` is start's own check),
+    every problem at once; warnings (labels the policy lacks) are printed, exit 0."""
+    from shyped.service.daemon import StartupError
+    from shyped.service.startcheck import validate_startup
 
     try:
-        config = load_config(config_path)
-        loaded, labels = load_startup(config)
-        if config.metrics.enabled:
-            from shyped.service.metricsweb import load_access
-
-            load_access(config.metrics)  # the token and TLS key files: root's only
-    except (ConfigError, StartupError) as e:
+        st = validate_startup(config_path)
+    except StartupError as e:
         return _error(str(e))
+    config, loaded, labels = st.config, st.loaded, st.labels
     p = loaded.policy
+    for warning in st.warnings:
+        print(f"shyped: warning: {warning}", file=sys.stderr)
     print(
         f"{config_path}: ok\n"
         f"policy {p.name} {p.version} ({loaded.format}, {loaded.path}, sha256 {loaded.sha256})\n"
         f"  {len(p.vm_labels)} VM labels, {len(p.resource_labels)} resource labels, "
         f"{len(p.conflict_sets)} conflict sets\n"
         f"labels {config.labels}: {len(labels.by_uuid)} by uuid, {len(labels.by_name)} by name, "
-        f"{len(labels.resources)} resources\n"
+        f"{len(labels.resources)} resources"
+        + (f" ({len(st.warnings)} warning(s))" if st.warnings else "")
+        + "\n"
         f"mode {config.mode.value}, domain veto {config.domain_veto.value}, "
         f"actuator {config.actuator.kind}, xenstore {config.xenstore.socket}"
     )
@@ -104,14 +111,15 @@ def _run(config_path: Path, level: str, log_format: str | None = None) -> int:
     """
     from shyped.control.daemon_backend import DaemonControlBackend
     from shyped.control.server import ControlServer, ControlSetupError
-    from shyped.service.daemon import Daemon, ReloadResult, StartupError, load_startup
+    from shyped.service.daemon import Daemon, ReloadResult, StartupError
     from shyped.service.sdnotify import Notifier, Watchdog
+    from shyped.service.startcheck import validate_startup
 
     try:
-        config = load_config(config_path)
-        loaded, labels = load_startup(config)
-    except (ConfigError, StartupError) as e:
+        st = validate_startup(config_path)  # the same check as `shyped check`
+    except StartupError as e:
         return _error(str(e))
+    config, loaded, labels = st.config, st.loaded, st.labels
     from twisted.internet import reactor as _reactor
 
     reactor: Any = _reactor
@@ -141,6 +149,8 @@ def _run(config_path: Path, level: str, log_format: str | None = None) -> int:
     if user_avc is not None:
         daemon.add_listener(user_avc)
         reactor.addSystemEventTrigger("after", "shutdown", user_avc.close)
+    for warning in st.warnings:
+        _log.warn("label store: {warning}", warning=warning)
     notifier = Notifier()
     watchdog = Watchdog.from_environment(notifier)
     status = {"code": 0}
@@ -201,6 +211,8 @@ def _run(config_path: Path, level: str, log_format: str | None = None) -> int:
             what = "policy unchanged"
         else:
             what = f"policy {result.new} refused ({len(result.problems)} reasons)"
+        if result.label_store_error is not None:
+            what += "; label store not reloaded (errors, see the log)"
         if daemon.ready:
             notifier.ready(f"{summary()}; reload: {what}")
 

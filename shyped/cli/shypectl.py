@@ -3,7 +3,8 @@
 Human output by default, ``--json`` for scripts (the daemon's result object; on failure
 ``{"error": {"code": ..., "message": ..., "details": ...}}``). Every command talks to the
 daemon's control socket (``--socket``, ``$SHYPED_SOCKET``, default /run/shyped/control.sock)
-except ``audit`` and ``policy graph FILE``, which read files.
+except ``audit`` and the policy verbs on files (``policy lint``, ``analyse``, ``can``,
+``convert``, ``check-labels``, ``graph FILE``, ``diff OLD NEW``, ``flask``), which read files.
 
 Exit status (stable, see docs/control-protocol.md):
 
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, TextIO
 
-from shyped.cli import flaskbuild
+from shyped.cli import flaskbuild, policytool
 from shyped.cli.conventions import add_version, exit_guarded, json_after_subcommands, seconds
 from shyped.cli.ctlcommon import (
     EXIT_DAEMON,
@@ -371,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     pol = sub.add_parser(
-        "policy", help="show, check, load, diff, graph or compile (flask) a policy"
+        "policy",
+        help="show, check, load a policy (daemon); lint, analyse, can, graph, diff, convert, "
+        "check-labels, flask a policy FILE (offline)",
     )
     psub = pol.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
     p = psub.add_parser("show", help="print the active policy")
@@ -383,9 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = psub.add_parser("load", help="activate FILE (or re-read the configured policy)")
     p.add_argument("file", type=Path, nargs="?")
     p.set_defaults(func=cmd_policy_load)
-    p = psub.add_parser("diff", help="what FILE changes against the active policy")
-    p.add_argument("file", type=Path)
-    p.add_argument("--against", type=Path, help="compare with this file instead")
+    p = psub.add_parser(
+        "diff",
+        help="labels, types and rules added, removed, renamed: FILE against the active policy, "
+        "or OLD NEW (offline)",
+    )
+    p.add_argument("file", type=Path, help="the new policy (or OLD when NEW is given)")
+    p.add_argument("new", type=Path, nargs="?", help="the new policy: compare two files")
+    p.add_argument("--against", type=Path, help="compare FILE with this file instead")
     p.set_defaults(func=cmd_policy_diff)
     p = psub.add_parser("graph", help="the policy's communication graph (DOT, or SVG)")
     p.add_argument("file", type=Path, nargs="?", help="policy file (default: the active one)")
@@ -394,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resources", action="store_true", help="leave resource labels out")
     p.add_argument("--no-conflicts", action="store_true", help="leave CW conflicts out")
     p.set_defaults(func=cmd_policy_graph)
+    policytool.add_commands(psub)
     flaskbuild.add_command(psub)
     psub.choices["flask"].set_defaults(
         func=lambda ctx: flaskbuild.run_command(ctx.args, ctx.out, ctx.err)

@@ -1,4 +1,5 @@
-"""shypectl's policy verbs: show, check, load, diff, graph."""
+"""shypectl's policy verbs: show, check, load (the daemon), diff, graph (files or the active
+policy); the offline verbs on files are in `shyped.cli.policytool`."""
 
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ from shyped.cli.ctlcommon import (
     Ctx,
     UsageError,
     _policy_source,
-    _read_text,
 )
 from shyped.control.views import parse_policy
-from shyped.policy import toml_format
+from shyped.policy import policydiff, toml_format
 from shyped.policy.analysis import analyse, to_dot
 from shyped.policy.model import Policy
 
@@ -69,47 +69,38 @@ def _active_policy(ctx: Ctx) -> tuple[Policy, str]:
 
 
 def _file_policy(path: Path) -> Policy:
-    text = _read_text(path, "policy")
-    return parse_policy(text, str(path))[0]
+    from shyped.cli.policytool import load_file
 
-
-def _label_summary(old: Policy, new: Policy) -> list[str]:
-    lines: list[str] = []
-    for what, a, b_ in (
-        ("VM label", {v.name: v for v in old.vm_labels}, {v.name: v for v in new.vm_labels}),
-        (
-            "resource label",
-            {r.name: r for r in old.resource_labels},
-            {r.name: r for r in new.resource_labels},
-        ),
-    ):
-        for name in sorted(set(b_) - set(a)):
-            lines.append(f"+ {what} {name}")
-        for name in sorted(set(a) - set(b_)):
-            lines.append(f"- {what} {name}")
-        for name in sorted(set(a) & set(b_)):
-            if a[name] != b_[name]:
-                lines.append(f"~ {what} {name}")
-    for what, ta, tb in (
-        ("STE type", set(old.ste_types), set(new.ste_types)),
-        ("CW type", set(old.cw_types), set(new.cw_types)),
-    ):
-        lines += [f"+ {what} {t}" for t in sorted(tb - ta)]
-        lines += [f"- {what} {t}" for t in sorted(ta - tb)]
-    return lines
+    return load_file(path).policy
 
 
 def cmd_policy_diff(ctx: Ctx) -> int:
-    new = _file_policy(Path(ctx.args.file))
-    if ctx.args.against:
-        old, old_name = _file_policy(Path(ctx.args.against)), str(ctx.args.against)
+    """``diff FILE`` (against the active policy), ``diff FILE --against OLD`` or ``diff OLD
+    NEW``: the item changes (`shyped.policy.policydiff`), then a unified diff of the two
+    policies written out as TOML. Exit 0 same, 1 different."""
+    if ctx.args.new is not None:
+        if ctx.args.against:
+            raise UsageError("give OLD NEW or FILE --against OLD, not both")
+        old_path, new_path = Path(ctx.args.file), Path(ctx.args.new)
+        old, old_name = _file_policy(old_path), str(old_path)
     else:
-        old, old_name = _active_policy(ctx)
+        new_path = Path(ctx.args.file)
+        if ctx.args.against:
+            old, old_name = _file_policy(Path(ctx.args.against)), str(ctx.args.against)
+        else:
+            old, old_name = _active_policy(ctx)
+    new = _file_policy(new_path)
     a = toml_format.dumps(old).splitlines(keepends=True)
     bb = toml_format.dumps(new).splitlines(keepends=True)
-    diff = list(difflib.unified_diff(a, bb, fromfile=old_name, tofile=str(ctx.args.file)))
-    summary = _label_summary(old, new)
-    result = {"same": not diff, "summary": summary, "diff": "".join(diff)}
+    diff = list(difflib.unified_diff(a, bb, fromfile=old_name, tofile=str(new_path)))
+    changes = policydiff.diff(old, new)
+    summary = [str(c) for c in changes]
+    result = {
+        "same": not diff,
+        "summary": summary,
+        "changes": [c.to_json() for c in changes],
+        "diff": "".join(diff),
+    }
 
     def human() -> None:
         for line in summary:

@@ -23,6 +23,7 @@ from shyped.core.labelstore import (
     LabelStore,
     LabelStoreError,
     canonical_resource,
+    overwrite_problem,
     resolve_resource,
     save_label_store,
 )
@@ -136,6 +137,9 @@ class DaemonBackendBase:
     def _save(self, store: LabelStore) -> None:
         """Persist `store`, then decide with it; a failed write changes nothing."""
         path = self.daemon.config.labels
+        problem = overwrite_problem(path, self._store)
+        if problem is not None:
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, problem)
         try:
             save_label_store(store, path)
         except OSError as exc:

@@ -12,6 +12,8 @@ fsync, rename, fsync of the folder).
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import json
 import os
 import re
@@ -167,6 +169,12 @@ def _check_uuid(text: str) -> str:
         raise LabelStoreError(f"invalid domain uuid {text!r}") from None
 
 
+def _domain_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise LabelStoreError(f"invalid domain name {name!r}")
+    return name
+
+
 @attrs.frozen
 class LabelStore:
     """Label assignments: domain uuid → label, domain name → label, resource id → label."""
@@ -197,9 +205,7 @@ class LabelStore:
             key = _check_uuid(uuid)
             _assign(by_uuid, key, label)
         if name is not None:
-            if not _NAME.match(name):
-                raise LabelStoreError(f"invalid domain name {name!r}")
-            _assign(by_name, name, label)
+            _assign(by_name, _domain_name(name), label)
         return attrs.evolve(self, by_uuid=by_uuid, by_name=by_name)
 
     def with_resource(self, spec: str, label: str | None) -> LabelStore:
@@ -236,44 +242,214 @@ def _assign(table: dict[str, str], key: str, label: str | None) -> None:
         table[key] = label
 
 
-def _str_map(value: Any, what: str) -> dict[str, str]:
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
-        raise LabelStoreError(f"{what} must be an object of strings")
-    return dict(value)
+# --------------------------------------------------------------------------- validation
+
+_TOP_KEYS: Final = ("version", "domains", "resources")
+_DOMAIN_KEYS: Final = ("uuid", "name")
+_WS: Final = re.compile(r"[ \t\n\r]*")
 
 
-def parse_label_store(text: str, where: str = "<labels>") -> LabelStore:
-    """Parse the JSON store; every entry is validated so a bad file is refused whole."""
+@attrs.frozen
+class StoreProblem:
+    """One thing wrong with a label store file, at its line (`error`: the store is refused;
+    `warning`: it is used, but an assignment names a label the policy lacks)."""
+
+    severity: str
+    message: str
+    file: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return (
+            f"{where}: {self.message}"
+            if self.severity == "error"
+            else (f"{where}: warning: {self.message}")
+        )
+
+
+def _key_lines(
+    text: str,
+) -> tuple[dict[tuple[str, ...], int], list[tuple[tuple[str, ...], int, int]]]:
+    """The line of every object key of (valid) JSON text by key path, and the keys defined
+    twice in one object (path, first line, line) — `json` silently keeps the last."""
+    lines: dict[tuple[str, ...], int] = {}
+    dups: list[tuple[tuple[str, ...], int, int]] = []
+    raw = json.JSONDecoder().raw_decode
+
+    seen = [0, 1]  # position, line: keys come in text order, so counting is linear
+
+    def line_at(i: int) -> int:
+        seen[1] += text.count("\n", seen[0], i)
+        seen[0] = i
+        return seen[1]
+
+    def ws(i: int) -> int:
+        m = _WS.match(text, i)
+        return m.end() if m else i
+
+    def value(i: int, path: tuple[str, ...]) -> int:
+        i = ws(i)
+        if text.startswith("{", i):
+            i = ws(i + 1)
+            if text.startswith("}", i):
+                return i + 1
+            while True:
+                i = ws(i)
+                key, j = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+                here = (*path, key)
+                line = line_at(i)
+                if here in lines:
+                    dups.append((here, lines[here], line))
+                else:
+                    lines[here] = line
+                i = ws(value(ws(j) + 1, here))
+                if not text.startswith(",", i):
+                    return i + 1
+                i += 1
+        if text.startswith("[", i):
+            i, n = ws(i + 1), 0
+            if text.startswith("]", i):
+                return i + 1
+            while True:
+                i = ws(value(i, (*path, str(n))))
+                n += 1
+                if not text.startswith(",", i):
+                    return i + 1
+                i += 1
+        return int(raw(text, i)[1])
+
+    # On failure lines stay unknown; json.loads has judged the text already.
+    with contextlib.suppress(RecursionError, ValueError, IndexError):
+        value(0, ())
+    return lines, dups
+
+
+def _hint(name: str, known: Any) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def label_store_problems(text: str, where: str, policy: Any = None) -> list[StoreProblem]:
+    """Every problem of a label store's text, each at its line: JSON syntax, unknown keys
+    (with "did you mean"), keys defined twice, values that are not strings, bad domain uuids
+    and names, bad resource ids, label names that cannot be labels, two keys naming one
+    domain or resource with different labels (errors); with a `policy`
+    (`shyped.policy.model.Policy`), labels it lacks (warnings: the daemon denies such a
+    domain or resource with rule ``label``)."""
+    return _check_store(text, where, policy)[0]
+
+
+def _check_store(text: str, where: str, policy: Any) -> tuple[list[StoreProblem], LabelStore]:
+    """The problems and the store the text makes (meaningful only without errors). One pass:
+    lines are looked up (`_key_lines`) only when there is something to report."""
+    found: list[tuple[str, tuple[str, ...], str]] = []  # message, key path, severity
+
+    def bad(message: str, path: tuple[str, ...], severity: str = "error") -> None:
+        found.append((message, path, severity))
+
+    twice = [False]
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(items)
+        if len(obj) != len(items):
+            twice[0] = True
+        return obj
+
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, object_pairs_hook=pairs)
     except json.JSONDecodeError as exc:
-        raise LabelStoreError(f"{where}: not valid JSON: {exc}") from None
+        msg = f"not valid JSON: {exc.msg} (column {exc.colno})"
+        return [StoreProblem("error", msg, where, exc.lineno)], LabelStore()
     except RecursionError:
-        raise LabelStoreError(f"{where}: JSON nested too deeply") from None
-    if not isinstance(doc, dict) or doc.get("version") != 1:
-        raise LabelStoreError(f'{where}: expected an object with "version": 1')
-    domains = doc.get("domains", {})
-    if not isinstance(domains, dict):
-        raise LabelStoreError(f'{where}: "domains" must be an object')
-    # Filled in place (linear: one `with_*` copy per entry would be quadratic in the file),
-    # with the checks `with_domain` / `with_resource` make.
+        return [StoreProblem("error", "JSON nested too deeply", where)], LabelStore()
     by_uuid: dict[str, str] = {}
     by_name: dict[str, str] = {}
     resources: dict[str, str] = {}
-    try:
-        for key, label in _str_map(domains.get("uuid", {}), "domains.uuid").items():
-            _assign(by_uuid, _check_uuid(key), label)
-        for key, label in _str_map(domains.get("name", {}), "domains.name").items():
-            if not _NAME.match(key):
-                raise LabelStoreError(f"invalid domain name {key!r}")
-            _assign(by_name, key, label)
-        for key, label in _str_map(doc.get("resources", {}), "resources").items():
-            _assign(resources, resource_id(key), label)
-    except LabelStoreError as exc:
-        raise LabelStoreError(f"{where}: {exc}") from None
-    return LabelStore(by_uuid=by_uuid, by_name=by_name, resources=resources)
+    if not isinstance(doc, dict):
+        bad('expected an object with "version": 1', ())
+        doc = {"version": 1}
+    if doc.get("version") != 1:
+        bad('expected "version": 1', ("version",))
+    for key in doc:
+        if key not in _TOP_KEYS:
+            bad(f"unknown key {key!r}{_hint(key, _TOP_KEYS)}", (key,))
+    domains = doc.get("domains", {})
+    if not isinstance(domains, dict):
+        bad('"domains" must be an object', ("domains",))
+        domains = {}
+    for key in domains:
+        if key not in _DOMAIN_KEYS:
+            bad(f"unknown key 'domains.{key}'{_hint(key, _DOMAIN_KEYS)}", ("domains", key))
+
+    def entries(value: Any, *path: str) -> list[tuple[str, str, tuple[str, ...]]]:
+        if not isinstance(value, dict):
+            bad(f"{'.'.join(path)} must be an object of strings", path)
+            return []
+        out = []
+        for k, v in value.items():
+            at = (*path, k)
+            if not isinstance(v, str):
+                bad(f"{'.'.join(path)}.{k}: the label must be a string, not {v!r:.40}", at)
+            elif not _NAME.match(v):
+                bad(f"{'.'.join(path)}.{k}: invalid label name {v!r}", at)
+            else:
+                out.append((k, v, at))
+        return out
+
+    vm_ok = set() if policy is None else {v.name for v in policy.vm_labels}
+    res_ok = set() if policy is None else {r.name for r in policy.resource_labels}
+
+    def lacks(what: str, k: str, label: str, known: set[str], at: tuple[str, ...]) -> None:
+        if policy is not None and label not in known:
+            kind = "VM" if what == "domain" else "resource"
+            msg = f"{what} {k}: policy {policy.name!r} has no {kind} label {label!r}"
+            bad(msg + _hint(label, known), at, "warning")
+
+    for table, canonical, what, known, path in (
+        (by_uuid, _check_uuid, "domain", vm_ok, ("domains", "uuid")),
+        (by_name, _domain_name, "domain", vm_ok, ("domains", "name")),
+        (resources, resource_id, "resource", res_ok, ("resources",)),
+    ):
+        holder = domains if path[0] == "domains" else doc
+        origin: dict[str, str] = {}
+        for k, label, at in entries(holder.get(path[-1], {}), *path):
+            try:
+                key = canonical(k)
+            except LabelStoreError as exc:
+                bad(str(exc), at)
+                continue
+            if key in table and table[key] != label:
+                bad(f"{k!r} and {origin[key]!r} name the same thing with different labels", at)
+            table[key] = label
+            origin.setdefault(key, k)
+            lacks(what, k, label, known, at)
+    store = LabelStore(by_uuid=by_uuid, by_name=by_name, resources=resources)
+    if not found and not twice[0]:
+        return [], store
+    lines, dups = _key_lines(text)
+    problems = [
+        StoreProblem(
+            "error",
+            f"{'.'.join(path)!r} is defined twice (first at line {first}); "
+            "JSON would keep only the last",
+            where,
+            line,
+        )
+        for path, first, line in dups
+    ]
+    problems += [StoreProblem(sev, msg, where, lines.get(path, 1)) for msg, path, sev in found]
+    return sorted(problems, key=lambda p: p.line or 0), store
+
+
+def parse_label_store(text: str, where: str = "<labels>") -> LabelStore:
+    """Parse the JSON store; every entry is validated so a bad file is refused whole, with
+    every problem at its line (`label_store_problems`)."""
+    problems, store = _check_store(text, where, None)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        raise LabelStoreError("\n".join(str(p) for p in errors))
+    return store
 
 
 def load_label_store(path: Path) -> LabelStore:
@@ -294,6 +470,35 @@ def load_label_store(path: Path) -> LabelStore:
         return resolved_store(store)
     except LabelStoreError as exc:
         raise LabelStoreError(f"{path}: {exc}") from None
+
+
+def overwrite_problem(path: Path, current: LabelStore) -> str | None:
+    """Why replacing the store file at `path` with a change to `current` (the store in use)
+    would lose something, or None: the file has errors (every one, at its line), or it holds
+    other assignments than `current` (edited by hand since it was loaded). `addlabel` and
+    `rmlabel` ask this first; a reload (SIGHUP) takes the file in, then they may write."""
+    try:
+        text = read_bounded(path, LABELS_MAX_BYTES, "label store").decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        return None  # the write reports what is wrong with the path
+    errors = [p for p in label_store_problems(text, str(path)) if p.severity == "error"]
+    if errors:
+        return (
+            f"the label store {path} has errors; fix them and reload (SIGHUP) before changing "
+            "labels, so that the edit is not overwritten:\n" + "\n".join(map(str, errors))
+        )
+    try:
+        on_disk = resolved_store(parse_label_store(text, str(path)))
+    except LabelStoreError as exc:
+        return f"the label store {path} cannot be used: {exc}"
+    if on_disk != current:
+        return (
+            f"the label store {path} was changed since the daemon loaded it; reload (SIGHUP) "
+            "to take the change in before changing labels, so that it is not overwritten"
+        )
+    return None
 
 
 def save_label_store(store: LabelStore, path: Path) -> None:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Final, cast
@@ -450,20 +450,47 @@ def _sorted(problems: Iterable[Problem]) -> list[Problem]:
     return sorted(problems, key=lambda p: (p.line is None, p.line or 0))
 
 
-def parse(data: bytes | str, *, file: str = "<string>") -> AcmDocument:
-    """Import an ACM policy document; raise `AcmXmlError` listing every problem with its line."""
+@attrs.frozen
+class Checked:
+    """`check_document`'s answer: the document (None on problems), every problem at its
+    line, the line of a model path, and the `Policy` arguments as read (lint analyses them)."""
+
+    document: AcmDocument | None
+    problems: tuple[Problem, ...]
+    line_of: Callable[[tuple[PathPart, ...]], int | None]
+    parts: Mapping[str, object]
+
+
+def check_document(data: bytes | str, *, file: str = "<string>") -> Checked:
+    """Import with every problem collected: not well-formed (the first error: libxml2 stops)
+    or schema-invalid (every error) raise `AcmXmlError`; past the schema, the reader's and
+    the model's problems are returned together."""
     raw, _text_unused = _decode(data, file)
     root = _parse_tree(raw, file)
     _validate_schema(root, file)
     reader = _Reader(file)
     parts, header = reader.read(root)
-    if reader.problems:
-        raise AcmXmlError(_sorted(reader.problems))
+    problems = _sorted(reader.problems)
     try:
         policy = parts.build()
     except PolicyError as e:
-        raise AcmXmlError(_sorted(reader.locate(p) for p in e.problems)) from None
-    return AcmDocument(policy, header)
+        seen = {p.line for p in problems}
+        problems += _sorted(q for q in map(reader.locate, e.problems) if q.line not in seen)
+    doc = None if problems else AcmDocument(policy, header)
+    return Checked(
+        doc,
+        tuple(problems),
+        lambda path: reader.locate(Problem("", path)).line,
+        attrs.asdict(parts, recurse=False),
+    )
+
+
+def parse(data: bytes | str, *, file: str = "<string>") -> AcmDocument:
+    """Import an ACM policy document; raise `AcmXmlError` listing every problem with its line."""
+    checked = check_document(data, file=file)
+    if checked.document is None:
+        raise AcmXmlError(checked.problems)
+    return checked.document
 
 
 def loads(data: bytes | str, *, file: str = "<string>") -> Policy:

@@ -13,10 +13,13 @@ definition rather than rejected by TOML as a duplicate table.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
+
+import attrs
 
 from shyped.fileio.boundedread import POLICY_MAX_BYTES, read_bounded
 from shyped.policy.errors import PathPart, PolicyError, Problem
@@ -57,9 +60,14 @@ class _Shape:
 
     def __init__(self) -> None:
         self.problems: list[tuple[str, TomlPath]] = []
+        #: A declaration (types, MLS levels, the label or resource arrays) could not be read:
+        #: the model would report every use of what is missing, so it is not checked.
+        self.declarations_bad = False
 
     def bad(self, message: str, *path: PathPart | _Value) -> None:
         self.problems.append((message, tuple(path)))
+        if path[:1] in (("types",), ("mls",)) or path in (("label",), ("resource",)):
+            self.declarations_bad = True
 
     def table(self, value: object, what: str, *path: PathPart) -> dict[str, Any] | None:
         if not isinstance(value, dict):
@@ -72,7 +80,11 @@ class _Shape:
     ) -> None:
         for k in t:
             if k not in allowed:
-                self.bad(f"unknown key {k!r} in {what} (allowed: {', '.join(allowed)})", *path, k)
+                close = difflib.get_close_matches(k, allowed, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                self.bad(
+                    f"unknown key {k!r} in {what} ({hint}allowed: {', '.join(allowed)})", *path, k
+                )
 
     def string(
         self, t: Mapping[str, Any], key: str, what: str, *path: PathPart, required: bool = False
@@ -154,8 +166,10 @@ def _quota(sh: _Shape, v: object, what: str, *path: PathPart) -> Quota:
     return Quota(**vals)
 
 
-def _build(doc: dict[str, Any], sh: _Shape) -> Callable[[], Policy] | None:
-    """Check the document's shape; return a thunk building the Policy, or None on problems."""
+def _build(doc: dict[str, Any], sh: _Shape) -> tuple[dict[str, Any], frozenset[str]]:
+    """Check the document's shape; return the `Policy` constructor's arguments and the fields
+    filled with placeholders (missing or malformed header values), so that the model's own
+    problems can still be collected when the shape has problems."""
     sh.keys(doc, _TOP_KEYS, "the policy file")
 
     name = vtext = bootstrap = None
@@ -228,9 +242,9 @@ def _build(doc: dict[str, Any], sh: _Shape) -> Callable[[], Policy] | None:
 
     labels: list[VmLabel] = []
     for i, t in enumerate(sh.tables(doc, "label")):
-        sh.keys(t, _LABEL_KEYS, f"label #{i + 1}", "label", i)
         lname = sh.string(t, "name", f"label #{i + 1}", "label", i, required=True) or ""
-        what = f"label {lname!r}"
+        what = f"label {lname!r}" if lname else f"label #{i + 1}"
+        sh.keys(t, _LABEL_KEYS, what, "label", i)
         labels.append(
             VmLabel(
                 lname,
@@ -244,9 +258,9 @@ def _build(doc: dict[str, Any], sh: _Shape) -> Callable[[], Policy] | None:
 
     resources: list[ResourceLabel] = []
     for i, t in enumerate(sh.tables(doc, "resource")):
-        sh.keys(t, _RESOURCE_KEYS, f"resource #{i + 1}", "resource", i)
         rname = sh.string(t, "name", f"resource #{i + 1}", "resource", i, required=True) or ""
-        what = f"resource {rname!r}"
+        what = f"resource {rname!r}" if rname else f"resource #{i + 1}"
+        sh.keys(t, _RESOURCE_KEYS, what, "resource", i)
         ste: str | None = None
         if isinstance(t.get("ste"), list):
             sh.bad(
@@ -263,46 +277,90 @@ def _build(doc: dict[str, Any], sh: _Shape) -> Callable[[], Policy] | None:
             )
         )
 
-    if sh.problems or name is None or version is None or bootstrap is None:
-        return None
-    return lambda: Policy(
-        name=name,
-        version=version,
-        bootstrap=bootstrap,
-        ste_types=ste_types,
-        cw_types=cw_types,
-        conflict_sets=csets,
-        vm_labels=labels,
-        resource_labels=resources,
-        mls_levels=levels,
-        mls_categories=categories,
-        defaults=defaults,
-        from_policy=from_policy,
+    placeholders = frozenset(
+        f for f, v in (("name", name), ("version", version), ("bootstrap", bootstrap)) if v is None
     )
+    parts: dict[str, Any] = {
+        "name": name or "unnamed",
+        "version": version or PolicyVersion(0, 0),
+        "bootstrap": bootstrap or "",
+        "ste_types": ste_types,
+        "cw_types": cw_types,
+        "conflict_sets": csets,
+        "vm_labels": labels,
+        "resource_labels": resources,
+        "mls_levels": levels,
+        "mls_categories": categories,
+        "defaults": defaults,
+        "from_policy": from_policy,
+    }
+    return parts, placeholders
 
 
 # --------------------------------------------------------------------------- load
 
 
+Locator = Callable[[tuple[PathPart, ...]], int | None]
+
+
+@attrs.frozen
+class Checked:
+    """A TOML policy text checked as a whole: the policy (None if anything is wrong), every
+    problem found (shape and model, each with its line), and `line_of`, the line of a model
+    path (`errors.Problem.path`) in the text."""
+
+    policy: Policy | None
+    problems: tuple[Problem, ...]
+    line_of: Locator
+    #: The `Policy` constructor's arguments as read (None when a declaration is unreadable).
+    parts: Mapping[str, Any] | None = None
+
+
+def check_text(
+    doc: dict[str, Any], text: str, *, file: str = "<string>", declarations_lost: bool = False
+) -> Checked:
+    """Check a parsed TOML document (`text` is its source, for lines): shape problems and the
+    model's own problems are collected together. A value the shape could not read is left out
+    of the model (or replaced by a placeholder), and a model problem at a line the shape
+    already reported, or about a placeholder, is dropped rather than reported twice."""
+    index = _SourceIndex(text)
+
+    def line_of(path: tuple[PathPart, ...]) -> int | None:
+        return index.line_of(_toml_path(path))
+
+    sh = _Shape()
+    sh.declarations_bad = declarations_lost  # (lint left a line of [types]/[mls] out)
+    parts, placeholders = _build(doc, sh)
+    shape = [Problem(msg, file=file, line=index.line_of(path)) for msg, path in sh.problems]
+    if sh.declarations_bad:
+        return Checked(None, tuple(_sorted(shape)), line_of)  # no parts: nothing to analyse
+    try:
+        policy = Policy(**parts)
+    except PolicyError as e:
+        seen = {p.line for p in shape if p.line is not None}
+        model = [
+            p.located(file, line_of(p.path))
+            for p in e.problems
+            if not (p.path and p.path[0] in placeholders)
+        ]
+        model = [p for p in model if p.line is None or p.line not in seen]
+        return Checked(None, tuple(_sorted(shape + model)), line_of, parts)
+    if shape:
+        return Checked(None, tuple(_sorted(shape)), line_of, parts)
+    return Checked(policy, (), line_of, parts)
+
+
 def loads(text: str, *, file: str = "<string>") -> Policy:
-    """Load a policy from TOML text; raise `PolicyError` (file, line, message) on any problem."""
+    """Load a policy from TOML text; raise `PolicyError` (file, line, message) listing every
+    problem: a syntax error alone (tomllib stops there), else every shape and model problem."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _syntax_error(e, text, file) from None
-    index = _SourceIndex(text)
-    sh = _Shape()
-    build = _build(doc, sh)
-    if build is None:
-        raise PolicyError(
-            _sorted(Problem(msg, file=file, line=index.line_of(path)) for msg, path in sh.problems)
-        )
-    try:
-        return build()
-    except PolicyError as e:
-        raise PolicyError(
-            _sorted(p.located(file, index.line_of(_toml_path(p.path))) for p in e.problems)
-        ) from None
+    checked = check_text(doc, text, file=file)
+    if checked.policy is None:
+        raise PolicyError(checked.problems)
+    return checked.policy
 
 
 def load(path: str | Path) -> Policy:

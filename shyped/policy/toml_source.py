@@ -227,6 +227,8 @@ class _SourceIndex:
                 self._skip_space(newlines=True)
                 if self._peek() == ",":
                     self.i += 1
+                elif self._peek() != "]":  # invalid text (a syntax error's): stop, never loop
+                    raise ValueError(f"cannot scan array at line {self.line}")
         if c == "{":
             self.i += 1
             while True:
@@ -243,11 +245,16 @@ class _SourceIndex:
                 self._skip_space(newlines=False)
                 if self._peek() == ",":
                     self.i += 1
+                elif self._peek() != "}":
+                    raise ValueError(f"cannot scan inline table at line {self.line}")
         m = re.compile(r"[^,\]}#\n]*").match(self.s, self.i)
         assert m is not None
         self.i = m.end()
         return None
 
+
+#: The source index under a public name, for other TOML files (the daemon's configuration).
+SourceIndex = _SourceIndex
 
 _TOML_ERR_AT = re.compile(r"^(.*?)\s*\(at line (\d+), column (\d+)\)$", re.S)
 _TOML_ERR_END = re.compile(r"^(.*?)\s*\(at end of document\)$", re.S)

@@ -7,12 +7,13 @@ closed, enforcing, local sockets only.
 
 from __future__ import annotations
 
+import difflib
 import grp
+import ipaddress
 import math
 import os
 import re
 import tomllib
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import attrs
 from shyped.core.modes import DomainVeto as DomainVeto
 from shyped.core.modes import Mode as Mode
 from shyped.fileio.boundedread import CONFIG_MAX_BYTES, read_bounded
+from shyped.policy.toml_source import SourceIndex
 
 
 class ConfigError(Exception):
@@ -145,88 +147,173 @@ class Config:
     flask: FlaskConfig = FlaskConfig()
 
 
-_TOP_KEYS = {
+_TOP_KEYS = (
     "policy", "enforcement", "xenstore", "actuator", "control", "metrics", "audit", "log",
     "flask",
-}  # fmt: skip
-_AUDIT_KEYS = {
-    "enabled",
-    "directory",
-    "max_file_bytes",
-    "keep_files",
-    "disk_full_action",
-    "retry_interval",
-    "mirror_denials",
-    "group",
+)  # fmt: skip
+_KEYS: dict[str, tuple[str, ...]] = {
+    "policy": ("path", "labels"),
+    "enforcement": ("mode", "domain_veto", "device_close_timeout"),
+    "xenstore": ("transport", "socket", "reconnect_max_backoff"),
+    "actuator": ("kind", "xl", "timeout"),
+    "control": ("socket", "read_group", "admin_group"),
+    "metrics": (
+        "enabled",
+        "address",
+        "port",
+        "allow_unauthenticated",
+        "basic_auth_users",
+        "bearer_token_file",
+        "tls_server_config",
+        "max_connections",
+        "max_connections_per_peer",
+        "idle_timeout",
+        "connection_timeout",
+        "fd_reserve",
+    ),
+    "metrics.tls_server_config": ("cert_file", "key_file"),
+    "log": ("format", "user_avc"),
+    "flask": ("enabled", "xen_source", "cache", "poll_interval"),
+    "audit": (
+        "enabled",
+        "directory",
+        "max_file_bytes",
+        "keep_files",
+        "disk_full_action",
+        "retry_interval",
+        "mirror_denials",
+        "group",
+    ),
 }
+#: A bcrypt hash as htpasswd -B, Python's bcrypt and Prometheus' web config write it.
+_BCRYPT = re.compile(r"\$2[aby]?\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+#: Upper bounds for sizes and counts: beyond them a value is a typo, not a setting.
+_MAX_FILE_BYTES = 1 << 30
+_MAX_KEEP_FILES = 100_000
 
 
-def _table(doc: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-    value = doc.get(key, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: [{key}] must be a table")
-    return value
+class _Checker:
+    """Reads typed values out of the parsed document and collects every problem with its line
+    (the TOML source index of `shyped.policy.toml_source`), instead of stopping at the first."""
 
+    def __init__(self, doc: dict[str, Any], text: str, where: str, base: Path) -> None:
+        self.doc = doc
+        self.where = where
+        self.base = base
+        self.problems: list[tuple[int | None, str]] = []
+        try:
+            self.index: SourceIndex | None = SourceIndex(text)
+        except (ValueError, IndexError):  # pragma: no cover - tomllib accepted the text
+            self.index = None
 
-def _get(
-    table: dict[str, Any], section: str, key: str, kind: type, default: Any, where: str
-) -> Any:
-    if key not in table:
-        return default
-    value = table[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: {section}.{key} must be a {kind.__name__}, not {value!r}")
-    return value
+    def bad(self, message: str, *path: str) -> None:
+        line = None if self.index is None else self.index.line_of(tuple(path))
+        self.problems.append((line, message))
 
-
-def _seconds(
-    table: dict[str, Any], section: str, key: str, default: float, where: str, top: float = 3600
-) -> float:
-    """A duration in seconds: finite, more than 0 and at most `top`."""
-    value: float = _get(table, section, key, float, default, where)
-    if not (math.isfinite(value) and 0 < value <= top):
-        raise ConfigError(
-            f"{where}: {section}.{key} must be in (0, {top:g}] seconds, not {value!r}"
+    def error(self) -> ConfigError:
+        lines = sorted(self.problems, key=lambda p: (p[0] is None, p[0] or 0))
+        return ConfigError(
+            "\n".join(f"{self.where}{'' if n is None else f':{n}'}: {msg}" for n, msg in lines)
         )
-    return value
+
+    def table(self, parent: dict[str, Any], key: str, *path: str) -> dict[str, Any]:
+        value = parent.get(key, {})
+        if not isinstance(value, dict):
+            self.bad(f"[{'.'.join((*path, key))}] must be a table", *path, key)
+            return {}
+        return value
+
+    def known(self, table: dict[str, Any], section: str) -> None:
+        top = section == "top level"
+        allowed = _TOP_KEYS if top else _KEYS[section]
+        path = () if top else tuple(section.split("."))
+        shown = section if top else f"[{section}]"
+        for key in table:
+            if key in allowed:
+                continue
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            self.bad(
+                f"unknown key {key!r} in {shown} ({hint}known: {', '.join(allowed)})", *path, key
+            )
+
+    def get(self, table: dict[str, Any], section: str, key: str, kind: type, default: Any) -> Any:
+        if key not in table:
+            return default
+        value = table[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.bad(
+                f"{section}.{key} must be a {kind.__name__}, not {value!r}",
+                *section.split("."),
+                key,
+            )
+            return default
+        return value
+
+    def number(
+        self, table: dict[str, Any], section: str, key: str, kind: type, default: Any,
+        low: float, high: float,
+    ) -> Any:  # fmt: skip
+        value = self.get(table, section, key, kind, default)
+        if not (math.isfinite(value) and low <= value <= high):
+            self.bad(f"{section}.{key} must be in [{low:g}, {high:g}], not {value!r}", section, key)
+            return default
+        return value
+
+    def seconds(
+        self, table: dict[str, Any], section: str, key: str, default: float, top: float = 3600
+    ) -> float:
+        """A duration in seconds: finite, more than 0 and at most `top`."""
+        value: float = self.get(table, section, key, float, default)
+        if not (math.isfinite(value) and 0 < value <= top):
+            self.bad(
+                f"{section}.{key} must be in (0, {top:g}] seconds, not {value!r}", section, key
+            )
+            return default
+        return value
+
+    def path(
+        self, table: dict[str, Any], section: str, key: str, default: str | None
+    ) -> Path | None:
+        """A path (relative to the config's folder) that names something: not empty, not
+        ".", no NUL byte (None when absent and without a default, or bad)."""
+        value: str | None = self.get(table, section, key, str, default)
+        if value is None:
+            return None
+        if value.strip() in ("", ".", "./") or "\x00" in value:
+            self.bad(f"{section}.{key} must name a file, not {value!r}", *section.split("."), key)
+            return None
+        return self.base / value
+
+    def group(self, table: dict[str, Any], section: str, key: str) -> str | None:
+        value: str | None = self.get(table, section, key, str, None)
+        if value is not None and not value.strip():
+            self.bad(f"{section}.{key} must name a group, not {value!r}", section, key)
+            return None
+        return value
+
+    def choice(
+        self, table: dict[str, Any], section: str, key: str, choices: tuple[str, ...], default: str
+    ) -> str:
+        value: str = self.get(table, section, key, str, default)
+        if value not in choices:
+            shown = ", ".join(repr(c) for c in choices)
+            self.bad(f"{section}.{key} must be one of {shown}, not {value!r}", section, key)
+            return default
+        return value
 
 
-def _path(
-    table: dict[str, Any], section: str, key: str, default: str, base: Path, where: str
-) -> Path:
-    """A path (relative to the config's folder) that names something: not empty, not ".",
-    no NUL byte."""
-    value: str = _get(table, section, key, str, default, where)
-    if value.strip() in ("", ".", "./") or "\x00" in value:
-        raise ConfigError(f"{where}: {section}.{key} must name a file, not {value!r}")
-    return base / value
-
-
-def _group(table: dict[str, Any], section: str, key: str, where: str) -> str | None:
-    value: str | None = _get(table, section, key, str, None, where)
-    if value is not None and not value.strip():
-        raise ConfigError(f"{where}: {section}.{key} must name a group, not {value!r}")
-    return value
-
-
-def _check_unknown(table: dict[str, Any], section: str, known: set[str], where: str) -> None:
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) in [{section}]: {', '.join(unknown)}")
-
-
-def _enum(cls: type[Enum], value: str, name: str, where: str) -> Any:
-    try:
-        return cls(value)
-    except ValueError:
-        choices = ", ".join(repr(m.value) for m in cls)
-        raise ConfigError(f"{where}: {name} must be one of {choices}, not {value!r}") from None
+_NOWHERE = Path("/nonexistent")
 
 
 def parse_config(text: str, source: Path | None = None) -> Config:
-    """Parse and validate the text of a `shyped.toml`; relative paths are taken from its folder."""
+    """Parse and validate the text of a `shyped.toml`; relative paths are taken from its folder.
+
+    Every problem is reported at once (`ConfigError`, one ``file:line: message`` per line),
+    unknown keys with a "did you mean". This is the one validation of the file: ``shyped
+    check`` and start both come through it (`shyped.service.startcheck`)."""
     where = str(source) if source else "<config>"
     base = source.parent if source else Path.cwd()
     try:
@@ -235,79 +322,62 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         raise ConfigError(f"{where}: {exc}") from None
     except RecursionError:
         raise ConfigError(f"{where}: values nested too deeply") from None
-    _check_unknown(doc, "top level", _TOP_KEYS, where)
+    c = _Checker(doc, text, where, base)
+    c.known(doc, "top level")
 
-    pol = _table(doc, "policy", where)
-    _check_unknown(pol, "policy", {"path", "labels"}, where)
+    pol = c.table(doc, "policy")
+    c.known(pol, "policy")
     if "path" not in pol:
-        raise ConfigError(f"{where}: policy.path is required")
-    policy = _path(pol, "policy", "path", "", base, where)
-    labels = _path(pol, "policy", "labels", "/var/lib/shyped/labels.json", base, where)
+        c.bad('policy.path is required ([policy] path = "/etc/shyped/policy.toml")', "policy")
+    policy = c.path(pol, "policy", "path", None) or _NOWHERE
+    labels = c.path(pol, "policy", "labels", "/var/lib/shyped/labels.json") or _NOWHERE
 
-    enf = _table(doc, "enforcement", where)
-    _check_unknown(enf, "enforcement", {"mode", "domain_veto", "device_close_timeout"}, where)
-    mode = _enum(
-        Mode, _get(enf, "enforcement", "mode", str, "enforcing", where), "enforcement.mode", where
-    )
-    veto = _enum(
-        DomainVeto,
-        _get(enf, "enforcement", "domain_veto", str, "destroy", where),
-        "enforcement.domain_veto",
-        where,
-    )
-    close_timeout = _seconds(enf, "enforcement", "device_close_timeout", 10.0, where)
+    enf = c.table(doc, "enforcement")
+    c.known(enf, "enforcement")
+    mode = Mode(c.choice(enf, "enforcement", "mode", tuple(m.value for m in Mode), "enforcing"))
+    vetoes = tuple(m.value for m in DomainVeto)
+    veto = DomainVeto(c.choice(enf, "enforcement", "domain_veto", vetoes, "destroy"))
+    close_timeout = c.seconds(enf, "enforcement", "device_close_timeout", 10.0)
 
-    xs = _table(doc, "xenstore", where)
-    _check_unknown(xs, "xenstore", {"transport", "socket", "reconnect_max_backoff"}, where)
-    transport = _get(xs, "xenstore", "transport", str, "unix", where)
-    if transport not in ("unix", "xenbus"):
-        raise ConfigError(f"{where}: xenstore.transport must be 'unix' or 'xenbus'")
-    backoff = _seconds(xs, "xenstore", "reconnect_max_backoff", 30.0, where)
+    xs = c.table(doc, "xenstore")
+    c.known(xs, "xenstore")
     xenstore = XenstoreConfig(
-        transport=transport,
-        socket=_path(xs, "xenstore", "socket", "/var/run/xenstored/socket", base, where),
-        reconnect_max_backoff=backoff,
+        transport=c.choice(xs, "xenstore", "transport", ("unix", "xenbus"), "unix"),
+        socket=c.path(xs, "xenstore", "socket", "/var/run/xenstored/socket") or _NOWHERE,
+        reconnect_max_backoff=c.seconds(xs, "xenstore", "reconnect_max_backoff", 30.0),
     )
 
-    act = _table(doc, "actuator", where)
-    _check_unknown(act, "actuator", {"kind", "xl", "timeout"}, where)
-    kind = _get(act, "actuator", "kind", str, "xl", where)
-    if kind not in ("xl", "sandbox"):
-        raise ConfigError(f"{where}: actuator.kind must be 'xl' or 'sandbox'")
+    act = c.table(doc, "actuator")
+    c.known(act, "actuator")
+    kind = c.choice(act, "actuator", "kind", ("xl", "sandbox"), "xl")
     xl_raw = act.get("xl", "xl")
+    xl_cmd: tuple[str, ...] = ("xl",)
     if isinstance(xl_raw, str):
-        xl_cmd: tuple[str, ...] = (xl_raw,)
+        xl_cmd = (xl_raw,)
     elif isinstance(xl_raw, list) and xl_raw and all(isinstance(a, str) for a in xl_raw):
         xl_cmd = tuple(xl_raw)
     else:
-        raise ConfigError(f"{where}: actuator.xl must be a command string or a list of strings")
+        c.bad("actuator.xl must be a command string or a list of strings", "actuator", "xl")
     if not xl_cmd[0].strip() or any("\x00" in a for a in xl_cmd):
-        raise ConfigError(f"{where}: actuator.xl must name a command, not {xl_raw!r}")
+        c.bad(f"actuator.xl must name a command, not {xl_raw!r}", "actuator", "xl")
     actuator = ActuatorConfig(
-        kind=kind, xl=xl_cmd, timeout=_seconds(act, "actuator", "timeout", 30.0, where)
+        kind=kind, xl=xl_cmd, timeout=c.seconds(act, "actuator", "timeout", 30.0)
     )
 
-    ctl = _table(doc, "control", where)
-    _check_unknown(ctl, "control", {"socket", "read_group", "admin_group"}, where)
+    ctl = c.table(doc, "control")
+    c.known(ctl, "control")
     control = ControlConfig(
-        socket=_path(ctl, "control", "socket", "/run/shyped/control.sock", base, where),
-        read_group=_group(ctl, "control", "read_group", where),
-        admin_group=_group(ctl, "control", "admin_group", where),
+        socket=c.path(ctl, "control", "socket", "/run/shyped/control.sock") or _NOWHERE,
+        read_group=c.group(ctl, "control", "read_group"),
+        admin_group=c.group(ctl, "control", "admin_group"),
     )
 
-    metrics = _metrics(doc, base, where)
-    audit = _audit(doc, base, where)
-    fl = _table(doc, "flask", where)
-    _check_unknown(fl, "flask", {"enabled", "xen_source", "cache", "poll_interval"}, where)
-    env_source = os.environ.get("SHYPED_XEN_SOURCE") or None
-    flask = FlaskConfig(
-        enabled=_get(fl, "flask", "enabled", bool, True, where),
-        xen_source=_path(fl, "flask", "xen_source", "x", base, where)
-        if "xen_source" in fl
-        else (Path(env_source) if env_source else None),
-        cache=_path(fl, "flask", "cache", "/var/cache/shyped-flask", base, where),
-        poll_interval=_seconds(fl, "flask", "poll_interval", 2.0, where),
-    )
+    metrics = _metrics(c)
+    audit = _audit(c)
+    log = _log_config(c)
+    flask = _flask_config(c)
+    if c.problems:
+        raise c.error()
     return Config(
         policy=policy,
         labels=labels,
@@ -319,130 +389,146 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         control=control,
         metrics=metrics,
         audit=audit,
-        log=_log_config(doc, where),
+        log=log,
         source=source,
         flask=flask,
     )
 
 
-def _log_config(doc: dict[str, Any], where: str) -> LogConfig:
-    log = _table(doc, "log", where)
-    _check_unknown(log, "log", {"format", "user_avc"}, where)
-    fmt = _get(log, "log", "format", str, "text", where)
-    if fmt not in ("text", "json"):
-        raise ConfigError(f"{where}: log.format must be 'text' or 'json'")
-    return LogConfig(format=fmt, user_avc=_get(log, "log", "user_avc", bool, True, where))
+def _log_config(c: _Checker) -> LogConfig:
+    log = c.table(c.doc, "log")
+    c.known(log, "log")
+    return LogConfig(
+        format=c.choice(log, "log", "format", ("text", "json"), "text"),
+        user_avc=c.get(log, "log", "user_avc", bool, True),
+    )
 
 
-_METRICS_KEYS = {
-    "enabled",
-    "address",
-    "port",
-    "allow_unauthenticated",
-    "basic_auth_users",
-    "bearer_token_file",
-    "tls_server_config",
-    "max_connections",
-    "max_connections_per_peer",
-    "idle_timeout",
-    "connection_timeout",
-    "fd_reserve",
-}
-#: A bcrypt hash as htpasswd -B, Python's bcrypt and Prometheus' web config write it.
-_BCRYPT = re.compile(r"\$2[aby]?\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+def _flask_config(c: _Checker) -> FlaskConfig:
+    fl = c.table(c.doc, "flask")
+    c.known(fl, "flask")
+    env_source = os.environ.get("SHYPED_XEN_SOURCE") or None
+    return FlaskConfig(
+        enabled=c.get(fl, "flask", "enabled", bool, True),
+        xen_source=c.path(fl, "flask", "xen_source", None)
+        if "xen_source" in fl
+        else (Path(env_source) if env_source else None),
+        cache=c.path(fl, "flask", "cache", "/var/cache/shyped-flask") or _NOWHERE,
+        poll_interval=c.seconds(fl, "flask", "poll_interval", 2.0),
+    )
 
 
-def _metrics(doc: dict[str, Any], base: Path, where: str) -> MetricsConfig:
-    met = _table(doc, "metrics", where)
-    _check_unknown(met, "metrics", _METRICS_KEYS, where)
+def loopback_problem(address: str) -> str | None:
+    """Why `address` may not serve metrics (anything but a loopback IP: the series name
+    domains, labels, uuids), or None."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return f"metrics.address {address!r} is not an IP address"
+    if not ip.is_loopback:
+        return (
+            f"metrics.address {address!r} is not a loopback address; the endpoint is for a "
+            "local Prometheus (or a local proxy) only"
+        )
+    return None
 
-    def number(key: str, kind: type, default: Any, low: float, high: float) -> Any:
-        value = _get(met, "metrics", key, kind, default, where)
-        if not low <= value <= high:
-            raise ConfigError(f"{where}: metrics.{key} must be in [{low}, {high}], not {value!r}")
-        return value
 
-    def path(table: dict[str, Any], section: str, key: str) -> Path | None:
-        value = _get(table, section, key, str, None, where)
-        if value == "":
-            raise ConfigError(f"{where}: {section}.{key} must name a file")
-        return None if value is None else base / value
-
-    users = _table(met, "basic_auth_users", where + ": [metrics]")
+def _metrics(c: _Checker) -> MetricsConfig:
+    met = c.table(c.doc, "metrics")
+    c.known(met, "metrics")
+    users = c.table(met, "basic_auth_users", "metrics")
+    good_users: list[tuple[str, str]] = []
     for user, hashed in users.items():
+        at = ("metrics", "basic_auth_users", user)
         if not isinstance(hashed, str) or not _BCRYPT.fullmatch(hashed):
-            raise ConfigError(
-                f"{where}: metrics.basic_auth_users.{user} must be a bcrypt hash "
+            c.bad(
+                f"metrics.basic_auth_users.{user} must be a bcrypt hash "
                 "(htpasswd -nBC 12 USER, or python3 -c 'import bcrypt; "
-                'print(bcrypt.hashpw(b"PASSWORD", bcrypt.gensalt()).decode())\')'
+                'print(bcrypt.hashpw(b"PASSWORD", bcrypt.gensalt()).decode())\')',
+                *at,
             )
-        if not user or ":" in user:
-            raise ConfigError(f"{where}: metrics.basic_auth_users: {user!r} is not a user name")
-    tls = _table(met, "tls_server_config", where + ": [metrics]")
-    _check_unknown(tls, "metrics.tls_server_config", {"cert_file", "key_file"}, where)
-    cert = path(tls, "metrics.tls_server_config", "cert_file")
-    key = path(tls, "metrics.tls_server_config", "key_file")
-    if (cert is None) != (key is None):
-        raise ConfigError(f"{where}: metrics.tls_server_config needs both cert_file and key_file")
-    port = _get(met, "metrics", "port", int, 9474, where)
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{where}: metrics.port must be 0..65535")
+        elif not user or ":" in user:
+            c.bad(f"metrics.basic_auth_users: {user!r} is not a user name", *at)
+        else:
+            good_users.append((user, hashed))
+    tls = c.table(met, "tls_server_config", "metrics")
+    c.known(tls, "metrics.tls_server_config")
+    cert = c.path(tls, "metrics.tls_server_config", "cert_file", None)
+    key = c.path(tls, "metrics.tls_server_config", "key_file", None)
+    if ("cert_file" in tls) != ("key_file" in tls):
+        c.bad(
+            "metrics.tls_server_config needs both cert_file and key_file",
+            "metrics",
+            "tls_server_config",
+        )
+    address = c.get(met, "metrics", "address", str, "127.0.0.1")
+    why = loopback_problem(address)
+    if why is not None:
+        c.bad(why, "metrics", "address")
     config = MetricsConfig(
-        enabled=_get(met, "metrics", "enabled", bool, False, where),
-        address=_get(met, "metrics", "address", str, "127.0.0.1", where),
-        port=port,
-        allow_unauthenticated=_get(met, "metrics", "allow_unauthenticated", bool, False, where),
-        basic_auth_users=tuple(sorted(users.items())),
-        bearer_token_file=path(met, "metrics", "bearer_token_file"),
+        enabled=c.get(met, "metrics", "enabled", bool, False),
+        address=address,
+        port=c.number(met, "metrics", "port", int, 9474, 0, 65535),
+        allow_unauthenticated=c.get(met, "metrics", "allow_unauthenticated", bool, False),
+        basic_auth_users=tuple(sorted(good_users)),
+        bearer_token_file=c.path(met, "metrics", "bearer_token_file", None),
         tls_cert_file=cert,
         tls_key_file=key,
-        max_connections=number("max_connections", int, 64, 1, 10_000),
-        max_connections_per_peer=number("max_connections_per_peer", int, 8, 1, 10_000),
-        idle_timeout=number("idle_timeout", float, 10.0, 0.1, 3600),
-        connection_timeout=number("connection_timeout", float, 30.0, 0.1, 86400),
-        fd_reserve=number("fd_reserve", int, 128, 16, 1_000_000),
+        max_connections=c.number(met, "metrics", "max_connections", int, 64, 1, 10_000),
+        max_connections_per_peer=c.number(
+            met, "metrics", "max_connections_per_peer", int, 8, 1, 10_000
+        ),
+        idle_timeout=c.number(met, "metrics", "idle_timeout", float, 10.0, 0.1, 3600),
+        connection_timeout=c.number(met, "metrics", "connection_timeout", float, 30.0, 0.1, 86400),
+        fd_reserve=c.number(met, "metrics", "fd_reserve", int, 128, 16, 1_000_000),
     )
-    if config.enabled and not config.authenticated and not config.allow_unauthenticated:
-        raise ConfigError(
-            f"{where}: [metrics] is enabled without access control: set basic_auth_users "
+    # Access control counts as set when it was written, even if badly (reported above).
+    written = bool(users) or "bearer_token_file" in met
+    if config.enabled and not written and not config.allow_unauthenticated:
+        c.bad(
+            "[metrics] is enabled without access control: set basic_auth_users "
             "and/or bearer_token_file (docs/metrics.md), or allow_unauthenticated = true to let "
-            "every local user read the domains, UUIDs, labels and policy it exports"
+            "every local user read the domains, UUIDs, labels and policy it exports",
+            "metrics",
         )
     return config
 
 
-def _audit(doc: dict[str, Any], base: Path, where: str) -> AuditConfig:
-    if "audit" not in doc:
+def _audit(c: _Checker) -> AuditConfig:
+    if "audit" not in c.doc:
         return AuditConfig()
-    aud = _table(doc, "audit", where)
-    _check_unknown(aud, "audit", _AUDIT_KEYS, where)
-    size = _get(aud, "audit", "max_file_bytes", int, 8 << 20, where)
-    if size < 1024:
-        raise ConfigError(f"{where}: audit.max_file_bytes must be at least 1024")
-    keep = _get(aud, "audit", "keep_files", int, 16, where)
-    if keep < 0:
-        raise ConfigError(f"{where}: audit.keep_files must be 0 (keep all) or more")
-    action = _get(aud, "audit", "disk_full_action", str, "fail-closed", where)
-    if action not in ("fail-closed", "ignore"):
-        raise ConfigError(f"{where}: audit.disk_full_action must be 'fail-closed' or 'ignore'")
-    retry = _seconds(aud, "audit", "retry_interval", 5.0, where)
-    group = _group(aud, "audit", "group", where)
+    aud = c.table(c.doc, "audit")
+    c.known(aud, "audit")
+    size = c.get(aud, "audit", "max_file_bytes", int, 8 << 20)
+    if not 1024 <= size <= _MAX_FILE_BYTES:
+        c.bad(
+            f"audit.max_file_bytes must be at least 1024 and at most {_MAX_FILE_BYTES} (1 GiB), "
+            f"not {size}",
+            "audit",
+            "max_file_bytes",
+        )
+    keep = c.get(aud, "audit", "keep_files", int, 16)
+    if not 0 <= keep <= _MAX_KEEP_FILES:
+        c.bad(f"audit.keep_files must be 0 (keep all) to {_MAX_KEEP_FILES}", "audit", "keep_files")
+    action = c.choice(aud, "audit", "disk_full_action", ("fail-closed", "ignore"), "fail-closed")
     return AuditConfig(
-        enabled=_get(aud, "audit", "enabled", bool, True, where),
-        directory=_path(aud, "audit", "directory", "/var/log/shyped/audit", base, where),
+        enabled=c.get(aud, "audit", "enabled", bool, True),
+        directory=c.path(aud, "audit", "directory", "/var/log/shyped/audit") or _NOWHERE,
         max_file_bytes=size,
         keep_files=keep,
         disk_full_action=action,
-        retry_interval=retry,
-        mirror_denials=_get(aud, "audit", "mirror_denials", bool, False, where),
-        group=group,
+        retry_interval=c.seconds(aud, "audit", "retry_interval", 5.0),
+        mirror_denials=c.get(aud, "audit", "mirror_denials", bool, False),
+        group=c.group(aud, "audit", "group"),
     )
 
 
 def check_host(config: Config) -> None:
     """What start needs from this host beyond the file itself: every group named exists (a
-    decimal gid is taken as is, as the control socket does). `ConfigError` naming the key."""
+    decimal gid is taken as is, as the control socket does). `ConfigError` naming every
+    missing one."""
     where = str(config.source) if config.source else "<config>"
+    missing = []
     for key, name in (
         ("control.read_group", config.control.read_group),
         ("control.admin_group", config.control.admin_group),
@@ -453,7 +539,9 @@ def check_host(config: Config) -> None:
         try:
             grp.getgrnam(name)
         except KeyError:
-            raise ConfigError(f"{where}: {key}: no group named {name!r}") from None
+            missing.append(f"{where}: {key}: no group named {name!r}")
+    if missing:
+        raise ConfigError("\n".join(missing))
 
 
 def load_config(path: Path) -> Config:

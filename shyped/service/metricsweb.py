@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import os
 import resource
 import stat
@@ -55,7 +54,7 @@ from twisted.web.server import Request, Site
 from twisted.web.wsgi import WSGIResource
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from shyped.service.config import ConfigError, MetricsConfig
+from shyped.service.config import ConfigError, MetricsConfig, loopback_problem
 from shyped.service.peeruid import PeerUids
 
 _log = Logger(namespace="shyped.metrics")
@@ -292,16 +291,11 @@ class _QuietSite(Site):
 
 
 def check_loopback(address: str) -> None:
-    """Refuse anything but a loopback IP address: the series name domains, labels, uuids."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        raise ValueError(f"metrics.address {address!r} is not an IP address") from None
-    if not ip.is_loopback:
-        raise ValueError(
-            f"metrics.address {address!r} is not a loopback address; the endpoint is for a "
-            "local Prometheus (or a local proxy) only"
-        )
+    """Refuse anything but a loopback IP address: the series name domains, labels, uuids
+    (`shyped.service.config.loopback_problem`, which the configuration is checked with)."""
+    why = loopback_problem(address)
+    if why is not None:
+        raise ValueError(why)
 
 
 def metrics_site(

@@ -34,6 +34,7 @@ from shyped.service.policyload import (
     LoadedPolicy,
     load_policy,
 )
+from shyped.service.startcheck import store_warnings
 
 _log = Logger(namespace="shyped.daemon")
 
@@ -49,6 +50,8 @@ class ReloadResult:
     sha256: str | None = None
     problems: tuple[str, ...] = ()
     error: str | None = None
+    #: The label store could not be reloaded (the old one stays): every problem, one a line.
+    label_store_error: str | None = None
 
     def __str__(self) -> str:
         if self.applied:
@@ -65,6 +68,9 @@ class PolicyAndLabels(DaemonCore):
 
     #: Xen's FLASK, switched with the daemon's policy (set by `shyped.service.daemon.Daemon`).
     flask: FlaskCoupling | None = None
+    #: Reloads (SIGHUP, ``policy load``) that found the label store unusable and kept the old.
+    label_store_reload_failures: int = 0
+    _store_error: str | None = None
 
     def set_mode(self, mode: Mode) -> None:
         """Switch between enforcing and permissive at run time; to enforcing re-decides all."""
@@ -128,7 +134,18 @@ class PolicyAndLabels(DaemonCore):
     def reload_policy(self, path: str | Path | None = None) -> Deferred[ReloadResult]:
         """Load a policy (default: the configured file) and switch to it if the running
         system satisfies it; the label store is re-read first. Never fails: see the result."""
-        return Deferred.fromCoroutine(self._reload(Path(path) if path else self.config.policy))
+        return Deferred.fromCoroutine(self._reload_store_too(path))
+
+    async def _reload_store_too(self, path: str | Path | None) -> ReloadResult:
+        result = await self._reload(Path(path) if path else self.config.policy)
+        if self._store_error is not None:
+            return attrs.evolve(result, label_store_error=self._store_error)
+        warnings = await threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), store_warnings, self.config, self.loaded
+        )
+        for warning in warnings:  # assignments of labels the active policy lacks
+            _log.warn("label store: {warning}", warning=warning)
+        return result
 
     async def _reload(self, path: Path) -> ReloadResult:
         previous = f"{self.loaded.policy.name} {self.loaded.policy.version}"
@@ -140,8 +157,15 @@ class PolicyAndLabels(DaemonCore):
                 self.config.labels,
             )
         except LabelStoreError as e:
-            _log.error("label store not reloaded: {error}", error=str(e))
+            self._store_error = str(e)
+            self.label_store_reload_failures += 1
+            _log.error(
+                "label store not reloaded, keeping the one in use (failure {n}):\n{error}",
+                n=self.label_store_reload_failures,
+                error=str(e),
+            )
         else:
+            self._store_error = None
             self.engine.labels = labels
         try:
             loaded: LoadedPolicy = await threads.deferToThreadPool(
