@@ -152,7 +152,7 @@ def test_log_format_flag_and_config_are_checked(tmp_path: Path) -> None:
         f'[policy]\npath = "{CONF / "policies" / "hosting.toml"}"\n[log]\nformat = "xml"\n'
     )
     r = subprocess.run([*SHYPED, "--config", str(cfg), "check"], capture_output=True, text=True)
-    assert r.returncode == 2 and "log.format must be 'text' or 'json'" in r.stderr
+    assert r.returncode == 2 and "log.format must be one of 'text', 'json'" in r.stderr
     assert "Traceback" not in r.stderr
     r = subprocess.run([*SHYPED, "--log-format", "xml"], capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice: 'xml'" in r.stderr
