@@ -5,11 +5,14 @@ reading scrapes back, and running promtool."""
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import shutil
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -34,7 +37,8 @@ LABELS = {"web1": "web", "web2": "web", "db1": "db"}
 
 
 def scenario_policy() -> Policy:
-    """web may run 2 domains of up to 256 MiB; db domains get 64 MiB (db1 asks for 128)."""
+    """web may run 2 domains of up to 256 MiB (and has a limit of every kind); db domains get
+    64 MiB (db1 asks for 128)."""
     return Policy(
         "metrics.test",
         PolicyVersion(1, 2),
@@ -42,7 +46,19 @@ def scenario_policy() -> Policy:
         ste_types=("system", "web", "db"),
         vm_labels=(
             VmLabel("dom0", {"system", "web", "db"}),
-            VmLabel("web", {"web"}, quota=Quota(max_domains=2, max_memory_mib=256, max_vcpus=4)),
+            VmLabel(
+                "web",
+                {"web"},
+                quota=Quota(
+                    max_domains=2,
+                    max_memory_mib=256,
+                    max_vcpus=4,
+                    max_devices=16,
+                    max_vchans=8,
+                    max_event_channels=64,
+                    max_grant_refs=64,
+                ),
+            ),
             VmLabel("db", {"db"}, quota=Quota(max_memory_mib=64)),
         ),
     )
@@ -126,6 +142,40 @@ class Decider:
             queue.extend(
                 model.record_decision(need, decision.permitted, label=label, reason=decision.reason)
             )
+
+
+# ---- the Grafana dashboard ---------------------------------------------------------------------
+
+DASHBOARD = Path(__file__).parent.parent / "conf" / "grafana-dashboard.json"
+METRIC = re.compile(r"\bshyped_[a-z0-9_]+\b")
+#: Grafana's variables, as Prometheus would see them once Grafana has substituted them.
+GRAFANA_VARS = {"$__rate_interval": "1m", "$__range": "1h", "$instance": ".*", "$label": ".*"}
+
+
+def load_dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def panels(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for p in items:
+        yield p
+        yield from panels(p.get("panels", []))
+
+
+def queries(dash: dict[str, Any]) -> list[str]:
+    exprs = [t["expr"] for p in panels(dash["panels"]) for t in p.get("targets", [])]
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            exprs.append(var["definition"])
+    return exprs
+
+
+def promql(expr: str, grafana_vars: dict[str, str] = GRAFANA_VARS) -> str:
+    """A dashboard query as Prometheus sees it once Grafana substituted its variables."""
+    for var, value in grafana_vars.items():
+        expr = expr.replace(var, value)
+    return expr
 
 
 # ---- reading scrapes --------------------------------------------------------------------------

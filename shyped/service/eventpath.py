@@ -17,7 +17,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shyped.core.accounting import touched_domains
+from shyped.core.accounting import HOOK_OF_KIND, touched_domains
 from shyped.core.actions import (
     LABEL_DIR,
     Action,
@@ -530,7 +530,8 @@ class DaemonCore:
             _log.warn("{line}", line=outcome.log_line())
         if self.metrics is not None:
             latency = None if outcome.received is None else time.monotonic() - outcome.received
-            self.metrics.observe_decision(outcome.decision, latency)
+            hook = str(HOOK_OF_KIND[outcome.kind])  # as the per-domain counter names it
+            self.metrics.observe_decision(outcome.decision, latency, hook=hook)
         gates: list[Deferred[Any]] = []
         recorded = self._audit_decision(outcome) if record else None
         if recorded is not None and outcome.mode is Mode.ENFORCING:

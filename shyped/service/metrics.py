@@ -13,13 +13,14 @@ at most once per interval.
 Names follow the Prometheus conventions: ``shyped_`` prefix, base units (bytes, seconds),
 ``_total`` counters, ``_info`` metrics for text facts. Label values come from closed sets (hook,
 decision, rule, quota kind, device kind, domain state) or from the domains themselves; a
-decision's ``reason`` label is its *rule*, never the free-text reason. Per-domain series carry
-``domain`` (name), ``domid``, ``uuid`` and ``label`` and disappear with the domain. The metric
-list is in ``docs/metrics.md`` and `METRIC_NAMES`.
+decision's ``reason`` label is its *rule*, never the free-text reason. A domain's identity
+(``domain`` name, ``uuid``, ``label``) is on ``shyped_domain_info`` only; the other per-domain
+series carry ``domid`` (to join on) and disappear with the domain. The metric list is in
+``docs/metrics.md`` and `shyped.service.metricsfamilies.METRIC_NAMES`.
 
 CPU time per domain comes from an optional `XlCpuProvider` (``xl list -v`` run periodically as
 a child process, never on the reactor's time): without a hypervisor, as on the sandbox, ``xl``
-fails and there is simply no ``shyped_domain_cpu_seconds_total`` series.
+fails and there is simply no ``shyped_xen_domain_cpu_seconds_total`` series.
 """
 
 from __future__ import annotations
@@ -70,8 +71,6 @@ LATENCY_BUCKETS: Final = (
 )
 #: Distinct watch event kinds kept; further kinds are counted as ``other``.
 MAX_EVENT_KINDS: Final = 64
-#: The labels of every per-domain series.
-DOMAIN_LABELS: Final = ("domain", "domid", "uuid", "label")
 
 _SNAKE: Final = re.compile(r"(?<!^)(?=[A-Z])")
 
@@ -179,9 +178,14 @@ class MetricsState:
         """The last published snapshot (any thread may read it)."""
         return self._snapshot
 
-    def observe_decision(self, decision: Decision, latency_s: float | None = None) -> None:
-        """Count a decision (hook, permit/deny, rule) and, if given, how long it took."""
-        key = (str(decision.hook), decision.verdict, str(decision.rule))
+    def observe_decision(
+        self, decision: Decision, latency_s: float | None = None, *, hook: str | None = None
+    ) -> None:
+        """Count a decision (hook, permit/deny, rule) and, if given, how long it took.
+
+        `hook`: the hook of the question (``HOOK_OF_KIND[need.kind]``), as the per-domain
+        decision counter names it; default: the hook of the check that decided."""
+        key = (hook or str(decision.hook), decision.verdict, str(decision.rule))
         self._decisions[key] = self._decisions.get(key, 0) + 1
         if latency_s is not None and latency_s >= 0 and math.isfinite(latency_s):
             hist = self._latency.get(key[0])

@@ -1,10 +1,24 @@
-"""The metrics collector (scrape thread): a `MetricsSnapshot` turned into Prometheus families,
-per-domain samples cached while a domain's account is unchanged."""
+"""The metrics collector (scrape thread): a `MetricsSnapshot` turned into Prometheus families.
+
+Shape (docs/metrics.md, "Series"): a domain's identity (``domain`` name, ``uuid``, ``label``,
+``state``) is on ``shyped_domain_info`` only; every other per-domain series is keyed by
+``domid`` (plus its own dimension: ``kind``, ``vif``, …), to be joined in PromQL::
+
+    shyped_domain_memory_max_bytes * on(domid) group_left(domain, label) shyped_domain_info
+
+One unit per metric: each quota has its own pair of families (memory in bytes).
+
+The per-domain values are made once as `Rows` (pure data: labels and a value per sample) by
+`domain_rows` and `metering_rows`; `MetricsCollector` turns them into prometheus_client
+families (the registry path: ``generate_latest``, ``name[]`` filtered scrapes, tests), and
+`shyped.service.metricstext` renders the same rows into cached exposition text per domain
+(the HTTP endpoint's path). A test holds the two byte for byte equal.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from prometheus_client.core import (
@@ -20,15 +34,136 @@ from prometheus_client.utils import floatToGoString
 
 import shyped
 from shyped.core.accounting import DomainAccount
+from shyped.core.quota import QuotaKind
 from shyped.service.config import Mode
-from shyped.service.metrics import (
-    DOMAIN_LABELS,
-    LATENCY_BUCKETS,
-    MetricsSnapshot,
+from shyped.service.metrics import LATENCY_BUCKETS, CpuTime, MetricsSnapshot
+
+#: One sample of a per-domain family: its labels (domid first) and its value.
+Row = tuple[tuple[tuple[str, str], ...], float]
+#: A domain's samples, one tuple per family of `DOMAIN_FAMILIES` (or `METERING_FAMILIES`).
+Rows = tuple[tuple[Row, ...], ...]
+
+#: A per-domain family: (name, type, help, extra label names). The sample name adds ``_info``
+#: to an info family and ``_total`` to a counter.
+FamilySpec = tuple[str, str, str, tuple[str, ...]]
+
+#: The per-domain families from the host model, in the order `domain_rows` fills them.
+DOMAIN_FAMILIES: Final[tuple[FamilySpec, ...]] = (
+    (
+        "shyped_domain",
+        "info",
+        "A domain the daemon knows: its name, uuid, VM label and state (join on domid)",
+        ("domain", "uuid", "label", "state"),
+    ),
+    (
+        "shyped_domain_memory_target_bytes",
+        "gauge",
+        "memory/target (toolstack-written xenstore node)",
+        (),
+    ),
+    (
+        "shyped_domain_memory_max_bytes",
+        "gauge",
+        "memory/static-max (toolstack-written xenstore node)",
+        (),
+    ),
+    ("shyped_domain_vcpus", "gauge", "vCPUs the domain was built with (cpu/<n>)", ()),
+    ("shyped_domain_vcpus_online", "gauge", "vCPUs marked online (cpu/<n>)", ()),
+    (
+        "shyped_domain_devices",
+        "gauge",
+        "Devices the domain is the frontend of, by kind (libxl records)",
+        ("kind",),
+    ),
+    (
+        "shyped_domain_backend_devices",
+        "gauge",
+        "Devices the domain serves as backend, by kind (libxl records)",
+        ("kind",),
+    ),
+    (
+        "shyped_domain_guest_event_channels",
+        "gauge",
+        "Event channel ports the guest published in xenstore, by device kind (guest-reported)",
+        ("kind",),
+    ),
+    (
+        "shyped_domain_guest_grant_refs",
+        "gauge",
+        "Grant references the guest published in xenstore, by device kind (guest-reported)",
+        ("kind",),
+    ),
+    ("shyped_domain_vchans", "gauge", "vchan rendezvous by the domain's role", ("role",)),
+    (
+        "shyped_domain_garbage_writes",
+        "counter",
+        "Writes of the domain the parser ignored (malformed or over a bound)",
+        (),
+    ),
+    (
+        "shyped_domain_garbage_limit_hits",
+        "counter",
+        "Ignored writes of the domain that hit a per-domain bound",
+        (),
+    ),
+    (
+        "shyped_domain_decisions",
+        "counter",
+        "Decisions recorded about the domain by hook and decision",
+        ("hook", "decision"),
+    ),
 )
 
-# ---- the collector (scrape thread) ----------------------------------------------------------
+#: The per-domain families measured by Xen (`MetricsSnapshot.cpu`), after `DOMAIN_FAMILIES`.
+METERING_FAMILIES: Final[tuple[FamilySpec, ...]] = (
+    (
+        "shyped_xen_domain_cpu_seconds",
+        "counter",
+        "CPU time the domain has used, as the hypervisor counts it",
+        (),
+    ),
+)
 
+
+def sample_name(spec: FamilySpec) -> str:
+    name, kind, _, _ = spec
+    return name + {"info": "_info", "counter": "_total"}.get(kind, "")
+
+
+def _fmt(value: float) -> str:
+    return floatToGoString(value)  # type: ignore[no-any-return, no-untyped-call]
+
+
+#: Each quota's families (used, limit) and help: one unit per metric.
+QUOTA_FAMILIES: Final[dict[QuotaKind, tuple[str, str, str]]] = {
+    QuotaKind.DOMAINS: ("shyped_quota_domains_used", "shyped_quota_domains_limit", "domains"),
+    QuotaKind.MEMORY: (
+        "shyped_quota_memory_used_bytes",
+        "shyped_quota_memory_limit_bytes",
+        "memory of one domain (static-max, else target), bytes",
+    ),
+    QuotaKind.VCPUS: ("shyped_quota_vcpus_used", "shyped_quota_vcpus_limit", "vCPUs of one domain"),
+    QuotaKind.DEVICES: (
+        "shyped_quota_devices_used",
+        "shyped_quota_devices_limit",
+        "devices of one domain",
+    ),
+    QuotaKind.VCHANS: (
+        "shyped_quota_vchans_used",
+        "shyped_quota_vchans_limit",
+        "vchans of one domain",
+    ),
+    QuotaKind.EVENT_CHANNELS: (
+        "shyped_quota_event_channels_used",
+        "shyped_quota_event_channels_limit",
+        "event channel ports one domain published",
+    ),
+    QuotaKind.GRANT_REFS: (
+        "shyped_quota_grant_refs_used",
+        "shyped_quota_grant_refs_limit",
+        "grant references one domain published",
+    ),
+}
 
 #: Every metric family the collector can expose (sample names add _total, _bucket, …).
 METRIC_NAMES: Final = (
@@ -46,41 +181,63 @@ METRIC_NAMES: Final = (
     "shyped_watch_events_total",
     "shyped_domains",
     "shyped_unattributed_garbage_writes_total",
-    "shyped_domain_info",
-    "shyped_domain_memory_target_bytes",
-    "shyped_domain_memory_max_bytes",
-    "shyped_domain_vcpus",
-    "shyped_domain_vcpus_online",
-    "shyped_domain_devices",
-    "shyped_domain_backend_devices",
-    "shyped_domain_event_channels",
-    "shyped_domain_grant_refs",
-    "shyped_domain_vchans",
-    "shyped_domain_garbage_writes_total",
-    "shyped_domain_garbage_limit_hits_total",
-    "shyped_domain_decisions_total",
-    "shyped_domain_cpu_seconds_total",
-    "shyped_quota_limit",
-    "shyped_quota_used",
+    *(sample_name(s) for s in DOMAIN_FAMILIES),
+    *(sample_name(s) for s in METERING_FAMILIES),
+    *(name for used, limit, _ in QUOTA_FAMILIES.values() for name in (limit, used)),
 )
 
 
-def _dom_labels(acc: DomainAccount) -> list[str]:
-    return [acc.name or "", str(acc.domid), acc.uuid or "", acc.label or ""]
+# ---- per-domain rows (pure data) ------------------------------------------------------------
 
 
-def _per_domain_gauge(name: str, doc: str, extra: Sequence[str] = ()) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, doc, labels=[*DOMAIN_LABELS, *extra])
+def domain_rows(acc: DomainAccount) -> Rows:
+    """One domain's samples for each of `DOMAIN_FAMILIES`."""
+    d = ("domid", str(acc.domid))
+    key: tuple[tuple[str, str], ...] = (d,)
+
+    def one(value: float | None) -> tuple[Row, ...]:
+        return () if value is None else ((key, value),)
+
+    def by(label: str, pairs: Iterable[tuple[str, int]]) -> tuple[Row, ...]:
+        return tuple(((d, (label, k)), v) for k, v in pairs if v)
+
+    info = (
+        d,
+        ("domain", acc.name or ""),
+        ("uuid", acc.uuid or ""),
+        ("label", acc.label or ""),
+        ("state", str(acc.state)),
+    )
+    return (
+        ((info, 1.0),),
+        one(acc.memory_target_bytes),
+        one(acc.memory_max_bytes),
+        one(acc.vcpus),
+        one(acc.vcpus_online),
+        by("kind", acc.devices),
+        by("kind", acc.backend_devices),
+        by("kind", acc.event_channels),
+        by("kind", acc.grant_refs),
+        by("role", (("server", acc.vchans_served), ("client", acc.vchans_joined))),
+        one(acc.garbage_writes),
+        one(acc.garbage_limit_hits),
+        tuple(
+            ((d, ("hook", hook), ("decision", verdict)), count)
+            for hook, verdict, count in acc.decisions
+        ),
+    )
 
 
-def families(snap: MetricsSnapshot, cache: SampleCache | None = None) -> list[Metric]:
-    """The metric families of one snapshot (pure; see `MetricsCollector` for the caches)."""
-    return _families(snap, cache)[0]
+def metering_rows(cpu: CpuTime) -> Rows:
+    """One domain's samples for each of `METERING_FAMILIES`."""
+    return ((((("domid", str(cpu.domid)),), cpu.seconds),),)
 
 
-def _families(
-    snap: MetricsSnapshot, cache: SampleCache | None
-) -> tuple[list[Metric], SampleCache | None]:
+# ---- the families ---------------------------------------------------------------------------
+
+
+def head_families(snap: MetricsSnapshot) -> list[Metric]:
+    """The families before the per-domain ones (daemon state, decisions, policy)."""
     out: list[Metric] = []
     out.append(InfoMetricFamily("shyped_build", "shyped version", {"version": shyped.__version__}))
     out.append(
@@ -90,7 +247,6 @@ def _families(
             value=snap.published_at,
         )
     )
-
     out.append(
         GaugeMetricFamily(
             "shyped_vetoes_pending",
@@ -105,7 +261,6 @@ def _families(
             value=snap.veto_failures,
         )
     )
-
     dec = CounterMetricFamily(
         "shyped_decisions",
         "Policy decisions by hook, decision (permit/deny) and the rule that decided (reason)",
@@ -114,7 +269,6 @@ def _families(
     for hook, verdict, rule, n in snap.decisions:
         dec.add_metric([hook, verdict, rule], n)
     out.append(dec)
-
     lat = HistogramMetricFamily(
         "shyped_decision_latency_seconds",
         "Time from the question to the decision, by hook",
@@ -125,10 +279,9 @@ def _families(
         buckets: list[tuple[str, float]] = []
         for bound, c in zip((*LATENCY_BUCKETS, math.inf), h.counts, strict=True):
             acc += c
-            buckets.append((floatToGoString(bound), acc))  # type: ignore[no-untyped-call]
+            buckets.append((_fmt(bound), acc))
         lat.add_metric([h.hook], buckets, h.total)
     out.append(lat)
-
     if snap.policy is not None:
         p = snap.policy
         out.append(
@@ -147,9 +300,7 @@ def _families(
         )
     if snap.mode is not None:
         mode = GaugeMetricFamily(
-            "shyped_enforcement_mode",
-            "1 for the current enforcement mode",
-            labels=["mode"],
+            "shyped_enforcement_mode", "1 for the current enforcement mode", labels=["mode"]
         )
         for m in Mode:
             mode.add_metric([m.value], 1.0 if m.value == snap.mode else 0.0)
@@ -175,193 +326,108 @@ def _families(
     for kind, n in snap.watch_events:
         ev.add_metric([kind], n)
     out.append(ev)
-
-    new_cache = None
     if snap.host is not None:
-        host_fams, new_cache = _host_families(snap, cache)
-        out.extend(host_fams)
-    if snap.quotas:
-        limit = GaugeMetricFamily(
-            "shyped_quota_limit",
-            "Quota limit per VM label (memory in bytes; per domain except domains)",
-            labels=["label", "quota"],
+        counts: dict[tuple[str, str], int] = {}
+        for a in snap.host.domains:
+            k = (a.label or "", str(a.state))
+            counts[k] = counts.get(k, 0) + 1
+        doms = GaugeMetricFamily(
+            "shyped_domains", "Domains by label and state", labels=["label", "state"]
         )
-        used = GaugeMetricFamily(
-            "shyped_quota_used",
-            "Quota use per VM label: running domains, else the highest use of one domain",
-            labels=["label", "quota"],
+        for (label, state), count in sorted(counts.items()):
+            doms.add_metric([label, state], count)
+        out.append(doms)
+        out.append(
+            CounterMetricFamily(
+                "shyped_unattributed_garbage_writes",
+                "Ignored writes no domain can be charged with (/libxl, /vm, invalid paths)",
+                value=snap.host.unattributed_garbage_writes,
+            )
         )
-        for row in snap.quotas:
-            used.add_metric([row.label, row.kind.metric], row.metric_used)
-            if row.metric_limit is not None:
-                limit.add_metric([row.label, row.kind.metric], row.metric_limit)
-        out.extend((limit, used))
-    return out, new_cache
+    return out
 
 
-#: The per-domain families, in the order `_domain_samples` fills them:
-#: (name, type, help, extra labels).
-_DOMAIN_FAMILIES: Final = (
-    ("shyped_domain", "info", "A domain the daemon knows, with its state", ()),
-    ("shyped_domain_memory_target_bytes", "gauge", "memory/target (dom0-written)", ()),
-    ("shyped_domain_memory_max_bytes", "gauge", "memory/static-max (dom0-written)", ()),
-    ("shyped_domain_vcpus", "gauge", "vCPUs the domain was built with (cpu/<n>)", ()),
-    ("shyped_domain_vcpus_online", "gauge", "vCPUs marked online (cpu/<n>)", ()),
-    (
-        "shyped_domain_devices",
-        "gauge",
-        "Devices the domain is the frontend of, by kind",
-        ("kind",),
-    ),
-    (
-        "shyped_domain_backend_devices",
-        "gauge",
-        "Devices the domain serves as backend, by kind",
-        ("kind",),
-    ),
-    (
-        "shyped_domain_event_channels",
-        "gauge",
-        "Event channel ports the domain published, by device kind (guest-written: a count)",
-        ("kind",),
-    ),
-    (
-        "shyped_domain_grant_refs",
-        "gauge",
-        "Grant references the domain published, by device kind (guest-written: a count)",
-        ("kind",),
-    ),
-    ("shyped_domain_vchans", "gauge", "vchan rendezvous by the domain's role", ("role",)),
-    (
-        "shyped_domain_garbage_writes",
-        "counter",
-        "Writes of the domain the parser ignored (malformed or over a bound)",
-        (),
-    ),
-    (
-        "shyped_domain_garbage_limit_hits",
-        "counter",
-        "Ignored writes of the domain that hit a per-domain bound",
-        (),
-    ),
-    (
-        "shyped_domain_decisions",
-        "counter",
-        "Decisions recorded about the domain by hook and decision",
-        ("hook", "decision"),
-    ),
-)
-_SAMPLE_NAME: Final = tuple(
-    name + {"info": "_info", "counter": "_total"}.get(kind, "")
-    for name, kind, _, _ in _DOMAIN_FAMILIES
-)
-
-DomainSamples = tuple[tuple[Sample, ...], ...]
-#: Per-domain samples of the last scrape, by domid, with the account they were made from.
-SampleCache = dict[int, tuple[DomainAccount, DomainSamples]]
-
-
-def _domain_samples(acc: DomainAccount) -> DomainSamples:
-    """One domain's samples for each of `_DOMAIN_FAMILIES` (sharing one label dict)."""
-    base = dict(zip(DOMAIN_LABELS, _dom_labels(acc), strict=True))
-    n = _SAMPLE_NAME
-
-    def one(i: int, value: float | None) -> tuple[Sample, ...]:
-        return () if value is None else (Sample(n[i], base, value),)
-
-    def by(i: int, label: str, pairs: Iterable[tuple[str, int]]) -> tuple[Sample, ...]:
-        return tuple(Sample(n[i], {**base, label: k}, v) for k, v in pairs if v)
-
-    return (
-        (Sample(n[0], {**base, "state": str(acc.state)}, 1.0),),
-        one(1, acc.memory_target_bytes),
-        one(2, acc.memory_max_bytes),
-        one(3, acc.vcpus),
-        one(4, acc.vcpus_online),
-        by(5, "kind", acc.devices),
-        by(6, "kind", acc.backend_devices),
-        by(7, "kind", acc.event_channels),
-        by(8, "kind", acc.grant_refs),
-        by(9, "role", (("server", acc.vchans_served), ("client", acc.vchans_joined))),
-        one(10, acc.garbage_writes),
-        one(11, acc.garbage_limit_hits),
-        tuple(
-            Sample(n[12], {**base, "hook": hook, "decision": verdict}, count)
-            for hook, verdict, count in acc.decisions
-        ),
-    )
-
-
-def _host_families(
-    snap: MetricsSnapshot, cache: SampleCache | None = None
-) -> tuple[list[Metric], SampleCache]:
-    """The per-host and per-domain families; samples of accounts unchanged since `cache` was
-    made are reused (at thousands of domains, allocating fewer objects per scrape keeps the
-    garbage collector, which stops every thread, from running full collections)."""
-    host = snap.host
-    assert host is not None
-    fams = [Metric(name, doc, kind) for name, kind, doc, _ in _DOMAIN_FAMILIES]
-    new_cache: SampleCache = {}
-    counts: dict[tuple[str, str], int] = {}
-    for acc in host.domains:
-        hit = cache.get(acc.domid) if cache is not None else None
-        parts = hit[1] if hit is not None and hit[0] is acc else _domain_samples(acc)
-        new_cache[acc.domid] = (acc, parts)
-        for fam, part in zip(fams, parts, strict=True):
-            fam.samples.extend(part)
-        key = (acc.label or "", str(acc.state))
-        counts[key] = counts.get(key, 0) + 1
-    doms = GaugeMetricFamily(
-        "shyped_domains", "Domains by label and state", labels=["label", "state"]
-    )
-    for (label, state), count in sorted(counts.items()):
-        doms.add_metric([label, state], count)
-    out: list[Metric] = [
-        doms,
-        CounterMetricFamily(
-            "shyped_unattributed_garbage_writes",
-            "Ignored writes no domain can be charged with (/libxl, /vm, invalid paths)",
-            value=host.unattributed_garbage_writes,
-        ),
-        *fams,
-    ]
-    if snap.cpu is not None:
-        cpu = CounterMetricFamily(
-            "shyped_domain_cpu_seconds",
-            "CPU time the domain has used (xl list)",
-            labels=list(DOMAIN_LABELS),
+def tail_families(snap: MetricsSnapshot) -> list[Metric]:
+    """The families after the per-domain ones (the quota table, per label)."""
+    if not snap.quotas:
+        return []
+    fams: dict[QuotaKind, tuple[GaugeMetricFamily, GaugeMetricFamily]] = {}
+    for kind, (used_name, limit_name, what) in QUOTA_FAMILIES.items():
+        fams[kind] = (
+            GaugeMetricFamily(limit_name, f"Quota limit per VM label: {what}", labels=["label"]),
+            GaugeMetricFamily(
+                used_name,
+                f"Quota use per VM label: {what}"
+                + ("" if kind is QuotaKind.DOMAINS else " (the label's highest)"),
+                labels=["label"],
+            ),
         )
+    for row in snap.quotas:
+        limit, used = fams[row.kind]
+        used.add_metric([row.label], row.metric_used)
+        if row.metric_limit is not None:
+            limit.add_metric([row.label], row.metric_limit)
+    return [f for pair in fams.values() for f in pair]
+
+
+DomainRows = tuple[DomainAccount, Rows]
+#: Per-domain rows of the last collection, by domid, with the account they were made from.
+RowCache = dict[int, DomainRows]
+
+
+def domain_families(
+    snap: MetricsSnapshot, cache: RowCache | None = None
+) -> tuple[list[Metric], RowCache]:
+    """The per-domain families; rows of accounts unchanged since `cache` are reused."""
+    fams = [Metric(name, doc, kind) for name, kind, doc, _ in DOMAIN_FAMILIES]
+    new_cache: RowCache = {}
+    names = [sample_name(s) for s in DOMAIN_FAMILIES]
+    if snap.host is not None:
+        for acc in snap.host.domains:
+            hit = cache.get(acc.domid) if cache is not None else None
+            rows = hit[1] if hit is not None and hit[0] is acc else domain_rows(acc)
+            new_cache[acc.domid] = (acc, rows)
+            for fam, name, part in zip(fams, names, rows, strict=True):
+                fam.samples.extend(Sample(name, dict(labels), v) for labels, v in part)
+    out: list[Metric] = [] if snap.host is None else fams
+    if snap.cpu is not None and snap.host is not None:
+        mfams = [Metric(name, doc, kind) for name, kind, doc, _ in METERING_FAMILIES]
+        mnames = [sample_name(s) for s in METERING_FAMILIES]
         for c in snap.cpu:
-            owner = host.domain(c.domid)
-            if owner is not None:
-                cpu.add_metric(_dom_labels(owner), c.seconds)
-        out.append(cpu)
+            for fam, name, part in zip(mfams, mnames, metering_rows(c), strict=True):
+                fam.samples.extend(Sample(name, dict(labels), v) for labels, v in part)
+        out.extend(mfams)
     return out, new_cache
+
+
+def families(snap: MetricsSnapshot, cache: RowCache | None = None) -> list[Metric]:
+    """The metric families of one snapshot (pure; see `MetricsCollector` for the caches)."""
+    return [*head_families(snap), *domain_families(snap, cache)[0], *tail_families(snap)]
 
 
 class MetricsCollector(Collector):
     """A prometheus_client collector over the snapshot `get_snapshot` returns.
 
     `get_snapshot` must only read a reference (e.g. ``lambda: state.snapshot``): it runs on the
-    scrape thread. The families of the last snapshot are kept, so scrapes between two
-    publications cost only the text formatting, and so are the per-domain samples, reused for
-    every account the next snapshot shares (`shyped.core.accounting.AccountCache` keeps unchanged
-    accounts the same objects).
+    scrape thread. The families of the last snapshot are kept, and so are the per-domain rows,
+    reused for every account the next snapshot shares (`shyped.core.accounting.AccountCache`
+    keeps unchanged accounts the same objects).
     """
 
     def __init__(self, get_snapshot: Callable[[], MetricsSnapshot]) -> None:
-        self._get = get_snapshot
+        self.get_snapshot = get_snapshot
         self._cache: tuple[MetricsSnapshot, list[Metric]] | None = None
-        self._samples: SampleCache | None = None
+        self._rows: RowCache | None = None
 
     def collect(self) -> Iterable[Metric]:
-        snap = self._get()
+        snap = self.get_snapshot()
         cache = self._cache
         if cache is not None and cache[0] is snap:
             return cache[1]
-        fams, samples = _families(snap, self._samples)
+        per_domain, rows = domain_families(snap, self._rows)
+        fams = [*head_families(snap), *per_domain, *tail_families(snap)]
         # Each reference is swapped whole: a concurrent scrape uses either the old or new one.
-        self._samples = samples
+        self._rows = rows
         self._cache = (snap, fams)
         return fams
 
