@@ -28,8 +28,9 @@ from shyped.core.host import HostModel
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.service.config import MetricsConfig
-from shyped.service.metrics import MetricsState, start_metrics_server
+from shyped.service.metrics import MetricsState
 from shyped.service.metricsfamilies import make_registry
+from shyped.service.metricsweb import start_metrics_server
 from shyped.xenstore import GatewayConfig, XenstoreGateway
 
 

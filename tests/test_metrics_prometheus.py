@@ -33,8 +33,9 @@ from twisted.internet import reactor, task, threads
 from shyped.policy.decisions import Decision, Hook, Rule
 from shyped.service.auditlog import AuditCollector, AuditLog
 from shyped.service.config import MetricsConfig
-from shyped.service.metrics import MetricsState, XlDomain, start_metrics_server
+from shyped.service.metrics import MetricsState, XlDomain
 from shyped.service.metricsfamilies import make_registry
+from shyped.service.metricsweb import start_metrics_server
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed")

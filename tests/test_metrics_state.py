@@ -40,7 +40,6 @@ from shyped.service.metrics import (
     PeriodicPublisher,
     XlDomain,
     event_kind,
-    start_metrics_server,
 )
 from shyped.service.metricsfamilies import (
     METRIC_NAMES,
@@ -48,6 +47,7 @@ from shyped.service.metricsfamilies import (
     domain_families,
     make_registry,
 )
+from shyped.service.metricsweb import start_metrics_server
 from shyped.service.xlcpu import XlCpuProvider, cpu_by_domid, parse_xl_list
 
 CONNECTED = load_layout("layout-connected.txt", "vchan.txt")

@@ -43,8 +43,6 @@ from shyped.core.quota import QuotaUsage, quota_table
 from shyped.policy.decisions import Decision
 from shyped.policy.model import Policy
 from shyped.service.config import Mode
-from shyped.service.metricsweb import check_loopback as check_loopback
-from shyped.service.metricsweb import start_metrics_server as start_metrics_server
 
 _log = Logger(namespace="shyped.metrics")
 

@@ -435,14 +435,47 @@ class MetricsCollector(Collector):
         return []  # names depend on the snapshot; no collect() at registration
 
 
+class MetricsRegistry(CollectorRegistry):
+    """A prometheus_client registry that knows its `MetricsCollector` (registered first) and
+    the order of the others, so `shyped.service.metricstext` can serve the former from its
+    cache and the rest through prometheus_client's encoders."""
+
+    def __init__(self, get_snapshot: Callable[[], MetricsSnapshot]) -> None:
+        # collectors that declare no names up front (ours) still answer name[] filters
+        super().__init__(auto_describe=False, support_collectors_without_names=True)
+        self._order: list[Collector] = []
+        self.shyped = MetricsCollector(get_snapshot)
+        self.register(self.shyped)
+
+    def register(self, collector: Collector) -> None:
+        super().register(collector)
+        self._order = [*self._order, collector]
+
+    def unregister(self, collector: Collector) -> None:
+        super().unregister(collector)
+        self._order = [c for c in self._order if c is not collector]
+
+    def others(self) -> Collector:
+        """A collector over every registered collector but the shyped one, in order."""
+        return _Chain([c for c in self._order if c is not self.shyped])
+
+
+class _Chain(Collector):
+    def __init__(self, collectors: list[Collector]) -> None:
+        self._collectors = collectors
+
+    def collect(self) -> Iterable[Metric]:
+        for c in self._collectors:
+            yield from c.collect()
+
+
 def make_registry(
     get_snapshot: Callable[[], MetricsSnapshot], *, process: bool = True
-) -> CollectorRegistry:
+) -> MetricsRegistry:
     """A registry with the shyped collector (and the process/platform collectors)."""
     from prometheus_client import PlatformCollector, ProcessCollector
 
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(MetricsCollector(get_snapshot))
+    registry = MetricsRegistry(get_snapshot)
     if process:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
