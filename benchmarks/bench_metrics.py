@@ -20,7 +20,8 @@ quotas. Then, per size:
   by prometheus_client's ``make_wsgi_app`` over the old collector, the new one by
   `start_metrics_server`), timed from a client thread, a new snapshot before each request;
   **lag1** / **lag** are the worst lateness of a 5 ms reactor timer during the first scrape and
-  during the later ones.
+  during the later ones; **idle lag** the same timer's worst lateness for as long as a scrape
+  takes with no scrape at all (the machine's own noise: the benchmark shares two cores).
 
 Ratios are now / before (smaller is better), measured in the same run on the same machine.
 
@@ -256,6 +257,12 @@ async def http_scrapes(
                 if i:
                     times.append(took)  # the first scrape renders every domain
             out[n, which] = (statistics.median(times), first.worst, later.worst)
+            if which == "now":  # control: the same probe with no scrape, as long as one
+                idle = LagProbe()
+                idle.start()
+                await task.deferLater(reactor, statistics.median(times), lambda: None)
+                idle.stop()
+                out[n, "idle"] = (0.0, idle.worst, idle.worst)
             await port.stopListening()
             del state, model
             gc.collect()
@@ -291,12 +298,16 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
             f"{r['before'] * 1e3:>7.1f}/{r['now'] * 1e3:<7.1f} {r['now'] / r['before']:>6.3f}"
         )
     if http:
-        print(f"{'domains':>8} {'HTTP ms b/n':>17} {'x':>6} {'lag1 ms b/n':>15} {'lag ms b/n':>13}")
+        print(
+            f"{'domains':>8} {'HTTP ms b/n':>17} {'x':>6} {'lag1 ms b/n':>15} {'lag ms b/n':>13}"
+            f" {'idle lag ms':>11}"
+        )
         for n in sizes:
             (tb, l1b, lb), (tn, l1n, ln) = http[n, "before"], http[n, "now"]
             print(
                 f"{n:>8} {tb * 1e3:>8.1f}/{tn * 1e3:<8.1f} {tn / tb:>6.3f} "
                 f"{l1b * 1e3:>7.1f}/{l1n * 1e3:<7.1f} {lb * 1e3:>6.1f}/{ln * 1e3:<6.1f}"
+                f" {http[n, 'idle'][1] * 1e3:>11.1f}"
             )
 
 

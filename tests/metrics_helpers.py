@@ -21,6 +21,7 @@ from shyped.core.accounting import account_domain
 from shyped.core.events import Event
 from shyped.core.host import HostModel
 from shyped.core.hostfacts import NeedsDecision
+from shyped.core.metering import DomainMeter, MeterSample, VbdCounters, VcpuTime, VifCounters
 from shyped.core.quota import check, running_with_label
 from shyped.core.xlcfg import DomainConfig, parse_disk_spec, parse_vif_spec
 from shyped.policy.decisions import Decision, Hook, PolicyEngine
@@ -142,6 +143,29 @@ class Decider:
             queue.extend(
                 model.record_decision(need, decision.permitted, label=label, reason=decision.reason)
             )
+
+
+def full_meter(
+    domid: int, name: str, *, taken_at: float = 100.0, cpu_ns: int = 7_250_000_000
+) -> MeterSample:
+    """A libxenstat sample of one domain with every field measured (as on a real dom0)."""
+    return MeterSample(
+        taken_at,
+        "xenstat",
+        (
+            DomainMeter(
+                domid,
+                name,
+                None,
+                cpu_ns,
+                vcpus=(VcpuTime(0, True, cpu_ns - 250_000_000), VcpuTime(1, False, 250_000_000)),
+                memory_bytes=130 * MIB,
+                memory_max_bytes=256 * MIB,
+                vifs=(VifCounters(0, 1000, 10, 2000, 20),),
+                vbds=(VbdCounters(51712, 5, 7, 40, 56),),
+            ),
+        ),
+    )
 
 
 # ---- the Grafana dashboard ---------------------------------------------------------------------

@@ -15,6 +15,7 @@ from hostmodel_helpers import from_snapshot, load_layout
 from metrics_helpers import (
     METRIC,
     POLICY_SHA256,
+    full_meter,
     load_dashboard,
     panels,
     parse_scrape,
@@ -26,7 +27,7 @@ from prometheus_client import generate_latest
 
 from shyped.policy.decisions import Decision, Hook, Rule
 from shyped.service.auditlog import AuditCollector, AuditLog
-from shyped.service.metrics import MetricsState, XlDomain
+from shyped.service.metrics import MetricsState
 from shyped.service.metricsfamilies import make_registry
 
 
@@ -40,7 +41,7 @@ def exported_names(audit_dir: Path) -> set[str]:
     state.set_xenstore(True, 0)
     state.observe_watch_events("domain_appeared")
     state.observe_decision(Decision(False, Hook.VCHAN, Rule.STE, "x"), 0.001)
-    state.set_cpu_times([XlDomain("xsgold", 1, None, 1.0)])
+    state.set_metering("xenstat", full_meter(1, "xsgold"))
     state.publish(model)
     registry = make_registry(lambda: state.snapshot)
     registry.register(AuditCollector(AuditLog(small(audit_dir), durable=False)))
@@ -79,11 +80,18 @@ def test_every_metric_the_dashboard_queries_is_exported(tmp_path: Path) -> None:
         "shyped_quota_memory_used_bytes",
         "shyped_audit_healthy",
         "shyped_xen_domain_cpu_seconds_total",
+        "shyped_xen_domain_memory_bytes",
+        "shyped_xen_vif_receive_bytes_total",
+        "shyped_xen_vbd_write_bytes_total",
+        "shyped_xen_metering_up",
     ):
         assert needed in used
     # every per-domain series but the info one is joined for the domain's name or label
     for e in exprs:
-        if re.search(r"shyped_domain_(?!info)", e) and "label_values" not in e:
+        if (
+            re.search(r"shyped_(domain_(?!info)|xen_(domain|vif|vbd))", e)
+            and "label_values" not in e
+        ):
             assert "group_left" in e and "shyped_domain_info" in e, e
 
 

@@ -22,6 +22,7 @@ from hostmodel_helpers import from_snapshot, load_layout
 from metrics_helpers import (
     METRIC,
     POLICY_SHA256,
+    full_meter,
     http_get,
     load_dashboard,
     promql,
@@ -33,7 +34,7 @@ from twisted.internet import reactor, task, threads
 from shyped.policy.decisions import Decision, Hook, Rule
 from shyped.service.auditlog import AuditCollector, AuditLog
 from shyped.service.config import MetricsConfig
-from shyped.service.metrics import MetricsState, XlDomain
+from shyped.service.metrics import MetricsState
 from shyped.service.metricsfamilies import make_registry
 from shyped.service.metricsweb import start_metrics_server
 
@@ -123,8 +124,8 @@ async def test_prometheus_scrapes_the_endpoint_and_answers_queries(tmp_path: Pat
     state.set_xenstore(True, 0)
     state.observe_decision(Decision(False, Hook.VCHAN, Rule.STE, "no common type"), 0.0004)
     state.observe_watch_events("domain_appeared")
-    # a CPU time as `xl list` would give it on a real dom0, for the dashboard's CPU panel
-    state.set_cpu_times([XlDomain("xsgold", 1, UUID1, 3.5)])
+    # what libxenstat would read on a real dom0, for the dashboard's metering panels
+    state.set_metering("xenstat", full_meter(1, "xsgold"))
     state.publish(model)
     registry = make_registry(lambda: state.snapshot)
     registry.register(AuditCollector(AuditLog(small(tmp_path / "audit"), durable=False)))

@@ -19,6 +19,7 @@ import pytest_twisted
 from hostmodel_helpers import from_snapshot, load_layout
 from metrics_helpers import (
     POLICY_SHA256,
+    full_meter,
     http_get,
     parse_scrape,
     scenario_policy,
@@ -141,7 +142,7 @@ def test_every_family_the_collector_can_expose_is_listed() -> None:
     state.set_xenstore(False, 3)
     state.observe_watch_events("domain_appeared")
     state.set_policy(scenario_policy(), POLICY_SHA256, 1.0)
-    state.set_cpu_times([XlDomain("xsgold", 1, UUID1, 12.5)])
+    state.set_metering("xenstat", full_meter(1, "xsgold"))
     state.publish(model)
     s = parse_scrape(scrape_text(state))
     families = {
@@ -329,7 +330,9 @@ async def test_the_provider_reads_xl_output_from_a_child_process(tmp_path: Path)
     hung.chmod(0o755)
     slow = XlCpuProvider(reactor, state, (str(hung),), timeout=0.2)
     await slow.poll()  # killed after the timeout: no series rather than a stuck poll
-    assert slow.failures == 1 and state.publish(model).cpu is None
+    snap = state.publish(model)
+    assert slow.failures == 1 and snap.metering is None
+    assert snap.metering_source == "xl" and not snap.metering_up
 
 
 def test_a_changed_domain_is_rescraped_and_the_others_samples_are_reused() -> None:

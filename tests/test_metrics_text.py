@@ -11,7 +11,14 @@ import urllib.request
 import pytest
 import pytest_twisted
 from hostmodel_helpers import from_snapshot, load_layout
-from metrics_helpers import POLICY_SHA256, parse_scrape, promtool_check, scenario_policy, value
+from metrics_helpers import (
+    POLICY_SHA256,
+    full_meter,
+    parse_scrape,
+    promtool_check,
+    scenario_policy,
+    value,
+)
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
@@ -19,13 +26,14 @@ from twisted.internet import reactor, threads
 
 from shyped.policy.decisions import Decision, Hook, Rule
 from shyped.service.config import MetricsConfig
-from shyped.service.metrics import MetricsState, XlDomain
+from shyped.service.metrics import MetricsState
 from shyped.service.metricsfamilies import make_registry
 from shyped.service.metricstext import Exposition
 from shyped.service.metricsweb import start_metrics_server
 
 CONNECTED = load_layout("layout-connected.txt", "vchan.txt")
 UUID1 = "6f1b1c9e-2a4d-4c55-9e0e-5ca1ab1e0001"
+NAME = 'x"s\\gold'  # a name with characters the format escapes
 OM_ACCEPT = "application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5"
 
 
@@ -38,9 +46,9 @@ def full_state() -> tuple[MetricsState, object, object]:
     state.observe_watch_events("domain_appeared")
     state.observe_decision(Decision(False, Hook.VCHAN, Rule.STE, "x"), 0.0004)
     state.observe_decision(Decision(True, Hook.DOMAIN_ADMIT, Rule.QUOTA, "y"), 0.002)
-    state.set_cpu_times([XlDomain("xsgold", 1, UUID1, 7.25)])
+    state.set_metering("xenstat", full_meter(1, NAME))
     # a name with every character the format escapes (dom0 writes names, still: escape them)
-    model.apply_all(asm.feed("/local/domain/1/name", b'x"s\\gold'))
+    model.apply_all(asm.feed("/local/domain/1/name", NAME.encode()))
     state.publish(model)
     return state, asm, model
 
@@ -55,7 +63,8 @@ def test_the_cached_text_is_byte_for_byte_prometheus_clients(accept: str | None)
     assert content_type.startswith("text/plain" if accept is None else OPENMETRICS.split(";")[0])
     s = parse_scrape(body.decode()) if accept is None else None
     if s is not None:
-        assert value(s, "shyped_domain_info", domid="1", domain='x"s\\gold') == 1
+        assert value(s, "shyped_domain_info", domid="1", domain=NAME) == 1
+        assert value(s, "shyped_xen_vbd_write_bytes_total", domid="1", vbd="51712") == 56 * 512
         assert promtool_check(body).returncode == 0
 
 

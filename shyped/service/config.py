@@ -66,6 +66,8 @@ class MetricsConfig:
     idle_timeout: float = 10.0  # seconds without a byte from the client
     connection_timeout: float = 30.0  # seconds a connection may live at most (slowloris)
     fd_reserve: int = 128  # stop accepting when fewer descriptors than this are left
+    metering_interval: float = 15.0  # seconds between two reads of the hypervisor's counters
+    cpu_window: float = 60.0  # seconds the run-time CPU quota averages over
 
     @property
     def authenticated(self) -> bool:
@@ -298,6 +300,8 @@ _METRICS_KEYS = {
     "idle_timeout",
     "connection_timeout",
     "fd_reserve",
+    "metering_interval",
+    "cpu_window",
 }
 #: A bcrypt hash as htpasswd -B, Python's bcrypt and Prometheus' web config write it.
 _BCRYPT = re.compile(r"\$2[aby]?\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
@@ -352,6 +356,8 @@ def _metrics(doc: dict[str, Any], base: Path, where: str) -> MetricsConfig:
         idle_timeout=number("idle_timeout", float, 10.0, 0.1, 3600),
         connection_timeout=number("connection_timeout", float, 30.0, 0.1, 86400),
         fd_reserve=number("fd_reserve", int, 128, 16, 1_000_000),
+        metering_interval=number("metering_interval", float, 15.0, 1, 3600),
+        cpu_window=number("cpu_window", float, 60.0, 5, 86400),
     )
     if config.enabled and not config.authenticated and not config.allow_unauthenticated:
         raise ConfigError(

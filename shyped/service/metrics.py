@@ -18,9 +18,11 @@ decision's ``reason`` label is its *rule*, never the free-text reason. A domain'
 series carry ``domid`` (to join on) and disappear with the domain. The metric list is in
 ``docs/metrics.md`` and `shyped.service.metricsfamilies.METRIC_NAMES`.
 
-CPU time per domain comes from an optional `XlCpuProvider` (``xl list -v`` run periodically as
-a child process, never on the reactor's time): without a hypervisor, as on the sandbox, ``xl``
-fails and there is simply no ``shyped_xen_domain_cpu_seconds_total`` series.
+What Xen measures per domain (CPU, vCPU, memory in use, vif and vbd counters: a
+`shyped.core.metering.MeterSample`) comes from an optional provider polling off the reactor:
+`shyped.service.xenstat.XenstatProvider` (libxenstat, as xentop) or, for CPU time only,
+`shyped.service.xlcpu.XlCpuProvider` (``xl list -v``). Without a hypervisor, as on the sandbox,
+there is no ``shyped_xen_*`` per-domain series at all, and ``shyped_xen_metering_up`` says 0.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from twisted.logger import Logger
 from shyped.core.accounting import AccountCache, HostAccount
 from shyped.core.events import Event
 from shyped.core.host import HostModel
+from shyped.core.metering import NS, DomainMeter, MeterSample, match
 from shyped.core.quota import QuotaUsage, quota_table
 from shyped.policy.decisions import Decision
 from shyped.policy.model import Policy
@@ -105,14 +108,6 @@ class LatencyHistogram:
 
 
 @attrs.frozen
-class CpuTime:
-    """CPU time a domain has used (``xl list``), matched to the model's domain."""
-
-    domid: int
-    seconds: float
-
-
-@attrs.frozen
 class MetricsSnapshot:
     """Everything a scrape shows, frozen at `published_at` (reactor-built, read anywhere)."""
 
@@ -128,8 +123,13 @@ class MetricsSnapshot:
     watch_events: tuple[tuple[str, int], ...] = ()
     host: HostAccount | None = None
     quotas: tuple[QuotaUsage, ...] = ()
-    #: None: no CPU time provider, or it failed (no series at all).
-    cpu: tuple[CpuTime, ...] | None = None
+    #: What Xen measured of the model's domains (`shyped.core.metering.match`); None: no
+    #: metering provider, or it is unavailable or failing (no per-domain series at all).
+    metering: tuple[DomainMeter, ...] | None = None
+    #: The metering provider configured (``xenstat``, ``xl``) and whether its last poll
+    #: worked; None: none configured.
+    metering_source: str | None = None
+    metering_up: bool = False
     #: Domain vetoes that failed and are being retried; failed veto attempts so far.
     vetoes_pending: int = 0
     veto_failures: int = 0
@@ -165,7 +165,9 @@ class MetricsState:
         self._xs_up: bool | None = None
         self._xs_reconnects = 0
         self._events: dict[str, int] = {}
-        self._cpu: Sequence[XlDomain] | None = None
+        self._meter: MeterSample | None = None
+        self._meter_source: str | None = None
+        self._meter_up = False
         self._vetoes: tuple[int, int] = (0, 0)
         self._snapshot: MetricsSnapshot = EMPTY_SNAPSHOT
         self._accounts = AccountCache()
@@ -226,10 +228,30 @@ class MetricsState:
             self._vetoes = (pending, failures)
             self.dirty = True
 
-    def set_cpu_times(self, domains: Sequence[XlDomain] | None) -> None:
-        """What the CPU time provider last read (None: not available)."""
-        self._cpu = domains
+    def set_metering(self, source: str, sample: MeterSample | None) -> None:
+        """What the metering provider `source` last read (None: not available or failed)."""
+        self._meter_source = source
+        self._meter = sample
+        self._meter_up = sample is not None
         self.dirty = True
+
+    def set_cpu_times(self, domains: Sequence[XlDomain] | None) -> None:
+        """CPU times from ``xl list`` (None: not available), as a metering sample."""
+        sample = None
+        if domains is not None:
+            sample = MeterSample(
+                time.monotonic(),
+                "xl",
+                tuple(
+                    DomainMeter(d.domid, d.name, d.uuid, round(d.cpu_seconds * NS)) for d in domains
+                ),
+            )
+        self.set_metering("xl", sample)
+
+    @property
+    def meter_sample(self) -> MeterSample | None:
+        """The last sample (reactor thread), for the run-time quotas."""
+        return self._meter
 
     def publish(self, model: HostModel | None) -> MetricsSnapshot:
         """Build a frozen snapshot of everything (and the model's domains) and swap it in."""
@@ -237,9 +259,9 @@ class MetricsState:
         quotas: tuple[QuotaUsage, ...] = ()
         if host is not None and self._policy is not None:
             quotas = quota_table(self._policy, host)
-        cpu = None
-        if self._cpu is not None and host is not None:
-            cpu = tuple(_match_cpu(self._cpu, host))
+        metering = None
+        if self._meter is not None and host is not None:
+            metering = match(self._meter, host)
         latency = tuple(
             LatencyHistogram(hook, tuple(counts), total[0])
             for hook, (counts, total) in sorted(self._latency.items())
@@ -255,24 +277,15 @@ class MetricsState:
             watch_events=tuple(sorted(self._events.items())),
             host=host,
             quotas=quotas,
-            cpu=cpu,
+            metering=metering,
+            metering_source=self._meter_source,
+            metering_up=self._meter_up,
             vetoes_pending=self._vetoes[0],
             veto_failures=self._vetoes[1],
         )
         self._snapshot = snap  # the one atomic swap the collector sees
         self.dirty = False
         return snap
-
-
-def _match_cpu(rows: Sequence[XlDomain], host: HostAccount) -> Iterable[CpuTime]:
-    """CPU times for the model's domains: same domid and, where both are known, same uuid."""
-    for row in rows:
-        acc = host.domain(row.domid)
-        if acc is None:
-            continue
-        if acc.uuid is not None and row.uuid is not None and acc.uuid != row.uuid:
-            continue  # another incarnation under the same id
-        yield CpuTime(row.domid, row.cpu_seconds)
 
 
 class PeriodicPublisher:

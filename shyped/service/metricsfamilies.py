@@ -34,9 +34,10 @@ from prometheus_client.utils import floatToGoString
 
 import shyped
 from shyped.core.accounting import DomainAccount
+from shyped.core.metering import NS, SECTOR_BYTES, DomainMeter
 from shyped.core.quota import QuotaKind
 from shyped.service.config import Mode
-from shyped.service.metrics import LATENCY_BUCKETS, CpuTime, MetricsSnapshot
+from shyped.service.metrics import LATENCY_BUCKETS, MetricsSnapshot
 
 #: One sample of a per-domain family: its labels (domid first) and its value.
 Row = tuple[tuple[tuple[str, str], ...], float]
@@ -114,13 +115,80 @@ DOMAIN_FAMILIES: Final[tuple[FamilySpec, ...]] = (
     ),
 )
 
-#: The per-domain families measured by Xen (`MetricsSnapshot.cpu`), after `DOMAIN_FAMILIES`.
+#: The per-domain families measured by Xen or dom0's backends (`MetricsSnapshot.metering`),
+#: after `DOMAIN_FAMILIES`, in the order `metering_rows` fills them.
 METERING_FAMILIES: Final[tuple[FamilySpec, ...]] = (
     (
         "shyped_xen_domain_cpu_seconds",
         "counter",
         "CPU time the domain has used, as the hypervisor counts it",
         (),
+    ),
+    (
+        "shyped_xen_domain_vcpu_seconds",
+        "counter",
+        "CPU time per vCPU, as the hypervisor counts it",
+        ("vcpu",),
+    ),
+    (
+        "shyped_xen_domain_memory_bytes",
+        "gauge",
+        "Memory the domain holds now (its pages, as the hypervisor counts them)",
+        (),
+    ),
+    (
+        "shyped_xen_domain_memory_max_bytes",
+        "gauge",
+        "The most memory the hypervisor lets the domain hold (absent: no limit)",
+        (),
+    ),
+    (
+        "shyped_xen_vif_receive_bytes",
+        "counter",
+        "Bytes dom0's backend interface received from the guest's vif",
+        ("vif",),
+    ),
+    (
+        "shyped_xen_vif_receive_packets",
+        "counter",
+        "Packets dom0's backend interface received from the guest's vif",
+        ("vif",),
+    ),
+    (
+        "shyped_xen_vif_transmit_bytes",
+        "counter",
+        "Bytes dom0's backend interface sent to the guest's vif",
+        ("vif",),
+    ),
+    (
+        "shyped_xen_vif_transmit_packets",
+        "counter",
+        "Packets dom0's backend interface sent to the guest's vif",
+        ("vif",),
+    ),
+    (
+        "shyped_xen_vbd_read_requests",
+        "counter",
+        "Read requests of the guest's vbd, as its backend counts them",
+        ("vbd",),
+    ),
+    (
+        "shyped_xen_vbd_write_requests",
+        "counter",
+        "Write requests of the guest's vbd, as its backend counts them",
+        ("vbd",),
+    ),
+    (
+        "shyped_xen_vbd_read_bytes",
+        "counter",
+        "Bytes read through the guest's vbd (backend's sectors x 512)",
+        ("vbd",),
+    ),
+    (
+        "shyped_xen_vbd_write_bytes",
+        "counter",
+        "Bytes written through the guest's vbd (backend's sectors x 512)",
+        ("vbd",),
     ),
 )
 
@@ -178,6 +246,7 @@ METRIC_NAMES: Final = (
     "shyped_enforcement_mode",
     "shyped_xenstore_up",
     "shyped_xenstore_reconnects_total",
+    "shyped_xen_metering_up",
     "shyped_watch_events_total",
     "shyped_domains",
     "shyped_unattributed_garbage_writes_total",
@@ -228,9 +297,36 @@ def domain_rows(acc: DomainAccount) -> Rows:
     )
 
 
-def metering_rows(cpu: CpuTime) -> Rows:
-    """One domain's samples for each of `METERING_FAMILIES`."""
-    return ((((("domid", str(cpu.domid)),), cpu.seconds),),)
+def metering_rows(m: DomainMeter) -> Rows:
+    """One measured domain's samples for each of `METERING_FAMILIES`."""
+    d = ("domid", str(m.domid))
+    key: tuple[tuple[str, str], ...] = (d,)
+
+    def one(value: float | None) -> tuple[Row, ...]:
+        return () if value is None else ((key, value),)
+
+    vifs, vbds = m.vifs, m.vbds
+
+    def vif(field: str) -> tuple[Row, ...]:
+        return tuple(((d, ("vif", str(v.devid))), getattr(v, field)) for v in vifs)
+
+    def vbd(field: str, scale: int = 1) -> tuple[Row, ...]:
+        return tuple(((d, ("vbd", str(b.devid))), getattr(b, field) * scale) for b in vbds)
+
+    return (
+        one(m.cpu_seconds),
+        tuple(((d, ("vcpu", str(v.vcpu))), v.cpu_ns / NS) for v in m.vcpus),
+        one(m.memory_bytes),
+        one(m.memory_max_bytes),
+        vif("receive_bytes"),
+        vif("receive_packets"),
+        vif("transmit_bytes"),
+        vif("transmit_packets"),
+        vbd("read_requests"),
+        vbd("write_requests"),
+        vbd("read_sectors", SECTOR_BYTES),
+        vbd("write_sectors", SECTOR_BYTES),
+    )
 
 
 # ---- the families ---------------------------------------------------------------------------
@@ -320,6 +416,14 @@ def head_families(snap: MetricsSnapshot) -> list[Metric]:
                 value=snap.xenstore_reconnects,
             )
         )
+    if snap.metering_source is not None:
+        up = GaugeMetricFamily(
+            "shyped_xen_metering_up",
+            "1 while the hypervisor metering source answers (0: unavailable, e.g. no Xen)",
+            labels=["source"],
+        )
+        up.add_metric([snap.metering_source], 1.0 if snap.metering_up else 0.0)
+        out.append(up)
     ev = CounterMetricFamily(
         "shyped_watch_events", "Typed xenstore watch events by kind", labels=["kind"]
     )
@@ -390,11 +494,11 @@ def domain_families(
             for fam, name, part in zip(fams, names, rows, strict=True):
                 fam.samples.extend(Sample(name, dict(labels), v) for labels, v in part)
     out: list[Metric] = [] if snap.host is None else fams
-    if snap.cpu is not None and snap.host is not None:
+    if snap.metering is not None and snap.host is not None:
         mfams = [Metric(name, doc, kind) for name, kind, doc, _ in METERING_FAMILIES]
         mnames = [sample_name(s) for s in METERING_FAMILIES]
-        for c in snap.cpu:
-            for fam, name, part in zip(mfams, mnames, metering_rows(c), strict=True):
+        for m in snap.metering:
+            for fam, name, part in zip(mfams, mnames, metering_rows(m), strict=True):
                 fam.samples.extend(Sample(name, dict(labels), v) for labels, v in part)
         out.extend(mfams)
     return out, new_cache

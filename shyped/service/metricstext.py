@@ -30,7 +30,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from shyped.core.accounting import DomainAccount
-from shyped.service.metrics import CpuTime, MetricsSnapshot
+from shyped.core.metering import DomainMeter
+from shyped.service.metrics import MetricsSnapshot
 from shyped.service.metricsfamilies import (
     DOMAIN_FAMILIES,
     METERING_FAMILIES,
@@ -94,7 +95,7 @@ class DomainText:
 
     def __init__(self) -> None:
         self._accounts: dict[int, tuple[DomainAccount, Chunks]] = {}
-        self._metering: dict[int, tuple[CpuTime, Chunks]] = {}
+        self._metering: dict[int, tuple[DomainMeter, Chunks]] = {}
         self._headers: dict[str, tuple[Chunks, Chunks]] = {}
         self._last: tuple[MetricsSnapshot, str, bytes] | None = None
         self.rendered = 0  # domains rendered so far (tests, benchmarks)
@@ -132,14 +133,14 @@ class DomainText:
                 chunks.append(text)
             self._accounts = fresh
             parts.extend(_join(heads, chunks))
-            if snap.cpu is not None:
-                parts.extend(_join(mheads, self._metering_chunks(snap.cpu)))
+            if snap.metering is not None:
+                parts.extend(_join(mheads, self._metering_chunks(snap.metering)))
         parts.append(_encode(encoder, tail_families(snap)))
         body = b"".join(parts)
         self._last = (snap, content_type, body)
         return body
 
-    def _metering_chunks(self, samples: Sequence[CpuTime]) -> list[Chunks]:
+    def _metering_chunks(self, samples: Sequence[DomainMeter]) -> list[Chunks]:
         old, fresh = self._metering, {}
         out: list[Chunks] = []
         for c in samples:
