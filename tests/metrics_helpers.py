@@ -58,6 +58,8 @@ def scenario_policy() -> Policy:
                     max_vchans=8,
                     max_event_channels=64,
                     max_grant_refs=64,
+                    max_label_memory_mib=1024,
+                    max_cpu_percent=200,
                 ),
             ),
             VmLabel("db", {"db"}, quota=Quota(max_memory_mib=64)),

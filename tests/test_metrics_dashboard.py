@@ -25,6 +25,7 @@ from metrics_helpers import (
 )
 from prometheus_client import generate_latest
 
+from shyped.core.metering import LabelUse
 from shyped.policy.decisions import Decision, Hook, Rule
 from shyped.service.auditlog import AuditCollector, AuditLog
 from shyped.service.metrics import MetricsState
@@ -42,6 +43,7 @@ def exported_names(audit_dir: Path) -> set[str]:
     state.observe_watch_events("domain_appeared")
     state.observe_decision(Decision(False, Hook.VCHAN, Rule.STE, "x"), 0.001)
     state.set_metering("xenstat", full_meter(1, "xsgold"))
+    state.set_label_use({"web": LabelUse("web", 1, 0.5, 1, 1)})
     state.publish(model)
     registry = make_registry(lambda: state.snapshot)
     registry.register(AuditCollector(AuditLog(small(audit_dir), durable=False)))
@@ -84,6 +86,8 @@ def test_every_metric_the_dashboard_queries_is_exported(tmp_path: Path) -> None:
         "shyped_xen_vif_receive_bytes_total",
         "shyped_xen_vbd_write_bytes_total",
         "shyped_xen_metering_up",
+        "shyped_quota_cpu_used_ratio",
+        "shyped_quota_label_memory_limit_bytes",
     ):
         assert needed in used
     # every per-domain series but the info one is joined for the domain's name or label

@@ -31,6 +31,7 @@ from metrics_helpers import (
 )
 from twisted.internet import reactor, task, threads
 
+from shyped.core.metering import LabelUse
 from shyped.policy.decisions import Decision, Hook, Rule
 from shyped.service.auditlog import AuditCollector, AuditLog
 from shyped.service.config import MetricsConfig
@@ -126,6 +127,7 @@ async def test_prometheus_scrapes_the_endpoint_and_answers_queries(tmp_path: Pat
     state.observe_watch_events("domain_appeared")
     # what libxenstat would read on a real dom0, for the dashboard's metering panels
     state.set_metering("xenstat", full_meter(1, "xsgold"))
+    state.set_label_use({"web": LabelUse("web", 130 * 1024 * 1024, 0.5, 1, 1)})
     state.publish(model)
     registry = make_registry(lambda: state.snapshot)
     registry.register(AuditCollector(AuditLog(small(tmp_path / "audit"), durable=False)))

@@ -18,6 +18,7 @@ import pytest
 import pytest_twisted
 from hostmodel_helpers import from_snapshot, load_layout
 from metrics_helpers import (
+    MIB,
     POLICY_SHA256,
     full_meter,
     http_get,
@@ -32,6 +33,7 @@ from prometheus_client.registry import Collector
 from twisted.internet import reactor, task, threads
 
 from shyped.core.events import DomainAppeared, Garbage, RescanHint
+from shyped.core.metering import LabelUse
 from shyped.policy.decisions import Decision, Hook, Rule
 from shyped.service.config import MetricsConfig, Mode
 from shyped.service.metrics import (
@@ -143,8 +145,12 @@ def test_every_family_the_collector_can_expose_is_listed() -> None:
     state.observe_watch_events("domain_appeared")
     state.set_policy(scenario_policy(), POLICY_SHA256, 1.0)
     state.set_metering("xenstat", full_meter(1, "xsgold"))
+    state.set_label_use({"web": LabelUse("web", 3 * MIB, 0.25, 1, 1)})  # run-time quotas
     state.publish(model)
     s = parse_scrape(scrape_text(state))
+    assert value(s, "shyped_quota_cpu_used_ratio", label="web") == 0.25
+    assert value(s, "shyped_quota_cpu_limit_ratio", label="web") == 2.0
+    assert value(s, "shyped_quota_label_memory_used_bytes", label="web") == 3 * MIB
     families = {
         n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for n, *_ in s
     }

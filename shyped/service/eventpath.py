@@ -52,6 +52,7 @@ from shyped.service.policyload import (
     LoadedPolicy,
     make_actuator,
 )
+from shyped.service.runtimequotas import RuntimeQuotaFeed
 from shyped.service.vetoretry import VetoAttempt, worth_recording
 from shyped.xenstore import (
     ConnectionLost,
@@ -159,6 +160,8 @@ class DaemonCore:
         #: The audit trail (records gate enforcing actions) and the metrics, if configured.
         self.audit = audit
         self.metrics = metrics
+        if metrics is not None:  # run-time quotas judge the hypervisor's metering samples
+            RuntimeQuotaFeed(self, metrics, config.metrics.cpu_window)
         self._publisher: PeriodicPublisher | None = None
         self._reconnects = 0
         self._unsynced: set[Deferred[Any]] = set()  # decision records not yet durable

@@ -31,7 +31,7 @@ import bisect
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from shyped.core.accounting import AccountCache, HostAccount
 from shyped.core.events import Event
 from shyped.core.host import HostModel
-from shyped.core.metering import NS, DomainMeter, MeterSample, match
+from shyped.core.metering import NS, DomainMeter, LabelUse, MeterSample, match
 from shyped.core.quota import QuotaUsage, quota_table
 from shyped.policy.decisions import Decision
 from shyped.policy.model import Policy
@@ -168,6 +168,8 @@ class MetricsState:
         self._meter: MeterSample | None = None
         self._meter_source: str | None = None
         self._meter_up = False
+        self._meter_listeners: list[Callable[[MeterSample], None]] = []
+        self._label_use: Mapping[str, LabelUse] | None = None
         self._vetoes: tuple[int, int] = (0, 0)
         self._snapshot: MetricsSnapshot = EMPTY_SNAPSHOT
         self._accounts = AccountCache()
@@ -234,6 +236,21 @@ class MetricsState:
         self._meter = sample
         self._meter_up = sample is not None
         self.dirty = True
+        if sample is not None:
+            for listener in list(self._meter_listeners):
+                try:
+                    listener(sample)
+                except Exception:
+                    _log.failure("metering listener {l!r} raised", l=listener)
+
+    def add_meter_listener(self, listener: Callable[[MeterSample], None]) -> None:
+        """Call `listener` with every metering sample (the run-time quotas)."""
+        self._meter_listeners.append(listener)
+
+    def set_label_use(self, use: Mapping[str, LabelUse] | None) -> None:
+        """Per-label use the run-time quotas computed (the quota table's run-time rows)."""
+        self._label_use = use
+        self.dirty = True
 
     def set_cpu_times(self, domains: Sequence[XlDomain] | None) -> None:
         """CPU times from ``xl list`` (None: not available), as a metering sample."""
@@ -258,7 +275,7 @@ class MetricsState:
         host = self._accounts.host(model) if model is not None else None
         quotas: tuple[QuotaUsage, ...] = ()
         if host is not None and self._policy is not None:
-            quotas = quota_table(self._policy, host)
+            quotas = quota_table(self._policy, host, runtime=self._label_use)
         metering = None
         if self._meter is not None and host is not None:
             metering = match(self._meter, host)

@@ -35,7 +35,7 @@ from prometheus_client.utils import floatToGoString
 import shyped
 from shyped.core.accounting import DomainAccount
 from shyped.core.metering import NS, SECTOR_BYTES, DomainMeter
-from shyped.core.quota import QuotaKind
+from shyped.core.quota import PER_DOMAIN, QuotaKind
 from shyped.service.config import Mode
 from shyped.service.metrics import LATENCY_BUCKETS, MetricsSnapshot
 
@@ -230,6 +230,16 @@ QUOTA_FAMILIES: Final[dict[QuotaKind, tuple[str, str, str]]] = {
         "shyped_quota_grant_refs_used",
         "shyped_quota_grant_refs_limit",
         "grant references one domain published",
+    ),
+    QuotaKind.LABEL_MEMORY: (
+        "shyped_quota_label_memory_used_bytes",
+        "shyped_quota_label_memory_limit_bytes",
+        "memory the label's running domains hold (hypervisor, run-time), bytes",
+    ),
+    QuotaKind.CPU: (
+        "shyped_quota_cpu_used_ratio",
+        "shyped_quota_cpu_limit_ratio",
+        "CPU of the label's running domains over the window (hypervisor, run-time), CPUs",
     ),
 }
 
@@ -462,7 +472,7 @@ def tail_families(snap: MetricsSnapshot) -> list[Metric]:
             GaugeMetricFamily(
                 used_name,
                 f"Quota use per VM label: {what}"
-                + ("" if kind is QuotaKind.DOMAINS else " (the label's highest)"),
+                + (" (the label's highest)" if kind in PER_DOMAIN else ""),
                 labels=["label"],
             ),
         )
