@@ -7,17 +7,15 @@ hypervisor, so the samples libxenstat would read are handed to the metrics state
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
 import pytest
 import pytest_twisted
 from audit_helpers import file_records
-from daemon_helpers import Harness, domcfg
+from daemon_helpers import Harness, domcfg, host_fixture
 from hostmodel_helpers import from_snapshot, load_layout
 from metrics_helpers import MIB, parse_scrape, value
-from twisted.internet import defer
 from wiring_helpers import labels_with, quota_policy, scrape, start, with_audit, with_metrics
 
 from shyped.core.accounting import account_host
@@ -27,9 +25,9 @@ from shyped.core.modes import DomainVeto
 from shyped.core.quota import KINDS_BY_HOOK, QuotaKind, RuntimeQuotas, check
 from shyped.policy.decisions import Hook, Rule
 from shyped.policy.model import Policy, PolicyVersion, Quota, VmLabel
-from shyped.sandbox.xenstored import SandboxXenstored
 
 S = 10**9  # ns
+__all__ = ["host_fixture"]  # the sandbox host fixture, `host`
 
 
 def meter(at: float, *doms: tuple[int, str, int, int]) -> MeterSample:
@@ -82,15 +80,6 @@ def test_run_time_quotas_are_not_judged_at_admission() -> None:
     policy = guest_policy(max_label_memory_mib=1, max_cpu_percent=1)
     assert not {QuotaKind.LABEL_MEMORY, QuotaKind.CPU} & set(KINDS_BY_HOOK[Hook.DOMAIN_ADMIT])
     assert check(policy, "guest", acc, hook=Hook.DOMAIN_ADMIT, others_running=0).permitted
-
-
-@pytest.fixture
-def host(xenstored: SandboxXenstored) -> Iterator[Harness]:
-    h = Harness.boot(xenstored)
-    try:
-        yield h
-    finally:
-        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
 
 
 @pytest_twisted.ensureDeferred

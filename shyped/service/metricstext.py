@@ -32,18 +32,16 @@ from prometheus_client.utils import floatToGoString
 from shyped.core.accounting import DomainAccount
 from shyped.core.metering import DomainMeter
 from shyped.service.metrics import MetricsSnapshot
-from shyped.service.metricsfamilies import (
+from shyped.service.metricsfamilies import MetricsRegistry, head_families, tail_families
+from shyped.service.metricsrows import (
     DOMAIN_FAMILIES,
     METERING_FAMILIES,
     FamilySpec,
-    MetricsRegistry,
     Row,
     Rows,
     domain_rows,
-    head_families,
     metering_rows,
     sample_name,
-    tail_families,
 )
 
 Encoder = Callable[[Collector], bytes]

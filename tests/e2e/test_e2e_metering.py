@@ -74,6 +74,13 @@ def test_cpu_net_and_block_grow_and_agree_with_xl_and_xentop(run: RunResult) -> 
         assert written(s) <= int(top_n["io"]["VBD_WSECT"]) * 512
 
     first, second = scrapes
+    for n, (s, xl_n, top_n) in enumerate(zip(scrapes, xl, top, strict=True), 1):
+        print(  # the figures, for the record (pytest -s)
+            f"scrape {n}: burner CPU {cpu(s, burner):.2f} s (xl {xl_n['burner'].cpu_seconds}, "
+            f"xentop {top_n['burner']['CPU(sec)']}); io vif0 from guest {rx(s):.0f} B (xentop "
+            f"NETRX {top_n['io']['NETRX(k)']} KiB); io xvda written {written(s):.0f} B "
+            f"(xentop VBD_WSECT {top_n['io']['VBD_WSECT']} x 512)"
+        )
     assert cpu(second, burner) - cpu(first, burner) >= 1.0  # 12 s at up to a quarter CPU
     assert rx(second) > rx(first) > 0
     assert written(second) > written(first) > 0
