@@ -120,3 +120,17 @@ async def test_the_endpoint_negotiates_compresses_and_filters() -> None:
         )
     finally:
         await port.stopListening()
+
+
+def test_formats_alternate_over_a_steady_host() -> None:
+    """Prometheus negotiates OpenMetrics, a curl gets text: the cached per-domain text of one
+    format is never served in the other."""
+    state, _, model = full_state()
+    registry = make_registry(lambda: state.snapshot, process=False)
+    exposition = Exposition(registry)
+    for accept in (None, OM_ACCEPT, OM_ACCEPT, None, OM_ACCEPT):
+        state.publish(model)  # a new snapshot, the same accounts
+        body, _ = exposition.render(accept)
+        reference = generate_latest if accept is None else generate_openmetrics
+        assert body == reference(registry)
+    assert exposition.text.rendered == 2

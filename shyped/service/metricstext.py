@@ -97,6 +97,8 @@ class DomainText:
         self._headers: dict[str, tuple[Chunks, Chunks]] = {}
         self._last: tuple[MetricsSnapshot, str, bytes] | None = None
         self._joined: Joined | None = None
+        #: the format and accounts of the last render, and their families' text (headers too)
+        self._steady: tuple[str, tuple[DomainAccount, ...] | None, list[bytes]] = ("", None, [])
         self.rendered = 0  # domains rendered so far (tests, benchmarks)
 
     def _headers_for(self, content_type: str, encoder: Encoder) -> tuple[Chunks, Chunks]:
@@ -118,7 +120,13 @@ class DomainText:
             return last[2]
         heads, mheads = self._headers_for(content_type, encoder)
         parts = [_encode(encoder, head_families(snap))]
-        if snap.host is not None:
+        steady = self._steady
+        if snap.host is not None and steady[0] == content_type and snap.host.domains == steady[1]:
+            # the same accounts as last time (compared in C, by identity first): same text
+            parts.extend(steady[2])
+            if snap.metering is not None:
+                parts.extend(_join(mheads, self._metering_chunks(snap.metering)))
+        elif snap.host is not None:
             old, fresh = self._accounts, {}
             chunks: list[Chunks] = []
             changed = False
@@ -134,7 +142,9 @@ class DomainText:
                 chunks.append(text)
             self._accounts = fresh
             self._joined, bodies = _joined(self._joined, changed, tuple(fresh), chunks)
-            parts.extend(x for pair in zip(heads, bodies, strict=True) for x in pair)
+            domain_parts = [x for pair in zip(heads, bodies, strict=True) for x in pair]
+            self._steady = (content_type, snap.host.domains, domain_parts)
+            parts.extend(domain_parts)
             if snap.metering is not None:
                 parts.extend(_join(mheads, self._metering_chunks(snap.metering)))
         parts.append(_encode(encoder, tail_families(snap)))
