@@ -1,4 +1,5 @@
-"""Cost of the metrics endpoint with 10, 1,000 and 5,000 domains.
+"""Cost of a scrape at 1,000 and 5,000 domains: the endpoint now against the collector before
+metering v2 (issue 16), both measured in the same run.
 
 Each host model is built from synthetic xenstore nodes through the real parser
 (`shyped.core.assembler.EventAssembler`) and host model: per domain what libxl, the backends and the
@@ -8,34 +9,45 @@ quotas. Then, per size:
 
 * **publish**: what the reactor pays after a batch (`MetricsState.publish`: per-domain accounts,
   quota table, one frozen snapshot);
-* **scrape (new snapshot)**: `generate_latest` on the registry right after a publish (the
-  collector builds the families, reusing the samples of unchanged accounts, then
-  prometheus_client formats them) — on the scrape thread;
-* **scrape (same snapshot)**: a second scrape of the same snapshot (families cached);
-* **HTTP scrape**: GET /metrics from the Twisted server (WSGI resource on the reactor's pool),
-  timed from a client thread, new snapshot each time (accounts unchanged, as between two
-  publications of a steady host); **lag1** / **lag** are the worst lateness of a 5 ms reactor
-  timer during the first scrape (every domain's samples built: a burst of allocations that can
-  set off a full garbage collection, which stops every thread) and during the later ones.
+* **scrape**: the exposition text right after a publish (a new snapshot, the accounts
+  unchanged, as between two publications of a steady host), on the calling thread:
+  *before* is ``generate_latest`` over the old collector (`metrics_baseline.py`, a copy of
+  the collector as it was: identity labels on every series, prometheus_client formatting every
+  sample), *now* `shyped.service.metricstext.Exposition` (per-domain text cached, rendered
+  again only for domains that changed); *first* is the first scrape of each (every domain
+  rendered);
+* **HTTP**: GET /metrics from a Twisted server on the reactor's thread pool (the old one served
+  by prometheus_client's ``make_wsgi_app`` over the old collector, the new one by
+  `start_metrics_server`), fetched by ``curl`` in a child process (the scraper is another
+  process, as Prometheus is), a new snapshot before each request;
+  **lag1** / **lag** are the worst lateness of a 5 ms reactor timer during the first scrape and
+  during the later ones; **idle lag** the same timer's worst lateness for as long as a scrape
+  takes with no scrape at all (the machine's own noise: the benchmark shares two cores).
 
-Costs grow with the number of series, i.e. linearly with the domains; the ratio columns divide
-each figure by the 10-domain one measured in the same run (per-domain cost = ratio / (N/10)).
+Ratios are now / before (smaller is better), measured in the same run on the same machine.
 
-Run: .venv/bin/python benchmarks/bench_metrics.py [--sizes 10 1000 5000] [--repeat 5]
+Run: .venv/bin/python benchmarks/bench_metrics.py [--sizes 1000 5000] [--repeat 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import shutil
 import statistics
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import generate_latest
+from metrics_baseline import MetricsCollector as BaselineCollector
+from prometheus_client import generate_latest, make_wsgi_app
+from prometheus_client.registry import CollectorRegistry
 from twisted.internet import defer, task, threads
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from twisted.web.wsgi import WSGIResource
 
 from shyped.core.assembler import EventAssembler
 from shyped.core.host import HostModel
@@ -43,10 +55,13 @@ from shyped.core.hostfacts import NeedsDecision
 from shyped.policy.decisions import Decision, Hook, Rule
 from shyped.policy.model import Policy, PolicyVersion, Quota, VmLabel
 from shyped.service.config import MetricsConfig
-from shyped.service.metrics import MetricsState, start_metrics_server
+from shyped.service.metrics import MetricsState
 from shyped.service.metricsfamilies import make_registry
+from shyped.service.metricstext import Exposition
+from shyped.service.metricsweb import start_metrics_server
 
 Node = tuple[str, bytes | None, list[bytes] | None]
+CURL = shutil.which("curl")
 LABELS = ("web", "db", "batch", "shop")
 
 
@@ -128,41 +143,54 @@ def median_time(fn: Callable[[], Any], repeat: int) -> float:
     return statistics.median(times)
 
 
-def measure(n: int, repeat: int) -> dict[str, float]:
+def baseline_registry(state: MetricsState) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BaselineCollector(lambda: state.snapshot))
+    return registry
+
+
+def new_state(n: int) -> tuple[MetricsState, HostModel]:
     state = MetricsState()
     state.set_policy(policy(), "0" * 64, time.time())
     state.set_mode("enforcing")
     state.set_xenstore(True, 0)
-    t0 = time.perf_counter()
-    model = build(n, state)
-    build_s = time.perf_counter() - t0
-    registry = make_registry(lambda: state.snapshot, process=False)
+    return state, build(n, state)
 
+
+def measure(n: int, repeat: int) -> dict[str, float]:
+    state, model = new_state(n)
     publish = median_time(lambda: state.publish(model), repeat)
+    out: dict[str, float] = {"publish": publish}
 
-    def fresh_scrape() -> bytes:
+    def before() -> Callable[[], bytes]:
+        registry = baseline_registry(state)
+        return lambda: generate_latest(registry)
+
+    def now() -> Callable[[], bytes]:
+        exposition = Exposition(make_registry(lambda: state.snapshot, process=False))
+        return lambda: exposition.render(None)[0]
+
+    scrapers = {"before": before, "now": now}
+    for which, make in scrapers.items():
+        scrape = make()
         state.publish(model)
-        t = time.perf_counter()
-        body = generate_latest(registry)
-        fresh_times.append(time.perf_counter() - t)
-        return body
-
-    fresh_times: list[float] = []
-    body = b""
-    for _ in range(repeat):
         gc.collect()
-        body = fresh_scrape()
-    cold = statistics.median(fresh_times)
-    cached = median_time(lambda: generate_latest(registry), repeat)
-    series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
-    return {
-        "build": build_s,
-        "publish": publish,
-        "cold": cold,
-        "cached": cached,
-        "series": series,
-        "bytes": len(body),
-    }
+        t = time.perf_counter()
+        body = scrape()
+        out[f"{which} first"] = time.perf_counter() - t
+        times = []
+        for _ in range(repeat):
+            state.publish(model)
+            gc.collect()
+            t = time.perf_counter()
+            body = scrape()
+            times.append(time.perf_counter() - t)
+        out[which] = statistics.median(times)
+        out[f"{which} series"] = sum(
+            1 for line in body.splitlines() if line and not line.startswith(b"#")
+        )
+        out[f"{which} bytes"] = len(body)
+    return out
 
 
 class LagProbe:
@@ -188,48 +216,73 @@ class LagProbe:
         self._loop.stop()
 
 
+def listen_baseline(reactor: Any, state: MetricsState) -> Any:
+    """The endpoint as it was: prometheus_client's WSGI app over the old collector."""
+    root = Resource()  # type: ignore[no-untyped-call]
+    app = make_wsgi_app(baseline_registry(state))
+    wsgi = WSGIResource(reactor, reactor.getThreadPool(), app)  # type: ignore[no-untyped-call]
+    root.putChild(b"metrics", wsgi)
+    return reactor.listenTCP(0, Site(root), interface="127.0.0.1")  # type: ignore[no-untyped-call]
+
+
 async def http_scrapes(
     reactor: Any, sizes: list[int], repeat: int
-) -> dict[int, tuple[float, float, float]]:
-    """GET /metrics from the real Twisted server, a new snapshot before each request: the
+) -> dict[tuple[int, str], tuple[float, float, float]]:
+    """GET /metrics from the real Twisted servers, a new snapshot before each request: the
     median time (without the first scrape), and the reactor's worst lag (a 5 ms timer's
     lateness) during the first scrape and during the others."""
-    out: dict[int, tuple[float, float, float]] = {}
+    out: dict[tuple[int, str], tuple[float, float, float]] = {}
     for n in sizes:
-        state = MetricsState()
-        state.set_policy(policy(), "0" * 64, time.time())
-        model = build(n, state)
-        registry = make_registry(lambda s=state: s.snapshot, process=False)
-        port = start_metrics_server(
-            reactor, MetricsConfig(True, "127.0.0.1", 0, allow_unauthenticated=True), registry
-        )
-        url = f"http://127.0.0.1:{port.getHost().port}/metrics"
+        for which in ("before", "now"):
+            state, model = new_state(n)
+            if which == "now":
+                registry = make_registry(lambda s=state: s.snapshot, process=False)
+                config = MetricsConfig(True, "127.0.0.1", 0, allow_unauthenticated=True)
+                port = start_metrics_server(reactor, config, registry)
+            else:
+                port = listen_baseline(reactor, state)
+            url = f"http://127.0.0.1:{port.getHost().port}/metrics"
 
-        def get(u: str = url) -> float:
-            t = time.perf_counter()
-            with urllib.request.urlopen(u, timeout=120) as resp:
-                resp.read()
-            return time.perf_counter() - t
+            def get(u: str = url) -> float:
+                """The scraper is another process, as Prometheus is: a client thread in this
+                one would compete with the reactor for the GIL and overstate its lag."""
+                t = time.perf_counter()
+                if CURL is not None:
+                    subprocess.run(
+                        [CURL, "-sSf", "-o", "/dev/null", "--max-time", "120", u], check=True
+                    )
+                else:
+                    with urllib.request.urlopen(u, timeout=120) as resp:
+                        resp.read()
+                return time.perf_counter() - t
 
-        times = []
-        first, later = LagProbe(), LagProbe()
-        for i in range(repeat + 1):
-            state.publish(model)
+            times = []
+            first, later = LagProbe(), LagProbe()
+            for i in range(repeat + 1):
+                state.publish(model)
+                gc.collect()
+                probe = first if i == 0 else later
+                probe.start()
+                took = await threads.deferToThread(get)
+                probe.stop()
+                if i:
+                    times.append(took)  # the first scrape renders every domain
+            out[n, which] = (statistics.median(times), first.worst, later.worst)
+            if which == "now":  # control: the same probe with no scrape, as long as one
+                idle = LagProbe()
+                idle.start()
+                await task.deferLater(reactor, statistics.median(times), lambda: None)
+                idle.stop()
+                out[n, "idle"] = (0.0, idle.worst, idle.worst)
+            await port.stopListening()
+            del state, model
             gc.collect()
-            probe = first if i == 0 else later
-            probe.start()
-            took = await threads.deferToThread(get)
-            probe.stop()
-            if i:
-                times.append(took)  # the first scrape builds every domain's samples
-        out[n] = (statistics.median(times), first.worst, later.worst)
-        await port.stopListening()
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10, 1000, 5000], help="domain counts")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000], help="domain counts")
     ap.add_argument("--repeat", type=int, default=5, help="timed repetitions (median reported)")
     ap.add_argument("--no-http", action="store_true", help="skip the scrapes over HTTP")
     args = ap.parse_args()
@@ -240,32 +293,33 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
     sizes = sorted(set(args.sizes))
     results = {n: measure(n, args.repeat) for n in sizes}
     http = {} if args.no_http else await http_scrapes(reactor, sizes, args.repeat)
-    base_n = sizes[0]
-    base = results[base_n]
-    print(f"metrics endpoint cost (median of {args.repeat}; ratios against {base_n} domains)")
-    cols = ("publish", "cold", "cached")
-    head = f"{'domains':>8} {'series':>8} {'KiB':>8}"
-    head += "".join(f" {c + ' ms':>12} {'x':>7}" for c in (*cols, "http"))
-    head += f" {'lag1 ms':>10} {'lag ms':>10}"
-    print(head)
+    print(f"metrics scrape, before (issue 16) vs now, median of {args.repeat}; x = now/before")
+    print(
+        f"{'domains':>8} {'series b/n':>15} {'KiB b/n':>13} {'publish ms':>10} "
+        f"{'first ms b/n':>15} {'x':>6} {'scrape ms b/n':>15} {'x':>6}"
+    )
     for n in sizes:
         r = results[n]
-        line = f"{n:>8} {int(r['series']):>8} {r['bytes'] / 1024:>8.0f}"
-        for c in cols:
-            line += f" {r[c] * 1e3:>12.2f} {r[c] / base[c]:>7.1f}"
-        if http:
-            t, lag0, lag = http[n]
-            line += f" {t * 1e3:>12.2f} {t / http[base_n][0]:>7.1f}"
-            line += f" {lag0 * 1e3:>10.1f} {lag * 1e3:>10.1f}"
-        print(line)
-    big = sizes[-1]
-    r = results[big]
-    print(
-        f"per domain at {big}: publish {r['publish'] / big * 1e6:.1f} µs, "
-        f"scrape {r['cold'] / big * 1e6:.1f} µs (new snapshot), "
-        f"{r['cached'] / big * 1e6:.1f} µs (same snapshot); "
-        f"model built from {big} domains' nodes in {r['build']:.1f} s"
-    )
+        print(
+            f"{n:>8} {int(r['before series']):>7}/{int(r['now series']):<7} "
+            f"{r['before bytes'] / 1024:>6.0f}/{r['now bytes'] / 1024:<6.0f} "
+            f"{r['publish'] * 1e3:>10.1f} "
+            f"{r['before first'] * 1e3:>7.0f}/{r['now first'] * 1e3:<7.0f} "
+            f"{r['now first'] / r['before first']:>6.2f} "
+            f"{r['before'] * 1e3:>7.1f}/{r['now'] * 1e3:<7.1f} {r['now'] / r['before']:>6.3f}"
+        )
+    if http:
+        print(
+            f"{'domains':>8} {'HTTP ms b/n':>17} {'x':>6} {'lag1 ms b/n':>15} {'lag ms b/n':>13}"
+            f" {'idle lag ms':>11}"
+        )
+        for n in sizes:
+            (tb, l1b, lb), (tn, l1n, ln) = http[n, "before"], http[n, "now"]
+            print(
+                f"{n:>8} {tb * 1e3:>8.1f}/{tn * 1e3:<8.1f} {tn / tb:>6.3f} "
+                f"{l1b * 1e3:>7.1f}/{l1n * 1e3:<7.1f} {lb * 1e3:>6.1f}/{ln * 1e3:<6.1f}"
+                f" {http[n, 'idle'][1] * 1e3:>11.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -5,11 +5,14 @@ reading scrapes back, and running promtool."""
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import shutil
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,6 +21,7 @@ from shyped.core.accounting import account_domain
 from shyped.core.events import Event
 from shyped.core.host import HostModel
 from shyped.core.hostfacts import NeedsDecision
+from shyped.core.metering import DomainMeter, MeterSample, VbdCounters, VcpuTime, VifCounters
 from shyped.core.quota import check, running_with_label
 from shyped.core.xlcfg import DomainConfig, parse_disk_spec, parse_vif_spec
 from shyped.policy.decisions import Decision, Hook, PolicyEngine
@@ -34,7 +38,8 @@ LABELS = {"web1": "web", "web2": "web", "db1": "db"}
 
 
 def scenario_policy() -> Policy:
-    """web may run 2 domains of up to 256 MiB; db domains get 64 MiB (db1 asks for 128)."""
+    """web may run 2 domains of up to 256 MiB (and has a limit of every kind); db domains get
+    64 MiB (db1 asks for 128)."""
     return Policy(
         "metrics.test",
         PolicyVersion(1, 2),
@@ -42,7 +47,21 @@ def scenario_policy() -> Policy:
         ste_types=("system", "web", "db"),
         vm_labels=(
             VmLabel("dom0", {"system", "web", "db"}),
-            VmLabel("web", {"web"}, quota=Quota(max_domains=2, max_memory_mib=256, max_vcpus=4)),
+            VmLabel(
+                "web",
+                {"web"},
+                quota=Quota(
+                    max_domains=2,
+                    max_memory_mib=256,
+                    max_vcpus=4,
+                    max_devices=16,
+                    max_vchans=8,
+                    max_event_channels=64,
+                    max_grant_refs=64,
+                    max_label_memory_mib=1024,
+                    max_cpu_percent=200,
+                ),
+            ),
             VmLabel("db", {"db"}, quota=Quota(max_memory_mib=64)),
         ),
     )
@@ -126,6 +145,63 @@ class Decider:
             queue.extend(
                 model.record_decision(need, decision.permitted, label=label, reason=decision.reason)
             )
+
+
+def full_meter(
+    domid: int, name: str, *, taken_at: float = 100.0, cpu_ns: int = 7_250_000_000
+) -> MeterSample:
+    """A libxenstat sample of one domain with every field measured (as on a real dom0)."""
+    return MeterSample(
+        taken_at,
+        "xenstat",
+        (
+            DomainMeter(
+                domid,
+                name,
+                None,
+                cpu_ns,
+                vcpus=(VcpuTime(0, True, cpu_ns - 250_000_000), VcpuTime(1, False, 250_000_000)),
+                memory_bytes=130 * MIB,
+                memory_max_bytes=256 * MIB,
+                vifs=(VifCounters(0, 1000, 10, 2000, 20),),
+                vbds=(VbdCounters(51712, 5, 7, 40, 56),),
+            ),
+        ),
+    )
+
+
+# ---- the Grafana dashboard ---------------------------------------------------------------------
+
+DASHBOARD = Path(__file__).parent.parent / "conf" / "grafana-dashboard.json"
+METRIC = re.compile(r"\bshyped_[a-z0-9_]+\b")
+#: Grafana's variables, as Prometheus would see them once Grafana has substituted them.
+GRAFANA_VARS = {"$__rate_interval": "1m", "$__range": "1h", "$instance": ".*", "$label": ".*"}
+
+
+def load_dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def panels(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for p in items:
+        yield p
+        yield from panels(p.get("panels", []))
+
+
+def queries(dash: dict[str, Any]) -> list[str]:
+    exprs = [t["expr"] for p in panels(dash["panels"]) for t in p.get("targets", [])]
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            exprs.append(var["definition"])
+    return exprs
+
+
+def promql(expr: str, grafana_vars: dict[str, str] = GRAFANA_VARS) -> str:
+    """A dashboard query as Prometheus sees it once Grafana substituted its variables."""
+    for var, value in grafana_vars.items():
+        expr = expr.replace(var, value)
+    return expr
 
 
 # ---- reading scrapes --------------------------------------------------------------------------

@@ -156,9 +156,22 @@ async def test_scrape_of_a_scenario_shows_decisions_domains_policy_mode_and_pass
     )
     web = {"domain": "web-a1", "domid": str(a), "uuid": domcfg("web-a1").uuid or ""}
     assert value(samples, "shyped_domain_info", **web, label="bank-a-web") == 1
-    assert value(samples, "shyped_domain_memory_target_bytes", **web) == 128 * 1024 * 1024
-    assert value(samples, "shyped_domain_devices", **web, kind="vbd") == 1
-    assert value(samples, "shyped_domain_vcpus", **web) == 1
+    assert value(samples, "shyped_domain_memory_target_bytes", domid=str(a)) == 128 * 1024 * 1024
+    assert value(samples, "shyped_domain_devices", domid=str(a), kind="vbd") == 1
+    assert value(samples, "shyped_domain_vcpus", domid=str(a)) == 1
+    # identity is on shyped_domain_info only; the other per-domain series join on domid
+    assert {n for n, lab, _ in samples if "uuid" in lab} == {"shyped_domain_info"}
+    # the global and the per-domain decision counters name hooks alike: web-a1's devices
+    # (a vbd decided against its image, a vif against its bridge) count as device-channel
+    # in both (the global counter also holds those of the vetoed web-b1, whose series are gone)
+    per_domain = values(samples, "shyped_domain_decisions_total", hook="device-channel")
+    assert (
+        2
+        <= sum(per_domain)
+        <= sum(values(samples, "shyped_decisions_total", hook="device-channel"))
+    )
+    hooks = {lab["hook"] for n, lab, _ in samples if n == "shyped_decisions_total"}
+    assert hooks == {lab["hook"] for n, lab, _ in samples if n == "shyped_domain_decisions_total"}
     assert value(samples, "shyped_domain_info", domain="shop-1", domid=str(s), label="shop") == 1
     assert not values(samples, "shyped_domain_info", domid=str(b))  # destroyed
     assert value(samples, "shyped_policy_info", name="example.hosting", version="1.0") == 1
@@ -168,8 +181,8 @@ async def test_scrape_of_a_scenario_shows_decisions_domains_policy_mode_and_pass
     assert value(samples, "shyped_watch_events_total", kind="domain_appeared") >= 3
     assert value(samples, "shyped_audit_healthy") == 1
     assert value(samples, "shyped_audit_records_total") > 0
-    assert value(samples, "shyped_quota_limit", label="bank-a-web", quota="domains") == 4
-    assert value(samples, "shyped_quota_used", label="bank-a-web", quota="domains") == 1
+    assert value(samples, "shyped_quota_domains_limit", label="bank-a-web") == 4
+    assert value(samples, "shyped_quota_domains_used", label="bank-a-web") == 1
     checked = promtool_check(text.encode())
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
@@ -178,5 +191,5 @@ async def test_scrape_of_a_scenario_shows_decisions_domains_policy_mode_and_pass
     await host.settle()
     daemon.publish_metrics()
     samples = parse_scrape(await scrape(metrics))
-    assert not [n for n, labels, _ in samples if labels.get("domain") == "web-a1"]
-    assert value(samples, "shyped_quota_used", label="bank-a-web", quota="domains") == 0
+    assert not [n for n, labels, _ in samples if labels.get("domid") == str(a)]
+    assert value(samples, "shyped_quota_domains_used", label="bank-a-web") == 0

@@ -28,8 +28,9 @@ from shyped.core.host import HostModel
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.service.config import MetricsConfig
-from shyped.service.metrics import MetricsState, start_metrics_server
+from shyped.service.metrics import MetricsState
 from shyped.service.metricsfamilies import make_registry
+from shyped.service.metricsweb import start_metrics_server
 from shyped.xenstore import GatewayConfig, XenstoreGateway
 
 
@@ -80,22 +81,28 @@ async def test_scrape_after_a_sandbox_scenario_and_after_a_destroy(
         who = {"domain": "web1", "domid": str(web1), "label": "web"}
         assert value(s, "shyped_domain_info", **who, state="admitted") == 1
         assert value(s, "shyped_domain_info", domain="db1", state="denied", label="db") == 1
-        assert value(s, "shyped_domain_memory_max_bytes", **who) == 128 * MIB
-        assert value(s, "shyped_domain_memory_target_bytes", domain="web2") == 256 * MIB
-        assert value(s, "shyped_domain_vcpus", **who) == 4
-        assert value(s, "shyped_domain_vcpus_online", **who) == 2
+        w1, d1, w2 = (str(d) for d in (web1, db1, web2))
+        assert value(s, "shyped_domain_memory_max_bytes", domid=w1) == 128 * MIB
+        assert value(s, "shyped_domain_memory_target_bytes", domid=w2) == 256 * MIB
+        assert value(s, "shyped_domain_vcpus", domid=w1) == 4
+        assert value(s, "shyped_domain_vcpus_online", domid=w1) == 2
         for kind in ("vbd", "vif", "console"):
-            assert value(s, "shyped_domain_devices", **who, kind=kind) == 1
+            assert value(s, "shyped_domain_devices", domid=w1, kind=kind) == 1
         # netfront's split event channels and tx/rx rings, blkfront's one of each, console's
-        assert value(s, "shyped_domain_event_channels", **who, kind="vif") == 2
-        assert value(s, "shyped_domain_grant_refs", **who, kind="vbd") == 1
-        assert value(s, "shyped_domain_event_channels", **who, kind="vchan") == 1
-        assert value(s, "shyped_domain_vchans", **who, role="server") == 1
-        assert value(s, "shyped_domain_vchans", domain="web2", role="client") == 1
+        assert value(s, "shyped_domain_guest_event_channels", domid=w1, kind="vif") == 2
+        assert value(s, "shyped_domain_guest_grant_refs", domid=w1, kind="vbd") == 1
+        assert value(s, "shyped_domain_guest_event_channels", domid=w1, kind="vchan") == 1
+        assert value(s, "shyped_domain_vchans", domid=w1, role="server") == 1
+        assert value(s, "shyped_domain_vchans", domid=w2, role="client") == 1
         # db1 never ran: only the console port libxl wrote, no frontend published anything
-        assert values(s, "shyped_domain_event_channels", domain="db1", kind="vif") == []
-        assert value(s, "shyped_domain_event_channels", domain="db1", kind="console") == 1
+        assert values(s, "shyped_domain_guest_event_channels", domid=d1, kind="vif") == []
+        assert value(s, "shyped_domain_guest_event_channels", domid=d1, kind="console") == 1
         assert value(s, "shyped_domain_backend_devices", domid="0", kind="vif") == 3
+        # identity only on shyped_domain_info: every other series is keyed by domid
+        for name, labels, _ in s:
+            if name != "shyped_domain_info":
+                assert not {"domain", "uuid"} & set(labels), (name, labels)
+                assert "label" not in labels or not name.startswith("shyped_domain_"), name
         # the uuid label is the domain's, as libxl wrote /vm/<uuid>
         assert value(s, "shyped_domain_info", uuid="6f1b1c9e-2a4d-4c55-9e0e-5ca1ab1e0001") == 1
 
@@ -118,7 +125,7 @@ async def test_scrape_after_a_sandbox_scenario_and_after_a_destroy(
             value(
                 s,
                 "shyped_domain_decisions_total",
-                domain="db1",
+                domid=d1,
                 hook="domain-admit",
                 decision="deny",
             )
@@ -127,11 +134,13 @@ async def test_scrape_after_a_sandbox_scenario_and_after_a_destroy(
         assert value(s, "shyped_domains", label="web", state="admitted") == 2
 
         # quotas: web runs 2 of 2, its largest domain has 256 of 256 MiB; db has no runner
-        assert value(s, "shyped_quota_used", label="web", quota="domains") == 2
-        assert value(s, "shyped_quota_limit", label="web", quota="domains") == 2
-        assert value(s, "shyped_quota_used", label="web", quota="memory_bytes") == 256 * MIB
-        assert value(s, "shyped_quota_limit", label="db", quota="memory_bytes") == 64 * MIB
-        assert value(s, "shyped_quota_used", label="db", quota="domains") == 0
+        assert value(s, "shyped_quota_domains_used", label="web") == 2
+        assert value(s, "shyped_quota_domains_limit", label="web") == 2
+        assert value(s, "shyped_quota_memory_used_bytes", label="web") == 256 * MIB
+        assert value(s, "shyped_quota_memory_limit_bytes", label="db") == 64 * MIB
+        assert value(s, "shyped_quota_domains_used", label="db") == 0
+        assert value(s, "shyped_quota_devices_limit", label="web") == 16
+        assert values(s, "shyped_quota_devices_limit", label="db") == []  # unlimited
 
         assert (
             value(s, "shyped_policy_info", name="metrics.test", version="1.2", sha256=POLICY_SHA256)
@@ -142,7 +151,7 @@ async def test_scrape_after_a_sandbox_scenario_and_after_a_destroy(
         assert value(s, "shyped_xenstore_up") == 1
         assert value(s, "shyped_watch_events_total", kind="domain_appeared") == 3
         assert value(s, "shyped_watch_events_total", kind="domain_resources") >= 3
-        assert values(s, "shyped_domain_cpu_seconds_total") == []  # no hypervisor: absent
+        assert values(s, "shyped_xen_domain_cpu_seconds_total") == []  # no hypervisor: absent
 
         # destroy web2: after the next reconcile and publish its series are gone
         ts.destroy(web2)
@@ -150,16 +159,14 @@ async def test_scrape_after_a_sandbox_scenario_and_after_a_destroy(
         decider.run(model, asm.reconcile(snap.nodes))
         state.publish(model)
         s = parse_scrape((await scrape(port.getHost().port)).decode())
-        gone = [(n, lab) for n, lab, _ in s if lab.get("domain") == "web2"]
-        assert gone == []
-        assert [n for n, lab, _ in s if lab.get("domid") == str(web2)] == []
+        assert [n for n, lab, _ in s if lab.get("domid") == w2] == []
         assert value(s, "shyped_domain_info", domain="web1", state="admitted") == 1
         assert value(s, "shyped_domains", label="web", state="admitted") == 1
-        assert value(s, "shyped_quota_used", label="web", quota="domains") == 1
-        assert value(s, "shyped_quota_used", label="web", quota="memory_bytes") == 128 * MIB
+        assert value(s, "shyped_quota_domains_used", label="web") == 1
+        assert value(s, "shyped_quota_memory_used_bytes", label="web") == 128 * MIB
         # web1's rendezvous nodes are still in xenstore (without a hypervisor oxenstored
         # cannot drop the permission naming the dead client): still served, still counted
-        assert value(s, "shyped_domain_vchans", domain="web1", role="server") == 1
+        assert value(s, "shyped_domain_vchans", domid=w1, role="server") == 1
         assert value(s, "shyped_domain_info", domain="db1", domid=str(db1)) == 1
     finally:
         await port.stopListening()

@@ -17,14 +17,27 @@ from typing import Any
 import bcrypt
 import pytest
 import pytest_twisted
+from audit_helpers import small
 from hostmodel_helpers import from_snapshot, load_layout
-from metrics_helpers import POLICY_SHA256, http_get, scenario_policy
+from metrics_helpers import (
+    METRIC,
+    POLICY_SHA256,
+    full_meter,
+    http_get,
+    load_dashboard,
+    promql,
+    queries,
+    scenario_policy,
+)
 from twisted.internet import reactor, task, threads
 
+from shyped.core.metering import LabelUse
 from shyped.policy.decisions import Decision, Hook, Rule
+from shyped.service.auditlog import AuditCollector, AuditLog
 from shyped.service.config import MetricsConfig
-from shyped.service.metrics import MetricsState, start_metrics_server
+from shyped.service.metrics import MetricsState
 from shyped.service.metricsfamilies import make_registry
+from shyped.service.metricsweb import start_metrics_server
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed")
@@ -111,11 +124,15 @@ async def test_prometheus_scrapes_the_endpoint_and_answers_queries(tmp_path: Pat
     state.set_mode("enforcing")
     state.set_xenstore(True, 0)
     state.observe_decision(Decision(False, Hook.VCHAN, Rule.STE, "no common type"), 0.0004)
+    state.observe_watch_events("domain_appeared")
+    # what libxenstat would read on a real dom0, for the dashboard's metering panels
+    state.set_metering("xenstat", full_meter(1, "xsgold"))
+    state.set_label_use({"web": LabelUse("web", 130 * 1024 * 1024, 0.5, 1, 1)})
     state.publish(model)
+    registry = make_registry(lambda: state.snapshot)
+    registry.register(AuditCollector(AuditLog(small(tmp_path / "audit"), durable=False)))
     port = start_metrics_server(
-        reactor,
-        MetricsConfig(True, "127.0.0.1", 0, allow_unauthenticated=True),
-        make_registry(lambda: state.snapshot),
+        reactor, MetricsConfig(True, "127.0.0.1", 0, allow_unauthenticated=True), registry
     )
     prom = Prometheus(tmp_path, f"127.0.0.1:{port.getHost().port}")
     try:
@@ -132,7 +149,11 @@ async def test_prometheus_scrapes_the_endpoint_and_answers_queries(tmp_path: Pat
         up = await wait_for(lambda: query('up{job="shyped"} == 1'), 60, "a successful scrape")
         assert up[0]["metric"]["instance"] == f"127.0.0.1:{port.getHost().port}"
 
-        mem = await wait_for(lambda: query("shyped_domain_memory_max_bytes"), 30, "memory")
+        joined = (
+            "shyped_domain_memory_max_bytes * on(domid) group_left(domain, uuid, label) "
+            "shyped_domain_info"
+        )
+        mem = await wait_for(lambda: query(joined), 30, "memory")
         assert len(mem) == 1
         labels = mem[0]["metric"]
         assert {k: labels[k] for k in ("domain", "domid", "uuid", "label")} == {
@@ -155,12 +176,22 @@ async def test_prometheus_scrapes_the_endpoint_and_answers_queries(tmp_path: Pat
             "vbd": "1",
             "vif": "1",
         }
+        # every query of the Grafana dashboard evaluates, and returns series (the joins on
+        # domid find their shyped_domain_info), once two scrapes are in
+        grafana = {"$__rate_interval": "5s", "$__range": "10s", "$instance": ".*", "$label": ".*"}
+        for expr in queries(load_dashboard()):
+            if expr.startswith("label_values("):
+                expr = METRIC.findall(expr)[0]  # Grafana's function: the series it reads
+            sent = promql(expr, grafana)
+            answer = await wait_for(lambda e=sent: query(e), 30, f"dashboard query {expr}")
+            assert answer, expr
         # Prometheus negotiated OpenMetrics (families named without _total); its metadata
         # holds the types we declared
         meta = prom.api("/api/v1/metadata")["data"]
         assert meta["shyped_decisions"][0]["type"] == "counter"
         assert meta["shyped_decision_latency_seconds"][0]["type"] == "histogram"
         assert meta["shyped_domain"][0]["type"] == "info"
+        assert meta["shyped_xen_domain_cpu_seconds"][0]["type"] == "counter"
         assert meta["shyped_domain_memory_max_bytes"][0]["type"] == "gauge"
     finally:
         prom.stop()

@@ -18,7 +18,9 @@ import pytest
 import pytest_twisted
 from hostmodel_helpers import from_snapshot, load_layout
 from metrics_helpers import (
+    MIB,
     POLICY_SHA256,
+    full_meter,
     http_get,
     parse_scrape,
     scenario_policy,
@@ -31,6 +33,7 @@ from prometheus_client.registry import Collector
 from twisted.internet import reactor, task, threads
 
 from shyped.core.events import DomainAppeared, Garbage, RescanHint
+from shyped.core.metering import LabelUse
 from shyped.policy.decisions import Decision, Hook, Rule
 from shyped.service.config import MetricsConfig, Mode
 from shyped.service.metrics import (
@@ -41,9 +44,14 @@ from shyped.service.metrics import (
     PeriodicPublisher,
     XlDomain,
     event_kind,
-    start_metrics_server,
 )
-from shyped.service.metricsfamilies import METRIC_NAMES, MetricsCollector, make_registry
+from shyped.service.metricsfamilies import (
+    METRIC_NAMES,
+    MetricsCollector,
+    domain_families,
+    make_registry,
+)
+from shyped.service.metricsweb import start_metrics_server
 from shyped.service.xlcpu import XlCpuProvider, cpu_by_domid, parse_xl_list
 
 CONNECTED = load_layout("layout-connected.txt", "vchan.txt")
@@ -137,10 +145,14 @@ def test_every_family_the_collector_can_expose_is_listed() -> None:
     state.set_xenstore(False, 3)
     state.observe_watch_events("domain_appeared")
     state.set_policy(scenario_policy(), POLICY_SHA256, 1.0)
-    state.set_cpu_times([XlDomain("xsgold", 1, UUID1, 12.5)])
+    state.set_metering("xenstat", full_meter(1, "xsgold"))
+    state.set_label_use({"web": LabelUse("web", 3 * MIB, 0.25, 1, 1)})  # run-time quotas
     state.set_flask(FlaskMetrics("enforcing", "ab" * 32, (("event", 2),), 1))
     state.publish(model)
     s = parse_scrape(scrape_text(state))
+    assert value(s, "shyped_quota_cpu_used_ratio", label="web") == 0.25
+    assert value(s, "shyped_quota_cpu_limit_ratio", label="web") == 2.0
+    assert value(s, "shyped_quota_label_memory_used_bytes", label="web") == 3 * MIB
     families = {
         n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for n, *_ in s
     }
@@ -291,7 +303,7 @@ def test_xl_list_is_parsed_and_matched_to_the_models_domains_by_uuid() -> None:
     snap = state.publish(model)
     assert cpu_by_domid(snap) == {0: 123.4, 1: 7.5}  # domid 2 is not in the model
     s = parse_scrape(scrape_text(state))
-    assert value(s, "shyped_domain_cpu_seconds_total", domain="xsgold", uuid=UUID1) == 7.5
+    assert value(s, "shyped_xen_domain_cpu_seconds_total", domid="1") == 7.5
     # another incarnation under the same domid is not charged to ours
     state.set_cpu_times([XlDomain("xsgold", 1, "6f1b1c9e-2a4d-4c55-9e0e-5ca1ab1e9999", 1.0)])
     assert cpu_by_domid(state.publish(model)) == {}
@@ -308,7 +320,7 @@ async def test_without_a_hypervisor_xl_fails_and_there_is_no_cpu_series() -> Non
     await provider.poll()  # the real xl: "Can't find hypervisor information in sysfs!"
     assert provider.failures == 1
     state.publish(model)
-    assert values(parse_scrape(scrape_text(state)), "shyped_domain_cpu_seconds_total") == []
+    assert values(parse_scrape(scrape_text(state)), "shyped_xen_domain_cpu_seconds_total") == []
     missing = XlCpuProvider(reactor, state, ("/nonexistent/xl",))
     assert not missing.available() and missing.start() is False
 
@@ -329,7 +341,9 @@ async def test_the_provider_reads_xl_output_from_a_child_process(tmp_path: Path)
     hung.chmod(0o755)
     slow = XlCpuProvider(reactor, state, (str(hung),), timeout=0.2)
     await slow.poll()  # killed after the timeout: no series rather than a stuck poll
-    assert slow.failures == 1 and state.publish(model).cpu is None
+    snap = state.publish(model)
+    assert slow.failures == 1 and snap.metering is None
+    assert snap.metering_source == "xl" and not snap.metering_up
 
 
 def test_a_changed_domain_is_rescraped_and_the_others_samples_are_reused() -> None:
@@ -352,6 +366,12 @@ def test_a_changed_domain_is_rescraped_and_the_others_samples_are_reused() -> No
     after = samples()
     assert after["shyped_domain_memory_target_bytes", "1"].value == 65536 * 1024
     assert before["shyped_domain_memory_target_bytes", "1"].value == 131072 * 1024
-    # dom0 did not change: the very same sample objects are served again
-    key = ("shyped_domain_garbage_writes_total", "0")
-    assert after[key] is before[key]
+    # dom0 did not change: its rows are reused, not rebuilt
+    snap = state.snapshot
+    assert snap.host is not None
+    _, rows = domain_families(snap, None)
+    _, again = domain_families(state.publish(model), rows)
+    assert again[0][1] is rows[0][1] and again[1][1] is rows[1][1]
+    model.apply_all(asm.feed("/local/domain/1/memory/target", b"32768"))
+    _, changed = domain_families(state.publish(model), again)
+    assert changed[0][1] is again[0][1] and changed[1][1] is not again[1][1]

@@ -198,7 +198,8 @@ CASES = {
         "max_domains = 2\nmax_vcpu = 3  # <-",
         "unknown key 'max_vcpu' in label 'bank-a' quota (did you mean 'max_vcpus'? allowed: "
         "max_domains, max_memory_mib, "
-        "max_vcpus, max_devices, max_vchans, max_event_channels, max_grant_refs)",
+        "max_vcpus, max_devices, max_vchans, max_event_channels, max_grant_refs, "
+        "max_label_memory_mib, max_cpu_percent)",
     ),
     "resource with several STE types": (
         'ste = "a"\nlevel = "high"',

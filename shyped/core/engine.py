@@ -534,6 +534,26 @@ class Engine:
             label=name,
         )
 
+    def runtime_veto(self, breach: quota.RuntimeBreach, host: HostModel) -> Outcome | None:
+        """A run-time quota breach (`shyped.core.quota.RuntimeQuotas`) as a denying outcome on
+        the label's top consumer, planning a **pause** (not the configured domain veto: the
+        breach may be transient, a paused domain loses nothing and ``xl unpause`` resumes it);
+        None if that domain is no longer an admitted one."""
+        dom = host.domain(breach.domid)
+        if dom is None or dom.state is not DomainState.ADMITTED or breach.domid == 0:
+            return None
+        need = NeedsDecision(
+            "domain", breach.domid, breach.domid, uuid=dom.uuid, name=dom.name, facts=(dom.uuid,)
+        )
+        return self._outcome(
+            need,
+            f"domain {breach.domid}",
+            [breach.decision],
+            VetoDomain(breach.domid, DomainVeto.PAUSE),
+            subject=_party(dom, breach.domid),
+            label=breach.label,
+        )
+
     def refuse(self, need: NeedsDecision, host: HostModel, rule: Rule, reason: str) -> Outcome:
         """Deny `need` without asking the policy (the audit trail cannot record it:
         fail-closed); the veto is the hook's usual one. Nothing is counted."""

@@ -39,6 +39,7 @@ import attrs
 
 from shyped.core.accounting import RUNNING_STATES, DomainAccount, HostAccount
 from shyped.core.host import HostModel
+from shyped.core.metering import CpuWindow, LabelUse, MeterSample, label_use, match
 from shyped.policy.decisions import Decision, Hook, Rule
 from shyped.policy.model import QUOTA_FIELDS, Policy, Quota
 
@@ -55,6 +56,8 @@ class QuotaKind(enum.StrEnum):
     VCHANS = "max_vchans"
     EVENT_CHANNELS = "max_event_channels"
     GRANT_REFS = "max_grant_refs"
+    LABEL_MEMORY = "max_label_memory_mib"
+    CPU = "max_cpu_percent"
 
     @property
     def metric(self) -> str:
@@ -75,6 +78,8 @@ _METRIC: Final = {
     QuotaKind.VCHANS: "vchans",
     QuotaKind.EVENT_CHANNELS: "event_channels",
     QuotaKind.GRANT_REFS: "grant_refs",
+    QuotaKind.LABEL_MEMORY: "label_memory_bytes",
+    QuotaKind.CPU: "cpu_ratio",
 }
 _UNIT: Final = {
     QuotaKind.DOMAINS: "domains",
@@ -84,19 +89,27 @@ _UNIT: Final = {
     QuotaKind.VCHANS: "vchans",
     QuotaKind.EVENT_CHANNELS: "event channels",
     QuotaKind.GRANT_REFS: "grant refs",
+    QuotaKind.LABEL_MEMORY: "MiB",
+    QuotaKind.CPU: "% CPU",
 }
 assert tuple(k.value for k in QuotaKind) == QUOTA_FIELDS
 
+#: Quotas judged on what the hypervisor measures while domains run (`RuntimeQuotas`), never at
+#: a hook: memory the label's running domains hold, their CPU over a window.
+RUNTIME_KINDS: Final = (QuotaKind.LABEL_MEMORY, QuotaKind.CPU)
+#: Quotas judged at admission and at the device and vchan hooks.
+ADMISSION_KINDS: Final = tuple(k for k in QuotaKind if k not in RUNTIME_KINDS)
+
 #: Quotas a check looks at, per hook (a device or vchan never fails on memory).
 KINDS_BY_HOOK: Final[Mapping[Hook, tuple[QuotaKind, ...]]] = {
-    Hook.DOMAIN_ADMIT: tuple(QuotaKind),
+    Hook.DOMAIN_ADMIT: ADMISSION_KINDS,
     Hook.DEVICE_CHANNEL: (QuotaKind.DEVICES, QuotaKind.EVENT_CHANNELS, QuotaKind.GRANT_REFS),
     Hook.EVTCHN: (QuotaKind.EVENT_CHANNELS,),
     Hook.GRANT: (QuotaKind.GRANT_REFS,),
     Hook.VCHAN: (QuotaKind.VCHANS, QuotaKind.EVENT_CHANNELS, QuotaKind.GRANT_REFS),
 }
-#: Per-domain quotas (all but max_domains), for hooks not listed above.
-PER_DOMAIN: Final = tuple(k for k in QuotaKind if k is not QuotaKind.DOMAINS)
+#: Per-domain quotas (the admission ones but max_domains), for hooks not listed above.
+PER_DOMAIN: Final = tuple(k for k in ADMISSION_KINDS if k is not QuotaKind.DOMAINS)
 
 
 def _ceil_mib(n: int) -> int:
@@ -230,22 +243,33 @@ class QuotaUsage:
         return self.limit is not None and self.used > self.limit
 
     @property
-    def metric_used(self) -> int:
-        """`used` in base units (bytes for memory)."""
-        return self.used * MIB if self.kind is QuotaKind.MEMORY else self.used
+    def metric_used(self) -> float:
+        """`used` in base units (bytes for memory, CPU seconds per second for CPU)."""
+        return _base(self.kind, self.used)
 
     @property
-    def metric_limit(self) -> int | None:
-        if self.limit is None:
-            return None
-        return self.limit * MIB if self.kind is QuotaKind.MEMORY else self.limit
+    def metric_limit(self) -> float | None:
+        return None if self.limit is None else _base(self.kind, self.limit)
+
+
+def _base(kind: QuotaKind, amount: int) -> float:
+    if kind in (QuotaKind.MEMORY, QuotaKind.LABEL_MEMORY):
+        return amount * MIB
+    if kind is QuotaKind.CPU:
+        return amount / 100
+    return amount
 
 
 def quota_table(
-    policy: Policy, host: HostAccount, *, include_unlimited: bool = False
+    policy: Policy,
+    host: HostAccount,
+    *,
+    include_unlimited: bool = False,
+    runtime: Mapping[str, LabelUse] | None = None,
 ) -> tuple[QuotaUsage, ...]:
     """Label → limit/used per quota kind, for VM labels that have a quota (or every label with
-    `include_unlimited`), in the policy's label order and `QuotaKind` order."""
+    `include_unlimited`), in the policy's label order and `QuotaKind` order. The run-time
+    quotas have rows only with `runtime` (the hypervisor's metering: `RuntimeQuotas.last_use`)."""
     wanted = {
         vm.name: vm for vm in policy.vm_labels if include_unlimited or not vm.quota.is_unlimited
     }
@@ -273,6 +297,13 @@ def quota_table(
                 rows.append(QuotaUsage(name, kind, limit, 0))
             else:
                 rows.append(QuotaUsage(name, kind, limit, top_use[0], top_use[1]))
+        if runtime is not None:
+            measured = runtime.get(name)
+            for rkind in RUNTIME_KINDS:
+                amount, heaviest = _runtime_use(measured, rkind)
+                rows.append(
+                    QuotaUsage(name, rkind, limit_of(vm.quota, rkind), amount or 0, heaviest)
+                )
     return tuple(rows)
 
 
@@ -311,3 +342,90 @@ def format_quota_table(rows: Iterable[QuotaUsage]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() + "\n"
         for line in lines
     )
+
+
+# ---- run-time quotas ------------------------------------------------------------------------
+
+
+def _runtime_use(use: LabelUse | None, kind: QuotaKind) -> tuple[int | None, int | None]:
+    """A label's use of a run-time quota in the quota's unit (MiB rounded up; whole percent of
+    one CPU) and the domain using most of it; (None, None): not measured (yet)."""
+    if use is None:
+        return None, None
+    if kind is QuotaKind.LABEL_MEMORY:
+        return _ceil_mib(use.memory_bytes), use.top_memory
+    if use.cpu_share is None:
+        return None, None
+    return round(use.cpu_share * 100), use.top_cpu
+
+
+@attrs.frozen
+class RuntimeBreach:
+    """A label over a run-time quota: the denying `decision` (rule quota) and the domain it
+    acts on (the label's top consumer of that resource)."""
+
+    label: str
+    kind: QuotaKind
+    domid: int
+    decision: Decision
+
+
+class RuntimeQuotas:
+    """The run-time quotas (pure; the daemon feeds it each metering sample, on the reactor).
+
+    `evaluate` returns a breach when a label's use goes over a limit, once: the same label and
+    quota breach again only after the use was back within the limit (a paused domain's CPU
+    share falls to zero, so a label whose top consumer was paused and then resumed by the
+    operator and still burns CPU breaches again). The CPU share is only judged once the window
+    holds `window` seconds of samples.
+    """
+
+    def __init__(self, window: float = 60.0) -> None:
+        self.window = CpuWindow(window)
+        self.last_use: dict[str, LabelUse] | None = None
+        self._over: set[tuple[str, QuotaKind]] = set()
+
+    def evaluate(
+        self, policy: Policy, sample: MeterSample, host: HostAccount
+    ) -> list[RuntimeBreach]:
+        self.window.add(sample)
+        full = self.window.span >= self.window.window
+        uses = label_use(match(sample, host), host, self.window.shares() if full else None)
+        self.last_use = uses
+        out: list[RuntimeBreach] = []
+        for vm in policy.vm_labels:
+            for kind in RUNTIME_KINDS:
+                limit = limit_of(vm.quota, kind)
+                key = (vm.name, kind)
+                amount, top = _runtime_use(uses.get(vm.name), kind)
+                if limit is None or amount is None or top is None or amount <= limit:
+                    self._over.discard(key)
+                    continue
+                if key in self._over:
+                    continue
+                self._over.add(key)
+                out.append(
+                    RuntimeBreach(
+                        vm.name,
+                        kind,
+                        top,
+                        _breach(vm.name, kind, amount, limit, top, host, self.window.span),
+                    )
+                )
+        return out
+
+
+def _breach(
+    label: str, kind: QuotaKind, amount: int, limit: int, top: int, host: HostAccount, span: float
+) -> Decision:
+    acc = host.domain(top)
+    who = _who(acc) if acc is not None else f"domain {top}"
+    if kind is QuotaKind.LABEL_MEMORY:
+        what = f"its running domains hold {amount} MiB (hypervisor), limit {limit} MiB"
+    else:
+        what = (
+            f"its running domains used {amount}% CPU over the last {span:.0f} s (hypervisor), "
+            f"limit {limit}%"
+        )
+    reason = f"label {label!r} quota {kind}: {what}; the largest user is {who}"
+    return Decision(False, Hook.DOMAIN_ADMIT, Rule.QUOTA, reason, label)

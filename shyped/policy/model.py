@@ -179,6 +179,8 @@ QUOTA_FIELDS: Final = (
     "max_vchans",
     "max_event_channels",
     "max_grant_refs",
+    "max_label_memory_mib",
+    "max_cpu_percent",
 )
 
 
@@ -186,7 +188,10 @@ QUOTA_FIELDS: Final = (
 class Quota:
     """Per-label resource limits (None: unlimited). Validated now; enforced by a later issue.
 
-    `max_domains` counts running domains with the label; the others are per domain.
+    `max_domains` counts running domains with the label; the next six are per domain;
+    `max_label_memory_mib` (memory the label's running domains hold, as Xen measures it) and
+    `max_cpu_percent` (their CPU over a window, 100 = one physical CPU) are run-time quotas,
+    judged on the hypervisor's metering (`shyped.core.quota.RuntimeQuotas`).
     """
 
     max_domains: int | None = None
@@ -196,6 +201,8 @@ class Quota:
     max_vchans: int | None = None
     max_event_channels: int | None = None
     max_grant_refs: int | None = None
+    max_label_memory_mib: int | None = None
+    max_cpu_percent: int | None = None
 
     @property
     def is_unlimited(self) -> bool:

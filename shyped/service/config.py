@@ -69,6 +69,8 @@ class MetricsConfig:
     idle_timeout: float = 10.0  # seconds without a byte from the client
     connection_timeout: float = 30.0  # seconds a connection may live at most (slowloris)
     fd_reserve: int = 128  # stop accepting when fewer descriptors than this are left
+    metering_interval: float = 15.0  # seconds between two reads of the hypervisor's counters
+    cpu_window: float = 60.0  # seconds the run-time CPU quota averages over
 
     @property
     def authenticated(self) -> bool:
@@ -170,6 +172,8 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "idle_timeout",
         "connection_timeout",
         "fd_reserve",
+        "metering_interval",
+        "cpu_window",
     ),
     "metrics.tls_server_config": ("cert_file", "key_file"),
     "log": ("format", "user_avc"),
@@ -481,6 +485,8 @@ def _metrics(c: _Checker) -> MetricsConfig:
         idle_timeout=c.number(met, "metrics", "idle_timeout", float, 10.0, 0.1, 3600),
         connection_timeout=c.number(met, "metrics", "connection_timeout", float, 30.0, 0.1, 86400),
         fd_reserve=c.number(met, "metrics", "fd_reserve", int, 128, 16, 1_000_000),
+        metering_interval=c.number(met, "metrics", "metering_interval", float, 15.0, 1, 3600),
+        cpu_window=c.number(met, "metrics", "cpu_window", float, 60.0, 5, 86400),
     )
     # Access control counts as set when it was written, even if badly (reported above).
     written = bool(users) or "bearer_token_file" in met

@@ -17,7 +17,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from shyped.core.accounting import touched_domains
+from shyped.core.accounting import HOOK_OF_KIND, touched_domains
 from shyped.core.actions import (
     LABEL_DIR,
     Action,
@@ -52,6 +52,7 @@ from shyped.service.policyload import (
     LoadedPolicy,
     make_actuator,
 )
+from shyped.service.runtimequotas import RuntimeQuotaFeed
 from shyped.service.vetoretry import VetoAttempt, worth_recording
 from shyped.xenstore import (
     ConnectionLost,
@@ -159,6 +160,8 @@ class DaemonCore:
         #: The audit trail (records gate enforcing actions) and the metrics, if configured.
         self.audit = audit
         self.metrics = metrics
+        if metrics is not None:  # run-time quotas judge the hypervisor's metering samples
+            RuntimeQuotaFeed(self, metrics, config.metrics.cpu_window)
         self._publisher: PeriodicPublisher | None = None
         self._reconnects = 0
         self._unsynced: set[Deferred[Any]] = set()  # decision records not yet durable
@@ -530,7 +533,8 @@ class DaemonCore:
             _log.warn("{line}", line=outcome.log_line())
         if self.metrics is not None:
             latency = None if outcome.received is None else time.monotonic() - outcome.received
-            self.metrics.observe_decision(outcome.decision, latency)
+            hook = str(HOOK_OF_KIND[outcome.kind])  # as the per-domain counter names it
+            self.metrics.observe_decision(outcome.decision, latency, hook=hook)
         gates: list[Deferred[Any]] = []
         recorded = self._audit_decision(outcome) if record else None
         if recorded is not None and outcome.mode is Mode.ENFORCING:

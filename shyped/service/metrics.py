@@ -13,13 +13,16 @@ at most once per interval.
 Names follow the Prometheus conventions: ``shyped_`` prefix, base units (bytes, seconds),
 ``_total`` counters, ``_info`` metrics for text facts. Label values come from closed sets (hook,
 decision, rule, quota kind, device kind, domain state) or from the domains themselves; a
-decision's ``reason`` label is its *rule*, never the free-text reason. Per-domain series carry
-``domain`` (name), ``domid``, ``uuid`` and ``label`` and disappear with the domain. The metric
-list is in ``docs/metrics.md`` and `METRIC_NAMES`.
+decision's ``reason`` label is its *rule*, never the free-text reason. A domain's identity
+(``domain`` name, ``uuid``, ``label``) is on ``shyped_domain_info`` only; the other per-domain
+series carry ``domid`` (to join on) and disappear with the domain. The metric list is in
+``docs/metrics.md`` and `shyped.service.metricsfamilies.METRIC_NAMES`.
 
-CPU time per domain comes from an optional `XlCpuProvider` (``xl list -v`` run periodically as
-a child process, never on the reactor's time): without a hypervisor, as on the sandbox, ``xl``
-fails and there is simply no ``shyped_domain_cpu_seconds_total`` series.
+What Xen measures per domain (CPU, vCPU, memory in use, vif and vbd counters: a
+`shyped.core.metering.MeterSample`) comes from an optional provider polling off the reactor:
+`shyped.service.xenstat.XenstatProvider` (libxenstat, as xentop) or, for CPU time only,
+`shyped.service.xlcpu.XlCpuProvider` (``xl list -v``). Without a hypervisor, as on the sandbox,
+there is no ``shyped_xen_*`` per-domain series at all, and ``shyped_xen_metering_up`` says 0.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import bisect
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -38,12 +41,11 @@ from twisted.logger import Logger
 from shyped.core.accounting import AccountCache, HostAccount
 from shyped.core.events import Event
 from shyped.core.host import HostModel
+from shyped.core.metering import NS, DomainMeter, LabelUse, MeterSample, match
 from shyped.core.quota import QuotaUsage, quota_table
 from shyped.policy.decisions import Decision
 from shyped.policy.model import Policy
 from shyped.service.config import Mode
-from shyped.service.metricsweb import check_loopback as check_loopback
-from shyped.service.metricsweb import start_metrics_server as start_metrics_server
 
 _log = Logger(namespace="shyped.metrics")
 
@@ -70,8 +72,6 @@ LATENCY_BUCKETS: Final = (
 )
 #: Distinct watch event kinds kept; further kinds are counted as ``other``.
 MAX_EVENT_KINDS: Final = 64
-#: The labels of every per-domain series.
-DOMAIN_LABELS: Final = ("domain", "domid", "uuid", "label")
 
 _SNAKE: Final = re.compile(r"(?<!^)(?=[A-Z])")
 
@@ -108,14 +108,6 @@ class LatencyHistogram:
 
 
 @attrs.frozen
-class CpuTime:
-    """CPU time a domain has used (``xl list``), matched to the model's domain."""
-
-    domid: int
-    seconds: float
-
-
-@attrs.frozen
 class MetricsSnapshot:
     """Everything a scrape shows, frozen at `published_at` (reactor-built, read anywhere)."""
 
@@ -131,8 +123,13 @@ class MetricsSnapshot:
     watch_events: tuple[tuple[str, int], ...] = ()
     host: HostAccount | None = None
     quotas: tuple[QuotaUsage, ...] = ()
-    #: None: no CPU time provider, or it failed (no series at all).
-    cpu: tuple[CpuTime, ...] | None = None
+    #: What Xen measured of the model's domains (`shyped.core.metering.match`); None: no
+    #: metering provider, or it is unavailable or failing (no per-domain series at all).
+    metering: tuple[DomainMeter, ...] | None = None
+    #: The metering provider configured (``xenstat``, ``xl``) and whether its last poll
+    #: worked; None: none configured.
+    metering_source: str | None = None
+    metering_up: bool = False
     #: Domain vetoes that failed and are being retried; failed veto attempts so far.
     vetoes_pending: int = 0
     veto_failures: int = 0
@@ -181,7 +178,11 @@ class MetricsState:
         self._xs_up: bool | None = None
         self._xs_reconnects = 0
         self._events: dict[str, int] = {}
-        self._cpu: Sequence[XlDomain] | None = None
+        self._meter: MeterSample | None = None
+        self._meter_source: str | None = None
+        self._meter_up = False
+        self._meter_listeners: list[Callable[[MeterSample], None]] = []
+        self._label_use: Mapping[str, LabelUse] | None = None
         self._vetoes: tuple[int, int] = (0, 0)
         self._flask: FlaskMetrics | None = None
         self._snapshot: MetricsSnapshot = EMPTY_SNAPSHOT
@@ -193,9 +194,14 @@ class MetricsState:
         """The last published snapshot (any thread may read it)."""
         return self._snapshot
 
-    def observe_decision(self, decision: Decision, latency_s: float | None = None) -> None:
-        """Count a decision (hook, permit/deny, rule) and, if given, how long it took."""
-        key = (str(decision.hook), decision.verdict, str(decision.rule))
+    def observe_decision(
+        self, decision: Decision, latency_s: float | None = None, *, hook: str | None = None
+    ) -> None:
+        """Count a decision (hook, permit/deny, rule) and, if given, how long it took.
+
+        `hook`: the hook of the question (``HOOK_OF_KIND[need.kind]``), as the per-domain
+        decision counter names it; default: the hook of the check that decided."""
+        key = (hook or str(decision.hook), decision.verdict, str(decision.rule))
         self._decisions[key] = self._decisions.get(key, 0) + 1
         if latency_s is not None and latency_s >= 0 and math.isfinite(latency_s):
             hist = self._latency.get(key[0])
@@ -244,20 +250,55 @@ class MetricsState:
             self._flask = flask
             self.dirty = True
 
-    def set_cpu_times(self, domains: Sequence[XlDomain] | None) -> None:
-        """What the CPU time provider last read (None: not available)."""
-        self._cpu = domains
+    def set_metering(self, source: str, sample: MeterSample | None) -> None:
+        """What the metering provider `source` last read (None: not available or failed)."""
+        self._meter_source = source
+        self._meter = sample
+        self._meter_up = sample is not None
         self.dirty = True
+        if sample is not None:
+            for listener in list(self._meter_listeners):
+                try:
+                    listener(sample)
+                except Exception:
+                    _log.failure("metering listener {l!r} raised", l=listener)
+
+    def add_meter_listener(self, listener: Callable[[MeterSample], None]) -> None:
+        """Call `listener` with every metering sample (the run-time quotas)."""
+        self._meter_listeners.append(listener)
+
+    def set_label_use(self, use: Mapping[str, LabelUse] | None) -> None:
+        """Per-label use the run-time quotas computed (the quota table's run-time rows)."""
+        self._label_use = use
+        self.dirty = True
+
+    def set_cpu_times(self, domains: Sequence[XlDomain] | None) -> None:
+        """CPU times from ``xl list`` (None: not available), as a metering sample."""
+        sample = None
+        if domains is not None:
+            sample = MeterSample(
+                time.monotonic(),
+                "xl",
+                tuple(
+                    DomainMeter(d.domid, d.name, d.uuid, round(d.cpu_seconds * NS)) for d in domains
+                ),
+            )
+        self.set_metering("xl", sample)
+
+    @property
+    def meter_sample(self) -> MeterSample | None:
+        """The last sample (reactor thread), for the run-time quotas."""
+        return self._meter
 
     def publish(self, model: HostModel | None) -> MetricsSnapshot:
         """Build a frozen snapshot of everything (and the model's domains) and swap it in."""
         host = self._accounts.host(model) if model is not None else None
         quotas: tuple[QuotaUsage, ...] = ()
         if host is not None and self._policy is not None:
-            quotas = quota_table(self._policy, host)
-        cpu = None
-        if self._cpu is not None and host is not None:
-            cpu = tuple(_match_cpu(self._cpu, host))
+            quotas = quota_table(self._policy, host, runtime=self._label_use)
+        metering = None
+        if self._meter is not None and host is not None:
+            metering = match(self._meter, host)
         latency = tuple(
             LatencyHistogram(hook, tuple(counts), total[0])
             for hook, (counts, total) in sorted(self._latency.items())
@@ -273,7 +314,9 @@ class MetricsState:
             watch_events=tuple(sorted(self._events.items())),
             host=host,
             quotas=quotas,
-            cpu=cpu,
+            metering=metering,
+            metering_source=self._meter_source,
+            metering_up=self._meter_up,
             vetoes_pending=self._vetoes[0],
             veto_failures=self._vetoes[1],
             flask=self._flask,
@@ -281,17 +324,6 @@ class MetricsState:
         self._snapshot = snap  # the one atomic swap the collector sees
         self.dirty = False
         return snap
-
-
-def _match_cpu(rows: Sequence[XlDomain], host: HostAccount) -> Iterable[CpuTime]:
-    """CPU times for the model's domains: same domid and, where both are known, same uuid."""
-    for row in rows:
-        acc = host.domain(row.domid)
-        if acc is None:
-            continue
-        if acc.uuid is not None and row.uuid is not None and acc.uuid != row.uuid:
-            continue  # another incarnation under the same id
-        yield CpuTime(row.domid, row.cpu_seconds)
 
 
 class PeriodicPublisher:

@@ -1,10 +1,24 @@
-"""The metrics collector (scrape thread): a `MetricsSnapshot` turned into Prometheus families,
-per-domain samples cached while a domain's account is unchanged."""
+"""The metrics collector (scrape thread): a `MetricsSnapshot` turned into Prometheus families.
+
+Shape (docs/metrics.md, "Series"): a domain's identity (``domain`` name, ``uuid``, ``label``,
+``state``) is on ``shyped_domain_info`` only; every other per-domain series is keyed by
+``domid`` (plus its own dimension: ``kind``, ``vif``, …), to be joined in PromQL::
+
+    shyped_domain_memory_max_bytes * on(domid) group_left(domain, label) shyped_domain_info
+
+One unit per metric: each quota has its own pair of families (memory in bytes).
+
+The per-domain values are made once as `Rows` (pure data: labels and a value per sample) by
+`shyped.service.metricsrows`; `MetricsCollector` turns them into prometheus_client
+families (the registry path: ``generate_latest``, ``name[]`` filtered scrapes, tests), and
+`shyped.service.metricstext` renders the same rows into cached exposition text per domain
+(the HTTP endpoint's path). A test holds the two byte for byte equal.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from prometheus_client.core import (
@@ -20,16 +34,63 @@ from prometheus_client.utils import floatToGoString
 
 import shyped
 from shyped.core.accounting import DomainAccount
+from shyped.core.quota import PER_DOMAIN, QuotaKind
 from shyped.service.config import Mode
-from shyped.service.metrics import (
-    DOMAIN_LABELS,
-    LATENCY_BUCKETS,
-    FlaskMetrics,
-    MetricsSnapshot,
+from shyped.service.metrics import LATENCY_BUCKETS, FlaskMetrics, MetricsSnapshot
+from shyped.service.metricsrows import (
+    DOMAIN_FAMILIES,
+    METERING_FAMILIES,
+    Rows,
+    domain_rows,
+    metering_rows,
+    sample_name,
 )
 
-# ---- the collector (scrape thread) ----------------------------------------------------------
 
+def _fmt(value: float) -> str:
+    return floatToGoString(value)  # type: ignore[no-any-return, no-untyped-call]
+
+
+#: Each quota's families (used, limit) and help: one unit per metric.
+QUOTA_FAMILIES: Final[dict[QuotaKind, tuple[str, str, str]]] = {
+    QuotaKind.DOMAINS: ("shyped_quota_domains_used", "shyped_quota_domains_limit", "domains"),
+    QuotaKind.MEMORY: (
+        "shyped_quota_memory_used_bytes",
+        "shyped_quota_memory_limit_bytes",
+        "memory of one domain (static-max, else target), bytes",
+    ),
+    QuotaKind.VCPUS: ("shyped_quota_vcpus_used", "shyped_quota_vcpus_limit", "vCPUs of one domain"),
+    QuotaKind.DEVICES: (
+        "shyped_quota_devices_used",
+        "shyped_quota_devices_limit",
+        "devices of one domain",
+    ),
+    QuotaKind.VCHANS: (
+        "shyped_quota_vchans_used",
+        "shyped_quota_vchans_limit",
+        "vchans of one domain",
+    ),
+    QuotaKind.EVENT_CHANNELS: (
+        "shyped_quota_event_channels_used",
+        "shyped_quota_event_channels_limit",
+        "event channel ports one domain published",
+    ),
+    QuotaKind.GRANT_REFS: (
+        "shyped_quota_grant_refs_used",
+        "shyped_quota_grant_refs_limit",
+        "grant references one domain published",
+    ),
+    QuotaKind.LABEL_MEMORY: (
+        "shyped_quota_label_memory_used_bytes",
+        "shyped_quota_label_memory_limit_bytes",
+        "memory the label's running domains hold (hypervisor, run-time), bytes",
+    ),
+    QuotaKind.CPU: (
+        "shyped_quota_cpu_used_ratio",
+        "shyped_quota_cpu_limit_ratio",
+        "CPU of the label's running domains over the window (hypervisor, run-time), CPUs",
+    ),
+}
 
 #: Every metric family the collector can expose (sample names add _total, _bucket, …).
 METRIC_NAMES: Final = (
@@ -44,25 +105,13 @@ METRIC_NAMES: Final = (
     "shyped_enforcement_mode",
     "shyped_xenstore_up",
     "shyped_xenstore_reconnects_total",
+    "shyped_xen_metering_up",
     "shyped_watch_events_total",
     "shyped_domains",
     "shyped_unattributed_garbage_writes_total",
-    "shyped_domain_info",
-    "shyped_domain_memory_target_bytes",
-    "shyped_domain_memory_max_bytes",
-    "shyped_domain_vcpus",
-    "shyped_domain_vcpus_online",
-    "shyped_domain_devices",
-    "shyped_domain_backend_devices",
-    "shyped_domain_event_channels",
-    "shyped_domain_grant_refs",
-    "shyped_domain_vchans",
-    "shyped_domain_garbage_writes_total",
-    "shyped_domain_garbage_limit_hits_total",
-    "shyped_domain_decisions_total",
-    "shyped_domain_cpu_seconds_total",
-    "shyped_quota_limit",
-    "shyped_quota_used",
+    *(sample_name(s) for s in DOMAIN_FAMILIES),
+    *(sample_name(s) for s in METERING_FAMILIES),
+    *(name for used, limit, _ in QUOTA_FAMILIES.values() for name in (limit, used)),
     "shyped_flask_mode",
     "shyped_flask_policy_info",
     "shyped_flask_avc_denials_total",
@@ -70,22 +119,11 @@ METRIC_NAMES: Final = (
 )
 
 
-def _dom_labels(acc: DomainAccount) -> list[str]:
-    return [acc.name or "", str(acc.domid), acc.uuid or "", acc.label or ""]
+# ---- the families ---------------------------------------------------------------------------
 
 
-def _per_domain_gauge(name: str, doc: str, extra: Sequence[str] = ()) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, doc, labels=[*DOMAIN_LABELS, *extra])
-
-
-def families(snap: MetricsSnapshot, cache: SampleCache | None = None) -> list[Metric]:
-    """The metric families of one snapshot (pure; see `MetricsCollector` for the caches)."""
-    return _families(snap, cache)[0]
-
-
-def _families(
-    snap: MetricsSnapshot, cache: SampleCache | None
-) -> tuple[list[Metric], SampleCache | None]:
+def head_families(snap: MetricsSnapshot) -> list[Metric]:
+    """The families before the per-domain ones (daemon state, decisions, policy)."""
     out: list[Metric] = []
     out.append(InfoMetricFamily("shyped_build", "shyped version", {"version": shyped.__version__}))
     out.append(
@@ -95,7 +133,6 @@ def _families(
             value=snap.published_at,
         )
     )
-
     out.append(
         GaugeMetricFamily(
             "shyped_vetoes_pending",
@@ -122,7 +159,6 @@ def _families(
     for hook, verdict, rule, n in snap.decisions:
         dec.add_metric([hook, verdict, rule], n)
     out.append(dec)
-
     lat = HistogramMetricFamily(
         "shyped_decision_latency_seconds",
         "Time from the question to the decision, by hook",
@@ -133,10 +169,9 @@ def _families(
         buckets: list[tuple[str, float]] = []
         for bound, c in zip((*LATENCY_BUCKETS, math.inf), h.counts, strict=True):
             acc += c
-            buckets.append((floatToGoString(bound), acc))  # type: ignore[no-untyped-call]
+            buckets.append((_fmt(bound), acc))
         lat.add_metric([h.hook], buckets, h.total)
     out.append(lat)
-
     if snap.policy is not None:
         p = snap.policy
         out.append(
@@ -155,9 +190,7 @@ def _families(
         )
     if snap.mode is not None:
         mode = GaugeMetricFamily(
-            "shyped_enforcement_mode",
-            "1 for the current enforcement mode",
-            labels=["mode"],
+            "shyped_enforcement_mode", "1 for the current enforcement mode", labels=["mode"]
         )
         for m in Mode:
             mode.add_metric([m.value], 1.0 if m.value == snap.mode else 0.0)
@@ -177,174 +210,97 @@ def _families(
                 value=snap.xenstore_reconnects,
             )
         )
+    if snap.metering_source is not None:
+        up = GaugeMetricFamily(
+            "shyped_xen_metering_up",
+            "1 while the hypervisor metering source answers (0: unavailable, e.g. no Xen)",
+            labels=["source"],
+        )
+        up.add_metric([snap.metering_source], 1.0 if snap.metering_up else 0.0)
+        out.append(up)
     ev = CounterMetricFamily(
         "shyped_watch_events", "Typed xenstore watch events by kind", labels=["kind"]
     )
     for kind, n in snap.watch_events:
         ev.add_metric([kind], n)
     out.append(ev)
-
-    new_cache = None
     if snap.host is not None:
-        host_fams, new_cache = _host_families(snap, cache)
-        out.extend(host_fams)
-    if snap.quotas:
-        limit = GaugeMetricFamily(
-            "shyped_quota_limit",
-            "Quota limit per VM label (memory in bytes; per domain except domains)",
-            labels=["label", "quota"],
+        counts: dict[tuple[str, str], int] = {}
+        for a in snap.host.domains:
+            k = (a.label or "", str(a.state))
+            counts[k] = counts.get(k, 0) + 1
+        doms = GaugeMetricFamily(
+            "shyped_domains", "Domains by label and state", labels=["label", "state"]
         )
-        used = GaugeMetricFamily(
-            "shyped_quota_used",
-            "Quota use per VM label: running domains, else the highest use of one domain",
-            labels=["label", "quota"],
+        for (label, state), count in sorted(counts.items()):
+            doms.add_metric([label, state], count)
+        out.append(doms)
+        out.append(
+            CounterMetricFamily(
+                "shyped_unattributed_garbage_writes",
+                "Ignored writes no domain can be charged with (/libxl, /vm, invalid paths)",
+                value=snap.host.unattributed_garbage_writes,
+            )
         )
-        for row in snap.quotas:
-            used.add_metric([row.label, row.kind.metric], row.metric_used)
-            if row.metric_limit is not None:
-                limit.add_metric([row.label, row.kind.metric], row.metric_limit)
-        out.extend((limit, used))
+    return out
+
+
+def tail_families(snap: MetricsSnapshot) -> list[Metric]:
+    """The families after the per-domain ones (the quota table, per label)."""
+    if not snap.quotas:
+        return []
+    fams: dict[QuotaKind, tuple[GaugeMetricFamily, GaugeMetricFamily]] = {}
+    for kind, (used_name, limit_name, what) in QUOTA_FAMILIES.items():
+        fams[kind] = (
+            GaugeMetricFamily(limit_name, f"Quota limit per VM label: {what}", labels=["label"]),
+            GaugeMetricFamily(
+                used_name,
+                f"Quota use per VM label: {what}"
+                + (" (the label's highest)" if kind in PER_DOMAIN else ""),
+                labels=["label"],
+            ),
+        )
+    for row in snap.quotas:
+        limit, used = fams[row.kind]
+        used.add_metric([row.label], row.metric_used)
+        if row.metric_limit is not None:
+            limit.add_metric([row.label], row.metric_limit)
+    return [f for pair in fams.values() for f in pair]
+
+
+DomainRows = tuple[DomainAccount, Rows]
+#: Per-domain rows of the last collection, by domid, with the account they were made from.
+RowCache = dict[int, DomainRows]
+
+
+def domain_families(
+    snap: MetricsSnapshot, cache: RowCache | None = None
+) -> tuple[list[Metric], RowCache]:
+    """The per-domain families; rows of accounts unchanged since `cache` are reused."""
+    fams = [Metric(name, doc, kind) for name, kind, doc, _ in DOMAIN_FAMILIES]
+    new_cache: RowCache = {}
+    names = [sample_name(s) for s in DOMAIN_FAMILIES]
+    if snap.host is not None:
+        for acc in snap.host.domains:
+            hit = cache.get(acc.domid) if cache is not None else None
+            rows = hit[1] if hit is not None and hit[0] is acc else domain_rows(acc)
+            new_cache[acc.domid] = (acc, rows)
+            for fam, name, part in zip(fams, names, rows, strict=True):
+                fam.samples.extend(Sample(name, dict(labels), v) for labels, v in part)
+    out: list[Metric] = [] if snap.host is None else fams
+    if snap.metering is not None and snap.host is not None:
+        mfams = [Metric(name, doc, kind) for name, kind, doc, _ in METERING_FAMILIES]
+        mnames = [sample_name(s) for s in METERING_FAMILIES]
+        for m in snap.metering:
+            for fam, name, part in zip(mfams, mnames, metering_rows(m), strict=True):
+                fam.samples.extend(Sample(name, dict(labels), v) for labels, v in part)
+        out.extend(mfams)
     return out, new_cache
 
 
-#: The per-domain families, in the order `_domain_samples` fills them:
-#: (name, type, help, extra labels).
-_DOMAIN_FAMILIES: Final = (
-    ("shyped_domain", "info", "A domain the daemon knows, with its state", ()),
-    ("shyped_domain_memory_target_bytes", "gauge", "memory/target (dom0-written)", ()),
-    ("shyped_domain_memory_max_bytes", "gauge", "memory/static-max (dom0-written)", ()),
-    ("shyped_domain_vcpus", "gauge", "vCPUs the domain was built with (cpu/<n>)", ()),
-    ("shyped_domain_vcpus_online", "gauge", "vCPUs marked online (cpu/<n>)", ()),
-    (
-        "shyped_domain_devices",
-        "gauge",
-        "Devices the domain is the frontend of, by kind",
-        ("kind",),
-    ),
-    (
-        "shyped_domain_backend_devices",
-        "gauge",
-        "Devices the domain serves as backend, by kind",
-        ("kind",),
-    ),
-    (
-        "shyped_domain_event_channels",
-        "gauge",
-        "Event channel ports the domain published, by device kind (guest-written: a count)",
-        ("kind",),
-    ),
-    (
-        "shyped_domain_grant_refs",
-        "gauge",
-        "Grant references the domain published, by device kind (guest-written: a count)",
-        ("kind",),
-    ),
-    ("shyped_domain_vchans", "gauge", "vchan rendezvous by the domain's role", ("role",)),
-    (
-        "shyped_domain_garbage_writes",
-        "counter",
-        "Writes of the domain the parser ignored (malformed or over a bound)",
-        (),
-    ),
-    (
-        "shyped_domain_garbage_limit_hits",
-        "counter",
-        "Ignored writes of the domain that hit a per-domain bound",
-        (),
-    ),
-    (
-        "shyped_domain_decisions",
-        "counter",
-        "Decisions recorded about the domain by hook and decision",
-        ("hook", "decision"),
-    ),
-)
-_SAMPLE_NAME: Final = tuple(
-    name + {"info": "_info", "counter": "_total"}.get(kind, "")
-    for name, kind, _, _ in _DOMAIN_FAMILIES
-)
-
-DomainSamples = tuple[tuple[Sample, ...], ...]
-#: Per-domain samples of the last scrape, by domid, with the account they were made from.
-SampleCache = dict[int, tuple[DomainAccount, DomainSamples]]
-
-
-def _domain_samples(acc: DomainAccount) -> DomainSamples:
-    """One domain's samples for each of `_DOMAIN_FAMILIES` (sharing one label dict)."""
-    base = dict(zip(DOMAIN_LABELS, _dom_labels(acc), strict=True))
-    n = _SAMPLE_NAME
-
-    def one(i: int, value: float | None) -> tuple[Sample, ...]:
-        return () if value is None else (Sample(n[i], base, value),)
-
-    def by(i: int, label: str, pairs: Iterable[tuple[str, int]]) -> tuple[Sample, ...]:
-        return tuple(Sample(n[i], {**base, label: k}, v) for k, v in pairs if v)
-
-    return (
-        (Sample(n[0], {**base, "state": str(acc.state)}, 1.0),),
-        one(1, acc.memory_target_bytes),
-        one(2, acc.memory_max_bytes),
-        one(3, acc.vcpus),
-        one(4, acc.vcpus_online),
-        by(5, "kind", acc.devices),
-        by(6, "kind", acc.backend_devices),
-        by(7, "kind", acc.event_channels),
-        by(8, "kind", acc.grant_refs),
-        by(9, "role", (("server", acc.vchans_served), ("client", acc.vchans_joined))),
-        one(10, acc.garbage_writes),
-        one(11, acc.garbage_limit_hits),
-        tuple(
-            Sample(n[12], {**base, "hook": hook, "decision": verdict}, count)
-            for hook, verdict, count in acc.decisions
-        ),
-    )
-
-
-def _host_families(
-    snap: MetricsSnapshot, cache: SampleCache | None = None
-) -> tuple[list[Metric], SampleCache]:
-    """The per-host and per-domain families; samples of accounts unchanged since `cache` was
-    made are reused (at thousands of domains, allocating fewer objects per scrape keeps the
-    garbage collector, which stops every thread, from running full collections)."""
-    host = snap.host
-    assert host is not None
-    fams = [Metric(name, doc, kind) for name, kind, doc, _ in _DOMAIN_FAMILIES]
-    new_cache: SampleCache = {}
-    counts: dict[tuple[str, str], int] = {}
-    for acc in host.domains:
-        hit = cache.get(acc.domid) if cache is not None else None
-        parts = hit[1] if hit is not None and hit[0] is acc else _domain_samples(acc)
-        new_cache[acc.domid] = (acc, parts)
-        for fam, part in zip(fams, parts, strict=True):
-            fam.samples.extend(part)
-        key = (acc.label or "", str(acc.state))
-        counts[key] = counts.get(key, 0) + 1
-    doms = GaugeMetricFamily(
-        "shyped_domains", "Domains by label and state", labels=["label", "state"]
-    )
-    for (label, state), count in sorted(counts.items()):
-        doms.add_metric([label, state], count)
-    out: list[Metric] = [
-        doms,
-        CounterMetricFamily(
-            "shyped_unattributed_garbage_writes",
-            "Ignored writes no domain can be charged with (/libxl, /vm, invalid paths)",
-            value=host.unattributed_garbage_writes,
-        ),
-        *fams,
-    ]
-    if snap.cpu is not None:
-        cpu = CounterMetricFamily(
-            "shyped_domain_cpu_seconds",
-            "CPU time the domain has used (xl list)",
-            labels=list(DOMAIN_LABELS),
-        )
-        for c in snap.cpu:
-            owner = host.domain(c.domid)
-            if owner is not None:
-                cpu.add_metric(_dom_labels(owner), c.seconds)
-        out.append(cpu)
-    return out, new_cache
+def families(snap: MetricsSnapshot, cache: RowCache | None = None) -> list[Metric]:
+    """The metric families of one snapshot (pure; see `MetricsCollector` for the caches)."""
+    return [*head_families(snap), *domain_families(snap, cache)[0], *tail_families(snap)]
 
 
 def _flask_families(flask: FlaskMetrics) -> list[Metric]:
@@ -386,25 +342,25 @@ class MetricsCollector(Collector):
     """A prometheus_client collector over the snapshot `get_snapshot` returns.
 
     `get_snapshot` must only read a reference (e.g. ``lambda: state.snapshot``): it runs on the
-    scrape thread. The families of the last snapshot are kept, so scrapes between two
-    publications cost only the text formatting, and so are the per-domain samples, reused for
-    every account the next snapshot shares (`shyped.core.accounting.AccountCache` keeps unchanged
-    accounts the same objects).
+    scrape thread. The families of the last snapshot are kept, and so are the per-domain rows,
+    reused for every account the next snapshot shares (`shyped.core.accounting.AccountCache`
+    keeps unchanged accounts the same objects).
     """
 
     def __init__(self, get_snapshot: Callable[[], MetricsSnapshot]) -> None:
-        self._get = get_snapshot
+        self.get_snapshot = get_snapshot
         self._cache: tuple[MetricsSnapshot, list[Metric]] | None = None
-        self._samples: SampleCache | None = None
+        self._rows: RowCache | None = None
 
     def collect(self) -> Iterable[Metric]:
-        snap = self._get()
+        snap = self.get_snapshot()
         cache = self._cache
         if cache is not None and cache[0] is snap:
             return cache[1]
-        fams, samples = _families(snap, self._samples)
+        per_domain, rows = domain_families(snap, self._rows)
+        fams = [*head_families(snap), *per_domain, *tail_families(snap)]
         # Each reference is swapped whole: a concurrent scrape uses either the old or new one.
-        self._samples = samples
+        self._rows = rows
         self._cache = (snap, fams)
         return fams
 
@@ -412,14 +368,47 @@ class MetricsCollector(Collector):
         return []  # names depend on the snapshot; no collect() at registration
 
 
+class MetricsRegistry(CollectorRegistry):
+    """A prometheus_client registry that knows its `MetricsCollector` (registered first) and
+    the order of the others, so `shyped.service.metricstext` can serve the former from its
+    cache and the rest through prometheus_client's encoders."""
+
+    def __init__(self, get_snapshot: Callable[[], MetricsSnapshot]) -> None:
+        # collectors that declare no names up front (ours) still answer name[] filters
+        super().__init__(auto_describe=False, support_collectors_without_names=True)
+        self._order: list[Collector] = []
+        self.shyped = MetricsCollector(get_snapshot)
+        self.register(self.shyped)
+
+    def register(self, collector: Collector) -> None:
+        super().register(collector)
+        self._order = [*self._order, collector]
+
+    def unregister(self, collector: Collector) -> None:
+        super().unregister(collector)
+        self._order = [c for c in self._order if c is not collector]
+
+    def others(self) -> Collector:
+        """A collector over every registered collector but the shyped one, in order."""
+        return _Chain([c for c in self._order if c is not self.shyped])
+
+
+class _Chain(Collector):
+    def __init__(self, collectors: list[Collector]) -> None:
+        self._collectors = collectors
+
+    def collect(self) -> Iterable[Metric]:
+        for c in self._collectors:
+            yield from c.collect()
+
+
 def make_registry(
     get_snapshot: Callable[[], MetricsSnapshot], *, process: bool = True
-) -> CollectorRegistry:
+) -> MetricsRegistry:
     """A registry with the shyped collector (and the process/platform collectors)."""
     from prometheus_client import PlatformCollector, ProcessCollector
 
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(MetricsCollector(get_snapshot))
+    registry = MetricsRegistry(get_snapshot)
     if process:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)

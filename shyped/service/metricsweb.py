@@ -36,7 +36,6 @@ from typing import Any
 
 import attrs
 import bcrypt
-from prometheus_client import make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 from twisted.cred import credentials as cred_credentials
@@ -55,6 +54,7 @@ from twisted.web.wsgi import WSGIResource
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from shyped.service.config import ConfigError, MetricsConfig, loopback_problem
+from shyped.service.metricstext import metrics_app
 from shyped.service.peeruid import PeerUids
 
 _log = Logger(namespace="shyped.metrics")
@@ -305,10 +305,11 @@ def metrics_site(
     *,
     idle_timeout: float = 10.0,
 ) -> Site:
-    """``/metrics`` served by prometheus_client's WSGI app on the reactor's thread pool, behind
+    """``/metrics`` served by `shyped.service.metricstext.metrics_app` (cached per-domain text,
+    prometheus_client's negotiation and encoders) on the reactor's thread pool, behind
     `access` (None: open to every client)."""
     root = Resource()  # type: ignore[no-untyped-call]
-    app = make_wsgi_app(registry)
+    app = metrics_app(registry)
     wsgi: Any = WSGIResource(reactor, reactor.getThreadPool(), app)  # type: ignore[no-untyped-call]
     index: Any = _Index()  # type: ignore[no-untyped-call]
     root.putChild(b"metrics", wsgi)

@@ -4,8 +4,9 @@
 `build_user_avc` the mirror of denials to the Linux audit subsystem (``[log] user_avc``); `Metrics`
 holds the `MetricsState` the daemon feeds and serves it on ``[metrics] address:port``
 (loopback only, behind the access control and budgets of `shyped.service.metricsweb`) with the
-audit collector and, on a real host (``actuator.kind = "xl"``), CPU
-time per domain from ``xl list``. `shyped.cli.main` wires them; the daemon tests do the same.
+audit collector and, on a real host (``actuator.kind = "xl"``), what Xen measures per domain
+through libxenstat (`shyped.service.xenstat`), or CPU time only from ``xl list`` without it.
+`shyped.cli.main` wires them; the daemon tests do the same.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from shyped.service.metricsweb import (
     nofile_limit,
     start_metrics_server,
 )
+from shyped.service.xenstat import XenstatProvider
 from shyped.service.xlcpu import XlCpuProvider
 
 _log = Logger(namespace="shyped.observability")
@@ -65,6 +67,7 @@ class Metrics:
             self.registry.register(AuditCollector(audit.log))
         self.port: Any = None  # IListeningPort
         self.cpu: XlCpuProvider | None = None
+        self.xenstat: XenstatProvider | None = None
 
     def start(self) -> IListeningPort:
         """Listen (raises ValueError for a non-loopback address, or the bind error)."""
@@ -92,14 +95,27 @@ class Metrics:
                 room=room,
             )
         if self.config.actuator.kind == "xl":
-            self.cpu = XlCpuProvider(self.reactor, self.state, self.config.actuator.xl)
-            if not self.cpu.start():
-                _log.info("no CPU time per domain: xl list -v is not available")
+            self.xenstat = XenstatProvider(
+                self.reactor,
+                self.state.set_metering,
+                interval=self.config.metrics.metering_interval,
+            )
+            if not self.xenstat.start():  # logged; then CPU time only, from xl list
+                self.cpu = XlCpuProvider(
+                    self.reactor,
+                    self.state,
+                    self.config.actuator.xl,
+                    interval=self.config.metrics.metering_interval,
+                )
+                if not self.cpu.start():
+                    _log.info("no CPU time per domain: xl list -v is not available")
         return port
 
     def stop(self) -> Any:
         if self.cpu is not None:
             self.cpu.stop()
+        if self.xenstat is not None:
+            self.xenstat.stop()
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()

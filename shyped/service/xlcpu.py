@@ -142,4 +142,4 @@ def _kill(transport: Any) -> None:
 
 def cpu_by_domid(snap: MetricsSnapshot) -> Mapping[int, float]:
     """The CPU seconds a snapshot holds, by domid (empty without a provider)."""
-    return {} if snap.cpu is None else {c.domid: c.seconds for c in snap.cpu}
+    return {} if snap.metering is None else {m.domid: m.cpu_seconds for m in snap.metering}
