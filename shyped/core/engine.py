@@ -16,7 +16,9 @@ Per hook (DESIGN.md §1):
 * **device**: STE between the frontend's and the backend's labels (`Hook.DEVICE_CHANNEL`), then,
   if the device uses a resource, the resource's label (label store: ``disk:<params>`` for a
   vbd, ``bridge:<name>`` for a vif) against the frontend's label (`PolicyEngine.resource`,
-  writable unless the vbd is read-only). Veto: `CutDevice`.
+  writable unless the vbd is read-only; ``pci:SSSS:BB:DD.F`` for a passed-through PCI device).
+  Veto: `CutDevice`; for a device the guest also has outside the PV handshake (``emulated``:
+  an HVM guest's disks and emulated NICs, PCI passthrough) the frontend's `VetoDomain`.
 * **vchan**: STE between the server and every *present* named client. A rendezvous readable by
   every domain is denied outright: any domain could connect, so no STE check can stand for it.
   Clients that do not exist yet are asked about again when they appear (the host model does
@@ -98,17 +100,27 @@ _RECHECKED = (
 
 #: Device kinds whose host resource the label store names (disk image, bridge, 9pfs path):
 #: decided by STE between the two domains and between the frontend and the resource.
-RESOURCE_KINDS: Final = frozenset({"vbd", "vif", "9pfs"})
+RESOURCE_KINDS: Final = frozenset({"vbd", "vif", "9pfs", "pci"})
 #: Device kinds whose backend serves the frontend from its own state, not from a host
 #: resource another label could own: STE between the two domains decides them.
 CHANNEL_KINDS: Final = frozenset({"console", "vuart", "vkbd", "vfb", "vtpm"})
 
 
-def unknown_kind(kind: str) -> Decision | None:
-    """A denial for a device kind shyped does not understand (PCI passthrough, pvcalls, USB,
-    display, sound, anything new): each hands the guest a host resource — a PCI device,
-    dom0's network stack, a USB device — that no label covers, so STE between the guest and
-    dom0 (whose bootstrap label shares a type with everyone) would let it through."""
+def unknown_kind(kind: str, resource: str | None = None) -> Decision | None:
+    """A denial for a device kind shyped does not understand (pvcalls, USB, display, sound,
+    anything new): each hands the guest a host resource — dom0's network stack, a USB device
+    — that no label covers, so STE between the guest and dom0 (whose bootstrap label shares a
+    type with everyone) would let it through. A ``pci`` device is understood only with the
+    device it passes through (from libxl's ``/libxl/pci/<bdf>`` record, see
+    `shyped.core.assembler`): a ``pci`` record without one is not."""
+    if kind == "pci" and resource is None:
+        return Decision(
+            permitted=False,
+            hook=Hook.RESOURCE,
+            rule=Rule.LABEL,
+            reason="a pci device record that names no PCI device gives the guest a host "
+            "resource no label covers (not understood by shyped: denied)",
+        )
     if kind in RESOURCE_KINDS or kind in CHANNEL_KINDS:
         return None
     return Decision(
@@ -325,7 +337,7 @@ class Engine:
         be_label = be_dom.label if be_dom is not None else None
         denied = self._denied_party(Hook.DEVICE_CHANNEL, host, (fe, be), fe_label)
         checks = [denied or self._policy.channel(Hook.DEVICE_CHANNEL, fe_label, be_label)]
-        unknown = unknown_kind(key.kind)
+        unknown = unknown_kind(key.kind, need.resource.resource if need.resource else None)
         if unknown is not None and checks[0].permitted:
             checks.append(unknown)
         res_party = None
@@ -345,7 +357,9 @@ class Engine:
             checks = self._with_quota(checks, host, fe, fe_label, Hook.DEVICE_CHANNEL)
         dev = host.device(key)
         backend_kind = dev.backend_kind if dev is not None else key.kind
-        veto = CutDevice(key, be, backend_kind)
+        veto: CutDevice | VetoDomain = CutDevice(key, be, backend_kind)
+        if dev is not None and dev.emulated:  # the device model keeps it: the domain goes
+            veto = VetoDomain(fe, self.domain_veto)
         return self._outcome(
             need,
             f"device {key.kind} {fe}/{key.devid}",
@@ -553,6 +567,8 @@ class Engine:
             key = cast(DeviceKey, need.key)
             dev = host.device(key)
             veto = CutDevice(key, need.peers[0], dev.backend_kind if dev else key.kind)
+            if dev is not None and dev.emulated:
+                veto = VetoDomain(need.domid, self.domain_veto)
             what = f"device {key.kind} {need.domid}/{key.devid}"
         elif need.kind == "channel":
             ckey = cast(ChannelKey, need.key)

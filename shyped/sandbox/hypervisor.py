@@ -75,6 +75,10 @@ class DomainState:
     #: Each simulated xenbus driver's own view of its state ("back:vif/1/0" -> 4): it can
     #: differ from xenstore's (libxl writes Closing into the backend's node).
     drivers: dict[str, int] = attrs.field(factory=dict)
+    #: libxl's domain type (pv, pvh, hvm).
+    dom_type: str = "pv"
+    #: PCI devices assigned to it (xc_assign_device), as libxl prints them.
+    pcis: list[str] = attrs.field(factory=list)
 
     def alloc_port(self, what: str) -> int:
         """Lowest free port >= 1 (port 0 is never valid)."""

@@ -202,7 +202,10 @@ class ToolstackDrivers(ToolstackBase):
         be = session.conn(Actor.DOM0_KERNEL)
         mine = self._get_driver_state(host, dev, backend=True)
         if fe_state in (L.INITIALISED, L.CONNECTED):
-            if mine == L.CONNECTED or be.read(f"{dev.backend}/physical-device") is None:
+            qdisk = dev.backend_kind == "qdisk"  # QEMU opens the image itself: no hotplug
+            if mine == L.CONNECTED or (
+                not qdisk and be.read(f"{dev.backend}/physical-device") is None
+            ):
                 return
             self._bind_backend_ports(host, dev, 1)
             self._run(session, D.blkback_connect_steps(dev, sectors=_sectors(dev.params)))
