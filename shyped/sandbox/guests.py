@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 
+from shyped.sandbox.devices import device_destroy_step
 from shyped.sandbox.layout import (
     INITIALISING,
     Actor,
@@ -107,7 +108,7 @@ def pci_assign_step(bdf: str, domid: int) -> Step:
     )
 
 
-def pci_backend_step(domid: int, name: str, bdf: str, num: int) -> Step:
+def pci_backend_step(domid: int, name: str, bdf: str, num: int, *, starting: bool = True) -> Step:
     """libxl__device_pci_add_xenstore (libxl_pci.c), one transaction. The first device
     (``num`` 0) creates the backend and frontend (libxl__create_pci_backend: backend
     ``/local/domain/0/backend/pci/<domid>/0`` with perms (n0, r<domid>) and frontend, frontend
@@ -144,28 +145,34 @@ def pci_backend_step(domid: int, name: str, bdf: str, num: int) -> Step:
         Write(f"{be}/state-{num}", str(INITIALISING)),
         Write(f"{be}/num_devs", str(num + 1)),
     ]
+    if num and not starting:
+        ops.append(Write(f"{be}/state", "7"))
     return step(Actor.LIBXL, ops, tx=True, what=f"libxl__device_pci_add_xenstore {bdf}")
 
 
 def pci_release_steps(domid: int, bdfs: list[str]) -> list[Step]:
-    """What is left of PCI passthrough when the domain is destroyed
-    (libxl__device_pci_destroy_all, then pci_remove_detached's pci_info_xs_remove of
-    ``domid``): the /libxl/pci records, then the backend and frontend directories."""
-    steps = [
-        step(
-            Actor.LIBXL,
-            [Rm(f"{pci_info_path(b)}/domid")],
-            tx=False,
-            what=f"pci_info_xs_remove {b}",
+    """libxl__device_pci_destroy_all at destroy: each device forced out (do_pci_remove ...
+    pci_remove_detached): libxl__device_pci_remove_xenstore drops its ``*-N`` entries and
+    decrements ``num_devs`` in one transaction, or, for the last one, libxl__device_destroy
+    cleans the frontend, the (absent) libxl path and the backend up; then
+    pci_info_xs_remove(pci, "domid"). Devices go last first here, so no entry is renumbered
+    (libxl shifts the later ones down)."""
+    be = backend_path(0, "pci", domid, 0)
+    steps: list[Step] = []
+    for num in range(len(bdfs) - 1, -1, -1):
+        if num:
+            keys = ("state", "key", "dev", "vdev", "opts", "vdevfn", "name")
+            ops: list[Op] = [Rm(f"{be}/{k}-{num}") for k in keys]
+            ops.append(Write(f"{be}/num_devs", str(num)))
+            steps.append(step(Actor.LIBXL, ops, tx=True, what="pci_remove_xenstore"))
+        else:
+            steps.append(device_destroy_step("pci", domid, 0, 0))
+        steps.append(
+            step(
+                Actor.LIBXL,
+                [Rm(f"{pci_info_path(bdfs[num])}/domid")],
+                tx=False,
+                what=f"pci_info_xs_remove {bdfs[num]}",
+            )
         )
-        for b in bdfs
-    ]
-    steps.append(
-        step(
-            Actor.LIBXL,
-            [Rm(backend_path(0, "pci", domid, 0)), Rm(frontend_path(domid, "pci", 0))],
-            tx=False,
-            what="pci backend removal",
-        )
-    )
     return steps

@@ -228,10 +228,18 @@ class Toolstack(ToolstackDrivers):
             dom = host.lookup(str(domain))
             conn = session.conn(Actor.LIBXL)
             num = conn.read(f"{L.backend_path(0, 'pci', dom.domid, 0)}/num_devs")
-            self._add_pci(host, session, dom, bdf, int(num) if num and num.isdigit() else 0)
+            num_devs = int(num) if num and num.isdigit() else 0
+            self._add_pci(host, session, dom, bdf, num_devs, starting=False)
 
     def _add_pci(
-        self, host: HostState, session: _Session, dom: DomainState, bdf: str, num: int
+        self,
+        host: HostState,
+        session: _Session,
+        dom: DomainState,
+        bdf: str,
+        num: int,
+        *,
+        starting: bool = True,
     ) -> None:
         for other in host.domains.values():
             if bdf in other.pcis:  # xc_assign_device
@@ -243,7 +251,7 @@ class Toolstack(ToolstackDrivers):
         except ValueError as exc:
             raise ToolstackError(str(exc)) from None
         name = session.conn(Actor.LIBXL).read(f"{L.dom_path(dom.domid)}/name") or ""
-        self._run(session, G.pci_backend_step(dom.domid, name, bdf, num))
+        self._run(session, G.pci_backend_step(dom.domid, name, bdf, num, starting=starting))
         dom.pcis = [*dom.pcis, bdf]
 
     def _pci_destroy(self, session: _Session, dom: DomainState) -> None:
