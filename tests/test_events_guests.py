@@ -5,7 +5,7 @@ in nodes it owns (device/pci/0, its frontends) changes no decision."""
 from __future__ import annotations
 
 import pytest
-from hostmodel_helpers import load_layout
+from test_events import CONNECTED, VBD, VIF, connected, of
 
 from shyped.core.assembler import EventAssembler
 from shyped.core.assembler.state import pci_record_key
@@ -14,26 +14,12 @@ from shyped.core.events import (
     DeviceKey,
     DeviceRemoved,
     DomainAppeared,
-    Event,
     Garbage,
 )
 from shyped.core.labelstore import LabelStoreError, pci_resource, resource_id
 from shyped.core.outcome import resource_of
 
-CONNECTED = load_layout("layout-connected.txt", "vchan.txt")
 PCI = DeviceKey("pci", 1, 0x0300)
-VIF = DeviceKey("vif", 1, 0)
-VBD = DeviceKey("vbd", 1, 51712)
-
-
-def connected() -> EventAssembler:
-    asm = EventAssembler()
-    asm.reconcile(CONNECTED)
-    return asm
-
-
-def of(events: list[Event], cls: type) -> list[Event]:
-    return [e for e in events if isinstance(e, cls)]
 
 
 def test_a_libxl_pci_record_is_device_pci_of_its_domain_served_by_dom0() -> None:

@@ -1,11 +1,18 @@
 """The sandbox toolstack's PVH, HVM, qdisk and PCI layouts against what libxl 4.17 writes
-(xen-project/xen RELEASE-4.17.7 tools/libs/light, read: the reference capture is PV only, so
-these expectations come from the sources, cited per test), on the real oxenstored."""
+(xen-project/xen RELEASE-4.17.7 tools/libs/light, read: the PV reference capture does not
+cover them, so these expectations come from the sources, cited per test), on the real
+oxenstored; and a PVH guest against the e2e tier's real capture (tests/reference/pvh)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
-from sandbox_toolstack_helpers import xenstore_ls
+from control_daemon_helpers import sandbox_host
+from process_helpers import wait_until
+from sandbox_toolstack_helpers import normalize_layout, reference_layout, xenstore_ls
 
 from shyped.core.xlcfg import DomainConfig, XlConfigError, domain_config_from_text
 from shyped.sandbox import devices as D
@@ -227,3 +234,31 @@ def test_what_libxl_refuses_the_sandbox_refuses(ts: Toolstack) -> None:
         cfg('pci = [ "name=gpu" ]\n')
     hvm_vif = ts.create(cfg('type = "hvm"\nvif = [ "type=vif" ]\n'))
     assert hvm_vif > 0
+
+
+# ---- against a real PVH capture ---------------------------------------------------------------
+
+
+def test_pvh_layouts_match_the_real_capture(xenstored: SandboxXenstored) -> None:
+    """The e2e tier's PVH capture (tests/reference/pvh): the same daemon, policy, labels and
+    shype-xl on the sandbox write what real Xen 4.17 wrote, created paused and connected."""
+    e2e = Path(__file__).parent / "e2e"
+    with sandbox_host(xenstored) as host:
+        shutil.copy(e2e / "daemon" / "policy.toml", host.policy)
+        shutil.copy(e2e / "pvh" / "labels.json", host.labels)
+        host.start()
+        cfg = host.directory / "pvh-green.cfg"
+        cfg.write_text((e2e / "pvh" / "pvh-green.cfg").read_text())
+        created = host.shype_xl("create", "-p", str(cfg))
+        assert created.returncode == 0, (created.stdout, created.stderr)
+        wait_until(lambda: host.read("/local/domain/1/device/vbd/51712/state") is not None)
+        assert normalize_layout(xenstore_ls(xenstored)) == reference_layout(
+            "pvh/layout-pvh-green-paused.txt"
+        )
+        unpaused = subprocess.run(
+            [*host.xl_argv(), "unpause", "pvh-green"], capture_output=True, text=True, check=False
+        )
+        assert unpaused.returncode == 0, unpaused.stderr
+        assert normalize_layout(xenstore_ls(xenstored)) == reference_layout(
+            "pvh/layout-pvh-green-connected.txt"
+        )

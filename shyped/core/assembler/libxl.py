@@ -104,16 +104,9 @@ class LibxlReader(AssemblerState):
         if not _valid_kind(kind) or devid is None:
             self._garbage(None, path, "libxl device record with a bad kind or device id")
             return
-        rkey = (kind, devid)
-        rec = dom.records.get(rkey)
+        rec = self._record_for(dom, kind, devid, path)
         if rec is None:
-            if len(dom.records) >= self._limits.records_per_domain:
-                self._garbage(None, path, "too many device records", limit=True)
-                return
-            rec = dom.records[rkey] = _Record()
-        elif rec.gone:
-            rec.reset()  # removed and written again within one batch
-            self._unlink_backend(d, kind, devid, rec)
+            return
         dk = DeviceKey(kind, d, devid)
         self._dirty_devs.add(dk)
         if n != 7:
@@ -145,6 +138,20 @@ class LibxlReader(AssemblerState):
             if res is None:
                 self._garbage(None, path, "record resource is not printable UTF-8")
             rec.resource = res
+
+    def _record_for(self, dom: _Dom, kind: str, devid: int, path: str) -> _Record | None:
+        """The device's record, made if new (None past the per-domain bound, counted)."""
+        rkey = (kind, devid)
+        rec = dom.records.get(rkey)
+        if rec is None:
+            if len(dom.records) >= self._limits.records_per_domain:
+                self._garbage(None, path, "too many device records", limit=True)
+                return None
+            rec = dom.records[rkey] = _Record()
+        elif rec.gone:
+            rec.reset()  # removed and written again within one batch
+            self._unlink_backend(dom.domid, kind, devid, rec)
+        return rec
 
     def _record_key_removed(self, d: int, kind: str, devid: int, rec: _Record, name: str) -> None:
         rec.keys.discard(name)
@@ -236,17 +243,9 @@ class LibxlReader(AssemblerState):
         if held is not None and held[0] != d:
             self._pci_released(comp)
         devid, resource = pci_record_key(comp)
-        dom = self._dom(d)
-        rkey = ("pci", devid)
-        rec = dom.records.get(rkey)
+        rec = self._record_for(self._dom(d), "pci", devid, path)
         if rec is None:
-            if len(dom.records) >= self._limits.records_per_domain:
-                self._garbage(None, path, "too many device records", limit=True)
-                return
-            rec = dom.records[rkey] = _Record()
-        elif rec.gone:
-            rec.reset()
-            self._unlink_backend(d, "pci", devid, rec)
+            return
         rec.pci = comp
         rec.frontend_ok = True
         rec.resource = resource
