@@ -12,7 +12,7 @@ from daemon_helpers import Harness, eventually, host_fixture, uuid_of
 
 from shyped.core.actions import CutDevice, VetoDomain
 from shyped.core.labelstore import LabelStore, load_label_store
-from shyped.core.xlcfg import DomainConfig, domain_config_from_text
+from shyped.core.xlcfg import DomainConfig, domain_config_from_text, parse_disk_spec
 from shyped.policy.decisions import Rule
 from shyped.sandbox import layout as L
 from shyped.sandbox.toolstack_base import apply_ops
@@ -298,3 +298,42 @@ async def test_a_guest_type_shyped_does_not_understand_is_denied(host: Harness) 
     out = host.last("domain 41")
     assert not out.allowed and out.decision.rule is Rule.LABEL
     assert "guest type 'arm_pv'" in out.decision.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hostile_guest_cannot_steer_the_cut_of_a_denied_qdisk(host: Harness) -> None:
+    """A running guest owns its vbd frontend: once a foreign qdisk is hot-plugged it points
+    the frontend's backend/backend-id at another guest's vbd backend. The cut follows libxl's
+    record (backend/qdisk/...), the other guest's device is untouched."""
+    await host.start()
+    other = await host.call(host.ts.create, guestcfg("batch-a1", "pv", disks=(disk("batch-a1"),)))
+    a = await host.call(host.ts.create, guestcfg("web-a1", "pvh", disks=(disk("web-a1"),)))
+    await host.settle()
+    await host.call(host.ts.unpause, a)
+    await host.call(host.ts.unpause, other)
+    await host.settle()
+    xvdb = 51728
+    spec = "format=raw,vdev=xvdb,access=rw,backendtype=qdisk,target=/srv/xen/images/web-b1.img"
+    await host.call(host.ts.attach_disk, a, parse_disk_spec(spec))
+    await host.call(
+        guest_write,
+        host,
+        a,
+        [
+            (f"/local/domain/{a}/device/vbd/{xvdb}/backend", f"{be_vbd(other, XVDA)}"),
+            (f"/local/domain/{a}/device/vbd/{xvdb}/backend-id", str(other)),
+        ],
+    )
+    await host.settle()
+    out = host.last(f"device vbd {a}/{xvdb}")
+    assert not out.allowed and out.enforced
+    assert out.actions == (CutDevice(out.need.key, 0, "qdisk"),)  # type: ignore[arg-type]
+    assert not host.exists(f"/local/domain/0/backend/qdisk/{a}/{xvdb}")
+    assert host.read(f"{be_vbd(other, XVDA)}/online") == "1"
+    assert host.read(f"{be_vbd(other, XVDA)}/state") == "4"
+    assert host.perms(f"/local/domain/{other}/device/vbd/{XVDA}") == (f"n{other}", "r0")
+    assert host.last(f"device vbd {a}/{XVDA}").allowed
+
+
+def be_vbd(domid: int, devid: int) -> str:
+    return f"/local/domain/0/backend/vbd/{domid}/{devid}"

@@ -27,7 +27,7 @@ from shyped.control.backend import (
     VifItem,
 )
 from shyped.control.protocol import ControlError, ErrorCode
-from shyped.core.engine import CHANNEL_KINDS, unknown_kind
+from shyped.core.devicekinds import CHANNEL_KINDS, unknown_kind
 from shyped.core.labelstore import (
     LabelStoreError,
     bridge_resource,

@@ -48,7 +48,7 @@ are re-admitted first, then the rest are decided against them, as ACM's
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Final, cast
+from typing import cast
 
 from shyped.core import quota
 from shyped.core.accounting import HOOK_OF_KIND, account_domain
@@ -63,6 +63,7 @@ from shyped.core.actions import (
 )
 from shyped.core.audit import Party
 from shyped.core.channels import ChannelKey
+from shyped.core.devicekinds import unknown_kind
 from shyped.core.events import DeviceKey
 from shyped.core.host import HostModel
 from shyped.core.hostfacts import DomainReleased, DomainState, NeedsDecision, VchanKey
@@ -96,40 +97,6 @@ _RECHECKED = (
     quota.QuotaKind.EVENT_CHANNELS,
     quota.QuotaKind.GRANT_REFS,
 )
-
-
-#: Device kinds whose host resource the label store names (disk image, bridge, 9pfs path):
-#: decided by STE between the two domains and between the frontend and the resource.
-RESOURCE_KINDS: Final = frozenset({"vbd", "vif", "9pfs", "pci"})
-#: Device kinds whose backend serves the frontend from its own state, not from a host
-#: resource another label could own: STE between the two domains decides them.
-CHANNEL_KINDS: Final = frozenset({"console", "vuart", "vkbd", "vfb", "vtpm"})
-
-
-def unknown_kind(kind: str, resource: str | None = None) -> Decision | None:
-    """A denial for a device kind shyped does not understand (pvcalls, USB, display, sound,
-    anything new): each hands the guest a host resource — dom0's network stack, a USB device
-    — that no label covers, so STE between the guest and dom0 (whose bootstrap label shares a
-    type with everyone) would let it through. A ``pci`` device is understood only with the
-    device it passes through (from libxl's ``/libxl/pci/<bdf>`` record, see
-    `shyped.core.assembler`): a ``pci`` record without one is not."""
-    if kind == "pci" and resource is None:
-        return Decision(
-            permitted=False,
-            hook=Hook.RESOURCE,
-            rule=Rule.LABEL,
-            reason="a pci device record that names no PCI device gives the guest a host "
-            "resource no label covers (not understood by shyped: denied)",
-        )
-    if kind in RESOURCE_KINDS or kind in CHANNEL_KINDS:
-        return None
-    return Decision(
-        permitted=False,
-        hook=Hook.RESOURCE,
-        rule=Rule.LABEL,
-        reason=f"device kind {kind!r} gives the guest a host resource no label covers "
-        "(not understood by shyped: denied)",
-    )
 
 
 class Engine:
