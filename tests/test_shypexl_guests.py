@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 import pytest_twisted
+from control_helpers import run_cli
 from test_shypexl import Env, env
 
 from shyped.control import backend as b
@@ -138,3 +140,23 @@ usbctrl = [ 'version=2,ports=4' ]
 def test_cfgs_the_pre_check_refuses(extra: str) -> None:
     with pytest.raises(XlConfigError):
         summarize(f'name = "h"\n{extra}\n', "h.cfg")
+
+
+@pytest_twisted.ensureDeferred
+async def test_shypectl_dry_run_shows_the_pci_and_other_devices(env: Env) -> None:
+    label_pcis(env)
+    extra = f"pci = [ '{BANK_PCI}' ]\nvtpm = [ 'backend=0' ]\n"
+    r = await run_cli(
+        [
+            sys.executable,
+            "-m",
+            "shyped.cli.shypectl",
+            "--socket",
+            str(env.ctl),
+            "dry-run",
+            str(env.cfg("web-2", "web", extra=extra)),
+        ]
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    assert f"pci {BANK_PCI}" in out and "vtpm (backend 0)" in out

@@ -225,7 +225,7 @@ def cmd_dry_run(ctx: Ctx) -> int:
     path = Path(ctx.args.config)
     text = with_overrides(_read_text(path, "domain config"), ctx.args.overrides)
     cfg = summarize(text, str(path))
-    res = ctx.client.dry_run(b.DryRunArgs(domain=cfg.domain, disks=cfg.disks, vifs=cfg.vifs))
+    res = ctx.client.dry_run(cfg.dry_run_args())
 
     def human() -> None:
         _print_verdicts(ctx, res.items)

@@ -303,15 +303,7 @@ class Wrapper:
 
         try:
             domain = attrs.evolve(cfg.domain, uuid=uuid)
-            res = self.client.dry_run(
-                b.DryRunArgs(
-                    domain=domain,
-                    disks=cfg.disks,
-                    vifs=cfg.vifs,
-                    pcis=cfg.pcis,
-                    channels=cfg.channels,
-                )
-            )
+            res = self.client.dry_run(cfg.dry_run_args(domain))
             if not res.permitted:
                 self.say(f"domain {cfg.name} DENIED by shyped (nothing created):")
                 self.print_verdicts(res.items)

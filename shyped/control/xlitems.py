@@ -17,7 +17,14 @@ from typing import Final
 
 import attrs
 
-from shyped.control.backend import ChannelItem, DiskItem, NewDomain, PciItem, VifItem
+from shyped.control.backend import (
+    ChannelItem,
+    DiskItem,
+    DryRunArgs,
+    NewDomain,
+    PciItem,
+    VifItem,
+)
 from shyped.core.xlcfg import (
     CfgValue,
     SecurityLabel,
@@ -58,6 +65,16 @@ class CfgSummary:
             name=self.name,
             uuid=self.uuid,
             label=str(self.label) if self.label is not None else None,
+        )
+
+    def dry_run_args(self, domain: NewDomain | None = None) -> DryRunArgs:
+        """The dry run of this cfg: its domain (or `domain`) and every device it lists."""
+        return DryRunArgs(
+            domain=domain or self.domain,
+            disks=self.disks,
+            vifs=self.vifs,
+            pcis=self.pcis,
+            channels=self.channels,
         )
 
 
