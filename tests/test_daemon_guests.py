@@ -127,6 +127,26 @@ async def test_hvm_emulated_nic_on_a_foreign_bridge_destroys_the_domain(host: Ha
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_hvm_guests_pv_only_nic_on_a_foreign_bridge_is_only_cut(host: Harness) -> None:
+    """``type=vif`` (and any NIC hot-plugged later) has no emulated twin: the cut is enough and
+    the domain runs on."""
+    await host.start(host.config(close_timeout=60.0))
+    d = await host.call(
+        host.ts.create,
+        guestcfg("web-a1", "hvm", vifs=("bridge=xenbr-bank-b,type=vif",)),
+    )
+    await eventually(lambda: host.read(f"/local/domain/0/backend/vif/{d}/0/state") == "5")
+    out = host.last(f"device vif {d}/0")
+    assert not out.allowed and [type(a) for a in out.actions] == [CutDevice]
+    assert host.read(f"/local/domain/0/backend/vif/{d}/0/type") == "vif"
+    assert host.read(f"/local/domain/0/backend/vif/{d}/0/online") == "0"
+    await host.call(host.ts.unpause, d)
+    await host.settle()
+    assert not host.exists(f"/local/domain/0/backend/vif/{d}/0")
+    assert "web-a1" in host.domains()
+
+
+@pytest_twisted.ensureDeferred
 async def test_hvm_disk_of_another_tenant_destroys_the_domain(host: Harness) -> None:
     """Red team: QEMU opens an HVM guest's disk for its emulated IDE controller too; cutting
     the PV vbd leaves that open."""
