@@ -79,18 +79,25 @@ e2e_run xl-list-after-red.txt xl list
 states green-vif-after-red.txt "$G" vif 0
 
 e2e_step "3: xl create -p pvh-blue (vif on green's bridge)"
-e2e_run blue-create.log xl create -p "$F/pvh-blue.cfg" || die "xl create pvh-blue"
-B=$(domid pvh-blue) || die "pvh-blue not listed"
-echo "$B" | e2e_put blue.domid
-e2e_wait_for 120 "blue label node" xenstore-read "/local/domain/$B/shyped/label" ||
-    die "pvh-blue not admitted"
-e2e_wait_for 120 "blue vif removed" sh -c "! xenstore-exists $BE/vif/$B/0" ||
-    die "pvh-blue's vif was not removed"
-e2e_run blue-unpause.log xl unpause pvh-blue || die "xl unpause pvh-blue"
-e2e_wait_for 120 "blue control/feature-poweroff" \
-    xenstore-read "/local/domain/$B/control/feature-poweroff" || die "pvh-blue never booted"
-sleep 2
-states blue-vif.txt "$B" vif 0
+# The cut (online=0, Closing) can land while libxl still runs vif-bridge for the vif: netback
+# then drops vif<d>.0 under the script, which fails, and xl create gives up ("unable to add
+# vif devices") and destroys the domain (seen in 1 of 2 boots). Either way the vif never
+# connects; the host test tells the two apart by blue-create.log.rc.
+if e2e_run blue-create.log xl create -p "$F/pvh-blue.cfg"; then
+    B=$(domid pvh-blue) || die "pvh-blue not listed"
+    echo "$B" | e2e_put blue.domid
+    e2e_wait_for 120 "blue label node" xenstore-read "/local/domain/$B/shyped/label" ||
+        die "pvh-blue not admitted"
+    e2e_wait_for 120 "blue vif removed" sh -c "! xenstore-exists $BE/vif/$B/0" ||
+        die "pvh-blue's vif was not removed"
+    e2e_run blue-unpause.log xl unpause pvh-blue || die "xl unpause pvh-blue"
+    e2e_wait_for 120 "blue control/feature-poweroff" \
+        xenstore-read "/local/domain/$B/control/feature-poweroff" || die "pvh-blue never booted"
+    sleep 2
+    states blue-vif.txt "$B" vif 0
+else
+    e2e_wait_for 60 "pvh-blue gone" sh -c '! xl domid pvh-blue' || die "pvh-blue half made"
+fi
 e2e_run xl-list-blue.txt xl list
 
 kill -TERM "$(cat "$PIDFILE")"
