@@ -234,6 +234,8 @@ class ModelBackend:
             vifs=args.vifs,
             domain_label=self.domain_label,
             resource_label=self.store.resource_label,
+            pcis=args.pcis,
+            channels=args.channels,
         )
 
     def register_domain(self, args: b.RegisterDomainArgs) -> b.Registration:
@@ -367,6 +369,8 @@ class SandboxAdmission:
             vifs=planned.vifs,
             domain_label=be.domain_label,
             resource_label=be.store.resource_label,
+            pcis=planned.pcis,
+            channels=planned.channels,
         )
         verdicts = tuple(
             b.DeviceVerdict(v.kind, n, 0, v.permitted, v.reason)

@@ -130,7 +130,7 @@ def test_changed_trusted_facts_ask_again_and_stale_answers_are_ignored() -> None
     assert not model.is_current(need)
     assert model.record_decision(need, False) == []
     decided = ((1, False), (0, False))  # both parties decided, neither denied
-    assert model.device(VBD).decision.facts == (0, "vbd", DISK, True, decided)  # type: ignore[union-attr]
+    assert model.device(VBD).decision.facts == (0, "vbd", DISK, True, False, decided)  # type: ignore[union-attr]
 
 
 def test_denied_domain_is_not_running_and_its_devices_are_still_asked_about() -> None:

@@ -75,8 +75,10 @@ def test_acm_labels_from_seclabel_or_access_control() -> None:
 def test_domain_config_errors() -> None:
     with pytest.raises(XlConfigError, match="name"):
         domain_config_from_text("memory = 64\n")
-    with pytest.raises(XlConfigError, match="PV"):
-        domain_config_from_text('name="h"\ntype="hvm"\n')
+    with pytest.raises(XlConfigError, match="invalid domain type"):
+        domain_config_from_text('name="h"\ntype="hvm2"\n')
+    with pytest.raises(XlConfigError, match="invalid builder"):
+        domain_config_from_text('name="h"\nbuilder="linux"\n')
     with pytest.raises(XlConfigError, match="uuid"):
         domain_config_from_text('name="h"\nuuid="nope"\n')
     with pytest.raises(XlConfigError, match="memory"):

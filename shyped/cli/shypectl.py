@@ -239,7 +239,7 @@ def cmd_dry_run(ctx: Ctx) -> int:
     text = with_overrides(_read_text(path, "domain config"), ctx.args.overrides)
     cfg = summarize(text, str(path))
     check_cfg_label(ctx.client, cfg.label)
-    res = ctx.client.dry_run(b.DryRunArgs(domain=cfg.domain, disks=cfg.disks, vifs=cfg.vifs))
+    res = ctx.client.dry_run(cfg.dry_run_args())
 
     def human() -> None:
         _print_verdicts(ctx, res.items)

@@ -18,8 +18,10 @@ the daemon admitted for the UUID, or else the one ``xl list -l`` shows for that 
 one domain, or shype-xl does nothing to any and says so; the new domain stays paused). A name
 can be taken by another domain (a rename, or a cfg read differently), a domid/UUID pair cannot.
 
-``block-attach`` and ``network-attach`` are dry-run first and passed to xl only if
-permitted. Every other sub-command is exec'd as is.
+``block-attach``, ``network-attach``, ``pci-attach`` (the device's ``pci:SSSS:BB:DD.F``
+label), ``vtpm-attach`` and ``vkb-attach`` (STE with the ``backend=`` domain) and
+``usbdev-attach`` (USB passthrough: no label covers it, always denied) are dry-run first and
+passed to xl only if permitted. Every other sub-command is exec'd as is.
 
 Fail closed: if the daemon cannot be reached, shype-xl refuses (exit 3). ``--fail-open`` (or
 ``SHYPE_XL_FAIL_OPEN=1``) lets it go on without the daemon, with a warning; the daemon will
@@ -61,8 +63,15 @@ from shyped.cli.shypectl import (
 from shyped.control import backend as b
 from shyped.control.client import ControlClient, DaemonUnreachable, default_socket
 from shyped.control.protocol import ControlError
-from shyped.control.xlitems import disk_item, summarize, vif_item, with_overrides
+from shyped.control.xlitems import (
+    channel_item,
+    disk_item,
+    summarize,
+    vif_item,
+    with_overrides,
+)
 from shyped.core.xlcfg import XlConfigError
+from shyped.core.xlcfgpci import parse_pci_spec
 from shyped.fileio.boundedread import XLCFG_MAX_BYTES, read_bounded
 from shyped.policy.flask import context as flask_context
 
@@ -316,7 +325,7 @@ class Wrapper:
             self.exec_xl(cmd, *self.opts.rest)  # xl's dry run / help: nothing is created
         if cmd == "create":
             return self.create(list(self.opts.rest))
-        if cmd in ("block-attach", "network-attach"):
+        if cmd in _CHECKED_ATTACH:
             return self.attach(cmd, list(self.opts.rest))
         self.exec_xl(cmd, *self.opts.rest)
 
@@ -325,10 +334,7 @@ class Wrapper:
             _subcommand_help(cmd, self.err)
             self.exec_xl(cmd, *rest)
         domain, specs = rest[0], rest[1:]
-        if cmd == "block-attach":
-            args = b.DryRunArgs(running=domain, disks=(disk_item(specs),))
-        else:
-            args = b.DryRunArgs(running=domain, vifs=(vif_item(",".join(specs)),))
+        args = attach_items(cmd, domain, specs)
         try:
             res = self.client.dry_run(args)
         except DaemonUnreachable as exc:
@@ -400,7 +406,7 @@ class Wrapper:
         try:
             check_cfg_label(self.client, cfg.label)
             domain = attrs.evolve(cfg.domain, uuid=uuid)
-            res = self.client.dry_run(b.DryRunArgs(domain=domain, disks=cfg.disks, vifs=cfg.vifs))
+            res = self.client.dry_run(cfg.dry_run_args(domain))
             if not res.permitted:
                 self.say(f"domain {cfg.name} DENIED by shyped (nothing created):")
                 self.print_verdicts(res.items)
@@ -417,7 +423,7 @@ class Wrapper:
         if status != 0:
             self._forget(uuid)
             return status
-        devices = len(cfg.disks) + len(cfg.vifs)
+        devices = len(cfg.disks) + len(cfg.vifs) + len(cfg.pcis)
         try:
             adm = self.client.wait_admission(uuid, devices, self.opts.admission_timeout)
         except (ControlError, DaemonUnreachable) as exc:
@@ -520,6 +526,32 @@ class Wrapper:
             self.client.register_domain(uuid, None, None)
         except (ControlError, DaemonUnreachable) as exc:
             self.say(f"could not forget the label of {uuid}: {exc}")
+
+
+#: The attach commands dry-run before xl runs them.
+_CHECKED_ATTACH: Final = frozenset(
+    {
+        "block-attach", "network-attach", "pci-attach", "usbdev-attach", "vtpm-attach",
+        "vkb-attach",
+    }
+)  # fmt: skip
+
+
+def attach_items(cmd: str, domain: str, specs: list[str]) -> b.DryRunArgs:
+    """What an attach command would add to `domain`, as a dry run's items (`XlConfigError`
+    for a spec xl would refuse or shyped will not read): ``pci-attach DOMAIN BDF`` (one spec,
+    as xl takes it), ``vtpm-attach``/``vkb-attach`` with their ``backend=`` (dom0 by
+    default), ``usbdev-attach`` (a vusb device: denied as the daemon denies it)."""
+    if cmd == "block-attach":
+        return b.DryRunArgs(running=domain, disks=(disk_item(specs),))
+    if cmd == "network-attach":
+        return b.DryRunArgs(running=domain, vifs=(vif_item(",".join(specs)),))
+    if cmd == "pci-attach":
+        if len(specs) != 1:
+            raise XlConfigError("pci-attach takes one PCI spec ([SSSS:]BB:DD.F[,options])")
+        return b.DryRunArgs(running=domain, pcis=(b.PciItem(parse_pci_spec(specs[0])),))
+    kind = {"vtpm-attach": "vtpm", "vkb-attach": "vkbd", "usbdev-attach": "vusb"}[cmd]
+    return b.DryRunArgs(running=domain, channels=(channel_item(kind, ",".join(specs)),))
 
 
 def _show(what: str, out: TextIO) -> int:

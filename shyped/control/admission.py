@@ -41,7 +41,7 @@ _RUNNING: Final = frozenset({DomainState.ADMITTED, DomainState.PAUSED})
 #: Frontend kinds of the devices a cfg's ``disk`` and ``vif`` lists create: what shype-xl
 #: counts in `wait_admission`'s ``devices`` (libxl also adds a console, decided but not
 #: counted; a denied console still fails the admission).
-CFG_DEVICE_KINDS: Final = frozenset({"vbd", "vbd3", "vif"})
+CFG_DEVICE_KINDS: Final = frozenset({"vbd", "vbd3", "vif", "pci"})
 
 
 @attrs.define(eq=False)

@@ -119,6 +119,22 @@ class VifItem:
 
 
 @attrs.frozen
+class PciItem:
+    """One PCI device of a cfg's ``pci`` list or a pci-attach: ``SSSS:BB:DD.F``."""
+
+    bdf: str
+
+
+@attrs.frozen
+class ChannelItem:
+    """A device of another `kind` (vtpm, vkbd, a console channel; vusb and the like are
+    denied): STE between the domain and its `backend` (name, domid or UUID)."""
+
+    kind: str
+    backend: DomainRef = "0"
+
+
+@attrs.frozen
 class DryRunArgs:
     """Would these be admitted now? Either a new `domain` or devices for a `running` one."""
 
@@ -126,6 +142,8 @@ class DryRunArgs:
     running: DomainRef | None = None
     disks: tuple[DiskItem, ...] = ()
     vifs: tuple[VifItem, ...] = ()
+    pcis: tuple[PciItem, ...] = ()
+    channels: tuple[ChannelItem, ...] = ()
 
     def __attrs_post_init__(self) -> None:
         if (self.domain is None) == (self.running is None):
@@ -361,7 +379,7 @@ class Verdict:
     """One item of a dry run or an admission: PERMITTED or DENIED, and why."""
 
     item: str
-    kind: Literal["domain", "disk", "vif"]
+    kind: Literal["domain", "disk", "vif", "pci", "device"]
     permitted: bool
     reason: str
     rule: str | None = None

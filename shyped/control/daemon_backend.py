@@ -175,7 +175,17 @@ class DaemonControlBackend(DaemonBackendBase):
             vifs=args.vifs,
             domain_label=self._domain_label,
             resource_label=lambda rid: self._store.resource_label(resolve_resource(rid)),
+            pcis=args.pcis,
+            channels=args.channels,
+            backend_label=self._backend_label,
         )
+
+    def _backend_label(self, ref: str) -> str | None:
+        """A backend domain's label by name, domid or UUID (None: no such domain)."""
+        try:
+            return self._domain(ref).label
+        except ControlError:
+            return None
 
     def register_domain(
         self, args: b.RegisterDomainArgs

@@ -15,19 +15,27 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Final, Literal
 
 from shyped.control.backend import (
+    ChannelItem,
     DiskItem,
     DomainInfo,
     DryRunResult,
     LabelInfo,
     LabelList,
+    PciItem,
     PolicyFormat,
     PolicyInfo,
     Verdict,
     VifItem,
 )
 from shyped.control.protocol import ControlError, ErrorCode
+from shyped.core.devicekinds import CHANNEL_KINDS, unknown_kind
 from shyped.core.hostfacts import Domain
-from shyped.core.labelstore import LabelStoreError, bridge_resource, resource_id
+from shyped.core.labelstore import (
+    LabelStoreError,
+    bridge_resource,
+    disk_resource,
+    pci_resource,
+)
 from shyped.policy import acm_xml, toml_format
 from shyped.policy.chinese_wall import RunningSet
 from shyped.policy.decisions import Decision, Hook, PolicyEngine
@@ -214,7 +222,7 @@ def domain_info(
     )
 
 
-Kind = Literal["domain", "disk", "vif"]
+Kind = Literal["domain", "disk", "vif", "pci", "device"]
 
 
 def _verdict(item: str, kind: Kind, d: Decision) -> Verdict:
@@ -241,6 +249,9 @@ def dry_run(
     vifs: Iterable[VifItem],
     domain_label: Callable[[int], str | None],
     resource_label: Callable[[str], str | None],
+    pcis: Iterable[PciItem] = (),
+    channels: Iterable[ChannelItem] = (),
+    backend_label: Callable[[str], str | None] | None = None,
 ) -> DryRunResult:
     """Would a domain labelled `label` and each of its devices be admitted now?
 
@@ -258,7 +269,7 @@ def dry_run(
         checks = [engine.channel(Hook.DEVICE_CHANNEL, label, domain_label(disk.backend_domid))]
         if disk.target:
             try:
-                rid = resource_id(disk.target)
+                rid = disk_resource(disk.target)
             except LabelStoreError as exc:
                 items.append(Verdict(what, "disk", False, f"deny resource: {exc}", "label"))
                 continue
@@ -275,4 +286,54 @@ def dry_run(
             continue
         checks.append(engine.resource(label, resource_label(rid), writable=True))
         items.append(_worst(what, "vif", checks))
+    items += device_verdicts(
+        engine,
+        label,
+        pcis,
+        channels,
+        domain_label=domain_label,
+        resource_label=resource_label,
+        backend_label=backend_label,
+    )
     return DryRunResult(permitted=all(i.permitted for i in items), items=tuple(items))
+
+
+def device_verdicts(
+    engine: PolicyEngine,
+    label: str | None,
+    pcis: Iterable[PciItem],
+    channels: Iterable[ChannelItem],
+    *,
+    domain_label: Callable[[int], str | None],
+    resource_label: Callable[[str], str | None],
+    backend_label: Callable[[str], str | None] | None,
+) -> list[Verdict]:
+    """The dry run's PCI devices (STE with dom0's pciback, then the device's resource label,
+    as the daemon decides ``/libxl/pci`` records) and other devices: a kind the daemon
+    decides by STE with its backend alone (vtpm, vkbd, console) is checked so; any other
+    kind (vusb, …) is denied as the daemon denies it."""
+    items: list[Verdict] = []
+    for pci in pcis:
+        what = f"pci {pci.bdf}"
+        checks = [engine.channel(Hook.DEVICE_CHANNEL, label, domain_label(0))]
+        try:
+            rid = pci_resource(pci.bdf)
+        except LabelStoreError as exc:
+            items.append(Verdict(what, "pci", False, f"deny resource: {exc}", "label"))
+            continue
+        checks.append(engine.resource(label, resource_label(rid), writable=True))
+        items.append(_worst(what, "pci", checks))
+    for ch in channels:
+        what = f"{ch.kind} (backend {ch.backend})"
+        unknown = unknown_kind(ch.kind)
+        if unknown is not None or ch.kind not in CHANNEL_KINDS:
+            reason = f"device kind {ch.kind!r} is not understood by shyped: denied"
+            items.append(Verdict(what, "device", False, str(unknown or reason), "label"))
+            continue
+        if backend_label is not None:
+            be_label = backend_label(ch.backend)
+        else:
+            be_label = domain_label(int(ch.backend)) if ch.backend.isdecimal() else None
+        checks = [engine.channel(Hook.DEVICE_CHANNEL, label, be_label)]
+        items.append(_worst(what, "device", checks))
+    return items

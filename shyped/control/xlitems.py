@@ -3,9 +3,11 @@
 Pure. shypectl ``dry-run`` and shype-xl read a domain configuration the way ``xl create``
 does — the file, then each ``KEY=VALUE`` override from the command line appended as a line
 (tools/xl/xl_vmcontrol.c ``main_create``'s ``extra_config``), later assignments winning — with
-`shyped.core.xlcfgfile`, which reads exactly what libxl reads or refuses the file. Unlike
-the sandbox toolstack this accepts any guest type (HVM, PVH): only the name, uuid, label,
-disks and vifs matter here.
+`shyped.core.xlcfgfile`, which reads exactly what libxl reads or refuses the file. Any guest
+type xl knows (``type`` = pv, pvh, hvm, or the old ``builder``); the name, uuid, label, disks
+(qdisk included), vifs (``type=ioemu`` included), PCI devices and the devices decided by STE
+with their backend (``vtpm``, ``vkb``, console ``channel``s; ``usbctrl``, ``vsnd``,
+``vdispl`` are dry-run as the daemon decides them: denied) matter here.
 """
 
 from __future__ import annotations
@@ -15,11 +17,19 @@ from typing import Final
 
 import attrs
 
-from shyped.control.backend import DiskItem, NewDomain, VifItem
+from shyped.control.backend import (
+    ChannelItem,
+    DiskItem,
+    DryRunArgs,
+    NewDomain,
+    PciItem,
+    VifItem,
+)
 from shyped.core.xlcfg import (
     CfgValue,
     SecurityLabel,
     XlConfigError,
+    guest_type,
     parse_access_control,
     parse_acm_label,
     parse_assignments,
@@ -28,6 +38,7 @@ from shyped.core.xlcfg import (
     parse_vif_spec,
 )
 from shyped.core.xlcfgfile import parse_statements
+from shyped.core.xlcfgpci import parse_pci_spec
 
 _LABEL_KEYS = frozenset({"seclabel", "init_seclabel", "access_control"})
 #: libxl's default bridge for a vif without ``bridge=`` (libxl__device_nic_setdefault).
@@ -44,6 +55,9 @@ class CfgSummary:
     disks: tuple[DiskItem, ...]
     vifs: tuple[VifItem, ...]
     values: dict[str, CfgValue] = attrs.field(eq=False, repr=False)
+    pcis: tuple[PciItem, ...] = ()
+    channels: tuple[ChannelItem, ...] = ()
+    type: str = "pv"
 
     @property
     def domain(self) -> NewDomain:
@@ -51,6 +65,16 @@ class CfgSummary:
             name=self.name,
             uuid=self.uuid,
             label=str(self.label) if self.label is not None else None,
+        )
+
+    def dry_run_args(self, domain: NewDomain | None = None) -> DryRunArgs:
+        """The dry run of this cfg: its domain (or `domain`) and every device it lists."""
+        return DryRunArgs(
+            domain=domain or self.domain,
+            disks=self.disks,
+            vifs=self.vifs,
+            pcis=self.pcis,
+            channels=self.channels,
         )
 
 
@@ -90,8 +114,11 @@ def disk_item(spec: str | Sequence[str]) -> DiskItem:
     """One disk of a cfg's ``disk`` list (a string), or of ``xl block-attach``'s arguments
     (a list: xl scans each on its own, so they are never joined)."""
     d = parse_disk_spec(spec) if isinstance(spec, str) else parse_disk_specs(spec)
+    # A layered format (qemu opens what its header names too) keeps its prefix, as libxl
+    # writes a qdisk's params, so the dry run refuses it as the daemon does.
+    layered = d.format in ("qcow", "qcow2", "vhd", "qed")
     return DiskItem(
-        target=d.target,
+        target=f"{d.format}:{d.target}" if layered else d.target,
         vdev=d.vdev,
         writable=d.readwrite,
         backend_domid=d.backend_domid,
@@ -99,21 +126,27 @@ def disk_item(spec: str | Sequence[str]) -> DiskItem:
     )
 
 
-def vif_item(spec: str) -> VifItem:
+def vif_item(spec: str, dom_type: str = "hvm") -> VifItem:
+    """One vif; ``type=ioemu`` (an emulated NIC whose tap joins the same bridge, decided with
+    the bridge's label all the same) only for an HVM guest, as libxl_nic.c allows it."""
     v = parse_vif_spec(spec)
+    if v.type not in (None, "vif", "ioemu"):
+        raise XlConfigError(f"vif spec {spec!r}: type must be vif or ioemu, not {v.type!r}")
+    if v.type == "ioemu" and dom_type != "hvm":
+        raise XlConfigError(f"vif spec {spec!r}: a {dom_type} guest cannot have type=ioemu")
     return VifItem(
         bridge=v.bridge or DEFAULT_BRIDGE, backend_domid=v.backend_domid, mac=v.mac, devid=v.devid
     )
 
 
 #: xl.cfg keys that hand the guest a host resource without any xenstore device record (the
-#: device model's own arguments, host serial/USB/sound/PCI/IO ranges): the daemon never sees
-#: them, so shype-xl and dry-run refuse a cfg that sets them. PCI goes here too until shyped
-#: labels PCI devices (the daemon denies a pci device record in any case).
+#: device model's own arguments, host serial/USB/sound/IO ranges): the daemon never sees
+#: them, so shype-xl and dry-run refuse a cfg that sets them. (``pci`` is decided: libxl's
+#: ``/libxl/pci/<bdf>`` record names the device, labelled ``pci:SSSS:BB:DD.F``.)
 HOST_RESOURCE_KEYS: Final = frozenset(
     {
         "device_model_args", "device_model_args_pv", "device_model_args_hvm",
-        "device_model_override", "usbdevice", "usbdev", "soundhw", "pci", "iomem",
+        "device_model_override", "usbdevice", "usbdev", "soundhw", "iomem",
         "ioports", "irqs", "dtdev", "rdm",
     }
 )  # fmt: skip
@@ -130,7 +163,7 @@ def _host_resources(values: Mapping[str, object], filename: str) -> None:
     if keys:
         raise XlConfigError(
             f"{filename}: {', '.join(keys)} would hand the guest host resources no shyped "
-            "decision covers (the device model's arguments, host serial/USB/sound/PCI/IO); "
+            "decision covers (the device model's arguments, host serial/USB/sound/IO); "
             "refused by shype-xl and dry-run"
         )
 
@@ -152,14 +185,51 @@ def summarize(text: str, filename: str = "<xl.cfg>") -> CfgSummary:
     uuid = values.get("uuid")
     if uuid is not None and not isinstance(uuid, str):
         raise XlConfigError(f"{filename}: uuid must be a string")
+    dom_type = guest_type(values.get("type"), values.get("builder"), filename)
+    channels = [channel_item("console", s) for s in strings("channel")]
+    for key, kind in _STE_KINDS:
+        channels += [channel_item(kind, s) for s in strings(key)]
     return CfgSummary(
         name=name,
         uuid=uuid,
         label=cfg_label(values, filename),
         disks=tuple(disk_item(s) for s in strings("disk")),
-        vifs=tuple(vif_item(s) for s in strings("vif")),
+        vifs=tuple(vif_item(s, dom_type) for s in strings("vif")),
         values=values,
+        pcis=tuple(PciItem(parse_pci_spec(s)) for s in strings("pci")),
+        channels=tuple(channels),
+        type=dom_type,
     )
+
+
+#: cfg keys of devices other than disks, vifs and PCI, and the device kind libxl gives them.
+_STE_KINDS: Final = (
+    ("vtpm", "vtpm"),
+    ("vkb", "vkbd"),
+    ("usbctrl", "vusb"),
+    ("vsnd", "vsnd"),
+    ("vdispl", "vdispl"),
+)
+
+
+def channel_item(kind: str, spec: str) -> ChannelItem:
+    """A device decided by STE with its backend: ``backend=`` names the backend domain (dom0
+    by default). A console ``channel`` with ``connection=socket`` hands the guest a Unix
+    socket in dom0 (QEMU's chardev) that no label covers: refused."""
+    fields: dict[str, str] = {}
+    for token in spec.split(","):
+        key, sep, value = token.partition("=")
+        if not sep:
+            if token.strip():
+                raise XlConfigError(f"{kind} spec {spec!r}: {token!r} is not key=value")
+            continue
+        fields[key.strip()] = value.strip()
+    if kind == "console" and fields.get("connection", "pty") != "pty":
+        raise XlConfigError(
+            f"channel {spec!r}: connection={fields['connection']} reaches a host socket no "
+            "shyped label covers; refused by shype-xl and dry-run (use connection=pty)"
+        )
+    return ChannelItem(kind=kind, backend=fields.get("backend") or "0")
 
 
 def set_cfg_label(text: str, label: str | None, filename: str = "<xl.cfg>") -> str:

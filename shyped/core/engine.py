@@ -16,7 +16,9 @@ Per hook (DESIGN.md §1):
 * **device**: STE between the frontend's and the backend's labels (`Hook.DEVICE_CHANNEL`), then,
   if the device uses a resource, the resource's label (label store: ``disk:<params>`` for a
   vbd, ``bridge:<name>`` for a vif) against the frontend's label (`PolicyEngine.resource`,
-  writable unless the vbd is read-only). Veto: `CutDevice`.
+  writable unless the vbd is read-only; ``pci:SSSS:BB:DD.F`` for a passed-through PCI device).
+  Veto: `CutDevice`; for a device the guest also has outside the PV handshake (``emulated``:
+  an HVM guest's disks and emulated NICs, PCI passthrough) the frontend's `VetoDomain`.
 * **vchan**: STE between the server and every *present* named client. A rendezvous readable by
   every domain is denied outright: any domain could connect, so no STE check can stand for it.
   Clients that do not exist yet are asked about again when they appear (the host model does
@@ -46,7 +48,7 @@ are re-admitted first, then the rest are decided against them, as ACM's
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Final, cast
+from typing import cast
 
 from shyped.core import quota
 from shyped.core.accounting import HOOK_OF_KIND, account_domain
@@ -61,6 +63,7 @@ from shyped.core.actions import (
 )
 from shyped.core.audit import Party
 from shyped.core.channels import ChannelKey
+from shyped.core.devicekinds import unknown_kind
 from shyped.core.events import DeviceKey
 from shyped.core.host import HostModel
 from shyped.core.hostfacts import DomainReleased, DomainState, NeedsDecision, VchanKey
@@ -94,30 +97,6 @@ _RECHECKED = (
     quota.QuotaKind.EVENT_CHANNELS,
     quota.QuotaKind.GRANT_REFS,
 )
-
-
-#: Device kinds whose host resource the label store names (disk image, bridge, 9pfs path):
-#: decided by STE between the two domains and between the frontend and the resource.
-RESOURCE_KINDS: Final = frozenset({"vbd", "vif", "9pfs"})
-#: Device kinds whose backend serves the frontend from its own state, not from a host
-#: resource another label could own: STE between the two domains decides them.
-CHANNEL_KINDS: Final = frozenset({"console", "vuart", "vkbd", "vfb", "vtpm"})
-
-
-def unknown_kind(kind: str) -> Decision | None:
-    """A denial for a device kind shyped does not understand (PCI passthrough, pvcalls, USB,
-    display, sound, anything new): each hands the guest a host resource — a PCI device,
-    dom0's network stack, a USB device — that no label covers, so STE between the guest and
-    dom0 (whose bootstrap label shares a type with everyone) would let it through."""
-    if kind in RESOURCE_KINDS or kind in CHANNEL_KINDS:
-        return None
-    return Decision(
-        permitted=False,
-        hook=Hook.RESOURCE,
-        rule=Rule.LABEL,
-        reason=f"device kind {kind!r} gives the guest a host resource no label covers "
-        "(not understood by shyped: denied)",
-    )
 
 
 class Engine:
@@ -325,7 +304,7 @@ class Engine:
         be_label = be_dom.label if be_dom is not None else None
         denied = self._denied_party(Hook.DEVICE_CHANNEL, host, (fe, be), fe_label)
         checks = [denied or self._policy.channel(Hook.DEVICE_CHANNEL, fe_label, be_label)]
-        unknown = unknown_kind(key.kind)
+        unknown = unknown_kind(key.kind, need.resource.resource if need.resource else None)
         if unknown is not None and checks[0].permitted:
             checks.append(unknown)
         res_party = None
@@ -345,7 +324,9 @@ class Engine:
             checks = self._with_quota(checks, host, fe, fe_label, Hook.DEVICE_CHANNEL)
         dev = host.device(key)
         backend_kind = dev.backend_kind if dev is not None else key.kind
-        veto = CutDevice(key, be, backend_kind)
+        veto: CutDevice | VetoDomain = CutDevice(key, be, backend_kind)
+        if dev is not None and dev.emulated:  # the device model keeps it: the domain goes
+            veto = VetoDomain(fe, self.domain_veto)
         return self._outcome(
             need,
             f"device {key.kind} {fe}/{key.devid}",
@@ -573,6 +554,8 @@ class Engine:
             key = cast(DeviceKey, need.key)
             dev = host.device(key)
             veto = CutDevice(key, need.peers[0], dev.backend_kind if dev else key.kind)
+            if dev is not None and dev.emulated:
+                veto = VetoDomain(need.domid, self.domain_veto)
             what = f"device {key.kind} {need.domid}/{key.devid}"
         elif need.kind == "channel":
             ckey = cast(ChannelKey, need.key)

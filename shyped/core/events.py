@@ -147,8 +147,11 @@ class DomainResources:
 class DeviceAdded:
     """A device per the trusted libxl record, both ends present (upsert on record change).
 
-    ``resource`` is the raw record value (vbd ``params``, vif ``bridge``, 9pfs ``path``) or
-    None; ``writable`` is False only for a vbd whose record says ``mode`` = ``r``.
+    ``resource`` is the raw record value (vbd ``params``, vif ``bridge``, 9pfs ``path``, the
+    BDF of a ``pci`` device) or None; ``writable`` is False only for a vbd whose record says
+    ``mode`` = ``r``. ``emulated``: dom0's device model (or the hypervisor, for PCI) gives the
+    guest the resource outside the PV handshake too -- an HVM guest's disks and ``vif_ioemu``
+    NICs, a passed-through PCI device -- so cutting the PV device does not take it away.
     """
 
     device: DeviceKey
@@ -156,6 +159,7 @@ class DeviceAdded:
     backend_kind: str
     resource: str | None
     writable: bool
+    emulated: bool = False
 
 
 @attrs.frozen(slots=True)

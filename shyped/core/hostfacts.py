@@ -159,6 +159,8 @@ class Device:
     backend_kind: str
     resource: str | None
     writable: bool
+    #: Given to the guest outside the PV handshake too (`shyped.core.events.DeviceAdded`).
+    emulated: bool = False
     frontend_state: int | None = None
     backend_state: int | None = None
     online: bool | None = None

@@ -286,7 +286,7 @@ class HostUpdates:
         dev = self._devices.get(key)
         if dev is None:
             dev = self._devices[key] = Device(
-                key, e.backend, e.backend_kind, e.resource, e.writable
+                key, e.backend, e.backend_kind, e.resource, e.writable, e.emulated
             )
             _add(self._dom_devices, key.frontend, key)
             _add(self._dom_devices, e.backend, key)
@@ -300,6 +300,7 @@ class HostUpdates:
             dev.backend_kind = e.backend_kind
             dev.resource = e.resource
             dev.writable = e.writable
+            dev.emulated = e.emulated
         self._count(key.frontend)
         self._bump(e.backend)
         need = self._ask_device(dev)
@@ -315,7 +316,7 @@ class HostUpdates:
 
     def _device_facts(self, dev: Device) -> tuple[object, ...]:
         states = self._party_states((dev.key.frontend, dev.backend))
-        return (dev.backend, dev.backend_kind, dev.resource, dev.writable, states)
+        return (dev.backend, dev.backend_kind, dev.resource, dev.writable, dev.emulated, states)
 
     def _ask_device(self, dev: Device, force: bool = False) -> NeedsDecision | None:
         fe = dev.key.frontend

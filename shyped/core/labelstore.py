@@ -5,7 +5,8 @@ file); so do we. Domains are keyed by UUID (preferred: names can be reused) or b
 resources by a canonical resource id: `file:/path` / `phy:/dev/…` disk images (stored under
 their absolute path, which is what libxl writes as the backend's `params`; `//` collapsed,
 symlinks resolved where the file exists, see `resource_id` and `resolve_resource`) and
-`bridge:NAME` for network bridges. The mapping is pure; `load_label_store` /
+`bridge:NAME` for network bridges, `pci:SSSS:BB:DD.F` for PCI devices passed through (the form
+`flask-label-pci` takes). The mapping is pure; `load_label_store` /
 `save_label_store` and `resolve_resource` are the only I/O, and saving is atomic (temp file,
 fsync, rename, fsync of the folder).
 """
@@ -73,6 +74,8 @@ def resource_id(spec: str) -> str:
     (libxl keeps them: ``/img/a.img `` is another file than ``/img/a.img``).
     """
     s = spec
+    if s.startswith("pci:"):
+        return pci_resource(s[len("pci:") :])
     if s.startswith("bridge:"):
         name = s[len("bridge:") :]
         if not _NAME.match(name):
@@ -86,8 +89,8 @@ def resource_id(spec: str) -> str:
             break
     if not s.startswith("/") or len(s) > _MAX_PATH:
         raise LabelStoreError(
-            f"invalid resource {spec!r}: expected file:/path, phy:/dev/..., an absolute path "
-            "or bridge:NAME"
+            f"invalid resource {spec!r}: expected file:/path, phy:/dev/..., an absolute path, "
+            "bridge:NAME or pci:SSSS:BB:DD.F"
         )
     if s != s.strip() or any(ord(c) < 0x20 or c == "\x7f" for c in s):
         raise LabelStoreError(f"invalid resource {spec!r}: blanks around it or control characters")
@@ -155,6 +158,24 @@ def disk_resource(params: str) -> str:
     if params.startswith(LAYERED_FORMATS):
         raise LabelStoreError(f"layered image format in {params[:200]!r}")
     return resource_id(params)
+
+
+#: A PCI device as libxl prints it (libxl_pci.c ``PCI_BDF`` "%04x:%02x:%02x.%01x"): segment,
+#: bus, device (0-1f), function (0-7), lower-case hex, nothing else.
+_PCI_BDF: Final = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]")
+
+
+def pci_resource(bdf: str) -> str:
+    """The resource id ``pci:SSSS:BB:DD.F`` of a PCI device, from exactly that canonical form
+    (what libxl writes and `flask-label-pci` takes). Every other spelling is refused rather
+    than guessed: short forms without a segment, upper case, blanks, a device past 1f or a
+    function past 7, a virtual slot (``@``) or options."""
+    if not _PCI_BDF.fullmatch(bdf):
+        raise LabelStoreError(
+            f"invalid PCI device {bdf[:60]!r}: expected pci:SSSS:BB:DD.F in lower-case hex "
+            "(segment, bus, device 00-1f, function 0-7), e.g. pci:0000:03:00.0"
+        )
+    return "pci:" + bdf
 
 
 def bridge_resource(bridge: str) -> str:

@@ -15,6 +15,7 @@ from shyped.core.labelstore import (
     LabelStoreError,
     bridge_resource,
     disk_resource,
+    pci_resource,
     resource_id,
 )
 from shyped.core.modes import Mode
@@ -116,6 +117,8 @@ def resource_of(kind: str, raw: str) -> str | None:
             return bridge_resource(raw)
         if kind == "vbd":
             return disk_resource(raw)
+        if kind == "pci":
+            return pci_resource(raw)
         return resource_id(raw)
     except LabelStoreError:
         return None

@@ -27,6 +27,7 @@ from typing import Final, Literal
 import attrs
 
 from shyped.core.xlcfgfile import CfgValue, XlConfigError, parse_assignments
+from shyped.core.xlcfgpci import parse_pci_spec
 
 __all__ = ["CfgValue", "XlConfigError", "parse_assignments"]
 
@@ -413,12 +414,14 @@ class DomainConfig:
     maxmem_mb: int | None = None
     vcpus: int = 1
     maxvcpus: int | None = None
-    type: Literal["pv"] = "pv"
+    type: Literal["pv", "pvh", "hvm"] = "pv"
     kernel: str | None = None
     ramdisk: str | None = None
     cmdline: str | None = None
     disks: tuple[DiskSpec, ...] = ()
     vifs: tuple[VifSpec, ...] = ()
+    #: PCI devices passed through, as libxl prints them (``SSSS:BB:DD.F``).
+    pcis: tuple[str, ...] = ()
     on_poweroff: str = "destroy"
     on_reboot: str = "restart"
     on_crash: str = "destroy"
@@ -439,6 +442,12 @@ class DomainConfig:
     @property
     def max_vcpus(self) -> int:
         return self.maxvcpus or self.vcpus
+
+    @property
+    def video_memkb(self) -> int:
+        """libxl__domain_build_info_setdefault: 8 MiB for an HVM guest's default cirrus VGA
+        with qemu-xen, none for PV and PVH."""
+        return 8 * 1024 if self.type == "hvm" else 0
 
 
 def domain_config_from_text(
@@ -484,9 +493,7 @@ def domain_config_from_values(
         raise XlConfigError(f"{filename}: domain name must be specified")
     if not _NAME.match(name):
         raise XlConfigError(f"{filename}: name {name!r} has characters xl would not expect")
-    dom_type = string("type") or ("pv" if values.get("builder") in (None, "generic") else None)
-    if dom_type != "pv":
-        raise XlConfigError(f"{filename}: the sandbox toolstack builds PV guests only")
+    dom_type = guest_type(values.get("type"), values.get("builder"), filename)
     raw_uuid = string("uuid") or fresh_uuid or str(uuidlib.uuid4())
     try:
         canonical_uuid = str(uuidlib.UUID(raw_uuid))
@@ -517,6 +524,7 @@ def domain_config_from_values(
     return DomainConfig(
         name=name,
         uuid=canonical_uuid,
+        type=dom_type,
         memory_mb=memory if memory is not None else 128,
         maxmem_mb=number("maxmem"),
         vcpus=vcpus if vcpus is not None else 1,
@@ -526,9 +534,31 @@ def domain_config_from_values(
         cmdline=cmdline,
         disks=tuple(parse_disk_spec(d) for d in strings("disk")),
         vifs=tuple(parse_vif_spec(v) for v in strings("vif")),
+        pcis=tuple(parse_pci_spec(p) for p in strings("pci")),
         on_poweroff=string("on_poweroff") or "destroy",
         on_reboot=string("on_reboot") or "restart",
         on_crash=string("on_crash") or "destroy",
         label=label,
         seclabel=seclabel,
     )
+
+
+def guest_type(
+    type_value: object, builder: object, filename: str = "<xl.cfg>"
+) -> Literal["pv", "pvh", "hvm"]:
+    """The guest type as xl 4.17 reads it (xl_parse.c parse_config_data): ``type`` (pv, pvh,
+    hvm), else the deprecated ``builder`` (generic = pv, hvm), else pv. Anything else is
+    refused, as xl refuses it."""
+    if type_value is not None:
+        if type_value == "pv":
+            return "pv"
+        if type_value == "pvh":
+            return "pvh"
+        if type_value == "hvm":
+            return "hvm"
+        raise XlConfigError(f"{filename}: invalid domain type {type_value!r} (pv, pvh or hvm)")
+    if builder in (None, "generic"):
+        return "pv"
+    if builder == "hvm":
+        return "hvm"
+    raise XlConfigError(f"{filename}: invalid builder {builder!r} (generic or hvm)")

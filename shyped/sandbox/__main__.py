@@ -31,6 +31,7 @@ from shyped.core.xlcfg import (
     parse_disk_specs,
     parse_vif_spec,
 )
+from shyped.core.xlcfgpci import parse_pci_spec
 from shyped.sandbox.hypervisor import DomainState, HypervisorError
 from shyped.sandbox.toolstack import Toolstack, ToolstackError
 from shyped.sandbox.xsconn import XsError
@@ -99,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("network-attach", help="hot-plug a vif (xl network-attach)")
     p.add_argument("domain", help="domain name or domid")
     p.add_argument("vif_spec", nargs="*", help="key=value settings (mac=, bridge=, ...)")
+
+    p = sub.add_parser("pci-attach", help="pass a PCI device through (xl pci-attach)")
+    p.add_argument("domain", help="domain name or domid")
+    p.add_argument("pci_spec", help="[SSSS:]BB:DD.F[,options]")
 
     p = sub.add_parser("block-detach", help="unplug a disk (xl block-detach)")
     p.add_argument("domain", help="domain name or domid")
@@ -202,6 +207,8 @@ def _run(args: argparse.Namespace) -> int:
         ts.attach_disk(args.domain, parse_disk_specs(args.disk_spec))
     elif cmd == "network-attach":
         ts.attach_nic(args.domain, parse_vif_spec(",".join(args.vif_spec)))
+    elif cmd == "pci-attach":
+        ts.attach_pci(args.domain, parse_pci_spec(args.pci_spec))
     elif cmd == "block-detach":
         ts.detach_disk(args.domain, args.device)
     elif cmd == "network-detach":

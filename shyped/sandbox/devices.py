@@ -50,6 +50,8 @@ class VbdDevice:
     discard_enable: bool = True
     trusted: bool = True
     protocol: str | None = "x86_64-abi"  # xc_domain_get_native_protocol for a PV x86_64 guest
+    #: libxl__device_from_disk: ``qdisk`` for backendtype=qdisk (QEMU in dom0), else ``vbd``.
+    backend_kind: str = "vbd"
 
     kind = "vbd"
 
@@ -59,7 +61,7 @@ class VbdDevice:
 
     @property
     def backend(self) -> str:
-        return backend_path(self.backend_domid, "vbd", self.domid, self.devid)
+        return backend_path(self.backend_domid, self.backend_kind, self.domid, self.devid)
 
     @property
     def mode(self) -> str:
@@ -86,6 +88,9 @@ class VifDevice:
     rate: str | None = None
     mtu: int = 1500  # LIBXL_DEVICE_NIC_MTU_DEFAULT
     trusted: bool = True
+    #: libxl_nic.c libxl__device_nic_setdefault: ``vif_ioemu`` for an HVM guest's NICs at
+    #: create (QEMU's emulated NIC, a tap on the same bridge), else ``vif``.
+    nictype: str = "vif"
 
     kind = "vif"
 
@@ -109,11 +114,13 @@ def _generic_add_ops(
     back: list[tuple[str, str]],
     front: list[tuple[str, str]],
     ro_front: list[tuple[str, str]],
+    backend_kind: str | None = None,
 ) -> list[Op]:
     """libxl__device_generic_add (libxl_device.c) inside the caller's transaction, preceded by
-    libxl__device_exists' read of the libxl path."""
+    libxl__device_exists' read of the libxl path. The backend directory is under the
+    backend's kind (``qdisk`` for a disk QEMU serves), the rest under the device's."""
     fe = frontend_path(domid, kind, devid)
-    be = backend_path(backend_domid, kind, domid, devid)
+    be = backend_path(backend_domid, backend_kind or kind, domid, devid)
     lx = libxl_device_path(domid, kind, devid)
     frontend_perms: Perms = (f"n{domid}", f"r{backend_domid}")
     ro_frontend_perms: Perms = (f"n{backend_domid}", f"r{domid}")
@@ -136,9 +143,10 @@ def _generic_add_ops(
 
 def vbd_add_step(dev: VbdDevice) -> Step:
     """device_disk_add (libxl_disk.c): one transaction; back/front entries in libxl's order."""
-    back = [
-        ("params", dev.params),
-        ("script", dev.script),
+    back = [("params", dev.params)]
+    if dev.backend_kind == "vbd":  # a qdisk has no hotplug script
+        back.append(("script", dev.script))
+    back += [
         ("frontend-id", str(dev.domid)),
         ("online", "1"),
         ("removable", "1" if dev.removable else "0"),
@@ -160,7 +168,9 @@ def vbd_add_step(dev: VbdDevice) -> Step:
     ]
     if dev.protocol:  # PV guests: "Old PV kernel disk frontends before 2.6.26 rely on ..."
         front.append(("protocol", dev.protocol))
-    ops = _generic_add_ops("vbd", dev.domid, dev.devid, dev.backend_domid, back, front, [])
+    ops = _generic_add_ops(
+        "vbd", dev.domid, dev.devid, dev.backend_domid, back, front, [], dev.backend_kind
+    )
     return step(Actor.LIBXL, ops, tx=True, what=f"device_disk_add vbd {dev.devid}")
 
 
@@ -179,7 +189,7 @@ def vif_add_step(dev: VifDevice) -> Step:
         back.append(("rate", dev.rate))
     if dev.mtu != 1500:
         back.append(("mtu", str(dev.mtu)))
-    back += [("bridge", dev.bridge), ("handle", str(dev.devid)), ("type", "vif")]
+    back += [("bridge", dev.bridge), ("handle", str(dev.devid)), ("type", dev.nictype)]
     # "Force backend to wait for hotplug script execution before switching to connected."
     back.append(("hotplug-status", ""))
     front = [
@@ -447,12 +457,13 @@ def device_remove_ops(
     backend_state: str | None,
     *,
     force: bool,
+    backend_kind: str | None = None,
 ) -> list[Op]:
     """libxl__initiate_device_generic_remove (libxl_device.c), the body of its transaction
     after reading the backend state: forced removal (destroy, or after the 10 s timeout) first
     cleans the frontend path; online=0; state=5 unless already Closed.  No state: the backend
     is gone, nothing to write."""
-    be = backend_path(backend_domid, dev_kind, domid, devid)
+    be = backend_path(backend_domid, backend_kind or dev_kind, domid, devid)
     ops: list[Op] = []
     if force:
         ops.append(PathCleanup(frontend_path(domid, dev_kind, devid)))
@@ -465,13 +476,15 @@ def device_remove_ops(
     return ops
 
 
-def device_destroy_step(dev_kind: str, domid: int, devid: int, backend_domid: int) -> Step:
+def device_destroy_step(
+    dev_kind: str, domid: int, devid: int, backend_domid: int, backend_kind: str | None = None
+) -> Step:
     """libxl__device_destroy (libxl_device.c) run by the toolstack domain: frontend, libxl and
     backend paths cleaned up (empty parents removed) in one transaction."""
     ops: list[Op] = [
         PathCleanup(frontend_path(domid, dev_kind, devid)),
         PathCleanup(libxl_device_path(domid, dev_kind, devid)),
-        PathCleanup(backend_path(backend_domid, dev_kind, domid, devid)),
+        PathCleanup(backend_path(backend_domid, backend_kind or dev_kind, domid, devid)),
     ]
     return step(Actor.LIBXL, ops, tx=True, what=f"libxl__device_destroy {dev_kind} {devid}")
 

@@ -39,6 +39,10 @@ DOM0_BOOT_PORTS = 17
 #: Ports a Linux PV guest kernel binds per vCPU at boot (timer and debug VIRQs, IPIs).
 #: Calibrated on the capture: with 1 vCPU, netfront's first port is 8 (1 store, 2 console).
 GUEST_PORTS_PER_VCPU = 5
+#: The same for a PVH guest (no timer VIRQ: it has a local APIC timer): measured on the e2e
+#: tier's PVH capture (tests/e2e/test_e2e_pvh.py: netfront's first port is 7). HVM guests are
+#: assumed to do the same (not measured: HVM is not booted by the tests).
+GUEST_PORTS_PER_VCPU_PVH = 4
 #: The first store MFN handed out (the capture's value); each domain advances it.
 FIRST_STORE_MFN = 260097
 DOM0_MEMORY_KB = 1048576  # the capture's dom0_mem=1024M
@@ -75,6 +79,10 @@ class DomainState:
     #: Each simulated xenbus driver's own view of its state ("back:vif/1/0" -> 4): it can
     #: differ from xenstore's (libxl writes Closing into the backend's node).
     drivers: dict[str, int] = attrs.field(factory=dict)
+    #: libxl's domain type (pv, pvh, hvm).
+    dom_type: str = "pv"
+    #: PCI devices assigned to it (xc_assign_device), as libxl prints them.
+    pcis: list[str] = attrs.field(factory=list)
 
     def alloc_port(self, what: str) -> int:
         """Lowest free port >= 1 (port 0 is never valid)."""

@@ -89,6 +89,7 @@ class Actor(enum.Enum):
     HOTPLUG = "hotplug"  # /etc/xen/scripts/*: every xenstore-write is its own connection
     XENCONSOLED = "xenconsoled"
     VCHAN = "vchan"  # a libxenvchan server: one connection to set up, another to remove
+    QEMU = "qemu"  # dom0's device model (HVM emulation, qdisk backends): its own connection
 
 
 @attrs.frozen
@@ -190,7 +191,12 @@ def domain_make_step(
     ops += [*mknod(f"{d}/cpu", ro), *mknod(f"{d}/memory", ro), *mknod(f"{d}/device", ro)]
     ops += mknod(f"{d}/device/suspend/event-channel", rw)  # !xend_suspend_evtchn_compat
     ops += mknod(f"{d}/control", ro)
-    for leaf in ("shutdown", "feature-poweroff", "feature-reboot", "feature-suspend", "sysrq"):
+    if dom_type == "hvm":  # hvmloader's directory, read-only for the guest
+        ops += mknod(f"{d}/hvmloader", ro)
+    leaves = ["shutdown", "feature-poweroff", "feature-reboot", "feature-suspend"]
+    if dom_type == "hvm":
+        leaves += ["feature-s3", "feature-s4"]
+    for leaf in [*leaves, "sysrq"]:
         ops += mknod(f"{d}/control/{leaf}", rw)
     for leaf in ("data", "drivers", "feature", "attr", "error"):
         ops += mknod(f"{d}/{leaf}", rw)
@@ -230,20 +236,39 @@ def build_post_step(
     kernel: str | None,
     ramdisk: str | None,
     cmdline: str | None,
+    dom_type: str = "pv",
+    video_memkb: int = 0,
 ) -> Step:
-    """libxl__build_post (libxl_dom.c) with the PV vm entries of libxl__domain_build
-    (libxl_create.c): one transaction; xs_introduce_domain follows it."""
+    """libxl__build_post (libxl_dom.c) with the vm and local entries of libxl__domain_build
+    (libxl_create.c) per guest type: one transaction; xs_introduce_domain follows it.
+
+    HVM (source reading only, no capture): memory/target less videoram and, when maxmem is
+    above memory, LIBXL_MAXMEM_CONSTANT (libxl__get_targetmem_fudge); vm entries
+    rtc/timeoffset, image/ostype=hvm, start_time; local entries platform/acpi, acpi_s3,
+    acpi_s4, acpi_laptop_slate and platform/device-model (xl's defaults). PVH: start_time
+    only."""
     d, v = dom_path(domid), vm_path(uuid)
+    fudge = video_memkb + (1024 if dom_type == "hvm" and max_memkb > target_memkb else 0)
     ops: list[Op] = [
         Write(f"{d}/memory/static-max", str(max_memkb)),
-        Write(f"{d}/memory/target", str(target_memkb)),  # PV: no targetmem fudge
-        Write(f"{d}/memory/videoram", "0"),
+        Write(f"{d}/memory/target", str(target_memkb - fudge)),  # PV: no targetmem fudge
+        Write(f"{d}/memory/videoram", str(video_memkb)),
         Write(f"{d}/domid", str(domid)),
         Write(f"{d}/store/port", str(store_port)),
         Write(f"{d}/store/ring-ref", str(store_mfn)),
     ]
     for cpu in range(max_vcpus):
         ops.append(Write(f"{d}/cpu/{cpu}/availability", "online" if cpu < vcpus else "offline"))
+    if dom_type == "hvm":
+        platform = (("acpi", "1"), ("acpi_s3", "1"), ("acpi_s4", "1"), ("acpi_laptop_slate", "0"))
+        ops += [Write(f"{d}/platform/{k}", val) for k, val in platform]
+        ops.append(Write(f"{d}/platform/device-model", "qemu_xen"))
+        ops += [Write(f"{v}/rtc/timeoffset", ""), Write(f"{v}/image/ostype", "hvm")]
+        ops.append(Write(f"{v}/start_time", start_time))
+        return step(Actor.LIBXL, ops, tx=True, what="libxl__build_post")
+    if dom_type == "pvh":
+        ops.append(Write(f"{v}/start_time", start_time))
+        return step(Actor.LIBXL, ops, tx=True, what="libxl__build_post")
     ops += [Write(f"{v}/image/ostype", "linux"), Write(f"{v}/image/kernel", kernel or "")]
     ops.append(Write(f"{v}/start_time", start_time))
     if ramdisk:

@@ -27,6 +27,7 @@ import attrs
 
 from shyped.core.xlcfg import DiskSpec, DomainConfig, VifSpec
 from shyped.sandbox import devices as D
+from shyped.sandbox import guests as G
 from shyped.sandbox import layout as L
 from shyped.sandbox.hypervisor import (
     DomainState,
@@ -42,6 +43,7 @@ from shyped.sandbox.toolstack_base import (
     ToolstackError,
     VchanEndpoint,
     _backend_domid,
+    _backend_kind,
     _block_device,
     _config_json,
     _driver_key,
@@ -68,6 +70,7 @@ class Toolstack(ToolstackDrivers):
         with self._command() as (host, session):
             dom = host.create_domain(cfg.name, cfg.uuid, cfg.target_memkb, cfg.max_memkb, cfg.vcpus)
             dom.config = _config_json(cfg)
+            dom.dom_type = cfg.type
             domid = dom.domid
             try:
                 dom.store_port = dom.alloc_port("store peer=0 ")
@@ -75,7 +78,7 @@ class Toolstack(ToolstackDrivers):
                 dom.store_mfn, dom.console_mfn = host.alloc_mfns(2, cfg.max_memkb // 4 + 2)
                 start = self.clock()
                 start_time = f"{int(start)}.{int((start % 1) * 100):02d}"
-                self._run(session, L.domain_make_step(domid, cfg.name, cfg.uuid))
+                self._run(session, L.domain_make_step(domid, cfg.name, cfg.uuid, cfg.type))
                 self._run(session, L.dm_version_step(domid))
                 self._run(
                     session,
@@ -92,19 +95,25 @@ class Toolstack(ToolstackDrivers):
                         kernel=cfg.kernel,
                         ramdisk=cfg.ramdisk,
                         cmdline=cfg.cmdline,
+                        dom_type=cfg.type,
+                        video_memkb=cfg.video_memkb,
                     ),
                 )
                 # xs_introduce_domain: xenstored binds the store port from dom0 (the request
                 # itself is not sent: oxenstored cannot map a guest that does not exist).
                 host.ensure_dom0().alloc_port(f"peer={domid} xenstored")
                 self._run(session, L.dm_version_step(domid))
-                for spec in cfg.disks:
-                    self._add_disk(host, session, dom, spec)
+                disks = [self._add_disk(host, session, dom, spec) for spec in cfg.disks]
                 self._run(session, D.console_add_step(domid, dom.console_port, dom.console_mfn))
+                # domcreate_launch_dm: QEMU for HVM, or for a PV/PVH guest's qdisk backends.
+                if cfg.type == "hvm" or any(d.backend_kind == "qdisk" for d in disks):
+                    self._run(session, G.device_model_steps(domid, cfg.type, 4000 + domid))
                 vifs = [
                     self._add_nic(host, session, dom, spec, devid=spec.devid or i, hotplug=False)
                     for i, spec in enumerate(cfg.vifs)
                 ]
+                for num, bdf in enumerate(cfg.pcis):  # device_type_tbl: pci after the nics
+                    self._add_pci(host, session, dom, bdf, num)
                 dom.tty = host.alloc_pty(domid)
                 host.ensure_dom0().alloc_port(f"peer={domid} xenconsoled")
                 self._run(session, D.xenconsoled_tty_step(domid, dom.tty))
@@ -115,6 +124,7 @@ class Toolstack(ToolstackDrivers):
             except (ToolstackError, XsError) as exc:
                 # domcreate_destruction_cb: a failed create destroys what it made.
                 with contextlib.suppress(ToolstackError, XsError):
+                    self._pci_destroy(session, dom)
                     self._devices_destroy(host, session, dom)
                     vm = L.vm_path(cfg.uuid)
                     self._run(session, L.domain_destroy_final_steps(domid, vm))
@@ -140,6 +150,7 @@ class Toolstack(ToolstackDrivers):
             if dom.domid == 0:
                 raise ToolstackError("cannot destroy dom0")
             dom.paused = True
+            self._pci_destroy(session, dom)
             self._devices_destroy(host, session, dom)
             conn = session.conn(Actor.LIBXL)
             vm = conn.read(f"{L.dom_path(dom.domid)}/vm")
@@ -210,6 +221,46 @@ class Toolstack(ToolstackDrivers):
                 self._frontend_probe(host, session, dom, dev)
             return dev
 
+    def attach_pci(self, domain: str | int, bdf: str) -> None:
+        """`xl pci-attach DOMAIN BDF` (libxl_device_pci_add): the /libxl/pci record, then the
+        device's backend entries (a running domain's backend goes to Reconfiguring)."""
+        with self._command() as (host, session):
+            dom = host.lookup(str(domain))
+            conn = session.conn(Actor.LIBXL)
+            num = conn.read(f"{L.backend_path(0, 'pci', dom.domid, 0)}/num_devs")
+            num_devs = int(num) if num and num.isdigit() else 0
+            self._add_pci(host, session, dom, bdf, num_devs, starting=False)
+
+    def _add_pci(
+        self,
+        host: HostState,
+        session: _Session,
+        dom: DomainState,
+        bdf: str,
+        num: int,
+        *,
+        starting: bool = True,
+    ) -> None:
+        for other in host.domains.values():
+            if bdf in other.pcis:  # xc_assign_device
+                raise ToolstackError(
+                    f"PCI device {bdf} already assigned to a different guest ({other.domid})"
+                )
+        try:
+            self._run(session, G.pci_assign_step(bdf, dom.domid))
+        except ValueError as exc:
+            raise ToolstackError(str(exc)) from None
+        name = session.conn(Actor.LIBXL).read(f"{L.dom_path(dom.domid)}/name") or ""
+        self._run(session, G.pci_backend_step(dom.domid, name, bdf, num, starting=starting))
+        dom.pcis = [*dom.pcis, bdf]
+
+    def _pci_destroy(self, session: _Session, dom: DomainState) -> None:
+        if dom.pcis:
+            self._run(session, G.pci_release_steps(dom.domid, list(dom.pcis)))
+            dom.pcis = []
+        if session.conn(Actor.LIBXL).read(G.device_model_path(dom.domid)) is not None:
+            self._run(session, G.device_model_destroy_step(dom.domid))
+
     def _add_disk(
         self, host: HostState, session: _Session, dom: DomainState, spec: DiskSpec
     ) -> D.VbdDevice:
@@ -217,10 +268,28 @@ class Toolstack(ToolstackDrivers):
             devid = D.disk_devid(spec.vdev)
         except ValueError as exc:
             raise ToolstackError(str(exc)) from None
-        if spec.format != "raw" or spec.backendtype in ("qdisk", "tap", "standalone"):
-            raise ToolstackError(
-                f"disk {spec.vdev}: only raw images/devices with the phy backend are simulated"
+        qdisk = spec.backendtype == "qdisk" or (spec.format != "raw" and spec.backendtype is None)
+        if spec.backendtype in ("tap", "standalone") or (spec.format != "raw" and not qdisk):
+            raise ToolstackError(f"disk {spec.vdev}: only the phy and qdisk backends are simulated")
+        if qdisk:  # libxl_disk.c device_disk_add: params = "<format>:<target>", no script
+            dev = D.VbdDevice(
+                domid=dom.domid,
+                devid=devid,
+                vdev=spec.vdev,
+                params=f"{spec.format}:{spec.target}",
+                readwrite=spec.readwrite,
+                cdrom=spec.cdrom,
+                backend_domid=spec.backend_domid,
+                backend_type="qdisk",
+                backend_kind="qdisk",
+                discard_enable=spec.discard,
+                trusted=spec.trusted,
+                protocol="x86_64-abi" if dom.dom_type == "pv" else None,
             )
+            self._device_add(session, dev, D.vbd_add_step(dev))
+            self._driver_state(host, dev, backend=True, state=L.INIT_WAIT)
+            self._run(session, D.state_step(Actor.QEMU, dev.backend, L.INIT_WAIT, what="qdisk"))
+            return dev
         script = spec.script or "block"
         dev = D.VbdDevice(
             domid=dom.domid,
@@ -233,6 +302,7 @@ class Toolstack(ToolstackDrivers):
             backend_domid=spec.backend_domid,
             discard_enable=spec.discard,
             trusted=spec.trusted,
+            protocol="x86_64-abi" if dom.dom_type == "pv" else None,
         )
         self._device_add(session, dev, D.vbd_add_step(dev))
         self._driver_state(host, dev, backend=True, state=L.INIT_WAIT)
@@ -252,6 +322,13 @@ class Toolstack(ToolstackDrivers):
         hotplug: bool,
     ) -> D.VifDevice:
         script = spec.script or "vif-bridge"
+        # libxl__device_nic_setdefault: an HVM guest's NICs at create are emulated too
+        # (vif_ioemu) unless type=vif; a PV/PVH guest cannot have type=ioemu.
+        nictype = "vif"
+        if spec.type == "ioemu" or (dom.dom_type == "hvm" and not hotplug and spec.type is None):
+            nictype = "vif_ioemu"
+        if nictype == "vif_ioemu" and dom.dom_type != "hvm":
+            raise ToolstackError("trying to create PV or PVH guest with an emulated interface")
         dev = D.VifDevice(
             domid=dom.domid,
             devid=devid,
@@ -265,6 +342,7 @@ class Toolstack(ToolstackDrivers):
             rate=spec.rate,
             mtu=spec.mtu or 1500,
             trusted=spec.trusted,
+            nictype=nictype,
         )
         self._device_add(session, dev, D.vif_add_step(dev))
         self._driver_state(host, dev, backend=True, state=L.INIT_WAIT)
@@ -336,7 +414,13 @@ class Toolstack(ToolstackDrivers):
         def body() -> list[Op]:
             state = conn.read(f"{dev.backend}/state")
             return D.device_remove_ops(
-                dev.kind, dev.domid, dev.devid, dev.backend_domid, state, force=force
+                dev.kind,
+                dev.domid,
+                dev.devid,
+                dev.backend_domid,
+                state,
+                force=force,
+                backend_kind=_backend_kind(dev),
             )
 
         self._transact(conn, body, f"remove {dev.kind} {dev.devid}")
@@ -349,7 +433,12 @@ class Toolstack(ToolstackDrivers):
             )
         if isinstance(dev, D.VbdDevice):
             host.free_loop(dev.backend)  # block remove: losetup -d
-        self._run(session, D.device_destroy_step(dev.kind, dev.domid, dev.devid, dev.backend_domid))
+        self._run(
+            session,
+            D.device_destroy_step(
+                dev.kind, dev.domid, dev.devid, dev.backend_domid, _backend_kind(dev)
+            ),
+        )
         backend_dom = host.domains.get(dev.backend_domid)
         if backend_dom is not None:
             backend_dom.free_where(f"peer={dev.domid} dev={dev.kind}/{dev.devid} ")

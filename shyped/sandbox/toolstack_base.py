@@ -79,6 +79,11 @@ class _Session:
 # -- helpers --------------------------------------------------------------------------------
 
 
+def _backend_kind(dev: D.Device) -> str:
+    """The backend's kind: ``qdisk`` for a disk QEMU serves, else the device's kind."""
+    return dev.backend_kind if isinstance(dev, D.VbdDevice) else dev.kind
+
+
 def _driver_key(dev: D.Device, *, backend: bool) -> str:
     side = "back" if backend else "front"
     return f"{side}:{dev.kind}/{dev.domid}/{dev.devid}"
@@ -281,6 +286,7 @@ class ToolstackBase:
             cdrom=rec.get("device-type") == "cdrom",
             backend_domid=_backend_domid(rec.get("backend", "")),
             backend_type=rec.get("type", "phy"),
+            backend_kind="qdisk" if "/backend/qdisk/" in rec.get("backend", "") else "vbd",
             removable=rec.get("removable") == "1",
             discard_enable=rec.get("discard-enable", "1") == "1",
         )
@@ -301,6 +307,7 @@ class ToolstackBase:
             gatewaydev=rec.get("gatewaydev"),
             rate=rec.get("rate"),
             mtu=int(rec.get("mtu", "1500")),
+            nictype=rec.get("type", "vif"),
         )
 
     @staticmethod

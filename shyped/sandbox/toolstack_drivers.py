@@ -9,6 +9,7 @@ from shyped.sandbox import devices as D
 from shyped.sandbox import layout as L
 from shyped.sandbox.hypervisor import (
     GUEST_PORTS_PER_VCPU,
+    GUEST_PORTS_PER_VCPU_PVH,
     DomainState,
     HostState,
 )
@@ -36,7 +37,8 @@ class ToolstackDrivers(ToolstackBase):
         if dom.booted:
             return
         dom.booted = True
-        for _ in range(GUEST_PORTS_PER_VCPU * dom.vcpus):
+        per_vcpu = GUEST_PORTS_PER_VCPU if dom.dom_type == "pv" else GUEST_PORTS_PER_VCPU_PVH
+        for _ in range(per_vcpu * dom.vcpus):
             dom.alloc_port("guest kernel")
         self._run(session, D.guest_boot_step(dom.domid))
         for kind in ("vif", "vbd"):
@@ -202,7 +204,10 @@ class ToolstackDrivers(ToolstackBase):
         be = session.conn(Actor.DOM0_KERNEL)
         mine = self._get_driver_state(host, dev, backend=True)
         if fe_state in (L.INITIALISED, L.CONNECTED):
-            if mine == L.CONNECTED or be.read(f"{dev.backend}/physical-device") is None:
+            qdisk = dev.backend_kind == "qdisk"  # QEMU opens the image itself: no hotplug
+            if mine == L.CONNECTED or (
+                not qdisk and be.read(f"{dev.backend}/physical-device") is None
+            ):
                 return
             self._bind_backend_ports(host, dev, 1)
             self._run(session, D.blkback_connect_steps(dev, sectors=_sectors(dev.params)))

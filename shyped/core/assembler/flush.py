@@ -7,7 +7,10 @@ from collections.abc import Iterator
 from shyped.core.assembler.local import LocalReader
 from shyped.core.assembler.state import (
     _EMPTY,
+    GUEST_TYPES,
+    PV_ONLY_NIC_TYPES,
     _Dom,
+    _Record,
     resource_with_script,
 )
 from shyped.core.channels import (
@@ -129,11 +132,15 @@ class Flusher(LocalReader):
             self._wake(dom)
             return
         uuid = dom.uuid
-        facts = (uuid, dom.name, dom.name_problem)
+        problem = dom.name_problem
+        if dom.dtype is not None and dom.dtype not in GUEST_TYPES:
+            what = f"guest type {dom.dtype!r} is not one shyped understands (pv, pvh, hvm)"
+            problem = f"{problem}; {what}" if problem else what
+        facts = (uuid, dom.name, problem)
         if dom.emitted != facts:
             first = dom.emitted is None
             dom.emitted = facts
-            out.append(DomainAppeared(d, uuid, dom.name, dom.name_problem))
+            out.append(DomainAppeared(d, uuid, dom.name, problem))
             if first:
                 self._wake(dom)
 
@@ -187,14 +194,14 @@ class Flusher(LocalReader):
         assert rec.backend is not None
         be, bkind = rec.backend
         resource = resource_with_script(dk.kind, rec.resource, rec.script)
-        facts = (be, bkind, resource, rec.writable)
+        facts = (be, bkind, resource, rec.writable, self._emulated(dom, dk.kind, rec))
         if rec.emitted != facts:
             if rec.emitted is not None and rec.emitted[:2] != facts[:2]:
                 rec.em_be = (None, None)
             rec.emitted = facts
             self._shared.recheck(dk.frontend)
             self._shared.recheck(be)
-            out.append(DeviceAdded(dk, be, bkind, resource, rec.writable))
+            out.append(DeviceAdded(dk, be, bkind, resource, rec.writable, facts[4]))
         fe = dom.fronts.get(rkey)
         state = fe.state if fe is not None else None
         if state != rec.em_fe_state:
@@ -215,6 +222,18 @@ class Flusher(LocalReader):
             elif rec.em_rings is not None:
                 out.append(RingsWithdrawn(dk))
             rec.em_rings = rings
+
+    @staticmethod
+    def _emulated(dom: _Dom, kind: str, rec: _Record) -> bool:
+        """Whether the guest has the device outside its PV handshake too (libxl 4.17): a PCI
+        device (assigned by the hypervisor); a ``vif_ioemu`` NIC (libxl_dm.c: a tap on the
+        same bridge for QEMU's emulated NIC); every disk of an HVM guest (libxl_dm.c
+        libxl__build_device_model_args_new: QEMU opens the first four as IDE/AHCI disks)."""
+        if kind == "pci":
+            return rec.pci is not None
+        if kind == "vif":
+            return rec.rtype is not None and rec.rtype not in PV_ONLY_NIC_TYPES
+        return kind == "vbd" and dom.dtype == "hvm"
 
     def _flush_vchan(self, s: int, vpath: str, out: list[Event]) -> None:
         dom = self._doms.get(s)
@@ -272,7 +291,13 @@ class Flusher(LocalReader):
                 yield home + "/vm"
             if dom.libxl or dom.records:
                 yield f"/libxl/{d}"
+            if dom.dtype is not None:
+                yield f"/libxl/{d}/type"
             for (kind, devid), rec in dom.records.items():
+                if rec.pci is not None:
+                    yield f"/libxl/pci/{rec.pci}"
+                    yield f"/libxl/pci/{rec.pci}/domid"
+                    continue
                 base = f"/libxl/{d}/device/{kind}/{devid}"
                 yield base
                 for k in rec.keys:

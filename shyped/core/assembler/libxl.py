@@ -10,6 +10,7 @@ from shyped.core.assembler.state import (
     _Dom,
     _Record,
     _valid_kind,
+    pci_record_key,
 )
 from shyped.core.events import (
     _LOCAL_DOMAIN,
@@ -19,6 +20,7 @@ from shyped.core.events import (
 from shyped.core.xsparse import (
     MAX_VALUE,
     parse_abs_path_value,
+    parse_domid,
     parse_domid_component,
     parse_text,
     parse_uint_component,
@@ -30,6 +32,8 @@ class LibxlReader(AssemblerState):
     resource it uses."""
 
     def _remove_libxl_all(self) -> None:
+        for comp in list(self._pci):
+            self._pci_released(comp)
         for dom in list(self._doms.values()):
             self._libxl_removed(dom, None, None)
             if dom.libxl:
@@ -38,6 +42,8 @@ class LibxlReader(AssemblerState):
 
     def _libxl_removed(self, dom: _Dom, kind: str | None, devid: int | None) -> None:
         for rkey, rec in dom.records.items():
+            if rec.pci is not None:
+                continue  # follows /libxl/pci only (libxl's clean-up of device/ empties it)
             if (kind is None or rkey[0] == kind) and (devid is None or rkey[1] == devid):
                 rec.gone = True
                 self._dirty_devs.add(DeviceKey(rkey[0], dom.domid, rkey[1]))
@@ -47,6 +53,9 @@ class LibxlReader(AssemblerState):
         if n == 2:
             if value is None:
                 self._remove_libxl_all()
+            return
+        if comps[2] == "pci":
+            self._libxl_pci(path, comps, value)
             return
         d = parse_domid_component(comps[2])
         if d is None:
@@ -61,6 +70,9 @@ class LibxlReader(AssemblerState):
                     dom.libxl = False
                     self._dirty_doms.add(d)
                 self._libxl_removed(dom, None, None)
+                return
+            if n == 4 and comps[3] == "type":
+                self._guest_type(dom, None)
                 return
             if comps[3] != "device":
                 return
@@ -82,6 +94,9 @@ class LibxlReader(AssemblerState):
         if not dom.libxl:
             dom.libxl = True
             self._dirty_doms.add(d)
+        if n == 4 and comps[3] == "type":
+            self._guest_type(dom, parse_text(value, 16) or "(unreadable)")
+            return
         if n < 6 or comps[3] != "device":
             return
         kind = comps[4]
@@ -89,16 +104,9 @@ class LibxlReader(AssemblerState):
         if not _valid_kind(kind) or devid is None:
             self._garbage(None, path, "libxl device record with a bad kind or device id")
             return
-        rkey = (kind, devid)
-        rec = dom.records.get(rkey)
+        rec = self._record_for(dom, kind, devid, path)
         if rec is None:
-            if len(dom.records) >= self._limits.records_per_domain:
-                self._garbage(None, path, "too many device records", limit=True)
-                return
-            rec = dom.records[rkey] = _Record()
-        elif rec.gone:
-            rec.reset()  # removed and written again within one batch
-            self._unlink_backend(d, kind, devid, rec)
+            return
         dk = DeviceKey(kind, d, devid)
         self._dirty_devs.add(dk)
         if n != 7:
@@ -123,11 +131,27 @@ class LibxlReader(AssemblerState):
             rec.writable = value != b"r"
         elif name == "script":
             rec.script = parse_text(value, MAX_VALUE) or "(unreadable)"
+        elif name == "type":
+            rec.rtype = parse_text(value, 32) or "(unreadable)"
         elif name == _RESOURCE_KEY.get(kind):
             res = parse_text(value, MAX_VALUE)
             if res is None:
                 self._garbage(None, path, "record resource is not printable UTF-8")
             rec.resource = res
+
+    def _record_for(self, dom: _Dom, kind: str, devid: int, path: str) -> _Record | None:
+        """The device's record, made if new (None past the per-domain bound, counted)."""
+        rkey = (kind, devid)
+        rec = dom.records.get(rkey)
+        if rec is None:
+            if len(dom.records) >= self._limits.records_per_domain:
+                self._garbage(None, path, "too many device records", limit=True)
+                return None
+            rec = dom.records[rkey] = _Record()
+        elif rec.gone:
+            rec.reset()  # removed and written again within one batch
+            self._unlink_backend(dom.domid, kind, devid, rec)
+        return rec
 
     def _record_key_removed(self, d: int, kind: str, devid: int, rec: _Record, name: str) -> None:
         rec.keys.discard(name)
@@ -139,6 +163,8 @@ class LibxlReader(AssemblerState):
             rec.writable = True
         elif name == "script":
             rec.script = None
+        elif name == "type":
+            rec.rtype = None
         else:
             rec.resource = None
         self._dirty_devs.add(DeviceKey(kind, d, devid))
@@ -180,3 +206,60 @@ class LibxlReader(AssemblerState):
             bdom.served.discard(dk)
             self._touched.add(be)
         rec.backend = None
+
+    def _guest_type(self, dom: _Dom, dtype: str | None) -> None:
+        """``/libxl/<domid>/type`` (libxl__domain_make): the guest type decides which of its
+        devices the device model also emulates, and an unknown one is an identity problem."""
+        if dom.dtype == dtype:
+            return
+        dom.dtype = dtype
+        self._dirty_doms.add(dom.domid)
+        self._touched.add(dom.domid)
+        self._dirty_devs.update(DeviceKey(k, dom.domid, i) for k, i in dom.records)
+
+    def _libxl_pci(self, path: str, comps: list[str], value: bytes | None) -> None:
+        """``/libxl/pci/<SSSS-BB-DD-F>/domid``: libxl_pci.c's record of which domain a PCI
+        device is assigned to (pci_info_xs_write, dom0-only like all of ``/libxl``; written
+        before the device is assigned, removed after it is released). libxl writes no
+        ``/libxl/<domid>/device/pci`` record, so this is the trusted one: it becomes the
+        device ``pci`` of that domain, served by dom0 (pciback), using resource
+        ``pci:SSSS:BB:DD.F``."""
+        n = len(comps)
+        if value is None:
+            if n == 3:
+                for comp in list(self._pci):
+                    self._pci_released(comp)
+            elif n == 4 or (n == 5 and comps[4] == "domid"):
+                self._pci_released(comps[3])
+            return
+        if n != 5 or comps[4] != "domid":
+            return  # the directory itself, driver_path, name: not ours to judge
+        d = parse_domid(value)
+        if d is None:
+            self._garbage(None, path, "PCI assignment domid is not a domain id")
+            return
+        comp = comps[3]
+        held = self._pci.get(comp)
+        if held is not None and held[0] != d:
+            self._pci_released(comp)
+        devid, resource = pci_record_key(comp)
+        rec = self._record_for(self._dom(d), "pci", devid, path)
+        if rec is None:
+            return
+        rec.pci = comp
+        rec.frontend_ok = True
+        rec.resource = resource
+        dk = DeviceKey("pci", d, devid)
+        self._link_backend(dk, rec, (0, "pci"))
+        self._pci[comp] = (d, devid)
+        self._dirty_devs.add(dk)
+
+    def _pci_released(self, comp: str) -> None:
+        held = self._pci.pop(comp, None)
+        if held is None:
+            return
+        dom = self._doms.get(held[0])
+        rec = dom.records.get(("pci", held[1])) if dom is not None else None
+        if rec is not None and rec.pci == comp:
+            rec.gone = True
+            self._dirty_devs.add(DeviceKey("pci", held[0], held[1]))

@@ -72,7 +72,9 @@ class LocalReader(VmVchanReader):
         if sub == "device":
             if n >= 7:
                 kind = comps[5]
-                if kind in ("console", "vuart") or not _valid_kind(kind):
+                # pcifront's directory (device/pci/0) is the guest's own: the PCI devices are
+                # decided from libxl's /libxl/pci records, never from what the guest writes.
+                if kind in ("console", "vuart", "pci") or not _valid_kind(kind):
                     return
                 devid = parse_uint_component(comps[6], _DEVID_MAX)
                 if devid is None:

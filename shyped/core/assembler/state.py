@@ -5,6 +5,8 @@ façade; the readers of each subtree build on `AssemblerState`."""
 
 from __future__ import annotations
 
+import re
+import zlib
 from typing import Final
 
 from shyped.core.channels import (
@@ -23,7 +25,36 @@ _DEVID_MAX: Final = 0x7FFFFFFF
 _XENBUS_STATE_MAX: Final = 8  # XenbusStateReconfigured
 #: Record keys naming the resource a device uses, per frontend kind.
 _RESOURCE_KEY: Final = {"vbd": "params", "vif": "bridge", "9pfs": "path"}
-_RECORD_KEYS: Final = frozenset({"frontend", "backend", "mode", "script", *_RESOURCE_KEY.values()})
+_RECORD_KEYS: Final = frozenset(
+    {"frontend", "backend", "mode", "script", "type", *_RESOURCE_KEY.values()}
+)
+#: Guest types libxl 4.17 writes as ``/libxl/<domid>/type`` (libxl_domain_type_to_string):
+#: any other value is an identity problem (the domain is denied admission).
+GUEST_TYPES: Final = frozenset({"pv", "pvh", "hvm"})
+#: A vif record's ``type`` (libxl_nic.c libxl__set_xenstore_nic: libxl_nic_type_to_string):
+#: ``vif`` is the PV device alone; ``vif_ioemu`` adds an emulated NIC whose tap the device model
+#: puts on the same bridge. Anything else is treated as emulated (fail closed).
+PV_ONLY_NIC_TYPES: Final = frozenset({"vif"})
+#: ``/libxl/pci/<SSSS-BB-DD-F>`` (libxl_pci.c pci_info_xs_path, ``PCI_BDF_XSPATH``).
+_PCI_XSPATH: Final = re.compile(r"([0-9a-f]{4})-([0-9a-f]{2})-([01][0-9a-f])-([0-7])")
+#: Device ids of PCI records whose path component is not a BDF: above every real one.
+_PCI_ODD_DEVIDS: Final = 0x7FFF0000
+
+
+def pci_record_key(component: str) -> tuple[int, str]:
+    """The device id and resource of the PCI device named by a ``/libxl/pci`` component.
+
+    A canonical BDF gives ``pci_encode_bdf``'s number (segment, bus, devfn) and
+    ``SSSS:BB:DD.F``; anything else a device id in a range no BDF reaches and the component
+    itself as resource, which `shyped.core.labelstore.pci_resource` refuses (so the device is
+    denied, never left undecided)."""
+    m = _PCI_XSPATH.fullmatch(component)
+    if m is not None and int(m.group(1), 16) < 0x7FFF:
+        seg, bus, dev, fn = (int(g, 16) for g in m.groups())
+        return (seg << 16) | (bus << 8) | (dev << 3) | fn, f"{m[1]}:{m[2]}:{m[3]}.{m[4]}"
+    return _PCI_ODD_DEVIDS | (zlib.crc32(component.encode()) & 0xFFFF), component[:64]
+
+
 #: The hotplug scripts libxl records by default (``/etc/xen/scripts/`` + ``block`` /
 #: ``vif-bridge``; a qdisk has none). Any other script decides itself what the device
 #: reaches (``vif-route`` puts the guest on dom0's IP stack, ``block-iscsi`` turns params into
@@ -94,7 +125,9 @@ class _Record:
         "frontend_ok",
         "gone",
         "keys",
+        "pci",
         "resource",
+        "rtype",
         "script",
         "writable",
     )
@@ -105,9 +138,11 @@ class _Record:
         self.backend: tuple[int, str] | None = None
         self.resource: str | None = None
         self.script: str | None = None
+        self.rtype: str | None = None  # the record's ``type`` (vif: vif / vif_ioemu)
+        self.pci: str | None = None  # the ``/libxl/pci`` component of a PCI record
         self.writable = True
         self.gone = False
-        self.emitted: tuple[int, str, str | None, bool] | None = None
+        self.emitted: tuple[int, str, str | None, bool, bool] | None = None
         self.em_fe_state: int | None = None
         self.em_be: tuple[int | None, bool | None] = (None, None)
         self.em_rings: tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]] | None
@@ -118,6 +153,7 @@ class _Record:
         self.frontend_ok = False
         self.resource = None
         self.script = None
+        self.rtype = None
         self.writable = True
         self.gone = False
 
@@ -179,6 +215,7 @@ class _Dom:
         "backs",
         "cpus",
         "domid",
+        "dtype",
         "em_res",
         "emitted",
         "fronts",
@@ -201,6 +238,8 @@ class _Dom:
         self.name_problem = ""
         self.uuid: str | None = None
         self.libxl = False
+        #: ``/libxl/<domid>/type`` as read (None: absent), see `GUEST_TYPES`.
+        self.dtype: str | None = None
         self.emitted: tuple[str, str | None, str] | None = None
         self.records: dict[tuple[str, int], _Record] = {}
         self.fronts: dict[tuple[str, int], _Front] = {}
@@ -227,6 +266,7 @@ class _Dom:
             and not self.name_set
             and self.uuid is None
             and not self.libxl
+            and self.dtype is None
             and self.emitted is None
             and not self.records
             and not self.fronts
@@ -251,6 +291,8 @@ class AssemblerState:
         # (backend domid, backend kind, frontend domid, devid) -> device, for backend writes
         self._be_index: dict[tuple[int, str, int, int], DeviceKey] = {}
         self._vchan_servers: set[int] = set()
+        #: ``/libxl/pci`` component -> (domid, devid) of the record made from it.
+        self._pci: dict[str, tuple[int, int]] = {}
         self._out: list[Event] = []
         self._dirty_doms: set[int] = set()  # appearance facts changed
         self._touched: set[int] = set()  # something was dropped: check whether to free it
