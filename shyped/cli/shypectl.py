@@ -42,6 +42,7 @@ from shyped.cli.ctlcommon import (
     _yes,
     exit_status,
 )
+from shyped.cli.shypectl_acm import add_acm_commands, getlabel_dom, rmlabel_mgt
 from shyped.cli.shypectl_policy import (
     cmd_policy_check,
     cmd_policy_diff,
@@ -153,6 +154,8 @@ def cmd_labels(ctx: Ctx) -> int:
 
 def cmd_getlabel(ctx: Ctx) -> int:
     if ctx.args.kind == "dom":
+        return getlabel_dom(ctx, ctx.args.target)
+    if ctx.args.kind == "mgt":
         dom = ctx.client.get_domain_label(ctx.args.target)
         ctx.emit(dom, lambda: ctx.say(dom.label or "(unlabelled)"))
     else:
@@ -194,6 +197,8 @@ def cmd_rmlabel(ctx: Ctx) -> int:
     kind, target = ctx.args.kind, ctx.args.target
     if kind == "dom":
         return _edit_cfg(ctx, Path(target), None)
+    if kind == "mgt":
+        return rmlabel_mgt(ctx, target)
     change = ctx.client.set_resource_label(target, None)
     ctx.emit(
         change,
@@ -225,7 +230,9 @@ def cmd_dry_run(ctx: Ctx) -> int:
     path = Path(ctx.args.config)
     text = with_overrides(_read_text(path, "domain config"), ctx.args.overrides)
     cfg = summarize(text, str(path))
-    res = ctx.client.dry_run(b.DryRunArgs(domain=cfg.domain, disks=cfg.disks, vifs=cfg.vifs))
+    res = ctx.client.dry_run(
+        b.DryRunArgs(domain=cfg.domain, disks=cfg.disks, vifs=cfg.vifs, acm_only=ctx.args.acm)
+    )
 
     def human() -> None:
         _print_verdicts(ctx, res.items)
@@ -287,9 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_labels)
 
     p = sub.add_parser("getlabel", help="a domain's or resource's label (xm getlabel)")
-    p.add_argument("kind", choices=("dom", "res"))
+    p.add_argument("kind", choices=("dom", "mgt", "res"))
     p.add_argument(
-        "target", help="dom: name, domid or uuid; res: file:/path, phy:/dev/…, bridge:NAME"
+        "target",
+        help="dom: an xl.cfg file (its label, read offline) or a domain; mgt: name, domid or "
+        "uuid of a domain; res: file:/path, phy:/dev/… (phy:NAME is /dev/NAME), bridge:NAME",
     )
     p.set_defaults(func=cmd_getlabel)
 
@@ -306,8 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target")
     p.set_defaults(func=cmd_addlabel)
 
-    p = sub.add_parser("rmlabel", help="remove the label of a domain config or a resource")
-    p.add_argument("kind", choices=("dom", "res"))
+    p = sub.add_parser(
+        "rmlabel",
+        help="remove the label of a domain config (dom), a stored domain label (mgt: a domain "
+        "that does not run, by name or uuid) or a resource (res)",
+    )
+    p.add_argument("kind", choices=("dom", "mgt", "res"))
     p.add_argument("target")
     p.set_defaults(func=cmd_rmlabel)
 
@@ -321,11 +334,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="xl.cfg file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="as for xl create")
+    p.add_argument(
+        "--acm",
+        action="store_true",
+        help="Xen ACM's view: the label and the disks' resource labels only, no Chinese Wall "
+        "check against running domains (shyped's default checks it)",
+    )
     p.set_defaults(func=cmd_dry_run)
 
     sub.add_parser("list", help="domains with their labels (xl list -Z)").set_defaults(
         func=cmd_list
     )
+
+    add_acm_commands(sub)
 
     pol = sub.add_parser(
         "policy", help="show, check, load, diff, graph or compile (flask) a policy"

@@ -31,6 +31,10 @@ class LabelStoreError(Exception):
 
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}$")
+#: ACM's mark for a resource label a policy update removed: ``INV_ACM:<old policy>:<label>``
+#: (``tools/python/xen/util/xsm/acm/acm.py`` ``__update_label_policy_change``, Xen 4.1.0).
+INVALID_PREFIX: Final = "INV_ACM:"
+_INVALID = re.compile(r"^INV_ACM:[^:\s\x00-\x1f\x7f]{1,128}:[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}$")
 
 
 #: Prefixes naming a disk's format or backend in front of its path: xl's deprecated
@@ -142,6 +146,18 @@ def resolved_store(store: LabelStore) -> LabelStore:
     return attrs.evolve(store, resources=resources)
 
 
+def expand_block_dev(params: str) -> str:
+    """A vbd's ``params`` as the default hotplug script opens it: Xen's ``block`` script
+    (``block-common.sh`` ``expand_dev``) takes a name without a leading ``/`` as ``/dev/NAME``,
+    as ``xm`` expanded ``phy:NAME`` (``acm.py`` ``unify_resname``). So ``ram0`` is
+    ``/dev/ram0``; anything else is returned unchanged (and judged by `resource_id`). Only for
+    devices served by that script: a qdisk backend (qemu) opens a relative path from its own
+    working directory, so its relative params stay refused."""
+    if not params or params.startswith("/") or ":" in params:
+        return params
+    return "/dev/" + params
+
+
 #: Image formats whose header can name a backing file that qemu opens too: the image's label
 #: would not cover what the backend reads, so a device using one is refused.
 LAYERED_FORMATS: Final = ("qcow2:", "qcow:", "vhd:", "qed:", "tap:qcow2:", "tap:qcow:", "tap:vhd:")
@@ -169,11 +185,18 @@ def _check_uuid(text: str) -> str:
 
 @attrs.frozen
 class LabelStore:
-    """Label assignments: domain uuid → label, domain name → label, resource id → label."""
+    """Label assignments: domain uuid → label, domain name → label, resource id → label, and
+    dom0's label when an operator relabelled it (None: the policy's bootstrap label).
+
+    Labels are bare names of the active policy, except resource labels a policy update
+    removed: those are kept as ACM marked them, ``INV_ACM:<old policy>:<label>`` (see
+    `after_update`), and deny every use until the resource is labelled again.
+    """
 
     by_uuid: dict[str, str] = attrs.field(factory=dict)
     by_name: dict[str, str] = attrs.field(factory=dict)
     resources: dict[str, str] = attrs.field(factory=dict)
+    dom0: str | None = None
 
     def domain_label(self, uuid: str | None, name: str | None) -> str | None:
         """The label assigned to a domain: by uuid first, then by name; None if unassigned."""
@@ -208,6 +231,41 @@ class LabelStore:
         _assign(resources, resource_id(spec), label)
         return attrs.evolve(self, resources=resources)
 
+    def with_dom0(self, label: str | None) -> LabelStore:
+        """A copy with dom0's label set (None: back to the policy's bootstrap label)."""
+        if label is not None and not _NAME.match(label):
+            raise LabelStoreError(f"invalid label name {label!r}")
+        return attrs.evolve(self, dom0=label)
+
+    def after_update(
+        self,
+        *,
+        old_policy: str,
+        vm: Mapping[str, str],
+        resource: Mapping[str, str],
+        dom0: str | None = None,
+    ) -> LabelStore:
+        """The store once a policy update is applied, as ACM's ``change_acm_policy`` left it.
+
+        `vm` and `resource` map every label of the old policy that survives to its new name
+        (``from=`` renames included; `shyped.policy.update.LabelMaps`). A resource label that
+        survives takes its new name; one that does not becomes
+        ``INV_ACM:<old_policy>:<label>`` (it then denies every use: relabel the resource);
+        one already invalid stays so. Domain assignments follow renames (`renamed`); those
+        naming deleted labels stay as they are (they deny, as any unknown label). `dom0`
+        is dom0's label in the new policy (None: the bootstrap label).
+        """
+        resources: dict[str, str] = {}
+        for key, label in self.resources.items():
+            if label.startswith(INVALID_PREFIX):
+                resources[key] = label
+            elif label in resource:
+                resources[key] = resource[label]
+            else:
+                resources[key] = f"{INVALID_PREFIX}{old_policy}:{label}"
+        renamed = self.renamed(vm, {})
+        return attrs.evolve(renamed, resources=resources, dom0=dom0)
+
     def renamed(self, vm: Mapping[str, str], resource: Mapping[str, str]) -> LabelStore:
         """A copy with the labels a policy update renames (``from=``; old -> new name) rewritten,
         as ACM rewrote assignments on rename. Labels the maps do not name stay as they are."""
@@ -219,19 +277,23 @@ class LabelStore:
         )
 
     def to_json(self) -> str:
-        doc = {
+        doc: dict[str, object] = {
             "version": 1,
             "domains": {"uuid": self.by_uuid, "name": self.by_name},
             "resources": self.resources,
         }
+        if self.dom0 is not None:
+            doc["dom0"] = self.dom0
         return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
-def _assign(table: dict[str, str], key: str, label: str | None) -> None:
+def _assign(
+    table: dict[str, str], key: str, label: str | None, *, invalid_ok: bool = False
+) -> None:
     if label is None:
         table.pop(key, None)
     else:
-        if not _NAME.match(label):
+        if not (_NAME.match(label) or (invalid_ok and _INVALID.match(label))):
             raise LabelStoreError(f"invalid label name {label!r}")
         table[key] = label
 
@@ -270,10 +332,13 @@ def parse_label_store(text: str, where: str = "<labels>") -> LabelStore:
                 raise LabelStoreError(f"invalid domain name {key!r}")
             _assign(by_name, key, label)
         for key, label in _str_map(doc.get("resources", {}), "resources").items():
-            _assign(resources, resource_id(key), label)
+            _assign(resources, resource_id(key), label, invalid_ok=True)
+        dom0 = doc.get("dom0")
+        if dom0 is not None and (not isinstance(dom0, str) or not _NAME.match(dom0)):
+            raise LabelStoreError(f"invalid dom0 label {str(dom0)[:80]!r}")
     except LabelStoreError as exc:
         raise LabelStoreError(f"{where}: {exc}") from None
-    return LabelStore(by_uuid=by_uuid, by_name=by_name, resources=resources)
+    return LabelStore(by_uuid=by_uuid, by_name=by_name, resources=resources, dom0=dom0)
 
 
 def load_label_store(path: Path) -> LabelStore:
