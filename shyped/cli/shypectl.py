@@ -176,6 +176,10 @@ def _edit_cfg(ctx: Ctx, path: Path, label: str | None) -> int:
 
 def cmd_addlabel(ctx: Ctx) -> int:
     kind, target, label = ctx.args.kind, ctx.args.target, ctx.args.label
+    if ctx.args.policy is not None:  # xm addlabel LABEL dom CFG POLICY
+        if ":" in label:
+            raise UsageError("give the policy in the label or as the last argument, not both")
+        label = f"ACM:{ctx.args.policy}:{label}"
     if kind == "dom":
         info = ctx.client.validate_label(label, "vm")
         return _edit_cfg(ctx, Path(target), info.label)
@@ -313,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("label", help="label name or ACM:<policy>:<label>")
     p.add_argument("kind", choices=("dom", "mgt", "res"))
     p.add_argument("target")
+    p.add_argument(
+        "policy",
+        nargs="?",
+        help="the label's policy, as xm took it (must be the active policy)",
+    )
     p.set_defaults(func=cmd_addlabel)
 
     p = sub.add_parser(
