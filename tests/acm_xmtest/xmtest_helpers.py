@@ -12,6 +12,7 @@ from control_daemon_helpers import Host
 
 from shyped.policy import acm_xml
 from shyped.policy.acm_default import default_policy
+from shyped.policy.model import PolicyRef
 
 #: The three policies of the suite (data; origin and licence in policies/README.md).
 POLICIES = Path(__file__).resolve().parent / "policies"
@@ -92,3 +93,14 @@ class AcmHost(Host):
         r = self.ctl("getlabel", "res", resource)
         assert r.returncode == 0, r.stderr
         return r.stdout.strip()
+
+
+def updated_from(xml: bytes, current: bytes) -> bytes:
+    """`xml` as ACM's ``ACMPolicy.update_frompolicy(current)`` left it: ``FromPolicy`` names
+    the current policy's name and version, and the version is the current one plus 0.1
+    (header fields such as ``Date`` kept)."""
+    doc = acm_xml.parse(xml)
+    cur = acm_xml.loads(current)
+    version = attrs.evolve(cur.version, minor=cur.version.minor + 1)
+    policy = attrs.evolve(doc.policy, from_policy=PolicyRef(cur.name, cur.version), version=version)
+    return acm_xml.dumps(policy, header=doc.header)
