@@ -3,7 +3,8 @@
 Human output by default, ``--json`` for scripts (the daemon's result object; on failure
 ``{"error": {"code": ..., "message": ..., "details": ...}}``). Every command talks to the
 daemon's control socket (``--socket``, ``$SHYPED_SOCKET``, default /run/shyped/control.sock)
-except ``audit`` and ``policy graph FILE``, which read files.
+except ``audit``, ``policy graph FILE`` and ``getlabel dom CFG``, which read files. The ``xm``
+aliases (setpolicy, getpolicy, dumppolicy, resetpolicy) are in `shyped.cli.shypectl_acm`.
 
 Exit status (stable, see docs/control-protocol.md):
 

@@ -25,12 +25,7 @@ from shyped.control.backend import (
     VifItem,
 )
 from shyped.control.protocol import ControlError, ErrorCode
-from shyped.core.labelstore import (
-    LabelStoreError,
-    bridge_resource,
-    expand_block_dev,
-    resource_id,
-)
+from shyped.core.labelstore import LabelStoreError, bridge_resource, resource_id
 from shyped.policy import acm_xml, toml_format
 from shyped.policy.chinese_wall import RunningSet
 from shyped.policy.decisions import Decision, Hook, PolicyEngine, UnknownLabelError
@@ -248,7 +243,7 @@ def dry_run(
             )
         if disk.target:
             try:
-                rid = resource_id(expand_block_dev(disk.target))
+                rid = resource_id(disk.target)
             except LabelStoreError as exc:
                 items.append(Verdict(what, "disk", False, f"deny resource: {exc}", "label"))
                 continue

@@ -146,18 +146,6 @@ def resolved_store(store: LabelStore) -> LabelStore:
     return attrs.evolve(store, resources=resources)
 
 
-def expand_block_dev(params: str) -> str:
-    """A vbd's ``params`` as the default hotplug script opens it: Xen's ``block`` script
-    (``block-common.sh`` ``expand_dev``) takes a name without a leading ``/`` as ``/dev/NAME``,
-    as ``xm`` expanded ``phy:NAME`` (``acm.py`` ``unify_resname``). So ``ram0`` is
-    ``/dev/ram0``; anything else is returned unchanged (and judged by `resource_id`). Only for
-    devices served by that script: a qdisk backend (qemu) opens a relative path from its own
-    working directory, so its relative params stay refused."""
-    if not params or params.startswith("/") or ":" in params:
-        return params
-    return "/dev/" + params
-
-
 #: Image formats whose header can name a backing file that qemu opens too: the image's label
 #: would not cover what the backend reads, so a device using one is refused.
 LAYERED_FORMATS: Final = ("qcow2:", "qcow:", "vhd:", "qed:", "tap:qcow2:", "tap:qcow:", "tap:vhd:")

@@ -13,7 +13,6 @@ from shyped.core.engine import Engine
 from shyped.core.labelstore import (
     LabelStore,
     LabelStoreError,
-    expand_block_dev,
     load_label_store,
     parse_label_store,
     save_label_store,
@@ -95,14 +94,6 @@ def test_the_default_policy_and_its_exemption_from_the_version_check() -> None:
     # A labelled guest the DEFAULT lacks keeps the reset out.
     busy = RunningSystem([*DOM0.domains, RunningDomain(1, "green", "g")], [], [])
     assert [p.reason for p in check_update(XM_TEST, reset, busy).problems] == [Reason.LABEL]
-
-
-def test_phy_names_are_dev_names_as_the_block_script_reads_them() -> None:
-    assert expand_block_dev("ram0") == "/dev/ram0"
-    assert expand_block_dev("mapper/vg-x") == "/dev/mapper/vg-x"
-    assert expand_block_dev("/dev/ram0") == "/dev/ram0"
-    assert expand_block_dev("aio:/x") == "aio:/x"
-    assert expand_block_dev("") == ""
 
 
 def test_the_engine_counts_dom0_with_its_stored_label() -> None:

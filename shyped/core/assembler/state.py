@@ -17,7 +17,6 @@ from shyped.core.events import (
     Garbage,
     Limits,
 )
-from shyped.core.labelstore import expand_block_dev
 
 _MAX_KIND: Final = 32
 _DEVID_MAX: Final = 0x7FFFFFFF
@@ -38,8 +37,6 @@ DEFAULT_SCRIPTS: Final = {
 def resource_with_script(kind: str, resource: str | None, script: str | None) -> str | None:
     """The resource a device record names, or ``hotplug-script:<script>`` (an id no label
     store holds: the device is denied) when its script is not the kind's default."""
-    if kind == "vbd" and script == DEFAULT_SCRIPTS["vbd"] and resource is not None:
-        return expand_block_dev(resource)  # the block script reads ram0 as /dev/ram0
     if script is None or script == DEFAULT_SCRIPTS.get(kind):
         return resource
     return f"hotplug-script:{script}"
