@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 from control_daemon_helpers import sandbox_host
+from process_helpers import wait_until
 from xmtest_helpers import TESTPOLICY, AcmHost
 
 from shyped.sandbox.xenstored import SandboxXenstored
@@ -30,5 +31,8 @@ def host(xenstored: SandboxXenstored) -> Iterator[AcmHost]:
             r = acm.setpolicy(TESTPOLICY)
             assert r.returncode == 0, r.stdout + r.stderr
             yield acm
+            if acm.daemon is not None:
+                # Let the daemon see the domains the test destroyed before it is stopped.
+                wait_until(lambda: acm.guests_gone(), what="guests released")
         finally:
             h.daemon = acm.daemon

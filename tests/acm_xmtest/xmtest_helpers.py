@@ -3,6 +3,7 @@ the ``xm`` verbs as the suite used them."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -88,6 +89,14 @@ class AcmHost(Host):
         assert r.returncode == 0, r.stderr
         (line,) = [x for x in r.stdout.splitlines() if re.match(r"^Domain-0\s", x)]
         return line.split()[-1].split(":")
+
+    def guests_gone(self) -> bool:
+        """No guest in xl's list, and none the daemon still counts as running."""
+        if set(self.xl_list()) - {"Domain-0"}:
+            return False
+        r = self.ctl("--json", "list")
+        doms = json.loads(r.stdout)["domains"] if r.returncode == 0 else []
+        return all(d["domid"] == 0 or d["state"] == "gone" for d in doms)
 
     def reslabel(self, resource: str) -> str:
         r = self.ctl("getlabel", "res", resource)
