@@ -1,6 +1,6 @@
 """The pure parts behind the xm-test port: the label store through an update (renamed,
 ``INV_ACM``), dom0's stored label, ACM's DEFAULT policy and its exemption from the version
-check, xm's ``phy:NAME`` rule, and the engine counting dom0."""
+check, and the engine counting dom0."""
 
 from __future__ import annotations
 
