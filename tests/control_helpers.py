@@ -319,6 +319,22 @@ class ModelBackend:
         # a Deferred result, as the real daemon's reload is
         return defer.succeed(b.PolicyLoadResult(self.info, previous))
 
+    def policy_reset(self) -> Any:
+        """ACM's DEFAULT policy through `policy_load` (as the daemon does)."""
+        from shyped.policy import toml_format
+        from shyped.policy.acm_default import default_policy
+
+        text = toml_format.dumps(default_policy(self.policy.bootstrap))
+        return self.policy_load(b.PolicyLoadArgs(b.PolicySource(text, "<DEFAULT policy>")))
+
+    def forget_domain(self, args: b.DomainArgs) -> b.Forgotten:
+        old = self.store.by_uuid.get(args.domain.lower())
+        if old is None:
+            raise ControlError(ErrorCode.NOT_FOUND, f"{args.domain} has no stored label")
+        self.store = self.store.with_domain(uuid=args.domain, label=None)
+        save_label_store(self.store, self.labels_path)
+        return b.Forgotten(args.domain, self._full(old), None)
+
     def audit(self, event: b.ControlAudit) -> None:
         self.audits.append(event)
 

@@ -197,9 +197,11 @@ def test_a_relabel_that_breaks_the_chinese_wall_or_a_live_channel_changes_nothin
     assert "[mls]" in r.stderr
     assert state() == before
 
-    # dom0 and unknown labels
+    # dom0 (the same checks as any running domain: its live channels to every guest) and
+    # unknown labels
     r = host.ctl("addlabel", "shop", "mgt", "0")
-    assert r.returncode == 1 and "bootstrap label" in r.stderr
+    assert r.returncode == 1 and "relabel of Domain-0 (domid 0) to shop denied" in r.stderr
+    assert "[channel] live console channel between domain 'web-a1'" in r.stderr
     r = host.ctl("addlabel", "nope", "mgt", "shop-1")
     assert r.returncode == 6 and "unknown label 'nope'" in r.stderr
     assert state() == before

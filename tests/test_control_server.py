@@ -202,6 +202,12 @@ async def test_every_request_kind(backend: ModelBackend, sock: Path) -> None:
     assert (loaded.previous.version, loaded.policy.version) == ("1.0", "1.1")
     assert (await in_thread(call, sock, "status")).policy.version == "1.1"
 
+    gone = await ask("forget_domain", "forget_domain", "33333333-3333-4333-8333-333333333333")
+    assert gone.by_uuid == "ACM:example:web"
+    with pytest.raises(ControlError) as refused:  # labelled domains run: DEFAULT lacks them
+        await ask("policy_reset", "policy_reset")
+    assert refused.value.code is ErrorCode.POLICY_REJECTED
+
     assert seen == set(OPS), f"not exercised: {set(OPS) - seen}"
     audited = [(a.op, a.allowed, a.code, a.peer.uid) for a in backend.audits]
     assert ("setenforce", True, None, 0) in audited

@@ -41,7 +41,7 @@ async def test_renaming_a_running_domain_to_an_unparsable_name_keeps_its_chinese
     dom = daemon.host.domain(a)
     assert dom is not None and dom.state is DomainState.ADMITTED  # still there, still counted
     assert dom.name is None and "not printable UTF-8" in dom.identity
-    assert daemon.engine.running.running_labels() == {"bank-a-web": 1}
+    assert daemon.engine.running.running_labels() == {"dom0": 1, "bank-a-web": 1}
     b = await harness.call(harness.ts.create, domcfg("web-b1"))
     await harness.settle()
     out = harness.last(f"domain {b}")
@@ -81,7 +81,7 @@ async def test_a_duplicate_uuid_is_denied_and_destroying_it_keeps_the_holder_cou
     await harness.call(harness.ts.destroy, twin)
     await harness.settle()
     assert daemon.host.domain(a) is not None
-    assert daemon.engine.running.running_labels() == {"bank-a-web": 1}
+    assert daemon.engine.running.running_labels() == {"dom0": 1, "bank-a-web": 1}
     b = await harness.call(harness.ts.create, domcfg("web-b1"))
     await harness.settle()
     assert harness.last(f"domain {b}").decision.rule is Rule.CHINESE_WALL

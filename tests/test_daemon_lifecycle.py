@@ -73,7 +73,7 @@ async def test_a_restarted_daemon_decides_what_happened_while_it_was_down(
     assert host.last(f"domain {s}").allowed
     assert not host.last(f"device vbd {s}/51712").allowed
     assert not host.exists(f"/libxl/{s}/device/vbd/51712")
-    assert daemon.engine.running.running_labels() == {"bank-a-web": 1, "shop": 1}
+    assert daemon.engine.running.running_labels() == {"dom0": 1, "bank-a-web": 1, "shop": 1}
 
 
 def policy_variant(tmp_path: Path, name: str, *edits: tuple[str, str]) -> Path:
@@ -113,7 +113,7 @@ async def test_an_allowed_update_switches_and_relabels_renamed_domains(
     redone = host.last(f"domain {s}")
     assert redone.allowed and redone.label == "web-shop"
     assert host.last(f"device vbd {s}/51712").allowed
-    assert daemon.engine.running.running_labels() == {"web-shop": 1}
+    assert daemon.engine.running.running_labels() == {"dom0": 1, "web-shop": 1}
 
 
 @pytest_twisted.ensureDeferred

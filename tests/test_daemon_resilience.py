@@ -33,13 +33,15 @@ async def test_a_restarted_xenstored_is_reconciled_and_decisions_go_on(host: Har
     daemon = await host.start()
     await host.call(host.ts.create, domcfg("web-a1"))
     await host.settle()
-    assert daemon.engine.running.running_labels() == {"bank-a-web": 1}
+    assert daemon.engine.running.running_labels() == {"dom0": 1, "bank-a-web": 1}
     reconnects = daemon.gateway.reconnects
     await host.call(restart, host.xsd)  # a fresh store: every tree is gone
     await eventually(lambda: daemon.gateway.reconnects > reconnects and daemon.gateway.connected)
     await host.settle()
     assert daemon.status().reconciles >= 2
-    assert daemon.engine.running.running_labels() == {}  # web-a1's tree went with the store
+    assert daemon.engine.running.running_labels() == {
+        "dom0": 1
+    }  # web-a1's tree went with the store
     assert host.read("/local/domain/0/shyped/label") == f"ACM:{POLICY}:dom0"  # published again
     await host.call(host.ts.boot_host)
     b = await host.call(host.ts.create, domcfg("web-b1"))

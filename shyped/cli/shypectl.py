@@ -3,8 +3,10 @@
 Human output by default, ``--json`` for scripts (the daemon's result object; on failure
 ``{"error": {"code": ..., "message": ..., "details": ...}}``). Every command talks to the
 daemon's control socket (``--socket``, ``$SHYPED_SOCKET``, default /run/shyped/control.sock)
-except ``audit`` and the policy verbs on files (``policy lint``, ``analyse``, ``can``,
-``convert``, ``check-labels``, ``graph FILE``, ``diff OLD NEW``, ``flask``), which read files.
+except ``audit``, ``getlabel dom CFG`` and the policy verbs on files (``policy lint``,
+``analyse``, ``can``, ``convert``, ``check-labels``, ``graph FILE``, ``diff OLD NEW``,
+``flask``), which read files. The ``xm`` aliases (setpolicy, getpolicy, dumppolicy,
+resetpolicy) are in `shyped.cli.shypectl_acm`.
 
 Exit status (stable, see docs/control-protocol.md):
 
@@ -29,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, TextIO
 
+import attrs
+
 from shyped.cli import flaskbuild, policytool
 from shyped.cli.conventions import add_version, exit_guarded, json_after_subcommands, seconds
 from shyped.cli.ctlcommon import (
@@ -46,6 +50,7 @@ from shyped.cli.ctlcommon import (
     check_cfg_label,
     exit_status,
 )
+from shyped.cli.shypectl_acm import add_acm_commands, getlabel_dom, rmlabel_mgt
 from shyped.cli.shypectl_policy import (
     cmd_policy_check,
     cmd_policy_diff,
@@ -166,6 +171,8 @@ def cmd_labels(ctx: Ctx) -> int:
 
 def cmd_getlabel(ctx: Ctx) -> int:
     if ctx.args.kind == "dom":
+        return getlabel_dom(ctx, ctx.args.target)
+    if ctx.args.kind == "mgt":
         dom = ctx.client.get_domain_label(ctx.args.target)
         ctx.emit(dom, lambda: ctx.say(dom.label or "(unlabelled)"))
     else:
@@ -186,6 +193,10 @@ def _edit_cfg(ctx: Ctx, path: Path, label: str | None) -> int:
 
 def cmd_addlabel(ctx: Ctx) -> int:
     kind, target, label = ctx.args.kind, ctx.args.target, ctx.args.label
+    if ctx.args.policy is not None:  # xm addlabel LABEL dom CFG POLICY
+        if ":" in label:
+            raise UsageError("give the policy in the label or as the last argument, not both")
+        label = f"ACM:{ctx.args.policy}:{label}"
     if kind == "dom":
         info = ctx.client.validate_label(label, "vm")
         return _edit_cfg(ctx, Path(target), info.label)
@@ -207,6 +218,8 @@ def cmd_rmlabel(ctx: Ctx) -> int:
     kind, target = ctx.args.kind, ctx.args.target
     if kind == "dom":
         return _edit_cfg(ctx, Path(target), None)
+    if kind == "mgt":
+        return rmlabel_mgt(ctx, target)
     change = ctx.client.set_resource_label(target, None)
     ctx.emit(
         change,
@@ -239,7 +252,7 @@ def cmd_dry_run(ctx: Ctx) -> int:
     text = with_overrides(_read_text(path, "domain config"), ctx.args.overrides)
     cfg = summarize(text, str(path))
     check_cfg_label(ctx.client, cfg.label)
-    res = ctx.client.dry_run(cfg.dry_run_args())
+    res = ctx.client.dry_run(attrs.evolve(cfg.dry_run_args(), acm_only=ctx.args.acm))
 
     def human() -> None:
         _print_verdicts(ctx, res.items)
@@ -325,9 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_labels)
 
     p = sub.add_parser("getlabel", help="a domain's or resource's label (xm getlabel)")
-    p.add_argument("kind", choices=("dom", "res"))
+    p.add_argument("kind", choices=("dom", "mgt", "res"))
     p.add_argument(
-        "target", help="dom: name, domid or uuid; res: file:/path, phy:/dev/…, bridge:NAME"
+        "target",
+        help="dom: an xl.cfg file (its label, read offline) or a domain; mgt: name, domid or "
+        "uuid of a domain; res: file:/path, phy:/dev/… (phy:NAME is /dev/NAME), bridge:NAME",
     )
     p.set_defaults(func=cmd_getlabel)
 
@@ -342,10 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("label", help="label name or ACM:<policy>:<label>")
     p.add_argument("kind", choices=("dom", "mgt", "res"))
     p.add_argument("target")
+    p.add_argument(
+        "policy",
+        nargs="?",
+        help="the label's policy, as xm took it (must be the active policy)",
+    )
     p.set_defaults(func=cmd_addlabel)
 
-    p = sub.add_parser("rmlabel", help="remove the label of a domain config or a resource")
-    p.add_argument("kind", choices=("dom", "res"))
+    p = sub.add_parser(
+        "rmlabel",
+        help="remove the label of a domain config (dom), a stored domain label (mgt: a domain "
+        "that does not run, by name or uuid) or a resource (res)",
+    )
+    p.add_argument("kind", choices=("dom", "mgt", "res"))
     p.add_argument("target")
     p.set_defaults(func=cmd_rmlabel)
 
@@ -359,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="xl.cfg file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="as for xl create")
+    p.add_argument(
+        "--acm",
+        action="store_true",
+        help="Xen ACM's view: the label and the disks' resource labels only, no Chinese Wall "
+        "check against running domains (shyped's default checks it)",
+    )
     p.set_defaults(func=cmd_dry_run)
 
     p = sub.add_parser(
@@ -370,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("domains", nargs="*", metavar="DOMAIN", help="name, domid or uuid")
     p.set_defaults(func=cmd_list)
+
+    add_acm_commands(sub)
 
     pol = sub.add_parser(
         "policy",

@@ -144,6 +144,9 @@ class DryRunArgs:
     vifs: tuple[VifItem, ...] = ()
     pcis: tuple[PciItem, ...] = ()
     channels: tuple[ChannelItem, ...] = ()
+    #: Xen ACM's ``xm dry-run`` view: the label exists and each disk's resource label shares
+    #: a type with it; no Chinese Wall against running domains, no device channels, no vifs.
+    acm_only: bool = False
 
     def __attrs_post_init__(self) -> None:
         if (self.domain is None) == (self.running is None):
@@ -399,6 +402,16 @@ class Registration:
 
 
 @attrs.frozen
+class Forgotten:
+    """A domain label the store no longer holds (``forget_domain``)."""
+
+    domain: str
+    #: the label that was stored by UUID, by name (full ``ACM:`` strings; None: none was)
+    by_uuid: str | None
+    by_name: str | None
+
+
+@attrs.frozen
 class DeviceVerdict:
     kind: str
     devid: int
@@ -537,6 +550,15 @@ class ControlBackend(Protocol):
 
     def policy_load(self, args: PolicyLoadArgs) -> MaybeDeferred[PolicyLoadResult]:
         """Check and activate a policy (persisting it where the daemon reads it at start)."""
+
+    def policy_reset(self) -> MaybeDeferred[PolicyLoadResult]:
+        """Return to Xen ACM's DEFAULT policy (``xm resetpolicy``) through the update check:
+        refused while a domain runs with a label it lacks; resource labels become
+        ``INV_ACM:<old policy>:<label>``."""
+
+    def forget_domain(self, args: DomainArgs) -> MaybeDeferred[Forgotten]:
+        """Forget the stored label of a domain that does not run (``xm rmlabel mgt``), by
+        name or UUID; ``denied`` while a domain by that name or UUID runs."""
 
     def audit(self, event: ControlAudit) -> None:
         """Record a change request (allowed or refused). Must not raise or block."""

@@ -208,6 +208,12 @@ class ControlClient(Closing):
     def policy_check(self, source: b.PolicySource) -> b.PolicyCheckResult:
         return self._roundtrip("policy_check", source, b.PolicyCheckResult, None)
 
+    def policy_reset(self) -> b.PolicyLoadResult:
+        return self._roundtrip("policy_reset", None, b.PolicyLoadResult, self.timeout * 6)
+
+    def forget_domain(self, domain: str) -> b.Forgotten:
+        return self._roundtrip("forget_domain", b.DomainArgs(domain), b.Forgotten, None)
+
     def policy_load(self, source: b.PolicySource | None) -> b.PolicyLoadResult:
         return self._roundtrip(
             "policy_load", b.PolicyLoadArgs(source), b.PolicyLoadResult, self.timeout * 6

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from shyped import __version__
@@ -65,13 +65,19 @@ from shyped.core.labelstore import (
 )
 from shyped.core.relabel import RelabelCheck
 from shyped.fileio.atomicfile import fsync_dir
+from shyped.fileio.boundedread import POLICY_MAX_BYTES, read_bounded
 from shyped.policy import acm_xml, toml_format, update
+from shyped.policy.acm_default import default_policy
+from shyped.policy.errors import PolicyError
 from shyped.policy.model import Policy
 from shyped.service.config import Mode
 
 
 class DaemonControlBackend(DaemonBackendBase):
     """`shyped.control.backend.ControlBackend` over a running `shyped.service.daemon.Daemon`."""
+
+    #: sha256 of the loaded ACM XML policy -> its header (`_acm_header`), one entry
+    _headers: dict[str, acm_xml.AcmHeader | None] = {}
 
     def status(self) -> b.Status:
         states: dict[str, int] = {}
@@ -178,6 +184,7 @@ class DaemonControlBackend(DaemonBackendBase):
             pcis=args.pcis,
             channels=args.channels,
             backend_label=self._backend_label,
+            acm_only=args.acm_only,
         )
 
     def _backend_label(self, ref: str) -> str | None:
@@ -252,12 +259,6 @@ class DaemonControlBackend(DaemonBackendBase):
         dom = self._domain(args.domain)
         bare = views.find_label(self._policy, args.label, "vm").name
         who = f"{dom.name or '?'} (domid {dom.domid})"
-        if dom.domid == 0:
-            raise ControlError(
-                ErrorCode.DENIED,
-                f"relabel of {who} to {bare} denied",
-                {"reasons": ["dom0 runs with the policy's bootstrap label"]},
-            )
         if dom.state not in _RUNNING:
             raise ControlError(
                 ErrorCode.DENIED,
@@ -265,7 +266,12 @@ class DaemonControlBackend(DaemonBackendBase):
                 {"reasons": [f"{who} is {dom.state.value}: only admitted domains are relabelled"]},
             )
         store = self._store
-        if dom.uuid is not None:
+        if dom.domid == 0:
+            # dom0 (xm addlabel L mgt Domain-0): the same checks as any running domain; its
+            # label is kept in the store so a restarted daemon keeps it.
+            boot = self._policy.bootstrap
+            store = store.with_dom0(None if bare == boot else bare)
+        elif dom.uuid is not None:
             try:
                 store = store.with_domain(uuid=dom.uuid, label=bare)
             except LabelStoreError as exc:  # pragma: no cover - uuid and label were checked
@@ -306,13 +312,33 @@ class DaemonControlBackend(DaemonBackendBase):
             text = toml_format.dumps(self._policy)
         else:
             try:
-                text = acm_xml.dumps(self._policy).decode()
+                text = acm_xml.dumps(self._policy, header=self._acm_header()).decode()
             except acm_xml.AcmExportError as exc:
                 raise ControlError(
                     ErrorCode.INVALID_ARGUMENT,
                     f"policy {self._policy.name} cannot be written as ACM XML: {exc}",
                 ) from None
         return b.PolicyText(self._policy_info(), args.format, text)
+
+    def _acm_header(self) -> acm_xml.AcmHeader | None:
+        """The header fields (``Date``, ``PolicyUrl``, …) of the active policy's ACM XML
+        file, so an export keeps them: read again from the file the daemon loaded, and only
+        if it still has the bytes the daemon loaded (sha256); else None."""
+        loaded = self.daemon.loaded
+        if loaded.format != "acm-xml":
+            return None
+        cached = self._headers.get(loaded.sha256)
+        if cached is not None or loaded.sha256 in self._headers:
+            return cached
+        header: acm_xml.AcmHeader | None = None
+        try:
+            data = read_bounded(loaded.path, POLICY_MAX_BYTES, "policy")
+            if hashlib.sha256(data).hexdigest() == loaded.sha256:
+                header = acm_xml.parse(data, file=str(loaded.path)).header
+        except (OSError, PolicyError):
+            header = None
+        self._headers = {loaded.sha256: header}
+        return header
 
     def _parse(self, src: b.PolicySource) -> Deferred[tuple[Policy, b.PolicyFormat]]:
         """Parse a submitted text in a worker process (`shyped.control.policyparse`)."""
@@ -417,6 +443,57 @@ class DaemonControlBackend(DaemonBackendBase):
             f"({len(result.problems)} reason(s)); {result.previous} stays",
             {"problems": list(result.problems)},
         )
+
+    def policy_reset(self) -> Deferred[b.PolicyLoadResult]:
+        """``xm resetpolicy``: the DEFAULT policy (`shyped.policy.acm_default`) through the
+        path of `policy_load`, written in the configured file's format."""
+        self._ready()
+        return self._policy_lock.run(self._reset)
+
+    def _reset(self) -> Deferred[b.PolicyLoadResult]:
+        new = default_policy(self.daemon.engine.dom0_label())
+        fmt: b.PolicyFormat = (
+            "acm-xml" if self.daemon.config.policy.suffix.lower() == ".xml" else "toml"
+        )
+        text = acm_xml.dumps(new).decode() if fmt == "acm-xml" else toml_format.dumps(new)
+        source = b.PolicySource(text, f"<{new.name} policy>", fmt)
+        loaded = self._load_parsed((new, fmt), source, self._policy_info())
+        return loaded if isinstance(loaded, Deferred) else succeed(loaded)
+
+    def forget_domain(self, args: b.DomainArgs) -> b.Forgotten:
+        """``xm rmlabel mgt``: drop a stored domain label (by UUID, else by name) unless a
+        domain of that UUID or name runs (its label changes only through a relabel)."""
+        self._ready()
+        ref = args.domain
+        try:
+            running = views.match_domain(ref, self._domains())
+        except ControlError as exc:
+            if exc.code != ErrorCode.NOT_FOUND:
+                raise
+        else:
+            raise ControlError(
+                ErrorCode.DENIED,
+                f"label of {ref[:80]!r} not removed",
+                {"reasons": [
+                    f"{running.name or '?'} (domid {running.domid}) runs: a running domain keeps "
+                    "a label (relabel it with addlabel LABEL mgt DOMAIN)"
+                ]},
+            )  # fmt: skip
+        store = self._store
+        try:
+            if views.is_uuid(ref):
+                uuid = ref.lower()
+                old_uuid, old_name = store.by_uuid.get(uuid), None
+                new = store.with_domain(uuid=uuid, label=None)
+            else:
+                old_uuid, old_name = None, store.by_name.get(ref)
+                new = store.with_domain(name=ref, label=None)
+        except LabelStoreError as exc:
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, str(exc)[:300]) from None
+        if old_uuid is None and old_name is None:
+            raise ControlError(ErrorCode.NOT_FOUND, f"domain {ref[:80]!r} has no stored label")
+        self._save(new)
+        return b.Forgotten(ref, self._full(old_uuid), self._full(old_name))
 
     def audit(self, event: b.ControlAudit) -> None:
         if event.count is not None:  # a summary of refusals: the server already logged it

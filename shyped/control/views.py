@@ -38,7 +38,7 @@ from shyped.core.labelstore import (
 )
 from shyped.policy import acm_xml, toml_format
 from shyped.policy.chinese_wall import RunningSet
-from shyped.policy.decisions import Decision, Hook, PolicyEngine
+from shyped.policy.decisions import Decision, Hook, PolicyEngine, UnknownLabelError
 from shyped.policy.errors import LabelSyntaxError, PolicyError
 from shyped.policy.model import LabelRef, Policy, name_problem
 
@@ -170,6 +170,11 @@ def parse_policy(text: str, filename: str, fmt: str = "auto") -> tuple[Policy, P
 _UUID: Final = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
 
 
+def is_uuid(text: str) -> bool:
+    """Is `text` a domain UUID (8-4-4-4-12 hex digits)?"""
+    return _UUID.fullmatch(text) is not None
+
+
 def canonical_uuid(text: str) -> str:
     """A domain UUID as xenstore writes it (8-4-4-4-12 hex digits, lower case);
     ``invalid-argument`` for anything else (no braces, ``urn:``, bare hex or paths)."""
@@ -239,6 +244,16 @@ def _worst(item: str, kind: Kind, decisions: Iterable[Decision]) -> Verdict:
     return Verdict(item=item, kind=kind, permitted=True, reason=reason, rule=None)
 
 
+def _acm_label_verdict(engine: PolicyEngine, subject: str, label: str | None) -> Verdict:
+    what = f"domain {subject}"
+    try:
+        lab = engine.resolve_domain(label)
+    except UnknownLabelError as exc:
+        return Verdict(what, "domain", False, f"deny: {exc.reason}", str(exc.rule))
+    why = f"label {lab.name!r} exists (ACM view: Chinese Wall against running domains not checked)"
+    return Verdict(what, "domain", True, why, None)
+
+
 def dry_run(
     engine: PolicyEngine,
     *,
@@ -252,6 +267,7 @@ def dry_run(
     pcis: Iterable[PciItem] = (),
     channels: Iterable[ChannelItem] = (),
     backend_label: Callable[[str], str | None] | None = None,
+    acm_only: bool = False,
 ) -> DryRunResult:
     """Would a domain labelled `label` and each of its devices be admitted now?
 
@@ -260,13 +276,23 @@ def dry_run(
     domain's label (dom0: the bootstrap label), `resource_label(resource_id)` a resource's
     stored label (None: unlabelled). Each device gets the first denial among its checks:
     the device channel to its backend (STE/MLS), then the resource (STE/MLS, writable or not).
+
+    `acm_only`: Xen ACM's ``xm dry-run`` (``tools/python/xen/xm/dry-run.py``, 4.1.0): the
+    label resolves (no Chinese Wall against running domains), each disk's resource label
+    against it; no device channels, no vifs.
     """
     items: list[Verdict] = []
-    if running is not None:
+    if running is not None and acm_only:
+        items.append(_acm_label_verdict(engine, subject, label))
+    elif running is not None:
         items.append(_verdict(f"domain {subject}", "domain", running.admit(label)))
     for disk in disks:
         what = f"disk {disk.vdev}" + (f" ({disk.target})" if disk.target else "")
-        checks = [engine.channel(Hook.DEVICE_CHANNEL, label, domain_label(disk.backend_domid))]
+        checks = []
+        if not acm_only:
+            checks.append(
+                engine.channel(Hook.DEVICE_CHANNEL, label, domain_label(disk.backend_domid))
+            )
         if disk.target:
             try:
                 rid = disk_resource(disk.target)
@@ -274,8 +300,9 @@ def dry_run(
                 items.append(Verdict(what, "disk", False, f"deny resource: {exc}", "label"))
                 continue
             checks.append(engine.resource(label, resource_label(rid), writable=disk.writable))
-        items.append(_worst(what, "disk", checks))
-    for n, vif in enumerate(vifs):
+        if checks:
+            items.append(_worst(what, "disk", checks))
+    for n, vif in enumerate(() if acm_only else vifs):
         devid = vif.devid if vif.devid is not None else n
         what = f"vif {devid} (bridge {vif.bridge})"
         checks = [engine.channel(Hook.DEVICE_CHANNEL, label, domain_label(vif.backend_domid))]

@@ -124,6 +124,12 @@ class Engine:
         self.labels = labels
         self.mode = mode
         self.domain_veto = domain_veto
+        # dom0 runs from the start and counts in the Chinese Wall like any running domain
+        # (ACM's chwall_init_state counted it): with the label an operator gave it (label
+        # store, kept across restarts) if that resolves, else the bootstrap label.
+        dom0 = self._resolve(labels.dom0) if labels.dom0 is not None else None
+        self._counted[0] = dom0 or policy.policy.bootstrap
+        self._rebuild()
 
     # ---- state --------------------------------------------------------------------------
 
@@ -137,11 +143,13 @@ class Engine:
         return self._running
 
     def counted(self) -> dict[int, str]:
-        """domid -> label name of every domain counted in the Chinese Wall set (a copy)."""
-        return dict(self._counted)
+        """domid -> label name of every guest counted in the Chinese Wall set (a copy; dom0,
+        always counted, with `dom0_label`, is left out)."""
+        return {d: label for d, label in self._counted.items() if d != 0}
 
     def dom0_label(self) -> str:
-        return self._policy.policy.bootstrap
+        """The label dom0 runs with: the bootstrap label unless an operator relabelled it."""
+        return self._counted.get(0, self._policy.policy.bootstrap)
 
     def label_string(self, name: str) -> str:
         return self._policy.policy.label_string(name)
@@ -612,6 +620,7 @@ class Engine:
         self._counted = {
             d: label for d, label in counted.items() if self._resolve(label) is not None
         }
+        self._counted.setdefault(0, policy.policy.bootstrap)
         self._rebuild()
 
     def relabel(self, domid: int, label: str) -> None:

@@ -34,6 +34,10 @@ class LabelStoreError(Exception):
 
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}$")
+#: ACM's mark for a resource label a policy update removed: ``INV_ACM:<old policy>:<label>``
+#: (``tools/python/xen/util/xsm/acm/acm.py`` ``__update_label_policy_change``, Xen 4.1.0).
+INVALID_PREFIX: Final = "INV_ACM:"
+_INVALID = re.compile(r"^INV_ACM:[^:\s\x00-\x1f\x7f]{1,128}:[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}$")
 
 
 #: Prefixes naming a disk's format or backend in front of its path: xl's deprecated
@@ -198,11 +202,18 @@ def _domain_name(name: str) -> str:
 
 @attrs.frozen
 class LabelStore:
-    """Label assignments: domain uuid → label, domain name → label, resource id → label."""
+    """Label assignments: domain uuid → label, domain name → label, resource id → label, and
+    dom0's label when an operator relabelled it (None: the policy's bootstrap label).
+
+    Labels are bare names of the active policy, except resource labels a policy update
+    removed: those are kept as ACM marked them, ``INV_ACM:<old policy>:<label>`` (see
+    `after_update`), and deny every use until the resource is labelled again.
+    """
 
     by_uuid: dict[str, str] = attrs.field(factory=dict)
     by_name: dict[str, str] = attrs.field(factory=dict)
     resources: dict[str, str] = attrs.field(factory=dict)
+    dom0: str | None = None
 
     def domain_label(self, uuid: str | None, name: str | None) -> str | None:
         """The label assigned to a domain: by uuid first, then by name; None if unassigned."""
@@ -235,6 +246,41 @@ class LabelStore:
         _assign(resources, resource_id(spec), label)
         return attrs.evolve(self, resources=resources)
 
+    def with_dom0(self, label: str | None) -> LabelStore:
+        """A copy with dom0's label set (None: back to the policy's bootstrap label)."""
+        if label is not None and not _NAME.match(label):
+            raise LabelStoreError(f"invalid label name {label!r}")
+        return attrs.evolve(self, dom0=label)
+
+    def after_update(
+        self,
+        *,
+        old_policy: str,
+        vm: Mapping[str, str],
+        resource: Mapping[str, str],
+        dom0: str | None = None,
+    ) -> LabelStore:
+        """The store once a policy update is applied, as ACM's ``change_acm_policy`` left it.
+
+        `vm` and `resource` map every label of the old policy that survives to its new name
+        (``from=`` renames included; `shyped.policy.update.LabelMaps`). A resource label that
+        survives takes its new name; one that does not becomes
+        ``INV_ACM:<old_policy>:<label>`` (it then denies every use: relabel the resource);
+        one already invalid stays so. Domain assignments follow renames (`renamed`); those
+        naming deleted labels stay as they are (they deny, as any unknown label). `dom0`
+        is dom0's label in the new policy (None: the bootstrap label).
+        """
+        resources: dict[str, str] = {}
+        for key, label in self.resources.items():
+            if label.startswith(INVALID_PREFIX):
+                resources[key] = label
+            elif label in resource:
+                resources[key] = resource[label]
+            else:
+                resources[key] = f"{INVALID_PREFIX}{old_policy}:{label}"
+        renamed = self.renamed(vm, {})
+        return attrs.evolve(renamed, resources=resources, dom0=dom0)
+
     def renamed(self, vm: Mapping[str, str], resource: Mapping[str, str]) -> LabelStore:
         """A copy with the labels a policy update renames (``from=``; old -> new name) rewritten,
         as ACM rewrote assignments on rename. Labels the maps do not name stay as they are."""
@@ -246,26 +292,30 @@ class LabelStore:
         )
 
     def to_json(self) -> str:
-        doc = {
+        doc: dict[str, object] = {
             "version": 1,
             "domains": {"uuid": self.by_uuid, "name": self.by_name},
             "resources": self.resources,
         }
+        if self.dom0 is not None:
+            doc["dom0"] = self.dom0
         return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
-def _assign(table: dict[str, str], key: str, label: str | None) -> None:
+def _assign(
+    table: dict[str, str], key: str, label: str | None, *, invalid_ok: bool = False
+) -> None:
     if label is None:
         table.pop(key, None)
     else:
-        if not _NAME.match(label):
+        if not (_NAME.match(label) or (invalid_ok and _INVALID.match(label))):
             raise LabelStoreError(f"invalid label name {label!r}")
         table[key] = label
 
 
 # --------------------------------------------------------------------------- validation
 
-_TOP_KEYS: Final = ("version", "domains", "resources")
+_TOP_KEYS: Final = ("version", "domains", "resources", "dom0")
 _DOMAIN_KEYS: Final = ("uuid", "name")
 _WS: Final = re.compile(r"[ \t\n\r]*")
 
@@ -412,7 +462,7 @@ def _check_store(text: str, where: str, policy: Any) -> tuple[list[StoreProblem]
             at = (*path, k)
             if not isinstance(v, str):
                 bad(f"{'.'.join(path)}.{k}: the label must be a string, not {v!r:.40}", at)
-            elif not _NAME.match(v):
+            elif not (_NAME.match(v) or (path == ("resources",) and _INVALID.match(v))):
                 bad(f"{'.'.join(path)}.{k}: invalid label name {v!r}", at)
             else:
                 out.append((k, v, at))
@@ -422,7 +472,7 @@ def _check_store(text: str, where: str, policy: Any) -> tuple[list[StoreProblem]
     res_ok = set() if policy is None else {r.name for r in policy.resource_labels}
 
     def lacks(what: str, k: str, label: str, known: set[str], at: tuple[str, ...]) -> None:
-        if policy is not None and label not in known:
+        if policy is not None and label not in known and not _INVALID.match(label):
             kind = "VM" if what == "domain" else "resource"
             msg = f"{what} {k}: policy {policy.name!r} has no {kind} label {label!r}"
             bad(msg + _hint(label, known), at, "warning")
@@ -445,7 +495,13 @@ def _check_store(text: str, where: str, policy: Any) -> tuple[list[StoreProblem]
             table[key] = label
             origin.setdefault(key, k)
             lacks(what, k, label, known, at)
-    store = LabelStore(by_uuid=by_uuid, by_name=by_name, resources=resources)
+    dom0 = doc.get("dom0")
+    if dom0 is not None and (not isinstance(dom0, str) or not _NAME.match(dom0)):
+        bad(f"invalid dom0 label {str(dom0)[:80]!r}", ("dom0",))
+        dom0 = None
+    elif dom0 is not None:
+        lacks("domain", "dom0", dom0, vm_ok, ("dom0",))
+    store = LabelStore(by_uuid=by_uuid, by_name=by_name, resources=resources, dom0=dom0)
     if not found and not twice[0]:
         return [], store
     lines, dups = _key_lines(text)

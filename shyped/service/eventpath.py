@@ -129,7 +129,7 @@ class DaemonCore:
             domain_veto=config.domain_veto,
             resolve=resolve_resource,
         )
-        self.host = HostModel(policy.policy.bootstrap)
+        self.host = HostModel(self.engine.dom0_label())
         self.assembler = EventAssembler()
         self.enforcer = Enforcer(
             self.gateway,

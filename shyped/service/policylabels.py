@@ -222,7 +222,7 @@ class PolicyAndLabels(DaemonCore):
             return result
         dom0 = self.host.domain(0)
         if dom0 is not None:
-            dom0.label = loaded.policy.bootstrap
+            dom0.label = self.engine.dom0_label()
         self.loaded = loaded
         self._audit_event(
             AuditKind.POLICY_LOAD, path=str(path), previous=previous, policy=new,
@@ -246,7 +246,13 @@ class PolicyAndLabels(DaemonCore):
         the switch; if the switch fails the old store is written back. `OSError`: the store
         could not be written, nothing changed."""
         old = self.engine.labels
-        labels = old.renamed(check.maps.vm_renames, check.maps.resource_renames)
+        dom0 = check.domain_labels.get(0)
+        labels = old.after_update(
+            old_policy=self.engine.policy.policy.name,
+            vm=check.maps.vm,
+            resource=check.maps.resource,
+            dom0=None if dom0 is None or dom0.label == loaded.policy.bootstrap else dom0.label,
+        )
         if labels != old:
             save_label_store(labels, self.config.labels)
         try:
