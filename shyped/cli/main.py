@@ -99,6 +99,7 @@ def _run(config_path: Path, level: str) -> int:
     from shyped.control.daemon_backend import DaemonControlBackend
     from shyped.control.server import ControlServer, ControlSetupError
     from shyped.service.daemon import Daemon, ReloadResult, StartupError, load_startup
+    from shyped.service.poolstore import start_with_pool, stop_with_pool
     from shyped.service.sdnotify import Notifier, Watchdog
 
     try:
@@ -180,7 +181,7 @@ def _run(config_path: Path, level: str) -> int:
             return
         if watchdog is not None:
             watchdog.start()
-        Deferred.fromCoroutine(daemon.start()).addCallbacks(ready, failed)
+        Deferred.fromCoroutine(start_with_pool(daemon)).addCallbacks(ready, failed)
 
     def reloaded(result: ReloadResult) -> None:
         if result.applied:
@@ -209,7 +210,7 @@ def _run(config_path: Path, level: str) -> int:
         if watchdog is not None:
             watchdog.stop()
         stopped = server.stop()
-        stopped.addBoth(lambda _: daemon.stop())
+        stopped.addBoth(lambda _: Deferred.fromCoroutine(stop_with_pool(daemon)))
         if metrics is not None:
             stopped.addBoth(lambda _: metrics.stop())
         stopped.addErrback(lambda f: _log.failure("while stopping", f))

@@ -27,6 +27,7 @@ from shyped.core.labelstore import (
     save_label_store,
 )
 from shyped.policy.model import Policy
+from shyped.service.poolstore import PoolUnavailable
 
 if TYPE_CHECKING:
     from shyped.service.daemon import Daemon
@@ -132,6 +133,13 @@ class DaemonBackendBase:
     def _save(self, store: LabelStore) -> None:
         """Persist `store`, then decide with it; a failed write changes nothing."""
         path = self.daemon.config.labels
+        pool = self.daemon.pool
+        if pool is not None:  # pool mode: refused (nothing changes) while etcd is unreachable
+            try:
+                pool.check_writable()
+            except PoolUnavailable as exc:
+                raise ControlError(ErrorCode.UNAVAILABLE, str(exc)) from None
+        previous = self.daemon.engine.labels
         try:
             save_label_store(store, path)
         except OSError as exc:
@@ -140,6 +148,8 @@ class DaemonBackendBase:
                 f"cannot write the label store {path}: {exc.strerror or exc}; nothing changed",
             ) from None
         self.daemon.set_labels(store)
+        if pool is not None:
+            pool.publish_labels(previous, store)
 
     @staticmethod
     def _resource(spec: str) -> str:

@@ -263,6 +263,18 @@ class PendingVeto:
 
 
 @attrs.frozen
+class PoolStatus:
+    state: str
+    host: str
+    prefix: str
+    revision: int
+    entries: int
+    refused_entries: int
+    error: str | None
+    since: float
+
+
+@attrs.frozen
 class Status:
     mode: ModeName
     policy: PolicyInfo
@@ -277,6 +289,9 @@ class Status:
     audit: str | None = None
     #: Domain vetoes that failed and are being retried.
     vetoes_pending: tuple[PendingVeto, ...] = ()
+    #: Pool mode (docs/pool.md): state ("connected", "cached": etcd unreachable, enforcing
+    #: the last known state), host, prefix, revision, entries; None on a single host.
+    pool: PoolStatus | None = None
 
 
 @attrs.frozen

@@ -99,6 +99,7 @@ class DaemonControlBackend(DaemonBackendBase):
             quotas=b.quota_rows(self.daemon.quota_table()),
             audit=None if self.daemon.audit is None else self.daemon.audit.state.value,
             vetoes_pending=tuple(b.PendingVeto(**p) for p in self.daemon.pending_vetoes()),
+            pool=None if self.daemon.pool is None else b.PoolStatus(**self.daemon.pool.status()),
         )
 
     def getenforce(self) -> b.EnforceMode:

@@ -20,6 +20,7 @@ import attrs
 from shyped.core.modes import DomainVeto as DomainVeto
 from shyped.core.modes import Mode as Mode
 from shyped.fileio.boundedread import CONFIG_MAX_BYTES, read_bounded
+from shyped.service.poolconfig import PoolConfig, PoolConfigError, parse_pool
 
 
 class ConfigError(Exception):
@@ -118,10 +119,11 @@ class Config:
     control: ControlConfig = ControlConfig()
     metrics: MetricsConfig = MetricsConfig()
     audit: AuditConfig = AuditConfig()
+    pool: PoolConfig = attrs.field(factory=PoolConfig)
     source: Path | None = None
 
 
-_TOP_KEYS = {"policy", "enforcement", "xenstore", "actuator", "control", "metrics", "audit"}
+_TOP_KEYS = {"policy", "enforcement", "xenstore", "actuator", "control", "metrics", "audit", "pool"}
 _AUDIT_KEYS = {
     "enabled",
     "directory",
@@ -270,6 +272,10 @@ def parse_config(text: str, source: Path | None = None) -> Config:
 
     metrics = _metrics(doc, base, where)
     audit = _audit(doc, base, where)
+    try:
+        pool = parse_pool(doc, base, where)
+    except PoolConfigError as exc:
+        raise ConfigError(str(exc)) from None
     return Config(
         policy=policy,
         labels=labels,
@@ -281,6 +287,7 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         control=control,
         metrics=metrics,
         audit=audit,
+        pool=pool,
         source=source,
     )
 

@@ -66,6 +66,7 @@ from shyped.service.policyload import (
     load_startup,
     make_actuator,
 )
+from shyped.service.poolstore import PoolStore
 from shyped.xenstore import (
     ConnectionLost,
 )
@@ -100,6 +101,8 @@ class DaemonStatus:
     audit: str | None = None
     #: domain vetoes that failed and are retried (`pending_vetoes`)
     vetoes_pending: tuple[dict[str, Any], ...] = ()
+    #: pool mode's store (`shyped.service.poolstore.PoolStore.status`), None on a single host
+    pool: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------- the daemon
@@ -107,6 +110,9 @@ class DaemonStatus:
 
 class Daemon(PolicyAndLabels):
     """One shyped instance. Every method runs on the reactor thread."""
+
+    #: pool mode's store (`shyped.service.poolstore.PoolStore`), set by whoever starts it
+    pool: PoolStore | None = None
 
     async def start(self) -> None:
         """Watch, connect, publish dom0's label and decide everything that exists."""
@@ -219,6 +225,7 @@ class Daemon(PolicyAndLabels):
             quotas=quota_mod.quota_table_dict(self.quota_table()),
             audit=None if self.audit is None else self.audit.state.value,
             vetoes_pending=self.pending_vetoes(),
+            pool=None if self.pool is None else self.pool.status(),
         )
 
     def pending_vetoes(self) -> tuple[dict[str, Any], ...]:

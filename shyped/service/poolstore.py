@@ -1,0 +1,324 @@
+"""Pool mode's edge: the daemon's label store kept in step with etcd, a local cache, and this
+host's membership under a lease (docs/pool.md).
+
+* **Labels**: at start (and after every lost watch) one range read of ``P/labels/`` gives the
+  pool's label store at a revision; a watch from the next revision applies every change as it
+  is committed (`Daemon.set_labels`: the next decision uses it). Entries are untrusted
+  (`shyped.pool.keys.labels_from_kvs`): bad ones are refused and counted, a snapshot past the
+  bounds is refused whole and the last good state stays.
+* **Cache**: every applied state is written atomically to ``pool.cache`` (revision and entries).
+  A daemon that cannot reach etcd starts from it and enforces with it; `status` then says
+  ``cached`` with the error, and the store keeps trying (backoff) until etcd answers.
+* **Membership**: ``P/hosts/<host>`` holds this host's running labels and Chinese Wall state,
+  attached to a lease kept alive every third of its TTL; a dead daemon's entry expires with
+  its lease.
+* **Writes** (`publish_labels`): label changes made through this host's control socket are
+  written to etcd; with etcd unreachable they are refused (`PoolUnavailable`) and nothing
+  changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from shyped.core.labelstore import LabelStore, LabelStoreError, resolved_store
+from shyped.fileio.atomicfile import write_atomic
+from shyped.fileio.boundedread import read_bounded
+from shyped.pool.keys import MAX_ENTRIES, PoolKeyError, PoolKeys, labels_from_kvs
+from shyped.service.etcd import EtcdClient, EtcdError, EtcdUnavailable, Watch, WatchEvent
+from shyped.service.poolconfig import PoolConfig
+
+_log = Logger(namespace="shyped.pool")
+
+#: Largest cache file read back at start.
+CACHE_MAX_BYTES: Final = 64 * 1024 * 1024
+#: Longest wait between two attempts to reach etcd again.
+MAX_BACKOFF: Final = 5.0
+
+
+class PoolUnavailable(Exception):
+    """A pool write while etcd is unreachable (no quorum): refused, nothing changed."""
+
+
+class PoolStore:
+    """The pool store of one daemon (`daemon`: a `shyped.service.daemon.Daemon`)."""
+
+    def __init__(self, daemon: Any, config: PoolConfig, client: EtcdClient | None = None) -> None:
+        self.daemon = daemon
+        self.config = config
+        self.reactor = daemon.reactor
+        self.keys = PoolKeys(config.prefix, config.host)
+        self.client = client or EtcdClient(self.reactor, config.endpoints, config.timeout)
+        #: "starting", "connected" (watching etcd), "cached" (enforcing the last known state)
+        self.state = "starting"
+        self.error: str | None = None
+        self.revision = 0
+        #: the pool's label entries (key -> value) as last applied
+        self.entries: dict[str, str] = {}
+        self.refused: tuple[str, ...] = ()
+        self.changes_applied = 0
+        self.lease = 0
+        self._watch: Watch | None = None
+        self._running = False
+        self._backoff = 0.1
+        self._retry: Any = None
+        self._heartbeat = task.LoopingCall(self._beat)
+        self._heartbeat.clock = self.reactor
+        self._since = time.time()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Apply the cache (if any), then etcd's state if it answers; never fails for etcd."""
+        self._running = True
+        self._load_cache()
+        await self._connect()
+        self._heartbeat.start(max(0.5, self.config.lease_ttl / 3), now=True)
+
+    async def stop(self) -> None:
+        self._running = False
+        if self._heartbeat.running:
+            self._heartbeat.stop()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.lease:
+            with contextlib.suppress(EtcdError):
+                await self.client.call("lease/revoke", {"ID": str(self.lease)})
+        await self.client.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "host": self.config.host,
+            "prefix": self.config.prefix,
+            "revision": self.revision,
+            "entries": len(self.entries),
+            "refused_entries": len(self.refused),
+            "error": self.error,
+            "since": round(self._since, 3),
+        }
+
+    def _set_state(self, state: str, error: str | None = None) -> None:
+        if state != self.state:
+            self._since = time.time()
+            if state == "cached":
+                _log.warn(
+                    "pool: etcd unreachable ({error}); enforcing the last known state "
+                    "(revision {rev})",
+                    error=error,
+                    rev=self.revision,
+                )
+            elif state == "connected":
+                _log.info("pool: connected to etcd at revision {rev}", rev=self.revision)
+        self.state = state
+        self.error = error
+
+    # ------------------------------------------------------------------ reading the pool
+
+    async def _connect(self) -> None:
+        try:
+            revision, kvs = await self.client.range_prefix(self.keys.labels)
+        except EtcdError as exc:
+            self._set_state("cached", str(exc))
+            self._schedule_retry()
+            return
+        self._apply(revision, {kv.key: kv.value for kv in kvs})
+        self._backoff = 0.1
+        self._set_state("connected")
+        self._start_watch(revision + 1)
+
+    def _schedule_retry(self) -> None:
+        if not self._running or (self._retry is not None and self._retry.active()):
+            return
+        delay, self._backoff = self._backoff, min(MAX_BACKOFF, self._backoff * 2)
+        self._retry = self.reactor.callLater(delay, lambda: Deferred.fromCoroutine(self._connect()))
+
+    def _start_watch(self, revision: int) -> None:
+        watch = self.client.watch(self.keys.labels, revision, self._on_events)
+        self._watch = watch
+
+        def ended(result: Any) -> None:
+            if self._watch is watch:
+                self._watch = None
+            if not self._running or watch.cancelled:
+                return
+            why = getattr(result, "value", None)
+            self._set_state("cached", f"watch ended: {why or 'stream closed'}")
+            self._schedule_retry()
+
+        watch.done.addBoth(ended)
+
+    def _on_events(self, events: list[WatchEvent]) -> None:
+        entries = dict(self.entries)
+        revision = self.revision
+        for ev in events:
+            if ev.kind == "delete":
+                entries.pop(ev.key, None)
+            else:
+                entries[ev.key] = ev.value
+            revision = max(revision, ev.revision)
+        self._apply(revision, entries)
+
+    def _apply(self, revision: int, entries: dict[str, str]) -> bool:
+        """Decide with the label store `entries` stand for; False (and the last good state
+        kept) if they are refused whole."""
+        try:
+            snapshot = labels_from_kvs(self.keys, sorted(entries.items()))
+            store = resolved_store(snapshot.store)
+        except (PoolKeyError, LabelStoreError) as exc:
+            _log.error(
+                "pool: label snapshot at revision {rev} refused, keeping revision {old}: {error}",
+                rev=revision,
+                old=self.revision,
+                error=str(exc),
+            )
+            self.error = f"snapshot at revision {revision} refused: {exc}"
+            return False
+        for problem in snapshot.refused[: 20 if snapshot.refused != self.refused else 0]:
+            _log.warn("pool: label entry refused: {problem}", problem=problem)
+        self.refused = snapshot.refused
+        self.entries = entries
+        self.revision = revision
+        self.changes_applied += 1
+        self.daemon.set_labels(store)
+        self._save_cache()
+        return True
+
+    # ------------------------------------------------------------------ the cache
+
+    def _save_cache(self) -> None:
+        doc = {
+            "version": 1,
+            "prefix": self.config.prefix,
+            "revision": self.revision,
+            "entries": self.entries,
+        }
+        try:
+            self.config.cache.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.config.cache, json.dumps(doc, sort_keys=True).encode(), mode=0o640)
+        except OSError as exc:
+            _log.error(
+                "pool: cannot write the cache {path}: {error}",
+                path=str(self.config.cache),
+                error=exc.strerror or str(exc),
+            )
+
+    def _load_cache(self) -> None:
+        path: Path = self.config.cache
+        try:
+            doc = json.loads(read_bounded(path, CACHE_MAX_BYTES, "pool cache"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, RecursionError) as exc:
+            _log.error("pool: cache {path} not used: {error}", path=str(path), error=str(exc))
+            return
+        entries = doc.get("entries") if isinstance(doc, dict) else None
+        if (
+            not isinstance(entries, dict)
+            or doc.get("prefix") != self.config.prefix
+            or not isinstance(doc.get("revision"), int)
+            or len(entries) > MAX_ENTRIES
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in entries.items())
+        ):
+            _log.error("pool: cache {path} not used: not a cache of this pool", path=str(path))
+            return
+        if self._apply(doc["revision"], entries):
+            _log.info("pool: label store from the cache at revision {rev}", rev=self.revision)
+
+    # ------------------------------------------------------------------ writing
+
+    def check_writable(self) -> None:
+        """`PoolUnavailable` unless etcd is reachable now (pool writes are refused, clearly)."""
+        if self.state != "connected":
+            raise PoolUnavailable(
+                f"the pool store is unreachable ({self.error or self.state}): pool writes are "
+                "refused until etcd has quorum again; this host keeps enforcing its last known "
+                f"state (revision {self.revision})"
+            )
+
+    def publish_labels(self, old: LabelStore, new: LabelStore) -> Deferred[None]:
+        """Write the entries that differ between `old` and `new` (this host's view)."""
+        before, after = self.keys.label_keys(old), self.keys.label_keys(new)
+        puts = {k: v for k, v in after.items() if before.get(k) != v}
+        deletes = [k for k in before if k not in after]
+
+        async def write() -> None:
+            for key, value in puts.items():
+                await self.client.put(key, value)
+            for key in deletes:
+                await self.client.delete(key)
+
+        d = Deferred.fromCoroutine(write())
+        d.addErrback(lambda f: _log.error("pool: label write failed: {error}", error=f.value))
+        return d
+
+    # ------------------------------------------------------------------ membership
+
+    def host_state(self) -> dict[str, Any]:
+        """What this host publishes: running labels, Chinese Wall blocked types, policy."""
+        engine = self.daemon.engine
+        running = engine.running
+        return {
+            "host": self.config.host,
+            "time": round(time.time(), 3),
+            "policy": {
+                "name": self.daemon.loaded.policy.name,
+                "version": str(self.daemon.loaded.policy.version),
+                "sha256": self.daemon.loaded.sha256,
+            },
+            "running_labels": dict(running.running_labels()),
+            "blocked_types": dict(running.blocked_types()),
+            "mode": self.daemon.mode.value,
+        }
+
+    def _beat(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._heartbeat_once())
+
+    async def _heartbeat_once(self) -> None:
+        try:
+            if self.lease:
+                ttl = await self.client.lease_keepalive(self.lease)
+                if ttl <= 0:
+                    self.lease = 0
+            if not self.lease:
+                self.lease = await self.client.lease_grant(self.config.lease_ttl)
+            await self.client.put(
+                self.keys.host_state(), json.dumps(self.host_state(), sort_keys=True), self.lease
+            )
+        except EtcdUnavailable as exc:
+            if self.state == "connected":
+                self._set_state("cached", str(exc))
+                if self._watch is not None:
+                    self._watch.cancel()
+                    self._watch = None
+                self._schedule_retry()
+        except EtcdError as exc:
+            _log.warn("pool: membership not refreshed: {error}", error=str(exc))
+            self.lease = 0
+
+
+async def start_with_pool(daemon: Any) -> None:
+    """Start `daemon`, in pool mode (``[pool]`` enabled) with its `PoolStore` first: the
+    pool's labels (from etcd, else from the cache) are in place before the first decision."""
+    if daemon.config.pool.enabled:
+        pool = PoolStore(daemon, daemon.config.pool)
+        daemon.pool = pool
+        await pool.start()
+    await daemon.start()
+
+
+async def stop_with_pool(daemon: Any) -> None:
+    """Stop the pool store (its lease revoked: this host leaves the pool), then the daemon."""
+    if daemon.pool is not None:
+        await daemon.pool.stop()
+    await daemon.stop()

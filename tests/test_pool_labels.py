@@ -1,0 +1,156 @@
+"""Pool mode on a real 3-member etcd cluster and three sandbox hosts: labels set on one host
+are enforced on another (watch), the untrusted entries are bounded, membership lives under a
+lease, and a host keeps enforcing from its cache when etcd is gone."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest_twisted
+from daemon_helpers import domcfg, eventually
+from etcd_helpers import EtcdCluster, etcd_cluster_fixture  # noqa: F401 (fixture)
+from pool_helpers import PREFIX, PoolHost, cache_of, host_entry, pool_hosts_fixture  # noqa: F401
+from twisted.internet import reactor
+
+from shyped.control import backend as b
+from shyped.control.daemon_backend import DaemonControlBackend
+from shyped.control.protocol import ControlError, ErrorCode
+from shyped.service.etcd import EtcdClient
+
+U1 = "9a000000-0000-4000-8000-0000000000b1"
+U2 = "9a000000-0000-4000-8000-0000000000b2"
+U3 = "9a000000-0000-4000-8000-0000000000b3"
+
+
+def _put(cluster: EtcdCluster, key: str, value: str) -> None:
+    enc = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
+    cluster.post(cluster.endpoints[0], "/v3/kv/put", {"key": enc(key), "value": enc(value)})
+
+
+@pytest_twisted.ensureDeferred
+async def test_etcd_client_reads_writes_and_watches_across_members(
+    etcd_cluster: EtcdCluster,
+) -> None:
+    a = EtcdClient(reactor, etcd_cluster.endpoints[:1])
+    c = EtcdClient(reactor, etcd_cluster.endpoints[2:])
+    seen: list[tuple[str, str, str]] = []
+    rev = await a.put("/t/x", "1")
+    watch = c.watch("/t/", rev + 1, lambda evs: seen.extend((e.kind, e.key, e.value) for e in evs))
+    await a.put("/t/y", "2")
+    await a.delete("/t/x")
+    await eventually(lambda: len(seen) == 2, timeout=10)
+    assert seen == [("put", "/t/y", "2"), ("delete", "/t/x", "")]
+    revision, kvs = await c.range_prefix("/t/")
+    assert revision >= rev + 2 and [(kv.key, kv.value) for kv in kvs] == [("/t/y", "2")]
+    current = await c.get("/t/y")
+    assert current is not None
+    assert not await a.put_if_version("/t/y", "3", current.mod_revision - 1)
+    assert await a.put_if_version("/t/y", "3", current.mod_revision)
+    watch.cancel()
+    await a.close()
+    await c.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_label_set_on_host_a_is_enforced_on_host_b(pool_hosts: list[PoolHost]) -> None:
+    a, bh, _ = pool_hosts
+    await a.start()
+    await bh.start()
+    assert a.pool.state == bh.pool.state == "connected"
+    # Without the pool entry, host B refuses the unlisted domain (no label).
+    backend = DaemonControlBackend(a.daemon)
+    result = backend.register_domain(b.RegisterDomainArgs(uuid=U1, label="bank-b-web"))
+    assert not hasattr(result, "addCallback")
+    await eventually(lambda: bh.label(U1) == "bank-b-web", timeout=10)
+    domid = await bh.harness.call(bh.harness.ts.create, domcfg("unlisted-1", uuid=U1))
+    await bh.harness.settle()
+    out = bh.harness.last(f"domain {domid}")
+    assert out.allowed and out.label == "bank-b-web"
+    # B's cache holds the entry, under the pool's revision.
+    assert cache_of(bh)["entries"][f"{PREFIX}/labels/uuid/{U1}"] == "bank-b-web"
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_entries_cannot_make_a_host_admit_what_its_policy_forbids(
+    pool_hosts: list[PoolHost],
+) -> None:
+    """Hostile or wrong entries: a label unknown to the policy is denied, a malformed entry is
+    refused and named while the rest applies, and a pool label does not lift B's Chinese Wall."""
+    _, bh, _ = pool_hosts
+    await bh.start()
+    cluster = bh.cluster
+    _put(cluster, f"{PREFIX}/labels/uuid/not-a-uuid", "bank-a-web")
+    _put(cluster, f"{PREFIX}/labels/uuid/{U1}", "no-such-label")
+    _put(cluster, f"{PREFIX}/labels/uuid/{U2}", "bank-b-web")
+    _put(cluster, f"{PREFIX}/labels/uuid/{U3}", "bank-a-web")
+    await eventually(lambda: bh.label(U3) == "bank-a-web", timeout=10)
+    assert bh.pool.status()["refused_entries"] == 1
+    assert bh.label(U1) == "no-such-label"  # named, but this host's policy has no such label
+    h = bh.harness
+    d1 = await h.call(h.ts.create, domcfg("hostile-1", uuid=U1))
+    d2 = await h.call(h.ts.create, domcfg("rival-b", uuid=U2))
+    d3 = await h.call(h.ts.create, domcfg("rival-a", uuid=U3))
+    await h.settle()
+    assert not h.last(f"domain {d1}").allowed
+    assert h.last(f"domain {d2}").allowed
+    out = h.last(f"domain {d3}")
+    assert not out.allowed and "conflicts with running type" in out.decision.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_membership_expires_with_the_lease_of_a_dead_host(pool_hosts: list[PoolHost]) -> None:
+    a, bh, _ = pool_hosts
+    await a.start()
+    await bh.start()
+    _put(bh.cluster, f"{PREFIX}/labels/uuid/{U2}", "bank-b-web")
+    await eventually(lambda: bh.label(U2) == "bank-b-web", timeout=10)
+    h = bh.harness
+    await h.call(h.ts.create, domcfg("web-b1", uuid=U2))
+    await h.settle()
+    await eventually(
+        lambda: (host_entry(bh.cluster, "host-b") or {}).get("running_labels") == {"bank-b-web": 1},
+        timeout=10,
+    )
+    entry = host_entry(bh.cluster, "host-b")
+    assert entry is not None and entry["blocked_types"].get("bank-a") == 1
+    # The daemon dies without a word (its heartbeat stops, its lease is not revoked).
+    bh.pool._heartbeat.stop()
+    bh.pool.lease = 0
+    await eventually(lambda: host_entry(bh.cluster, "host-b") is None, timeout=15)
+    assert host_entry(a.cluster, "host-a") is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_etcd_a_host_starts_from_its_cache_and_refuses_pool_writes(
+    pool_hosts: list[PoolHost],
+) -> None:
+    a, bh, _ = pool_hosts
+    await bh.start()
+    _put(bh.cluster, f"{PREFIX}/labels/uuid/{U2}", "bank-b-web")
+    await eventually(lambda: bh.label(U2) == "bank-b-web", timeout=10)
+    await bh.stop()
+    bh.cluster.stop()
+    await bh.start()
+    status = bh.daemon.status().pool
+    assert status is not None and status["state"] == "cached" and status["error"]
+    assert bh.label(U2) == "bank-b-web"
+    h = bh.harness
+    domid = await h.call(h.ts.create, domcfg("cached-1", uuid=U2))
+    await h.settle()
+    assert h.last(f"domain {domid}").allowed
+    backend = DaemonControlBackend(bh.daemon)
+    try:
+        backend.register_domain(b.RegisterDomainArgs(uuid=U3, label="bank-b-web"))
+    except ControlError as exc:
+        assert exc.code is ErrorCode.UNAVAILABLE and "pool writes are refused" in exc.message
+    else:
+        raise AssertionError("a pool write without etcd was accepted")
+    assert bh.label(U3) is None
+    # etcd comes back: the host reconnects by itself and writes are accepted again.
+    for m in bh.cluster.members:
+        bh.cluster.restart(m)
+    bh.cluster.wait_healthy()
+    await eventually(lambda: bh.pool.state == "connected", timeout=30)
+    backend.register_domain(b.RegisterDomainArgs(uuid=U3, label="bank-b-web"))
+    await eventually(lambda: bh.label(U3) == "bank-b-web", timeout=10)
+    del a
