@@ -11,14 +11,15 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from daemon_helpers import Harness
+from daemon_helpers import HOSTING, Harness
 from etcd_helpers import EtcdCluster, running_cluster
 from twisted.internet import defer
 
+from shyped.control.daemon_backend import DaemonControlBackend
 from shyped.sandbox.xenstored import SandboxXenstored, short_instance_dir
 from shyped.service.daemon import Daemon
 from shyped.service.poolconfig import PoolConfig
-from shyped.service.poolstore import PoolStore, start_with_pool, stop_with_pool
+from shyped.service.poolstore import PoolStore, attach_pool, start_with_pool, stop_with_pool
 
 PREFIX = "/shyped/test-pool"
 HOSTS = ("host-a", "host-b", "host-c")
@@ -34,6 +35,7 @@ class PoolHost:
         self.cluster = cluster
         self.labels = xsd.instance_dir / "labels.json"
         self.labels.write_text('{"version": 1}\n')
+        self.backend: DaemonControlBackend | None = None
         self.pool_config = PoolConfig(
             enabled=True,
             endpoints=tuple(cluster.endpoints),
@@ -45,9 +47,20 @@ class PoolHost:
         )
 
     async def start(self) -> Daemon:
-        config = self.harness.config(labels=self.labels)
+        """Start the daemon in pool mode with a private copy of the example policy (a pool
+        switch rewrites it) and its control backend (which answers pool proposals)."""
+        policy = self.xsd.instance_dir / "policy.toml"
+        if not policy.exists():
+            shutil.copy(HOSTING, policy)
+        config = self.harness.config(labels=self.labels, policy=policy)
         config = type(config)(**{**_fields(config), "pool": self.pool_config})
-        return await self.harness.start(config, starter=start_with_pool)
+
+        async def starter(daemon: Daemon) -> None:
+            attach_pool(daemon)
+            self.backend = DaemonControlBackend(daemon)
+            await start_with_pool(daemon)
+
+        return await self.harness.start(config, starter=starter)
 
     @property
     def daemon(self) -> Daemon:
@@ -65,6 +78,11 @@ class PoolHost:
             await h.daemon.settled()
             await stop_with_pool(h.daemon)
             h.daemon = None
+
+    @property
+    def ctl(self) -> DaemonControlBackend:
+        assert self.backend is not None
+        return self.backend
 
     def label(self, uuid: str) -> str | None:
         return self.daemon.engine.labels.domain_label(uuid, None)

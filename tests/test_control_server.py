@@ -202,6 +202,13 @@ async def test_every_request_kind(backend: ModelBackend, sock: Path) -> None:
     assert (loaded.previous.version, loaded.policy.version) == ("1.0", "1.1")
     assert (await in_thread(call, sock, "status")).policy.version == "1.1"
 
+    try:
+        await ask("placement", "placement", "ACM:example:web")
+    except ControlError as exc:  # a single host: placement needs pool mode
+        assert exc.code is ErrorCode.UNAVAILABLE and "pool mode" in exc.message
+    else:
+        raise AssertionError("placement answered on a single host")
+
     assert seen == set(OPS), f"not exercised: {set(OPS) - seen}"
     audited = [(a.op, a.allowed, a.code, a.peer.uid) for a in backend.audits]
     assert ("setenforce", True, None, 0) in audited

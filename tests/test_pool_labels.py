@@ -13,7 +13,6 @@ from pool_helpers import PREFIX, PoolHost, cache_of, host_entry, pool_hosts_fixt
 from twisted.internet import reactor
 
 from shyped.control import backend as b
-from shyped.control.daemon_backend import DaemonControlBackend
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.service.etcd import EtcdClient
 
@@ -58,7 +57,7 @@ async def test_label_set_on_host_a_is_enforced_on_host_b(pool_hosts: list[PoolHo
     await bh.start()
     assert a.pool.state == bh.pool.state == "connected"
     # Without the pool entry, host B refuses the unlisted domain (no label).
-    backend = DaemonControlBackend(a.daemon)
+    backend = a.ctl
     result = backend.register_domain(b.RegisterDomainArgs(uuid=U1, label="bank-b-web"))
     assert not hasattr(result, "addCallback")
     await eventually(lambda: bh.label(U1) == "bank-b-web", timeout=10)
@@ -138,7 +137,7 @@ async def test_without_etcd_a_host_starts_from_its_cache_and_refuses_pool_writes
     domid = await h.call(h.ts.create, domcfg("cached-1", uuid=U2))
     await h.settle()
     assert h.last(f"domain {domid}").allowed
-    backend = DaemonControlBackend(bh.daemon)
+    backend = bh.ctl
     try:
         backend.register_domain(b.RegisterDomainArgs(uuid=U3, label="bank-b-web"))
     except ControlError as exc:

@@ -99,7 +99,7 @@ def _run(config_path: Path, level: str) -> int:
     from shyped.control.daemon_backend import DaemonControlBackend
     from shyped.control.server import ControlServer, ControlSetupError
     from shyped.service.daemon import Daemon, ReloadResult, StartupError, load_startup
-    from shyped.service.poolstore import start_with_pool, stop_with_pool
+    from shyped.service.poolstore import attach_pool, start_with_pool, stop_with_pool
     from shyped.service.sdnotify import Notifier, Watchdog
 
     try:
@@ -127,6 +127,7 @@ def _run(config_path: Path, level: str) -> int:
         audit=audit,
         metrics=None if metrics is None else metrics.state,
     )
+    attach_pool(daemon)  # pool mode ([pool]): before the control backend, which uses it
     try:
         server = ControlServer(DaemonControlBackend(daemon), config.control, reactor=reactor)
     except ControlSetupError as e:

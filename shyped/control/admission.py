@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from shyped.control import backend as b
 from shyped.control import views
+from shyped.control.poolpolicy import PoolPolicy
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.core.engine import Outcome, resource_of
 from shyped.core.hostfacts import Device, Domain, DomainState
@@ -70,6 +71,8 @@ class DaemonBackendBase:
         self._recheck = LoopingCall(self._check_waiters)
         self._recheck.clock = self.reactor
         self._policy_lock = defer.DeferredLock()
+        #: pool mode: policy switches through the pool, placement (`shyped.control.poolpolicy`)
+        self.pool_policy = None if daemon.pool is None else PoolPolicy(self, daemon.pool)
         daemon.add_listener(self._on_outcome)
 
     @property

@@ -263,6 +263,29 @@ class PendingVeto:
 
 
 @attrs.frozen
+class PlacementArgs:
+    """Where may a domain with VM label `label` be admitted now (pool mode)?"""
+
+    label: str
+
+
+@attrs.frozen
+class PlacementHost:
+    host: str
+    admitted: bool
+    reason: str
+
+
+@attrs.frozen
+class PlacementResult:
+    label: str
+    #: the pool store's revision the answer was computed at, and its state
+    revision: int
+    state: str
+    hosts: tuple[PlacementHost, ...]
+
+
+@attrs.frozen
 class PoolStatus:
     state: str
     host: str
@@ -509,6 +532,9 @@ class ControlBackend(Protocol):
 
     def policy_load(self, args: PolicyLoadArgs) -> MaybeDeferred[PolicyLoadResult]:
         """Check and activate a policy (persisting it where the daemon reads it at start)."""
+
+    def placement(self, args: PlacementArgs) -> PlacementResult:
+        """Pool mode: the live hosts where a label would be admitted now, with reasons."""
 
     def audit(self, event: ControlAudit) -> None:
         """Record a change request (allowed or refused). Must not raise or block."""

@@ -102,6 +102,13 @@ class DaemonControlBackend(DaemonBackendBase):
             pool=None if self.daemon.pool is None else b.PoolStatus(**self.daemon.pool.status()),
         )
 
+    def placement(self, args: b.PlacementArgs) -> b.PlacementResult:
+        """Pool mode: the live hosts where `label` would be admitted now, with reasons."""
+        if self.pool_policy is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, "placement needs pool mode ([pool])")
+        label = views.find_label(self._policy, args.label, "vm").name
+        return self.pool_policy.placement(label)
+
     def getenforce(self) -> b.EnforceMode:
         return b.EnforceMode(self.daemon.mode.value)
 
@@ -313,6 +320,9 @@ class DaemonControlBackend(DaemonBackendBase):
 
     def policy_load(self, args: b.PolicyLoadArgs) -> Deferred[b.PolicyLoadResult]:
         self._ready()
+        if self.pool_policy is not None and args.source is not None:
+            # Not under the policy lock: the committed record is applied through it.
+            return self.pool_policy.propose(args.source)
         return self._policy_lock.run(self._load, args.source)
 
     def _load(self, source: b.PolicySource | None) -> Deferred[b.PolicyLoadResult]:

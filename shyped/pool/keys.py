@@ -66,6 +66,24 @@ class PoolKeys:
     host: str = attrs.field(converter=check_host)
 
     @property
+    def root(self) -> str:
+        return self.prefix + "/"
+
+    @property
+    def policy(self) -> str:
+        return self.prefix + "/policy/"
+
+    @property
+    def policy_current(self) -> str:
+        return self.policy + "current"
+
+    def proposal(self, pid: str) -> str:
+        return self.policy + "proposals/" + pid
+
+    def answer(self, pid: str, host: str | None = None) -> str:
+        return self.policy + f"answers/{pid}/{host or self.host}"
+
+    @property
     def labels(self) -> str:
         return self.prefix + "/labels/"
 

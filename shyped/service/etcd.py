@@ -202,6 +202,11 @@ class EtcdClient:
     async def delete(self, key: str) -> None:
         await self.call("kv/deleterange", {"key": _b64(key)})
 
+    async def delete_prefix(self, prefix: str) -> None:
+        await self.call(
+            "kv/deleterange", {"key": _b64(prefix), "range_end": _b64(range_end(prefix))}
+        )
+
     async def put_if_version(self, key: str, value: str, mod_revision: int, lease: int = 0) -> bool:
         """One transaction: put `value` only if `key`'s mod revision is still `mod_revision`
         (0: the key does not exist). True if it was written."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -32,7 +33,7 @@ from twisted.logger import Logger
 from shyped.core.labelstore import LabelStore, LabelStoreError, resolved_store
 from shyped.fileio.atomicfile import write_atomic
 from shyped.fileio.boundedread import read_bounded
-from shyped.pool.keys import MAX_ENTRIES, PoolKeyError, PoolKeys, labels_from_kvs
+from shyped.pool.keys import MAX_ENTRIES, PoolKeyError, PoolKeys, check_host, labels_from_kvs
 from shyped.service.etcd import EtcdClient, EtcdError, EtcdUnavailable, Watch, WatchEvent
 from shyped.service.poolconfig import PoolConfig
 
@@ -61,8 +62,11 @@ class PoolStore:
         self.state = "starting"
         self.error: str | None = None
         self.revision = 0
-        #: the pool's label entries (key -> value) as last applied
+        #: every entry under the prefix (key -> value) as last applied
         self.entries: dict[str, str] = {}
+        #: called with the entries and the keys that changed (None: all) after each change
+        self.listeners: list[Callable[[dict[str, str], set[str] | None], None]] = []
+        self._published: str | None = None
         self.refused: tuple[str, ...] = ()
         self.changes_applied = 0
         self.lease = 0
@@ -127,7 +131,7 @@ class PoolStore:
 
     async def _connect(self) -> None:
         try:
-            revision, kvs = await self.client.range_prefix(self.keys.labels)
+            revision, kvs = await self.client.range_prefix(self.keys.root)
         except EtcdError as exc:
             self._set_state("cached", str(exc))
             self._schedule_retry()
@@ -144,7 +148,7 @@ class PoolStore:
         self._retry = self.reactor.callLater(delay, lambda: Deferred.fromCoroutine(self._connect()))
 
     def _start_watch(self, revision: int) -> None:
-        watch = self.client.watch(self.keys.labels, revision, self._on_events)
+        watch = self.client.watch(self.keys.root, revision, self._on_events)
         self._watch = watch
 
         def ended(result: Any) -> None:
@@ -161,19 +165,35 @@ class PoolStore:
     def _on_events(self, events: list[WatchEvent]) -> None:
         entries = dict(self.entries)
         revision = self.revision
+        changed: set[str] = set()
         for ev in events:
             if ev.kind == "delete":
                 entries.pop(ev.key, None)
             else:
                 entries[ev.key] = ev.value
+            changed.add(ev.key)
             revision = max(revision, ev.revision)
-        self._apply(revision, entries)
+        self._apply(revision, entries, changed)
 
-    def _apply(self, revision: int, entries: dict[str, str]) -> bool:
-        """Decide with the label store `entries` stand for; False (and the last good state
-        kept) if they are refused whole."""
+    def _apply(
+        self, revision: int, entries: dict[str, str], changed: set[str] | None = None
+    ) -> bool:
+        """Decide with the label store `entries` stand for (when labels changed), tell the
+        listeners; False (and the last good state kept) if they are refused whole."""
+        labels_changed = changed is None or any(k.startswith(self.keys.labels) for k in changed)
+        if len(entries) > 2 * MAX_ENTRIES:
+            self.error = (
+                f"snapshot at revision {revision} refused: more than {2 * MAX_ENTRIES} entries"
+            )
+            _log.error("pool: {error}", error=self.error)
+            return False
+        if not labels_changed:
+            self.entries, self.revision = entries, revision
+            self._tell(changed)
+            return True
         try:
-            snapshot = labels_from_kvs(self.keys, sorted(entries.items()))
+            label_kvs = sorted((k, v) for k, v in entries.items() if k.startswith(self.keys.labels))
+            snapshot = labels_from_kvs(self.keys, label_kvs)
             store = resolved_store(snapshot.store)
         except (PoolKeyError, LabelStoreError) as exc:
             _log.error(
@@ -192,7 +212,28 @@ class PoolStore:
         self.changes_applied += 1
         self.daemon.set_labels(store)
         self._save_cache()
+        self._tell(changed)
         return True
+
+    def _tell(self, changed: set[str] | None) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(self.entries, changed)
+            except Exception:
+                _log.failure("pool: a listener failed")
+
+    def host_states(self) -> tuple[dict[str, str], dict[str, str]]:
+        """The live hosts' published states (host -> JSON text) and the entries that are
+        not valid host names (host key -> why); parsing is the caller's (`shyped.pool.records`)."""
+        out, bad = {}, {}
+        for key, value in self.entries.items():
+            if key.startswith(self.keys.hosts):
+                name = key[len(self.keys.hosts) :]
+                try:
+                    out[check_host(name)] = value
+                except PoolKeyError as exc:
+                    bad[key[:200]] = str(exc)
+        return out, bad
 
     # ------------------------------------------------------------------ the cache
 
@@ -270,7 +311,6 @@ class PoolStore:
         running = engine.running
         return {
             "host": self.config.host,
-            "time": round(time.time(), 3),
             "policy": {
                 "name": self.daemon.loaded.policy.name,
                 "version": str(self.daemon.loaded.policy.version),
@@ -285,6 +325,7 @@ class PoolStore:
         return Deferred.fromCoroutine(self._heartbeat_once())
 
     async def _heartbeat_once(self) -> None:
+        renewed = False
         try:
             if self.lease:
                 ttl = await self.client.lease_keepalive(self.lease)
@@ -292,9 +333,11 @@ class PoolStore:
                     self.lease = 0
             if not self.lease:
                 self.lease = await self.client.lease_grant(self.config.lease_ttl)
-            await self.client.put(
-                self.keys.host_state(), json.dumps(self.host_state(), sort_keys=True), self.lease
-            )
+                renewed = True
+            state = json.dumps(self.host_state(), sort_keys=True)
+            if state != self._published or renewed:
+                await self.client.put(self.keys.host_state(), state, self.lease)
+                self._published = state
         except EtcdUnavailable as exc:
             if self.state == "connected":
                 self._set_state("cached", str(exc))
@@ -307,12 +350,19 @@ class PoolStore:
             self.lease = 0
 
 
+def attach_pool(daemon: Any) -> PoolStore | None:
+    """Give `daemon` its `PoolStore` (not started) if ``[pool]`` is enabled."""
+    if daemon.config.pool.enabled and daemon.pool is None:
+        daemon.pool = PoolStore(daemon, daemon.config.pool)
+    pool: PoolStore | None = daemon.pool
+    return pool
+
+
 async def start_with_pool(daemon: Any) -> None:
     """Start `daemon`, in pool mode (``[pool]`` enabled) with its `PoolStore` first: the
     pool's labels (from etcd, else from the cache) are in place before the first decision."""
-    if daemon.config.pool.enabled:
-        pool = PoolStore(daemon, daemon.config.pool)
-        daemon.pool = pool
+    pool = attach_pool(daemon)
+    if pool is not None:
         await pool.start()
     await daemon.start()
 
