@@ -194,6 +194,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     # SUPPRESS: an absent --json leaves a parent parser's global --json (shypectl --json …) be.
     v.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="a JSON report")
     v.add_argument("--strict", action="store_true", help="documented losses fail too")
+    v.add_argument(
+        "--pool",
+        action="store_true",
+        help="pool mode: also check the chain against this host's head anchored in etcd "
+        "(endpoints, prefix and host from --config)",
+    )
+    v.add_argument(
+        "--config",
+        type=Path,
+        default=Path("/etc/shyped/shyped.toml"),
+        help="the daemon's configuration, for --pool (default /etc/shyped/shyped.toml)",
+    )
     v.set_defaults(audit_func=_run_verify)
     t = sub.add_parser(
         "tail",
@@ -221,7 +233,7 @@ def add_audit_commands(subparsers: Any, name: str = "audit") -> argparse.Argumen
 
 
 def _run_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    return audit_verify(
+    status = audit_verify(
         args.files,
         directory=args.dir,
         state=args.state,
@@ -230,6 +242,11 @@ def _run_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out=out,
         err=err,
     )
+    if getattr(args, "pool", False):
+        from shyped.cli.shypectl_pool import verify_pool
+
+        status = max(status, verify_pool(args.dir, args.config, out, err))
+    return status
 
 
 def _run_tail(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

@@ -49,6 +49,7 @@ from shyped.cli.shypectl_policy import (
     cmd_policy_load,
     cmd_policy_show,
 )
+from shyped.cli.shypectl_pool import add_pool_commands
 from shyped.control import backend as b
 from shyped.control.client import DaemonUnreachable
 from shyped.control.protocol import ControlError
@@ -352,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-conflicts", action="store_true", help="leave CW conflicts out")
     p.set_defaults(func=cmd_policy_graph)
     flaskbuild.add_command(psub)
+    add_pool_commands(sub)
     psub.choices["flask"].set_defaults(
         func=lambda ctx: flaskbuild.run_command(ctx.args, ctx.out, ctx.err)
     )

@@ -7,7 +7,7 @@ Under the configured prefix ``P`` (a path such as ``/shyped/pool1``)::
     P/labels/res/<host>/<rid>     -> label      resources, per host (disk paths and bridges
                                                 are host-local); <rid> is percent-encoded
     P/hosts/<host>                -> JSON       a live host's published state, under its lease
-    P/audit/<host>                -> JSON       the host's audit chain head (anchor)
+    P/audit/<host>/<log id>       -> JSON       the head of one of the host's audit chains
 
 Everything read back is untrusted: another host (or anyone with write access to the prefix)
 may have written it. `labels_from_kvs` validates every entry with the label store's own rules
@@ -107,8 +107,12 @@ class PoolKeys:
     def host_state(self, host: str | None = None) -> str:
         return self.hosts + (host or self.host)
 
-    def audit_anchor(self, host: str | None = None) -> str:
-        return self.audit + (host or self.host)
+    def audit_anchors(self, host: str | None = None) -> str:
+        """The prefix of a host's anchors: one key per audit log (chain) id."""
+        return self.audit + (host or self.host) + "/"
+
+    def audit_anchor(self, log: str, host: str | None = None) -> str:
+        return self.audit_anchors(host) + log
 
     def label_keys(self, store: LabelStore) -> dict[str, str]:
         """The keys and values that stand for `store` (this host's resources)."""

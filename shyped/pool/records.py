@@ -185,7 +185,7 @@ def parse_host_state(text: str) -> HostState:
     doc = _doc(text, what, 4 * 1024 * 1024)
     labels = _get(doc, "running_labels", dict, what)
     if len(labels) > MAX_HOST_LABELS or not all(
-        isinstance(k, str) and _NAME.fullmatch(k) and isinstance(v, int) and 0 < v < 1 << 31
+        isinstance(k, str) and _NAME.fullmatch(k) and type(v) is int and 0 < v < 1 << 31
         for k, v in labels.items()
     ):
         raise RecordError(f"{what}: running_labels must map label names to counts")

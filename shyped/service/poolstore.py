@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from shyped.core.labelstore import LabelStore, LabelStoreError, resolved_store
 from shyped.fileio.atomicfile import write_atomic
 from shyped.fileio.boundedread import read_bounded
+from shyped.pool.anchor import AuditAnchor
 from shyped.pool.keys import MAX_ENTRIES, PoolKeyError, PoolKeys, check_host, labels_from_kvs
 from shyped.service.etcd import EtcdClient, EtcdError, EtcdUnavailable, Watch, WatchEvent
 from shyped.service.poolconfig import PoolConfig
@@ -76,6 +77,10 @@ class PoolStore:
         self._retry: Any = None
         self._heartbeat = task.LoopingCall(self._beat)
         self._heartbeat.clock = self.reactor
+        self._anchoring = task.LoopingCall(self.anchor)
+        self._anchoring.clock = self.reactor
+        self._anchored: tuple[str, int, str] | None = None
+        self.anchors_written = 0
         self._since = time.time()
 
     # ------------------------------------------------------------------ lifecycle
@@ -86,11 +91,19 @@ class PoolStore:
         self._load_cache()
         await self._connect()
         self._heartbeat.start(max(0.5, self.config.lease_ttl / 3), now=True)
+        self._anchoring.start(self.config.anchor_interval, now=False)
+
+    def stop_beating(self) -> None:
+        """Stop the heartbeat and the periodic anchor (before the daemon stops)."""
+        self._running = False
+        for loop in (self._heartbeat, self._anchoring):
+            if loop.running:
+                loop.stop()
 
     async def stop(self) -> None:
-        self._running = False
-        if self._heartbeat.running:
-            self._heartbeat.stop()
+        """Anchor the audit chain's head a last time, leave the pool, close."""
+        self.stop_beating()
+        await self.anchor()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         if self._watch is not None:
@@ -349,6 +362,30 @@ class PoolStore:
             _log.warn("pool: membership not refreshed: {error}", error=str(exc))
             self.lease = 0
 
+    # ------------------------------------------------------------------ the audit anchor
+
+    def anchor(self) -> Deferred[None]:
+        """Write the audit chain's head to ``P/audit/<host>/<log id>`` (off-host: a rewritten local
+        log and state file no longer match it) if it moved since the last anchor."""
+        return Deferred.fromCoroutine(self._anchor())
+
+    async def _anchor(self) -> None:
+        audit = self.daemon.audit
+        if audit is None or not audit.log.log_id:
+            return
+        seq, head = audit.log.head
+        current = (audit.log.log_id, seq, head)
+        if current == self._anchored or not head:
+            return
+        record = AuditAnchor(self.config.host, current[0], seq, head, round(time.time(), 3))
+        try:
+            await self.client.put(self.keys.audit_anchor(current[0]), record.to_json())
+        except EtcdError as exc:
+            _log.warn("pool: audit head not anchored: {error}", error=str(exc))
+            return
+        self._anchored = current
+        self.anchors_written += 1
+
 
 def attach_pool(daemon: Any) -> PoolStore | None:
     """Give `daemon` its `PoolStore` (not started) if ``[pool]`` is enabled."""
@@ -368,7 +405,11 @@ async def start_with_pool(daemon: Any) -> None:
 
 
 async def stop_with_pool(daemon: Any) -> None:
-    """Stop the pool store (its lease revoked: this host leaves the pool), then the daemon."""
-    if daemon.pool is not None:
-        await daemon.pool.stop()
+    """Stop the daemon, then the pool store: the audit head is anchored after the daemon's
+    last record (``daemon-stop``) and the lease is revoked (this host leaves the pool)."""
+    pool: PoolStore | None = daemon.pool
+    if pool is not None:
+        pool.stop_beating()
     await daemon.stop()
+    if pool is not None:
+        await pool.stop()
