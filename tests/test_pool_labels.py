@@ -5,6 +5,7 @@ lease, and a host keeps enforcing from its cache when etcd is gone."""
 from __future__ import annotations
 
 import base64
+import signal
 
 import pytest_twisted
 from daemon_helpers import domcfg, eventually
@@ -117,6 +118,45 @@ async def test_membership_expires_with_the_lease_of_a_dead_host(pool_hosts: list
     bh.pool.lease = 0
     await eventually(lambda: host_entry(bh.cluster, "host-b") is None, timeout=15)
     assert host_entry(a.cluster, "host-a") is not None
+    # Placement no longer offers the dead host.
+    await eventually(lambda: f"{PREFIX}/hosts/host-b" not in a.pool.entries, timeout=10)
+    placed = a.ctl.placement(b.PlacementArgs("bank-a-web"))
+    assert [h.host for h in placed.hosts] == ["host-a"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_member_loss_then_quorum_loss_then_recovery(pool_hosts: list[PoolHost]) -> None:
+    """One etcd member killed: everything works. Two: no quorum; every host keeps enforcing
+    from its state, pool writes are refused clearly; all recovers when quorum returns."""
+    a, bh, _ = pool_hosts
+    cluster = a.cluster
+    await a.start()
+    await bh.start()
+    cluster.members[0].stop(signal.SIGKILL)
+    a.ctl.register_domain(b.RegisterDomainArgs(uuid=U1, label="bank-b-web"))
+    await eventually(lambda: bh.label(U1) == "bank-b-web", timeout=20)
+    assert a.pool.state == bh.pool.state == "connected"
+    cluster.members[1].stop(signal.SIGKILL)
+    await eventually(lambda: a.pool.state == bh.pool.state == "cached", timeout=30)
+    try:
+        a.ctl.register_domain(b.RegisterDomainArgs(uuid=U2, label="bank-b-web"))
+    except ControlError as exc:
+        assert exc.code is ErrorCode.UNAVAILABLE and "until etcd has quorum" in exc.message
+    else:
+        raise AssertionError("a pool write without quorum was accepted")
+    h = bh.harness
+    domid = await h.call(h.ts.create, domcfg("noquorum-1", uuid=U1))
+    await h.settle()
+    assert h.last(f"domain {domid}").allowed  # enforcing with the last known labels
+    rival = await h.call(h.ts.create, domcfg("noquorum-2", uuid=U3))
+    await h.settle()
+    assert not h.last(f"domain {rival}").allowed  # no label: still denied
+    for m in cluster.members[:2]:
+        cluster.restart(m)
+    cluster.wait_healthy()
+    await eventually(lambda: a.pool.state == bh.pool.state == "connected", timeout=60)
+    a.ctl.register_domain(b.RegisterDomainArgs(uuid=U2, label="bank-b-web"))
+    await eventually(lambda: bh.label(U2) == "bank-b-web", timeout=20)
 
 
 @pytest_twisted.ensureDeferred
