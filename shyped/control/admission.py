@@ -28,6 +28,7 @@ from shyped.core.labelstore import (
     save_label_store,
 )
 from shyped.policy.model import Policy
+from shyped.service.poolreserve import Reservations
 from shyped.service.poolstore import PoolUnavailable
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class DaemonBackendBase:
         self._policy_lock = defer.DeferredLock()
         #: pool mode: policy switches through the pool, placement (`shyped.control.poolpolicy`)
         self.pool_policy = None if daemon.pool is None else PoolPolicy(self, daemon.pool)
+        self.reservations = None if daemon.pool is None else Reservations(daemon, daemon.pool)
         daemon.add_listener(self._on_outcome)
 
     @property

@@ -286,6 +286,26 @@ class PlacementResult:
 
 
 @attrs.frozen
+class ReserveArgs:
+    """Pool mode: ask host `host`'s daemon for a place for the domain with `uuid` (label: the
+    given one, else the pool store's, else the running domain's) before a migration/restore."""
+
+    uuid: str
+    host: str
+    kind: Literal["migrate", "restore"] = "migrate"
+    label: str | None = None
+
+
+@attrs.frozen
+class ReserveResult:
+    id: str
+    host: str
+    granted: bool
+    reason: str
+    label: str
+
+
+@attrs.frozen
 class PoolStatus:
     state: str
     host: str
@@ -535,6 +555,9 @@ class ControlBackend(Protocol):
 
     def placement(self, args: PlacementArgs) -> PlacementResult:
         """Pool mode: the live hosts where a label would be admitted now, with reasons."""
+
+    def reserve(self, args: ReserveArgs) -> MaybeDeferred[ReserveResult]:
+        """Pool mode: a reservation the destination's daemon grants or refuses."""
 
     def audit(self, event: ControlAudit) -> None:
         """Record a change request (allowed or refused). Must not raise or block."""

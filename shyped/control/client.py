@@ -210,3 +210,6 @@ class ControlClient(Closing):
 
     def placement(self, label: str) -> b.PlacementResult:
         return self._roundtrip("placement", b.PlacementArgs(label), b.PlacementResult, None)
+
+    def reserve(self, args: b.ReserveArgs) -> b.ReserveResult:
+        return self._roundtrip("reserve", args, b.ReserveResult, None)

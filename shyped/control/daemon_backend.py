@@ -68,6 +68,7 @@ from shyped.fileio.atomicfile import fsync_dir
 from shyped.policy import acm_xml, toml_format, update
 from shyped.policy.model import Policy
 from shyped.service.config import Mode
+from shyped.service.poolstore import PoolUnavailable
 
 
 class DaemonControlBackend(DaemonBackendBase):
@@ -108,6 +109,39 @@ class DaemonControlBackend(DaemonBackendBase):
             raise ControlError(ErrorCode.UNAVAILABLE, "placement needs pool mode ([pool])")
         label = views.find_label(self._policy, args.label, "vm").name
         return self.pool_policy.placement(label)
+
+    def reserve(self, args: b.ReserveArgs) -> Deferred[b.ReserveResult]:
+        """Pool mode: the destination's daemon grants or refuses a place (migration, restore)."""
+        self._ready()
+        if self.reservations is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, "reservations need pool mode ([pool])")
+        uuid = args.uuid.lower()
+        running = next((d for d in self.daemon.host.domains() if (d.uuid or "") == uuid), None)
+        label = args.label or self._store.domain_label(uuid, None)
+        label = label or (running.label if running is not None else None)
+        if label is None:
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, f"no label known for UUID {uuid}")
+        bare = views.find_label(self._policy, label, "vm").name
+        try:
+            d = self.reservations.request(uuid, bare, args.host, args.kind)
+        except PoolUnavailable as exc:
+            raise ControlError(ErrorCode.UNAVAILABLE, str(exc)) from None
+
+        def answer(g: Any) -> b.ReserveResult:
+            result = b.ReserveResult(g.id, args.host, g.state.value == "granted", g.reason, bare)
+            if not result.granted:
+                raise ControlError(
+                    ErrorCode.DENIED,
+                    f"{args.kind} of {uuid} ({bare}) to {args.host} refused: {g.reason}",
+                    {"reasons": [g.reason], "host": args.host},
+                )
+            return result
+
+        def unavailable(f: Any) -> Any:
+            f.trap(PoolUnavailable)
+            raise ControlError(ErrorCode.UNAVAILABLE, str(f.value))
+
+        return d.addErrback(unavailable).addCallback(answer)
 
     def getenforce(self) -> b.EnforceMode:
         return b.EnforceMode(self.daemon.mode.value)

@@ -142,6 +142,7 @@ OPS: Final[Mapping[str, Op]] = {
         _op("relabel_domain", b.RelabelDomainArgs, b.DomainInfo, "admin"),
         _op("set_resource_label", b.SetResourceLabelArgs, b.ResourceLabelChange, "admin"),
         _op("policy_load", b.PolicyLoadArgs, b.PolicyLoadResult, "admin", heavy=True),
+        _op("reserve", b.ReserveArgs, b.ReserveResult, "admin"),
     )
 }
 

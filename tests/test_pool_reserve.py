@@ -1,0 +1,86 @@
+"""Migration/restore reservations granted or refused by the destination's daemon, on a real
+3-member etcd cluster and three sandbox hosts."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from daemon_helpers import domcfg, eventually
+from pool_helpers import PoolHost, pool_hosts_fixture  # noqa: F401 (fixture)
+from test_pool_policy import UA, UB, _run, _start_all
+from twisted.internet import defer
+
+from shyped.control import backend as b
+from shyped.control.protocol import ControlError, ErrorCode
+from shyped.pool.reservation import State, TransitionError, advance
+
+
+async def _reserve(host: PoolHost, uuid: str, dest: str, label: str | None = None) -> object:
+    try:
+        return await defer.maybeDeferred(
+            host.ctl.reserve, b.ReserveArgs(uuid, dest, "migrate", label)
+        )
+    except ControlError as exc:
+        return exc
+
+
+def test_reservation_states_move_one_way() -> None:
+    assert advance(State.REQUESTED, State.GRANTED) is State.GRANTED
+    assert advance(State.GRANTED, State.CONSUMED) is State.CONSUMED
+    for frm, to in ((State.REFUSED, State.CONSUMED), (State.CONSUMED, State.GRANTED),
+                    (State.REQUESTED, State.CONSUMED)):  # fmt: skip
+        try:
+            advance(frm, to)
+        except TransitionError:
+            continue
+        raise AssertionError(f"{frm} -> {to} was allowed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_concurrent_rival_migrations_to_one_empty_host_exactly_one_wins(
+    pool_hosts: list[PoolHost],
+) -> None:
+    a, bh, c = pool_hosts
+    await _start_all(pool_hosts)
+    await _run(a, UA, "web-a-1", "bank-a-web")
+    await _run(bh, UB, "web-b-1", "bank-b-web")
+    first, second = await defer.gatherResults(
+        [
+            defer.ensureDeferred(_reserve(a, UA, "host-c")),
+            defer.ensureDeferred(_reserve(bh, UB, "host-c")),
+        ]
+    )
+    results = [first, second]
+    granted = [r for r in results if isinstance(r, b.ReserveResult)]
+    refused = [r for r in results if isinstance(r, ControlError)]
+    assert len(granted) == 1 and len(refused) == 1, results
+    assert refused[0].code is ErrorCode.DENIED
+    assert "conflicts with running type" in refused[0].message
+    # Nothing moved: both domains still run where they were.
+    assert "web-a-1" in a.harness.domains() and "web-b-1" in bh.harness.domains()
+    # The grant is consumed once the incoming domain is admitted on host-c.
+    winner = UA if granted[0].label == "bank-a-web" else UB
+    reservations = c.ctl.reservations
+    assert reservations is not None and len(reservations.held) == 1
+    h = c.harness
+    domid = await h.call(h.ts.create, domcfg("incoming", uuid=winner))
+    await h.settle()
+    assert h.last(f"domain {domid}").allowed
+    await eventually(lambda: not reservations.held, timeout=15)
+
+
+@pytest_twisted.ensureDeferred
+async def test_migration_to_a_host_running_the_rival_is_refused_before_anything_moves(
+    pool_hosts: list[PoolHost],
+) -> None:
+    a, bh, _ = pool_hosts
+    await _start_all(pool_hosts)
+    await _run(a, UA, "web-a-1", "bank-a-web")
+    await _run(bh, UB, "web-b-1", "bank-b-web")
+    refused = await _reserve(a, UA, "host-b")
+    assert isinstance(refused, ControlError) and refused.code is ErrorCode.DENIED
+    assert refused.details["host"] == "host-b"
+    assert "web-a-1" in a.harness.domains()
+    ok = await _reserve(a, UA, "host-c")
+    assert isinstance(ok, b.ReserveResult) and ok.granted
+    gone = await _reserve(a, UA, "host-x")
+    assert isinstance(gone, ControlError) and "not a live member" in gone.message
