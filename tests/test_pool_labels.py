@@ -16,10 +16,19 @@ from twisted.internet import reactor
 from shyped.control import backend as b
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.service.etcd import EtcdClient
+from shyped.service.poolmetrics import PoolCollector
 
 U1 = "9a000000-0000-4000-8000-0000000000b1"
 U2 = "9a000000-0000-4000-8000-0000000000b2"
 U3 = "9a000000-0000-4000-8000-0000000000b3"
+
+
+def _connected(host: PoolHost) -> float:
+    """``shyped_pool_connected`` as the metrics endpoint would export it."""
+    for family in PoolCollector(host.pool).collect():
+        if family.name == "shyped_pool_connected":
+            return float(family.samples[0].value)
+    raise AssertionError("no shyped_pool_connected")
 
 
 def _put(cluster: EtcdCluster, key: str, value: str) -> None:
@@ -138,6 +147,7 @@ async def test_member_loss_then_quorum_loss_then_recovery(pool_hosts: list[PoolH
     assert a.pool.state == bh.pool.state == "connected"
     cluster.members[1].stop(signal.SIGKILL)
     await eventually(lambda: a.pool.state == bh.pool.state == "cached", timeout=30)
+    assert _connected(a) == 0.0 and a.daemon.status().pool["error"]
     try:
         a.ctl.register_domain(b.RegisterDomainArgs(uuid=U2, label="bank-b-web"))
     except ControlError as exc:
@@ -155,6 +165,7 @@ async def test_member_loss_then_quorum_loss_then_recovery(pool_hosts: list[PoolH
         cluster.restart(m)
     cluster.wait_healthy()
     await eventually(lambda: a.pool.state == bh.pool.state == "connected", timeout=60)
+    assert _connected(a) == 1.0
     a.ctl.register_domain(b.RegisterDomainArgs(uuid=U2, label="bank-b-web"))
     await eventually(lambda: bh.label(U2) == "bank-b-web", timeout=20)
 

@@ -127,7 +127,11 @@ def _run(config_path: Path, level: str) -> int:
         audit=audit,
         metrics=None if metrics is None else metrics.state,
     )
-    attach_pool(daemon)  # pool mode ([pool]): before the control backend, which uses it
+    pool = attach_pool(daemon)  # pool mode ([pool]): before the control backend, which uses it
+    if pool is not None and metrics is not None:
+        from shyped.service.poolmetrics import PoolCollector
+
+        metrics.registry.register(PoolCollector(pool))
     try:
         server = ControlServer(DaemonControlBackend(daemon), config.control, reactor=reactor)
     except ControlSetupError as e:
