@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest_twisted
 from daemon_helpers import domcfg, eventually
 from pool_helpers import PoolHost, pool_hosts_fixture  # noqa: F401 (fixture)
 from test_pool_policy import UA, UB, _run, _start_all
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
 from shyped.control import backend as b
 from shyped.control.protocol import ControlError, ErrorCode
+from shyped.control.server import ControlServer
 from shyped.pool.reservation import State, TransitionError, advance
+from shyped.service.config import ControlConfig
 
 
 async def _reserve(host: PoolHost, uuid: str, dest: str, label: str | None = None) -> object:
@@ -84,3 +89,53 @@ async def test_migration_to_a_host_running_the_rival_is_refused_before_anything_
     assert isinstance(ok, b.ReserveResult) and ok.granted
     gone = await _reserve(a, UA, "host-x")
     assert isinstance(gone, ControlError) and "not a live member" in gone.message
+
+
+def _label_node(host: PoolHost, name: str) -> str | None:
+    doms = [d for d in host.harness.ts.list_domains() if d.name == name]
+    return host.harness.read(f"/local/domain/{doms[0].domid}/shyped/label") if doms else None
+
+
+@pytest_twisted.ensureDeferred
+async def test_shype_xl_migrate_reserves_first_then_the_domain_lands_labelled(
+    pool_hosts: list[PoolHost],
+) -> None:
+    a, bh, c = pool_hosts
+    await _start_all(pool_hosts)
+    await _run(a, UA, "web-a-1", "bank-a-web")
+    await _run(bh, UB, "web-b-1", "bank-b-web")
+    await a.harness.call(a.harness.ts.unpause, "web-a-1")
+    sock = a.xsd.instance_dir / "control.sock"
+    server = ControlServer(a.ctl, ControlConfig(socket=sock))
+    server.start()
+    try:
+        xl = f"{sys.executable} -m shyped.sandbox --socket {a.xsd.socket_path}"
+
+        def shype_xl(*args: str) -> subprocess.CompletedProcess[str]:
+            argv = [sys.executable, "-m", "shyped.cli.shypexl", "--socket", str(sock)]
+            argv += ["--xl", xl, *args]
+            return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+        # To the rival's host: refused by host-b's daemon before anything moves.
+        r = await threads.deferToThread(
+            shype_xl, "migrate", "web-a-1", "host-b", "--xl-host", str(bh.xsd.socket_path)
+        )
+        assert r.returncode == 1 and "refused" in r.stderr and "bank-a" in r.stderr, r.stderr
+        assert "web-a-1" in a.harness.domains() and "web-a-1" not in bh.harness.domains()
+        # To the empty host: granted, migrated, admitted and labelled there.
+        r = await threads.deferToThread(
+            shype_xl, "migrate", "web-a-1", "host-c", "--xl-host", str(c.xsd.socket_path)
+        )
+        assert r.returncode == 0, r.stderr
+        assert "host-c granted a place" in r.stderr
+    finally:
+        await server.stop()
+    assert "web-a-1" not in a.harness.domains()
+    assert "web-a-1" in c.harness.domains()
+    await c.harness.settle()
+    await eventually(
+        lambda: _label_node(c, "web-a-1") == "ACM:example.hosting:bank-a-web", timeout=15
+    )
+    reservations = c.ctl.reservations
+    assert reservations is not None
+    await eventually(lambda: not reservations.held, timeout=15)

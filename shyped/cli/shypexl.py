@@ -219,6 +219,10 @@ class Wrapper:
             return self.create(list(self.opts.rest))
         if cmd in ("block-attach", "network-attach"):
             return self.attach(cmd, list(self.opts.rest))
+        if cmd == "migrate":  # pool mode: the destination's daemon reserves a place first
+            from shyped.cli.shypexl_pool import migrate
+
+            return migrate(self, list(self.opts.rest))
         self.exec_xl(cmd, *self.opts.rest)
 
     def attach(self, cmd: str, rest: list[str]) -> int:
