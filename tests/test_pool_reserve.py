@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest_twisted
 from daemon_helpers import domcfg, eventually
@@ -16,6 +17,7 @@ from shyped.control import backend as b
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.control.server import ControlServer
 from shyped.pool.reservation import State, TransitionError, advance
+from shyped.sandbox import migration
 from shyped.service.config import ControlConfig
 
 
@@ -139,3 +141,38 @@ async def test_shype_xl_migrate_reserves_first_then_the_domain_lands_labelled(
     reservations = c.ctl.reservations
     assert reservations is not None
     await eventually(lambda: not reservations.held, timeout=15)
+
+
+@pytest_twisted.ensureDeferred
+async def test_shype_xl_restore_is_admitted_by_this_hosts_reservation_first(
+    pool_hosts: list[PoolHost], tmp_path: Path
+) -> None:
+    a, bh, c = pool_hosts
+    await _start_all(pool_hosts)
+    await _run(a, UA, "web-a-1", "bank-a-web")
+    await _run(bh, UB, "web-b-1", "bank-b-web")
+    save = tmp_path / "web-b-1.save"
+    await bh.harness.call(migration.save, bh.harness.ts, "web-b-1", save)
+    await bh.harness.settle()
+
+    async def shype_xl(host: PoolHost, *args: str) -> subprocess.CompletedProcess[str]:
+        sock = host.xsd.instance_dir / "control.sock"
+        server = ControlServer(host.ctl, ControlConfig(socket=sock))
+        server.start()
+        xl = f"{sys.executable} -m shyped.sandbox --socket {host.xsd.socket_path}"
+        argv = [sys.executable, "-m", "shyped.cli.shypexl", "--socket", str(sock), "--xl", xl]
+        try:
+            return await threads.deferToThread(
+                subprocess.run, [*argv, *args], capture_output=True, text=True, timeout=120
+            )
+        finally:
+            await server.stop()
+
+    refused = await shype_xl(a, "restore", "-p", str(save))
+    assert refused.returncode == 1 and "bank-a" in refused.stderr, refused.stderr
+    assert "web-b-1" not in a.harness.domains()
+    done = await shype_xl(c, "restore", "-p", str(save))
+    assert done.returncode == 0 and "host-c granted a place" in done.stderr, done.stderr
+    await eventually(
+        lambda: _label_node(c, "web-b-1") == "ACM:example.hosting:bank-b-web", timeout=15
+    )

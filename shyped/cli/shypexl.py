@@ -223,6 +223,10 @@ class Wrapper:
             from shyped.cli.shypexl_pool import migrate
 
             return migrate(self, list(self.opts.rest))
+        if cmd == "restore":  # admitted (pool: reserved on this host) before xl restores
+            from shyped.cli.shypexl_pool import restore
+
+            return restore(self, list(self.opts.rest))
         self.exec_xl(cmd, *self.opts.rest)
 
     def attach(self, cmd: str, rest: list[str]) -> int:

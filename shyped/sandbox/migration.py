@@ -18,28 +18,26 @@ Sources (xen-project/xen, Xen 4.17; read again with the search tools when in dou
   ``libxl_domain_create_restore`` makes the domain with the same ``libxl__domain_make`` and
   device writes as a create (``libxl_create.c``), paused until the end, unpaused unless ``-p``.
 
-The sandbox has no memory image: a save file holds the domain's stored configuration (what
-``xl list -l`` prints) as JSON, and a "host" to migrate to is another sandbox xenstored,
-named by its socket path.
+The sandbox has no memory image: a save file is xl's header and the domain's stored
+configuration as JSON (`shyped.core.xlsavefile`) without libxc's stream after it, and a
+"host" to migrate to is another sandbox xenstored, named by its socket path.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
 from shyped.core.xlcfg import DomainConfig, domain_config_from_text
+from shyped.core.xlsavefile import HEADER_LEN, MAX_CONFIG, SaveFileError, read_header, write_header
 from shyped.sandbox import layout as L
 from shyped.sandbox.hypervisor import DomainState
 from shyped.sandbox.layout import Actor, Op, Write, step
 from shyped.sandbox.toolstack import Toolstack
 from shyped.sandbox.toolstack_base import ToolstackError
 
-#: First line of a sandbox save file (xl's own files start "Xen saving domain, xl format").
-MAGIC: Final = "shyped sandbox save file, xl format"
 INCOMING: Final = "--incoming"
 AWAY: Final = "--migratedaway"
 
@@ -120,7 +118,7 @@ def save(ts: Toolstack, domain: str | int, path: Path, *, checkpoint: bool = Fal
     dom = _lookup(ts, domain)
     _cfg(dom)
     suspend(ts, dom.domid)
-    path.write_text(MAGIC + "\n" + json.dumps(dom.config, sort_keys=True) + "\n")
+    path.write_bytes(write_header(dom.config))  # no memory stream in the sandbox
     if checkpoint:
         resume(ts, dom.domid)
     else:
@@ -130,11 +128,11 @@ def save(ts: Toolstack, domain: str | int, path: Path, *, checkpoint: bool = Fal
 def restore(ts: Toolstack, path: Path, *, paused: bool = False) -> int:
     """``xl restore [-p] FILE``: created paused from the stored configuration, unpaused at the
     end unless ``paused``."""
-    magic, _, body = path.read_text().partition("\n")
-    if magic != MAGIC:
-        raise ToolstackError(f"{path}: not a sandbox save file")
-    config = json.loads(body)
-    cfg = domain_config_from_text(config_text(config), str(path))
+    try:
+        saved = read_header(path.read_bytes()[: HEADER_LEN + MAX_CONFIG + 8])
+    except SaveFileError as exc:
+        raise ToolstackError(f"{path}: {exc}") from None
+    cfg = domain_config_from_text(config_text(saved.config), str(path))
     domid = ts.create(cfg, paused=True)
     if not paused:
         ts.unpause(domid)
