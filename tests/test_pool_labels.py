@@ -204,3 +204,18 @@ async def test_without_etcd_a_host_starts_from_its_cache_and_refuses_pool_writes
     backend.register_domain(b.RegisterDomainArgs(uuid=U3, label="bank-b-web"))
     await eventually(lambda: bh.label(U3) == "bank-b-web", timeout=10)
     del a
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_watch_is_found_and_replaced(pool_hosts: list[PoolHost]) -> None:
+    """A watch stream that stops delivering (here: dropped without a word) is found by the
+    heartbeat's check of the newest revision under the prefix, and replaced."""
+    _, bh, _ = pool_hosts
+    await bh.start()
+    watch = bh.pool._watch
+    assert watch is not None
+    watch.cancel()  # silently: the store still believes it is watching
+    assert bh.pool.state == "connected"
+    _put(bh.cluster, f"{PREFIX}/labels/uuid/{U3}", "bank-b-web")
+    await eventually(lambda: bh.label(U3) == "bank-b-web", timeout=20)
+    assert bh.pool.watch_restarts == 1

@@ -99,7 +99,12 @@ def _run(config_path: Path, level: str) -> int:
     from shyped.control.daemon_backend import DaemonControlBackend
     from shyped.control.server import ControlServer, ControlSetupError
     from shyped.service.daemon import Daemon, ReloadResult, StartupError, load_startup
-    from shyped.service.poolstore import attach_pool, start_with_pool, stop_with_pool
+    from shyped.service.poolstore import (
+        PoolSetupError,
+        attach_pool,
+        start_with_pool,
+        stop_with_pool,
+    )
     from shyped.service.sdnotify import Notifier, Watchdog
 
     try:
@@ -127,7 +132,10 @@ def _run(config_path: Path, level: str) -> int:
         audit=audit,
         metrics=None if metrics is None else metrics.state,
     )
-    pool = attach_pool(daemon)  # pool mode ([pool]): before the control backend, which uses it
+    try:
+        pool = attach_pool(daemon)  # pool mode ([pool]): before the control backend uses it
+    except PoolSetupError as e:
+        return _error(f"{config_path}: {e}")
     if pool is not None and metrics is not None:
         from shyped.service.poolmetrics import PoolCollector
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import ssl
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -40,27 +40,44 @@ def add_pool_commands(sub: Any) -> None:
 MAX_ANCHORS = 1000
 
 
-def fetch_prefix(endpoints: Sequence[str], prefix: str, timeout: float) -> list[str]:
-    """The values under `prefix` from the first etcd endpoint that answers (at most
-    `MAX_ANCHORS`). `OSError` when none answers. Blocking: the CLI's own short, bounded read."""
+def _post(pool: Any, endpoint: str, path: str, body: dict[str, Any], token: str | None) -> Any:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = token
+    req = urllib.request.Request(
+        endpoint + "/v3/" + path, data=json.dumps(body).encode(), method="POST", headers=headers
+    )
+    context = None
+    if pool.ca_file is not None:
+        context = ssl.create_default_context(cafile=str(pool.ca_file))
+        if pool.cert_file is not None:
+            context.load_cert_chain(str(pool.cert_file), str(pool.key_file))
+    with urllib.request.urlopen(req, timeout=pool.timeout, context=context) as resp:
+        return json.loads(resp.read(16 << 20))
+
+
+def fetch_prefix(pool: Any, prefix: str) -> list[str]:
+    """The values under `prefix` from the first etcd endpoint of `pool` (a `PoolConfig`) that
+    answers (at most `MAX_ANCHORS`; TLS and etcd's authentication as configured). `OSError`
+    when none answers. Blocking: the CLI's own short, bounded read."""
     from shyped.pool.keys import range_end
 
     def enc(text: str) -> str:
         return base64.b64encode(text.encode()).decode()
 
     body = {"key": enc(prefix), "range_end": enc(range_end(prefix)), "limit": MAX_ANCHORS}
+    password = None
+    if pool.password_file is not None:
+        password = pool.password_file.read_text().rstrip("\n")
     errors = []
-    for endpoint in endpoints:
-        req = urllib.request.Request(
-            endpoint + "/v3/kv/range",
-            data=json.dumps(body).encode(),
-            method="POST",
-            headers={"Content-Type": "application/json"},
-        )
+    for endpoint in pool.endpoints:
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                doc = json.loads(resp.read(16 << 20))
-        except (OSError, ValueError) as exc:
+            token = None
+            if pool.user is not None:
+                auth = {"name": pool.user, "password": password}
+                token = _post(pool, endpoint, "auth/authenticate", auth, None).get("token")
+            doc = _post(pool, endpoint, "kv/range", body, token)
+        except (OSError, ValueError, AttributeError) as exc:
             errors.append(f"{endpoint}: {exc}")
             continue
         kvs = doc.get("kvs") if isinstance(doc, dict) else None
@@ -92,7 +109,7 @@ def verify_pool(directory: Path, config_path: Path, out: TextIO, err: TextIO) ->
         return 2
     key = PoolKeys(pool.prefix, pool.host).audit_anchors()
     try:
-        texts = fetch_prefix(pool.endpoints, key, pool.timeout)
+        texts = fetch_prefix(pool, key)
     except OSError as exc:
         print(f"audit verify --pool: {exc}", file=err)
         return 2

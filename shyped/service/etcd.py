@@ -25,12 +25,17 @@ from typing import Any, Final
 
 import attrs
 import treq
+from treq.client import HTTPClient
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool
+from twisted.python.failure import Failure
+from twisted.web.client import HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
 
 from shyped.pool.keys import range_end
+from shyped.service.etcdtls import EtcdSecurity, make_agent
 
 _log = Logger(namespace="shyped.pool")
 
@@ -45,6 +50,10 @@ _JSON: dict[bytes | str, bytes | str] = {"Content-Type": "application/json"}
 
 class EtcdError(Exception):
     """etcd answered with an error (e.g. a request over its limits)."""
+
+
+class EtcdAuthError(EtcdError):
+    """etcd refused the request's credentials (no token, expired, or wrong password)."""
 
 
 class EtcdUnavailable(EtcdError):
@@ -115,47 +124,129 @@ async def _read(response: Any, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class _Stream(Protocol):
+    """A watch's response body: each chunk to `collector`; closed by `Watch.cancel`."""
+
+    def __init__(self, finished: Deferred[None], collector: Callable[[bytes], None]) -> None:
+        self.finished: Deferred[None] | None = finished
+        self.collector = collector
+        self.closed = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self.collector(data)
+        except Exception:
+            self.close()
+            if self.finished is not None:
+                finished, self.finished = self.finished, None
+                finished.errback(Failure())  # type: ignore[no-untyped-call]
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.stopProducing()  # the HTTP connection is dropped
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.finished is None:
+            return
+        finished, self.finished = self.finished, None
+        if reason.check(ResponseDone, PotentialDataLoss):  # type: ignore[no-untyped-call]
+            finished.callback(None)
+        else:
+            finished.errback(reason)
+
+
 class Watch:
-    """A running watch; `cancel` ends it (the stream's connection is dropped)."""
+    """A running watch; `cancel` ends it: its connection is dropped and nothing more is
+    delivered."""
 
     def __init__(self) -> None:
         self.done: Deferred[None] = Deferred()
         self._request: Deferred[Any] | None = None
+        self._stream: _Stream | None = None
         self.cancelled = False
 
     def cancel(self) -> None:
         self.cancelled = True
-        if self._request is not None:
+        if self._stream is not None:
+            self._stream.close()
+            if self._stream.finished is not None:
+                finished, self._stream.finished = self._stream.finished, None
+                finished.callback(None)
+        elif self._request is not None:
             self._request.cancel()
 
 
 class EtcdClient:
     """Calls to a set of etcd endpoints (``http://127.0.0.1:2379`` …), first that answers."""
 
-    def __init__(self, reactor: Any, endpoints: Sequence[str], timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        endpoints: Sequence[str],
+        timeout: float = 2.0,
+        security: EtcdSecurity | None = None,
+    ) -> None:
         if not endpoints:
             raise ValueError("no etcd endpoints")
         self.reactor = reactor
         self.endpoints = list(endpoints)
         self.timeout = timeout
+        self.security = security
         self._current = 0
+        self._token: str | None = None
         self._pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
         self._pool.maxPersistentPerHost = 4
+        self._http = HTTPClient(make_agent(reactor, self._pool, timeout, security))
+        # Watches are long-lived streams: their own connections, never pooled.
+        streams = HTTPConnectionPool(reactor, persistent=False)  # type: ignore[no-untyped-call]
+        self._watch_http = HTTPClient(make_agent(reactor, streams, timeout, security))
 
-    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST `body` to ``/v3/<path>`` on the first endpoint that answers."""
+    def _headers(self) -> dict[bytes | str, bytes | str]:
+        if self._token is None:
+            return _JSON
+        return {**_JSON, "Authorization": self._token}
+
+    async def authenticate(self) -> None:
+        """Trade the user and password for a token (etcd's RBAC is on)."""
+        sec = self.security
+        if sec is None or sec.user is None or sec.password is None:
+            raise EtcdError("etcd asks for authentication: set pool.user and pool.password_file")
+        self._token = None
+        doc = await self.call(
+            "auth/authenticate", {"name": sec.user, "password": sec.password}, _auth=False
+        )
+        token = doc.get("token")
+        if not isinstance(token, str) or not token or len(token) > 4096:
+            raise EtcdError("etcd answered no usable token")
+        self._token = token
+
+    async def call(self, path: str, body: dict[str, Any], _auth: bool = True) -> dict[str, Any]:
+        """POST `body` to ``/v3/<path>`` on the first endpoint that answers (authenticating
+        first, or again when the token expired, if etcd's RBAC is on)."""
+        if _auth and self._token is None and self.security is not None and self.security.user:
+            await self.authenticate()
+        try:
+            return await self._call(path, body)
+        except EtcdAuthError:
+            if not _auth or self.security is None or not self.security.user:
+                raise
+            await self.authenticate()
+            return await self._call(path, body)
+
+    async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         errors: list[str] = []
         for i in range(len(self.endpoints)):
             index = (self._current + i) % len(self.endpoints)
             url = self.endpoints[index] + "/v3/" + path
             try:
-                response = await treq.post(
+                response = await self._http.post(
                     url,
-                    json.dumps(body).encode(),
-                    headers=_JSON,
+                    data=json.dumps(body).encode(),
+                    headers=self._headers(),
                     timeout=self.timeout,
-                    pool=self._pool,
-                    reactor=self.reactor,
                 )
                 data = await _read(response, MAX_RESPONSE)
             except EtcdError:
@@ -170,6 +261,9 @@ class EtcdClient:
                 continue
             if response.code != 200 or not isinstance(doc, dict):
                 message = doc.get("error") or doc.get("message") if isinstance(doc, dict) else doc
+                text = str(message)
+                if response.code == 401 or "auth token" in text or "user name is empty" in text:
+                    raise EtcdAuthError(f"etcd {path}: {text[:300]}")
                 if response.code in (500, 503, 504) or "timed out" in str(message):
                     errors.append(f"{self.endpoints[index]}: {str(message)[:200]}")
                     continue
@@ -186,6 +280,22 @@ class EtcdClient:
         if not isinstance(kvs, list):
             raise EtcdError("etcd range: kvs is not a list")
         return _int(doc.get("header", {}).get("revision")), [_kv(d) for d in kvs]
+
+    async def newest_revision(self, prefix: str) -> int:
+        """The highest mod revision of a key below `prefix` (0: none), keys only."""
+        doc = await self.call(
+            "kv/range",
+            {
+                "key": _b64(prefix),
+                "range_end": _b64(range_end(prefix)),
+                "limit": 1,
+                "sort_order": "DESCEND",
+                "sort_target": "MOD",
+                "keys_only": True,
+            },
+        )
+        kvs = doc.get("kvs") or []
+        return _kv(kvs[0]).mod_revision if isinstance(kvs, list) and kvs else 0
 
     async def get(self, key: str) -> KeyValue | None:
         doc = await self.call("kv/range", {"key": _b64(key)})
@@ -285,21 +395,29 @@ class EtcdClient:
                 raise EtcdError(f"watch line longer than {MAX_WATCH_LINE} bytes")
 
         async def run() -> None:
-            request = treq.post(
+            if self._token is None and self.security is not None and self.security.user:
+                await self.authenticate()
+            request = self._watch_http.post(
                 url,
-                json.dumps(body).encode(),
+                data=json.dumps(body).encode(),
                 unbuffered=True,
-                reactor=self.reactor,
-                headers=_JSON,
+                headers=self._headers(),
                 timeout=self.timeout,
             )
             watch._request = request
             response = await request
             if response.code != 200:
                 raise EtcdUnavailable(f"watch on {self.endpoints[index]}: HTTP {response.code}")
-            collected = treq.collect(response, chunk)
-            watch._request = collected
-            await collected
+            finished: Deferred[None] = Deferred()
+            stream = _Stream(finished, chunk)
+            watch._stream = stream
+            if watch.cancelled:
+                stream.closed = True
+            response.deliverBody(stream)
+            if watch.cancelled:
+                stream.close()
+                return
+            await finished
 
         # The next watch starts at another endpoint if this one failed.
         def failed(f: Any) -> Any:

@@ -35,9 +35,22 @@ class PoolConfig:
     timeout: float = 2.0
     #: seconds between audit chain head anchors (and one at stop)
     anchor_interval: float = 60.0
+    #: TLS (https endpoints): the CA of the members' certificates; a client certificate and
+    #: key when the members run with --client-cert-auth
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: etcd's role-based access control: the user, and a root-only file with its password
+    user: str | None = None
+    password_file: Path | None = None
 
 
 _KEYS = {
+    "ca_file",
+    "cert_file",
+    "key_file",
+    "user",
+    "password_file",
     "enabled",
     "endpoints",
     "prefix",
@@ -49,12 +62,13 @@ _KEYS = {
 }
 
 
-def _endpoint(url: str) -> str:
+def _endpoint(url: str, tls: bool) -> str:
     parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme != "http" or not parsed.hostname or parsed.path not in ("", "/"):
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.path.strip("/"):
+        raise PoolConfigError(f"pool.endpoints: {url!r} is not an etcd client URL")
+    if (parsed.scheme == "https") != tls:
         raise PoolConfigError(
-            f"pool.endpoints: {url!r} is not an etcd client URL http://HOST:PORT (https with "
-            "client certificates is not built yet: see docs/pool.md)"
+            f"pool.endpoints: {url!r}: https endpoints go with pool.ca_file, http ones without"
         )
     return url.rstrip("/")
 
@@ -95,10 +109,23 @@ def parse_pool(doc: dict[str, Any], base: Path, where: str) -> PoolConfig:
     try:
         prefix = check_prefix(get("prefix", str, "/shyped/pool"))
         host = check_host(get("host", str, "") or socket.gethostname().split(".")[0])
-        urls = tuple(_endpoint(e) for e in endpoints)
+        urls = tuple(_endpoint(e, "ca_file" in table) for e in endpoints)
     except (PoolKeyError, PoolConfigError) as exc:
         raise PoolConfigError(f"{where}: {exc}") from None
+    files: dict[str, Path | None] = {}
+    for key in ("ca_file", "cert_file", "key_file", "password_file"):
+        value = get(key, str, "") if key in table else None
+        if value is not None and (not value.strip() or "\x00" in value):
+            raise PoolConfigError(f"{where}: pool.{key} must name a file")
+        files[key] = None if value is None else base / value
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        raise PoolConfigError(f"{where}: pool.cert_file and pool.key_file go together")
+    user = get("user", str, "") if "user" in table else None
+    if (user is None) != (files["password_file"] is None) or (user is not None and not user):
+        raise PoolConfigError(f"{where}: pool.user and pool.password_file go together")
     return PoolConfig(
+        user=user,
+        **files,
         enabled=get("enabled", bool, True),
         endpoints=urls,
         prefix=prefix,

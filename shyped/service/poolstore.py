@@ -36,6 +36,7 @@ from shyped.fileio.boundedread import read_bounded
 from shyped.pool.anchor import AuditAnchor
 from shyped.pool.keys import MAX_ENTRIES, PoolKeyError, PoolKeys, check_host, labels_from_kvs
 from shyped.service.etcd import EtcdClient, EtcdError, EtcdUnavailable, Watch, WatchEvent
+from shyped.service.etcdtls import EtcdSecurity
 from shyped.service.poolconfig import PoolConfig
 
 _log = Logger(namespace="shyped.pool")
@@ -58,7 +59,9 @@ class PoolStore:
         self.config = config
         self.reactor = daemon.reactor
         self.keys = PoolKeys(config.prefix, config.host)
-        self.client = client or EtcdClient(self.reactor, config.endpoints, config.timeout)
+        self.client = client or EtcdClient(
+            self.reactor, config.endpoints, config.timeout, security=_security(config)
+        )
         #: "starting", "connected" (watching etcd), "cached" (enforcing the last known state)
         self.state = "starting"
         self.error: str | None = None
@@ -81,6 +84,8 @@ class PoolStore:
         self._anchoring.clock = self.reactor
         self._anchored: tuple[str, int, str] | None = None
         self.anchors_written = 0
+        self._lagging = 0
+        self.watch_restarts = 0
         self._since = time.time()
 
     # ------------------------------------------------------------------ lifecycle
@@ -351,6 +356,8 @@ class PoolStore:
             if state != self._published or renewed:
                 await self.client.put(self.keys.host_state(), state, self.lease)
                 self._published = state
+            if self.state == "connected":
+                await self._check_watch()
         except EtcdUnavailable as exc:
             if self.state == "connected":
                 self._set_state("cached", str(exc))
@@ -361,6 +368,28 @@ class PoolStore:
         except EtcdError as exc:
             _log.warn("pool: membership not refreshed: {error}", error=str(exc))
             self.lease = 0
+
+    async def _check_watch(self) -> None:
+        """A watch that fell behind (a change committed under the prefix two heartbeats ago
+        and still not delivered: a stalled stream) is replaced by a fresh read and watch."""
+        newest = await self.client.newest_revision(self.keys.root)
+        if newest <= self.revision:
+            self._lagging = 0
+            return
+        self._lagging += 1
+        if self._lagging < 2:
+            return
+        _log.warn(
+            "pool: the watch stalled at revision {rev} (etcd has {newest}); resyncing",
+            rev=self.revision,
+            newest=newest,
+        )
+        self._lagging = 0
+        self.watch_restarts += 1
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+        await self._connect()
 
     # ------------------------------------------------------------------ the audit anchor
 
@@ -385,6 +414,22 @@ class PoolStore:
             return
         self._anchored = current
         self.anchors_written += 1
+
+
+def _security(config: PoolConfig) -> EtcdSecurity | None:
+    """TLS files and credentials of ``[pool]`` (`PoolSetupError` naming what cannot be read)."""
+    if config.ca_file is None and config.user is None:
+        return None
+    try:
+        return EtcdSecurity.from_files(
+            config.ca_file, config.cert_file, config.key_file, config.user, config.password_file
+        )
+    except OSError as exc:
+        raise PoolSetupError(f"pool: cannot read {exc.filename}: {exc.strerror or exc}") from None
+
+
+class PoolSetupError(Exception):
+    """``[pool]`` names a file that cannot be read (the daemon does not start)."""
 
 
 def attach_pool(daemon: Any) -> PoolStore | None:
