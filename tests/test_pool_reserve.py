@@ -30,6 +30,14 @@ async def _reserve(host: PoolHost, uuid: str, dest: str, label: str | None = Non
         return exc
 
 
+async def _rivals_running(hosts: list[PoolHost]) -> None:
+    """All three hosts up; bank A's web domain on host-a, bank B's on host-b."""
+    a, bh, _ = hosts
+    await _start_all(hosts)
+    await _run(a, UA, "web-a-1", "bank-a-web")
+    await _run(bh, UB, "web-b-1", "bank-b-web")
+
+
 def test_reservation_states_move_one_way() -> None:
     assert advance(State.REQUESTED, State.GRANTED) is State.GRANTED
     assert advance(State.GRANTED, State.CONSUMED) is State.CONSUMED
@@ -47,9 +55,7 @@ async def test_two_concurrent_rival_migrations_to_one_empty_host_exactly_one_win
     pool_hosts: list[PoolHost],
 ) -> None:
     a, bh, c = pool_hosts
-    await _start_all(pool_hosts)
-    await _run(a, UA, "web-a-1", "bank-a-web")
-    await _run(bh, UB, "web-b-1", "bank-b-web")
+    await _rivals_running(pool_hosts)
     first, second = await defer.gatherResults(
         [
             defer.ensureDeferred(_reserve(a, UA, "host-c")),
@@ -79,10 +85,8 @@ async def test_two_concurrent_rival_migrations_to_one_empty_host_exactly_one_win
 async def test_migration_to_a_host_running_the_rival_is_refused_before_anything_moves(
     pool_hosts: list[PoolHost],
 ) -> None:
-    a, bh, _ = pool_hosts
-    await _start_all(pool_hosts)
-    await _run(a, UA, "web-a-1", "bank-a-web")
-    await _run(bh, UB, "web-b-1", "bank-b-web")
+    a, _, _ = pool_hosts
+    await _rivals_running(pool_hosts)
     refused = await _reserve(a, UA, "host-b")
     assert isinstance(refused, ControlError) and refused.code is ErrorCode.DENIED
     assert refused.details["host"] == "host-b"
@@ -103,9 +107,7 @@ async def test_shype_xl_migrate_reserves_first_then_the_domain_lands_labelled(
     pool_hosts: list[PoolHost],
 ) -> None:
     a, bh, c = pool_hosts
-    await _start_all(pool_hosts)
-    await _run(a, UA, "web-a-1", "bank-a-web")
-    await _run(bh, UB, "web-b-1", "bank-b-web")
+    await _rivals_running(pool_hosts)
     await a.harness.call(a.harness.ts.unpause, "web-a-1")
     sock = a.xsd.instance_dir / "control.sock"
     server = ControlServer(a.ctl, ControlConfig(socket=sock))
@@ -148,9 +150,7 @@ async def test_shype_xl_restore_is_admitted_by_this_hosts_reservation_first(
     pool_hosts: list[PoolHost], tmp_path: Path
 ) -> None:
     a, bh, c = pool_hosts
-    await _start_all(pool_hosts)
-    await _run(a, UA, "web-a-1", "bank-a-web")
-    await _run(bh, UB, "web-b-1", "bank-b-web")
+    await _rivals_running(pool_hosts)
     save = tmp_path / "web-b-1.save"
     await bh.harness.call(migration.save, bh.harness.ts, "web-b-1", save)
     await bh.harness.settle()

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import attrs
 
 from shyped.core.audit import Record
+from shyped.pool.records import RecordError, json_object
 
 _HEX = re.compile(r"^[0-9a-f]{16,128}$")
 
@@ -36,14 +37,10 @@ class AuditAnchor:
 
 
 def parse_anchor(text: str) -> AuditAnchor:
-    if len(text) > 4096:
-        raise AnchorError("audit anchor: too long")
     try:
-        doc = json.loads(text)
-    except (ValueError, RecursionError):
-        raise AnchorError("audit anchor: not JSON") from None
-    if not isinstance(doc, dict):
-        raise AnchorError("audit anchor: not an object")
+        doc = json_object(text, "audit anchor", 4096)
+    except RecordError as exc:
+        raise AnchorError(str(exc)) from None
     host, log, seq, hsh, when = (doc.get(k) for k in ("host", "log", "seq", "hash", "time"))
     if (
         not isinstance(host, str)

@@ -25,6 +25,7 @@ from typing import Final
 import attrs
 
 from shyped.core.labelstore import LabelStore, LabelStoreError
+from shyped.pool.records import HOST_RE
 
 #: Most label entries a pool snapshot may hold before it is refused whole (fail closed).
 MAX_ENTRIES: Final = 100_000
@@ -33,7 +34,6 @@ MAX_KEY_BYTES: Final = 2048
 MAX_VALUE_BYTES: Final = 64 * 1024
 
 _PREFIX = re.compile(r"^(/[A-Za-z0-9_.-]+)+$")
-_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 class PoolKeyError(ValueError):
@@ -47,7 +47,7 @@ def check_prefix(prefix: str) -> str:
 
 
 def check_host(host: str) -> str:
-    if not _HOST.fullmatch(host):
+    if not HOST_RE.fullmatch(host):
         raise PoolKeyError(f"pool host name {host!r}: expected [A-Za-z0-9][A-Za-z0-9_.-]{{0,62}}")
     return host
 

@@ -22,17 +22,18 @@ MAX_PROBLEM_CHARS: Final = 2000
 #: Most labels a host's published state may name.
 MAX_HOST_LABELS: Final = 10_000
 
-_ID = re.compile(r"^[0-9a-f]{32}$")
-_SHA = re.compile(r"^[0-9a-f]{64}$")
-_NAME = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}$")
-_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+#: The shapes every pool record's fields are checked against (shared by the pool modules).
+ID_RE: Final = re.compile(r"^[0-9a-f]{32}$")
+SHA_RE: Final = re.compile(r"^[0-9a-f]{64}$")
+NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}$")
+HOST_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 class RecordError(ValueError):
     """A record that cannot be used (the message says why)."""
 
 
-def _doc(text: str, what: str, limit: int = MAX_POLICY_TEXT + 64 * 1024) -> dict[str, Any]:
+def json_object(text: str, what: str, limit: int = MAX_POLICY_TEXT + 64 * 1024) -> dict[str, Any]:
     if len(text) > limit:
         raise RecordError(f"{what}: longer than {limit} characters")
     try:
@@ -44,14 +45,14 @@ def _doc(text: str, what: str, limit: int = MAX_POLICY_TEXT + 64 * 1024) -> dict
     return doc
 
 
-def _get(doc: Mapping[str, Any], key: str, kind: type, what: str) -> Any:
+def field(doc: Mapping[str, Any], key: str, kind: type, what: str) -> Any:
     value = doc.get(key)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise RecordError(f"{what}: {key} must be a {kind.__name__}")
     return value
 
 
-def _match(value: str, pattern: re.Pattern[str], key: str, what: str) -> str:
+def matching(value: str, pattern: re.Pattern[str], key: str, what: str) -> str:
     if not pattern.fullmatch(value):
         raise RecordError(f"{what}: {key} {value[:80]!r} is not valid")
     return value
@@ -77,13 +78,13 @@ class PolicyRecord:
 
 def parse_policy_record(text: str) -> PolicyRecord:
     what = "pool policy record"
-    doc = _doc(text, what)
+    doc = json_object(text, what)
     rec = PolicyRecord(
-        seq=_get(doc, "seq", int, what),
-        sha256=_match(_get(doc, "sha256", str, what), _SHA, "sha256", what),
-        text=_get(doc, "text", str, what),
-        filename=_get(doc, "filename", str, what)[:200],
-        proposal=_match(_get(doc, "proposal", str, what), _ID, "proposal", what),
+        seq=field(doc, "seq", int, what),
+        sha256=matching(field(doc, "sha256", str, what), SHA_RE, "sha256", what),
+        text=field(doc, "text", str, what),
+        filename=field(doc, "filename", str, what)[:200],
+        proposal=matching(field(doc, "proposal", str, what), ID_RE, "proposal", what),
     )
     if rec.seq < 1 or len(rec.text) > MAX_POLICY_TEXT or sha256_text(rec.text) != rec.sha256:
         raise RecordError(f"{what}: seq, size or sha256 does not hold")
@@ -107,14 +108,14 @@ class Proposal:
 
 def parse_proposal(text: str) -> Proposal:
     what = "pool policy proposal"
-    doc = _doc(text, what)
+    doc = json_object(text, what)
     p = Proposal(
-        id=_match(_get(doc, "id", str, what), _ID, "id", what),
-        sha256=_match(_get(doc, "sha256", str, what), _SHA, "sha256", what),
-        text=_get(doc, "text", str, what),
-        filename=_get(doc, "filename", str, what)[:200],
-        proposer=_match(_get(doc, "proposer", str, what), _HOST, "proposer", what),
-        base_seq=_get(doc, "base_seq", int, what),
+        id=matching(field(doc, "id", str, what), ID_RE, "id", what),
+        sha256=matching(field(doc, "sha256", str, what), SHA_RE, "sha256", what),
+        text=field(doc, "text", str, what),
+        filename=field(doc, "filename", str, what)[:200],
+        proposer=matching(field(doc, "proposer", str, what), HOST_RE, "proposer", what),
+        base_seq=field(doc, "base_seq", int, what),
     )
     if p.base_seq < 0 or len(p.text) > MAX_POLICY_TEXT or sha256_text(p.text) != p.sha256:
         raise RecordError(f"{what}: base_seq, size or sha256 does not hold")
@@ -138,13 +139,13 @@ class Answer:
 
 def parse_answer(text: str) -> Answer:
     what = "pool policy answer"
-    doc = _doc(text, what, 1024 * 1024)
-    problems = _get(doc, "problems", list, what)
+    doc = json_object(text, what, 1024 * 1024)
+    problems = field(doc, "problems", list, what)
     if len(problems) > MAX_PROBLEMS or not all(isinstance(p, str) for p in problems):
         raise RecordError(f"{what}: problems must be at most {MAX_PROBLEMS} strings")
     return Answer(
-        host=_match(_get(doc, "host", str, what), _HOST, "host", what),
-        accept=_get(doc, "accept", bool, what),
+        host=matching(field(doc, "host", str, what), HOST_RE, "host", what),
+        accept=field(doc, "accept", bool, what),
         problems=tuple(p[:MAX_PROBLEM_CHARS] for p in problems),
     )
 
@@ -182,16 +183,16 @@ class HostState:
 
 def parse_host_state(text: str) -> HostState:
     what = "pool host state"
-    doc = _doc(text, what, 4 * 1024 * 1024)
-    labels = _get(doc, "running_labels", dict, what)
+    doc = json_object(text, what, 4 * 1024 * 1024)
+    labels = field(doc, "running_labels", dict, what)
     if len(labels) > MAX_HOST_LABELS or not all(
-        isinstance(k, str) and _NAME.fullmatch(k) and type(v) is int and 0 < v < 1 << 31
+        isinstance(k, str) and NAME_RE.fullmatch(k) and type(v) is int and 0 < v < 1 << 31
         for k, v in labels.items()
     ):
         raise RecordError(f"{what}: running_labels must map label names to counts")
-    policy = _get(doc, "policy", dict, what)
+    policy = field(doc, "policy", dict, what)
     return HostState(
-        host=_match(_get(doc, "host", str, what), _HOST, "host", what),
+        host=matching(field(doc, "host", str, what), HOST_RE, "host", what),
         running_labels=dict(labels),
-        policy_sha256=_match(_get(policy, "sha256", str, what), _SHA, "policy.sha256", what),
+        policy_sha256=matching(field(policy, "sha256", str, what), SHA_RE, "policy.sha256", what),
     )

@@ -16,16 +16,13 @@ from typing import Any, Final
 
 import attrs
 
-from shyped.pool.records import RecordError
+from shyped.pool.records import HOST_RE, ID_RE, NAME_RE, RecordError, json_object
 
 #: Seconds a grant holds its place on the destination before it lapses.
 GRANT_TTL: Final = 60.0
 #: Reservations one destination holds at once (more are refused: fail closed).
 MAX_HELD: Final = 256
 
-_ID = re.compile(r"^[0-9a-f]{32}$")
-_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_NAME = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}$")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -75,17 +72,12 @@ def _str(doc: dict[str, Any], key: str, pattern: re.Pattern[str]) -> str:
 
 
 def parse_request(text: str) -> Request:
-    if len(text) > 4096:
-        raise RecordError("reservation: too long")
-    try:
-        doc = json.loads(text)
-    except (ValueError, RecursionError):
-        raise RecordError("reservation: not JSON") from None
-    if not isinstance(doc, dict) or doc.get("kind") not in ("migrate", "restore"):
-        raise RecordError("reservation: not an object with kind migrate or restore")
+    doc = json_object(text, "reservation", 4096)
+    if doc.get("kind") not in ("migrate", "restore"):
+        raise RecordError("reservation: kind must be migrate or restore")
     return Request(
-        _str(doc, "id", _ID), _str(doc, "uuid", _UUID), _str(doc, "label", _NAME),
-        _str(doc, "source", _HOST), _str(doc, "dest", _HOST), doc["kind"],
+        _str(doc, "id", ID_RE), _str(doc, "uuid", _UUID), _str(doc, "label", NAME_RE),
+        _str(doc, "source", HOST_RE), _str(doc, "dest", HOST_RE), doc["kind"],
     )  # fmt: skip
 
 
@@ -104,15 +96,12 @@ class Grant:
 
 
 def parse_grant(text: str) -> Grant:
-    if len(text) > 8192:
-        raise RecordError("grant: too long")
-    try:
-        doc = json.loads(text)
-    except (ValueError, RecursionError):
-        raise RecordError("grant: not JSON") from None
-    if not isinstance(doc, dict) or doc.get("state") not in ("granted", "refused"):
-        raise RecordError("grant: not an object with state granted or refused")
+    doc = json_object(text, "grant", 8192)
+    if doc.get("state") not in ("granted", "refused"):
+        raise RecordError("grant: state must be granted or refused")
     reason = doc.get("reason")
     if not isinstance(reason, str):
         raise RecordError("grant: reason is not a string")
-    return Grant(_str(doc, "id", _ID), State(doc["state"]), reason[:2000], _str(doc, "host", _HOST))
+    return Grant(
+        _str(doc, "id", ID_RE), State(doc["state"]), reason[:2000], _str(doc, "host", HOST_RE)
+    )
