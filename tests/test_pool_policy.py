@@ -5,12 +5,16 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+import pytest
 import pytest_twisted
 from daemon_helpers import HOSTING, domcfg, eventually
 from pool_helpers import PREFIX, PoolHost, pool_hosts_fixture  # noqa: F401 (fixture)
+from twisted.internet import reactor, task
 
 from shyped.control import backend as b
+from shyped.control import poolpolicy
 from shyped.control.protocol import ControlError, ErrorCode
+from shyped.pool import records
 
 UA = "9a000000-0000-4000-8000-0000000000a1"
 UB = "9a000000-0000-4000-8000-0000000000b1"
@@ -110,3 +114,44 @@ async def test_placement_excludes_the_host_running_the_rival_with_the_reason(
     await eventually(lambda: f"{PREFIX}/hosts/host-x" in c.pool.entries, timeout=10)
     verdicts = {h.host: h for h in c.ctl.placement(b.PlacementArgs("bank-b-web")).hosts}
     assert not verdicts["host-x"].admitted and "unusable host state" in verdicts["host-x"].reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_of_proposals_is_bounded_and_dead_proposers_are_ignored(
+    pool_hosts: list[PoolHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone who can write the prefix may file proposals: those naming a proposer that is
+    not a live member are not even parsed, and the rest are parsed a few at a time."""
+    a, _, _ = pool_hosts
+    await a.start()
+    running = {"now": 0, "most": 0}
+    real = poolpolicy.parse_isolated
+
+    async def counting(*args: Any) -> Any:
+        running["now"] += 1
+        running["most"] = max(running["most"], running["now"])
+        try:
+            await task.deferLater(reactor, 0.05, lambda: None)
+            return await real(*args)
+        finally:
+            running["now"] -= 1
+
+    monkeypatch.setattr(poolpolicy, "parse_isolated", counting)
+    text = _policy("1.1")
+
+    def propose(n: int, proposer: str) -> None:
+        pid = f"{n:032x}"
+        doc = records.Proposal(pid, records.sha256_text(text), text, "f.toml", proposer, 0)
+        _put(a, f"{PREFIX}/policy/proposals/{pid}", doc.to_json())
+
+    pp = a.ctl.pool_policy
+    assert pp is not None
+    for n in range(12):
+        propose(n, "host-z")  # not a member
+    await eventually(lambda: pp.ignored == 12, timeout=20)
+    for n in range(100, 112):
+        propose(n, "host-a")
+    answers = f"{PREFIX}/policy/answers/"
+    await eventually(lambda: sum(k.startswith(answers) for k in a.pool.entries) == 12, timeout=60)
+    assert 1 <= running["most"] <= poolpolicy.MAX_OPEN_PROPOSALS
+    assert pp.ignored == 12

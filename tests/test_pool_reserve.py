@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest_twisted
 from daemon_helpers import domcfg, eventually
-from pool_helpers import PoolHost, pool_hosts_fixture  # noqa: F401 (fixture)
-from test_pool_policy import UA, UB, _run, _start_all
+from pool_helpers import PREFIX, PoolHost, pool_hosts_fixture  # noqa: F401 (fixture)
+from test_pool_policy import UA, UB, _put, _run, _start_all
 from twisted.internet import defer, threads
 
 from shyped.control import backend as b
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.control.server import ControlServer
-from shyped.pool.reservation import State, TransitionError, advance
+from shyped.pool.reservation import Request, State, TransitionError, advance
 from shyped.sandbox import migration
 from shyped.service.config import ControlConfig
 
@@ -176,3 +176,18 @@ async def test_shype_xl_restore_is_admitted_by_this_hosts_reservation_first(
     await eventually(
         lambda: _label_node(c, "web-b-1") == "ACM:example.hosting:bank-b-web", timeout=15
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_not_from_a_live_member_get_no_answer(pool_hosts: list[PoolHost]) -> None:
+    _, _, c = pool_hosts
+    await _start_all(pool_hosts)
+    reservations = c.ctl.reservations
+    assert reservations is not None
+    for n in range(5):
+        rid = f"{n:032x}"
+        req = Request(rid, UA, "bank-a-web", "host-z", "host-c", "migrate")
+        _put(c, f"{PREFIX}/reservations/host-c/{rid}", req.to_json())
+    await eventually(lambda: reservations.ignored == 5, timeout=20)
+    assert not reservations.held and reservations.granted == 0
+    assert not [k for k in c.pool.entries if "/grants/" in k]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import uuid as uuidlib
 from typing import Any, Final
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -50,6 +50,9 @@ class PoolPolicy:
         self.keys = pool.keys
         self._answered: set[str] = set()
         self._applying: str | None = None
+        #: proposals checked at once (each parses in a worker process): a flood waits
+        self._checking = defer.DeferredSemaphore(MAX_OPEN_PROPOSALS)
+        self.ignored = 0
         pool.listeners.append(self.on_entries)
 
     # ------------------------------------------------------------------ every host
@@ -61,15 +64,33 @@ class PoolPolicy:
                 pid = key.rsplit("/", 1)[1]
                 if pid not in self._answered and len(self._answered) < 10_000:
                     self._answered.add(pid)
-                    Deferred.fromCoroutine(self._answer(entries[key]))
+                    self._checking.run(self._answer_later, key, entries[key])
         if self.keys.policy_current in keys and self.keys.policy_current in entries:
             self._maybe_apply(entries[self.keys.policy_current])
 
-    async def _answer(self, text: str) -> None:
+    def _answer_later(self, key: str, text: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._answer(key, text))
+
+    async def _answer(self, key: str, text: str) -> None:
+        """Check a proposal and answer it; one that is gone by its turn, whose id is not its
+        key, or whose proposer is not a live member of the pool is ignored (not parsed)."""
         try:
             proposal = records.parse_proposal(text)
         except records.RecordError as exc:
+            self.ignored += 1
             _log.warn("pool: proposal ignored: {error}", error=str(exc))
+            return
+        live = self.pool.host_states()[0]
+        if (
+            key not in self.pool.entries
+            or key != self.keys.proposal(proposal.id)
+            or proposal.proposer not in live
+        ):
+            self.ignored += 1
+            _log.warn(
+                "pool: proposal {id} ignored: withdrawn, misfiled or not from a live host",
+                id=proposal.id,
+            )
             return
         answer = await self._check(proposal)
         try:

@@ -58,6 +58,7 @@ class Reservations:
         self._answered: set[str] = set()
         self.granted = 0
         self.refused = 0
+        self.ignored = 0
         pool.listeners.append(self._on_entries)
 
     # ------------------------------------------------------------------ the destination
@@ -82,6 +83,9 @@ class Reservations:
             )
             if grant is not None:
                 self._write(grant)
+            return
+        if req.source not in self.pool.host_states()[0]:
+            self.ignored += 1  # not from a live member: no answer (a flood writes nothing)
             return
         if req.id != rid or req.dest != host:
             self._write(
