@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import signal
 
+import pytest
 import pytest_twisted
 from daemon_helpers import domcfg, eventually
 from etcd_helpers import EtcdCluster, etcd_cluster_fixture  # noqa: F401 (fixture)
@@ -15,7 +16,7 @@ from twisted.internet import reactor
 
 from shyped.control import backend as b
 from shyped.control.protocol import ControlError, ErrorCode
-from shyped.service.etcd import EtcdClient
+from shyped.service.etcd import EtcdClient, EtcdUnavailable
 from shyped.service.poolmetrics import PoolCollector
 
 U1 = "9a000000-0000-4000-8000-0000000000b1"
@@ -219,3 +220,29 @@ async def test_a_stalled_watch_is_found_and_replaced(pool_hosts: list[PoolHost])
     _put(bh.cluster, f"{PREFIX}/labels/uuid/{U3}", "bank-b-web")
     await eventually(lambda: bh.label(U3) == "bank-b-web", timeout=20)
     assert bh.pool.watch_restarts == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_label_write_etcd_did_not_take_is_retried_not_lost(
+    pool_hosts: list[PoolHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails after the host said yes (a leader election, a member gone) stays
+    queued and reaches the other hosts once etcd takes it."""
+    a, bh, _ = pool_hosts
+    await a.start()
+    await bh.start()
+    real_put = a.pool.client.put
+    failures = {"left": 3}
+
+    async def flaky_put(key: str, value: str, lease: int = 0) -> int:
+        if key.startswith(a.pool.keys.labels) and failures["left"]:
+            failures["left"] -= 1
+            raise EtcdUnavailable("no etcd endpoint answered (test)")
+        return await real_put(key, value, lease)
+
+    monkeypatch.setattr(a.pool.client, "put", flaky_put)
+    a.ctl.register_domain(b.RegisterDomainArgs(uuid=U1, label="bank-b-web"))
+    assert a.label(U1) == "bank-b-web"  # in force here at once
+    assert a.daemon.status().pool["unpublished"] == 1
+    await eventually(lambda: bh.label(U1) == "bank-b-web", timeout=20)
+    assert failures["left"] == 0 and a.daemon.status().pool["unpublished"] == 0

@@ -315,6 +315,8 @@ class PoolStatus:
     refused_entries: int
     error: str | None
     since: float
+    #: label changes made on this host and not written to etcd yet (retried)
+    unpublished: int = 0
 
 
 @attrs.frozen

@@ -26,7 +26,7 @@ from typing import Any, Final
 import attrs
 import treq
 from treq.client import HTTPClient
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -229,12 +229,26 @@ class EtcdClient:
         if _auth and self._token is None and self.security is not None and self.security.user:
             await self.authenticate()
         try:
-            return await self._call(path, body)
+            return await self._rounds(path, body)
         except EtcdAuthError:
             if not _auth or self.security is None or not self.security.user:
                 raise
             await self.authenticate()
-            return await self._call(path, body)
+            return await self._rounds(path, body)
+
+    async def _rounds(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Every endpoint in turn; when they all failed *fast* (a leader election after a
+        member died, refused connections), twice more after a short pause. A round that
+        took the whole timeout is not repeated: quorum loss is reported without delay."""
+        for pause in (0.2, 0.5, None):
+            started = self.reactor.seconds()
+            try:
+                return await self._call(path, body)
+            except EtcdUnavailable:
+                if pause is None or self.reactor.seconds() - started >= self.timeout:
+                    raise
+            await task.deferLater(self.reactor, pause, lambda: None)
+        raise AssertionError("not reached")  # pragma: no cover
 
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         errors: list[str] = []

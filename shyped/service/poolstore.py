@@ -86,6 +86,8 @@ class PoolStore:
         self.anchors_written = 0
         self._lagging = 0
         self.watch_restarts = 0
+        #: label changes made here and not in etcd yet: key -> value (None: delete)
+        self._unpublished: dict[str, str | None] = {}
         self._since = time.time()
 
     # ------------------------------------------------------------------ lifecycle
@@ -126,6 +128,7 @@ class PoolStore:
             "revision": self.revision,
             "entries": len(self.entries),
             "refused_entries": len(self.refused),
+            "unpublished": len(self._unpublished),
             "error": self.error,
             "since": round(self._since, 3),
         }
@@ -210,7 +213,13 @@ class PoolStore:
             self._tell(changed)
             return True
         try:
-            label_kvs = sorted((k, v) for k, v in entries.items() if k.startswith(self.keys.labels))
+            labels = {k: v for k, v in entries.items() if k.startswith(self.keys.labels)}
+            for key, value in self._unpublished.items():  # ours, not in etcd yet
+                if value is None:
+                    labels.pop(key, None)
+                else:
+                    labels[key] = value
+            label_kvs = sorted(labels.items())
             snapshot = labels_from_kvs(self.keys, label_kvs)
             store = resolved_store(snapshot.store)
         except (PoolKeyError, LabelStoreError) as exc:
@@ -306,20 +315,39 @@ class PoolStore:
             )
 
     def publish_labels(self, old: LabelStore, new: LabelStore) -> Deferred[None]:
-        """Write the entries that differ between `old` and `new` (this host's view)."""
+        """Write the entries that differ between `old` and `new` (this host's view). Writes
+        that fail (a leader election, a member gone) stay queued, newest value per key, and
+        are retried every heartbeat until etcd takes them (`status` counts them)."""
         before, after = self.keys.label_keys(old), self.keys.label_keys(new)
-        puts = {k: v for k, v in after.items() if before.get(k) != v}
-        deletes = [k for k in before if k not in after]
+        for key, value in after.items():
+            if before.get(key) != value:
+                self._unpublished[key] = value
+        for key in before:
+            if key not in after:
+                self._unpublished[key] = None
+        return self.flush()
 
-        async def write() -> None:
-            for key, value in puts.items():
-                await self.client.put(key, value)
-            for key in deletes:
-                await self.client.delete(key)
+    def flush(self) -> Deferred[None]:
+        """Write the queued label changes (oldest first); stop at the first failure."""
+        return Deferred.fromCoroutine(self._flush())
 
-        d = Deferred.fromCoroutine(write())
-        d.addErrback(lambda f: _log.error("pool: label write failed: {error}", error=f.value))
-        return d
+    async def _flush(self) -> None:
+        while self._unpublished:
+            key, value = next(iter(self._unpublished.items()))
+            try:
+                if value is None:
+                    await self.client.delete(key)
+                else:
+                    await self.client.put(key, value)
+            except EtcdError as exc:
+                _log.warn(
+                    "pool: {n} label change(s) not written yet, retried: {error}",
+                    n=len(self._unpublished),
+                    error=str(exc),
+                )
+                return
+            if self._unpublished.get(key, value) == value:
+                self._unpublished.pop(key, None)
 
     # ------------------------------------------------------------------ membership
 
@@ -358,6 +386,8 @@ class PoolStore:
                 self._published = state
             if self.state == "connected":
                 await self._check_watch()
+            if self._unpublished:
+                await self._flush()
         except EtcdUnavailable as exc:
             if self.state == "connected":
                 self._set_state("cached", str(exc))
