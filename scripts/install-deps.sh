@@ -21,6 +21,7 @@ APT_PACKAGES=(
     flex bison         # e2e tier: builds Xen 4.17.7 with FLASK (tests/e2e/flaskxen.py)
     linux-libc-dev     # e2e tier: <xen/evtchn.h>, <xen/gntalloc.h>, <xen/gntdev.h> for the guest program
     setools            # FLASK compiler tests: read the binary policy back (sesearch, python3-setools)
+    etcd-server etcd-client  # pool mode (shyped/pool): a real etcd cluster on loopback in the tests
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -33,6 +34,10 @@ fi
 # The Debian prometheus package starts a server on :9090 at install; the tests run their own.
 if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
     systemctl stop prometheus || true
+fi
+# Likewise etcd-server starts a single-member etcd on :2379; the pool tests run their own cluster.
+if command -v systemctl >/dev/null && systemctl is-active --quiet etcd 2>/dev/null; then
+    systemctl stop etcd || true
 fi
 
 PY=${PYTHON:-python3}

@@ -305,6 +305,12 @@ class ModelBackend:
     def policy_check(self, args: b.PolicySource) -> b.PolicyCheckResult:
         return self._check(args)[1]
 
+    def placement(self, args: b.PlacementArgs) -> b.PlacementResult:
+        raise ControlError(ErrorCode.UNAVAILABLE, "placement needs pool mode ([pool])")
+
+    def reserve(self, args: b.ReserveArgs) -> b.ReserveResult:
+        raise ControlError(ErrorCode.UNAVAILABLE, "reservations need pool mode ([pool])")
+
     def policy_load(self, args: b.PolicyLoadArgs) -> Any:
         src = args.source or b.PolicySource(self.policy_path.read_text(), str(self.policy_path))
         _, result = self._check(src)

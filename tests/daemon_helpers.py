@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -125,6 +125,7 @@ class Harness:
         *,
         labels: LabelStore | None = None,
         in_process_actuator: bool = True,
+        starter: Callable[[Daemon], Awaitable[None]] | None = None,
     ) -> Daemon:
         """Start a daemon; by default its actuator calls this toolstack in worker threads
         (``in_process_actuator=False``: the sandbox CLI as a child process, as configured)."""
@@ -146,7 +147,7 @@ class Harness:
         )
         daemon.add_listener(self.outcomes.append)
         self.daemon = daemon
-        await daemon.start()
+        await (daemon.start() if starter is None else starter(daemon))
         await daemon.settled()
         return daemon
 

@@ -207,6 +207,18 @@ async def test_every_request_kind(backend: ModelBackend, sock: Path) -> None:
     with pytest.raises(ControlError) as refused:  # labelled domains run: DEFAULT lacks them
         await ask("policy_reset", "policy_reset")
     assert refused.value.code is ErrorCode.POLICY_REJECTED
+    try:
+        await ask("placement", "placement", "ACM:example:web")
+    except ControlError as exc:  # a single host: placement needs pool mode
+        assert exc.code is ErrorCode.UNAVAILABLE and "pool mode" in exc.message
+    else:
+        raise AssertionError("placement answered on a single host")
+    try:
+        await ask("reserve", "reserve", b.ReserveArgs("22222222-2222-4222-8222-222222222222", "h2"))
+    except ControlError as exc:  # a single host: reservations need pool mode
+        assert exc.code is ErrorCode.UNAVAILABLE and "pool mode" in exc.message
+    else:
+        raise AssertionError("a reservation answered on a single host")
 
     assert seen == set(OPS), f"not exercised: {set(OPS) - seen}"
     audited = [(a.op, a.allowed, a.code, a.peer.uid) for a in backend.audits]

@@ -299,6 +299,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     v.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="a JSON report")
     v.add_argument("--strict", action="store_true", help="documented losses fail too")
     _where_options(v, argparse.SUPPRESS)
+    v.add_argument(
+        "--pool",
+        action="store_true",
+        help="pool mode: also check the chain against this host's head anchored in etcd "
+        "(endpoints, prefix and host from the configuration)",
+    )
     v.set_defaults(audit_func=_run_verify)
     t = sub.add_parser(
         "tail",
@@ -405,7 +411,7 @@ def _run_search(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _run_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    return audit_verify(
+    status = audit_verify(
         args.files,
         directory=audit_directory(args) if not args.files else DEFAULT_DIRECTORY,
         state=args.state,
@@ -414,6 +420,14 @@ def _run_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out=out,
         err=err,
     )
+    if getattr(args, "pool", False):
+        from shyped.cli.shypectl_pool import verify_pool
+
+        config = getattr(args, "config", None) or (
+            Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else DEFAULT_CONFIG
+        )
+        status = max(status, verify_pool(audit_directory(args), config, out, err))
+    return status
 
 
 def _run_tail(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

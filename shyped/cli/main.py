@@ -112,6 +112,12 @@ def _run(config_path: Path, level: str, log_format: str | None = None) -> int:
     from shyped.control.daemon_backend import DaemonControlBackend
     from shyped.control.server import ControlServer, ControlSetupError
     from shyped.service.daemon import Daemon, ReloadResult, StartupError
+    from shyped.service.poolstore import (
+        PoolSetupError,
+        attach_pool,
+        start_with_pool,
+        stop_with_pool,
+    )
     from shyped.service.sdnotify import Notifier, Watchdog
     from shyped.service.startcheck import validate_startup
 
@@ -140,6 +146,14 @@ def _run(config_path: Path, level: str, log_format: str | None = None) -> int:
         audit=audit,
         metrics=None if metrics is None else metrics.state,
     )
+    try:
+        pool = attach_pool(daemon)  # pool mode ([pool]): before the control backend uses it
+    except PoolSetupError as e:
+        return _error(f"{config_path}: {e}")
+    if pool is not None and metrics is not None:
+        from shyped.service.poolmetrics import PoolCollector
+
+        metrics.registry.register(PoolCollector(pool))
     try:
         server = ControlServer(DaemonControlBackend(daemon), config.control, reactor=reactor)
     except ControlSetupError as e:
@@ -200,7 +214,7 @@ def _run(config_path: Path, level: str, log_format: str | None = None) -> int:
             return
         if watchdog is not None:
             watchdog.start()
-        Deferred.fromCoroutine(daemon.start()).addCallbacks(ready, failed)
+        Deferred.fromCoroutine(start_with_pool(daemon)).addCallbacks(ready, failed)
 
     def reloaded(result: ReloadResult) -> None:
         if result.applied:
@@ -231,7 +245,7 @@ def _run(config_path: Path, level: str, log_format: str | None = None) -> int:
         if watchdog is not None:
             watchdog.stop()
         stopped = server.stop()
-        stopped.addBoth(lambda _: daemon.stop())
+        stopped.addBoth(lambda _: Deferred.fromCoroutine(stop_with_pool(daemon)))
         if metrics is not None:
             stopped.addBoth(lambda _: metrics.stop())
         stopped.addErrback(lambda f: _log.failure("while stopping", f))

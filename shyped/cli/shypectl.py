@@ -58,6 +58,7 @@ from shyped.cli.shypectl_policy import (
     cmd_policy_load,
     cmd_policy_show,
 )
+from shyped.cli.shypectl_pool import add_pool_commands
 from shyped.control import backend as b
 from shyped.control.client import DaemonUnreachable
 from shyped.control.protocol import ControlError
@@ -436,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_policy_graph)
     policytool.add_commands(psub)
     flaskbuild.add_command(psub)
+    add_pool_commands(sub)
     psub.choices["flask"].set_defaults(
         func=lambda ctx: flaskbuild.run_command(ctx.args, ctx.out, ctx.err)
     )

@@ -327,6 +327,14 @@ class Wrapper:
             return self.create(list(self.opts.rest))
         if cmd in _CHECKED_ATTACH:
             return self.attach(cmd, list(self.opts.rest))
+        if cmd == "migrate":  # pool mode: the destination's daemon reserves a place first
+            from shyped.cli.shypexl_pool import migrate
+
+            return migrate(self, list(self.opts.rest))
+        if cmd == "restore":  # admitted (pool: reserved on this host) before xl restores
+            from shyped.cli.shypexl_pool import restore
+
+            return restore(self, list(self.opts.rest))
         self.exec_xl(cmd, *self.opts.rest)
 
     def attach(self, cmd: str, rest: list[str]) -> int:

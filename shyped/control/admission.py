@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from shyped.control import backend as b
 from shyped.control import views
+from shyped.control.poolpolicy import PoolPolicy
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.core.engine import Outcome, resource_of
 from shyped.core.hostfacts import Device, Domain, DomainState
@@ -28,6 +29,8 @@ from shyped.core.labelstore import (
     save_label_store,
 )
 from shyped.policy.model import Policy
+from shyped.service.poolreserve import Reservations
+from shyped.service.poolstore import PoolUnavailable
 
 if TYPE_CHECKING:
     from shyped.service.daemon import Daemon
@@ -70,6 +73,9 @@ class DaemonBackendBase:
         self._recheck = LoopingCall(self._check_waiters)
         self._recheck.clock = self.reactor
         self._policy_lock = defer.DeferredLock()
+        #: pool mode: policy switches through the pool, placement (`shyped.control.poolpolicy`)
+        self.pool_policy = None if daemon.pool is None else PoolPolicy(self, daemon.pool)
+        self.reservations = None if daemon.pool is None else Reservations(daemon, daemon.pool)
         daemon.add_listener(self._on_outcome)
 
     @property
@@ -140,6 +146,13 @@ class DaemonBackendBase:
         problem = overwrite_problem(path, self._store)
         if problem is not None:
             raise ControlError(ErrorCode.INVALID_ARGUMENT, problem)
+        pool = self.daemon.pool
+        if pool is not None:  # pool mode: refused (nothing changes) while etcd is unreachable
+            try:
+                pool.check_writable()
+            except PoolUnavailable as exc:
+                raise ControlError(ErrorCode.UNAVAILABLE, str(exc)) from None
+        previous = self.daemon.engine.labels
         try:
             save_label_store(store, path)
         except OSError as exc:
@@ -148,6 +161,8 @@ class DaemonBackendBase:
                 f"cannot write the label store {path}: {exc.strerror or exc}; nothing changed",
             ) from None
         self.daemon.set_labels(store)
+        if pool is not None:
+            pool.publish_labels(previous, store)
 
     @staticmethod
     def _resource(spec: str) -> str:

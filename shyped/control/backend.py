@@ -299,6 +299,63 @@ class FlaskInfo:
 
 
 @attrs.frozen
+class PlacementArgs:
+    """Where may a domain with VM label `label` be admitted now (pool mode)?"""
+
+    label: str
+
+
+@attrs.frozen
+class PlacementHost:
+    host: str
+    admitted: bool
+    reason: str
+
+
+@attrs.frozen
+class PlacementResult:
+    label: str
+    #: the pool store's revision the answer was computed at, and its state
+    revision: int
+    state: str
+    hosts: tuple[PlacementHost, ...]
+
+
+@attrs.frozen
+class ReserveArgs:
+    """Pool mode: ask host `host`'s daemon for a place for the domain with `uuid` (label: the
+    given one, else the pool store's, else the running domain's) before a migration/restore."""
+
+    uuid: str
+    host: str
+    kind: Literal["migrate", "restore"] = "migrate"
+    label: str | None = None
+
+
+@attrs.frozen
+class ReserveResult:
+    id: str
+    host: str
+    granted: bool
+    reason: str
+    label: str
+
+
+@attrs.frozen
+class PoolStatus:
+    state: str
+    host: str
+    prefix: str
+    revision: int
+    entries: int
+    refused_entries: int
+    error: str | None
+    since: float
+    #: label changes made on this host and not written to etcd yet (retried)
+    unpublished: int = 0
+
+
+@attrs.frozen
 class Status:
     mode: ModeName
     policy: PolicyInfo
@@ -315,6 +372,9 @@ class Status:
     vetoes_pending: tuple[PendingVeto, ...] = ()
     #: Xen's FLASK (hypervisor enforcement, docs/flask.md); None from a daemon without it.
     flask: FlaskInfo | None = None
+    #: Pool mode (docs/pool.md): state ("connected", "cached": etcd unreachable, enforcing
+    #: the last known state), host, prefix, revision, entries; None on a single host.
+    pool: PoolStatus | None = None
 
 
 @attrs.frozen
@@ -559,6 +619,12 @@ class ControlBackend(Protocol):
     def forget_domain(self, args: DomainArgs) -> MaybeDeferred[Forgotten]:
         """Forget the stored label of a domain that does not run (``xm rmlabel mgt``), by
         name or UUID; ``denied`` while a domain by that name or UUID runs."""
+
+    def placement(self, args: PlacementArgs) -> PlacementResult:
+        """Pool mode: the live hosts where a label would be admitted now, with reasons."""
+
+    def reserve(self, args: ReserveArgs) -> MaybeDeferred[ReserveResult]:
+        """Pool mode: a reservation the destination's daemon grants or refuses."""
 
     def audit(self, event: ControlAudit) -> None:
         """Record a change request (allowed or refused). Must not raise or block."""

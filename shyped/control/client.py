@@ -218,3 +218,9 @@ class ControlClient(Closing):
         return self._roundtrip(
             "policy_load", b.PolicyLoadArgs(source), b.PolicyLoadResult, self.timeout * 6
         )
+
+    def placement(self, label: str) -> b.PlacementResult:
+        return self._roundtrip("placement", b.PlacementArgs(label), b.PlacementResult, None)
+
+    def reserve(self, args: b.ReserveArgs) -> b.ReserveResult:
+        return self._roundtrip("reserve", args, b.ReserveResult, None)

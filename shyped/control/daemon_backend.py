@@ -71,6 +71,7 @@ from shyped.policy.acm_default import default_policy
 from shyped.policy.errors import PolicyError
 from shyped.policy.model import Policy
 from shyped.service.config import Mode
+from shyped.service.poolstore import PoolUnavailable
 
 
 class DaemonControlBackend(DaemonBackendBase):
@@ -106,6 +107,7 @@ class DaemonControlBackend(DaemonBackendBase):
             audit=None if self.daemon.audit is None else self.daemon.audit.state.value,
             vetoes_pending=tuple(b.PendingVeto(**p) for p in self.daemon.pending_vetoes()),
             flask=self._flask_info(),
+            pool=None if self.daemon.pool is None else b.PoolStatus(**self.daemon.pool.status()),
         )
 
     def _flask_info(self) -> b.FlaskInfo | None:
@@ -120,6 +122,46 @@ class DaemonControlBackend(DaemonBackendBase):
             denials=st["denials"],
             relabels=st["relabels"],
         )
+
+    def placement(self, args: b.PlacementArgs) -> b.PlacementResult:
+        """Pool mode: the live hosts where `label` would be admitted now, with reasons."""
+        if self.pool_policy is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, "placement needs pool mode ([pool])")
+        label = views.find_label(self._policy, args.label, "vm").name
+        return self.pool_policy.placement(label)
+
+    def reserve(self, args: b.ReserveArgs) -> Deferred[b.ReserveResult]:
+        """Pool mode: the destination's daemon grants or refuses a place (migration, restore)."""
+        self._ready()
+        if self.reservations is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, "reservations need pool mode ([pool])")
+        uuid = args.uuid.lower()
+        running = next((d for d in self.daemon.host.domains() if (d.uuid or "") == uuid), None)
+        label = args.label or self._store.domain_label(uuid, None)
+        label = label or (running.label if running is not None else None)
+        if label is None:
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, f"no label known for UUID {uuid}")
+        bare = views.find_label(self._policy, label, "vm").name
+        try:
+            d = self.reservations.request(uuid, bare, args.host, args.kind)
+        except PoolUnavailable as exc:
+            raise ControlError(ErrorCode.UNAVAILABLE, str(exc)) from None
+
+        def answer(g: Any) -> b.ReserveResult:
+            result = b.ReserveResult(g.id, args.host, g.state.value == "granted", g.reason, bare)
+            if not result.granted:
+                raise ControlError(
+                    ErrorCode.DENIED,
+                    f"{args.kind} of {uuid} ({bare}) to {args.host} refused: {g.reason}",
+                    {"reasons": [g.reason], "host": args.host},
+                )
+            return result
+
+        def unavailable(f: Any) -> Any:
+            f.trap(PoolUnavailable)
+            raise ControlError(ErrorCode.UNAVAILABLE, str(f.value))
+
+        return d.addErrback(unavailable).addCallback(answer)
 
     def getenforce(self) -> b.EnforceMode:
         return b.EnforceMode(self.daemon.mode.value)
@@ -362,6 +404,9 @@ class DaemonControlBackend(DaemonBackendBase):
 
     def policy_load(self, args: b.PolicyLoadArgs) -> Deferred[b.PolicyLoadResult]:
         self._ready()
+        if self.pool_policy is not None and args.source is not None:
+            # Not under the policy lock: the committed record is applied through it.
+            return self.pool_policy.propose(args.source)
         return self._policy_lock.run(self._load, args.source)
 
     def _load(self, source: b.PolicySource | None) -> Deferred[b.PolicyLoadResult]:

@@ -137,6 +137,7 @@ OPS: Final[Mapping[str, Op]] = {
         _op("wait_admission", b.WaitAdmissionArgs, b.Admission, "read"),
         _op("policy_show", b.PolicyShowArgs, b.PolicyText, "read"),
         _op("policy_check", b.PolicySource, b.PolicyCheckResult, "read", heavy=True),
+        _op("placement", b.PlacementArgs, b.PlacementResult, "read"),
         _op("setenforce", b.SetEnforceArgs, b.EnforceMode, "admin"),
         _op("register_domain", b.RegisterDomainArgs, b.Registration, "admin"),
         _op("relabel_domain", b.RelabelDomainArgs, b.DomainInfo, "admin"),
@@ -144,6 +145,7 @@ OPS: Final[Mapping[str, Op]] = {
         _op("policy_load", b.PolicyLoadArgs, b.PolicyLoadResult, "admin", heavy=True),
         _op("policy_reset", b.NoArgs, b.PolicyLoadResult, "admin", heavy=True),
         _op("forget_domain", b.DomainArgs, b.Forgotten, "admin"),
+        _op("reserve", b.ReserveArgs, b.ReserveResult, "admin"),
     )
 }
 

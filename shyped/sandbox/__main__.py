@@ -32,6 +32,7 @@ from shyped.core.xlcfg import (
     parse_vif_spec,
 )
 from shyped.core.xlcfgpci import parse_pci_spec
+from shyped.sandbox import migration
 from shyped.sandbox.hypervisor import DomainState, HypervisorError
 from shyped.sandbox.toolstack import Toolstack, ToolstackError
 from shyped.sandbox.xsconn import XsError
@@ -88,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(verb, help=text)
         p.add_argument("domain", help="domain name or domid")
+
+    migration.add_commands(sub)
 
     p = sub.add_parser("list", help="list domains (xl list)")
     p.add_argument("-l", "--long", action="store_true", help="JSON configuration (xl list -l)")
@@ -213,6 +216,8 @@ def _run(args: argparse.Namespace) -> int:
         ts.detach_disk(args.domain, args.device)
     elif cmd == "network-detach":
         ts.detach_nic(args.domain, args.device)
+    elif cmd in migration.COMMANDS:
+        migration.run_command(ts, args)
     elif cmd == "boot-host":
         ts.boot_host()
     elif cmd == "vchan-listen":

@@ -23,6 +23,7 @@ from shyped.core.modes import DomainVeto as DomainVeto
 from shyped.core.modes import Mode as Mode
 from shyped.fileio.boundedread import CONFIG_MAX_BYTES, read_bounded
 from shyped.policy.toml_source import SourceIndex
+from shyped.service.poolconfig import PoolConfig, PoolConfigError, parse_pool
 
 
 class ConfigError(Exception):
@@ -145,13 +146,14 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     audit: AuditConfig = AuditConfig()
     log: LogConfig = LogConfig()
+    pool: PoolConfig = attrs.field(factory=PoolConfig)
     source: Path | None = None
     flask: FlaskConfig = FlaskConfig()
 
 
 _TOP_KEYS = (
     "policy", "enforcement", "xenstore", "actuator", "control", "metrics", "audit", "log",
-    "flask",
+    "flask", "pool",
 )  # fmt: skip
 _KEYS: dict[str, tuple[str, ...]] = {
     "policy": ("path", "labels"),
@@ -380,6 +382,11 @@ def parse_config(text: str, source: Path | None = None) -> Config:
     audit = _audit(c)
     log = _log_config(c)
     flask = _flask_config(c)
+    try:
+        pool = parse_pool(doc, base, where)
+    except PoolConfigError as exc:
+        c.bad(str(exc).removeprefix(f"{where}: "), "pool")
+        pool = PoolConfig()
     if c.problems:
         raise c.error()
     return Config(
@@ -394,6 +401,7 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         metrics=metrics,
         audit=audit,
         log=log,
+        pool=pool,
         source=source,
         flask=flask,
     )

@@ -70,6 +70,7 @@ from shyped.service.policyload import (
     load_startup,
     make_actuator,
 )
+from shyped.service.poolstore import PoolStore
 from shyped.xenstore import (
     ConnectionLost,
 )
@@ -106,6 +107,8 @@ class DaemonStatus:
     vetoes_pending: tuple[dict[str, Any], ...] = ()
     #: Xen's FLASK: mode, the binary policy shyped loaded, denials read (`FlaskXen.status`)
     flask: dict[str, Any] = attrs.field(factory=dict)
+    #: pool mode's store (`shyped.service.poolstore.PoolStore.status`), None on a single host
+    pool: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------- the daemon
@@ -113,6 +116,9 @@ class DaemonStatus:
 
 class Daemon(PolicyAndLabels):
     """One shyped instance. Every method runs on the reactor thread."""
+
+    #: pool mode's store (`shyped.service.poolstore.PoolStore`), set by whoever starts it
+    pool: PoolStore | None = None
 
     def __init__(
         self,
@@ -248,6 +254,7 @@ class Daemon(PolicyAndLabels):
             audit=None if self.audit is None else self.audit.state.value,
             vetoes_pending=self.pending_vetoes(),
             flask={} if self.flask is None else self.flask.flask.status(),
+            pool=None if self.pool is None else self.pool.status(),
         )
 
     def pending_vetoes(self) -> tuple[dict[str, Any], ...]:

@@ -1,0 +1,180 @@
+"""Migration and restore reservations over the pool store (docs/pool.md, "Migration").
+
+The destination's daemon is the one authority for its host: it answers every request under
+``P/reservations/<host>/`` itself, one at a time, with this daemon's policy and Chinese Wall
+running set plus the reservations it granted and that are not settled yet (`held`), so
+concurrent requests for rivals are serialised here. A grant is written under
+``P/grants/<host>/<id>``; it is consumed when a domain with its UUID runs on this host, and
+lapses after `GRANT_TTL`. Requests are untrusted (`shyped.pool.reservation.parse_request`);
+a request naming another destination, or past `MAX_HELD`, is refused.
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from typing import Any, Final
+
+import attrs
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from shyped.policy.chinese_wall import running_set
+from shyped.pool.records import RecordError
+from shyped.pool.reservation import (
+    GRANT_TTL,
+    MAX_HELD,
+    Grant,
+    Request,
+    State,
+    parse_grant,
+    parse_request,
+)
+from shyped.service.etcd import EtcdError
+from shyped.service.poolstore import PoolStore, PoolUnavailable
+
+_log = Logger(namespace="shyped.pool")
+
+#: How long a requester waits for the destination's answer.
+ANSWER_TIMEOUT: Final = 10.0
+
+
+@attrs.define
+class Held:
+    request: Request
+    expires: float
+    state: State = State.GRANTED
+
+
+class Reservations:
+    """Both sides of reservations for one daemon (`daemon`) on its pool store."""
+
+    def __init__(self, daemon: Any, pool: PoolStore) -> None:
+        self.daemon = daemon
+        self.pool = pool
+        self.reactor = pool.reactor
+        self.mine = pool.keys.prefix + f"/reservations/{pool.keys.host}/"
+        self.held: dict[str, Held] = {}
+        self._answered: set[str] = set()
+        self.granted = 0
+        self.refused = 0
+        self.ignored = 0
+        pool.listeners.append(self._on_entries)
+
+    # ------------------------------------------------------------------ the destination
+
+    def _on_entries(self, entries: dict[str, str], changed: set[str] | None) -> None:
+        self._settle()
+        keys = sorted(changed if changed is not None else entries)
+        for key in keys:
+            if key.startswith(self.mine) and key in entries:
+                rid = key[len(self.mine) :]
+                if rid not in self._answered and len(self._answered) < 100_000:
+                    self._answered.add(rid)
+                    self._decide(rid, entries[key])
+
+    def _decide(self, rid: str, text: str) -> None:
+        host = self.pool.keys.host
+        try:
+            req = parse_request(text)
+        except RecordError as exc:
+            grant = (
+                Grant(rid, State.REFUSED, f"bad request: {exc}", host) if len(rid) == 32 else None
+            )
+            if grant is not None:
+                self._write(grant)
+            return
+        if req.source not in self.pool.host_states()[0]:
+            self.ignored += 1  # not from a live member: no answer (a flood writes nothing)
+            return
+        if req.id != rid or req.dest != host:
+            self._write(
+                Grant(rid, State.REFUSED, "the request names another reservation or host", host)
+            )
+            return
+        grant = self.check(req)
+        if grant.state is State.GRANTED:
+            self.held[req.id] = Held(req, self.reactor.seconds() + GRANT_TTL)
+            self.granted += 1
+        else:
+            self.refused += 1
+        _log.info(
+            "pool: reservation {id} ({kind} of {uuid}, {label}) from {source}: {state}: {reason}",
+            id=req.id[:8],
+            kind=req.kind,
+            uuid=req.uuid,
+            label=req.label,
+            source=req.source,
+            state=grant.state.value,
+            reason=grant.reason,
+        )
+        self._write(grant)
+
+    def check(self, req: Request) -> Grant:
+        """Grant or refuse `req` now (pure decision over this daemon's state)."""
+        host = self.pool.keys.host
+        if len(self.held) >= MAX_HELD:
+            return Grant(req.id, State.REFUSED, f"{MAX_HELD} reservations held already", host)
+        engine = self.daemon.engine
+        if any(d.uuid == req.uuid for d in self.daemon.host.domains()):
+            return Grant(req.id, State.REFUSED, f"a domain with UUID {req.uuid} runs here", host)
+        if any(h.request.uuid == req.uuid for h in self.held.values()):
+            return Grant(req.id, State.REFUSED, f"UUID {req.uuid} is reserved here already", host)
+        labels = [n for n, c in engine.running.running_labels().items() for _ in range(c)]
+        labels += [h.request.label for h in self.held.values()]
+        decision = running_set(engine.policy, labels).admit(req.label)
+        state = State.GRANTED if decision.permitted else State.REFUSED
+        return Grant(req.id, state, decision.reason, host)
+
+    def _write(self, grant: Grant) -> None:
+        key = self.pool.keys.prefix + f"/grants/{self.pool.keys.host}/{grant.id}"
+        d = Deferred.fromCoroutine(self.pool.client.put(key, grant.to_json(), self.pool.lease))
+        d.addErrback(
+            lambda f: _log.error("pool: grant {id} not written: {e}", id=grant.id, e=f.value)
+        )
+
+    def _settle(self) -> None:
+        """Drop held reservations whose domain now runs here (consumed) or that lapsed."""
+        now = self.reactor.seconds()
+        running = {d.uuid for d in self.daemon.host.domains() if d.uuid}
+        for rid, h in list(self.held.items()):
+            if h.request.uuid in running:
+                h.state = State.CONSUMED
+            elif now > h.expires:
+                h.state = State.EXPIRED
+            if h.state is not State.GRANTED:
+                del self.held[rid]
+
+    # ------------------------------------------------------------------ the requester
+
+    def request(self, uuid: str, label: str, dest: str, kind: str) -> Deferred[Grant]:
+        return Deferred.fromCoroutine(self._request(uuid, label, dest, kind))
+
+    async def _request(self, uuid: str, label: str, dest: str, kind: str) -> Grant:
+        self.pool.check_writable()
+        keys = self.pool.keys
+        if keys.host_state(dest) not in self.pool.entries:
+            return Grant(
+                "0" * 32, State.REFUSED, f"host {dest} is not a live member of the pool", dest
+            )
+        rid = uuidlib.uuid4().hex
+        req = Request(rid, uuid.lower(), label, keys.host, dest, kind)
+        try:
+            await self.pool.client.put(
+                keys.prefix + f"/reservations/{dest}/{rid}", req.to_json(), self.pool.lease
+            )
+        except EtcdError as exc:
+            raise PoolUnavailable(f"reservation not requested: {exc}") from None
+        answer = keys.prefix + f"/grants/{dest}/{rid}"
+        deadline = self.reactor.seconds() + ANSWER_TIMEOUT
+        while answer not in self.pool.entries:
+            if self.reactor.seconds() > deadline:
+                return Grant(rid, State.REFUSED, f"no answer from {dest} in time", dest)
+            await task.deferLater(self.reactor, 0.02, lambda: None)
+        try:
+            grant = parse_grant(self.pool.entries[answer])
+        except RecordError as exc:
+            return Grant(rid, State.REFUSED, f"unusable answer from {dest}: {exc}", dest)
+        if grant.id != rid or grant.host != dest:
+            return Grant(rid, State.REFUSED, f"answer from {dest} names another request", dest)
+        return grant
