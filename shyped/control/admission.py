@@ -143,15 +143,19 @@ class DaemonBackendBase:
     def _save(self, store: LabelStore) -> None:
         """Persist `store`, then decide with it; a failed write changes nothing."""
         path = self.daemon.config.labels
-        problem = overwrite_problem(path, self._store)
-        if problem is not None:
-            raise ControlError(ErrorCode.INVALID_ARGUMENT, problem)
         pool = self.daemon.pool
         if pool is not None:  # pool mode: refused (nothing changes) while etcd is unreachable
             try:
                 pool.check_writable()
             except PoolUnavailable as exc:
                 raise ControlError(ErrorCode.UNAVAILABLE, str(exc)) from None
+        else:
+            # A single host's file is the store: never overwrite a hand edit not reloaded. In
+            # pool mode the store is etcd's (docs/pool.md) and the file only its local copy,
+            # behind the pool's changes by design, so the comparison does not apply there.
+            problem = overwrite_problem(path, self._store)
+            if problem is not None:
+                raise ControlError(ErrorCode.INVALID_ARGUMENT, problem)
         previous = self.daemon.engine.labels
         try:
             save_label_store(store, path)
