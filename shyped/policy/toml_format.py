@@ -41,6 +41,7 @@ from shyped.policy.toml_source import (
     _syntax_error,
     _toml_path,
     _Value,
+    nested_too_deeply,
 )
 
 #: The value of a default meaning "deny" (a label literally named "deny" cannot be a default).
@@ -357,6 +358,8 @@ def loads(text: str, *, file: str = "<string>") -> Policy:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _syntax_error(e, text, file) from None
+    except RecursionError:
+        raise nested_too_deeply(file) from None
     checked = check_text(doc, text, file=file)
     if checked.policy is None:
         raise PolicyError(checked.problems)
