@@ -335,15 +335,8 @@ def load_located(data: bytes, file: str) -> Located:
         raise PolicyError.single(
             f"not UTF-8: byte 0x{data[e.start]:02x} cannot be decoded", file=file, line=line
         ) from None
-    try:
-        doc_ = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise _syntax_error(e, text, file) from None
-    except RecursionError:
-        raise nested_too_deeply(file) from None
-    checked = toml_format.check_text(doc_, text, file=file)
-    if checked.policy is None:
-        raise PolicyError(checked.problems)
+    checked = toml_format.loads_checked(text, file=file)
+    assert checked.policy is not None
     return Located(checked.policy, checked.line_of, "toml")
 
 

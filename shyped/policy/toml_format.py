@@ -351,9 +351,10 @@ def check_text(
     return Checked(policy, (), line_of, parts)
 
 
-def loads(text: str, *, file: str = "<string>") -> Policy:
-    """Load a policy from TOML text; raise `PolicyError` (file, line, message) listing every
-    problem: a syntax error alone (tomllib stops there), else every shape and model problem."""
+def loads_checked(text: str, *, file: str = "<string>") -> Checked:
+    """`check_text` of TOML text that holds a policy; else `PolicyError` (file, line,
+    message) listing every problem: a syntax error alone (tomllib stops there), else every
+    shape and model problem."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -363,7 +364,14 @@ def loads(text: str, *, file: str = "<string>") -> Policy:
     checked = check_text(doc, text, file=file)
     if checked.policy is None:
         raise PolicyError(checked.problems)
-    return checked.policy
+    return checked
+
+
+def loads(text: str, *, file: str = "<string>") -> Policy:
+    """Load a policy from TOML text (`loads_checked`'s errors)."""
+    policy = loads_checked(text, file=file).policy
+    assert policy is not None
+    return policy
 
 
 def load(path: str | Path) -> Policy:
