@@ -18,6 +18,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from shyped.core.xenflask import AvcRecord
+from shyped.policy.model import Policy
 from shyped.service.flaskxc import XcBoundary
 from shyped.service.flaskxen import FlaskXen
 
@@ -67,10 +68,17 @@ class Conring:
 
 
 class FakeLibxenctrl:
-    """libxenctrl's xc_readconsolering over `Conring` (the ctypes calling convention kept)."""
+    """libxenctrl's xc_readconsolering over `Conring` (the ctypes calling convention kept);
+    FLASK enforcing, every policy load accepted."""
 
     def __init__(self, ring: Conring) -> None:
         self.conring = ring
+
+    def xc_flask_getenforce(self, _xch: Any) -> int:
+        return 1
+
+    def xc_flask_load(self, _xch: Any, _buf: Any, _size: int) -> int:
+        return 0
 
     def xc_readconsolering(
         self, _xch: Any, buf: Any, nr: Any, clear: int, incremental: int, index: Any
@@ -126,3 +134,21 @@ async def test_denials_the_ring_overwrote_are_reported_lost() -> None:
     await flask.poll_now()
     assert [r.tclass for r in seen] == ["grant"]
     assert flask.status()["console_overruns"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_start_skips_all_the_ring_holds_however_large() -> None:
+    """A host booted with a large ring (``conring_size=``) holds more than one read takes
+    (256 KiB): the start must still begin at its end, or Xen's denials from before the start
+    (another daemon's, long dealt with) come into this daemon's trail as new ones."""
+    ring = Conring(1 << 20)
+    ring.puts(("(XEN) boot noise " + "x" * 100 + "\n").encode() * 3000)  # ~350 KiB
+    ring.puts((REAL + "\n").encode())  # an old denial, past the first 256 KiB
+    flask, seen = _daemon_side(ring)
+    flask.poll_interval = 0
+    await flask.start(Policy.__new__(Policy))
+    await flask.poll_now()
+    assert seen == []
+    ring.puts((REAL + "\n").encode())  # a new one is read
+    await flask.poll_now()
+    assert len(seen) == 1

@@ -49,6 +49,9 @@ from shyped.service.flaskxc import DisabledBoundary, FlaskError, XcBoundary, Xen
 _log = Logger(namespace="shyped.flask")
 T = TypeVar("T")
 
+#: Reads at most that skip the console ring's old text at start (512 reads of 256 KiB: a
+#: 128 MiB ``conring_size=``; a ring written faster than that is read from where it is).
+START_READS: Final = 512
 #: Seconds between reads of Xen's console ring.
 POLL_INTERVAL: Final = 2.0
 
@@ -145,8 +148,14 @@ class FlaskXen:
             return
         _log.info("Xen FLASK: {mode}; loading the compiled sHype policy", mode=self.mode.value)
         await self.load(await self.prepare(policy))
-        # Skip what the ring holds from before this start (xl dmesg shows it).
+        # Skip what the ring holds from before this start (xl dmesg shows it): all of it,
+        # however many reads that takes (a ring larger than one read, conring_size=).
         text, self._index, _ = await self._call(self.boundary.read_console, 0)
+        for _ in range(START_READS):
+            more, index, _ = await self._call(self.boundary.read_console, self._index)
+            if not more:
+                break
+            text, self._index = more, index
         # the next read continues a line this one cut: that line is not read
         self._rest, self._skipping = "", not text.endswith("\n") and text != ""
         if self.poll_interval > 0:
