@@ -84,9 +84,9 @@ class FakeXen:
             rows.append(f"{d.name} {d.domid} 128 1 --p--- 0.0 {ctx}")
         return "\n".join(rows) + "\n"
 
-    def read_console(self, index: int) -> tuple[str, int]:
+    def read_console(self, index: int) -> tuple[str, int, bool]:
         with self.lock:
-            return self.console[index:], len(self.console)
+            return self.console[index:], len(self.console), False
 
 
 def _fake(host: Harness) -> FakeXen:

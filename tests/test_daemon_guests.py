@@ -357,3 +357,38 @@ async def test_a_hostile_guest_cannot_steer_the_cut_of_a_denied_qdisk(host: Harn
 
 def be_vbd(domid: int, devid: int) -> str:
     return f"/local/domain/0/backend/vbd/{domid}/{devid}"
+
+
+# ---- USB through the device model --------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_model_usb_controller_is_decided_and_destroys_the_hvm_guest(
+    host: Harness,
+) -> None:
+    """Red team: an HVM guest's USB controller of type devicemodel (``usbctrl`` /
+    ``usbdev`` with a host device, xl usbctrl-attach / usbdev-attach) is libxl-only
+    (libxl_usb.c: backend kind NONE, libxl__device_generic_add writes only
+    /libxl/<d>/device/vusb/<n>; QEMU gets the controller and the host's USB device over QMP).
+    With no frontend or backend pointer the record was never decided: a host USB device
+    reached the guest with no decision. USB is a kind shyped denies, and it cannot be cut:
+    the domain goes."""
+    await host.start()
+    d = await host.call(host.ts.create, guestcfg("web-a1", "hvm", disks=(disk("web-a1", "hda"),)))
+    await host.settle()
+    assert host.last(f"domain {d}").allowed
+    rec = f"/libxl/{d}/device/vusb/0"
+    with XsConn(str(host.xsd.socket_path)) as xs:  # what libxl writes, as dom0's toolstack
+        xs.start()
+        for key, value in (
+            ("type", "devicemodel"), ("usb-ver", "2"), ("num-ports", "8"), ("port", ""),
+            ("port/1", "3.5"),  # usbdev-attach: hostbus.hostaddr
+        ):  # fmt: skip
+            xs.write(f"{rec}/{key}", value)
+        xs.commit()
+    await host.settle()
+    out = host.last(f"device vusb {d}/0")
+    assert not out.allowed and out.enforced
+    assert "'vusb'" in out.decision.reason
+    assert out.actions == (VetoDomain(d, host.daemon.engine.domain_veto),)  # type: ignore[union-attr]
+    assert "web-a1" not in host.domains()

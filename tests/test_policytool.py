@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from policy_helpers import policies
 
 from shyped.cli.shypectl import run
+from shyped.policy.errors import PolicyError
 from shyped.policy.model import Policy
+from shyped.service.policyload import load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "conf" / "policies" / "hosting.toml"
@@ -328,3 +330,20 @@ def test_lint_reports_and_never_raises_on_a_damaged_policy(edits: list[tuple[int
     assert all(f.line is None or f.line >= 1 for f in report.findings)
     if report.errors == 0:
         assert report.policy is not None
+
+
+@pytest.mark.parametrize("verb", ["lint", "analyse", "convert", "check-labels"])
+def test_a_policy_nested_too_deeply_is_a_clear_error_not_a_crash(tmp_path: Path, verb: str) -> None:
+    """A hostile policy file (root runs the offline tool on it): tomllib recurses per level
+    of nesting and raised RecursionError, reported as an internal error (exit 70)."""
+    f = tmp_path / "deep.toml"
+    store = str(tmp_path / "labels.json")
+    args = {"convert": [str(f), "--to", "acm-xml"], "check-labels": [str(f), store]}
+    f.write_text(EXAMPLE.read_text() + "\nx = [\n")
+    syntax_error, _, _ = ctl("policy", verb, *args.get(verb, [str(f)]))
+    f.write_text(EXAMPLE.read_text() + "\nx = " + "[" * 50_000 + "]" * 50_000 + "\n")
+    code, out, err = ctl("policy", verb, *args.get(verb, [str(f)]))
+    assert code == syntax_error != 70, (code, out, err)
+    assert f"{f}:" in out + err and "nested too deeply" in out + err, (out, err)
+    with pytest.raises(PolicyError, match="nested too deeply"):
+        load_policy(f)

@@ -11,12 +11,14 @@ from hypothesis import strategies as st
 from shyped.core.xenflask import (
     MAX_AVC_LINE,
     AvcRecord,
+    ConsoleRead,
     Step,
     denial_summary,
     parse_avc_line,
     parse_list_z,
     plan_domain,
     read_console,
+    ring_gap,
 )
 from shyped.policy.flask import context, type_name
 
@@ -164,3 +166,19 @@ def test_plan_relabels_only_from_unlabelled(have: str | None, step: Step) -> Non
 def test_an_unlabelled_domain_the_policy_admits_runs_unlabelled() -> None:
     assert plan_domain(context(None), "system_u:system_r:domU_t").step is Step.RELABEL
     assert plan_domain(context(None), context(None)).step is Step.NONE
+
+
+def test_a_line_whose_head_was_dropped_is_not_read() -> None:
+    first = read_console("", "x" * (MAX_AVC_LINE + 1))
+    assert first.skipping
+    second = read_console(first.rest, "y" + BIND + "\n" + BIND + "\n", skip=first.skipping)
+    assert len(second.records) == 1 and not second.skipping
+    # a read that starts where the ring cut a line: the tail and the last read's rest go
+    assert read_console(BIND[:30], BIND + "\n", skip=True).records == ()
+    assert read_console("", BIND, skip=True) == ConsoleRead((), 0, "", skipping=True)
+
+
+def test_a_ring_read_that_did_not_start_where_asked_is_a_gap() -> None:
+    assert not ring_gap(100, 150, 50)
+    assert ring_gap(100, 16584, 16384)  # Xen started 100 bytes later
+    assert not ring_gap(0xFFFFFFF0, 0x10, 0x20)  # the index wraps at 2**32

@@ -177,24 +177,47 @@ def parse_avc_line(line: str) -> AvcRecord | None:
 
 @attrs.frozen
 class ConsoleRead:
-    """What one read of the console ring gave: AVC records, lines that were not, and whether
-    the last line was cut (kept for the next read)."""
+    """What one read of the console ring gave: AVC records, lines that were not, the last
+    line if it was cut (kept for the next read), and whether the next read starts inside a
+    line whose head was dropped (then its text up to the first newline is not read)."""
 
     records: tuple[AvcRecord, ...]
     lines: int
     rest: str
+    skipping: bool = False
 
 
-def read_console(previous: str, text: str, *, max_rest: int = MAX_AVC_LINE) -> ConsoleRead:
+def ring_gap(requested: int, end: int, nbytes: int) -> bool:
+    """Whether Xen's ``read_console_ring`` (incremental) did not start at `requested`: it
+    returns the index after the `nbytes` it copied, and starts at the oldest byte it still
+    holds when `requested` was overwritten (a flood between two reads), in mid-line."""
+    return (end - nbytes) & 0xFFFFFFFF != requested & 0xFFFFFFFF
+
+
+def read_console(
+    previous: str, text: str, *, skip: bool = False, max_rest: int = MAX_AVC_LINE
+) -> ConsoleRead:
     """Split `previous` (an unfinished line of the last read) + `text` into lines and parse
-    the AVC ones; an unfinished last line is returned as `rest` (dropped past `max_rest`)."""
-    data = previous + text
-    parts = data.split("\n")
+    the AVC ones; an unfinished last line is returned as `rest` (dropped past `max_rest`).
+
+    `skip`: `text` starts in the middle of a line (the ring overwrote what came before, or
+    the line's head was dropped as too long): `previous` and everything up to the first
+    newline are dropped, as the tail of a line is whatever the line held (a guest's
+    ``(d<N>) …(XEN) avc: …`` would read as Xen's own denial).
+    """
+    dropped = 0
+    if skip:
+        _, newline, text = text.partition("\n")
+        if not newline:
+            return ConsoleRead((), 0, "", skipping=True)
+        previous, dropped = "", 1
+    parts = (previous + text).split("\n")
     rest = parts.pop()
-    if len(rest) > max_rest:
+    skipping = len(rest) > max_rest
+    if skipping:
         rest = ""
     records = [r for line in parts if (r := parse_avc_line(line)) is not None]
-    return ConsoleRead(tuple(records), len(parts), rest)
+    return ConsoleRead(tuple(records), len(parts) + dropped, rest, skipping)
 
 
 @attrs.frozen

@@ -33,7 +33,7 @@ from shyped.policy import acm_xml, toml_format
 from shyped.policy.analysis import PolicyAnalysis, analyse
 from shyped.policy.errors import PathPart, PolicyError, Problem
 from shyped.policy.model import Defaults, Policy, Quota
-from shyped.policy.toml_source import _syntax_error
+from shyped.policy.toml_source import _syntax_error, nested_too_deeply
 
 Severity = Literal["error", "warning", "info"]
 Locator = Callable[[tuple[PathPart, ...]], int | None]
@@ -173,6 +173,8 @@ def _progress(text: str) -> float:
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"at line (\d+)", str(e))
         return int(m.group(1)) if m else text.count("\n") + 1
+    except RecursionError:
+        return 0
     return math.inf
 
 
@@ -209,6 +211,9 @@ def lint_toml(text: str, file: str = "<string>", *, analysis: bool = True) -> Li
             break
         except tomllib.TOMLDecodeError as e:
             err = _syntax_error(e, current, file)
+        except RecursionError:
+            findings += [_error(p, "syntax", file) for p in nested_too_deeply(file).problems]
+            break
         lines = sorted({p.line for p in err.problems if p.line is not None} - set(skipped))
         if not lines:
             findings += [_error(p, "syntax", file) for p in err.problems]
@@ -330,13 +335,8 @@ def load_located(data: bytes, file: str) -> Located:
         raise PolicyError.single(
             f"not UTF-8: byte 0x{data[e.start]:02x} cannot be decoded", file=file, line=line
         ) from None
-    try:
-        doc_ = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise _syntax_error(e, text, file) from None
-    checked = toml_format.check_text(doc_, text, file=file)
-    if checked.policy is None:
-        raise PolicyError(checked.problems)
+    checked = toml_format.loads_checked(text, file=file)
+    assert checked.policy is not None
     return Located(checked.policy, checked.line_of, "toml")
 
 

@@ -41,6 +41,7 @@ from shyped.policy.toml_source import (
     _syntax_error,
     _toml_path,
     _Value,
+    nested_too_deeply,
 )
 
 #: The value of a default meaning "deny" (a label literally named "deny" cannot be a default).
@@ -350,17 +351,27 @@ def check_text(
     return Checked(policy, (), line_of, parts)
 
 
-def loads(text: str, *, file: str = "<string>") -> Policy:
-    """Load a policy from TOML text; raise `PolicyError` (file, line, message) listing every
-    problem: a syntax error alone (tomllib stops there), else every shape and model problem."""
+def loads_checked(text: str, *, file: str = "<string>") -> Checked:
+    """`check_text` of TOML text that holds a policy; else `PolicyError` (file, line,
+    message) listing every problem: a syntax error alone (tomllib stops there), else every
+    shape and model problem."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _syntax_error(e, text, file) from None
+    except RecursionError:
+        raise nested_too_deeply(file) from None
     checked = check_text(doc, text, file=file)
     if checked.policy is None:
         raise PolicyError(checked.problems)
-    return checked.policy
+    return checked
+
+
+def loads(text: str, *, file: str = "<string>") -> Policy:
+    """Load a policy from TOML text (`loads_checked`'s errors)."""
+    policy = loads_checked(text, file=file).policy
+    assert policy is not None
+    return policy
 
 
 def load(path: str | Path) -> Policy:

@@ -260,6 +260,12 @@ _TOML_ERR_AT = re.compile(r"^(.*?)\s*\(at line (\d+), column (\d+)\)$", re.S)
 _TOML_ERR_END = re.compile(r"^(.*?)\s*\(at end of document\)$", re.S)
 
 
+def nested_too_deeply(file: str) -> PolicyError:
+    """tomllib recurses once per level of nesting of arrays and inline tables: a hostile file
+    raises RecursionError, reported as this instead."""
+    return PolicyError.single("TOML syntax: values nested too deeply", file=file)
+
+
 def _syntax_error(e: tomllib.TOMLDecodeError, text: str, file: str) -> PolicyError:
     msg = str(e)
     # tomllib reports keys/tables defined twice vaguely (often "at end of document"): when the

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
-from shyped.core.xenflask import FlaskMode
+from shyped.core.xenflask import FlaskMode, ring_gap
 
 #: The library (Debian 12's Xen 4.17 tools).
 LIBXENCTRL: Final = "libxenctrl.so.4.17"
@@ -63,8 +63,9 @@ class XenFlaskBoundary(Protocol):
         """``xl list -Z``'s output (parsed by `shyped.core.xenflask.parse_list_z`)."""
         ...
 
-    def read_console(self, index: int) -> tuple[str, int]:
-        """Xen's console ring from `index` on (bounded), and the index to read from next."""
+    def read_console(self, index: int) -> tuple[str, int, bool]:
+        """Xen's console ring from `index` on (bounded), the index to read from next, and
+        whether the ring had overwritten `index` (the text then starts in mid-line)."""
         ...
 
 
@@ -148,21 +149,28 @@ class XcBoundary:
             if lib.xc_flask_relabel_domain(xch, int(domid), sid.value) < 0:
                 raise self._failed(f"xc_flask_relabel_domain({domid}, {context})")
 
-    def read_console(self, index: int) -> tuple[str, int]:
+    def read_console(self, index: int) -> tuple[str, int, bool]:
         out = bytearray()
+        gap = False
         with self._lock:
             lib, xch = self._need()
             idx = ctypes.c_uint32(index)
             buf = ctypes.create_string_buffer(CONSOLE_CHUNK)
             while len(out) < CONSOLE_READ_MAX:
                 n = ctypes.c_uint(CONSOLE_CHUNK)
+                requested = idx.value
                 if lib.xc_readconsolering(xch, buf, ctypes.byref(n), 0, 1, ctypes.byref(idx)) < 0:
                     raise self._failed("xc_readconsolering")
                 count = min(n.value, CONSOLE_CHUNK)
+                if ring_gap(requested, idx.value, count):
+                    if out:  # overwritten since the last chunk: the next poll starts there
+                        idx.value = requested
+                        break
+                    gap = True
                 out += buf.raw[:count]
                 if count < CONSOLE_CHUNK:
                     break
-            return out.decode("utf-8", "replace"), idx.value
+            return out.decode("utf-8", "replace"), idx.value, gap
 
     def list_contexts(self) -> str:
         argv = [*self.xl, "list", "-Z"]
@@ -197,5 +205,5 @@ class DisabledBoundary:
     def list_contexts(self) -> str:
         raise FlaskError("FLASK is disabled")
 
-    def read_console(self, index: int) -> tuple[str, int]:
+    def read_console(self, index: int) -> tuple[str, int, bool]:
         raise FlaskError("FLASK is disabled")

@@ -49,6 +49,9 @@ from shyped.service.flaskxc import DisabledBoundary, FlaskError, XcBoundary, Xen
 _log = Logger(namespace="shyped.flask")
 T = TypeVar("T")
 
+#: Reads at most that skip the console ring's old text at start (512 reads of 256 KiB: a
+#: 128 MiB ``conring_size=``; a ring written faster than that is read from where it is).
+START_READS: Final = 512
 #: Seconds between reads of Xen's console ring.
 POLL_INTERVAL: Final = 2.0
 
@@ -114,10 +117,13 @@ class FlaskXen:
         self.on_avc: Callable[[Sequence[AvcRecord]], None] = lambda _records: None
         self.denials = 0
         self.unparsed_lines = 0
+        #: Reads that found the ring overwritten since the last one (denials may be lost).
+        self.console_overruns = 0
         self.relabels = 0
         self.errors = 0
         self._index = 0
         self._rest = ""
+        self._skipping = False
         self._poll = LoopingCall(self._read_console)
         self._poll.clock = reactor
         self._polling: Deferred[Any] | None = None
@@ -142,9 +148,16 @@ class FlaskXen:
             return
         _log.info("Xen FLASK: {mode}; loading the compiled sHype policy", mode=self.mode.value)
         await self.load(await self.prepare(policy))
-        # Skip what the ring holds from before this start (xl dmesg shows it).
-        _, self._index = await self._call(self.boundary.read_console, 0)
-        self._rest = ""
+        # Skip what the ring holds from before this start (xl dmesg shows it): all of it,
+        # however many reads that takes (a ring larger than one read, conring_size=).
+        text, self._index, _ = await self._call(self.boundary.read_console, 0)
+        for _ in range(START_READS):
+            more, index, _ = await self._call(self.boundary.read_console, self._index)
+            if not more:
+                break
+            text, self._index = more, index
+        # the next read continues a line this one cut: that line is not read
+        self._rest, self._skipping = "", not text.endswith("\n") and text != ""
         if self.poll_interval > 0:
             self._poll.start(self.poll_interval, now=False)
 
@@ -220,20 +233,29 @@ class FlaskXen:
     def _read_console(self) -> Deferred[None] | None:
         if self._polling is not None:
             return None  # the last read is still out
-        d = self._call(self._read_and_parse, self._index, self._rest)
+        d = self._call(self._read_and_parse, self._index, self._rest, self._skipping)
         d.addCallback(self._got_console)
         d.addErrback(self._console_failed)
         self._polling = d
         return None
 
-    def _read_and_parse(self, index: int, rest: str) -> tuple[ConsoleRead, int]:
-        text, index = self.boundary.read_console(index)
-        return read_console(rest, text), index
+    def _read_and_parse(
+        self, index: int, rest: str, skipping: bool
+    ) -> tuple[ConsoleRead, int, bool]:
+        text, index, gap = self.boundary.read_console(index)
+        return read_console(rest, text, skip=skipping or gap), index, gap
 
-    def _got_console(self, result: tuple[ConsoleRead, int]) -> None:
+    def _got_console(self, result: tuple[ConsoleRead, int, bool]) -> None:
         self._polling = None
-        read, self._index = result
-        self._rest = read.rest
+        read, self._index, gap = result
+        self._rest, self._skipping = read.rest, read.skipping
+        if gap:
+            self.console_overruns += 1
+            _log.warn(
+                "Xen FLASK: the console ring was overwritten before it was read ({n} time(s) "
+                "so far): AVC denials written in between are lost; its cut line is not read",
+                n=self.console_overruns,
+            )
         self.unparsed_lines += read.lines - len(read.records)
         denied = [r for r in read.records if r.denied]
         self.denials += len(denied)
@@ -247,7 +269,7 @@ class FlaskXen:
 
     def poll_now(self) -> Deferred[None]:
         """One console read now (tests, the QEMU tier): fires once its records are handed on."""
-        d = self._call(self._read_and_parse, self._index, self._rest)
+        d = self._call(self._read_and_parse, self._index, self._rest, self._skipping)
         return d.addCallback(self._got_console)
 
     def status(self) -> dict[str, Any]:
@@ -259,6 +281,7 @@ class FlaskXen:
             "denials": self.denials,
             "relabels": self.relabels,
             "errors": self.errors,
+            "console_overruns": self.console_overruns,
         }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Final
 
 from shyped.core.assembler.local import LocalReader
 from shyped.core.assembler.state import (
@@ -170,12 +171,13 @@ class Flusher(LocalReader):
         rec = dom.records.get(rkey) if dom is not None else None
         if dom is None or rec is None:
             return
+        backend = DM_USB_BACKEND if _device_model_usb(dk.kind, rec) else rec.backend
         active = (
             not rec.gone
-            and rec.frontend_ok
-            and rec.backend is not None
+            and (rec.frontend_ok or backend is DM_USB_BACKEND)
+            and backend is not None
             and self._present(dk.frontend)
-            and self._present(rec.backend[0])
+            and self._present(backend[0])
         )
         if not active:
             if rec.emitted is not None:
@@ -191,8 +193,8 @@ class Flusher(LocalReader):
                 del dom.records[rkey]
                 self._touched.add(dk.frontend)
             return
-        assert rec.backend is not None
-        be, bkind = rec.backend
+        assert backend is not None
+        be, bkind = backend
         resource = resource_with_script(dk.kind, rec.resource, rec.script)
         facts = (be, bkind, resource, rec.writable, self._emulated(dom, dk.kind, rec))
         if rec.emitted != facts:
@@ -231,6 +233,8 @@ class Flusher(LocalReader):
         libxl__build_device_model_args_new: QEMU opens the first four as IDE/AHCI disks)."""
         if kind == "pci":
             return rec.pci is not None
+        if _device_model_usb(kind, rec):
+            return True
         if kind == "vif":
             return rec.rtype is not None and rec.rtype not in PV_ONLY_NIC_TYPES
         return kind == "vbd" and dom.dtype == "hvm"
@@ -327,3 +331,16 @@ class Flusher(LocalReader):
         for u in self._vms:
             yield f"/vm/{u}"
         yield from self._shared.paths()
+
+
+#: Where a device-model USB controller is served from: QEMU (dom0's, no xenstore backend).
+DM_USB_BACKEND: Final = (0, "vusb")
+
+
+def _device_model_usb(kind: str, rec: _Record) -> bool:
+    """An HVM guest's USB controller emulated by QEMU (``usbctrl`` type ``devicemodel``):
+    libxl_usb.c gives it backend kind NONE, so libxl__device_generic_add writes only
+    ``/libxl/<d>/device/vusb/<n>`` (no frontend, no backend) and QEMU gets the controller and
+    the host's USB devices over QMP. It is decided all the same (a kind shyped denies), from
+    the record alone."""
+    return kind == "vusb" and rec.rtype == "devicemodel"
