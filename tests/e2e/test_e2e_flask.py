@@ -185,7 +185,7 @@ def test_an_unlabelled_guest_gets_the_unlabelled_type(run: RunResult) -> None:
     """`xl create` without seclabel: Xen gives the domain its initial SID `domU`, which the
     compiled policy maps to the unlabelled type.  It gets event channels with dom0 only (the
     bootstrap rules libxl needs to build it, so that the daemon can relabel it; no grants, nothing
-    with other guests): see docs/flask.md.)"""
+    with other guests); see docs/flask.md."""
     rows = xl_list_z(run.text("xl-list-Z-plain.txt"))
     unlabelled = [
         ctx for name, ctx in rows.items() if name not in ("Domain-0", "alpha", "beta", "gamma")
