@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 import attrs
-from builder import BuildError, _locked, _sha256_file, cache_dir, publish_build
+from builder import _locked, cache_dir, publish_build
+from imagetree import BuildError, _sha256_file
 
 XEN_SOURCE_ENV = "SHYPED_XEN_SOURCE"
 #: Where the shared folder keeps upstream Xen 4.17.7's source (`git archive` of
