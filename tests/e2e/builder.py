@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import attrs
@@ -403,6 +403,27 @@ def ensure_images(
         return _ensure(cache, fallback, force=force, log=log)
 
 
+def publish_build(final: Path, build: Callable[[Path], None]) -> None:
+    """Run `build` into a fresh staging directory beside `final`, then make it `final` (so a
+    failed or interrupted build never leaves a half-built `final`) and remove the older builds
+    beside it.  Call under `_locked`."""
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    try:
+        build(staging)
+        staging.chmod(0o755)
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    for old in root.iterdir():
+        if old != final and old.is_dir() and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _ensure(cache: Path, packages: list[Package], *, force: bool, log: list[str]) -> Images:
     key = input_key(packages)
     images_root = cache / "images"
@@ -418,20 +439,7 @@ def _ensure(cache: Path, packages: list[Package], *, force: bool, log: list[str]
         started = time.monotonic()
         debs = download(packages, cache / "debs")
         log.append(f"packages ready in {time.monotonic() - started:.1f}s")
-        images_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=images_root))
-        try:
-            _build(packages, debs, staging, log)
-            staging.chmod(0o755)
-            if final.exists():
-                shutil.rmtree(final)
-            staging.rename(final)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-        for old in images_root.iterdir():
-            if old != final and old.is_dir() and not old.name.startswith("."):
-                shutil.rmtree(old, ignore_errors=True)
+        publish_build(final, lambda staging: _build(packages, debs, staging, log))
         manifest = json.loads((final / "manifest.json").read_text())
         log.append(f"built {final} in {time.monotonic() - started:.1f}s")
         return Images(final, manifest)

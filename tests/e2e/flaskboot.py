@@ -15,8 +15,8 @@ import io
 from pathlib import Path
 from typing import Literal
 
-from builder import BuildError
 from flaskxen import FlaskXen, xen_source
+from imagetree import BuildError
 from runner import Hypervisor
 
 from shyped.cli import shypectl

@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 import attrs
-from builder import BuildError, _locked, _sha256_file, cache_dir
+from builder import _locked, cache_dir, publish_build
+from imagetree import BuildError, _sha256_file
 
 XEN_SOURCE_ENV = "SHYPED_XEN_SOURCE"
 #: Where the shared folder keeps upstream Xen 4.17.7's source (`git archive` of
@@ -169,20 +170,7 @@ def ensure_flask_xen(
         if not force and (final / "manifest.json").is_file() and (final / "xen").is_file():
             log.append(f"cached FLASK Xen {final}")
             return FlaskXen(final, json.loads((final / "manifest.json").read_text()))
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-        try:
-            _build(tarball, staging, log)
-            staging.chmod(0o755)
-            if final.exists():
-                shutil.rmtree(final)
-            staging.rename(final)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-        for old in root.iterdir():
-            if old != final and old.is_dir() and not old.name.startswith("."):
-                shutil.rmtree(old, ignore_errors=True)
+        publish_build(final, lambda staging: _build(tarball, staging, log))
         return FlaskXen(final, json.loads((final / "manifest.json").read_text()))
 
 
