@@ -18,6 +18,8 @@ from tpm_helpers import Swtpm, need_swtpm, swtpm
 
 from shyped.attest import measure
 from shyped.sandbox.xenstored import SandboxXenstored
+from shyped.service.attestation import Attestation
+from shyped.service.attestconfig import AttestationConfig
 from shyped.service.tpm import TpmTools
 
 
@@ -195,3 +197,47 @@ def test_without_a_tpm_the_daemon_runs_and_says_why(xenstored: SandboxXenstored)
         assert r.returncode == 3 and "attestation unavailable" in r.stderr
         assert "does not answer" in r.stderr
         assert "attestation unavailable" in h.log()
+
+
+def test_a_crash_between_log_and_extend_is_repaired_a_lost_log_refused(
+    tpm: Swtpm, tmp_path: Path
+) -> None:
+    cfg = AttestationConfig(enabled=True, tcti=tpm.tcti, log=tmp_path / "m.jsonl",
+                            ak_public=tmp_path / "ak.pem")  # fmt: skip
+    tools = TpmTools(tpm.tcti)
+    att = Attestation(None, cfg, tools)  # type: ignore[arg-type]  # the log and the TPM only
+    att._resume_log()
+    first = measure.make_entry(0, {"kind": "start", "policy": {}, "mode": "enforcing"})
+    att._measure(first)
+    second = measure.make_entry(1, {"kind": "mode", "mode": "permissive"})
+    att.log.append(second)  # the daemon died before the extend
+    assert tools.pcr_read(13) == measure.replay([first])
+    att._resume_log()
+    assert tools.pcr_read(13) == measure.replay([first, second]) and att._seq == 2
+
+    cfg.log.write_bytes(first.line())  # the log lost an entry: quotes could never verify
+    with pytest.raises(measure.LogError, match="does not replay to PCR 13"):
+        att._resume_log()
+
+
+def test_audit_rotations_are_measured_and_the_head_reported(
+    xenstored: SandboxXenstored, tpm: Swtpm
+) -> None:
+    with sandbox_host(xenstored) as h:
+        h.extra = (
+            f'[attestation]\nenabled = true\ntcti = "{tpm.tcti}"\n'
+            f'log = "{h.directory / "m.jsonl"}"\nak_public = "{h.directory / "ak.pem"}"\n'
+            f'[audit]\ndirectory = "{h.directory / "audit"}"\nmax_file_bytes = 1024\n'
+        )
+        h.start()
+        create(h, "web-a1", "bank-a-web", disks=BANK_A_DISK, vifs=BANK_A_VIF)
+        ok(h.ctl("attest", "ak-pub", "-o", str(h.directory / "ak-export.pem")))
+        b = quote(h, "n", "b.json")
+        doc = json.loads(b.read_text())
+        rotations = [json.loads(x)["event"] for x in doc["log"]]
+        rotations = [e for e in rotations if e["kind"] == "audit-rotation"]
+        assert rotations and rotations[-1]["head"]["seq"] > 0
+        out = ok(verify(h, b, "n"))
+        head = doc["state"]["audit_head"]
+        assert f"audit head: seq {head['seq']} {head['hash']}" in out
+        assert head["seq"] >= rotations[-1]["head"]["seq"]
