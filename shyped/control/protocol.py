@@ -147,7 +147,7 @@ OPS: Final[Mapping[str, Op]] = {
         _op("policy_reset", b.NoArgs, b.PolicyLoadResult, "admin", heavy=True),
         _op("forget_domain", b.DomainArgs, b.Forgotten, "admin"),
         _op("reserve", b.ReserveArgs, b.ReserveResult, "admin"),
-        _op("attest_quote", at.AttestQuoteArgs, at.AttestQuote, "read"),
+        _op("attest_quote", at.AttestQuoteArgs, at.AttestQuote, "read", heavy=True),
         _op("attest_ak", b.NoArgs, at.AttestAk, "read"),
     )
 }

@@ -178,13 +178,21 @@ class Attestation:
         """Measure everything that changed since the last measurement."""
         await self._lock.acquire()
         try:
-            if self.unavailable is not None:
-                return
-            d = self.daemon
-            events = measure.events_for(
-                self._measured, policy=policy_doc(d), mode=d.mode.value, labels=labels_doc(d),
-                rotations=_rotations(d), audit_head=audit_head(d),
-            )  # fmt: skip
+            await self._measure_pending()
+        finally:
+            self._lock.release()
+
+    def _pending_events(self) -> list[dict[str, Any]]:
+        d = self.daemon
+        return measure.events_for(
+            self._measured, policy=policy_doc(d), mode=d.mode.value, labels=labels_doc(d),
+            rotations=_rotations(d), audit_head=audit_head(d),
+        )  # fmt: skip
+
+    async def _measure_pending(self) -> None:
+        """(Lock held.) Measure until nothing is pending; the daemon may change while a
+        measurement is on its way to the TPM, so look again after each round."""
+        while self.unavailable is None and (events := self._pending_events()):
             for event in events:
                 entry = measure.make_entry(self._seq, event)
                 try:
@@ -197,8 +205,6 @@ class Attestation:
                 self._seq += 1
                 self._run_entries.append(entry)
                 self._measured = measure.measured_state(self._run_entries)
-        finally:
-            self._lock.release()
 
     def _measure(self, entry: measure.Entry) -> None:
         self.log.append(entry)  # durable first: a crash before the extend is repaired
@@ -225,11 +231,12 @@ class Attestation:
         bad = quote.check_nonce(nonce)
         if bad is not None:
             raise ValueError(bad)
-        await self.sync()
-        if self.unavailable is not None:
-            raise AttestationUnavailable(self.unavailable)
         await self._lock.acquire()
         try:
+            await self._measure_pending()
+            if self.unavailable is not None:
+                raise AttestationUnavailable(self.unavailable)
+            # nothing pending now, and no await before the report: it is the measured state
             state = self.state_report()
             qualifying = quote.qualifying_data(nonce, state)
             msg, sig = await self._thread(
