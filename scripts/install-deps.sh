@@ -22,6 +22,7 @@ APT_PACKAGES=(
     linux-libc-dev     # e2e tier: <xen/evtchn.h>, <xen/gntalloc.h>, <xen/gntdev.h> for the guest program
     setools            # FLASK compiler tests: read the binary policy back (sesearch, python3-setools)
     etcd-server etcd-client  # pool mode (shyped/pool): a real etcd cluster on loopback in the tests
+    swtpm swtpm-tools tpm2-tools  # attestation (shyped/attest): a software TPM 2.0 and tpm2_quote/checkquote
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -311,6 +311,12 @@ class ModelBackend:
     def reserve(self, args: b.ReserveArgs) -> b.ReserveResult:
         raise ControlError(ErrorCode.UNAVAILABLE, "reservations need pool mode ([pool])")
 
+    def attest_quote(self, args: Any) -> Any:
+        raise ControlError(ErrorCode.UNAVAILABLE, "attestation is off")
+
+    def attest_ak(self) -> Any:
+        raise ControlError(ErrorCode.UNAVAILABLE, "attestation is off")
+
     def policy_load(self, args: b.PolicyLoadArgs) -> Any:
         src = args.source or b.PolicySource(self.policy_path.read_text(), str(self.policy_path))
         _, result = self._check(src)

@@ -219,6 +219,10 @@ async def test_every_request_kind(backend: ModelBackend, sock: Path) -> None:
         assert exc.code is ErrorCode.UNAVAILABLE and "pool mode" in exc.message
     else:
         raise AssertionError("a reservation answered on a single host")
+    for op, args in (("attest_quote", ("n",)), ("attest_ak", ())):
+        with pytest.raises(ControlError) as off:  # [attestation] is off here
+            await ask(op, op, *args)
+        assert off.value.code is ErrorCode.UNAVAILABLE and "attestation is off" in off.value.message
 
     assert seen == set(OPS), f"not exercised: {set(OPS) - seen}"
     audited = [(a.op, a.allowed, a.code, a.peer.uid) for a in backend.audits]

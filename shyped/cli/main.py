@@ -111,6 +111,7 @@ def _run(config_path: Path, level: str, log_format: str | None = None) -> int:
     """
     from shyped.control.daemon_backend import DaemonControlBackend
     from shyped.control.server import ControlServer, ControlSetupError
+    from shyped.service.attestation import attach_attestation
     from shyped.service.daemon import Daemon, ReloadResult, StartupError
     from shyped.service.poolstore import (
         PoolSetupError,
@@ -150,6 +151,7 @@ def _run(config_path: Path, level: str, log_format: str | None = None) -> int:
         pool = attach_pool(daemon)  # pool mode ([pool]): before the control backend uses it
     except PoolSetupError as e:
         return _error(f"{config_path}: {e}")
+    daemon.attestation = attach_attestation(daemon)  # [attestation]: TPM quotes
     if pool is not None and metrics is not None:
         from shyped.service.poolmetrics import PoolCollector
 
@@ -214,7 +216,12 @@ def _run(config_path: Path, level: str, log_format: str | None = None) -> int:
             return
         if watchdog is not None:
             watchdog.start()
-        Deferred.fromCoroutine(start_with_pool(daemon)).addCallbacks(ready, failed)
+        Deferred.fromCoroutine(start_all()).addCallbacks(ready, failed)
+
+    async def start_all() -> None:
+        await start_with_pool(daemon)
+        if daemon.attestation is not None:  # never fails: without a TPM it says why
+            await daemon.attestation.start()
 
     def reloaded(result: ReloadResult) -> None:
         if result.applied:

@@ -51,6 +51,7 @@ from shyped.cli.ctlcommon import (
     exit_status,
 )
 from shyped.cli.shypectl_acm import add_acm_commands, getlabel_dom, rmlabel_mgt
+from shyped.cli.shypectl_attest import add_attest_commands
 from shyped.cli.shypectl_policy import (
     cmd_policy_check,
     cmd_policy_diff,
@@ -438,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     policytool.add_commands(psub)
     flaskbuild.add_command(psub)
     add_pool_commands(sub)
+    add_attest_commands(sub)
     psub.choices["flask"].set_defaults(
         func=lambda ctx: flaskbuild.run_command(ctx.args, ctx.out, ctx.err)
     )

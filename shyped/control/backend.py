@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from twisted.internet.defer import Deferred
 
+    from shyped.control.attestops import AttestAk, AttestQuote, AttestQuoteArgs
     from shyped.core.quota import QuotaUsage
 
 _T = TypeVar("_T")
@@ -625,6 +626,12 @@ class ControlBackend(Protocol):
 
     def reserve(self, args: ReserveArgs) -> MaybeDeferred[ReserveResult]:
         """Pool mode: a reservation the destination's daemon grants or refuses."""
+
+    def attest_quote(self, args: AttestQuoteArgs) -> MaybeDeferred[AttestQuote]:
+        """A TPM quote bundle (docs/attestation.md)."""
+
+    def attest_ak(self) -> AttestAk:
+        """The attestation key's public part."""
 
     def audit(self, event: ControlAudit) -> None:
         """Record a change request (allowed or refused). Must not raise or block."""

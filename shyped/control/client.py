@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from shyped.control import attestops as at
 from shyped.control import backend as b
 from shyped.control.protocol import (
     OPS,
@@ -224,3 +225,9 @@ class ControlClient(Closing):
 
     def reserve(self, args: b.ReserveArgs) -> b.ReserveResult:
         return self._roundtrip("reserve", args, b.ReserveResult, None)
+
+    def attest_quote(self, nonce: str) -> at.AttestQuote:
+        return self._roundtrip("attest_quote", at.AttestQuoteArgs(nonce), at.AttestQuote, None)
+
+    def attest_ak(self) -> at.AttestAk:
+        return self._roundtrip("attest_ak", None, at.AttestAk, None)

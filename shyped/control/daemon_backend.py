@@ -43,8 +43,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from shyped import __version__
+from shyped.control import attestserve, views
 from shyped.control import backend as b
-from shyped.control import views
 from shyped.control.admission import (
     _RUNNING,
     CFG_DEVICE_KINDS,
@@ -52,6 +52,7 @@ from shyped.control.admission import (
     DaemonBackendBase,
     log,
 )
+from shyped.control.attestops import AttestAk, AttestQuote, AttestQuoteArgs
 
 if TYPE_CHECKING:
     from shyped.service.daemon import ReloadResult
@@ -129,6 +130,12 @@ class DaemonControlBackend(DaemonBackendBase):
             raise ControlError(ErrorCode.UNAVAILABLE, "placement needs pool mode ([pool])")
         label = views.find_label(self._policy, args.label, "vm").name
         return self.pool_policy.placement(label)
+
+    def attest_quote(self, args: AttestQuoteArgs) -> Deferred[AttestQuote]:
+        return attestserve.attest_quote(self.daemon, args)
+
+    def attest_ak(self) -> AttestAk:
+        return attestserve.attest_ak(self.daemon)
 
     def reserve(self, args: b.ReserveArgs) -> Deferred[b.ReserveResult]:
         """Pool mode: the destination's daemon grants or refuses a place (migration, restore)."""

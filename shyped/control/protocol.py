@@ -39,6 +39,7 @@ from cattrs.errors import (
     IterableValidationNote,
 )
 
+from shyped.control import attestops as at
 from shyped.control import backend as b
 
 #: The protocol version this code speaks; a request with another one is refused.
@@ -146,6 +147,8 @@ OPS: Final[Mapping[str, Op]] = {
         _op("policy_reset", b.NoArgs, b.PolicyLoadResult, "admin", heavy=True),
         _op("forget_domain", b.DomainArgs, b.Forgotten, "admin"),
         _op("reserve", b.ReserveArgs, b.ReserveResult, "admin"),
+        _op("attest_quote", at.AttestQuoteArgs, at.AttestQuote, "read", heavy=True),
+        _op("attest_ak", b.NoArgs, at.AttestAk, "read"),
     )
 }
 

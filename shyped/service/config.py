@@ -23,6 +23,8 @@ from shyped.core.modes import DomainVeto as DomainVeto
 from shyped.core.modes import Mode as Mode
 from shyped.fileio.boundedread import CONFIG_MAX_BYTES, read_bounded
 from shyped.policy.toml_source import SourceIndex
+from shyped.service.attestconfig import KEYS as ATTESTATION_KEYS
+from shyped.service.attestconfig import AttestationConfig, parse_attestation
 from shyped.service.poolconfig import PoolConfig, PoolConfigError, parse_pool
 
 
@@ -149,11 +151,12 @@ class Config:
     pool: PoolConfig = attrs.field(factory=PoolConfig)
     source: Path | None = None
     flask: FlaskConfig = FlaskConfig()
+    attestation: AttestationConfig = attrs.field(factory=AttestationConfig)
 
 
 _TOP_KEYS = (
     "policy", "enforcement", "xenstore", "actuator", "control", "metrics", "audit", "log",
-    "flask", "pool",
+    "flask", "pool", "attestation",
 )  # fmt: skip
 _KEYS: dict[str, tuple[str, ...]] = {
     "policy": ("path", "labels"),
@@ -180,6 +183,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "metrics.tls_server_config": ("cert_file", "key_file"),
     "log": ("format", "user_avc"),
     "flask": ("enabled", "xen_source", "cache", "poll_interval"),
+    "attestation": ATTESTATION_KEYS,
     "audit": (
         "enabled",
         "directory",
@@ -382,6 +386,7 @@ def parse_config(text: str, source: Path | None = None) -> Config:
     audit = _audit(c)
     log = _log_config(c)
     flask = _flask_config(c)
+    attestation = parse_attestation(c)
     try:
         pool = parse_pool(doc, base, where)
     except PoolConfigError as exc:
@@ -404,6 +409,7 @@ def parse_config(text: str, source: Path | None = None) -> Config:
         pool=pool,
         source=source,
         flask=flask,
+        attestation=attestation,
     )
 
 

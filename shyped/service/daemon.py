@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -74,6 +74,9 @@ from shyped.service.poolstore import PoolStore
 from shyped.xenstore import (
     ConnectionLost,
 )
+
+if TYPE_CHECKING:
+    from shyped.service.attestation import Attestation
 
 _log = Logger(namespace="shyped.daemon")
 
@@ -119,6 +122,8 @@ class Daemon(PolicyAndLabels):
 
     #: pool mode's store (`shyped.service.poolstore.PoolStore`), set by whoever starts it
     pool: PoolStore | None = None
+    #: TPM measurements and quotes (`shyped.service.attestation`), set like `pool`
+    attestation: Attestation | None = None
 
     def __init__(
         self,

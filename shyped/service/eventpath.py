@@ -160,6 +160,8 @@ class DaemonCore:
         #: The audit trail (records gate enforcing actions) and the metrics, if configured.
         self.audit = audit
         self.metrics = metrics
+        #: called with each audit event's kind, audit trail or not
+        self.event_observers: list[Callable[[str], None]] = []
         if metrics is not None:  # run-time quotas judge the hypervisor's metering samples
             RuntimeQuotaFeed(self, metrics, config.metrics.cpu_window)
         self._publisher: PeriodicPublisher | None = None
@@ -603,6 +605,8 @@ class DaemonCore:
         return self._audit_event(kind, **details)
 
     def _audit_event(self, kind: AuditKind | str, **details: object) -> Deferred[Any] | None:
+        for observe in self.event_observers:  # e.g. TPM measurements (service.attestation)
+            observe(str(kind))
         if self.audit is None:
             return None
         try:

@@ -1,0 +1,258 @@
+"""TPM attestation on the daemon (docs/attestation.md): measure, log, quote.
+
+`Attestation` is a collaborator of the `shyped.service.daemon.Daemon`: it observes the daemon's
+audit events (``DaemonCore.event_observers``) and, after each, measures what changed of the
+attested state (policy, mode, label store, audit rotations: `shyped.attest.measure.events_for`);
+each measurement is appended to the measurement log (fsync) and then extended into the PCR. A
+quote measures what is pending first, so it always covers the state it reports.
+
+TPM commands are blocking subprocesses (`shyped.service.tpm`): they run on the reactor's thread
+pool, one at a time (a `DeferredLock`), never on the reactor thread. Without a TPM the daemon
+runs and the quote op answers why there is none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from shyped.attest import measure, quote
+from shyped.service.attestconfig import AttestationConfig
+from shyped.service.tpm import TpmError, TpmTools
+
+if TYPE_CHECKING:  # the daemon's parts this uses (`shyped.service.daemon.Daemon` is one)
+    from shyped.service.policylabels import PolicyAndLabels as Daemon
+
+_log = Logger(namespace="shyped.attest")
+
+
+class AttestationUnavailable(Exception):
+    """No quote can be given (no TPM, a broken or full measurement log): why."""
+
+
+class MeasurementLog:
+    """The measurement log file: JSON lines (`shyped.attest.measure.Entry.line`), appended with
+    O_APPEND and fsync, at most `max_bytes` (past it nothing is appended: fail closed)."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path, self.max_bytes = path, max_bytes
+
+    def read(self) -> list[measure.Entry]:
+        try:
+            with self.path.open("rb") as f:
+                data = f.read(self.max_bytes + 1)
+        except FileNotFoundError:
+            return []
+        if len(data) > self.max_bytes:
+            raise measure.LogError(f"{self.path}: larger than {self.max_bytes} bytes")
+        return measure.parse_log(data.splitlines())
+
+    def lines(self) -> list[bytes]:
+        try:
+            return self.path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def restart(self) -> None:
+        """A new log (the PCR was reset: a reboot); the old one is kept as ``*.prev``."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        if self.path.exists():
+            os.replace(self.path, self.path.with_name(self.path.name + ".prev"))
+
+    def append(self, entry: measure.Entry) -> None:
+        line = entry.line()
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size + len(line) > self.max_bytes:
+            raise OSError(f"{self.path}: the measurement log is full ({self.max_bytes} bytes)")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def labels_doc(daemon: Daemon) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(daemon.engine.labels.to_json())
+    return doc
+
+
+def policy_doc(daemon: Daemon) -> dict[str, Any]:
+    p = daemon.loaded.policy
+    return {"name": p.name, "version": str(p.version), "sha256": daemon.loaded.sha256}
+
+
+def audit_head(daemon: Daemon) -> dict[str, Any] | None:
+    if daemon.audit is None or not daemon.audit.log.log_id:
+        return None
+    seq, head = daemon.audit.log.head
+    return {"log": daemon.audit.log.log_id, "seq": seq, "hash": head}
+
+
+def _rotations(daemon: Daemon) -> int:
+    return 0 if daemon.audit is None else int(daemon.audit.log.stats.rotations)
+
+
+class Attestation:
+    """Measurements and quotes for one daemon (reactor thread only)."""
+
+    def __init__(self, daemon: Daemon, config: AttestationConfig, tools: TpmTools | None = None):
+        self.daemon, self.config = daemon, config
+        self.tools = tools or TpmTools(config.tcti)
+        self.log = MeasurementLog(config.log, config.max_log_bytes)
+        self.ak_pem: bytes | None = None
+        #: why no quote can be given now (None: quotes work)
+        self.unavailable: str | None = "not started"
+        self._measured: measure.Measured | None = None
+        self._seq = 0
+        self._run_entries: list[measure.Entry] = []  # measured since this daemon started
+        self._lock = defer.DeferredLock()
+        self._pending: defer.Deferred[None] | None = None
+
+    def _thread(self, f: Any, *args: Any) -> defer.Deferred[Any]:
+        reactor = self.daemon.reactor
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    async def start(self) -> None:
+        """Find the TPM and the AK, bring the log in line with the PCR, measure the start.
+        Never fails: without a TPM, `unavailable` says why and the daemon runs."""
+        try:
+            why = await self._thread(self.tools.available)
+            if why is not None:
+                raise TpmError(why)
+            self.ak_pem = await self._thread(self.tools.ensure_ak, self.config.ak_handle)
+            await self._thread(self._export_ak, self.ak_pem)
+            await self._thread(self._resume_log)
+        except (TpmError, OSError, measure.LogError) as e:
+            self.unavailable = str(e)
+            _log.error("attestation unavailable: {why}", why=self.unavailable)
+            return
+        self.unavailable = None
+        self.daemon.event_observers.append(self.observe)
+        await self.sync()
+        _log.info("attestation: PCR {pcr}, AK {ak}, {n} measurements in {log}",
+                  pcr=self.config.pcr, ak=hex(self.config.ak_handle), n=self._seq,
+                  log=str(self.config.log))  # fmt: skip
+
+    def _export_ak(self, pem: bytes) -> None:
+        from shyped.fileio.atomicfile import write_atomic
+
+        self.config.ak_public.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        write_atomic(self.config.ak_public, pem, mode=0o644)
+
+    def _resume_log(self) -> None:
+        """The PCR and the log agree (continue), the PCR is fresh (new log), or the last
+        entry was logged but not extended (a crash in between: extend it now)."""
+        pcr = self.tools.pcr_read(self.config.pcr)
+        entries = self.log.read() if pcr != measure.PCR_RESET else []
+        if pcr == measure.PCR_RESET:
+            self.log.restart()
+        elif measure.replay(entries) != pcr:
+            if entries and measure.replay(entries[:-1]) == pcr:
+                self.tools.extend(self.config.pcr, entries[-1].digest)
+            else:
+                raise measure.LogError(
+                    f"{self.config.log} does not replay to PCR {self.config.pcr} (lost or "
+                    "edited, or another program extends that PCR): quotes would not verify; "
+                    "it is consistent again after a reboot"
+                )
+        self._seq = len(entries)
+
+    def observe(self, _kind: str) -> None:
+        """An audit event happened: measure what changed, once per reactor turn."""
+        if self._pending is None:
+            self._pending = defer.Deferred.fromCoroutine(self._sync_soon())
+
+    async def _sync_soon(self) -> None:
+        try:
+            await self.sync()
+        finally:
+            self._pending = None
+
+    async def sync(self) -> None:
+        """Measure everything that changed since the last measurement."""
+        await self._lock.acquire()
+        try:
+            await self._measure_pending()
+        finally:
+            self._lock.release()
+
+    def _pending_events(self) -> list[dict[str, Any]]:
+        d = self.daemon
+        return measure.events_for(
+            self._measured, policy=policy_doc(d), mode=d.mode.value, labels=labels_doc(d),
+            rotations=_rotations(d), audit_head=audit_head(d),
+        )  # fmt: skip
+
+    async def _measure_pending(self) -> None:
+        """(Lock held.) Measure until nothing is pending; the daemon may change while a
+        measurement is on its way to the TPM, so look again after each round."""
+        while self.unavailable is None and (events := self._pending_events()):
+            for event in events:
+                entry = measure.make_entry(self._seq, event)
+                try:
+                    await self._thread(self._measure, entry)
+                except (TpmError, OSError) as e:
+                    self.unavailable = f"measurement {event['kind']} failed: {e}"
+                    _log.error("attestation: {why}; no quote is given from now on",
+                               why=self.unavailable)  # fmt: skip
+                    return
+                self._seq += 1
+                self._run_entries.append(entry)
+                self._measured = measure.measured_state(self._run_entries)
+
+    def _measure(self, entry: measure.Entry) -> None:
+        self.log.append(entry)  # durable first: a crash before the extend is repaired
+        self.tools.extend(self.config.pcr, entry.digest)
+
+    def state_report(self) -> dict[str, Any]:
+        d = self.daemon
+        domains = [
+            {"domid": dom.domid, "name": dom.name, "uuid": dom.uuid, "label": dom.label}
+            for dom in sorted(d.host.domains(), key=lambda x: x.domid)
+            if dom.label is not None
+        ]
+        return {
+            "host": os.uname().nodename,
+            "policy": policy_doc(d),
+            "mode": d.mode.value,
+            "labels": labels_doc(d),
+            "domains": domains,
+            "audit_head": audit_head(d),
+        }
+
+    async def quote(self, nonce: str) -> dict[str, Any]:
+        """A bundle (`shyped.attest.quote.bundle_doc`) for `nonce`."""
+        bad = quote.check_nonce(nonce)
+        if bad is not None:
+            raise ValueError(bad)
+        await self._lock.acquire()
+        try:
+            await self._measure_pending()
+            if self.unavailable is not None:
+                raise AttestationUnavailable(self.unavailable)
+            # nothing pending now, and no await before the report: it is the measured state
+            state = self.state_report()
+            qualifying = quote.qualifying_data(nonce, state)
+            msg, sig = await self._thread(
+                self.tools.quote, self.config.ak_handle, self.config.pcr, qualifying
+            )
+            lines = await self._thread(self.log.lines)
+        except TpmError as e:
+            raise AttestationUnavailable(f"the TPM refused the quote: {e}") from None
+        finally:
+            self._lock.release()
+        return quote.bundle_doc(nonce, self.config.pcr, msg, sig, lines, state)
+
+
+def attach_attestation(daemon: Daemon) -> Attestation | None:
+    """The daemon's attestation if ``[attestation] enabled``; start it with `start`."""
+    cfg = daemon.config.attestation
+    if not cfg.enabled:
+        return None
+    return Attestation(daemon, cfg)

@@ -1,0 +1,147 @@
+"""The TPM through Debian's tpm2-tools, run as subprocesses (blocking: call off the reactor).
+
+Why tpm2-tools rather than tpm2-pytss: Debian 12 packages them (``tpm2-tools`` 5.4, with the
+``swtpm`` TCTI the tests use), they need no compiler or headers at install time, and their
+``tpm2_checkquote`` lets a remote verifier check a quote with nothing of shyped but the bundle
+(docs/attestation.md). Without a resource manager (``swtpm:`` TCTI) every command's transient
+objects and sessions are flushed after it, or the TPM runs out of object slots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Final
+
+TIMEOUT: Final = 60.0
+_TOOLS: Final = ("tpm2_createek", "tpm2_createak", "tpm2_evictcontrol", "tpm2_readpublic",
+                 "tpm2_pcrread", "tpm2_pcrextend", "tpm2_quote", "tpm2_flushcontext")  # fmt: skip
+
+
+class TpmError(Exception):
+    """A TPM command failed, or there is no TPM / no tpm2-tools."""
+
+
+def _run(args: list[str], tcti: str | None, cwd: str | None = None) -> bytes:
+    env = dict(os.environ)
+    if tcti is not None:
+        env["TPM2TOOLS_TCTI"] = tcti
+    else:
+        env.pop("TPM2TOOLS_TCTI", None)
+    try:
+        done = subprocess.run(
+            args, env=env, cwd=cwd, capture_output=True, timeout=TIMEOUT, check=False
+        )
+    except FileNotFoundError:
+        raise TpmError(f"{args[0]} not found: install Debian's tpm2-tools") from None
+    except subprocess.TimeoutExpired:
+        raise TpmError(f"{args[0]}: no answer from the TPM in {TIMEOUT:g} s") from None
+    if done.returncode != 0:
+        err = done.stderr.decode(errors="replace").strip().splitlines()
+        raise TpmError(f"{args[0]} failed: {err[-1] if err else f'exit {done.returncode}'}")
+    return done.stdout
+
+
+class TpmTools:
+    """One TPM, reached through `tcti`."""
+
+    def __init__(self, tcti: str) -> None:
+        self.tcti = tcti
+
+    def available(self) -> str | None:
+        """Why this TPM cannot be used (None: it answers)."""
+        missing = [t for t in _TOOLS if shutil.which(t) is None]
+        if missing:
+            return f"tpm2-tools missing ({', '.join(missing)}): apt-get install tpm2-tools"
+        if self.tcti.startswith("device:"):
+            dev = self.tcti.removeprefix("device:") or "/dev/tpmrm0"
+            if not Path(dev).exists():
+                return f"no TPM: {dev} does not exist"
+        try:
+            self.pcr_read(0)
+        except TpmError as e:
+            return f"the TPM at {self.tcti} does not answer: {e}"
+        return None
+
+    def _flush(self) -> None:
+        """Flush transient objects and sessions (needed without a resource manager); a
+        failure here is not the caller's error (the command's own error matters)."""
+        for flag in ("-t", "-s"):
+            with contextlib.suppress(TpmError):
+                _run(["tpm2_flushcontext", flag], self.tcti)
+
+    def ak_public(self, handle: int) -> bytes | None:
+        """The PEM public key of the persistent key at `handle`, None if there is none."""
+        with tempfile.TemporaryDirectory(prefix="shyped-tpm-") as tmp:
+            out = Path(tmp) / "ak.pem"
+            try:
+                _run(["tpm2_readpublic", "-c", hex(handle), "-f", "pem", "-o", str(out)],
+                     self.tcti)  # fmt: skip
+            except TpmError:
+                return None
+            return out.read_bytes()
+
+    def ensure_ak(self, handle: int) -> bytes:
+        """The attestation key at `handle`: created under the endorsement hierarchy (EK, then
+        a restricted RSA signing AK) and made persistent if absent. Its PEM public part."""
+        found = self.ak_public(handle)
+        if found is not None:
+            return found
+        with tempfile.TemporaryDirectory(prefix="shyped-tpm-") as tmp:
+            try:
+                _run(["tpm2_createek", "-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub"],
+                     self.tcti, tmp)  # fmt: skip
+                self._flush()
+                _run(["tpm2_createak", "-C", "ek.ctx", "-c", "ak.ctx", "-G", "rsa", "-g",
+                      "sha256", "-s", "rsassa", "-u", "ak.pub", "-n", "ak.name"],
+                     self.tcti, tmp)  # fmt: skip
+                self._flush()
+                _run(["tpm2_evictcontrol", "-C", "o", "-c", "ak.ctx", hex(handle)],
+                     self.tcti, tmp)  # fmt: skip
+            finally:
+                self._flush()
+        found = self.ak_public(handle)
+        if found is None:
+            raise TpmError(f"the AK was made persistent at {hex(handle)} but cannot be read")
+        return found
+
+    def pcr_read(self, index: int) -> bytes:
+        out = _run(["tpm2_pcrread", f"sha256:{index}"], self.tcti).decode()
+        for line in out.splitlines():
+            key, _, value = line.strip().partition(":")
+            if key.strip() == str(index) and value.strip().lower().startswith("0x"):
+                return bytes.fromhex(value.strip()[2:])
+        raise TpmError(f"tpm2_pcrread: no sha256 value for PCR {index} in {out!r}")
+
+    def extend(self, index: int, digest: bytes) -> None:
+        _run(["tpm2_pcrextend", f"{index}:sha256={digest.hex()}"], self.tcti)
+
+    def quote(self, handle: int, index: int, qualifying: bytes) -> tuple[bytes, bytes]:
+        """A quote of sha256 PCR `index` by the AK at `handle` with `qualifying` as its
+        extraData: (TPMS_ATTEST, TPMT_SIGNATURE)."""
+        with tempfile.TemporaryDirectory(prefix="shyped-tpm-") as tmp:
+            try:
+                _run(["tpm2_quote", "-c", hex(handle), "-l", f"sha256:{index}", "-q",
+                      qualifying.hex(), "-m", "q.msg", "-s", "q.sig", "-g", "sha256"],
+                     self.tcti, tmp)  # fmt: skip
+            finally:
+                self._flush()
+            return (Path(tmp) / "q.msg").read_bytes(), (Path(tmp) / "q.sig").read_bytes()
+
+
+def check_signature(ak_pem: bytes, message: bytes, signature: bytes, extra: bytes) -> str | None:
+    """Check a quote's signature with the AK's PEM public key, offline (``tpm2_checkquote``,
+    no TPM needed). `extra` is the extraData in `message`. None: it verifies."""
+    with tempfile.TemporaryDirectory(prefix="shyped-verify-") as tmp:
+        for name, data in (("ak.pem", ak_pem), ("q.msg", message), ("q.sig", signature)):
+            (Path(tmp) / name).write_bytes(data)
+        try:
+            _run(["tpm2_checkquote", "-u", "ak.pem", "-m", "q.msg", "-s", "q.sig", "-g",
+                  "sha256", "-q", extra.hex()], None, tmp)  # fmt: skip
+        except TpmError as e:
+            return str(e)
+    return None

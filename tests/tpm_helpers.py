@@ -1,0 +1,95 @@
+"""A real software TPM 2.0 for the tests: Debian's ``swtpm`` on loopback TCP, fresh state per
+instance. tpm2-tools reach it through the TCTI ``swtpm:host=127.0.0.1,port=P``."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import attrs
+import pytest
+
+
+def need_swtpm() -> None:
+    for tool in ("swtpm", "tpm2_quote", "tpm2_checkquote"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} missing (scripts/install-deps.sh installs swtpm, tpm2-tools)")
+
+
+@attrs.define
+class Swtpm:
+    port: int
+    state: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:host=127.0.0.1,port={self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _port_pair() -> tuple[int, int]:
+    """Free loopback ports P and P+1: the swtpm TCTI reaches the control channel at P+1."""
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port, port + 1
+    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
+
+
+def start_swtpm(state: Path) -> Swtpm:
+    """``swtpm socket --tpm2`` on loopback ports P (commands) and P+1 (control),
+    started and initialised (``not-need-init,startup-clear``); waits until it listens."""
+    need_swtpm()
+    server, ctrl = _port_pair()
+    state.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        ["swtpm", "socket", "--tpm2", "--server", f"type=tcp,port={server},bindaddr=127.0.0.1",
+         "--ctrl", f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
+         "--flags", "not-need-init,startup-clear", "--tpmstate", f"dir={state}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", server), timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"swtpm did not start: {err}") from None
+            time.sleep(0.05)
+    return Swtpm(server, state, proc)
+
+
+@contextmanager
+def swtpm() -> Iterator[Swtpm]:
+    directory = Path(tempfile.mkdtemp(prefix="swtpm-"))
+    tpm = start_swtpm(directory / "state")
+    try:
+        yield tpm
+    finally:
+        tpm.stop()
+        shutil.rmtree(directory, ignore_errors=True)
