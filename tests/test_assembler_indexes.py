@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from shyped.core.assembler import EventAssembler
 from shyped.core.events import Node
+from shyped.core.quota import CountedLabels
 
 UUIDS = ("11111111-2222-3333-4444-555555555555", "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee")
 DOMIDS = (1, 2, 3)
@@ -144,3 +145,25 @@ def test_writes_reach_the_same_decisions_in_one_batch_and_in_many(
     _check_indexes(small)
     _check_indexes(each)
     assert _decisions(one) == _decisions(small) == _decisions(each)
+
+
+@settings(max_examples=200)
+@given(
+    ops=st.lists(
+        st.tuples(st.integers(0, 6), st.one_of(st.none(), st.sampled_from(("a", "b", "c")))),
+        max_size=40,
+    )
+)
+def test_counted_labels_match_a_naive_count(ops: list[tuple[int, str | None]]) -> None:
+    counted = CountedLabels()
+    naive: dict[int, str] = {}
+    for d, label in ops:
+        if label is None:
+            assert counted.pop(d, None) == naive.pop(d, None)
+        else:
+            counted[d] = label
+            naive[d] = label
+        for name in ("a", "b", "c"):
+            assert counted.with_label(name) == {k for k, v in naive.items() if v == name}
+    assert dict(counted) == naive
+    assert dict(CountedLabels(naive)) == naive
