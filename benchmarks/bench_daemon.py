@@ -143,7 +143,7 @@ def make_daemon(xsd: SandboxXenstored, store: LabelStore) -> Daemon:
 
 def shop(i: int) -> Any:
     return domain_config_from_text(
-        f'name = "shop-{i}"\nuuid = "00000000-0000-4000-8000-{i:012x}"\nmemory = 128\n'
+        f'name = "shop-{i}"\nuuid = "00000000-0000-4000-9000-{i:012x}"\nmemory = 128\n'
         f"vif = ['bridge=xenbr-public']\n"
         f"disk = ['format=raw,vdev=xvda,access=rw,target=/srv/images/shop-{i}.img']\n"
     )
