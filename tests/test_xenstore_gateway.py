@@ -21,9 +21,11 @@ from twisted.python import threadable
 from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.xenstore import (
     Again,
+    Change,
     ConnectionLost,
     GatewayConfig,
     NoEntry,
+    Op,
     Perm,
     Transaction,
     XenstoreGateway,
@@ -187,6 +189,31 @@ async def test_transaction_function_error_aborts_everything(gateway: XenstoreGat
         await gateway.transaction(half)
     with pytest.raises(NoEntry):
         await gateway.read("/vm/u2/name")
+
+
+@pytest_twisted.ensureDeferred
+async def test_apply_if_writes_only_when_the_check_holds(gateway: XenstoreGateway) -> None:
+    """The label write's shape: the check and the changes pipelined in one round trip; a check
+    that fails (other value, or no node) leaves nothing behind, not even a parent directory."""
+    perms = (Perm("n", 0), Perm("r", 9))
+    changes: list[Change] = [
+        (Op.MKDIR, "/local/domain/9/shype", None),
+        (Op.SET_PERMS, "/local/domain/9/shype", perms),
+        (Op.WRITE, "/local/domain/9/shype/label", b"ACM:p:a"),
+    ]
+    check = "/local/domain/9/vm"
+    assert not await gateway.transaction(lambda tx: tx.apply_if(check, b"/vm/u9", changes))
+    with pytest.raises(NoEntry):
+        await gateway.read("/local/domain/9")
+    await gateway.write(check, b"/vm/other")
+    assert not await gateway.transaction(lambda tx: tx.apply_if(check, b"/vm/u9", changes))
+    with pytest.raises(NoEntry):
+        await gateway.read("/local/domain/9/shype")
+    await gateway.write(check, b"/vm/u9")
+    assert await gateway.transaction(lambda tx: tx.apply_if(check, b"/vm/u9", changes))
+    assert await gateway.read("/local/domain/9/shype/label") == b"ACM:p:a"
+    assert await gateway.get_perms("/local/domain/9/shype") == perms
+    assert await gateway.transaction(lambda tx: tx.apply_if(None, b"", changes[2:]))
 
 
 @pytest_twisted.ensureDeferred

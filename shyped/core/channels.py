@@ -202,6 +202,9 @@ class SharedNodeTracker:
         self._by_owner: dict[int, dict[str, _Shared]] = {}
         self._owner_of: dict[str, int] = {}  # tracked path -> owner
         self._by_home: dict[str, set[str]] = {}  # "/local/domain/<d>" -> tracked paths below
+        #: peer domid -> the tracked (owner, path) whose permissions name it (no scan of every
+        #: owner's nodes when a domain goes or its records change)
+        self._by_peer: dict[int, set[tuple[int, str]]] = {}
         self._dirty: set[ChannelKey] = set()
         self._out: list[ChannelShared | ChannelUnshared] = []
 
@@ -233,11 +236,13 @@ class SharedNodeTracker:
                 return
             if nodes is None:
                 nodes = self._by_owner[owner] = {}
-            nodes[path] = _Shared(peers, world)
+            cur = nodes[path] = _Shared(frozenset(), world)
             self._owner_of[path] = owner
             self._by_home.setdefault(_home_of(path), set()).add(path)
+            self._set_peers(owner, path, cur, peers)
         else:
-            cur.peers, cur.world = peers, world
+            self._set_peers(owner, path, cur, peers)
+            cur.world = world
         self._dirty.add(ChannelKey(owner, path))
 
     def over_limit(self, owner: int, path: str, peers: frozenset[int], world: bool) -> None:
@@ -250,7 +255,7 @@ class SharedNodeTracker:
 
     def _removed(self, path: str) -> None:
         pre = path + "/"
-        homes = [_home_of(path)] if path.count("/") >= 4 else list(self._by_home)
+        homes = [_home_of(path)] if path.count("/") >= 3 else list(self._by_home)
         for home in homes:
             for p in list(self._by_home.get(home, ())):
                 if p == path or p.startswith(pre):
@@ -260,8 +265,25 @@ class SharedNodeTracker:
         nodes = self._by_owner.get(owner)
         cur = nodes.get(path) if nodes is not None else None
         if cur is not None:
-            cur.peers, cur.world = frozenset(), False
+            self._set_peers(owner, path, cur, frozenset())
+            cur.world = False
             self._dirty.add(ChannelKey(owner, path))
+
+    def _set_peers(self, owner: int, path: str, cur: _Shared, peers: frozenset[int]) -> None:
+        """Set a node's peers and keep `_by_peer` in step."""
+        old = cur.peers
+        if old == peers:
+            return
+        key = (owner, path)
+        for d in old - peers:
+            keys = self._by_peer.get(d)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_peer[d]
+        for d in peers - old:
+            self._by_peer.setdefault(d, set()).add(key)
+        cur.peers = peers
 
     def domain_gone(self, domid: int) -> None:
         """A domain's home is gone: its nodes went with it, and xenstored drops permissions
@@ -269,13 +291,13 @@ class SharedNodeTracker:
         nodes = self._by_owner.get(domid)
         if nodes is not None:
             for p, cur in nodes.items():
-                cur.peers, cur.world = frozenset(), False
+                self._set_peers(domid, p, cur, frozenset())
+                cur.world = False
                 self._dirty.add(ChannelKey(domid, p))
-        for owner, onodes in self._by_owner.items():
-            for p, cur in onodes.items():
-                if domid in cur.peers:
-                    cur.peers = cur.peers - {domid}
-                    self._dirty.add(ChannelKey(owner, p))
+        for owner, p in sorted(self._by_peer.get(domid, ())):
+            cur = self._by_owner[owner][p]
+            self._set_peers(owner, p, cur, cur.peers - {domid})
+            self._dirty.add(ChannelKey(owner, p))
 
     def withdraw(self, path: str, subtree: bool) -> list[str]:
         """The daemon's veto changed `path` (its permissions reset; with `subtree`, it and what
@@ -303,10 +325,10 @@ class SharedNodeTracker:
 
     def recheck(self, domid: int) -> None:
         """Re-evaluate every node `domid` owns or reaches (a device record changed)."""
-        for owner, nodes in self._by_owner.items():
-            for p, cur in nodes.items():
-                if owner == domid or domid in cur.peers:
-                    self._dirty.add(ChannelKey(owner, p))
+        for p in self._by_owner.get(domid, ()):
+            self._dirty.add(ChannelKey(domid, p))
+        for owner, p in self._by_peer.get(domid, ()):
+            self._dirty.add(ChannelKey(owner, p))
 
     # ---- output -------------------------------------------------------------------------
 

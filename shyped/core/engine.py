@@ -116,7 +116,7 @@ class Engine:
         #: `shyped.core.labelstore.resolve_resource`, which follows symlinks; pure callers: as is).
         self.resolve: Callable[[str], str] = resolve or _as_is
         self._running: RunningSet = running_set(policy)
-        self._counted: dict[int, str] = {}
+        self._counted = quota.CountedLabels()
         #: label strings published for running domains, read at reconcile (`remember_published`)
         self._published: dict[int, str] = {}
         #: During a sweep: the domains re-admitted so far (max_domains counts only those).
@@ -484,11 +484,11 @@ class Engine:
         """Running domains counted with `label` besides `domid` (for max_domains). During a
         sweep only those re-admitted so far: the first comers keep their place, as in the
         Chinese Wall replay, and a lowered max_domains refuses the later ones only."""
-        return sum(
-            1
-            for d, name in self._counted.items()
-            if name == label and d != domid and (self._swept is None or d in self._swept)
-        )
+        ids = self._counted.with_label(label)
+        if self._swept is None:
+            return len(ids) - (domid in ids)
+        swept = self._swept
+        return sum(1 for d in ids if d != domid and d in swept)
 
     def recheck_quota(self, domid: int, host: HostModel) -> Outcome | None:
         """A running, admitted domain whose account changed (sizes written after admission,
@@ -587,11 +587,13 @@ class Engine:
     def begin_sweep(self, host: HostModel) -> None:
         """Before every question is asked again: count only the domains the host model holds
         as running (they are re-admitted first); the others are decided against them."""
-        self._counted = {
-            d: label
-            for d, label in self._counted.items()
-            if (dom := host.domain(d)) is not None and dom.state in _RUNNING
-        }
+        self._counted = quota.CountedLabels(
+            {
+                d: label
+                for d, label in self._counted.items()
+                if (dom := host.domain(d)) is not None and dom.state in _RUNNING
+            }
+        )
         self._swept = set()
         self._rebuild()
 
@@ -617,9 +619,9 @@ class Engine:
             elif ref is _MISSING and old in check.maps.vm:
                 counted[d] = check.maps.vm[old]
         self._policy = policy
-        self._counted = {
-            d: label for d, label in counted.items() if self._resolve(label) is not None
-        }
+        self._counted = quota.CountedLabels(
+            {d: label for d, label in counted.items() if self._resolve(label) is not None}
+        )
         self._counted.setdefault(0, policy.policy.bootstrap)
         self._rebuild()
 

@@ -32,7 +32,7 @@ transaction) are not checked; the engine re-checks a domain when its account cha
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, Final
 
 import attrs
@@ -137,6 +137,43 @@ def domain_use(account: DomainAccount, kind: QuotaKind) -> int | None:
 def limit_of(quota: Quota, kind: QuotaKind) -> int | None:
     value: int | None = getattr(quota, kind.value)
     return value
+
+
+class CountedLabels(MutableMapping[int, str]):
+    """Domain id -> VM label name of the domains counted as running, with the domain ids per
+    label kept beside it, so that ``max_domains`` needs no scan of every running domain."""
+
+    def __init__(self, items: Mapping[int, str] | None = None) -> None:
+        self._label: dict[int, str] = {}
+        self._by_label: dict[str, set[int]] = {}
+        for d, label in (items or {}).items():
+            self[d] = label
+
+    def __getitem__(self, domid: int) -> str:
+        return self._label[domid]
+
+    def __setitem__(self, domid: int, label: str) -> None:
+        if domid in self._label:
+            del self[domid]
+        self._label[domid] = label
+        self._by_label.setdefault(label, set()).add(domid)
+
+    def __delitem__(self, domid: int) -> None:
+        label = self._label.pop(domid)
+        ids = self._by_label[label]
+        ids.discard(domid)
+        if not ids:
+            del self._by_label[label]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._label)
+
+    def __len__(self) -> int:
+        return len(self._label)
+
+    def with_label(self, label: str) -> frozenset[int] | set[int]:
+        """The domain ids counted with `label` (do not change the set returned)."""
+        return self._by_label.get(label, frozenset())
 
 
 def running_with_label(model: HostModel, label: str, *, exclude: int | None = None) -> int:

@@ -72,7 +72,7 @@ from shyped.core.events import BackendStateChanged, DeviceKey, DeviceRemoved, Do
 from shyped.service.actuator import ToolstackActuator
 from shyped.service.config import DomainVeto
 from shyped.service.vetoretry import VetoRetrier
-from shyped.xenstore import NoEntry, Perm, Transaction, XenstoreGateway
+from shyped.xenstore import Change, NoEntry, Op, Perm, Transaction, XenstoreGateway
 
 _log = Logger(namespace="shyped.enforcer")
 
@@ -381,18 +381,18 @@ class Enforcer:
         perms = tuple(Perm.parse(p) for p in label_perms(d))
         vm = f"/vm/{action.uuid}".encode() if action.uuid is not None else None
 
+        changes: list[Change] = [
+            (Op.MKDIR, label_dir(d), None),
+            (Op.SET_PERMS, label_dir(d), perms),
+            (Op.WRITE, action.path, action.label.encode()),
+            (Op.SET_PERMS, action.path, perms),
+        ]
+
         def body(tx: Transaction) -> bool:
-            if vm is not None:
-                try:
-                    if tx.read(f"/local/domain/{d}/vm") != vm:
-                        return False
-                except NoEntry:
-                    return False
-            tx.mkdir(label_dir(d))
-            tx.set_perms(label_dir(d), perms)
-            tx.write(action.path, action.label.encode())
-            tx.set_perms(action.path, perms)
-            return True
+            # One round trip for the check and the writes (START, this, END): when the domain
+            # is no longer the one decided, the transaction is aborted and nothing is written.
+            check = f"/local/domain/{d}/vm" if vm is not None else None
+            return tx.apply_if(check, vm or b"", changes)
 
         if not await self.gateway.transaction(body):
             _log.info("enforce: domain {domid} is gone; label not written", domid=d)

@@ -1,6 +1,6 @@
 """The daemon's xenstore edge: a Twisted gateway over pyxs, its errors, and the wire format."""
 
-from shyped.xenstore.blocking import Transaction
+from shyped.xenstore.blocking import Change, Transaction
 from shyped.xenstore.errors import (
     Again,
     ConnectionLost,
@@ -15,15 +15,17 @@ from shyped.xenstore.gatewayconfig import (
     Node,
     Snapshot,
 )
-from shyped.xenstore.wire import Perm
+from shyped.xenstore.wire import Op, Perm
 
 __all__ = [
     "Again",
+    "Change",
     "ConnectionLost",
     "GatewayConfig",
     "GatewayStats",
     "NoEntry",
     "Node",
+    "Op",
     "Perm",
     "PermissionDenied",
     "Snapshot",

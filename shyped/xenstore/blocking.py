@@ -127,6 +127,13 @@ class Transaction:
     def __init__(self, channel: _Channel) -> None:
         self._channel = channel
         self._open = True
+        self._discard = False
+
+    def discard(self) -> None:
+        """End this attempt without committing: everything it wrote is dropped (the
+        function's result is still returned). Lets a function send writes before it knows
+        whether it wants them (`apply_if`) and give them up after."""
+        self._discard = True
 
     @property
     def tx_id(self) -> int:
@@ -184,6 +191,45 @@ class Transaction:
         payload = wire.set_perms_payload(_encode_path(path), tuple(perms))
         wire.ack(self._call(Op.SET_PERMS, payload, path))
 
+    def apply_if(self, path: str | None, expect: bytes, changes: Sequence[Change]) -> bool:
+        """Make `changes` in order if `path` holds `expect` (None: unconditionally), in one
+        round trip: the read and the changes are pipelined, and when the read shows anything
+        else (or no node) the attempt is discarded (aborted, so the changes never happened)
+        and False returned. Otherwise the first change's error is raised, or True returned."""
+        if not self._open:
+            raise RuntimeError("transaction handle used after its attempt ended")
+        requests: list[tuple[int, bytes, str | None]] = []
+        if path is not None:
+            requests.append((int(Op.READ), wire.path_payload(_encode_path(path)), path))
+        for op, where, arg in changes:
+            raw = _encode_path(where)
+            if op is Op.MKDIR:
+                requests.append((int(op), wire.path_payload(raw), where))
+            elif op is Op.WRITE:
+                assert isinstance(arg, bytes)
+                requests.append((int(op), wire.write_payload(raw, _check_value(arg)), where))
+            else:
+                assert op is Op.SET_PERMS and not isinstance(arg, bytes | None)
+                requests.append((int(op), wire.set_perms_payload(raw, tuple(arg)), where))
+        results = self._channel.pipeline(requests)
+        if path is not None:
+            seen = results.pop(0)
+            if isinstance(seen, XenstoreError) and not isinstance(seen, NoEntry):
+                raise seen
+            if seen != expect:
+                self.discard()
+                return False
+        for result in results:
+            if isinstance(result, XenstoreError):
+                raise result
+            wire.ack(result)
+        return True
+
+
+#: One change `Transaction.apply_if` makes: (Op.MKDIR, path, None), (Op.WRITE, path,
+#: value) or (Op.SET_PERMS, path, perms).
+Change = tuple[Op, str, bytes | Sequence[Perm] | None]
+
 
 def _run_transaction(
     router: _Router, config: GatewayConfig, fn: Callable[[Transaction], T], max_attempts: int
@@ -213,6 +259,9 @@ def _run_transaction(
             raise
         else:
             handle._open = False
+            if handle._discard:
+                channel.abort_quietly(tx_id)
+                return result
             if channel.end(tx_id, commit=True):
                 return result
         if attempt < max_attempts:

@@ -269,6 +269,7 @@ class Flusher(LocalReader):
                 out.append(VchanRemoved(s, vpath))
             vc.emitted = facts
         if vc.gone:
+            self._index_vchan(s, vpath, vc, drop=True)
             del dom.vchans[vpath]
             if not dom.vchans:
                 self._vchan_servers.discard(s)

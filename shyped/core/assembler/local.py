@@ -140,7 +140,7 @@ class LocalReader(VmVchanReader):
         if uuid is None and dom.emitted is not None:
             return
         if dom.uuid != uuid:
-            dom.uuid = uuid
+            self._set_uuid(dom, uuid)
             self._dirty_doms.add(d)
 
     def _sizes(self, d: int, comps: list[str], path: str, value: bytes | None) -> bool:
@@ -218,7 +218,7 @@ class LocalReader(VmVchanReader):
         dom.name = None
         dom.name_set = False
         dom.name_problem = ""
-        dom.uuid = None
+        self._set_uuid(dom, None)
         if dom.mem_target is not None or dom.mem_max is not None or dom.cpus:
             dom.mem_target = dom.mem_max = None
             dom.cpus.clear()
@@ -236,13 +236,13 @@ class LocalReader(VmVchanReader):
             self._dirty_devs.add(DeviceKey(kind, d, devid))
         self._dirty_devs.update(dom.served)
         # xenstored drops permissions naming a dead domain (XSA-322): it is no longer a client.
-        for s in self._vchan_servers:
-            sdom = self._doms[s]
-            for path, vc in sdom.vchans.items():
-                for acc in (vc.rr_acc, vc.ec_acc):
-                    if acc is not None and d in acc.readers:
-                        acc.readers = acc.readers - {d}
-                        self._dirty_vchans.add((s, path))
+        for s, path in sorted(self._clients.get(d, ())):
+            vc = self._doms[s].vchans[path]
+            for acc in (vc.rr_acc, vc.ec_acc):
+                if acc is not None and d in acc.readers:
+                    acc.readers = acc.readers - {d}
+            self._index_vchan(s, path, vc)
+            self._dirty_vchans.add((s, path))
 
     def _remove_all_local(self) -> None:
         self._shared.note(0, "/local", None, None)

@@ -192,11 +192,29 @@ class _Access:
 class _Vchan:
     """A vchan candidate directory."""
 
-    __slots__ = ("ec", "ec_acc", "ec_val", "emitted", "gone", "rr", "rr_acc", "rr_val")
+    __slots__ = (
+        "ec",
+        "ec_acc",
+        "ec_val",
+        "emitted",
+        "gone",
+        "indexed",
+        "rr",
+        "rr_acc",
+        "rr_val",
+    )
 
     def __init__(self) -> None:
         self.emitted: tuple[tuple[int, ...], bool, int | None, int | None] | None = None
+        #: The named readers this candidate is filed under in `AssemblerState._clients`.
+        self.indexed: frozenset[int] = _EMPTY
         self.reset()
+
+    def named_readers(self) -> frozenset[int]:
+        """Every domain either node's permissions name as a reader."""
+        rr = self.rr_acc.readers if self.rr_acc is not None else _EMPTY
+        ec = self.ec_acc.readers if self.ec_acc is not None else _EMPTY
+        return rr | ec
 
     def reset(self) -> None:
         self.rr = False
@@ -288,6 +306,11 @@ class AssemblerState:
         self._limits = limits or Limits()
         self._doms: dict[int, _Dom] = {0: _Dom(0)}
         self._vms: set[str] = set()
+        #: UUID -> the domain ids whose ``vm`` pointer names it (index: no scan per ``/vm`` event).
+        self._by_uuid: dict[str, set[int]] = {}
+        #: Domain id -> the vchan candidates (server, path) whose permissions name it as a
+        #: reader (index: a removed home visits only the candidates it is a client of).
+        self._clients: dict[int, set[tuple[int, str]]] = {}
         # (backend domid, backend kind, frontend domid, devid) -> device, for backend writes
         self._be_index: dict[tuple[int, str, int, int], DeviceKey] = {}
         self._vchan_servers: set[int] = set()
@@ -316,3 +339,39 @@ class AssemblerState:
             return True
         dom = self._doms.get(d)
         return dom is not None and dom.emitted is not None
+
+    def _set_uuid(self, dom: _Dom, uuid: str | None) -> None:
+        """Set the domain's UUID and keep `_by_uuid` in step."""
+        old = dom.uuid
+        if old == uuid:
+            return
+        if old is not None:
+            ids = self._by_uuid.get(old)
+            if ids is not None:
+                ids.discard(dom.domid)
+                if not ids:
+                    del self._by_uuid[old]
+        if uuid is not None:
+            self._by_uuid.setdefault(uuid, set()).add(dom.domid)
+        dom.uuid = uuid
+
+    def _with_uuid(self, uuid: str) -> set[int]:
+        """The domain ids whose ``vm`` pointer names `uuid` (from the index)."""
+        return self._by_uuid.get(uuid, set())
+
+    def _index_vchan(self, s: int, vpath: str, vc: _Vchan, *, drop: bool = False) -> None:
+        """File the candidate under the readers its permissions name now (none with `drop`)."""
+        new = _EMPTY if drop else vc.named_readers()
+        old = vc.indexed
+        if new == old:
+            return
+        key = (s, vpath)
+        for d in old - new:
+            keys = self._clients.get(d)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._clients[d]
+        for d in new - old:
+            self._clients.setdefault(d, set()).add(key)
+        vc.indexed = new

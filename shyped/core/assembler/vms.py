@@ -31,18 +31,19 @@ class VmVchanReader(LibxlReader):
         if n == 2:
             if value is None and self._vms:
                 self._vms.clear()
-                self._dirty_doms.update(d for d, dom in self._doms.items() if dom.uuid)
+                for ids in self._by_uuid.values():
+                    self._dirty_doms.update(ids)
             return
         uuid = comps[2]
         if value is None:
             if n == 3 and uuid in self._vms:
                 self._vms.discard(uuid)
-                self._dirty_doms.update(d for d, dom in self._doms.items() if dom.uuid == uuid)
+                self._dirty_doms.update(self._with_uuid(uuid))
             return
         if uuid in self._vms or not is_uuid(uuid):
             return
         self._vms.add(uuid)
-        self._dirty_doms.update(d for d, dom in self._doms.items() if dom.uuid == uuid)
+        self._dirty_doms.update(self._with_uuid(uuid))
 
     # ---- vchans -------------------------------------------------------------------------
 
@@ -72,6 +73,7 @@ class VmVchanReader(LibxlReader):
                         old.rr, old.rr_val, old.rr_acc = False, None, None
                     else:
                         old.ec, old.ec_val, old.ec_acc = False, None, None
+                    self._index_vchan(s, vpath, old)
                     self._dirty_vchans.add((s, vpath))
             return
         if leaf not in _VCHAN_KEYS or len(comps) < 6 or (s != 0 and not guest_path(path)):
@@ -93,6 +95,7 @@ class VmVchanReader(LibxlReader):
             self._vchan_servers.add(s)
         elif vc.gone:
             vc.reset()  # removed and written again within one batch
+            self._index_vchan(s, vpath, vc)
         num = parse_uint(value, U32_MAX)
         if num is None:
             self._garbage(s, path, "vchan ring-ref or event-channel is not a uint32")
@@ -112,4 +115,6 @@ class VmVchanReader(LibxlReader):
             vc.ec, vc.ec_val = True, num
             if acc is not None:
                 vc.ec_acc = acc
+        if acc is not None:
+            self._index_vchan(s, vpath, vc)
         self._dirty_vchans.add((s, vpath))
