@@ -329,3 +329,26 @@ async def test_a_value_that_is_not_utf8_cannot_cut_a_host_off_the_pool(
     _put(cluster, f"{PREFIX}/labels/uuid/{U3}", "bank-a-web")
     await eventually(lambda: bh.label(U3) == "bank-a-web", timeout=10)
     assert bh.pool.state == "connected", bh.pool.error
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pool_bigger_than_its_bound_is_refused_whole_not_held(
+    pool_hosts: list[PoolHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile member files many large entries of a kind the pool keeps (proposals, each
+    within its own bound): past the bound on what a host holds (lowered here so that a few
+    hundred KiB play the many MiB), the change is refused whole, the last good state stays
+    enforced, and memory and the cache do not grow with it."""
+    from shyped.service import poolstore
+
+    monkeypatch.setattr(poolstore, "MAX_POOL_CHARS", 200_000, raising=False)
+    _, bh, _ = pool_hosts
+    await bh.start()
+    _put(bh.cluster, f"{PREFIX}/labels/uuid/{U1}", "bank-b-web")
+    await eventually(lambda: bh.label(U1) == "bank-b-web", timeout=10)
+    for n in range(3):
+        _put(bh.cluster, f"{PREFIX}/policy/proposals/{n:032x}", "p" * 100_000)
+    await eventually(lambda: "characters" in (bh.pool.error or ""), timeout=10)
+    assert sum(len(k) + len(v) for k, v in bh.pool.entries.items()) <= 200_000
+    assert len(str(cache_of(bh))) <= 200_000
+    assert bh.label(U1) == "bank-b-web"

@@ -48,8 +48,12 @@ from shyped.service.poolconfig import PoolConfig
 
 _log = Logger(namespace="shyped.pool")
 
-#: Largest cache file read back at start.
-CACHE_MAX_BYTES: Final = 64 * 1024 * 1024
+#: Most characters (keys and values) of the entries kept from the pool: past it a snapshot
+#: or change is refused whole and the last good state stays (as past `MAX_ENTRIES`).
+MAX_POOL_CHARS: Final = 32 * 1024 * 1024
+#: Largest cache file read back at start (any kept state's cache fits: JSON escapes a
+#: character to at most 6 bytes).
+CACHE_MAX_BYTES: Final = 6 * MAX_POOL_CHARS + 1024 * 1024
 #: Longest wait between two attempts to reach etcd again.
 MAX_BACKOFF: Final = 5.0
 
@@ -226,6 +230,14 @@ class PoolStore:
         if len(entries) > 2 * MAX_ENTRIES:
             self.error = (
                 f"snapshot at revision {revision} refused: more than {2 * MAX_ENTRIES} entries"
+            )
+            _log.error("pool: {error}", error=self.error)
+            return False
+        size = sum(len(k) + len(v) for k, v in entries.items())
+        if size > MAX_POOL_CHARS:
+            self.error = (
+                f"snapshot at revision {revision} refused: its entries hold {size} characters, "
+                f"more than {MAX_POOL_CHARS}"
             )
             _log.error("pool: {error}", error=self.error)
             return False
