@@ -199,9 +199,10 @@ def test_without_a_tpm_the_daemon_runs_and_says_why(xenstored: SandboxXenstored)
         assert "attestation unavailable" in h.log()
 
 
-def test_a_crash_between_log_and_extend_is_repaired_a_lost_log_refused(
+def _one_measurement(
     tpm: Swtpm, tmp_path: Path
-) -> None:
+) -> tuple[AttestationConfig, TpmTools, Attestation, measure.Entry]:
+    """An `Attestation` over the log and the TPM only (no daemon), with a start measured."""
     cfg = AttestationConfig(enabled=True, tcti=tpm.tcti, log=tmp_path / "m.jsonl",
                             ak_public=tmp_path / "ak.pem")  # fmt: skip
     tools = TpmTools(tpm.tcti)
@@ -209,6 +210,13 @@ def test_a_crash_between_log_and_extend_is_repaired_a_lost_log_refused(
     att._resume_log()
     first = measure.make_entry(0, {"kind": "start", "policy": {}, "mode": "enforcing"})
     att._measure(first)
+    return cfg, tools, att, first
+
+
+def test_a_crash_between_log_and_extend_is_repaired_a_lost_log_refused(
+    tpm: Swtpm, tmp_path: Path
+) -> None:
+    cfg, tools, att, first = _one_measurement(tpm, tmp_path)
     second = measure.make_entry(1, {"kind": "mode", "mode": "permissive"})
     att.log.append(second)  # the daemon died before the extend
     assert tools.pcr_read(13) == measure.replay([first])
@@ -241,3 +249,42 @@ def test_audit_rotations_are_measured_and_the_head_reported(
         head = doc["state"]["audit_head"]
         assert f"audit head: seq {head['seq']} {head['hash']}" in out
         assert head["seq"] >= rotations[-1]["head"]["seq"]
+
+
+def test_a_torn_last_line_from_a_crash_mid_write_is_dropped_not_fatal(
+    tpm: Swtpm, tmp_path: Path
+) -> None:
+    """A crash (power loss) during the append leaves part of a line, never extended (the
+    extend follows the fsync): the next start drops it and continues; a complete line that
+    does not parse is still refused."""
+    cfg, tools, att, first = _one_measurement(tpm, tmp_path)
+    second = measure.make_entry(1, {"kind": "mode", "mode": "permissive"})
+    with cfg.log.open("ab") as f:
+        f.write(second.line()[:40])  # the daemon died in the write
+    att._resume_log()
+    assert att._seq == 1 and cfg.log.read_bytes() == first.line()
+    assert tools.pcr_read(13) == measure.replay([first])
+    with cfg.log.open("ab") as f:
+        f.write(b"not json\n")
+    with pytest.raises(measure.LogError, match="not JSON"):
+        att._resume_log()
+
+
+def test_a_short_write_is_not_extended_and_leaves_no_torn_line(
+    tpm: Swtpm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk takes part of a line: the measurement fails before the extend (no quote
+    from then on) and the log keeps only whole entries, so it still replays to the PCR."""
+    import os
+
+    from shyped.service import attestation
+
+    cfg, tools, att, first = _one_measurement(tpm, tmp_path)
+    real = os.write
+    monkeypatch.setattr(attestation.os, "write", lambda fd, data: real(fd, data[:30]))
+    second = measure.make_entry(1, {"kind": "mode", "mode": "permissive"})
+    with pytest.raises(OSError, match="short write"):
+        att._measure(second)
+    monkeypatch.setattr(attestation.os, "write", real)
+    assert cfg.log.read_bytes() == first.line()
+    assert tools.pcr_read(13) == measure.replay([first])

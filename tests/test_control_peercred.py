@@ -118,3 +118,40 @@ async def test_unprivileged_limits(backend: ModelBackend, accounts: Accounts) ->
     assert [code(a) for a in held] == [None, None, "busy"]
     assert code(too_big[0]) == "too-large" and too_big[0]["error"]["details"]["limit"] == 65536
     assert [code(a) for a in root] == ["bad-request"] * 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_changing_op_is_refused_to_the_read_group_and_to_outsiders(
+    backend: ModelBackend, accounts: Accounts
+) -> None:
+    """Every admin op, the ACM and pool ones included (relabel of dom0, policy_reset,
+    forget_domain, reserve, a pool proposal by policy_load), asked by a real read-group user
+    and a real outsider with valid arguments: refused, and nothing changed."""
+    import json
+
+    from shyped.control.protocol import OPS
+
+    uuid = "22222222-2222-4222-8222-222222222222"
+    args = {
+        "setenforce": {"mode": "permissive"},
+        "register_domain": {"uuid": uuid, "label": "ACM:example:web"},
+        "relabel_domain": {"domain": "0", "label": "ACM:example:web"},
+        "set_resource_label": {"resource": "file:/srv/x.img", "label": None},
+        "policy_load": {"source": {"text": "x", "filename": "p.toml"}},
+        "policy_reset": None,
+        "forget_domain": {"domain": uuid},
+        "reserve": {"uuid": uuid, "host": "h2"},
+    }
+    admin_ops = sorted(name for name, op in OPS.items() if op.access == "admin")
+    assert admin_ops == sorted(args), "a new admin op: add it here"
+    lines = [
+        json.dumps({"version": 1, "op": op, **({} if args[op] is None else {"args": args[op]})})
+        for op in admin_ops
+    ]
+    before = (backend.mode, backend.reload_store())
+    async with aserving(backend, backend.directory, config=config(backend, accounts)) as server:
+        for who in (accounts.reader, accounts.outsider):
+            answers = await in_thread(as_user, who, server.path, *lines)
+            assert [code(a) for a in answers] == ["permission-denied"] * len(lines), who
+    assert (backend.mode, backend.reload_store()) == before
+    assert not any(a.allowed for a in backend.audits)

@@ -35,6 +35,10 @@ def test_label_keys_round_trip_and_other_hosts_resources_are_skipped() -> None:
         ("/shyped/p1/labels/res/host-a/%2E%2E", "disk", "invalid resource"),
         ("/shyped/p1/labels/what/x", "web", "unknown kind"),
         ("/other/labels/uuid/" + U, "web", "not a label key"),
+        # a trailing newline passed the name checks (``$`` matches before it)
+        ("/shyped/p1/labels/uuid/9a000000-0000-4000-8000-0000000000b2", "web\n", "invalid label"),
+        ("/shyped/p1/labels/name/web\n", "web", "invalid domain name"),
+        ("/shyped/p1/labels/res/host-a/bridge%3Axenbr0%0A", "net", "invalid bridge name"),
     ],
 )
 def test_bad_entries_are_refused_and_named_while_the_rest_applies(

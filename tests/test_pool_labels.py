@@ -249,3 +249,106 @@ async def test_a_label_write_etcd_did_not_take_is_retried_not_lost(
     assert a.daemon.status().pool["unpublished"] == 1
     await eventually(lambda: bh.label(U1) == "bank-b-web", timeout=20)
     assert failures["left"] == 0 and a.daemon.status().pool["unpublished"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pool_label_write_does_not_undo_this_hosts_dom0_relabel(
+    pool_hosts: list[PoolHost],
+) -> None:
+    """dom0's label is this host's (no pool key stands for it): a hostile member writing any
+    label entry (a snapshot or a watch event this host applies) must not put dom0 back on the
+    bootstrap label, nor lift the Chinese Wall dom0's label now imposes; neither may a restart
+    from etcd or from the cache."""
+    _, bh, _ = pool_hosts
+    await bh.start()
+    h = bh.harness
+    await bh.ctl.relabel_domain(b.RelabelDomainArgs(domain="0", label="bank-a-web"))
+    assert bh.daemon.engine.dom0_label() == "bank-a-web"
+    _put(bh.cluster, f"{PREFIX}/labels/uuid/{U1}", "bank-b-web")  # the hostile member's write
+    await eventually(lambda: bh.label(U1) == "bank-b-web", timeout=10)
+    assert bh.daemon.engine.dom0_label() == "bank-a-web"
+    d1 = await h.call(h.ts.create, domcfg("rival-b", uuid=U1))
+    await h.settle()
+    out = h.last(f"domain {d1}")
+    assert not out.allowed and "conflicts with running type" in out.decision.reason
+    await bh.stop()
+    await bh.start()  # from etcd's snapshot (and the cache) again
+    assert bh.daemon.engine.dom0_label() == "bank-a-web"
+
+
+@pytest_twisted.ensureDeferred
+async def test_junk_under_the_prefix_cannot_cut_a_host_off_the_pool(
+    pool_hosts: list[PoolHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile member fills the prefix with large values of no kind the pool uses (the
+    answer bound is lowered so that a few MiB play the 64 MiB of a real attack): a host that
+    (re)connects still reads the pool (in pages), sees the labels, and keeps neither the junk
+    in memory nor in its cache."""
+    import shyped.service.etcd as etcd_mod
+
+    monkeypatch.setattr(etcd_mod, "MAX_RESPONSE", 1 << 20)
+    _, bh, _ = pool_hosts
+    for n in range(4):
+        _put(bh.cluster, f"{PREFIX}/junk/{n:03d}", "x" * (400 * 1024))
+    _put(bh.cluster, f"{PREFIX}/labels/uuid/{U1}", "y" * (400 * 1024))  # not a label: refused
+    _put(bh.cluster, f"{PREFIX}/labels/uuid/{U2}", "bank-b-web")
+    await bh.start()
+    assert bh.pool.state == "connected", bh.pool.error
+    assert bh.label(U2) == "bank-b-web" and bh.label(U1) is None
+    cached = cache_of(bh)["entries"]
+    assert f"{PREFIX}/labels/uuid/{U2}" in cached
+    assert not any(k.startswith(f"{PREFIX}/junk/") for k in cached)
+    assert f"{PREFIX}/labels/uuid/{U1}" not in cached
+    # junk written while it watches is not kept either
+    _put(bh.cluster, f"{PREFIX}/junk/late", "x" * (400 * 1024))
+    _put(bh.cluster, f"{PREFIX}/labels/uuid/{U3}", "bank-a-web")
+    await eventually(lambda: bh.label(U3) == "bank-a-web", timeout=10)
+    assert not any(k.startswith(f"{PREFIX}/junk/") for k in bh.pool.entries)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_value_that_is_not_utf8_cannot_cut_a_host_off_the_pool(
+    pool_hosts: list[PoolHost],
+) -> None:
+    """One key whose value is not UTF-8 (etcd stores bytes): the host still reads the pool
+    at start and keeps watching it (the entry itself is unusable, so refused or ignored)."""
+    _, bh, _ = pool_hosts
+    cluster = bh.cluster
+
+    def put_raw(key: str, value: bytes) -> None:
+        enc = base64.b64encode
+        body = {"key": enc(key.encode()).decode(), "value": enc(value).decode()}
+        cluster.post(cluster.endpoints[0], "/v3/kv/put", body)
+
+    put_raw(f"{PREFIX}/labels/uuid/{U1}", b"bank-b-web\xff")
+    _put(cluster, f"{PREFIX}/labels/uuid/{U2}", "bank-b-web")
+    await bh.start()
+    assert bh.pool.state == "connected", bh.pool.error
+    assert bh.label(U2) == "bank-b-web" and bh.label(U1) is None
+    put_raw(f"{PREFIX}/hosts/host-x", b"\xc3\x28")  # while it watches
+    _put(cluster, f"{PREFIX}/labels/uuid/{U3}", "bank-a-web")
+    await eventually(lambda: bh.label(U3) == "bank-a-web", timeout=10)
+    assert bh.pool.state == "connected", bh.pool.error
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pool_bigger_than_its_bound_is_refused_whole_not_held(
+    pool_hosts: list[PoolHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile member files many large entries of a kind the pool keeps (proposals, each
+    within its own bound): past the bound on what a host holds (lowered here so that a few
+    hundred KiB play the many MiB), the change is refused whole, the last good state stays
+    enforced, and memory and the cache do not grow with it."""
+    from shyped.service import poolstore
+
+    monkeypatch.setattr(poolstore, "MAX_POOL_CHARS", 200_000, raising=False)
+    _, bh, _ = pool_hosts
+    await bh.start()
+    _put(bh.cluster, f"{PREFIX}/labels/uuid/{U1}", "bank-b-web")
+    await eventually(lambda: bh.label(U1) == "bank-b-web", timeout=10)
+    for n in range(3):
+        _put(bh.cluster, f"{PREFIX}/policy/proposals/{n:032x}", "p" * 100_000)
+    await eventually(lambda: "characters" in (bh.pool.error or ""), timeout=10)
+    assert sum(len(k) + len(v) for k, v in bh.pool.entries.items()) <= 200_000
+    assert len(str(cache_of(bh))) <= 200_000
+    assert bh.label(U1) == "bank-b-web"

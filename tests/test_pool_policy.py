@@ -155,3 +155,33 @@ async def test_a_flood_of_proposals_is_bounded_and_dead_proposers_are_ignored(
     await eventually(lambda: sum(k.startswith(answers) for k in a.pool.entries) == 12, timeout=60)
     assert 1 <= running["most"] <= poolpolicy.MAX_OPEN_PROPOSALS
     assert pp.ignored == 12
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_past_flood_of_proposals_does_not_stop_a_host_answering(
+    pool_hosts: list[PoolHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefix writer files junk proposals up to the bound of remembered ids (lowered here
+    so that a few play the many), then withdraws them: the hosts answer the next real switch
+    (before, the ids were never forgotten and every later switch went unanswered: refused)."""
+    monkeypatch.setattr(poolpolicy, "MAX_ANSWERED", 4)
+    monkeypatch.setattr(poolpolicy, "ANSWER_TIMEOUT", 5.0)
+    a, bh, _ = pool_hosts
+    await a.start()
+    await bh.start()
+    names = {f"{PREFIX}/hosts/{h.name}" for h in (a, bh)}
+    for h in (a, bh):
+        await eventually(lambda h=h: names <= set(h.pool.entries), timeout=15)
+    pp = bh.ctl.pool_policy
+    assert pp is not None
+    junk = [f"{PREFIX}/policy/proposals/{n:032x}" for n in range(4)]
+    for key in junk:
+        _put(bh, key, "not a proposal")
+    await eventually(lambda: pp.ignored >= 4, timeout=20)
+    for key in junk:
+        enc = base64.b64encode(key.encode()).decode()
+        bh.cluster.post(bh.cluster.endpoints[0], "/v3/kv/deleterange", {"key": enc})
+    await eventually(lambda: not any(k in bh.pool.entries for k in junk), timeout=10)
+    result = await _load(a, _policy("1.1"))
+    assert result.policy.version == "1.1"
+    await eventually(lambda: str(bh.daemon.loaded.policy.version) == "1.1", timeout=15)

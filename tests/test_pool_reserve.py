@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from daemon_helpers import domcfg, eventually
 from pool_helpers import PREFIX, PoolHost, pool_hosts_fixture  # noqa: F401 (fixture)
@@ -191,3 +192,30 @@ async def test_requests_not_from_a_live_member_get_no_answer(pool_hosts: list[Po
     await eventually(lambda: reservations.ignored == 5, timeout=20)
     assert not reservations.held and reservations.granted == 0
     assert not [k for k in c.pool.entries if "/grants/" in k]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_past_flood_of_requests_does_not_stop_a_destination_answering(
+    pool_hosts: list[PoolHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefix writer files junk requests for host-c up to the bound of remembered ids
+    (lowered here so that a few play the many), then they are gone: host-c answers the next
+    real request (before, the ids were never forgotten and it went silent: refused)."""
+    import base64
+
+    from shyped.service import poolreserve
+
+    monkeypatch.setattr(poolreserve, "MAX_ANSWERED", 3)
+    monkeypatch.setattr(poolreserve, "ANSWER_TIMEOUT", 5.0)
+    a, _, c = pool_hosts
+    await _start_all(pool_hosts)
+    junk = [f"{PREFIX}/reservations/host-c/{n:032x}" for n in range(3)]
+    for key in junk:
+        _put(c, key, "not a request")
+    await eventually(lambda: all(k in c.pool.entries for k in junk), timeout=10)
+    for key in junk:
+        enc = base64.b64encode(key.encode()).decode()
+        c.cluster.post(c.cluster.endpoints[0], "/v3/kv/deleterange", {"key": enc})
+    await eventually(lambda: not any(k in c.pool.entries for k in junk), timeout=10)
+    result = await _reserve(a, UA, "host-c", "bank-a-web")
+    assert isinstance(result, b.ReserveResult), result

@@ -38,6 +38,8 @@ _log = Logger(namespace="shyped.pool")
 ANSWER_TIMEOUT: Final = 10.0
 #: Proposals answered at once by one host (more wait: a flood cannot start many parsers).
 MAX_OPEN_PROPOSALS: Final = 4
+#: Proposal ids remembered as answered (those still filed under the prefix).
+MAX_ANSWERED: Final = 10_000
 
 
 class PoolPolicy:
@@ -59,10 +61,15 @@ class PoolPolicy:
 
     def on_entries(self, entries: dict[str, str], changed: set[str] | None) -> None:
         keys = changed if changed is not None else set(entries)
+        filed = self.keys.policy + "proposals/"
+        if changed is None:  # a whole snapshot: forget the ids no longer filed
+            self._answered &= {k[len(filed) :] for k in entries if k.startswith(filed)}
         for key in sorted(keys):
-            if key.startswith(self.keys.policy + "proposals/") and key in entries:
-                pid = key.rsplit("/", 1)[1]
-                if pid not in self._answered and len(self._answered) < 10_000:
+            if key.startswith(filed) and key not in entries:  # withdrawn: forget its id
+                self._answered.discard(key[len(filed) :])
+            elif key.startswith(filed):
+                pid = key[len(filed) :]
+                if pid not in self._answered and len(self._answered) < MAX_ANSWERED:
                     self._answered.add(pid)
                     self._checking.run(self._answer_later, key, entries[key])
         if self.keys.policy_current in keys and self.keys.policy_current in entries:

@@ -82,7 +82,7 @@ def resource_id(spec: str) -> str:
         return pci_resource(s[len("pci:") :])
     if s.startswith("bridge:"):
         name = s[len("bridge:") :]
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise LabelStoreError(f"invalid bridge name in resource {spec!r}")
         return "bridge:" + name
     for prefix in _DISK_PREFIXES:
@@ -195,7 +195,7 @@ def _check_uuid(text: str) -> str:
 
 
 def _domain_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise LabelStoreError(f"invalid domain name {name!r}")
     return name
 
@@ -248,7 +248,7 @@ class LabelStore:
 
     def with_dom0(self, label: str | None) -> LabelStore:
         """A copy with dom0's label set (None: back to the policy's bootstrap label)."""
-        if label is not None and not _NAME.match(label):
+        if label is not None and not _NAME.fullmatch(label):
             raise LabelStoreError(f"invalid label name {label!r}")
         return attrs.evolve(self, dom0=label)
 
@@ -308,7 +308,7 @@ def _assign(
     if label is None:
         table.pop(key, None)
     else:
-        if not (_NAME.match(label) or (invalid_ok and _INVALID.match(label))):
+        if not (_NAME.fullmatch(label) or (invalid_ok and _INVALID.fullmatch(label))):
             raise LabelStoreError(f"invalid label name {label!r}")
         table[key] = label
 
@@ -462,7 +462,7 @@ def _check_store(text: str, where: str, policy: Any) -> tuple[list[StoreProblem]
             at = (*path, k)
             if not isinstance(v, str):
                 bad(f"{'.'.join(path)}.{k}: the label must be a string, not {v!r:.40}", at)
-            elif not (_NAME.match(v) or (path == ("resources",) and _INVALID.match(v))):
+            elif not (_NAME.fullmatch(v) or (path == ("resources",) and _INVALID.fullmatch(v))):
                 bad(f"{'.'.join(path)}.{k}: invalid label name {v!r}", at)
             else:
                 out.append((k, v, at))
@@ -472,7 +472,7 @@ def _check_store(text: str, where: str, policy: Any) -> tuple[list[StoreProblem]
     res_ok = set() if policy is None else {r.name for r in policy.resource_labels}
 
     def lacks(what: str, k: str, label: str, known: set[str], at: tuple[str, ...]) -> None:
-        if policy is not None and label not in known and not _INVALID.match(label):
+        if policy is not None and label not in known and not _INVALID.fullmatch(label):
             kind = "VM" if what == "domain" else "resource"
             msg = f"{what} {k}: policy {policy.name!r} has no {kind} label {label!r}"
             bad(msg + _hint(label, known), at, "warning")
@@ -496,7 +496,7 @@ def _check_store(text: str, where: str, policy: Any) -> tuple[list[StoreProblem]
             origin.setdefault(key, k)
             lacks(what, k, label, known, at)
     dom0 = doc.get("dom0")
-    if dom0 is not None and (not isinstance(dom0, str) or not _NAME.match(dom0)):
+    if dom0 is not None and (not isinstance(dom0, str) or not _NAME.fullmatch(dom0)):
         bad(f"invalid dom0 label {str(dom0)[:80]!r}", ("dom0",))
         dom0 = None
     elif dom0 is not None:

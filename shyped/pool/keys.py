@@ -25,7 +25,7 @@ from typing import Final
 import attrs
 
 from shyped.core.labelstore import LabelStore, LabelStoreError
-from shyped.pool.records import HOST_RE
+from shyped.pool.records import HOST_RE, MAX_POLICY_TEXT
 
 #: Most label entries a pool snapshot may hold before it is refused whole (fail closed).
 MAX_ENTRIES: Final = 100_000
@@ -120,6 +120,33 @@ class PoolKeys:
         out.update({self.domain_name(n): label for n, label in store.by_name.items()})
         out.update({self.resource(r): label for r, label in store.resources.items()})
         return out
+
+
+#: The kinds of key under the prefix (after it) and the longest value each may hold (what its
+#: reader accepts: `shyped.pool.records`, `.reservation`, `.anchor`); first match wins.
+_VALUE_BOUNDS: Final = (
+    ("/labels/", MAX_VALUE_BYTES),
+    ("/hosts/", 4 * 1024 * 1024),
+    ("/audit/", 4096),
+    ("/policy/current", MAX_POLICY_TEXT + 64 * 1024),
+    ("/policy/proposals/", MAX_POLICY_TEXT + 64 * 1024),
+    ("/policy/answers/", 1024 * 1024),
+    ("/reservations/", 4096),
+    ("/grants/", 8192),
+)
+
+
+def kept_entry(prefix: str, key: str, value: str) -> bool:
+    """Whether an entry read from etcd is one the pool uses, within its kind's size: any
+    other key, or a value longer than its reader accepts, is not kept (nor cached), so junk
+    under the prefix costs this host neither memory nor its view of the pool."""
+    if len(key) > MAX_KEY_BYTES or not key.startswith(prefix + "/"):
+        return False
+    rest = key[len(prefix) :]
+    for start, bound in _VALUE_BOUNDS:
+        if rest == start or (start.endswith("/") and rest.startswith(start)):
+            return len(value) <= bound
+    return False
 
 
 @attrs.frozen

@@ -50,6 +50,14 @@ class MeasurementLog:
             return []
         if len(data) > self.max_bytes:
             raise measure.LogError(f"{self.path}: larger than {self.max_bytes} bytes")
+        if data and not data.endswith(b"\n"):
+            # A crash in the middle of an append: that entry was never extended (the extend
+            # follows the fsync of the whole line), so it is dropped, and only it.
+            keep = data.rfind(b"\n") + 1
+            os.truncate(self.path, keep)
+            _log.warn("attestation: {path}: dropped {n} bytes of an entry torn by a crash",
+                      path=str(self.path), n=len(data) - keep)  # fmt: skip
+            data = data[:keep]
         return measure.parse_log(data.splitlines())
 
     def lines(self) -> list[bytes]:
@@ -71,7 +79,9 @@ class MeasurementLog:
             raise OSError(f"{self.path}: the measurement log is full ({self.max_bytes} bytes)")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
-            os.write(fd, line)
+            if os.write(fd, line) != len(line):  # a full disk: nothing half-logged is extended
+                os.ftruncate(fd, size)
+                raise OSError(f"{self.path}: short write (the disk is full?)")
             os.fsync(fd)
         finally:
             os.close(fd)

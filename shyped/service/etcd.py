@@ -41,6 +41,8 @@ _log = Logger(namespace="shyped.pool")
 
 #: Largest answer read from etcd (a range of the whole prefix included).
 MAX_RESPONSE: Final = 64 * 1024 * 1024
+#: Keys asked for per page of a range (fewer when a page's answer is over `MAX_RESPONSE`).
+RANGE_PAGE: Final = 1000
 #: Longest line of a watch stream (one revision's events).
 MAX_WATCH_LINE: Final = 8 * 1024 * 1024
 
@@ -50,6 +52,10 @@ _JSON: dict[bytes | str, bytes | str] = {"Content-Type": "application/json"}
 
 class EtcdError(Exception):
     """etcd answered with an error (e.g. a request over its limits)."""
+
+
+class EtcdAnswerTooLong(EtcdError):
+    """An answer over `MAX_RESPONSE` (a range is then read again in smaller pages)."""
 
 
 class EtcdAuthError(EtcdError):
@@ -65,12 +71,15 @@ def _b64(text: str) -> str:
 
 
 def _unb64(text: Any) -> str:
+    """A key or value as etcd sent it (base64). Bytes that are not UTF-8 (anyone with write
+    access may store them) become U+FFFD: no pool key, label or record holds that character,
+    so the entry is refused by its reader, never the whole range or watch it came in."""
     if not isinstance(text, str):
         raise EtcdError("etcd answered a key or value that is not a string")
     try:
-        return base64.b64decode(text, validate=True).decode()
-    except (ValueError, UnicodeDecodeError):
-        raise EtcdError("etcd answered a key or value that is not base64 of UTF-8") from None
+        return base64.b64decode(text, validate=True).decode(errors="replace")
+    except ValueError:
+        raise EtcdError("etcd answered a key or value that is not base64") from None
 
 
 def _int(value: Any, default: int = 0) -> int:
@@ -117,7 +126,7 @@ async def _read(response: Any, limit: int) -> bytes:
         nonlocal size
         size += len(data)
         if size > limit:  # treq.collect stops reading when the collector raises
-            raise EtcdError(f"etcd answer longer than {limit} bytes")
+            raise EtcdAnswerTooLong(f"etcd answer longer than {limit} bytes")
         chunks.append(data)
 
     await treq.collect(response, take)
@@ -286,14 +295,35 @@ class EtcdClient:
             return doc
         raise EtcdUnavailable("no etcd endpoint answered (" + "; ".join(errors) + ")")
 
-    async def range_prefix(self, prefix: str) -> tuple[int, list[KeyValue]]:
-        doc = await self.call(
-            "kv/range", {"key": _b64(prefix), "range_end": _b64(range_end(prefix))}
-        )
-        kvs = doc.get("kvs", [])
-        if not isinstance(kvs, list):
-            raise EtcdError("etcd range: kvs is not a list")
-        return _int(doc.get("header", {}).get("revision")), [_kv(d) for d in kvs]
+    async def range_prefix(
+        self, prefix: str, keep: Callable[[KeyValue], bool] | None = None
+    ) -> tuple[int, list[KeyValue]]:
+        """Every key below `prefix` (those `keep` accepts), at one revision, read in pages:
+        a page over `MAX_RESPONSE` is read again in smaller ones (down to one key), so large
+        values under the prefix cannot make the whole range unreadable."""
+        end = _b64(range_end(prefix))
+        start, limit, revision = prefix, RANGE_PAGE, 0
+        out: list[KeyValue] = []
+        while True:
+            body: dict[str, Any] = {"key": _b64(start), "range_end": end, "limit": limit}
+            if revision:
+                body["revision"] = str(revision)  # the pages of one snapshot
+            try:
+                doc = await self.call("kv/range", body)
+            except EtcdAnswerTooLong:
+                if limit == 1:
+                    raise
+                limit = max(1, limit // 8)
+                continue
+            kvs = doc.get("kvs") or []
+            if not isinstance(kvs, list):
+                raise EtcdError("etcd range: kvs is not a list")
+            revision = revision or _int(doc.get("header", {}).get("revision"))
+            page = [_kv(d) for d in kvs]
+            out.extend(kv for kv in page if keep is None or keep(kv))
+            if not doc.get("more") or not page:
+                return revision, out
+            start = page[-1].key + "\0"
 
     async def newest_revision(self, prefix: str) -> int:
         """The highest mod revision of a key below `prefix` (0: none), keys only."""

@@ -37,6 +37,8 @@ _log = Logger(namespace="shyped.pool")
 
 #: How long a requester waits for the destination's answer.
 ANSWER_TIMEOUT: Final = 10.0
+#: Request ids remembered as answered (those still filed under the prefix).
+MAX_ANSWERED: Final = 100_000
 
 
 @attrs.define
@@ -66,10 +68,14 @@ class Reservations:
     def _on_entries(self, entries: dict[str, str], changed: set[str] | None) -> None:
         self._settle()
         keys = sorted(changed if changed is not None else entries)
+        if changed is None:  # a whole snapshot: forget the ids no longer filed
+            self._answered &= {k[len(self.mine) :] for k in entries if k.startswith(self.mine)}
         for key in keys:
-            if key.startswith(self.mine) and key in entries:
+            if key.startswith(self.mine) and key not in entries:  # gone: forget its id
+                self._answered.discard(key[len(self.mine) :])
+            elif key.startswith(self.mine):
                 rid = key[len(self.mine) :]
-                if rid not in self._answered and len(self._answered) < 100_000:
+                if rid not in self._answered and len(self._answered) < MAX_ANSWERED:
                     self._answered.add(rid)
                     self._decide(rid, entries[key])
 

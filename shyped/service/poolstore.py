@@ -34,15 +34,26 @@ from shyped.core.labelstore import LabelStore, LabelStoreError, resolved_store
 from shyped.fileio.atomicfile import write_atomic
 from shyped.fileio.boundedread import read_bounded
 from shyped.pool.anchor import AuditAnchor
-from shyped.pool.keys import MAX_ENTRIES, PoolKeyError, PoolKeys, check_host, labels_from_kvs
+from shyped.pool.keys import (
+    MAX_ENTRIES,
+    PoolKeyError,
+    PoolKeys,
+    check_host,
+    kept_entry,
+    labels_from_kvs,
+)
 from shyped.service.etcd import EtcdClient, EtcdError, EtcdUnavailable, Watch, WatchEvent
 from shyped.service.etcdtls import EtcdSecurity
 from shyped.service.poolconfig import PoolConfig
 
 _log = Logger(namespace="shyped.pool")
 
-#: Largest cache file read back at start.
-CACHE_MAX_BYTES: Final = 64 * 1024 * 1024
+#: Most characters (keys and values) of the entries kept from the pool: past it a snapshot
+#: or change is refused whole and the last good state stays (as past `MAX_ENTRIES`).
+MAX_POOL_CHARS: Final = 32 * 1024 * 1024
+#: Largest cache file read back at start (any kept state's cache fits: JSON escapes a
+#: character to at most 6 bytes).
+CACHE_MAX_BYTES: Final = 6 * MAX_POOL_CHARS + 1024 * 1024
 #: Longest wait between two attempts to reach etcd again.
 MAX_BACKOFF: Final = 5.0
 
@@ -88,6 +99,8 @@ class PoolStore:
         self.watch_restarts = 0
         #: label changes made here and not in etcd yet: key -> value (None: delete)
         self._unpublished: dict[str, str | None] = {}
+        #: entries read from etcd (or the cache) and not kept (`kept_entry`)
+        self.ignored = 0
         self._since = time.time()
 
     # ------------------------------------------------------------------ lifecycle
@@ -152,7 +165,9 @@ class PoolStore:
 
     async def _connect(self) -> None:
         try:
-            revision, kvs = await self.client.range_prefix(self.keys.root)
+            revision, kvs = await self.client.range_prefix(
+                self.keys.root, lambda kv: self._kept(kv.key, kv.value)
+            )
         except EtcdError as exc:
             self._set_state("cached", str(exc))
             self._schedule_retry()
@@ -188,13 +203,23 @@ class PoolStore:
         revision = self.revision
         changed: set[str] = set()
         for ev in events:
-            if ev.kind == "delete":
+            if ev.kind == "delete" or not self._kept(ev.key, ev.value):
                 entries.pop(ev.key, None)
             else:
                 entries[ev.key] = ev.value
             changed.add(ev.key)
             revision = max(revision, ev.revision)
         self._apply(revision, entries, changed)
+
+    def _kept(self, key: str, value: str) -> bool:
+        """`kept_entry`, counting (and logging, a few) what is not kept."""
+        if kept_entry(self.config.prefix, key, value):
+            return True
+        self.ignored += 1
+        if self.ignored <= 20:
+            _log.warn("pool: entry {key} ignored: not a pool key, or its value is too long "
+                      "({n} characters)", key=key[:200], n=len(value))  # fmt: skip
+        return False
 
     def _apply(
         self, revision: int, entries: dict[str, str], changed: set[str] | None = None
@@ -205,6 +230,14 @@ class PoolStore:
         if len(entries) > 2 * MAX_ENTRIES:
             self.error = (
                 f"snapshot at revision {revision} refused: more than {2 * MAX_ENTRIES} entries"
+            )
+            _log.error("pool: {error}", error=self.error)
+            return False
+        size = sum(len(k) + len(v) for k, v in entries.items())
+        if size > MAX_POOL_CHARS:
+            self.error = (
+                f"snapshot at revision {revision} refused: its entries hold {size} characters, "
+                f"more than {MAX_POOL_CHARS}"
             )
             _log.error("pool: {error}", error=self.error)
             return False
@@ -300,6 +333,7 @@ class PoolStore:
         ):
             _log.error("pool: cache {path} not used: not a cache of this pool", path=str(path))
             return
+        entries = {k: v for k, v in entries.items() if self._kept(k, v)}
         if self._apply(doc["revision"], entries):
             _log.info("pool: label store from the cache at revision {rev}", rev=self.revision)
 
