@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from audit_helpers import feed, small
-from user_helpers import local_user, needs_users, setpriv
+from user_helpers import local_user, needs_users, setpriv, skip_unless_checkout_readable
 
 import shyped
 from shyped.cli import auditcli, conventions, shypectl
@@ -166,6 +166,7 @@ def test_permission_denied_is_one_line_and_its_exit_status(tmp_path: Path) -> No
         config.write_text('[policy]\npath = "p.toml"\n')
         socket_path = private / "control.sock"
         with local_user("shyc") as user:
+            skip_unless_checkout_readable(user, PY, "shyped.cli.shypectl")
             as_user = [*setpriv(user), PY, "-m"]
             cases = [
                 (["shyped.cli.shypectl", "--socket", str(socket_path), "status"], 4),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
-from user_helpers import local_user, needs_users, setpriv
+from user_helpers import local_user, needs_users, setpriv, skip_unless_checkout_readable
 
 from shyped.cli.logs import LineObserver, format_json, stream_is_journal
 from shyped.core.audit import Party
@@ -215,6 +215,7 @@ def test_the_kernel_audit_socket_here() -> None:
 @needs_users
 def test_the_kernel_refuses_a_user_without_cap_audit_write() -> None:
     with local_user("shya") as user:
+        skip_unless_checkout_readable(user, sys.executable, "shyped.service.linuxaudit")
         r = subprocess.run([*setpriv(user), sys.executable, "-c", PROBE, "avc:  denied  { probe }"],
                            capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert r.stdout.startswith("False the kernel refused it: Operation not permitted"), r.stderr

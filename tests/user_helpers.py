@@ -98,3 +98,18 @@ def local_user(prefix: str = "shyu") -> Iterator[Account]:
 def python_as(account: Account, script: str, args: Sequence[str] = ()) -> list[str]:
     """argv running the stdlib-only `script` under the system Python as `account`."""
     return [*setpriv(account), SYSTEM_PYTHON, "-c", script, *args]
+
+
+def skip_unless_checkout_readable(account: Account, python: str, module: str = "shyped") -> None:
+    """Skip when `account` cannot run this checkout's `python` and import `module` (a clone
+    under a 0700 directory, an interpreter under /root): the tests that run the project's own
+    commands as a second user need both, the stdlib-only clients above do not."""
+    probe = subprocess.run(
+        [*setpriv(account), python, "-c", f"import {module}"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
+    if probe.returncode != 0:
+        why = (probe.stderr.strip().splitlines() or ["cannot run"])[-1]
+        pytest.skip(f"this checkout is not readable by other users ({why[:200]})")
