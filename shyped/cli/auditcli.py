@@ -353,6 +353,14 @@ class _BadArguments(Exception):
     pass
 
 
+def _named_config(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The configuration named by ``--config`` or ``$SHYPED_CONFIG`` (None: neither)."""
+    named: Path | None = getattr(args, "config", None)
+    if named is None and environ.get(CONFIG_ENV):
+        named = Path(environ[CONFIG_ENV])
+    return named
+
+
 def audit_directory(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Path:
     """``--dir``, else the configuration's ``[audit] directory``, else the default. A
     configuration named explicitly (``--config``, ``$SHYPED_CONFIG``) must load; the default
@@ -360,9 +368,7 @@ def audit_directory(args: argparse.Namespace, environ: Mapping[str, str] = os.en
     directory: Path | None = getattr(args, "dir", None)
     if directory is not None:
         return directory
-    named: Path | None = getattr(args, "config", None)
-    if named is None and environ.get(CONFIG_ENV):
-        named = Path(environ[CONFIG_ENV])
+    named = _named_config(args, environ)
     path = named if named is not None else DEFAULT_CONFIG
     if named is None and not os.path.lexists(path):
         return DEFAULT_DIRECTORY
@@ -423,9 +429,7 @@ def _run_verify(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if getattr(args, "pool", False):
         from shyped.cli.shypectl_pool import verify_pool
 
-        config = getattr(args, "config", None) or (
-            Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else DEFAULT_CONFIG
-        )
+        config = _named_config(args) or DEFAULT_CONFIG
         status = max(status, verify_pool(audit_directory(args), config, out, err))
     return status
 
