@@ -71,6 +71,13 @@ from shyped.core.engine import Outcome
 from shyped.core.events import BackendStateChanged, DeviceKey, DeviceRemoved, DomainVanished, Event
 from shyped.service.actuator import ToolstackActuator
 from shyped.service.config import DomainVeto
+from shyped.service.cuttx import (
+    MAX_FRONTEND_NODES,
+    frontend_regranted,
+    parse_state,
+    path_cleanup,
+    revoke_frontend,
+)
 from shyped.service.vetoretry import VetoRetrier
 from shyped.xenstore import Change, NoEntry, Op, Perm, Transaction, XenstoreGateway
 
@@ -83,8 +90,6 @@ CLOSED = 6
 RECHECK = 1.0
 #: Times a device veto says Closing again when the backend's own writes overwrote it.
 MAX_REASSERT = 3
-#: Most nodes a device veto re-permissions below a (guest-owned) frontend directory.
-MAX_FRONTEND_NODES = 512
 #: Vetoes whose change to a node the daemon must learn from itself (see `Enforcer.on_changed`).
 CHANGES_NODES = (ResetPerms, RemoveVchan, RemoveNode)
 
@@ -99,94 +104,13 @@ class EnforcerStats:
     #: Frontend directories removed at once during a cut (too many nodes, or granted again).
     frontends_removed: int = 0
     in_flight: int = 0
+    #: Actions left undone because the daemon stopped (`Enforcer.stop`).
+    abandoned: int = 0
     by_kind: dict[str, int] = attrs.field(factory=dict)
 
 
-def _parse_state(raw: bytes | None) -> int | None:
-    """A backend's XenbusState; None if the node is absent, 0 (Unknown) if it is garbage."""
-    if raw is None:
-        return None
-    try:
-        return int(raw.strip(b"\x00"))
-    except ValueError:
-        return 0
-
-
-def path_cleanup(tx: Transaction, path: str) -> bool:
-    """``libxl__xs_path_cleanup``: remove `path`, then every parent that has become empty and
-    has an empty value. False if `path` was not there."""
-    try:
-        tx.rm(path)
-    except NoEntry:
-        return False
-    parent = path
-    while True:
-        parent = parent.rsplit("/", 1)[0]
-        if not parent:
-            return True
-        try:
-            if tx.read(parent) != b"" or tx.directory(parent):
-                return True
-            tx.rm(parent)
-        except NoEntry:
-            return True
-
-
-def _walk_frontend(tx: Transaction, frontend_dir: str, visit: Callable[[str], bool]) -> bool:
-    """`visit` the directory and every node below it, breadth first, up to
-    `MAX_FRONTEND_NODES` (nodes gone meanwhile are skipped); stops early when `visit` says
-    False. True if every node was visited: the guest owns its frontend directory and may fill
-    it with junk nodes to make a walk stop at the cap."""
-    level = [frontend_dir]
-    done = 0
-    while level:
-        next_level: list[str] = []
-        for path in level:
-            if done >= MAX_FRONTEND_NODES:
-                return False
-            try:
-                if not visit(path):
-                    return True
-                kids = tx.directory(path)
-            except NoEntry:
-                continue
-            done += 1
-            next_level.extend(f"{path}/{k}" for k in kids)
-        level = next_level
-    return True
-
-
-def _revoke_frontend(tx: Transaction, frontend_dir: str, frontend: int) -> tuple[int, bool]:
-    """Owner = the frontend, no access for anyone else, on the directory and below it.
-    Returns the nodes set and whether that was all of them (else the caller fails closed)."""
-    perms = (Perm("n", frontend),)
-    done: list[str] = []
-
-    def revoke(path: str) -> bool:
-        tx.set_perms(path, perms)
-        done.append(path)
-        return True
-
-    complete = _walk_frontend(tx, frontend_dir, revoke)
-    return len(done), complete
-
-
-def _frontend_regranted(tx: Transaction, frontend_dir: str, frontend: int) -> str | None:
-    """Why the frontend directory of a pending cut must go at once, or None: a node below it
-    grants another domain again (the guest owns its nodes and may SET_PERMS them during the
-    wait), or it holds more than `MAX_FRONTEND_NODES` nodes to look at."""
-    only_owner = (Perm("n", frontend),)
-    found: list[str] = []
-
-    def check(path: str) -> bool:
-        perms = tuple(tx.get_perms(path))
-        if perms != only_owner:
-            found.append(f"{path} granted again ({','.join(str(p) for p in perms)})")
-        return not found
-
-    if not _walk_frontend(tx, frontend_dir, check):
-        return f"more than {MAX_FRONTEND_NODES} nodes"
-    return found[0] if found else None
+class Stopping(Exception):
+    """The daemon stops: the action is abandoned (a restart's reconcile decides again)."""
 
 
 class Enforcer:
@@ -216,6 +140,8 @@ class Enforcer:
         #: Called with each node veto (`CHANGES_NODES`) once it has run, before the next
         #: action of its chain and before `idle` can be true again.
         self.on_changed: Callable[[Action], None] | None = None
+        self.stopping = False
+        self._rechecks = 0  # frontend re-checks in flight (counted in stats.in_flight too)
 
     # ---- public -------------------------------------------------------------------------
 
@@ -258,6 +184,16 @@ class Enforcer:
         self._chains[key] = d
         return d
 
+    def stop(self) -> int:
+        """The daemon stops: nothing more is started, a device cut waiting for its backend
+        gives up now, and what fails from here on (the connection closes) is counted as
+        abandoned, not logged. Returns the action chains in flight (the daemon logs them)."""
+        self.stopping = True
+        self.vetoes.stop()
+        for key in list(self._waiters):
+            self._wake(key, "stopping")
+        return self.stats.in_flight - self._rechecks
+
     def observe(self, event: Event) -> None:
         """Events from the daemon's stream that end a wait for a backend to close."""
         if isinstance(event, BackendStateChanged):
@@ -288,11 +224,13 @@ class Enforcer:
             return
         self._recheck_due.add(fe_dir)
         self.stats.in_flight += 1
+        self._rechecks += 1
         d = Deferred.fromCoroutine(self._recheck_frontend(fe_dir))
 
         def done(result: object) -> None:
             self.stats.in_flight -= 1
-            if isinstance(result, Failure):
+            self._rechecks -= 1
+            if isinstance(result, Failure) and not self.stopping:
                 self.stats.failed += 1
                 _log.error(
                     "enforce: re-checking {fe_dir} during its cut failed: {error}",
@@ -312,7 +250,7 @@ class Enforcer:
             return
 
         def body(tx: Transaction) -> str | None:
-            why = _frontend_regranted(tx, fe_dir, frontend)
+            why = frontend_regranted(tx, fe_dir, frontend)
             if why is not None:
                 path_cleanup(tx, fe_dir)
             return why
@@ -334,12 +272,18 @@ class Enforcer:
 
     async def _run_all(self, actions: tuple[Action, ...], what: str) -> None:
         for action in actions:
+            if self.stopping:
+                self.stats.abandoned += 1
+                continue
             kind = type(action).__name__
             self.stats.actions += 1
             self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
             try:
                 await self._run(action)
             except Exception as exc:
+                if self.stopping:  # the connection closes under it: not a failure to log
+                    self.stats.abandoned += 1
+                    continue
                 self.stats.failed += 1
                 if isinstance(action, VetoDomain):  # kept pending; the retrier logs it
                     self.vetoes.failed(action, str(exc) or type(exc).__name__)
@@ -420,10 +364,10 @@ class Enforcer:
 
         def close(tx: Transaction, revoke: bool) -> tuple[int | None, int]:
             try:
-                state = _parse_state(tx.read(f"{be_dir}/state"))
+                state = parse_state(tx.read(f"{be_dir}/state"))
             except NoEntry:
                 state = None
-            revoked, complete = _revoke_frontend(tx, fe_dir, key.frontend) if revoke else (0, True)
+            revoked, complete = revoke_frontend(tx, fe_dir, key.frontend) if revoke else (0, True)
             if not complete:
                 # Fail closed: nodes past the cap would stay readable by the backend for the
                 # whole wait. Remove the frontend now, as the cut's end would.
@@ -505,6 +449,8 @@ class Enforcer:
                 # coalesced watch events can hide (Closing overwritten before it was read).
                 waiter.addTimeout(min(remaining, RECHECK), self.reactor, onTimeoutCancel=_timed_out)
                 why = await waiter
+                if why == "stopping":
+                    raise Stopping
                 if why == "timeout" and deadline - self.reactor.seconds() > 0:
                     why = await self._recheck(be_dir)
                     if why == "waiting":
@@ -535,7 +481,7 @@ class Enforcer:
 
     async def _recheck(self, be_dir: str) -> str:
         try:
-            state = _parse_state(await self.gateway.read(f"{be_dir}/state"))
+            state = parse_state(await self.gateway.read(f"{be_dir}/state"))
         except NoEntry:
             return "closed"
         if state is None or state >= CLOSED:
