@@ -4,7 +4,7 @@ bounded by `MAX_FRONTEND_NODES`. They run in a worker thread inside one xenstore
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from shyped.xenstore import NoEntry, Perm, Transaction
 
@@ -97,3 +97,32 @@ def frontend_regranted(tx: Transaction, frontend_dir: str, frontend: int) -> str
     if not _walk_frontend(tx, frontend_dir, check):
         return f"more than {MAX_FRONTEND_NODES} nodes"
     return found[0] if found else None
+
+
+#: XenbusState Initialising / InitWait (`hotplug_pending`).
+_INITIALISING = 1
+_INIT_WAIT = 2
+
+
+def hotplug_nodes(be_dir: str, fe_dir: str) -> tuple[str, str, str, str]:
+    """The nodes `hotplug_pending` reads: backend ``script``, ``hotplug-status`` and
+    ``state``, frontend ``state``."""
+    return (f"{be_dir}/script", f"{be_dir}/hotplug-status", f"{be_dir}/state", f"{fe_dir}/state")
+
+
+def hotplug_pending(values: Mapping[str, bytes | None], be_dir: str, fe_dir: str) -> bool:
+    """Is the device still being added, its hotplug script not done? A cut then would make
+    the add fail (libxl_device.c: libxl waits for the backend's InitWait, then runs the
+    ``script`` and fails the add if it exits non-zero; netback drops ``vif<d>.<n>`` under
+    ``vif-bridge`` when told Closing), and ``xl create`` destroy the whole domain.
+
+    True while the backend names a script, has no ``hotplug-status`` value yet (libxl
+    writes "" for a vif; the script writes "connected" or "error"), is at Initialising or
+    InitWait, and the frontend is still Initialising: a guest that moved its frontend on
+    is cut at once (its backend cannot connect before the script is done either way)."""
+    script, status, be_state, fe_state = (values.get(p) for p in hotplug_nodes(be_dir, fe_dir))
+    if script is None or status not in (None, b""):
+        return False
+    return parse_state(be_state) in (_INITIALISING, _INIT_WAIT) and (
+        parse_state(fe_state) == _INITIALISING
+    )

@@ -74,6 +74,8 @@ from shyped.service.config import DomainVeto
 from shyped.service.cuttx import (
     MAX_FRONTEND_NODES,
     frontend_regranted,
+    hotplug_nodes,
+    hotplug_pending,
     parse_state,
     path_cleanup,
     revoke_frontend,
@@ -88,6 +90,9 @@ CLOSING = 5
 CLOSED = 6
 #: Seconds between re-reads of a backend's state while a device veto waits for Closed.
 RECHECK = 1.0
+#: Seconds a device cut waits for the device's hotplug script to finish (libxl's own
+#: LIBXL_HOTPLUG_TIMEOUT is 40 s; past it libxl has given up on the add anyway).
+HOTPLUG_WAIT = 40.0
 #: Times a device veto says Closing again when the backend's own writes overwrote it.
 MAX_REASSERT = 3
 #: Vetoes whose change to a node the daemon must learn from itself (see `Enforcer.on_changed`).
@@ -141,6 +146,8 @@ class Enforcer:
         #: action of its chain and before `idle` can be true again.
         self.on_changed: Callable[[Action], None] | None = None
         self.stopping = False
+        #: Nodes whose write ends a cut's wait for the hotplug script (`_await_hotplug`).
+        self._hotplug_nodes: dict[str, DeviceKey] = {}
         self._rechecks = 0  # frontend re-checks in flight (counted in stats.in_flight too)
 
     # ---- public -------------------------------------------------------------------------
@@ -213,7 +220,11 @@ class Enforcer:
         frontend directory of a cut waiting for its backend, check that directory again. The
         guest owns its frontend nodes and may grant the backend read access again during the
         wait; the daemon leaves device-directory grants to the device hook, so the enforcer
-        itself must not let the revoke be undone (see `_recheck_frontend`)."""
+        itself must not let the revoke be undone (see `_recheck_frontend`). A write of a
+        ``hotplug-status`` or frontend ``state`` a cut waits for wakes it."""
+        key = self._hotplug_nodes.get(path)
+        if key is not None:
+            self._wake(key, "hotplug")
         for fe_dir in self._cuts:
             if path == fe_dir or path.startswith(fe_dir + "/"):
                 self._schedule_recheck(fe_dir)
@@ -358,9 +369,50 @@ class Enforcer:
             if not d.called:
                 d.callback(why)
 
+    async def _await_hotplug(self, action: CutDevice) -> None:
+        """Let the device's add finish before cutting it (`hotplug_pending`), up to
+        `HOTPLUG_WAIT` seconds: a cut landing under libxl's hotplug script fails the add,
+        and at ``xl create`` the whole domain with it, instead of the domain running on
+        without the denied device. Nothing connects meanwhile: the guest is paused while
+        libxl adds its devices, a frontend that moves on ends the wait, and netback waits
+        for the script before it connects."""
+        key, be_dir, fe_dir = action.device, action.backend_dir, action.frontend_dir
+        nodes = hotplug_nodes(be_dir, fe_dir)
+        deadline = self.reactor.seconds() + HOTPLUG_WAIT
+        for node in nodes[1:]:
+            self._hotplug_nodes[node] = key
+        try:
+            while True:
+                waiter = self._wait_closed(key)  # registered before the read: no lost wake
+                try:
+                    pending = hotplug_pending(await self.gateway.read_many(nodes), be_dir, fe_dir)
+                except BaseException:
+                    _discard(waiter)
+                    raise
+                remaining = deadline - self.reactor.seconds()
+                if not pending or remaining <= 0:
+                    _discard(waiter)
+                    if pending:
+                        _log.warn(
+                            "enforce: {what}: the hotplug script of {be} did not finish within "
+                            "{t:g} s; cutting anyway",
+                            what=action.describe(),
+                            be=be_dir,
+                            t=HOTPLUG_WAIT,
+                        )
+                    return
+                waiter.addTimeout(remaining, self.reactor, onTimeoutCancel=_timed_out)
+                if await waiter == "stopping":
+                    raise Stopping
+        finally:
+            for node in nodes[1:]:
+                if self._hotplug_nodes.get(node) == key:
+                    del self._hotplug_nodes[node]
+
     async def _cut(self, action: CutDevice) -> None:
         key = action.device
         fe_dir, be_dir = action.frontend_dir, action.backend_dir
+        await self._await_hotplug(action)
 
         def close(tx: Transaction, revoke: bool) -> tuple[int | None, int]:
             try:
