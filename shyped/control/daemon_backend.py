@@ -214,6 +214,8 @@ class DaemonControlBackend(DaemonBackendBase):
         engine = self.daemon.engine
         if args.domain is not None:
             new = args.domain
+            if new.label:  # the caller's label must exist: unknown-label, not a denial
+                views.find_label(self._policy, new.label, "vm")
             # The label the daemon will decide with: shype-xl registers the cfg's label for
             # the UUID; without one, the store's label by UUID, then by name.
             label = new.label or self._store.domain_label(new.uuid, new.name)
