@@ -109,6 +109,7 @@ class DaemonControlBackend(DaemonBackendBase):
             vetoes_pending=tuple(b.PendingVeto(**p) for p in self.daemon.pending_vetoes()),
             flask=self._flask_info(),
             pool=None if self.daemon.pool is None else b.PoolStatus(**self.daemon.pool.status()),
+            label_store=b.LabelStoreStatus(**self.daemon.label_store_status()),
         )
 
     def _flask_info(self) -> b.FlaskInfo | None:

@@ -116,6 +116,8 @@ class DaemonStatus:
     flask: dict[str, Any] = attrs.field(factory=dict)
     #: pool mode's store (`shyped.service.poolstore.PoolStore.status`), None on a single host
     pool: dict[str, Any] | None = None
+    #: the label store: path, reloads that kept the old one, and why the last did (None: ok)
+    label_store: dict[str, Any] = attrs.field(factory=dict)
 
 
 # ------------------------------------------------------------------------------- the daemon
@@ -238,8 +240,19 @@ class Daemon(PolicyAndLabels):
         self.listeners.remove(listener)
 
     def quota_table(self) -> tuple[quota_mod.QuotaUsage, ...]:
-        """The quota usage table of the running domains (``shypectl status``)."""
-        return quota_mod.quota_table(self.loaded.policy, account_host(self.host))
+        """The quota usage table of the running domains (``shypectl status``), with the
+        run-time quotas' rows once the hypervisor's metering has given a sample."""
+        runtime = None if self.metrics is None else self.metrics.label_use
+        return quota_mod.quota_table(self.loaded.policy, account_host(self.host), runtime=runtime)
+
+    def label_store_status(self) -> dict[str, Any]:
+        """The label store for ``status``: `path`, `reload_failures` (reloads that found it
+        unusable and kept the one in use), `error` (why the last reload did; None: ok)."""
+        return {
+            "path": str(self.config.labels),
+            "reload_failures": self.label_store_reload_failures,
+            "error": self.label_store_error,
+        }
 
     def publish_metrics(self) -> None:
         """Publish a metrics snapshot now (the periodic publisher does it every second)."""
@@ -274,6 +287,7 @@ class Daemon(PolicyAndLabels):
             vetoes_pending=self.pending_vetoes(),
             flask={} if self.flask is None else self.flask.flask.status(),
             pool=None if self.pool is None else self.pool.status(),
+            label_store=self.label_store_status(),
         )
 
     def pending_vetoes(self) -> tuple[dict[str, Any], ...]:
