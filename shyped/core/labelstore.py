@@ -33,11 +33,11 @@ class LabelStoreError(Exception):
     """A label store file or a resource name that cannot be used."""
 
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}\Z")
 #: ACM's mark for a resource label a policy update removed: ``INV_ACM:<old policy>:<label>``
 #: (``tools/python/xen/util/xsm/acm/acm.py`` ``__update_label_policy_change``, Xen 4.1.0).
 INVALID_PREFIX: Final = "INV_ACM:"
-_INVALID = re.compile(r"^INV_ACM:[^:\s\x00-\x1f\x7f]{1,128}:[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}$")
+_INVALID = re.compile(r"^INV_ACM:[^:\s\x00-\x1f\x7f]{1,128}:[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}\Z")
 
 
 #: Prefixes naming a disk's format or backend in front of its path: xl's deprecated

@@ -202,7 +202,7 @@ def _parse_tree(raw: bytes, file: str) -> etree._Element:
     except etree.XMLSyntaxError as e:
         msg = e.msg or str(e)
         # lxml appends ", line N, column M" to the message; the location is given separately.
-        msg = re.sub(r", line \d+, column \d+$", "", msg)
+        msg = re.sub(r", line \d+, column \d+\Z", "", msg)
         col = e.position[1] if e.position else None
         raise AcmXmlError.single(
             f"not well-formed XML: {msg}", file=file, line=e.lineno, column=col
