@@ -217,6 +217,8 @@ class ModelBackend:
 
     def dry_run(self, args: b.DryRunArgs) -> b.DryRunResult:
         if args.domain is not None:
+            if args.domain.label:
+                views.find_label(self.policy, args.domain.label, "vm")
             if args.domain.uuid:
                 self.planned[args.domain.uuid] = args
             label = args.domain.label or self.store.domain_label(args.domain.uuid, args.domain.name)

@@ -18,6 +18,8 @@ from hostmodel_helpers import from_snapshot, load_layout
 from metrics_helpers import MIB, parse_scrape, value
 from wiring_helpers import labels_with, quota_policy, scrape, start, with_audit, with_metrics
 
+from shyped.control.backend import QuotaRow
+from shyped.control.daemon_backend import DaemonControlBackend
 from shyped.core.accounting import account_host
 from shyped.core.actions import VetoDomain
 from shyped.core.metering import DomainMeter, MeterSample
@@ -138,6 +140,21 @@ async def test_a_run_time_breach_is_decided_audited_counted_and_pauses_the_top_c
     assert value(s, "shyped_quota_cpu_used_ratio", label="shop") == 0.5  # shop-2: 5 s in 10 s
     deny = value(s, "shyped_decisions_total", hook="domain-admit", decision="deny", reason="quota")
     assert deny == 2
+    # status carries the run-time rows too (the daemon's and the control socket's)
+    rows = daemon.status().quotas["shop"]
+    assert rows["max_label_memory_mib"] == {
+        "limit": 200,
+        "used": 240,
+        "domid": one,
+        "exceeded": True,
+    }
+    assert rows["max_cpu_percent"]["limit"] == 50 and rows["max_cpu_percent"]["used"] == 50
+    control = DaemonControlBackend(daemon).status().quotas
+    assert QuotaRow("shop", "max_label_memory_mib", 240, 200, one, True) in control
+    assert [r.quota for r in control if r.label == "shop"][-2:] == [
+        "max_label_memory_mib",
+        "max_cpu_percent",
+    ]
     await daemon.stop()
     reasons = [json.dumps(r) for r in file_records(tmp_path / "audit")]
     assert sum("max_cpu_percent" in r for r in reasons) == 1

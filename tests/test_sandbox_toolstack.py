@@ -396,3 +396,27 @@ def test_a_failed_create_removes_what_it_wrote(xenstored: SandboxXenstored, ts: 
     assert "/local/domain/1" not in text and "/vm/6f1b" not in text and "/libxl/1" not in text
     assert "/backend/" not in text
     assert [d.domid for d in ts.list_domains()] == [0]
+
+
+def test_a_cut_under_vif_bridge_fails_the_create_as_on_real_xen(
+    xenstored: SandboxXenstored, ts: Toolstack
+) -> None:
+    """A veto's online=0 + Closing written while libxl runs vif-bridge: netback drops the vif,
+    the script fails (hotplug-error, hotplug-status "error"), libxl fails the add and the
+    create destroys the domain (seen on real Xen 4.17, docs/operations.md)."""
+    failed: list[str] = []
+
+    def cut(backend: str) -> None:
+        if "/backend/vif/" not in backend:
+            return
+        with XsConn(str(xenstored.socket_path)) as daemon:
+            daemon.write(f"{backend}/online", "0")
+            daemon.write(f"{backend}/state", "5")
+        failed.append(backend)
+
+    ts.before_hotplug = cut
+    with pytest.raises(ToolstackError, match=r"unable to add vif devices: script: vif1\.0"):
+        ts.create(xsgold())
+    assert failed == ["/local/domain/0/backend/vif/1/0"]
+    assert [d.domid for d in ts.list_domains()] == [0]
+    assert "/local/domain/1" not in xenstore_ls(xenstored)

@@ -39,7 +39,7 @@ DECISIONS: Final = ("permit", "deny")
 
 _DATE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
 _TIME: Final = re.compile(r"\d{1,2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?")
-_ZONE: Final = re.compile(r"(Z|[+-]\d{2}:?\d{2})$")
+_ZONE: Final = re.compile(r"(Z|[+-]\d{2}:?\d{2})\Z")
 
 
 class QueryError(ValueError):

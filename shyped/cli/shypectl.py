@@ -107,6 +107,12 @@ def cmd_status(ctx: Ctx) -> int:
                     f"  {v.veto} {v.name or '?'}({v.domid}): {v.failures} failed attempt(s) "
                     f"in {v.failing_for:.0f} s, next in {v.next_attempt_in:.0f} s: {v.error}"
                 )
+        ls = st.label_store
+        if ls is not None and ls.error is not None:
+            ctx.say(
+                f"label store: {ls.path} NOT RELOADED ({ls.reload_failures} failed reload(s); "
+                f"the one in use stays): {ls.error.splitlines()[0]}"
+            )
         if st.daemon:
             ctx.say(f"daemon:     {st.daemon}")
         if st.quotas:

@@ -270,6 +270,16 @@ def quota_rows(table: Iterable[QuotaUsage]) -> tuple[QuotaRow, ...]:
 
 
 @attrs.frozen
+class LabelStoreStatus:
+    """The label store the daemon uses: its file, the reloads (SIGHUP, ``policy load``) that
+    found it unusable and kept the one in use, and why the last one did (None: it loaded)."""
+
+    path: str
+    reload_failures: int = 0
+    error: str | None = None
+
+
+@attrs.frozen
 class PendingVeto:
     """A domain veto the toolstack failed to carry out, retried with backoff until done or
     the domain is gone (docs/operations.md, "Pending vetoes")."""
@@ -376,6 +386,8 @@ class Status:
     #: Pool mode (docs/pool.md): state ("connected", "cached": etcd unreachable, enforcing
     #: the last known state), host, prefix, revision, entries; None on a single host.
     pool: PoolStatus | None = None
+    #: The label store: reloads that found it unusable (kept the one in use), and why.
+    label_store: LabelStoreStatus | None = None
 
 
 @attrs.frozen

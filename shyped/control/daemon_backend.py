@@ -109,6 +109,7 @@ class DaemonControlBackend(DaemonBackendBase):
             vetoes_pending=tuple(b.PendingVeto(**p) for p in self.daemon.pending_vetoes()),
             flask=self._flask_info(),
             pool=None if self.daemon.pool is None else b.PoolStatus(**self.daemon.pool.status()),
+            label_store=b.LabelStoreStatus(**self.daemon.label_store_status()),
         )
 
     def _flask_info(self) -> b.FlaskInfo | None:
@@ -214,6 +215,8 @@ class DaemonControlBackend(DaemonBackendBase):
         engine = self.daemon.engine
         if args.domain is not None:
             new = args.domain
+            if new.label:  # the caller's label must exist: unknown-label, not a denial
+                views.find_label(self._policy, new.label, "vm")
             # The label the daemon will decide with: shype-xl registers the cfg's label for
             # the UUID; without one, the store's label by UUID, then by name.
             label = new.label or self._store.domain_label(new.uuid, new.name)

@@ -33,11 +33,11 @@ class LabelStoreError(Exception):
     """A label store file or a resource name that cannot be used."""
 
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}\Z")
 #: ACM's mark for a resource label a policy update removed: ``INV_ACM:<old policy>:<label>``
 #: (``tools/python/xen/util/xsm/acm/acm.py`` ``__update_label_policy_change``, Xen 4.1.0).
 INVALID_PREFIX: Final = "INV_ACM:"
-_INVALID = re.compile(r"^INV_ACM:[^:\s\x00-\x1f\x7f]{1,128}:[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}$")
+_INVALID = re.compile(r"^INV_ACM:[^:\s\x00-\x1f\x7f]{1,128}:[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}\Z")
 
 
 #: Prefixes naming a disk's format or backend in front of its path: xl's deprecated
@@ -205,9 +205,9 @@ class LabelStore:
     """Label assignments: domain uuid → label, domain name → label, resource id → label, and
     dom0's label when an operator relabelled it (None: the policy's bootstrap label).
 
-    Labels are bare names of the active policy, except resource labels a policy update
-    removed: those are kept as ACM marked them, ``INV_ACM:<old policy>:<label>`` (see
-    `after_update`), and deny every use until the resource is labelled again.
+    Labels are bare names of the active policy, except labels a policy update removed:
+    those are kept as ACM marked them, ``INV_ACM:<old policy>:<label>`` (see
+    `after_update`), and deny every use until the domain or resource is labelled again.
     """
 
     by_uuid: dict[str, str] = attrs.field(factory=dict)
@@ -266,20 +266,42 @@ class LabelStore:
         (``from=`` renames included; `shyped.policy.update.LabelMaps`). A resource label that
         survives takes its new name; one that does not becomes
         ``INV_ACM:<old_policy>:<label>`` (it then denies every use: relabel the resource);
-        one already invalid stays so. Domain assignments follow renames (`renamed`); those
-        naming deleted labels stay as they are (they deny, as any unknown label). `dom0`
-        is dom0's label in the new policy (None: the bootstrap label).
+        one already invalid stays so. Domain assignments are carried over the same way
+        (a label of a later policy that reuses a deleted name must not take them over
+        silently). `dom0` is dom0's label in the new policy (None: the bootstrap label).
         """
-        resources: dict[str, str] = {}
-        for key, label in self.resources.items():
-            if label.startswith(INVALID_PREFIX):
-                resources[key] = label
-            elif label in resource:
-                resources[key] = resource[label]
-            else:
-                resources[key] = f"{INVALID_PREFIX}{old_policy}:{label}"
-        renamed = self.renamed(vm, {})
-        return attrs.evolve(renamed, resources=resources, dom0=dom0)
+
+        def carried(table: Mapping[str, str], names: Mapping[str, str]) -> dict[str, str]:
+            out: dict[str, str] = {}
+            for key, label in table.items():
+                if label.startswith(INVALID_PREFIX):
+                    out[key] = label
+                elif label in names:
+                    out[key] = names[label]
+                else:
+                    out[key] = f"{INVALID_PREFIX}{old_policy}:{label}"
+            return out
+
+        return attrs.evolve(
+            self,
+            by_uuid=carried(self.by_uuid, vm),
+            by_name=carried(self.by_name, vm),
+            resources=carried(self.resources, resource),
+            dom0=dom0,
+        )
+
+    def invalidated(self) -> list[str]:
+        """The assignments marked ``INV_ACM:…`` by a policy update (warnings, `shypectl`)."""
+        return [
+            f"{what} {key!r}: {label}"
+            for what, table in (
+                ("domain uuid", self.by_uuid),
+                ("domain name", self.by_name),
+                ("resource", self.resources),
+            )
+            for key, label in sorted(table.items())
+            if label.startswith(INVALID_PREFIX)
+        ]
 
     def renamed(self, vm: Mapping[str, str], resource: Mapping[str, str]) -> LabelStore:
         """A copy with the labels a policy update renames (``from=``; old -> new name) rewritten,
@@ -462,7 +484,7 @@ def _check_store(text: str, where: str, policy: Any) -> tuple[list[StoreProblem]
             at = (*path, k)
             if not isinstance(v, str):
                 bad(f"{'.'.join(path)}.{k}: the label must be a string, not {v!r:.40}", at)
-            elif not (_NAME.fullmatch(v) or (path == ("resources",) and _INVALID.fullmatch(v))):
+            elif not (_NAME.fullmatch(v) or _INVALID.fullmatch(v)):
                 bad(f"{'.'.join(path)}.{k}: invalid label name {v!r}", at)
             else:
                 out.append((k, v, at))

@@ -46,7 +46,7 @@ class SecurityLabel:
         return f"ACM:{self.policy}:{self.label}"
 
 
-_LABEL_PART = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_LABEL_PART = re.compile(r"^[A-Za-z0-9_.\-]+\Z")
 
 
 def parse_acm_label(text: str) -> SecurityLabel:
@@ -58,7 +58,7 @@ def parse_acm_label(text: str) -> SecurityLabel:
 
 
 def _label_part(part: str, whole: str) -> str:
-    if not _LABEL_PART.match(part):
+    if not _LABEL_PART.fullmatch(part):
         raise XlConfigError(f"label {whole!r}: bad policy or label name {part!r}")
     return part
 
@@ -301,7 +301,7 @@ def parse_disk_specs(specs: Sequence[str]) -> DiskSpec:
     return state.result()
 
 
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
 
 
 @attrs.frozen
@@ -357,7 +357,7 @@ def parse_vif_spec(spec: str) -> VifSpec:
             raise XlConfigError(f"vif spec {spec!r}: unknown key {key!r}")
         fields[key] = value.strip()
     mac = fields.get("mac")
-    if mac is not None and not _MAC.match(mac):
+    if mac is not None and not _MAC.fullmatch(mac):
         raise XlConfigError(f"vif spec {spec!r}: bad mac {mac!r}")
     return VifSpec(
         mac=mac.lower() if mac else None,
@@ -401,7 +401,7 @@ def _int(text: str, what: str) -> int:
 
 # -- the domain ----------------------------------------------------------------------------
 
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}\Z")
 
 
 @attrs.frozen
@@ -491,7 +491,7 @@ def domain_config_from_values(
     name = string("name")
     if not name:
         raise XlConfigError(f"{filename}: domain name must be specified")
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise XlConfigError(f"{filename}: name {name!r} has characters xl would not expect")
     dom_type = guest_type(values.get("type"), values.get("builder"), filename)
     raw_uuid = string("uuid") or fresh_uuid or str(uuidlib.uuid4())

@@ -256,8 +256,8 @@ class _SourceIndex:
 #: The source index under a public name, for other TOML files (the daemon's configuration).
 SourceIndex = _SourceIndex
 
-_TOML_ERR_AT = re.compile(r"^(.*?)\s*\(at line (\d+), column (\d+)\)$", re.S)
-_TOML_ERR_END = re.compile(r"^(.*?)\s*\(at end of document\)$", re.S)
+_TOML_ERR_AT = re.compile(r"^(.*?)\s*\(at line (\d+), column (\d+)\)\Z", re.S)
+_TOML_ERR_END = re.compile(r"^(.*?)\s*\(at end of document\)\Z", re.S)
 
 
 def nested_too_deeply(file: str) -> PolicyError:
@@ -279,12 +279,12 @@ def _syntax_error(e: tomllib.TOMLDecodeError, text: str, file: str) -> PolicyErr
             Problem(f"{key!r} is defined twice (first at line {first})", file=file, line=line)
             for key, first, line in dups
         )
-    m = _TOML_ERR_AT.match(msg)
+    m = _TOML_ERR_AT.fullmatch(msg)
     if m:
         return PolicyError.single(
             f"TOML syntax: {m.group(1)}", file=file, line=int(m.group(2)), column=int(m.group(3))
         )
-    m = _TOML_ERR_END.match(msg)
+    m = _TOML_ERR_END.fullmatch(msg)
     body = m.group(1) if m else msg
     return PolicyError.single(
         f"TOML syntax: {body} (at end of document)", file=file, line=text.count("\n") + 1

@@ -17,7 +17,7 @@ import attrs
 from shyped.core.audit import Record
 from shyped.pool.records import RecordError, json_object
 
-_HEX = re.compile(r"^[0-9a-f]{16,128}$")
+_HEX = re.compile(r"^[0-9a-f]{16,128}\Z")
 
 
 class AnchorError(ValueError):

@@ -33,7 +33,7 @@ MAX_ENTRIES: Final = 100_000
 MAX_KEY_BYTES: Final = 2048
 MAX_VALUE_BYTES: Final = 64 * 1024
 
-_PREFIX = re.compile(r"^(/[A-Za-z0-9_.-]+)+$")
+_PREFIX = re.compile(r"^(/[A-Za-z0-9_.-]+)+\Z")
 
 
 class PoolKeyError(ValueError):

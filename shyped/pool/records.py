@@ -23,10 +23,10 @@ MAX_PROBLEM_CHARS: Final = 2000
 MAX_HOST_LABELS: Final = 10_000
 
 #: The shapes every pool record's fields are checked against (shared by the pool modules).
-ID_RE: Final = re.compile(r"^[0-9a-f]{32}$")
-SHA_RE: Final = re.compile(r"^[0-9a-f]{64}$")
-NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}$")
-HOST_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+ID_RE: Final = re.compile(r"^[0-9a-f]{32}\Z")
+SHA_RE: Final = re.compile(r"^[0-9a-f]{64}\Z")
+NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}\Z")
+HOST_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 
 
 class RecordError(ValueError):

@@ -23,7 +23,7 @@ GRANT_TTL: Final = 60.0
 #: Reservations one destination holds at once (more are refused: fail closed).
 MAX_HELD: Final = 256
 
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
 
 class State(enum.StrEnum):

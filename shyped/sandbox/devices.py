@@ -318,6 +318,15 @@ def vif_hotplug_steps(dev: VifDevice) -> list[Step]:
     ]
 
 
+def vif_hotplug_failed_steps(dev: VifDevice, error: str) -> list[Step]:
+    """vif-bridge online failing (xen-hotplug-common.sh fatal): hotplug-error, then
+    hotplug-status "error", one xenstore-write process each; the script exits 1."""
+    return [
+        step(Actor.HOTPLUG, [Write(f"{dev.backend}/{key}", value)], tx=False, what="vif fatal")
+        for key, value in (("hotplug-error", error), ("hotplug-status", "error"))
+    ]
+
+
 def xenconsoled_tty_step(domid: int, tty: str) -> Step:
     """xenconsoled (tools/console/daemon/io.c domain_create_tty) publishes the pty."""
     return step(

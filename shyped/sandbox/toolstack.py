@@ -118,7 +118,7 @@ class Toolstack(ToolstackDrivers):
                 host.ensure_dom0().alloc_port(f"peer={domid} xenconsoled")
                 self._run(session, D.xenconsoled_tty_step(domid, dom.tty))
                 for dev in vifs:
-                    self._run(session, D.vif_hotplug_steps(dev))
+                    self._vif_hotplug(session, dev)
                 if not paused:
                     self._unpause(host, session, dom)
             except (ToolstackError, XsError) as exc:
@@ -307,6 +307,8 @@ class Toolstack(ToolstackDrivers):
         self._device_add(session, dev, D.vbd_add_step(dev))
         self._driver_state(host, dev, backend=True, state=L.INIT_WAIT)
         self._run(session, D.blkback_probe_steps(dev))
+        if self.before_hotplug is not None:
+            self.before_hotplug(dev.backend)
         node, major_minor = _block_device(host, dev)
         self._run(session, D.block_hotplug_steps(dev, node, major_minor))
         return dev
@@ -348,8 +350,21 @@ class Toolstack(ToolstackDrivers):
         self._driver_state(host, dev, backend=True, state=L.INIT_WAIT)
         self._run(session, D.netback_probe_steps(dev))
         if hotplug:  # at create time the scripts run after xenconsoled's tty (capture order)
-            self._run(session, D.vif_hotplug_steps(dev))
+            self._vif_hotplug(session, dev)
         return dev
+
+    def _vif_hotplug(self, session: _Session, dev: D.VifDevice) -> None:
+        """libxl runs ``vif-bridge online`` (device_hotplug) and fails the add if it exits
+        non-zero. A backend set Closing with ``online`` = 0 meanwhile (a veto) has had its
+        ``vif<d>.<n>`` dropped by netback under the script, which then fails: seen on real
+        Xen 4.17 (docs/operations.md, "A cut during xl create")."""
+        if self.before_hotplug is not None:
+            self.before_hotplug(dev.backend)
+        if session.conn(Actor.LIBXL).read(f"{dev.backend}/online") == "0":
+            error = f"vif{dev.domid}.{dev.devid}: no such device (netback dropped it: Closing)"
+            self._run(session, D.vif_hotplug_failed_steps(dev, error))
+            raise ToolstackError(f"unable to add vif devices: script: {error}")
+        self._run(session, D.vif_hotplug_steps(dev))
 
     def _device_add(self, session: _Session, dev: D.Device, add: Step) -> None:
         """The device-add transaction: libxl__device_exists reads the libxl path inside it

@@ -179,6 +179,9 @@ class ToolstackBase:
     store: HypervisorStore = attrs.field()
     #: Test hook run inside every transaction just before commit (provoke EAGAIN).
     before_commit: CommitHook | None = None
+    #: Test hook run before a device's hotplug script, with its backend path: the time
+    #: libxl's wait for the backend and the script's start leave a daemon to act in.
+    before_hotplug: Callable[[str], None] | None = None
     clock: Callable[[], float] = time.time
 
     @store.default

@@ -80,6 +80,10 @@ if TYPE_CHECKING:
 
 _log = Logger(namespace="shyped.daemon")
 
+#: Seconds a stop waits for the watch batch or reconcile in flight to end before it closes
+#: the connection under it (its reads are answered in milliseconds unless xenstored hangs).
+STOP_GRACE = 5.0
+
 
 @attrs.frozen
 class DaemonStatus:
@@ -112,6 +116,8 @@ class DaemonStatus:
     flask: dict[str, Any] = attrs.field(factory=dict)
     #: pool mode's store (`shyped.service.poolstore.PoolStore.status`), None on a single host
     pool: dict[str, Any] | None = None
+    #: the label store: path, reloads that kept the old one, and why the last did (None: ok)
+    label_store: dict[str, Any] = attrs.field(factory=dict)
 
 
 # ------------------------------------------------------------------------------- the daemon
@@ -135,6 +141,7 @@ class Daemon(PolicyAndLabels):
         **kw: Any,
     ) -> None:
         super().__init__(config, policy, labels, **kw)
+        self.gateway.close_at_shutdown = False  # `stop` closes it, once its reads are answered
         #: Xen's FLASK (`shyped.service.flaskdaemon`); absent on Debian's Xen and the sandbox.
         self.flask: FlaskCoupling | None = FlaskCoupling(
             self, flask or make_flask(config, self.reactor)
@@ -190,10 +197,12 @@ class Daemon(PolicyAndLabels):
         await self.reconcile("start")
 
     def stop(self) -> Deferred[None]:
-        """Close the xenstore connection (actions in flight are abandoned); the audit trail
-        ends with a ``daemon-stop`` record naming the chain head and is closed."""
+        """Stop in order: no new watch batch or reconcile starts and the one running ends
+        (up to `STOP_GRACE` seconds), actions in flight are abandoned (a device cut waiting
+        for its backend, a veto's retries: the next start's reconcile decides them again),
+        the audit trail ends with a ``daemon-stop`` record naming the chain head and is
+        closed, then the xenstore connection. One log line says what was abandoned."""
         self._running = False
-        self.enforcer.vetoes.stop()
         if self.flask is not None:
             self.flask.stop()
         if self._publisher is not None:
@@ -201,6 +210,8 @@ class Daemon(PolicyAndLabels):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        quiet = await _within(self.reactor, self.quiesce(), STOP_GRACE)
+        abandoned = self.enforcer.stop()
         if self._repeat_flush.running:
             self._repeat_flush.stop()
             self._flush_repeats()
@@ -209,13 +220,18 @@ class Daemon(PolicyAndLabels):
             seq, head = audit.log.head
             done = self._audit_event(
                 AuditKind.DAEMON_STOP, decisions=sum(self._decisions.values()),
-                head_seq=seq, head_hash=head,
+                head_seq=seq, head_hash=head, abandoned=abandoned,
             )  # fmt: skip
             if done is not None:
                 with contextlib.suppress(Exception):
                     await done
             await audit.stop()
         await self.gateway.close()
+        _log.info(
+            "shyped stopped: {n} action(s) in flight abandoned{batch}",
+            n=abandoned,
+            batch="" if quiet else f"; a watch batch still reading after {STOP_GRACE:g} s cut off",
+        )
 
     def add_listener(self, listener: Listener) -> None:
         self.listeners.append(listener)
@@ -224,8 +240,19 @@ class Daemon(PolicyAndLabels):
         self.listeners.remove(listener)
 
     def quota_table(self) -> tuple[quota_mod.QuotaUsage, ...]:
-        """The quota usage table of the running domains (``shypectl status``)."""
-        return quota_mod.quota_table(self.loaded.policy, account_host(self.host))
+        """The quota usage table of the running domains (``shypectl status``), with the
+        run-time quotas' rows once the hypervisor's metering has given a sample."""
+        runtime = None if self.metrics is None else self.metrics.label_use
+        return quota_mod.quota_table(self.loaded.policy, account_host(self.host), runtime=runtime)
+
+    def label_store_status(self) -> dict[str, Any]:
+        """The label store for ``status``: `path`, `reload_failures` (reloads that found it
+        unusable and kept the one in use), `error` (why the last reload did; None: ok)."""
+        return {
+            "path": str(self.config.labels),
+            "reload_failures": self.label_store_reload_failures,
+            "error": self.label_store_error,
+        }
 
     def publish_metrics(self) -> None:
         """Publish a metrics snapshot now (the periodic publisher does it every second)."""
@@ -260,6 +287,7 @@ class Daemon(PolicyAndLabels):
             vetoes_pending=self.pending_vetoes(),
             flask={} if self.flask is None else self.flask.flask.status(),
             pool=None if self.pool is None else self.pool.status(),
+            label_store=self.label_store_status(),
         )
 
     def pending_vetoes(self) -> tuple[dict[str, Any], ...]:
@@ -278,6 +306,25 @@ class Daemon(PolicyAndLabels):
             }
             for _, p in sorted(self.enforcer.vetoes.pending.items())
         )
+
+
+def _within(reactor: Any, d: Deferred[None], seconds: float) -> Deferred[bool]:
+    """True once `d` fired, False if `seconds` passed first."""
+    done: Deferred[bool] = Deferred()
+
+    def fire(value: bool) -> None:
+        if not done.called:
+            done.callback(value)
+
+    timer = reactor.callLater(seconds, fire, False)
+
+    def fired(_: object) -> None:
+        if timer.active():
+            timer.cancel()
+        fire(True)
+
+    d.addBoth(fired)
+    return done
 
 
 __all__ = [

@@ -71,6 +71,15 @@ from shyped.core.engine import Outcome
 from shyped.core.events import BackendStateChanged, DeviceKey, DeviceRemoved, DomainVanished, Event
 from shyped.service.actuator import ToolstackActuator
 from shyped.service.config import DomainVeto
+from shyped.service.cuttx import (
+    MAX_FRONTEND_NODES,
+    frontend_regranted,
+    hotplug_nodes,
+    hotplug_pending,
+    parse_state,
+    path_cleanup,
+    revoke_frontend,
+)
 from shyped.service.vetoretry import VetoRetrier
 from shyped.xenstore import Change, NoEntry, Op, Perm, Transaction, XenstoreGateway
 
@@ -81,10 +90,11 @@ CLOSING = 5
 CLOSED = 6
 #: Seconds between re-reads of a backend's state while a device veto waits for Closed.
 RECHECK = 1.0
+#: Seconds a device cut waits for the device's hotplug script to finish (libxl's own
+#: LIBXL_HOTPLUG_TIMEOUT is 40 s; past it libxl has given up on the add anyway).
+HOTPLUG_WAIT = 40.0
 #: Times a device veto says Closing again when the backend's own writes overwrote it.
 MAX_REASSERT = 3
-#: Most nodes a device veto re-permissions below a (guest-owned) frontend directory.
-MAX_FRONTEND_NODES = 512
 #: Vetoes whose change to a node the daemon must learn from itself (see `Enforcer.on_changed`).
 CHANGES_NODES = (ResetPerms, RemoveVchan, RemoveNode)
 
@@ -99,94 +109,13 @@ class EnforcerStats:
     #: Frontend directories removed at once during a cut (too many nodes, or granted again).
     frontends_removed: int = 0
     in_flight: int = 0
+    #: Actions left undone because the daemon stopped (`Enforcer.stop`).
+    abandoned: int = 0
     by_kind: dict[str, int] = attrs.field(factory=dict)
 
 
-def _parse_state(raw: bytes | None) -> int | None:
-    """A backend's XenbusState; None if the node is absent, 0 (Unknown) if it is garbage."""
-    if raw is None:
-        return None
-    try:
-        return int(raw.strip(b"\x00"))
-    except ValueError:
-        return 0
-
-
-def path_cleanup(tx: Transaction, path: str) -> bool:
-    """``libxl__xs_path_cleanup``: remove `path`, then every parent that has become empty and
-    has an empty value. False if `path` was not there."""
-    try:
-        tx.rm(path)
-    except NoEntry:
-        return False
-    parent = path
-    while True:
-        parent = parent.rsplit("/", 1)[0]
-        if not parent:
-            return True
-        try:
-            if tx.read(parent) != b"" or tx.directory(parent):
-                return True
-            tx.rm(parent)
-        except NoEntry:
-            return True
-
-
-def _walk_frontend(tx: Transaction, frontend_dir: str, visit: Callable[[str], bool]) -> bool:
-    """`visit` the directory and every node below it, breadth first, up to
-    `MAX_FRONTEND_NODES` (nodes gone meanwhile are skipped); stops early when `visit` says
-    False. True if every node was visited: the guest owns its frontend directory and may fill
-    it with junk nodes to make a walk stop at the cap."""
-    level = [frontend_dir]
-    done = 0
-    while level:
-        next_level: list[str] = []
-        for path in level:
-            if done >= MAX_FRONTEND_NODES:
-                return False
-            try:
-                if not visit(path):
-                    return True
-                kids = tx.directory(path)
-            except NoEntry:
-                continue
-            done += 1
-            next_level.extend(f"{path}/{k}" for k in kids)
-        level = next_level
-    return True
-
-
-def _revoke_frontend(tx: Transaction, frontend_dir: str, frontend: int) -> tuple[int, bool]:
-    """Owner = the frontend, no access for anyone else, on the directory and below it.
-    Returns the nodes set and whether that was all of them (else the caller fails closed)."""
-    perms = (Perm("n", frontend),)
-    done: list[str] = []
-
-    def revoke(path: str) -> bool:
-        tx.set_perms(path, perms)
-        done.append(path)
-        return True
-
-    complete = _walk_frontend(tx, frontend_dir, revoke)
-    return len(done), complete
-
-
-def _frontend_regranted(tx: Transaction, frontend_dir: str, frontend: int) -> str | None:
-    """Why the frontend directory of a pending cut must go at once, or None: a node below it
-    grants another domain again (the guest owns its nodes and may SET_PERMS them during the
-    wait), or it holds more than `MAX_FRONTEND_NODES` nodes to look at."""
-    only_owner = (Perm("n", frontend),)
-    found: list[str] = []
-
-    def check(path: str) -> bool:
-        perms = tuple(tx.get_perms(path))
-        if perms != only_owner:
-            found.append(f"{path} granted again ({','.join(str(p) for p in perms)})")
-        return not found
-
-    if not _walk_frontend(tx, frontend_dir, check):
-        return f"more than {MAX_FRONTEND_NODES} nodes"
-    return found[0] if found else None
+class Stopping(Exception):
+    """The daemon stops: the action is abandoned (a restart's reconcile decides again)."""
 
 
 class Enforcer:
@@ -216,6 +145,10 @@ class Enforcer:
         #: Called with each node veto (`CHANGES_NODES`) once it has run, before the next
         #: action of its chain and before `idle` can be true again.
         self.on_changed: Callable[[Action], None] | None = None
+        self.stopping = False
+        #: Nodes whose write ends a cut's wait for the hotplug script (`_await_hotplug`).
+        self._hotplug_nodes: dict[str, DeviceKey] = {}
+        self._rechecks = 0  # frontend re-checks in flight (counted in stats.in_flight too)
 
     # ---- public -------------------------------------------------------------------------
 
@@ -258,6 +191,16 @@ class Enforcer:
         self._chains[key] = d
         return d
 
+    def stop(self) -> int:
+        """The daemon stops: nothing more is started, a device cut waiting for its backend
+        gives up now, and what fails from here on (the connection closes) is counted as
+        abandoned, not logged. Returns the action chains in flight (the daemon logs them)."""
+        self.stopping = True
+        self.vetoes.stop()
+        for key in list(self._waiters):
+            self._wake(key, "stopping")
+        return self.stats.in_flight - self._rechecks
+
     def observe(self, event: Event) -> None:
         """Events from the daemon's stream that end a wait for a backend to close."""
         if isinstance(event, BackendStateChanged):
@@ -277,7 +220,11 @@ class Enforcer:
         frontend directory of a cut waiting for its backend, check that directory again. The
         guest owns its frontend nodes and may grant the backend read access again during the
         wait; the daemon leaves device-directory grants to the device hook, so the enforcer
-        itself must not let the revoke be undone (see `_recheck_frontend`)."""
+        itself must not let the revoke be undone (see `_recheck_frontend`). A write of a
+        ``hotplug-status`` or frontend ``state`` a cut waits for wakes it."""
+        key = self._hotplug_nodes.get(path)
+        if key is not None:
+            self._wake(key, "hotplug")
         for fe_dir in self._cuts:
             if path == fe_dir or path.startswith(fe_dir + "/"):
                 self._schedule_recheck(fe_dir)
@@ -288,11 +235,13 @@ class Enforcer:
             return
         self._recheck_due.add(fe_dir)
         self.stats.in_flight += 1
+        self._rechecks += 1
         d = Deferred.fromCoroutine(self._recheck_frontend(fe_dir))
 
         def done(result: object) -> None:
             self.stats.in_flight -= 1
-            if isinstance(result, Failure):
+            self._rechecks -= 1
+            if isinstance(result, Failure) and not self.stopping:
                 self.stats.failed += 1
                 _log.error(
                     "enforce: re-checking {fe_dir} during its cut failed: {error}",
@@ -312,7 +261,7 @@ class Enforcer:
             return
 
         def body(tx: Transaction) -> str | None:
-            why = _frontend_regranted(tx, fe_dir, frontend)
+            why = frontend_regranted(tx, fe_dir, frontend)
             if why is not None:
                 path_cleanup(tx, fe_dir)
             return why
@@ -334,12 +283,18 @@ class Enforcer:
 
     async def _run_all(self, actions: tuple[Action, ...], what: str) -> None:
         for action in actions:
+            if self.stopping:
+                self.stats.abandoned += 1
+                continue
             kind = type(action).__name__
             self.stats.actions += 1
             self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
             try:
                 await self._run(action)
             except Exception as exc:
+                if self.stopping:  # the connection closes under it: not a failure to log
+                    self.stats.abandoned += 1
+                    continue
                 self.stats.failed += 1
                 if isinstance(action, VetoDomain):  # kept pending; the retrier logs it
                     self.vetoes.failed(action, str(exc) or type(exc).__name__)
@@ -414,16 +369,57 @@ class Enforcer:
             if not d.called:
                 d.callback(why)
 
+    async def _await_hotplug(self, action: CutDevice) -> None:
+        """Let the device's add finish before cutting it (`hotplug_pending`), up to
+        `HOTPLUG_WAIT` seconds: a cut landing under libxl's hotplug script fails the add,
+        and at ``xl create`` the whole domain with it, instead of the domain running on
+        without the denied device. Nothing connects meanwhile: the guest is paused while
+        libxl adds its devices, a frontend that moves on ends the wait, and netback waits
+        for the script before it connects."""
+        key, be_dir, fe_dir = action.device, action.backend_dir, action.frontend_dir
+        nodes = hotplug_nodes(be_dir, fe_dir)
+        deadline = self.reactor.seconds() + HOTPLUG_WAIT
+        for node in nodes[1:]:
+            self._hotplug_nodes[node] = key
+        try:
+            while True:
+                waiter = self._wait_closed(key)  # registered before the read: no lost wake
+                try:
+                    pending = hotplug_pending(await self.gateway.read_many(nodes), be_dir, fe_dir)
+                except BaseException:
+                    _discard(waiter)
+                    raise
+                remaining = deadline - self.reactor.seconds()
+                if not pending or remaining <= 0:
+                    _discard(waiter)
+                    if pending:
+                        _log.warn(
+                            "enforce: {what}: the hotplug script of {be} did not finish within "
+                            "{t:g} s; cutting anyway",
+                            what=action.describe(),
+                            be=be_dir,
+                            t=HOTPLUG_WAIT,
+                        )
+                    return
+                waiter.addTimeout(remaining, self.reactor, onTimeoutCancel=_timed_out)
+                if await waiter == "stopping":
+                    raise Stopping
+        finally:
+            for node in nodes[1:]:
+                if self._hotplug_nodes.get(node) == key:
+                    del self._hotplug_nodes[node]
+
     async def _cut(self, action: CutDevice) -> None:
         key = action.device
         fe_dir, be_dir = action.frontend_dir, action.backend_dir
+        await self._await_hotplug(action)
 
         def close(tx: Transaction, revoke: bool) -> tuple[int | None, int]:
             try:
-                state = _parse_state(tx.read(f"{be_dir}/state"))
+                state = parse_state(tx.read(f"{be_dir}/state"))
             except NoEntry:
                 state = None
-            revoked, complete = _revoke_frontend(tx, fe_dir, key.frontend) if revoke else (0, True)
+            revoked, complete = revoke_frontend(tx, fe_dir, key.frontend) if revoke else (0, True)
             if not complete:
                 # Fail closed: nodes past the cap would stay readable by the backend for the
                 # whole wait. Remove the frontend now, as the cut's end would.
@@ -505,6 +501,8 @@ class Enforcer:
                 # coalesced watch events can hide (Closing overwritten before it was read).
                 waiter.addTimeout(min(remaining, RECHECK), self.reactor, onTimeoutCancel=_timed_out)
                 why = await waiter
+                if why == "stopping":
+                    raise Stopping
                 if why == "timeout" and deadline - self.reactor.seconds() > 0:
                     why = await self._recheck(be_dir)
                     if why == "waiting":
@@ -535,7 +533,7 @@ class Enforcer:
 
     async def _recheck(self, be_dir: str) -> str:
         try:
-            state = _parse_state(await self.gateway.read(f"{be_dir}/state"))
+            state = parse_state(await self.gateway.read(f"{be_dir}/state"))
         except NoEntry:
             return "closed"
         if state is None or state >= CLOSED:

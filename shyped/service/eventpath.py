@@ -150,6 +150,9 @@ class DaemonCore:
         self._want_reconcile: str | None = None
         self._reconcile_waiters: list[Deferred[None]] = []
         self._idle_waiters: list[Deferred[None]] = []
+        #: stopping: no new watch batch or reconcile starts (`quiesce`)
+        self._stopping = False
+        self._quiet_waiters: list[Deferred[None]] = []
         self._decisions = {"permit": 0, "deny": 0}
         self._vetoes = 0
         self._reconciles = 0
@@ -307,9 +310,19 @@ class DaemonCore:
         self._scheduled = True
         self.reactor.callLater(0, self._step)
 
+    def quiesce(self) -> Deferred[None]:
+        """Start no new watch batch or reconcile (the daemon stops); fires once the one
+        running, if any, has ended: its reads are answered before the connection closes."""
+        self._stopping = True
+        if not self._busy:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._quiet_waiters.append(d)
+        return d
+
     def _step(self) -> None:
         self._scheduled = False
-        if self._busy:
+        if self._busy or self._stopping:
             return
         if self._want_reconcile is not None:
             reason, self._want_reconcile = self._want_reconcile, None
@@ -340,6 +353,11 @@ class DaemonCore:
 
     def _done(self) -> None:
         self._busy = False
+        if self._stopping:
+            waiters, self._quiet_waiters = self._quiet_waiters, []
+            for w in waiters:
+                w.callback(None)
+            return
         if self._pending or self._want_reconcile is not None:
             self._kick()
         else:
@@ -376,9 +394,9 @@ class DaemonCore:
             perms_d = [self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths]
             for path in reads:  # re-read paths move to the end: they are newer facts
                 values.pop(path, None)
-            values.update(await values_d)
-            got = await defer.gatherResults(perms_d)
-            perms.update(zip(perm_paths, got, strict=True))  # type: ignore[arg-type]
+            got_values, got = await _gather([values_d, _gather(perms_d)])
+            values.update(got_values)
+            perms.update(zip(perm_paths, got, strict=True))
             if not self._pending or round_ == BATCH_ROUNDS:
                 break  # what is still pending is the next batch's
             paths, earliest = self._pending.take()  # within what is left of the budgets
@@ -406,12 +424,10 @@ class DaemonCore:
             )
             snapshot = await self.gateway.snapshot(root, with_perms=False)
             perm_paths = [p for p in snapshot.nodes if needs_perms(p)]
-            got = await defer.gatherResults(
-                [self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths]
-            )
+            got = await _gather([self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths])
             perms = dict(zip(perm_paths, got, strict=True))
             nodes = {p: (node.value, perms.get(p)) for p, node in snapshot.nodes.items()}
-            events.extend(self.assembler.reconcile(nodes, root))  # type: ignore[arg-type]
+            events.extend(self.assembler.reconcile(nodes, root))
         return events
 
     def reconcile(self, reason: str) -> Deferred[None]:
@@ -429,13 +445,11 @@ class DaemonCore:
         # permission changed in between fires the watch, so the next batch has it.
         snapshot = await self.gateway.snapshot("/", with_perms=False)
         perm_paths = [p for p in snapshot.nodes if needs_perms(p)]
-        got = await defer.gatherResults(
-            [self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths]
-        )
+        got = await _gather([self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths])
         perms = dict(zip(perm_paths, got, strict=True))
         nodes = {path: (node.value, perms.get(path)) for path, node in snapshot.nodes.items()}
         self._reconciles += 1
-        events = self.assembler.reconcile(nodes, "/")  # type: ignore[arg-type]
+        events = self.assembler.reconcile(nodes, "/")
         self._audit_event(
             AuditKind.RECONCILE, reason=reason, nodes=len(snapshot.nodes), events=len(events)
         )
@@ -734,6 +748,19 @@ def _audit_lost(failure: Failure, what: str) -> None:
 def _absent(failure: Failure) -> Failure | None:
     """A node removed between its event and the read: no permissions (the value is None)."""
     return None if isinstance(failure.value, NoEntry) else failure
+
+
+def _gather(ds: list[Deferred[Any]]) -> Deferred[list[Any]]:
+    """`defer.gatherResults` that fails with the first failure itself and consumes the
+    others: requests failed by a lost connection leave no unhandled error behind."""
+    d: Deferred[list[Any]] = defer.gatherResults(ds, consumeErrors=True)
+    return d.addErrback(_first_failure)
+
+
+def _first_failure(failure: Failure) -> Failure:
+    if isinstance(failure.value, defer.FirstError):
+        return failure.value.subFailure
+    return failure
 
 
 def _listener_failed(failure: Failure, listener: Listener) -> None:

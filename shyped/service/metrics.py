@@ -267,6 +267,11 @@ class MetricsState:
         """Call `listener` with every metering sample (the run-time quotas)."""
         self._meter_listeners.append(listener)
 
+    @property
+    def label_use(self) -> Mapping[str, LabelUse] | None:
+        """The last per-label use of the run-time quotas (None before the first sample)."""
+        return self._label_use
+
     def set_label_use(self, use: Mapping[str, LabelUse] | None) -> None:
         """Per-label use the run-time quotas computed (the quota table's run-time rows)."""
         self._label_use = use

@@ -34,7 +34,7 @@ from shyped.service.policyload import (
     LoadedPolicy,
     load_policy,
 )
-from shyped.service.startcheck import store_warnings
+from shyped.service.startcheck import dom0_problem, store_warnings
 
 _log = Logger(namespace="shyped.daemon")
 
@@ -157,16 +157,14 @@ class PolicyAndLabels(DaemonCore):
                 self.config.labels,
             )
         except LabelStoreError as e:
-            self._store_error = str(e)
-            self.label_store_reload_failures += 1
-            _log.error(
-                "label store not reloaded, keeping the one in use (failure {n}):\n{error}",
-                n=self.label_store_reload_failures,
-                error=str(e),
-            )
+            self._store_failed(str(e))
         else:
-            self._store_error = None
-            self.engine.labels = labels
+            problem = dom0_problem(self.config.labels, labels, self.engine.policy.policy)
+            if problem is not None:
+                self._store_failed(problem)
+            else:
+                self._store_error = None
+                self.engine.labels = labels
         try:
             loaded: LoadedPolicy = await threads.deferToThreadPool(
                 self.reactor, self.reactor.getThreadPool(), load_policy, path
@@ -240,6 +238,20 @@ class PolicyAndLabels(DaemonCore):
         self._sweep("policy reload")
         return ReloadResult(True, str(path), previous, new, loaded.sha256)
 
+    def _store_failed(self, error: str) -> None:
+        self._store_error = error
+        self.label_store_reload_failures += 1
+        _log.error(
+            "label store not reloaded, keeping the one in use (failure {n}):\n{error}",
+            n=self.label_store_reload_failures,
+            error=error,
+        )
+
+    @property
+    def label_store_error(self) -> str | None:
+        """Why the last reload kept the label store in use, None when it reloaded."""
+        return self._store_error
+
     def _switch(self, loaded: LoadedPolicy, check: update.UpdateCheck) -> None:
         """Switch to an allowed policy together with the label store: labels the update
         renames (``from=``) are rewritten in the store, which is written (atomically) before
@@ -264,8 +276,17 @@ class PolicyAndLabels(DaemonCore):
         if labels != old:
             self.engine.labels = labels
             renamed = {**check.maps.vm_renames, **check.maps.resource_renames}
-            _log.warn(
-                "label store {path}: renamed labels rewritten ({renames})",
-                path=str(self.config.labels),
-                renames=", ".join(f"{o} -> {n}" for o, n in sorted(renamed.items())),
-            )
+            if renamed:
+                _log.warn(
+                    "label store {path}: renamed labels rewritten ({renames})",
+                    path=str(self.config.labels),
+                    renames=", ".join(f"{o} -> {n}" for o, n in sorted(renamed.items())),
+                )
+            marked = sorted(set(labels.invalidated()) - set(old.invalidated()))
+            if marked:
+                _log.warn(
+                    "label store {path}: assignments of deleted labels marked invalid (they "
+                    "deny until labelled again): {marked}",
+                    path=str(self.config.labels),
+                    marked="; ".join(marked),
+                )

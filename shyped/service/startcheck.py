@@ -12,6 +12,7 @@ import attrs
 
 from shyped.core.labelstore import LabelStore, label_store_problems
 from shyped.fileio.boundedread import LABELS_MAX_BYTES, read_bounded
+from shyped.policy.model import Policy
 from shyped.service.config import Config, ConfigError, load_config
 from shyped.service.policyload import LoadedPolicy, StartupError, load_startup
 
@@ -42,6 +43,20 @@ def store_warnings(config: Config, loaded: LoadedPolicy) -> tuple[str, ...]:
     )
 
 
+def dom0_problem(where: Path, labels: LabelStore, policy: Policy) -> str | None:
+    """Why dom0's stored label cannot be used with `policy`, or None. Fail closed: dom0 is
+    not run with another label than the one an operator gave it (the bootstrap label would
+    give it every type the operator took away), so start, and a store reload, refuse."""
+    if labels.dom0 is None or policy.vm_label(labels.dom0) is not None:
+        return None
+    return (
+        f"{where}: dom0's label {labels.dom0!r} is not a VM label of policy {policy.name!r} "
+        f"{policy.version}; shyped does not run dom0 with another label: label dom0 again "
+        f"(shypectl addlabel <label> mgt Domain-0 with the old store) or remove the store's "
+        f'"dom0" entry to run it with the bootstrap label {policy.bootstrap!r}'
+    )
+
+
 def validate_startup(path: Path) -> Startup:
     """Everything start checks before it runs; `StartupError` lists every problem found."""
     try:
@@ -49,6 +64,9 @@ def validate_startup(path: Path) -> Startup:
     except ConfigError as e:
         raise StartupError(str(e)) from None
     loaded, labels = load_startup(config)
+    problem = dom0_problem(config.labels, labels, loaded.policy)
+    if problem is not None:
+        raise StartupError(problem)
     if config.metrics.enabled:
         from shyped.service.metricsweb import load_access
 

@@ -145,6 +145,9 @@ class XenstoreGateway:
         self.on_connection_lost = on_connection_lost
         #: Called after a reconnect, once every watch is registered again: reconcile here.
         self.on_reconnected = on_reconnected
+        #: Close at the reactor's shutdown by itself; False when the owner closes it in its
+        #: own order (the daemon finishes its reads first, `shyped.service.daemon`).
+        self.close_at_shutdown = True
         self._inbox = _Inbox(reactor, self._drain, self.config.max_pending_events)
         self._pool = ThreadPool(minthreads=0, maxthreads=self.config.workers, name="xenstore")
         self._router: _Router | None = None
@@ -193,7 +196,7 @@ class XenstoreGateway:
         self._state = "connecting"
         if not self._pool.started:
             self._pool.start()
-        if self._shutdown_trigger is None:
+        if self._shutdown_trigger is None and self.close_at_shutdown:
             self._shutdown_trigger = self.reactor.addSystemEventTrigger(
                 "before", "shutdown", self._close_on_shutdown
             )
