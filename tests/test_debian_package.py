@@ -1,13 +1,15 @@
 """The Debian package: built from this tree by scripts/build-deb.sh, installed on this machine
-with dpkg, checked as an operator would, upgraded over itself, and purged.
+with apt, checked as an operator would, upgraded over itself, and purged.
 
-Root only (dpkg into the real root: CI runs as root). The build takes about a minute; the .deb
-is cached under $SHYPED_DEB_CACHE (default /var/cache/shyped-tests) keyed by the tree's files
-and the build tools' versions, so an unchanged tree installs the same package again.
+Root only (into the real root: CI runs as root); one run at a time per machine (a lock). The
+build takes about a minute; the .deb is cached under $SHYPED_DEB_CACHE (default
+/var/cache/shyped-tests) keyed by the tree's files and the build tools' versions, so an
+unchanged tree installs the same package again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import os
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import shyped
+from tests.packaging_helpers import tree_files
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path("/opt/shyped")
@@ -27,10 +30,19 @@ CONFIG = Path("/etc/shyped/shyped.toml")
 UNIT = Path("/lib/systemd/system/shyped.service")
 GROUPS = ("shyped-read", "shyped-admin")
 #: The environment of an operator's root shell: nothing of the test's venv.
-CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
+CLEAN_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C",
+    "DEBIAN_FRONTEND": "noninteractive",
+}
+#: apt as an operator uses it, waiting for dpkg's lock if another apt runs on the machine.
+APT = ("apt-get", "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=300")
+#: One run of these tests at a time on the machine (sessions that share it, as root).
+MACHINE_LOCK = Path("/run/lock/shyped-debian-package-test.lock")
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(1200),  # the build (about a minute), apt, and maybe a wait for the lock
     pytest.mark.skipif(os.geteuid() != 0, reason="installs a .deb with dpkg: root only"),
     pytest.mark.skipif(
         not (shutil.which("dpkg-buildpackage") and shutil.which("dh_virtualenv")),
@@ -60,22 +72,22 @@ def _installed(package: str) -> bool:
 def _inputs_key() -> str:
     """What scripts/build-deb.sh builds from (the tree's files) and with (the tools)."""
     h = hashlib.sha256()
-    listed = subprocess.run(
-        ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        capture_output=True,
-        check=True,
-    ).stdout.split(b"\0")
-    for name in sorted(filter(None, listed)):
-        path = ROOT / os.fsdecode(name)
-        if path.is_file():
-            h.update(name + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    for name in tree_files():
+        h.update(name.encode() + b"\0" + hashlib.sha256((ROOT / name).read_bytes()).digest())
     tools = _ok("dpkg-query", "-W", "dh-virtualenv", "debhelper", "dpkg-dev", "python3")
     h.update(tools.encode())
     return h.hexdigest()[:24]
 
 
 @pytest.fixture(scope="module")
-def deb() -> Path:
+def machine_lock() -> Iterator[None]:
+    with MACHINE_LOCK.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture(scope="module")
+def deb(machine_lock: None) -> Path:
     cache = Path(os.environ.get("SHYPED_DEB_CACHE", "/var/cache/shyped-tests"))
     cached = cache / f"shyped-{_inputs_key()}.deb"
     if not cached.is_file():
@@ -106,10 +118,10 @@ def installed(deb: Path) -> Iterator[Path]:
     logs = Path("/var/log/shyped")  # kept by a purge (the audit trail): ours to remove here
     logs_before = logs.exists()
     try:
-        _ok("dpkg", "-i", deb)
+        _ok(*APT, "install", deb)
         yield deb
     finally:
-        _run("dpkg", "--purge", "shyped")
+        _run(*APT, "purge", "shyped")
         for g in set(GROUPS) - groups_before:
             _run("groupdel", g)
         if not logs_before and logs.is_dir() and not any(logs.iterdir()):
@@ -179,12 +191,12 @@ def test_installs_checks_upgrades_and_purges(installed: Path) -> None:
     # An upgrade (the same version again) keeps the operator's configuration.
     edited = CONFIG.read_text() + "# edited by the operator\n"
     CONFIG.write_text(edited)
-    _ok("dpkg", "-i", deb)
+    _ok(*APT, "install", "--reinstall", deb)
     assert CONFIG.read_text() == edited
     assert _ok("shyped", "check").startswith(f"{CONFIG}: ok\n")
 
     # Purge: the program, the configuration and the state go; nothing of ours is left on PATH.
-    _ok("dpkg", "--purge", "shyped")
+    _ok(*APT, "purge", "shyped")
     for gone in (VENV, Path("/usr/bin/shyped"), UNIT, Path("/etc/shyped"), Path("/var/lib/shyped")):
         assert not gone.exists(), gone
     assert not _installed("shyped")

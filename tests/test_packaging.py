@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import shyped
+from tests.packaging_helpers import tree_files
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -42,16 +43,9 @@ def clean_copy(target: Path) -> Path:
     Not ROOT itself: setuptools re-reads a stale shyped.egg-info/SOURCES.txt (the editable
     install writes one) into the sdist, which would hide a MANIFEST.in that misses files.
     """
-    listed = subprocess.run(
-        ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for name in filter(None, listed.split("\0")):
-        source = ROOT / name
-        if source.is_file() and not source.is_symlink():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / name)
+    for name in tree_files():
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, target / name)
     return target
 
 
