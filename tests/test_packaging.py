@@ -199,3 +199,23 @@ def test_install_data_refuses_a_relative_prefix(unpacked_wheel: Path, tmp_path: 
     assert result.returncode == 2
     assert result.stderr.strip() == "shyped install-data: --prefix usr: not an absolute path"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_install_data_from_a_checkout_reads_the_tree_and_dry_run_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    from shyped.cli.installdata import data_root
+
+    assert data_root() == ROOT  # an editable install has no shyped/_data
+    result = subprocess.run(
+        [VENV_BIN / "shyped", "install-data", "--root", tmp_path, "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert all(line.startswith("would add  /") for line in lines), lines
+    assert "would add  /etc/shyped/shyped.toml" in lines
+    assert len(lines) == 2 + 2 + len(_tree_files("share", "conf")) + len(COMMANDS)
+    assert list(tmp_path.iterdir()) == []
