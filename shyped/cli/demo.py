@@ -29,7 +29,18 @@ from twisted.internet.defer import Deferred
 from shyped.core.engine import Outcome
 from shyped.service.config import ActuatorConfig, Config, ConfigError, load_config
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+
+def _conf() -> Path:
+    """conf/ of the checkout, or the copy an installed wheel carries (shyped/_data)."""
+    from shyped.cli.installdata import DataMissing, data_root
+
+    try:
+        return data_root() / "conf"
+    except DataMissing:
+        return Path(__file__).resolve().parents[2] / "conf"
+
+
+CONF = _conf()
 
 #: Where the scenario's guests keep their disks (labelled in conf/labels.json).
 IMAGES = "/srv/xen/images"
@@ -233,7 +244,7 @@ def run_demo(*, verbose: bool = False, conf: Path = CONF) -> int:
 
     say = _Printer()
     if not (conf / "shyped.toml").is_file():
-        print(f"shyped demo: {conf}/shyped.toml not found (run from a clone)", file=sys.stderr)
+        print(f"shyped demo: {conf}/shyped.toml not found", file=sys.stderr)
         return 2
     directory = short_instance_dir("shyped-demo")
     xsd = SandboxXenstored(directory)

@@ -17,6 +17,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from shyped.cli import installdata
 from shyped.cli.conventions import DEFAULT_CONFIG, add_version, exit_guarded
 from shyped.cli.logs import FORMATS, LEVELS, start_logging
 from shyped.service.config import ConfigError
@@ -64,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--verbose", action="store_true", help="also show the daemon's own log on stderr"
     )
+    installdata.add_parser(sub)
     return parser
 
 
@@ -279,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(verbose=args.verbose)
     if args.command == "check":
         return _check(args.config)
+    if args.command == "install-data":
+        return installdata.run(args)
     return _run(args.config, args.log_level, args.log_format)
 
 
