@@ -35,6 +35,15 @@ class AttestationUnavailable(Exception):
     """No quote can be given (no TPM, a broken or full measurement log): why."""
 
 
+class AttestationBusy(Exception):
+    """A quote is being made and `MAX_QUEUED_QUOTES` more wait: try again."""
+
+
+#: Quotes that may wait while one is made (the control server bounds the requests in flight
+#: too: one per read-group connection class, a few for admins and root).
+MAX_QUEUED_QUOTES = 2
+
+
 class MeasurementLog:
     """The measurement log file: JSON lines (`shyped.attest.measure.Entry.line`), appended with
     O_APPEND and fsync, at most `max_bytes` (past it nothing is appended: fail closed)."""
@@ -76,7 +85,11 @@ class MeasurementLog:
         line = entry.line()
         size = self.path.stat().st_size if self.path.exists() else 0
         if size + len(line) > self.max_bytes:
-            raise OSError(f"{self.path}: the measurement log is full ({self.max_bytes} bytes)")
+            raise OSError(
+                f"{self.path}: the measurement log is full ({self.max_bytes} bytes): no quote "
+                "until shyped restarts with a larger [attestation] max_log_bytes (the log "
+                "continues) or the host reboots (a new log)"
+            )
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
             if os.write(fd, line) != len(line):  # a full disk: nothing half-logged is extended
@@ -123,6 +136,8 @@ class Attestation:
         self._run_entries: list[measure.Entry] = []  # measured since this daemon started
         self._lock = defer.DeferredLock()
         self._pending: defer.Deferred[None] | None = None
+        self._quotes = 0  # being made or waiting
+        self._digested: tuple[object, str] = (None, "")  # (label store, its labels_digest)
 
     def _thread(self, f: Any, *args: Any) -> defer.Deferred[Any]:
         reactor = self.daemon.reactor
@@ -162,6 +177,11 @@ class Attestation:
         entries = self.log.read() if pcr != measure.PCR_RESET else []
         if pcr == measure.PCR_RESET:
             self.log.restart()
+        elif (old := measure.log_versions(entries)) is not None:
+            raise measure.LogError(
+                f"{self.config.log}: {old}; a log of mixed formats would not verify: quotes "
+                "resume after the next reboot starts a new log"
+            )
         elif measure.replay(entries) != pcr:
             if entries and measure.replay(entries[:-1]) == pcr:
                 self.tools.extend(self.config.pcr, entries[-1].digest)
@@ -195,19 +215,28 @@ class Attestation:
     def _pending_events(self) -> list[dict[str, Any]]:
         d = self.daemon
         return measure.events_for(
-            self._measured, policy=policy_doc(d), mode=d.mode.value, labels=labels_doc(d),
-            rotations=_rotations(d), audit_head=audit_head(d),
+            self._measured, policy=policy_doc(d), mode=d.mode.value,
+            labels=self._labels_digest(), rotations=_rotations(d),
+            audit_head=audit_head(d),
         )  # fmt: skip
+
+    def _labels_digest(self) -> str:
+        """The digest of the label store in use, computed once per store (stores are frozen:
+        every change makes a new one)."""
+        store = self.daemon.engine.labels
+        if store is not self._digested[0]:
+            self._digested = (store, measure.labels_digest(labels_doc(self.daemon)))
+        return self._digested[1]
 
     async def _measure_pending(self) -> None:
         """(Lock held.) Measure until nothing is pending; the daemon may change while a
         measurement is on its way to the TPM, so look again after each round."""
         while self.unavailable is None and (events := self._pending_events()):
             for event in events:
-                entry = measure.make_entry(self._seq, event)
                 try:
+                    entry = measure.make_entry(self._seq, event)
                     await self._thread(self._measure, entry)
-                except (TpmError, OSError) as e:
+                except (TpmError, OSError, ValueError) as e:
                     self.unavailable = f"measurement {event['kind']} failed: {e}"
                     _log.error("attestation: {why}; no quote is given from now on",
                                why=self.unavailable)  # fmt: skip
@@ -236,28 +265,46 @@ class Attestation:
             "audit_head": audit_head(d),
         }
 
-    async def quote(self, nonce: str) -> dict[str, Any]:
-        """A bundle (`shyped.attest.quote.bundle_doc`) for `nonce`."""
+    async def quote(self, nonce: str) -> bytes:
+        """The control answer for a quote for `nonce`: ``{"bundle": ...}`` encoded
+        (`shyped.attest.quote.encode_answer`). One quote at a time: `MAX_QUEUED_QUOTES` more
+        wait their turn, any further is refused (`AttestationBusy`). Only the state report is
+        built on the reactor thread (it must be the state just measured); the TPM, the log and
+        the encoding of the bundle run on the thread pool."""
         bad = quote.check_nonce(nonce)
         if bad is not None:
             raise ValueError(bad)
-        await self._lock.acquire()
-        try:
-            await self._measure_pending()
-            if self.unavailable is not None:
-                raise AttestationUnavailable(self.unavailable)
-            # nothing pending now, and no await before the report: it is the measured state
-            state = self.state_report()
-            qualifying = quote.qualifying_data(nonce, state)
-            msg, sig = await self._thread(
-                self.tools.quote, self.config.ak_handle, self.config.pcr, qualifying
+        if self._quotes > MAX_QUEUED_QUOTES:
+            raise AttestationBusy(
+                f"attestation busy: a quote is being made and {self._quotes - 1} wait; "
+                "try again shortly"
             )
-            lines = await self._thread(self.log.lines)
-        except TpmError as e:
-            raise AttestationUnavailable(f"the TPM refused the quote: {e}") from None
+        self._quotes += 1
+        try:
+            await self._lock.acquire()
+            try:
+                await self._measure_pending()
+                if self.unavailable is not None:
+                    raise AttestationUnavailable(self.unavailable)
+                # nothing pending now, and no await before the report: it is the measured state
+                state = self.state_report()
+                qualifying = quote.qualifying_data(nonce, state)
+                msg, sig = await self._thread(
+                    self.tools.quote, self.config.ak_handle, self.config.pcr, qualifying
+                )
+                encoded: bytes = await self._thread(self._encode, nonce, msg, sig, state)
+                return encoded
+            except TpmError as e:
+                raise AttestationUnavailable(f"the TPM refused the quote: {e}") from None
+            finally:
+                self._lock.release()
         finally:
-            self._lock.release()
-        return quote.bundle_doc(nonce, self.config.pcr, msg, sig, lines, state)
+            self._quotes -= 1
+
+    def _encode(self, nonce: str, msg: bytes, sig: bytes, state: dict[str, Any]) -> bytes:
+        """(Thread pool.) The bundle with the log as it is now, encoded."""
+        doc = quote.bundle_doc(nonce, self.config.pcr, msg, sig, self.log.lines(), state)
+        return quote.encode_answer(doc)
 
 
 def attach_attestation(daemon: Daemon) -> Attestation | None:
