@@ -45,8 +45,9 @@ def stub_daemon(tmp_path: Path, tpm: Swtpm) -> Any:
         host=SimpleNamespace(domains=lambda: []),
         event_observers=[],
     )
-    cfg = AttestationConfig(enabled=True, tcti=tpm.tcti, log=tmp_path / "m.jsonl",
-                            ak_public=tmp_path / "ak.pem")  # fmt: skip
+    files = {"log": tmp_path / "m.jsonl", "ak_public": tmp_path / "ak.pem",
+             "ak_auth": tmp_path / "ak.auth"}  # fmt: skip
+    cfg = AttestationConfig(enabled=True, tcti=tpm.tcti, **files)
     d.attestation = Attestation(d, cfg)  # type: ignore[arg-type]
     return d
 

@@ -37,6 +37,7 @@ def host(xenstored: SandboxXenstored, tpm: Swtpm) -> Iterator[Host]:
             f'[attestation]\nenabled = true\ntcti = "{tpm.tcti}"\npcr = 13\n'
             f'log = "{h.directory / "measurements.jsonl"}"\n'
             f'ak_public = "{h.directory / "ak.pem"}"\n'
+            f'ak_auth = "{h.directory / "ak.auth"}"\n'
         )
         yield h
 
@@ -163,6 +164,58 @@ def test_quotes_verify_and_follow_switches_not_files_and_forgeries_fail(
     assert verify(host, b3, "nonce-3").returncode == 0
 
 
+def test_a_local_tpm_user_cannot_quote_with_the_ak_and_its_extends_are_detected(
+    host: Host, tpm: Swtpm
+) -> None:
+    """Debian's tpm-udev gives /dev/tpmrm0 mode 0660 tss:tss: every tss member reaches the
+    TPM, as every local user reaches the tests' swtpm port. Played as such a user: a quote
+    with the host's AK over a forged state report (a running domain hidden) -- with an AK
+    without an auth value it is signed and verifies; shyped's AK needs the value of a
+    root-only file. The same user extending PCR 13 cannot be prevented: every later quote
+    fails verification, naming the replay."""
+    import base64
+    import os
+    import tempfile
+
+    from user_helpers import local_user, setpriv
+
+    from shyped.attest import quote as attest_quote
+
+    host.start()
+    create(host, "web-a1", "bank-a-web", disks=BANK_A_DISK, vifs=BANK_A_VIF)
+    assert (host.directory / "ak.auth").stat().st_mode & 0o777 == 0o600
+    ok(host.ctl("attest", "ak-pub", "-o", str(host.directory / "ak-export.pem")))
+    doc = json.loads(quote(host, "n", "b.json").read_text())
+    doc["state"]["domains"] = [d for d in doc["state"]["domains"] if d["name"] != "web-a1"]
+    forged_data = attest_quote.qualifying_data("n", doc["state"])
+    env = {**os.environ, "TPM2TOOLS_TCTI": tpm.tcti}
+    with local_user("shyat") as user, tempfile.TemporaryDirectory() as work:
+        os.chmod(work, 0o777)
+        r = subprocess.run(
+            [*setpriv(user), "tpm2_quote", "-c", "0x8101a770", "-l", "sha256:13", "-q",
+             forged_data.hex(), "-m", "q.msg", "-s", "q.sig", "-g", "sha256"],
+            cwd=work, env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if r.returncode == 0:
+            doc["quote"] = {
+                "message": base64.b64encode(Path(work, "q.msg").read_bytes()).decode(),
+                "signature": base64.b64encode(Path(work, "q.sig").read_bytes()).decode(),
+            }
+            forged = host.directory / "forged.json"
+            forged.write_text(json.dumps(doc))
+            v = verify(host, forged, "n")
+            assert v.returncode == 1, f"a local user's quote with the AK verified:\n{v.stdout}"
+        assert r.returncode != 0, r.stderr
+        assert "authorization" in r.stderr.lower() or "auth" in r.stderr.lower(), r.stderr
+        r = subprocess.run(
+            [*setpriv(user), "tpm2_pcrextend", f"13:sha256={'ab' * 32}"],
+            cwd=work, env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr  # a TPM user may extend PCR 13: detected below
+    r = verify(host, quote(host, "n2", "b2.json"), "n2")
+    assert r.returncode == 1 and "which is not the value the TPM quoted" in r.stdout
+
+
 def test_restart_continues_the_log_and_a_mode_switch_is_measured(host: Host) -> None:
     host.start()
     host.stop()
@@ -235,6 +288,7 @@ def test_audit_rotations_are_measured_and_the_head_reported(
         h.extra = (
             f'[attestation]\nenabled = true\ntcti = "{tpm.tcti}"\n'
             f'log = "{h.directory / "m.jsonl"}"\nak_public = "{h.directory / "ak.pem"}"\n'
+            f'ak_auth = "{h.directory / "ak.auth"}"\n'
             f'[audit]\ndirectory = "{h.directory / "audit"}"\nmax_file_bytes = 1024\n'
         )
         h.start()
@@ -324,3 +378,23 @@ def host_labels(host: Host) -> Path:
     """The host's label store file, written as the daemon would find it at start."""
     host.write_config()
     return host.labels
+
+
+def test_an_ak_without_shyped_s_auth_file_is_not_used(tpm: Swtpm, tmp_path: Path) -> None:
+    """An AK at the handle but no auth file (an older shyped's AK, usable by every tss member,
+    or someone else's): refused at start naming how to recover; an auth file others may read
+    is refused too."""
+    from shyped.service.tpm import TpmError
+
+    files = {"log": tmp_path / "m.jsonl", "ak_public": tmp_path / "ak.pem",
+             "ak_auth": tmp_path / "ak.auth"}  # fmt: skip
+    cfg = AttestationConfig(enabled=True, tcti=tpm.tcti, **files)
+    att = Attestation(None, cfg, TpmTools(tpm.tcti))  # type: ignore[arg-type]
+    TpmTools(tpm.tcti).ensure_ak(cfg.ak_handle)  # no auth value
+    with pytest.raises(TpmError, match=r"has no auth file .* evict it \(tpm2_evictcontrol"):
+        att._ensure_ak()
+    assert not cfg.ak_auth.exists()
+    cfg.ak_auth.write_text("x")
+    cfg.ak_auth.chmod(0o640)
+    with pytest.raises(TpmError, match="is mode 0640: the AK's auth value must be 0600"):
+        att._ensure_ak()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -150,7 +151,7 @@ class Attestation:
             why = await self._thread(self.tools.available)
             if why is not None:
                 raise TpmError(why)
-            self.ak_pem = await self._thread(self.tools.ensure_ak, self.config.ak_handle)
+            self.ak_pem = await self._thread(self._ensure_ak)
             await self._thread(self._export_ak, self.ak_pem)
             await self._thread(self._resume_log)
         except (TpmError, OSError, measure.LogError) as e:
@@ -163,6 +164,32 @@ class Attestation:
         _log.info("attestation: PCR {pcr}, AK {ak}, {n} measurements in {log}",
                   pcr=self.config.pcr, ak=hex(self.config.ak_handle), n=self._seq,
                   log=str(self.config.log))  # fmt: skip
+
+    def _ensure_ak(self) -> bytes:
+        """(Thread pool.) The AK, with the auth value of the root-only file ``ak_auth``: made
+        with a fresh random one at the first start; an AK without that file is not used (it was
+        made without an auth value, which lets every member of the ``tss`` group quote with it,
+        or by someone else)."""
+        handle, auth = hex(self.config.ak_handle), self.config.ak_auth
+        if not auth.exists():
+            if self.tools.ak_public(self.config.ak_handle) is not None:
+                raise TpmError(
+                    f"the AK at {handle} has no auth file {auth} (made by an older shyped "
+                    "without an auth value, which every tss group member may use, or by "
+                    f"someone else): evict it (tpm2_evictcontrol -C o -c {handle}) so that "
+                    f"shyped makes a new one, then enrol the new {self.config.ak_public}"
+                )
+            auth.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            fd = os.open(auth, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:  # 16 random bytes as 32 hex digits: the most a SHA-256 key's auth may hold
+                os.write(fd, secrets.token_hex(16).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        mode = auth.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise TpmError(f"{auth} is mode {mode:04o}: the AK's auth value must be 0600")
+        return self.tools.ensure_ak(self.config.ak_handle, auth)
 
     def _export_ak(self, pem: bytes) -> None:
         from shyped.fileio.atomicfile import write_atomic
@@ -290,8 +317,9 @@ class Attestation:
                 state = self.state_report()
                 qualifying = quote.qualifying_data(nonce, state)
                 msg, sig = await self._thread(
-                    self.tools.quote, self.config.ak_handle, self.config.pcr, qualifying
-                )
+                    self.tools.quote, self.config.ak_handle, self.config.pcr, qualifying,
+                    self.config.ak_auth,
+                )  # fmt: skip
                 encoded: bytes = await self._thread(self._encode, nonce, msg, sig, state)
                 return encoded
             except TpmError as e:
