@@ -8,21 +8,16 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import pytest_twisted
-from tpm_helpers import Swtpm, need_swtpm, swtpm
-from twisted.internet import defer, reactor
+from tpm_helpers import Swtpm, need_swtpm, stub_daemon, swtpm
+from twisted.internet import defer
 
 from shyped.control import attestserve
 from shyped.control.attestops import AttestQuoteArgs
 from shyped.control.protocol import ControlError, ErrorCode, encode_result
-from shyped.core.labelstore import LabelStore
-from shyped.core.modes import Mode
-from shyped.service.attestation import Attestation
-from shyped.service.attestconfig import AttestationConfig
 
 
 @pytest.fixture
@@ -30,26 +25,6 @@ def tpm() -> Iterator[Swtpm]:
     need_swtpm()
     with swtpm() as t:
         yield t
-
-
-def stub_daemon(tmp_path: Path, tpm: Swtpm) -> Any:
-    """What `Attestation` and the op read of a daemon, with a 2,000-domain label store."""
-    names = {f"guest-{i:05d}": "bank-a-web" for i in range(2000)}
-    policy = SimpleNamespace(name="example.hosting", version="1.0")
-    d = SimpleNamespace(
-        reactor=reactor,
-        engine=SimpleNamespace(labels=LabelStore(by_name=names)),
-        loaded=SimpleNamespace(policy=policy, sha256="ab" * 32),
-        mode=Mode.ENFORCING,
-        audit=None,
-        host=SimpleNamespace(domains=lambda: []),
-        event_observers=[],
-    )
-    files = {"log": tmp_path / "m.jsonl", "ak_public": tmp_path / "ak.pem",
-             "ak_auth": tmp_path / "ak.auth"}  # fmt: skip
-    cfg = AttestationConfig(enabled=True, tcti=tpm.tcti, **files)
-    d.attestation = Attestation(d, cfg)  # type: ignore[arg-type]
-    return d
 
 
 @pytest_twisted.ensureDeferred

@@ -152,6 +152,14 @@ def test_quotes_verify_and_follow_switches_not_files_and_forgeries_fail(
         and "the measured label store assigns 'bank-a-web'" in r.stdout
     )
 
+    # an edited label store in the reported state: not the store the log measured
+    def edit_store(doc: dict) -> None:  # type: ignore[type-arg]
+        doc["state"]["labels"]["domains"]["name"]["web-a1"] = "bank-b-web"
+
+    r = verify(host, rewrite(b3, edit_store), "nonce-3")
+    assert r.returncode == 1 and "label store: the reported store has sha256" in r.stdout
+    assert "(edited, or not the store in force)" in r.stdout
+
     # a quote from another TPM: this host's bundle checked with another TPM's AK, and
     # another TPM's quote presented with this host's AK
     with swtpm() as other:
