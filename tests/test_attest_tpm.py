@@ -406,3 +406,65 @@ def test_an_ak_without_shyped_s_auth_file_is_not_used(tpm: Swtpm, tmp_path: Path
     cfg.ak_auth.chmod(0o640)
     with pytest.raises(TpmError, match="is mode 0640: the AK's auth value must be 0600"):
         att._ensure_ak()
+
+
+def test_a_format_1_log_behind_the_pcr_is_not_continued(tpm: Swtpm, tmp_path: Path) -> None:
+    """shyped upgraded without a reboot: the log behind PCR 13 is format 1 (whole label
+    stores). Appending format-2 entries would give a log no verifier reads: no quote, saying
+    why and until when."""
+    cfg = AttestationConfig(enabled=True, tcti=tpm.tcti, log=tmp_path / "m.jsonl")
+    tools = TpmTools(tpm.tcti)
+    old = {"kind": "start", "policy": {}, "mode": "enforcing", "labels": {"version": 1}}
+    entry = measure.Entry(0, old, measure.digest(old))
+    cfg.log.write_bytes(entry.line())
+    tools.extend(13, entry.digest)
+    att = Attestation(None, cfg, tools)  # type: ignore[arg-type]  # the log and the TPM only
+    with pytest.raises(measure.LogError, match=r"measurement format 1 .* after the next reboot"):
+        att._resume_log()
+
+
+def test_the_documented_ek_credential_exchange_binds_the_ak(tpm: Swtpm, tmp_path: Path) -> None:
+    """docs/attestation.md, *Binding the AK to the TPM's EK*, run as written (tpm2-tools on
+    the host with shyped's AK and its auth file; makecredential offline): the secret comes
+    back only from the TPM holding that AK; another TPM's EK does not release it."""
+    import os
+    import re
+
+    doc = (Path(__file__).parent.parent / "docs" / "attestation.md").read_text()
+    block = doc.split("### Binding the AK to the TPM's EK", 1)[1].split("```", 2)[1]
+    commands = [c for c in block.replace("\\\n", " ").splitlines() if c.startswith("tpm2_")]
+    auth = tmp_path / "ak.auth"
+    auth.write_text("0123456789abcdef0123456789abcdef")
+    auth.chmod(0o600)
+    TpmTools(tpm.tcti).ensure_ak(0x8101A770, auth)
+    (tmp_path / "secret.bin").write_bytes(os.urandom(16))
+
+    def run(command: str, tcti: str | None) -> subprocess.CompletedProcess[str]:
+        command = command.replace("/var/lib/shyped/attest/ak.auth", str(auth))
+        name = (tmp_path / "ak.name").read_bytes().hex() if "makecredential" in command else ""
+        argv = re.sub(r'"\$\(xxd -p -c 256 ak.name\)"', name, command).split()
+        env = {k: v for k, v in os.environ.items() if k != "TPM2TOOLS_TCTI"}
+        env.update({"TPM2TOOLS_TCTI": tcti} if tcti else {})
+        return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              check=False)  # fmt: skip
+
+    for command in commands:
+        if command.startswith("tpm2_getekcertificate"):
+            continue  # swtpm has no manufacturer certificate
+        offline = command.startswith("tpm2_makecredential")
+        r = run(command, None if offline else tpm.tcti)
+        assert r.returncode == 0, (command, r.stderr)
+        if command.startswith("tpm2_createek"):
+            TpmTools(tpm.tcti)._flush()
+    assert (tmp_path / "secret.out").read_bytes() == (tmp_path / "secret.bin").read_bytes()
+
+    # another TPM's EK (the verifier was given the wrong one): the host cannot unwrap
+    (tmp_path / "secret.out").unlink()
+    with swtpm() as other:
+        assert run("tpm2_createek -c other.ctx -G rsa -u ek.pub", other.tcti).returncode == 0
+    maker = next(c for c in commands if c.startswith("tpm2_makecredential"))
+    assert run(maker, None).returncode == 0
+    for command in commands[commands.index(maker) + 1 :]:
+        r = run(command, tpm.tcti)
+        if "activatecredential" in command:
+            assert r.returncode != 0 and not (tmp_path / "secret.out").exists()
