@@ -391,7 +391,7 @@ def host_labels(host: Host) -> Path:
 def test_an_ak_without_shyped_s_auth_file_is_not_used(tpm: Swtpm, tmp_path: Path) -> None:
     """An AK at the handle but no auth file (an older shyped's AK, usable by every tss member,
     or someone else's): refused at start naming how to recover; an auth file others may read
-    is refused too."""
+    is refused too, and so is a key at the handle that does not take the auth value."""
     from shyped.service.tpm import TpmError
 
     files = {"log": tmp_path / "m.jsonl", "ak_public": tmp_path / "ak.pem",
@@ -406,6 +406,12 @@ def test_an_ak_without_shyped_s_auth_file_is_not_used(tpm: Swtpm, tmp_path: Path
     cfg.ak_auth.chmod(0o640)
     with pytest.raises(TpmError, match="is mode 0640: the AK's auth value must be 0600"):
         att._ensure_ak()
+    # with its auth file, the key at the handle must take it: a key put there by a TPM user
+    # (the one above, without an auth value) is neither exported nor used
+    cfg.ak_auth.chmod(0o600)
+    with pytest.raises(TpmError, match=r"does not quote with the auth value .* not exported"):
+        att._ensure_ak()
+    assert not cfg.ak_public.exists()
 
 
 def test_a_format_1_log_behind_the_pcr_is_not_continued(tpm: Swtpm, tmp_path: Path) -> None:

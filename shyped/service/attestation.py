@@ -189,7 +189,17 @@ class Attestation:
         mode = auth.stat().st_mode & 0o777
         if mode & 0o077:
             raise TpmError(f"{auth} is mode {mode:04o}: the AK's auth value must be 0600")
-        return self.tools.ensure_ak(self.config.ak_handle, auth)
+        pem = self.tools.ensure_ak(self.config.ak_handle, auth)
+        try:  # a key put at the handle by someone else does not take shyped's auth value
+            self.tools.quote(self.config.ak_handle, self.config.pcr, bytes(32), auth)
+        except TpmError as e:
+            raise TpmError(
+                f"the key at {handle} does not quote with the auth value in {auth} (replaced "
+                f"by someone else?): not exported, not used; evict it (tpm2_evictcontrol -C o "
+                f"-c {handle}) and remove {auth} so that shyped makes a new AK, then enrol the "
+                f"new {self.config.ak_public} ({e})"
+            ) from None
+        return pem
 
     def _export_ak(self, pem: bytes) -> None:
         from shyped.fileio.atomicfile import write_atomic
