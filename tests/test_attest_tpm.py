@@ -402,7 +402,11 @@ def test_an_ak_without_shyped_s_auth_file_is_not_used(tpm: Swtpm, tmp_path: Path
     with pytest.raises(TpmError, match=r"has no auth file .* evict it \(tpm2_evictcontrol"):
         att._ensure_ak()
     assert not cfg.ak_auth.exists()
-    cfg.ak_auth.write_text("x")
+    cfg.ak_auth.write_text("")  # a crash between its creation and its write
+    cfg.ak_auth.chmod(0o600)
+    with pytest.raises(TpmError, match=r"does not hold the AK's auth value \(32 hex digits\)"):
+        att._ensure_ak()
+    cfg.ak_auth.write_text("x" * 32)
     cfg.ak_auth.chmod(0o640)
     with pytest.raises(TpmError, match="is mode 0640: the AK's auth value must be 0600"):
         att._ensure_ak()

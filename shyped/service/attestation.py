@@ -189,6 +189,8 @@ class Attestation:
         mode = auth.stat().st_mode & 0o777
         if mode & 0o077:
             raise TpmError(f"{auth} is mode {mode:04o}: the AK's auth value must be 0600")
+        if len(auth.read_bytes()) != 32:  # e.g. empty after a crash: an AK without a value
+            raise TpmError(f"{auth} does not hold the AK's auth value (32 hex digits)")
         pem = self.tools.ensure_ak(self.config.ak_handle, auth)
         try:  # a key put at the handle by someone else does not take shyped's auth value
             self.tools.quote(self.config.ak_handle, self.config.pcr, bytes(32), auth)
