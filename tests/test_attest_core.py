@@ -21,7 +21,8 @@ def entries(*events: dict) -> list[measure.Entry]:  # type: ignore[type-arg]
 
 
 def start() -> dict:  # type: ignore[type-arg]
-    return {"kind": "start", "policy": POLICY, "mode": "enforcing", "labels": LABELS}
+    return {"kind": "start", "policy": POLICY, "mode": "enforcing",
+            "labels_sha256": measure.labels_digest(LABELS)}  # fmt: skip
 
 
 def test_extend_and_replay_are_the_tpm_s() -> None:
@@ -47,7 +48,8 @@ def test_log_lines_round_trip_and_bad_lines_are_named() -> None:
 
 def test_check_entries_names_gaps_edits_and_a_missing_start() -> None:
     log = entries(start(), {"kind": "mode", "mode": "permissive"})
-    edited = [log[0], measure.Entry(1, {"kind": "mode", "mode": "enforcing"}, log[1].digest)]
+    edited_event = {"v": 2, "kind": "mode", "mode": "enforcing"}
+    edited = [log[0], measure.Entry(1, edited_event, log[1].digest)]
     assert measure.check_entries(edited) == [
         "log entry 1 ('mode'): its digest does not match its event (the entry was edited)"
     ]
@@ -56,19 +58,21 @@ def test_check_entries_names_gaps_edits_and_a_missing_start() -> None:
 
 
 def test_events_for_measures_only_what_changed() -> None:
-    first = measure.events_for(None, policy=POLICY, mode="enforcing", labels=LABELS,
+    digest = measure.labels_digest(LABELS)
+    first = measure.events_for(None, policy=POLICY, mode="enforcing", labels=digest,
                                rotations=0, audit_head=None)  # fmt: skip
     assert [e["kind"] for e in first] == ["start"]
     m = measure.measured_state(entries(*first))
-    same = measure.events_for(m, policy=POLICY, mode="enforcing", labels=LABELS, rotations=0,
+    same = measure.events_for(m, policy=POLICY, mode="enforcing", labels=digest, rotations=0,
                               audit_head=None)  # fmt: skip
     assert same == []
     new_policy = {**POLICY, "sha256": "bb" * 32}
-    changed = measure.events_for(m, policy=new_policy, mode="permissive", labels={}, rotations=2,
-                                 audit_head={"seq": 9, "hash": "h"})  # fmt: skip
+    empty = measure.labels_digest({})
+    changed = measure.events_for(m, policy=new_policy, mode="permissive", labels=empty,
+                                 rotations=2, audit_head={"seq": 9, "hash": "h"})  # fmt: skip
     assert [e["kind"] for e in changed] == ["policy", "labels", "mode", "audit-rotation"]
     m2 = measure.measured_state(entries(*first, *changed))
-    assert m2.policy == new_policy and m2.mode == "permissive" and m2.labels == {}
+    assert m2.policy == new_policy and m2.mode == "permissive" and m2.labels_sha256 == empty
     # a later start counts rotations afresh
     assert measure.measured_state(entries(*first, *changed, start())).audit_rotation is None
 
@@ -143,7 +147,7 @@ def test_verify_fields_accepts_the_truth_and_names_each_lie() -> None:
 def test_nonce_and_bundle_shape_are_checked() -> None:
     assert quote.check_nonce("") and quote.check_nonce("a\nb") and quote.check_nonce("x" * 257)
     assert quote.check_nonce("fresh-1") is None
-    with pytest.raises(quote.BundleError, match="not a shyped-attest/1 bundle"):
+    with pytest.raises(quote.BundleError, match="not a shyped-attest/2 bundle"):
         quote.parse_bundle({"format": "x"})
     doc = quote.bundle_doc("n", 13, b"m", b"s", [e.line() for e in entries(start())], {})
     assert quote.parse_bundle(doc).log[0].event["kind"] == "start"
@@ -174,3 +178,44 @@ def test_attestation_is_off_by_default_and_configurable() -> None:
             'ak_handle = "0x81010002"\ntcti = "swtpm:port=2321"\n')  # fmt: skip
     c = parse_config(text).attestation
     assert (c.enabled, c.pcr, c.ak_handle, c.tcti) == (True, 14, 0x81010002, "swtpm:port=2321")
+
+
+def test_entries_are_small_whatever_the_label_store_and_bounded() -> None:
+    """Format 2 measures the store's digest: an entry for 2,000 labelled domains is as small
+    as for one; an event that would not fit `MAX_ENTRY_BYTES` is refused (fail closed)."""
+    names = {f"guest-{i:05d}": "bank-a-web" for i in range(2000)}
+    big = {"version": 1, "resources": {}, "domains": {"uuid": {}, "name": names}}
+    e = measure.make_entry(7, {"kind": "labels", "labels_sha256": measure.labels_digest(big)})
+    one = measure.make_entry(7, {"kind": "labels", "labels_sha256": measure.labels_digest(LABELS)})
+    assert len(e.line()) == len(one.line()) <= 256 and e.event["v"] == 2
+    with pytest.raises(ValueError, match="more than 1024"):
+        measure.make_entry(0, {"kind": "policy", "policy": {"name": "x" * 2000}})
+
+
+def test_old_and_unknown_formats_are_refused_by_name() -> None:
+    v1 = measure.Entry(0, {"kind": "start", "policy": POLICY, "mode": "enforcing",
+                           "labels": LABELS}, b"")  # fmt: skip
+    v1 = measure.Entry(0, v1.event, measure.digest(v1.event))
+    (problem,) = measure.check_entries([v1])
+    assert problem.startswith("log entry 0: measurement format 1 (no 'v': whole label stores")
+    v9 = measure.Entry(0, {**v1.event, "v": 9}, measure.digest({**v1.event, "v": 9}))
+    assert "unknown measurement format 9" in measure.check_entries([v9])[0]
+    assert measure.log_versions([v1]) == problem and measure.log_versions(entries(start())) is None
+    with pytest.raises(quote.BundleError, match="bundle format shyped-attest/1 is no longer read"):
+        quote.parse_bundle({"format": "shyped-attest/1"})
+
+
+def test_the_reported_label_store_must_be_the_last_measured_one() -> None:
+    """The state report carries the whole store; the log only its digest: a reported store
+    that is not the measured one is named with both digests."""
+    log = entries(start())
+    lie = good_state()
+    lie["labels"] = {**LABELS, "domains": {"uuid": {}, "name": {"web": "bank-b-web"}}}
+    lie["domains"][0]["label"] = "bank-b-web"
+    v = quote.verify_fields(bundle_for("n", log, lie), "n")  # signed as reported: only the log
+    assert v.problems == (
+        f"label store: the reported store has sha256 {measure.labels_digest(lie['labels'])}, the "
+        f"last measured store {measure.labels_digest(LABELS)} (edited, or not the store in "
+        "force)",
+    )
+    assert v.unverified  # no label is vouched for by an unmeasured store

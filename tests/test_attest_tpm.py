@@ -37,6 +37,7 @@ def host(xenstored: SandboxXenstored, tpm: Swtpm) -> Iterator[Host]:
             f'[attestation]\nenabled = true\ntcti = "{tpm.tcti}"\npcr = 13\n'
             f'log = "{h.directory / "measurements.jsonl"}"\n'
             f'ak_public = "{h.directory / "ak.pem"}"\n'
+            f'ak_auth = "{h.directory / "ak.auth"}"\n'
         )
         yield h
 
@@ -151,6 +152,14 @@ def test_quotes_verify_and_follow_switches_not_files_and_forgeries_fail(
         and "the measured label store assigns 'bank-a-web'" in r.stdout
     )
 
+    # an edited label store in the reported state: not the store the log measured
+    def edit_store(doc: dict) -> None:  # type: ignore[type-arg]
+        doc["state"]["labels"]["domains"]["name"]["web-a1"] = "bank-b-web"
+
+    r = verify(host, rewrite(b3, edit_store), "nonce-3")
+    assert r.returncode == 1 and "label store: the reported store has sha256" in r.stdout
+    assert "(edited, or not the store in force)" in r.stdout
+
     # a quote from another TPM: this host's bundle checked with another TPM's AK, and
     # another TPM's quote presented with this host's AK
     with swtpm() as other:
@@ -161,6 +170,58 @@ def test_quotes_verify_and_follow_switches_not_files_and_forgeries_fail(
 
     # the untouched bundle still verifies (the checks above did not pass by accident)
     assert verify(host, b3, "nonce-3").returncode == 0
+
+
+def test_a_local_tpm_user_cannot_quote_with_the_ak_and_its_extends_are_detected(
+    host: Host, tpm: Swtpm
+) -> None:
+    """Debian's tpm-udev gives /dev/tpmrm0 mode 0660 tss:tss: every tss member reaches the
+    TPM, as every local user reaches the tests' swtpm port. Played as such a user: a quote
+    with the host's AK over a forged state report (a running domain hidden) -- with an AK
+    without an auth value it is signed and verifies; shyped's AK needs the value of a
+    root-only file. The same user extending PCR 13 cannot be prevented: every later quote
+    fails verification, naming the replay."""
+    import base64
+    import os
+    import tempfile
+
+    from user_helpers import local_user, setpriv
+
+    from shyped.attest import quote as attest_quote
+
+    host.start()
+    create(host, "web-a1", "bank-a-web", disks=BANK_A_DISK, vifs=BANK_A_VIF)
+    assert (host.directory / "ak.auth").stat().st_mode & 0o777 == 0o600
+    ok(host.ctl("attest", "ak-pub", "-o", str(host.directory / "ak-export.pem")))
+    doc = json.loads(quote(host, "n", "b.json").read_text())
+    doc["state"]["domains"] = [d for d in doc["state"]["domains"] if d["name"] != "web-a1"]
+    forged_data = attest_quote.qualifying_data("n", doc["state"])
+    env = {**os.environ, "TPM2TOOLS_TCTI": tpm.tcti}
+    with local_user("shyat") as user, tempfile.TemporaryDirectory() as work:
+        os.chmod(work, 0o777)
+        r = subprocess.run(
+            [*setpriv(user), "tpm2_quote", "-c", "0x8101a770", "-l", "sha256:13", "-q",
+             forged_data.hex(), "-m", "q.msg", "-s", "q.sig", "-g", "sha256"],
+            cwd=work, env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if r.returncode == 0:
+            doc["quote"] = {
+                "message": base64.b64encode(Path(work, "q.msg").read_bytes()).decode(),
+                "signature": base64.b64encode(Path(work, "q.sig").read_bytes()).decode(),
+            }
+            forged = host.directory / "forged.json"
+            forged.write_text(json.dumps(doc))
+            v = verify(host, forged, "n")
+            assert v.returncode == 1, f"a local user's quote with the AK verified:\n{v.stdout}"
+        assert r.returncode != 0, r.stderr
+        assert "authorization" in r.stderr.lower() or "auth" in r.stderr.lower(), r.stderr
+        r = subprocess.run(
+            [*setpriv(user), "tpm2_pcrextend", f"13:sha256={'ab' * 32}"],
+            cwd=work, env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr  # a TPM user may extend PCR 13: detected below
+    r = verify(host, quote(host, "n2", "b2.json"), "n2")
+    assert r.returncode == 1 and "which is not the value the TPM quoted" in r.stdout
 
 
 def test_restart_continues_the_log_and_a_mode_switch_is_measured(host: Host) -> None:
@@ -235,6 +296,7 @@ def test_audit_rotations_are_measured_and_the_head_reported(
         h.extra = (
             f'[attestation]\nenabled = true\ntcti = "{tpm.tcti}"\n'
             f'log = "{h.directory / "m.jsonl"}"\nak_public = "{h.directory / "ak.pem"}"\n'
+            f'ak_auth = "{h.directory / "ak.auth"}"\n'
             f'[audit]\ndirectory = "{h.directory / "audit"}"\nmax_file_bytes = 1024\n'
         )
         h.start()
@@ -288,3 +350,131 @@ def test_a_short_write_is_not_extended_and_leaves_no_torn_line(
     monkeypatch.setattr(attestation.os, "write", real)
     assert cfg.log.read_bytes() == first.line()
     assert tools.pcr_read(13) == measure.replay([first])
+
+
+def test_thousands_of_label_changes_on_a_large_store_still_quote_and_verify(host: Host) -> None:
+    """2,000 labelled domains (a ~110 KB store) and 2,000 relabels of a running domain: each
+    measurement of the store is one small log entry (its digest), so a 1 MiB log holds them
+    all and the quote verifies. Format 1 measured the whole store each time: ~9 measurements
+    filled the log, and no quote was given until a reboot."""
+    from shyped.control.client import ControlClient
+
+    doc = json.loads(host_labels(host).read_text())
+    uuids = [f"5a0e0000-0000-4000-8000-{i:012x}" for i in range(10, 2010)]
+    doc["domains"]["uuid"].update({u: "bank-a-web" for u in uuids})
+    host_labels(host).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    host.extra += "max_log_bytes = 1048576\n"
+    host.start()
+    create(host, "web-a1", "bank-a-web", disks=BANK_A_DISK, vifs=BANK_A_VIF)
+    labels = ("bank-a-batch", "bank-a-web")
+    with ControlClient(host.socket, timeout=60) as c:
+        for i in range(2000):
+            c.relabel_domain("web-a1", labels[i % 2])
+    ok(host.ctl("attest", "ak-pub", "-o", str(host.directory / "ak-export.pem")))
+    b = quote(host, "churn", "b.json")
+    out = verify_json(host, b, "churn")
+    assert out["verified"] and not out["problems"], out
+    assert [d["label"] for d in out["domains"] if d["name"] == "web-a1"] == ["bank-a-web"]
+    log = json.loads(b.read_text())["log"]
+    changes = [x for x in log if json.loads(x)["event"]["kind"] == "labels"]
+    assert 10 <= len(changes) <= 2000 and max(len(x) for x in log) < 1024
+    store = json.loads(b.read_text())["state"]["labels"]
+    assert len(store["domains"]["uuid"]) >= 2000
+
+
+def host_labels(host: Host) -> Path:
+    """The host's label store file, written as the daemon would find it at start."""
+    host.write_config()
+    return host.labels
+
+
+def test_an_ak_without_shyped_s_auth_file_is_not_used(tpm: Swtpm, tmp_path: Path) -> None:
+    """An AK at the handle but no auth file (an older shyped's AK, usable by every tss member,
+    or someone else's): refused at start naming how to recover; an auth file others may read
+    is refused too, and so is a key at the handle that does not take the auth value."""
+    from shyped.service.tpm import TpmError
+
+    files = {"log": tmp_path / "m.jsonl", "ak_public": tmp_path / "ak.pem",
+             "ak_auth": tmp_path / "ak.auth"}  # fmt: skip
+    cfg = AttestationConfig(enabled=True, tcti=tpm.tcti, **files)
+    att = Attestation(None, cfg, TpmTools(tpm.tcti))  # type: ignore[arg-type]
+    TpmTools(tpm.tcti).ensure_ak(cfg.ak_handle)  # no auth value
+    with pytest.raises(TpmError, match=r"has no auth file .* evict it \(tpm2_evictcontrol"):
+        att._ensure_ak()
+    assert not cfg.ak_auth.exists()
+    cfg.ak_auth.write_text("")  # a crash between its creation and its write
+    cfg.ak_auth.chmod(0o600)
+    with pytest.raises(TpmError, match=r"does not hold the AK's auth value \(32 hex digits\)"):
+        att._ensure_ak()
+    cfg.ak_auth.write_text("x" * 32)
+    cfg.ak_auth.chmod(0o640)
+    with pytest.raises(TpmError, match="is mode 0640: the AK's auth value must be 0600"):
+        att._ensure_ak()
+    # with its auth file, the key at the handle must take it: a key put there by a TPM user
+    # (the one above, without an auth value) is neither exported nor used
+    cfg.ak_auth.chmod(0o600)
+    with pytest.raises(TpmError, match=r"does not quote with the auth value .* not exported"):
+        att._ensure_ak()
+    assert not cfg.ak_public.exists()
+
+
+def test_a_format_1_log_behind_the_pcr_is_not_continued(tpm: Swtpm, tmp_path: Path) -> None:
+    """shyped upgraded without a reboot: the log behind PCR 13 is format 1 (whole label
+    stores). Appending format-2 entries would give a log no verifier reads: no quote, saying
+    why and until when."""
+    cfg = AttestationConfig(enabled=True, tcti=tpm.tcti, log=tmp_path / "m.jsonl")
+    tools = TpmTools(tpm.tcti)
+    old = {"kind": "start", "policy": {}, "mode": "enforcing", "labels": {"version": 1}}
+    entry = measure.Entry(0, old, measure.digest(old))
+    cfg.log.write_bytes(entry.line())
+    tools.extend(13, entry.digest)
+    att = Attestation(None, cfg, tools)  # type: ignore[arg-type]  # the log and the TPM only
+    with pytest.raises(measure.LogError, match=r"measurement format 1 .* after the next reboot"):
+        att._resume_log()
+
+
+def test_the_documented_ek_credential_exchange_binds_the_ak(tpm: Swtpm, tmp_path: Path) -> None:
+    """docs/attestation.md, *Binding the AK to the TPM's EK*, run as written (tpm2-tools on
+    the host with shyped's AK and its auth file; makecredential offline): the secret comes
+    back only from the TPM holding that AK; another TPM's EK does not release it."""
+    import os
+    import re
+
+    doc = (Path(__file__).parent.parent / "docs" / "attestation.md").read_text()
+    block = doc.split("### Binding the AK to the TPM's EK", 1)[1].split("```", 2)[1]
+    commands = [c for c in block.replace("\\\n", " ").splitlines() if c.startswith("tpm2_")]
+    auth = tmp_path / "ak.auth"
+    auth.write_text("0123456789abcdef0123456789abcdef")
+    auth.chmod(0o600)
+    TpmTools(tpm.tcti).ensure_ak(0x8101A770, auth)
+    (tmp_path / "secret.bin").write_bytes(os.urandom(16))
+
+    def run(command: str, tcti: str | None) -> subprocess.CompletedProcess[str]:
+        command = command.replace("/var/lib/shyped/attest/ak.auth", str(auth))
+        name = (tmp_path / "ak.name").read_bytes().hex() if "makecredential" in command else ""
+        argv = re.sub(r'"\$\(xxd -p -c 256 ak.name\)"', name, command).split()
+        env = {k: v for k, v in os.environ.items() if k != "TPM2TOOLS_TCTI"}
+        env.update({"TPM2TOOLS_TCTI": tcti} if tcti else {})
+        return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              check=False)  # fmt: skip
+
+    for command in commands:
+        if command.startswith("tpm2_getekcertificate"):
+            continue  # swtpm has no manufacturer certificate
+        offline = command.startswith("tpm2_makecredential")
+        r = run(command, None if offline else tpm.tcti)
+        assert r.returncode == 0, (command, r.stderr)
+        if command.startswith("tpm2_createek"):
+            TpmTools(tpm.tcti)._flush()
+    assert (tmp_path / "secret.out").read_bytes() == (tmp_path / "secret.bin").read_bytes()
+
+    # another TPM's EK (the verifier was given the wrong one): the host cannot unwrap
+    (tmp_path / "secret.out").unlink()
+    with swtpm() as other:
+        assert run("tpm2_createek -c other.ctx -G rsa -u ek.pub", other.tcti).returncode == 0
+    maker = next(c for c in commands if c.startswith("tpm2_makecredential"))
+    assert run(maker, None).returncode == 0
+    for command in commands[commands.index(maker) + 1 :]:
+        r = run(command, tpm.tcti)
+        if "activatecredential" in command:
+            assert r.returncode != 0 and not (tmp_path / "secret.out").exists()

@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import attrs
 import pytest
@@ -93,3 +95,31 @@ def swtpm() -> Iterator[Swtpm]:
     finally:
         tpm.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def stub_daemon(tmp_path: Path, tpm: Swtpm, policy_sha256: str = "ab" * 32) -> Any:
+    """What `shyped.service.attestation.Attestation` and the attest ops read of a daemon, on
+    the real reactor, with a 2,000-domain label store and an `Attestation` on `tpm` (files in
+    `tmp_path`); start it with ``await d.attestation.start()``."""
+    from twisted.internet import reactor
+
+    from shyped.core.labelstore import LabelStore
+    from shyped.core.modes import Mode
+    from shyped.service.attestation import Attestation
+    from shyped.service.attestconfig import AttestationConfig
+
+    names = {f"guest-{i:05d}": "bank-a-web" for i in range(2000)}
+    policy = SimpleNamespace(name="example.hosting", version="1.0")
+    d = SimpleNamespace(
+        reactor=reactor,
+        engine=SimpleNamespace(labels=LabelStore(by_name=names)),
+        loaded=SimpleNamespace(policy=policy, sha256=policy_sha256),
+        mode=Mode.ENFORCING,
+        audit=None,
+        host=SimpleNamespace(domains=lambda: []),
+        event_observers=[],
+    )
+    files = {"log": tmp_path / "m.jsonl", "ak_public": tmp_path / "ak.pem",
+             "ak_auth": tmp_path / "ak.auth"}  # fmt: skip
+    d.attestation = Attestation(d, AttestationConfig(enabled=True, tcti=tpm.tcti, **files))  # type: ignore[arg-type]
+    return d

@@ -1,13 +1,20 @@
 """Measurement events, the measurement log and its replay to a PCR value.
 
-An event is a JSON object (``kind`` plus the facts measured); its digest is the sha256 of its
-canonical JSON (sorted keys, no spaces, ASCII). Each event is extended into one SHA-256 PCR:
-``new = sha256(old || digest)``, starting from the PCR's reset value (32 zero bytes). The log
-holds one line per event::
+An event is a JSON object (``v``, the format version, ``kind`` and the facts measured); its
+digest is the sha256 of its canonical JSON (sorted keys, no spaces, ASCII). Each event is
+extended into one SHA-256 PCR: ``new = sha256(old || digest)``, starting from the PCR's reset
+value (32 zero bytes). The log holds one line per event::
 
-    {"seq": 0, "digest": "<hex>", "event": {"kind": "start", ...}}
+    {"seq": 0, "digest": "<hex>", "event": {"v": 2, "kind": "start", ...}}
 
 so that a verifier recomputes every digest from its event and replays the PCR.
+
+Format 2 (this one) measures the label store by its digest (``labels_sha256``: the sha256 of
+its canonical JSON), never the store itself, so that every entry is small and bounded
+(`MAX_ENTRY_BYTES`) whatever the number of labelled domains; the quote's state report carries
+the store, which the verifier checks against the last measured digest. Format 1 (no ``v``)
+measured the whole store in every ``labels`` event: 2,000 labelled domains filled a 16 MiB log
+in ~160 label changes. It is refused by name (`check_entries`), never read as format 2.
 """
 
 from __future__ import annotations
@@ -27,7 +34,12 @@ MODE: Final = "mode"  #: enforcing <-> permissive
 AUDIT_ROTATION: Final = "audit-rotation"  #: the audit log rotated (the chain head then)
 KINDS: Final = (START, POLICY, LABELS, MODE, AUDIT_ROTATION)
 
+#: The measurement format version every event carries as ``v`` (the module docstring).
+VERSION: Final = 2
+
 PCR_RESET: Final = bytes(32)
+#: Bound on one log line as written: an event measures digests and short names only.
+MAX_ENTRY_BYTES: Final = 1024
 #: Bounds on what a verifier reads: a log line, the number of lines.
 MAX_LINE_BYTES: Final = 1 << 20
 MAX_EVENTS: Final = 1_000_000
@@ -46,6 +58,12 @@ def canonical(value: Mapping[str, Any]) -> bytes:
 
 def digest(event: Mapping[str, Any]) -> bytes:
     return hashlib.sha256(canonical(event)).digest()
+
+
+def labels_digest(labels: Mapping[str, Any]) -> str:
+    """The hex sha256 of a label store's canonical JSON (`LabelStore.to_json`'s document):
+    what format 2 measures of it."""
+    return hashlib.sha256(canonical(labels)).hexdigest()
 
 
 def extend(pcr: bytes, event_digest: bytes) -> bytes:
@@ -67,9 +85,18 @@ class Entry:
 
 
 def make_entry(seq: int, event: Mapping[str, Any]) -> Entry:
+    """An entry for `event` (given its ``v`` if it has none); a ValueError for an unknown kind
+    or an entry longer than `MAX_ENTRY_BYTES` (the caller fails closed: nothing measured)."""
     if event.get("kind") not in KINDS:
         raise ValueError(f"unknown measurement kind {event.get('kind')!r}")
-    return Entry(seq, dict(event), digest(event))
+    event = {"v": VERSION, **event}
+    entry = Entry(seq, event, digest(event))
+    if len(entry.line()) > MAX_ENTRY_BYTES:
+        raise ValueError(
+            f"a {event['kind']!r} measurement would take {len(entry.line())} bytes, more than "
+            f"{MAX_ENTRY_BYTES}"
+        )
+    return entry
 
 
 def parse_line(line: bytes | str, number: int) -> Entry:
@@ -111,6 +138,10 @@ def check_entries(entries: Sequence[Entry]) -> list[str]:
     event, a first event that is not a start."""
     problems: list[str] = []
     for i, e in enumerate(entries):
+        version = e.event.get("v")
+        if version != VERSION:
+            problems.append(_version_problem(i, version))
+            continue
         if e.seq != i:
             problems.append(f"log entry {i}: seq {e.seq}, expected {i} (an entry is missing)")
         if digest(e.event) != e.digest:
@@ -123,6 +154,27 @@ def check_entries(entries: Sequence[Entry]) -> list[str]:
     if entries and entries[0].event.get("kind") != START:
         problems.append("log entry 0 is not a start event")
     return problems
+
+
+def _version_problem(index: int, version: Any) -> str:
+    if version is None:
+        return (
+            f"log entry {index}: measurement format 1 (no 'v': whole label stores, written by "
+            f"an older shyped), this verifier reads format {VERSION} only: quote again after "
+            "the host rebooted into this version"
+        )
+    return (
+        f"log entry {index}: unknown measurement format {version!r}, this verifier reads "
+        f"format {VERSION} only"
+    )
+
+
+def log_versions(entries: Iterable[Entry]) -> str | None:
+    """Why a log cannot be continued in this format (an entry of another version), or None."""
+    for i, e in enumerate(entries):
+        if e.event.get("v") != VERSION:
+            return _version_problem(i, e.event.get("v"))
+    return None
 
 
 def replay(entries: Iterable[Entry], start: bytes = PCR_RESET) -> bytes:
@@ -139,7 +191,7 @@ class Measured:
 
     policy: Mapping[str, Any] | None = None
     mode: str | None = None
-    labels: Mapping[str, Any] | None = None
+    labels_sha256: str | None = None  #: `labels_digest` of the store in use
     audit_rotation: Mapping[str, Any] | None = None
     starts: int = 0
 
@@ -147,7 +199,7 @@ class Measured:
 def measured_state(entries: Iterable[Entry]) -> Measured:
     policy: Mapping[str, Any] | None = None
     mode: str | None = None
-    labels: Mapping[str, Any] | None = None
+    labels: str | None = None
     rotation: Mapping[str, Any] | None = None
     starts = 0
     for e in entries:
@@ -160,8 +212,8 @@ def measured_state(entries: Iterable[Entry]) -> Measured:
             policy = ev["policy"]
         if kind in (START, MODE) and isinstance(ev.get("mode"), str):
             mode = ev["mode"]
-        if kind in (START, LABELS, POLICY) and isinstance(ev.get("labels"), dict):
-            labels = ev["labels"]
+        if kind in (START, LABELS) and isinstance(ev.get("labels_sha256"), str):
+            labels = ev["labels_sha256"]
         if kind == AUDIT_ROTATION:
             rotation = ev
     return Measured(policy, mode, labels, rotation, starts)
@@ -172,19 +224,19 @@ def events_for(
     *,
     policy: Mapping[str, Any],
     mode: str,
-    labels: Mapping[str, Any],
+    labels: str,
     rotations: int,
     audit_head: Mapping[str, Any] | None,
 ) -> list[dict[str, Any]]:
     """The events that bring the measured state `last` (None: nothing measured since the
-    daemon started) to the current one, in order."""
+    daemon started) to the current one, in order. `labels` is the store's `labels_digest`."""
     if last is None:
-        return [{"kind": START, "policy": dict(policy), "mode": mode, "labels": dict(labels)}]
+        return [{"kind": START, "policy": dict(policy), "mode": mode, "labels_sha256": labels}]
     out: list[dict[str, Any]] = []
     if last.policy != policy:
         out.append({"kind": POLICY, "policy": dict(policy)})
-    if last.labels != labels:
-        out.append({"kind": LABELS, "labels": dict(labels)})
+    if last.labels_sha256 != labels:
+        out.append({"kind": LABELS, "labels_sha256": labels})
     if last.mode != mode:
         out.append({"kind": MODE, "mode": mode})
     seen = 0 if last.audit_rotation is None else int(last.audit_rotation.get("rotations", 0))

@@ -2,21 +2,25 @@
 
 A bundle is what ``shypectl attest quote`` writes (docs/attestation.md)::
 
-    {"format": "shyped-attest/1", "nonce": "...", "pcr": 13,
+    {"format": "shyped-attest/2", "nonce": "...", "pcr": 13,
      "quote": {"message": "<base64 TPMS_ATTEST>", "signature": "<base64 TPMT_SIGNATURE>"},
      "log": ["<measurement log line>", ...],
      "state": {"policy": {...}, "mode": "...", "labels": {...}, "domains": [...],
                "audit_head": {...} | null}}
 
 The TPM signs the quote's ``extraData``, which shyped sets to
-``sha256("shyped-attest/1" 0x00 nonce 0x00 sha256(canonical state))``: the state report is
-bound to the quote, and the nonce to both.
+``sha256("shyped-attest/2" 0x00 nonce 0x00 sha256(canonical state))``: the state report is
+bound to the quote, and the nonce to both. The state's label store is checked against the last
+``labels_sha256`` the log measured (measurement format 2, `shyped.attest.measure`).
+
+Format 1 (``shyped-attest/1``, whole label stores in the log) is refused by name.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -28,12 +32,17 @@ from shyped.attest.measure import (
     LogError,
     canonical,
     check_entries,
+    labels_digest,
     measured_state,
     parse_log,
     replay,
 )
 
-FORMAT: Final = "shyped-attest/1"
+FORMAT: Final = "shyped-attest/2"
+#: Formats this verifier no longer reads, and why (refused by name, never misread).
+OLD_FORMATS: Final = {
+    "shyped-attest/1": "its log measures whole label stores (measurement format 1)",
+}
 MAX_NONCE: Final = 256
 _TPM_GENERATED: Final = 0xFF544347
 _ST_ATTEST_QUOTE: Final = 0x8018
@@ -138,8 +147,16 @@ def _b64(value: Any, what: str) -> bytes:
 
 
 def parse_bundle(doc: Any) -> Bundle:
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+    if not isinstance(doc, dict):
         raise BundleError(f"not a {FORMAT} bundle")
+    fmt = doc.get("format")
+    if fmt in OLD_FORMATS:
+        raise BundleError(
+            f"bundle format {fmt} is no longer read ({OLD_FORMATS[fmt]}): this verifier reads "
+            f"{FORMAT}; quote again from an upgraded shyped (after a reboot)"
+        )
+    if fmt != FORMAT:
+        raise BundleError(f"not a {FORMAT} bundle (format {fmt!r} is unknown)")
     quote, log, state = doc.get("quote"), doc.get("log"), doc.get("state")
     nonce, pcr = doc.get("nonce"), doc.get("pcr")
     if not isinstance(quote, dict) or not isinstance(state, dict) or not isinstance(nonce, str):
@@ -177,6 +194,24 @@ def bundle_doc(
         "log": [line.decode().rstrip("\n") for line in log],
         "state": dict(state),
     }
+
+
+def _compact(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def encode_answer(doc: Mapping[str, Any], chunk: int = 256) -> bytes:
+    """The control answer's ``result`` for bundle `doc`: ``{"bundle": doc}`` as compact ASCII
+    JSON, its log encoded `chunk` lines per call: each call is short, so a thread encoding a
+    large bundle leaves the reactor thread its turns between chunks (one ``json.dumps`` of the
+    whole holds the GIL throughout)."""
+    log = list(doc.get("log", ()))
+    rest = _compact({k: v for k, v in doc.items() if k != "log"})
+    parts = [b'{"bundle":', rest[:-1], b',"log":[' if len(rest) > 2 else b'"log":[']
+    for i in range(0, len(log), chunk):
+        parts.append((b"," if i else b"") + _compact(log[i : i + chunk])[1:-1])
+    parts.append(b"]}}")
+    return b"".join(parts)
 
 
 @attrs.frozen
@@ -265,9 +300,19 @@ def verify_fields(bundle: Bundle, expected_nonce: str) -> Verdict:
         )
     if state.get("mode") != measured.mode:
         problems.append(f"mode: reported {state.get('mode')!r}, measured {measured.mode!r}")
-    labels = measured.labels or {}
-    if state.get("labels") != measured.labels:
-        problems.append("label store: the reported store is not the measured one")
+    reported = state.get("labels")
+    labels: Mapping[str, Any] = {}
+    if not isinstance(reported, dict):
+        problems.append("state report: labels must be the label store (an object)")
+    elif measured.labels_sha256 is None:
+        problems.append("measurement log: no label store measured")
+    elif (got := labels_digest(reported)) != measured.labels_sha256:
+        problems.append(
+            f"label store: the reported store has sha256 {got}, the last measured store "
+            f"{measured.labels_sha256} (edited, or not the store in force)"
+        )
+    else:
+        labels = reported
     domains = state.get("domains")
     doms: list[Mapping[str, Any]] = []
     if not isinstance(domains, list):

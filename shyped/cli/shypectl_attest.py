@@ -3,9 +3,10 @@
 
 * ``attest ak-pub [-o FILE]``: the attestation key's public part (PEM), for verifiers;
 * ``attest quote --nonce N [-o FILE]``: a quote bundle from the daemon (read access);
-* ``attest verify BUNDLE --ak AKPUB --nonce N``: offline, on any machine with tpm2-tools:
-  exit 0 and the verified policy, mode, labels and audit chain head, or exit 1 (`EXIT_DENIED`)
-  naming every check that failed; 2 for a bundle or key that cannot be read.
+* ``attest verify BUNDLE... --ak AKPUB... --nonce N``: offline, on any machine with
+  tpm2-tools, one bundle per host (a pool: each host attests itself): exit 0 and the verified
+  policy, mode, labels and audit chain head of each, or exit 1 (`EXIT_DENIED`) naming every
+  check that failed, per host and across hosts; 2 for a bundle or key that cannot be read.
 """
 
 from __future__ import annotations
@@ -81,51 +82,133 @@ def verify_bundle(doc: Any, ak_pem: bytes, nonce: str) -> tuple[list[str], Any]:
     return problems, verdict
 
 
-def cmd_verify(ctx: Ctx) -> int:
-    from shyped.attest import quote
+def _verified_doc(problems: list[str], v: Any) -> dict[str, Any]:
+    return {
+        "verified": not problems,
+        "problems": problems,
+        "policy": v.policy,
+        "mode": v.mode,
+        "pcr": None if v.pcr_value is None else v.pcr_value.hex(),
+        "domains": list(v.domains),
+        "audit_head": v.audit_head,
+        "unverified": list(v.unverified),
+    }
 
-    a = ctx.args
-    bad_nonce = quote.check_nonce(a.nonce)
-    if bad_nonce is not None:
-        raise UsageError(bad_nonce)
-    raw = _read(a.bundle, MAX_BUNDLE_BYTES, "bundle")
-    ak = _read(a.ak, MAX_AK_BYTES, "AK public key")
-    try:
-        problems, v = verify_bundle(json.loads(raw), ak, a.nonce)
-    except (ValueError, quote.BundleError) as e:
-        raise UsageError(f"{a.bundle}: not a quote bundle: {e}") from None
-    if ctx.json:
-        doc = {
-            "verified": not problems,
-            "problems": problems,
-            "policy": v.policy,
-            "mode": v.mode,
-            "pcr": None if v.pcr_value is None else v.pcr_value.hex(),
-            "domains": list(v.domains),
-            "audit_head": v.audit_head,
-            "unverified": list(v.unverified),
-        }
-        ctx.say(json.dumps(doc, indent=2, sort_keys=True))
-        return EXIT_DENIED if problems else EXIT_OK
+
+def _say_verdict(ctx: Ctx, nonce: str, problems: list[str], v: Any, indent: str = "") -> None:
     if problems:
-        ctx.say(f"NOT VERIFIED: {len(problems)} problem(s)")
+        ctx.say(f"{indent}NOT VERIFIED: {len(problems)} problem(s)")
         for p in problems:
-            ctx.say(f"  - {p}")
-        return EXIT_DENIED
+            ctx.say(f"{indent}  - {p}")
+        return
     pol = v.policy or {}
     pcr = "?" if v.pcr_value is None else v.pcr_value.hex()
-    ctx.say(f"VERIFIED: quote by this AK for nonce {a.nonce!r}; PCR value {pcr}")
-    ctx.say(f"policy:     {pol.get('name')} {pol.get('version')}")
-    ctx.say(f"sha256:     {pol.get('sha256')}")
-    ctx.say(f"mode:       {v.mode}")
-    ctx.say("domains:")
+    ctx.say(f"{indent}VERIFIED: quote by this AK for nonce {nonce!r}; PCR value {pcr}")
+    ctx.say(f"{indent}policy:     {pol.get('name')} {pol.get('version')}")
+    ctx.say(f"{indent}sha256:     {pol.get('sha256')}")
+    ctx.say(f"{indent}mode:       {v.mode}")
+    ctx.say(f"{indent}domains:")
     for d in v.domains:
-        ctx.say(f"  {d.get('domid'):>5} {d.get('name') or '?':<24} {d.get('label')}")
+        ctx.say(f"{indent}  {d.get('domid'):>5} {d.get('name') or '?':<24} {d.get('label')}")
     head = v.audit_head
     shown = "-" if head is None else f"seq {head.get('seq')} {head.get('hash')}"
-    ctx.say(f"audit head: {shown}")
+    ctx.say(f"{indent}audit head: {shown}")
     for note in v.unverified:
-        ctx.say(f"  (not covered by the measurements) {note}")
+        ctx.say(f"{indent}  (not covered by the measurements) {note}")
+
+
+def _pairs(a: Any) -> list[tuple[Path, Path, str]]:
+    """(bundle, AK, nonce) per host: one --ak per bundle, in order; one --nonce for all or
+    one per bundle."""
+    from shyped.attest import quote
+
+    bundles, aks, nonces = a.bundle, a.ak, a.nonce
+    if len(aks) != len(bundles):
+        raise UsageError(
+            f"{len(bundles)} bundle(s) and {len(aks)} --ak: give each host's AK, in the order "
+            "of the bundles"
+        )
+    if len(nonces) not in (1, len(bundles)):
+        raise UsageError(f"give one --nonce for all bundles or one per bundle ({len(bundles)})")
+    for n in nonces:
+        if (bad := quote.check_nonce(n)) is not None:
+            raise UsageError(bad)
+    if len(nonces) == 1:
+        nonces = nonces * len(bundles)
+    return list(zip(bundles, aks, nonces, strict=True))
+
+
+def _one(path: Path, ak_path: Path, nonce: str) -> tuple[list[str], Any, Any, bytes]:
+    from shyped.attest import quote
+
+    raw = _read(path, MAX_BUNDLE_BYTES, "bundle")
+    ak = _read(ak_path, MAX_AK_BYTES, "AK public key")
+    try:
+        doc = json.loads(raw)
+        problems, verdict = verify_bundle(doc, ak, nonce)
+    except (ValueError, quote.BundleError) as e:
+        raise UsageError(f"{path}: not a quote bundle: {e}") from None
+    state = doc.get("state") if isinstance(doc, dict) else None
+    host = state.get("host") if isinstance(state, dict) else None
+    return problems, verdict, host, ak
+
+
+def cross_host_problems(hosts: list[tuple[str, Any, bytes]], *, same_policy: bool) -> list[str]:
+    """What is wrong across hosts' verdicts ``(name, verdict, AK PEM)``: one AK for two
+    bundles (one TPM posing as two hosts), and with `same_policy`, hosts that enforce
+    different policies."""
+    problems: list[str] = []
+    seen: dict[bytes, str] = {}
+    for name, _v, ak in hosts:
+        key = ak.strip()
+        if key in seen:
+            problems.append(
+                f"AK: {name} and {seen[key]} are checked with the same AK (one TPM for two "
+                "hosts: enrol each host's own AK)"
+            )
+        seen.setdefault(key, name)
+    shas = {name: (v.policy or {}).get("sha256") for name, v, _ak in hosts}
+    if same_policy and len(set(shas.values())) > 1:
+        shown = ", ".join(f"{n} {s}" for n, s in shas.items())
+        problems.append(f"policy: the hosts do not enforce the same policy ({shown})")
+    return problems
+
+
+def cmd_verify(ctx: Ctx) -> int:
+    a = ctx.args
+    results = []
+    for path, ak_path, nonce in _pairs(a):
+        problems, v, host, ak = _one(path, ak_path, nonce)
+        results.append((path, nonce, problems, v, f"{host or '?'} ({path})", ak))
+    if len(results) == 1 and not a.same_policy:
+        _path, nonce, problems, v, _name, _ak = results[0]
+        if ctx.json:
+            ctx.say(json.dumps(_verified_doc(problems, v), indent=2, sort_keys=True))
+        else:
+            _say_verdict(ctx, nonce, problems, v)
+        return EXIT_DENIED if problems else EXIT_OK
+    across = cross_host_problems(
+        [(name, v, ak) for _p, _n, _pr, v, name, ak in results], same_policy=a.same_policy
+    )
+    failed = across or any(problems for _p, _n, problems, _v, _nm, _ak in results)
+    if ctx.json:
+        hosts = [
+            {**_verified_doc(problems, v), "bundle": str(path), "host": name.split(" (")[0]}
+            for path, _n, problems, v, name, _ak in results
+        ]
+        doc = {"verified": not failed, "hosts": hosts, "problems": across}
+        ctx.say(json.dumps(doc, indent=2, sort_keys=True))
+        return EXIT_DENIED if failed else EXIT_OK
+    for _path, nonce, problems, v, name, _ak in results:
+        ctx.say(f"== {name}")
+        _say_verdict(ctx, nonce, problems, v, "   ")
+    bad = sum(1 for r in results if r[2])
+    for p in across:
+        ctx.say(f"across hosts: {p}")
+    if failed:
+        ctx.say(f"NOT VERIFIED: {bad} of {len(results)} host(s), {len(across)} across hosts")
+        return EXIT_DENIED
+    ctx.say(f"VERIFIED: all {len(results)} hosts")
     return EXIT_OK
 
 
@@ -143,10 +226,21 @@ def add_attest_commands(sub: Any) -> None:
     q.add_argument("-o", "--output", type=Path, help="write the bundle here (JSON)")
     q.set_defaults(func=cmd_quote)
     q = asub.add_parser(
-        "verify", help="offline: check a bundle's signature, nonce, log replay and state; "
-        "exit 0 verified, 1 not verified (every reason printed), 2 unreadable input",
+        "verify", help="offline: check bundles' signatures, nonces, log replays and states "
+        "(one bundle per host, each with its own AK); exit 0 all verified, 1 not verified "
+        "(every reason printed), 2 unreadable input",
     )  # fmt: skip
-    q.add_argument("bundle", type=Path, help="the bundle `attest quote` wrote")
-    q.add_argument("--ak", type=Path, required=True, help="the host's AK public key (PEM)")
-    q.add_argument("--nonce", required=True, help="the nonce you sent")
+    q.add_argument("bundle", type=Path, nargs="+", help="the bundle(s) `attest quote` wrote")
+    q.add_argument(
+        "--ak", type=Path, required=True, action="append",
+        help="each host's AK public key (PEM), one per bundle in their order",
+    )  # fmt: skip
+    q.add_argument(
+        "--nonce", required=True, action="append",
+        help="the nonce you sent: one for all bundles, or one per bundle",
+    )  # fmt: skip
+    q.add_argument(
+        "--same-policy", action="store_true",
+        help="also require every host to enforce the same policy (sha256)",
+    )  # fmt: skip
     q.set_defaults(func=cmd_verify)

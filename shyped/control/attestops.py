@@ -15,9 +15,18 @@ class AttestQuoteArgs:
 
 @attrs.frozen
 class AttestQuote:
-    """A ``shyped-attest/1`` bundle (`shyped.attest.quote`)."""
+    """A ``shyped-attest/2`` bundle (`shyped.attest.quote`)."""
 
     bundle: dict[str, Any]
+
+
+@attrs.frozen
+class EncodedAttestQuote(AttestQuote):
+    """The daemon's side of an `AttestQuote`: the answer already encoded off the reactor thread
+    (`encoded`: ``{"bundle": ...}`` as compact JSON, `shyped.attest.quote.encode_answer`), which
+    the server writes as it is (`shyped.control.protocol.encode_result`); `bundle` is empty."""
+
+    encoded: bytes = attrs.field(default=b"", repr=False)
 
 
 @attrs.frozen

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 
-from shyped.control.attestops import AttestAk, AttestQuote, AttestQuoteArgs
+from shyped.control.attestops import AttestAk, AttestQuote, AttestQuoteArgs, EncodedAttestQuote
 from shyped.control.protocol import ControlError, ErrorCode
 
 if TYPE_CHECKING:
@@ -25,13 +25,15 @@ def _attestation(daemon: Daemon) -> Any:
 
 
 def attest_quote(daemon: Daemon, args: AttestQuoteArgs) -> Deferred[AttestQuote]:
-    from shyped.service.attestation import AttestationUnavailable
+    from shyped.service.attestation import AttestationBusy, AttestationUnavailable
 
     att = _attestation(daemon)
 
     async def run() -> AttestQuote:
         try:
-            return AttestQuote(await att.quote(args.nonce))
+            return EncodedAttestQuote({}, await att.quote(args.nonce))
+        except AttestationBusy as e:
+            raise ControlError(ErrorCode.BUSY, str(e)) from None
         except ValueError as e:
             raise ControlError(ErrorCode.INVALID_ARGUMENT, str(e)) from None
         except AttestationUnavailable as e:

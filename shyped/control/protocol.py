@@ -388,6 +388,11 @@ def encode_request(op: str, args: Any = None, rid: RequestId = None) -> bytes:
 
 
 def encode_result(rid: RequestId, result: Any) -> bytes:
+    encoded = getattr(result, "encoded", None)
+    if isinstance(encoded, bytes) and encoded:  # a large answer encoded off the reactor thread
+        return encode({"version": VERSION, "id": rid, "ok": True})[:-2] + (
+            b',"result":' + encoded + b"}\n"
+        )
     return encode({"version": VERSION, "id": rid, "ok": True, "result": unstructure(result)})
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,15 @@ _log = Logger(namespace="shyped.attest")
 
 class AttestationUnavailable(Exception):
     """No quote can be given (no TPM, a broken or full measurement log): why."""
+
+
+class AttestationBusy(Exception):
+    """A quote is being made and `MAX_QUEUED_QUOTES` more wait: try again."""
+
+
+#: Quotes that may wait while one is made (the control server bounds the requests in flight
+#: too: one per read-group connection class, a few for admins and root).
+MAX_QUEUED_QUOTES = 2
 
 
 class MeasurementLog:
@@ -76,7 +86,11 @@ class MeasurementLog:
         line = entry.line()
         size = self.path.stat().st_size if self.path.exists() else 0
         if size + len(line) > self.max_bytes:
-            raise OSError(f"{self.path}: the measurement log is full ({self.max_bytes} bytes)")
+            raise OSError(
+                f"{self.path}: the measurement log is full ({self.max_bytes} bytes): no quote "
+                "until shyped restarts with a larger [attestation] max_log_bytes (the log "
+                "continues) or the host reboots (a new log)"
+            )
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
             if os.write(fd, line) != len(line):  # a full disk: nothing half-logged is extended
@@ -123,6 +137,8 @@ class Attestation:
         self._run_entries: list[measure.Entry] = []  # measured since this daemon started
         self._lock = defer.DeferredLock()
         self._pending: defer.Deferred[None] | None = None
+        self._quotes = 0  # being made or waiting
+        self._digested: tuple[object, str] = (None, "")  # (label store, its labels_digest)
 
     def _thread(self, f: Any, *args: Any) -> defer.Deferred[Any]:
         reactor = self.daemon.reactor
@@ -135,7 +151,7 @@ class Attestation:
             why = await self._thread(self.tools.available)
             if why is not None:
                 raise TpmError(why)
-            self.ak_pem = await self._thread(self.tools.ensure_ak, self.config.ak_handle)
+            self.ak_pem = await self._thread(self._ensure_ak)
             await self._thread(self._export_ak, self.ak_pem)
             await self._thread(self._resume_log)
         except (TpmError, OSError, measure.LogError) as e:
@@ -148,6 +164,44 @@ class Attestation:
         _log.info("attestation: PCR {pcr}, AK {ak}, {n} measurements in {log}",
                   pcr=self.config.pcr, ak=hex(self.config.ak_handle), n=self._seq,
                   log=str(self.config.log))  # fmt: skip
+
+    def _ensure_ak(self) -> bytes:
+        """(Thread pool.) The AK, with the auth value of the root-only file ``ak_auth``: made
+        with a fresh random one at the first start; an AK without that file is not used (it was
+        made without an auth value, which lets every member of the ``tss`` group quote with it,
+        or by someone else)."""
+        handle, auth = hex(self.config.ak_handle), self.config.ak_auth
+        if not auth.exists():
+            if self.tools.ak_public(self.config.ak_handle) is not None:
+                raise TpmError(
+                    f"the AK at {handle} has no auth file {auth} (made by an older shyped "
+                    "without an auth value, which every tss group member may use, or by "
+                    f"someone else): evict it (tpm2_evictcontrol -C o -c {handle}) so that "
+                    f"shyped makes a new one, then enrol the new {self.config.ak_public}"
+                )
+            auth.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            fd = os.open(auth, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:  # 16 random bytes as 32 hex digits: the most a SHA-256 key's auth may hold
+                os.write(fd, secrets.token_hex(16).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        mode = auth.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise TpmError(f"{auth} is mode {mode:04o}: the AK's auth value must be 0600")
+        if len(auth.read_bytes()) != 32:  # e.g. empty after a crash: an AK without a value
+            raise TpmError(f"{auth} does not hold the AK's auth value (32 hex digits)")
+        pem = self.tools.ensure_ak(self.config.ak_handle, auth)
+        try:  # a key put at the handle by someone else does not take shyped's auth value
+            self.tools.quote(self.config.ak_handle, self.config.pcr, bytes(32), auth)
+        except TpmError as e:
+            raise TpmError(
+                f"the key at {handle} does not quote with the auth value in {auth} (replaced "
+                f"by someone else?): not exported, not used; evict it (tpm2_evictcontrol -C o "
+                f"-c {handle}) and remove {auth} so that shyped makes a new AK, then enrol the "
+                f"new {self.config.ak_public} ({e})"
+            ) from None
+        return pem
 
     def _export_ak(self, pem: bytes) -> None:
         from shyped.fileio.atomicfile import write_atomic
@@ -162,6 +216,11 @@ class Attestation:
         entries = self.log.read() if pcr != measure.PCR_RESET else []
         if pcr == measure.PCR_RESET:
             self.log.restart()
+        elif (old := measure.log_versions(entries)) is not None:
+            raise measure.LogError(
+                f"{self.config.log}: {old}; a log of mixed formats would not verify: quotes "
+                "resume after the next reboot starts a new log"
+            )
         elif measure.replay(entries) != pcr:
             if entries and measure.replay(entries[:-1]) == pcr:
                 self.tools.extend(self.config.pcr, entries[-1].digest)
@@ -195,19 +254,28 @@ class Attestation:
     def _pending_events(self) -> list[dict[str, Any]]:
         d = self.daemon
         return measure.events_for(
-            self._measured, policy=policy_doc(d), mode=d.mode.value, labels=labels_doc(d),
-            rotations=_rotations(d), audit_head=audit_head(d),
+            self._measured, policy=policy_doc(d), mode=d.mode.value,
+            labels=self._labels_digest(), rotations=_rotations(d),
+            audit_head=audit_head(d),
         )  # fmt: skip
+
+    def _labels_digest(self) -> str:
+        """The digest of the label store in use, computed once per store (stores are frozen:
+        every change makes a new one)."""
+        store = self.daemon.engine.labels
+        if store is not self._digested[0]:
+            self._digested = (store, measure.labels_digest(labels_doc(self.daemon)))
+        return self._digested[1]
 
     async def _measure_pending(self) -> None:
         """(Lock held.) Measure until nothing is pending; the daemon may change while a
         measurement is on its way to the TPM, so look again after each round."""
         while self.unavailable is None and (events := self._pending_events()):
             for event in events:
-                entry = measure.make_entry(self._seq, event)
                 try:
+                    entry = measure.make_entry(self._seq, event)
                     await self._thread(self._measure, entry)
-                except (TpmError, OSError) as e:
+                except (TpmError, OSError, ValueError) as e:
                     self.unavailable = f"measurement {event['kind']} failed: {e}"
                     _log.error("attestation: {why}; no quote is given from now on",
                                why=self.unavailable)  # fmt: skip
@@ -236,28 +304,47 @@ class Attestation:
             "audit_head": audit_head(d),
         }
 
-    async def quote(self, nonce: str) -> dict[str, Any]:
-        """A bundle (`shyped.attest.quote.bundle_doc`) for `nonce`."""
+    async def quote(self, nonce: str) -> bytes:
+        """The control answer for a quote for `nonce`: ``{"bundle": ...}`` encoded
+        (`shyped.attest.quote.encode_answer`). One quote at a time: `MAX_QUEUED_QUOTES` more
+        wait their turn, any further is refused (`AttestationBusy`). Only the state report is
+        built on the reactor thread (it must be the state just measured); the TPM, the log and
+        the encoding of the bundle run on the thread pool."""
         bad = quote.check_nonce(nonce)
         if bad is not None:
             raise ValueError(bad)
-        await self._lock.acquire()
-        try:
-            await self._measure_pending()
-            if self.unavailable is not None:
-                raise AttestationUnavailable(self.unavailable)
-            # nothing pending now, and no await before the report: it is the measured state
-            state = self.state_report()
-            qualifying = quote.qualifying_data(nonce, state)
-            msg, sig = await self._thread(
-                self.tools.quote, self.config.ak_handle, self.config.pcr, qualifying
+        if self._quotes > MAX_QUEUED_QUOTES:
+            raise AttestationBusy(
+                f"attestation busy: a quote is being made and {self._quotes - 1} wait; "
+                "try again shortly"
             )
-            lines = await self._thread(self.log.lines)
-        except TpmError as e:
-            raise AttestationUnavailable(f"the TPM refused the quote: {e}") from None
+        self._quotes += 1
+        try:
+            await self._lock.acquire()
+            try:
+                await self._measure_pending()
+                if self.unavailable is not None:
+                    raise AttestationUnavailable(self.unavailable)
+                # nothing pending now, and no await before the report: it is the measured state
+                state = self.state_report()
+                qualifying = quote.qualifying_data(nonce, state)
+                msg, sig = await self._thread(
+                    self.tools.quote, self.config.ak_handle, self.config.pcr, qualifying,
+                    self.config.ak_auth,
+                )  # fmt: skip
+                encoded: bytes = await self._thread(self._encode, nonce, msg, sig, state)
+                return encoded
+            except TpmError as e:
+                raise AttestationUnavailable(f"the TPM refused the quote: {e}") from None
+            finally:
+                self._lock.release()
         finally:
-            self._lock.release()
-        return quote.bundle_doc(nonce, self.config.pcr, msg, sig, lines, state)
+            self._quotes -= 1
+
+    def _encode(self, nonce: str, msg: bytes, sig: bytes, state: dict[str, Any]) -> bytes:
+        """(Thread pool.) The bundle with the log as it is now, encoded."""
+        doc = quote.bundle_doc(nonce, self.config.pcr, msg, sig, self.log.lines(), state)
+        return quote.encode_answer(doc)
 
 
 def attach_attestation(daemon: Daemon) -> Attestation | None:

@@ -7,7 +7,9 @@ from typing import Any, Final
 
 import attrs
 
-KEYS: Final = ("enabled", "tcti", "pcr", "ak_handle", "log", "ak_public", "max_log_bytes")
+KEYS: Final = (
+    "enabled", "tcti", "pcr", "ak_handle", "log", "ak_public", "ak_auth", "max_log_bytes",
+)  # fmt: skip
 #: PCRs shyped may extend: the OS range. 0-7 are the firmware's; 16 (debug) and 23
 #: (application) can be reset by any software at locality 0, which would let dom0 root
 #: erase the measurements.
@@ -27,6 +29,8 @@ class AttestationConfig:
     ak_handle: int = DEFAULT_AK_HANDLE
     log: Path = Path("/var/lib/shyped/attest/measurements.jsonl")
     ak_public: Path = Path("/var/lib/shyped/attest/ak.pem")
+    #: the AK's auth value (root only, 0600): without it, tss members may not quote with it
+    ak_auth: Path = Path("/var/lib/shyped/attest/ak.auth")
     max_log_bytes: int = 16 << 20  #: the bundle carries the log: under the 64 MiB answer cap
 
 
@@ -70,6 +74,7 @@ def parse_attestation(c: Any) -> AttestationConfig:
         ak_handle=handle,
         log=c.path(t, "attestation", "log", str(d.log)) or d.log,
         ak_public=c.path(t, "attestation", "ak_public", str(d.ak_public)) or d.ak_public,
+        ak_auth=c.path(t, "attestation", "ak_auth", str(d.ak_auth)) or d.ak_auth,
         max_log_bytes=c.number(
             t, "attestation", "max_log_bytes", int, d.max_log_bytes, 4096, 1 << 30
         ),

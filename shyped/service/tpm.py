@@ -46,6 +46,12 @@ def _run(args: list[str], tcti: str | None, cwd: str | None = None) -> bytes:
     return done.stdout
 
 
+def _auth(flag: str, path: Path | None) -> list[str]:
+    """tpm2-tools' argument for an auth value read from a file (never on the command line,
+    where any local user would read it in /proc)."""
+    return [] if path is None else [flag, f"file:{path}"]
+
+
 class TpmTools:
     """One TPM, reached through `tcti`."""
 
@@ -85,9 +91,10 @@ class TpmTools:
                 return None
             return out.read_bytes()
 
-    def ensure_ak(self, handle: int) -> bytes:
+    def ensure_ak(self, handle: int, auth: Path | None = None) -> bytes:
         """The attestation key at `handle`: created under the endorsement hierarchy (EK, then
-        a restricted RSA signing AK) and made persistent if absent. Its PEM public part."""
+        a restricted RSA signing AK, with the auth value in file `auth` if given) and made
+        persistent if absent. Its PEM public part."""
         found = self.ak_public(handle)
         if found is not None:
             return found
@@ -97,8 +104,8 @@ class TpmTools:
                      self.tcti, tmp)  # fmt: skip
                 self._flush()
                 _run(["tpm2_createak", "-C", "ek.ctx", "-c", "ak.ctx", "-G", "rsa", "-g",
-                      "sha256", "-s", "rsassa", "-u", "ak.pub", "-n", "ak.name"],
-                     self.tcti, tmp)  # fmt: skip
+                      "sha256", "-s", "rsassa", "-u", "ak.pub", "-n", "ak.name",
+                      *_auth("-p", auth)], self.tcti, tmp)  # fmt: skip
                 self._flush()
                 _run(["tpm2_evictcontrol", "-C", "o", "-c", "ak.ctx", hex(handle)],
                      self.tcti, tmp)  # fmt: skip
@@ -120,14 +127,16 @@ class TpmTools:
     def extend(self, index: int, digest: bytes) -> None:
         _run(["tpm2_pcrextend", f"{index}:sha256={digest.hex()}"], self.tcti)
 
-    def quote(self, handle: int, index: int, qualifying: bytes) -> tuple[bytes, bytes]:
-        """A quote of sha256 PCR `index` by the AK at `handle` with `qualifying` as its
-        extraData: (TPMS_ATTEST, TPMT_SIGNATURE)."""
+    def quote(
+        self, handle: int, index: int, qualifying: bytes, auth: Path | None = None
+    ) -> tuple[bytes, bytes]:
+        """A quote of sha256 PCR `index` by the AK at `handle` (its auth value in file `auth`)
+        with `qualifying` as its extraData: (TPMS_ATTEST, TPMT_SIGNATURE)."""
         with tempfile.TemporaryDirectory(prefix="shyped-tpm-") as tmp:
             try:
                 _run(["tpm2_quote", "-c", hex(handle), "-l", f"sha256:{index}", "-q",
-                      qualifying.hex(), "-m", "q.msg", "-s", "q.sig", "-g", "sha256"],
-                     self.tcti, tmp)  # fmt: skip
+                      qualifying.hex(), "-m", "q.msg", "-s", "q.sig", "-g", "sha256",
+                      *_auth("-p", auth)], self.tcti, tmp)  # fmt: skip
             finally:
                 self._flush()
             return (Path(tmp) / "q.msg").read_bytes(), (Path(tmp) / "q.sig").read_bytes()
