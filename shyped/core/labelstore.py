@@ -38,6 +38,27 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}$")
 #: (``tools/python/xen/util/xsm/acm/acm.py`` ``__update_label_policy_change``, Xen 4.1.0).
 INVALID_PREFIX: Final = "INV_ACM:"
 _INVALID = re.compile(r"^INV_ACM:[^:\s\x00-\x1f\x7f]{1,128}:[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}$")
+#: A resource label assigned to one instance of a dynamic label: ``<label>@<uuid>``
+#: (docs/policy.md, "Dynamic labels"; `shyped.core.instances.split_binding`).
+_BOUND = re.compile(
+    r"^[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}@"
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+
+
+def _split(label: str) -> tuple[str, str | None]:
+    """``"<label>@<uuid>"`` -> (label, lower-case uuid); any other label -> (label, None)."""
+    if _BOUND.fullmatch(label):
+        name, _, uuid = label.partition("@")
+        return name, uuid.lower()
+    return label, None
+
+
+def _rebind(label: str, rename: Mapping[str, str]) -> str:
+    """`label` with its name renamed by `rename`, keeping an instance binding."""
+    name, uuid = _split(label)
+    name = rename.get(name, name)
+    return name if uuid is None else f"{name}@{uuid}"
 
 
 #: Prefixes naming a disk's format or backend in front of its path: xl's deprecated
@@ -226,7 +247,15 @@ class LabelStore:
         return None
 
     def resource_label(self, rid: str) -> str | None:
-        return self.resources.get(rid)
+        """A resource's label name (an instance binding, ``@<uuid>``, left out)."""
+        label = self.resources.get(rid)
+        return None if label is None else _split(label)[0]
+
+    def resource_binding(self, rid: str) -> tuple[str | None, str | None]:
+        """A resource's label name and the UUID of the instance it is assigned to (None:
+        assigned to no instance)."""
+        label = self.resources.get(rid)
+        return (None, None) if label is None else _split(label)
 
     def with_domain(
         self, *, uuid: str | None = None, name: str | None = None, label: str | None
@@ -243,7 +272,7 @@ class LabelStore:
     def with_resource(self, spec: str, label: str | None) -> LabelStore:
         """A copy with a resource's label set (or removed with label=None)."""
         resources = dict(self.resources)
-        _assign(resources, resource_id(spec), label)
+        _assign(resources, resource_id(spec), label, bound_ok=True)
         return attrs.evolve(self, resources=resources)
 
     def with_dom0(self, label: str | None) -> LabelStore:
@@ -274,8 +303,8 @@ class LabelStore:
         for key, label in self.resources.items():
             if label.startswith(INVALID_PREFIX):
                 resources[key] = label
-            elif label in resource:
-                resources[key] = resource[label]
+            elif _split(label)[0] in resource:
+                resources[key] = _rebind(label, resource)
             else:
                 resources[key] = f"{INVALID_PREFIX}{old_policy}:{label}"
         renamed = self.renamed(vm, {})
@@ -288,7 +317,7 @@ class LabelStore:
             self,
             by_uuid={k: vm.get(v, v) for k, v in self.by_uuid.items()},
             by_name={k: vm.get(v, v) for k, v in self.by_name.items()},
-            resources={k: resource.get(v, v) for k, v in self.resources.items()},
+            resources={k: _rebind(v, resource) for k, v in self.resources.items()},
         )
 
     def to_json(self) -> str:
@@ -303,12 +332,21 @@ class LabelStore:
 
 
 def _assign(
-    table: dict[str, str], key: str, label: str | None, *, invalid_ok: bool = False
+    table: dict[str, str],
+    key: str,
+    label: str | None,
+    *,
+    invalid_ok: bool = False,
+    bound_ok: bool = False,
 ) -> None:
     if label is None:
         table.pop(key, None)
     else:
-        if not (_NAME.fullmatch(label) or (invalid_ok and _INVALID.fullmatch(label))):
+        if not (
+            _NAME.fullmatch(label)
+            or (invalid_ok and _INVALID.fullmatch(label))
+            or (bound_ok and _BOUND.fullmatch(label))
+        ):
             raise LabelStoreError(f"invalid label name {label!r}")
         table[key] = label
 
@@ -462,7 +500,10 @@ def _check_store(text: str, where: str, policy: Any) -> tuple[list[StoreProblem]
             at = (*path, k)
             if not isinstance(v, str):
                 bad(f"{'.'.join(path)}.{k}: the label must be a string, not {v!r:.40}", at)
-            elif not (_NAME.fullmatch(v) or (path == ("resources",) and _INVALID.fullmatch(v))):
+            elif not (
+                _NAME.fullmatch(v)
+                or (path == ("resources",) and (_INVALID.fullmatch(v) or _BOUND.fullmatch(v)))
+            ):
                 bad(f"{'.'.join(path)}.{k}: invalid label name {v!r}", at)
             else:
                 out.append((k, v, at))
@@ -472,6 +513,7 @@ def _check_store(text: str, where: str, policy: Any) -> tuple[list[StoreProblem]
     res_ok = set() if policy is None else {r.name for r in policy.resource_labels}
 
     def lacks(what: str, k: str, label: str, known: set[str], at: tuple[str, ...]) -> None:
+        label = _split(label)[0]
         if policy is not None and label not in known and not _INVALID.fullmatch(label):
             kind = "VM" if what == "domain" else "resource"
             msg = f"{what} {k}: policy {policy.name!r} has no {kind} label {label!r}"

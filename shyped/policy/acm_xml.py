@@ -526,6 +526,14 @@ def export_problems(policy: Policy) -> list[Problem]:
                     ("vm_labels", i, "quota"),
                 )
             )
+        if v.dynamic:  # security_policy.xsd has no attribute or element for it
+            out.append(
+                Problem(
+                    f"VM label {v.name!r} is dynamic (an instance per domain); ACM XML has "
+                    "no dynamic labels",
+                    ("vm_labels", i, "dynamic"),
+                )
+            )
     for i, r in enumerate(policy.resource_labels):
         if r.mls is not None:
             out.append(

@@ -300,6 +300,8 @@ _LABEL_FIELDS: Final[Mapping[str, str]] = {
     "cw_types": "cw",
     "from_name": "from",
     "quota": "quota",
+    "shared_types": "shared",
+    "dynamic": "dynamic",
 }
 
 
