@@ -419,6 +419,8 @@ class DomainInfo:
     cpu_seconds: float | None = None
     #: Its security context in Xen (``xl list -Z``) when Xen has FLASK, as last read.
     flask_context: str | None = None
+    #: The instance it runs as under a dynamic label (``web#3f…``; docs/policy.md).
+    instance: str | None = None
 
 
 @attrs.frozen

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
+import uuid as uuidlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final, Literal
 
@@ -30,6 +31,7 @@ from shyped.control.backend import (
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.core.devicekinds import CHANNEL_KINDS, unknown_kind
 from shyped.core.hostfacts import Domain
+from shyped.core.instances import BINDING_SEP
 from shyped.core.labelstore import (
     LabelStoreError,
     bridge_resource,
@@ -94,6 +96,30 @@ def label_name(policy: Policy, label: str) -> str:
     if why is not None:
         raise ControlError(ErrorCode.INVALID_ARGUMENT, why)
     return label
+
+
+def resource_assignment(policy: Policy, label: str) -> tuple[str, str]:
+    """A resource label argument as (label name, value for the label store): a resource label
+    (bare or ``ACM:<policy>:<label>``), optionally assigned to one instance of a dynamic label
+    as ``<label>@<uuid>`` (docs/policy.md, "Dynamic labels")."""
+    text, sep, uuid = label.rpartition(BINDING_SEP)
+    if not sep:
+        name = find_label(policy, label, "res").name
+        return name, name
+    try:
+        canonical = str(uuidlib.UUID(uuid))
+    except ValueError:
+        raise ControlError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"{label[:120]!r}: {uuid[:60]!r} after '@' is not a domain UUID "
+            "(assign a resource to an instance as <label>@<uuid>)",
+        ) from None
+    if canonical != uuid.lower():
+        raise ControlError(
+            ErrorCode.INVALID_ARGUMENT, f"{label[:120]!r}: write the UUID as {canonical}"
+        )
+    name = find_label(policy, text, "res").name
+    return name, f"{name}{BINDING_SEP}{canonical}"
 
 
 def unknown_label(policy: Policy, name: str, kind: str) -> ControlError:
@@ -225,6 +251,14 @@ def domain_info(
         vcpus=vcpus,
         cpu_seconds=None if cpu_seconds is None else cpu_seconds.get(dom.domid),
     )
+
+
+def shown_label(d: DomainInfo) -> str | None:
+    """A domain's label as ``list`` and ``getlabel`` print it: ``ACM:<policy>:<label>``, and
+    the instance in brackets for a dynamic label (``ACM:hosting:web [web#3f…]``)."""
+    if d.label is None or d.instance is None:
+        return d.label
+    return f"{d.label} [{d.instance}]"
 
 
 Kind = Literal["domain", "disk", "vif", "pci", "device"]

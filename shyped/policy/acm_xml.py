@@ -542,6 +542,13 @@ def export_problems(policy: Policy) -> list[Problem]:
                     ("resource_labels", i, "mls"),
                 )
             )
+        if r.per_instance:
+            out.append(
+                Problem(
+                    f"resource label {r.name!r} is per instance; ACM XML has no dynamic labels",
+                    ("resource_labels", i, "per_instance"),
+                )
+            )
     # Defaults travel as the __UNLABELED__ label (see the module docstring).
     want_dom = UNLABELED if policy.vm_label(UNLABELED) is not None else None
     want_res = UNLABELED if policy.resource_label(UNLABELED) is not None else None

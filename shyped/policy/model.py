@@ -218,10 +218,9 @@ class VmLabel:
 
     `dynamic` marks a template (docs/policy.md, "Dynamic labels"): every domain started with it
     runs as its own instance (``<label>#<id>``, derived from its UUID by
-    `shyped.core.instances`). Two instances of one template may talk only through a type of
-    `shared_types` (a subset of `ste_types`); every other type of the template is private to
-    each instance, and a resource of a private type must be assigned to the instance that
-    uses it. Domains of other labels see an instance as the template.
+    `shyped.core.instances`). Two instances may talk only through a type of `shared_types` (a
+    subset of `ste_types`): every other type of a dynamic label is private to each instance.
+    Domains of static labels see an instance as its template.
     """
 
     name: str
@@ -241,12 +240,18 @@ class VmLabel:
 
 @attrs.frozen
 class ResourceLabel:
-    """An object label for resources (disk images, bridges ...): one STE type, as in ACM."""
+    """An object label for resources (disk images, bridges ...): one STE type, as in ACM.
+
+    `per_instance`: a resource with this label belongs to one instance of a dynamic label
+    (its own disk image): the label store assigns it as ``<label>@<uuid>`` and only the
+    instance of that domain may use it (`shyped.policy.instances`).
+    """
 
     name: str
     ste_type: str
     mls: MlsLabel | None = None
     from_name: str | None = None
+    per_instance: bool = False
 
     @property
     def ste_types(self) -> frozenset[str]:
@@ -506,6 +511,14 @@ def _validate(p: Policy) -> list[Problem]:
         if r.ste_type not in ste:
             bad(f"{owner} names unknown STE type {r.ste_type!r}", "resource_labels", i, "ste_type")
         check_mls(r.mls, owner, "resource_labels", i, "mls")
+        if r.per_instance and not any(v.dynamic and r.ste_type in v.ste_types for v in p.vm_labels):
+            bad(
+                f"{owner} is per instance, but no dynamic VM label holds its STE type "
+                f"{r.ste_type!r}: no instance could ever use it",
+                "resource_labels",
+                i,
+                "per_instance",
+            )
         if r.from_name is not None and check_name(
             r.from_name, "from name", "resource_labels", i, "from_name"
         ):

@@ -60,7 +60,7 @@ _LABEL_KEYS: Final = (
     "dynamic",
     "shared",
 )
-_RESOURCE_KEYS: Final = ("name", "ste", "level", "categories", "from")
+_RESOURCE_KEYS: Final = ("name", "ste", "level", "categories", "from", "per_instance")
 
 
 # --------------------------------------------------------------------------- shape checks
@@ -295,6 +295,7 @@ def _build(doc: dict[str, Any], sh: _Shape) -> tuple[dict[str, Any], frozenset[s
                 ste or "",
                 _mls(sh, t, what, "resource", i),
                 sh.string(t, "from", what, "resource", i),
+                _flag(sh, t, "per_instance", what, "resource", i),
             )
         )
 
@@ -497,6 +498,8 @@ def dumps(policy: Policy) -> str:
             out.append(f"from = {_q(r.from_name)}")
         out.append(f"ste = {_q(r.ste_type)}")
         out += mls_lines(r.mls)
+        if r.per_instance:
+            out.append("per_instance = true")
     return "\n".join(out) + "\n"
 
 

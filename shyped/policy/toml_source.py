@@ -302,6 +302,7 @@ _LABEL_FIELDS: Final[Mapping[str, str]] = {
     "quota": "quota",
     "shared_types": "shared",
     "dynamic": "dynamic",
+    "per_instance": "per_instance",
 }
 
 
