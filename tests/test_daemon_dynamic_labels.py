@@ -1,0 +1,182 @@
+"""Dynamic labels end to end, as an operator meets them (docs/policy.md, "Dynamic labels"): the
+``shyped`` process on a sandbox host (real oxenstored), domains created with ``shype-xl``,
+``shypectl list``/``getlabel``, the audit trail.
+
+Two domains of one dynamic template cannot share a vchan or each other's disk; both reach the
+shared service the template may talk to; each shows its own instance, which is released at
+destruction (same UUID again: same instance; a new UUID: another one).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from control_daemon_helpers import Host, image, sandbox_host, uuid_of
+from process_helpers import wait_until
+
+from shyped.core.instances import Instance
+from shyped.sandbox.xenstored import SandboxXenstored
+
+POLICY_TEXT = """\
+[policy]
+name = "dyn"
+version = "1.0"
+bootstrap = "dom0"
+
+[types]
+ste = ["system", "tenant", "svc"]
+cw = ["system"]
+
+[[label]]
+name = "dom0"
+ste = ["system", "tenant", "svc"]
+cw = ["system"]
+
+[[label]]
+name = "tenant"           # a template: each domain is its own instance
+ste = ["tenant", "svc"]
+dynamic = true
+
+[[label]]
+name = "dns"              # the shared service every tenant may use
+ste = ["svc"]
+
+[[resource]]
+name = "tenant_disk"      # each instance's own disk image
+ste = "tenant"
+per_instance = true
+"""
+
+
+def acm(label: str) -> str:
+    return f"ACM:dyn:{label}"
+
+
+def instance(name: str) -> str:
+    return Instance.of("tenant", uuid_of(name)).name
+
+
+def disk_id(name: str) -> str:
+    return f"disk:/srv/xen/images/{name}.img"
+
+
+@pytest.fixture
+def host(xenstored: SandboxXenstored) -> Iterator[Host]:
+    with sandbox_host(xenstored) as h:
+        h.policy.write_text(POLICY_TEXT)
+        resources = {disk_id(n): f"tenant_disk@{uuid_of(n)}" for n in ("t1", "t2")}
+        store = {
+            "version": 1,
+            "domains": {"name": {"t1": "tenant", "t2": "tenant", "t3": "tenant", "dns": "dns"}},
+            "resources": resources,
+        }
+        h.labels.write_text(json.dumps(store))
+        h.extra = f'[audit]\ndirectory = "{h.directory / "audit"}"\n'
+        yield h
+
+
+def ok(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    return r.stdout
+
+
+def create(host: Host, name: str, *disks: str) -> int:
+    r = host.shype_xl("create", str(host.cfg(name, disks=disks)))
+    assert r.returncode == 0 and "admitted" in r.stderr, r.stderr
+    return host.domid(name)
+
+
+def records(host: Host) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted((host.directory / "audit").iterdir()):
+        for line in path.read_bytes().splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and doc.get("kind") == "decision":
+                out.append(doc)
+    return out
+
+
+def body(rec: dict[str, Any]) -> dict[str, Any]:
+    inner = rec.get("body", rec)
+    assert isinstance(inner, dict)
+    return inner
+
+
+def test_instances_of_one_template_are_kept_apart_end_to_end(host: Host) -> None:
+    host.start()
+    t1 = create(host, "t1", image("t1"))
+    # t2 asking for t1's disk too: shype-xl says why, and t2 does not start
+    cfg = host.cfg("t2", disks=(image("t2"), image("t1", vdev="xvdb")))
+    r = host.shype_xl("create", str(cfg))
+    assert r.returncode != 0, r.stderr
+    assert "vbd 51728: DENIED: resource 'tenant_disk' is assigned to the instance of domain " in (
+        r.stderr
+    )
+    wait_until(lambda: "t2" not in host.xl_list(), what="t2 destroyed")
+    t2 = create(host, "t2", image("t2"))
+    dns = create(host, "dns")
+
+    # list and getlabel show each domain's instance
+    rows = {r.split()[0]: r for r in ok(host.ctl("list")).splitlines()[1:]}
+    assert rows["t1"].endswith(f"{acm('tenant')} [{instance('t1')}]")
+    assert rows["t2"].endswith(f"{acm('tenant')} [{instance('t2')}]")
+    assert rows["dns"].endswith(acm("dns"))
+    assert instance("t1") != instance("t2")
+    got = ok(host.ctl("getlabel", "dom", "t1")).strip()
+    assert got == f"{acm('tenant')} [{instance('t1')}]"
+    listed = json.loads(ok(host.ctl("--json", "list")))["domains"]
+    assert {d["name"]: d["instance"] for d in listed}["t2"] == instance("t2")
+
+    # each instance's own disk is connected
+    assert host.read(f"/local/domain/0/backend/vbd/{t2}/51712/online") == "1"
+    assert host.read(f"/local/domain/0/backend/vbd/{t1}/51712/online") == "1"
+
+    # a vchan between the two instances is removed; with the shared service it stays
+    apart = host.ts.vchan_listen(t1, t2, port=7)
+    with_dns = host.ts.vchan_listen(t1, dns, port=8)
+    served = host.ts.vchan_listen(dns, t2, port=9)
+    wait_until(lambda: host.read(f"{apart.path}/ring-ref") is None, what="vchan removed")
+    wait_until(
+        lambda: any(body(r).get("what") == f"vchan {served.path}" for r in records(host)),
+        what="dns's vchan decided",
+    )
+    assert host.read(f"{with_dns.path}/ring-ref") is not None
+    assert host.read(f"{served.path}/ring-ref") is not None
+
+    decisions = {body(r).get("what"): body(r) for r in records(host)}
+    vchan = decisions[f"vchan {apart.path}"]
+    assert vchan["decision"] == "deny" and vchan["rule"] == "ste"
+    assert "private to each instance" in vchan["reason"]
+    assert vchan["subject"]["instance"] == instance("t1")
+    assert vchan["object"]["instance"] == instance("t2")
+    assert decisions[f"vchan {with_dns.path}"]["decision"] == "permit"
+    (disk,) = [
+        body(r)
+        for r in records(host)
+        if body(r).get("what", "").endswith("/51728") and body(r)["decision"] == "deny"
+    ]
+    assert disk["subject"]["instance"] == instance("t2")
+    assert disk["resource"]["label"] == f"tenant_disk@{uuid_of('t1')}"
+    assert "is assigned to the instance of domain" in disk["reason"]
+    admit = decisions[f"domain {t1}"]
+    assert admit["decision"] == "permit" and admit["subject"]["instance"] == instance("t1")
+
+
+def test_an_instance_is_released_at_destruction(host: Host) -> None:
+    host.start()
+    create(host, "t1")
+    ok(host.shype_xl("destroy", "t1"))
+    wait_until(lambda: "t1" not in ok(host.ctl("list")), what="t1 gone")
+    # another UUID: another instance; the same UUID again: the same instance
+    create(host, "t3")
+    assert ok(host.ctl("getlabel", "dom", "t3")).strip().endswith(f"[{instance('t3')}]")
+    create(host, "t1")
+    assert ok(host.ctl("getlabel", "dom", "t1")).strip().endswith(f"[{instance('t1')}]")
+    assert instance("t3") != instance("t1")
