@@ -3,8 +3,13 @@ identity, and the engine over the host model (no xenstore; events built by hand)
 
 from __future__ import annotations
 
+import io
+import json
+from pathlib import Path
+
 import pytest
 
+from shyped.cli.shypectl import run
 from shyped.core.engine import Engine, Outcome
 from shyped.core.events import (
     DeviceAdded,
@@ -345,3 +350,28 @@ def test_an_instance_id_held_by_a_running_domain_denies_admission() -> None:
     o = h.start(2, B, "b")
     assert not o.allowed and o.decision.rule is Rule.LABEL and "already held" in o.decision.reason
     assert h.engine.instance_of(2) is None and h.engine.counted().get(2) is None
+
+
+# ---- the offline policy tool, as an operator runs it ----------------------------------------
+
+
+def ctl(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = run(list(args), out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_policy_tool_explains_instances_and_refuses_acm_xml(tmp_path: Path) -> None:
+    f = tmp_path / "dyn.toml"
+    f.write_text(POLICY_TEXT)
+    code, out, _ = ctl("policy", "can", str(f), "tenant", "tenant")
+    assert code == 1 and "private to each instance" in out, out
+    assert ctl("policy", "can", str(f), "tenant", "dns")[0] == 0
+    code, out, _ = ctl("policy", "analyse", str(f))
+    assert code == 0 and "dynamic, instances cannot talk to each other: tenant" in out
+    code, out, _ = ctl("--json", "policy", "analyse", str(f))
+    assert json.loads(out)["dynamic"]["tenant"] == {"shared": [], "instances_apart": True}
+    assert ctl("policy", "lint", str(f))[0] == 0
+    code, _, err = ctl("policy", "convert", str(f), "--to", "acm-xml")
+    line = POLICY_TEXT.splitlines().index("dynamic = true") + 1
+    assert code == 1 and f"{f}:{line}: ACM XML cannot express this: VM label 'tenant'" in err
