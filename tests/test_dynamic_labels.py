@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from shyped.cli.shypectl import run
+from shyped.core import audit
+from shyped.core.audit import Party
 from shyped.core.engine import Engine, Outcome
 from shyped.core.events import (
     DeviceAdded,
@@ -30,7 +32,7 @@ from shyped.core.labelstore import (
 from shyped.core.relabel import check_domain_relabel
 from shyped.policy import acm_xml, convert, toml_format
 from shyped.policy.analysis import analyse
-from shyped.policy.decisions import Hook, PolicyEngine, Rule
+from shyped.policy.decisions import Decision, Hook, PolicyEngine, Rule
 from shyped.policy.errors import PolicyError
 from shyped.policy.flask import compile_policy, type_name
 from shyped.policy.query import can_talk
@@ -375,3 +377,18 @@ def test_policy_tool_explains_instances_and_refuses_acm_xml(tmp_path: Path) -> N
     code, _, err = ctl("policy", "convert", str(f), "--to", "acm-xml")
     line = POLICY_TEXT.splitlines().index("dynamic = true") + 1
     assert code == 1 and f"{f}:{line}: ACM XML cannot express this: VM label 'tenant'" in err
+
+
+def test_denial_lines_and_human_lines_name_the_instances() -> None:
+    inst_a, inst_b = Instance.of("tenant", A).name, Instance.of("tenant", B).name
+    draft = audit.decision_draft(
+        Decision(False, Hook.VCHAN, Rule.STE, "apart"),
+        "2026-01-01T00:00:00.000000Z",
+        subject=Party("t1", 3, A, "ACM:dyn:tenant", instance=inst_a),
+        obj=Party("t2", 4, B, "ACM:dyn:tenant", instance=inst_b),
+        mode="enforcing",
+    )
+    rec = audit.seal(draft, log="0123456789abcdef0123456789abcdef", seq=7, prev=audit.GENESIS)
+    line = audit.format_denial(rec)
+    assert f"sinstance={inst_a}" in line and f"tinstance={inst_b}" in line
+    assert f"t1(3 {inst_a}) -> t2(4 {inst_b})" in audit.format_human(rec)
