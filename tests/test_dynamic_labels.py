@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 
 from shyped.cli.shypectl import run
@@ -30,11 +31,12 @@ from shyped.core.labelstore import (
     parse_label_store,
 )
 from shyped.core.relabel import check_domain_relabel
-from shyped.policy import acm_xml, convert, toml_format
+from shyped.policy import acm_xml, convert, toml_format, update
 from shyped.policy.analysis import analyse
 from shyped.policy.decisions import Decision, Hook, PolicyEngine, Rule
 from shyped.policy.errors import PolicyError
 from shyped.policy.flask import compile_policy, type_name
+from shyped.policy.model import Policy, VmLabel
 from shyped.policy.query import can_talk
 from shyped.policy.update import RunningDomain, RunningSystem
 
@@ -134,11 +136,6 @@ def marked(text: str) -> int:
             'dynamic = true\n\n[[label]]\nname = "lab"',
             'dynamic = "yes"  # <-\n\n[[label]]\nname = "lab"',
             "label 'tenant': 'dynamic' must be true or false, not a string",
-        ),
-        (
-            'ste = "tenant"\nper_instance = true',
-            'ste = "sys"\nper_instance = true  # <-',
-            "resource label 'tenant_disk' is per instance, but no dynamic VM label holds",
         ),
     ],
 )
@@ -374,6 +371,18 @@ def test_policy_tool_explains_instances_and_refuses_acm_xml(tmp_path: Path) -> N
     code, out, _ = ctl("--json", "policy", "analyse", str(f))
     assert json.loads(out)["dynamic"]["tenant"] == {"shared": [], "instances_apart": True}
     assert ctl("policy", "lint", str(f))[0] == 0
+    f.write_text(POLICY_TEXT.replace('ste = "tenant"\nper_instance', 'ste = "sys"\nper_instance'))
+    code, out, _ = ctl("policy", "lint", "--strict", str(f))
+    line = POLICY_TEXT.splitlines().index('name = "tenant_disk"') + 1
+    assert (
+        code == 1
+        and (
+            f"{f}:{line}: warning: resource label 'tenant_disk' is unusable: it is per instance, "
+            "and no dynamic VM label carries its STE type 'sys'"
+        )
+        in out
+    ), out
+    f.write_text(POLICY_TEXT)
     code, _, err = ctl("policy", "convert", str(f), "--to", "acm-xml")
     line = POLICY_TEXT.splitlines().index("dynamic = true") + 1
     assert code == 1 and f"{f}:{line}: ACM XML cannot express this: VM label 'tenant'" in err
@@ -392,3 +401,67 @@ def test_denial_lines_and_human_lines_name_the_instances() -> None:
     line = audit.format_denial(rec)
     assert f"sinstance={inst_a}" in line and f"tinstance={inst_b}" in line
     assert f"t1(3 {inst_a}) -> t2(4 {inst_b})" in audit.format_human(rec)
+
+
+# ---- policy switch --------------------------------------------------------------------------
+
+
+def switched(h: Host, new: Policy) -> update.UpdateCheck:
+    check = update.check_update(h.engine.policy.policy, new, h.engine.running_system(h.model))
+    if check.allowed:
+        h.engine.switch_policy(PolicyEngine(new), check)
+        h.engine.begin_sweep(h.model)
+        queue = h.model.all_needs()
+        while queue:
+            need = queue.pop(0)
+            o = h.engine.decide(need, h.model)
+            queue.extend(h.model.record_decision(need, o.allowed, label=o.label))
+        h.engine.end_sweep()
+    return check
+
+
+def next_version(policy: Policy, **labels: VmLabel) -> Policy:
+    return attrs.evolve(
+        policy,
+        version=attrs.evolve(policy.version, minor=policy.version.minor + 1),
+        from_policy=policy.ref,
+        vm_labels=tuple(labels.get(v.name, v) for v in policy.vm_labels),
+    )
+
+
+def test_a_switch_keeps_instances_renames_them_and_releases_those_no_longer_dynamic() -> None:
+    h = Host(store())
+    before = h.start(1, A, "a").subject.instance
+    tenant = POLICY.vm_label("tenant")
+    assert tenant is not None
+    renamed = attrs.evolve(tenant, name="customer", from_name="tenant")
+    check = switched(h, next_version(POLICY, tenant=renamed))
+    assert check.allowed, str(check)
+    inst = h.engine.instance_of(1)
+    assert inst is not None and inst.ident == instance_id(A) and inst.template == "customer"
+    assert before == f"tenant#{inst.ident}"
+    static = attrs.evolve(renamed, name="customer", from_name=None, dynamic=False)
+    assert switched(h, next_version(h.engine.policy.policy, customer=static)).allowed
+    assert h.engine.instance_of(1) is None
+
+
+def test_a_switch_that_makes_talking_domains_instances_is_refused() -> None:
+    dns = POLICY.vm_label("dns")
+    assert dns is not None
+    h = Host(LabelStore(by_name={"a": "dns", "b": "dns"}))
+    h.start(1, A, "a")
+    h.start(2, B, "b")
+    assert h.vchan(1, 2).allowed
+    check = switched(h, next_version(POLICY, dns=attrs.evolve(dns, dynamic=True)))
+    assert not check.allowed and "private to each instance" in str(check)
+    assert h.engine.instance_of(1) is None  # nothing changed
+
+
+def test_a_label_made_dynamic_gives_running_domains_their_instances_at_the_sweep() -> None:
+    dns = POLICY.vm_label("dns")
+    assert dns is not None
+    h = Host(LabelStore(by_name={"a": "dns"}))
+    h.start(1, A, "a")
+    assert switched(h, next_version(POLICY, dns=attrs.evolve(dns, dynamic=True))).allowed
+    inst = h.engine.instance_of(1)
+    assert inst is not None and inst.name == f"dns#{instance_id(A)}"

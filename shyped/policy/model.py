@@ -511,14 +511,6 @@ def _validate(p: Policy) -> list[Problem]:
         if r.ste_type not in ste:
             bad(f"{owner} names unknown STE type {r.ste_type!r}", "resource_labels", i, "ste_type")
         check_mls(r.mls, owner, "resource_labels", i, "mls")
-        if r.per_instance and not any(v.dynamic and r.ste_type in v.ste_types for v in p.vm_labels):
-            bad(
-                f"{owner} is per instance, but no dynamic VM label holds its STE type "
-                f"{r.ste_type!r}: no instance could ever use it",
-                "resource_labels",
-                i,
-                "per_instance",
-            )
         if r.from_name is not None and check_name(
             r.from_name, "from name", "resource_labels", i, "from_name"
         ):
