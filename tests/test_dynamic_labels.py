@@ -465,3 +465,17 @@ def test_a_label_made_dynamic_gives_running_domains_their_instances_at_the_sweep
     assert switched(h, next_version(POLICY, dns=attrs.evolve(dns, dynamic=True))).allowed
     inst = h.engine.instance_of(1)
     assert inst is not None and inst.name == f"dns#{instance_id(A)}"
+
+
+def test_policy_diff_names_dynamic_and_per_instance_changes(tmp_path: Path) -> None:
+    old, new = tmp_path / "old.toml", tmp_path / "new.toml"
+    static = 'dynamic = true\n\n[[label]]\nname = "lab"'
+    old.write_text(POLICY_TEXT.replace(static, '\n[[label]]\nname = "lab"'))
+    new.write_text(POLICY_TEXT.replace("per_instance = true\n", ""))
+    code, out, _ = ctl("policy", "diff", str(old), str(new))
+    assert code == 1
+    changes = out.split("\n\n")[0].splitlines()
+    assert changes == [
+        "~ VM label tenant: dynamic",
+        "~ resource label tenant_disk: no longer per instance",
+    ]
