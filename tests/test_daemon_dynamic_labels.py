@@ -20,6 +20,7 @@ from process_helpers import wait_until
 
 from shyped.core.instances import Instance
 from shyped.sandbox.xenstored import SandboxXenstored
+from shyped.sandbox.xsconn import XsConn
 
 POLICY_TEXT = """\
 [policy]
@@ -109,6 +110,19 @@ def body(rec: dict[str, Any]) -> dict[str, Any]:
     return inner
 
 
+def guest_shares(host: Host, owner: int, path: str, peer: int) -> None:
+    """What guest `owner` may do on real Xen: write below a node it owns, then SET_PERMS."""
+    with XsConn(str(host.xsd.socket_path)) as xs:
+        xs.write(path, "hello")
+        assert (xs.get_perms(path) or ("?",))[0] == f"n{owner}", "not a node the guest owns"
+        xs.set_perms(path, (f"n{owner}", f"r{peer}"))
+
+
+def perms(host: Host, path: str) -> tuple[str, ...] | None:
+    with XsConn(str(host.xsd.socket_path)) as xs:
+        return xs.get_perms(path)
+
+
 def test_instances_of_one_template_are_kept_apart_end_to_end(host: Host) -> None:
     host.start()
     t1 = create(host, "t1", image("t1"))
@@ -165,6 +179,17 @@ def test_instances_of_one_template_are_kept_apart_end_to_end(host: Host) -> None
     assert disk["subject"]["instance"] == instance("t2")
     assert disk["resource"]["label"] == f"tenant_disk@{uuid_of('t1')}"
     assert "is assigned to the instance of domain" in disk["reason"]
+    # hostile t1, writing only what it owns: a node of its own shared with t2 (SET_PERMS) is
+    # reset; the same with the shared service stays
+    to_t2, to_dns = f"/local/domain/{t1}/data/x2", f"/local/domain/{t1}/data/xd"
+    guest_shares(host, t1, to_t2, t2)
+    guest_shares(host, t1, to_dns, dns)
+    wait_until(lambda: perms(host, to_t2) == (f"n{t1}",), what="permissions reset")
+    wait_until(
+        lambda: any(body(r).get("what") == f"xs-channel {to_dns}" for r in records(host)),
+        what="the node shared with dns decided",
+    )
+    assert perms(host, to_dns) == (f"n{t1}", f"r{dns}")
     admit = decisions[f"domain {t1}"]
     assert admit["decision"] == "permit" and admit["subject"]["instance"] == instance("t1")
 
