@@ -60,6 +60,7 @@ from shyped.control.policyparse import parse_isolated
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.core.audit import Kind
 from shyped.core.hostfacts import Domain, DomainState
+from shyped.core.instances import instance_rules
 from shyped.core.labelstore import (
     LabelStoreError,
     resolve_resource,
@@ -218,9 +219,12 @@ class DaemonControlBackend(DaemonBackendBase):
             # the UUID; without one, the store's label by UUID, then by name.
             label = new.label or self._store.domain_label(new.uuid, new.name)
             subject, running = new.name, engine.running
+            uuid = new.uuid
         else:
             dom = self._domain(cast(str, args.running))
             label, subject, running = dom.label, dom.name or str(dom.domid), None
+            uuid = dom.uuid if engine.instance_of(dom.domid) is not None else None
+        narrow = instance_rules(engine.policy, label, uuid, self._store, resolve_resource)
         return views.dry_run(
             engine.policy,
             subject=subject,
@@ -234,6 +238,7 @@ class DaemonControlBackend(DaemonBackendBase):
             channels=args.channels,
             backend_label=self._backend_label,
             acm_only=args.acm_only,
+            narrow=narrow,
         )
 
     def _backend_label(self, ref: str) -> str | None:

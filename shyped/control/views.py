@@ -302,6 +302,7 @@ def dry_run(
     channels: Iterable[ChannelItem] = (),
     backend_label: Callable[[str], str | None] | None = None,
     acm_only: bool = False,
+    narrow: Callable[[str, Decision], Decision] | None = None,
 ) -> DryRunResult:
     """Would a domain labelled `label` and each of its devices be admitted now?
 
@@ -310,6 +311,9 @@ def dry_run(
     domain's label (dom0: the bootstrap label), `resource_label(resource_id)` a resource's
     stored label (None: unlabelled). Each device gets the first denial among its checks:
     the device channel to its backend (STE/MLS), then the resource (STE/MLS, writable or not).
+
+    `narrow(resource_id, decision)`: the instance rules of a dynamic label
+    (`shyped.policy.instances`) on each resource decision.
 
     `acm_only`: Xen ACM's ``xm dry-run`` (``tools/python/xen/xm/dry-run.py``, 4.1.0): the
     label resolves (no Chinese Wall against running domains), each disk's resource label
@@ -333,7 +337,8 @@ def dry_run(
             except LabelStoreError as exc:
                 items.append(Verdict(what, "disk", False, f"deny resource: {exc}", "label"))
                 continue
-            checks.append(engine.resource(label, resource_label(rid), writable=disk.writable))
+            d = engine.resource(label, resource_label(rid), writable=disk.writable)
+            checks.append(narrow(rid, d) if narrow is not None else d)
         if checks:
             items.append(_worst(what, "disk", checks))
     for n, vif in enumerate(() if acm_only else vifs):
@@ -345,7 +350,8 @@ def dry_run(
         except LabelStoreError as exc:
             items.append(Verdict(what, "vif", False, f"deny resource: {exc}", "label"))
             continue
-        checks.append(engine.resource(label, resource_label(rid), writable=True))
+        d = engine.resource(label, resource_label(rid), writable=True)
+        checks.append(narrow(rid, d) if narrow is not None else d)
         items.append(_worst(what, "vif", checks))
     items += device_verdicts(
         engine,
@@ -355,6 +361,7 @@ def dry_run(
         domain_label=domain_label,
         resource_label=resource_label,
         backend_label=backend_label,
+        narrow=narrow,
     )
     return DryRunResult(permitted=all(i.permitted for i in items), items=tuple(items))
 
@@ -368,6 +375,7 @@ def device_verdicts(
     domain_label: Callable[[int], str | None],
     resource_label: Callable[[str], str | None],
     backend_label: Callable[[str], str | None] | None,
+    narrow: Callable[[str, Decision], Decision] | None = None,
 ) -> list[Verdict]:
     """The dry run's PCI devices (STE with dom0's pciback, then the device's resource label,
     as the daemon decides ``/libxl/pci`` records) and other devices: a kind the daemon
@@ -382,7 +390,8 @@ def device_verdicts(
         except LabelStoreError as exc:
             items.append(Verdict(what, "pci", False, f"deny resource: {exc}", "label"))
             continue
-        checks.append(engine.resource(label, resource_label(rid), writable=True))
+        d = engine.resource(label, resource_label(rid), writable=True)
+        checks.append(narrow(rid, d) if narrow is not None else d)
         items.append(_worst(what, "pci", checks))
     for ch in channels:
         what = f"{ch.kind} (backend {ch.backend})"

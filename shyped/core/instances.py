@@ -21,7 +21,16 @@ from typing import Final
 
 import attrs
 
-from shyped.policy.decisions import Decision, Hook, Rule
+from shyped.core.labelstore import LabelStore
+from shyped.policy.decisions import (
+    Decision,
+    Hook,
+    LabelInput,
+    PolicyEngine,
+    Rule,
+    UnknownLabelError,
+)
+from shyped.policy.instances import instance_resource
 from shyped.policy.model import Policy
 
 #: Hex digits of the instance id (64 bits: a collision among 10,000 running domains has a
@@ -67,6 +76,29 @@ def dynamic_label(policy: Policy, label: str | None) -> str | None:
     """`label` if it is a dynamic VM label of `policy`, else None."""
     vm = policy.vm_label(label) if label is not None else None
     return label if vm is not None and vm.dynamic else None
+
+
+def instance_rules(
+    engine: PolicyEngine,
+    label: LabelInput,
+    uuid: str | None,
+    store: LabelStore,
+    resolve: Callable[[str], str],
+) -> Callable[[str, Decision], Decision]:
+    """For a dry run: the instance rules (`shyped.policy.instances`) on a resource decision
+    (resource id, decision) of a domain with `uuid` labelled `label`, an instance if the label
+    is dynamic; resource bindings from `store` (ids through `resolve`)."""
+    try:
+        dynamic = engine.resolve_domain(label).dynamic
+    except UnknownLabelError:
+        dynamic = False
+    own = uuid if dynamic else None
+
+    def narrow(rid: str, d: Decision) -> Decision:
+        bound = store.resource_binding(resolve(rid))[1]
+        return instance_resource(engine.policy, d, bound_to=bound, domain_uuid=own)
+
+    return narrow
 
 
 class Instances:
