@@ -15,42 +15,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from control_daemon_helpers import Host, image, sandbox_host, uuid_of
+from control_daemon_helpers import Host, audit_records, image, sandbox_host, uuid_of
 from process_helpers import wait_until
+from test_dynamic_labels import POLICY_TEXT
 
 from shyped.core.instances import Instance
 from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.sandbox.xsconn import XsConn
-
-POLICY_TEXT = """\
-[policy]
-name = "dyn"
-version = "1.0"
-bootstrap = "dom0"
-
-[types]
-ste = ["system", "tenant", "svc"]
-cw = ["system"]
-
-[[label]]
-name = "dom0"
-ste = ["system", "tenant", "svc"]
-cw = ["system"]
-
-[[label]]
-name = "tenant"           # a template: each domain is its own instance
-ste = ["tenant", "svc"]
-dynamic = true
-
-[[label]]
-name = "dns"              # the shared service every tenant may use
-ste = ["svc"]
-
-[[resource]]
-name = "tenant_disk"      # each instance's own disk image
-ste = "tenant"
-per_instance = true
-"""
 
 
 def acm(label: str) -> str:
@@ -92,16 +63,11 @@ def create(host: Host, name: str, *disks: str) -> int:
 
 
 def records(host: Host) -> list[dict[str, Any]]:
-    out = []
-    for path in sorted((host.directory / "audit").iterdir()):
-        for line in path.read_bytes().splitlines():
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(doc, dict) and doc.get("kind") == "decision":
-                out.append(doc)
-    return out
+    return [r for r in audit_records(host) if r["kind"] == "decision"]
+
+
+def decided(host: Host, what: str) -> bool:
+    return any(body(r).get("what") == what for r in records(host))
 
 
 def body(rec: dict[str, Any]) -> dict[str, Any]:
@@ -163,10 +129,8 @@ def test_instances_of_one_template_are_kept_apart_end_to_end(host: Host) -> None
     with_dns = host.ts.vchan_listen(t1, dns, port=8)
     served = host.ts.vchan_listen(dns, t2, port=9)
     wait_until(lambda: host.read(f"{apart.path}/ring-ref") is None, what="vchan removed")
-    wait_until(
-        lambda: any(body(r).get("what") == f"vchan {served.path}" for r in records(host)),
-        what="dns's vchan decided",
-    )
+    for ep in (apart, with_dns, served):
+        wait_until(lambda ep=ep: decided(host, f"vchan {ep.path}"), what=f"{ep.path} audited")
     assert host.read(f"{with_dns.path}/ring-ref") is not None
     assert host.read(f"{served.path}/ring-ref") is not None
 
@@ -177,11 +141,9 @@ def test_instances_of_one_template_are_kept_apart_end_to_end(host: Host) -> None
     assert vchan["subject"]["instance"] == instance("t1")
     assert vchan["object"]["instance"] == instance("t2")
     assert decisions[f"vchan {with_dns.path}"]["decision"] == "permit"
-    (disk,) = [
-        body(r)
-        for r in records(host)
-        if body(r).get("what", "").endswith("/51728") and body(r)["decision"] == "deny"
-    ]
+    wait_until(lambda: decided(host, f"device vbd {t2}/51728"), what="t1's disk audited")
+    disk = next(b for r in records(host) if (b := body(r)).get("what") == f"device vbd {t2}/51728")
+    assert disk["decision"] == "deny"
     assert disk["subject"]["instance"] == instance("t2")
     assert disk["resource"]["label"] == f"tenant_disk@{uuid_of('t1')}"
     assert "is assigned to the instance of domain" in disk["reason"]
@@ -191,10 +153,7 @@ def test_instances_of_one_template_are_kept_apart_end_to_end(host: Host) -> None
     guest_shares(host, t1, to_t2, t2)
     guest_shares(host, t1, to_dns, dns)
     wait_until(lambda: perms(host, to_t2) == (f"n{t1}",), what="permissions reset")
-    wait_until(
-        lambda: any(body(r).get("what") == f"xs-channel {to_dns}" for r in records(host)),
-        what="the node shared with dns decided",
-    )
+    wait_until(lambda: decided(host, f"xs-channel {to_dns}"), what="the node for dns decided")
     assert perms(host, to_dns) == (f"n{t1}", f"r{dns}")
     admit = decisions[f"domain {t1}"]
     assert admit["decision"] == "permit" and admit["subject"]["instance"] == instance("t1")

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import attrs
 import pytest
+from test_engine import Host as EngineHost
 
 from shyped.cli.shypectl import run
 from shyped.core import audit
 from shyped.core.audit import Party
-from shyped.core.engine import Engine, Outcome
+from shyped.core.engine import Outcome
 from shyped.core.events import (
     DeviceAdded,
     DeviceKey,
@@ -21,8 +22,6 @@ from shyped.core.events import (
     DomainVanished,
     VchanPublished,
 )
-from shyped.core.host import HostModel
-from shyped.core.hostfacts import DomainReleased, NeedsDecision
 from shyped.core.instances import INSTANCE_HEX, Instance, Instances, instance_id, split_binding
 from shyped.core.labelstore import (
     LabelStore,
@@ -247,26 +246,11 @@ def test_label_store_binds_resources_to_instances() -> None:
 # ---- the engine -----------------------------------------------------------------------------
 
 
-class Host:
-    def __init__(self, labels: LabelStore) -> None:
-        self.engine = Engine(PolicyEngine(POLICY), labels)
-        self.model = HostModel(POLICY.bootstrap)
+class Host(EngineHost):
+    """test_engine's host (a host model, an engine, the daemon's loop) on this policy."""
 
-    def feed(self, *events: object) -> list[Outcome]:
-        out: list[Outcome] = []
-        queue: list[NeedsDecision] = []
-        for e in events:
-            for o in self.model.apply(e):  # type: ignore[arg-type]
-                if isinstance(o, DomainReleased):
-                    self.engine.release(o)
-                else:
-                    queue.append(o)
-        while queue:
-            need = queue.pop(0)
-            o = self.engine.decide(need, self.model)
-            queue.extend(self.model.record_decision(need, o.allowed, label=o.label))
-            out.append(o)
-        return out
+    def __init__(self, labels: LabelStore) -> None:
+        super().__init__(labels=labels, policy=PolicyEngine(POLICY))
 
     def start(self, domid: int, uuid: str, name: str) -> Outcome:
         (o,) = self.feed(DomainAppeared(domid, uuid, name))
@@ -411,11 +395,7 @@ def switched(h: Host, new: Policy) -> update.UpdateCheck:
     if check.allowed:
         h.engine.switch_policy(PolicyEngine(new), check)
         h.engine.begin_sweep(h.model)
-        queue = h.model.all_needs()
-        while queue:
-            need = queue.pop(0)
-            o = h.engine.decide(need, h.model)
-            queue.extend(h.model.record_decision(need, o.allowed, label=o.label))
+        h.decide(h.model.all_needs())
         h.engine.end_sweep()
     return check
 
