@@ -162,11 +162,40 @@ def test_instances_of_one_template_are_kept_apart_end_to_end(host: Host) -> None
 def test_an_instance_is_released_at_destruction(host: Host) -> None:
     host.start()
     create(host, "t1")
+    t1 = host.domid("t1")
     ok(host.shype_xl("destroy", "t1"))
     wait_until(lambda: "t1" not in ok(host.ctl("list")), what="t1 gone")
+    wait_until(
+        lambda: any(r["kind"] == "instance-release" for r in audit_records(host)),
+        what="the release audited",
+    )
+    (released,) = [body(r) for r in audit_records(host) if r["kind"] == "instance-release"]
+    assert released["instance"] == instance("t1") and released["domid"] == t1
+    assert released["uuid"] == uuid_of("t1")
     # another UUID: another instance; the same UUID again: the same instance
     create(host, "t3")
     assert ok(host.ctl("getlabel", "dom", "t3")).strip().endswith(f"[{instance('t3')}]")
     create(host, "t1")
     assert ok(host.ctl("getlabel", "dom", "t1")).strip().endswith(f"[{instance('t1')}]")
     assert instance("t3") != instance("t1")
+
+
+def test_addlabel_assigns_a_disk_to_an_instance_and_never_away_from_its_user(
+    host: Host,
+) -> None:
+    host.start()
+    create(host, "t1", image("t1"))
+    t3_disk = "file:/srv/xen/images/t3.img"
+    out = ok(host.ctl("addlabel", f"tenant_disk@{uuid_of('t3')}", "res", t3_disk))
+    bound = f"{acm('tenant_disk')}@{uuid_of('t3')}"
+    assert out.strip() == f"disk:/srv/xen/images/t3.img: {bound} (was unlabelled)"
+    assert ok(host.ctl("getlabel", "res", t3_disk)).strip() == bound
+    create(host, "t3", image("t3"))  # its own disk: admitted
+
+    bad = host.ctl("addlabel", "tenant_disk@not-a-uuid", "res", t3_disk)
+    assert bad.returncode == 2 and "is not a domain UUID" in bad.stderr, bad.stderr
+    # t1 uses its disk: assigning it to t3 instead is refused, and nothing changes
+    t1_disk = "file:/srv/xen/images/t1.img"
+    moved = host.ctl("addlabel", f"tenant_disk@{uuid_of('t3')}", "res", t1_disk)
+    assert moved.returncode != 0 and "is assigned to the instance of domain" in moved.stderr
+    assert ok(host.ctl("getlabel", "res", t1_disk)).strip().endswith(f"@{uuid_of('t1')}")

@@ -94,6 +94,8 @@ class Kind(enum.StrEnum):
     FLASK_RELABEL = "flask-relabel"
     FLASK_AVC = "flask-avc"
     FLASK_AVC_REPEATS = "flask-avc-repeats"
+    #: A domain that ran as an instance of a dynamic label is gone: its instance is released.
+    INSTANCE_RELEASE = "instance-release"
     # Written by the audit log itself.
     LOG_START = "log-start"
     ROTATE = "rotate"
