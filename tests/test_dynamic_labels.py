@@ -459,3 +459,14 @@ def test_policy_diff_names_dynamic_and_per_instance_changes(tmp_path: Path) -> N
         "~ VM label tenant: dynamic",
         "~ resource label tenant_disk: no longer per instance",
     ]
+
+
+def test_dom0_never_runs_as_an_instance() -> None:
+    h = Host(attrs.evolve(store(), dom0="tenant"))
+    assert h.engine.dom0_label() == "dom0"
+    h = Host(attrs.evolve(store(), dom0="backup"))
+    assert h.engine.dom0_label() == "backup"
+    backup = POLICY.vm_label("backup")
+    assert backup is not None
+    check = switched(h, next_version(POLICY, backup=attrs.evolve(backup, dynamic=True)))
+    assert check.allowed and h.engine.dom0_label() == "dom0"

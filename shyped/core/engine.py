@@ -134,6 +134,8 @@ class Engine:
         # (ACM's chwall_init_state counted it): with the label an operator gave it (label
         # store, kept across restarts) if that resolves, else the bootstrap label.
         dom0 = self._resolve(labels.dom0) if labels.dom0 is not None else None
+        if dynamic_label(policy.policy, dom0) is not None:
+            dom0 = None  # dom0 is never an instance (a dynamic label cannot be bootstrap)
         self._counted[0] = dom0 or policy.policy.bootstrap
         self._rebuild()
 
@@ -608,6 +610,8 @@ class Engine:
         self._counted = quota.CountedLabels(
             {d: label for d, label in counted.items() if self._resolve(label) is not None}
         )
+        if dynamic_label(policy.policy, self._counted.get(0)) is not None:
+            del self._counted[0]  # dom0 is never an instance: back to the bootstrap label
         self._counted.setdefault(0, policy.policy.bootstrap)
         self._keep_instances()
         self._rebuild()
