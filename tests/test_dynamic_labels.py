@@ -470,3 +470,17 @@ def test_dom0_never_runs_as_an_instance() -> None:
     assert backup is not None
     check = switched(h, next_version(POLICY, backup=attrs.evolve(backup, dynamic=True)))
     assert check.allowed and h.engine.dom0_label() == "dom0"
+
+
+def test_label_store_check_warns_of_a_per_instance_label_assigned_to_no_instance() -> None:
+    text = store(a=f"tenant_disk@{A}", loose="tenant_disk").to_json()
+    problems = label_store_problems(text, "labels.json", POLICY)
+    assert [(p.severity, p.message) for p in problems] == [
+        (
+            "warning",
+            "resource disk:/img/loose.img: label 'tenant_disk' is per instance: assign it to "
+            "one instance as tenant_disk@<uuid> (as it is, no domain may use it)",
+        )
+    ]
+    line = text.splitlines().index('    "disk:/img/loose.img": "tenant_disk"') + 1
+    assert problems[0].line == line
