@@ -184,6 +184,10 @@ def test_addlabel_assigns_a_disk_to_an_instance_and_never_away_from_its_user(
     host: Host,
 ) -> None:
     host.start()
+    long = ok(host.ctl("labels", "--type", "any", "-l")).splitlines()
+    assert "vm  tenant  ste=svc,tenant cw= dynamic" in long
+    assert "vm  lab  ste=lab,svc cw= dynamic shared=lab" in long
+    assert "res tenant_disk  ste=tenant per-instance" in long
     create(host, "t1", image("t1"))
     t3_disk = "file:/srv/xen/images/t3.img"
     out = ok(host.ctl("addlabel", f"tenant_disk@{uuid_of('t3')}", "res", t3_disk))

@@ -163,6 +163,12 @@ def cmd_labels(ctx: Ctx) -> int:
                     extra.append("mls=" + lab.mls)
                 if lab.bootstrap:
                     extra.append("bootstrap")
+                if lab.dynamic:
+                    extra.append("dynamic")
+                if lab.shared_types:
+                    extra.append("shared=" + ",".join(lab.shared_types))
+                if lab.per_instance:
+                    extra.append("per-instance")
             tail = ("  " + " ".join(extra)) if extra else ""
             kind = "" if ctx.args.type != "any" else f"{lab.type:<4}"
             ctx.say(f"{kind}{lab.name}{tail}")

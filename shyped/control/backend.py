@@ -394,6 +394,11 @@ class LabelInfo:
     cw_types: tuple[str, ...] = ()
     mls: str | None = None
     bootstrap: bool = False
+    #: Dynamic labels (docs/policy.md): a VM label that is a template and the types its
+    #: instances share; a resource label that belongs to one instance.
+    dynamic: bool = False
+    shared_types: tuple[str, ...] = ()
+    per_instance: bool = False
 
 
 @attrs.frozen

@@ -59,6 +59,8 @@ def label_list(policy: Policy, kind: str = "any") -> LabelList:
                     cw_types=tuple(sorted(v.cw_types)),
                     mls=str(v.mls) if v.mls else None,
                     bootstrap=v.name == policy.bootstrap,
+                    dynamic=v.dynamic,
+                    shared_types=tuple(sorted(v.shared_types)),
                 )
             )
     if kind in ("res", "any"):
@@ -70,6 +72,7 @@ def label_list(policy: Policy, kind: str = "any") -> LabelList:
                     type="res",
                     ste_types=(r.ste_type,),
                     mls=str(r.mls) if r.mls else None,
+                    per_instance=r.per_instance,
                 )
             )
     return LabelList(policy=policy.name, labels=tuple(out))
