@@ -4,6 +4,7 @@ subprocesses against its control socket. Nothing here stands in for the daemon."
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
 from process_helpers import ShypedProcess
@@ -168,6 +170,21 @@ class Host:
 
     def label_node(self, name: str) -> str | None:
         return self.read(f"/local/domain/{self.domid(name)}/shyped/label")
+
+
+def audit_records(host: Host) -> list[dict[str, Any]]:
+    """Every record in the host's audit directory (``[audit] directory = <dir>/audit``), in
+    order; a line still being written is skipped."""
+    out = []
+    for path in sorted((host.directory / "audit").iterdir()):
+        for line in path.read_bytes().splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and "kind" in doc:
+                out.append(doc)
+    return out
 
 
 @contextmanager

@@ -8,10 +8,10 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from control_daemon_helpers import PY, Host, image, sandbox_host
+from control_daemon_helpers import audit_records as records
 from peercred_helpers import Accounts, code, needs_users, run_as, system_accounts
 
 from shyped.sandbox.xenstored import SandboxXenstored
@@ -37,19 +37,6 @@ def host(xenstored: SandboxXenstored, accounts: Accounts) -> Iterator[Host]:
             "max_file_bytes = 16384\nkeep_files = 2\n"
         )
         yield h
-
-
-def records(host: Host) -> list[dict[str, Any]]:
-    out = []
-    for path in sorted((host.directory / "audit").iterdir()):
-        for line in path.read_bytes().splitlines():
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(doc, dict) and "kind" in doc:
-                out.append(doc)
-    return out
 
 
 #: argv[2] setenforce requests on each of argv[3] connections, answers read; the codes seen.

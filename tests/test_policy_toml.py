@@ -171,7 +171,7 @@ CASES = {
         'cw = ["sys"]',
         'cw = ["sys"]\ncw_types = ["sys"]  # <-',
         "unknown key 'cw_types' in label 'dom0' (allowed: name, ste, cw, level, categories, from, "
-        "quota)",
+        "quota, dynamic, shared)",
     ),
     "wrong value type": (
         'ste = ["a"]\ncw = ["a"]',

@@ -63,7 +63,7 @@ from shyped.cli.shypectl_pool import add_pool_commands
 from shyped.control import backend as b
 from shyped.control.client import DaemonUnreachable
 from shyped.control.protocol import ControlError
-from shyped.control.views import match_domain
+from shyped.control.views import match_domain, shown_label
 from shyped.control.xlitems import set_cfg_label, summarize, with_overrides
 from shyped.core.xlcfg import XlConfigError
 
@@ -169,6 +169,12 @@ def cmd_labels(ctx: Ctx) -> int:
                     extra.append("mls=" + lab.mls)
                 if lab.bootstrap:
                     extra.append("bootstrap")
+                if lab.dynamic:
+                    extra.append("dynamic")
+                if lab.shared_types:
+                    extra.append("shared=" + ",".join(lab.shared_types))
+                if lab.per_instance:
+                    extra.append("per-instance")
             tail = ("  " + " ".join(extra)) if extra else ""
             kind = "" if ctx.args.type != "any" else f"{lab.type:<4}"
             ctx.say(f"{kind}{lab.name}{tail}")
@@ -182,7 +188,7 @@ def cmd_getlabel(ctx: Ctx) -> int:
         return getlabel_dom(ctx, ctx.args.target)
     if ctx.args.kind == "mgt":
         dom = ctx.client.get_domain_label(ctx.args.target)
-        ctx.emit(dom, lambda: ctx.say(dom.label or "(unlabelled)"))
+        ctx.emit(dom, lambda: ctx.say(shown_label(dom) or "(unlabelled)"))
     else:
         res = ctx.client.get_resource_label(ctx.args.target)
         ctx.emit(res, lambda: ctx.say(res.label or "(unlabelled)"))
@@ -277,7 +283,7 @@ def _list_row(d: b.DomainInfo) -> str:
     time_s = "-" if d.cpu_seconds is None else f"{d.cpu_seconds:.1f}"
     return (
         f"{(d.name or '?'):<40} {d.domid:>5} {mem:>5} {vcpus:>5} {d.state:>10} {time_s:>9}"
-        f"  {d.label or '-'}"
+        f"  {shown_label(d) or '-'}"
     )
 
 

@@ -20,6 +20,7 @@ from shyped.cli.ctlcommon import (
     _policy_source,
     _read_text,
 )
+from shyped.control.views import shown_label
 from shyped.control.xlitems import summarize
 
 #: Where ``xm setpolicy ACM NAME`` looked policies up (xend's ``xend-security-path``).
@@ -121,7 +122,7 @@ def getlabel_dom(ctx: Ctx, target: str) -> int:
         )
         return EXIT_OK
     dom = ctx.client.get_domain_label(target)
-    ctx.emit(dom, lambda: ctx.say(dom.label or "(unlabelled)"))
+    ctx.emit(dom, lambda: ctx.say(shown_label(dom) or "(unlabelled)"))
     return EXIT_OK
 
 

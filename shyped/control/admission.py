@@ -99,6 +99,9 @@ class DaemonBackendBase:
         if label is None:
             return None
         policy = self._policy
+        name, sep, uuid = label.partition("@")  # a resource assigned to an instance
+        if sep and ":" not in label and policy.resource_label(name) is not None:
+            return f"{policy.label_string(name)}@{uuid}"
         if ":" not in label and (
             policy.vm_label(label) is not None or policy.resource_label(label) is not None
         ):
@@ -108,6 +111,9 @@ class DaemonBackendBase:
     def _info(self, dom: Domain, cpu: dict[int, float] | None = None) -> b.DomainInfo:
         cpu = self._cpu_seconds() if cpu is None else cpu
         info = views.domain_info(dom, self._full(dom.label), cpu)
+        inst = self.daemon.engine.instance_of(dom.domid)
+        if inst is not None:
+            info = attrs.evolve(info, instance=inst.name)
         flask = self.daemon.flask
         if flask is None:
             return info

@@ -406,6 +406,11 @@ class LabelInfo:
     cw_types: tuple[str, ...] = ()
     mls: str | None = None
     bootstrap: bool = False
+    #: Dynamic labels (docs/policy.md): a VM label that is a template and the types its
+    #: instances share; a resource label that belongs to one instance.
+    dynamic: bool = False
+    shared_types: tuple[str, ...] = ()
+    per_instance: bool = False
 
 
 @attrs.frozen
@@ -431,6 +436,8 @@ class DomainInfo:
     cpu_seconds: float | None = None
     #: Its security context in Xen (``xl list -Z``) when Xen has FLASK, as last read.
     flask_context: str | None = None
+    #: The instance it runs as under a dynamic label (``web#3f…``; docs/policy.md).
+    instance: str | None = None
 
 
 @attrs.frozen

@@ -60,6 +60,7 @@ from shyped.control.policyparse import parse_isolated
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.core.audit import Kind
 from shyped.core.hostfacts import Domain, DomainState
+from shyped.core.instances import instance_rules
 from shyped.core.labelstore import (
     LabelStoreError,
     resolve_resource,
@@ -196,7 +197,7 @@ class DaemonControlBackend(DaemonBackendBase):
 
     def get_resource_label(self, args: b.ResourceArgs) -> b.ResourceInfo:
         rid = self._resource(args.resource)
-        return b.ResourceInfo(rid, self._full(self._store.resource_label(rid)))
+        return b.ResourceInfo(rid, self._full(self._stored(rid)))
 
     def resources(self) -> b.ResourceList:
         return b.ResourceList(
@@ -221,9 +222,12 @@ class DaemonControlBackend(DaemonBackendBase):
             # the UUID; without one, the store's label by UUID, then by name.
             label = new.label or self._store.domain_label(new.uuid, new.name)
             subject, running = new.name, engine.running
+            uuid = new.uuid
         else:
             dom = self._domain(cast(str, args.running))
             label, subject, running = dom.label, dom.name or str(dom.domid), None
+            uuid = dom.uuid if engine.instance_of(dom.domid) is not None else None
+        narrow = instance_rules(engine.policy, label, uuid, self._store, resolve_resource)
         return views.dry_run(
             engine.policy,
             subject=subject,
@@ -237,6 +241,7 @@ class DaemonControlBackend(DaemonBackendBase):
             channels=args.channels,
             backend_label=self._backend_label,
             acm_only=args.acm_only,
+            narrow=narrow,
         )
 
     def _backend_label(self, ref: str) -> str | None:
@@ -345,19 +350,29 @@ class DaemonControlBackend(DaemonBackendBase):
     def set_resource_label(self, args: b.SetResourceLabelArgs) -> b.ResourceLabelChange:
         self._ready()
         rid = self._resource(args.resource)
-        bare = views.find_label(self._policy, args.label, "res").name if args.label else None
-        previous = self._store.resource_label(rid)
-        check = self.daemon.check_resource_relabel(rid, bare)
+        bare, stored = (
+            views.resource_assignment(self._policy, args.label) if args.label else (None, None)
+        )
+        previous = self._stored(rid)
+        bound = stored.partition("@")[2] or None if stored is not None else None
+        check = self.daemon.check_resource_relabel(rid, bare, bound)
         if not check.allowed:
             raise ControlError(
                 ErrorCode.DENIED,
                 f"label {bare or 'none'} for {rid} denied: it is in use",
                 {"reasons": list(check.reasons)},
             )
-        self._save(self._store.with_resource(rid, bare))
-        self._record(Kind.RESOURCE_LABEL, resource=rid, old=previous, new=bare)
-        log.info("control: resource {rid}: {old} -> {new}", rid=rid, old=previous, new=bare or "-")
-        return b.ResourceLabelChange(rid, self._full(bare), self._full(previous))
+        self._save(self._store.with_resource(rid, stored))
+        self._record(Kind.RESOURCE_LABEL, resource=rid, old=previous, new=stored)
+        log.info(
+            "control: resource {rid}: {old} -> {new}", rid=rid, old=previous, new=stored or "-"
+        )
+        return b.ResourceLabelChange(rid, self._full(stored), self._full(previous))
+
+    def _stored(self, rid: str) -> str | None:
+        """A resource's label as stored: ``<label>`` or ``<label>@<uuid>`` (an instance's)."""
+        name, uuid = self._store.resource_binding(rid)
+        return name if uuid is None or name is None else f"{name}@{uuid}"
 
     def policy_show(self, args: b.PolicyShowArgs) -> b.PolicyText:
         if args.format == "toml":

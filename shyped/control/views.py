@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
+import uuid as uuidlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final, Literal
 
@@ -30,6 +31,7 @@ from shyped.control.backend import (
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.core.devicekinds import CHANNEL_KINDS, unknown_kind
 from shyped.core.hostfacts import Domain
+from shyped.core.instances import BINDING_SEP
 from shyped.core.labelstore import (
     LabelStoreError,
     bridge_resource,
@@ -57,6 +59,8 @@ def label_list(policy: Policy, kind: str = "any") -> LabelList:
                     cw_types=tuple(sorted(v.cw_types)),
                     mls=str(v.mls) if v.mls else None,
                     bootstrap=v.name == policy.bootstrap,
+                    dynamic=v.dynamic,
+                    shared_types=tuple(sorted(v.shared_types)),
                 )
             )
     if kind in ("res", "any"):
@@ -68,6 +72,7 @@ def label_list(policy: Policy, kind: str = "any") -> LabelList:
                     type="res",
                     ste_types=(r.ste_type,),
                     mls=str(r.mls) if r.mls else None,
+                    per_instance=r.per_instance,
                 )
             )
     return LabelList(policy=policy.name, labels=tuple(out))
@@ -94,6 +99,30 @@ def label_name(policy: Policy, label: str) -> str:
     if why is not None:
         raise ControlError(ErrorCode.INVALID_ARGUMENT, why)
     return label
+
+
+def resource_assignment(policy: Policy, label: str) -> tuple[str, str]:
+    """A resource label argument as (label name, value for the label store): a resource label
+    (bare or ``ACM:<policy>:<label>``), optionally assigned to one instance of a dynamic label
+    as ``<label>@<uuid>`` (docs/policy.md, "Dynamic labels")."""
+    text, sep, uuid = label.rpartition(BINDING_SEP)
+    if not sep:
+        name = find_label(policy, label, "res").name
+        return name, name
+    try:
+        canonical = str(uuidlib.UUID(uuid))
+    except ValueError:
+        raise ControlError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"{label[:120]!r}: {uuid[:60]!r} after '@' is not a domain UUID "
+            "(assign a resource to an instance as <label>@<uuid>)",
+        ) from None
+    if canonical != uuid.lower():
+        raise ControlError(
+            ErrorCode.INVALID_ARGUMENT, f"{label[:120]!r}: write the UUID as {canonical}"
+        )
+    name = find_label(policy, text, "res").name
+    return name, f"{name}{BINDING_SEP}{canonical}"
 
 
 def unknown_label(policy: Policy, name: str, kind: str) -> ControlError:
@@ -227,6 +256,14 @@ def domain_info(
     )
 
 
+def shown_label(d: DomainInfo) -> str | None:
+    """A domain's label as ``list`` and ``getlabel`` print it: ``ACM:<policy>:<label>``, and
+    the instance in brackets for a dynamic label (``ACM:hosting:web [web#3f…]``)."""
+    if d.label is None or d.instance is None:
+        return d.label
+    return f"{d.label} [{d.instance}]"
+
+
 Kind = Literal["domain", "disk", "vif", "pci", "device"]
 
 
@@ -268,6 +305,7 @@ def dry_run(
     channels: Iterable[ChannelItem] = (),
     backend_label: Callable[[str], str | None] | None = None,
     acm_only: bool = False,
+    narrow: Callable[[str, Decision], Decision] | None = None,
 ) -> DryRunResult:
     """Would a domain labelled `label` and each of its devices be admitted now?
 
@@ -276,6 +314,9 @@ def dry_run(
     domain's label (dom0: the bootstrap label), `resource_label(resource_id)` a resource's
     stored label (None: unlabelled). Each device gets the first denial among its checks:
     the device channel to its backend (STE/MLS), then the resource (STE/MLS, writable or not).
+
+    `narrow(resource_id, decision)`: the instance rules of a dynamic label
+    (`shyped.policy.instances`) on each resource decision.
 
     `acm_only`: Xen ACM's ``xm dry-run`` (``tools/python/xen/xm/dry-run.py``, 4.1.0): the
     label resolves (no Chinese Wall against running domains), each disk's resource label
@@ -299,7 +340,8 @@ def dry_run(
             except LabelStoreError as exc:
                 items.append(Verdict(what, "disk", False, f"deny resource: {exc}", "label"))
                 continue
-            checks.append(engine.resource(label, resource_label(rid), writable=disk.writable))
+            d = engine.resource(label, resource_label(rid), writable=disk.writable)
+            checks.append(narrow(rid, d) if narrow is not None else d)
         if checks:
             items.append(_worst(what, "disk", checks))
     for n, vif in enumerate(() if acm_only else vifs):
@@ -311,7 +353,8 @@ def dry_run(
         except LabelStoreError as exc:
             items.append(Verdict(what, "vif", False, f"deny resource: {exc}", "label"))
             continue
-        checks.append(engine.resource(label, resource_label(rid), writable=True))
+        d = engine.resource(label, resource_label(rid), writable=True)
+        checks.append(narrow(rid, d) if narrow is not None else d)
         items.append(_worst(what, "vif", checks))
     items += device_verdicts(
         engine,
@@ -321,6 +364,7 @@ def dry_run(
         domain_label=domain_label,
         resource_label=resource_label,
         backend_label=backend_label,
+        narrow=narrow,
     )
     return DryRunResult(permitted=all(i.permitted for i in items), items=tuple(items))
 
@@ -334,6 +378,7 @@ def device_verdicts(
     domain_label: Callable[[int], str | None],
     resource_label: Callable[[str], str | None],
     backend_label: Callable[[str], str | None] | None,
+    narrow: Callable[[str, Decision], Decision] | None = None,
 ) -> list[Verdict]:
     """The dry run's PCI devices (STE with dom0's pciback, then the device's resource label,
     as the daemon decides ``/libxl/pci`` records) and other devices: a kind the daemon
@@ -348,7 +393,8 @@ def device_verdicts(
         except LabelStoreError as exc:
             items.append(Verdict(what, "pci", False, f"deny resource: {exc}", "label"))
             continue
-        checks.append(engine.resource(label, resource_label(rid), writable=True))
+        d = engine.resource(label, resource_label(rid), writable=True)
+        checks.append(narrow(rid, d) if narrow is not None else d)
         items.append(_worst(what, "pci", checks))
     for ch in channels:
         what = f"{ch.kind} (backend {ch.backend})"

@@ -94,6 +94,8 @@ class Kind(enum.StrEnum):
     FLASK_RELABEL = "flask-relabel"
     FLASK_AVC = "flask-avc"
     FLASK_AVC_REPEATS = "flask-avc-repeats"
+    #: A domain that ran as an instance of a dynamic label is gone: its instance is released.
+    INSTANCE_RELEASE = "instance-release"
     # Written by the audit log itself.
     LOG_START = "log-start"
     ROTATE = "rotate"
@@ -191,21 +193,24 @@ class Party:
     uuid: str | None = None
     label: str | None = None
     resource: str | None = None
+    #: The instance a domain runs as under a dynamic label (``web#3f…``, `shyped.core.instances`).
+    instance: str | None = None
 
     def to_json(self) -> dict[str, JsonValue]:
         out: dict[str, JsonValue] = {}
-        for field in ("name", "domid", "uuid", "label", "resource"):
+        for field in ("name", "domid", "uuid", "label", "resource", "instance"):
             v = getattr(self, field)
             if v is not None:
                 out[field] = to_json_value(v)
         return out
 
     def describe(self) -> str:
-        """``web(3)``, ``disk:/img/a.img`` or ``?`` for log lines."""
+        """``web(3)``, ``web(3 web#3f…)``, ``disk:/img/a.img`` or ``?`` for log lines."""
         if self.resource is not None:
             return self.resource
         who = self.name or (self.uuid or "?")
-        return f"{who}({self.domid})" if self.domid is not None else who
+        inst = f" {self.instance}" if self.instance else ""
+        return f"{who}({self.domid}{inst})" if self.domid is not None else who
 
 
 # ------------------------------------------------------------------------------- records
@@ -410,7 +415,7 @@ def _party(body: Mapping[str, Any], key: str) -> Party:
     if not isinstance(raw, Mapping):
         return Party()
     kw: dict[str, Any] = {}
-    for name in ("name", "uuid", "label", "resource"):
+    for name in ("name", "uuid", "label", "resource", "instance"):
         if isinstance(raw.get(name), str):
             kw[name] = raw[name]
     if isinstance(raw.get("domid"), int):
@@ -439,6 +444,8 @@ def format_denial(record: Record) -> str:
             parts.append(f"{prefix}domid={p.domid}")
         if p.resource is not None:
             parts.append(f"{prefix}resource={_kv(p.resource)}")
+        if p.instance is not None:
+            parts.append(f"{prefix}instance={_kv(p.instance)}")
     for key in ("rule", "mode"):
         if key in b:
             parts.append(f"{key}={_kv(b[key])}")

@@ -50,11 +50,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import cast
 
+import attrs
+
 from shyped.core import quota
 from shyped.core.accounting import HOOK_OF_KIND, account_domain
 from shyped.core.actions import (
     Action,
-    CutDevice,
     RemoveNode,
     RemoveVchan,
     ResetPerms,
@@ -66,7 +67,8 @@ from shyped.core.channels import ChannelKey
 from shyped.core.devicekinds import unknown_kind
 from shyped.core.events import DeviceKey
 from shyped.core.host import HostModel
-from shyped.core.hostfacts import DomainReleased, DomainState, NeedsDecision, VchanKey
+from shyped.core.hostfacts import Domain, DomainReleased, DomainState, NeedsDecision, VchanKey
+from shyped.core.instances import Instance, Instances, dynamic_label
 from shyped.core.labelstore import (
     LabelStore,
 )
@@ -82,9 +84,11 @@ from shyped.core.running import (
     _invalid_resource,
     adapt_running_system,
 )
+from shyped.core.vetoes import denied_party, exemption, veto_for
 from shyped.policy import update
 from shyped.policy.chinese_wall import NotRunningError, RunningSet, running_set
 from shyped.policy.decisions import Decision, Hook, PolicyEngine, Rule, UnknownLabelError
+from shyped.policy.instances import instance_resource
 from shyped.policy.model import LabelRef
 
 #: Host states whose domains are running as far as the policy is concerned.
@@ -117,6 +121,8 @@ class Engine:
         self.resolve: Callable[[str], str] = resolve or _as_is
         self._running: RunningSet = running_set(policy)
         self._counted = quota.CountedLabels()
+        #: instances of dynamic labels, claimed at admission (`shyped.core.instances`)
+        self._instances = Instances()
         #: label strings published for running domains, read at reconcile (`remember_published`)
         self._published: dict[int, str] = {}
         #: During a sweep: the domains re-admitted so far (max_domains counts only those).
@@ -128,6 +134,8 @@ class Engine:
         # (ACM's chwall_init_state counted it): with the label an operator gave it (label
         # store, kept across restarts) if that resolves, else the bootstrap label.
         dom0 = self._resolve(labels.dom0) if labels.dom0 is not None else None
+        if dynamic_label(policy.policy, dom0) is not None:
+            dom0 = None  # dom0 is never an instance (a dynamic label cannot be bootstrap)
         self._counted[0] = dom0 or policy.policy.bootstrap
         self._rebuild()
 
@@ -154,6 +162,20 @@ class Engine:
     def label_string(self, name: str) -> str:
         return self._policy.policy.label_string(name)
 
+    def instance_of(self, domid: int) -> Instance | None:
+        """The instance `domid` runs as (a dynamic label), or None."""
+        return self._instances.get(domid)
+
+    def _party(self, dom: Domain | None, domid: int) -> Party:
+        inst = self._instances.get(domid)
+        party = _party(dom, domid)
+        return party if inst is None else attrs.evolve(party, instance=inst.name)
+
+    def _keep_instances(self) -> None:
+        """Give up the instances of domains no longer counted with a dynamic label."""
+        policy = self._policy.policy
+        self._instances.retain(lambda d: dynamic_label(policy, self._counted.get(d)))
+
     # ---- decisions ----------------------------------------------------------------------
 
     def decide(self, need: NeedsDecision, host: HostModel) -> Outcome:
@@ -168,6 +190,7 @@ class Engine:
 
     def release(self, released: DomainReleased) -> str | None:
         """A domain is gone: uncount it. Returns the label it was counted with, if any."""
+        self._instances.release(released.domid)
         label = self._counted.pop(released.domid, None)
         if label is not None:
             try:
@@ -256,53 +279,33 @@ class Engine:
         if decision.permitted and name is not None and self._has_quota(name):
             others = self._others_counted(name, domid)
             checks = self._with_quota(checks, host, domid, name, Hook.DOMAIN_ADMIT, others)
+        inst, clash = self._instances.admission(self._policy.policy, domid, name, need.uuid)
+        if clash is not None and all(c.permitted for c in checks):
+            checks.append(clash)
         allowed = all(c.permitted for c in checks)
         published: tuple[Action, ...] = ()
+        self._instances.release(domid)
         if name is not None and (allowed or self.mode is Mode.PERMISSIVE):
             self._running.start(name)
             self._counted[domid] = name
             if self._swept is not None:
                 self._swept.add(domid)
             published = (WriteLabel(domid, need.uuid, self.label_string(name)),)
+            if inst is not None and clash is None:
+                self._instances.claim(domid, inst)
         recorded = name if name is not None else raw
+        shown = inst.name if inst is not None and clash is None else None
         return self._outcome(
             need,
             f"domain {domid}",
             checks,
             VetoDomain(domid, self.domain_veto),
-            subject=Party(name=need.name, domid=domid, uuid=need.uuid, label=recorded),
+            subject=Party(
+                name=need.name, domid=domid, uuid=need.uuid, label=recorded, instance=shown
+            ),
             label=recorded,
             published=published,
         )
-
-    def _exempt(self, host: HostModel, domid: int, role: str) -> str:
-        """Why a veto is left to the domain's own veto: it is being destroyed."""
-        dom = host.domain(domid)
-        if (
-            dom is not None
-            and dom.state is DomainState.DENIED
-            and self.domain_veto is DomainVeto.DESTROY
-        ):
-            return f"{role} domain {domid} is being destroyed"
-        return ""
-
-    @staticmethod
-    def _denied_party(
-        hook: Hook, host: HostModel, domids: tuple[int, ...], subject: str | None
-    ) -> Decision | None:
-        """A deny if one of `domids` is a domain denied admission (fail closed)."""
-        for d in domids:
-            dom = host.domain(d)
-            if dom is not None and dom.state is DomainState.DENIED:
-                return Decision(
-                    False,
-                    hook,
-                    Rule.DENIED_DOMAIN,
-                    f"domain {d} is denied admission: nothing it is party to is permitted",
-                    subject,
-                    dom.label,
-                )
-        return None
 
     def _device(self, need: NeedsDecision, host: HostModel) -> Outcome:
         key = cast(DeviceKey, need.key)
@@ -310,7 +313,7 @@ class Engine:
         fe_dom, be_dom = host.domain(fe), host.domain(be)
         fe_label = fe_dom.label if fe_dom is not None else None
         be_label = be_dom.label if be_dom is not None else None
-        denied = self._denied_party(Hook.DEVICE_CHANNEL, host, (fe, be), fe_label)
+        denied = denied_party(Hook.DEVICE_CHANNEL, host, (fe, be), fe_label)
         checks = [denied or self._policy.channel(Hook.DEVICE_CHANNEL, fe_label, be_label)]
         unknown = unknown_kind(key.kind, need.resource.resource if need.resource else None)
         if unknown is not None and checks[0].permitted:
@@ -321,28 +324,32 @@ class Engine:
             rid = resource_of(key.kind, use.resource)
             if rid is not None:
                 rid = self.resolve(rid)
-            rlabel = self.labels.resource_label(rid) if rid is not None else None
-            res_party = Party(resource=rid or use.resource[:200], label=rlabel)
+            rlabel, bound = self.labels.resource_binding(rid) if rid is not None else (None, None)
+            shown = rlabel if bound is None else f"{rlabel}@{bound}"
+            res_party = Party(resource=rid or use.resource[:200], label=shown)
             if checks[0].permitted:
                 if rid is None:  # never "unlabelled": an id we cannot read is denied
                     checks.append(_invalid_resource(use.resource))
                 else:
-                    checks.append(self._policy.resource(fe_label, rlabel, writable=use.writable))
+                    base = self._policy.resource(fe_label, rlabel, writable=use.writable)
+                    inst = self._instances.get(fe)
+                    uuid = inst.uuid if inst is not None else None
+                    checks.append(
+                        instance_resource(
+                            self._policy.policy, base, bound_to=bound, domain_uuid=uuid
+                        )
+                    )
         if all(c.permitted for c in checks) and fe_dom is not None:
             checks = self._with_quota(checks, host, fe, fe_label, Hook.DEVICE_CHANNEL)
-        dev = host.device(key)
-        backend_kind = dev.backend_kind if dev is not None else key.kind
-        veto: CutDevice | VetoDomain = CutDevice(key, be, backend_kind)
-        if dev is not None and dev.emulated:  # the device model keeps it: the domain goes
-            veto = VetoDomain(fe, self.domain_veto)
+        veto, _ = veto_for(need, host, self.domain_veto)
         return self._outcome(
             need,
             f"device {key.kind} {fe}/{key.devid}",
             checks,
             veto,
-            exempt=self._exempt(host, fe, "frontend"),
-            subject=_party(fe_dom, fe),
-            peer=_party(be_dom, be),
+            exempt=exemption(host, fe, "frontend", self.domain_veto),
+            subject=self._party(fe_dom, fe),
+            peer=self._party(be_dom, be),
             resource=res_party,
         )
 
@@ -351,7 +358,7 @@ class Engine:
         server = need.domid
         sdom = host.domain(server)
         s_label = sdom.label if sdom is not None else None
-        clients = tuple(_party(host.domain(c), c) for c in need.peers)
+        clients = tuple(self._party(host.domain(c), c) for c in need.peers)
         checks, peer = self._pair_checks(
             Hook.VCHAN,
             need,
@@ -370,14 +377,14 @@ class Engine:
             if cdom is not None and cdom.state not in _UNDECIDED and c != 0:
                 checks = self._with_quota(checks, host, c, cdom.label, Hook.VCHAN)
                 if not checks[-1].permitted:
-                    peer = _party(cdom, c)
+                    peer = self._party(cdom, c)
         return self._outcome(
             need,
             f"vchan {key.path}",
             checks,
             RemoveVchan(server, key.path),
-            exempt=self._exempt(host, server, "server"),
-            subject=_party(sdom, server),
+            exempt=exemption(host, server, "server", self.domain_veto),
+            subject=self._party(sdom, server),
             peer=peer,
             clients=clients,
         )
@@ -396,7 +403,7 @@ class Engine:
         denied outright if a party is a denied domain or every domain may connect; else the
         policy's channel decision per peer up to the first denial (`nobody` permits when no
         named peer exists yet). Returns the checks and the peer that decided."""
-        denied = self._denied_party(hook, host, (need.domid, *need.peers), label)
+        denied = denied_party(hook, host, (need.domid, *need.peers), label)
         if denied is not None:
             return [denied], None
         if need.any_peer:
@@ -410,7 +417,7 @@ class Engine:
             d = self._policy.channel(hook, label, cdom.label)
             checks.append(d)
             if peer is None or not d.permitted:
-                peer = _party(cdom, c)
+                peer = self._party(cdom, c)
             if not d.permitted:
                 break
         if not checks:
@@ -422,7 +429,7 @@ class Engine:
         owner = need.domid
         odom = host.domain(owner)
         o_label = odom.label if odom is not None else None
-        peers = tuple(_party(host.domain(c), c) for c in need.peers)
+        peers = tuple(self._party(host.domain(c), c) for c in need.peers)
         veto: Action = ResetPerms(owner, key.path)
         if need.over_limit:
             veto = RemoveNode(owner, key.path)
@@ -446,7 +453,7 @@ class Engine:
             f"xs-channel {key.path}",
             checks,
             veto,
-            subject=_party(odom, owner),
+            subject=self._party(odom, owner),
             peer=peer,
             clients=peers,
         )
@@ -519,7 +526,7 @@ class Engine:
             f"domain {domid}",
             [q],
             VetoDomain(domid, self.domain_veto),
-            subject=_party(dom, domid),
+            subject=self._party(dom, domid),
             label=name,
         )
 
@@ -539,7 +546,7 @@ class Engine:
             f"domain {breach.domid}",
             [breach.decision],
             VetoDomain(breach.domid, DomainVeto.PAUSE),
-            subject=_party(dom, breach.domid),
+            subject=self._party(dom, breach.domid),
             label=breach.label,
         )
 
@@ -548,35 +555,15 @@ class Engine:
         fail-closed); the veto is the hook's usual one. Nothing is counted."""
         hook = HOOK_OF_KIND[need.kind]
         dom = host.domain(need.domid)
-        subject = _party(dom, need.domid)
+        subject = self._party(dom, need.domid)
         if need.kind == "domain":
             subject = Party(name=need.name, domid=need.domid, uuid=need.uuid)
         d = Decision(False, hook, rule, reason, subject.label)
-        veto: Action
         if need.kind == "domain":
+            self._instances.release(need.domid)
             if self._counted.pop(need.domid, None) is not None:
                 self._rebuild()
-            veto = VetoDomain(need.domid, self.domain_veto)
-            what = f"domain {need.domid}"
-        elif need.kind == "device":
-            key = cast(DeviceKey, need.key)
-            dev = host.device(key)
-            veto = CutDevice(key, need.peers[0], dev.backend_kind if dev else key.kind)
-            if dev is not None and dev.emulated:
-                veto = VetoDomain(need.domid, self.domain_veto)
-            what = f"device {key.kind} {need.domid}/{key.devid}"
-        elif need.kind == "channel":
-            ckey = cast(ChannelKey, need.key)
-            veto = (
-                RemoveNode(need.domid, ckey.path)
-                if need.over_limit
-                else ResetPerms(need.domid, ckey.path)
-            )
-            what = f"xs-channel {ckey.path}"
-        else:
-            vkey = cast(VchanKey, need.key)
-            veto = RemoveVchan(need.domid, vkey.path)
-            what = f"vchan {vkey.path}"
+        veto, what = veto_for(need, host, self.domain_veto)
         return self._outcome(need, what, [d], veto, subject=subject)
 
     # ---- policy changes and sweeps ------------------------------------------------------
@@ -595,6 +582,7 @@ class Engine:
             }
         )
         self._swept = set()
+        self._keep_instances()
         self._rebuild()
 
     def end_sweep(self) -> None:
@@ -622,7 +610,10 @@ class Engine:
         self._counted = quota.CountedLabels(
             {d: label for d, label in counted.items() if self._resolve(label) is not None}
         )
+        if dynamic_label(policy.policy, self._counted.get(0)) is not None:
+            del self._counted[0]  # dom0 is never an instance: back to the bootstrap label
         self._counted.setdefault(0, policy.policy.bootstrap)
+        self._keep_instances()
         self._rebuild()
 
     def relabel(self, domid: int, label: str) -> None:
@@ -635,6 +626,7 @@ class Engine:
         else:
             self._running.relabel(old, name)
         self._counted[domid] = name
+        self._keep_instances()
 
 
 _MISSING = LabelRef("-", "-")

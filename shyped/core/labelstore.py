@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
-import os
 import re
 import uuid as uuidlib
 from collections.abc import Mapping
@@ -25,113 +24,43 @@ from typing import Any, Final
 
 import attrs
 
+from shyped.core.resourceids import _NAME
+from shyped.core.resourceids import LAYERED_FORMATS as LAYERED_FORMATS
+from shyped.core.resourceids import LabelStoreError as LabelStoreError
+from shyped.core.resourceids import bridge_resource as bridge_resource
+from shyped.core.resourceids import canonical_resource as canonical_resource
+from shyped.core.resourceids import disk_resource as disk_resource
+from shyped.core.resourceids import pci_resource as pci_resource
+from shyped.core.resourceids import resolve_resource as resolve_resource
+from shyped.core.resourceids import resource_id as resource_id
 from shyped.fileio.atomicfile import write_atomic
 from shyped.fileio.boundedread import LABELS_MAX_BYTES, read_bounded
 
-
-class LabelStoreError(Exception):
-    """A label store file or a resource name that cannot be used."""
-
-
-_NAME = re.compile(r"^[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}\Z")
 #: ACM's mark for a resource label a policy update removed: ``INV_ACM:<old policy>:<label>``
 #: (``tools/python/xen/util/xsm/acm/acm.py`` ``__update_label_policy_change``, Xen 4.1.0).
 INVALID_PREFIX: Final = "INV_ACM:"
 _INVALID = re.compile(r"^INV_ACM:[^:\s\x00-\x1f\x7f]{1,128}:[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}\Z")
-
-
-#: Prefixes naming a disk's format or backend in front of its path: xl's deprecated
-#: ``phy:``/``file:``/``tap:…`` forms, and the ``<format>:`` libxl writes as a qdisk backend's
-#: ``params`` (libxl_disk.c: ``aio:``/``qcow:``/``qcow2:``/``vhd:``/``qed:``). Longest first.
-_DISK_PREFIXES: Final = (
-    "disk:",  # our own canonical form, so ids round-trip
-    "tap2:aio:",
-    "tap:qcow2:",
-    "tap:qcow:",
-    "tap:aio:",
-    "tap:vhd:",
-    "qcow2:",
-    "qcow:",
-    "file:",
-    "phy:",
-    "raw:",
-    "aio:",
-    "vhd:",
-    "qed:",
+#: A resource label assigned to one instance of a dynamic label: ``<label>@<uuid>``
+#: (docs/policy.md, "Dynamic labels"; `shyped.core.instances.split_binding`).
+_BOUND = re.compile(
+    r"^[A-Za-z0-9_.-][A-Za-z0-9_.+-]{0,127}@"
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z"
 )
-_MAX_PATH: Final = 1024
 
 
-def resource_id(spec: str) -> str:
-    """Normalise a resource as operators write it, or as libxl records it, to the canonical id
-    the daemon matches on (pure: no file system access; see `resolve_resource` for symlinks).
-
-    `file:/a/b.img`, `phy:/dev/vg/x`, `tap:aio:/x`, libxl's qdisk ``aio:/x`` and a bare
-    absolute path all name a disk by its absolute path: ``disk:`` + the path with every run
-    of ``/`` collapsed to one (``//srv/x`` is ``/srv/x``, which `os.path.normpath` alone keeps
-    as ``//srv/x``) and ``.`` components dropped. ``phy:NAME`` without a slash is
-    ``/dev/NAME``, as ACM's ``unify_resname`` did. `bridge:xenbr0` names a bridge.
-
-    Refused (so denied where a device uses them): a ``..`` component (resolving it by text is
-    wrong after a symlink — ``/own/L/../x`` is not ``/own/x`` when ``L`` is a link — and the
-    backend follows the kernel's reading), leading or trailing blanks and control characters
-    (libxl keeps them: ``/img/a.img `` is another file than ``/img/a.img``).
-    """
-    s = spec
-    if s.startswith("pci:"):
-        return pci_resource(s[len("pci:") :])
-    if s.startswith("bridge:"):
-        name = s[len("bridge:") :]
-        if not _NAME.fullmatch(name):
-            raise LabelStoreError(f"invalid bridge name in resource {spec!r}")
-        return "bridge:" + name
-    for prefix in _DISK_PREFIXES:
-        if s.startswith(prefix):
-            s = s[len(prefix) :]
-            if prefix == "phy:" and s and not s.startswith("/"):
-                s = "/dev/" + s
-            break
-    if not s.startswith("/") or len(s) > _MAX_PATH:
-        raise LabelStoreError(
-            f"invalid resource {spec!r}: expected file:/path, phy:/dev/..., an absolute path, "
-            "bridge:NAME or pci:SSSS:BB:DD.F"
-        )
-    if s != s.strip() or any(ord(c) < 0x20 or c == "\x7f" for c in s):
-        raise LabelStoreError(f"invalid resource {spec!r}: blanks around it or control characters")
-    if ".." in s.split("/"):
-        raise LabelStoreError(
-            f"invalid resource {spec!r}: a '..' component (write the path without it)"
-        )
-    return "disk:" + _collapse(s)
+def _split(label: str) -> tuple[str, str | None]:
+    """``"<label>@<uuid>"`` -> (label, lower-case uuid); any other label -> (label, None)."""
+    if _BOUND.fullmatch(label):
+        name, _, uuid = label.partition("@")
+        return name, uuid.lower()
+    return label, None
 
 
-def _collapse(path: str) -> str:
-    """An absolute path with one leading ``/``, runs of ``/`` collapsed and ``.`` dropped
-    (both purely lexical and always right; ``..`` is refused before this)."""
-    return "/" + "/".join(c for c in path.split("/") if c not in ("", "."))
-
-
-def resolve_resource(rid: str) -> str:
-    """The id of the file a disk resource id names *now*: ``disk:`` + ``realpath`` of its path
-    (every symlink in the part of the path that exists followed, as the backend will follow
-    them; a path that does not exist stays as `resource_id` normalised it). Bridges are
-    returned unchanged. I/O: called by the daemon at decision and assignment time,
-    never by the pure core (see docs/operations.md for what this does not close)."""
-    if not rid.startswith("disk:"):
-        return rid
-    path = rid[len("disk:") :]
-    try:
-        real = os.path.realpath(path)
-    except (OSError, ValueError):
-        return rid
-    if len(real) > _MAX_PATH:
-        return rid
-    return "disk:" + _collapse(real)
-
-
-def canonical_resource(spec: str) -> str:
-    """`resource_id` then `resolve_resource`: what the daemon matches on."""
-    return resolve_resource(resource_id(spec))
+def _rebind(label: str, rename: Mapping[str, str]) -> str:
+    """`label` with its name renamed by `rename`, keeping an instance binding."""
+    name, uuid = _split(label)
+    name = rename.get(name, name)
+    return name if uuid is None else f"{name}@{uuid}"
 
 
 def resolved_store(store: LabelStore) -> LabelStore:
@@ -149,42 +78,6 @@ def resolved_store(store: LabelStore) -> LabelStore:
         resources[rid] = label
         origin[rid] = key
     return attrs.evolve(store, resources=resources)
-
-
-#: Image formats whose header can name a backing file that qemu opens too: the image's label
-#: would not cover what the backend reads, so a device using one is refused.
-LAYERED_FORMATS: Final = ("qcow2:", "qcow:", "vhd:", "qed:", "tap:qcow2:", "tap:qcow:", "tap:vhd:")
-
-
-def disk_resource(params: str) -> str:
-    """The resource id of a vbd whose backend `params` is the given path; refused for image
-    formats with backing files (`LAYERED_FORMATS`, as libxl writes a qdisk's params)."""
-    if params.startswith(LAYERED_FORMATS):
-        raise LabelStoreError(f"layered image format in {params[:200]!r}")
-    return resource_id(params)
-
-
-#: A PCI device as libxl prints it (libxl_pci.c ``PCI_BDF`` "%04x:%02x:%02x.%01x"): segment,
-#: bus, device (0-1f), function (0-7), lower-case hex, nothing else.
-_PCI_BDF: Final = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]")
-
-
-def pci_resource(bdf: str) -> str:
-    """The resource id ``pci:SSSS:BB:DD.F`` of a PCI device, from exactly that canonical form
-    (what libxl writes and `flask-label-pci` takes). Every other spelling is refused rather
-    than guessed: short forms without a segment, upper case, blanks, a device past 1f or a
-    function past 7, a virtual slot (``@``) or options."""
-    if not _PCI_BDF.fullmatch(bdf):
-        raise LabelStoreError(
-            f"invalid PCI device {bdf[:60]!r}: expected pci:SSSS:BB:DD.F in lower-case hex "
-            "(segment, bus, device 00-1f, function 0-7), e.g. pci:0000:03:00.0"
-        )
-    return "pci:" + bdf
-
-
-def bridge_resource(bridge: str) -> str:
-    """The resource id of a vif attached to the given bridge."""
-    return resource_id("bridge:" + bridge)
 
 
 def _check_uuid(text: str) -> str:
@@ -226,7 +119,15 @@ class LabelStore:
         return None
 
     def resource_label(self, rid: str) -> str | None:
-        return self.resources.get(rid)
+        """A resource's label name (an instance binding, ``@<uuid>``, left out)."""
+        label = self.resources.get(rid)
+        return None if label is None else _split(label)[0]
+
+    def resource_binding(self, rid: str) -> tuple[str | None, str | None]:
+        """A resource's label name and the UUID of the instance it is assigned to (None:
+        assigned to no instance)."""
+        label = self.resources.get(rid)
+        return (None, None) if label is None else _split(label)
 
     def with_domain(
         self, *, uuid: str | None = None, name: str | None = None, label: str | None
@@ -243,7 +144,7 @@ class LabelStore:
     def with_resource(self, spec: str, label: str | None) -> LabelStore:
         """A copy with a resource's label set (or removed with label=None)."""
         resources = dict(self.resources)
-        _assign(resources, resource_id(spec), label)
+        _assign(resources, resource_id(spec), label, bound_ok=True)
         return attrs.evolve(self, resources=resources)
 
     def with_dom0(self, label: str | None) -> LabelStore:
@@ -269,6 +170,7 @@ class LabelStore:
         one already invalid stays so. Domain assignments are carried over the same way
         (a label of a later policy that reuses a deleted name must not take them over
         silently). `dom0` is dom0's label in the new policy (None: the bootstrap label).
+        A resource bound to an instance (``<label>@<uuid>``) keeps its binding.
         """
 
         def carried(table: Mapping[str, str], names: Mapping[str, str]) -> dict[str, str]:
@@ -276,8 +178,8 @@ class LabelStore:
             for key, label in table.items():
                 if label.startswith(INVALID_PREFIX):
                     out[key] = label
-                elif label in names:
-                    out[key] = names[label]
+                elif _split(label)[0] in names:
+                    out[key] = _rebind(label, names)
                 else:
                     out[key] = f"{INVALID_PREFIX}{old_policy}:{label}"
             return out
@@ -310,7 +212,7 @@ class LabelStore:
             self,
             by_uuid={k: vm.get(v, v) for k, v in self.by_uuid.items()},
             by_name={k: vm.get(v, v) for k, v in self.by_name.items()},
-            resources={k: resource.get(v, v) for k, v in self.resources.items()},
+            resources={k: _rebind(v, resource) for k, v in self.resources.items()},
         )
 
     def to_json(self) -> str:
@@ -325,12 +227,21 @@ class LabelStore:
 
 
 def _assign(
-    table: dict[str, str], key: str, label: str | None, *, invalid_ok: bool = False
+    table: dict[str, str],
+    key: str,
+    label: str | None,
+    *,
+    invalid_ok: bool = False,
+    bound_ok: bool = False,
 ) -> None:
     if label is None:
         table.pop(key, None)
     else:
-        if not (_NAME.fullmatch(label) or (invalid_ok and _INVALID.fullmatch(label))):
+        if not (
+            _NAME.fullmatch(label)
+            or (invalid_ok and _INVALID.fullmatch(label))
+            or (bound_ok and _BOUND.fullmatch(label))
+        ):
             raise LabelStoreError(f"invalid label name {label!r}")
         table[key] = label
 
@@ -484,7 +395,11 @@ def _check_store(text: str, where: str, policy: Any) -> tuple[list[StoreProblem]
             at = (*path, k)
             if not isinstance(v, str):
                 bad(f"{'.'.join(path)}.{k}: the label must be a string, not {v!r:.40}", at)
-            elif not (_NAME.fullmatch(v) or _INVALID.fullmatch(v)):
+            elif not (
+                _NAME.fullmatch(v)
+                or _INVALID.fullmatch(v)
+                or (path == ("resources",) and _BOUND.fullmatch(v))
+            ):
                 bad(f"{'.'.join(path)}.{k}: invalid label name {v!r}", at)
             else:
                 out.append((k, v, at))
@@ -494,6 +409,7 @@ def _check_store(text: str, where: str, policy: Any) -> tuple[list[StoreProblem]
     res_ok = set() if policy is None else {r.name for r in policy.resource_labels}
 
     def lacks(what: str, k: str, label: str, known: set[str], at: tuple[str, ...]) -> None:
+        label = _split(label)[0]
         if policy is not None and label not in known and not _INVALID.fullmatch(label):
             kind = "VM" if what == "domain" else "resource"
             msg = f"{what} {k}: policy {policy.name!r} has no {kind} label {label!r}"
@@ -517,6 +433,15 @@ def _check_store(text: str, where: str, policy: Any) -> tuple[list[StoreProblem]
             table[key] = label
             origin.setdefault(key, k)
             lacks(what, k, label, known, at)
+            res = (
+                policy.resource_label(label) if policy is not None and what == "resource" else None
+            )
+            if res is not None and res.per_instance:  # bare: no "@<uuid>"
+                msg = (
+                    f"resource {k}: label {label!r} is per instance: assign it to one instance "
+                    f"as {label}@<uuid> (as it is, no domain may use it)"
+                )
+                bad(msg, at, "warning")
     dom0 = doc.get("dom0")
     if dom0 is not None and (not isinstance(dom0, str) or not _NAME.fullmatch(dom0)):
         bad(f"invalid dom0 label {str(dom0)[:80]!r}", ("dom0",))

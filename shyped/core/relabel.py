@@ -13,7 +13,9 @@ old ssidref and refused. `check_domain_relabel` is that check on the daemon's ru
   other running domains (its old label no longer counts);
 - every live channel the domain is an end of (PV devices, vchans), with the full channel rule
   of the policy (STE, and MLS where both ends carry a level);
-- every resource the domain uses (disk images, bridges), read-only or not.
+- every resource the domain uses (disk images, bridges), read-only or not;
+- a dynamic label (docs/policy.md) is neither given nor taken away: a domain becomes an
+  instance at admission only.
 
 Every reason is reported, not just the first. Nothing here changes anything: the daemon applies
 the relabel only when the check allows it.
@@ -26,10 +28,13 @@ may use is allowed (docs/control-protocol.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 
 from shyped.policy.chinese_wall import running_set
 from shyped.policy.decisions import Decision, Hook, PolicyEngine, UnknownLabelError
+from shyped.policy.instances import instance_resource
 from shyped.policy.update import Reason, RunningDomain, RunningSystem, UpdateProblem
 
 
@@ -57,6 +62,11 @@ class RelabelCheck:
 
 def _why(d: Decision) -> str:
     return f"{d.reason} [{d.rule}]"
+
+
+def _is_dynamic(engine: PolicyEngine, name: str) -> bool:
+    vm = engine.policy.vm_label(name)
+    return vm is not None and vm.dynamic
 
 
 def _label_name(label: object) -> str | None:
@@ -90,6 +100,17 @@ def check_domain_relabel(
         return RelabelCheck(domid, old, label, (problem,))
 
     problems: list[UpdateProblem] = []
+    dynamic = [n for n in (old, new) if n is not None and _is_dynamic(engine, n)]
+    if dynamic and old != new:
+        problems.append(
+            UpdateProblem(
+                Reason.LABEL,
+                f"{who}: {dynamic[0]!r} is a dynamic label: a domain becomes an instance at "
+                "admission only (restart it with the new label)",
+                (domid,),
+                (new,),
+            )
+        )
     others = [d.label for d in system.domains if d.domid != domid]
     admission = running_set(engine, others).admit(new)
     if not admission.permitted:
@@ -139,11 +160,20 @@ def check_domain_relabel(
 
 
 def check_resource_relabel(
-    engine: PolicyEngine, system: RunningSystem, resource: str, label: str | None
+    engine: PolicyEngine,
+    system: RunningSystem,
+    resource: str,
+    label: str | None,
+    *,
+    bound_to: str | None = None,
+    instance_uuid: Callable[[int], str | None] = lambda _: None,
 ) -> RelabelCheck:
-    """May `resource` (a label store resource id) be labelled `label` (None: unlabelled)?
+    """May `resource` (a label store resource id) be labelled `label` (None: unlabelled),
+    assigned to the instance of the domain with UUID `bound_to` if given?
 
-    Refused when a running domain uses it and the new label would deny that use.
+    Refused when a running domain uses it and the new label would deny that use (with the
+    instance rules of `shyped.policy.instances`: `instance_uuid(domid)` is the UUID of the
+    instance a domain runs as, None if it runs as none).
     """
     domains = {d.domid: d for d in system.domains}
     uses = [(i, r) for i, r in enumerate(system.resources) if r.resource == resource]
@@ -151,6 +181,8 @@ def check_resource_relabel(
     problems: list[UpdateProblem] = []
     for i, r in uses:
         dec = engine.resource(domains[r.domid].label, label, writable=r.writable)
+        uuid = instance_uuid(r.domid)
+        dec = instance_resource(engine.policy, dec, bound_to=bound_to, domain_uuid=uuid)
         if not dec.permitted:
             mode = "read-write" if r.writable else "read-only"
             problems.append(

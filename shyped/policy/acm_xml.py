@@ -136,12 +136,27 @@ def export_problems(policy: Policy) -> list[Problem]:
                     ("vm_labels", i, "quota"),
                 )
             )
+        if v.dynamic:  # security_policy.xsd has no attribute or element for it
+            out.append(
+                Problem(
+                    f"VM label {v.name!r} is dynamic (an instance per domain); ACM XML has "
+                    "no dynamic labels",
+                    ("vm_labels", i, "dynamic"),
+                )
+            )
     for i, r in enumerate(policy.resource_labels):
         if r.mls is not None:
             out.append(
                 Problem(
                     f"resource label {r.name!r} has an MLS label ({r.mls})",
                     ("resource_labels", i, "mls"),
+                )
+            )
+        if r.per_instance:
+            out.append(
+                Problem(
+                    f"resource label {r.name!r} is per instance; ACM XML has no dynamic labels",
+                    ("resource_labels", i, "per_instance"),
                 )
             )
     # Defaults travel as the __UNLABELED__ label (see the module docstring).

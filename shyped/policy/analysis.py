@@ -25,7 +25,8 @@ cannot drift from enforcement. Definitions (also in docs/policy-analysis.md):
 - **dead labels**: a VM label that is *never admitted* (not admissible) or *mute* (admissible
   but may not communicate with any admissible label it can run beside, itself included — e.g.
   no STE type);
-  a resource label that is *unusable*: no admissible VM label may use it in any mode.
+  a resource label that is *unusable*: no admissible VM label may use it in any mode (a
+  per-instance resource label: no admissible *dynamic* label).
   **isolated** labels (reported apart, not dead): admissible, not mute, but no live edge to
   any *other* label — their domains can talk only among themselves, not even to dom0.
 """
@@ -149,6 +150,11 @@ def _components(nodes: Iterable[str], edges: Iterable[LabelPair]) -> dict[str, i
     return comp
 
 
+def _dynamic(policy: Policy, name: str) -> bool:
+    vm = policy.vm_label(name)
+    return vm is not None and vm.dynamic
+
+
 def analyse(policy: Policy) -> PolicyAnalysis:
     """Everything in `PolicyAnalysis` for `policy`. Cost: O(labels²) engine decisions."""
     eng = PolicyEngine(policy)
@@ -193,8 +199,11 @@ def analyse(policy: Policy) -> PolicyAnalysis:
         users[r.name] = frozenset(
             v
             for v in adm
-            if eng.resource(v, r.name, writable=False).permitted
-            or eng.resource(v, r.name, writable=True).permitted
+            if (
+                eng.resource(v, r.name, writable=False).permitted
+                or eng.resource(v, r.name, writable=True).permitted
+            )
+            and (not r.per_instance or _dynamic(policy, v))  # only an instance uses its own
         )
     return PolicyAnalysis(
         policy=policy,

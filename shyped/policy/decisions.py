@@ -111,6 +111,15 @@ def fmt_names(names: Iterable[str], limit: int = 6) -> str:
     return shown
 
 
+def instances_apart(a: str, b: str, private: frozenset[str]) -> str:
+    """Why two instances of dynamic labels `a` and `b` may not talk (docs/policy.md)."""
+    which = f"instances of dynamic label {a}" if a == b else f"instances of {a} and {b}"
+    return (
+        f"{which} share no STE type: {fmt_names(private)} is private to each instance "
+        "and no shared type is common to both"
+    )
+
+
 @attrs.frozen
 class _Resolved:
     """A label input resolved (or not) against the policy."""
@@ -345,6 +354,12 @@ class PolicyEngine:
             return Decision(
                 False, hook, Rule.STE, f"{ra.desc} and {rb.desc} share no STE type", name_a, name_b
             )
+        private = la.private_types & lb.private_types  # two domains of dynamic labels
+        if common & private:  # are two instances: each holds these types alone
+            common -= private
+            if not common:
+                reason = instances_apart(ra.desc, rb.desc, private)
+                return Decision(False, hook, Rule.STE, reason, name_a, name_b)
         ste_ok = f"{ra.desc} and {rb.desc} share STE type {fmt_names(common)}"
         if la.mls is None or lb.mls is None:
             return Decision(True, hook, Rule.STE, ste_ok, name_a, name_b, common)

@@ -21,6 +21,11 @@ Mapping:
   carry one) → ``domain_comms`` (event channels and grant maps both ways); a label with itself
   → ``domain_comms(T, T)`` (two domains of that label) and ``domain_self_comms(T)`` (a domain
   with itself), only where the engine permits it; nothing else between guests.
+- a dynamic label (docs/policy.md) is one type for all its instances: two domains of the label
+  are always two instances, so ``domain_comms(T, T)`` is granted exactly when the engine lets
+  two instances talk (through a shared type), and ``domain_self_comms(T)`` (an instance with
+  itself) always. The channel relation is exact; per-instance resources stay the daemon's,
+  as every resource label does.
 
 Bootstrap (`BOOTSTRAP_RULES`): ``xl create -p`` of an unlabelled domain has libxl allocate its
 xenstore and console event channels with dom0 while building it, and the daemon relabels it
@@ -138,6 +143,11 @@ def may_communicate(engine: PolicyEngine, a: str | None, b: str | None) -> bool:
     return engine.channel(Hook.EVTCHN, a, b).permitted
 
 
+def _dynamic(policy: Policy, label: str) -> bool:
+    vm = policy.vm_label(label)
+    return vm is not None and vm.dynamic
+
+
 def compile_policy(policy: Policy) -> FlaskPolicy:
     """The FLASK module for `policy` (see the module docstring for the mapping)."""
     engine = PolicyEngine(policy)
@@ -210,5 +220,11 @@ def compile_policy(policy: Policy) -> FlaskPolicy:
             lines.append(f"domain_comms({a.type}, {b.type})")
             if a.type == b.type:
                 lines.append(f"domain_self_comms({a.type})")
+    dynamic = [s for s in guests if s.label is not None and _dynamic(policy, s.label)]
+    if dynamic:
+        lines += ["", "# Dynamic labels: an instance with itself (instances apart: see above)"]
+    for s in dynamic:
+        if (s.type, s.type) not in comms:
+            lines.append(f"domain_self_comms({s.type})")
     lines.append("")
     return FlaskPolicy("\n".join(lines), subs, frozenset(comms))

@@ -487,7 +487,14 @@ def warnings(
     for i, r in enumerate(p.resource_labels):
         if r.name in a.unusable_resources:
             carriers = [v.name for v in p.vm_labels if r.ste_type in v.ste_types]
-            if not carriers:
+            if r.per_instance:
+                carriers = [n for n in carriers if (vm := p.vm_label(n)) and vm.dynamic]
+            if not carriers and r.per_instance:
+                why = (
+                    f"it is per instance, and no dynamic VM label carries its STE type "
+                    f"{r.ste_type!r}"
+                )
+            elif not carriers:
                 why = f"no VM label carries its STE type {r.ste_type!r}"
             else:
                 why = (

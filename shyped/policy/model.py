@@ -215,6 +215,12 @@ class VmLabel:
 
     `from_name` is the label's name in the policy this one updates (ACM's ``from=``), used by
     the update check to follow renames.
+
+    `dynamic` marks a template (docs/policy.md, "Dynamic labels"): every domain started with it
+    runs as its own instance (``<label>#<id>``, derived from its UUID by
+    `shyped.core.instances`). Two instances may talk only through a type of `shared_types` (a
+    subset of `ste_types`): every other type of a dynamic label is private to each instance.
+    Domains of static labels see an instance as its template.
     """
 
     name: str
@@ -223,16 +229,29 @@ class VmLabel:
     mls: MlsLabel | None = None
     quota: Quota = attrs.field(factory=Quota)
     from_name: str | None = None
+    dynamic: bool = False
+    shared_types: frozenset[str] = attrs.field(converter=_fs, factory=frozenset)
+
+    @property
+    def private_types(self) -> frozenset[str]:
+        """The types each instance holds alone (all of them for a static label: none)."""
+        return self.ste_types - self.shared_types if self.dynamic else frozenset()
 
 
 @attrs.frozen
 class ResourceLabel:
-    """An object label for resources (disk images, bridges ...): one STE type, as in ACM."""
+    """An object label for resources (disk images, bridges ...): one STE type, as in ACM.
+
+    `per_instance`: a resource with this label belongs to one instance of a dynamic label
+    (its own disk image): the label store assigns it as ``<label>@<uuid>`` and only the
+    instance of that domain may use it (`shyped.policy.instances`).
+    """
 
     name: str
     ste_type: str
     mls: MlsLabel | None = None
     from_name: str | None = None
+    per_instance: bool = False
 
     @property
     def ste_types(self) -> frozenset[str]:
@@ -431,6 +450,32 @@ def _validate(p: Policy) -> list[Problem]:
                     own[1],
                 )
         check_mls(lab.mls, owner, "vm_labels", i, "mls")
+        if not isinstance(lab.dynamic, bool):
+            bad(f"{owner}: dynamic must be true or false", "vm_labels", i, "dynamic")
+        for t in sorted(lab.shared_types - lab.ste_types):
+            bad(
+                f"{owner} shares STE type {t!r} it does not hold (shared types are a subset "
+                "of its STE types)",
+                "vm_labels",
+                i,
+                "shared_types",
+                t,
+            )
+        if lab.shared_types and not lab.dynamic:
+            bad(
+                f"{owner} lists shared types but is not dynamic (shared types say what the "
+                "instances of a dynamic label have in common)",
+                "vm_labels",
+                i,
+                "shared_types",
+            )
+        if lab.dynamic and lab.name == p.bootstrap:
+            bad(
+                f"{owner} is the bootstrap label and cannot be dynamic (dom0 is not an instance)",
+                "vm_labels",
+                i,
+                "dynamic",
+            )
         for f in QUOTA_FIELDS:
             v = getattr(lab.quota, f)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):

@@ -60,6 +60,9 @@ def _vm_delta(a: VmLabel, b: VmLabel) -> list[str]:
         out.append(f"mls {_mls(a.mls)} -> {_mls(b.mls)}")
     if a.quota != b.quota:
         out.append(f"quota {_quota(a.quota)} -> {_quota(b.quota)}")
+    if a.dynamic != b.dynamic:
+        out.append("dynamic" if b.dynamic else "no longer dynamic")
+    out += _set_delta("shared", a.shared_types, b.shared_types)
     return out
 
 
@@ -67,6 +70,8 @@ def _res_delta(a: ResourceLabel, b: ResourceLabel) -> list[str]:
     out = [] if a.ste_type == b.ste_type else [f"ste {a.ste_type} -> {b.ste_type}"]
     if a.mls != b.mls:
         out.append(f"mls {_mls(a.mls)} -> {_mls(b.mls)}")
+    if a.per_instance != b.per_instance:
+        out.append("per instance" if b.per_instance else "no longer per instance")
     return out
 
 

@@ -143,6 +143,15 @@ def summary(a: PolicyAnalysis) -> dict[str, Any]:
         "inert_conflict_sets": sorted(a.inert_conflict_sets),
         "unused_ste_types": sorted(a.unused_ste_types),
         "unused_cw_types": sorted(a.unused_cw_types),
+        "dynamic": {
+            v.name: {
+                "shared": sorted(v.shared_types),
+                "instances_apart": not a.may_communicate(v.name, v.name),
+            }
+            for v in p.vm_labels
+            if v.dynamic
+        },
+        "per_instance_resources": sorted(r.name for r in p.resource_labels if r.per_instance),
     }
 
 
@@ -164,6 +173,9 @@ def summary_lines(a: PolicyAnalysis) -> list[str]:
     selves = sorted(x for x, y in a.ste_edges if x == y)
     if selves:
         out.append(f"  same label talks to itself: {', '.join(selves)}")
+    apart = sorted(v.name for v in p.vm_labels if v.dynamic and v.name not in selves)
+    if apart:
+        out.append(f"  dynamic, instances cannot talk to each other: {', '.join(apart)}")
     out += ["", "only through a third domain:"]
     out += [f"  {x} .. {y}" for x, y in sorted(a.indirect_pairs)] or ["  (none)"]
     out += ["", "never together (Chinese Wall):"]

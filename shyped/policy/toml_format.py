@@ -49,8 +49,18 @@ DENY: Final = "deny"
 
 _TOP_KEYS: Final = ("policy", "defaults", "types", "mls", "conflict_set", "label", "resource")
 _POLICY_KEYS: Final = ("name", "version", "bootstrap", "from")
-_LABEL_KEYS: Final = ("name", "ste", "cw", "level", "categories", "from", "quota")
-_RESOURCE_KEYS: Final = ("name", "ste", "level", "categories", "from")
+_LABEL_KEYS: Final = (
+    "name",
+    "ste",
+    "cw",
+    "level",
+    "categories",
+    "from",
+    "quota",
+    "dynamic",
+    "shared",
+)
+_RESOURCE_KEYS: Final = ("name", "ste", "level", "categories", "from", "per_instance")
 
 
 # --------------------------------------------------------------------------- shape checks
@@ -167,6 +177,14 @@ def _quota(sh: _Shape, v: object, what: str, *path: PathPart) -> Quota:
     return Quota(**vals)
 
 
+def _flag(sh: _Shape, t: Mapping[str, Any], key: str, what: str, *path: PathPart) -> bool:
+    v = t.get(key, False)
+    if not isinstance(v, bool):
+        sh.bad(f"{what}: {key!r} must be true or false, not {_tname(v)}", *path, key)
+        return False
+    return v
+
+
 def _build(doc: dict[str, Any], sh: _Shape) -> tuple[dict[str, Any], frozenset[str]]:
     """Check the document's shape; return the `Policy` constructor's arguments and the fields
     filled with placeholders (missing or malformed header values), so that the model's own
@@ -254,6 +272,8 @@ def _build(doc: dict[str, Any], sh: _Shape) -> tuple[dict[str, Any], frozenset[s
                 _mls(sh, t, what, "label", i),
                 _quota(sh, t["quota"], what, "label", i) if "quota" in t else Quota(),
                 sh.string(t, "from", what, "label", i),
+                _flag(sh, t, "dynamic", what, "label", i),
+                sh.strings(t, "shared", what, "label", i),
             )
         )
 
@@ -275,6 +295,7 @@ def _build(doc: dict[str, Any], sh: _Shape) -> tuple[dict[str, Any], frozenset[s
                 ste or "",
                 _mls(sh, t, what, "resource", i),
                 sh.string(t, "from", what, "resource", i),
+                _flag(sh, t, "per_instance", what, "resource", i),
             )
         )
 
@@ -461,6 +482,10 @@ def dumps(policy: Policy) -> str:
         out.append(f"ste = {_qlist(ordered(lab.ste_types, ste_order))}")
         out.append(f"cw = {_qlist(ordered(lab.cw_types, cw_order))}")
         out += mls_lines(lab.mls)
+        if lab.dynamic:
+            out.append("dynamic = true")
+            if lab.shared_types:
+                out.append(f"shared = {_qlist(ordered(lab.shared_types, ste_order))}")
         if not lab.quota.is_unlimited:
             out.append("[label.quota]")
             for f in QUOTA_FIELDS:
@@ -473,6 +498,8 @@ def dumps(policy: Policy) -> str:
             out.append(f"from = {_q(r.from_name)}")
         out.append(f"ste = {_q(r.ste_type)}")
         out += mls_lines(r.mls)
+        if r.per_instance:
+            out.append("per_instance = true")
     return "\n".join(out) + "\n"
 
 

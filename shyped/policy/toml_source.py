@@ -300,6 +300,9 @@ _LABEL_FIELDS: Final[Mapping[str, str]] = {
     "cw_types": "cw",
     "from_name": "from",
     "quota": "quota",
+    "shared_types": "shared",
+    "dynamic": "dynamic",
+    "per_instance": "per_instance",
 }
 
 

@@ -499,7 +499,16 @@ class DaemonCore:
             self._decide(deque(ready), received)
 
     def _released(self, out: DomainReleased) -> None:
+        inst = self.engine.instance_of(out.domid)
         label = self.engine.release(out)
+        if inst is not None:
+            self._audit_event(
+                AuditKind.INSTANCE_RELEASE,
+                instance=inst.name,
+                domid=out.domid,
+                uuid=inst.uuid,
+                name=out.name,
+            )
         _log.info(
             "domain gone: {name}({domid}{uuid}) {state}{counted}",
             name=out.name or "?",

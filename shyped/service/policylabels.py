@@ -88,11 +88,26 @@ class PolicyAndLabels(DaemonCore):
         """Decide from `labels` from now on (running domains keep the label they run with)."""
         self.engine.labels = labels
 
-    def check_resource_relabel(self, resource: str, label: str | None) -> RelabelCheck:
-        """May `resource` (a label store id) take `label` (None: unlabelled) with the running
-        domains' current uses (see `shyped.core.relabel`)? Changes nothing."""
+    def check_resource_relabel(
+        self, resource: str, label: str | None, bound_to: str | None = None
+    ) -> RelabelCheck:
+        """May `resource` (a label store id) take `label` (None: unlabelled), assigned to the
+        instance of UUID `bound_to` if given, with the running domains' current uses (see
+        `shyped.core.relabel`)? Changes nothing."""
         system = self.engine.running_system(self.host)
-        return check_resource_relabel(self.engine.policy, system, resource, label)
+
+        def instance_uuid(domid: int) -> str | None:
+            inst = self.engine.instance_of(domid)
+            return None if inst is None else inst.uuid
+
+        return check_resource_relabel(
+            self.engine.policy,
+            system,
+            resource,
+            label,
+            bound_to=bound_to,
+            instance_uuid=instance_uuid,
+        )
 
     def relabel(
         self, domid: int, label: str, *, before: Callable[[], None] | None = None
