@@ -135,9 +135,17 @@ def config(xsd: SandboxXenstored) -> Config:
     )
 
 
+#: ``--no-direct``: the daemon's reads and label writes on its watch connection (the gateway's
+#: second, reactor-side connection off), to measure what that connection is worth.
+DIRECT = {"on": True}
+
+
 def make_daemon(xsd: SandboxXenstored, store: LabelStore) -> Daemon:
     cfg = config(xsd)
-    gateway = XenstoreGateway(GatewayConfig(socket_path=str(xsd.socket_path)))
+    gwcfg = GatewayConfig(socket_path=str(xsd.socket_path))
+    if not DIRECT["on"]:
+        gwcfg = attrs.evolve(gwcfg, direct=False)
+    gateway = XenstoreGateway(gwcfg)
     return Daemon(cfg, load_policy(cfg.policy), store, gateway=gateway, actuator=NoActuator())
 
 
@@ -482,7 +490,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="CI smoke run: 20 decisions, 1 round, 10 domains present, storms of 10 and 50",
     )
+    parser.add_argument(
+        "--no-direct",
+        action="store_true",
+        help="the daemon without the gateway's second (watch-free, reactor-side) connection",
+    )
     args = parser.parse_args(argv)
+    if args.no_direct:
+        DIRECT["on"] = False
     if args.quick:
         args.iterations, args.rounds, args.present, args.storm = 20, 1, "10", "10,50"
     present, storm = sizes(args.present), sizes(args.storm)
