@@ -338,6 +338,9 @@ class DirectRoutes:
     latency-critical calls on it while it is up, on the gateway's connection otherwise."""
 
     _direct: DirectConnection | None = None
+    #: False sends the calls on the gateway's own connection even while the direct one is up
+    #: (benchmarks compare both in one run: ``bench_daemon.py --ab-direct``).
+    prefer_direct = True
 
     # what the gateway provides
     config: GatewayConfig
@@ -389,7 +392,7 @@ class DirectRoutes:
     def direct(self) -> bool:
         """True while `read_nodes` and `apply_if` go on the second connection: their replies
         then say nothing about which watch events have been dispatched (see `sync`)."""
-        return self._direct is not None and self._direct.up
+        return self.prefer_direct and self._direct is not None and self._direct.up
 
     def read_nodes(
         self, paths: Iterable[str], perm_paths: Iterable[str]
@@ -398,7 +401,8 @@ class DirectRoutes:
         (pipelined, not atomic); None where a node is absent."""
         wanted = list(dict.fromkeys(paths))
         perm_wanted = list(dict.fromkeys(perm_paths))
-        if self._direct is not None and self._direct.up:
+        if self.direct:
+            assert self._direct is not None
             return self._direct.read_nodes(wanted, perm_wanted)
         values = self.read_many(wanted)
         perms = [self.get_perms(p).addErrback(_absent) for p in perm_wanted]
@@ -419,7 +423,8 @@ class DirectRoutes:
         reactor over the direct connection when it is up (three round trips, no thread),
         else on a worker thread."""
         cfg = self.config
-        if self._direct is not None and self._direct.up:
+        if self.direct:
+            assert self._direct is not None
             return self._direct.apply_if(
                 path,
                 expect,
