@@ -36,6 +36,15 @@ def gateway(request: pytest.FixtureRequest, xenstored: SandboxXenstored) -> Iter
     pytest_twisted.blockon(gw.close())
 
 
+@pytest.fixture
+def direct_gateway(xenstored: SandboxXenstored) -> Iterator[Gateway]:
+    gw = _gateway(xenstored)
+    pytest_twisted.blockon(gw.connect())
+    assert gw.direct
+    yield gw
+    pytest_twisted.blockon(gw.close())
+
+
 async def _eventually(predicate: Any, timeout: float = 10.0) -> None:
     for _ in range(int(timeout / 0.01)):
         if predicate():
@@ -112,42 +121,32 @@ async def test_a_change_xenstored_refuses_fails_the_write_and_leaves_nothing(
 
 @pytest_twisted.ensureDeferred
 async def test_calls_fall_back_to_the_watch_connection_while_the_direct_one_is_down(
-    xenstored: SandboxXenstored,
+    direct_gateway: Gateway,
 ) -> None:
-    gw = _gateway(xenstored)
-    await gw.connect()
-    try:
-        assert gw.direct
-        direct = gw._direct
-        assert direct is not None
-        direct.close()  # as if xenstored had dropped only this connection
-        await _eventually(lambda: not gw.direct)
-        await gw.write("/local/domain/9/vm", b"/vm/u9")
-        assert await gw.apply_if("/local/domain/9/vm", b"/vm/u9", CHANGES)
-        values, _ = await gw.read_nodes(["/local/domain/9/shyped/label"], [])
-        assert values == {"/local/domain/9/shyped/label": b"ACM:p:a"}
-    finally:
-        await gw.close()
+    gw = direct_gateway
+    direct = gw._direct
+    assert direct is not None
+    direct.close()  # as if xenstored had dropped only this connection
+    await _eventually(lambda: not gw.direct)
+    await gw.write("/local/domain/9/vm", b"/vm/u9")
+    assert await gw.apply_if("/local/domain/9/vm", b"/vm/u9", CHANGES)
+    values, _ = await gw.read_nodes(["/local/domain/9/shyped/label"], [])
+    assert values == {"/local/domain/9/shyped/label": b"ACM:p:a"}
 
 
 @pytest_twisted.ensureDeferred
 async def test_the_direct_connection_follows_the_watch_connection_across_a_restart(
-    xenstored: SandboxXenstored,
+    direct_gateway: Gateway, xenstored: SandboxXenstored
 ) -> None:
-    gw = _gateway(xenstored)
-    await gw.connect()
-    try:
-        assert gw.direct
-        xenstored.stop()
-        await _eventually(lambda: not gw.connected)
-        assert not gw.direct
-        with pytest.raises(ConnectionLost):
-            await gw.read_nodes(["/x"], [])
-        with pytest.raises(ConnectionLost):
-            await gw.apply_if(None, b"", CHANGES)
-        xenstored.start()
-        await _eventually(lambda: gw.connected)
-        assert gw.direct
-        assert await gw.apply_if(None, b"", CHANGES[:1])
-    finally:
-        await gw.close()
+    gw = direct_gateway
+    xenstored.stop()
+    await _eventually(lambda: not gw.connected)
+    assert not gw.direct
+    with pytest.raises(ConnectionLost):
+        await gw.read_nodes(["/x"], [])
+    with pytest.raises(ConnectionLost):
+        await gw.apply_if(None, b"", CHANGES)
+    xenstored.start()
+    await _eventually(lambda: gw.connected)
+    assert gw.direct
+    assert await gw.apply_if(None, b"", CHANGES[:1])

@@ -111,20 +111,10 @@ class _DirectProtocol(protocol.Protocol):
             out.write(data)
 
     def dataReceived(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
-        header = wire.HEADER
+        self._buf += data
         done: list[_Call] = []
         try:
-            while len(buf) >= header.size:
-                op, req_id, _tx, length = header.unpack_from(buf)
-                if length > wire.REPLY_MAX:
-                    raise wire.WireError(f"payload length {length} exceeds {wire.REPLY_MAX}")
-                end = header.size + length
-                if len(buf) < end:
-                    break
-                payload = bytes(buf[header.size : end])
-                del buf[:end]
+            for op, req_id, payload in wire.take_frames(self._buf):
                 if op == Op.WATCH_EVENT:
                     continue  # no watch is registered here; ignore anything unsolicited
                 call = self._pending.pop(req_id, None)
