@@ -135,6 +135,25 @@ async def test_calls_fall_back_to_the_watch_connection_while_the_direct_one_is_d
 
 
 @pytest_twisted.ensureDeferred
+async def test_calls_in_flight_when_the_direct_connection_drops_finish_on_the_watch_one(
+    direct_gateway: Gateway,
+) -> None:
+    """Only the direct connection is lost: no reconnect and no reconcile follow, so the
+    batch's reads and the label write in flight must not fail with it."""
+    gw = direct_gateway
+    await gw.write("/local/domain/9/vm", b"/vm/u9")
+    write = gw.apply_if("/local/domain/9/vm", b"/vm/u9", CHANGES)
+    read = gw.read_nodes(["/local/domain/9/vm"], ["/local/domain/9/vm"])
+    direct = gw._direct
+    assert direct is not None
+    direct.close()
+    assert await write
+    values, perms = await read
+    assert values == {"/local/domain/9/vm": b"/vm/u9"} and perms["/local/domain/9/vm"]
+    assert await gw.read("/local/domain/9/shyped/label") == b"ACM:p:a"
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_direct_connection_follows_the_watch_connection_across_a_restart(
     direct_gateway: Gateway, xenstored: SandboxXenstored
 ) -> None:

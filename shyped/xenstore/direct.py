@@ -393,7 +393,23 @@ class DirectRoutes:
         perm_wanted = list(dict.fromkeys(perm_paths))
         if self.direct:
             assert self._direct is not None
-            return self._direct.read_nodes(wanted, perm_wanted)
+            d = self._direct.read_nodes(wanted, perm_wanted)
+            return d.addErrback(self._direct_lost, lambda: self._read_nodes(wanted, perm_wanted))
+        return self._read_nodes(wanted, perm_wanted)
+
+    def _direct_lost(self, failure: Failure, again: Callable[[], Deferred[T]]) -> Any:
+        """A call the direct connection lost (only it, or both) runs again on the gateway's
+        own connection while that is up: no reconnect (and no reconcile) would follow the
+        loss of the direct connection alone, so a batch's reads and a label write must not
+        be dropped with it. The label write may then run twice: it is idempotent."""
+        if isinstance(failure.value, ConnectionLost) and self._router is not None:
+            _log.warn("direct xenstore connection lost: {f}", f=failure.getErrorMessage())
+            return again()
+        return failure
+
+    def _read_nodes(
+        self, wanted: list[str], perm_wanted: list[str]
+    ) -> Deferred[tuple[dict[str, bytes | None], dict[str, tuple[Perm, ...] | None]]]:
         values = self.read_many(wanted)
         perms = [self.get_perms(p).addErrback(_absent) for p in perm_wanted]
         both: Deferred[list[Any]] = defer.gatherResults([values, *perms], consumeErrors=True)
@@ -413,16 +429,21 @@ class DirectRoutes:
         reactor over the direct connection when it is up (three round trips, no thread),
         else on a worker thread."""
         cfg = self.config
+
+        def on_worker() -> Deferred[bool]:
+            return self.transaction(lambda tx: tx.apply_if(path, expect, changes))
+
         if self.direct:
             assert self._direct is not None
-            return self._direct.apply_if(
+            d = self._direct.apply_if(
                 path,
                 expect,
                 changes,
                 attempts=cfg.tx_max_attempts,
                 backoff=(cfg.tx_backoff_initial, cfg.tx_backoff_max),
             )
-        return self.transaction(lambda tx: tx.apply_if(path, expect, changes))
+            return d.addErrback(self._direct_lost, on_worker)
+        return on_worker()
 
 
 def _absent(failure: Failure) -> Failure | None:
