@@ -135,6 +135,11 @@ def config(xsd: SandboxXenstored) -> Config:
     )
 
 
+#: ``--ab-direct``: every other decision with the gateway's second (watch-free, reactor-side)
+#: connection off (`XenstoreGateway.prefer_direct`), both reported: what it is worth, same run.
+AB_DIRECT = {"on": False}
+
+
 def make_daemon(xsd: SandboxXenstored, store: LabelStore) -> Daemon:
     cfg = config(xsd)
     gateway = XenstoreGateway(GatewayConfig(socket_path=str(xsd.socket_path)))
@@ -280,6 +285,10 @@ def writer(socket_path: str, domid: int) -> None:
                 print(repr(t0), flush=True)
 
 
+#: Suffix of the ``--ab-direct`` samples taken without the direct connection.
+PLAIN = "_plain"
+
+
 class Latency:
     """Drive the writer process; time from its commit request to the decision: the daemon's
     listener for vif and vchan, the label node seen by a raw watcher for an admission."""
@@ -293,9 +302,9 @@ class Latency:
         self.decided: dict[str, float] = {}
         self.received: dict[str, float] = {}
         self.events: dict[str, threading.Event] = {}
-        self.samples: dict[str, list[float]] = {k: [] for k in self.KINDS}
+        self.samples: dict[str, list[float]] = {k + v: [] for k in self.KINDS for v in ("", PLAIN)}
         #: the daemon's share: from the first watch event of the batch to the decision
-        self.inside: dict[str, list[float]] = {k: [] for k in self.KINDS}
+        self.inside: dict[str, list[float]] = {k + v: [] for k in self.KINDS for v in ("", PLAIN)}
         #: admissions: commit request -> the daemon's listener (the label is written after)
         self.listener: list[float] = []
         self.proc = subprocess.Popen(
@@ -322,8 +331,11 @@ class Latency:
 
     def round(self, reactor: Any, iterations: int) -> None:
         """Worker thread: alternate vif adds, vchan publications and admissions, each undone
-        after (and the daemon settled) so that every sample starts from the same host."""
-        for _ in range(iterations):
+        after (and the daemon settled) so that every sample starts from the same host; with
+        ``--ab-direct`` every other iteration without the direct connection."""
+        for i in range(iterations):
+            plain = AB_DIRECT["on"] and i % 2 == 1
+            threads.blockingCallFromThread(reactor, self._prefer_direct, not plain)
             for kind, (what, _ops, _undo) in self.txs.items():
                 self.decided.pop(what, None)
                 self.events[what] = done = threading.Event()
@@ -331,15 +343,20 @@ class Latency:
                 if not done.wait(10):
                     raise RuntimeError(f"no decision on {what}")
                 t0 = times[0]
+                key = kind + PLAIN if plain else kind
                 if kind == "admit":
-                    self.samples[kind].append(times[1] - t0)
+                    self.samples[key].append(times[1] - t0)
                     self.listener.append(self.decided[what] - t0)
                 else:
-                    self.samples[kind].append(self.decided[what] - t0)
-                self.inside[kind].append(self.decided[what] - self.received[what])
+                    self.samples[key].append(self.decided[what] - t0)
+                self.inside[key].append(self.decided[what] - self.received[what])
                 del self.events[what]
                 self.ask(f"undo {kind}")
                 threads.blockingCallFromThread(reactor, self.daemon.settled)
+
+    def _prefer_direct(self, on: bool) -> defer.Deferred[None]:
+        self.daemon.gateway.prefer_direct = on
+        return defer.succeed(None)
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -365,13 +382,15 @@ async def measure_latency(
     floor = stats(echo)
     out: dict[str, Any] = {"floor_echo": floor, "floor_event_read": stats(event_read)}
     out["floor_event_read"]["x_floor"] = out["floor_event_read"]["median_us"] / floor["median_us"]
-    for kind in Latency.KINDS:
-        s = stats(lat.samples[kind])
+    for key, samples in lat.samples.items():
+        if not samples:
+            continue
+        s = stats(samples)
         s["x_floor"] = s["median_us"] / floor["median_us"]
-        s["inside_median_us"] = statistics.median(lat.inside[kind]) * 1e6
-        if kind == "admit":
+        s["inside_median_us"] = statistics.median(lat.inside[key]) * 1e6
+        if key == "admit":
             s["listener_median_us"] = statistics.median(lat.listener) * 1e6
-        out[kind] = s
+        out[key] = s
     return out
 
 
@@ -482,7 +501,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="CI smoke run: 20 decisions, 1 round, 10 domains present, storms of 10 and 50",
     )
+    parser.add_argument(
+        "--ab-direct",
+        action="store_true",
+        help="alternate decisions with and without the gateway's second connection; "
+        "report both (rows '… (watch conn.)')",
+    )
     args = parser.parse_args(argv)
+    AB_DIRECT["on"] = args.ab_direct
     if args.quick:
         args.iterations, args.rounds, args.present, args.storm = 20, 1, "10", "10,50"
     present, storm = sizes(args.present), sizes(args.storm)
@@ -528,27 +554,33 @@ def report(result: dict[str, Any], as_json: bool) -> None:
         ("admit", "admission: commit -> label node seen"),
         ("vif", "vif: commit -> listener"),
         ("vchan", "vchan: commit -> listener"),
+        ("admit" + PLAIN, "admission (watch conn. only)"),
+        ("vif" + PLAIN, "vif (watch conn. only)"),
+        ("vchan" + PLAIN, "vchan (watch conn. only)"),
     ]
     print(
-        "decision latency (p50 / p99 µs; x = p50 / echo floor p50, same N, same run; "
-        "vs N0 = this x / the first N's x)"
+        "decision latency (p50 / p99 µs; x = p50 / echo floor p50, same N, same run, goals "
+        "admission x12, vif x4, vchan x3, p99/p50 3; vs N0 = this x / the first N's x)"
     )
     measured = [size for size in result["sizes"] if "latency" in size]
     for size in measured:
         lat = size["latency"]
         print(f"  {size['domains']} domains present")
         for key, title in rows:
+            if key not in lat:
+                continue
             s = lat[key]
             x = s.get("x_floor", 1.0)
             vs = x / measured[0]["latency"][key].get("x_floor", 1.0)
             extra = ""
             if key == "admit":
                 extra = f"   (commit -> listener {s['listener_median_us']:.0f})"
-            elif key in ("vif", "vchan"):
+            elif key.startswith(("vif", "vchan")):
                 extra = f"   (first event -> decision {s['inside_median_us']:.0f})"
+            tail = s["p99_us"] / s["median_us"]
             print(
                 f"    {title:<46} {s['median_us']:7.0f} {s['p99_us']:7.0f}  x{x:<5.1f} "
-                f"vs N0 x{vs:<4.2f}{extra}"
+                f"p99/p50 {tail:<4.1f} vs N0 x{vs:<4.2f}{extra}"
             )
     storms = [s for s in result["sizes"] if "cold_s" in s]
     if not storms:

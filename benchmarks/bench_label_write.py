@@ -1,6 +1,8 @@
 """The label write's latency on a real oxenstored: the 7-round-trip transaction (START, READ,
-MKDIR, SET_PERMS, WRITE, SET_PERMS, END, each waited for) against the pipelined one the
-enforcer sends now (START, the check and the four changes in one round trip, END).
+MKDIR, SET_PERMS, WRITE, SET_PERMS, END, each waited for) on a worker thread, the pipelined
+one (START, the check and the four changes in one round trip, END) on a worker thread, and
+the same three round trips on the reactor over the gateway's watch-free direct connection
+(`shyped.xenstore.direct`), which the enforcer uses now.
 
 Both run in the same process on the same xenstored, interleaved, ``--rounds`` times; the table
 gives the median per write (µs), its spread, and the ratio new ÷ old. Nothing is asserted.
@@ -39,15 +41,18 @@ def _old(tx: Transaction) -> bool:
     return True
 
 
-def _new(tx: Transaction) -> bool:
+def _changes() -> list[Change]:
     perms = tuple(Perm.parse(p) for p in label_perms(D))
-    changes: list[Change] = [
+    return [
         (Op.MKDIR, label_dir(D), None),
         (Op.SET_PERMS, label_dir(D), perms),
         (Op.WRITE, label_dir(D) + "/label", b"ACM:p:a"),
         (Op.SET_PERMS, label_dir(D) + "/label", perms),
     ]
-    return tx.apply_if(f"/local/domain/{D}/vm", VM, changes)
+
+
+def _new(tx: Transaction) -> bool:
+    return tx.apply_if(f"/local/domain/{D}/vm", VM, _changes())
 
 
 async def run(iterations: int, rounds: int) -> None:
@@ -57,17 +62,24 @@ async def run(iterations: int, rounds: int) -> None:
     try:
         await gw.connect()
         await gw.write(f"/local/domain/{D}/vm", VM)
-        samples: dict[str, list[float]] = {"7 round trips (old)": [], "pipelined (new)": []}
+        assert gw.direct
+        old, worker, direct = "7 round trips, worker", "pipelined, worker", "pipelined, direct"
+        samples: dict[str, list[float]] = {old: [], worker: [], direct: []}
+        check = f"/local/domain/{D}/vm"
         for _ in range(rounds):
-            for name, fn in (("7 round trips (old)", _old), ("pipelined (new)", _new)):
+            for name in samples:
                 t = time.perf_counter()
                 for _ in range(iterations):
-                    assert await gw.transaction(fn)
+                    if name == direct:
+                        assert await gw.apply_if(check, VM, _changes())
+                    else:
+                        assert await gw.transaction(_old if name == old else _new)
                 samples[name].append((time.perf_counter() - t) / iterations * 1e6)
         for name, xs in samples.items():
             print(f"{name:22} {statistics.median(xs):8.1f} µs ({min(xs):.1f}-{max(xs):.1f})")
-        old, new = (statistics.median(xs) for xs in samples.values())
-        print(f"new ÷ old: {new / old:.2f}")
+        base = statistics.median(samples[old])
+        for name in (worker, direct):
+            print(f"{name} ÷ 7 round trips: {statistics.median(samples[name]) / base:.2f}")
     finally:
         await gw.close()
         xsd.stop()

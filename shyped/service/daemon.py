@@ -49,7 +49,6 @@ from shyped.core.labelstore import LabelStore
 from shyped.service.config import Config
 from shyped.service.enforcer import EnforcerStats
 from shyped.service.eventpath import (
-    BATCH_ROUNDS,
     GUEST_REPEAT_BURST,
     GUEST_REPEAT_INTERVAL,
     WATCHES,
@@ -71,6 +70,7 @@ from shyped.service.policyload import (
     make_actuator,
 )
 from shyped.service.poolstore import PoolStore
+from shyped.service.watchbatch import BATCH_ROUNDS
 from shyped.xenstore import (
     ConnectionLost,
 )

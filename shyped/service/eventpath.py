@@ -31,7 +31,6 @@ from shyped.core.actions import (
 from shyped.core.assembler import EventAssembler
 from shyped.core.audit import Kind as AuditKind
 from shyped.core.engine import Engine, Outcome
-from shyped.core.events import Node as EventNode
 from shyped.core.events import needs_perms
 from shyped.core.fairbatch import FairBatches
 from shyped.core.host import HostModel
@@ -54,11 +53,10 @@ from shyped.service.policyload import (
 )
 from shyped.service.runtimequotas import RuntimeQuotaFeed
 from shyped.service.vetoretry import VetoAttempt, worth_recording
+from shyped.service.watchbatch import BatchReader, absent, gather
 from shyped.xenstore import (
     ConnectionLost,
     GatewayConfig,
-    NoEntry,
-    Perm,
     XenstoreError,
     XenstoreGateway,
 )
@@ -84,9 +82,6 @@ WATCHES = (
     ("@introduceDomain", "shyped-introduce"),
     ("@releaseDomain", "shyped-release"),
 )
-
-#: Read rounds one watch batch may take to pick up the rest of a burst (see `_do_batch`).
-BATCH_ROUNDS = 4
 
 #: A decision listener: called on the reactor thread with every outcome; may return a
 #: Deferred the enforcer waits for before carrying out the outcome's actions.
@@ -145,6 +140,7 @@ class DaemonCore:
         #: watched paths to read, with the monotonic time their first pending event arrived;
         #: taken fairly per guest domain, trusted paths first (`shyped.core.fairbatch`)
         self._pending = FairBatches()
+        self._reader = BatchReader(self.gateway, self.assembler, reactor)
         self._scheduled = False
         self._busy = False
         self._want_reconcile: str | None = None
@@ -370,65 +366,10 @@ class DaemonCore:
         self._want_reconcile = self._want_reconcile or "batch error"
 
     async def _do_batch(self, paths: list[str], received: float) -> None:
-        """Read the batch's values, then feed them to the assembler at once.
-
-        A transaction's watch events may reach the reactor in more than one slice. The reply
-        to a read comes after every event xenstored sent before it, and the gateway runs event
-        callbacks before completing replies, so paths that became pending while the read was
-        out belong (at least) to the same burst: they are read too, up to `BATCH_ROUNDS`
-        rounds, and everything is fed together. A device is then announced with its whole
-        libxl record, not first without the resource it uses.
-        """
-        overflowed = self._pending.take_overflowed()
-        if overflowed:
-            received = min(received, *overflowed.values())
-            self._process(await self._reread_guests(sorted(overflowed)), received)
-        values: dict[str, bytes | None] = {}
-        perms: dict[str, tuple[Perm, ...] | None] = {}
-        hints: list[str] = []
-        for round_ in range(1, BATCH_ROUNDS + 1):
-            hints.extend(p for p in paths if p.startswith("@"))
-            reads = [p for p in paths if not p.startswith("@")]
-            perm_paths = [p for p in reads if needs_perms(p)]
-            values_d = self.gateway.read_many(reads)
-            perms_d = [self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths]
-            for path in reads:  # re-read paths move to the end: they are newer facts
-                values.pop(path, None)
-            got_values, got = await _gather([values_d, _gather(perms_d)])
-            values.update(got_values)
-            perms.update(zip(perm_paths, got, strict=True))
-            if not self._pending or round_ == BATCH_ROUNDS:
-                break  # what is still pending is the next batch's
-            paths, earliest = self._pending.take()  # within what is left of the budgets
-            if not paths:
-                break
-            if earliest is not None:
-                received = min(received, earliest)
-        nodes: list[EventNode] = [(p, None, None) for p in dict.fromkeys(hints)]
-        nodes.extend((p, v, perms.get(p)) for p, v in values.items())
-        self._process(self.assembler.feed_batch(nodes), received)
-
-    async def _reread_guests(self, domids: list[int]) -> list[Any]:
-        """Guests whose backlog of changed paths overflowed (`shyped.core.fairbatch`): their paths
-        were dropped, so their whole tree is read again (a snapshot taken after the drop shows
-        every change they stood for) and reconciled, as at start but for that subtree."""
-        events: list[Any] = []
-        for domid in domids:
-            root = f"/local/domain/{domid}"
-            _log.warn(
-                "guest {domid} changed more than {n} paths faster than they were read: "
-                "reading its tree {root} again",
-                domid=domid,
-                n=self._pending.max_waiting,
-                root=root,
-            )
-            snapshot = await self.gateway.snapshot(root, with_perms=False)
-            perm_paths = [p for p in snapshot.nodes if needs_perms(p)]
-            got = await _gather([self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths])
-            perms = dict(zip(perm_paths, got, strict=True))
-            nodes = {p: (node.value, perms.get(p)) for p, node in snapshot.nodes.items()}
-            events.extend(self.assembler.reconcile(nodes, root))
-        return events
+        """Read the batch (and the rest of its burst) and decide on it
+        (`shyped.service.watchbatch`)."""
+        for events, when in await self._reader.read(self._pending, paths, received):
+            self._process(events, when)
 
     def reconcile(self, reason: str) -> Deferred[None]:
         """Walk the whole of xenstore through the event path (see the module docstring)."""
@@ -445,7 +386,7 @@ class DaemonCore:
         # permission changed in between fires the watch, so the next batch has it.
         snapshot = await self.gateway.snapshot("/", with_perms=False)
         perm_paths = [p for p in snapshot.nodes if needs_perms(p)]
-        got = await _gather([self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths])
+        got = await gather([self.gateway.get_perms(p).addErrback(absent) for p in perm_paths])
         perms = dict(zip(perm_paths, got, strict=True))
         nodes = {path: (node.value, perms.get(path)) for path, node in snapshot.nodes.items()}
         self._reconciles += 1
@@ -752,24 +693,6 @@ def _audit_lost(failure: Failure, what: str) -> None:
     if isinstance(failure.value, AuditUnavailable):
         return  # the state listener said it loudly once
     _log.failure("audit: record of {what} failed", failure, what=what)
-
-
-def _absent(failure: Failure) -> Failure | None:
-    """A node removed between its event and the read: no permissions (the value is None)."""
-    return None if isinstance(failure.value, NoEntry) else failure
-
-
-def _gather(ds: list[Deferred[Any]]) -> Deferred[list[Any]]:
-    """`defer.gatherResults` that fails with the first failure itself and consumes the
-    others: requests failed by a lost connection leave no unhandled error behind."""
-    d: Deferred[list[Any]] = defer.gatherResults(ds, consumeErrors=True)
-    return d.addErrback(_first_failure)
-
-
-def _first_failure(failure: Failure) -> Failure:
-    if isinstance(failure.value, defer.FirstError):
-        return failure.value.subFailure
-    return failure
 
 
 def _listener_failed(failure: Failure, listener: Listener) -> None:

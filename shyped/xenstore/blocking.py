@@ -198,19 +198,7 @@ class Transaction:
         and False returned. Otherwise the first change's error is raised, or True returned."""
         if not self._open:
             raise RuntimeError("transaction handle used after its attempt ended")
-        requests: list[tuple[int, bytes, str | None]] = []
-        if path is not None:
-            requests.append((int(Op.READ), wire.path_payload(_encode_path(path)), path))
-        for op, where, arg in changes:
-            raw = _encode_path(where)
-            if op is Op.MKDIR:
-                requests.append((int(op), wire.path_payload(raw), where))
-            elif op is Op.WRITE:
-                assert isinstance(arg, bytes)
-                requests.append((int(op), wire.write_payload(raw, _check_value(arg)), where))
-            else:
-                assert op is Op.SET_PERMS and not isinstance(arg, bytes | None)
-                requests.append((int(op), wire.set_perms_payload(raw, tuple(arg)), where))
+        requests: list[tuple[int, bytes, str | None]] = list(change_requests(path, changes))
         results = self._channel.pipeline(requests)
         if path is not None:
             seen = results.pop(0)
@@ -229,6 +217,25 @@ class Transaction:
 #: One change `Transaction.apply_if` makes: (Op.MKDIR, path, None), (Op.WRITE, path,
 #: value) or (Op.SET_PERMS, path, perms).
 Change = tuple[Op, str, bytes | Sequence[Perm] | None]
+
+
+def change_requests(path: str | None, changes: Sequence[Change]) -> list[tuple[int, bytes, str]]:
+    """The requests of an `apply_if`: the check's READ of `path` (unless None), then the
+    changes, framed as (op, payload, path); ValueError for a path xenstored would refuse."""
+    out: list[tuple[int, bytes, str]] = []
+    if path is not None:
+        out.append((int(Op.READ), wire.path_payload(_encode_path(path)), path))
+    for op, where, arg in changes:
+        raw = _encode_path(where)
+        if op is Op.MKDIR:
+            out.append((int(op), wire.path_payload(raw), where))
+        elif op is Op.WRITE:
+            assert isinstance(arg, bytes)
+            out.append((int(op), wire.write_payload(raw, _check_value(arg)), where))
+        else:
+            assert op is Op.SET_PERMS and not isinstance(arg, bytes | None)
+            out.append((int(op), wire.set_perms_payload(raw, tuple(arg)), where))
+    return out
 
 
 def _run_transaction(

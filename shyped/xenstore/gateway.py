@@ -79,6 +79,7 @@ from shyped.xenstore.blocking import (
     _run_snapshot,
     _run_transaction,
 )
+from shyped.xenstore.direct import DirectConnection, DirectRoutes
 from shyped.xenstore.errors import (
     ConnectionLost,
 )
@@ -119,7 +120,7 @@ class _WatchSpec:
     on_overflow: Callable[[str], object] | None
 
 
-class XenstoreGateway:
+class XenstoreGateway(DirectRoutes):
     """One connection to xenstored, used from the reactor thread.  See the module docstring.
 
     Every method is called on the reactor thread; every Deferred fires there, and every
@@ -162,6 +163,7 @@ class XenstoreGateway:
         self._delay = self.config.reconnect_initial
         self._retry_call: Any = None
         self._shutdown_trigger: Any = None
+        self._direct: DirectConnection | None = None
 
     # -- state ---------------------------------------------------------------------------
 
@@ -228,6 +230,7 @@ class XenstoreGateway:
             self._shutdown_trigger = None
         router, self._router = self._router, None
         self._fail_backlog("gateway closed")
+        self._drop_direct()
         pool = self._pool
 
         def stop() -> None:
@@ -280,6 +283,7 @@ class XenstoreGateway:
             raise ConnectionLost("connection dropped as it opened")
         self._router = router
         arms = [self._arm(spec) for spec in list(self._watches.values())]
+        arms.append(self._open_direct())
         done: Deferred[list[None]] = defer.gatherResults(arms, consumeErrors=True)
         return done.addCallbacks(lambda _: None, _first_error)
 
@@ -308,6 +312,7 @@ class XenstoreGateway:
             return
         self._router = None
         self._fail_backlog(reason)
+        self._drop_direct()
         if self._state != "connected":
             return  # connecting or reconnecting: that attempt's failure path takes over
         self._state = "reconnecting"

@@ -74,6 +74,9 @@ class GatewayConfig:
     #: Snapshot attempts before returning an inconsistent (but complete) walk.
     snapshot_attempts: int = attrs.field(default=4, validator=_positive)
     workers: int = attrs.field(default=2, validator=_positive)
+    #: A second, watch-free connection read and written on the reactor for a watch batch's
+    #: reads and the label write (`shyped.xenstore.direct`); ``unix`` transport only.
+    direct: bool = True
 
     @classmethod
     def from_xenstore_config(cls, config: XenstoreSettings, **overrides: Any) -> GatewayConfig:

@@ -302,7 +302,6 @@ class _Router(pyxs.Router):  # type: ignore[misc]
         poller.register(fd, select.POLLIN)
         poller.register(stop_fd, select.POLLIN)
         buf = bytearray()
-        header = wire.HEADER
         while True:
             ready = {f for f, _ in poller.poll()}
             if stop_fd in ready:
@@ -313,15 +312,7 @@ class _Router(pyxs.Router):  # type: ignore[misc]
             buf += chunk
             calls: list[_Call] = []
             events: list[RawEvent] = []
-            while len(buf) >= header.size:
-                op, req_id, _tx, length = header.unpack_from(buf)
-                if length > wire.REPLY_MAX:
-                    raise wire.WireError(f"payload length {length} exceeds {wire.REPLY_MAX}")
-                end = header.size + length
-                if len(buf) < end:
-                    break
-                payload = bytes(buf[header.size : end])
-                del buf[:end]
+            for op, req_id, payload in wire.take_frames(buf):
                 if op == Op.WATCH_EVENT:
                     with contextlib.suppress(wire.WireError):
                         events.append(wire.watch_event(payload))

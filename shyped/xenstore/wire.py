@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import re
 import struct
+from collections.abc import Iterator
 
 import attrs
 
@@ -76,6 +77,23 @@ def pack(op: int, payload: bytes, req_id: int, tx_id: int = 0) -> bytes:
     if len(payload) > PAYLOAD_MAX:
         raise WireError(f"payload of {len(payload)} bytes exceeds {PAYLOAD_MAX}")
     return HEADER.pack(op, req_id & 0xFFFFFFFF, tx_id, len(payload)) + payload
+
+
+def take_frames(buf: bytearray) -> Iterator[tuple[int, int, bytes]]:
+    """The complete messages at the front of `buf` as (op, req_id, payload), each removed from
+    `buf` as it is yielded; a partial one stays. WireError for a length xenstored could never
+    send."""
+    size = HEADER.size
+    while len(buf) >= size:
+        op, req_id, _tx, length = HEADER.unpack_from(buf)
+        if length > REPLY_MAX:
+            raise WireError(f"payload length {length} exceeds {REPLY_MAX}")
+        end = size + length
+        if len(buf) < end:
+            return
+        payload = bytes(buf[size:end])
+        del buf[:end]
+        yield op, req_id, payload
 
 
 def unpack_header(data: bytes) -> Header:

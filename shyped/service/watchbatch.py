@@ -1,0 +1,171 @@
+"""One watch batch's reads: the pending paths of a burst, read in as few round trips as the
+burst allows, handed to the assembler together (see `shyped.service.eventpath` for the whole).
+
+A toolstack transaction fires its watch events at once (libxl's domain creation: 46 to 60), but
+they may reach the reactor in more than one slice. Fed to the assembler slice by slice, a
+device would be announced without the resource its libxl record names; read slice by slice,
+every slice costs a round trip. So a batch *coalesces* the burst:
+
+* The paths pending when the batch starts are read in one pipelined send: values, plus
+  permissions only where the assembler uses them (`shyped.core.events.needs_perms`), and
+  not at all where it would ignore the value (`shyped.core.assembler.readset`: a device's
+  backend keys and libxl keys it does not judge, some 40 % of a device's reads);
+  ``@introduceDomain`` / ``@releaseDomain`` are hints, not nodes, and are never read.
+* The reads go on the gateway's watch-free connection when it is up
+  (`shyped.xenstore.direct`): they do not queue behind a flood of watch events. Beside them
+  goes a barrier on the watch connection (`XenstoreGateway.sync`): its reply comes after every
+  event xenstored sent before it, so once it is in, the rest of the burst is pending too. The
+  barrier is waited for at most `BURST_WAIT` seconds after the reads are in: a watch
+  connection busy with a guest's flood delays this batch by that bound, never more (what
+  arrives later is the next batch's). Without the direct connection the reads themselves are
+  the barrier (same connection), as before.
+* Paths that became pending meanwhile belong to the same burst: they are read too, up to
+  `BATCH_ROUNDS` rounds, and everything is fed together.
+
+Which paths a batch takes, and how many per guest, is `shyped.core.fairbatch`'s business; a
+guest whose backlog overflowed there has its whole tree read again here (`reread_guests`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from shyped.core.assembler import EventAssembler
+from shyped.core.assembler.readset import unread_paths
+from shyped.core.events import Node as EventNode
+from shyped.core.events import needs_perms
+from shyped.core.fairbatch import FairBatches
+from shyped.xenstore import NoEntry, Perm, XenstoreGateway
+
+_log = Logger(namespace="shyped.daemon")
+
+#: Read rounds one watch batch may take to pick up the rest of a burst.
+BATCH_ROUNDS = 4
+#: Longest wait for the watch connection's barrier once a round's reads are in (seconds).
+BURST_WAIT = 0.002
+
+#: (assembler events, the time their earliest watch event arrived), in the order to process.
+Batch = list[tuple[list[Any], float]]
+
+
+class BatchReader:
+    """Reads one batch at a time for the daemon's event path (see the module docstring)."""
+
+    def __init__(
+        self,
+        gateway: XenstoreGateway,
+        assembler: EventAssembler,
+        reactor: Any,
+    ) -> None:
+        self.gateway = gateway
+        self.assembler = assembler
+        self.reactor = reactor
+        #: rounds whose barrier did not come within `BURST_WAIT` (status, benchmarks)
+        self.barrier_timeouts = 0
+        #: changed paths not read because the assembler would not use them
+        self.skipped = 0
+
+    async def read(self, pending: FairBatches, paths: list[str], received: float) -> Batch:
+        """Read `paths` taken from `pending` (and what joins the burst there meanwhile) and
+        feed them to the assembler; a guest whose backlog overflowed is reconciled first."""
+        out: Batch = []
+        overflowed = pending.take_overflowed()
+        if overflowed:
+            received = min(received, *overflowed.values())
+            out.append(
+                (await self.reread_guests(sorted(overflowed), pending.max_waiting), received)
+            )
+        values: dict[str, bytes | None] = {}
+        perms: dict[str, tuple[Perm, ...] | None] = {}
+        hints: list[str] = []
+        for round_ in range(1, BATCH_ROUNDS + 1):
+            hints.extend(p for p in paths if p.startswith("@"))
+            reads = [p for p in paths if not p.startswith("@")]
+            unused = unread_paths(set(reads))
+            if unused:
+                reads = [p for p in reads if p not in unused]
+                self.skipped += len(unused)
+            got_d = self.gateway.read_nodes(reads, [p for p in reads if needs_perms(p)])
+            barrier = self.gateway.sync() if self.gateway.direct else None
+            for path in reads:  # re-read paths move to the end: they are newer facts
+                values.pop(path, None)
+            got_values, got_perms = await got_d
+            values.update(got_values)
+            perms.update(got_perms)
+            if barrier is not None and not await self._within(barrier, BURST_WAIT):
+                self.barrier_timeouts += 1
+            if not pending or round_ == BATCH_ROUNDS:
+                break  # what is still pending is the next batch's
+            paths, earliest = pending.take()  # within what is left of the budgets
+            if not paths:
+                break
+            if earliest is not None:
+                received = min(received, earliest)
+        nodes: list[EventNode] = [(p, None, None) for p in dict.fromkeys(hints)]
+        nodes.extend((p, v, perms.get(p)) for p, v in values.items())
+        out.append((self.assembler.feed_batch(nodes), received))
+        return out
+
+    def _within(self, d: Deferred[None], seconds: float) -> Deferred[bool]:
+        """True once `d` fired, False if `seconds` passed first (`d` keeps running; its
+        failure, e.g. a lost connection, is left to the reads' own error)."""
+        done: Deferred[bool] = Deferred()
+
+        def fire(value: bool) -> None:
+            if not done.called:
+                done.callback(value)
+
+        timer = self.reactor.callLater(seconds, fire, False)
+
+        def arrived(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            fire(True)
+
+        d.addBoth(arrived)
+        return done
+
+    async def reread_guests(self, domids: list[int], max_waiting: int) -> list[Any]:
+        """Guests whose backlog of changed paths overflowed (`shyped.core.fairbatch`): their
+        paths were dropped, so their whole tree is read again (a snapshot taken after the drop
+        shows every change they stood for) and reconciled, as at start but for that subtree."""
+        events: list[Any] = []
+        for domid in domids:
+            root = f"/local/domain/{domid}"
+            _log.warn(
+                "guest {domid} changed more than {n} paths faster than they were read: "
+                "reading its tree {root} again",
+                domid=domid,
+                n=max_waiting,
+                root=root,
+            )
+            snapshot = await self.gateway.snapshot(root, with_perms=False)
+            perm_paths = [p for p in snapshot.nodes if needs_perms(p)]
+            got = await gather([self.gateway.get_perms(p).addErrback(absent) for p in perm_paths])
+            perms = dict(zip(perm_paths, got, strict=True))
+            nodes = {p: (node.value, perms.get(p)) for p, node in snapshot.nodes.items()}
+            events.extend(self.assembler.reconcile(nodes, root))  # type: ignore[arg-type]
+        return events
+
+
+def absent(failure: Failure) -> Failure | None:
+    """A node removed between its event and the read: no permissions (the value is None)."""
+    return None if isinstance(failure.value, NoEntry) else failure
+
+
+def gather(ds: list[Deferred[Any]]) -> Deferred[list[Any]]:
+    """`defer.gatherResults` that fails with the first failure itself and consumes the
+    others: requests failed by a lost connection leave no unhandled error behind."""
+    d: Deferred[list[Any]] = defer.gatherResults(ds, consumeErrors=True)
+    return d.addErrback(_first_failure)
+
+
+def _first_failure(failure: Failure) -> Failure:
+    if isinstance(failure.value, defer.FirstError):
+        return failure.value.subFailure
+    return failure
