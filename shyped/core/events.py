@@ -303,6 +303,23 @@ _NOT_VCHAN: Final = frozenset({"device", "backend", "console", "vuart", "store"}
 _VCHAN_KEYS: Final = frozenset({"ring-ref", "event-channel"})
 
 
+def ignored_subtree(path: str) -> bool:
+    """True if the assembler ignores `path` and everything below it, so a reconcile walk
+    need not read it: top-level trees other than ``/local``, ``/libxl`` and ``/vm``,
+    ``/local/<x>`` for x other than ``domain``, and whatever is below ``/vm/<uuid>`` (only the
+    UUID's presence counts, and its node is read)."""
+    comps = path.split("/", 4)
+    n = len(comps)
+    if n < 2 or comps[1] == "":
+        return False  # "/" itself
+    top = comps[1]
+    if top == "local":
+        return n >= 3 and comps[2] != "domain"
+    if top == "vm":
+        return n >= 4
+    return top != "libxl"
+
+
 def needs_perms(path: str | bytes) -> bool:
     """True if the gateway must pass the node's permissions with its value: vchan keys and
     every node a guest could own (`shyped.core.channels.guest_path`)."""

@@ -32,7 +32,7 @@ from shyped.core.assembler import EventAssembler
 from shyped.core.audit import Kind as AuditKind
 from shyped.core.engine import Engine, Outcome
 from shyped.core.events import Node as EventNode
-from shyped.core.events import needs_perms
+from shyped.core.events import ignored_subtree, needs_perms
 from shyped.core.fairbatch import FairBatches
 from shyped.core.host import HostModel
 from shyped.core.hostfacts import DomainReleased, DomainState, NeedsDecision
@@ -404,14 +404,8 @@ class DaemonCore:
                 n=self._pending.max_waiting,
                 root=root,
             )
-            snapshot = await self.gateway.snapshot(root, with_perms=False)
-            perm_paths = [p for p in snapshot.nodes if needs_perms(p)]
-            got = await defer.gatherResults(
-                [self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths]
-            )
-            perms = dict(zip(perm_paths, got, strict=True))
-            nodes = {p: (node.value, perms.get(p)) for p, node in snapshot.nodes.items()}
-            events.extend(self.assembler.reconcile(nodes, root))  # type: ignore[arg-type]
+            scan = await self.gateway.scan(root, ignored_subtree, needs_perms)
+            events.extend(self.assembler.reconcile(scan.entries, root))
         return events
 
     def reconcile(self, reason: str) -> Deferred[None]:
@@ -424,31 +418,27 @@ class DaemonCore:
 
     async def _do_reconcile(self, reason: str) -> None:
         received = time.monotonic()
-        # Values and children in one transaction; permissions only where the assembler uses
-        # them (vchan keys, nodes a guest could own), pipelined after it. A
-        # permission changed in between fires the watch, so the next batch has it.
-        snapshot = await self.gateway.snapshot("/", with_perms=False)
-        perm_paths = [p for p in snapshot.nodes if needs_perms(p)]
-        got = await defer.gatherResults(
-            [self.gateway.get_perms(p).addErrback(_absent) for p in perm_paths]
-        )
-        perms = dict(zip(perm_paths, got, strict=True))
-        nodes = {path: (node.value, perms.get(path)) for path, node in snapshot.nodes.items()}
+        # Values and permissions (only where the assembler uses them: vchan keys, nodes a
+        # guest could own) in one transaction, pipelined, leaving out the subtrees the
+        # assembler ignores (`shyped.xenstore.snapshot`); nothing else of the walk is kept.
+        snapshot = await self.gateway.scan("/", ignored_subtree, needs_perms)
+        nodes, consistent = snapshot.entries, snapshot.consistent
         self._reconciles += 1
-        events = self.assembler.reconcile(nodes, "/")  # type: ignore[arg-type]
-        self._audit_event(
-            AuditKind.RECONCILE, reason=reason, nodes=len(snapshot.nodes), events=len(events)
-        )
+        events = self.assembler.reconcile(nodes, "/")
+        count = len(nodes)
+        published = published_labels(nodes)
+        del snapshot, nodes  # the walk is not needed past this point
+        self._audit_event(AuditKind.RECONCILE, reason=reason, nodes=count, events=len(events))
         _log.info(
             "reconcile ({reason}): {nodes} nodes, {events} events{inc}",
             reason=reason,
-            nodes=len(snapshot.nodes),
+            nodes=count,
             events=len(events),
-            inc="" if snapshot.consistent else " (inconsistent walk; watches converge)",
+            inc="" if consistent else " (inconsistent walk; watches converge)",
         )
         # A running domain keeps the label it was admitted with (its dom0-owned label node),
         # for this reconcile's decisions only: a domid reused later is a new domain.
-        self.engine.remember_published(published_labels(snapshot.nodes))
+        self.engine.remember_published(published)
         try:
             self._process(events, received)
         finally:
@@ -701,8 +691,8 @@ class DaemonCore:
             self.metrics.dirty = True
 
 
-def published_labels(nodes: Mapping[str, Any]) -> dict[int, str]:
-    """``/local/domain/<d>/shyped/label`` values of a snapshot, by domid (d != 0). The
+def published_labels(nodes: Mapping[str, tuple[bytes, Any]]) -> dict[int, str]:
+    """``/local/domain/<d>/shyped/label`` values of a scan, by domid (d != 0). The
     directory is dom0's (``n0,r<d>``, under the dom0-owned home): a guest cannot write it."""
     out: dict[int, str] = {}
     for path, node in nodes.items():
@@ -715,7 +705,7 @@ def published_labels(nodes: Mapping[str, Any]) -> dict[int, str]:
             continue
         if not comps[3].isdigit() or comps[3] == "0":
             continue
-        text = parse_text(node.value, MAX_NAME)
+        text = parse_text(node[0], MAX_NAME)
         if text is not None:
             out[int(comps[3])] = text
     return out

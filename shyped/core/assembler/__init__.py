@@ -54,10 +54,14 @@ class EventAssembler(Flusher):
         Everything tracked under `root` that the snapshot lacks is treated as removed, then the
         snapshot's nodes are fed in sorted order. Unchanged facts emit nothing.
         """
-        nodes: dict[str, tuple[bytes, Sequence[PermInput] | None]] = {}
-        for k, v in snapshot.items():
-            key = k.decode("ascii", "replace") if isinstance(k, bytes) else k
-            nodes[key] = v if isinstance(v, tuple) else (v.value, v.perms)
+        nodes: Mapping[str, SnapshotEntry]
+        if all(isinstance(k, str) for k in snapshot):
+            nodes = snapshot  # type: ignore[assignment]  # no copy of a large walk
+        else:
+            nodes = {
+                (k.decode("ascii", "replace") if isinstance(k, bytes) else k): v
+                for k, v in snapshot.items()
+            }
         root = root.rstrip("/") or "/"
         prefix = "/" if root == "/" else root + "/"
         gone = [
@@ -69,8 +73,11 @@ class EventAssembler(Flusher):
         for p in gone:
             self._apply(p, None, None)
         for p in sorted(nodes):
-            value, perms = nodes[p]
-            self._apply(p, value, perms)
+            v = nodes[p]
+            if isinstance(v, tuple):
+                self._apply(p, v[0], v[1])
+            else:
+                self._apply(p, v.value, v.perms)
         return self._flush()
 
     def withdraw(self, path: str, *, subtree: bool = False) -> tuple[list[Event], list[str]]:
