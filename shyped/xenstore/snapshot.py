@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import attrs
@@ -70,36 +70,79 @@ def _walk_config(config: GatewayConfig) -> GatewayConfig:
     )
 
 
-def _walk(channel: _Channel, root: str, with_perms: bool) -> dict[str, Node]:
-    """Breadth-first walk, one pipelined batch of requests per tree level."""
-    nodes: dict[str, Node] = {}
-    level = [root]
-    per_node = 3 if with_perms else 2
+#: Nodes whose requests are pipelined in one call: a level of a large tree is read in slices,
+#: so that the waiters, payloads and replies of one slice at a time exist, not of the level.
+_SLICE = 512
+
+#: One node as a walk reads it: path, value, children, permissions (None: not asked for).
+_Read = tuple[str, bytes, tuple[str, ...], "tuple[Perm, ...] | None"]
+
+
+def _read_tree(
+    channel: _Channel,
+    root: str,
+    prune: Callable[[str], bool],
+    perms_for: Callable[[str], bool],
+) -> Iterator[_Read]:
+    """Breadth first: each level in pipelined slices of `_SLICE` nodes (READ, DIRECTORY and,
+    where `perms_for`, GET_PERMS each); a node removed since its parent's listing is left out,
+    and so is every child `prune` names. Identical permission lists share one tuple."""
+    perm_cache: dict[bytes, tuple[Perm, ...]] = {}
+    level = [] if prune(root) else [root]
     while level:
-        requests: list[tuple[int, bytes, str | None]] = []
-        for path in level:
-            raw = wire.path_payload(_encode_path(path))
-            requests.append((Op.READ, raw, path))
-            requests.append((Op.DIRECTORY, raw, path))
-            if with_perms:
-                requests.append((Op.GET_PERMS, raw, path))
-        results = channel.pipeline(requests)
         next_level: list[str] = []
-        for index, path in enumerate(level):
-            answers = results[index * per_node : (index + 1) * per_node]
-            if any(isinstance(a, NoEntry) for a in answers):
-                continue  # removed between its parent's listing and now
-            for answer in answers:
-                if isinstance(answer, XenstoreError):
-                    raise answer
-            value = answers[0]
-            assert isinstance(value, bytes)
-            kids = wire.children(answers[1])  # type: ignore[arg-type]
-            node_perms = wire.perms(answers[2]) if with_perms else None  # type: ignore[arg-type]
-            nodes[path] = Node(value, kids, node_perms)
-            next_level.extend(_join(path, kid) for kid in kids)
+        for first in range(0, len(level), _SLICE):
+            part = level[first : first + _SLICE]
+            wants = [perms_for(path) for path in part]
+            requests: list[tuple[int, bytes, str | None]] = []
+            for path, want in zip(part, wants, strict=True):
+                raw = wire.path_payload(_encode_path(path))
+                requests.append((Op.READ, raw, path))
+                requests.append((Op.DIRECTORY, raw, path))
+                if want:
+                    requests.append((Op.GET_PERMS, raw, path))
+            results = channel.pipeline(requests)
+            at = 0
+            for path, want in zip(part, wants, strict=True):
+                count = 3 if want else 2
+                answers = results[at : at + count]
+                at += count
+                if any(isinstance(a, NoEntry) for a in answers):
+                    continue  # removed between its parent's listing and now
+                for answer in answers:
+                    if isinstance(answer, XenstoreError):
+                        raise answer
+                value, listing = answers[0], answers[1]
+                assert isinstance(value, bytes) and isinstance(listing, bytes)
+                perms: tuple[Perm, ...] | None = None
+                if want:
+                    raw_perms = answers[2]
+                    assert isinstance(raw_perms, bytes)
+                    perms = perm_cache.get(raw_perms)
+                    if perms is None:
+                        perms = perm_cache[raw_perms] = wire.perms(raw_perms)
+                kids = wire.children(listing)
+                yield path, value, kids, perms
+                next_level.extend(c for c in (_join(path, k) for k in kids) if not prune(c))
         level = next_level
-    return nodes
+
+
+def _never(path: str) -> bool:
+    return False
+
+
+def _always(path: str) -> bool:
+    return True
+
+
+def _walk(channel: _Channel, root: str, with_perms: bool) -> dict[str, Node]:
+    """Every node under `root`: value, children, permissions (if `with_perms`)."""
+    return {
+        path: Node(value, kids, perms)
+        for path, value, kids, perms in _read_tree(
+            channel, root, _never, _always if with_perms else _never
+        )
+    }
 
 
 def _scan(
@@ -108,53 +151,13 @@ def _scan(
     prune: Callable[[str], bool],
     perms_for: Callable[[str], bool],
 ) -> dict[str, ScanEntry]:
-    """Breadth-first, one pipelined batch per level; children are not kept past their level."""
+    """``(value, perms)`` per node; children are not kept; short values are shared."""
     entries: dict[str, ScanEntry] = {}
-    perm_cache: dict[bytes, tuple[Perm, ...]] = {}
-    value_cache: dict[bytes, bytes] = {}
-    level = [] if prune(root) else [root]
-    while level:
-        requests: list[tuple[int, bytes, str | None]] = []
-        wants: list[bool] = []
-        for path in level:
-            raw = wire.path_payload(_encode_path(path))
-            requests.append((Op.READ, raw, path))
-            requests.append((Op.DIRECTORY, raw, path))
-            want = perms_for(path)
-            wants.append(want)
-            if want:
-                requests.append((Op.GET_PERMS, raw, path))
-        results = channel.pipeline(requests)
-        requests.clear()
-        next_level: list[str] = []
-        at = 0
-        for path, want in zip(level, wants, strict=True):
-            count = 3 if want else 2
-            answers = results[at : at + count]
-            at += count
-            if any(isinstance(a, NoEntry) for a in answers):
-                continue  # removed between its parent's listing and now
-            for answer in answers:
-                if isinstance(answer, XenstoreError):
-                    raise answer
-            value = answers[0]
-            assert isinstance(value, bytes)
-            if len(value) <= _SHARE_VALUE_MAX:
-                value = value_cache.setdefault(value, value)
-            perms: tuple[Perm, ...] | None = None
-            if want:
-                raw_perms = answers[2]
-                assert isinstance(raw_perms, bytes)
-                perms = perm_cache.get(raw_perms)
-                if perms is None:
-                    perms = perm_cache[raw_perms] = wire.perms(raw_perms)
-            entries[path] = (value, perms)
-            for kid in wire.children(answers[1]):  # type: ignore[arg-type]
-                child = _join(path, kid)
-                if not prune(child):
-                    next_level.append(child)
-        del results
-        level = next_level
+    values: dict[bytes, bytes] = {}
+    for path, value, _kids, perms in _read_tree(channel, root, prune, perms_for):
+        if len(value) <= _SHARE_VALUE_MAX:
+            value = values.setdefault(value, value)
+        entries[path] = (value, perms)
     return entries
 
 
