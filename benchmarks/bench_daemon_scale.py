@@ -5,8 +5,9 @@ toolstack creates N labelled domains (each a vif, a vbd and a console), then, ``
 times and interleaved (this tree, baseline, baseline, this, ...), a child process per tree
 under test (``PYTHONPATH`` set to that tree) runs:
 
-* **bare walk**: the fastest of three snapshots of ``/`` (values and children, no permissions,
-  the tree's own ``XenstoreGateway.snapshot``) by a fresh gateway: the cold start's floor;
+* **bare walk**: the fastest of ``--walks`` (3) snapshots of ``/`` (values and children, no
+  permissions, the tree's own ``XenstoreGateway.snapshot``) by a fresh gateway: the cold
+  start's floor;
 * **daemon**: a `Daemon` started on that tree; **cold start** is ``start()`` to everything
   decided and every label node written (goal ÷ bare walk ≤ 1.5); then **admission cost**: a
   writer process commits libxl's domain-creation transaction for a labelled domain and times
@@ -72,7 +73,7 @@ def _reset_hwm() -> None:
         f.write("5")
 
 
-def _child_walk(socket_path: str) -> dict[str, float]:
+def _child_walk(socket_path: str, walks: int) -> dict[str, float]:
     from twisted.internet import defer, reactor
 
     from shyped.xenstore import GatewayConfig, XenstoreGateway
@@ -84,7 +85,7 @@ def _child_walk(socket_path: str) -> dict[str, float]:
         await gw.connect()
         try:
             best = float("inf")
-            for _ in range(3):
+            for _ in range(walks):
                 t = time.perf_counter()
                 await gw.snapshot("/", with_perms=False)
                 best = min(best, time.perf_counter() - t)
@@ -174,10 +175,6 @@ def _child_daemon(socket_path: str, n: int, admissions: int, trace: int) -> dict
         await daemon.settled()
         out["cold_s"] = time.perf_counter() - t
         gc.collect()
-        if os.environ.get("PERFMEM_TRIM"):
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
         rss1, hwm = _rss_kib()
         out["rss_kib"] = rss1 - rss0
         out["peak_kib"] = hwm - rss0
@@ -262,7 +259,7 @@ def _clear_labels(socket_path: str, domids: list[int]) -> None:
 
 
 def measure(
-    sizes: list[int], trees: dict[str, Path], rounds: int, admissions: int, trace: int
+    sizes: list[int], trees: dict[str, Path], rounds: int, admissions: int, trace: int, walks: int
 ) -> dict[str, Any]:
     sys.path.insert(0, str(HERE))
     samples: dict[str, dict[int, dict[str, list[float]]]] = {name: {} for name in trees}
@@ -275,7 +272,7 @@ def measure(
             for r in range(rounds):
                 for name in order if r % 2 == 0 else order[::-1]:
                     row = samples[name].setdefault(n, {})
-                    walk = _child(trees[name], "walk", sock)
+                    walk = _child(trees[name], "walk", sock, str(walks))
                     got = _child(trees[name], "daemon", sock, str(n), str(admissions), "0")
                     _clear_labels(sock, domids)
                     if got["admitted"] != n + 1:
@@ -359,6 +356,7 @@ def main() -> int:
     parser.add_argument("--admissions", type=int, default=30, help="admissions per daemon run")
     parser.add_argument("--baseline", type=Path, help="a tree holding shyped/ (the baseline)")
     parser.add_argument("--baseline-ref", help="a git ref: its worktree is the baseline")
+    parser.add_argument("--walks", type=int, default=3, help="bare walks per child (fastest)")
     parser.add_argument("--tracemalloc", type=int, default=0, metavar="K")
     parser.add_argument("--quick", action="store_true", help="0,10,200 domains, one round")
     parser.add_argument("--json", action="store_true", help="print JSON only")
@@ -373,7 +371,7 @@ def main() -> int:
         elif args.baseline is not None:
             trees["base"] = args.baseline.resolve()
         t = time.perf_counter()
-        result = measure(sizes, trees, args.rounds, args.admissions, args.tracemalloc)
+        result = measure(sizes, trees, args.rounds, args.admissions, args.tracemalloc, args.walks)
         result["wall_s"] = time.perf_counter() - t
     if args.json:
         print(json.dumps(result, indent=2))
@@ -387,7 +385,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["_child"]:
         kind, sock = sys.argv[2], sys.argv[3]
         if kind == "walk":
-            res = _child_walk(sock)
+            res = _child_walk(sock, int(sys.argv[4]))
         else:
             n, adm, trace = (int(x) for x in sys.argv[4:7])
             res = _child_daemon(sock, n, adm, trace)

@@ -60,9 +60,14 @@ async def _both(gw: XenstoreGateway, old: EventAssembler, new: EventAssembler) -
     whole = {p: (n.value, n.perms if needs_perms(p) else None) for p, n in snap.nodes.items()}
     scan = await gw.scan("/", ignored_subtree, needs_perms)
     assert scan.consistent and snap.consistent
-    assert set(scan.entries) < set(whole)  # the ignored subtrees were left out
-    assert not any(ignored_subtree(p) for p in scan.entries)
-    assert published_labels(scan.entries) == published_labels(whole)
+    scanned = {p: (v, perms) for p, v, perms in scan.entries.sorted_items()}
+    assert list(scanned) == sorted(scanned) and len(scanned) == len(scan.entries)
+    assert set(scanned) < set(whole)  # the ignored subtrees were left out
+    assert not any(ignored_subtree(p) for p in scanned)
+    assert all(p in scan.entries and scan.entries.get(p) == e for p, e in scanned.items())
+    assert "/tool" not in scan.entries and "/nowhere" not in scan.entries
+    labels = published_labels((p, v) for p, (v, _) in scanned.items())
+    assert labels and labels == published_labels((p, n[0]) for p, n in whole.items())
     return old.reconcile(whole, "/"), new.reconcile(scan.entries, "/")
 
 

@@ -80,8 +80,8 @@ reported as an over-limit `ChannelShared`: denied and removed, never only counte
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Final, NamedTuple, Protocol
+from collections.abc import Iterator, Sequence
+from typing import Final, NamedTuple, Protocol, runtime_checkable
 
 import attrs
 
@@ -280,6 +280,19 @@ class SnapshotNode(Protocol):
 
 #: What `EventAssembler.reconcile` takes per path: ``(value, perms)`` or a `SnapshotNode`.
 SnapshotEntry = tuple[bytes, Sequence[PermInput] | None] | SnapshotNode
+
+
+@runtime_checkable
+class SortedSnapshot(Protocol):
+    """A snapshot that holds its nodes packed and gives them in sorted path order, one at a
+    time (``shyped.xenstore.snapshot.ScanEntries``): `EventAssembler.reconcile` feeds it
+    without making every path and value an object at once."""
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, path: object) -> bool: ...
+
+    def sorted_items(self) -> Iterator[tuple[str, bytes, Sequence[PermInput] | None]]: ...
 
 
 @attrs.frozen

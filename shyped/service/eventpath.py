@@ -7,8 +7,8 @@ import contextlib
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 
 import attrs
 from twisted.internet import defer
@@ -426,7 +426,7 @@ class DaemonCore:
         self._reconciles += 1
         events = self.assembler.reconcile(nodes, "/")
         count = len(nodes)
-        published = published_labels(nodes)
+        published = published_labels((p, v) for p, v, _ in nodes.sorted_items())
         del snapshot, nodes  # the walk is not needed past this point
         self._audit_event(AuditKind.RECONCILE, reason=reason, nodes=count, events=len(events))
         _log.info(
@@ -691,11 +691,14 @@ class DaemonCore:
             self.metrics.dirty = True
 
 
-def published_labels(nodes: Mapping[str, tuple[bytes, Any]]) -> dict[int, str]:
-    """``/local/domain/<d>/shyped/label`` values of a scan, by domid (d != 0). The
-    directory is dom0's (``n0,r<d>``, under the dom0-owned home): a guest cannot write it."""
+def published_labels(nodes: Iterable[tuple[str, bytes]]) -> dict[int, str]:
+    """``/local/domain/<d>/shyped/label`` values among `nodes` (path, value), by domid
+    (d != 0). The directory is dom0's (``n0,r<d>``, under the dom0-owned home): a guest
+    cannot write it."""
     out: dict[int, str] = {}
-    for path, node in nodes.items():
+    for path, value in nodes:
+        if not path.endswith(_LABEL_SUFFIX):
+            continue
         comps = path.split("/")
         if (
             len(comps) != 6
@@ -705,10 +708,13 @@ def published_labels(nodes: Mapping[str, tuple[bytes, Any]]) -> dict[int, str]:
             continue
         if not comps[3].isdigit() or comps[3] == "0":
             continue
-        text = parse_text(node[0], MAX_NAME)
+        text = parse_text(value, MAX_NAME)
         if text is not None:
             out[int(comps[3])] = text
     return out
+
+
+_LABEL_SUFFIX: Final = f"/{LABEL_DIR}/label"
 
 
 def _pid() -> int:
