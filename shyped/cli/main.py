@@ -114,7 +114,7 @@ def _run(config_path: Path, level: str, log_format: str | None = None) -> int:
     from shyped.control.daemon_backend import DaemonControlBackend
     from shyped.control.server import ControlServer, ControlSetupError
     from shyped.service.attestation import attach_attestation
-    from shyped.service.daemon import Daemon, ReloadResult, StartupError
+    from shyped.service.daemon import Daemon, ReloadResult, StartupError, freeze_after_start
     from shyped.service.poolstore import (
         PoolSetupError,
         attach_pool,
@@ -199,6 +199,7 @@ def _run(config_path: Path, level: str, log_format: str | None = None) -> int:
         stop(1)
 
     def ready(_: object) -> None:
+        freeze_after_start()
         _log.info("ready: {summary}", summary=summary())
         notifier.ready(summary())
 

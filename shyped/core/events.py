@@ -80,8 +80,8 @@ reported as an over-limit `ChannelShared`: denied and removed, never only counte
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Final, NamedTuple, Protocol
+from collections.abc import Iterator, Sequence
+from typing import Final, NamedTuple, Protocol, runtime_checkable
 
 import attrs
 
@@ -282,6 +282,19 @@ class SnapshotNode(Protocol):
 SnapshotEntry = tuple[bytes, Sequence[PermInput] | None] | SnapshotNode
 
 
+@runtime_checkable
+class SortedSnapshot(Protocol):
+    """A snapshot that holds its nodes packed and gives them in sorted path order, one at a
+    time (``shyped.xenstore.snapshot.ScanEntries``): `EventAssembler.reconcile` feeds it
+    without making every path and value an object at once."""
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, path: object) -> bool: ...
+
+    def sorted_items(self) -> Iterator[tuple[str, bytes, Sequence[PermInput] | None]]: ...
+
+
 @attrs.frozen
 class Limits:
     """Per-domain bounds on what the assembler tracks (guest-controlled amounts)."""
@@ -301,6 +314,23 @@ _LOCAL_DOMAIN: Final = "/local/domain/"
 #: Subtrees of a domain's home that are not vchan candidates (device dirs, backends).
 _NOT_VCHAN: Final = frozenset({"device", "backend", "console", "vuart", "store"})
 _VCHAN_KEYS: Final = frozenset({"ring-ref", "event-channel"})
+
+
+def ignored_subtree(path: str) -> bool:
+    """True if the assembler ignores `path` and everything below it, so a reconcile walk
+    need not read it: top-level trees other than ``/local``, ``/libxl`` and ``/vm``,
+    ``/local/<x>`` for x other than ``domain``, and whatever is below ``/vm/<uuid>`` (only the
+    UUID's presence counts, and its node is read)."""
+    comps = path.split("/", 4)
+    n = len(comps)
+    if n < 2 or comps[1] == "":
+        return False  # "/" itself
+    top = comps[1]
+    if top == "local":
+        return n >= 3 and comps[2] != "domain"
+    if top == "vm":
+        return n >= 4
+    return top != "libxl"
 
 
 def needs_perms(path: str | bytes) -> bool:

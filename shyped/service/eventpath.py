@@ -7,8 +7,8 @@ import contextlib
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 
 import attrs
 from twisted.internet import defer
@@ -31,7 +31,7 @@ from shyped.core.actions import (
 from shyped.core.assembler import EventAssembler
 from shyped.core.audit import Kind as AuditKind
 from shyped.core.engine import Engine, Outcome
-from shyped.core.events import needs_perms
+from shyped.core.events import ignored_subtree, needs_perms
 from shyped.core.fairbatch import FairBatches
 from shyped.core.host import HostModel
 from shyped.core.hostfacts import DomainReleased, DomainState, NeedsDecision
@@ -53,7 +53,7 @@ from shyped.service.policyload import (
 )
 from shyped.service.runtimequotas import RuntimeQuotaFeed
 from shyped.service.vetoretry import VetoAttempt, worth_recording
-from shyped.service.watchbatch import BatchReader, absent, gather
+from shyped.service.watchbatch import BatchReader
 from shyped.xenstore import (
     ConnectionLost,
     GatewayConfig,
@@ -381,29 +381,27 @@ class DaemonCore:
 
     async def _do_reconcile(self, reason: str) -> None:
         received = time.monotonic()
-        # Values and children in one transaction; permissions only where the assembler uses
-        # them (vchan keys, nodes a guest could own), pipelined after it. A
-        # permission changed in between fires the watch, so the next batch has it.
-        snapshot = await self.gateway.snapshot("/", with_perms=False)
-        perm_paths = [p for p in snapshot.nodes if needs_perms(p)]
-        got = await gather([self.gateway.get_perms(p).addErrback(absent) for p in perm_paths])
-        perms = dict(zip(perm_paths, got, strict=True))
-        nodes = {path: (node.value, perms.get(path)) for path, node in snapshot.nodes.items()}
+        # Values and permissions (only where the assembler uses them: vchan keys, nodes a
+        # guest could own) in one transaction, pipelined, leaving out the subtrees the
+        # assembler ignores (`shyped.xenstore.snapshot`); nothing else of the walk is kept.
+        snapshot = await self.gateway.scan("/", ignored_subtree, needs_perms)
+        nodes, consistent = snapshot.entries, snapshot.consistent
         self._reconciles += 1
         events = self.assembler.reconcile(nodes, "/")
-        self._audit_event(
-            AuditKind.RECONCILE, reason=reason, nodes=len(snapshot.nodes), events=len(events)
-        )
+        count = len(nodes)
+        published = published_labels((p, v) for p, v, _ in nodes.sorted_items())
+        del snapshot, nodes  # the walk is not needed past this point
+        self._audit_event(AuditKind.RECONCILE, reason=reason, nodes=count, events=len(events))
         _log.info(
             "reconcile ({reason}): {nodes} nodes, {events} events{inc}",
             reason=reason,
-            nodes=len(snapshot.nodes),
+            nodes=count,
             events=len(events),
-            inc="" if snapshot.consistent else " (inconsistent walk; watches converge)",
+            inc="" if consistent else " (inconsistent walk; watches converge)",
         )
         # A running domain keeps the label it was admitted with (its dom0-owned label node),
         # for this reconcile's decisions only: a domid reused later is a new domain.
-        self.engine.remember_published(published_labels(snapshot.nodes))
+        self.engine.remember_published(published)
         try:
             self._process(events, received)
         finally:
@@ -665,11 +663,14 @@ class DaemonCore:
             self.metrics.dirty = True
 
 
-def published_labels(nodes: Mapping[str, Any]) -> dict[int, str]:
-    """``/local/domain/<d>/shyped/label`` values of a snapshot, by domid (d != 0). The
-    directory is dom0's (``n0,r<d>``, under the dom0-owned home): a guest cannot write it."""
+def published_labels(nodes: Iterable[tuple[str, bytes]]) -> dict[int, str]:
+    """``/local/domain/<d>/shyped/label`` values among `nodes` (path, value), by domid
+    (d != 0). The directory is dom0's (``n0,r<d>``, under the dom0-owned home): a guest
+    cannot write it."""
     out: dict[int, str] = {}
-    for path, node in nodes.items():
+    for path, value in nodes:
+        if not path.endswith(_LABEL_SUFFIX):
+            continue
         comps = path.split("/")
         if (
             len(comps) != 6
@@ -679,10 +680,13 @@ def published_labels(nodes: Mapping[str, Any]) -> dict[int, str]:
             continue
         if not comps[3].isdigit() or comps[3] == "0":
             continue
-        text = parse_text(node.value, MAX_NAME)
+        text = parse_text(value, MAX_NAME)
         if text is not None:
             out[int(comps[3])] = text
     return out
+
+
+_LABEL_SUFFIX: Final = f"/{LABEL_DIR}/label"
 
 
 def _pid() -> int:

@@ -30,17 +30,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from shyped.core.assembler import EventAssembler
 from shyped.core.assembler.readset import unread_paths
 from shyped.core.events import Node as EventNode
-from shyped.core.events import needs_perms
+from shyped.core.events import ignored_subtree, needs_perms
 from shyped.core.fairbatch import FairBatches
-from shyped.xenstore import NoEntry, Perm, XenstoreGateway
+from shyped.xenstore import Perm, XenstoreGateway
 
 _log = Logger(namespace="shyped.daemon")
 
@@ -144,28 +142,6 @@ class BatchReader:
                 n=max_waiting,
                 root=root,
             )
-            snapshot = await self.gateway.snapshot(root, with_perms=False)
-            perm_paths = [p for p in snapshot.nodes if needs_perms(p)]
-            got = await gather([self.gateway.get_perms(p).addErrback(absent) for p in perm_paths])
-            perms = dict(zip(perm_paths, got, strict=True))
-            nodes = {p: (node.value, perms.get(p)) for p, node in snapshot.nodes.items()}
-            events.extend(self.assembler.reconcile(nodes, root))  # type: ignore[arg-type]
+            scan = await self.gateway.scan(root, ignored_subtree, needs_perms)
+            events.extend(self.assembler.reconcile(scan.entries, root))
         return events
-
-
-def absent(failure: Failure) -> Failure | None:
-    """A node removed between its event and the read: no permissions (the value is None)."""
-    return None if isinstance(failure.value, NoEntry) else failure
-
-
-def gather(ds: list[Deferred[Any]]) -> Deferred[list[Any]]:
-    """`defer.gatherResults` that fails with the first failure itself and consumes the
-    others: requests failed by a lost connection leave no unhandled error behind."""
-    d: Deferred[list[Any]] = defer.gatherResults(ds, consumeErrors=True)
-    return d.addErrback(_first_failure)
-
-
-def _first_failure(failure: Failure) -> Failure:
-    if isinstance(failure.value, defer.FirstError):
-        return failure.value.subFailure
-    return failure

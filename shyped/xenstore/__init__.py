@@ -15,6 +15,7 @@ from shyped.xenstore.gatewayconfig import (
     Node,
     Snapshot,
 )
+from shyped.xenstore.snapshot import Scan
 from shyped.xenstore.wire import Op, Perm
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "Op",
     "Perm",
     "PermissionDenied",
+    "Scan",
     "Snapshot",
     "Transaction",
     "XenstoreError",

@@ -1,5 +1,5 @@
 """Blocking operations on worker threads: requests on one connection, transactions (retried on
-EAGAIN), and subtree snapshots one tree level per round trip."""
+EAGAIN); the subtree walks built on them are in `shyped.xenstore.snapshot`."""
 
 from __future__ import annotations
 
@@ -17,15 +17,10 @@ from shyped.xenstore.errors import (
     NoEntry,
     XenstoreError,
 )
-from shyped.xenstore.gatewayconfig import (
-    GatewayConfig,
-    Node,
-    Snapshot,
-)
+from shyped.xenstore.gatewayconfig import GatewayConfig
 from shyped.xenstore.router import (
     _check_value,
     _encode_path,
-    _join,
     _Router,
     _Waiter,
 )
@@ -275,56 +270,3 @@ def _run_transaction(
             time.sleep(random.uniform(delay / 2, delay))
             delay = min(delay * 2, config.tx_backoff_max)
     raise Again("EAGAIN", detail=f"transaction still conflicting after {max_attempts} attempts")
-
-
-def _walk(channel: _Channel, root: str, with_perms: bool) -> dict[str, Node]:
-    """Breadth-first walk, one pipelined batch of requests per tree level."""
-    nodes: dict[str, Node] = {}
-    level = [root]
-    per_node = 3 if with_perms else 2
-    while level:
-        requests: list[tuple[int, bytes, str | None]] = []
-        for path in level:
-            raw = wire.path_payload(_encode_path(path))
-            requests.append((Op.READ, raw, path))
-            requests.append((Op.DIRECTORY, raw, path))
-            if with_perms:
-                requests.append((Op.GET_PERMS, raw, path))
-        results = channel.pipeline(requests)
-        next_level: list[str] = []
-        for index, path in enumerate(level):
-            answers = results[index * per_node : (index + 1) * per_node]
-            if any(isinstance(a, NoEntry) for a in answers):
-                continue  # removed between its parent's listing and now
-            for answer in answers:
-                if isinstance(answer, XenstoreError):
-                    raise answer
-            value = answers[0]
-            assert isinstance(value, bytes)
-            kids = wire.children(answers[1])  # type: ignore[arg-type]
-            node_perms = wire.perms(answers[2]) if with_perms else None  # type: ignore[arg-type]
-            nodes[path] = Node(value, kids, node_perms)
-            next_level.extend(_join(path, kid) for kid in kids)
-        level = next_level
-    return nodes
-
-
-def _run_snapshot(router: _Router, config: GatewayConfig, root: str, with_perms: bool) -> Snapshot:
-    channel = _Channel(router, config)
-    delay = config.tx_backoff_initial
-    nodes: dict[str, Node] = {}
-    for attempt in range(1, config.snapshot_attempts + 1):
-        tx_id = channel.start()
-        try:
-            nodes = _walk(_Channel(router, config, tx_id), root, with_perms)
-        except ConnectionLost:
-            raise
-        except BaseException:
-            channel.abort_quietly(tx_id)
-            raise
-        if channel.end(tx_id, commit=True):
-            return Snapshot(root, nodes, consistent=True, attempts=attempt)
-        if attempt < config.snapshot_attempts:
-            time.sleep(random.uniform(delay / 2, delay))
-            delay = min(delay * 2, config.tx_backoff_max)
-    return Snapshot(root, nodes, consistent=False, attempts=config.snapshot_attempts)

@@ -76,7 +76,6 @@ from twisted.python.threadpool import ThreadPool
 from shyped.xenstore import wire
 from shyped.xenstore.blocking import (
     Transaction,
-    _run_snapshot,
     _run_transaction,
 )
 from shyped.xenstore.direct import DirectConnection, DirectRoutes
@@ -98,6 +97,7 @@ from shyped.xenstore.router import (
     _Inbox,
     _Router,
 )
+from shyped.xenstore.snapshot import Scan, _check_root, _run_scan, _run_snapshot
 from shyped.xenstore.wire import Op, Perm
 
 T = TypeVar("T")
@@ -611,13 +611,16 @@ class XenstoreGateway(DirectRoutes):
     def snapshot(self, root: str, *, with_perms: bool = True) -> Deferred[Snapshot]:
         """Every node under ``root`` (value, children, optionally permissions), read in one
         transaction on a worker thread; an absent root gives an empty snapshot."""
-        try:
-            _encode_path(root)
-        except (ValueError, TypeError) as exc:
-            return defer.fail(exc)
-        if not root.startswith("/"):
-            return defer.fail(ValueError(f"snapshot root must be absolute, got {root!r}"))
-        return self._in_worker(_run_snapshot, root, with_perms)
+        bad = _check_root(root)
+        return defer.fail(bad) if bad else self._in_worker(_run_snapshot, root, with_perms)
+
+    def scan(
+        self, root: str, prune: Callable[[str], bool], perms_for: Callable[[str], bool]
+    ) -> Deferred[Scan]:
+        """`snapshot`, compactly: ``(value, perms)`` per node, permissions only where
+        ``perms_for(path)``, no subtree where ``prune(path)`` (`shyped.xenstore.snapshot`)."""
+        bad = _check_root(root)
+        return defer.fail(bad) if bad else self._in_worker(_run_scan, root, prune, perms_for)
 
 
 def _first_error(failure: Failure) -> Failure:

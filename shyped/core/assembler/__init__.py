@@ -7,7 +7,7 @@ events and the reconcile paths)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 
 from shyped.core.assembler.flush import Flusher
 from shyped.core.events import (
@@ -15,6 +15,7 @@ from shyped.core.events import (
     Node,
     RescanHint,
     SnapshotEntry,
+    SortedSnapshot,
 )
 from shyped.core.xsparse import (
     PermInput,
@@ -46,18 +47,35 @@ class EventAssembler(Flusher):
 
     def reconcile(
         self,
-        snapshot: Mapping[str, SnapshotEntry] | Mapping[bytes, SnapshotEntry],
+        snapshot: Mapping[str, SnapshotEntry] | Mapping[bytes, SnapshotEntry] | SortedSnapshot,
         root: str = "/",
     ) -> list[Event]:
         """Bring the state in line with a full snapshot of the subtree at `root`.
 
         Everything tracked under `root` that the snapshot lacks is treated as removed, then the
-        snapshot's nodes are fed in sorted order. Unchanged facts emit nothing.
+        snapshot's nodes are fed in sorted order. Unchanged facts emit nothing. A
+        `SortedSnapshot` (the reconcile scan) is fed as it gives its nodes, already sorted.
         """
-        nodes: dict[str, tuple[bytes, Sequence[PermInput] | None]] = {}
-        for k, v in snapshot.items():
-            key = k.decode("ascii", "replace") if isinstance(k, bytes) else k
-            nodes[key] = v if isinstance(v, tuple) else (v.value, v.perms)
+        if isinstance(snapshot, SortedSnapshot):
+            self._remove_gone(snapshot, root)
+            for p, value, perms in snapshot.sorted_items():
+                self._apply(p, value, perms)
+            return self._flush()
+        nodes: Mapping[str, SnapshotEntry] = {
+            (k.decode("ascii", "replace") if isinstance(k, bytes) else k): v
+            for k, v in snapshot.items()
+        }
+        self._remove_gone(nodes, root)
+        for p in sorted(nodes):
+            v = nodes[p]
+            if isinstance(v, tuple):
+                self._apply(p, v[0], v[1])
+            else:
+                self._apply(p, v.value, v.perms)
+        return self._flush()
+
+    def _remove_gone(self, nodes: Container[str], root: str) -> None:
+        """Everything tracked under `root` that `nodes` lacks is removed, shortest first."""
         root = root.rstrip("/") or "/"
         prefix = "/" if root == "/" else root + "/"
         gone = [
@@ -68,10 +86,6 @@ class EventAssembler(Flusher):
         gone.sort(key=len)
         for p in gone:
             self._apply(p, None, None)
-        for p in sorted(nodes):
-            value, perms = nodes[p]
-            self._apply(p, value, perms)
-        return self._flush()
 
     def withdraw(self, path: str, *, subtree: bool = False) -> tuple[list[Event], list[str]]:
         """The daemon's own veto changed `path` in xenstore: its permissions were reset
