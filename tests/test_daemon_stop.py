@@ -77,7 +77,7 @@ def stop_inside(host: Harness, method: str) -> list[Deferred[None]]:
 async def test_a_stop_in_the_middle_of_a_watch_batch_finishes_it_first(host: Harness) -> None:
     with logged() as lines:
         await host.start()
-        stops = stop_inside(host, "read_many")
+        stops = stop_inside(host, "read_nodes")
         creating = defer.ensureDeferred(
             host.call(
                 host.ts.create,
@@ -96,7 +96,7 @@ async def test_a_stop_in_the_middle_of_a_reconcile_finishes_it_first(host: Harne
     await host.call(host.ts.create, domcfg("web-a1", disks=[image("web-a1")]))
     with logged() as lines:
         await host.start()
-        stops = stop_inside(host, "get_perms")
+        stops = stop_inside(host, "scan")
         assert host.daemon is not None
         host.daemon.reconcile("test")
         await eventually(lambda: stops)
