@@ -3,7 +3,6 @@ identity, and the engine over the host model (no xenstore; events built by hand)
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -13,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from policy_helpers import policies
 from test_engine import Host as EngineHost
+from test_policytool import ctl
 
-from shyped.cli.shypectl import run
 from shyped.core import audit
 from shyped.core.audit import Party
 from shyped.core.engine import Outcome
@@ -339,12 +338,6 @@ def test_an_instance_id_held_by_a_running_domain_denies_admission() -> None:
 
 
 # ---- the offline policy tool, as an operator runs it ----------------------------------------
-
-
-def ctl(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = run(list(args), out, err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_policy_tool_explains_instances_and_refuses_acm_xml(tmp_path: Path) -> None:
