@@ -59,6 +59,8 @@ def ok(r: subprocess.CompletedProcess[str]) -> str:
 def create(host: Host, name: str, *disks: str) -> int:
     r = host.shype_xl("create", str(host.cfg(name, disks=disks)))
     assert r.returncode == 0 and "admitted" in r.stderr, r.stderr
+    if name != "dns":
+        assert f"admitted (unlabelled, instance {instance(name)})" in r.stderr, r.stderr
     return host.domid(name)
 
 

@@ -3,15 +3,17 @@ identity, and the engine over the host model (no xenstore; events built by hand)
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from policy_helpers import policies
 from test_engine import Host as EngineHost
+from test_policytool import ctl
 
-from shyped.cli.shypectl import run
 from shyped.core import audit
 from shyped.core.audit import Party
 from shyped.core.engine import Outcome
@@ -338,12 +340,6 @@ def test_an_instance_id_held_by_a_running_domain_denies_admission() -> None:
 # ---- the offline policy tool, as an operator runs it ----------------------------------------
 
 
-def ctl(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = run(list(args), out, err)
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_policy_tool_explains_instances_and_refuses_acm_xml(tmp_path: Path) -> None:
     f = tmp_path / "dyn.toml"
     f.write_text(POLICY_TEXT)
@@ -484,3 +480,31 @@ def test_label_store_check_warns_of_a_per_instance_label_assigned_to_no_instance
     ]
     line = text.splitlines().index('    "disk:/img/loose.img": "tenant_disk"') + 1
     assert problems[0].line == line
+
+
+@settings(max_examples=200, deadline=None)
+@given(policy=policies(mls=False), data=st.data())
+def test_property_instances_talk_only_through_a_type_not_private_to_both(
+    policy: Policy, data: st.DataObject
+) -> None:
+    """Any policy with some labels made dynamic (each with some shared types): two domains talk
+    iff a common type is not private to both; symmetric; static pairs are unchanged."""
+    labels = []
+    for v in policy.vm_labels:
+        dynamic = v.name != policy.bootstrap and data.draw(st.booleans())
+        shared = (
+            data.draw(st.frozensets(st.sampled_from(sorted(v.ste_types))))
+            if (dynamic and v.ste_types)
+            else frozenset()
+        )
+        labels.append(attrs.evolve(v, dynamic=dynamic, shared_types=shared))
+    dyn = attrs.evolve(policy, vm_labels=labels)
+    eng, plain = PolicyEngine(dyn), PolicyEngine(policy)
+    for a in labels:
+        for b in labels:
+            d = eng.channel(Hook.VCHAN, a.name, b.name)
+            assert d.permitted == eng.channel(Hook.VCHAN, b.name, a.name).permitted
+            usable = (a.ste_types & b.ste_types) - (a.private_types & b.private_types)
+            assert d.permitted == bool(usable)
+            if not (a.dynamic and b.dynamic):
+                assert d.permitted == plain.channel(Hook.VCHAN, a.name, b.name).permitted

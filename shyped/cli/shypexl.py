@@ -461,7 +461,10 @@ class Wrapper:
                 self.xl("destroy", str(adm.domid))
             self._forget(uuid)
             return EXIT_DENIED
-        self.say(f"domain {cfg.name} (domid {adm.domid}) admitted ({label or 'unlabelled'})")
+        shown = label or "unlabelled"
+        if adm.instance is not None:  # a dynamic label (docs/policy.md)
+            shown += f", instance {adm.instance}"
+        self.say(f"domain {cfg.name} (domid {adm.domid}) admitted ({shown})")
         return self._finish(str(adm.domid), paused, flags)
 
     def _xen_flask(self) -> bool:

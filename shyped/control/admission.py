@@ -282,6 +282,7 @@ class DaemonBackendBase:
             state=dom.state.value,
             reason=dom.decision.reason,
             devices=verdicts,
+            instance=inst.name if (inst := self.daemon.engine.instance_of(dom.domid)) else None,
         )
 
     def _record(self, kind: str, **details: object) -> None:

@@ -512,6 +512,8 @@ class Admission:
     state: str
     reason: str
     devices: tuple[DeviceVerdict, ...] = ()
+    #: The instance it runs as under a dynamic label (docs/policy.md), else None.
+    instance: str | None = None
 
     @property
     def permitted(self) -> bool:
