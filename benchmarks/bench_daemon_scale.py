@@ -75,24 +75,14 @@ def _reset_hwm() -> None:
 
 
 def _child_walk(socket_path: str, walks: int) -> dict[str, float]:
+    sys.path.insert(0, str(HERE))
+    from bench_daemon import bare_walk
     from twisted.internet import defer, reactor
-
-    from shyped.xenstore import GatewayConfig, XenstoreGateway
 
     out: dict[str, float] = {}
 
     async def run() -> None:
-        gw = XenstoreGateway(GatewayConfig(socket_path=socket_path))
-        await gw.connect()
-        try:
-            best = float("inf")
-            for _ in range(walks):
-                t = time.perf_counter()
-                await gw.snapshot("/", with_perms=False)
-                best = min(best, time.perf_counter() - t)
-            out["walk_s"] = best
-        finally:
-            await gw.close()
+        out["walk_s"] = await bare_walk(socket_path, walks)
 
     _run_reactor(reactor, defer, run)
     return out

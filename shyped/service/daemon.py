@@ -35,6 +35,7 @@ this one (`Daemon`: lifecycle, listeners, status), each class building on the on
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import time
 from typing import TYPE_CHECKING, Any
@@ -350,6 +351,10 @@ def freeze_after_start() -> None:
     code, the policy, the host model of the domains running at start) to the collector's
     permanent generation (`gc.freeze`), so that later full collections (one may fall in the
     first metrics scrape) do not walk them again. Objects frozen here that later become
-    cyclic garbage stay until exit: a bounded amount, what existed at start."""
+    cyclic garbage stay until exit: a bounded amount, what existed at start. Then the C
+    allocator is asked to give the free memory of its heaps back to the kernel (glibc's
+    ``malloc_trim``; elsewhere nothing happens): the start's large transient buffers."""
     gc.collect()
     gc.freeze()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: libc's
