@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import pytest_twisted
 from daemon_helpers import Harness, domcfg, eventually, host_fixture, image
 
+from shyped.sandbox.toolstack import ToolstackError
 from shyped.sandbox.xsconn import XsConn
 from shyped.service.cuttx import hotplug_pending
 
@@ -106,3 +108,20 @@ def test_hotplug_pending_only_while_the_add_is_under_way() -> None:
     assert not pending(fe_state=b"4")  # the guest moved on: cut at once
     assert not pending(fe_state=None)
     assert not pending(fe_state=b"junk")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hotplug_script_that_never_finishes_does_not_hold_the_cut_forever(
+    host: Harness,
+) -> None:
+    """The wait is bounded: past it the device is cut anyway (here libxl's script then finds
+    the backend Closing and the create fails: fail closed)."""
+    daemon = await host.start(host.config(close_timeout=60.0))
+    daemon.enforcer.hotplug_wait = 0.5
+    early: list[str] = []
+    cut_seen_before_hotplug(host, early)  # holds the script up to WINDOW seconds
+    with pytest.raises(ToolstackError, match="unable to add vif devices"):
+        await host.call(host.ts.create, domcfg("web-a1", vifs=["bridge=xenbr-bank-b"]))
+    assert early == ["/local/domain/0/backend/vif/1/0"]
+    await host.settle()
+    assert [dom.name for dom in host.ts.list_domains()] == ["Domain-0"]

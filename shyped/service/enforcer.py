@@ -146,6 +146,8 @@ class Enforcer:
         #: action of its chain and before `idle` can be true again.
         self.on_changed: Callable[[Action], None] | None = None
         self.stopping = False
+        #: Seconds a cut waits for the device's hotplug script (`HOTPLUG_WAIT`).
+        self.hotplug_wait = HOTPLUG_WAIT
         #: Nodes whose write ends a cut's wait for the hotplug script (`_await_hotplug`).
         self._hotplug_nodes: dict[str, DeviceKey] = {}
         self._rechecks = 0  # frontend re-checks in flight (counted in stats.in_flight too)
@@ -376,7 +378,7 @@ class Enforcer:
         for the script before it connects."""
         key, be_dir, fe_dir = action.device, action.backend_dir, action.frontend_dir
         nodes = hotplug_nodes(be_dir, fe_dir)
-        deadline = self.reactor.seconds() + HOTPLUG_WAIT
+        deadline = self.reactor.seconds() + self.hotplug_wait
         for node in nodes[1:]:
             self._hotplug_nodes[node] = key
         try:
@@ -396,7 +398,7 @@ class Enforcer:
                             "{t:g} s; cutting anyway",
                             what=action.describe(),
                             be=be_dir,
-                            t=HOTPLUG_WAIT,
+                            t=self.hotplug_wait,
                         )
                     return
                 waiter.addTimeout(remaining, self.reactor, onTimeoutCancel=_timed_out)
