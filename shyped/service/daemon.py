@@ -49,6 +49,7 @@ from shyped.core.accounting import account_host
 from shyped.core.audit import Kind as AuditKind
 from shyped.core.labelstore import LabelStore
 from shyped.service.config import Config
+from shyped.service.deadlines import fired_within
 from shyped.service.enforcer import EnforcerStats
 from shyped.service.eventpath import (
     GUEST_REPEAT_BURST,
@@ -212,7 +213,7 @@ class Daemon(PolicyAndLabels):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        quiet = await _within(self.reactor, self.quiesce(), STOP_GRACE)
+        quiet = await fired_within(self.reactor, self.quiesce(), STOP_GRACE)
         abandoned = self.enforcer.stop()
         if self._repeat_flush.running:
             self._repeat_flush.stop()
@@ -308,25 +309,6 @@ class Daemon(PolicyAndLabels):
             }
             for _, p in sorted(self.enforcer.vetoes.pending.items())
         )
-
-
-def _within(reactor: Any, d: Deferred[None], seconds: float) -> Deferred[bool]:
-    """True once `d` fired, False if `seconds` passed first."""
-    done: Deferred[bool] = Deferred()
-
-    def fire(value: bool) -> None:
-        if not done.called:
-            done.callback(value)
-
-    timer = reactor.callLater(seconds, fire, False)
-
-    def fired(_: object) -> None:
-        if timer.active():
-            timer.cancel()
-        fire(True)
-
-    d.addBoth(fired)
-    return done
 
 
 __all__ = [

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from shyped.core.assembler import EventAssembler
@@ -38,6 +37,7 @@ from shyped.core.assembler.readset import unread_paths
 from shyped.core.events import Node as EventNode
 from shyped.core.events import ignored_subtree, needs_perms
 from shyped.core.fairbatch import FairBatches
+from shyped.service.deadlines import fired_within
 from shyped.xenstore import Perm, XenstoreGateway
 
 _log = Logger(namespace="shyped.daemon")
@@ -95,7 +95,7 @@ class BatchReader:
             got_values, got_perms = await got_d
             values.update(got_values)
             perms.update(got_perms)
-            if barrier is not None and not await self._within(barrier, BURST_WAIT):
+            if barrier is not None and not await fired_within(self.reactor, barrier, BURST_WAIT):
                 self.barrier_timeouts += 1
             if not pending or round_ == BATCH_ROUNDS:
                 break  # what is still pending is the next batch's
@@ -108,25 +108,6 @@ class BatchReader:
         nodes.extend((p, v, perms.get(p)) for p, v in values.items())
         out.append((self.assembler.feed_batch(nodes), received))
         return out
-
-    def _within(self, d: Deferred[None], seconds: float) -> Deferred[bool]:
-        """True once `d` fired, False if `seconds` passed first (`d` keeps running; its
-        failure, e.g. a lost connection, is left to the reads' own error)."""
-        done: Deferred[bool] = Deferred()
-
-        def fire(value: bool) -> None:
-            if not done.called:
-                done.callback(value)
-
-        timer = self.reactor.callLater(seconds, fire, False)
-
-        def arrived(_: object) -> None:
-            if timer.active():
-                timer.cancel()
-            fire(True)
-
-        d.addBoth(arrived)
-        return done
 
     async def reread_guests(self, domids: list[int], max_waiting: int) -> list[Any]:
         """Guests whose backlog of changed paths overflowed (`shyped.core.fairbatch`): their
