@@ -30,7 +30,7 @@ Run: .venv/bin/python benchmarks/bench_daemon_scale.py --baseline-ref main [--si
 0,10,1000,5000] [--rounds 3] [--json]. The default run takes several minutes on a loaded
 2-core machine (the toolstack creating the 6,010 domains, and 5,000-domain cold starts).
 CI-cheap: ``--quick`` (sizes 0,10,200, one round, 5 admissions; asserts only that every
-domain was admitted; some 20 seconds without a baseline).
+domain was admitted; some 25 seconds without a baseline).
 """
 
 from __future__ import annotations
