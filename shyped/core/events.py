@@ -27,7 +27,8 @@ Which nodes make what (Xen 4.17 libxl, ``tools/libs/light/libxl_create.c`` and
   toolstack's clean-up after death; ``@releaseDomain`` only yields a `RescanHint`). Never
   because a value fails to parse, nor on the removal of ``/vm/<uuid>`` alone (two domains may
   share a UUID; the other one still runs). Its devices and vchans are removed first, and vchan
-  permissions naming it stop counting.
+  permissions naming it stop counting; but when one batch also announces a new domain with
+  its UUID (a restart), it comes right before that `DomainAppeared` (its removals follow).
 * **DeviceAdded / DeviceRemoved** from the dom0-only libxl record
   ``/libxl/<fe>/device/<kind>/<devid>/{frontend,backend}``: ``frontend`` must be the canonical
   frontend directory of that very device (``/local/domain/<fe>/device/<kind>/<devid>``, console

@@ -28,9 +28,13 @@ HEADER = struct.Struct("<IIII")
 #: ``XENSTORE_PAYLOAD_MAX``: xenstored rejects longer request payloads.
 PAYLOAD_MAX = 4096
 #: Replies to a dom0 socket client are not bounded by PAYLOAD_MAX: oxenstored answers a
-#: DIRECTORY of /vm or /local/domain on a host with a few hundred domains with more than 4 KiB.
-#: This bound only protects against a corrupted stream.
-REPLY_MAX = 1 << 20
+#: DIRECTORY whole, however long (/local/domain on a host with a few hundred domains, and any
+#: directory a guest fills below its own home: up to ``quota-maxentity`` children of up to
+#: ``quota-path-max`` bytes, about 1 MiB with Debian's 1,000 x 1,024 and 8 MiB with
+#: XenServer's 8,192 nodes). A longer reply drops the connection, and a guest could list such
+#: a directory on every reconcile (tests/test_daemon_guest_bigdir.py), so this bound is far
+#: above any quota in use: keep ``quota-maxentity`` x ``quota-path-max`` below it.
+REPLY_MAX = 16 << 20
 
 
 class Op(enum.IntEnum):

@@ -59,8 +59,12 @@ class Flusher(LocalReader):
             doms = sorted(self._dirty_doms)
             self._dirty_doms.clear()
             self._touched.update(doms)
+            start = len(out)
+            gone: dict[str, int] = {}
             for d in doms:
-                self._flush_domain(d, out, vanished)
+                self._flush_domain(d, out, vanished, gone)
+            if gone:
+                vanished = self._restarts_after_vanish(out, start, vanished, gone)
         if self._dirty_res:
             res = sorted(self._dirty_res)
             self._dirty_res.clear()
@@ -115,7 +119,28 @@ class Flusher(LocalReader):
             return _EMPTY, False
         return frozenset(ends) - {owner}, False
 
-    def _flush_domain(self, d: int, out: list[Event], vanished: list[int]) -> None:
+    @staticmethod
+    def _restarts_after_vanish(
+        out: list[Event], start: int, vanished: list[int], gone: dict[str, int]
+    ) -> list[int]:
+        """A domain restarted under its UUID (libxl removes the old home, then creates the new
+        domain) may be read in one batch with its old incarnation's removal: the old one's
+        `DomainVanished` goes right before the new one's `DomainAppeared` (else the new one
+        would find its UUID held by the dead one). The old one's device and vchan removals
+        still follow (the host model drops them with the domain). Returns the vanished domains
+        still to announce at the end."""
+        early: set[int] = set()
+        for i in range(len(out) - 1, start - 1, -1):
+            e = out[i]
+            if isinstance(e, DomainAppeared) and gone.get(e.uuid, e.domid) != e.domid:
+                old = gone[e.uuid]
+                out.insert(i, DomainVanished(old))
+                early.add(old)
+        return [d for d in vanished if d not in early]
+
+    def _flush_domain(
+        self, d: int, out: list[Event], vanished: list[int], gone: dict[str, int]
+    ) -> None:
         """Announce a domain once its creation facts are all there; once announced it is gone
         only when its home ``/local/domain/<d>`` is removed (libxl's clean-up after death,
         with ``@releaseDomain``). A name that does not parse, a removed ``name``, ``vm``,
@@ -128,6 +153,7 @@ class Flusher(LocalReader):
             if not complete or dom.uuid not in self._vms:
                 return
         elif dom.uuid is None:
+            gone[dom.emitted[0]] = d
             dom.emitted = None
             vanished.append(d)
             self._wake(dom)
