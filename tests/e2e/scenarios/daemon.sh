@@ -56,7 +56,7 @@ states() {
 }
 
 # watch_states OUT NODE...: record every value the nodes take (polled 5 times a second), in the
-# background, until the file $OUT.stop exists.
+# background, until stop_watch OUT.
 watch_states() {
     out=$1
     shift
@@ -69,6 +69,14 @@ watch_states() {
             sleep 0.2
         done | uniq >"$out"
     ) &
+    WATCH_PID=$!
+}
+
+# stop_watch OUT: stop the recorder and wait until it has written OUT in full (uniq writes at
+# its end: a file sent before then arrives empty and grows while it is framed).
+stop_watch() {
+    touch "$1.stop"
+    wait "$WATCH_PID"
 }
 
 guest_up() {
@@ -145,8 +153,7 @@ e2e_wait_for 120 "blue vif removed" sh -c "! xenstore-exists $BE/vif/$B/0" ||
 e2e_run blue-unpause.log xl unpause blue || die "xl unpause blue"
 guest_up "$B" || die "blue never wrote its control features"
 sleep 5
-touch /tmp/blue-vif-watch.txt.stop
-sleep 1
+stop_watch /tmp/blue-vif-watch.txt
 e2e_put blue-vif-watch.txt /tmp/blue-vif-watch.txt
 states blue-vif.txt "$B" vif 0
 e2e_run xl-list-blue.txt xl list
