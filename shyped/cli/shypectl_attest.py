@@ -143,24 +143,44 @@ def _one(path: Path, ak_path: Path, nonce: str) -> tuple[list[str], Any, Any, by
 
     raw = _read(path, MAX_BUNDLE_BYTES, "bundle")
     ak = _read(ak_path, MAX_AK_BYTES, "AK public key")
+    key = ak_identity(ak, ak_path)
     try:
         doc = json.loads(raw)
         problems, verdict = verify_bundle(doc, ak, nonce)
     except (ValueError, quote.BundleError) as e:
         raise UsageError(f"{path}: not a quote bundle: {e}") from None
+    except RecursionError:  # a bundle built to blow the decoder's (or the hash's) recursion
+        raise UsageError(f"{path}: not a quote bundle: nested too deeply") from None
     state = doc.get("state") if isinstance(doc, dict) else None
     host = state.get("host") if isinstance(state, dict) else None
-    return problems, verdict, host, ak
+    return problems, verdict, host, key
+
+
+def ak_identity(pem: bytes, path: Path) -> bytes:
+    """The key itself (its SubjectPublicKeyInfo DER), whatever its PEM file's bytes: text
+    around the block and line lengths differ between files of one key, which OpenSSL and
+    ``tpm2_checkquote`` read alike (a host posing as two with its AK re-encoded). The
+    ``cryptography`` package (pyOpenSSL's, already a dependency) parses it."""
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        PublicFormat,
+        load_pem_public_key,
+    )
+
+    try:
+        key = load_pem_public_key(pem)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{path}: not a PEM public key ({e})") from None
+    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
 def cross_host_problems(hosts: list[tuple[str, Any, bytes]], *, same_policy: bool) -> list[str]:
-    """What is wrong across hosts' verdicts ``(name, verdict, AK PEM)``: one AK for two
-    bundles (one TPM posing as two hosts), and with `same_policy`, hosts that enforce
-    different policies."""
+    """What is wrong across hosts' verdicts ``(name, verdict, AK identity)`` (`ak_identity`):
+    one AK for two bundles (one TPM posing as two hosts), and with `same_policy`, hosts that
+    enforce different policies."""
     problems: list[str] = []
     seen: dict[bytes, str] = {}
-    for name, _v, ak in hosts:
-        key = ak.strip()
+    for name, _v, key in hosts:
         if key in seen:
             problems.append(
                 f"AK: {name} and {seen[key]} are checked with the same AK (one TPM for two "
@@ -168,7 +188,8 @@ def cross_host_problems(hosts: list[tuple[str, Any, bytes]], *, same_policy: boo
             )
         seen.setdefault(key, name)
     shas = {name: (v.policy or {}).get("sha256") for name, v, _ak in hosts}
-    if same_policy and len(set(shas.values())) > 1:
+    # compared as JSON: a forged log's sha256 may be any JSON value, a list is no crash here
+    if same_policy and len({json.dumps(s, sort_keys=True) for s in shas.values()}) > 1:
         shown = ", ".join(f"{n} {s}" for n, s in shas.items())
         problems.append(f"policy: the hosts do not enforce the same policy ({shown})")
     return problems
