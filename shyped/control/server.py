@@ -18,7 +18,8 @@ Why it looks like this:
   (64 KiB read-only, 12 MiB admin) is answered with ``too-large`` and the connection closed; a
   request line not finished within `ServerLimits.request_timeout` of its first byte is
   answered with ``request-timeout`` and closed; idle connections are closed. Expensive ops
-  (policy parses) run at most `ServerLimits.heavy_per_class` at once per slot class. A backend
+  (policy parses, quotes) run at most `ServerLimits.heavy_per_class` at once per slot class,
+  each holding its slot until its answer is read (or the peer cut off). A backend
   exception becomes ``internal`` and is logged; it never reaches the reactor.
 - **Refusals cannot flood the log or the audit trail**: the first refusal of a uid in an
   interval is written in full, the rest are counted and summarised once per interval
@@ -109,6 +110,9 @@ class ControlProtocol(Protocol):
         self._idle_timer: DelayedCall | None = None
         self._stall_timer: DelayedCall | None = None
         self._later: DelayedCall | None = None
+        #: the heavy slot this connection holds: from its turn until its answer left the
+        #: transport's buffer (read by the peer) or the connection is gone
+        self._heavy_held: defer.DeferredSemaphore | None = None
         self._draining = False
         self.peer = Peer(uid=-1, gid=-1, pid=0)
         self.access: Access | None = None
@@ -182,6 +186,7 @@ class ControlProtocol(Protocol):
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.cancel()
+        self._release_heavy()
         if self._admitted:
             self.factory.release(self)
             self._admitted = False
@@ -200,6 +205,7 @@ class ControlProtocol(Protocol):
     def resumeProducing(self) -> None:
         """The peer read its answers: go on."""
         self._write_blocked = False
+        self._release_heavy()
         if self._stall_timer is not None:
             if self._stall_timer.active():
                 self._stall_timer.cancel()
@@ -367,11 +373,29 @@ class ControlProtocol(Protocol):
         self._busy = True
         self._arm_idle()
         if request.op.heavy:
-            d = self.factory.heavy[self.slot].run(self._dispatch, request)
+            d = self._run_heavy(request)
         else:
             d = defer.maybeDeferred(self._dispatch, request)
         self._pending = d
         d.addCallbacks(self._done, self._failed, callbackArgs=(request,), errbackArgs=(request,))
+
+    def _run_heavy(self, request: Request) -> defer.Deferred[Any]:
+        """`request` in its turn among its class's heavy slots. The slot is held until the
+        answer has left the transport's buffer, not only until it is made: a peer that leaves
+        large answers (quote bundles) unread on many connections would otherwise have one held
+        in memory per connection until the stall cut-off."""
+        sem = self.factory.heavy[self.slot]
+
+        def turn(_: object) -> Any:
+            self._heavy_held = sem
+            return self._dispatch(request)
+
+        return sem.acquire().addCallback(turn)
+
+    def _release_heavy(self) -> None:
+        sem, self._heavy_held = self._heavy_held, None
+        if sem is not None:
+            sem.release()
 
     def _dispatch(self, request: Request) -> Any:
         if self._closing:  # gone while waiting for its turn
@@ -446,6 +470,8 @@ class ControlProtocol(Protocol):
         if self._closing:
             return
         self._tx.write(data)
+        if not self._write_blocked:  # else when the peer has read it (resumeProducing)
+            self._release_heavy()
         self._arm_idle()
         self._update_reading()
         self._drain()
