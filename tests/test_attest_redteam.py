@@ -211,3 +211,24 @@ _OTHER_KEY = """\
 MCowBQYDK2VwAyEA3+r6/8cBpG/dJBQCtRLSvjbC2f9Xb3CU2H2wqy0lGxI=
 -----END PUBLIC KEY-----
 """
+
+
+@pytest_twisted.ensureDeferred
+async def test_attestation_works_without_a_writable_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the shipped unit /tmp is read-only (ProtectSystem=strict, no PrivateTmp=, so that
+    the daemon sees the disk paths the backends see): tpm2-tools' files go to the state
+    directory. Played with a temporary directory that does not exist."""
+    import tempfile as tempfile_module
+
+    need_swtpm()
+    with swtpm() as t:
+        monkeypatch.setattr(tempfile_module, "tempdir", str(tmp_path / "no-tmp"))
+        d = stub_daemon(tmp_path / "h", t)  # its Attestation makes its own TpmTools
+        await d.attestation.start()
+        assert d.attestation.unavailable is None, d.attestation.unavailable
+        answer = await d.attestation.quote("n0")
+        monkeypatch.undo()
+    assert json.loads(answer)["bundle"]["nonce"] == "n0"
+    assert not (tmp_path / "no-tmp").exists()

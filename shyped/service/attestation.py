@@ -176,7 +176,7 @@ class Attestation:
 
     def __init__(self, daemon: Daemon, config: AttestationConfig, tools: TpmTools | None = None):
         self.daemon, self.config = daemon, config
-        self.tools = tools or TpmTools(config.tcti)
+        self.tools = tools or TpmTools(config.tcti, config.log.parent)
         self.log = MeasurementLog(config.log, config.max_log_bytes)
         self.ak_pem: bytes | None = None
         #: why no quote can be given now (None: quotes work)
