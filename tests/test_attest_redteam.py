@@ -170,11 +170,9 @@ MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=
 """
 
 
-def test_same_policy_over_bundles_with_odd_policy_fields_is_a_verdict_not_a_crash(
-    tmp_path: Path,
-) -> None:
-    """Unsigned bundles whose logs measure a policy whose sha256 is a list or an object: each
-    host NOT VERIFIED (signature), the cross-host check compares without crashing."""
+def unsigned_bundle(path: Path, policy: dict[str, object], host: str) -> str:
+    """A bundle whose quote message is well formed (its extraData, its PCR digest) but which
+    no TPM signed: what anyone can write."""
     import base64
     import hashlib
 
@@ -182,21 +180,30 @@ def test_same_policy_over_bundles_with_odd_policy_fields_is_a_verdict_not_a_cras
 
     from shyped.attest import measure, quote
 
-    paths = []
-    for i, sha in enumerate(([], {"x": 1})):
-        policy = {"name": "p", "version": "1", "sha256": sha}
-        labels: dict[str, object] = {}
-        log = [measure.make_entry(0, {"kind": "start", "policy": policy, "mode": "enforcing",
-                                      "labels_sha256": measure.labels_digest(labels)})]  # fmt: skip
-        state = {"policy": policy, "mode": "enforcing", "labels": labels, "domains": [],
-                 "audit_head": None, "host": f"h{i}"}  # fmt: skip
-        msg = attest_message(quote.qualifying_data("n", state), 13,
-                             hashlib.sha256(measure.replay(log)).digest())  # fmt: skip
-        doc = quote.bundle_doc("n", 13, msg, b"sig", [e.line() for e in log], state)
-        doc["quote"]["message"] = base64.b64encode(msg).decode()
-        path = tmp_path / f"b{i}.json"
-        path.write_text(json.dumps(doc))
-        paths.append(str(path))
+    labels: dict[str, object] = {}
+    log = [measure.make_entry(0, {"kind": "start", "policy": policy, "mode": "enforcing",
+                                  "labels_sha256": measure.labels_digest(labels)})]  # fmt: skip
+    state = {"policy": policy, "mode": "enforcing", "labels": labels, "domains": [],
+             "audit_head": None, "host": host}  # fmt: skip
+    msg = attest_message(quote.qualifying_data("n", state), 13,
+                         hashlib.sha256(measure.replay(log)).digest())  # fmt: skip
+    doc = quote.bundle_doc("n", 13, msg, b"sig", [e.line() for e in log], state)
+    doc["quote"]["message"] = base64.b64encode(msg).decode()
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def test_same_policy_over_bundles_with_odd_policy_fields_is_a_verdict_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    """Unsigned bundles whose logs measure a policy whose sha256 is a list or an object: each
+    host NOT VERIFIED (signature), the cross-host check compares without crashing."""
+    paths = [
+        unsigned_bundle(
+            tmp_path / f"b{i}.json", {"name": "p", "version": "1", "sha256": sha}, f"h{i}"
+        )
+        for i, sha in enumerate(([], {"x": 1}))
+    ]
     a1, a2 = tmp_path / "a1.pem", tmp_path / "a2.pem"
     a1.write_text(_SOME_KEY)
     a2.write_text(_OTHER_KEY)
@@ -204,6 +211,28 @@ def test_same_policy_over_bundles_with_odd_policy_fields_is_a_verdict_not_a_cras
     assert r.returncode == 1, (r.returncode, r.stdout, r.stderr[-800:])
     assert "Traceback" not in r.stderr
     assert "the hosts do not enforce the same policy" in r.stdout
+
+
+def test_a_bundle_cannot_write_escape_sequences_or_lines_to_the_verifier_s_terminal(
+    tmp_path: Path,
+) -> None:
+    """An unsigned bundle whose host name (printed before its verdict) carries a newline and
+    a fake verdict, then the terminal's 'conceal' sequence (everything after it invisible,
+    the NOT VERIFIED lines included): printed escaped, one line, no escape sequence."""
+    policy = {"name": "p\x1b[2K", "version": "1", "sha256": "ab" * 32}
+    fake = "h1 (b1.json)\n   VERIFIED: quote by this AK for nonce 'n'\x1b[8m"
+    paths = [
+        unsigned_bundle(tmp_path / "b1.json", policy, fake),
+        unsigned_bundle(tmp_path / "b2.json", policy, "h2\x07"),
+    ]
+    a1, a2 = tmp_path / "a1.pem", tmp_path / "a2.pem"
+    a1.write_text(_SOME_KEY)
+    a2.write_text(_OTHER_KEY)
+    r = verify(*paths, "--ak", str(a1), "--ak", str(a2), "--nonce", "n")
+    assert r.returncode == 1
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout, r.stdout
+    assert not any(line.lstrip().startswith("VERIFIED") for line in r.stdout.splitlines()), r.stdout
+    assert "NOT VERIFIED: 2 of 2 host(s)" in r.stdout
 
 
 _OTHER_KEY = """\

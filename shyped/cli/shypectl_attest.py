@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -95,26 +96,37 @@ def _verified_doc(problems: list[str], v: Any) -> dict[str, Any]:
     }
 
 
+def _say(ctx: Ctx, text: str) -> None:
+    """A line of the text verdict: what a bundle says (host, domain and policy names, problems
+    quoting them) comes from a file anyone may have written; its control characters are
+    escaped, so it can neither start a line that looks like a verdict nor send the terminal an
+    escape sequence (e.g. one that hides the lines after it)."""
+    from shyped.core.audit import printable
+
+    ctx.say(printable(text))
+
+
 def _say_verdict(ctx: Ctx, nonce: str, problems: list[str], v: Any, indent: str = "") -> None:
+    say = functools.partial(_say, ctx)
     if problems:
-        ctx.say(f"{indent}NOT VERIFIED: {len(problems)} problem(s)")
+        say(f"{indent}NOT VERIFIED: {len(problems)} problem(s)")
         for p in problems:
-            ctx.say(f"{indent}  - {p}")
+            say(f"{indent}  - {p}")
         return
     pol = v.policy or {}
     pcr = "?" if v.pcr_value is None else v.pcr_value.hex()
-    ctx.say(f"{indent}VERIFIED: quote by this AK for nonce {nonce!r}; PCR value {pcr}")
-    ctx.say(f"{indent}policy:     {pol.get('name')} {pol.get('version')}")
-    ctx.say(f"{indent}sha256:     {pol.get('sha256')}")
-    ctx.say(f"{indent}mode:       {v.mode}")
-    ctx.say(f"{indent}domains:")
+    say(f"{indent}VERIFIED: quote by this AK for nonce {nonce!r}; PCR value {pcr}")
+    say(f"{indent}policy:     {pol.get('name')} {pol.get('version')}")
+    say(f"{indent}sha256:     {pol.get('sha256')}")
+    say(f"{indent}mode:       {v.mode}")
+    say(f"{indent}domains:")
     for d in v.domains:
-        ctx.say(f"{indent}  {d.get('domid'):>5} {d.get('name') or '?':<24} {d.get('label')}")
+        say(f"{indent}  {d.get('domid')!s:>5} {d.get('name') or '?'!s:<24} {d.get('label')}")
     head = v.audit_head
     shown = "-" if head is None else f"seq {head.get('seq')} {head.get('hash')}"
-    ctx.say(f"{indent}audit head: {shown}")
+    say(f"{indent}audit head: {shown}")
     for note in v.unverified:
-        ctx.say(f"{indent}  (not covered by the measurements) {note}")
+        say(f"{indent}  (not covered by the measurements) {note}")
 
 
 def _pairs(a: Any) -> list[tuple[Path, Path, str]]:
@@ -221,11 +233,11 @@ def cmd_verify(ctx: Ctx) -> int:
         ctx.say(json.dumps(doc, indent=2, sort_keys=True))
         return EXIT_DENIED if failed else EXIT_OK
     for _path, nonce, problems, v, name, _ak in results:
-        ctx.say(f"== {name}")
+        _say(ctx, f"== {name}")
         _say_verdict(ctx, nonce, problems, v, "   ")
     bad = sum(1 for r in results if r[2])
     for p in across:
-        ctx.say(f"across hosts: {p}")
+        _say(ctx, f"across hosts: {p}")
     if failed:
         ctx.say(f"NOT VERIFIED: {bad} of {len(results)} host(s), {len(across)} across hosts")
         return EXIT_DENIED
