@@ -1,8 +1,10 @@
 """Red team: a read-group user (a real second uid) asks for large answers (attestation quotes)
-on many connections and reads none of them: every answer was made and held in the daemon's
+on many connections and reads none of them. Every answer was made and held in the daemon's
 memory until the stall cut-off, one per connection, for as many connections as the read group
-may open (64; 8 per uid). A quote carries the whole measurement log (up to 16 MiB by default):
-hundreds of MiB against the unit's MemoryMax=1G."""
+may open (64; 8 per uid); a quote carries the whole measurement log (up to 16 MiB by default):
+hundreds of MiB against the unit's MemoryMax=1G. And while an answer made asynchronously (as
+the TPM's are) sat unread, the read group's one heavy slot stayed taken: no other member's
+quote or policy check was answered until the stall cut-off (30 s), again and again."""
 
 from __future__ import annotations
 
@@ -39,14 +41,18 @@ def accounts() -> Iterator[Accounts]:
 
 
 class QuotingBackend(ModelBackend):
-    """Answers every quote at once with a large bundle and counts them."""
+    """Answers every quote with a large bundle and counts them."""
 
     quotes = 0
 
     def attest_quote(self, args: Any) -> Any:
+        """A moment later, as the TPM answers: meanwhile further quotes wait their turn."""
+        from twisted.internet import reactor, task
+
         self.quotes += 1
-        pad = "x" * ANSWER_BYTES
-        return EncodedAttestQuote({}, b'{"bundle":{"pad":"' + pad.encode() + b'"}}')
+        pad = b"x" * ANSWER_BYTES
+        answer = EncodedAttestQuote({}, b'{"bundle":{"pad":"' + pad + b'"}}')
+        return task.deferLater(reactor, 0.05, lambda: answer)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -82,25 +88,33 @@ async def test_unread_quotes_of_the_read_group_are_not_all_held_in_memory(
     async with aserving(
         backend, backend.directory, config=groups_config(backend, accounts), limits=limits
     ) as server:
-        hoarder = spawn_as(accounts.reader, HOARDER, str(server.path), "7")
+        hoarder = spawn_as(accounts.reader, HOARDER, str(server.path), "6")
         try:
             assert hoarder.stdout is not None
             line = await in_thread(hoarder.stdout.readline)
-            assert '"sent": 7' in line, line + (hoarder.stderr.read() if hoarder.stderr else "")
-            # a round trip on its 8th connection: the server has read the 7 requests
+            assert '"sent": 6' in line, line + (hoarder.stderr.read() if hoarder.stderr else "")
+            # a round trip on its 7th connection: the server has read the 6 requests
             ping = await in_thread(as_user, accounts.reader, server.path, PING)
             assert ping[0]["ok"] is True, ping
-            # one large answer the read group does not read at a time, not one per connection
+            # its next quote is refused at once, not made behind the unread ones
+            mine = await in_thread(as_user, accounts.reader, server.path, QUOTE)
             assert backend.quotes == 1, (
                 f"{backend.quotes} answers of {ANSWER_BYTES} bytes made and held for one "
                 "read-group user who reads none"
             )
+            assert mine[0]["error"]["code"] == "busy", mine
+            assert "has a large answer unread on another connection" in str(mine)
+            # another read-group member is not held up behind the unread answer
+            other = await in_thread(
+                as_user, accounts.outsider, server.path, QUOTE, groups=(accounts.read_gid,)
+            )
+            assert other[0]["ok"] is True, other
             # root and the admins have slots of their own
             mine = await in_thread(as_user, Account("root", 0, 0), server.path, QUOTE)
-            assert mine[0]["ok"] is True and backend.quotes == 2
+            assert mine[0]["ok"] is True and backend.quotes == 3
         finally:
             hoarder.kill()
             hoarder.wait()
-        # the hoarder gone, its slot is free: another read-group user is answered
+        # the hoarder gone, its answers with it: its next quote is made
         mine = await in_thread(as_user, accounts.reader, server.path, QUOTE)
-        assert mine[0]["ok"] is True
+        assert mine[0]["ok"] is True and backend.quotes == 4
