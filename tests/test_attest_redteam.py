@@ -7,26 +7,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import pytest_twisted
+from test_attest_pool import verify
 from tpm_helpers import Swtpm, need_swtpm, stub_daemon, swtpm
 from user_helpers import local_user, needs_users, setpriv
 
 from shyped.service.attestation import Attestation
 from shyped.service.attestconfig import AttestationConfig
 from shyped.service.tpm import TpmError, TpmTools
-
-
-def verify(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "shyped.cli.shypectl", "attest", "verify", *args],
-        capture_output=True, text=True, check=False, timeout=120,
-    )  # fmt: skip
 
 
 @pytest.fixture
