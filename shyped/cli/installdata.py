@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import sysconfig
 from collections.abc import Sequence
@@ -41,6 +42,10 @@ CONFIG_DIR = PurePosixPath("/etc/shyped")
 
 class DataMissing(Exception):
     """Neither the installed package nor a checkout has the data files."""
+
+
+class UnsafeTarget(Exception):
+    """A directory or kept file on the way that another user owns or may write."""
 
 
 def data_root() -> Path:
@@ -129,8 +134,44 @@ def _make_dirs(root: Path, dest: PurePosixPath) -> None:
         os.chmod(target, 0o750 if private else 0o755)  # not the umask's
 
 
+def _check_owner(path: Path, what: str, *, private: bool) -> None:
+    """`path` (if it exists) must be owned by root or by us, and if `private` (the
+    configuration a root daemon reads) writable by no one else, a sticky directory excepted:
+    whoever else may change it would change what root installs there or the daemon reads (a
+    pre-created /etc/shyped, a kept shyped.toml another user owns or may write, a symlink they
+    placed). Shared directories such as a staff-writable /usr/local are the system's choice."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if st.st_uid not in (0, os.geteuid()):
+        raise UnsafeTarget(f"{path}: {what} owned by uid {st.st_uid}, not root: not used")
+    if stat.S_ISLNK(st.st_mode) or not private:
+        return
+    if st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+        raise UnsafeTarget(
+            f"{path}: {what} writable by others (mode {stat.S_IMODE(st.st_mode):04o}): not used"
+        )
+
+
+def _check_path(root: Path, dest: PurePosixPath, keep: bool) -> None:
+    """Every existing directory from `root` down to `dest`, followed as the install follows
+    them, and `dest` itself when it is kept configuration."""
+    private = CONFIG_DIR in dest.parents
+    for parent in reversed(dest.parents):
+        _check_owner(_below(root, parent).resolve(), "a directory", private=private)
+    if keep:
+        target = _below(root, dest)
+        _check_owner(target, "the configuration file", private=True)
+        if target.is_symlink():
+            _check_owner(target.resolve(), "the configuration file (a link's target)", private=True)
+
+
 def install(items: Sequence[Item], root: Path, *, dry_run: bool = False) -> list[str]:
-    """Create `items` below `root`; one report line per item."""
+    """Create `items` below `root`; one report line per item. `UnsafeTarget` before anything
+    is written if a directory or kept file on the way is another user's (`_check_owner`)."""
+    for item in items:
+        _check_path(root, item.dest, item.keep)
     report = []
     for item in items:
         target = _below(root, item.dest)
@@ -213,7 +254,12 @@ def run(args: argparse.Namespace) -> int:
     except DataMissing as e:
         print(f"shyped install-data: {e}", file=sys.stderr)
         return 2
-    for line in install(items, args.root, dry_run=args.dry_run):
+    try:
+        report = install(items, args.root, dry_run=args.dry_run)
+    except UnsafeTarget as e:
+        print(f"shyped install-data: {e}", file=sys.stderr)
+        return 2
+    for line in report:
         print(line)
     if not args.dry_run and args.root == Path("/"):
         print(NEXT_STEPS)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -95,26 +96,37 @@ def _verified_doc(problems: list[str], v: Any) -> dict[str, Any]:
     }
 
 
+def _say(ctx: Ctx, text: str) -> None:
+    """A line of the text verdict: what a bundle says (host, domain and policy names, problems
+    quoting them) comes from a file anyone may have written; its control characters are
+    escaped, so it can neither start a line that looks like a verdict nor send the terminal an
+    escape sequence (e.g. one that hides the lines after it)."""
+    from shyped.core.audit import printable
+
+    ctx.say(printable(text))
+
+
 def _say_verdict(ctx: Ctx, nonce: str, problems: list[str], v: Any, indent: str = "") -> None:
+    say = functools.partial(_say, ctx)
     if problems:
-        ctx.say(f"{indent}NOT VERIFIED: {len(problems)} problem(s)")
+        say(f"{indent}NOT VERIFIED: {len(problems)} problem(s)")
         for p in problems:
-            ctx.say(f"{indent}  - {p}")
+            say(f"{indent}  - {p}")
         return
     pol = v.policy or {}
     pcr = "?" if v.pcr_value is None else v.pcr_value.hex()
-    ctx.say(f"{indent}VERIFIED: quote by this AK for nonce {nonce!r}; PCR value {pcr}")
-    ctx.say(f"{indent}policy:     {pol.get('name')} {pol.get('version')}")
-    ctx.say(f"{indent}sha256:     {pol.get('sha256')}")
-    ctx.say(f"{indent}mode:       {v.mode}")
-    ctx.say(f"{indent}domains:")
+    say(f"{indent}VERIFIED: quote by this AK for nonce {nonce!r}; PCR value {pcr}")
+    say(f"{indent}policy:     {pol.get('name')} {pol.get('version')}")
+    say(f"{indent}sha256:     {pol.get('sha256')}")
+    say(f"{indent}mode:       {v.mode}")
+    say(f"{indent}domains:")
     for d in v.domains:
-        ctx.say(f"{indent}  {d.get('domid'):>5} {d.get('name') or '?':<24} {d.get('label')}")
+        say(f"{indent}  {d.get('domid')!s:>5} {d.get('name') or '?'!s:<24} {d.get('label')}")
     head = v.audit_head
     shown = "-" if head is None else f"seq {head.get('seq')} {head.get('hash')}"
-    ctx.say(f"{indent}audit head: {shown}")
+    say(f"{indent}audit head: {shown}")
     for note in v.unverified:
-        ctx.say(f"{indent}  (not covered by the measurements) {note}")
+        say(f"{indent}  (not covered by the measurements) {note}")
 
 
 def _pairs(a: Any) -> list[tuple[Path, Path, str]]:
@@ -143,24 +155,44 @@ def _one(path: Path, ak_path: Path, nonce: str) -> tuple[list[str], Any, Any, by
 
     raw = _read(path, MAX_BUNDLE_BYTES, "bundle")
     ak = _read(ak_path, MAX_AK_BYTES, "AK public key")
+    key = ak_identity(ak, ak_path)
     try:
         doc = json.loads(raw)
         problems, verdict = verify_bundle(doc, ak, nonce)
     except (ValueError, quote.BundleError) as e:
         raise UsageError(f"{path}: not a quote bundle: {e}") from None
+    except RecursionError:  # a bundle built to blow the decoder's (or the hash's) recursion
+        raise UsageError(f"{path}: not a quote bundle: nested too deeply") from None
     state = doc.get("state") if isinstance(doc, dict) else None
     host = state.get("host") if isinstance(state, dict) else None
-    return problems, verdict, host, ak
+    return problems, verdict, host, key
+
+
+def ak_identity(pem: bytes, path: Path) -> bytes:
+    """The key itself (its SubjectPublicKeyInfo DER), whatever its PEM file's bytes: text
+    around the block and line lengths differ between files of one key, which OpenSSL and
+    ``tpm2_checkquote`` read alike (a host posing as two with its AK re-encoded). The
+    ``cryptography`` package (pyOpenSSL's, already a dependency) parses it."""
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        PublicFormat,
+        load_pem_public_key,
+    )
+
+    try:
+        key = load_pem_public_key(pem)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{path}: not a PEM public key ({e})") from None
+    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
 def cross_host_problems(hosts: list[tuple[str, Any, bytes]], *, same_policy: bool) -> list[str]:
-    """What is wrong across hosts' verdicts ``(name, verdict, AK PEM)``: one AK for two
-    bundles (one TPM posing as two hosts), and with `same_policy`, hosts that enforce
-    different policies."""
+    """What is wrong across hosts' verdicts ``(name, verdict, AK identity)`` (`ak_identity`):
+    one AK for two bundles (one TPM posing as two hosts), and with `same_policy`, hosts that
+    enforce different policies."""
     problems: list[str] = []
     seen: dict[bytes, str] = {}
-    for name, _v, ak in hosts:
-        key = ak.strip()
+    for name, _v, key in hosts:
         if key in seen:
             problems.append(
                 f"AK: {name} and {seen[key]} are checked with the same AK (one TPM for two "
@@ -168,7 +200,8 @@ def cross_host_problems(hosts: list[tuple[str, Any, bytes]], *, same_policy: boo
             )
         seen.setdefault(key, name)
     shas = {name: (v.policy or {}).get("sha256") for name, v, _ak in hosts}
-    if same_policy and len(set(shas.values())) > 1:
+    # compared as JSON: a forged log's sha256 may be any JSON value, a list is no crash here
+    if same_policy and len({json.dumps(s, sort_keys=True) for s in shas.values()}) > 1:
         shown = ", ".join(f"{n} {s}" for n, s in shas.items())
         problems.append(f"policy: the hosts do not enforce the same policy ({shown})")
     return problems
@@ -200,11 +233,11 @@ def cmd_verify(ctx: Ctx) -> int:
         ctx.say(json.dumps(doc, indent=2, sort_keys=True))
         return EXIT_DENIED if failed else EXIT_OK
     for _path, nonce, problems, v, name, _ak in results:
-        ctx.say(f"== {name}")
+        _say(ctx, f"== {name}")
         _say_verdict(ctx, nonce, problems, v, "   ")
     bad = sum(1 for r in results if r[2])
     for p in across:
-        ctx.say(f"across hosts: {p}")
+        _say(ctx, f"across hosts: {p}")
     if failed:
         ctx.say(f"NOT VERIFIED: {bad} of {len(results)} host(s), {len(across)} across hosts")
         return EXIT_DENIED

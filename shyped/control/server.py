@@ -18,7 +18,9 @@ Why it looks like this:
   (64 KiB read-only, 12 MiB admin) is answered with ``too-large`` and the connection closed; a
   request line not finished within `ServerLimits.request_timeout` of its first byte is
   answered with ``request-timeout`` and closed; idle connections are closed. Expensive ops
-  (policy parses) run at most `ServerLimits.heavy_per_class` at once per slot class. A backend
+  (policy parses, quotes) run at most `ServerLimits.heavy_per_class` at once per slot class;
+  a read-group uid whose large answer (a quote bundle) waits unread on one connection gets
+  ``busy`` for its further expensive requests until it reads it or is cut off. A backend
   exception becomes ``internal`` and is logged; it never reaches the reactor.
 - **Refusals cannot flood the log or the audit trail**: the first refusal of a uid in an
   interval is written in full, the rest are counted and summarised once per interval
@@ -29,6 +31,7 @@ Why it looks like this:
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any, Final
 
@@ -109,6 +112,10 @@ class ControlProtocol(Protocol):
         self._idle_timer: DelayedCall | None = None
         self._stall_timer: DelayedCall | None = None
         self._later: DelayedCall | None = None
+        #: a heavy answer of a read-group peer waits unread in the transport's buffer
+        self._unread_heavy = False
+        #: the heavy slot this connection holds: from its turn until its answer is written
+        self._heavy_held: defer.DeferredSemaphore | None = None
         self._draining = False
         self.peer = Peer(uid=-1, gid=-1, pid=0)
         self.access: Access | None = None
@@ -182,6 +189,8 @@ class ControlProtocol(Protocol):
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.cancel()
+        self._read_heavy()
+        self._release_heavy()
         if self._admitted:
             self.factory.release(self)
             self._admitted = False
@@ -200,6 +209,7 @@ class ControlProtocol(Protocol):
     def resumeProducing(self) -> None:
         """The peer read its answers: go on."""
         self._write_blocked = False
+        self._read_heavy()
         if self._stall_timer is not None:
             if self._stall_timer.active():
                 self._stall_timer.cancel()
@@ -361,17 +371,57 @@ class ControlProtocol(Protocol):
             rid = request_id(doc)
             request = parse_document(doc)
             self._authorize(request)
+            if request.op.heavy and (busy := self._heavy_unread_elsewhere()) is not None:
+                raise busy
         except ControlError as exc:
             self._send_error(rid, exc)
             return
         self._busy = True
         self._arm_idle()
         if request.op.heavy:
-            d = self.factory.heavy[self.slot].run(self._dispatch, request)
+            d = self._run_heavy(request)
         else:
             d = defer.maybeDeferred(self._dispatch, request)
         self._pending = d
         d.addCallbacks(self._done, self._failed, callbackArgs=(request,), errbackArgs=(request,))
+
+    def _heavy_unread_elsewhere(self) -> ControlError | None:
+        """``busy`` when this read-group peer's uid has a heavy answer unread: a uid that leaves
+        large answers (quote bundles, up to the measurement log's size) unread on many
+        connections would otherwise have one made and held in memory per connection until the
+        stall cut-off (64 read-group connections)."""
+        if self.slot != "read" or not self.factory.unread_heavy[self.peer.uid]:
+            return None
+        return ControlError(
+            ErrorCode.BUSY,
+            f"uid {self.peer.uid} has a large answer unread on another connection: read it "
+            "(or close that connection) first",
+        )
+
+    def _run_heavy(self, request: Request) -> defer.Deferred[Any]:
+        """`request` in its turn among its class's heavy slots, held until its answer is
+        written (`_done`, `_failed`): the next one's turn then sees whether it was left unread."""
+        sem = self.factory.heavy[self.slot]
+
+        def turn(_: object) -> Any:
+            self._heavy_held = sem
+            if (busy := self._heavy_unread_elsewhere()) is not None:  # since it was queued
+                raise busy
+            return self._dispatch(request)
+
+        return sem.acquire().addCallback(turn)
+
+    def _release_heavy(self) -> None:
+        sem, self._heavy_held = self._heavy_held, None
+        if sem is not None:
+            sem.release()
+
+    def _read_heavy(self) -> None:
+        if self._unread_heavy:
+            self._unread_heavy = False
+            self.factory.unread_heavy[self.peer.uid] -= 1
+            if self.factory.unread_heavy[self.peer.uid] <= 0:
+                del self.factory.unread_heavy[self.peer.uid]
 
     def _dispatch(self, request: Request) -> Any:
         if self._closing:  # gone while waiting for its turn
@@ -407,6 +457,12 @@ class ControlProtocol(Protocol):
         raise exc
 
     def _done(self, result: Any, request: Request) -> None:
+        try:
+            self._answer_result(result, request)
+        finally:
+            self._release_heavy()
+
+    def _answer_result(self, result: Any, request: Request) -> None:
         self._pending = None
         if request.op.access == "admin":
             self._audit(request, allowed=True, code=None, summary="ok")
@@ -419,8 +475,17 @@ class ControlProtocol(Protocol):
             self._answer(encode_error(request.id, _internal()))
             return
         self._answer(encode_result(request.id, result))
+        if request.op.heavy and self.slot == "read" and self._write_blocked and not self._closing:
+            self._unread_heavy = True  # until resumeProducing or connectionLost
+            self.factory.unread_heavy[self.peer.uid] += 1
 
     def _failed(self, failure: Failure, request: Request) -> None:
+        try:
+            self._answer_failure(failure, request)
+        finally:
+            self._release_heavy()
+
+    def _answer_failure(self, failure: Failure, request: Request) -> None:
         self._pending = None
         if isinstance(failure.value, defer.CancelledError) and self._closing:
             return
@@ -494,6 +559,8 @@ class ControlFactory(Factory):
         self.tarpit = 0
         #: Expensive requests (policy parses) in progress, per slot class.
         self.heavy = {cls: defer.DeferredSemaphore(limits.heavy(cls)) for cls in SLOT_CLASSES}
+        #: Read-group uids with a heavy answer unread, and on how many connections.
+        self.unread_heavy: Counter[int] = Counter()
 
     def admit(self, conn: ControlProtocol) -> str | None:
         """Count a new connection in its slot class, or say why it is refused."""

@@ -463,12 +463,12 @@ def format_human(record: Record) -> str:
         who = subj.describe() + (f" -> {obj.describe()}" if "object" in b else "")
         verdict = str(b.get("decision", "?")).upper()
         line = f"{head} {verdict} {b.get('hook', '?')} [{b.get('rule', '?')}] {who}: "
-        return _printable(line + str(b.get("reason", "")))
+        return printable(line + str(b.get("reason", "")))
     rest = " ".join(f"{k}={_kv(v)}" for k, v in sorted(b.items()))
-    return _printable(f"{head} {record.kind} {rest}".rstrip())
+    return printable(f"{head} {record.kind} {rest}".rstrip())
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """`text` with control characters escaped (a terminal line, not an escape sequence)."""
     if text.isprintable():
         return text

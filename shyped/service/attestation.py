@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +102,54 @@ class MeasurementLog:
             os.close(fd)
 
 
+def _check_auth_directory(directory: Path) -> None:
+    """The directory of ``ak_auth`` must be one only its owner (root) changes: whoever else may
+    write it could plant the file with a value they know before the first start, or swap it
+    between its creation and ``tpm2_createak`` reading it (a sticky directory is fine: others
+    may not replace what is not theirs)."""
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return  # made below, 0750 root
+    if st.st_uid not in (0, os.geteuid()):
+        raise TpmError(
+            f"{directory} (the directory of the AK's auth file) is owned by uid {st.st_uid}: "
+            "that user could choose the AK's auth value; give it to root"
+        )
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise TpmError(
+            f"{directory} (the directory of the AK's auth file) is mode "
+            f"{st.st_mode & 0o777:04o}: others could replace the auth file; make it 0750"
+        )
+
+
+def _check_auth_file(auth: Path) -> None:
+    """``ak_auth`` must be a regular file of this uid (root), mode 0600, of 32 bytes: a file
+    planted by another user holds a value that user knows (they would quote with the AK), a
+    symlink is not followed."""
+    try:
+        fd = os.open(auth, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        why = "a symlink" if auth.is_symlink() else (e.strerror or str(e))
+        raise TpmError(f"{auth}: not a regular file ({why}): the AK's auth file") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TpmError(f"{auth}: not a regular file: the AK's auth file")
+        if st.st_uid != os.geteuid():
+            raise TpmError(
+                f"{auth} is owned by uid {st.st_uid}, not {os.geteuid()}: its value may be "
+                "known to that user; remove it (and evict the AK made with it)"
+            )
+        mode = st.st_mode & 0o777
+        if mode & 0o077:
+            raise TpmError(f"{auth} is mode {mode:04o}: the AK's auth value must be 0600")
+        if len(os.read(fd, 33)) != 32:  # e.g. empty after a crash: an AK without a value
+            raise TpmError(f"{auth} does not hold the AK's auth value (32 hex digits)")
+    finally:
+        os.close(fd)
+
+
 def labels_doc(daemon: Daemon) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(daemon.engine.labels.to_json())
     return doc
@@ -127,7 +176,7 @@ class Attestation:
 
     def __init__(self, daemon: Daemon, config: AttestationConfig, tools: TpmTools | None = None):
         self.daemon, self.config = daemon, config
-        self.tools = tools or TpmTools(config.tcti)
+        self.tools = tools or TpmTools(config.tcti, config.log.parent)
         self.log = MeasurementLog(config.log, config.max_log_bytes)
         self.ak_pem: bytes | None = None
         #: why no quote can be given now (None: quotes work)
@@ -171,7 +220,8 @@ class Attestation:
         made without an auth value, which lets every member of the ``tss`` group quote with it,
         or by someone else)."""
         handle, auth = hex(self.config.ak_handle), self.config.ak_auth
-        if not auth.exists():
+        _check_auth_directory(auth.parent)
+        if not auth.exists() and not auth.is_symlink():
             if self.tools.ak_public(self.config.ak_handle) is not None:
                 raise TpmError(
                     f"the AK at {handle} has no auth file {auth} (made by an older shyped "
@@ -186,11 +236,7 @@ class Attestation:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        mode = auth.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise TpmError(f"{auth} is mode {mode:04o}: the AK's auth value must be 0600")
-        if len(auth.read_bytes()) != 32:  # e.g. empty after a crash: an AK without a value
-            raise TpmError(f"{auth} does not hold the AK's auth value (32 hex digits)")
+        _check_auth_file(auth)
         pem = self.tools.ensure_ak(self.config.ak_handle, auth)
         try:  # a key put at the handle by someone else does not take shyped's auth value
             self.tools.quote(self.config.ak_handle, self.config.pcr, bytes(32), auth)

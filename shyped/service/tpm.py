@@ -55,8 +55,17 @@ def _auth(flag: str, path: Path | None) -> list[str]:
 class TpmTools:
     """One TPM, reached through `tcti`."""
 
-    def __init__(self, tcti: str) -> None:
+    def __init__(self, tcti: str, scratch: Path | None = None) -> None:
         self.tcti = tcti
+        #: where the commands' files (contexts, quotes) go, each in a private directory: the
+        #: daemon's state directory, since under the shipped unit (ProtectSystem=strict,
+        #: no PrivateTmp=) /tmp is read-only; None: the system's temporary directory
+        self.scratch = scratch
+
+    def _workdir(self) -> tempfile.TemporaryDirectory[str]:
+        if self.scratch is not None:
+            self.scratch.mkdir(parents=True, exist_ok=True, mode=0o750)
+        return tempfile.TemporaryDirectory(prefix="shyped-tpm-", dir=self.scratch)
 
     def available(self) -> str | None:
         """Why this TPM cannot be used (None: it answers)."""
@@ -82,7 +91,7 @@ class TpmTools:
 
     def ak_public(self, handle: int) -> bytes | None:
         """The PEM public key of the persistent key at `handle`, None if there is none."""
-        with tempfile.TemporaryDirectory(prefix="shyped-tpm-") as tmp:
+        with self._workdir() as tmp:
             out = Path(tmp) / "ak.pem"
             try:
                 _run(["tpm2_readpublic", "-c", hex(handle), "-f", "pem", "-o", str(out)],
@@ -98,7 +107,7 @@ class TpmTools:
         found = self.ak_public(handle)
         if found is not None:
             return found
-        with tempfile.TemporaryDirectory(prefix="shyped-tpm-") as tmp:
+        with self._workdir() as tmp:
             try:
                 _run(["tpm2_createek", "-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub"],
                      self.tcti, tmp)  # fmt: skip
@@ -132,7 +141,7 @@ class TpmTools:
     ) -> tuple[bytes, bytes]:
         """A quote of sha256 PCR `index` by the AK at `handle` (its auth value in file `auth`)
         with `qualifying` as its extraData: (TPMS_ATTEST, TPMT_SIGNATURE)."""
-        with tempfile.TemporaryDirectory(prefix="shyped-tpm-") as tmp:
+        with self._workdir() as tmp:
             try:
                 _run(["tpm2_quote", "-c", hex(handle), "-l", f"sha256:{index}", "-q",
                       qualifying.hex(), "-m", "q.msg", "-s", "q.sig", "-g", "sha256",
