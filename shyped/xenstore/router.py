@@ -6,6 +6,7 @@ See `shyped.xenstore.gateway` for the threads and why pyxs's own client is not u
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import select
@@ -42,6 +43,13 @@ def _encode_path(path: str, *, watch: bool = False) -> bytes:
     """Validate a path the way xenstored will and encode it (ValueError if it would refuse)."""
     if not isinstance(path, str):
         raise TypeError(f"xenstore paths are str, got {type(path).__name__}")
+    return _encode_str_path(path, watch)
+
+
+@functools.lru_cache(maxsize=2048)
+def _encode_str_path(path: str, watch: bool) -> bytes:
+    """`_encode_path` past its type check, memoised (bounded): a batch reads the same few
+    dozen paths of a domain again and again; a refused path is not cached (raises each time)."""
     try:
         raw = path.encode("ascii")
     except UnicodeEncodeError:
