@@ -59,6 +59,7 @@ closed). Unparsable permissions count as readable and writable by every domain.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Final, NamedTuple
 
@@ -128,10 +129,31 @@ def guest_path(path: str | bytes) -> bool:
     return comps[4] not in DOM0_SUBTREES
 
 
-def reach(raw: Sequence[PermInput]) -> tuple[int, frozenset[int], bool] | None:
+Reach = tuple[int, frozenset[int], bool] | None
+
+
+def reach(raw: Sequence[PermInput]) -> Reach:
     """(owner, other non-dom0 domains it names with access, every domain reaches it) of a
     permission list; None if the owner is dom0 or nobody else may reach it. Unparsable
-    permissions: owner unknown, so None is not safe — the caller gets ``(-1, {}, True)``."""
+    permissions: owner unknown, so None is not safe — the caller gets ``(-1, {}, True)``.
+
+    A tuple (what the gateway hands over) is memoised, bounded: every read of a guest's node
+    with its permissions comes here, and a host has few distinct lists; the result is
+    immutable. Anything unhashable is computed each time."""
+    if isinstance(raw, tuple):
+        try:
+            return _reach_memo(raw)
+        except TypeError:
+            pass  # an unhashable entry (or a TypeError of its own, raised again below)
+    return _reach(raw)
+
+
+@functools.lru_cache(maxsize=1024)
+def _reach_memo(raw: tuple[PermInput, ...]) -> Reach:
+    return _reach(raw)
+
+
+def _reach(raw: Sequence[PermInput]) -> Reach:
     p = parse_perms(raw)
     if p is None:
         return (-1, frozenset(), True)

@@ -216,17 +216,24 @@ class DirectConnection:
             raw = {p: wire.path_payload(_encode_path(p)) for p in [*paths, *perm_paths]}
         except (ValueError, TypeError) as exc:
             return defer.fail(exc)
-        values = _Batch(list(paths))
-        perms = _Batch(list(perm_paths))
-        calls = [_Call(Op.READ, raw[p], p, bytes, values, i) for i, p in enumerate(paths)]
+        n = len(paths)
+
+        def split(_keys: list[str], got: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+            return dict(zip(paths, got[:n], strict=True)), dict(
+                zip(perm_paths, got[n:], strict=True)
+            )
+
+        # One batch (one Deferred) for both kinds: no gatherResults on the hot path.
+        batch = _Batch([*paths, *perm_paths], split)
+        calls = [_Call(Op.READ, raw[p], p, bytes, batch, i) for i, p in enumerate(paths)]
         calls.extend(
-            _Call(Op.GET_PERMS, raw[p], p, wire.perms, perms, i) for i, p in enumerate(perm_paths)
+            _Call(Op.GET_PERMS, raw[p], p, wire.perms, batch, n + i)
+            for i, p in enumerate(perm_paths)
         )
         self._send(calls)
-        both: Deferred[list[Any]] = defer.gatherResults(
-            [values.deferred, perms.deferred], consumeErrors=True
-        )
-        return both.addCallbacks(lambda got: (got[0], got[1]), _first_error)
+        result: Deferred[tuple[dict[str, bytes | None], dict[str, tuple[Perm, ...] | None]]]
+        result = batch.deferred
+        return result
 
     def apply_if(
         self,

@@ -6,6 +6,7 @@ See `shyped.xenstore.gateway` for the threads and why pyxs's own client is not u
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import select
@@ -42,6 +43,13 @@ def _encode_path(path: str, *, watch: bool = False) -> bytes:
     """Validate a path the way xenstored will and encode it (ValueError if it would refuse)."""
     if not isinstance(path, str):
         raise TypeError(f"xenstore paths are str, got {type(path).__name__}")
+    return _encode_str_path(path, watch)
+
+
+@functools.lru_cache(maxsize=2048)
+def _encode_str_path(path: str, watch: bool) -> bytes:
+    """`_encode_path` past its type check, memoised (bounded): a batch reads the same few
+    dozen paths of a domain again and again; a refused path is not cached (raises each time)."""
     try:
         raw = path.encode("ascii")
     except UnicodeEncodeError:
@@ -158,22 +166,30 @@ class _Call(_Pending):
             self.deferred.errback(error)
 
 
+def _as_dict(keys: list[str], values: list[Any]) -> dict[str, Any]:
+    return dict(zip(keys, values, strict=True))
+
+
 class _Batch:
     """Several reads answered as one dict: one Deferred for the lot, not one per request.
 
     A missing node reads as None; any other error fails the whole batch (first error wins).
+    `finish` shapes the result from the keys and the values in their order (default: a dict).
     """
 
-    def __init__(self, keys: list[str]) -> None:
+    def __init__(
+        self, keys: list[str], finish: Callable[[list[str], list[Any]], Any] = _as_dict
+    ) -> None:
         self.keys = keys
-        self.values: list[bytes | None] = [None] * len(keys)
+        self.values: list[Any] = [None] * len(keys)
         self.remaining = len(keys)
         self.error: XenstoreError | None = None
-        self.deferred: Deferred[dict[str, bytes | None]] = Deferred()
+        self.finish = finish
+        self.deferred: Deferred[Any] = Deferred()
         if not keys:
-            self.deferred.callback({})
+            self.deferred.callback(finish(keys, self.values))
 
-    def settle(self, index: int, value: bytes | None, error: XenstoreError | None) -> None:
+    def settle(self, index: int, value: Any, error: XenstoreError | None) -> None:
         if error is None:
             self.values[index] = value
         elif not isinstance(error, NoEntry) and self.error is None:
@@ -183,7 +199,7 @@ class _Batch:
             if self.error is not None:
                 self.deferred.errback(self.error)
             else:
-                self.deferred.callback(dict(zip(self.keys, self.values, strict=True)))
+                self.deferred.callback(self.finish(self.keys, self.values))
 
 
 class _Inbox:

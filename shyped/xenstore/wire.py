@@ -14,6 +14,7 @@ No I/O here: the gateway sends these payloads through pyxs, the benchmark throug
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import struct
 from collections.abc import Iterator
@@ -260,8 +261,13 @@ class Perm:
         return self.access in ("w", "b")
 
 
+@functools.lru_cache(maxsize=1024)
 def perms(payload: bytes) -> tuple[Perm, ...]:
-    """The permission list in a GET_PERMS reply (owner first)."""
+    """The permission list in a GET_PERMS reply (owner first).
+
+    Memoised (bounded): a host has few distinct permission lists, and every device decision
+    reads some; the result is immutable (a tuple of frozen `Perm`), a malformed one is not
+    cached (the WireError is raised each time)."""
     result = tuple(Perm.parse(p) for p in strings(payload))
     if not result:
         raise WireError("empty permission list")
