@@ -474,13 +474,22 @@ async def test_flood_from_one_guest_stays_bounded_and_others_still_get_events(
             time.sleep(0.0005)  # a daemon slower than the guest: the queue fills up
 
         await gw.watch("/local/domain/5", "dom5", slow_handler, overflowed.append)
-        await gw.watch("/local/domain/6", "dom6", lambda p, t: quiet.append(p))
+        # The queue is shared: while the flood keeps it full, the quiet guest's event may be
+        # dropped too, but never silently: its watch is told it overflowed (the daemon then
+        # reads that tree again, `shyped.service.eventpath`).
+        quiet_overflowed: list[str] = []
+        await gw.watch(
+            "/local/domain/6", "dom6", lambda p, t: quiet.append(p), quiet_overflowed.append
+        )
 
         flood = _flood(xenstored, "/local/domain/5/data", distinct=500, seconds=1.5)
         await eventually(lambda: len(hostile) > 100)  # the flood is under way
         await gw.write("/local/domain/6/device/vbd/0/state", b"3")
         # A liveness bound, not a timing assertion: generous for a loaded 2-core CI machine.
-        await eventually(lambda: "/local/domain/6/device/vbd/0/state" in quiet, timeout=60.0)
+        await eventually(
+            lambda: "/local/domain/6/device/vbd/0/state" in quiet or quiet_overflowed,
+            timeout=60.0,
+        )
         out, _ = flood.communicate(timeout=30)
         assert flood.returncode == 0, out
         writes = int(out.split()[0])
