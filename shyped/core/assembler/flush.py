@@ -12,6 +12,7 @@ from shyped.core.assembler.state import (
     PV_ONLY_NIC_TYPES,
     _Dom,
     _Record,
+    record_key_names,
     resource_with_script,
 )
 from shyped.core.channels import (
@@ -305,7 +306,7 @@ class Flusher(LocalReader):
                     continue
                 base = f"/libxl/{d}/device/{kind}/{devid}"
                 yield base
-                for k in rec.keys:
+                for k in record_key_names(rec.keys):
                     yield base + "/" + k
             for (kind, devid), fe in dom.fronts.items():
                 base = frontend_dir(DeviceKey(kind, d, devid))

@@ -6,6 +6,7 @@ from shyped.core.assembler.state import (
     _DEVID_MAX,
     _RECORD_KEYS,
     _RESOURCE_KEY,
+    RECORD_KEY_BIT,
     AssemblerState,
     _Dom,
     _Record,
@@ -87,7 +88,7 @@ class LibxlReader(AssemblerState):
                 devid = parse_uint_component(comps[5], _DEVID_MAX)
                 if devid is not None:
                     rec = dom.records.get((comps[4], devid))
-                    if rec is not None and comps[6] in rec.keys:
+                    if rec is not None and rec.keys & RECORD_KEY_BIT.get(comps[6], 0):
                         self._record_key_removed(d, comps[4], devid, rec, comps[6])
             return
         dom = self._dom(d)
@@ -114,7 +115,7 @@ class LibxlReader(AssemblerState):
         name = comps[6]
         if name not in _RECORD_KEYS:
             return
-        rec.keys.add(name)
+        rec.keys |= RECORD_KEY_BIT[name]
         if name == "frontend":
             fpath = parse_abs_path_value(value)
             rec.frontend_ok = fpath == frontend_dir(dk)
@@ -154,7 +155,7 @@ class LibxlReader(AssemblerState):
         return rec
 
     def _record_key_removed(self, d: int, kind: str, devid: int, rec: _Record, name: str) -> None:
-        rec.keys.discard(name)
+        rec.keys &= ~RECORD_KEY_BIT[name]
         if name == "frontend":
             rec.frontend_ok = False
         elif name == "backend":
