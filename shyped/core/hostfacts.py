@@ -154,6 +154,16 @@ class Domain:
     revision: int = 0
     #: Why its identity cannot be trusted ("" if it can): see `NeedsDecision.identity`.
     identity: str = ""
+    #: The last `party_fact` made (shared by the facts of every decision naming this domain).
+    _party: tuple[int, bool] | None = attrs.field(init=False, default=None, eq=False, repr=False)
+
+    def party_fact(self) -> tuple[int, bool]:
+        """(domid, denied): this domain's part in a device's, vchan's or channel's facts."""
+        denied = self.state is DomainState.DENIED
+        p = self._party
+        if p is None or p[1] != denied:
+            p = self._party = (self.domid, denied)
+        return p
 
 
 @attrs.define

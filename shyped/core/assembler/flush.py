@@ -8,6 +8,7 @@ from typing import Final
 from shyped.core.assembler.local import LocalReader
 from shyped.core.assembler.state import (
     _EMPTY,
+    _XENBUS_STATE_MAX,
     GUEST_TYPES,
     PV_ONLY_NIC_TYPES,
     _Dom,
@@ -38,6 +39,12 @@ from shyped.core.events import (
 from shyped.core.xsparse import (
     parse_domid_component,
 )
+
+#: Every (state, online) a backend can have, one tuple object each: `_Record.em_be` shares them.
+_BE_FACTS: Final[dict[tuple[int | None, bool | None], tuple[int | None, bool | None]]] = {
+    (st, on): (st, on) for st in (None, *range(_XENBUS_STATE_MAX + 1)) for on in (None, False, True)
+}
+_NO_BE: Final = _BE_FACTS[None, None]
 
 
 class Flusher(LocalReader):
@@ -212,7 +219,10 @@ class Flusher(LocalReader):
             out.append(FrontendStateChanged(dk, state))
         bdom = self._doms.get(be)
         bk = bdom.backs.get((bkind, dk.frontend, dk.devid)) if bdom is not None else None
-        bfacts = (bk.state, bk.online) if bk is not None else (None, None)
+        bfacts: tuple[int | None, bool | None] = _NO_BE
+        if bk is not None:
+            bfacts = (bk.state, bk.online)
+            bfacts = _BE_FACTS.get(bfacts, bfacts)
         if bfacts != rec.em_be:
             rec.em_be = bfacts
             out.append(BackendStateChanged(dk, be, bfacts[0], bfacts[1]))

@@ -11,6 +11,7 @@ from shyped.core.assembler.state import (
     _Dom,
     _Record,
     _valid_kind,
+    canon_kind,
     pci_record_key,
 )
 from shyped.core.events import (
@@ -105,6 +106,7 @@ class LibxlReader(AssemblerState):
         if not _valid_kind(kind) or devid is None:
             self._garbage(None, path, "libxl device record with a bad kind or device id")
             return
+        kind = canon_kind(kind)
         rec = self._record_for(dom, kind, devid, path)
         if rec is None:
             return
@@ -183,7 +185,7 @@ class LibxlReader(AssemblerState):
             return None
         if parse_uint_component(comps[7], _DEVID_MAX) != devid:
             return None
-        return be, comps[5]
+        return be, canon_kind(comps[5])
 
     def _link_backend(self, dk: DeviceKey, rec: _Record, target: tuple[int, str] | None) -> None:
         if rec.backend == target:

@@ -17,6 +17,7 @@ from shyped.core.assembler.state import (
     _is_ref_key,
     _short,
     _valid_kind,
+    canon_kind,
 )
 from shyped.core.assembler.vms import VmVchanReader
 from shyped.core.events import (
@@ -345,6 +346,7 @@ class LocalReader(VmVchanReader):
             if len(dom.fronts) >= self._limits.frontends_per_domain:
                 self._garbage(d, path, "too many frontend directories", limit=True)
                 return None
+            fkey = (canon_kind(fkey[0]), fkey[1])
             fe = dom.fronts[fkey] = _Front()
         return fe
 
@@ -434,6 +436,7 @@ class LocalReader(VmVchanReader):
             if len(dom.backs) >= self._limits.backends_per_domain:
                 self._garbage(be, path, "too many backend directories", limit=True)
                 return None
+            bkey = (canon_kind(bkey[0]), bkey[1], bkey[2])
             bk = dom.backs[bkey] = _Back()
         return bk
 

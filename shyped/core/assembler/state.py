@@ -108,7 +108,9 @@ def _is_port_key(name: str) -> bool:
     return name == "event-channel" or name == "port" or name.startswith("event-channel-")
 
 
-_KINDS: set[str] = set()  # device kinds seen valid (bounded below)
+#: Device kinds seen valid (bounded below), each mapped to one string object: the facts kept
+#: per device share it instead of holding a copy split out of each path.
+_KINDS: dict[str, str] = {}
 
 
 def _valid_kind(kind: str) -> bool:
@@ -116,8 +118,13 @@ def _valid_kind(kind: str) -> bool:
         return True
     ok = 0 < len(kind) <= _MAX_KIND and kind.replace("_", "").isalnum() and kind.islower()
     if ok and len(_KINDS) < 256:
-        _KINDS.add(kind)
+        _KINDS[kind] = kind
     return ok
+
+
+def canon_kind(kind: str) -> str:
+    """The shared string object of a kind seen valid (else `kind` itself): same value."""
+    return _KINDS.get(kind, kind)
 
 
 # --------------------------------------------------------------------------------------------
