@@ -323,9 +323,9 @@ class Flusher(LocalReader):
                 yield base
                 if fe.state is not None:
                     yield base + "/state"
-                for k in fe.refs:
+                for k in fe.refs or ():
                     yield base + "/" + k
-                for k in fe.ports:
+                for k in fe.ports or ():
                     yield base + "/" + k
             for (bkind, fe_id, devid), bk in dom.backs.items():
                 base = f"{home}/backend/{bkind}/{fe_id}/{devid}"

@@ -195,7 +195,10 @@ class LibxlReader(AssemblerState):
         if target is not None:
             be, bkind = target
             self._be_index[(be, bkind, dk.frontend, dk.devid)] = dk
-            self._dom(be).served.add(dk)
+            bdom = self._dom(be)
+            if not isinstance(bdom.served, set):
+                bdom.served = set()
+            bdom.served.add(dk)
 
     def _unlink_backend(self, fe: int, kind: str, devid: int, rec: _Record) -> None:
         if rec.backend is None:
@@ -206,7 +209,8 @@ class LibxlReader(AssemblerState):
             del self._be_index[(be, bkind, fe, devid)]
         bdom = self._doms.get(be)
         if bdom is not None:
-            bdom.served.discard(dk)
+            if isinstance(bdom.served, set):
+                bdom.served.discard(dk)
             self._touched.add(be)
         rec.backend = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from shyped.core.assembler.state import (
@@ -294,7 +295,7 @@ class LocalReader(VmVchanReader):
                 pre = sub + "/"
                 if sub == "state":
                     fe.state = None
-                for table in (fe.refs, fe.ports):
+                for table in (fe.refs or {}, fe.ports or {}):
                     for k in [k for k in table if k == sub or k.startswith(pre)]:
                         del table[k]
             self._front_dirty(dom, fkey)
@@ -324,7 +325,7 @@ class LocalReader(VmVchanReader):
         fe = self._front_get(d, fkey, path)
         if fe is None:
             return
-        table = fe.refs if ref else fe.ports
+        table = (fe.refs if ref else fe.ports) or {}
         key = name if nrest == 1 else rest[0] + "/" + name
         if num is None:
             self._garbage(d, path, "grant ref or port is not a uint32")
@@ -333,10 +334,10 @@ class LocalReader(VmVchanReader):
             return
         if table.get(key) == num:
             return
-        if key not in table and len(fe.refs) + len(fe.ports) >= self._limits.ring_keys_per_device:
+        if key not in table and fe.ring_keys() >= self._limits.ring_keys_per_device:
             self._garbage(d, path, "too many ring keys in one device", limit=True)
             return
-        table[key] = num
+        fe.table(ref)[sys.intern(key)] = num  # the same few names in every front: share them
         self._front_dirty(self._doms[d], fkey)
 
     def _front_get(self, d: int, fkey: tuple[str, int], path: str) -> _Front | None:

@@ -184,8 +184,23 @@ class _Front:
 
     def __init__(self) -> None:
         self.state: int | None = None
-        self.refs: dict[str, int] = {}
-        self.ports: dict[str, int] = {}
+        #: Grant refs and event channel ports by key; None until the first one (most fronts
+        #: of a host at rest have none, and an empty dict costs 64 bytes).
+        self.refs: dict[str, int] | None = None
+        self.ports: dict[str, int] | None = None
+
+    def ring_keys(self) -> int:
+        return len(self.refs or ()) + len(self.ports or ())
+
+    def table(self, ref: bool) -> dict[str, int]:
+        """The refs (`ref`) or ports table, made on first use."""
+        if ref:
+            if self.refs is None:
+                self.refs = {}
+            return self.refs
+        if self.ports is None:
+            self.ports = {}
+        return self.ports
 
 
 class _Back:
@@ -282,7 +297,8 @@ class _Dom:
         self.fronts: dict[tuple[str, int], _Front] = {}
         self.backs: dict[tuple[str, int, int], _Back] = {}
         self.vchans: dict[str, _Vchan] = {}
-        self.served: set[DeviceKey] = set()
+        #: Devices this domain is the backend of (a set once it serves one: most never do).
+        self.served: set[DeviceKey] | frozenset[DeviceKey] = frozenset()
         self.mem_target: int | None = None
         self.mem_max: int | None = None
         self.cpus: dict[int, bool] = {}  # vCPU index -> online
