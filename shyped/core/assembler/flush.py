@@ -299,7 +299,9 @@ class Flusher(LocalReader):
                 yield home + "/memory/target"
             if dom.mem_max is not None:
                 yield home + "/memory/static-max"
-            for idx in dom.cpus:
+            for idx in range(dom.cpus.bit_length()):
+                if not dom.cpus >> idx & 1:
+                    continue
                 yield f"{home}/cpu/{idx}/availability"
             if dom.name is not None:
                 yield home + "/name"

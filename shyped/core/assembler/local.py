@@ -183,7 +183,7 @@ class LocalReader(VmVchanReader):
             if value is None:
                 dom = self._doms.get(d)
                 if dom is not None and dom.cpus:
-                    dom.cpus.clear()
+                    dom.cpus = dom.cpus_on = 0
                     self._sizes_dirty(d)
             return False
         if n > 7 or (n == 7 and comps[6] != "availability"):
@@ -195,8 +195,10 @@ class LocalReader(VmVchanReader):
             return value is not None
         if value is None:
             dom = self._doms.get(d)
-            if dom is not None and idx in dom.cpus:
-                del dom.cpus[idx]
+            bit = 1 << idx
+            if dom is not None and dom.cpus & bit:
+                dom.cpus &= ~bit
+                dom.cpus_on &= ~bit
                 self._sizes_dirty(d)
             return False
         if n == 6:
@@ -205,8 +207,10 @@ class LocalReader(VmVchanReader):
         if not online and value != b"offline":
             self._garbage(d, path, "cpu availability is not online or offline")
         dom = self._dom(d)
-        if dom.cpus.get(idx) != online:
-            dom.cpus[idx] = online
+        bit = 1 << idx
+        if not dom.cpus & bit or bool(dom.cpus_on & bit) != online:
+            dom.cpus |= bit
+            dom.cpus_on = dom.cpus_on | bit if online else dom.cpus_on & ~bit
             self._sizes_dirty(d)
         return True
 
@@ -223,7 +227,7 @@ class LocalReader(VmVchanReader):
         self._set_uuid(dom, None)
         if dom.mem_target is not None or dom.mem_max is not None or dom.cpus:
             dom.mem_target = dom.mem_max = None
-            dom.cpus.clear()
+            dom.cpus = dom.cpus_on = 0
             self._dirty_res.add(d)
         dom.fronts.clear()
         for bkey in dom.backs:

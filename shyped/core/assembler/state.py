@@ -266,6 +266,7 @@ class _Dom:
     __slots__ = (
         "backs",
         "cpus",
+        "cpus_on",
         "domid",
         "dtype",
         "em_res",
@@ -301,15 +302,18 @@ class _Dom:
         self.served: set[DeviceKey] | frozenset[DeviceKey] = frozenset()
         self.mem_target: int | None = None
         self.mem_max: int | None = None
-        self.cpus: dict[int, bool] = {}  # vCPU index -> online
+        #: The vCPU indexes whose availability is known (bit ``1 << index``), and of those the
+        #: ones online: two small ints instead of a dict per domain.
+        self.cpus = 0
+        self.cpus_on = 0
         self.em_res: tuple[int | None, int | None, int | None, int | None] | None = None
 
     def resources(self) -> tuple[int | None, int | None, int | None, int | None] | None:
         """(target, static-max, vcpus, online) or None when nothing is known."""
         if self.mem_target is None and self.mem_max is None and not self.cpus:
             return None
-        vcpus = len(self.cpus) if self.cpus else None
-        online = sum(self.cpus.values()) if self.cpus else None
+        vcpus = self.cpus.bit_count() if self.cpus else None
+        online = self.cpus_on.bit_count() if self.cpus else None
         return (self.mem_target, self.mem_max, vcpus, online)
 
     def empty(self) -> bool:
