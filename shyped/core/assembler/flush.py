@@ -179,6 +179,7 @@ class Flusher(LocalReader):
         rec = dom.records.get(rkey) if dom is not None else None
         if dom is None or rec is None:
             return
+        dk = rec.dk  # the same key; the record's object is the one kept
         backend = DM_USB_BACKEND if _device_model_usb(dk.kind, rec) else rec.backend
         active = (
             not rec.gone

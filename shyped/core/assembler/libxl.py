@@ -110,7 +110,7 @@ class LibxlReader(AssemblerState):
         rec = self._record_for(dom, kind, devid, path)
         if rec is None:
             return
-        dk = DeviceKey(kind, d, devid)
+        dk = rec.dk
         self._dirty_devs.add(dk)
         if n != 7:
             return
@@ -150,7 +150,7 @@ class LibxlReader(AssemblerState):
             if len(dom.records) >= self._limits.records_per_domain:
                 self._garbage(None, path, "too many device records", limit=True)
                 return None
-            rec = dom.records[rkey] = _Record()
+            rec = dom.records[rkey] = _Record(DeviceKey(kind, dom.domid, devid))
         elif rec.gone:
             rec.reset()  # removed and written again within one batch
             self._unlink_backend(dom.domid, kind, devid, rec)
@@ -256,7 +256,7 @@ class LibxlReader(AssemblerState):
         rec.pci = comp
         rec.frontend_ok = True
         rec.resource = resource
-        dk = DeviceKey("pci", d, devid)
+        dk = rec.dk
         self._link_backend(dk, rec, (0, "pci"))
         self._pci[comp] = (d, devid)
         self._dirty_devs.add(dk)

@@ -136,6 +136,7 @@ class _Record:
 
     __slots__ = (
         "backend",
+        "dk",
         "em_be",
         "em_fe_state",
         "em_rings",
@@ -150,7 +151,9 @@ class _Record:
         "writable",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, dk: DeviceKey) -> None:
+        #: The device's key: the one object every fact and event about the device shares.
+        self.dk = dk
         #: The record keys present, as `RECORD_KEY_BIT` bits.
         self.keys = 0
         self.frontend_ok = False
