@@ -113,7 +113,7 @@ def _decisions(asm: EventAssembler) -> tuple[object, ...]:
     return tuple(doms), tuple(vchans)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=st.lists(step, max_size=25), cut=st.integers(1, 5))
 def test_indexes_match_a_naive_recomputation_in_any_batching(
     steps: list[list[Node]], cut: int
@@ -128,7 +128,7 @@ def test_indexes_match_a_naive_recomputation_in_any_batching(
         _check_indexes(small)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=st.lists(write_step, max_size=25), cut=st.integers(1, 5))
 def test_writes_reach_the_same_decisions_in_one_batch_and_in_many(
     steps: list[list[Node]], cut: int
@@ -147,7 +147,7 @@ def test_writes_reach_the_same_decisions_in_one_batch_and_in_many(
     assert _decisions(one) == _decisions(small) == _decisions(each)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(
     ops=st.lists(
         st.tuples(st.integers(0, 6), st.one_of(st.none(), st.sampled_from(("a", "b", "c")))),

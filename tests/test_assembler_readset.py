@@ -75,7 +75,7 @@ def _perms(path: str, present: bool) -> list[bytes] | None:
     return [path.split("/")[3].join(("n", ""))]
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bursts=st.lists(burst, min_size=1, max_size=8))
 def test_skipped_reads_change_no_event_and_no_decision(
     bursts: list[list[tuple[str, str, bytes | None]]],

@@ -25,7 +25,7 @@ end, vchans it serves or is named in), so a reader can recompute only those acco
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Final, cast, get_args
 
 from shyped.core.channels import ChannelKey
 from shyped.core.events import (
@@ -34,6 +34,7 @@ from shyped.core.events import (
 from shyped.core.hostfacts import (
     _RUNNING,
     Channel,
+    DecisionKind,
     Device,
     Domain,
     DomainState,
@@ -47,6 +48,13 @@ from shyped.core.hostfacts import (
     VchanKey,
 )
 from shyped.core.hostupdates import HostUpdates
+
+#: The keys of `Domain.decisions`, one tuple object each (shared by every domain's tally).
+_TALLIES: Final[dict[tuple[DecisionKind, bool], tuple[DecisionKind, bool]]] = {
+    (k, a): (k, a)
+    for k in cast("tuple[DecisionKind, ...]", get_args(DecisionKind))
+    for a in (False, True)
+}
 
 
 class HostModel(HostUpdates):
@@ -179,6 +187,7 @@ class HostModel(HostUpdates):
         counted = self._domains.get(need.domid)
         if counted is not None:
             tally = (need.kind, allowed)
+            tally = _TALLIES.get(tally, tally)
             counted.decisions[tally] = counted.decisions.get(tally, 0) + 1
             self._bump(need.domid)
         if need.kind == "device":

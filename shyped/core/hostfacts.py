@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import attrs
@@ -112,16 +113,21 @@ class GarbageRecord:
     ring: int = 16
     count: int = 0
     limit_hits: int = 0
-    last: deque[tuple[str, str]] = attrs.field(init=False)
+    #: Made on the first add: an empty bounded deque costs ~760 bytes, per domain.
+    _last: deque[tuple[str, str]] | None = attrs.field(init=False, default=None)
 
-    def __attrs_post_init__(self) -> None:
-        self.last = deque(maxlen=self.ring)
+    @property
+    def last(self) -> Sequence[tuple[str, str]]:
+        """The last `ring` (path, reason) pairs, oldest first."""
+        return () if self._last is None else self._last
 
     def add(self, path: str, why: str, limit: bool) -> None:
         self.count += 1
         if limit:
             self.limit_hits += 1
-        self.last.append((path, why))
+        if self._last is None:
+            self._last = deque(maxlen=self.ring)
+        self._last.append((path, why))
 
 
 @attrs.define
@@ -148,6 +154,16 @@ class Domain:
     revision: int = 0
     #: Why its identity cannot be trusted ("" if it can): see `NeedsDecision.identity`.
     identity: str = ""
+    #: The last `party_fact` made (shared by the facts of every decision naming this domain).
+    _party: tuple[int, bool] | None = attrs.field(init=False, default=None, eq=False, repr=False)
+
+    def party_fact(self) -> tuple[int, bool]:
+        """(domid, denied): this domain's part in a device's, vchan's or channel's facts."""
+        denied = self.state is DomainState.DENIED
+        p = self._party
+        if p is None or p[1] != denied:
+            p = self._party = (self.domid, denied)
+        return p
 
 
 @attrs.define

@@ -453,5 +453,5 @@ class HostUpdates:
         for d in domids:
             dom = self._domains.get(d)
             if dom is not None and dom.state in _DECIDED:
-                out.append((d, dom.state is DomainState.DENIED))
+                out.append(dom.party_fact())
         return tuple(out)

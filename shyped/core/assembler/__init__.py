@@ -128,7 +128,7 @@ class EventAssembler(Flusher):
         dom = self._doms.get(domid)
         if dom is None:
             return 0
-        keys = sum(len(f.refs) + len(f.ports) + 1 for f in dom.fronts.values())
+        keys = sum(f.ring_keys() + 1 for f in dom.fronts.values())
         return len(dom.records) + keys + len(dom.backs) + len(dom.vchans)
 
     # ---- dispatch -----------------------------------------------------------------------

@@ -8,10 +8,12 @@ from typing import Final
 from shyped.core.assembler.local import LocalReader
 from shyped.core.assembler.state import (
     _EMPTY,
+    _XENBUS_STATE_MAX,
     GUEST_TYPES,
     PV_ONLY_NIC_TYPES,
     _Dom,
     _Record,
+    record_key_names,
     resource_with_script,
 )
 from shyped.core.channels import (
@@ -37,6 +39,12 @@ from shyped.core.events import (
 from shyped.core.xsparse import (
     parse_domid_component,
 )
+
+#: Every (state, online) a backend can have, one tuple object each: `_Record.em_be` shares them.
+_BE_FACTS: Final[dict[tuple[int | None, bool | None], tuple[int | None, bool | None]]] = {
+    (st, on): (st, on) for st in (None, *range(_XENBUS_STATE_MAX + 1)) for on in (None, False, True)
+}
+_NO_BE: Final = _BE_FACTS[None, None]
 
 
 class Flusher(LocalReader):
@@ -197,6 +205,7 @@ class Flusher(LocalReader):
         rec = dom.records.get(rkey) if dom is not None else None
         if dom is None or rec is None:
             return
+        dk = rec.dk  # the same key; the record's object is the one kept
         backend = DM_USB_BACKEND if _device_model_usb(dk.kind, rec) else rec.backend
         active = (
             not rec.gone
@@ -237,7 +246,10 @@ class Flusher(LocalReader):
             out.append(FrontendStateChanged(dk, state))
         bdom = self._doms.get(be)
         bk = bdom.backs.get((bkind, dk.frontend, dk.devid)) if bdom is not None else None
-        bfacts = (bk.state, bk.online) if bk is not None else (None, None)
+        bfacts: tuple[int | None, bool | None] = _NO_BE
+        if bk is not None:
+            bfacts = (bk.state, bk.online)
+            bfacts = _BE_FACTS.get(bfacts, bfacts)
         if bfacts != rec.em_be:
             rec.em_be = bfacts
             out.append(BackendStateChanged(dk, be, bfacts[0], bfacts[1]))
@@ -314,7 +326,9 @@ class Flusher(LocalReader):
                 yield home + "/memory/target"
             if dom.mem_max is not None:
                 yield home + "/memory/static-max"
-            for idx in dom.cpus:
+            for idx in range(dom.cpus.bit_length()):
+                if not dom.cpus >> idx & 1:
+                    continue
                 yield f"{home}/cpu/{idx}/availability"
             if dom.name is not None:
                 yield home + "/name"
@@ -331,16 +345,16 @@ class Flusher(LocalReader):
                     continue
                 base = f"/libxl/{d}/device/{kind}/{devid}"
                 yield base
-                for k in rec.keys:
+                for k in record_key_names(rec.keys):
                     yield base + "/" + k
             for (kind, devid), fe in dom.fronts.items():
                 base = frontend_dir(DeviceKey(kind, d, devid))
                 yield base
                 if fe.state is not None:
                     yield base + "/state"
-                for k in fe.refs:
+                for k in fe.refs or ():
                     yield base + "/" + k
-                for k in fe.ports:
+                for k in fe.ports or ():
                     yield base + "/" + k
             for (bkind, fe_id, devid), bk in dom.backs.items():
                 base = f"{home}/backend/{bkind}/{fe_id}/{devid}"

@@ -6,10 +6,12 @@ from shyped.core.assembler.state import (
     _DEVID_MAX,
     _RECORD_KEYS,
     _RESOURCE_KEY,
+    RECORD_KEY_BIT,
     AssemblerState,
     _Dom,
     _Record,
     _valid_kind,
+    canon_kind,
     pci_record_key,
 )
 from shyped.core.events import (
@@ -87,7 +89,7 @@ class LibxlReader(AssemblerState):
                 devid = parse_uint_component(comps[5], _DEVID_MAX)
                 if devid is not None:
                     rec = dom.records.get((comps[4], devid))
-                    if rec is not None and comps[6] in rec.keys:
+                    if rec is not None and rec.keys & RECORD_KEY_BIT.get(comps[6], 0):
                         self._record_key_removed(d, comps[4], devid, rec, comps[6])
             return
         dom = self._dom(d)
@@ -104,17 +106,18 @@ class LibxlReader(AssemblerState):
         if not _valid_kind(kind) or devid is None:
             self._garbage(None, path, "libxl device record with a bad kind or device id")
             return
+        kind = canon_kind(kind)
         rec = self._record_for(dom, kind, devid, path)
         if rec is None:
             return
-        dk = DeviceKey(kind, d, devid)
+        dk = rec.dk
         self._dirty_devs.add(dk)
         if n != 7:
             return
         name = comps[6]
         if name not in _RECORD_KEYS:
             return
-        rec.keys.add(name)
+        rec.keys |= RECORD_KEY_BIT[name]
         if name == "frontend":
             fpath = parse_abs_path_value(value)
             rec.frontend_ok = fpath == frontend_dir(dk)
@@ -147,14 +150,14 @@ class LibxlReader(AssemblerState):
             if len(dom.records) >= self._limits.records_per_domain:
                 self._garbage(None, path, "too many device records", limit=True)
                 return None
-            rec = dom.records[rkey] = _Record()
+            rec = dom.records[rkey] = _Record(DeviceKey(kind, dom.domid, devid))
         elif rec.gone:
             rec.reset()  # removed and written again within one batch
             self._unlink_backend(dom.domid, kind, devid, rec)
         return rec
 
     def _record_key_removed(self, d: int, kind: str, devid: int, rec: _Record, name: str) -> None:
-        rec.keys.discard(name)
+        rec.keys &= ~RECORD_KEY_BIT[name]
         if name == "frontend":
             rec.frontend_ok = False
         elif name == "backend":
@@ -182,7 +185,7 @@ class LibxlReader(AssemblerState):
             return None
         if parse_uint_component(comps[7], _DEVID_MAX) != devid:
             return None
-        return be, comps[5]
+        return be, canon_kind(comps[5])
 
     def _link_backend(self, dk: DeviceKey, rec: _Record, target: tuple[int, str] | None) -> None:
         if rec.backend == target:
@@ -192,7 +195,10 @@ class LibxlReader(AssemblerState):
         if target is not None:
             be, bkind = target
             self._be_index[(be, bkind, dk.frontend, dk.devid)] = dk
-            self._dom(be).served.add(dk)
+            bdom = self._dom(be)
+            if not isinstance(bdom.served, set):
+                bdom.served = set()
+            bdom.served.add(dk)
 
     def _unlink_backend(self, fe: int, kind: str, devid: int, rec: _Record) -> None:
         if rec.backend is None:
@@ -203,7 +209,8 @@ class LibxlReader(AssemblerState):
             del self._be_index[(be, bkind, fe, devid)]
         bdom = self._doms.get(be)
         if bdom is not None:
-            bdom.served.discard(dk)
+            if isinstance(bdom.served, set):
+                bdom.served.discard(dk)
             self._touched.add(be)
         rec.backend = None
 
@@ -249,7 +256,7 @@ class LibxlReader(AssemblerState):
         rec.pci = comp
         rec.frontend_ok = True
         rec.resource = resource
-        dk = DeviceKey("pci", d, devid)
+        dk = rec.dk
         self._link_backend(dk, rec, (0, "pci"))
         self._pci[comp] = (d, devid)
         self._dirty_devs.add(dk)

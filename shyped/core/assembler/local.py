@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from shyped.core.assembler.state import (
@@ -17,6 +18,7 @@ from shyped.core.assembler.state import (
     _is_ref_key,
     _short,
     _valid_kind,
+    canon_kind,
 )
 from shyped.core.assembler.vms import VmVchanReader
 from shyped.core.events import (
@@ -181,7 +183,7 @@ class LocalReader(VmVchanReader):
             if value is None:
                 dom = self._doms.get(d)
                 if dom is not None and dom.cpus:
-                    dom.cpus.clear()
+                    dom.cpus = dom.cpus_on = 0
                     self._sizes_dirty(d)
             return False
         if n > 7 or (n == 7 and comps[6] != "availability"):
@@ -193,8 +195,10 @@ class LocalReader(VmVchanReader):
             return value is not None
         if value is None:
             dom = self._doms.get(d)
-            if dom is not None and idx in dom.cpus:
-                del dom.cpus[idx]
+            bit = 1 << idx
+            if dom is not None and dom.cpus & bit:
+                dom.cpus &= ~bit
+                dom.cpus_on &= ~bit
                 self._sizes_dirty(d)
             return False
         if n == 6:
@@ -203,8 +207,10 @@ class LocalReader(VmVchanReader):
         if not online and value != b"offline":
             self._garbage(d, path, "cpu availability is not online or offline")
         dom = self._dom(d)
-        if dom.cpus.get(idx) != online:
-            dom.cpus[idx] = online
+        bit = 1 << idx
+        if not dom.cpus & bit or bool(dom.cpus_on & bit) != online:
+            dom.cpus |= bit
+            dom.cpus_on = dom.cpus_on | bit if online else dom.cpus_on & ~bit
             self._sizes_dirty(d)
         return True
 
@@ -221,7 +227,7 @@ class LocalReader(VmVchanReader):
         self._set_uuid(dom, None)
         if dom.mem_target is not None or dom.mem_max is not None or dom.cpus:
             dom.mem_target = dom.mem_max = None
-            dom.cpus.clear()
+            dom.cpus = dom.cpus_on = 0
             self._dirty_res.add(d)
         dom.fronts.clear()
         for bkey in dom.backs:
@@ -293,7 +299,7 @@ class LocalReader(VmVchanReader):
                 pre = sub + "/"
                 if sub == "state":
                     fe.state = None
-                for table in (fe.refs, fe.ports):
+                for table in (fe.refs or {}, fe.ports or {}):
                     for k in [k for k in table if k == sub or k.startswith(pre)]:
                         del table[k]
             self._front_dirty(dom, fkey)
@@ -323,7 +329,7 @@ class LocalReader(VmVchanReader):
         fe = self._front_get(d, fkey, path)
         if fe is None:
             return
-        table = fe.refs if ref else fe.ports
+        table = (fe.refs if ref else fe.ports) or {}
         key = name if nrest == 1 else rest[0] + "/" + name
         if num is None:
             self._garbage(d, path, "grant ref or port is not a uint32")
@@ -332,10 +338,10 @@ class LocalReader(VmVchanReader):
             return
         if table.get(key) == num:
             return
-        if key not in table and len(fe.refs) + len(fe.ports) >= self._limits.ring_keys_per_device:
+        if key not in table and fe.ring_keys() >= self._limits.ring_keys_per_device:
             self._garbage(d, path, "too many ring keys in one device", limit=True)
             return
-        table[key] = num
+        fe.table(ref)[sys.intern(key)] = num  # the same few names in every front: share them
         self._front_dirty(self._doms[d], fkey)
 
     def _front_get(self, d: int, fkey: tuple[str, int], path: str) -> _Front | None:
@@ -345,6 +351,7 @@ class LocalReader(VmVchanReader):
             if len(dom.fronts) >= self._limits.frontends_per_domain:
                 self._garbage(d, path, "too many frontend directories", limit=True)
                 return None
+            fkey = (canon_kind(fkey[0]), fkey[1])
             fe = dom.fronts[fkey] = _Front()
         return fe
 
@@ -434,6 +441,7 @@ class LocalReader(VmVchanReader):
             if len(dom.backs) >= self._limits.backends_per_domain:
                 self._garbage(be, path, "too many backend directories", limit=True)
                 return None
+            bkey = (canon_kind(bkey[0]), bkey[1], bkey[2])
             bk = dom.backs[bkey] = _Back()
         return bk
 

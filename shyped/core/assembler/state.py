@@ -28,6 +28,17 @@ _RESOURCE_KEY: Final = {"vbd": "params", "vif": "bridge", "9pfs": "path"}
 _RECORD_KEYS: Final = frozenset(
     {"frontend", "backend", "mode", "script", "type", *_RESOURCE_KEY.values()}
 )
+#: The record keys in a fixed order, and each one's bit in `_Record.keys` (a bit set: an int
+#: costs nothing per record where a set of names cost 216-472 bytes).
+_RECORD_KEY_ORDER: Final = tuple(sorted(_RECORD_KEYS))
+RECORD_KEY_BIT: Final = {k: 1 << i for i, k in enumerate(_RECORD_KEY_ORDER)}
+
+
+def record_key_names(bits: int) -> tuple[str, ...]:
+    """The record key names set in `bits` (see `RECORD_KEY_BIT`)."""
+    return tuple(k for k in _RECORD_KEY_ORDER if bits & RECORD_KEY_BIT[k])
+
+
 #: Guest types libxl 4.17 writes as ``/libxl/<domid>/type`` (libxl_domain_type_to_string):
 #: any other value is an identity problem (the domain is denied admission).
 GUEST_TYPES: Final = frozenset({"pv", "pvh", "hvm"})
@@ -97,7 +108,9 @@ def _is_port_key(name: str) -> bool:
     return name == "event-channel" or name == "port" or name.startswith("event-channel-")
 
 
-_KINDS: set[str] = set()  # device kinds seen valid (bounded below)
+#: Device kinds seen valid (bounded below), each mapped to one string object: the facts kept
+#: per device share it instead of holding a copy split out of each path.
+_KINDS: dict[str, str] = {}
 
 
 def _valid_kind(kind: str) -> bool:
@@ -105,8 +118,13 @@ def _valid_kind(kind: str) -> bool:
         return True
     ok = 0 < len(kind) <= _MAX_KIND and kind.replace("_", "").isalnum() and kind.islower()
     if ok and len(_KINDS) < 256:
-        _KINDS.add(kind)
+        _KINDS[kind] = kind
     return ok
+
+
+def canon_kind(kind: str) -> str:
+    """The shared string object of a kind seen valid (else `kind` itself): same value."""
+    return _KINDS.get(kind, kind)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,6 +136,7 @@ class _Record:
 
     __slots__ = (
         "backend",
+        "dk",
         "em_be",
         "em_fe_state",
         "em_rings",
@@ -132,8 +151,11 @@ class _Record:
         "writable",
     )
 
-    def __init__(self) -> None:
-        self.keys: set[str] = set()
+    def __init__(self, dk: DeviceKey) -> None:
+        #: The device's key: the one object every fact and event about the device shares.
+        self.dk = dk
+        #: The record keys present, as `RECORD_KEY_BIT` bits.
+        self.keys = 0
         self.frontend_ok = False
         self.backend: tuple[int, str] | None = None
         self.resource: str | None = None
@@ -149,7 +171,7 @@ class _Record:
         self.em_rings = None
 
     def reset(self) -> None:
-        self.keys.clear()
+        self.keys = 0
         self.frontend_ok = False
         self.resource = None
         self.script = None
@@ -165,8 +187,23 @@ class _Front:
 
     def __init__(self) -> None:
         self.state: int | None = None
-        self.refs: dict[str, int] = {}
-        self.ports: dict[str, int] = {}
+        #: Grant refs and event channel ports by key; None until the first one (most fronts
+        #: of a host at rest have none, and an empty dict costs 64 bytes).
+        self.refs: dict[str, int] | None = None
+        self.ports: dict[str, int] | None = None
+
+    def ring_keys(self) -> int:
+        return len(self.refs or ()) + len(self.ports or ())
+
+    def table(self, ref: bool) -> dict[str, int]:
+        """The refs (`ref`) or ports table, made on first use."""
+        if ref:
+            if self.refs is None:
+                self.refs = {}
+            return self.refs
+        if self.ports is None:
+            self.ports = {}
+        return self.ports
 
 
 class _Back:
@@ -232,6 +269,7 @@ class _Dom:
     __slots__ = (
         "backs",
         "cpus",
+        "cpus_on",
         "domid",
         "dtype",
         "em_res",
@@ -263,18 +301,22 @@ class _Dom:
         self.fronts: dict[tuple[str, int], _Front] = {}
         self.backs: dict[tuple[str, int, int], _Back] = {}
         self.vchans: dict[str, _Vchan] = {}
-        self.served: set[DeviceKey] = set()
+        #: Devices this domain is the backend of (a set once it serves one: most never do).
+        self.served: set[DeviceKey] | frozenset[DeviceKey] = frozenset()
         self.mem_target: int | None = None
         self.mem_max: int | None = None
-        self.cpus: dict[int, bool] = {}  # vCPU index -> online
+        #: The vCPU indexes whose availability is known (bit ``1 << index``), and of those the
+        #: ones online: two small ints instead of a dict per domain.
+        self.cpus = 0
+        self.cpus_on = 0
         self.em_res: tuple[int | None, int | None, int | None, int | None] | None = None
 
     def resources(self) -> tuple[int | None, int | None, int | None, int | None] | None:
         """(target, static-max, vcpus, online) or None when nothing is known."""
         if self.mem_target is None and self.mem_max is None and not self.cpus:
             return None
-        vcpus = len(self.cpus) if self.cpus else None
-        online = sum(self.cpus.values()) if self.cpus else None
+        vcpus = self.cpus.bit_count() if self.cpus else None
+        online = self.cpus_on.bit_count() if self.cpus else None
         return (self.mem_target, self.mem_max, vcpus, online)
 
     def empty(self) -> bool:
