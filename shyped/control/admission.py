@@ -1,6 +1,7 @@
 """The control backend's base: its view of the daemon (helpers), the admissions a client
 waits for (`wait_admission`), and the audit records of control changes.
 
+`shyped.control.policyops.PolicyOps` adds the policy ops on it;
 `shyped.control.daemon_backend.DaemonControlBackend` is the whole."""
 
 from __future__ import annotations
