@@ -3,7 +3,6 @@ trail (see `shyped.service.daemon` for the whole)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections import deque
@@ -57,7 +56,6 @@ from shyped.service.watchbatch import BatchReader
 from shyped.xenstore import (
     ConnectionLost,
     GatewayConfig,
-    XenstoreError,
     XenstoreGateway,
 )
 
@@ -149,6 +147,9 @@ class DaemonCore:
         #: stopping: no new watch batch or reconcile starts (`quiesce`)
         self._stopping = False
         self._quiet_waiters: list[Deferred[None]] = []
+        #: `settled` callers whose barrier found no connection: fired after the reconnect's
+        #: reconcile (failed if the daemon stops first)
+        self._reconnect_waiters: list[Deferred[None]] = []
         self._decisions = {"permit": 0, "deny": 0}
         self._vetoes = 0
         self._reconciles = 0
@@ -226,9 +227,18 @@ class DaemonCore:
         while True:
             before = (self._batches, self._reconciles, self.enforcer.stats.actions)
             # A reply comes after every watch event xenstored queued before it, and the
-            # gateway runs event callbacks before completing replies: a barrier.
-            with contextlib.suppress(XenstoreError):
+            # gateway runs event callbacks before completing replies: a barrier. Without a
+            # connection there is no barrier: wait for the reconnect's reconcile (it reads
+            # everything again) and try again; any other error is the caller's.
+            try:
                 await self.gateway.read("/")
+            except ConnectionLost:
+                if self._stopping or not self.gateway.reconnecting:
+                    raise
+                back: Deferred[None] = Deferred()
+                self._reconnect_waiters.append(back)
+                await back
+                continue
             idle: Deferred[None] = Deferred()
             self._idle_waiters.append(idle)
             self._check_idle()
@@ -288,7 +298,14 @@ class DaemonCore:
         if self.metrics is not None:
             self.metrics.set_xenstore(True, self._reconnects)
         self._publish_dom0_label()  # a restarted xenstored may have lost it
-        self.reconcile("reconnect").addErrback(self._ignore_lost)
+        d = self.reconcile("reconnect").addErrback(self._ignore_lost)
+        waiters, self._reconnect_waiters = self._reconnect_waiters, []
+
+        def wake(_: object) -> None:
+            for w in waiters:
+                w.callback(None)
+
+        d.addBoth(wake)
 
     def _connection_lost(self, error: ConnectionLost) -> None:
         _log.warn("lost xenstored ({error}); reconnecting", error=str(error))
@@ -310,6 +327,9 @@ class DaemonCore:
         """Start no new watch batch or reconcile (the daemon stops); fires once the one
         running, if any, has ended: its reads are answered before the connection closes."""
         self._stopping = True
+        waiters, self._reconnect_waiters = self._reconnect_waiters, []
+        for w in waiters:
+            w.errback(ConnectionLost("the daemon stops"))
         if not self._busy:
             return defer.succeed(None)
         d: Deferred[None] = Deferred()

@@ -173,6 +173,11 @@ class XenstoreGateway(DirectRoutes):
         return self._state == "connected" and self._router is not None
 
     @property
+    def reconnecting(self) -> bool:
+        """True while the connection is lost and being opened again."""
+        return self._state == "reconnecting"
+
+    @property
     def reconnects(self) -> int:
         """Successful reconnections since connect()."""
         return self._reconnects
