@@ -371,11 +371,36 @@ class Latency:
         self.proc.wait(10)
 
 
+class GcPauses:
+    """A `gc.callbacks` entry: how many collections of each generation ran and how long the
+    longest took (the latency phase's tail may be one)."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.times: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            self.times[info["generation"]].append(time.perf_counter() - self.started)
+
+    def summary(self) -> dict[str, str]:
+        return {
+            f"gen{g}": f"{len(t)}x max {max(t, default=0) * 1e3:.2f} ms"
+            for g, t in self.times.items()
+        }
+
+
 async def measure_latency(
     reactor: Any, daemon: Daemon, socket_path: str, domid: int, iterations: int, rounds: int
 ) -> dict[str, Any]:
     """Floors and decisions, alternating in ``rounds``; p50/p99 against the echo floor."""
     lat = Latency(daemon, socket_path, domid)
+    pauses = GcPauses()
+    gc.callbacks.append(pauses)
+    reader = getattr(daemon, "_reader", None)
+    rounds_before = dict(getattr(reader, "rounds", {}))
     echo: list[float] = []
     event_read: list[float] = []
     per = max(1, iterations // rounds)
@@ -386,8 +411,14 @@ async def measure_latency(
             await threads.deferToThread(lat.round, reactor, per)
     finally:
         lat.close()
+        gc.callbacks.remove(pauses)
     floor = stats(echo)
     out: dict[str, Any] = {"floor_echo": floor, "floor_event_read": stats(event_read)}
+    out["gc_pauses"] = pauses.summary()
+    rounds_after = dict(getattr(reader, "rounds", {}))
+    out["batch_rounds"] = {
+        str(k): v - rounds_before.get(k, 0) for k, v in sorted(rounds_after.items())
+    }
     out["floor_event_read"]["x_floor"] = out["floor_event_read"]["median_us"] / floor["median_us"]
     for key, samples in lat.samples.items():
         if not samples:
@@ -592,12 +623,22 @@ def compare(args: argparse.Namespace) -> int:
 
 def report_compare(runs: dict[str, list[dict[str, Any]]]) -> None:
     """x floor per run (p50 ÷ that run's echo floor) and p99 ÷ p50, base → this."""
-    print("x = p50 ÷ the echo floor of the same child run; runs listed; (p99/p50 min-max)")
+    print(
+        "x = p50 ÷ the echo floor of the same child run; runs listed; (p99/p50 min-max); "
+        "then the median over the runs of p50 (x against the median echo floor of all runs of "
+        "both trees) and of the daemon's share (µs)"
+    )
     first = runs["this"][0]["sizes"]
     for index, size in enumerate(first):
         if "latency" not in size:
             continue
-        print(f"  {size['domains']} domains present")
+        floors = [
+            r["sizes"][index]["latency"]["floor_echo"]["median_us"]
+            for name in ("base", "this")
+            for r in runs[name]
+        ]
+        pooled = statistics.median(floors)
+        print(f"  {size['domains']} domains present (pooled echo floor: {pooled:.0f} µs)")
         for key, title in (*_ROWS[2:], ("floor_echo", "floor: raw echo µs")):
             cells = []
             for name in ("base", "this"):
@@ -611,8 +652,20 @@ def report_compare(runs: dict[str, list[dict[str, Any]]]) -> None:
                 xs = " / ".join(f"x{g['x_floor']:.1f}" for g in got)
                 tails = [g["p99_us"] / g["median_us"] for g in got]
                 cells.append(f"{xs} ({min(tails):.1f}-{max(tails):.1f})")
-            if len(cells) == 2:
+                p50 = statistics.median(g["median_us"] for g in got)
+                inside = statistics.median(g["inside_median_us"] for g in got)
+                cells.append(
+                    f"p50 {p50:.0f} µs (x{p50 / pooled:.1f} pooled), first event -> "
+                    f"decision {inside:.0f} µs"
+                )
+            if len(cells) == 4:
+                print(f"    {title:<38} base {cells[0]:<32} this {cells[2]}")
+                print(f"    {'':<38} base {cells[1]:<32} this {cells[3]}")
+            elif len(cells) == 2:
                 print(f"    {title:<38} base {cells[0]:<32} this {cells[1]}")
+        for name in ("base", "this"):
+            rounds = [r["sizes"][index]["latency"].get("batch_rounds") for r in runs[name]]
+            print(f"    watch batches by read rounds, {name}: {rounds}")
 
 
 _ROWS = (
@@ -639,7 +692,9 @@ def report(result: dict[str, Any], as_json: bool) -> None:
     measured = [size for size in result["sizes"] if "latency" in size]
     for size in measured:
         lat = size["latency"]
-        print(f"  {size['domains']} domains present")
+        rounds = lat.get("batch_rounds", {})
+        print(f"  {size['domains']} domains present (watch batches by read rounds: {rounds})")
+        print(f"    collections during the latency phase: {lat.get('gc_pauses')}")
         for key, title in rows:
             if key not in lat:
                 continue
