@@ -401,6 +401,7 @@ async def measure_latency(
     gc.callbacks.append(pauses)
     reader = getattr(daemon, "_reader", None)
     rounds_before = dict(getattr(reader, "rounds", {}))
+    timeouts_before = getattr(reader, "barrier_timeouts", 0)
     echo: list[float] = []
     event_read: list[float] = []
     per = max(1, iterations // rounds)
@@ -415,6 +416,7 @@ async def measure_latency(
     floor = stats(echo)
     out: dict[str, Any] = {"floor_echo": floor, "floor_event_read": stats(event_read)}
     out["gc_pauses"] = pauses.summary()
+    out["barrier_timeouts"] = getattr(reader, "barrier_timeouts", 0) - timeouts_before
     rounds_after = dict(getattr(reader, "rounds", {}))
     out["batch_rounds"] = {
         str(k): v - rounds_before.get(k, 0) for k, v in sorted(rounds_after.items())
@@ -694,7 +696,10 @@ def report(result: dict[str, Any], as_json: bool) -> None:
         lat = size["latency"]
         rounds = lat.get("batch_rounds", {})
         print(f"  {size['domains']} domains present (watch batches by read rounds: {rounds})")
-        print(f"    collections during the latency phase: {lat.get('gc_pauses')}")
+        print(
+            f"    collections during the latency phase: {lat.get('gc_pauses')}; barriers not "
+            f"in within the burst wait: {lat.get('barrier_timeouts')}"
+        )
         for key, title in rows:
             if key not in lat:
                 continue

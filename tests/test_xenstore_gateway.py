@@ -328,25 +328,6 @@ async def test_watch_events_are_delivered_on_the_reactor_thread(
 
 
 @pytest_twisted.ensureDeferred
-async def test_on_events_dispatched_follows_the_callbacks_of_each_slice(
-    gateway: XenstoreGateway, xs: Any
-) -> None:
-    """The daemon starts a watch batch there, in the turn its events arrived: the hook runs
-    once the slice's callbacks have, never before one of them, never without events."""
-    seen: list[str] = []
-    gateway.on_events_dispatched = lambda: seen.append("dispatched")
-    await gateway.read("/")  # a reply without events: no call
-    assert seen == []
-    await gateway.watch("/local/domain/3", "dom3", lambda p, t: seen.append(p))
-    for i in range(20):
-        xs.write(b"/local/domain/3/k%d" % i, b"v")
-    await eventually(lambda: "/local/domain/3/k19" in seen and seen[-1] == "dispatched")
-    assert seen[0] == "/local/domain/3"  # the registration's event: no hook before it
-    # every path is followed, later in its slice or right after, by the hook
-    assert all("dispatched" in seen[i + 1 :] for i, x in enumerate(seen) if x != "dispatched")
-
-
-@pytest_twisted.ensureDeferred
 async def test_watch_tokens_are_unique(gateway: XenstoreGateway) -> None:
     await gateway.watch("/a", "t", lambda p, t: None)
     with pytest.raises(ValueError):

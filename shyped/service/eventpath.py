@@ -108,7 +108,6 @@ class DaemonCore(DecisionRecords):
         )
         self.gateway.on_reconnected = self._reconnected
         self.gateway.on_connection_lost = self._connection_lost
-        self.gateway.on_events_dispatched = self._events_dispatched
         self.engine = Engine(
             PolicyEngine(policy.policy),
             labels,
@@ -134,7 +133,6 @@ class DaemonCore(DecisionRecords):
         self._pending = FairBatches()
         self._reader = BatchReader(self.gateway, self.assembler, reactor)
         self._scheduled = False
-        self._step_call: Any = None
         self._busy = False
         self._want_reconcile: str | None = None
         self._reconcile_waiters: list[Deferred[None]] = []
@@ -316,15 +314,7 @@ class DaemonCore(DecisionRecords):
         if self._scheduled or self._busy:
             return
         self._scheduled = True
-        self._step_call = self.reactor.callLater(0, self._step)
-
-    def _events_dispatched(self) -> None:
-        """The gateway has run the callbacks of a slice of watch events: a batch their
-        `_kick` scheduled starts now rather than a reactor turn later."""
-        call, self._step_call = self._step_call, None
-        if call is not None and call.active() and not self._busy:
-            call.cancel()
-            self._step()
+        self.reactor.callLater(0, self._step)
 
     def quiesce(self) -> Deferred[None]:
         """Start no new watch batch or reconcile (the daemon stops); fires once the one

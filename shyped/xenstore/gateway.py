@@ -134,9 +134,6 @@ class XenstoreGateway(WatchRoutes, DirectRoutes):
         self.on_connection_lost = on_connection_lost
         #: Called after a reconnect, once every watch is registered again: reconcile here.
         self.on_reconnected = on_reconnected
-        #: Called after the callbacks of a slice of watch events (and the replies that came
-        #: with them) have run: work those callbacks scheduled may start in the same turn.
-        self.on_events_dispatched: Callable[[], object] | None = None
         #: Close at the reactor's shutdown by itself; False when the owner closes it in its
         #: own order (the daemon finishes its reads first, `shyped.service.daemon`).
         self.close_at_shutdown = True
@@ -411,11 +408,6 @@ class XenstoreGateway(WatchRoutes, DirectRoutes):
             self._dispatch(batch)
         for call in calls:
             call.complete()
-        if batch and self.on_events_dispatched is not None:
-            try:
-                self.on_events_dispatched()
-            except Exception:
-                _log.failure("on_events_dispatched raised")
         if more:
             self.reactor.callLater(0, self._drain)
 
