@@ -20,7 +20,10 @@ every slice costs a round trip. So a batch *coalesces* the burst:
   arrives later is the next batch's). Without the direct connection the reads themselves are
   the barrier (same connection), as before.
 * Paths that became pending meanwhile belong to the same burst: they are read too, up to
-  `BATCH_ROUNDS` rounds, and everything is fed together.
+  `BATCH_ROUNDS` rounds, and everything is fed together. A round's reads go out as soon as
+  the barrier (or, without the direct connection, the previous round's reads) is in, while
+  the previous round's reads may still be in flight: rounds overlap rather than add up
+  (a burst that reached the reactor in slices cost a whole extra round trip per slice).
 
 Which paths a batch takes, and how many per guest, is `shyped.core.fairbatch`'s business; a
 guest whose backlog overflowed there has its whole tree read again here (`reread_guests`).
