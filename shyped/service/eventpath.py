@@ -213,7 +213,9 @@ class DaemonCore(DecisionRecords):
     def settled(self) -> Deferred[None]:
         """Fires once everything xenstored reported before the call has been decided and no
         event, reconcile or action is pending (tests, the demo). A device veto waiting for
-        its backend to close counts as pending."""
+        its backend to close counts as pending. While xenstored is unreachable it waits for
+        the reconnect's reconcile; it fails with the barrier read's error otherwise (e.g.
+        `ConnectionLost` once the daemon stops or the gateway is closed)."""
         return Deferred.fromCoroutine(self._settle())
 
     async def _settle(self) -> None:
