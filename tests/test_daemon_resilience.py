@@ -51,6 +51,25 @@ async def test_a_restarted_xenstored_is_reconciled_and_decisions_go_on(host: Har
 
 
 @pytest_twisted.ensureDeferred
+async def test_settled_without_a_connection_waits_for_the_reconnects_reconcile(
+    host: Harness,
+) -> None:
+    """`settled()`'s barrier read fails while xenstored is gone: it must not report the daemon
+    settled then (nothing of the new store has been read), but wait for the reconcile."""
+    daemon = await host.start()
+    await host.call(host.ts.create, domcfg("web-a1"))
+    await host.settle()
+    reconciles = daemon.status().reconciles
+    await host.call(host.xsd.stop)
+    await eventually(lambda: daemon.gateway.reconnecting)
+    settled = daemon.settled()
+    await host.call(host.xsd.start)
+    await settled
+    assert daemon.status().reconciles > reconciles
+    assert daemon.engine.running.running_labels() == {"dom0": 1}
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_flooding_guest_does_not_keep_others_from_being_decided(host: Harness) -> None:
     daemon = await host.start()
     noisy = await host.call(host.ts.create, domcfg("shop-1"), paused=False)

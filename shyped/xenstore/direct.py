@@ -18,8 +18,9 @@ the gateway's connection.
 Bounds: at most `MAX_INFLIGHT` requests and `MAX_INFLIGHT_BYTES` bytes unanswered; the rest
 wait in a reactor-side backlog (Twisted never blocks on a write; the window keeps what it
 buffers small). Lifecycle: the gateway opens it after its own connection is up and drops it
-when that connection is lost; while it is down (or the transport is the xenbus device, which
-is not a socket) the gateway serves the same calls on its own connection. A reply that does
+when that connection is lost; lost alone (xenstored dropped only it), it is opened again
+after the gateway's reconnect delays. While it is down (or the transport is the xenbus device,
+which is not a socket) the gateway serves the same calls on its own connection. A reply that does
 not parse closes it (fail closed: every waiting request fails with `ConnectionLost`).
 """
 
@@ -149,9 +150,16 @@ class _DirectProtocol(protocol.Protocol):
 class DirectConnection:
     """The reactor-side connection (see the module docstring); one per gateway connection."""
 
-    def __init__(self, reactor: Any, socket_path: str) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        socket_path: str,
+        on_lost: Callable[[DirectConnection], object] | None = None,
+    ) -> None:
         self.reactor = reactor
         self.socket_path = socket_path
+        #: called when the connection is lost without `close` (xenstored dropped it)
+        self.on_lost = on_lost
         self._proto: _DirectProtocol | None = None
         #: requests sent on it, round trips its transactions made (tests, benchmarks)
         self.requests = 0
@@ -189,6 +197,8 @@ class DirectConnection:
     def _lost(self, proto: _DirectProtocol, _why: str) -> None:
         if proto is self._proto:
             self._proto = None
+            if self.on_lost is not None:
+                self.on_lost(self)
 
     def _send(self, calls: Sequence[_Call], tx_id: int = 0) -> None:
         proto = self._proto
@@ -335,6 +345,8 @@ class DirectRoutes:
     latency-critical calls on it while it is up, on the gateway's connection otherwise."""
 
     _direct: DirectConnection | None = None
+    _direct_retry: Any = None
+    _direct_delay = 0.0
     #: False sends the calls on the gateway's own connection even while the direct one is up
     #: (benchmarks compare both in one run: ``bench_daemon.py --ab-direct``).
     prefer_direct = True
@@ -363,13 +375,14 @@ class DirectRoutes:
         self._drop_direct()
         if not self.config.direct or self.config.transport != "unix":
             return defer.succeed(None)
-        direct = DirectConnection(self.reactor, self.config.socket_path)
+        direct = DirectConnection(self.reactor, self.config.socket_path, self._direct_down)
 
         def up(_: None) -> None:
             if self._router is None or self._state == "closed":
                 direct.close()
             else:
                 self._direct = direct
+                self._direct_delay = 0.0
 
         def down(failure: Failure) -> None:
             _log.warn(
@@ -377,10 +390,35 @@ class DirectRoutes:
                 "watch connection",
                 f=failure.getErrorMessage(),
             )
+            self._direct_down(direct)
 
         return direct.connect().addCallbacks(up, down)
 
+    def _direct_down(self, direct: DirectConnection) -> None:
+        """The direct connection alone is lost (or would not open) while the gateway's own
+        is up: open it again after a capped, jittered, growing delay (the gateway's reconnect
+        settings). No reconnect of the gateway follows, so nothing else would."""
+        if direct is not self._direct and self._direct is not None:
+            return  # an older one
+        if self._router is None or self._state == "closed" or self._direct_retry is not None:
+            return  # the gateway's reconnect opens it again with its own connection
+        cfg = self.config
+        self._direct_delay = min(
+            max(self._direct_delay * cfg.reconnect_factor, cfg.reconnect_initial),
+            cfg.reconnect_max,
+        )
+        delay = random.uniform(self._direct_delay / 2, self._direct_delay)
+        self._direct_retry = self.reactor.callLater(delay, self._reopen_direct)
+
+    def _reopen_direct(self) -> None:
+        self._direct_retry = None
+        if self._router is not None and self._state != "closed":
+            self._open_direct()
+
     def _drop_direct(self) -> None:
+        retry, self._direct_retry = self._direct_retry, None
+        if retry is not None and retry.active():
+            retry.cancel()
         direct, self._direct = self._direct, None
         if direct is not None:
             direct.close()
