@@ -56,7 +56,7 @@ MAX_INFLIGHT_BYTES = 64 * 1024
 #: (`DirectConnection`): oxenstored 4.17 reads no more requests from a connection whose
 #: writes fired more watch events than a lagging watcher had room for, and never resumes
 #: (tests/test_xenstore_direct_stall.py). Its calls then run on the gateway's connection.
-STALL_AFTER = 5.0
+STALL_AFTER = 2.0
 
 
 class _DirectProtocol(protocol.Protocol):
