@@ -17,15 +17,14 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from shyped.core.closing import Closing
 from shyped.sandbox.xenstored import build_preload, probe, short_instance_dir
 
 CXENSTORED = Path("/usr/lib/xen-4.17/bin/xenstored")
 
 
-class CXenstored:
+class CXenstored(Closing):
     """One C xenstored whose socket, pid file and trace live in a fresh directory."""
 
     def __init__(self, *args: str) -> None:
@@ -74,6 +73,13 @@ class CXenstored:
                 raise RuntimeError(f"C xenstored did not start: {log[-2000:]}")
             time.sleep(0.01)
 
+    def __enter__(self) -> CXenstored:
+        self.start()
+        return self
+
+    def close(self) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.proc is not None:
             if self.proc.poll() is None:
@@ -85,15 +91,3 @@ class CXenstored:
                     self.proc.wait()
             self.proc = None
         shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -177,6 +177,11 @@ Call = Callable[[int, bytes], bytes]
 Request = Callable[[int, bytes], "Deferred[bytes]"]
 
 
+def _failed(error: XenstoreError, path: str) -> XenstoreError:
+    """What a failed DIRECTORY_PART means to the caller."""
+    return _unsupported(path) if error.errno_name == "ENOSYS" else error
+
+
 def read_parts(call: Call, path: str, raw_path: bytes) -> tuple[str, ...]:
     """The child list of `path` through DIRECTORY_PART alone (blocking)."""
     listing = PartListing(path)
@@ -184,9 +189,7 @@ def read_parts(call: Call, path: str, raw_path: bytes) -> tuple[str, ...]:
         try:
             payload = call(DIRECTORY_PART, part_request(raw_path, listing.offset))
         except XenstoreError as exc:
-            if exc.errno_name == "ENOSYS":
-                raise _unsupported(path) from None
-            raise
+            raise _failed(exc, path) from None
         listing.feed(_parse(payload, path))
     return listing.children()
 
@@ -206,14 +209,13 @@ def directory(call: Call, path: str, raw_path: bytes) -> tuple[str, ...]:
 
 
 async def _read_parts_async(request: Request, path: str, raw_path: bytes) -> tuple[str, ...]:
+    """`read_parts` on the reactor."""
     listing = PartListing(path)
     while not listing.done:
         try:
             payload = await request(DIRECTORY_PART, part_request(raw_path, listing.offset))
         except XenstoreError as exc:
-            if exc.errno_name == "ENOSYS":
-                raise _unsupported(path) from None
-            raise
+            raise _failed(exc, path) from None
         listing.feed(_parse(payload, path))
     return listing.children()
 
