@@ -206,6 +206,24 @@ def test_c_xenstored_refuses_a_long_directory_and_answers_it_in_parts(cxs: CXens
     assert parse_part(second).generation != part.generation
 
 
+@needs_cxenstored
+def test_in_a_transaction_the_parts_hold_still_while_the_directory_changes(
+    cxs: CXenstored,
+) -> None:
+    # Every walk of the daemon lists in a transaction: a guest adding children meanwhile
+    # cannot make it start again (the commit conflicts instead, and the walk is retried).
+    sock = str(cxs.socket_path)
+    _fill(sock, "/big", NAMES)
+    with RawClient(sock) as walker, RawClient(sock) as guest:
+        tx = wire.transaction_id(walker.request(wire.Op.TRANSACTION_START, b"\0"))
+        listing = PartListing("/big")
+        while not listing.done:
+            reply = walker.request(DIRECTORY_PART, part_request(b"/big", listing.offset), tx)
+            listing.feed(parse_part(reply))
+            guest.write(b"/big/added-%d" % listing.offset, b"x")
+        assert listing.restarts == 0 and listing.children() == tuple(NAMES)
+
+
 def test_oxenstored_answers_a_long_directory_whole_and_knows_no_parts(
     xenstored: SandboxXenstored,
 ) -> None:

@@ -13,6 +13,9 @@ then asks for the list in parts (``XS_DIRECTORY_PART``, ``docs/misc/xenstore.txt
   end gives the generation and that empty name alone;
 * the generation is the node's modification count: parts with the same generation are of
   the same list. When it changes between parts, the listing starts again from offset 0.
+  Inside a transaction C xenstored keeps the node as the transaction first read it, so the
+  daemon's walks (all in transactions) never start again: a writer meanwhile makes their
+  commit conflict instead, and the walk is retried (`shyped.xenstore.snapshot`).
 
 Debian's default ``oxenstored`` 4.17 answers every DIRECTORY of a dom0 socket client whole,
 however long, and answers DIRECTORY_PART with ``ENOSYS`` (tests/test_xenstore_listing.py
