@@ -5,6 +5,7 @@ are `shyped.service.eventaudit`'s."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -63,6 +64,9 @@ from shyped.xenstore import (
 )
 
 _log = Logger(namespace="shyped.daemon")
+
+#: a guest's home, as the gateway names the subtree of an overflowed lane
+_GUEST_HOME: Final = re.compile(r"/local/domain/([0-9]{1,5})")
 
 
 #: (path, token) of every watch the daemon registers.
@@ -285,6 +289,12 @@ class DaemonCore(DecisionRecords):
             self._kick()
 
     def _on_overflow(self, path: str) -> None:
+        guest = _GUEST_HOME.fullmatch(path)
+        if guest is not None and int(guest.group(1)) != 0:
+            # one guest flooded its lane of the gateway's queue: only its tree is read again
+            self._pending.drop_guest(int(guest.group(1)), time.monotonic())
+            self._kick()
+            return
         _log.warn("watch on {path} overflowed: reconciling", path=path)
         self.reconcile("overflow").addErrback(self._ignore_lost)
 

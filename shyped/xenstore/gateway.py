@@ -73,7 +73,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from shyped.xenstore import wire
+from shyped.xenstore import listing, wire
 from shyped.xenstore.blocking import (
     Transaction,
     _run_transaction,
@@ -439,8 +439,12 @@ class XenstoreGateway(WatchRoutes, DirectRoutes):
         return batch.deferred
 
     def directory(self, path: str) -> Deferred[tuple[str, ...]]:
-        """Child names; NoEntry if absent."""
-        return self._path_request(Op.DIRECTORY, path, wire.children)
+        """Child names; NoEntry if absent. A list longer than a message is read in parts
+        where xenstored asks for that (E2BIG; `shyped.xenstore.listing`)."""
+        first = self._path_request(Op.DIRECTORY, path, wire.children)
+        return listing.directory_deferred(
+            first, lambda op, p: self._request(op, p, path, bytes), path
+        )
 
     def get_perms(self, path: str) -> Deferred[tuple[Perm, ...]]:
         """The permission list, owner first."""

@@ -144,12 +144,22 @@ class WatchRoutes:
             spec = self._watches.get(raw_token)
             if spec is not None:
                 self._overflowed(spec)
+        for lane in batch.overflowed_lanes:  # (token, first component below the watch)
+            raw_token, part = lane if isinstance(lane, tuple) else (lane, b"")
+            spec = self._watches.get(raw_token)
+            if spec is not None:
+                self._overflowed(spec, part)
 
-    def _overflowed(self, spec: _WatchSpec) -> None:
-        _log.warn("xenstore watch {token} on {path} overflowed", token=spec.token, path=spec.path)
+    def _overflowed(self, spec: _WatchSpec, part: bytes = b"") -> None:
+        """Events of `spec` were dropped: re-read its subtree, or only the one below its
+        path named `part` (one lane: a guest's home, when that guest flooded)."""
+        path = spec.path
+        if part and part.isascii():
+            path = f"{path.rstrip('/')}/{part.decode('ascii')}"
+        _log.warn("xenstore watch {token} overflowed on {path}", token=spec.token, path=path)
         if spec.on_overflow is None:
             return
         try:
-            spec.on_overflow(spec.path)
+            spec.on_overflow(path)
         except Exception:
             _log.failure("overflow callback for {token} raised", token=spec.token)
