@@ -194,23 +194,33 @@ class LibxlReader(AssemblerState):
         rec.backend = target
         if target is not None:
             be, bkind = target
-            self._be_index[(be, bkind, dk.frontend, dk.devid)] = dk
             bdom = self._dom(be)
-            if not isinstance(bdom.served, set):
-                bdom.served = set()
-            bdom.served.add(dk)
+            if bdom.served is None:
+                bdom.served = {}
+            bkey = dk if bkind == dk.kind else (bkind, dk.frontend, dk.devid)
+            held = bdom.served.get(bkey)
+            if held is not None and held != dk:
+                if bdom.shadowed is None:
+                    bdom.shadowed = set()
+                bdom.shadowed.add(held)
+            bdom.served[bkey] = dk
 
     def _unlink_backend(self, fe: int, kind: str, devid: int, rec: _Record) -> None:
         if rec.backend is None:
             return
         be, bkind = rec.backend
         dk = DeviceKey(kind, fe, devid)
-        if self._be_index.get((be, bkind, fe, devid)) == dk:
-            del self._be_index[(be, bkind, fe, devid)]
         bdom = self._doms.get(be)
         if bdom is not None:
-            if isinstance(bdom.served, set):
-                bdom.served.discard(dk)
+            bkey = (bkind, fe, devid)
+            if bdom.served is not None and bdom.served.get(bkey) == dk:
+                del bdom.served[bkey]
+                if not bdom.served:
+                    bdom.served = None
+            if bdom.shadowed is not None:
+                bdom.shadowed.discard(dk)
+                if not bdom.shadowed:
+                    bdom.shadowed = None
             self._touched.add(be)
         rec.backend = None
 

@@ -206,14 +206,20 @@ class _Front:
         return self.ports
 
 
-class _Back:
-    """Facts of a backend directory (written by the backend domain)."""
+#: A backend directory's facts (written by the backend domain): (XenbusState, online), None
+#: where absent. Every combination is one shared tuple object (`back_facts`), so a backend
+#: costs a dict entry and no object of its own.
+BackFacts = tuple[int | None, bool | None]
+_BACK_FACTS: Final[dict[BackFacts, BackFacts]] = {
+    (st, on): (st, on) for st in (None, *range(_XENBUS_STATE_MAX + 1)) for on in (None, False, True)
+}
+NO_BACK: Final = _BACK_FACTS[None, None]
 
-    __slots__ = ("online", "state")
 
-    def __init__(self) -> None:
-        self.state: int | None = None
-        self.online: bool | None = None
+def back_facts(state: int | None, online: bool | None) -> BackFacts:
+    """The shared (state, online) tuple."""
+    key = (state, online)
+    return _BACK_FACTS.get(key, key)
 
 
 class _Access:
@@ -283,6 +289,7 @@ class _Dom:
         "name_set",
         "records",
         "served",
+        "shadowed",
         "uuid",
         "vchans",
     )
@@ -299,10 +306,16 @@ class _Dom:
         self.emitted: tuple[str, str | None, str] | None = None
         self.records: dict[tuple[str, int], _Record] = {}
         self.fronts: dict[tuple[str, int], _Front] = {}
-        self.backs: dict[tuple[str, int, int], _Back] = {}
+        self.backs: dict[tuple[str, int, int], BackFacts] = {}
         self.vchans: dict[str, _Vchan] = {}
-        #: Devices this domain is the backend of (a set once it serves one: most never do).
-        self.served: set[DeviceKey] | frozenset[DeviceKey] = frozenset()
+        #: Devices this domain is the backend of: (backend kind, frontend, devid) -> device,
+        #: the index a backend write is resolved with (None until it serves one: most never
+        #: do). Where the backend kind is the device's kind the key is the `DeviceKey` object
+        #: itself (equal as a tuple): no key object of its own.
+        self.served: dict[tuple[str, int, int], DeviceKey] | None = None
+        #: Devices linked here whose `served` entry a later record of the same backend
+        #: directory took over (rare; None until then): still woken with this domain.
+        self.shadowed: set[DeviceKey] | None = None
         self.mem_target: int | None = None
         self.mem_max: int | None = None
         #: The vCPU indexes whose availability is known (bit ``1 << index``), and of those the
@@ -333,6 +346,7 @@ class _Dom:
             and not self.backs
             and not self.vchans
             and not self.served
+            and not self.shadowed
             and self.mem_target is None
             and self.mem_max is None
             and not self.cpus
@@ -348,13 +362,12 @@ class AssemblerState:
         self._limits = limits or Limits()
         self._doms: dict[int, _Dom] = {0: _Dom(0)}
         self._vms: set[str] = set()
-        #: UUID -> the domain ids whose ``vm`` pointer names it (index: no scan per ``/vm`` event).
-        self._by_uuid: dict[str, set[int]] = {}
+        #: UUID -> the domain id whose ``vm`` pointer names it, or the set of them when more
+        #: than one does (index: no scan per ``/vm`` event; a set only for a duplicate).
+        self._by_uuid: dict[str, int | set[int]] = {}
         #: Domain id -> the vchan candidates (server, path) whose permissions name it as a
         #: reader (index: a removed home visits only the candidates it is a client of).
         self._clients: dict[int, set[tuple[int, str]]] = {}
-        # (backend domid, backend kind, frontend domid, devid) -> device, for backend writes
-        self._be_index: dict[tuple[int, str, int, int], DeviceKey] = {}
         self._vchan_servers: set[int] = set()
         #: ``/libxl/pci`` component -> (domid, devid) of the record made from it.
         self._pci: dict[str, tuple[int, int]] = {}
@@ -387,19 +400,37 @@ class AssemblerState:
         old = dom.uuid
         if old == uuid:
             return
+        d = dom.domid
         if old is not None:
             ids = self._by_uuid.get(old)
-            if ids is not None:
-                ids.discard(dom.domid)
-                if not ids:
-                    del self._by_uuid[old]
+            if ids == d:
+                del self._by_uuid[old]
+            elif isinstance(ids, set):
+                ids.discard(d)
+                if len(ids) == 1:
+                    self._by_uuid[old] = next(iter(ids))
         if uuid is not None:
-            self._by_uuid.setdefault(uuid, set()).add(dom.domid)
+            ids = self._by_uuid.get(uuid)
+            if ids is None:
+                self._by_uuid[uuid] = d
+            elif isinstance(ids, set):
+                ids.add(d)
+            elif ids != d:
+                self._by_uuid[uuid] = {ids, d}
         dom.uuid = uuid
 
-    def _with_uuid(self, uuid: str) -> set[int]:
+    def _with_uuid(self, uuid: str) -> set[int] | tuple[int, ...]:
         """The domain ids whose ``vm`` pointer names `uuid` (from the index)."""
-        return self._by_uuid.get(uuid, set())
+        ids = self._by_uuid.get(uuid)
+        if ids is None:
+            return ()
+        return ids if isinstance(ids, set) else (ids,)
+
+    def _served_by(self, be: int, bkey: tuple[str, int, int]) -> DeviceKey | None:
+        """The device whose record names backend directory `bkey` of domain `be`."""
+        bdom = self._doms.get(be)
+        served = bdom.served if bdom is not None else None
+        return served.get(bkey) if served else None
 
     def _index_vchan(self, s: int, vpath: str, vc: _Vchan, *, drop: bool = False) -> None:
         """File the candidate under the readers its permissions name now (none with `drop`)."""

@@ -31,8 +31,8 @@ class VmVchanReader(LibxlReader):
         if n == 2:
             if value is None and self._vms:
                 self._vms.clear()
-                for ids in self._by_uuid.values():
-                    self._dirty_doms.update(ids)
+                for uuid in self._by_uuid:
+                    self._dirty_doms.update(self._with_uuid(uuid))
             return
         uuid = comps[2]
         if value is None:
