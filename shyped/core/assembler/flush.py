@@ -249,7 +249,7 @@ class Flusher(LocalReader):
             out.append(BackendStateChanged(dk, be, bfacts[0], bfacts[1]))
         rings = None
         if fe is not None and fe.refs and fe.ports and (state is None or state == 3 or state == 4):
-            rings = (tuple(sorted(fe.refs.items())), tuple(sorted(fe.ports.items())))
+            rings = (fe.refs, fe.ports)  # sorted already, shared with the front
         if rings != rec.em_rings:
             if rings is not None:
                 out.append(RingsPublished(dk, rings[0], rings[1]))
@@ -346,9 +346,9 @@ class Flusher(LocalReader):
                 yield base
                 if fe.state is not None:
                     yield base + "/state"
-                for k in fe.refs or ():
+                for k, _ in fe.refs:
                     yield base + "/" + k
-                for k in fe.ports or ():
+                for k, _ in fe.ports:
                     yield base + "/" + k
             for (bkind, fe_id, devid), bk in dom.backs.items():
                 base = f"{home}/backend/{bkind}/{fe_id}/{devid}"

@@ -21,6 +21,9 @@ from shyped.core.assembler.state import (
     _valid_kind,
     back_facts,
     canon_kind,
+    ring_drop,
+    ring_get,
+    ring_put,
 )
 from shyped.core.assembler.vms import VmVchanReader
 from shyped.core.events import (
@@ -304,9 +307,12 @@ class LocalReader(VmVchanReader):
                 pre = sub + "/"
                 if sub == "state":
                     fe.state = None
-                for table in (fe.refs or {}, fe.ports or {}):
-                    for k in [k for k in table if k == sub or k.startswith(pre)]:
-                        del table[k]
+
+                def keep(k: str) -> bool:
+                    return k != sub and not k.startswith(pre)
+
+                fe.refs = ring_drop(fe.refs, keep)
+                fe.ports = ring_drop(fe.ports, keep)
             self._front_dirty(dom, fkey)
             return
         if nrest == 0 or nrest > 2:
@@ -334,19 +340,26 @@ class LocalReader(VmVchanReader):
         fe = self._front_get(d, fkey, path)
         if fe is None:
             return
-        table = (fe.refs if ref else fe.ports) or {}
+        table = fe.refs if ref else fe.ports
         key = name if nrest == 1 else rest[0] + "/" + name
+        held = ring_get(table, key)
         if num is None:
             self._garbage(d, path, "grant ref or port is not a uint32")
-            if table.pop(key, None) is not None:
-                self._front_dirty(self._doms[d], fkey)
+            if held is not None:
+                table = ring_drop(table, key.__ne__)
+            else:
+                return
+        elif held == num:
             return
-        if table.get(key) == num:
-            return
-        if key not in table and fe.ring_keys() >= self._limits.ring_keys_per_device:
+        elif held is None and fe.ring_keys() >= self._limits.ring_keys_per_device:
             self._garbage(d, path, "too many ring keys in one device", limit=True)
             return
-        fe.table(ref)[sys.intern(key)] = num  # the same few names in every front: share them
+        else:
+            table = ring_put(table, sys.intern(key), num)  # the same few names in every front
+        if ref:
+            fe.refs = table
+        else:
+            fe.ports = table
         self._front_dirty(self._doms[d], fkey)
 
     def _front_get(self, d: int, fkey: tuple[str, int], path: str) -> _Front | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Callable
 from typing import Final
 
 from shyped.core.channels import (
@@ -180,6 +181,31 @@ class _Record:
         self.gone = False
 
 
+#: Grant refs or event channel ports of a frontend: (key, value) pairs sorted by key, the
+#: form `RingsPublished` carries, so that the front, what was emitted and the host model's
+#: device share one tuple (a dict per table cost ~200 bytes and a sorted copy per emission).
+RingTable = tuple[tuple[str, int], ...]
+
+
+def ring_get(table: RingTable, key: str) -> int | None:
+    """The value of `key` in `table`, or None."""
+    for k, v in table:
+        if k == key:
+            return v
+    return None
+
+
+def ring_put(table: RingTable, key: str, value: int) -> RingTable:
+    """`table` with `key` set to `value` (a new tuple, still sorted)."""
+    return tuple(sorted((*(kv for kv in table if kv[0] != key), (key, value))))
+
+
+def ring_drop(table: RingTable, keep: Callable[[str], bool]) -> RingTable:
+    """`table` without the keys `keep` refuses (`table` itself when none goes)."""
+    kept = tuple(kv for kv in table if keep(kv[0]))
+    return table if len(kept) == len(table) else kept
+
+
 class _Front:
     """Facts of a frontend directory (guest-written)."""
 
@@ -187,23 +213,12 @@ class _Front:
 
     def __init__(self) -> None:
         self.state: int | None = None
-        #: Grant refs and event channel ports by key; None until the first one (most fronts
-        #: of a host at rest have none, and an empty dict costs 64 bytes).
-        self.refs: dict[str, int] | None = None
-        self.ports: dict[str, int] | None = None
+        #: Grant refs and event channel ports (see `RingTable`), empty until the first one.
+        self.refs: RingTable = ()
+        self.ports: RingTable = ()
 
     def ring_keys(self) -> int:
-        return len(self.refs or ()) + len(self.ports or ())
-
-    def table(self, ref: bool) -> dict[str, int]:
-        """The refs (`ref`) or ports table, made on first use."""
-        if ref:
-            if self.refs is None:
-                self.refs = {}
-            return self.refs
-        if self.ports is None:
-            self.ports = {}
-        return self.ports
+        return len(self.refs) + len(self.ports)
 
 
 #: A backend directory's facts (written by the backend domain): (XenbusState, online), None
