@@ -243,17 +243,34 @@ class RunningSystem:
     resources: tuple[ResourceUse, ...]
 
 
-def _add(index: dict[int, set[object]], domid: int, item: object) -> None:
+#: Per-domain index of keys (devices, vchans, shared nodes with a domain at either end): a
+#: tuple while small (most domains have a handful: a set costs 216 bytes and up, a tuple of
+#: three 64), a set past `_SMALL_INDEX` entries (dom0 serves every device: no quadratic copies).
+DomIndex = dict[int, "tuple[object, ...] | set[object]"]
+_SMALL_INDEX = 8
+
+
+def _add(index: DomIndex, domid: int, item: object) -> None:
     s = index.get(domid)
     if s is None:
-        index[domid] = {item}
-    else:
+        index[domid] = (item,)
+    elif isinstance(s, set):
         s.add(item)
+    elif item not in s:
+        index[domid] = (*s, item) if len(s) < _SMALL_INDEX else {*s, item}
 
 
-def _discard(index: dict[int, set[object]], domid: int, item: object) -> None:
+def _discard(index: DomIndex, domid: int, item: object) -> None:
     s = index.get(domid)
-    if s is not None:
+    if s is None:
+        return
+    if isinstance(s, set):
         s.discard(item)
         if not s:
+            del index[domid]
+    elif item in s:
+        rest = tuple(x for x in s if x != item)
+        if rest:
+            index[domid] = rest
+        else:
             del index[domid]

@@ -4,7 +4,7 @@ the decisions recorded."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, cast
 
 from shyped.core.channels import ChannelKey, ChannelShared, ChannelUnshared
@@ -33,6 +33,7 @@ from shyped.core.hostfacts import (
     Domain,
     DomainReleased,
     DomainState,
+    DomIndex,
     GarbageRecord,
     ModelOutput,
     NeedsDecision,
@@ -65,10 +66,10 @@ class HostUpdates:
         self._by_uuid: dict[str, list[int]] = {}
         self._devices: dict[DeviceKey, Device] = {}
         self._vchans: dict[VchanKey, Vchan] = {}
-        self._dom_devices: dict[int, set[object]] = {}  # domid -> DeviceKeys (either end)
-        self._dom_vchans: dict[int, set[object]] = {}  # domid -> VchanKeys (server or client)
+        self._dom_devices: DomIndex = {}  # domid -> DeviceKeys (either end)
+        self._dom_vchans: DomIndex = {}  # domid -> VchanKeys (server or client)
         self._channels: dict[ChannelKey, Channel] = {}
-        self._dom_channels: dict[int, set[object]] = {}  # domid -> ChannelKeys (owner or peer)
+        self._dom_channels: DomIndex = {}  # domid -> ChannelKeys (owner or peer)
         #: Garbage from domains the model does not know (or from dom0-only trees).
         self.unattributed = GarbageRecord(garbage_ring)
         #: Events applied, by event class name.
@@ -229,13 +230,13 @@ class HostUpdates:
                 holders.remove(domid)
             if not holders:
                 self._by_uuid.pop(dom.uuid, None)
-        for key in list(cast("set[DeviceKey]", self._dom_devices.get(domid, set()))):
+        for key in list(cast("Collection[DeviceKey]", self._dom_devices.get(domid, ()))):
             if key.frontend == domid:
                 self._drop_device(key)
-        for vkey in list(cast("set[VchanKey]", self._dom_vchans.get(domid, set()))):
+        for vkey in list(cast("Collection[VchanKey]", self._dom_vchans.get(domid, ()))):
             if vkey.server == domid:
                 self._drop_vchan(vkey)
-        for ckey in list(cast("set[ChannelKey]", self._dom_channels.get(domid, set()))):
+        for ckey in list(cast("Collection[ChannelKey]", self._dom_channels.get(domid, ()))):
             if ckey.owner == domid:
                 self._drop_channel(ckey)
         released = DomainReleased(domid, dom.uuid, dom.name, dom.label, dom.state)
