@@ -21,6 +21,7 @@ from shyped.core.assembler.state import (
     _valid_kind,
     back_facts,
     canon_kind,
+    canon_pair,
     ring_drop,
     ring_get,
     ring_put,
@@ -369,7 +370,7 @@ class LocalReader(VmVchanReader):
             if len(dom.fronts) >= self._limits.frontends_per_domain:
                 self._garbage(d, path, "too many frontend directories", limit=True)
                 return None
-            fkey = (canon_kind(fkey[0]), fkey[1])
+            fkey = canon_pair(*fkey)
             fe = dom.fronts[fkey] = _Front()
         return fe
 

@@ -128,6 +128,24 @@ def canon_kind(kind: str) -> str:
     return _KINDS.get(kind, kind)
 
 
+#: (kind, device id) keys of records and frontends seen, each one tuple object (bounded
+#: below): every domain has ``("vif", 0)``, ``("vbd", 51712)``, ``("console", 0)`` ...
+_DEV_PAIRS: dict[tuple[str, int], tuple[str, int]] = {}
+_DEV_PAIRS_MAX: Final = 4096
+
+
+def canon_pair(kind: str, devid: int) -> tuple[str, int]:
+    """The shared ``(kind, devid)`` tuple (a new one past the bound): same value."""
+    key = (kind, devid)
+    held = _DEV_PAIRS.get(key)
+    if held is not None:
+        return held
+    key = (canon_kind(kind), devid)
+    if len(_DEV_PAIRS) < _DEV_PAIRS_MAX:
+        _DEV_PAIRS[key] = key
+    return key
+
+
 # --------------------------------------------------------------------------------------------
 # Internal facts
 
