@@ -10,6 +10,7 @@ from shyped.core.assembler.state import (
     _DEVID_MAX,
     _MEMORY_KEYS,
     _MEMORY_KIB_MAX,
+    _NO_ENTRIES,
     _VCPU_INDEX_MAX,
     _XENBUS_STATE_MAX,
     NO_BACK,
@@ -463,6 +464,8 @@ class LocalReader(VmVchanReader):
             dk = dom.served.get(bkey) if dom.served else None
             bkey = dk if dk is not None and dk == bkey else (canon_kind(bkey[0]), *bkey[1:])
             bk = NO_BACK
+            if dom.backs is _NO_ENTRIES:
+                dom.backs = {}
         elif bk[at] == fact:
             return
         if at == 0:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from shyped.core.channels import (
     SharedNodeTracker,
@@ -302,6 +302,22 @@ class _Vchan:
         self.gone = False
 
 
+class _NoEntries(dict):  # type: ignore[type-arg]
+    """The empty table every domain starts with for its backends and vchans (most never
+    have any; an empty dict costs 64 bytes each): read like any empty dict, never written
+    (the writers put a dict of the domain's own in its place first)."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("the shared empty table is read-only")
+
+    __setitem__ = update = setdefault = _refuse
+
+
+_NO_ENTRIES: Final[dict[Any, Any]] = _NoEntries()
+
+
 class _Dom:
     """Everything tracked for one domain id."""
 
@@ -339,8 +355,9 @@ class _Dom:
         self.emitted: tuple[str, str | None, str] | None = None
         self.records: dict[tuple[str, int], _Record] = {}
         self.fronts: dict[tuple[str, int], _Front] = {}
-        self.backs: dict[tuple[str, int, int], BackFacts] = {}
-        self.vchans: dict[str, _Vchan] = {}
+        #: Backend directories and vchan candidates (`_NO_ENTRIES` until the first one).
+        self.backs: dict[tuple[str, int, int], BackFacts] = _NO_ENTRIES
+        self.vchans: dict[str, _Vchan] = _NO_ENTRIES
         #: Devices this domain is the backend of: (backend kind, frontend, devid) -> device,
         #: the index a backend write is resolved with (None until it serves one: most never
         #: do). Where the backend kind is the device's kind the key is the `DeviceKey` object

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from shyped.core.assembler.libxl import LibxlReader
 from shyped.core.assembler.state import (
     _EMPTY,
+    _NO_ENTRIES,
     _Access,
     _Vchan,
 )
@@ -91,6 +92,8 @@ class VmVchanReader(LibxlReader):
                     peers = frozenset(d for d, a in p.acl if a != "n" and d not in (0, s))
                     self._shared.over_limit(s, path, peers, p.default != "n")
                 return
+            if dom.vchans is _NO_ENTRIES:
+                dom.vchans = {}
             vc = dom.vchans[vpath] = _Vchan()
             self._vchan_servers.add(s)
         elif vc.gone:
