@@ -68,12 +68,12 @@ class HostModel(HostUpdates):
 
     def domain_by_uuid(self, uuid: str) -> Domain | None:
         """The domain holding `uuid`: the first of those that name it and are still there."""
-        ds = self._by_uuid.get(uuid)
+        ds = self._uuid_holders(uuid)
         return None if not ds else self._domains.get(ds[0])
 
     def domains_by_uuid(self, uuid: str) -> list[Domain]:
         """Every domain naming `uuid` (more than one: a duplicate UUID), holder first."""
-        return [self._domains[d] for d in self._by_uuid.get(uuid, ())]
+        return [self._domains[d] for d in self._uuid_holders(uuid)]
 
     def domains(self) -> list[Domain]:
         return [self._domains[d] for d in sorted(self._domains)]

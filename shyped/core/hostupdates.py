@@ -4,7 +4,7 @@ the decisions recorded."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, cast
 
 from shyped.core.channels import ChannelKey, ChannelShared, ChannelUnshared
@@ -63,7 +63,8 @@ class HostUpdates:
             )
         }
         #: uuid -> domids naming it, in order of appearance (the first one holds the UUID).
-        self._by_uuid: dict[str, list[int]] = {}
+        #: A single domid where only one names it (most UUIDs): no list per domain.
+        self._by_uuid: dict[str | None, int | list[int]] = {}
         self._devices: dict[DeviceKey, Device] = {}
         self._vchans: dict[VchanKey, Vchan] = {}
         self._dom_devices: DomIndex = {}  # domid -> DeviceKeys (either end)
@@ -92,6 +93,13 @@ class HostUpdates:
             DomainVanished: self._on_vanished,
             RescanHint: self._on_hint,
         }
+
+    def _uuid_holders(self, uuid: str | None) -> Sequence[int]:
+        """The domids naming `uuid`, in order of appearance (the first one holds it)."""
+        ids = self._by_uuid.get(uuid)
+        if ids is None:
+            return ()
+        return (ids,) if isinstance(ids, int) else ids
 
     def garbage(self, domid: int | None) -> GarbageRecord:
         """The garbage record of a domain (the unattributed one for None or unknown ids)."""
@@ -204,10 +212,16 @@ class HostUpdates:
             dom = self._domains[e.domid] = Domain(
                 e.domid, e.uuid, e.name, garbage=GarbageRecord(self._ring)
             )
-            self._by_uuid.setdefault(e.uuid, []).append(e.domid)
+            ids = self._by_uuid.get(e.uuid)
+            if ids is None:
+                self._by_uuid[e.uuid] = e.domid
+            elif isinstance(ids, int):
+                self._by_uuid[e.uuid] = [ids, e.domid]
+            else:
+                ids.append(e.domid)
         else:
             dom.name = e.name
-        holder = self._by_uuid[e.uuid][0]
+        holder = self._uuid_holders(e.uuid)[0]
         problems = [e.name_problem] if e.name_problem else []
         if holder != e.domid:
             problems.append(f"UUID {e.uuid} is already held by domain {holder}")
@@ -225,11 +239,13 @@ class HostUpdates:
         if dom is None:
             return []
         if dom.uuid is not None:
-            holders = self._by_uuid.get(dom.uuid, [])
-            if domid in holders:
-                holders.remove(domid)
-            if not holders:
-                self._by_uuid.pop(dom.uuid, None)
+            ids = self._by_uuid.get(dom.uuid)
+            if ids == domid:
+                del self._by_uuid[dom.uuid]
+            elif isinstance(ids, list) and domid in ids:
+                ids.remove(domid)
+                if len(ids) == 1:
+                    self._by_uuid[dom.uuid] = ids[0]
         for key in list(cast("Collection[DeviceKey]", self._dom_devices.get(domid, ()))):
             if key.frontend == domid:
                 self._drop_device(key)
