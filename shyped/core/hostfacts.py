@@ -131,6 +131,19 @@ class GarbageRecord:
 
 
 @attrs.define
+class _NoGarbage(GarbageRecord):
+    """The record of a domain that never wrote garbage (most): empty, shared, never added to
+    (`HostUpdates.garbage` gives the domain a record of its own first)."""
+
+    def add(self, path: str, why: str, limit: bool) -> None:
+        raise TypeError("the shared empty garbage record is read-only")
+
+
+#: See `_NoGarbage` (a record per domain cost ~80 bytes).
+NO_GARBAGE: GarbageRecord = _NoGarbage(0)
+
+
+@attrs.define
 class Domain:
     """A domain as the daemon knows it."""
 
@@ -141,7 +154,7 @@ class Domain:
     label: str | None = None
     decision: RecordedDecision | None = None
     asked: tuple[object, ...] | None = None
-    garbage: GarbageRecord = attrs.field(factory=GarbageRecord)
+    garbage: GarbageRecord = NO_GARBAGE  # made by `HostUpdates.garbage` on the first write
     events: int = 0
     #: dom0-written sizes (`DomainResources`): KiB, and vCPUs possible / online. None: unknown.
     memory_target_kib: int | None = None

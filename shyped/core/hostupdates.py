@@ -27,6 +27,7 @@ from shyped.core.events import (
 )
 from shyped.core.hostfacts import (
     _DECIDED,
+    NO_GARBAGE,
     Channel,
     DecisionKind,
     Device,
@@ -59,7 +60,6 @@ class HostUpdates:
                 dom0_name,
                 state=DomainState.ADMITTED,
                 label=dom0_label,
-                garbage=GarbageRecord(garbage_ring),
             )
         }
         #: uuid -> domids naming it, in order of appearance (the first one holds the UUID).
@@ -104,7 +104,11 @@ class HostUpdates:
     def garbage(self, domid: int | None) -> GarbageRecord:
         """The garbage record of a domain (the unattributed one for None or unknown ids)."""
         dom = self._domains.get(domid) if domid is not None else None
-        return dom.garbage if dom is not None else self.unattributed
+        if dom is None:
+            return self.unattributed
+        if dom.garbage is NO_GARBAGE:
+            dom.garbage = GarbageRecord(self._ring)
+        return dom.garbage
 
     def apply_all(self, events: Iterable[Event]) -> list[ModelOutput]:
         out: list[ModelOutput] = []
@@ -209,9 +213,7 @@ class HostUpdates:
             out.extend(self._domain_vanished(e.domid))  # a new incarnation under the same id
             dom = None
         if dom is None:
-            dom = self._domains[e.domid] = Domain(
-                e.domid, e.uuid, e.name, garbage=GarbageRecord(self._ring)
-            )
+            dom = self._domains[e.domid] = Domain(e.domid, e.uuid, e.name)
             ids = self._by_uuid.get(e.uuid)
             if ids is None:
                 self._by_uuid[e.uuid] = e.domid
