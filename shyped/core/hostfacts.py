@@ -143,7 +143,7 @@ class _NoGarbage(GarbageRecord):
 NO_GARBAGE: GarbageRecord = _NoGarbage(0)
 
 
-@attrs.define
+@attrs.define(weakref_slot=False)
 class Domain:
     """A domain as the daemon knows it."""
 
@@ -169,6 +169,17 @@ class Domain:
     identity: str = ""
     #: The last `party_fact` made (shared by the facts of every decision naming this domain).
     _party: tuple[int, bool] | None = attrs.field(init=False, default=None, eq=False, repr=False)
+    #: The last party states made for a device of this frontend (`shared_states`).
+    _states: tuple[object, ...] | None = attrs.field(init=False, default=None, eq=False, repr=False)
+
+    def shared_states(self, states: tuple[object, ...]) -> tuple[object, ...]:
+        """`states` or an equal tuple made before for another device of this frontend (its
+        devices mostly have one backend: one tuple object in all their facts)."""
+        held = self._states
+        if held == states:
+            return held
+        self._states = states
+        return states
 
     def party_fact(self) -> tuple[int, bool]:
         """(domid, denied): this domain's part in a device's, vchan's or channel's facts."""

@@ -335,6 +335,9 @@ class HostUpdates:
 
     def _device_facts(self, dev: Device) -> tuple[object, ...]:
         states = self._party_states((dev.key.frontend, dev.backend))
+        fdom = self._domains.get(dev.key.frontend)
+        if fdom is not None:
+            states = fdom.shared_states(states)
         return (dev.backend, dev.backend_kind, dev.resource, dev.writable, dev.emulated, states)
 
     def _ask_device(self, dev: Device, force: bool = False) -> NeedsDecision | None:
