@@ -1,9 +1,9 @@
 """Subtree walks inside one transaction (worker threads): `Snapshot` (values, children and
 optionally every node's permissions) and `Scan`, the compact walk reconcile uses.
 
-Both walk depth first by slices of nodes, one pipelined batch of requests per slice, in a
-window larger than the gateway's default (`WALK_WINDOW`): a walk is thousands of small
-requests that xenstored answers in order. A `Scan` keeps per node only ``(value, perms)``, reads the
+Both walk breadth first, one pipelined batch of requests per tree level, in a window larger
+than the gateway's default (`WALK_WINDOW`): a walk is thousands of small requests that
+xenstored answers in order. A `Scan` keeps per node only ``(value, perms)``, reads the
 permissions only of the nodes ``perms_for`` names (in the same batch, inside the same
 transaction), never reads the subtrees ``prune`` names, and holds the nodes packed and sorted
 (`ScanEntries`): a reconcile feeds them to the assembler one at a time.
@@ -166,13 +166,14 @@ def _read_tree(
     prune: Callable[[str], bool],
     perms_for: Callable[[str], bool],
 ) -> Iterator[_Read]:
-    """In pipelined slices of `_SLICE` nodes (READ, DIRECTORY and, where `perms_for`,
-    GET_PERMS each), depth first by slice (`_take_slice`); a node removed since its parent's
-    listing is left out, and so is every child `prune` names."""
-    stack = [] if prune(root) else [[root]]
-    while stack:
+    """Breadth first: each level in pipelined slices of `_SLICE` nodes (READ, DIRECTORY and,
+    where `perms_for`, GET_PERMS each); a node removed since its parent's listing is left out,
+    and so is every child `prune` names."""
+    level = [] if prune(root) else [root]
+    while level:
         next_level: list[str] = []
-        for part in _take_slice(stack):
+        for first in range(0, len(level), _SLICE):
+            part = level[first : first + _SLICE]
             wants = [perms_for(path) for path in part]
             requests: list[tuple[int, bytes, str | None]] = []
             for path, want in zip(part, wants, strict=True):
@@ -199,22 +200,7 @@ def _read_tree(
                 kids = wire.children(listing)
                 yield path, value, kids, perms
                 next_level.extend(c for c in (_join(path, k) for k in kids) if not prune(c))
-        if next_level:
-            stack.append(next_level)
-
-
-def _take_slice(stack: list[list[str]]) -> list[list[str]]:
-    """The next slice to read, as a list of one: the last `_SLICE` paths of the deepest list
-    of paths not read yet (removed from it). Depth first, the paths waiting to be read stay a
-    few slices' children, where breadth first held every path of the widest level of the
-    tree at once (some 60 a domain): those strings' memory stayed the daemon's after they
-    were freed, spread among the objects it keeps (the resident set per domain)."""
-    level = stack[-1]
-    part = level[-_SLICE:]
-    del level[-_SLICE:]
-    if not level:
-        stack.pop()
-    return [part]
+        level = next_level
 
 
 def _never(path: str) -> bool:
