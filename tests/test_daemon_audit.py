@@ -84,6 +84,32 @@ async def test_a_scenario_leaves_one_record_per_decision_and_event_and_the_chain
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_stop_record_names_the_real_chain_head_with_records_still_in_flight(
+    host: Harness, tmp_path: Path
+) -> None:
+    """``daemon-stop`` names the chain head before it (`head_seq`, `head_hash`). Records
+    appended in the same reactor tick as the stop are not yet with the writer thread (nor
+    durable): a head read from the log then is one the stop record does not follow. Played
+    deterministically: the mode changes (two records) and the stop starts in one tick."""
+    audit_dir = tmp_path / "audit"
+    daemon, _ = await start(host, with_audit(host.config(), audit_dir))
+    await host.settle()
+    daemon.set_mode(Mode.PERMISSIVE)
+    daemon.set_mode(Mode.ENFORCING)
+    stopping = daemon.stop()
+    host.daemon = None
+    await stopping
+
+    recs = records(audit_dir)
+    stop = recs[-1]
+    assert stop["kind"] == "daemon-stop" and recs[-2]["kind"] == "mode-change"
+    assert (stop["head_seq"], stop["head_hash"]) == (recs[-2]["seq"], recs[-2]["hash"])
+    assert (stop["head_seq"], stop["head_hash"]) == (stop["seq"] - 1, stop["prev"])
+    verified = shypectl_verify(audit_dir)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+@pytest_twisted.ensureDeferred
 async def test_enforcing_veto_waits_for_the_record_to_be_durable(
     host: Harness, tmp_path: Path
 ) -> None:
