@@ -9,27 +9,18 @@ import os
 import shutil
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import pytest_twisted
-from daemon_helpers import Harness, domcfg, eventually, image
+from daemon_helpers import Harness, domcfg, eventually, host_fixture, image
 from twisted.internet import defer, threads
 from wiring_helpers import quota_policy, records, shypectl_verify, start, with_audit
 
 from shyped.policy.decisions import Rule
-from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.service.config import Mode
 
-
-@pytest.fixture
-def host(xenstored: SandboxXenstored) -> Iterator[Harness]:
-    h = Harness.boot(xenstored)
-    try:
-        yield h
-    finally:
-        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
+__all__ = ["host_fixture"]  # the `host` fixture
 
 
 @pytest_twisted.ensureDeferred
