@@ -18,6 +18,7 @@ from twisted.internet import defer, threads
 from wiring_helpers import quota_policy, records, shypectl_verify, start, with_audit
 
 from shyped.policy.decisions import Rule
+from shyped.service.auditlog import verify_directory
 from shyped.service.config import Mode
 
 __all__ = ["host_fixture"]  # the `host` fixture
@@ -96,6 +97,8 @@ async def test_the_stop_record_names_the_real_chain_head_with_records_still_in_f
     assert stop["kind"] == "daemon-stop" and recs[-2]["kind"] == "mode-change"
     assert (stop["head_seq"], stop["head_hash"]) == (recs[-2]["seq"], recs[-2]["hash"])
     assert (stop["head_seq"], stop["head_hash"]) == (stop["seq"] - 1, stop["prev"])
+    report, _ = verify_directory(audit_dir)  # what `shypectl audit verify` reads
+    assert report.ok and not [f for f in report.warnings if "daemon-stop" in f.message]
     verified = shypectl_verify(audit_dir)
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
