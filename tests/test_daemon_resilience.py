@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 
-import pytest
 import pytest_twisted
-from daemon_helpers import POLICY, Harness, domcfg, eventually
-from twisted.internet import defer
+from daemon_helpers import POLICY, Harness, domcfg, eventually, host_fixture
 
 from shyped.sandbox.xenstored import SandboxXenstored
 
-
-@pytest.fixture
-def host(xenstored: SandboxXenstored) -> Iterator[Harness]:
-    h = Harness.boot(xenstored)
-    try:
-        yield h
-    finally:
-        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
+__all__ = ["host_fixture"]  # the `host` fixture
 
 
 def restart(xsd: SandboxXenstored) -> None:

@@ -242,6 +242,7 @@ class DaemonControlBackend(PolicyOps):
         registration = b.Registration(args.uuid.lower(), args.name, self._full(bare))
         holder = self._holder(uuid)
         if holder is None:
+            self.forget_decided(uuid)
             self._save(store)
             log.info(
                 "control: label of domain {uuid} ({name}) {what}",

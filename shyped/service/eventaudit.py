@@ -88,12 +88,19 @@ class DecisionRecords:
         return self._audit_event(kind, **details)
 
     def _audit_event(self, kind: AuditKind | str, **details: object) -> Deferred[Any] | None:
+        return self._audit_event_as(kind, details)
+
+    def _audit_event_as(
+        self, kind: AuditKind | str, details: dict[str, object], *, at_head: bool = False
+    ) -> Deferred[Any] | None:
+        """Record a daemon event (`at_head`: naming the chain head it follows, `HeadDraft`)."""
         for observe in self.event_observers:  # e.g. TPM measurements (service.attestation)
             observe(str(kind))
         if self.audit is None:
             return None
         try:
-            d = self.audit.record_event(kind, **details)
+            record = self.audit.record_event_at_head if at_head else self.audit.record_event
+            d = record(kind, **details)
         except Exception:
             _log.failure("audit: cannot record {kind}", kind=str(kind))
             return None

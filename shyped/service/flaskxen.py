@@ -74,7 +74,8 @@ def policy_builder(
                 "Xen has FLASK but no Xen source tarball is configured to compile the policy "
                 "([flask] xen_source in shyped.toml, or $SHYPED_XEN_SOURCE)"
             )
-        return build(compile_policy(policy).module, xen_source, cache).binary
+        module = compile_policy(policy).module
+        return build(module, xen_source, cache, work_in=cache).binary  # not /tmp: read-only
 
     return build_binary
 
