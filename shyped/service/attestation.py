@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from shyped.attest import measure, quote
+from shyped.attest import akpublic, measure, quote
 from shyped.service.attestconfig import AttestationConfig
 from shyped.service.tpm import TpmError, TpmTools
 
@@ -238,6 +238,7 @@ class Attestation:
                 os.close(fd)
         _check_auth_file(auth)
         pem = self.tools.ensure_ak(self.config.ak_handle, auth)
+        self._check_ak_attributes()
         try:  # a key put at the handle by someone else does not take shyped's auth value
             self.tools.quote(self.config.ak_handle, self.config.pcr, bytes(32), auth)
         except TpmError as e:
@@ -248,6 +249,37 @@ class Attestation:
                 f"new {self.config.ak_public} ({e})"
             ) from None
         return pem
+
+    def _check_ak_attributes(self) -> None:
+        """(Thread pool.) The key at the handle must be a restricted signing key fixed to this
+        TPM (`shyped.attest.akpublic`): a non-restricted key signs forged quotes too. One
+        without ``noDA`` (made by a shyped before attest3) is used, with a warning: a TPM
+        user's failed auth attempts can lock it out (docs/attestation.md)."""
+        handle, auth = hex(self.config.ak_handle), self.config.ak_auth
+        recover = (
+            f"evict it (tpm2_evictcontrol -C o -c {handle}) and remove {auth} so that shyped "
+            f"makes a new AK, then enrol the new {self.config.ak_public}"
+        )
+        raw = self.tools.ak_public_area(self.config.ak_handle)
+        try:
+            if raw is None:
+                raise akpublic.PublicAreaError("tpm2_readpublic cannot read it")
+            area = akpublic.parse_public(raw)
+        except akpublic.PublicAreaError as e:
+            raise TpmError(f"the key at {handle}: its public area: {e}; {recover}") from None
+        problems = akpublic.ak_problems(area)
+        if problems:
+            raise TpmError(
+                f"the key at {handle} is not an attestation key ({', '.join(problems)}): only "
+                "a restricted signing key fixed to this TPM cannot sign a forged quote; not "
+                f"exported, not used; {recover}"
+            )
+        if not area.no_da:
+            _log.warn(
+                "attestation: the AK at {handle} is not noDA: failed auth attempts by any TPM "
+                "user (the tss group) can lock it out and stop quotes; to upgrade, {recover}",
+                handle=handle, recover=recover,
+            )  # fmt: skip
 
     def _export_ak(self, pem: bytes) -> None:
         from shyped.fileio.atomicfile import write_atomic

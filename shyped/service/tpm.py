@@ -17,9 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Final
 
+from shyped.attest.akpublic import AK_ATTRIBUTES
+
 TIMEOUT: Final = 60.0
-_TOOLS: Final = ("tpm2_createek", "tpm2_createak", "tpm2_evictcontrol", "tpm2_readpublic",
-                 "tpm2_pcrread", "tpm2_pcrextend", "tpm2_quote", "tpm2_flushcontext")  # fmt: skip
+_TOOLS: Final = ("tpm2_createek", "tpm2_startauthsession", "tpm2_policysecret", "tpm2_create",
+                 "tpm2_load", "tpm2_evictcontrol", "tpm2_readpublic", "tpm2_pcrread",
+                 "tpm2_pcrextend", "tpm2_quote", "tpm2_flushcontext")  # fmt: skip
 
 
 class TpmError(Exception):
@@ -100,10 +103,33 @@ class TpmTools:
                 return None
             return out.read_bytes()
 
+    def ak_public_area(self, handle: int) -> bytes | None:
+        """The marshalled TPM2B_PUBLIC of the persistent key at `handle` (its type and
+        attributes: `shyped.attest.akpublic`), None if there is none."""
+        with self._workdir() as tmp:
+            out = Path(tmp) / "ak.tss"
+            try:
+                _run(["tpm2_readpublic", "-c", hex(handle), "-f", "tss", "-o", str(out)],
+                     self.tcti)  # fmt: skip
+            except TpmError:
+                return None
+            return out.read_bytes()
+
+    def _endorsement_session(self, tmp: str) -> list[str]:
+        """A policy session satisfying the EK's policy (PolicySecret of the endorsement
+        hierarchy), as tpm2_createak opens it: the EK's auth for `tpm2_create`/`tpm2_load`."""
+        _run(["tpm2_startauthsession", "--policy-session", "-S", "s.ctx"], self.tcti, tmp)
+        _run(["tpm2_policysecret", "-S", "s.ctx", "-c", "e"], self.tcti, tmp)
+        return ["-P", "session:s.ctx"]
+
     def ensure_ak(self, handle: int, auth: Path | None = None) -> bytes:
         """The attestation key at `handle`: created under the endorsement hierarchy (EK, then
-        a restricted RSA signing AK, with the auth value in file `auth` if given) and made
-        persistent if absent. Its PEM public part."""
+        a restricted RSA-2048 RSASSA/SHA-256 signing key, fixed to the TPM and ``noDA``
+        (`shyped.attest.akpublic.AK_ATTRIBUTES`), with the auth value in file `auth` if given)
+        and made persistent if absent. Its PEM public part.
+
+        ``tpm2_createak`` makes the same key but without ``noDA`` (it takes no attributes):
+        its steps are run here one by one (EK policy session, create, load) with them."""
         found = self.ak_public(handle)
         if found is not None:
             return found
@@ -112,9 +138,13 @@ class TpmTools:
                 _run(["tpm2_createek", "-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub"],
                      self.tcti, tmp)  # fmt: skip
                 self._flush()
-                _run(["tpm2_createak", "-C", "ek.ctx", "-c", "ak.ctx", "-G", "rsa", "-g",
-                      "sha256", "-s", "rsassa", "-u", "ak.pub", "-n", "ak.name",
-                      *_auth("-p", auth)], self.tcti, tmp)  # fmt: skip
+                _run(["tpm2_create", "-C", "ek.ctx", *self._endorsement_session(tmp), "-G",
+                      "rsa2048:rsassa-sha256:null", "-g", "sha256", "-a", AK_ATTRIBUTES,
+                      "-u", "ak.pub", "-r", "ak.priv", *_auth("-p", auth)],
+                     self.tcti, tmp)  # fmt: skip
+                self._flush()
+                _run(["tpm2_load", "-C", "ek.ctx", *self._endorsement_session(tmp), "-u",
+                      "ak.pub", "-r", "ak.priv", "-c", "ak.ctx"], self.tcti, tmp)  # fmt: skip
                 self._flush()
                 _run(["tpm2_evictcontrol", "-C", "o", "-c", "ak.ctx", hex(handle)],
                      self.tcti, tmp)  # fmt: skip
