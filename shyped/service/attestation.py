@@ -17,6 +17,8 @@ import json
 import os
 import secrets
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from shyped.attest import akpublic, measure, quote
+from shyped.attest.ratelimit import TokenBuckets
 from shyped.service.attestconfig import AttestationConfig
 from shyped.service.tpm import TpmError, TpmTools
 
@@ -39,6 +42,15 @@ class AttestationUnavailable(Exception):
 
 class AttestationBusy(Exception):
     """A quote is being made and `MAX_QUEUED_QUOTES` more wait: try again."""
+
+
+class AttestationRateLimited(AttestationBusy):
+    """This uid asked for more quotes than ``[attestation] quote_burst`` at once and
+    ``quotes_per_minute``: try again in `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 #: Quotes that may wait while one is made (the control server bounds the requests in flight
@@ -174,8 +186,16 @@ def _rotations(daemon: Daemon) -> int:
 class Attestation:
     """Measurements and quotes for one daemon (reactor thread only)."""
 
-    def __init__(self, daemon: Daemon, config: AttestationConfig, tools: TpmTools | None = None):
+    def __init__(
+        self,
+        daemon: Daemon,
+        config: AttestationConfig,
+        tools: TpmTools | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.daemon, self.config = daemon, config
+        self._clock = clock
+        self._rates = TokenBuckets(config.quotes_per_minute, config.quote_burst)
         self.tools = tools or TpmTools(config.tcti, config.log.parent)
         self.log = MeasurementLog(config.log, config.max_log_bytes)
         self.ak_pem: bytes | None = None
@@ -382,12 +402,13 @@ class Attestation:
             "audit_head": audit_head(d),
         }
 
-    async def quote(self, nonce: str) -> bytes:
+    async def quote(self, nonce: str, uid: int | None = None) -> bytes:
         """The control answer for a quote for `nonce`: ``{"bundle": ...}`` encoded
         (`shyped.attest.quote.encode_answer`). One quote at a time: `MAX_QUEUED_QUOTES` more
-        wait their turn, any further is refused (`AttestationBusy`). Only the state report is
-        built on the reactor thread (it must be the state just measured); the TPM, the log and
-        the encoding of the bundle run on the thread pool."""
+        wait their turn, any further is refused (`AttestationBusy`); a `uid` (None: root, an
+        admin, the daemon itself) past its token bucket is refused (`AttestationRateLimited`).
+        Only the state report is built on the reactor thread (it must be the state just
+        measured); the TPM, the log and the encoding of the bundle run on the thread pool."""
         bad = quote.check_nonce(nonce)
         if bad is not None:
             raise ValueError(bad)
@@ -395,6 +416,14 @@ class Attestation:
             raise AttestationBusy(
                 f"attestation busy: a quote is being made and {self._quotes - 1} wait; "
                 "try again shortly"
+            )
+        if uid is not None and (wait := self._rates.take(uid, self._clock())) is not None:
+            cfg = self.config
+            raise AttestationRateLimited(
+                f"attestation rate-limited: uid {uid} may ask for {cfg.quote_burst} quotes at "
+                f"once and {cfg.quotes_per_minute} a minute ([attestation] quote_burst, "
+                f"quotes_per_minute); try again in {wait:.0f} s",
+                wait,
             )
         self._quotes += 1
         try:
