@@ -23,20 +23,20 @@ import hashlib
 import json
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
 
 from shyped.attest.measure import (
+    MAX_ENTRY_BYTES,
+    MAX_EVENTS,
     Entry,
     LogError,
+    LogFold,
     canonical,
-    check_entries,
     labels_digest,
-    measured_state,
-    parse_log,
-    replay,
+    parse_line,
 )
 
 FORMAT: Final = "shyped-attest/2"
@@ -163,13 +163,49 @@ def parse_attest(message: bytes) -> Attest:
     return Attest(extra, tuple(pcrs), pcr_digest, reset, restart)
 
 
+class LogLines(Sequence[Entry]):
+    """A bundle's measurement log as its lines, each parsed when it is read and not kept
+    (a `BundleError` for a line that is not a measurement): the verifier walks it once
+    (`verify_fields`), so only one parsed entry is alive at a time -- a line's values are
+    not counted by `check_value_count` (it is a string there), and up to a million lines
+    parsed at once took their weight many times over. A line longer than any measurement
+    (`MAX_ENTRY_BYTES`) is refused before it is parsed."""
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        self._lines = lines
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def _parse(self, index: int) -> Entry:
+        line = self._lines[index]
+        if len(line) >= MAX_ENTRY_BYTES:  # str length: its UTF-8 bytes are at least as many
+            raise BundleError(
+                f"measurement log: line {index + 1}: {len(line)} characters, longer than any "
+                f"measurement ({MAX_ENTRY_BYTES - 1})"
+            )
+        try:
+            return parse_line(line, index + 1)
+        except LogError as e:
+            raise BundleError(f"measurement log: {e}") from None
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self._parse(i) for i in range(*index.indices(len(self)))]
+        return self._parse(range(len(self))[index])
+
+    def __iter__(self) -> Iterator[Entry]:
+        return (self._parse(i) for i in range(len(self)))
+
+
 @attrs.frozen
 class Bundle:
     nonce: str
     pcr: int
     message: bytes
     signature: bytes
-    log: tuple[Entry, ...]
+    #: a `LogLines` for a parsed bundle (any sequence of entries will do)
+    log: Sequence[Entry]
     state: Mapping[str, Any]
 
 
@@ -201,16 +237,14 @@ def parse_bundle(doc: Any) -> Bundle:
         raise BundleError("pcr must be an index 0..23")
     if not isinstance(log, list) or not all(isinstance(x, str) for x in log):
         raise BundleError("log must be a list of lines")
-    try:
-        entries = tuple(parse_log(log))
-    except LogError as e:
-        raise BundleError(f"measurement log: {e}") from None
+    if len(log) > MAX_EVENTS:
+        raise BundleError(f"measurement log: more than {MAX_EVENTS} events")
     return Bundle(
         nonce,
         pcr,
         _b64(quote.get("message"), "quote.message"),
         _b64(quote.get("signature"), "quote.signature"),
-        entries,
+        LogLines([x for x in log if x.strip()]),
         state,
     )
 
@@ -317,14 +351,17 @@ def verify_fields(bundle: Bundle, expected_nonce: str) -> Verdict:
             )
     if attest.pcrs != ((_TPM_ALG_SHA256, bundle.pcr),):
         problems.append(f"quote: it covers {attest.pcrs}, not exactly sha256 PCR {bundle.pcr}")
-    problems.extend(check_entries(bundle.log))
-    pcr = replay(bundle.log)
+    fold = LogFold()
+    for entry in bundle.log:  # one pass, one parsed entry at a time (`LogLines`)
+        fold.feed(entry)
+    problems.extend(fold.problems)
+    pcr = fold.pcr
     if hashlib.sha256(pcr).digest() != attest.pcr_digest:
         problems.append(
             f"measurement log: it replays to PCR {bundle.pcr} = {pcr.hex()}, which is not the "
             "value the TPM quoted (entries missing, added or edited)"
         )
-    measured = measured_state(bundle.log)
+    measured = fold.measured()
     state = bundle.state
     unverified: list[str] = []
     if measured.policy is None:
