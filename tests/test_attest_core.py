@@ -223,3 +223,15 @@ def test_the_reported_label_store_must_be_the_last_measured_one() -> None:
         "force)",
     )
     assert v.unverified  # no label is vouched for by an unmeasured store
+
+
+def test_a_state_report_with_more_domains_than_xen_runs_is_refused_not_kept() -> None:
+    """A hostile bundle's domain list is kept in the verdict (printed, and kept per host when
+    many bundles are checked): more than Xen's domids is a problem, and none is kept."""
+    state = good_state()
+    state["domains"] = [{}] * (quote.MAX_DOMAINS + 1)
+    v = quote.verify_fields(bundle_for("n", entries(start()), state), "n")
+    assert f"state report: {quote.MAX_DOMAINS + 1} domains, more than one Xen host runs" in (
+        " ".join(v.problems)
+    )
+    assert v.domains == ()

@@ -45,6 +45,8 @@ OLD_FORMATS: Final = {
     "shyped-attest/1": "its log measures whole label stores (measurement format 1)",
 }
 MAX_NONCE: Final = 256
+#: Domains one host can run: domids 0..0x7FEF (Xen's DOMID_FIRST_RESERVED is 0x7FF0).
+MAX_DOMAINS: Final = 0x7FF0
 _TPM_GENERATED: Final = 0xFF544347
 _ST_ATTEST_QUOTE: Final = 0x8018
 _TPM_ALG_SHA256: Final = 0x000B
@@ -390,6 +392,11 @@ def verify_fields(bundle: Bundle, expected_nonce: str) -> Verdict:
     doms: list[Mapping[str, Any]] = []
     if not isinstance(domains, list):
         problems.append("state report: domains must be a list")
+    elif len(domains) > MAX_DOMAINS:  # not kept: a verifier of many bundles keeps each verdict
+        problems.append(
+            f"state report: {len(domains)} domains, more than one Xen host runs "
+            f"({MAX_DOMAINS} domids)"
+        )
     else:
         for dom in domains:
             if not isinstance(dom, dict):
