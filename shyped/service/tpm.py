@@ -92,28 +92,24 @@ class TpmTools:
             with contextlib.suppress(TpmError):
                 _run(["tpm2_flushcontext", flag], self.tcti)
 
-    def ak_public(self, handle: int) -> bytes | None:
-        """The PEM public key of the persistent key at `handle`, None if there is none."""
+    def _read_public(self, handle: int, form: str) -> bytes | None:
         with self._workdir() as tmp:
-            out = Path(tmp) / "ak.pem"
+            out = Path(tmp) / "ak.pub"
             try:
-                _run(["tpm2_readpublic", "-c", hex(handle), "-f", "pem", "-o", str(out)],
+                _run(["tpm2_readpublic", "-c", hex(handle), "-f", form, "-o", str(out)],
                      self.tcti)  # fmt: skip
             except TpmError:
                 return None
             return out.read_bytes()
 
+    def ak_public(self, handle: int) -> bytes | None:
+        """The PEM public key of the persistent key at `handle`, None if there is none."""
+        return self._read_public(handle, "pem")
+
     def ak_public_area(self, handle: int) -> bytes | None:
         """The marshalled TPM2B_PUBLIC of the persistent key at `handle` (its type and
         attributes: `shyped.attest.akpublic`), None if there is none."""
-        with self._workdir() as tmp:
-            out = Path(tmp) / "ak.tss"
-            try:
-                _run(["tpm2_readpublic", "-c", hex(handle), "-f", "tss", "-o", str(out)],
-                     self.tcti)  # fmt: skip
-            except TpmError:
-                return None
-            return out.read_bytes()
+        return self._read_public(handle, "tss")
 
     def _endorsement_session(self, tmp: str) -> list[str]:
         """A policy session satisfying the EK's policy (PolicySecret of the endorsement
