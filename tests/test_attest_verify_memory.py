@@ -91,3 +91,19 @@ def test_value_count_bounds_json_and_ignores_what_strings_hold() -> None:
     assert count_values(json.dumps(doc).encode(), 100) == 13
     assert count_values(json.dumps({"a": [1, {"b": "c"}]}).encode(), 100) == 7  # exact
     assert count_values(b"[" + b",".join([b"{}"] * 50) + b"]", 10) == 11  # stops past it
+
+
+def test_a_bundle_of_unclosed_escaped_quotes_does_not_hang_the_count(tmp_path: Path) -> None:
+    """``"\\"\\"\\"...`` never closes its string: a string pattern that must end on a quote
+    failed at each of them after scanning to the end, quadratic (20 KB took 18 s; this 256 KB
+    bundle ~50 minutes). It terminates now with exit 2 (not JSON); the timeout is a hang
+    detector far above the milliseconds it takes, not a timing assertion."""
+    path, ak = tmp_path / "b.json", tmp_path / "ak.pem"
+    path.write_text('{"format":"shyped-attest/2","log":["' + '\\"' * (128 << 10))
+    ak.write_text(_SOME_KEY)
+    r = subprocess.run(
+        [sys.executable, "-m", "shyped.cli.shypectl", "attest", "verify", str(path),
+         "--ak", str(ak), "--nonce", "n"],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and "not a quote bundle" in r.stderr, (r.returncode, r.stderr)

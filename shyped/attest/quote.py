@@ -62,8 +62,12 @@ class BundleError(Exception):
 #: costs ~50-100 bytes however short its JSON (``{}`` is 2 bytes, a dict 64): without this
 #: bound a 64 MiB bundle of tiny objects took 1.7 GB in the verifier.
 MAX_BUNDLE_VALUES: Final = 1_000_000
-#: A JSON string, or a byte that separates or opens values.
-_TOKEN: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[,:{\[]')
+#: A JSON string, or a byte that separates or opens values. A string not closed runs to the
+#: end (``\Z``) and any byte may follow a backslash (DOTALL): once a string's match has begun
+#: it cannot fail, so the scan never restarts inside one -- with ``"`` as the only end, text
+#: like ``"\"\"\"...`` made every quote a failed start scanning to the end (quadratic: 20 KB
+#: took 18 s, 64 MiB would never end).
+_TOKEN: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)|[,:{\[]', re.DOTALL)
 
 
 def count_values(raw: bytes, limit: int) -> int:
@@ -74,11 +78,13 @@ def count_values(raw: bytes, limit: int) -> int:
     pass in C over the bytes, a Python step per string and separator, stopped past `limit`:
     constant memory (a regular expression's ``sub`` would keep a piece per string)."""
     n = 1
-    for m in _TOKEN.finditer(raw):
+    for i, m in enumerate(_TOKEN.finditer(raw)):
         if m.end() - m.start() == 1:  # a separator: a string is at least 2 bytes
             n += 1
             if n > limit:
                 break
+        elif i > 2 * limit:  # strings without separators (not JSON): a value each, at least
+            return limit + 1
     return n
 
 
