@@ -21,7 +21,7 @@ from tpm_helpers import Swtpm, need_swtpm, stub_daemon, swtpm
 from user_helpers import Account, local_user, needs_users, setpriv
 
 from shyped.attest import akpublic
-from shyped.service.attestation import Attestation
+from shyped.service.attestation import Attestation, AttestationUnavailable
 from shyped.service.attestconfig import AttestationConfig
 from shyped.service.tpm import TpmError, TpmTools, check_signature
 
@@ -168,3 +168,35 @@ async def test_a_tpm_user_s_failed_auth_attempts_do_not_lock_the_ak_out(tmp_path
     bundle.write_text(json.dumps(json.loads(answer)["bundle"]))
     r = verify(str(bundle), "--ak", str(ak), "--nonce", "after-lockout")
     assert r.returncode == 0, r.stdout
+
+
+@needs_users
+@pytest_twisted.ensureDeferred
+async def test_a_tpm_user_disabling_the_endorsement_hierarchy_is_named_and_an_auth_stops_it(
+    tmp_path: Path,
+) -> None:
+    """A ``tss`` member clears ``ehEnable`` (the endorsement hierarchy may disable itself, and
+    its auth value is empty by default): the AK, an endorsement-hierarchy key, disappears
+    until the next reboot. shyped cannot prevent it; its quote answer must name the TPM's
+    reason (it said only ``Unable to run tpm2_quote``). With an endorsement auth value set
+    after the AK was made (docs/attestation.md), the same user is refused and quotes go on."""
+    need_swtpm()
+    with swtpm() as t, local_user("shyeh") as user, tempfile.TemporaryDirectory() as work:
+        os.chmod(work, 0o777)
+        d = stub_daemon(tmp_path, t)
+        await d.attestation.start()
+        assert d.attestation.unavailable is None, d.attestation.unavailable
+        hierarchy_off = ("tpm2_hierarchycontrol", "-C", "e", "ehEnable", "clear")
+        # the recommended setting: an endorsement auth value, once the AK exists
+        tpm2(t, Path(work), "tpm2_changeauth", "-c", "e", "file:" + str(auth_file(tmp_path / "e")))
+        env = {**os.environ, "TPM2TOOLS_TCTI": t.tcti}
+        r = subprocess.run([*setpriv(user), *hierarchy_off], cwd=work, env=env,
+                           capture_output=True, text=True, check=False)  # fmt: skip
+        assert r.returncode != 0, "a TPM user disabled a hierarchy that has an auth value"
+        assert json.loads(await d.attestation.quote("with-auth"))["bundle"]["nonce"]
+        # without it (the default): the user disables the hierarchy, the AK is gone
+        tpm2(t, Path(work), "tpm2_changeauth", "-c", "e", "-p", f"file:{tmp_path / 'e'}")
+        tpm2(t, Path(work), *hierarchy_off, user=user)
+        with pytest.raises(AttestationUnavailable) as e:
+            await d.attestation.quote("without")
+    assert "the handle is not correct for the use" in str(e.value), e.value

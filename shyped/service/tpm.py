@@ -44,9 +44,19 @@ def _run(args: list[str], tcti: str | None, cwd: str | None = None) -> bytes:
     except subprocess.TimeoutExpired:
         raise TpmError(f"{args[0]}: no answer from the TPM in {TIMEOUT:g} s") from None
     if done.returncode != 0:
-        err = done.stderr.decode(errors="replace").strip().splitlines()
-        raise TpmError(f"{args[0]} failed: {err[-1] if err else f'exit {done.returncode}'}")
+        raise TpmError(f"{args[0]} failed: {_reason(done.stderr, done.returncode)}")
     return done.stdout
+
+
+def _reason(stderr: bytes, code: int) -> str:
+    """The TPM's own reason from tpm2-tools' stderr: the last ``Esys_...(0x18B) - tpm:...``
+    line (its response code decoded), else the last line (``Unable to run ...`` says
+    nothing)."""
+    lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
+    decoded = [ln for ln in lines if ln.startswith("ERROR: ") and "(0x" in ln and ") - " in ln]
+    if decoded:
+        return decoded[-1].removeprefix("ERROR: ")
+    return lines[-1] if lines else f"exit {code}"
 
 
 def _auth(flag: str, path: Path | None) -> list[str]:
