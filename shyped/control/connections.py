@@ -30,6 +30,7 @@ from shyped.control.access import (
     slot_class,
 )
 from shyped.control.backend import Access, ControlAudit, ControlBackend, NoArgs, Peer, Pong
+from shyped.control.caller import CALLER, Caller
 from shyped.control.protocol import (
     VERSION,
     ControlError,
@@ -392,9 +393,13 @@ class ControlProtocol(Protocol):
         if request.op.name == "ping":  # answered by the server itself: is anyone there?
             return Pong(protocol=VERSION, daemon=f"shyped {__version__}")
         method = getattr(self.factory.backend, request.op.method)
-        if isinstance(request.args, NoArgs):
-            return method()
-        return method(request.args)
+        token = CALLER.set(Caller(self.peer, self.access))  # e.g. attest_quote's rate limit
+        try:
+            if isinstance(request.args, NoArgs):
+                return method()
+            return method(request.args)
+        finally:
+            CALLER.reset(token)
 
     def _authorize(self, request: Request) -> None:
         op = request.op
