@@ -204,6 +204,8 @@ class FlaskCoupling:
         vetoes it then (fail closed); it is logged and audited (``result=undo-failed``)."""
         if plan is None or plan.step is not Step.RELABEL or plan.have is None:
             return
+        if self.core.host.domain(domid) is None:
+            return  # gone meanwhile: nothing left to put back
         try:
             await self.flask.relabel_back(domid, plan)
         except FlaskError as e:
