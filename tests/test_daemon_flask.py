@@ -516,3 +516,32 @@ async def test_a_domain_whose_xen_context_disagrees_is_vetoed_when_decided_again
     assert not last.allowed
     assert f"runs in Xen as {context('bank-a-batch')}" in last.decision.reason
     assert "web-a1" not in host.domains()
+
+
+@needs_flask_tools
+@pytest_twisted.ensureDeferred
+async def test_when_xen_will_not_be_put_back_it_is_audited_and_the_next_decision_vetoes(
+    host: Harness, tmp_path: Path
+) -> None:
+    """Xen relabelled, the daemon could not, and Xen refuses the way back: the daemon keeps
+    its label, says so (critical log, ``result=undo-failed``), and the domain's next decision
+    finds Xen's context wrong and vetoes it (fail closed)."""
+    from shyped.control.protocol import ControlError
+
+    fake = _fake(host)
+    daemon, a, audit_dir = await _running(host, tmp_path, fake)
+    fake.refuse_to.add(context("bank-a-web"))
+    good = daemon.config.labels.read_bytes()
+    daemon.config.labels.write_text("{ broken")
+    with pytest.raises(ControlError, match="has errors"):
+        await _relabel(daemon, a, "bank-a-batch")
+    _unchanged(host, daemon, a, "bank-a-web")
+    assert fake.relabelled[a] == context("bank-a-batch")
+    daemon.config.labels.write_bytes(good)
+    assert (await daemon.reload_policy(_newer(tmp_path))).applied
+    await host.settle()
+    last = host.last(f"domain {a}")
+    assert not last.allowed and f"runs in Xen as {context('bank-a-batch')}" in last.decision.reason
+    await host.stop()
+    results = [r.get("result") for r in records(audit_dir) if r["kind"] == "flask-relabel"]
+    assert results[-2:] == ["relabelled", "undo-failed"]
