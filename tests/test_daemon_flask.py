@@ -56,6 +56,8 @@ class FakeXen:
     nodes: list[str | None] = attrs.field(factory=list)
     #: contexts Xen refuses to relabel to
     refuse_to: set[str] = attrs.field(factory=set)
+    #: set: a relabel (Xen has the new context already) returns once it is set
+    hold: threading.Event | None = None
     console: str = ""
     lock: threading.Lock = attrs.field(factory=threading.Lock)
 
@@ -76,6 +78,8 @@ class FakeXen:
         if self.refuse_relabel or ctx in self.refuse_to:
             raise FlaskError(f"xc_flask_relabel_domain({domid}, {ctx}): EACCES (Permission denied)")
         self.relabelled[domid] = ctx
+        if self.hold is not None:  # the call returns only when the test says so
+            assert self.hold.wait(30)
 
     def list_contexts(self) -> str:
         rows = ["Name  ID  Mem VCPUs  State  Time(s)  Security Label"]
@@ -545,3 +549,37 @@ async def test_when_xen_will_not_be_put_back_it_is_audited_and_the_next_decision
     await host.stop()
     results = [r.get("result") for r in records(audit_dir) if r["kind"] == "flask-relabel"]
     assert results[-2:] == ["relabelled", "undo-failed"]
+
+
+@needs_flask_tools
+@pytest_twisted.ensureDeferred
+async def test_a_policy_switch_while_xen_relabels_does_not_veto_the_domain(
+    host: Harness, tmp_path: Path
+) -> None:
+    """A policy switch re-decides every domain; one decided while its relabel is between
+    Xen (new context) and the daemon (old label) must not be vetoed for disagreeing."""
+    from twisted.internet.task import deferLater
+
+    fake = _fake(host)
+    daemon, a, _ = await _running(host, tmp_path, fake)
+    fake.hold = threading.Event()
+    relabel = _relabel(daemon, a, "bank-a-batch")
+    for _ in range(1000):
+        if fake.relabels:
+            break
+        await deferLater(reactor, 0.01)
+    assert fake.relabelled[a] == context("bank-a-batch")  # Xen has it, the daemon not yet
+    reload = daemon.reload_policy(_newer(tmp_path))  # re-decides every domain
+    lock = daemon.flask.relabel_lock
+    for _ in range(6000):  # until the reload waits for the relabel, or is done
+        if reload.called or lock.waiting:
+            break
+        await deferLater(reactor, 0.01)
+    fake.hold.set()
+    assert (await relabel).label.endswith("bank-a-batch")
+    assert (await reload).applied
+    await host.settle()
+    await daemon.audit_synced()
+    assert "web-a1" in host.domains()
+    assert host.last(f"domain {a}").allowed
+    _unchanged(host, daemon, a, "bank-a-batch")

@@ -16,9 +16,10 @@ Mapping:
   ``seclabel=``) → ``shype__unlabelled_t`` (aliases ``domU_t``, ``dm_dom_t``), communicating
   as the policy's `Defaults` say (not at all when unlabelled domains are denied); dom0 may
   relabel such a domain to any label type;
-- a running domain relabelled by the daemon (``shypectl relabel``): dom0 may relabel between
-  the types of the non-dynamic labels (`relabel_types`), the only relabels the daemon's check
-  can allow, and the domain keeps ``send``/``status`` on the channels of its old type;
+- a running domain relabelled by the daemon (``shypectl addlabel L mgt DOMAIN``): dom0 may
+  relabel between the types of the non-dynamic labels (`relabel_types`), the only relabels
+  the daemon's check can allow, and the domain keeps ``send``/``status`` on the channels of
+  its old type;
 - two domain types whose labels the engine lets set up a two-way channel
   (`PolicyEngine.channel` at `Hook.EVTCHN`: a common STE type, equal MLS labels where both
   carry one) → ``domain_comms`` (event channels and grant maps both ways); a label with itself
@@ -169,7 +170,7 @@ def _running_relabel_rules(policy: Policy) -> list[str]:
         return []
     lines = [
         "",
-        f"# Relabel of a running domain (shypectl relabel): dom0 between the {RELABEL_ATTR}",
+        f"# Relabel of a running domain (shypectl addlabel L mgt): dom0 between the {RELABEL_ATTR}",
         "# types (no dynamic label); the domain keeps using (send, status) the channels it",
         "# opened under its old type",
         f"attribute {RELABEL_ATTR};",

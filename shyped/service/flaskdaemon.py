@@ -9,8 +9,8 @@
   context in Xen is checked and an unlabelled domain relabelled; a domain Xen refuses to
   relabel, or that runs in Xen under another label, is refused (the permit turns into the
   hook's veto, rule ``label``);
-- ``shypectl relabel`` of a running domain (`relabel_running`): relabelled in Xen before the
-  daemon relabels it; Xen refuses → the daemon refuses; the daemon fails after Xen
+- ``shypectl addlabel L mgt DOMAIN`` of a running domain (`relabel_running`): relabelled in
+  Xen before the daemon relabels it; Xen refuses → the daemon refuses; the daemon fails after Xen
   accepted → `relabel_back`;
 - a policy switch (`switch`): compiled and loaded into Xen before the daemon switches; if
   Xen refuses, the daemon keeps its policy (`revert` loads Xen's previous one back when the
@@ -61,7 +61,9 @@ class FlaskCoupling:
         self._by_class: dict[str, int] = {}
         #: Xen's policy before the last switch (loaded back by `revert`).
         self._previous: Prepared | None = None
-        #: Held by a relabel of a running domain from Xen's relabel to the daemon's.
+        #: Held by a relabel of a running domain (from Xen's relabel to the daemon's) and by
+        #: what re-decides every domain (policy reload, switch to enforcing): no domain is
+        #: decided while Xen and the daemon hold different labels for it.
         self.relabel_lock = DeferredLock()
         flask.on_avc = self._avc
 
@@ -175,10 +177,11 @@ class FlaskCoupling:
     async def relabel_running(
         self, domid: int, name: str | None, old: str | None, new: str
     ) -> DomainPlan | None:
-        """``shypectl relabel`` of running domain `domid` from label `old` to `new`, in Xen
-        first: the plan carried out (a REFUSE means Xen is unchanged and the daemon must
-        refuse the relabel too), None when FLASK is absent or for dom0 (``dom0_t`` whatever
-        its label). Audited: ``flask-relabel`` with ``result`` relabelled or refused."""
+        """``shypectl addlabel L mgt DOMAIN`` of running domain `domid` from label `old` to
+        `new`, in Xen first: the plan carried out (a REFUSE means Xen is unchanged and the
+        daemon must refuse the relabel too), None when FLASK is absent or for dom0
+        (``dom0_t`` whatever its label). Audited: ``flask-relabel`` with ``result``
+        relabelled or refused."""
         if not self.present or domid == 0:
             return None
         plan = await self.flask.relabel_running(domid, old, new)

@@ -10,8 +10,8 @@ What it does for the daemon (docs/flask.md, "The daemon and Xen's FLASK"):
   loads only an update its own check accepted, and keeps its old policy when Xen refuses);
 - **labels domains** in Xen: `ensure_domain` reads the domain's context (``xl list -Z``) and
   relabels an unlabelled one to its label's context (`shyped.core.xenflask.plan_domain`);
-  `relabel_running` relabels a running domain the daemon relabels (``shypectl relabel``)
-  before the daemon does, `relabel_back` undoes it;
+  `relabel_running` relabels a running domain the daemon relabels (``shypectl addlabel L
+  mgt DOMAIN``) before the daemon does, `relabel_back` undoes it;
 - **reads AVC messages** from Xen's console ring every `poll_interval` seconds (incremental,
   off the reactor) and hands the parsed denials to `on_avc`.
 

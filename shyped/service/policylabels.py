@@ -84,7 +84,10 @@ class PolicyAndLabels(DaemonCore):
         if self.metrics is not None:
             self.metrics.set_mode(mode)
         if mode is Mode.ENFORCING:
-            self._sweep("mode switched to enforcing")
+            if self.flask is not None and self.flask.present:  # not amid a relabel
+                self.flask.relabel_lock.run(self._sweep, "mode switched to enforcing")
+            else:
+                self._sweep("mode switched to enforcing")
 
     def set_labels(self, labels: LabelStore) -> None:
         """Decide from `labels` from now on (running domains keep the label they run with)."""
@@ -139,30 +142,39 @@ class PolicyAndLabels(DaemonCore):
         label: str,
         before: Callable[[], None] | None,
     ) -> RelabelCheck:
-        async with flask.relabel_lock:  # one relabel at a time between Xen and the daemon
-            check = self._relabel_check(domid, label)
-            dom = self.host.domain(domid)
-            if not check.allowed or dom is None or check.new is None:
-                return check
-            plan = await flask.relabel_running(domid, dom.name, check.old, check.new)
-            if plan is not None and plan.step is Step.REFUSE:
-                problem = UpdateProblem(Reason.LABEL, f"Xen FLASK: {plan.reason}", (domid,))
-                return attrs.evolve(check, problems=(problem,))
-            # The running system may have changed while Xen relabelled: decide again
-            again = self._relabel_check(domid, label)
-            if again != check or self.host.domain(domid) is None:
-                await flask.relabel_back(domid, dom.name, plan)
-                if not again.allowed:
-                    return again
-                why = f"domain {domid} changed during its relabel in Xen (undone): try again"
-                return attrs.evolve(again, problems=(UpdateProblem(Reason.LABEL, why, (domid,)),))
-            try:
-                if before is not None:
-                    before()  # the label store: if it cannot be written, Xen is put back
-            except BaseException:
-                await flask.relabel_back(domid, dom.name, plan)
-                raise
-            return await self._relabel_now(check, None)
+        async with flask.relabel_lock:  # no other relabel, reload or sweep meanwhile
+            return await self._relabel_locked(flask, domid, label, before)
+
+    async def _relabel_locked(
+        self,
+        flask: FlaskCoupling,
+        domid: int,
+        label: str,
+        before: Callable[[], None] | None,
+    ) -> RelabelCheck:
+        check = self._relabel_check(domid, label)
+        dom = self.host.domain(domid)
+        if not check.allowed or dom is None or check.new is None:
+            return check
+        plan = await flask.relabel_running(domid, dom.name, check.old, check.new)
+        if plan is not None and plan.step is Step.REFUSE:
+            problem = UpdateProblem(Reason.LABEL, f"Xen FLASK: {plan.reason}", (domid,))
+            return attrs.evolve(check, problems=(problem,))
+        # The running system may have changed while Xen relabelled: decide again
+        again = self._relabel_check(domid, label)
+        if again != check or self.host.domain(domid) is None:
+            await flask.relabel_back(domid, dom.name, plan)
+            if not again.allowed:
+                return again
+            why = f"domain {domid} changed during its relabel in Xen (undone): try again"
+            return attrs.evolve(again, problems=(UpdateProblem(Reason.LABEL, why, (domid,)),))
+        try:
+            if before is not None:
+                before()  # the label store: if it cannot be written, Xen is put back
+        except BaseException:
+            await flask.relabel_back(domid, dom.name, plan)
+            raise
+        return await self._relabel_now(check, None)
 
     def _relabel_now(
         self, check: RelabelCheck, before: Callable[[], None] | None
@@ -196,7 +208,12 @@ class PolicyAndLabels(DaemonCore):
 
     def reload_policy(self, path: str | Path | None = None) -> Deferred[ReloadResult]:
         """Load a policy (default: the configured file) and switch to it if the running
-        system satisfies it; the label store is re-read first. Never fails: see the result."""
+        system satisfies it; the label store is re-read first. Never fails: see the result.
+        With Xen's FLASK, not amid a relabel of a running domain (it re-decides them all)."""
+        if self.flask is not None and self.flask.present:
+            return self.flask.relabel_lock.run(
+                lambda: Deferred.fromCoroutine(self._reload_store_too(path))
+            )
         return Deferred.fromCoroutine(self._reload_store_too(path))
 
     async def _reload_store_too(self, path: str | Path | None) -> ReloadResult:
