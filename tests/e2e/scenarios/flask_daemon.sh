@@ -8,6 +8,9 @@
 #      unlabelled) relabelled by the daemon from the label store before its admission;
 #   3. alpha and beta (share "shared") bind and map; gamma and alpha (share nothing) are
 #      refused by Xen, and the daemon's audit trail records the denials;
+#   3b. `shypectl addlabel gamma mgt alpha` (xm's relabel of a running domain): Xen relabels
+#      alpha first (xl list -Z), alpha keeps its xenstore/console channels, a port it offers
+#      beta is refused; relabelled back to alpha, the same offer works;
 #   4. a policy Xen refuses (the daemon's copy of Xen's policy tree broken on purpose):
 #      both keep 1.0, alpha and beta still bind;
 #   5. `shypectl policy load` of 1.2 (alpha and beta share nothing): both switch, a new port
@@ -71,6 +74,14 @@ peer alpha 4 take "$G" "$(value 3 port)" "$(value 3 gref)"
 sleep 3 # the daemon reads Xen's console ring every second
 xl dmesg >/tmp/xl-dmesg-1.txt 2>&1
 e2e_put xl-dmesg-1.txt /tmp/xl-dmesg-1.txt
+
+e2e_step "3b: shypectl relabel of running alpha to gamma (Xen first), and back"
+e2e_run relabel-gamma.json ctl addlabel gamma mgt alpha
+e2e_run xl-list-Z-relabelled.txt xl list -Z
+peer alpha 8 offer "$B" # as gamma alpha shares nothing with beta: Xen refuses the port
+e2e_run relabel-alpha.json ctl addlabel alpha mgt alpha
+e2e_run xl-list-Z-back.txt xl list -Z
+peer alpha 9 offer "$B" # alpha again: allowed
 
 e2e_step "4: a policy Xen refuses"
 AV=$(ls -d /tmp/shyped-flask-cache/*/xen/xsm/flask/policy)/access_vectors
