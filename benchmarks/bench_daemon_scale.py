@@ -24,7 +24,9 @@ Baseline: ``--baseline-ref REF`` (a git ref of this repository, checked out with
 ``git worktree add --detach`` into a temporary directory and removed after) or ``--baseline
 DIR`` (any tree holding ``shyped/``, e.g. an installed copy's parent directory).
 ``--tracemalloc K`` prints, for the largest N and this tree, the K biggest allocation sites
-still held after the start (slow; a diagnosis, not a measurement).
+still held after the start, each grouped by its innermost 6 frames (slow; a diagnosis, not a
+measurement). A child that runs over 30 minutes is taken as hung (a wedged xenstore
+connection): it is killed and the run stops saying so.
 
 Run: .venv/bin/python benchmarks/bench_daemon_scale.py --baseline-ref main [--sizes
 0,10,1000,5000] [--rounds 3] [--json]. The default run takes several minutes on a loaded
@@ -129,6 +131,13 @@ def _admit(socket_path: str, count: int) -> list[float]:
     return out
 
 
+#: Frames kept per allocation by ``--tracemalloc`` (its sites are grouped by these frames).
+_TRACE_FRAMES = 6
+#: A child taking longer than this has hung (e.g. a wedged xenstore connection): it is
+#: killed and the run fails saying so, rather than waiting for ever.
+_CHILD_TIMEOUT_S = 1800
+
+
 def _child_daemon(socket_path: str, n: int, admissions: int, trace: int) -> dict[str, Any]:
     sys.path.insert(0, str(HERE))
     from bench_daemon import POLICY, NoActuator, labels
@@ -165,7 +174,7 @@ def _child_daemon(socket_path: str, n: int, admissions: int, trace: int) -> dict
         if trace:
             import tracemalloc
 
-            tracemalloc.start(4)
+            tracemalloc.start(_TRACE_FRAMES)
         t = time.perf_counter()
         await daemon.start()
         await daemon.settled()
@@ -187,9 +196,11 @@ def _child_daemon(socket_path: str, n: int, admissions: int, trace: int) -> dict
             out["traced_kib"] = cur / 1024
             out["traced_peak_kib"] = peak / 1024
             tracemalloc.stop()
-            top = snap.statistics("lineno")[:trace]
+            top = snap.statistics("traceback")[:trace]
             out["tracemalloc"] = [
-                f"{s.size / 1024:9.1f} KiB {s.count:8} {s.traceback}" for s in top
+                f"{s.size / 1024:9.1f} KiB {s.count:8}  "
+                + " < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(s.traceback))
+                for s in top
             ]
         if admissions:
             samples = await threads.deferToThread(_admit, socket_path, admissions)
@@ -206,7 +217,18 @@ def _child_daemon(socket_path: str, n: int, admissions: int, trace: int) -> dict
 def _child(tree: Path, *args: str) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(tree))
     cmd = [sys.executable, str(Path(__file__).resolve()), "_child", *args]
-    res = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, cwd=tree)
+    try:
+        res = subprocess.run(
+            cmd,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=tree,
+            timeout=_CHILD_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise SystemExit(f"{tree}: child {args[0]} hung ({_CHILD_TIMEOUT_S} s), killed") from e
     return dict(json.loads(res.stdout.splitlines()[-1]))
 
 
