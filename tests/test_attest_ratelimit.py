@@ -105,3 +105,53 @@ def test_token_buckets_refill_cap_and_fail_closed() -> None:
     assert b.take(3, 1000.0) == pytest.approx(10.0)
     # once a bucket is full again it carries no state: dropped, the new key fits
     assert b.take(3, 2000.0) is None
+
+
+#: Opens one connection per argv nonce, sends an attest_quote on each before reading any, then
+#: prints each connection's answer (as one uid racing its bucket from many connections).
+PARALLEL = r"""
+import json, socket, sys
+path, nonces = sys.argv[1], sys.argv[2:]
+socks = []
+for n in nonces:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(60)
+    s.connect(path)
+    doc = {"version": 1, "op": "attest_quote", "args": {"nonce": n}}
+    s.sendall(json.dumps(doc).encode() + b"\n")
+    socks.append(s)
+for s in socks:
+    line = s.makefile("rb").readline()
+    print(json.dumps(json.loads(line) if line else {"eof": True}), flush=True)
+"""
+
+
+@needs_users
+@pytest_twisted.ensureDeferred
+async def test_many_connections_of_one_uid_share_its_bucket(
+    tmp_path: Path, accounts: Accounts
+) -> None:
+    """Red team (redlocal): the bucket is per uid, not per connection: a read-group member
+    asking from its 8 connections at once (each request waiting its turn in the read class's
+    one heavy slot) still gets its burst, the rest refused as rate-limited; admins go on."""
+    from peercred_helpers import run_as
+
+    need_swtpm()
+    with swtpm() as tpm, reachable_backend("ctlrp") as base:
+        backend = AttestingBackend(base.directory)
+        d = stub_daemon(tmp_path, tpm)
+        cfg = attrs.evolve(d.attestation.config, quote_burst=2, quotes_per_minute=1)
+        d.attestation = Attestation(d, cfg)
+        backend.daemon = d
+        await d.attestation.start()
+        assert d.attestation.unavailable is None, d.attestation.unavailable
+        config = groups_config(backend, accounts)
+        async with aserving(backend, backend.directory, config=config) as server:
+            nonces = [f"p{i}" for i in range(8)]
+            mine = await in_thread(run_as, accounts.reader, PARALLEL, str(server.path), *nonces)
+            oks = [a.get("ok") is True for a in mine]
+            assert sum(oks) == 2, [a.get("error") for a in mine]
+            refused = [a["error"] for a in mine if a.get("ok") is not True]
+            assert all(e["details"]["reason"] == "rate-limited" for e in refused), refused
+            admin = await in_thread(as_user, accounts.admin, server.path, quote_line("a1"))
+            assert admin[0]["ok"] is True, admin

@@ -1,0 +1,156 @@
+"""Red team (redlocal): a read-group member with subordinate uids (``/etc/subuid``: Debian's
+useradd gives every user 65,536; ``newuidmap`` from the ``uidmap`` package maps them) asks for
+quotes as many uids. In a user namespace it maps its subordinate range, ``setuid``s to each
+and connects: the kernel reports each as a different uid (``SO_PEERCRED``) still in the read
+group (its own gid, mapped too). The quote rate limit was a bucket per peer uid: every
+subordinate uid had its own, so one user had 65,536 bursts, and past 4,096 keys every other
+non-admin uid was refused (the buckets fail closed). A subordinate uid now counts as the user
+it belongs to (`shyped.control.subids`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+import pytest_twisted
+from control_helpers import aserving, in_thread
+from peercred_helpers import (
+    Accounts,
+    as_user,
+    groups_config,
+    needs_users,
+    reachable_backend,
+    run_as,
+    system_accounts,
+)
+from test_attest_ratelimit import AttestingBackend
+from tpm_helpers import need_swtpm, stub_daemon, swtpm
+
+from shyped.control.subids import owner_of
+from shyped.service.attestation import Attestation
+
+#: argv: socket, first subordinate id, count. Maps uid/gid 0 to the caller's own and 1..count
+#: to the subordinate range (newuidmap/newgidmap), then asks one quote as each of 1..count.
+AS_SUBUIDS = r"""
+import ctypes, json, os, socket, subprocess, sys
+path, sub, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+libc = ctypes.CDLL(None, use_errno=True)
+me, mygid = os.getuid(), os.getgid()
+r, w = os.pipe()
+r2, w2 = os.pipe()
+pid = os.fork()
+if pid == 0:
+    if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+        os._exit(3)
+    os.write(w, b"x")
+    os.read(r2, 1)
+    for k in range(1, count + 1):
+        rr, ww = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.setresgid(0, 0, 0)
+            os.setresuid(k, k, k)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(60)
+            s.connect(path)
+            doc = {"version": 1, "op": "attest_quote", "args": {"nonce": f"s{k}"}}
+            s.sendall(json.dumps(doc).encode() + b"\n")
+            os.write(ww, s.makefile("rb").readline() or b'{"eof": true}\n')
+            os._exit(0)
+        os.close(ww)
+        data = b""
+        while chunk := os.read(rr, 1 << 20):
+            data += chunk
+        os.waitpid(child, 0)
+        print(json.dumps(json.loads(data)), flush=True)
+    os._exit(0)
+os.read(r, 1)
+for tool, own in (("newuidmap", me), ("newgidmap", mygid)):
+    subprocess.run([tool, str(pid), "0", str(own), "1", "1", str(sub), str(count)], check=True)
+os.write(w2, b"x")
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+SUB = 310000
+
+
+@pytest.fixture
+def accounts() -> Iterator[Accounts]:
+    with system_accounts() as acc:
+        yield acc
+
+
+@needs_users
+@pytest_twisted.ensureDeferred
+async def test_a_user_s_subordinate_uids_share_its_quote_bucket(
+    tmp_path: Path, accounts: Accounts
+) -> None:
+    if not (shutil.which("newuidmap") and shutil.which("newgidmap")):
+        pytest.skip("needs newuidmap/newgidmap (apt-get install uidmap)")
+    need_swtpm()
+    subprocess.run(
+        [
+            "usermod",
+            "--add-subuids",
+            f"{SUB}-{SUB + 15}",
+            "--add-subgids",
+            f"{SUB}-{SUB + 15}",
+            accounts.reader.name,
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip  (userdel removes them with the user)
+    with swtpm() as tpm, reachable_backend("ctlsu") as base:
+        backend = AttestingBackend(base.directory)
+        d = stub_daemon(tmp_path, tpm)
+        cfg = attrs.evolve(d.attestation.config, quote_burst=2, quotes_per_minute=1)
+        d.attestation = Attestation(d, cfg)
+        backend.daemon = d
+        await d.attestation.start()
+        assert d.attestation.unavailable is None, d.attestation.unavailable
+        config = groups_config(backend, accounts)
+        async with aserving(backend, backend.directory, config=config) as server:
+            answers = await in_thread(
+                run_as, accounts.reader, AS_SUBUIDS, str(server.path), str(SUB), "4"
+            )
+            assert len(answers) == 4, answers
+            oks = [a.get("ok") is True for a in answers]
+            assert sum(oks) <= 2, (
+                f"uid {accounts.reader.uid} had {sum(oks)} quotes made as 4 subordinate uids "
+                f"(burst 2): {[a.get('error') for a in answers]}"
+            )
+            refused = [a["error"] for a in answers if a.get("ok") is not True]
+            assert refused and all(e["details"]["reason"] == "rate-limited" for e in refused)
+            assert all(f"uid {accounts.reader.uid}" in e["message"] for e in refused), refused
+            # its own uid shares that bucket; another read-group member has its own
+            mine = await in_thread(as_user, accounts.reader, server.path, quote_line("m"))
+            assert mine[0]["error"]["details"]["reason"] == "rate-limited", mine
+            other = await in_thread(
+                as_user, accounts.outsider, server.path, quote_line("o"),
+                groups=(accounts.read_gid,),
+            )  # fmt: skip
+            assert other[0]["ok"] is True, other
+
+
+def quote_line(nonce: str) -> str:
+    return json.dumps({"version": 1, "op": "attest_quote", "args": {"nonce": nonce}})
+
+
+def test_owner_of_reads_subordinate_ranges(tmp_path: Path) -> None:
+    import pwd
+
+    root = pwd.getpwuid(0).pw_name
+    table = tmp_path / "subuid"
+    table.write_text(f"# comment\n{root}:100000:65536\n1234:200000:10\nnobody-x:300000:5\nbad\n")
+    assert owner_of(100000, table) == 0 and owner_of(165535, table) == 0
+    assert owner_of(165536, table) == 165536  # past the range: its own
+    assert owner_of(200009, table) == 1234  # a numeric owner
+    assert owner_of(300001, table) == -300000  # an owner not known: the range, as one key
+    assert owner_of(42, table) == 42
+    assert owner_of(100001, tmp_path / "none") == 100001  # no table: uids are their own
