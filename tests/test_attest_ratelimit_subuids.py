@@ -154,3 +154,94 @@ def test_owner_of_reads_subordinate_ranges(tmp_path: Path) -> None:
     assert owner_of(300001, table) == -300000  # an owner not known: the range, as one key
     assert owner_of(42, table) == 42
     assert owner_of(100001, tmp_path / "none") == 100001  # no table: uids are their own
+
+
+#: argv: socket, first subordinate id, count, per: in a user namespace (as AS_SUBUIDS), each of
+#: uids 1..count opens `per` connections and holds them; prints how many were answered at once
+#: (``busy``) and how many are held, then waits for a line on stdin before closing them.
+HOLD_AS_SUBUIDS = r"""
+import ctypes, json, os, select, socket, subprocess, sys, time
+path, sub, count, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+libc = ctypes.CDLL(None, use_errno=True)
+me, mygid = os.getuid(), os.getgid()
+r, w = os.pipe()
+r2, w2 = os.pipe()
+pid = os.fork()
+if pid == 0:
+    if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+        os._exit(3)
+    os.write(w, b"x")
+    os.read(r2, 1)
+    kids = []
+    for k in range(1, count + 1):
+        rr, ww = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.setresgid(0, 0, 0)
+            os.setresuid(k, k, k)
+            socks = []
+            for _ in range(per):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(path)
+                socks.append(s)
+            time.sleep(1.0)  # answers to refused connections come at once
+            busy = 0
+            for s in socks:
+                if select.select([s], [], [], 0)[0]:
+                    busy += 1
+            os.write(ww, json.dumps({"busy": busy, "held": per - busy}).encode())
+            os.close(ww)
+            sys.stdin.read()  # hold until told
+            os._exit(0)
+        os.close(ww)
+        kids.append((child, rr))
+    busy = held = 0
+    for child, rr in kids:
+        doc = json.loads(os.read(rr, 1000))
+        busy, held = busy + doc["busy"], held + doc["held"]
+    print(json.dumps({"busy": busy, "held": held}), flush=True)
+    sys.stdin.read()
+    for child, _ in kids:
+        os.kill(child, 15)
+    os._exit(0)
+os.read(r, 1)
+for tool, own in (("newuidmap", me), ("newgidmap", mygid)):
+    subprocess.run([tool, str(pid), "0", str(own), "1", "1", str(sub), str(count)], check=True)
+os.write(w2, b"x")
+_, status = os.waitpid(pid, 0)
+"""
+
+
+@needs_users
+@pytest_twisted.ensureDeferred
+async def test_a_user_s_subordinate_uids_share_its_connection_slots(accounts: Accounts) -> None:
+    """As many uids, one read-group user held every read-group connection slot (64: 8 per
+    uid) and another member got ``busy``: its subordinate uids now share its 8."""
+    from control_helpers import ModelBackend
+    from peercred_helpers import spawn_as
+
+    if not (shutil.which("newuidmap") and shutil.which("newgidmap")):
+        pytest.skip("needs newuidmap/newgidmap (apt-get install uidmap)")
+    subprocess.run(
+        ["usermod", "--add-subuids", f"{SUB}-{SUB + 15}", "--add-subgids", f"{SUB}-{SUB + 15}",
+         accounts.reader.name],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    with reachable_backend("ctlss") as base:
+        backend: ModelBackend = base
+        config = groups_config(backend, accounts)
+        async with aserving(backend, backend.directory, config=config) as server:
+            hold = spawn_as(accounts.reader, HOLD_AS_SUBUIDS, str(server.path), str(SUB), "9", "8")
+            try:
+                assert hold.stdout is not None
+                got = json.loads(await in_thread(hold.stdout.readline) or "{}")
+                assert got.get("held") == 8, got  # its own 8, however many uids
+                other = await in_thread(
+                    as_user, accounts.outsider, server.path, '{"version": 1, "op": "status"}',
+                    groups=(accounts.read_gid,),
+                )  # fmt: skip
+                assert other[0].get("ok") is True, other
+            finally:
+                assert hold.stdin is not None
+                hold.stdin.close()
+                await in_thread(hold.wait, 30)
