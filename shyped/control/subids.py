@@ -18,8 +18,8 @@ SUBUID: Final = Path("/etc/subuid")
 #: A larger table is not read (fail closed: see `owner_of`).
 MAX_TABLE_BYTES: Final = 1 << 20
 
-#: (path, st_ino, st_mtime_ns, st_size) -> [(first, count, owner key)]
-_cache: dict[tuple[str, int, int, int], list[tuple[int, int, int]]] = {}
+#: (path, st_ino, st_mtime_ns, st_size) -> [(first, count, owner as written)]
+_cache: dict[tuple[str, int, int, int], list[tuple[int, int, str]]] = {}
 
 
 def _owner_key(owner: str, first: int) -> int:
@@ -31,7 +31,7 @@ def _owner_key(owner: str, first: int) -> int:
         return -first  # an owner not known: the whole range as one key
 
 
-def _ranges(table: Path) -> list[tuple[int, int, int]] | None:
+def _ranges(table: Path) -> list[tuple[int, int, str]] | None:
     """The table's ranges, None when it cannot be read or is too large."""
     try:
         with table.open("rb") as f:
@@ -46,12 +46,12 @@ def _ranges(table: Path) -> list[tuple[int, int, int]] | None:
         return []
     except OSError:
         return None
-    ranges: list[tuple[int, int, int]] = []
+    ranges: list[tuple[int, int, str]] = []
     for line in text.splitlines():
         owner, _, rest = line.strip().partition(":")
         first, _, count = rest.partition(":")
         if owner and not owner.startswith("#") and first.isdigit() and count.isdigit():
-            ranges.append((int(first), int(count), _owner_key(owner, int(first))))
+            ranges.append((int(first), int(count), owner))
     _cache.clear()
     _cache[key] = ranges
     return ranges
@@ -68,6 +68,6 @@ def owner_of(uid: int, table: Path = SUBUID) -> int:
     if ranges is None:
         return uid if uid < 65536 else -65536
     for first, count, owner in ranges:
-        if first <= uid < first + count:
-            return owner
+        if first <= uid < first + count:  # the owner looked up only here: most uids own none
+            return _owner_key(owner, first)
     return uid
