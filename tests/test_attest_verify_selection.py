@@ -69,3 +69,17 @@ def test_a_tpm_s_selection_still_parses() -> None:
         parse_attest(selecting(1, _SELECT_ALL))
     with pytest.raises(BundleError, match="PCR selection"):
         parse_attest(selecting(1_000, one))
+
+
+def test_a_log_of_wrong_entries_is_named_up_to_a_bound_then_counted() -> None:
+    """A forged log of 700,000 wrong entries made a verdict of 700,000 lines (~170 MB kept):
+    the first `MAX_LOG_PROBLEMS` are named, the rest counted."""
+    from shyped.attest.measure import MAX_LOG_PROBLEMS, Entry, LogFold
+
+    fold = LogFold()
+    for _ in range(MAX_LOG_PROBLEMS + 50):
+        fold.feed(Entry(7, {"v": 1}, bytes(32)))  # another format: one problem each
+    problems = fold.problems
+    assert len(problems) == MAX_LOG_PROBLEMS + 1
+    assert problems[0].startswith("log entry 0: unknown measurement format 1")
+    assert problems[-1] == "... and 50 more problems of log entries"
