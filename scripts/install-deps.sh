@@ -23,6 +23,7 @@ APT_PACKAGES=(
     setools            # FLASK compiler tests: read the binary policy back (sesearch, python3-setools)
     etcd-server etcd-client  # pool mode (shyped/pool): a real etcd cluster on loopback in the tests
     swtpm swtpm-tools tpm2-tools  # attestation (shyped/attest): a software TPM 2.0 and tpm2_quote/checkquote
+    uidmap             # red team: newuidmap/newgidmap, a user connecting as its subordinate uids
     dpkg-dev debhelper dh-virtualenv  # scripts/build-deb.sh: the Debian package (tests/test_debian_package.py)
 )
 missing=()

@@ -8,7 +8,8 @@ not limited (docs/attestation.md, *Quote*)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +52,10 @@ def quote_line(nonce: str) -> str:
     return json.dumps({"version": 1, "op": "attest_quote", "args": {"nonce": nonce}})
 
 
-@needs_users
-@pytest_twisted.ensureDeferred
-async def test_a_read_group_user_s_quotes_are_rate_limited_per_uid(
-    tmp_path: Path, accounts: Accounts
-) -> None:
+@asynccontextmanager
+async def limited_server(tmp_path: Path, accounts: Accounts) -> AsyncIterator[Any]:
+    """A control server with the real attest op over a stub daemon (real swtpm) whose quotes
+    are limited to 2 at once and 1 a minute per uid; the accounts' groups configured."""
     need_swtpm()
     with swtpm() as tpm, reachable_backend("ctlrl") as base:
         backend = AttestingBackend(base.directory)
@@ -67,28 +67,37 @@ async def test_a_read_group_user_s_quotes_are_rate_limited_per_uid(
         assert d.attestation.unavailable is None, d.attestation.unavailable
         config = groups_config(backend, accounts)
         async with aserving(backend, backend.directory, config=config) as server:
-            lines = [quote_line(f"r{i}") for i in range(4)]
-            mine = await in_thread(as_user, accounts.reader, server.path, *lines)
-            oks = [a.get("ok") for a in mine]
-            assert oks == [True, True, False, False], (
-                f"uid {accounts.reader.uid} had {oks.count(True)} quotes made in a row "
-                f"(burst 2, 1 a minute): {[a.get('error') for a in mine]}"
-            )
-            error = mine[2]["error"]
-            assert error["code"] == "busy", error
-            assert f"attestation rate-limited: uid {accounts.reader.uid}" in error["message"]
-            assert error["details"]["reason"] == "rate-limited"
-            assert 0 < error["details"]["retry_after"] <= 60
-            # per uid: another read-group member still has its own quotes
-            other = await in_thread(
-                as_user, accounts.outsider, server.path, quote_line("o1"),
-                groups=(accounts.read_gid,),
-            )  # fmt: skip
-            assert other[0]["ok"] is True, other
-            # root and the admin group are not limited
-            for who, groups in ((Account("root", 0, 0), ()), (accounts.admin, ())):
-                many = await in_thread(as_user, who, server.path, *lines, groups=groups)
-                assert all(a.get("ok") for a in many), (who, many)
+            yield server
+
+
+@needs_users
+@pytest_twisted.ensureDeferred
+async def test_a_read_group_user_s_quotes_are_rate_limited_per_uid(
+    tmp_path: Path, accounts: Accounts
+) -> None:
+    async with limited_server(tmp_path, accounts) as server:
+        lines = [quote_line(f"r{i}") for i in range(4)]
+        mine = await in_thread(as_user, accounts.reader, server.path, *lines)
+        oks = [a.get("ok") for a in mine]
+        assert oks == [True, True, False, False], (
+            f"uid {accounts.reader.uid} had {oks.count(True)} quotes made in a row "
+            f"(burst 2, 1 a minute): {[a.get('error') for a in mine]}"
+        )
+        error = mine[2]["error"]
+        assert error["code"] == "busy", error
+        assert f"attestation rate-limited: uid {accounts.reader.uid}" in error["message"]
+        assert error["details"]["reason"] == "rate-limited"
+        assert 0 < error["details"]["retry_after"] <= 60
+        # per uid: another read-group member still has its own quotes
+        other = await in_thread(
+            as_user, accounts.outsider, server.path, quote_line("o1"),
+            groups=(accounts.read_gid,),
+        )  # fmt: skip
+        assert other[0]["ok"] is True, other
+        # root and the admin group are not limited
+        for who, groups in ((Account("root", 0, 0), ()), (accounts.admin, ())):
+            many = await in_thread(as_user, who, server.path, *lines, groups=groups)
+            assert all(a.get("ok") for a in many), (who, many)
 
 
 def test_token_buckets_refill_cap_and_fail_closed() -> None:
@@ -105,3 +114,43 @@ def test_token_buckets_refill_cap_and_fail_closed() -> None:
     assert b.take(3, 1000.0) == pytest.approx(10.0)
     # once a bucket is full again it carries no state: dropped, the new key fits
     assert b.take(3, 2000.0) is None
+
+
+#: Opens one connection per argv nonce, sends an attest_quote on each before reading any, then
+#: prints each connection's answer (as one uid racing its bucket from many connections).
+PARALLEL = r"""
+import json, socket, sys
+path, nonces = sys.argv[1], sys.argv[2:]
+socks = []
+for n in nonces:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(60)
+    s.connect(path)
+    doc = {"version": 1, "op": "attest_quote", "args": {"nonce": n}}
+    s.sendall(json.dumps(doc).encode() + b"\n")
+    socks.append(s)
+for s in socks:
+    line = s.makefile("rb").readline()
+    print(json.dumps(json.loads(line) if line else {"eof": True}), flush=True)
+"""
+
+
+@needs_users
+@pytest_twisted.ensureDeferred
+async def test_many_connections_of_one_uid_share_its_bucket(
+    tmp_path: Path, accounts: Accounts
+) -> None:
+    """Red team (redlocal): the bucket is per uid, not per connection: a read-group member
+    asking from its 8 connections at once (each request waiting its turn in the read class's
+    one heavy slot) still gets its burst, the rest refused as rate-limited; admins go on."""
+    from peercred_helpers import run_as
+
+    async with limited_server(tmp_path, accounts) as server:
+        nonces = [f"p{i}" for i in range(8)]
+        mine = await in_thread(run_as, accounts.reader, PARALLEL, str(server.path), *nonces)
+        oks = [a.get("ok") is True for a in mine]
+        assert sum(oks) == 2, [a.get("error") for a in mine]
+        refused = [a["error"] for a in mine if a.get("ok") is not True]
+        assert all(e["details"]["reason"] == "rate-limited" for e in refused), refused
+        admin = await in_thread(as_user, accounts.admin, server.path, quote_line("a1"))
+        assert admin[0]["ok"] is True, admin

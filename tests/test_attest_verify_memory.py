@@ -6,6 +6,7 @@ it; the peak RSS of the child is measured (``os.wait4``), not guessed."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import os
@@ -14,17 +15,24 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_attest_core import attest_message
 from test_attest_redteam import _SOME_KEY
 
 from shyped.attest.quote import MAX_BUNDLE_VALUES, count_values
 from shyped.cli.shypectl_attest import MAX_BUNDLE_BYTES
 
-_HEAD = '{"format":"shyped-attest/2","nonce":"n","pcr":13,"quote":{"message":"","signature":""},'
+#: A quote message that parses (a TPMS_ATTEST for sha256 PCR 13, signed by no one): without
+#: one the verifier stops at the message and never walks the log.
+_MESSAGE = base64.b64encode(attest_message(b"", 13, bytes(32))).decode()
+_HEAD = (
+    '{"format":"shyped-attest/2","nonce":"n","pcr":13,'
+    f'"quote":{{"message":"{_MESSAGE}","signature":""}},'
+)
 
 
 def write_hostile(path: Path, kind: str) -> None:
     """A bundle of about `MAX_BUNDLE_BYTES` whose values are as small as JSON allows."""
-    room = MAX_BUNDLE_BYTES - 200
+    room = MAX_BUNDLE_BYTES - 200 - len(_HEAD)
     with path.open("w") as f:
         if kind == "tiny-objects":  # the finding: a list of {} in the state report
             f.write(_HEAD + '"log":[],"state":{"domains":[' + "{}," * (room // 3) + "{}]}}")

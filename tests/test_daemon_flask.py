@@ -21,6 +21,7 @@ import pytest_twisted
 from daemon_helpers import Harness, domcfg, host_fixture
 from flask_helpers import XEN_SOURCE, cache_dir, needs_flask_tools
 from twisted.internet import reactor
+from twisted.internet.defer import CancelledError
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from wiring_helpers import quota_policy, records, shypectl_verify, start, with_audit
 
@@ -583,3 +584,38 @@ async def test_a_policy_switch_while_xen_relabels_does_not_veto_the_domain(
     assert "web-a1" in host.domains()
     assert host.last(f"domain {a}").allowed
     _unchanged(host, daemon, a, "bank-a-batch")
+
+
+@needs_flask_tools
+@pytest_twisted.ensureDeferred
+async def test_a_relabel_whose_client_went_away_still_ends_in_agreement(
+    host: Harness, tmp_path: Path
+) -> None:
+    """(redlocal) The control server cancels a request whose client disconnected (shypectl
+    interrupted). A relabel cancelled while Xen relabels must still end with Xen and the
+    daemon agreeing on the domain's label (both the new one, or both the old)."""
+    from twisted.internet.task import deferLater
+
+    fake = _fake(host)
+    daemon, a, _ = await _running(host, tmp_path, fake)
+    fake.hold = threading.Event()
+    relabel = _relabel(daemon, a, "bank-a-batch")
+    relabel.addErrback(lambda f: f.trap(CancelledError))
+    for _ in range(1000):
+        if fake.relabels:
+            break
+        await deferLater(reactor, 0.01)
+    assert fake.relabelled[a] == context("bank-a-batch")  # Xen has it, the daemon not yet
+    relabel.cancel()  # what the server does on connectionLost
+    fake.hold.set()
+    lock = daemon.flask.relabel_lock
+    for _ in range(3000):
+        if not lock.locked:
+            break
+        await deferLater(reactor, 0.01)
+    assert not lock.locked
+    await host.settle()
+    await daemon.audit_synced()
+    xen = fake.relabelled.get(a, context("bank-a-web"))
+    label = daemon.host.domain(a).label
+    assert xen == context(label), f"Xen runs domain {a} as {xen}, the daemon labels it {label}"

@@ -43,6 +43,9 @@ MAX_ENTRY_BYTES: Final = 1024
 #: Bounds on what a verifier reads: a log line, the number of lines.
 MAX_LINE_BYTES: Final = 1 << 20
 MAX_EVENTS: Final = 1_000_000
+#: Problems of log entries a verdict names one by one; the rest are counted (`LogFold`): a
+#: forged log of 700,000 wrong entries made as many lines of verdict, ~170 MB of them kept.
+MAX_LOG_PROBLEMS: Final = 100
 
 
 class LogError(Exception):
@@ -206,7 +209,8 @@ class LogFold:
     time (docs/attestation.md, *Bounded input*)."""
 
     def __init__(self, start: bytes = PCR_RESET) -> None:
-        self.problems: list[str] = []
+        self._problems: list[str] = []
+        self._more = 0  # past MAX_LOG_PROBLEMS: counted only
         self.pcr = start
         self.count = 0
         self._policy: Mapping[str, Any] | None = None
@@ -217,7 +221,10 @@ class LogFold:
 
     def feed(self, e: Entry, check: bool = True) -> None:
         if check:
-            self.problems.extend(entry_problems(self.count, e))
+            found = entry_problems(self.count, e)
+            room = MAX_LOG_PROBLEMS - len(self._problems)
+            self._problems.extend(found[:room])
+            self._more += len(found) - len(found[:room])
         self.count += 1
         self.pcr = extend(self.pcr, e.digest)
         ev = e.event
@@ -233,6 +240,13 @@ class LogFold:
             self._labels = ev["labels_sha256"]
         if kind == AUDIT_ROTATION:
             self._rotation = ev
+
+    @property
+    def problems(self) -> list[str]:
+        """The log's problems: the first `MAX_LOG_PROBLEMS`, then how many more."""
+        if not self._more:
+            return list(self._problems)
+        return [*self._problems, f"... and {self._more} more problems of log entries"]
 
     def measured(self) -> Measured:
         return Measured(self._policy, self._mode, self._labels, self._rotation, self._starts)

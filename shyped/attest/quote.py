@@ -47,6 +47,11 @@ OLD_FORMATS: Final = {
 MAX_NONCE: Final = 256
 #: Domains one host can run: domids 0..0x7FEF (Xen's DOMID_FIRST_RESERVED is 0x7FF0).
 MAX_DOMAINS: Final = 0x7FF0
+#: A quote's PCR selection as a TPM makes it: one entry per hash bank (TPM 2.0's HASH_COUNT is
+#: a handful), each a bitmap of the TPM's PCRs (24: 3 bytes). Bounded before it is expanded:
+#: a forged message of 2^32 entries of 255-byte bitmaps expanded to ~40 GB of pairs.
+MAX_PCR_BANKS: Final = 16
+MAX_PCR_SELECT: Final = 32
 _TPM_GENERATED: Final = 0xFF544347
 _ST_ATTEST_QUOTE: Final = 0x8018
 _TPM_ALG_SHA256: Final = 0x000B
@@ -160,8 +165,15 @@ def parse_attest(message: bytes) -> Attest:
     r.u("B")  # safe
     r.u("Q")  # firmwareVersion
     pcrs: list[tuple[int, int]] = []
-    for _ in range(r.u("I")):
+    banks = r.u("I")
+    if banks > MAX_PCR_BANKS:
+        raise BundleError(f"quote message: a PCR selection of {banks} banks (a TPM has a few)")
+    for _ in range(banks):
         alg, size = r.u("H"), r.u("B")
+        if size > MAX_PCR_SELECT:
+            raise BundleError(
+                f"quote message: a PCR selection of {size} bytes (more than {MAX_PCR_SELECT})"
+            )
         select = r.take(size)
         for byte_index, byte in enumerate(select):
             pcrs.extend((alg, byte_index * 8 + bit) for bit in range(8) if byte >> bit & 1)

@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred
 from shyped.control.attestops import AttestAk, AttestQuote, AttestQuoteArgs, EncodedAttestQuote
 from shyped.control.caller import CALLER, Caller
 from shyped.control.protocol import ControlError, ErrorCode
+from shyped.control.subids import owner_of
 
 if TYPE_CHECKING:
     from shyped.service.daemon import Daemon
@@ -29,12 +30,14 @@ def rate_limited_uid(caller: Caller | None) -> int | None:
     """The uid whose quotes are rate-limited (``[attestation] quotes_per_minute``), None for
     root and the admin group: they may already stop the daemon or load policies, and a
     verifier they run is theirs to pace. A call that did not come through the control server
-    (no caller) is limited as uid -1: fail closed."""
+    (no caller) is limited as uid -1: fail closed. A subordinate uid (``/etc/subuid``) counts
+    as its owner's (`shyped.control.subids`): a user mapping its range in a user namespace is
+    still one bucket."""
     if caller is None:
         return -1
     if caller.peer.uid == 0 or caller.access == "admin":
         return None
-    return caller.peer.uid
+    return owner_of(caller.peer.uid)
 
 
 def attest_quote(daemon: Daemon, args: AttestQuoteArgs) -> Deferred[AttestQuote]:

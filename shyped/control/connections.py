@@ -44,6 +44,7 @@ from shyped.control.protocol import (
     request_id,
 )
 from shyped.control.refusals import RefusalLog
+from shyped.control.subids import owner_of
 
 log = Logger(namespace="shyped.control")
 
@@ -82,6 +83,9 @@ class ControlProtocol(Protocol):
         self._heavy_held: defer.DeferredSemaphore | None = None
         self._draining = False
         self.peer = Peer(uid=-1, gid=-1, pid=0)
+        #: what counts per uid (slots, unread answers): the peer's uid, or the owner of the
+        #: subordinate range holding it (`shyped.control.subids`)
+        self.account = -1
         self.access: Access | None = None
         self.slot: SlotClass = "other"
         self._admitted = False
@@ -101,6 +105,7 @@ class ControlProtocol(Protocol):
             self._close_with(None, ControlError(ErrorCode.PERMISSION_DENIED, "unknown peer"))
             return
         self.access = self.factory.authorizer.access(self.peer)
+        self.account = owner_of(self.peer.uid)
         self.slot = slot_class(self.peer, self.access)
         why = self.factory.admit(self)
         if why is not None:
@@ -354,7 +359,7 @@ class ControlProtocol(Protocol):
         large answers (quote bundles, up to the measurement log's size) unread on many
         connections would otherwise have one made and held in memory per connection until the
         stall cut-off (64 read-group connections)."""
-        if self.slot != "read" or not self.factory.unread_heavy[self.peer.uid]:
+        if self.slot != "read" or not self.factory.unread_heavy[self.account]:
             return None
         return ControlError(
             ErrorCode.BUSY,
@@ -383,9 +388,9 @@ class ControlProtocol(Protocol):
     def _read_heavy(self) -> None:
         if self._unread_heavy:
             self._unread_heavy = False
-            self.factory.unread_heavy[self.peer.uid] -= 1
-            if self.factory.unread_heavy[self.peer.uid] <= 0:
-                del self.factory.unread_heavy[self.peer.uid]
+            self.factory.unread_heavy[self.account] -= 1
+            if self.factory.unread_heavy[self.account] <= 0:
+                del self.factory.unread_heavy[self.account]
 
     def _dispatch(self, request: Request) -> Any:
         if self._closing:  # gone while waiting for its turn
@@ -445,7 +450,7 @@ class ControlProtocol(Protocol):
         self._answer(encode_result(request.id, result))
         if request.op.heavy and self.slot == "read" and self._write_blocked and not self._closing:
             self._unread_heavy = True  # until resumeProducing or connectionLost
-            self.factory.unread_heavy[self.peer.uid] += 1
+            self.factory.unread_heavy[self.account] += 1
 
     def _failed(self, failure: Failure, request: Request) -> None:
         try:
@@ -532,7 +537,7 @@ class ControlFactory(Factory):
 
     def admit(self, conn: ControlProtocol) -> str | None:
         """Count a new connection in its slot class, or say why it is refused."""
-        why = self.slots.take(conn.slot, conn.peer.uid)
+        why = self.slots.take(conn.slot, conn.account)
         if why is None:
             self.connections.add(conn)
         return why
@@ -541,7 +546,7 @@ class ControlFactory(Factory):
         if conn not in self.connections:
             return
         self.connections.discard(conn)
-        self.slots.give_back(conn.slot, conn.peer.uid)
+        self.slots.give_back(conn.slot, conn.account)
 
     def refused(self, peer: Peer, kind: str) -> bool:
         """Count a refusal of `peer`; True if it is to be written in full (its first now)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 import tempfile
@@ -63,18 +64,48 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _check_cache(cache: Path) -> None:
+    """`FlaskBuildError` unless `cache` is a directory (not a symlink) of this process's uid
+    that no one else may write to, below directories only root or this uid may change (a
+    sticky one, as ``/tmp``, aside): the tree found there is what the policy loaded into Xen
+    is built from, and a local user who made the directory first, or could swap it, would
+    choose it."""
+    me = os.geteuid()
+    st = os.lstat(cache)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise FlaskBuildError(f"the cache {cache} is not a directory (a symlink?): refused")
+    if st.st_uid != me:
+        raise FlaskBuildError(
+            f"the cache {cache} is owned by uid {st.st_uid}, not {me}: refused (whoever made "
+            "it could plant Xen's policy tree there)"
+        )
+    if st.st_mode & 0o022:
+        raise FlaskBuildError(f"the cache {cache} is writable by others: refused (chmod go-w)")
+    for parent in Path(os.path.realpath(cache)).parents:
+        pst = os.stat(parent)
+        if pst.st_uid not in (0, me) or (pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX):
+            raise FlaskBuildError(
+                f"the cache {cache} is below {parent}, which others may change: refused"
+            )
+
+
 def policy_tree(xen_source: Path, cache: Path = DEFAULT_CACHE) -> Path:
-    """The extracted policy tree of `xen_source` (a .tar.xz), extracting it on first use."""
+    """The extracted policy tree of `xen_source` (a .tar.xz), extracting it on first use, in
+    a cache only this uid may write (`_check_cache`)."""
     if not xen_source.is_file():
         raise FlaskBuildError(f"Xen source tarball {xen_source} not found")
     try:
         dest = cache / _sha256(xen_source)
     except OSError as e:
         raise FlaskBuildError(f"cannot read {xen_source}: {e}") from e
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        _check_cache(cache)
+    except OSError as e:
+        raise FlaskBuildError(f"cannot use the cache {cache} (--cache DIR): {e}") from e
     if (dest / "tools/flask/policy/modules/xen.if").is_file():
         return dest
     try:
-        cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache))
     except OSError as e:
         raise FlaskBuildError(f"cannot use the cache {cache} (--cache DIR): {e}") from e

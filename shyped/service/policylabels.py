@@ -10,6 +10,7 @@ import attrs
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from shyped.core.actions import (
     WriteLabel,
@@ -39,6 +40,20 @@ from shyped.service.policyload import (
 from shyped.service.startcheck import dom0_problem, store_warnings
 
 _log = Logger(namespace="shyped.daemon")
+
+
+def _shielded(d: Deferred[RelabelCheck]) -> Deferred[RelabelCheck]:
+    """A Deferred that fires as `d` does, whose ``cancel()`` does not reach `d`."""
+    outer: Deferred[RelabelCheck] = Deferred()
+
+    def fire(result: RelabelCheck | Failure) -> None:
+        if not outer.called:
+            outer.callback(result)  # a Failure takes the errback path
+        elif isinstance(result, Failure) and not isinstance(result.value, defer.CancelledError):
+            _log.failure("relabel failed after its caller went away", result)
+
+    d.addBoth(fire)
+    return outer
 
 
 @attrs.frozen
@@ -125,11 +140,15 @@ class PolicyAndLabels(DaemonCore):
         passed and before the daemon changes anything (the control socket persists the label
         store there); if it raises, nothing changes (Xen is put back). Then the Chinese Wall
         count, the host model and the label node in xenstore take the new label; the Deferred
-        fires with the check once the label node is written.
+        fires with the check once the label node is written. Cancelling it (the control client
+        went away) stops the wait, not the relabel: begun in Xen, it runs to its end (the
+        daemon's relabel, or Xen put back), so Xen and the daemon never disagree.
         """
         if self.flask is None or not self.flask.present:
-            return self._relabel_now(self._relabel_check(domid, label), before)
-        return Deferred.fromCoroutine(self._relabel_in_xen_first(self.flask, domid, label, before))
+            return _shielded(self._relabel_now(self._relabel_check(domid, label), before))
+        return _shielded(
+            Deferred.fromCoroutine(self._relabel_in_xen_first(self.flask, domid, label, before))
+        )
 
     def _relabel_check(self, domid: int, label: str) -> RelabelCheck:
         system = self.engine.running_system(self.host)
