@@ -27,12 +27,14 @@ import contextlib
 import socket
 import threading
 
+import pytest
 import pytest_twisted
 from daemon_helpers import Harness, domcfg, eventually, host_fixture
 
 from shyped.policy.decisions import Rule
+from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.sandbox.xsconn import XsConn
-from shyped.xenstore import Op, wire
+from shyped.xenstore import ConnectionLost, GatewayConfig, Op, XenstoreGateway, wire
 
 __all__ = ["host_fixture"]  # the `host` fixture
 
@@ -97,3 +99,21 @@ async def test_a_guest_that_never_reads_its_watch_events_does_not_wedge_the_daem
         assert not out.allowed and out.decision.rule is Rule.CHINESE_WALL
     finally:
         ring.close()  # the guest goes: oxenstored drops its watches
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_transaction_alone_runs_on_the_shared_connection_when_none_opens(
+    xenstored: SandboxXenstored, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = XenstoreGateway(GatewayConfig(socket_path=str(xenstored.socket_path)))
+    await gateway.connect()
+    try:
+
+        def refused() -> None:
+            raise ConnectionLost("cannot connect: too many open files")
+
+        monkeypatch.setattr(gateway, "_open", refused)
+        await gateway.transaction(lambda tx: tx.write("/veto/x", b"1"), alone=True)
+        assert await gateway.read("/veto/x") == b"1"  # the veto ran all the same
+    finally:
+        await gateway.close()

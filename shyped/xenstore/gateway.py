@@ -516,8 +516,13 @@ class XenstoreGateway(WatchRoutes, DirectRoutes):
     def _run_alone(
         self, _shared: _Router, config: GatewayConfig, fn: Callable[[Transaction], T], n: int
     ) -> T:
-        """Worker thread: `_run_transaction` on a connection opened for it and closed after."""
-        router = self._open()
+        """Worker thread: `_run_transaction` on a connection opened for it and closed after;
+        on the shared one if none opens (a veto that runs beats one that does not)."""
+        try:
+            router = self._open()
+        except ConnectionLost as exc:
+            _log.warn("no connection of its own for a transaction ({e}): on the shared one", e=exc)
+            return _run_transaction(_shared, config, fn, n)
         try:
             return _run_transaction(router, config, fn, n)
         finally:
