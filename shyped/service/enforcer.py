@@ -271,7 +271,7 @@ class Enforcer:
                 path_cleanup(tx, fe_dir)
             return why
 
-        why = await self.gateway.transaction(body)
+        why = await self.gateway.transaction(body, alone=True)
         if why is not None:
             self.stats.frontends_removed += 1
             _log.warn(
@@ -436,7 +436,7 @@ class Enforcer:
 
         waiter = self._wait_closed(key)
         try:
-            state, revoked = await self.gateway.transaction(lambda tx: close(tx, True))
+            state, revoked = await self.gateway.transaction(lambda tx: close(tx, True), alone=True)
         except BaseException:
             _discard(waiter)
             raise
@@ -474,7 +474,7 @@ class Enforcer:
             paths = (fe_dir, action.libxl_dir, be_dir)
             return [p for p in paths if path_cleanup(tx, p)]
 
-        removed = await self.gateway.transaction(remove)
+        removed = await self.gateway.transaction(remove, alone=True)
         _log.info(
             "enforce: {what}: removed {paths}",
             what=action.describe(),
@@ -519,7 +519,9 @@ class Enforcer:
                 reasserted += 1
                 waiter = self._wait_closed(key)
                 try:
-                    state, _ = await self.gateway.transaction(lambda tx: close(tx, False))
+                    state, _ = await self.gateway.transaction(
+                        lambda tx: close(tx, False), alone=True
+                    )
                 except BaseException:
                     _discard(waiter)
                     raise
@@ -561,7 +563,7 @@ class Enforcer:
                 return False
             return True
 
-        if await self.gateway.transaction(body):
+        if await self.gateway.transaction(body, alone=True):
             _log.info("enforce: {action} done", action=what)
 
     async def _reset_perms(self, action: ResetPerms) -> None:
@@ -579,7 +581,7 @@ class Enforcer:
             tx.set_perms(action.path, only_owner)
             return "done"
 
-        result = await self.gateway.transaction(body)
+        result = await self.gateway.transaction(body, alone=True)
         _log.info("enforce: {action}: {result}", action=action.describe(), result=result)
 
 

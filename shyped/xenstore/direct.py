@@ -434,7 +434,7 @@ class DirectRoutes:
     def read(self, path: str) -> Deferred[bytes]:
         raise NotImplementedError
 
-    def transaction(self, fn: Callable[[Transaction], T]) -> Deferred[T]:
+    def transaction(self, fn: Callable[[Transaction], T], *, alone: bool = False) -> Deferred[T]:
         raise NotImplementedError
 
     def _open_direct(self) -> Deferred[None]:
@@ -550,7 +550,9 @@ class DirectRoutes:
         cfg = self.config
 
         def on_worker() -> Deferred[bool]:
-            return self.transaction(lambda tx: tx.apply_if(path, expect, changes))
+            # a label write goes into a guest's home: never on the watch connection, which
+            # a guest's full watch queues would wedge for good (`transaction` ``alone``)
+            return self.transaction(lambda tx: tx.apply_if(path, expect, changes), alone=True)
 
         if self.direct:
             assert self._direct is not None

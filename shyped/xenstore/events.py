@@ -63,11 +63,19 @@ class EventQueueStats:
 class EventQueue:
     """Bounded FIFO of distinct (path, token) events; see the module docstring."""
 
-    def __init__(self, max_pending: int, max_per_lane: int | None = None) -> None:
-        if max_pending < 1 or (max_per_lane is not None and max_per_lane < 1):
-            raise ValueError("max_pending and max_per_lane must be at least 1")
+    def __init__(
+        self, max_pending: int, max_per_lane: int | None = None, max_capped: int | None = None
+    ) -> None:
+        if any(n is not None and n < 1 for n in (max_pending, max_per_lane, max_capped)):
+            raise ValueError("max_pending, max_per_lane and max_capped must be at least 1")
         self.max_pending = max_pending
         self.max_per_lane = max_pending if max_per_lane is None else max_per_lane
+        #: events of capped lanes (guests) pending at once, all lanes together: the rest of
+        #: the queue stays free for events nobody but dom0 causes (two guests flooding at once
+        #: must not fill it, or a dropped toolstack event overflows its whole watch)
+        self.max_capped = max_pending if max_capped is None else max_capped
+        self._capped_lanes: set[Hashable] = set()
+        self._capped = 0
         self._overflowed_lanes: set[Hashable] = set()
         #: every pending event → its lane (the de-duplication index)
         self._pending: dict[RawEvent, Hashable] = {}
@@ -104,14 +112,23 @@ class EventQueue:
         if lane is None:
             lane = token
         queue = self._lanes.get(lane)
+        capped = own_lane and capped
         if len(self._pending) >= self.max_pending or (
-            own_lane and capped and queue is not None and len(queue) >= self.max_per_lane
+            capped
+            and (
+                self._capped >= self.max_capped
+                or (queue is not None and len(queue) >= self.max_per_lane)
+            )
         ):
             self._drop(token, lane if own_lane else None)
             return
         self._pending[key] = lane
         if queue is None:
             queue = self._lanes[lane] = OrderedDict()
+            if capped:
+                self._capped_lanes.add(lane)
+        if lane in self._capped_lanes:
+            self._capped += 1
         queue[key] = None
         if len(self._pending) > self._high_water:
             self._high_water = len(self._pending)
@@ -141,6 +158,7 @@ class EventQueue:
                 key = queue.popitem(last=False)[0]
                 del pending[key]
                 events.append(key)
+                self._took(lane, queue)
                 if queue:
                     lanes.move_to_end(lane)  # served: to the back of the line
                 else:
@@ -159,6 +177,7 @@ class EventQueue:
             lane = self._pending.pop(key)
             queue = self._lanes[lane]
             del queue[key]
+            self._took(lane, queue)
             if not queue:
                 del self._lanes[lane]
         self._overflowed.discard(token)
@@ -167,6 +186,13 @@ class EventQueue:
             for lane in self._overflowed_lanes
             if not (isinstance(lane, tuple) and lane and lane[0] == token)
         }
+
+    def _took(self, lane: Hashable, left: OrderedDict[RawEvent, None]) -> None:
+        """One event of `lane` left the queue (`left` its events still pending)."""
+        if lane in self._capped_lanes:
+            self._capped -= 1
+            if not left:
+                self._capped_lanes.discard(lane)
 
     def stats(self) -> EventQueueStats:
         return EventQueueStats(

@@ -488,7 +488,11 @@ class XenstoreGateway(WatchRoutes, DirectRoutes):
         )
 
     def transaction(
-        self, fn: Callable[[Transaction], T], *, max_attempts: int | None = None
+        self,
+        fn: Callable[[Transaction], T],
+        *,
+        max_attempts: int | None = None,
+        alone: bool = False,
     ) -> Deferred[T]:
         """Run ``fn(tx)`` on a worker thread inside a transaction and commit; on EAGAIN run
         it again (jittered exponential backoff) up to ``max_attempts``, then fail with Again.
@@ -496,9 +500,34 @@ class XenstoreGateway(WatchRoutes, DirectRoutes):
         ``fn`` must be a pure function of what it reads through ``tx``: it may run several
         times, and it must not touch reactor-side state.  If it raises, the transaction is
         aborted and the Deferred fails with that exception.
+
+        ``alone``: on a socket connection of its own, closed once the transaction ends, for
+        a write into a guest's home. oxenstored 4.17 stops reading, for good, a connection
+        whose write fired more watch events than a watcher has room for; a guest that
+        watches its home and never reads its ring is such a watcher. On a connection of
+        its own the write that overflowed still ends (its reply comes), and nothing else
+        was waiting behind it (tests/test_redteam_guest_wedge.py).
         """
         attempts = max_attempts or self.config.tx_max_attempts
+        if alone and self.config.transport == "unix":
+            return self._in_worker(self._run_alone, fn, attempts)
         return self._in_worker(_run_transaction, fn, attempts)
+
+    def _run_alone(
+        self, _shared: _Router, config: GatewayConfig, fn: Callable[[Transaction], T], n: int
+    ) -> T:
+        """Worker thread: `_run_transaction` on a connection opened for it and closed after;
+        on the shared one if none opens (a veto that runs beats one that does not)."""
+        try:
+            router = self._open()
+        except ConnectionLost as exc:
+            _log.warn("no connection of its own for a transaction ({e}): on the shared one", e=exc)
+            return _run_transaction(_shared, config, fn, n)
+        try:
+            return _run_transaction(router, config, fn, n)
+        finally:
+            router.stop("transaction ended")
+            router.thread.join(5.0)
 
     def snapshot(self, root: str, *, with_perms: bool = True) -> Deferred[Snapshot]:
         """Every node under ``root`` (value, children, optionally permissions), read in one

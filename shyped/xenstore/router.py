@@ -34,6 +34,8 @@ from shyped.xenstore.wire import Op
 #: that parsing one chunk holds the GIL well under the 5 ms switch interval the reactor
 #: thread would otherwise wait when it wakes up during a flood.
 _READ_CHUNK = 8192
+#: The watched prefix whose lanes are guests' homes (capped in the event queue).
+_GUEST_HOMES = b"/local/domain/"
 
 
 # -- wire plumbing ---------------------------------------------------------------------------
@@ -211,8 +213,14 @@ class _Inbox:
         self._lock = threading.Lock()
         self._calls: list[_Call] = []
         #: one lane (a guest's home) holds at most half the queue: a flooding guest overflows
-        #: its own lane, and only its tree is read again (`EventQueue`)
-        self.events = EventQueue(max_events, max_per_lane=max(1, max_events // 2))
+        #: its own lane, and only its tree is read again (`EventQueue`); guests' lanes
+        #: together hold at most three quarters: a quarter stays for dom0's trees and the
+        #: special watches, however many guests flood (tests/test_redteam_guest_lanes.py)
+        self.events = EventQueue(
+            max_events,
+            max_per_lane=max(1, max_events // 2),
+            max_capped=max(1, max_events - max_events // 4),
+        )
         self._scheduled = False
         #: watch token → watched path + "/": events are laned by the next path component.
         #: Written on the reactor thread, read on the reader thread (single dict operations).
@@ -229,8 +237,10 @@ class _Inbox:
                     start = len(prefix)
                     end = path.find(b"/", start)
                     part = path[start:end] if end > 0 else path[start:]
-                    # dom0's own tree (/local/domain/0) is written by dom0 alone: not capped
-                    self.events.push(path, token, (token, part), capped=part != b"0")
+                    # guests write below /local/domain/<d>; dom0's own tree there, /vm and
+                    # /libxl are written by dom0 alone: not capped
+                    capped = prefix == _GUEST_HOMES and part != b"0"
+                    self.events.push(path, token, (token, part), capped=capped)
                 else:
                     self.events.push(path, token)
             if self._scheduled or not (self._calls or self.events.has_work()):
@@ -278,6 +288,8 @@ class _Router(pyxs.Router):  # type: ignore[misc]
         self.inbox = inbox
         self._on_closed = on_closed
         self.closed = False
+        #: why the reader exits when asked to (`stop`)
+        self.stop_reason = "closed by the gateway"
         self.rvars: dict[int, _Pending]
         self._req_ids = itertools.count(1)
 
@@ -303,7 +315,7 @@ class _Router(pyxs.Router):  # type: ignore[misc]
                 raise ConnectionLost(f"send failed: {exc}", path=items[0].path) from None
 
     def __call__(self) -> None:
-        reason = "closed by the gateway"
+        reason = self.stop_reason
         try:
             self._read_loop()
         except ConnectionLost as exc:
@@ -370,7 +382,9 @@ class _Router(pyxs.Router):  # type: ignore[misc]
                 end.close()
         self._on_closed(self, reason)
 
-    def stop(self) -> None:
-        """Ask the reader to exit (from any thread); it then fails what is outstanding."""
+    def stop(self, reason: str = "closed by the gateway") -> None:
+        """Ask the reader to exit (from any thread); it then fails what is outstanding
+        with ConnectionLost(`reason`)."""
+        self.stop_reason = reason
         with contextlib.suppress(OSError):
             self.w_terminator.send(wire.NUL)
