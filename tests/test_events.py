@@ -684,3 +684,23 @@ def test_snapshot_with_garbage_everywhere_still_finds_the_trusted_facts() -> Non
     assert {e.device for e in of(events, DeviceAdded)} == {VIF, VBD, CONSOLE}  # type: ignore[attr-defined]
     assert len(spoiled) == 6
     assert len(of(events, Garbage)) == len(spoiled) + 1
+
+
+def test_ring_key_names_a_guest_makes_up_are_not_kept_past_a_bound() -> None:
+    """A guest naming ring keys at will (``queue-N/…-ring-ref``, written then removed, within the
+    per-device limit) must not grow what the assembler shares across domains without end: those
+    names are no longer `sys.intern`ed (immortal in CPython 3.12) but kept in a bounded table."""
+    from shyped.core.assembler import state
+
+    asm = connected()
+    for i in range(3 * state._RING_KEYS_MAX):
+        path = f"/local/domain/1/device/vif/0/queue-{i}/tx-ring-ref"
+        asm.feed(path, b"8", [b"b1", b"r0"])
+        asm.feed(path, None, None)
+    assert len(state._RING_KEYS) <= state._RING_KEYS_MAX
+    # the names the guest holds now are still read and published
+    events = asm.feed("/local/domain/1/device/vif/0/queue-1/tx-ring-ref", b"9", [b"b1", b"r0"])
+    assert any(
+        ("queue-1/tx-ring-ref", 9) in e.grant_refs  # type: ignore[attr-defined]
+        for e in of(events, RingsPublished)
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import cast
 
@@ -23,6 +22,7 @@ from shyped.core.assembler.state import (
     back_facts,
     canon_kind,
     canon_pair,
+    canon_ring_key,
     ring_drop,
     ring_get,
     ring_put,
@@ -357,7 +357,7 @@ class LocalReader(VmVchanReader):
             self._garbage(d, path, "too many ring keys in one device", limit=True)
             return
         else:
-            table = ring_put(table, sys.intern(key), num)  # the same few names in every front
+            table = ring_put(table, canon_ring_key(key), num)  # the same few names in every front
         if ref:
             fe.refs = table
         else:

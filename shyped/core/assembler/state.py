@@ -146,6 +146,23 @@ def canon_pair(kind: str, devid: int) -> tuple[str, int]:
     return key
 
 
+#: Ring key names (``ring-ref``, ``event-channel``, ``queue-0/tx-ring-ref`` ...) seen, each one
+#: string object (bounded below). Not `sys.intern`: the guest chooses these names, and an
+#: interned string may outlive its last user (immortal in CPython 3.12).
+_RING_KEYS: dict[str, str] = {}
+_RING_KEYS_MAX: Final = 1024
+
+
+def canon_ring_key(key: str) -> str:
+    """The shared string of a ring key name (`key` itself past the bound): same value."""
+    held = _RING_KEYS.get(key)
+    if held is not None:
+        return held
+    if len(_RING_KEYS) < _RING_KEYS_MAX:
+        _RING_KEYS[key] = key
+    return key
+
+
 # --------------------------------------------------------------------------------------------
 # Internal facts
 
