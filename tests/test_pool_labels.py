@@ -349,7 +349,7 @@ async def test_a_pool_bigger_than_its_bound_is_refused_whole_not_held(
     _put(bh.cluster, f"{PREFIX}/labels/uuid/{U1}", "bank-b-web")
     await eventually(lambda: bh.label(U1) == "bank-b-web", timeout=10)
     for n in range(3):
-        _put(bh.cluster, f"{PREFIX}/policy/proposals/{n:032x}", "p" * 100_000)
+        _put(bh.cluster, f"{PREFIX}/policy/proposals/host-x/{n:032x}", "p" * 100_000)
     await eventually(lambda: "characters" in (bh.pool.error or ""), timeout=10)
     assert sum(len(k) + len(v) for k, v in bh.pool.entries.items()) <= 200_000
     assert len(str(cache_of(bh))) <= 200_000

@@ -142,7 +142,7 @@ async def test_a_flood_of_proposals_is_bounded_and_dead_proposers_are_ignored(
     def propose(n: int, proposer: str) -> None:
         pid = f"{n:032x}"
         doc = records.Proposal(pid, records.sha256_text(text), text, "f.toml", proposer, 0)
-        _put(a, f"{PREFIX}/policy/proposals/{pid}", doc.to_json())
+        _put(a, f"{PREFIX}/policy/proposals/{proposer}/{pid}", doc.to_json())
 
     pp = a.ctl.pool_policy
     assert pp is not None
@@ -174,7 +174,7 @@ async def test_a_past_flood_of_proposals_does_not_stop_a_host_answering(
         await eventually(lambda h=h: names <= set(h.pool.entries), timeout=15)
     pp = bh.ctl.pool_policy
     assert pp is not None
-    junk = [f"{PREFIX}/policy/proposals/{n:032x}" for n in range(4)]
+    junk = [f"{PREFIX}/policy/proposals/host-a/{n:032x}" for n in range(4)]
     for key in junk:
         _put(bh, key, "not a proposal")
     await eventually(lambda: pp.ignored >= 4, timeout=20)

@@ -188,10 +188,29 @@ async def test_requests_not_from_a_live_member_get_no_answer(pool_hosts: list[Po
     for n in range(5):
         rid = f"{n:032x}"
         req = Request(rid, UA, "bank-a-web", "host-z", "host-c", "migrate")
-        _put(c, f"{PREFIX}/reservations/host-c/{rid}", req.to_json())
+        _put(c, f"{PREFIX}/reservations/host-z/host-c/{rid}", req.to_json())
     await eventually(lambda: reservations.ignored == 5, timeout=20)
     assert not reservations.held and reservations.granted == 0
     assert not [k for k in c.pool.entries if "/grants/" in k]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_filed_in_another_hosts_range_is_refused(
+    pool_hosts: list[PoolHost],
+) -> None:
+    """The source is taken from the key (the range only the source's etcd user may write): a
+    request in host-b's range that names host-a as its source is refused, not held."""
+    _, _, c = pool_hosts
+    await _start_all(pool_hosts)
+    reservations = c.ctl.reservations
+    assert reservations is not None
+    rid = "e" * 32
+    req = Request(rid, UA, "bank-a-web", "host-a", "host-c", "migrate")
+    _put(c, f"{PREFIX}/reservations/host-b/host-c/{rid}", req.to_json())
+    grant = f"{PREFIX}/grants/host-c/{rid}"
+    await eventually(lambda: grant in c.pool.entries, timeout=20)
+    assert '"refused"' in c.pool.entries[grant] and "range it is filed in" in c.pool.entries[grant]
+    assert not reservations.held and reservations.granted == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -209,7 +228,7 @@ async def test_a_past_flood_of_requests_does_not_stop_a_destination_answering(
     monkeypatch.setattr(poolreserve, "ANSWER_TIMEOUT", 5.0)
     a, _, c = pool_hosts
     await _start_all(pool_hosts)
-    junk = [f"{PREFIX}/reservations/host-c/{n:032x}" for n in range(3)]
+    junk = [f"{PREFIX}/reservations/host-a/host-c/{n:032x}" for n in range(3)]
     for key in junk:
         _put(c, key, "not a request")
     await eventually(lambda: all(k in c.pool.entries for k in junk), timeout=10)
