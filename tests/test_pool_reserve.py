@@ -195,6 +195,32 @@ async def test_requests_not_from_a_live_member_get_no_answer(pool_hosts: list[Po
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_domain_started_by_hand_counts_the_places_held_for_incoming_ones(
+    pool_hosts: list[PoolHost],
+) -> None:
+    """host-c granted bank A's web domain a place; bank B's web domain started on host-c by
+    hand meanwhile is refused (the held place counts as running), and the incoming domain
+    then takes its place (before, the hand-started rival was admitted and the incoming one
+    refused)."""
+    a, _, c = pool_hosts
+    await _start_all(pool_hosts)
+    got = await _reserve(a, UA, "host-c", "bank-a-web")
+    assert isinstance(got, b.ReserveResult) and got.granted, got
+    rival = "cccccccc-0000-4000-8000-00000000000c"
+    _put(c, f"{PREFIX}/labels/uuid/{rival}", "bank-b-web")
+    _put(c, f"{PREFIX}/labels/uuid/{UA}", "bank-a-web")
+    await eventually(lambda: c.label(rival) == "bank-b-web" and c.label(UA) == "bank-a-web")
+    h = c.harness
+    domid = await h.call(h.ts.create, domcfg("by-hand", uuid=rival))
+    await h.settle()
+    out = h.last(f"domain {domid}")
+    assert not out.allowed and "held for incoming" in str(out.checks), out
+    incoming = await h.call(h.ts.create, domcfg("web-a-1--incoming", uuid=UA))
+    await h.settle()
+    assert h.last(f"domain {incoming}").allowed
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_request_filed_in_another_hosts_range_is_refused(
     pool_hosts: list[PoolHost],
 ) -> None:

@@ -127,6 +127,10 @@ class Engine:
         self._published: dict[int, str] = {}
         #: During a sweep: the domains re-admitted so far (max_domains counts only those).
         self._swept: set[int] | None = None
+        #: Places held for incoming domains (pool mode's granted reservations, set by
+        #: `shyped.service.poolreserve`): UUID -> label. Any other domain is admitted as if
+        #: they ran (Chinese Wall and max_domains); the holder's own UUID takes its place.
+        self.held: Mapping[str, str] = {}
         self.labels = labels
         self.mode = mode
         self.domain_veto = domain_veto
@@ -273,11 +277,17 @@ class Engine:
             raw: str | None = previous
         else:
             raw = self._published.pop(domid, None) or self.labels.domain_label(need.uuid, need.name)
+        # Places held for incoming domains count for new admissions, not for a running
+        # domain asked again (sweep), nor for the holder itself.
+        uid = (need.uuid or "").lower()
+        held = [lb for u, lb in self.held.items() if u != uid] if previous is None else []
         decision = self._running.admit(raw)
+        if decision.permitted and held:
+            decision = self._admit_with_held(raw, held)
         name = self._resolve(raw)
         checks = [decision]
         if decision.permitted and name is not None and self._has_quota(name):
-            others = self._others_counted(name, domid)
+            others = self._others_counted(name, domid) + held.count(name)
             checks = self._with_quota(checks, host, domid, name, Hook.DOMAIN_ADMIT, others)
         inst, clash = self._instances.admission(self._policy.policy, domid, name, need.uuid)
         if clash is not None and all(c.permitted for c in checks):
@@ -486,6 +496,20 @@ class Engine:
         (a quota-free label, like dom0's, skips the O(devices) account on the hot path)."""
         vm = self._policy.policy.vm_label(label)
         return vm is not None and not vm.quota.is_unlimited
+
+    def _admit_with_held(self, raw: str | None, held: list[str]) -> Decision:
+        """The Chinese Wall check of `raw` with the `held` places counted as running."""
+        labels = [n for n, c in self._running.running_labels().items() for _ in range(c)]
+        try:
+            decision = running_set(self._policy, [*labels, *held]).admit(raw)
+        except UnknownLabelError:  # a held label the policy no longer knows: fail closed
+            return attrs.evolve(
+                self._running.admit(raw), permitted=False, reason="a held place has no label"
+            )
+        if decision.permitted:
+            return decision
+        why = f"{decision.reason} (counting {len(held)} place(s) held for incoming domains)"
+        return attrs.evolve(decision, reason=why)
 
     def _others_counted(self, label: str, domid: int) -> int:
         """Running domains counted with `label` besides `domid` (for max_domains). During a

@@ -121,6 +121,7 @@ class Reservations:
         if grant.state is State.GRANTED:
             self.held[req.id] = Held(req, self.reactor.seconds() + GRANT_TTL)
             self.granted += 1
+            self._hold()
         else:
             self.refused += 1
         _log.info(
@@ -169,6 +170,14 @@ class Reservations:
                 h.state = State.EXPIRED
             if h.state is not State.GRANTED:
                 del self.held[rid]
+        self._hold()
+
+    def _hold(self) -> None:
+        """Tell the engine the places held here: a domain started by hand meanwhile is
+        admitted as if the incoming ones ran (docs/pool.md, "Migration")."""
+        held = {h.request.uuid: h.request.label for h in self.held.values()}
+        if self.daemon.engine.held != held:
+            self.daemon.engine.held = held
 
     # ------------------------------------------------------------------ the requester
 
