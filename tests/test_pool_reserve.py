@@ -221,6 +221,26 @@ async def test_a_domain_started_by_hand_counts_the_places_held_for_incoming_ones
 
 
 @pytest_twisted.ensureDeferred
+async def test_reservations_past_a_labels_max_domains_are_refused(
+    pool_hosts: list[PoolHost],
+) -> None:
+    """bank-a-web has max_domains = 4: host-c grants four places (held, counted as running)
+    and refuses the fifth with the quota (before, the fifth was granted and the incoming
+    domain then vetoed by the quota at admission)."""
+    a, _, c = pool_hosts
+    await _start_all(pool_hosts)
+    uuids = [f"dddddddd-0000-4000-8000-00000000000{n}" for n in range(5)]
+    for u in uuids[:4]:
+        got = await _reserve(a, u, "host-c", "bank-a-web")
+        assert isinstance(got, b.ReserveResult) and got.granted, got
+    refused = await _reserve(a, uuids[4], "host-c", "bank-a-web")
+    assert isinstance(refused, ControlError) and refused.code is ErrorCode.DENIED, refused
+    assert "max_domains = 4" in refused.message
+    reservations = c.ctl.reservations
+    assert reservations is not None and len(reservations.held) == 4
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_request_filed_in_another_hosts_range_is_refused(
     pool_hosts: list[PoolHost],
 ) -> None:

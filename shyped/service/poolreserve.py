@@ -14,6 +14,7 @@ a request naming another destination, or past `MAX_HELD`, is refused.
 from __future__ import annotations
 
 import uuid as uuidlib
+from collections import Counter
 from typing import Any, Final
 
 import attrs
@@ -22,6 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from shyped.policy.chinese_wall import running_set
+from shyped.pool.placement import quota_full
 from shyped.pool.records import RecordError
 from shyped.pool.reservation import (
     GRANT_TTL,
@@ -149,6 +151,10 @@ class Reservations:
         labels = [n for n, c in engine.running.running_labels().items() for _ in range(c)]
         labels += [h.request.label for h in self.held.values()]
         decision = running_set(engine.policy, labels).admit(req.label)
+        counts = Counter(labels)
+        full = quota_full(engine.policy, req.label, counts) if decision.permitted else None
+        if full is not None:
+            return Grant(req.id, State.REFUSED, full, host)
         state = State.GRANTED if decision.permitted else State.REFUSED
         return Grant(req.id, state, decision.reason, host)
 
