@@ -19,6 +19,7 @@ committed record are untrusted input (`shyped.pool.records`).
 from __future__ import annotations
 
 import uuid as uuidlib
+from pathlib import Path
 from typing import Any, Final
 
 from twisted.internet import defer, task
@@ -28,6 +29,7 @@ from twisted.logger import Logger
 from shyped.control import backend as b
 from shyped.control.policyparse import parse_isolated
 from shyped.control.protocol import ControlError, ErrorCode
+from shyped.core.labelstore import overwrite_problem
 from shyped.policy import update
 from shyped.pool import records
 from shyped.pool.placement import place
@@ -42,6 +44,23 @@ ANSWER_TIMEOUT: Final = 10.0
 MAX_OPEN_PROPOSALS: Final = 4
 #: Proposal ids remembered as answered (those still filed under the prefix).
 MAX_ANSWERED: Final = 10_000
+
+
+#: What to do about a hand edit of the local label file in pool mode (a reload does not help).
+POOL_FILE_REMEDY: Final = (
+    "in pool mode the labels live in the pool store and this file is only this host's copy, "
+    "which a reload does not publish: put the file back (or remove it) and make the change "
+    "with addlabel/rmlabel"
+)
+
+
+def local_file_problem(path: Path, pool: PoolStore) -> str | None:
+    """Why an ``addlabel``/``rmlabel`` in pool mode would overwrite something in the local
+    label file at `path`, or None: the same check as on a single host
+    (`shyped.core.labelstore.overwrite_problem`: errors, a hand edit), but against what this
+    daemon last read from or wrote to the file, since the other hosts' changes reach this
+    host's store without being written to the file."""
+    return overwrite_problem(path, pool.file_labels, POOL_FILE_REMEDY)
 
 
 class PoolPolicy:
