@@ -267,6 +267,20 @@ def test_places_held_for_incoming_domains_count_for_new_admissions_only() -> Non
     assert not out.allowed and out.decision.rule is Rule.QUOTA
 
 
+def test_a_held_place_whose_domain_runs_is_counted_once() -> None:
+    """Between the incoming domain's admission and the grant being settled, the place is not
+    counted twice (running and held) against the others: bank-a-web has max_domains = 4."""
+    h = Host()
+    h.engine.held = {uuid(9): "bank-a-web"}
+    (incoming,) = h.feed(DomainAppeared(9, uuid(9), "web-a1"))
+    assert incoming.allowed
+    for domid in (11, 12, 13):  # three more by hand: four run, none held any longer
+        (out,) = h.feed(DomainAppeared(domid, uuid(domid), "web-a1"))
+        assert out.allowed, out.decision.reason
+    (fifth,) = h.feed(DomainAppeared(14, uuid(14), "web-a1"))
+    assert not fifth.allowed and fifth.decision.rule is Rule.QUOTA
+
+
 def test_switch_policy_follows_renames() -> None:
     h = Host()
     h.domain(1, "shop-1")

@@ -221,6 +221,30 @@ async def test_a_domain_started_by_hand_counts_the_places_held_for_incoming_ones
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_lapsed_grant_stops_holding_its_place_on_a_quiet_pool(
+    pool_hosts: list[PoolHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grant never used lapses after GRANT_TTL even if nothing else changes in the pool; a
+    rival started by hand is then admitted (before, the engine kept the place held until some
+    other pool entry changed)."""
+    from shyped.service import poolreserve
+
+    monkeypatch.setattr(poolreserve, "GRANT_TTL", 1.0)
+    a, _, c = pool_hosts
+    await _start_all(pool_hosts)
+    got = await _reserve(a, UA, "host-c", "bank-a-web")
+    assert isinstance(got, b.ReserveResult) and got.granted, got
+    assert c.daemon.engine.held == {UA: "bank-a-web"}
+    await eventually(lambda: not c.daemon.engine.held, timeout=10)
+    rival = "cccccccc-0000-4000-8000-00000000000c"
+    _put(c, f"{PREFIX}/labels/uuid/{rival}", "bank-b-web")
+    await eventually(lambda: c.label(rival) == "bank-b-web")
+    domid = await c.harness.call(c.harness.ts.create, domcfg("by-hand", uuid=rival))
+    await c.harness.settle()
+    assert c.harness.last(f"domain {domid}").allowed
+
+
+@pytest_twisted.ensureDeferred
 async def test_reservations_past_a_labels_max_domains_are_refused(
     pool_hosts: list[PoolHost],
 ) -> None:

@@ -278,9 +278,13 @@ class Engine:
         else:
             raw = self._published.pop(domid, None) or self.labels.domain_label(need.uuid, need.name)
         # Places held for incoming domains count for new admissions, not for a running
-        # domain asked again (sweep), nor for the holder itself.
+        # domain asked again (sweep); not the holder's own, nor one whose domain is here.
         uid = (need.uuid or "").lower()
-        held = [lb for u, lb in self.held.items() if u != uid] if previous is None else []
+        held = [
+            lb
+            for u, lb in (self.held.items() if previous is None else ())
+            if u != uid and host.domain_by_uuid(u) is None
+        ]
         decision = self._running.admit(raw)
         if decision.permitted and held:
             decision = self._admit_with_held(raw, held)

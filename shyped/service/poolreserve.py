@@ -122,6 +122,7 @@ class Reservations:
         grant = self.check(req)
         if grant.state is State.GRANTED:
             self.held[req.id] = Held(req, self.reactor.seconds() + GRANT_TTL)
+            self.reactor.callLater(GRANT_TTL, self._settle)  # lapses on a quiet pool too
             self.granted += 1
             self._hold()
         else:
@@ -172,7 +173,7 @@ class Reservations:
         for rid, h in list(self.held.items()):
             if h.request.uuid in running:
                 h.state = State.CONSUMED
-            elif now > h.expires:
+            elif now >= h.expires:
                 h.state = State.EXPIRED
             if h.state is not State.GRANTED:
                 del self.held[rid]
