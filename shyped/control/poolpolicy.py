@@ -4,14 +4,14 @@
 ``P/policy/proposals/<proposer>/<id>`` (text, sha256, the pool policy seq it replaces); every
 live host's daemon (`on_entries`) parses it in the isolated worker
 (`shyped.control.policyparse`), runs the existing update check against *its own* running set
-and answers under ``P/policy/answers/<host>/<id>`` (each host writes only its own range: with
-per-host etcd users, `shyped.pool.rbac`, no host can answer, veto or withdraw for another; a
-host deletes its answer when the proposal is withdrawn). The proposer waits for every live host
-(``P/hosts/``), then commits with ONE etcd transaction on ``P/policy/current`` (only if its
-revision is still the one the proposal was based on) when all accepted; else it is refused with
-each host's reasons and nothing is written. Each daemon applies a committed record it does not
-run yet through its usual load path (check, switch, audit). Proposals, answers and the
-committed record are untrusted input (`shyped.pool.records`).
+and answers under ``P/policy/answers/<host>/<proposer>/<id>`` (each host writes only its own
+range: with per-host etcd users, `shyped.pool.rbac`, no host can answer, veto or withdraw for
+another; a host deletes its answer when the proposal is withdrawn). The proposer waits for
+every live host (``P/hosts/``), then commits with ONE etcd transaction on ``P/policy/current``
+(only if its revision is still the one the proposal was based on) when all accepted; else it
+is refused with each host's reasons and nothing is written. Each daemon applies a committed
+record it does not run yet through its usual load path (check, switch, audit). Proposals,
+answers and the committed record are untrusted input (`shyped.pool.records`).
 
 **Placement** (`PoolPolicy.placement`): `shyped.pool.placement` over the live hosts' states.
 """
@@ -89,8 +89,8 @@ class PoolPolicy:
             if key.startswith(filed) and key not in entries:  # withdrawn: forget its id
                 self._answered.discard(key[len(filed) :])
                 owned = self.keys.owned(filed, key)
-                if owned is not None and self.keys.answer(owned[1]) in entries:
-                    self._withdraw_answer(owned[1])
+                if owned is not None and self.keys.answer(owned[1], None, owned[0]) in entries:
+                    self._withdraw_answer(self.keys.answer(owned[1], None, owned[0]))
             elif key.startswith(filed):
                 pid = key[len(filed) :]
                 if pid not in self._answered and len(self._answered) < MAX_ANSWERED:
@@ -99,10 +99,10 @@ class PoolPolicy:
         if self.keys.policy_current in keys and self.keys.policy_current in entries:
             self._maybe_apply(entries[self.keys.policy_current])
 
-    def _withdraw_answer(self, pid: str) -> None:
+    def _withdraw_answer(self, key: str) -> None:
         """Delete this host's answer to a withdrawn proposal (only this host may)."""
-        d = Deferred.fromCoroutine(self.pool.client.delete(self.keys.answer(pid)))
-        d.addErrback(lambda f: _log.warn("pool: answer {id} not withdrawn: {e}", id=pid, e=f.value))
+        d = Deferred.fromCoroutine(self.pool.client.delete(key))
+        d.addErrback(lambda f: _log.warn("pool: {key} not withdrawn: {e}", key=key, e=f.value))
 
     def _answer_later(self, key: str, text: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self._answer(key, text))
@@ -132,7 +132,9 @@ class PoolPolicy:
         answer = await self._check(proposal)
         try:
             await self.pool.client.put(
-                self.keys.answer(proposal.id), answer.to_json(), self.pool.lease
+                self.keys.answer(proposal.id, None, proposal.proposer),
+                answer.to_json(),
+                self.pool.lease,
             )
         except EtcdError as exc:
             _log.error(

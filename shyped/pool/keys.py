@@ -10,7 +10,7 @@ Under the configured prefix ``P`` (a path such as ``/shyped/pool1``)::
     P/audit/<host>/<log id>       -> JSON       the head of one of the host's audit chains
     P/policy/current              -> JSON       the committed pool policy
     P/policy/proposals/<host>/<id>  -> JSON     a switch proposed by <host>
-    P/policy/answers/<host>/<id>    -> JSON     <host>'s answer to proposal <id>
+    P/policy/answers/<host>/<proposer>/<id> -> JSON  <host>'s answer to that proposal
     P/reservations/<src>/<dest>/<id> -> JSON    a reservation <src> asks of <dest>
     P/grants/<dest>/<id>          -> JSON       <dest>'s answer to it
 
@@ -98,9 +98,11 @@ class PoolKeys:
     def answers(self) -> str:
         return self.policy + "answers/"
 
-    def answer(self, pid: str, host: str | None = None) -> str:
-        """A host's answer to proposal `pid`, under the answering host's own range."""
-        return self.answers + f"{host or self.host}/{pid}"
+    def answer(self, pid: str, host: str | None = None, proposer: str | None = None) -> str:
+        """`host`'s answer to `proposer`'s proposal `pid` (both default: this host), under the
+        answering host's own range. The proposer is part of the key: a proposal filed by
+        another host under the same id gets its own answer, never this one's."""
+        return self.answers + f"{host or self.host}/{proposer or self.host}/{pid}"
 
     @property
     def reservations(self) -> str:
