@@ -100,7 +100,7 @@ def test_writer_owned_keys_name_their_writer() -> None:
     assert theirs == "/p/policy/answers/host-c/host-b/" + "f" * 32
     assert keys.proposal("f" * 32) == "/p/policy/proposals/host-a/" + "f" * 32
     assert keys.request("host-c", "1" * 32) == "/p/reservations/host-a/host-c/" + "1" * 32
-    assert keys.grant("1" * 32, "host-c") == "/p/grants/host-c/" + "1" * 32
+    assert keys.grant("1" * 32, "host-c") == "/p/grants/host-c/host-a/" + "1" * 32
     assert keys.owned(keys.answers, keys.answer("e" * 32, "host-b")) == (
         "host-b",
         "host-a/" + "e" * 32,

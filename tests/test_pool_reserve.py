@@ -277,10 +277,30 @@ async def test_a_request_filed_in_another_hosts_range_is_refused(
     rid = "e" * 32
     req = Request(rid, UA, "bank-a-web", "host-a", "host-c", "migrate")
     _put(c, f"{PREFIX}/reservations/host-b/host-c/{rid}", req.to_json())
-    grant = f"{PREFIX}/grants/host-c/{rid}"
+    grant = f"{PREFIX}/grants/host-c/host-b/{rid}"  # answered in the range it is filed in
     await eventually(lambda: grant in c.pool.entries, timeout=20)
     assert '"refused"' in c.pool.entries[grant] and "range it is filed in" in c.pool.entries[grant]
     assert not reservations.held and reservations.granted == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_reusing_another_sources_id_cannot_answer_for_it(
+    pool_hosts: list[PoolHost],
+) -> None:
+    """host-b (hostile, writing only its own ranges) files a harmless request to host-c under
+    the id of host-a's pending one: host-c's grant to it is not what host-a reads as the
+    answer to its own request (before, grants were keyed by destination and id alone, so a
+    grant to b's request answered a's too, and a refusal to a could be turned into a grant)."""
+    a, _, c = pool_hosts
+    await _start_all(pool_hosts)
+    rid = "a" * 32
+    req = Request(rid, UB, "shop", "host-b", "host-c", "migrate")
+    _put(c, f"{PREFIX}/reservations/host-b/host-c/{rid}", req.to_json())
+    reservations = c.ctl.reservations
+    assert reservations is not None
+    await eventually(lambda: reservations.granted == 1, timeout=20)
+    await eventually(lambda: any("/grants/host-c/" in k and rid in k for k in a.pool.entries))
+    assert a.pool.keys.grant(rid, "host-c") not in a.pool.entries  # host-a's answer for `rid`
 
 
 @pytest_twisted.ensureDeferred

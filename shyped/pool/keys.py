@@ -12,7 +12,7 @@ Under the configured prefix ``P`` (a path such as ``/shyped/pool1``)::
     P/policy/proposals/<host>/<id>  -> JSON     a switch proposed by <host>
     P/policy/answers/<host>/<proposer>/<id> -> JSON  <host>'s answer to that proposal
     P/reservations/<src>/<dest>/<id> -> JSON    a reservation <src> asks of <dest>
-    P/grants/<dest>/<id>          -> JSON       <dest>'s answer to it
+    P/grants/<dest>/<src>/<id>    -> JSON       <dest>'s answer to it
 
 Every key one host writes alone starts with a range named after it (``.../<host>/`` or
 ``P/hosts/<host>``), so etcd's RBAC can give each host's own user write access to its ranges
@@ -112,9 +112,11 @@ class PoolKeys:
         """A reservation request, under the requesting (source) host's own range."""
         return self.reservations + f"{source or self.host}/{dest}/{rid}"
 
-    def grant(self, rid: str, dest: str | None = None) -> str:
-        """The destination's answer to a request, under the destination's own range."""
-        return self.prefix + f"/grants/{dest or self.host}/{rid}"
+    def grant(self, rid: str, dest: str | None = None, source: str | None = None) -> str:
+        """`dest`'s answer to `source`'s request `rid` (both default: this host), under the
+        destination's own range. The source is part of the key: a request another host files
+        under the same id gets its own answer, never this one's."""
+        return self.prefix + f"/grants/{dest or self.host}/{source or self.host}/{rid}"
 
     def owned(self, base: str, key: str) -> tuple[str, str] | None:
         """(writer host, rest) of a `key` filed under `base` + ``<host>/`` (None: not such a

@@ -3,11 +3,12 @@
 The destination's daemon is the one authority for its host: it answers every request under
 ``P/reservations/<source>/<host>/`` itself (the source writes only its own range, the
 destination only ``P/grants/<host>/``: with per-host etcd users, `shyped.pool.rbac`, no host
-can forge another's request or grant), one at a time, with this daemon's policy and Chinese Wall
-running set plus the reservations it granted and that are not settled yet (`held`), so
+can forge another's request or grant), one at a time, with this daemon's policy and Chinese
+Wall running set plus the reservations it granted and that are not settled yet (`held`), so
 concurrent requests for rivals are serialised here. A grant is written under
-``P/grants/<host>/<id>``; it is consumed when a domain with its UUID runs on this host, and
-lapses after `GRANT_TTL`. Requests are untrusted (`shyped.pool.reservation.parse_request`);
+``P/grants/<host>/<source>/<id>`` (keyed by source too: a request another host files under the
+same id gets its own answer); it is consumed when a domain with its UUID runs on this host,
+and lapses after `GRANT_TTL`. Requests are untrusted (`shyped.pool.reservation.parse_request`);
 a request naming another destination, or past `MAX_HELD`, is refused.
 """
 
@@ -104,7 +105,7 @@ class Reservations:
                 Grant(rid, State.REFUSED, f"bad request: {exc}", host) if len(rid) == 32 else None
             )
             if grant is not None:
-                self._write(grant)
+                self._write(grant, source)
             return
         if req.source not in self.pool.host_states()[0]:
             self.ignored += 1  # not from a live member: no answer (a flood writes nothing)
@@ -116,12 +117,13 @@ class Reservations:
                     State.REFUSED,
                     "the request names another reservation or host than the range it is filed in",
                     host,
-                )
+                ),
+                source,
             )
             return
         grant = self.check(req)
         if grant.state is State.GRANTED:
-            self.held[req.id] = Held(req, self.reactor.seconds() + GRANT_TTL)
+            self.held[f"{source}/{req.id}"] = Held(req, self.reactor.seconds() + GRANT_TTL)
             self.reactor.callLater(GRANT_TTL, self._settle)  # lapses on a quiet pool too
             self.granted += 1
             self._hold()
@@ -137,7 +139,7 @@ class Reservations:
             state=grant.state.value,
             reason=grant.reason,
         )
-        self._write(grant)
+        self._write(grant, source)
 
     def check(self, req: Request) -> Grant:
         """Grant or refuse `req` now (pure decision over this daemon's state)."""
@@ -159,8 +161,8 @@ class Reservations:
         state = State.GRANTED if decision.permitted else State.REFUSED
         return Grant(req.id, state, decision.reason, host)
 
-    def _write(self, grant: Grant) -> None:
-        key = self.pool.keys.grant(grant.id)
+    def _write(self, grant: Grant, source: str) -> None:
+        key = self.pool.keys.grant(grant.id, None, source)
         d = Deferred.fromCoroutine(self.pool.client.put(key, grant.to_json(), self.pool.lease))
         d.addErrback(
             lambda f: _log.error("pool: grant {id} not written: {e}", id=grant.id, e=f.value)
