@@ -42,8 +42,15 @@ the daemon runs (the live storm).
   minus before it, per domain: the daemon's retained memory, allocator slack included; it
   runs in the benchmark's process (not a child), so it is an estimate, not a peak.
 
+Baseline: ``--baseline-ref REF`` (a git ref of this repository, checked out with ``git
+worktree add --detach`` into a temporary directory, removed after) or ``--baseline DIR`` (any
+tree holding ``shyped/``): then this script runs itself ``--runs`` times (default 3) per tree
+in child processes (``PYTHONPATH`` set to the tree), interleaved (this, base, base, this, ...),
+and prints the latency rows of both, each run's x floor against its own floor, with the spread.
+
 Run: .venv/bin/python benchmarks/bench_daemon.py [--iterations 200] [--present 10,1000]
-[--storm 10,1000] [--json]; ``--quick`` is the CI-cheap smoke run (10 domains present, storms
+[--storm 10,1000] [--json] [--baseline-ref main --storm '' --present 10]; ``--quick`` is the
+CI-cheap smoke run (10 domains present, storms
 of 10 and 50; about half a minute; it asserts only that every domain is admitted, never a
 time). The default run takes 2.5 to 6 minutes on a loaded 2-core
 machine, most of it the sandbox toolstack creating some 2,000 domains (it keeps its hypervisor
@@ -364,11 +371,37 @@ class Latency:
         self.proc.wait(10)
 
 
+class GcPauses:
+    """A `gc.callbacks` entry: how many collections of each generation ran and how long the
+    longest took (the latency phase's tail may be one)."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.times: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            self.times[info["generation"]].append(time.perf_counter() - self.started)
+
+    def summary(self) -> dict[str, str]:
+        return {
+            f"gen{g}": f"{len(t)}x max {max(t, default=0) * 1e3:.2f} ms"
+            for g, t in self.times.items()
+        }
+
+
 async def measure_latency(
     reactor: Any, daemon: Daemon, socket_path: str, domid: int, iterations: int, rounds: int
 ) -> dict[str, Any]:
     """Floors and decisions, alternating in ``rounds``; p50/p99 against the echo floor."""
     lat = Latency(daemon, socket_path, domid)
+    pauses = GcPauses()
+    gc.callbacks.append(pauses)
+    reader = getattr(daemon, "_reader", None)
+    rounds_before = dict(getattr(reader, "rounds", {}))
+    timeouts_before = getattr(reader, "barrier_timeouts", 0)
     echo: list[float] = []
     event_read: list[float] = []
     per = max(1, iterations // rounds)
@@ -379,8 +412,15 @@ async def measure_latency(
             await threads.deferToThread(lat.round, reactor, per)
     finally:
         lat.close()
+        gc.callbacks.remove(pauses)
     floor = stats(echo)
     out: dict[str, Any] = {"floor_echo": floor, "floor_event_read": stats(event_read)}
+    out["gc_pauses"] = pauses.summary()
+    out["barrier_timeouts"] = getattr(reader, "barrier_timeouts", 0) - timeouts_before
+    rounds_after = dict(getattr(reader, "rounds", {}))
+    out["batch_rounds"] = {
+        str(k): v - rounds_before.get(k, 0) for k, v in sorted(rounds_after.items())
+    }
     out["floor_event_read"]["x_floor"] = out["floor_event_read"]["median_us"] / floor["median_us"]
     for key, samples in lat.samples.items():
         if not samples:
@@ -507,10 +547,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="alternate decisions with and without the gateway's second connection; "
         "report both (rows '… (watch conn.)')",
     )
+    parser.add_argument("--baseline", type=Path, help="a tree holding shyped/ (the baseline)")
+    parser.add_argument("--baseline-ref", help="a git ref: its worktree is the baseline")
+    parser.add_argument("--runs", type=int, default=3, help="child runs per tree (baseline)")
     args = parser.parse_args(argv)
     AB_DIRECT["on"] = args.ab_direct
     if args.quick:
         args.iterations, args.rounds, args.present, args.storm = 20, 1, "10", "10,50"
+    if args.baseline_ref or args.baseline is not None:
+        return compare(args)
     present, storm = sizes(args.present), sizes(args.storm)
     result: dict[str, Any] = {"sizes": []}
     from twisted.internet import reactor as _reactor
@@ -544,20 +589,104 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- baseline
+
+
+def compare(args: argparse.Namespace) -> int:
+    """This tree and the baseline, ``--runs`` child runs each, interleaved."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_daemon_scale import baseline_tree
+
+    child = ["--json", "--iterations", str(args.iterations), "--rounds", str(args.rounds)]
+    child += ["--present", args.present, "--storm", args.storm]
+    child += ["--ab-direct"] if args.ab_direct else []
+    runs: dict[str, list[dict[str, Any]]] = {"this": [], "base": []}
+    with contextlib.ExitStack() as stack:
+        trees = {"this": ROOT}
+        if args.baseline_ref:
+            trees["base"] = stack.enter_context(baseline_tree(args.baseline_ref))
+        else:
+            trees["base"] = args.baseline.resolve()
+        for r in range(args.runs):
+            for name in ("this", "base") if r % 2 == 0 else ("base", "this"):
+                env = dict(os.environ, PYTHONPATH=str(trees[name]))
+                cmd = [sys.executable, str(Path(__file__).resolve()), *child]
+                res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+                if res.returncode != 0:
+                    print(res.stderr, file=sys.stderr)
+                    return 1
+                runs[name].append(json.loads(res.stdout))
+    if args.json:
+        print(json.dumps(runs, indent=2))
+    else:
+        report_compare(runs)
+    return 0
+
+
+def report_compare(runs: dict[str, list[dict[str, Any]]]) -> None:
+    """x floor per run (p50 ÷ that run's echo floor) and p99 ÷ p50, base → this."""
+    print(
+        "x = p50 ÷ the echo floor of the same child run; runs listed; (p99/p50 min-max); "
+        "then the median over the runs of p50 (x against the median echo floor of all runs of "
+        "both trees) and of the daemon's share (µs)"
+    )
+    first = runs["this"][0]["sizes"]
+    for index, size in enumerate(first):
+        if "latency" not in size:
+            continue
+        floors = [
+            r["sizes"][index]["latency"]["floor_echo"]["median_us"]
+            for name in ("base", "this")
+            for r in runs[name]
+        ]
+        pooled = statistics.median(floors)
+        print(f"  {size['domains']} domains present (pooled echo floor: {pooled:.0f} µs)")
+        for key, title in (*_ROWS[2:], ("floor_echo", "floor: raw echo µs")):
+            cells = []
+            for name in ("base", "this"):
+                got = [r["sizes"][index]["latency"].get(key) for r in runs[name]]
+                got = [g for g in got if g is not None]
+                if not got:
+                    break
+                if key == "floor_echo":
+                    cells.append(" / ".join(f"{g['median_us']:.0f}" for g in got))
+                    continue
+                xs = " / ".join(f"x{g['x_floor']:.1f}" for g in got)
+                tails = [g["p99_us"] / g["median_us"] for g in got]
+                cells.append(f"{xs} ({min(tails):.1f}-{max(tails):.1f})")
+                p50 = statistics.median(g["median_us"] for g in got)
+                inside = statistics.median(g["inside_median_us"] for g in got)
+                cells.append(
+                    f"p50 {p50:.0f} µs (x{p50 / pooled:.1f} pooled), first event -> "
+                    f"decision {inside:.0f} µs"
+                )
+            if len(cells) == 4:
+                print(f"    {title:<38} base {cells[0]:<32} this {cells[2]}")
+                print(f"    {'':<38} base {cells[1]:<32} this {cells[3]}")
+            elif len(cells) == 2:
+                print(f"    {title:<38} base {cells[0]:<32} this {cells[1]}")
+        for name in ("base", "this"):
+            rounds = [r["sizes"][index]["latency"].get("batch_rounds") for r in runs[name]]
+            print(f"    watch batches by read rounds, {name}: {rounds}")
+
+
+_ROWS = (
+    ("floor_echo", "floor: raw echo (write, event, write, event)"),
+    ("floor_event_read", "floor: raw event + read"),
+    ("admit", "admission: commit -> label node seen"),
+    ("vif", "vif: commit -> listener"),
+    ("vchan", "vchan: commit -> listener"),
+    ("admit" + PLAIN, "admission (watch conn. only)"),
+    ("vif" + PLAIN, "vif (watch conn. only)"),
+    ("vchan" + PLAIN, "vchan (watch conn. only)"),
+)
+
+
 def report(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    rows = [
-        ("floor_echo", "floor: raw echo (write, event, write, event)"),
-        ("floor_event_read", "floor: raw event + read"),
-        ("admit", "admission: commit -> label node seen"),
-        ("vif", "vif: commit -> listener"),
-        ("vchan", "vchan: commit -> listener"),
-        ("admit" + PLAIN, "admission (watch conn. only)"),
-        ("vif" + PLAIN, "vif (watch conn. only)"),
-        ("vchan" + PLAIN, "vchan (watch conn. only)"),
-    ]
+    rows = _ROWS
     print(
         "decision latency (p50 / p99 µs; x = p50 / echo floor p50, same N, same run, goals "
         "admission x12, vif x4, vchan x3, p99/p50 3; vs N0 = this x / the first N's x)"
@@ -565,7 +694,12 @@ def report(result: dict[str, Any], as_json: bool) -> None:
     measured = [size for size in result["sizes"] if "latency" in size]
     for size in measured:
         lat = size["latency"]
-        print(f"  {size['domains']} domains present")
+        rounds = lat.get("batch_rounds", {})
+        print(f"  {size['domains']} domains present (watch batches by read rounds: {rounds})")
+        print(
+            f"    collections during the latency phase: {lat.get('gc_pauses')}; barriers not "
+            f"in within the burst wait: {lat.get('barrier_timeouts')}"
+        )
         for key, title in rows:
             if key not in lat:
                 continue

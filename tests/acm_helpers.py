@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hypothesis import strategies as st
+from policy_helpers import no_own_conflict
 
 from shyped.policy.acm_xml import UNLABELED
 from shyped.policy.model import (
@@ -26,15 +27,6 @@ names = st.text(alphabet=_NAME_CHARS, min_size=1, max_size=6)
 versions = st.builds(PolicyVersion, st.integers(0, 10**8 - 1), st.integers(0, 10**8 - 1))
 LEVELS = ("low", "mid", "high")
 CATEGORIES = ("k0", "k1", "k2")
-
-
-def no_own_conflict(cw: Sequence[str], sets: Sequence[frozenset[str]]) -> frozenset[str]:
-    """Drop types from `cw` until no two of them share a conflict set (a valid label)."""
-    kept: list[str] = []
-    for t in cw:
-        if all(not ({t, k} <= s) for s in sets for k in kept):
-            kept.append(t)
-    return frozenset(kept)
 
 
 @st.composite

@@ -495,3 +495,15 @@ async def shypectl(
 
 def cleanup(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextmanager
+def web_backend(prefix: str) -> Iterator[ModelBackend]:
+    """A `ModelBackend` in a fresh short directory, with domain 2 ``web-1`` (label web)."""
+    directory = short_dir(prefix)
+    backend = ModelBackend(directory)
+    backend.add_domain(Dom(2, "web-1", "22222222-2222-4222-8222-222222222222", "web"))
+    try:
+        yield backend
+    finally:
+        cleanup(directory)

@@ -153,7 +153,8 @@ class Harness:
 
     async def stop(self) -> None:
         if self.daemon is not None:
-            await self.daemon.settled()
+            if not self.daemon._stopping:  # a test may have stopped it (settled() then fails)
+                await self.daemon.settled()
             await self.daemon.stop()
             self.daemon = None
 

@@ -18,7 +18,7 @@ from shyped.policy.model import (
 )
 
 
-def _no_own_conflict(cw: Sequence[str], sets: Sequence[frozenset[str]]) -> frozenset[str]:
+def no_own_conflict(cw: Sequence[str], sets: Sequence[frozenset[str]]) -> frozenset[str]:
     """Drop types from `cw` until no two of them share a conflict set (keeps a valid label)."""
     kept: list[str] = []
     for t in cw:
@@ -46,7 +46,7 @@ def policies(draw: st.DrawFn, max_labels: int = 8, mls: bool = True) -> Policy:
             VmLabel(
                 f"L{i}",
                 draw(st.frozensets(st.sampled_from(ste), max_size=3)),
-                _no_own_conflict(cw_pick, sets),
+                no_own_conflict(cw_pick, sets),
                 draw(st.none() | mls_labels) if mls else None,
                 Quota(max_domains=draw(st.none() | st.integers(0, 5))),
             )

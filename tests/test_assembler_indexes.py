@@ -96,7 +96,8 @@ def _naive_peers(asm: EventAssembler) -> dict[int, set[tuple[int, str]]]:
 
 
 def _check_indexes(asm: EventAssembler) -> None:
-    assert asm._by_uuid == _naive_by_uuid(asm)
+    assert {u: set(asm._with_uuid(u)) for u in asm._by_uuid} == _naive_by_uuid(asm)
+    assert all(isinstance(ids, int) or len(ids) > 1 for ids in asm._by_uuid.values())
     assert asm._clients == _naive_clients(asm)
     assert asm._shared._by_peer == _naive_peers(asm)
 

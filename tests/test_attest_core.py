@@ -165,6 +165,8 @@ def test_nonce_and_bundle_shape_are_checked() -> None:
         ('ak_handle = "zz"', "attestation.ak_handle must be a persistent owner handle"),
         ("enable = true", "unknown key 'enable' in [attestation] (did you mean 'enabled'?"),
         ('tcti = ""', "attestation.tcti must name a TCTI"),
+        ("quotes_per_minute = 0", "attestation.quotes_per_minute"),
+        ("quote_burst = 0", "attestation.quote_burst"),
     ],
 )
 def test_attestation_table_is_checked(table: str, error: str) -> None:
@@ -175,9 +177,11 @@ def test_attestation_table_is_checked(table: str, error: str) -> None:
 def test_attestation_is_off_by_default_and_configurable() -> None:
     assert not parse_config('[policy]\npath = "p.toml"\n').attestation.enabled
     text = ('[policy]\npath = "/p.toml"\n[attestation]\nenabled = true\npcr = 14\n'
-            'ak_handle = "0x81010002"\ntcti = "swtpm:port=2321"\n')  # fmt: skip
+            'ak_handle = "0x81010002"\ntcti = "swtpm:port=2321"\nquotes_per_minute = 60\n'
+            'quote_burst = 5\n')  # fmt: skip
     c = parse_config(text).attestation
     assert (c.enabled, c.pcr, c.ak_handle, c.tcti) == (True, 14, 0x81010002, "swtpm:port=2321")
+    assert (c.quotes_per_minute, c.quote_burst) == (60, 5)
 
 
 def test_entries_are_small_whatever_the_label_store_and_bounded() -> None:
@@ -219,3 +223,14 @@ def test_the_reported_label_store_must_be_the_last_measured_one() -> None:
         "force)",
     )
     assert v.unverified  # no label is vouched for by an unmeasured store
+
+
+def test_a_state_report_with_more_domains_than_xen_runs_is_refused_not_kept() -> None:
+    """A hostile bundle's domain list is kept in the verdict (printed, and kept per host when
+    many bundles are checked): more than Xen's domids is a problem, and none is kept."""
+    state = good_state()
+    n = 0x7FF0 + 1  # Xen's DOMID_FIRST_RESERVED, and one more
+    state["domains"] = [{}] * n
+    v = quote.verify_fields(bundle_for("n", entries(start()), state), "n")
+    assert f"state report: {n} domains, more than one Xen host runs" in " ".join(v.problems)
+    assert v.domains == ()

@@ -175,6 +175,23 @@ def test_intact_chain_verifies() -> None:
     assert not report.warnings
 
 
+@pytest.mark.parametrize("named_back", [0, 2])
+def test_a_stop_record_that_names_another_chain_head_is_flagged(named_back: int) -> None:
+    """``daemon-stop`` names the head it follows; one naming an older head (records written
+    after it, which a stop that read the head too early produced) is a warning."""
+    lines = chain(5)
+    last = parse_record(lines[-1])
+    named = parse_record(lines[-1 - named_back])
+    stop = event_draft(Kind.DAEMON_STOP, T0, head_seq=named.seq, head_hash=named.hash)
+    lines.append(seal(stop, log=LOG, seq=last.seq + 1, prev=last.hash).line)
+    report = verify_lines(lines, "a.jsonl")
+    assert report.ok
+    flagged = [f for f in report.warnings if "daemon-stop names" in f.message]
+    assert [(f.seq, f.message.split(",")[0]) for f in flagged] == (
+        [] if named_back == 0 else [(5, "daemon-stop names seq 2 as the chain head")]
+    )
+
+
 def lines_of(data: bytes) -> list[bytes]:
     """Lines as the log reader cuts them: after each newline byte, and nowhere else."""
     parts = data.split(b"\n")

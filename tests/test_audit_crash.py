@@ -21,6 +21,7 @@ from shyped.service.auditlog import AuditLog, list_log_files, verify_directory
 # The writer: batches of 1-5 records, flushed, acknowledged on stdout ("acked <seq>") only
 # after flush returned. In "tear" mode its os.write writes 20 bytes of the first batch that
 # matches TEAR and then the process SIGKILLs itself: a real process dying mid-write.
+# "rotate-empty": it dies before writing a byte of a rotated file it just created.
 WRITER = r"""
 import os, random, signal, sys
 from pathlib import Path
@@ -37,9 +38,9 @@ if tear != "none":
     def torn_write(fd, data):
         data = bytes(data)
         first = data.split(b"\n", 1)[0]
-        if data.startswith(b'{"hash":') and (tear == "any" and writes[0] >= 8 or
-                                            tear == "rotate" and b'"kind":"rotate"' in first):
-            real_write(fd, data[:20])  # inside the batch's first record
+        rotate = tear.startswith("rotate") and b'"kind":"rotate"' in first
+        if data.startswith(b'{"hash":') and (tear == "any" and writes[0] >= 8 or rotate):
+            real_write(fd, data[:0 if tear == "rotate-empty" else 20])  # in the first record
             os.kill(os.getpid(), signal.SIGKILL)
         writes[0] += 1
         return real_write(fd, data)
@@ -80,6 +81,21 @@ def run_writer(directory: Path, *, max_bytes: int, tear: str, seed: int, kill_af
     return acked
 
 
+def restart_and_continue(directory: Path, last_seq: int) -> int:
+    """A restarted writer continues the chain after `last_seq` (the last complete record): at
+    once, or after its own recovery records where the kill left something to clean up (a
+    rotated file created but not written yet: removed, which a ``log-recovered`` record says,
+    after a ``rotate`` when the head's file is full). Three records more; the new head."""
+    with AuditLog(small(directory, max_file_bytes=4096, keep_files=0)) as log:
+        own = [r for r in file_records(directory) if int(str(r["seq"])) > last_seq]
+        assert log.head[0] == last_seq + len(own)
+        if own:
+            assert [r["kind"] for r in own] in (["log-recovered"], ["rotate", "log-recovered"])
+            assert own[-1]["after_seq"] == last_seq
+        feed(log, 3)
+        return log.head[0]
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_sigkill_anywhere_then_restart(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
@@ -95,14 +111,26 @@ def test_sigkill_anywhere_then_restart(tmp_path: Path, seed: int) -> None:
         assert report.ok, [str(f) for f in report.errors]
         assert report.last_seq is not None and report.last_seq >= acked
         # A restarted writer continues the same chain.
-        with AuditLog(small(tmp_path, max_file_bytes=4096, keep_files=0)) as log:
-            assert log.head[0] == report.last_seq
-            feed(log, 3)
-            last_seq = log.head[0]
+        last_seq = restart_and_continue(tmp_path, report.last_seq)
         report, _ = verify_directory(tmp_path)
         assert report.ok and report.last_seq == last_seq and report.first_seq == 0
     assert len({r["log"] for r in file_records(tmp_path)}) == 1
     assert len(list_log_files(tmp_path)) > 1  # it rotated on the way
+
+
+def test_a_kill_between_creating_a_rotated_file_and_writing_it(tmp_path: Path) -> None:
+    """The window a SIGKILL "anywhere" sometimes hits (more often on a loaded host): the
+    rotated file exists and is empty. The restart removes it and says so before going on."""
+    acked = run_writer(tmp_path, max_bytes=4096, tear="rotate-empty", seed=7, kill_after=10**9)
+    newest = list_log_files(tmp_path)[-1]
+    assert newest.stat().st_size == 0  # created, not written
+    report, _ = verify_directory(tmp_path)
+    assert report.ok and report.last_seq is not None and report.last_seq >= acked
+    head = restart_and_continue(tmp_path, report.last_seq)
+    (recovered,) = [r for r in file_records(tmp_path) if r["kind"] == "log-recovered"]
+    assert recovered["removed_files"] == [newest.name]
+    report, _ = verify_directory(tmp_path)
+    assert report.ok and report.last_seq == head and report.first_seq == 0
 
 
 @pytest.mark.parametrize("tear", ["any", "rotate"])

@@ -30,6 +30,7 @@ from control_daemon_helpers import (
 from process_helpers import ShypedProcess, wait_until
 
 from shyped.control import backend as b
+from shyped.control.client import ControlClient
 from shyped.control.daemon_backend import DaemonControlBackend
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.core.labelstore import LabelStore
@@ -287,6 +288,30 @@ def test_shype_xl_destroys_a_domain_the_daemon_refuses_at_admission(host: Host) 
     assert "web-a2" not in host.xl_list()
     assert "web-b1" in host.xl_list()
     assert uuid_of("web-a2") not in json.loads(host.labels.read_text())["domains"]["uuid"]
+
+
+def test_an_admission_asked_for_after_the_veto_removed_the_domain_is_answered_at_once(
+    host: Host,
+) -> None:
+    """shype-xl asks for the admission once ``xl create`` returned; on a loaded host the
+    daemon may have decided, vetoed and forgotten the domain by then. The answer is still the
+    denial (the domain gone), not a wait for the whole admission timeout for a domain that
+    cannot appear any more, ending in "no domain with uuid … appeared"."""
+    host.start()
+    assert host.xl("create", str(host.cfg("web-a1"))).returncode == 0  # Bank A runs
+    assert host.xl("create", str(host.cfg("web-b1"))).returncode == 0
+    wait_until(lambda: "domain gone: web-b1" in host.log(), what="the veto")
+    wait_until(lambda: "web-b1" not in listing(host), what="the daemon forgot it")
+    with ControlClient(host.socket) as client:
+        adm = client.wait_admission(uuid_of("web-b1"), 0, 10.0)
+    assert (adm.admitted, adm.state, adm.name) == (False, "gone", "web-b1")
+    assert "conflicts with running type 'bank-a'" in adm.reason
+    # a new domain with that UUID is waited for again, and decided afresh
+    assert host.xl("destroy", str(host.domid("web-a1"))).returncode == 0
+    wait_until(lambda: "web-a1" not in listing(host), what="web-a1 gone")
+    r = host.shype_xl("create", str(host.cfg("web-b1")))
+    assert r.returncode == 0, r.stderr
+    assert listing(host)["web-b1"][0] == "admitted"
 
 
 # --------------------------------------------------------------------------- policy

@@ -16,13 +16,11 @@ from control_helpers import (
     POLICY_TOML,
     POLICY_TOML_11,
     POLICY_TOML_BAD,
-    Dom,
     ModelBackend,
     aserving,
-    cleanup,
     in_thread,
     serving,
-    short_dir,
+    web_backend,
 )
 from twisted.internet import defer
 
@@ -35,13 +33,8 @@ from shyped.service.config import ControlConfig
 
 @pytest.fixture
 def backend() -> Iterator[ModelBackend]:
-    directory = short_dir("ctlb")
-    be = ModelBackend(directory)
-    be.add_domain(Dom(2, "web-1", "22222222-2222-4222-8222-222222222222", "web"))
-    try:
+    with web_backend("ctlb") as be:
         yield be
-    finally:
-        cleanup(directory)
 
 
 @pytest.fixture

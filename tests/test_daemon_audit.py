@@ -9,27 +9,19 @@ import os
 import shutil
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import pytest_twisted
-from daemon_helpers import Harness, domcfg, eventually, image
+from daemon_helpers import Harness, domcfg, eventually, host_fixture, image
 from twisted.internet import defer, threads
 from wiring_helpers import quota_policy, records, shypectl_verify, start, with_audit
 
 from shyped.policy.decisions import Rule
-from shyped.sandbox.xenstored import SandboxXenstored
+from shyped.service.auditlog import verify_directory
 from shyped.service.config import Mode
 
-
-@pytest.fixture
-def host(xenstored: SandboxXenstored) -> Iterator[Harness]:
-    h = Harness.boot(xenstored)
-    try:
-        yield h
-    finally:
-        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
+__all__ = ["host_fixture"]  # the `host` fixture
 
 
 @pytest_twisted.ensureDeferred
@@ -79,6 +71,34 @@ async def test_a_scenario_leaves_one_record_per_decision_and_event_and_the_chain
     stop = recs[-1]
     assert stop["head_seq"] == recs[-2]["seq"] and stop["head_hash"] == recs[-2]["hash"]
 
+    verified = shypectl_verify(audit_dir)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_stop_record_names_the_real_chain_head_with_records_still_in_flight(
+    host: Harness, tmp_path: Path
+) -> None:
+    """``daemon-stop`` names the chain head before it (`head_seq`, `head_hash`). Records
+    appended in the same reactor tick as the stop are not yet with the writer thread (nor
+    durable): a head read from the log then is one the stop record does not follow. Played
+    deterministically: the mode changes (two records) and the stop starts in one tick."""
+    audit_dir = tmp_path / "audit"
+    daemon, _ = await start(host, with_audit(host.config(), audit_dir))
+    await host.settle()
+    daemon.set_mode(Mode.PERMISSIVE)
+    daemon.set_mode(Mode.ENFORCING)
+    stopping = daemon.stop()
+    host.daemon = None
+    await stopping
+
+    recs = records(audit_dir)
+    stop = recs[-1]
+    assert stop["kind"] == "daemon-stop" and recs[-2]["kind"] == "mode-change"
+    assert (stop["head_seq"], stop["head_hash"]) == (recs[-2]["seq"], recs[-2]["hash"])
+    assert (stop["head_seq"], stop["head_hash"]) == (stop["seq"] - 1, stop["prev"])
+    report, _ = verify_directory(audit_dir)  # what `shypectl audit verify` reads
+    assert report.ok and not [f for f in report.warnings if "daemon-stop" in f.message]
     verified = shypectl_verify(audit_dir)
     assert verified.returncode == 0, verified.stdout + verified.stderr
 

@@ -3,27 +3,15 @@ modes, with the xenstore state after enforcement checked."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 import pytest_twisted
-from daemon_helpers import Harness, domcfg, eventually, image
-from twisted.internet import defer
+from daemon_helpers import Harness, domcfg, eventually, host_fixture, image
 
 from shyped.core.xlcfg import parse_disk_spec, parse_vif_spec
 from shyped.policy.decisions import Hook, Rule
-from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.sandbox.xsconn import XsConn
 from shyped.service.config import Mode
 
-
-@pytest.fixture
-def host(xenstored: SandboxXenstored) -> Iterator[Harness]:
-    h = Harness.boot(xenstored)
-    try:
-        yield h
-    finally:
-        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
+__all__ = ["host_fixture"]  # the `host` fixture
 
 
 def fe(domid: int, kind: str, devid: int) -> str:

@@ -3,25 +3,15 @@ both modes. The sandbox toolstack plays xl from worker threads; the daemon runs 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import pytest_twisted
-from daemon_helpers import POLICY, Harness, domcfg, eventually
+from daemon_helpers import POLICY, Harness, domcfg, eventually, host_fixture
 from twisted.internet import defer
 
 from shyped.policy.decisions import Rule
-from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.service.config import DomainVeto, Mode
 
-
-@pytest.fixture
-def host(xenstored: SandboxXenstored) -> Iterator[Harness]:
-    h = Harness.boot(xenstored)
-    try:
-        yield h
-    finally:
-        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
+__all__ = ["host_fixture"]  # the `host` fixture
 
 
 def label_of(h: Harness, domid: int) -> str | None:

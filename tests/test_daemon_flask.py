@@ -52,6 +52,12 @@ class FakeXen:
     refused_loads: int = 0
     #: (domid, context, was the daemon's label node already written?)
     relabels: list[tuple[int, str, bool]] = attrs.field(factory=list)
+    #: the daemon's label node of the domain at each relabel
+    nodes: list[str | None] = attrs.field(factory=list)
+    #: contexts Xen refuses to relabel to
+    refuse_to: set[str] = attrs.field(factory=set)
+    #: set: a relabel (Xen has the new context already) returns once it is set
+    hold: threading.Event | None = None
     console: str = ""
     lock: threading.Lock = attrs.field(factory=threading.Lock)
 
@@ -66,11 +72,14 @@ class FakeXen:
 
     def relabel(self, domid: int, ctx: str) -> None:
         with XsConn(self.socket) as xs:
-            written = xs.read(f"/local/domain/{domid}/shyped/label") is not None
-        self.relabels.append((domid, ctx, written))
-        if self.refuse_relabel:
+            node = xs.read(f"/local/domain/{domid}/shyped/label")
+        self.relabels.append((domid, ctx, node is not None))
+        self.nodes.append(node)
+        if self.refuse_relabel or ctx in self.refuse_to:
             raise FlaskError(f"xc_flask_relabel_domain({domid}, {ctx}): EACCES (Permission denied)")
         self.relabelled[domid] = ctx
+        if self.hold is not None:  # the call returns only when the test says so
+            assert self.hold.wait(30)
 
     def list_contexts(self) -> str:
         rows = ["Name  ID  Mem VCPUs  State  Time(s)  Security Label"]
@@ -356,3 +365,221 @@ def test_the_flask_table_is_read_and_checked(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError, match="flask"):
             parse_config(base + bad)
+
+
+# ------------------------------------------------------------------ relabel of a running domain
+
+
+async def _running(host: Harness, tmp: Path, fake: FakeXen) -> tuple[Any, int, Path]:
+    audit_dir = tmp / "audit"
+    daemon, _ = await start(host, with_audit(host.config(), audit_dir), flask=_edge(fake, tmp))
+    a = await host.call(host.ts.create, domcfg("web-a1"))
+    await host.settle()
+    await daemon.audit_synced()
+    assert host.last(f"domain {a}").allowed
+    fake.relabels.clear()
+    return daemon, a, audit_dir
+
+
+def _relabel(daemon: Any, domid: int, label: str) -> Any:
+    from shyped.control.backend import RelabelDomainArgs
+
+    return DaemonControlBackend(daemon).relabel_domain(RelabelDomainArgs(str(domid), label))
+
+
+def _label_node(host: Harness, domid: int) -> str | None:
+    with XsConn(str(host.xsd.socket_path)) as xs:
+        return xs.read(f"/local/domain/{domid}/shyped/label")
+
+
+@needs_flask_tools
+@pytest_twisted.ensureDeferred
+async def test_a_running_domain_is_relabelled_in_xen_before_the_daemon(
+    host: Harness, tmp_path: Path
+) -> None:
+    fake = _fake(host)
+    daemon, a, audit_dir = await _running(host, tmp_path, fake)
+    info = await _relabel(daemon, a, "bank-a-batch")
+    assert info.label.endswith("bank-a-batch")
+    # Xen first: relabelled while the label node still said the old label
+    assert fake.relabels == [(a, context("bank-a-batch"), True)]
+    assert fake.nodes[-1] is not None and fake.nodes[-1].endswith("bank-a-web")
+    assert (_label_node(host, a) or "").endswith("bank-a-batch")
+    listed = {d.domid: d for d in DaemonControlBackend(daemon).list_domains().domains}
+    assert listed[a].flask_context == context("bank-a-batch")
+    await host.stop()
+    recs = records(audit_dir)
+    kinds = [r["kind"] for r in recs if r["kind"] in ("flask-relabel", "relabel")]
+    assert kinds[-2:] == ["flask-relabel", "relabel"]
+    flask_rec = [r for r in recs if r["kind"] == "flask-relabel"][-1]
+    assert flask_rec["result"] == "relabelled" and flask_rec["old"] == context("bank-a-web")
+    assert flask_rec["new"] == context("bank-a-batch")
+
+
+def _unchanged(host: Harness, daemon: Any, a: int, label: str) -> None:
+    """The daemon still runs domain `a` with `label`: its view, the label node."""
+    listed = {d.domid: d for d in DaemonControlBackend(daemon).list_domains().domains}
+    assert (listed[a].label or "").endswith(label) and listed[a].state == "admitted"
+    assert (_label_node(host, a) or "").endswith(label)
+    assert daemon.host.domain(a).label == label
+
+
+@needs_flask_tools
+@pytest_twisted.ensureDeferred
+async def test_a_relabel_xen_refuses_is_refused_and_changes_nothing(
+    host: Harness, tmp_path: Path
+) -> None:
+    from shyped.control.protocol import ControlError
+
+    fake = _fake(host)
+    fake.refuse_to.add(context("bank-a-batch"))
+    daemon, a, audit_dir = await _running(host, tmp_path, fake)
+    store = daemon.config.labels.read_bytes()
+    with pytest.raises(ControlError) as err:
+        await _relabel(daemon, a, "bank-a-batch")
+    assert err.value.code.value == "denied"
+    assert "Xen FLASK: Xen refused the relabel" in str(err.value.details)
+    assert fake.relabels == [(a, context("bank-a-batch"), True)]
+    _unchanged(host, daemon, a, "bank-a-web")
+    assert daemon.config.labels.read_bytes() == store  # the store was not written
+    assert daemon.flask.flask.contexts[a] == context("bank-a-web")
+    await host.stop()
+    recs = records(audit_dir)
+    assert not [r for r in recs if r["kind"] == "relabel"]
+    (refused,) = [
+        r for r in recs if r["kind"] == "flask-relabel" and r.get("reason") != "admission"
+    ]
+    assert refused["result"] == "refused" and "EACCES" in refused["error"]
+    assert shypectl_verify(audit_dir).returncode == 0
+
+
+@needs_flask_tools
+@pytest_twisted.ensureDeferred
+async def test_a_relabel_the_daemon_cannot_store_after_xen_accepted_puts_xen_back(
+    host: Harness, tmp_path: Path
+) -> None:
+    """Xen relabelled, then the label store cannot be written (a hand edit with errors, not
+    reloaded): the daemon refuses, Xen gets its old context back, nothing changed."""
+    from shyped.control.protocol import ControlError
+
+    fake = _fake(host)
+    daemon, a, audit_dir = await _running(host, tmp_path, fake)
+    daemon.config.labels.write_text("{ broken")
+    with pytest.raises(ControlError, match="has errors"):
+        await _relabel(daemon, a, "bank-a-batch")
+    assert [(d, c) for d, c, _ in fake.relabels] == [
+        (a, context("bank-a-batch")),
+        (a, context("bank-a-web")),
+    ]
+    assert fake.relabelled[a] == context("bank-a-web")
+    _unchanged(host, daemon, a, "bank-a-web")
+    await host.stop()
+    recs = [r for r in records(audit_dir) if r["kind"] in ("flask-relabel", "relabel")]
+    assert [(r["result"], r["new"]) for r in recs[1:]] == [
+        ("relabelled", context("bank-a-batch")),
+        ("relabelled", context("bank-a-web")),
+    ]
+    assert "undone" in recs[-1]["reason"]
+
+
+@needs_flask_tools
+@pytest_twisted.ensureDeferred
+async def test_a_relabel_of_a_domain_xen_already_disagrees_on_is_refused(
+    host: Harness, tmp_path: Path
+) -> None:
+    """Xen runs the domain under another type than its label's (relabelled behind shyped's
+    back with flask tools): fail closed, Xen is not asked to relabel."""
+    fake = _fake(host)
+    daemon, a, _ = await _running(host, tmp_path, fake)
+    fake.relabelled[a] = context("shop")
+    from shyped.control.protocol import ControlError
+
+    with pytest.raises(ControlError) as err:
+        await _relabel(daemon, a, "bank-a-batch")
+    assert f"runs in Xen as {context('shop')}" in str(err.value.details)
+    assert fake.relabels == []
+    _unchanged(host, daemon, a, "bank-a-web")
+
+
+@needs_flask_tools
+@pytest_twisted.ensureDeferred
+async def test_a_domain_whose_xen_context_disagrees_is_vetoed_when_decided_again(
+    host: Harness, tmp_path: Path
+) -> None:
+    """The reverse: Xen's context and the daemon's label disagree (what a relabel that did not
+    tell Xen left behind, or flask tools behind shyped's back). Every new decision of the
+    domain (here a policy switch, which re-decides all running domains; a restarted daemon
+    does the same at start) reads Xen's contexts and vetoes it."""
+    fake = _fake(host)
+    daemon, a, _ = await _running(host, tmp_path, fake)
+    fake.relabelled[a] = context("bank-a-batch")
+    result = await daemon.reload_policy(_newer(tmp_path))
+    assert result.applied
+    await host.settle()
+    last = host.last(f"domain {a}")
+    assert not last.allowed
+    assert f"runs in Xen as {context('bank-a-batch')}" in last.decision.reason
+    assert "web-a1" not in host.domains()
+
+
+@needs_flask_tools
+@pytest_twisted.ensureDeferred
+async def test_when_xen_will_not_be_put_back_it_is_audited_and_the_next_decision_vetoes(
+    host: Harness, tmp_path: Path
+) -> None:
+    """Xen relabelled, the daemon could not, and Xen refuses the way back: the daemon keeps
+    its label, says so (critical log, ``result=undo-failed``), and the domain's next decision
+    finds Xen's context wrong and vetoes it (fail closed)."""
+    from shyped.control.protocol import ControlError
+
+    fake = _fake(host)
+    daemon, a, audit_dir = await _running(host, tmp_path, fake)
+    fake.refuse_to.add(context("bank-a-web"))
+    good = daemon.config.labels.read_bytes()
+    daemon.config.labels.write_text("{ broken")
+    with pytest.raises(ControlError, match="has errors"):
+        await _relabel(daemon, a, "bank-a-batch")
+    _unchanged(host, daemon, a, "bank-a-web")
+    assert fake.relabelled[a] == context("bank-a-batch")
+    daemon.config.labels.write_bytes(good)
+    assert (await daemon.reload_policy(_newer(tmp_path))).applied
+    await host.settle()
+    last = host.last(f"domain {a}")
+    assert not last.allowed and f"runs in Xen as {context('bank-a-batch')}" in last.decision.reason
+    await host.stop()
+    results = [r.get("result") for r in records(audit_dir) if r["kind"] == "flask-relabel"]
+    assert results[-2:] == ["relabelled", "undo-failed"]
+
+
+@needs_flask_tools
+@pytest_twisted.ensureDeferred
+async def test_a_policy_switch_while_xen_relabels_does_not_veto_the_domain(
+    host: Harness, tmp_path: Path
+) -> None:
+    """A policy switch re-decides every domain; one decided while its relabel is between
+    Xen (new context) and the daemon (old label) must not be vetoed for disagreeing."""
+    from twisted.internet.task import deferLater
+
+    fake = _fake(host)
+    daemon, a, _ = await _running(host, tmp_path, fake)
+    fake.hold = threading.Event()
+    relabel = _relabel(daemon, a, "bank-a-batch")
+    for _ in range(1000):
+        if fake.relabels:
+            break
+        await deferLater(reactor, 0.01)
+    assert fake.relabelled[a] == context("bank-a-batch")  # Xen has it, the daemon not yet
+    reload = daemon.reload_policy(_newer(tmp_path))  # re-decides every domain
+    lock = daemon.flask.relabel_lock
+    for _ in range(6000):  # until the reload waits for the relabel, or is done
+        if reload.called or lock.waiting:
+            break
+        await deferLater(reactor, 0.01)
+    fake.hold.set()
+    assert (await relabel).label.endswith("bank-a-batch")
+    assert (await reload).applied
+    await host.settle()
+    await daemon.audit_synced()
+    assert "web-a1" in host.domains()
+    assert host.last(f"domain {a}").allowed
+    _unchanged(host, daemon, a, "bank-a-batch")

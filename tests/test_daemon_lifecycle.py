@@ -3,24 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import pytest_twisted
-from daemon_helpers import HOSTING, POLICY, Harness, domcfg, image
-from twisted.internet import defer
+from daemon_helpers import HOSTING, POLICY, Harness, domcfg, host_fixture, image
 
-from shyped.sandbox.xenstored import SandboxXenstored
-
-
-@pytest.fixture
-def host(xenstored: SandboxXenstored) -> Iterator[Harness]:
-    h = Harness.boot(xenstored)
-    try:
-        yield h
-    finally:
-        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
+__all__ = ["host_fixture"]  # the `host` fixture
 
 
 @pytest_twisted.ensureDeferred

@@ -4,14 +4,11 @@ in ``status()``, and the scraped ``/metrics`` text of a sandbox scenario (checke
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import pytest_twisted
-from daemon_helpers import Harness, domcfg, eventually, image
+from daemon_helpers import Harness, domcfg, eventually, host_fixture, image
 from metrics_helpers import parse_scrape, promtool_check, value, values
-from twisted.internet import defer
 from wiring_helpers import labels_with, quota_policy, scrape, start, with_audit, with_metrics
 
 from shyped.cli.shypectl import _quota_lines
@@ -19,17 +16,9 @@ from shyped.control import backend as b
 from shyped.control.protocol import structure, unstructure
 from shyped.core.xlcfg import parse_vif_spec
 from shyped.policy.decisions import Hook, Rule
-from shyped.sandbox.xenstored import SandboxXenstored
 from shyped.service.config import Config
 
-
-@pytest.fixture
-def host(xenstored: SandboxXenstored) -> Iterator[Harness]:
-    h = Harness.boot(xenstored)
-    try:
-        yield h
-    finally:
-        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
+__all__ = ["host_fixture"]  # the `host` fixture
 
 
 def shop_config(h: Harness, tmp: Path, quota: dict[str, int]) -> Config:

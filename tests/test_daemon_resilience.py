@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 
-import pytest
 import pytest_twisted
-from daemon_helpers import POLICY, Harness, domcfg, eventually
-from twisted.internet import defer
+from daemon_helpers import POLICY, Harness, domcfg, eventually, host_fixture
 
 from shyped.sandbox.xenstored import SandboxXenstored
 
-
-@pytest.fixture
-def host(xenstored: SandboxXenstored) -> Iterator[Harness]:
-    h = Harness.boot(xenstored)
-    try:
-        yield h
-    finally:
-        pytest_twisted.blockon(defer.ensureDeferred(h.stop()))
+__all__ = ["host_fixture"]  # the `host` fixture
 
 
 def restart(xsd: SandboxXenstored) -> None:
@@ -48,6 +38,25 @@ async def test_a_restarted_xenstored_is_reconciled_and_decisions_go_on(host: Har
     await host.settle()
     assert host.last(f"domain {b}").allowed
     assert host.read(f"/local/domain/{b}/shyped/label") == f"ACM:{POLICY}:bank-b-web"
+
+
+@pytest_twisted.ensureDeferred
+async def test_settled_without_a_connection_waits_for_the_reconnects_reconcile(
+    host: Harness,
+) -> None:
+    """`settled()`'s barrier read fails while xenstored is gone: it must not report the daemon
+    settled then (nothing of the new store has been read), but wait for the reconcile."""
+    daemon = await host.start()
+    await host.call(host.ts.create, domcfg("web-a1"))
+    await host.settle()
+    reconciles = daemon.status().reconciles
+    await host.call(host.xsd.stop)
+    await eventually(lambda: daemon.gateway.reconnecting)
+    settled = daemon.settled()
+    await host.call(host.xsd.start)
+    await settled
+    assert daemon.status().reconciles > reconciles
+    assert daemon.engine.running.running_labels() == {"dom0": 1}
 
 
 @pytest_twisted.ensureDeferred

@@ -28,6 +28,7 @@ from shyped.policy.flask import (
     UNLABELLED_TYPE,
     compile_policy,
     encode_name,
+    relabel_types,
     type_name,
 )
 from shyped.policy.model import Defaults, Policy
@@ -76,6 +77,16 @@ def mismatches(policy: Policy, binary: Path) -> list[str]:
             f"domain types: extra {sorted(read.domain_types - known)}, "
             f"missing {sorted(known - read.domain_types)}"
         )
+    movable = set(relabel_types(policy))
+    # dom0 relabels: from unlabelled or a movable type, to any label's type (never dom0's)
+    dom0 = {b: {r[3] for r in got.get((DOM0_TYPE, b), set()) if r[2] == "domain2"}
+            for b, _ in subjects}  # fmt: skip
+    for b, lb in subjects:
+        want_from = {"relabelfrom"} if b in movable or b == UNLABELLED_TYPE else set()
+        want_to = {"relabelto"} if lb is not None and b != DOM0_TYPE else set()
+        seen = dom0[b] & {"relabelfrom", "relabelto"}
+        if seen != want_from | want_to:
+            bad.append(f"dom0 relabel of {b}: {sorted(seen)}, want {sorted(want_from | want_to)}")
     for a, la in subjects:
         for b, lb in subjects:
             if a == b == DOM0_TYPE:
@@ -89,6 +100,8 @@ def mismatches(policy: Policy, binary: Path) -> list[str]:
                 comm = COMM_PAIR | COMM_SELF
                 seen = perms & comm
                 want = comm if decision.permitted else set()
+                if la is not None and (vm := policy.vm_label(la)) is not None and vm.dynamic:
+                    want |= COMM_SELF  # an instance with itself, always
             elif a == DOM0_TYPE:
                 seen = perms & COMM_PAIR
                 want = set(COMM_PAIR) if decision.permitted else set()
@@ -105,6 +118,8 @@ def mismatches(policy: Policy, binary: Path) -> list[str]:
                     want.add(("dom", "dom", "domain", "transition"))
                 if la is not None and b == UNLABELLED_TYPE:
                     want |= KEEP_CHANNELS
+                if a in movable and b in movable:  # shypectl relabel of a running domain
+                    want |= KEEP_CHANNELS | {("dom", "dom", "domain", "transition")}
             if seen != want:
                 bad.append(
                     f"{a} -> {b} ({la!r} -> {lb!r}, engine: {decision}): "
@@ -171,6 +186,10 @@ _WRONG = {
     "grants between dom0 and unlabelled domains (bootstrap is events only)": (
         f"allow dom0_t {UNLABELLED_TYPE}:grant map_read;\n",
         {f"{DOM0_TYPE} -> {UNLABELLED_TYPE}"},
+    ),
+    "dom0 relabels an unlabelled domain's type into dom0's": (
+        "allow dom0_t dom0_t:domain2 relabelto;\n",
+        {f"dom0 relabel of {DOM0_TYPE}"},
     ),
     "one-way grant only": (
         f"allow {_A} {_B}:grant map_read;\n",
@@ -288,3 +307,13 @@ def test_cli_binary_and_source_are_what_checkpolicy_built(tmp_path: Path) -> Non
     assert status == 0, err
     assert "\ndomain_comms(" not in conf  # m4 expanded Xen's macros
     assert f"type {type_name(_load(FIXED[1]).bootstrap)}," in conf
+
+
+@needs_flask_tools
+def test_running_relabels_are_compiled_between_static_labels_only(tmp_path: Path) -> None:
+    """``shypectl relabel`` never moves a domain into or out of a dynamic label: Xen may not
+    either (the equivalence check expects transitions between static labels' types only)."""
+    from tests.test_dynamic_labels import POLICY
+
+    assert list(relabel_types(POLICY)) == [type_name(n) for n in ("dom0", "dns", "backup")]
+    _check(POLICY, tmp_path)

@@ -29,6 +29,7 @@ from metrics_helpers import (
     queries,
     scenario_policy,
 )
+from process_helpers import stop_process
 from twisted.internet import reactor, task, threads
 
 from shyped.core.metering import LabelUse
@@ -91,12 +92,7 @@ class Prometheus:
         return json.loads(http_get(url, timeout=5))
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_process(self.proc)
         self.log.close()
 
 

@@ -15,13 +15,11 @@ import pytest_twisted
 from control_helpers import (
     POLICY_TOML_11,
     POLICY_TOML_BAD,
-    Dom,
     ModelBackend,
     aserving,
-    cleanup,
     run_cli,
     serving,
-    short_dir,
+    web_backend,
 )
 
 from shyped.control.backend import Access, Peer
@@ -40,13 +38,8 @@ vif = [ 'mac=00:16:3e:5a:11:01,bridge=xenbr0' ]
 
 @pytest.fixture
 def backend() -> Iterator[ModelBackend]:
-    directory = short_dir("ctlc")
-    be = ModelBackend(directory)
-    be.add_domain(Dom(2, "web-1", "22222222-2222-4222-8222-222222222222", "web"))
-    try:
+    with web_backend("ctlc") as be:
         yield be
-    finally:
-        cleanup(directory)
 
 
 @pytest.fixture

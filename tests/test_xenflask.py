@@ -17,6 +17,7 @@ from shyped.core.xenflask import (
     parse_avc_line,
     parse_list_z,
     plan_domain,
+    plan_running_relabel,
     read_console,
     ring_gap,
 )
@@ -182,3 +183,20 @@ def test_a_ring_read_that_did_not_start_where_asked_is_a_gap() -> None:
     assert not ring_gap(100, 150, 50)
     assert ring_gap(100, 16584, 16384)  # Xen started 100 bytes later
     assert not ring_gap(0xFFFFFFF0, 0x10, 0x20)  # the index wraps at 2**32
+
+
+@pytest.mark.parametrize(
+    ("have", "step", "why"),
+    [
+        (A, Step.RELABEL, "relabel from"),
+        (B, Step.NONE, ""),  # Xen has the new label already (a relabel retried)
+        (context("shop"), Step.REFUSE, "runs in Xen as"),  # Xen and shyped disagree already
+        (context(None), Step.REFUSE, "runs in Xen as"),  # unlabelled in Xen, labelled here
+        (None, Step.REFUSE, "no readable context"),
+    ],
+)
+def test_a_running_relabel_goes_to_xen_only_from_the_old_labels_context(
+    have: str | None, step: Step, why: str
+) -> None:
+    plan = plan_running_relabel(A, B, have)
+    assert (plan.step, plan.want, plan.have) == (step, B, have) and why in plan.reason

@@ -4,6 +4,7 @@ check-then-change semantics, and the fallback while it is down."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest_twisted
 from twisted.internet import reactor, task
 
 from shyped.sandbox.xenstored import SandboxXenstored
-from shyped.xenstore import Change, ConnectionLost, GatewayConfig, NoEntry, Op, Perm
+from shyped.xenstore import Again, Change, ConnectionLost, GatewayConfig, NoEntry, Op, Perm, wire
 from shyped.xenstore import XenstoreGateway as Gateway
 from shyped.xenstore.rawclient import RawClient
 
@@ -169,3 +170,110 @@ async def test_the_direct_connection_follows_the_watch_connection_across_a_resta
     await _eventually(lambda: gw.connected)
     assert gw.direct
     assert await gw.apply_if(None, b"", CHANGES[:1])
+
+
+def _kill(gw: Gateway) -> Any:
+    """Shut the direct connection's socket down under it (as xenstored dropping only that
+    connection would): not through `DirectConnection.close`."""
+    direct = gw._direct
+    assert direct is not None and direct._proto is not None
+    direct._proto._out.socket.shutdown(socket.SHUT_RDWR)
+    return direct
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_direct_connection_lost_alone_is_opened_again(direct_gateway: Gateway) -> None:
+    gw = direct_gateway
+    old = _kill(gw)
+    await _eventually(lambda: gw._direct is not old and gw.direct)
+    new = gw._direct
+    assert new is not None and new.requests == 0
+    values, _ = await gw.read_nodes(["/local"], [])
+    assert values == {"/local": b""}
+    assert new.requests == 1  # served on the new direct connection
+    assert gw.reconnects == 0  # the watch connection never went
+
+
+def _conflicting(direct: Any, conflicts: int) -> list[int]:
+    """Make the first `conflicts` commits of `direct` fail as a conflict does: xenstored
+    aborts the transaction (the END goes out as an abort: nothing is written) and the commit
+    answers EAGAIN. oxenstored merges the conflicts a test could provoke from outside, so
+    this is how its EAGAIN path is reached. Returns the START requests seen."""
+    one = direct._one
+    starts: list[int] = []
+    ends: list[bool] = []
+
+    def abort_as_eagain(_: object) -> None:
+        raise Again("EAGAIN", detail="conflict (test)")
+
+    def spying(op: int, payload: bytes, path: str | None, tx_id: int = 0) -> Any:
+        if op == Op.TRANSACTION_START:
+            starts.append(tx_id)
+        if op == Op.TRANSACTION_END and payload == wire.transaction_end_payload(True):
+            ends.append(True)
+            if len(ends) <= conflicts:
+                abort = wire.transaction_end_payload(False)
+                return one(op, abort, path, tx_id).addCallback(abort_as_eagain)
+        return one(op, payload, path, tx_id)
+
+    direct._one = spying
+    return starts
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_label_write_retried_on_eagain_commits(direct_gateway: Gateway) -> None:
+    gw = direct_gateway
+    await gw.write("/local/domain/9/vm", b"/vm/u9")
+    starts = _conflicting(gw._direct, 2)
+    assert await gw.apply_if("/local/domain/9/vm", b"/vm/u9", CHANGES)
+    assert len(starts) == 3  # two commits refused, the third made
+    assert await gw.read("/local/domain/9/shyped/label") == b"ACM:p:a"
+    assert await gw.get_perms("/local/domain/9/shyped/label") == LABEL_PERMS
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_label_write_gives_up_with_again_after_its_attempts(
+    xenstored: SandboxXenstored,
+) -> None:
+    gw = _gateway(xenstored, tx_max_attempts=3)
+    await gw.connect()
+    try:
+        starts = _conflicting(gw._direct, 99)
+        with pytest.raises(Again):
+            await gw.apply_if(None, b"", CHANGES)
+        assert len(starts) == 3
+        with pytest.raises(NoEntry):  # every attempt was aborted: nothing written
+            await gw.read("/local/domain/9/shyped")
+    finally:
+        await gw.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_label_write_whose_commit_reply_is_lost_runs_again_to_the_same_end(
+    direct_gateway: Gateway,
+) -> None:
+    """The commit went through but the direct connection dropped before its reply: the write
+    runs again on the watch connection (it is idempotent) and succeeds; the node holds the
+    label with the label's permissions, once."""
+    gw = direct_gateway
+    direct = gw._direct
+    assert direct is not None
+    await gw.write("/local/domain/9/vm", b"/vm/u9")
+    end = direct._end
+    commits: list[bool] = []
+
+    async def end_then_drop(tx_id: int, *, commit: bool) -> bool:
+        ok = await end(tx_id, commit=commit)
+        commits.append(commit and ok)
+        if commit and ok:
+            _kill(gw)
+            raise ConnectionLost("dropped after the commit")
+        return ok
+
+    direct._end = end_then_drop  # type: ignore[method-assign]
+    assert await gw.apply_if("/local/domain/9/vm", b"/vm/u9", CHANGES)
+    assert commits == [True]  # committed once on the direct connection, then again
+    assert await gw.read("/local/domain/9/shyped/label") == b"ACM:p:a"
+    assert await gw.directory("/local/domain/9/shyped") == ("label",)
+    assert await gw.get_perms("/local/domain/9/shyped/label") == LABEL_PERMS
+    await _eventually(lambda: gw._direct is not direct and gw.direct)

@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 import pytest
+from process_helpers import stop_process
 
 
 def need_swtpm() -> None:
@@ -35,12 +36,7 @@ class Swtpm:
         return f"swtpm:host=127.0.0.1,port={self.port}"
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 def _port_pair() -> tuple[int, int]:

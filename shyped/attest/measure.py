@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import attrs
@@ -133,27 +133,30 @@ def parse_log(lines: Iterable[bytes | str]) -> list[Entry]:
     return entries
 
 
-def check_entries(entries: Sequence[Entry]) -> list[str]:
-    """What is wrong with the log itself: sequence gaps, digests that do not cover their
-    event, a first event that is not a start."""
+def entry_problems(index: int, e: Entry) -> list[str]:
+    """What is wrong with log entry number `index` itself (see `check_entries`)."""
+    version = e.event.get("v")
+    if version != VERSION:
+        return [_version_problem(index, version)]
     problems: list[str] = []
-    for i, e in enumerate(entries):
-        version = e.event.get("v")
-        if version != VERSION:
-            problems.append(_version_problem(i, version))
-            continue
-        if e.seq != i:
-            problems.append(f"log entry {i}: seq {e.seq}, expected {i} (an entry is missing)")
-        if digest(e.event) != e.digest:
-            problems.append(
-                f"log entry {i} ({e.event.get('kind')!r}): its digest does not match its "
-                "event (the entry was edited)"
-            )
-        if e.event.get("kind") not in KINDS:
-            problems.append(f"log entry {i}: unknown kind {e.event.get('kind')!r}")
-    if entries and entries[0].event.get("kind") != START:
+    if e.seq != index:
+        problems.append(f"log entry {index}: seq {e.seq}, expected {index} (an entry is missing)")
+    if digest(e.event) != e.digest:
+        problems.append(
+            f"log entry {index} ({e.event.get('kind')!r}): its digest does not match its "
+            "event (the entry was edited)"
+        )
+    if e.event.get("kind") not in KINDS:
+        problems.append(f"log entry {index}: unknown kind {e.event.get('kind')!r}")
+    if index == 0 and e.event.get("kind") != START:
         problems.append("log entry 0 is not a start event")
     return problems
+
+
+def check_entries(entries: Iterable[Entry]) -> list[str]:
+    """What is wrong with the log itself: sequence gaps, digests that do not cover their
+    event, a first event that is not a start."""
+    return [p for i, e in enumerate(entries) for p in entry_problems(i, e)]
 
 
 def _version_problem(index: int, version: Any) -> str:
@@ -196,27 +199,50 @@ class Measured:
     starts: int = 0
 
 
-def measured_state(entries: Iterable[Entry]) -> Measured:
-    policy: Mapping[str, Any] | None = None
-    mode: str | None = None
-    labels: str | None = None
-    rotation: Mapping[str, Any] | None = None
-    starts = 0
-    for e in entries:
+class LogFold:
+    """One pass over a log, an entry at a time (none kept): its problems (`entry_problems`),
+    the PCR value it replays to (`replay`) and what it says is in force (`measured_state`).
+    The verifier folds a bundle's log through it, so that only one parsed entry is alive at a
+    time (docs/attestation.md, *Bounded input*)."""
+
+    def __init__(self, start: bytes = PCR_RESET) -> None:
+        self.problems: list[str] = []
+        self.pcr = start
+        self.count = 0
+        self._policy: Mapping[str, Any] | None = None
+        self._mode: str | None = None
+        self._labels: str | None = None
+        self._rotation: Mapping[str, Any] | None = None
+        self._starts = 0
+
+    def feed(self, e: Entry, check: bool = True) -> None:
+        if check:
+            self.problems.extend(entry_problems(self.count, e))
+        self.count += 1
+        self.pcr = extend(self.pcr, e.digest)
         ev = e.event
         kind = ev.get("kind")
         if kind == START:  # a new daemon run counts its rotations afresh
-            starts += 1
-            rotation = None
+            self._starts += 1
+            self._rotation = None
         if kind in (START, POLICY) and isinstance(ev.get("policy"), dict):
-            policy = ev["policy"]
+            self._policy = ev["policy"]
         if kind in (START, MODE) and isinstance(ev.get("mode"), str):
-            mode = ev["mode"]
+            self._mode = ev["mode"]
         if kind in (START, LABELS) and isinstance(ev.get("labels_sha256"), str):
-            labels = ev["labels_sha256"]
+            self._labels = ev["labels_sha256"]
         if kind == AUDIT_ROTATION:
-            rotation = ev
-    return Measured(policy, mode, labels, rotation, starts)
+            self._rotation = ev
+
+    def measured(self) -> Measured:
+        return Measured(self._policy, self._mode, self._labels, self._rotation, self._starts)
+
+
+def measured_state(entries: Iterable[Entry]) -> Measured:
+    fold = LogFold()
+    for e in entries:
+        fold.feed(e, check=False)
+    return fold.measured()
 
 
 def events_for(

@@ -21,21 +21,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
 
 from shyped.attest.measure import (
+    MAX_ENTRY_BYTES,
+    MAX_EVENTS,
     Entry,
     LogError,
+    LogFold,
     canonical,
-    check_entries,
     labels_digest,
-    measured_state,
-    parse_log,
-    replay,
+    parse_line,
 )
 
 FORMAT: Final = "shyped-attest/2"
@@ -44,6 +45,8 @@ OLD_FORMATS: Final = {
     "shyped-attest/1": "its log measures whole label stores (measurement format 1)",
 }
 MAX_NONCE: Final = 256
+#: Domains one host can run: domids 0..0x7FEF (Xen's DOMID_FIRST_RESERVED is 0x7FF0).
+MAX_DOMAINS: Final = 0x7FF0
 _TPM_GENERATED: Final = 0xFF544347
 _ST_ATTEST_QUOTE: Final = 0x8018
 _TPM_ALG_SHA256: Final = 0x000B
@@ -51,6 +54,47 @@ _TPM_ALG_SHA256: Final = 0x000B
 
 class BundleError(Exception):
     """A bundle that is not one (shape, encoding)."""
+
+
+#: JSON values (objects, arrays, keys, strings, numbers, literals) a bundle may hold, counted
+#: before it is parsed (`check_value_count`). A true bundle holds ~1 per log line and ~13 per
+#: labelled domain: 300,000 log lines (a 60 MiB log) and 50,000 domains fit. Parsed, a value
+#: costs ~50-100 bytes however short its JSON (``{}`` is 2 bytes, a dict 64): without this
+#: bound a 64 MiB bundle of tiny objects took 1.7 GB in the verifier.
+MAX_BUNDLE_VALUES: Final = 1_000_000
+#: A JSON string, or a byte that separates or opens values. A string not closed runs to the
+#: end (``\Z``) and any byte may follow a backslash (DOTALL): once a string's match has begun
+#: it cannot fail, so the scan never restarts inside one -- with ``"`` as the only end, text
+#: like ``"\"\"\"...`` made every quote a failed start scanning to the end (quadratic: 20 KB
+#: took 18 s, 64 MiB would never end).
+_TOKEN: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)|[,:{\[]', re.DOTALL)
+
+
+def count_values(raw: bytes, limit: int) -> int:
+    """How many JSON values `raw` holds at most (exact without empty containers), counted up
+    to `limit` + 1 without building any: each value but the first follows a ``,`` or a ``:``
+    or opens a container, and those bytes count only outside strings (which the scan steps
+    over). One
+    pass in C over the bytes, a Python step per string and separator, stopped past `limit`:
+    constant memory (a regular expression's ``sub`` would keep a piece per string)."""
+    n = 1
+    for i, m in enumerate(_TOKEN.finditer(raw)):
+        if m.end() - m.start() == 1:  # a separator: a string is at least 2 bytes
+            n += 1
+            if n > limit:
+                break
+        elif i > 2 * limit:  # strings without separators (not JSON): a value each, at least
+            return limit + 1
+    return n
+
+
+def check_value_count(raw: bytes, limit: int = MAX_BUNDLE_VALUES) -> None:
+    """`BundleError` if `raw` holds more than `limit` JSON values (`MAX_BUNDLE_VALUES`)."""
+    if count_values(raw, limit) > limit:
+        raise BundleError(
+            f"more than {limit} JSON values, more than a bundle may hold (300,000 log lines "
+            "and 50,000 labelled domains fit): refused before parsing"
+        )
 
 
 def check_nonce(nonce: str) -> str | None:
@@ -127,13 +171,49 @@ def parse_attest(message: bytes) -> Attest:
     return Attest(extra, tuple(pcrs), pcr_digest, reset, restart)
 
 
+class LogLines(Sequence[Entry]):
+    """A bundle's measurement log as its lines, each parsed when it is read and not kept
+    (a `BundleError` for a line that is not a measurement): the verifier walks it once
+    (`verify_fields`), so only one parsed entry is alive at a time -- a line's values are
+    not counted by `check_value_count` (it is a string there), and up to a million lines
+    parsed at once took their weight many times over. A line longer than any measurement
+    (`MAX_ENTRY_BYTES`) is refused before it is parsed."""
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        self._lines = lines
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def _parse(self, index: int) -> Entry:
+        line = self._lines[index]
+        if len(line) >= MAX_ENTRY_BYTES:  # str length: its UTF-8 bytes are at least as many
+            raise BundleError(
+                f"measurement log: line {index + 1}: {len(line)} characters, longer than any "
+                f"measurement ({MAX_ENTRY_BYTES - 1})"
+            )
+        try:
+            return parse_line(line, index + 1)
+        except LogError as e:
+            raise BundleError(f"measurement log: {e}") from None
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self._parse(i) for i in range(*index.indices(len(self)))]
+        return self._parse(range(len(self))[index])
+
+    def __iter__(self) -> Iterator[Entry]:
+        return (self._parse(i) for i in range(len(self)))
+
+
 @attrs.frozen
 class Bundle:
     nonce: str
     pcr: int
     message: bytes
     signature: bytes
-    log: tuple[Entry, ...]
+    #: a `LogLines` for a parsed bundle (any sequence of entries will do)
+    log: Sequence[Entry]
     state: Mapping[str, Any]
 
 
@@ -165,16 +245,14 @@ def parse_bundle(doc: Any) -> Bundle:
         raise BundleError("pcr must be an index 0..23")
     if not isinstance(log, list) or not all(isinstance(x, str) for x in log):
         raise BundleError("log must be a list of lines")
-    try:
-        entries = tuple(parse_log(log))
-    except LogError as e:
-        raise BundleError(f"measurement log: {e}") from None
+    if len(log) > MAX_EVENTS:
+        raise BundleError(f"measurement log: more than {MAX_EVENTS} events")
     return Bundle(
         nonce,
         pcr,
         _b64(quote.get("message"), "quote.message"),
         _b64(quote.get("signature"), "quote.signature"),
-        entries,
+        LogLines([x for x in log if x.strip()]),
         state,
     )
 
@@ -281,14 +359,17 @@ def verify_fields(bundle: Bundle, expected_nonce: str) -> Verdict:
             )
     if attest.pcrs != ((_TPM_ALG_SHA256, bundle.pcr),):
         problems.append(f"quote: it covers {attest.pcrs}, not exactly sha256 PCR {bundle.pcr}")
-    problems.extend(check_entries(bundle.log))
-    pcr = replay(bundle.log)
+    fold = LogFold()
+    for entry in bundle.log:  # one pass, one parsed entry at a time (`LogLines`)
+        fold.feed(entry)
+    problems.extend(fold.problems)
+    pcr = fold.pcr
     if hashlib.sha256(pcr).digest() != attest.pcr_digest:
         problems.append(
             f"measurement log: it replays to PCR {bundle.pcr} = {pcr.hex()}, which is not the "
             "value the TPM quoted (entries missing, added or edited)"
         )
-    measured = measured_state(bundle.log)
+    measured = fold.measured()
     state = bundle.state
     unverified: list[str] = []
     if measured.policy is None:
@@ -317,6 +398,11 @@ def verify_fields(bundle: Bundle, expected_nonce: str) -> Verdict:
     doms: list[Mapping[str, Any]] = []
     if not isinstance(domains, list):
         problems.append("state report: domains must be a list")
+    elif len(domains) > MAX_DOMAINS:  # not kept: a verifier of many bundles keeps each verdict
+        problems.append(
+            f"state report: {len(domains)} domains, more than one Xen host runs "
+            f"({MAX_DOMAINS} domids)"
+        )
     else:
         for dom in domains:
             if not isinstance(dom, dict):

@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="label a domain config (dom), a running domain (mgt) or a resource (res)",
         description="dom CFG: write seclabel= into the xl.cfg (after the daemon validated the "
         "label); mgt DOMAIN: relabel a running domain (the daemon re-checks the Chinese Wall "
-        "and its live channels and resources); res RESOURCE: label a disk image, device or "
+        "and its live channels and resources; with Xen's FLASK, Xen relabels it first and a "
+        "refusal there refuses the relabel); res RESOURCE: label a disk image, device or "
         "bridge (file:/path, phy:/dev/…, bridge:NAME).",
     )
     p.add_argument("label", help="label name or ACM:<policy>:<label>")

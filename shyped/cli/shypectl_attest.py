@@ -157,7 +157,9 @@ def _one(path: Path, ak_path: Path, nonce: str) -> tuple[list[str], Any, Any, by
     ak = _read(ak_path, MAX_AK_BYTES, "AK public key")
     key = ak_identity(ak, ak_path)
     try:
+        quote.check_value_count(raw)  # before json.loads builds every value (bounded memory)
         doc = json.loads(raw)
+        del raw
         problems, verdict = verify_bundle(doc, ak, nonce)
     except (ValueError, quote.BundleError) as e:
         raise UsageError(f"{path}: not a quote bundle: {e}") from None

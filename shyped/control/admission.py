@@ -1,10 +1,12 @@
 """The control backend's base: its view of the daemon (helpers), the admissions a client
 waits for (`wait_admission`), and the audit records of control changes.
 
+`shyped.control.policyops.PolicyOps` adds the policy ops on it;
 `shyped.control.daemon_backend.DaemonControlBackend` is the whole."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -47,6 +49,22 @@ _RUNNING: Final = frozenset({DomainState.ADMITTED, DomainState.PAUSED})
 CFG_DEVICE_KINDS: Final = frozenset({"vbd", "vbd3", "vif", "pci"})
 
 
+#: Domain decisions remembered by UUID (the newest this many) for an admission asked for only
+#: after the domain is gone: ``xl create`` returns, then shype-xl asks; meanwhile a loaded host
+#: may have decided, vetoed and forgotten the domain, which would otherwise never "appear".
+DECIDED_KEPT: Final = 1024
+
+
+@attrs.frozen
+class _Decided:
+    """The last domain decision about a UUID."""
+
+    domid: int
+    name: str | None
+    permitted: bool
+    reason: str
+
+
 @attrs.define(eq=False)
 class _Waiter:
     """One `wait_admission` in progress."""
@@ -69,6 +87,7 @@ class DaemonBackendBase:
         #: Called with every control audit event (the audit log hooks in here).
         self.audit_hooks: list[Callable[[b.ControlAudit], None]] = []
         self._waiters: list[_Waiter] = []
+        self._decided: OrderedDict[str, _Decided] = OrderedDict()
         self._check_scheduled = False
         self._recheck = LoopingCall(self._check_waiters)
         self._recheck.clock = self.reactor
@@ -220,7 +239,17 @@ class DaemonBackendBase:
         )
 
     def _on_outcome(self, outcome: Outcome) -> None:
-        """Every decision: re-check waiting admissions once the current batch is done."""
+        """Every decision: remembered if it is a domain's (`DECIDED_KEPT`); re-check waiting
+        admissions once the current batch is done."""
+        subject = outcome.subject
+        if outcome.kind == "domain" and subject.uuid and subject.domid is not None:
+            uuid = subject.uuid.lower()
+            self._decided.pop(uuid, None)
+            self._decided[uuid] = _Decided(
+                subject.domid, subject.name, outcome.allowed, outcome.decision.reason
+            )
+            if len(self._decided) > DECIDED_KEPT:
+                self._decided.popitem(last=False)
         if self._waiters and not self._check_scheduled:
             self._check_scheduled = True
             self.reactor.callLater(0, self._check_waiters)
@@ -256,11 +285,18 @@ class DaemonBackendBase:
         host = self.daemon.host
         dom = host.domain_by_uuid(waiter.uuid)
         if dom is None or dom.state is DomainState.GONE:
-            if waiter.domid is None:
-                return None
-            return b.Admission(
-                waiter.domid, waiter.name, waiter.uuid, False, "gone", "the domain is gone"
-            )
+            last = self._decided.get(waiter.uuid)
+            if last is not None and waiter.domid not in (None, last.domid):
+                last = None  # the domain this waiter saw was never decided
+            if last is None:
+                if waiter.domid is None:
+                    return None  # not there yet
+                return b.Admission(
+                    waiter.domid, waiter.name, waiter.uuid, False, "gone", "the domain is gone"
+                )
+            # decided, then gone (vetoed, or it went away) before or while the client asked
+            why = "the domain is gone" if last.permitted else last.reason
+            return b.Admission(last.domid, last.name, waiter.uuid, False, "gone", why)
         waiter.domid, waiter.name = dom.domid, dom.name
         if dom.state is DomainState.SEEN or dom.decision is None:
             return None
@@ -285,6 +321,11 @@ class DaemonBackendBase:
             devices=verdicts,
             instance=inst.name if (inst := self.daemon.engine.instance_of(dom.domid)) else None,
         )
+
+    def forget_decided(self, uuid: str) -> None:
+        """A new domain will hold `uuid` (registered for it): its admission is waited for
+        afresh, not answered by the last decision about the UUID."""
+        self._decided.pop(uuid.lower(), None)
 
     def _record(self, kind: str, **details: object) -> None:
         """An audit record through the daemon's audit trail, if it keeps one."""

@@ -320,6 +320,17 @@ class _Verifier:
                     pos,
                     rec.seq,
                 )
+        elif rec.kind == Kind.DAEMON_STOP and "head_seq" in b:
+            named = (b.get("head_seq"), b.get("head_hash"))
+            if named != (rec.seq - 1, rec.prev):
+                self.add(
+                    Level.WARNING,
+                    f"daemon-stop names seq {named[0]} as the chain head, but follows seq "
+                    f"{rec.seq - 1}: records were written after the head it claims (a daemon "
+                    "that read the head before its last records reached the writer)",
+                    pos,
+                    rec.seq,
+                )
         elif rec.kind == Kind.AUDIT_RESUMED:
             refused, lost = b.get("refused", 0), b.get("lost", 0)
             self.add(

@@ -109,6 +109,18 @@ class FairBatches:
                 self._overflowed[domid] = min(paths.values())
                 self.overflows += 1
 
+    def drop_guest(self, domid: int, now: float) -> None:
+        """Events of guest `domid` were dropped before they reached the daemon (the gateway's
+        queue overflowed in its lane): its whole tree is read again at the next batch, as
+        when its backlog here overflows; what it has pending is part of that re-read."""
+        paths = self._guests.pop(domid, {})
+        earliest = min([now, *paths.values()])
+        if domid in self._overflowed:
+            self._overflowed[domid] = min(self._overflowed[domid], earliest)
+        else:
+            self._overflowed[domid] = earliest
+            self.overflows += 1
+
     def take_overflowed(self) -> dict[int, float]:
         """Guests whose tree must be read again whole (their backlog overflowed), with the
         earliest time of what was dropped. Taken once: events after this queue again."""

@@ -25,6 +25,7 @@ end, vchans it serves or is named in), so a reader can recompute only those acco
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Final, cast, get_args
 
 from shyped.core.channels import ChannelKey
@@ -67,12 +68,12 @@ class HostModel(HostUpdates):
 
     def domain_by_uuid(self, uuid: str) -> Domain | None:
         """The domain holding `uuid`: the first of those that name it and are still there."""
-        ds = self._by_uuid.get(uuid)
+        ds = self._uuid_holders(uuid)
         return None if not ds else self._domains.get(ds[0])
 
     def domains_by_uuid(self, uuid: str) -> list[Domain]:
         """Every domain naming `uuid` (more than one: a duplicate UUID), holder first."""
-        return [self._domains[d] for d in self._by_uuid.get(uuid, ())]
+        return [self._domains[d] for d in self._uuid_holders(uuid)]
 
     def domains(self) -> list[Domain]:
         return [self._domains[d] for d in sorted(self._domains)]
@@ -85,7 +86,7 @@ class HostModel(HostUpdates):
 
     def devices_of(self, domid: int) -> list[Device]:
         """Devices with `domid` at either end."""
-        keys = cast("set[DeviceKey]", self._dom_devices.get(domid, set()))
+        keys = cast("Collection[DeviceKey]", self._dom_devices.get(domid, ()))
         return [self._devices[k] for k in sorted(keys)]
 
     def vchan(self, key: VchanKey) -> Vchan | None:
@@ -96,7 +97,7 @@ class HostModel(HostUpdates):
 
     def vchans_of(self, domid: int) -> list[Vchan]:
         """Vchans with `domid` as server or named client."""
-        keys = cast("set[VchanKey]", self._dom_vchans.get(domid, set()))
+        keys = cast("Collection[VchanKey]", self._dom_vchans.get(domid, ()))
         return [self._vchans[k] for k in sorted(keys)]
 
     def channel(self, key: ChannelKey) -> Channel | None:
@@ -107,7 +108,7 @@ class HostModel(HostUpdates):
 
     def channels_of(self, domid: int) -> list[Channel]:
         """Shared nodes `domid` owns or is named in."""
-        keys = cast("set[ChannelKey]", self._dom_channels.get(domid, set()))
+        keys = cast("Collection[ChannelKey]", self._dom_channels.get(domid, ()))
         return [self._channels[k] for k in sorted(keys)]
 
     def running_system(self) -> RunningSystem:
@@ -208,15 +209,15 @@ class HostModel(HostUpdates):
         dom.label = label
         dom.state = DomainState.ADMITTED if allowed else DomainState.DENIED
         ready: list[NeedsDecision] = []
-        for key in sorted(cast("set[DeviceKey]", self._dom_devices.get(dom.domid, set()))):
+        for key in sorted(cast("Collection[DeviceKey]", self._dom_devices.get(dom.domid, ()))):
             need_dev = self._ask_device(self._devices[key])
             if need_dev is not None:
                 ready.append(need_dev)
-        for vkey in sorted(cast("set[VchanKey]", self._dom_vchans.get(dom.domid, set()))):
+        for vkey in sorted(cast("Collection[VchanKey]", self._dom_vchans.get(dom.domid, ()))):
             need_v = self._ask_vchan(self._vchans[vkey])
             if need_v is not None:
                 ready.append(need_v)
-        for ckey in sorted(cast("set[ChannelKey]", self._dom_channels.get(dom.domid, set()))):
+        for ckey in sorted(cast("Collection[ChannelKey]", self._dom_channels.get(dom.domid, ()))):
             need_c = self._ask_channel(self._channels[ckey])
             if need_c is not None:
                 ready.append(need_c)

@@ -131,6 +131,19 @@ class GarbageRecord:
 
 
 @attrs.define
+class _NoGarbage(GarbageRecord):
+    """The record of a domain that never wrote garbage (most): empty, shared, never added to
+    (`HostUpdates.garbage` gives the domain a record of its own first)."""
+
+    def add(self, path: str, why: str, limit: bool) -> None:
+        raise TypeError("the shared empty garbage record is read-only")
+
+
+#: See `_NoGarbage` (a record per domain cost ~80 bytes).
+NO_GARBAGE: GarbageRecord = _NoGarbage(0)
+
+
+@attrs.define(weakref_slot=False)
 class Domain:
     """A domain as the daemon knows it."""
 
@@ -141,7 +154,7 @@ class Domain:
     label: str | None = None
     decision: RecordedDecision | None = None
     asked: tuple[object, ...] | None = None
-    garbage: GarbageRecord = attrs.field(factory=GarbageRecord)
+    garbage: GarbageRecord = NO_GARBAGE  # made by `HostUpdates.garbage` on the first write
     events: int = 0
     #: dom0-written sizes (`DomainResources`): KiB, and vCPUs possible / online. None: unknown.
     memory_target_kib: int | None = None
@@ -156,6 +169,17 @@ class Domain:
     identity: str = ""
     #: The last `party_fact` made (shared by the facts of every decision naming this domain).
     _party: tuple[int, bool] | None = attrs.field(init=False, default=None, eq=False, repr=False)
+    #: The last party states made for a device of this frontend (`shared_states`).
+    _states: tuple[object, ...] | None = attrs.field(init=False, default=None, eq=False, repr=False)
+
+    def shared_states(self, states: tuple[object, ...]) -> tuple[object, ...]:
+        """`states` or an equal tuple made before for another device of this frontend (its
+        devices mostly have one backend: one tuple object in all their facts)."""
+        held = self._states
+        if held == states:
+            return held
+        self._states = states
+        return states
 
     def party_fact(self) -> tuple[int, bool]:
         """(domid, denied): this domain's part in a device's, vchan's or channel's facts."""
@@ -243,17 +267,34 @@ class RunningSystem:
     resources: tuple[ResourceUse, ...]
 
 
-def _add(index: dict[int, set[object]], domid: int, item: object) -> None:
+#: Per-domain index of keys (devices, vchans, shared nodes with a domain at either end): a
+#: tuple while small (most domains have a handful: a set costs 216 bytes and up, a tuple of
+#: three 64), a set past `_SMALL_INDEX` entries (dom0 serves every device: no quadratic copies).
+DomIndex = dict[int, "tuple[object, ...] | set[object]"]
+_SMALL_INDEX = 8
+
+
+def _add(index: DomIndex, domid: int, item: object) -> None:
     s = index.get(domid)
     if s is None:
-        index[domid] = {item}
-    else:
+        index[domid] = (item,)
+    elif isinstance(s, set):
         s.add(item)
+    elif item not in s:
+        index[domid] = (*s, item) if len(s) < _SMALL_INDEX else {*s, item}
 
 
-def _discard(index: dict[int, set[object]], domid: int, item: object) -> None:
+def _discard(index: DomIndex, domid: int, item: object) -> None:
     s = index.get(domid)
-    if s is not None:
+    if s is None:
+        return
+    if isinstance(s, set):
         s.discard(item)
         if not s:
+            del index[domid]
+    elif item in s:
+        rest = tuple(x for x in s if x != item)
+        if rest:
+            index[domid] = rest
+        else:
             del index[domid]

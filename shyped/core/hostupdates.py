@@ -4,7 +4,7 @@ the decisions recorded."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, cast
 
 from shyped.core.channels import ChannelKey, ChannelShared, ChannelUnshared
@@ -27,12 +27,14 @@ from shyped.core.events import (
 )
 from shyped.core.hostfacts import (
     _DECIDED,
+    NO_GARBAGE,
     Channel,
     DecisionKind,
     Device,
     Domain,
     DomainReleased,
     DomainState,
+    DomIndex,
     GarbageRecord,
     ModelOutput,
     NeedsDecision,
@@ -58,17 +60,17 @@ class HostUpdates:
                 dom0_name,
                 state=DomainState.ADMITTED,
                 label=dom0_label,
-                garbage=GarbageRecord(garbage_ring),
             )
         }
         #: uuid -> domids naming it, in order of appearance (the first one holds the UUID).
-        self._by_uuid: dict[str, list[int]] = {}
+        #: A single domid where only one names it (most UUIDs): no list per domain.
+        self._by_uuid: dict[str | None, int | list[int]] = {}
         self._devices: dict[DeviceKey, Device] = {}
         self._vchans: dict[VchanKey, Vchan] = {}
-        self._dom_devices: dict[int, set[object]] = {}  # domid -> DeviceKeys (either end)
-        self._dom_vchans: dict[int, set[object]] = {}  # domid -> VchanKeys (server or client)
+        self._dom_devices: DomIndex = {}  # domid -> DeviceKeys (either end)
+        self._dom_vchans: DomIndex = {}  # domid -> VchanKeys (server or client)
         self._channels: dict[ChannelKey, Channel] = {}
-        self._dom_channels: dict[int, set[object]] = {}  # domid -> ChannelKeys (owner or peer)
+        self._dom_channels: DomIndex = {}  # domid -> ChannelKeys (owner or peer)
         #: Garbage from domains the model does not know (or from dom0-only trees).
         self.unattributed = GarbageRecord(garbage_ring)
         #: Events applied, by event class name.
@@ -92,10 +94,21 @@ class HostUpdates:
             RescanHint: self._on_hint,
         }
 
+    def _uuid_holders(self, uuid: str | None) -> Sequence[int]:
+        """The domids naming `uuid`, in order of appearance (the first one holds it)."""
+        ids = self._by_uuid.get(uuid)
+        if ids is None:
+            return ()
+        return (ids,) if isinstance(ids, int) else ids
+
     def garbage(self, domid: int | None) -> GarbageRecord:
         """The garbage record of a domain (the unattributed one for None or unknown ids)."""
         dom = self._domains.get(domid) if domid is not None else None
-        return dom.garbage if dom is not None else self.unattributed
+        if dom is None:
+            return self.unattributed
+        if dom.garbage is NO_GARBAGE:
+            dom.garbage = GarbageRecord(self._ring)
+        return dom.garbage
 
     def apply_all(self, events: Iterable[Event]) -> list[ModelOutput]:
         out: list[ModelOutput] = []
@@ -200,13 +213,17 @@ class HostUpdates:
             out.extend(self._domain_vanished(e.domid))  # a new incarnation under the same id
             dom = None
         if dom is None:
-            dom = self._domains[e.domid] = Domain(
-                e.domid, e.uuid, e.name, garbage=GarbageRecord(self._ring)
-            )
-            self._by_uuid.setdefault(e.uuid, []).append(e.domid)
+            dom = self._domains[e.domid] = Domain(e.domid, e.uuid, e.name)
+            ids = self._by_uuid.get(e.uuid)
+            if ids is None:
+                self._by_uuid[e.uuid] = e.domid
+            elif isinstance(ids, int):
+                self._by_uuid[e.uuid] = [ids, e.domid]
+            else:
+                ids.append(e.domid)
         else:
             dom.name = e.name
-        holder = self._by_uuid[e.uuid][0]
+        holder = self._uuid_holders(e.uuid)[0]
         problems = [e.name_problem] if e.name_problem else []
         if holder != e.domid:
             problems.append(f"UUID {e.uuid} is already held by domain {holder}")
@@ -224,18 +241,20 @@ class HostUpdates:
         if dom is None:
             return []
         if dom.uuid is not None:
-            holders = self._by_uuid.get(dom.uuid, [])
-            if domid in holders:
-                holders.remove(domid)
-            if not holders:
-                self._by_uuid.pop(dom.uuid, None)
-        for key in list(cast("set[DeviceKey]", self._dom_devices.get(domid, set()))):
+            ids = self._by_uuid.get(dom.uuid)
+            if ids == domid:
+                del self._by_uuid[dom.uuid]
+            elif isinstance(ids, list) and domid in ids:
+                ids.remove(domid)
+                if len(ids) == 1:
+                    self._by_uuid[dom.uuid] = ids[0]
+        for key in list(cast("Collection[DeviceKey]", self._dom_devices.get(domid, ()))):
             if key.frontend == domid:
                 self._drop_device(key)
-        for vkey in list(cast("set[VchanKey]", self._dom_vchans.get(domid, set()))):
+        for vkey in list(cast("Collection[VchanKey]", self._dom_vchans.get(domid, ()))):
             if vkey.server == domid:
                 self._drop_vchan(vkey)
-        for ckey in list(cast("set[ChannelKey]", self._dom_channels.get(domid, set()))):
+        for ckey in list(cast("Collection[ChannelKey]", self._dom_channels.get(domid, ()))):
             if ckey.owner == domid:
                 self._drop_channel(ckey)
         released = DomainReleased(domid, dom.uuid, dom.name, dom.label, dom.state)
@@ -316,6 +335,9 @@ class HostUpdates:
 
     def _device_facts(self, dev: Device) -> tuple[object, ...]:
         states = self._party_states((dev.key.frontend, dev.backend))
+        fdom = self._domains.get(dev.key.frontend)
+        if fdom is not None:
+            states = fdom.shared_states(states)
         return (dev.backend, dev.backend_kind, dev.resource, dev.writable, dev.emulated, states)
 
     def _ask_device(self, dev: Device, force: bool = False) -> NeedsDecision | None:

@@ -296,3 +296,17 @@ def denial_summary(records: Iterable[AvcRecord]) -> dict[str, int]:
         if r.denied:
             out[r.metric_class] = out.get(r.metric_class, 0) + 1
     return out
+
+
+def plan_running_relabel(old: str, new: str, have: str | None) -> DomainPlan:
+    """What to do in Xen when the daemon relabels a running domain from context `old` to
+    `new` and Xen lists it with `have` (None: no readable context): nothing when it has `new`
+    already, relabel when it has `old`; anything else means Xen and the daemon disagree
+    already, and the relabel is refused (fail closed: the daemon changes nothing either)."""
+    if have is None:
+        return DomainPlan(Step.REFUSE, new, None, "Xen lists no readable context for it")
+    if have == new:
+        return DomainPlan(Step.NONE, new, have)
+    if have == old:
+        return DomainPlan(Step.RELABEL, new, have, f"relabel from {old} to {new}")
+    return DomainPlan(Step.REFUSE, new, have, f"runs in Xen as {have}, not as its label's {old}")

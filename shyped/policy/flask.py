@@ -16,6 +16,10 @@ Mapping:
   ``seclabel=``) → ``shype__unlabelled_t`` (aliases ``domU_t``, ``dm_dom_t``), communicating
   as the policy's `Defaults` say (not at all when unlabelled domains are denied); dom0 may
   relabel such a domain to any label type;
+- a running domain relabelled by the daemon (``shypectl addlabel L mgt DOMAIN``): dom0 may
+  relabel between the types of the non-dynamic labels (`relabel_types`), the only relabels
+  the daemon's check can allow, and the domain keeps ``send``/``status`` on the channels of
+  its old type;
 - two domain types whose labels the engine lets set up a two-way channel
   (`PolicyEngine.channel` at `Hook.EVTCHN`: a common STE type, equal MLS labels where both
   carry one) → ``domain_comms`` (event channels and grant maps both ways); a label with itself
@@ -54,6 +58,10 @@ UNLABELLED_TYPE: Final = "shype__unlabelled_t"
 UNLABELLED_ALIASES: Final = ("domU_t", "dm_dom_t")
 #: FLASK's ``event`` permissions a relabelled domain keeps on the channels it got unlabelled.
 BOOTSTRAP_CHANNEL_PERMS: Final = ("send", "status")
+#: FLASK attributes of the types a running domain may be relabelled between, and their
+#: channel types (`relabel_types`).
+RELABEL_ATTR: Final = "shype_relabel_domain"
+RELABEL_CHANNEL_ATTR: Final = "shype_relabel_channel"
 #: FLASK user and role of every domain context (Xen's ``system_u``/``system_r``).
 CONTEXT_PREFIX: Final = "system_u:system_r:"
 #: The name of the generated module (``<name>.te``).
@@ -148,6 +156,40 @@ def _dynamic(policy: Policy, label: str) -> bool:
     return vm is not None and vm.dynamic
 
 
+def relabel_types(policy: Policy) -> tuple[str, ...]:
+    """The types of the labels a running domain may be relabelled from and to in Xen: every
+    VM label but the dynamic ones (``shyped.core.relabel``: an instance is made at admission
+    only). Which of these relabels the daemon applies depends on the running system (Chinese
+    Wall, live channels, resources): its check runs before Xen is asked."""
+    return tuple(type_name(lab.name) for lab in policy.vm_labels if not lab.dynamic)
+
+
+def _running_relabel_rules(policy: Policy) -> list[str]:
+    types = relabel_types(policy)
+    if not types:
+        return []
+    lines = [
+        "",
+        f"# Relabel of a running domain (shypectl addlabel L mgt): dom0 between the {RELABEL_ATTR}",
+        "# types (no dynamic label); the domain keeps using (send, status) the channels it",
+        "# opened under its old type",
+        f"attribute {RELABEL_ATTR};",
+        f"attribute {RELABEL_CHANNEL_ATTR};",
+    ]
+    for t in types:
+        lines += [
+            f"typeattribute {t} {RELABEL_ATTR};",
+            f"typeattribute {t}_channel {RELABEL_CHANNEL_ATTR};",
+        ]
+    perms = " ".join(BOOTSTRAP_CHANNEL_PERMS)
+    lines += [
+        f"allow {DOM0_TYPE} {RELABEL_ATTR}:domain2 relabelfrom;",
+        f"allow {RELABEL_ATTR} {RELABEL_ATTR}:domain transition;",
+        f"allow {RELABEL_ATTR} {RELABEL_CHANNEL_ATTR}:event {{ {perms} }};",
+    ]
+    return lines
+
+
 def compile_policy(policy: Policy) -> FlaskPolicy:
     """The FLASK module for `policy` (see the module docstring for the mapping)."""
     engine = PolicyEngine(policy)
@@ -196,6 +238,7 @@ def compile_policy(policy: Policy) -> FlaskPolicy:
                 f"allow {DOM0_TYPE} {s.type}:domain2 relabelto;",
                 f"allow {UNLABELLED_TYPE} {s.type}:domain transition;",
             ]
+    lines += _running_relabel_rules(policy)
     lines += [
         "",
         "# Bootstrap: libxl builds an unlabelled domain's xenstore and console event channels",

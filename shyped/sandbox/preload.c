@@ -1,5 +1,6 @@
 /*
- * LD_PRELOAD shim letting Debian's oxenstored (xen-utils-4.17) run without a hypervisor.
+ * LD_PRELOAD shim letting Debian's oxenstored (xen-utils-4.17) run without a hypervisor
+ * (and its C xenstored, for the tests of what only that daemon does).
  *
  * Built at first use by shyped/sandbox/xenstored.py (gcc -shared -fPIC ... -ldl).
  * Why each piece exists (see docs/sandbox.md):
@@ -22,8 +23,13 @@
  *  - Paths: the daemon's run directory is compiled in as /var/run/xenstored
  *    (socket, live-update db).  When SHYPED_XENSTORED_RUNDIR is set, every
  *    path under /var/run/xenstored or /run/xenstored is rewritten below it in
- *    open/openat/unlink/mkdir/rename/stat/access/bind/connect, so several
+ *    open/openat/unlink/mkdir/rename/stat/access/chmod/bind/connect, so several
  *    instances run side by side and the host's real xenstored is never touched.
+ *  - C xenstored (/usr/lib/xen-4.17/bin/xenstored, tests/cxenstored_helpers.py)
+ *    needs a little more: xengnttab_* (the grant device, opened at start, and
+ *    the ring of an introduced domain), xc_domain_getinfo (the same state
+ *    files), chmod of its socket, and /proc/xen (dom0's xsd_kva and xsd_port)
+ *    rewritten below the run directory like /var/run/xenstored.
  *  - SHYPED_XENSTORED_PARENT_PID: if set, the daemon asks for SIGKILL when its
  *    parent dies (PR_SET_PDEATHSIG) and exits at once if that parent is already
  *    gone, so killed test runs leave no oxenstored behind.
@@ -68,7 +74,9 @@ __attribute__((constructor)) static void shyped_preload_init(void)
 /* ------------------------------------------------------------------ */
 /* path rewriting                                                      */
 
-static const char *const run_prefixes[] = {"/var/run/xenstored", "/run/xenstored", NULL};
+/* /proc/xen: C xenstored reads dom0's ring (xsd_kva) and port (xsd_port) there. */
+static const char *const run_prefixes[] = {"/var/run/xenstored", "/run/xenstored", "/proc/xen",
+                                           NULL};
 
 /* Return `path` or, if it lies under the daemon's run directory, a rewritten
  * copy in `buf`.  Rewriting only happens when SHYPED_XENSTORED_RUNDIR is set. */
@@ -194,6 +202,14 @@ EXPORT int rename(const char *from, const char *to)
     REWRITE_OR_FAIL(f, from, buf1);
     REWRITE_OR_FAIL(t, to, buf2);
     return real_rename(f, t);
+}
+
+EXPORT int chmod(const char *path, mode_t mode)
+{
+    char buf[4096];
+    NEXT(int, chmod, const char *, mode_t);
+    REWRITE_OR_FAIL(p, path, buf);
+    return real_chmod(p, mode);
 }
 
 EXPORT int access(const char *path, int mode)
@@ -373,26 +389,36 @@ struct shyped_domaininfo {
 #define DOMINF_RUNNING (1U << 5)
 #define DOMINF_SHUTDOWNSHIFT 16
 
-EXPORT int xc_domain_getinfolist(void *xch, uint32_t first_domain, unsigned int max_domains,
-                                 struct shyped_domaininfo *info)
+/* The state file of `domid`: fills `state` ("running" if absent) and `code`. */
+static void domain_state(uint32_t domid, char state[64], unsigned *code)
 {
-    char path[4096], state[64] = "running";
+    char path[4096];
     const char *rundir = getenv("SHYPED_XENSTORED_RUNDIR");
-    unsigned code = 0;
-    (void)xch;
 
-    if (max_domains == 0)
-        return 0;
+    strcpy(state, "running");
+    *code = 0;
     if (rundir != NULL && *rundir != '\0') {
         FILE *f;
-        snprintf(path, sizeof(path), "%s/domain-state/%u", rundir, first_domain);
+        snprintf(path, sizeof(path), "%s/domain-state/%u", rundir, domid);
         f = fopen(path, "re");
         if (f != NULL) {
-            if (fscanf(f, "%63s %u", state, &code) < 1)
+            if (fscanf(f, "%63s %u", state, code) < 1)
                 strcpy(state, "running");
             fclose(f);
         }
     }
+}
+
+EXPORT int xc_domain_getinfolist(void *xch, uint32_t first_domain, unsigned int max_domains,
+                                 struct shyped_domaininfo *info)
+{
+    char state[64];
+    unsigned code;
+    (void)xch;
+
+    if (max_domains == 0)
+        return 0;
+    domain_state(first_domain, state, &code);
     if (strcmp(state, "gone") == 0)
         return 0;
     memset(info, 0, sizeof(*info));
@@ -404,6 +430,42 @@ EXPORT int xc_domain_getinfolist(void *xch, uint32_t first_domain, unsigned int 
         info->flags = DOMINF_SHUTDOWN | ((code & 0xff) << DOMINF_SHUTDOWNSHIFT);
     else
         info->flags = DOMINF_RUNNING;
+    return 1;
+}
+
+/* C xenstored (tools/xenstore/xenstored_domain.c get_domain_info) asks through the older
+ * xc_domain_getinfo: xc_dominfo_t, tools/include/xenctrl.h (4.17), starts with domid,
+ * ssidref, then the flag bits dying:1 crashed:1 shutdown:1 paused:1 blocked:1 running:1 ...
+ * and shutdown_reason; only those are filled (the caller reads no more). */
+struct shyped_dominfo_head {
+    uint32_t domid;
+    uint32_t ssidref;
+    uint32_t flags;
+    uint32_t shutdown_reason;
+};
+
+EXPORT int xc_domain_getinfo(void *xch, uint32_t first_domid, unsigned int max_doms,
+                             struct shyped_dominfo_head *info)
+{
+    char state[64];
+    unsigned code;
+    (void)xch;
+
+    if (max_doms == 0)
+        return 0;
+    domain_state(first_domid, state, &code);
+    if (strcmp(state, "gone") == 0)
+        return 0;
+    info->domid = first_domid;
+    info->ssidref = 0;
+    info->shutdown_reason = 0;
+    if (strcmp(state, "dying") == 0)
+        info->flags = 1U << 0;
+    else if (strcmp(state, "shutdown") == 0) {
+        info->flags = 1U << 2;
+        info->shutdown_reason = code;
+    } else
+        info->flags = 1U << 5;
     return 1;
 }
 
@@ -541,4 +603,47 @@ EXPORT int xenevtchn_unmask(void *xh, int port)
     (void)xh;
     (void)port;
     return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* libxengnttab (C xenstored only)                                     */
+
+/* C xenstored opens the grant device at start and maps a guest's ring with the reserved
+ * xenstore grant at XS_INTRODUCE: the same zeroed private page as xc_map_foreign_range. */
+static int dummy_gnttab_handle;
+
+EXPORT void *xengnttab_open(void *logger, unsigned open_flags)
+{
+    (void)logger;
+    (void)open_flags;
+    return &dummy_gnttab_handle;
+}
+
+EXPORT int xengnttab_close(void *xgt)
+{
+    (void)xgt;
+    return 0;
+}
+
+EXPORT int xengnttab_set_max_grants(void *xgt, uint32_t nr_grants)
+{
+    (void)xgt;
+    (void)nr_grants;
+    return 0;
+}
+
+EXPORT void *xengnttab_map_grant_ref(void *xgt, uint32_t domid, uint32_t ref, int prot)
+{
+    void *page;
+    (void)xgt;
+    (void)domid;
+    (void)ref;
+    page = mmap(NULL, 4096, prot | PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    return page == MAP_FAILED ? NULL : page;
+}
+
+EXPORT int xengnttab_unmap(void *xgt, void *start_address, uint32_t count)
+{
+    (void)xgt;
+    return munmap(start_address, 4096 * (size_t)count);
 }

@@ -17,13 +17,16 @@ import json
 import os
 import secrets
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from shyped.attest import measure, quote
+from shyped.attest import akpublic, measure, quote
+from shyped.attest.ratelimit import TokenBuckets
 from shyped.service.attestconfig import AttestationConfig
 from shyped.service.tpm import TpmError, TpmTools
 
@@ -39,6 +42,15 @@ class AttestationUnavailable(Exception):
 
 class AttestationBusy(Exception):
     """A quote is being made and `MAX_QUEUED_QUOTES` more wait: try again."""
+
+
+class AttestationRateLimited(AttestationBusy):
+    """This uid asked for more quotes than ``[attestation] quote_burst`` at once and
+    ``quotes_per_minute``: try again in `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 #: Quotes that may wait while one is made (the control server bounds the requests in flight
@@ -174,8 +186,16 @@ def _rotations(daemon: Daemon) -> int:
 class Attestation:
     """Measurements and quotes for one daemon (reactor thread only)."""
 
-    def __init__(self, daemon: Daemon, config: AttestationConfig, tools: TpmTools | None = None):
+    def __init__(
+        self,
+        daemon: Daemon,
+        config: AttestationConfig,
+        tools: TpmTools | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.daemon, self.config = daemon, config
+        self._clock = clock
+        self._rates = TokenBuckets(config.quotes_per_minute, config.quote_burst)
         self.tools = tools or TpmTools(config.tcti, config.log.parent)
         self.log = MeasurementLog(config.log, config.max_log_bytes)
         self.ak_pem: bytes | None = None
@@ -238,6 +258,7 @@ class Attestation:
                 os.close(fd)
         _check_auth_file(auth)
         pem = self.tools.ensure_ak(self.config.ak_handle, auth)
+        self._check_ak_attributes()
         try:  # a key put at the handle by someone else does not take shyped's auth value
             self.tools.quote(self.config.ak_handle, self.config.pcr, bytes(32), auth)
         except TpmError as e:
@@ -248,6 +269,37 @@ class Attestation:
                 f"new {self.config.ak_public} ({e})"
             ) from None
         return pem
+
+    def _check_ak_attributes(self) -> None:
+        """(Thread pool.) The key at the handle must be a restricted signing key fixed to this
+        TPM (`shyped.attest.akpublic`): a non-restricted key signs forged quotes too. One
+        without ``noDA`` (made by a shyped before attest3) is used, with a warning: a TPM
+        user's failed auth attempts can lock it out (docs/attestation.md)."""
+        handle, auth = hex(self.config.ak_handle), self.config.ak_auth
+        recover = (
+            f"evict it (tpm2_evictcontrol -C o -c {handle}) and remove {auth} so that shyped "
+            f"makes a new AK, then enrol the new {self.config.ak_public}"
+        )
+        raw = self.tools.ak_public_area(self.config.ak_handle)
+        try:
+            if raw is None:
+                raise akpublic.PublicAreaError("tpm2_readpublic cannot read it")
+            area = akpublic.parse_public(raw)
+        except akpublic.PublicAreaError as e:
+            raise TpmError(f"the key at {handle}: its public area: {e}; {recover}") from None
+        problems = akpublic.ak_problems(area)
+        if problems:
+            raise TpmError(
+                f"the key at {handle} is not an attestation key ({', '.join(problems)}): only "
+                "a restricted signing key fixed to this TPM cannot sign a forged quote; not "
+                f"exported, not used; {recover}"
+            )
+        if not area.no_da:
+            _log.warn(
+                "attestation: the AK at {handle} is not noDA: failed auth attempts by any TPM "
+                "user (the tss group) can lock it out and stop quotes; to upgrade, {recover}",
+                handle=handle, recover=recover,
+            )  # fmt: skip
 
     def _export_ak(self, pem: bytes) -> None:
         from shyped.fileio.atomicfile import write_atomic
@@ -350,12 +402,13 @@ class Attestation:
             "audit_head": audit_head(d),
         }
 
-    async def quote(self, nonce: str) -> bytes:
+    async def quote(self, nonce: str, uid: int | None = None) -> bytes:
         """The control answer for a quote for `nonce`: ``{"bundle": ...}`` encoded
         (`shyped.attest.quote.encode_answer`). One quote at a time: `MAX_QUEUED_QUOTES` more
-        wait their turn, any further is refused (`AttestationBusy`). Only the state report is
-        built on the reactor thread (it must be the state just measured); the TPM, the log and
-        the encoding of the bundle run on the thread pool."""
+        wait their turn, any further is refused (`AttestationBusy`); a `uid` (None: root, an
+        admin, the daemon itself) past its token bucket is refused (`AttestationRateLimited`).
+        Only the state report is built on the reactor thread (it must be the state just
+        measured); the TPM, the log and the encoding of the bundle run on the thread pool."""
         bad = quote.check_nonce(nonce)
         if bad is not None:
             raise ValueError(bad)
@@ -363,6 +416,14 @@ class Attestation:
             raise AttestationBusy(
                 f"attestation busy: a quote is being made and {self._quotes - 1} wait; "
                 "try again shortly"
+            )
+        if uid is not None and (wait := self._rates.take(uid, self._clock())) is not None:
+            cfg = self.config
+            raise AttestationRateLimited(
+                f"attestation rate-limited: uid {uid} may ask for {cfg.quote_burst} quotes at "
+                f"once and {cfg.quotes_per_minute} a minute ([attestation] quote_burst, "
+                f"quotes_per_minute); try again in {wait:.0f} s",
+                wait,
             )
         self._quotes += 1
         try:

@@ -9,6 +9,7 @@ import attrs
 
 KEYS: Final = (
     "enabled", "tcti", "pcr", "ak_handle", "log", "ak_public", "ak_auth", "max_log_bytes",
+    "quotes_per_minute", "quote_burst",
 )  # fmt: skip
 #: PCRs shyped may extend: the OS range. 0-7 are the firmware's; 16 (debug) and 23
 #: (application) can be reset by any software at locality 0, which would let dom0 root
@@ -32,6 +33,10 @@ class AttestationConfig:
     #: the AK's auth value (root only, 0600): without it, tss members may not quote with it
     ak_auth: Path = Path("/var/lib/shyped/attest/ak.auth")
     max_log_bytes: int = 16 << 20  #: the bundle carries the log: under the 64 MiB answer cap
+    #: quotes one uid outside root and the admin group may ask for: `quote_burst` at once,
+    #: then `quotes_per_minute` (a token bucket per uid); beyond, ``busy`` (rate-limited)
+    quotes_per_minute: int = 6
+    quote_burst: int = 3
 
 
 def parse_attestation(c: Any) -> AttestationConfig:
@@ -78,4 +83,8 @@ def parse_attestation(c: Any) -> AttestationConfig:
         max_log_bytes=c.number(
             t, "attestation", "max_log_bytes", int, d.max_log_bytes, 4096, 1 << 30
         ),
+        quotes_per_minute=c.number(
+            t, "attestation", "quotes_per_minute", int, d.quotes_per_minute, 1, 600
+        ),
+        quote_burst=c.number(t, "attestation", "quote_burst", int, d.quote_burst, 1, 64),
     )

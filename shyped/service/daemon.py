@@ -220,11 +220,13 @@ class Daemon(PolicyAndLabels):
             self._flush_repeats()
         audit = self.audit
         if audit is not None and audit.log.log_id:
-            seq, head = audit.log.head
-            done = self._audit_event(
-                AuditKind.DAEMON_STOP, decisions=sum(self._decisions.values()),
-                head_seq=seq, head_hash=head, abandoned=abandoned,
-            )  # fmt: skip
+            # The head it names is filled in when the writer seals it: records of this tick
+            # (or still with the writer thread) come before it and are counted.
+            done = self._audit_event_as(
+                AuditKind.DAEMON_STOP,
+                {"decisions": sum(self._decisions.values()), "abandoned": abandoned},
+                at_head=True,
+            )
             if done is not None:
                 with contextlib.suppress(Exception):
                     await done

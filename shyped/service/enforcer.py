@@ -198,10 +198,13 @@ class Enforcer:
         gives up now, and what fails from here on (the connection closes) is counted as
         abandoned, not logged. Returns the action chains in flight (the daemon logs them)."""
         self.stopping = True
+        # Counted before the wakes: a cut woken here may end (Stopping) at once, which would
+        # take it off the count it belongs to.
+        in_flight = self.stats.in_flight - self._rechecks
         self.vetoes.stop()
         for key in list(self._waiters):
             self._wake(key, "stopping")
-        return self.stats.in_flight - self._rechecks
+        return in_flight
 
     def observe(self, event: Event) -> None:
         """Events from the daemon's stream that end a wait for a backend to close."""

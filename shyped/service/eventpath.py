@@ -1,10 +1,11 @@
-"""The daemon's event path: watch batches and reconcile, decisions and enforcement, the audit
-trail (see `shyped.service.daemon` for the whole)."""
+"""The daemon's event path: watch batches and reconcile, decisions and enforcement (see
+`shyped.service.daemon` for the whole); the records of its decisions, which gate enforcement,
+are `shyped.service.eventaudit`'s."""
 
 from __future__ import annotations
 
-import contextlib
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -26,7 +27,6 @@ from shyped.core.actions import (
     ResetPerms,
     VetoDomain,
     WriteLabel,
-    is_veto,
 )
 from shyped.core.assembler import EventAssembler
 from shyped.core.audit import Kind as AuditKind
@@ -43,9 +43,12 @@ from shyped.core.repeats import PacedDecisions
 from shyped.core.xsparse import MAX_NAME, parse_text
 from shyped.policy.decisions import PolicyEngine, Rule, UnknownLabelError
 from shyped.service.actuator import ToolstackActuator
-from shyped.service.auditlog import AsyncAuditLog, AuditState, AuditUnavailable
+from shyped.service.auditlog import AsyncAuditLog
 from shyped.service.config import Config, Mode
 from shyped.service.enforcer import Enforcer
+from shyped.service.eventaudit import GUEST_REPEAT_BURST as GUEST_REPEAT_BURST
+from shyped.service.eventaudit import GUEST_REPEAT_INTERVAL as GUEST_REPEAT_INTERVAL
+from shyped.service.eventaudit import DecisionRecords
 from shyped.service.metrics import MetricsState, PeriodicPublisher
 from shyped.service.policyload import (
     LoadedPolicy,
@@ -57,22 +60,14 @@ from shyped.service.watchbatch import BatchReader
 from shyped.xenstore import (
     ConnectionLost,
     GatewayConfig,
-    XenstoreError,
     XenstoreGateway,
 )
 
 _log = Logger(namespace="shyped.daemon")
 
+#: a guest's home, as the gateway names the subtree of an overflowed lane
+_GUEST_HOME: Final = re.compile(r"/local/domain/([0-9]{1,5})")
 
-#: Decisions a guest triggers at its own pace (grants and rendezvous in its own subtree): the
-#: first of each (guest, kind, verdict, peers) and `GUEST_REPEAT_BURST` more per guest are
-#: written in full per interval, the rest only counted and summarised once per
-#: `GUEST_REPEAT_INTERVAL` seconds (one ``decision-repeats`` audit record and log line per
-#: guest), so no guest can fill the log or rotate the audit trail's older records away
-#: (`shyped.core.repeats.PacedDecisions`). Vetoes are carried out all the same.
-GUEST_REPEAT_BURST = 20
-GUEST_REPEAT_INTERVAL = 60.0
-_GUEST_PACED_KINDS = frozenset({"vchan", "channel"})
 
 #: (path, token) of every watch the daemon registers.
 WATCHES = (
@@ -88,7 +83,7 @@ WATCHES = (
 Listener = Callable[[Outcome], "Deferred[Any] | None"]
 
 
-class DaemonCore:
+class DaemonCore(DecisionRecords):
     """The daemon's state and its event path: watch batches, reconcile, decisions, enforcement
     and the audit trail. `Daemon` (`shyped.service.daemon`) is the whole; every method runs on
     the reactor thread."""
@@ -149,6 +144,9 @@ class DaemonCore:
         #: stopping: no new watch batch or reconcile starts (`quiesce`)
         self._stopping = False
         self._quiet_waiters: list[Deferred[None]] = []
+        #: `settled` callers whose barrier found no connection: fired after the reconnect's
+        #: reconcile (failed if the daemon stops first)
+        self._reconnect_waiters: list[Deferred[None]] = []
         self._decisions = {"permit": 0, "deny": 0}
         self._vetoes = 0
         self._reconciles = 0
@@ -219,16 +217,27 @@ class DaemonCore:
     def settled(self) -> Deferred[None]:
         """Fires once everything xenstored reported before the call has been decided and no
         event, reconcile or action is pending (tests, the demo). A device veto waiting for
-        its backend to close counts as pending."""
+        its backend to close counts as pending. While xenstored is unreachable it waits for
+        the reconnect's reconcile; it fails with the barrier read's error otherwise (e.g.
+        `ConnectionLost` once the daemon stops or the gateway is closed)."""
         return Deferred.fromCoroutine(self._settle())
 
     async def _settle(self) -> None:
         while True:
             before = (self._batches, self._reconciles, self.enforcer.stats.actions)
             # A reply comes after every watch event xenstored queued before it, and the
-            # gateway runs event callbacks before completing replies: a barrier.
-            with contextlib.suppress(XenstoreError):
+            # gateway runs event callbacks before completing replies: a barrier. Without a
+            # connection there is no barrier: wait for the reconnect's reconcile (it reads
+            # everything again) and try again; any other error is the caller's.
+            try:
                 await self.gateway.read("/")
+            except ConnectionLost:
+                if self._stopping or not self.gateway.reconnecting:
+                    raise
+                back: Deferred[None] = Deferred()
+                self._reconnect_waiters.append(back)
+                await back
+                continue
             idle: Deferred[None] = Deferred()
             self._idle_waiters.append(idle)
             self._check_idle()
@@ -280,6 +289,12 @@ class DaemonCore:
             self._kick()
 
     def _on_overflow(self, path: str) -> None:
+        guest = _GUEST_HOME.fullmatch(path)
+        if guest is not None and int(guest.group(1)) != 0:
+            # one guest flooded its lane of the gateway's queue: only its tree is read again
+            self._pending.drop_guest(int(guest.group(1)), time.monotonic())
+            self._kick()
+            return
         _log.warn("watch on {path} overflowed: reconciling", path=path)
         self.reconcile("overflow").addErrback(self._ignore_lost)
 
@@ -288,7 +303,14 @@ class DaemonCore:
         if self.metrics is not None:
             self.metrics.set_xenstore(True, self._reconnects)
         self._publish_dom0_label()  # a restarted xenstored may have lost it
-        self.reconcile("reconnect").addErrback(self._ignore_lost)
+        d = self.reconcile("reconnect").addErrback(self._ignore_lost)
+        waiters, self._reconnect_waiters = self._reconnect_waiters, []
+
+        def wake(_: object) -> None:
+            for w in waiters:
+                w.callback(None)
+
+        d.addBoth(wake)
 
     def _connection_lost(self, error: ConnectionLost) -> None:
         _log.warn("lost xenstored ({error}); reconnecting", error=str(error))
@@ -310,6 +332,9 @@ class DaemonCore:
         """Start no new watch batch or reconcile (the daemon stops); fires once the one
         running, if any, has ended: its reads are answered before the connection closes."""
         self._stopping = True
+        waiters, self._reconnect_waiters = self._reconnect_waiters, []
+        for w in waiters:
+            w.errback(ConnectionLost("the daemon stops"))
         if not self._busy:
             return defer.succeed(None)
         d: Deferred[None] = Deferred()
@@ -514,29 +539,6 @@ class DaemonCore:
         gate = defer.DeferredList(gates, consumeErrors=True) if gates else None
         self.enforcer.execute(outcome, gate)
 
-    def _in_full(self, outcome: Outcome) -> bool:
-        """False for a guest-paced decision that is only counted (`PacedDecisions`)."""
-        if outcome.kind not in _GUEST_PACED_KINDS:
-            return True
-        d, need = outcome.decision, outcome.need
-        what = f"{d.verdict} {need.kind} [{d.rule}]"
-        peers = tuple(sorted(need.peers)) + ((-1,) if need.any_peer else ())
-        return self._repeats.note(need.domid, need.kind, d.verdict, peers, what)
-
-    def _flush_repeats(self) -> None:
-        """One log line and one audit record per guest decided more often than its burst."""
-        for r in self._repeats.flush():
-            who = "other domains" if r.key < 0 else f"domain {r.key}"
-            text = (
-                f"{r.count} more decision(s) about channels of {who} in "
-                f"{GUEST_REPEAT_INTERVAL:g} s ({r.kinds_text()}), recorded as this count only"
-            )
-            _log.warn("decision: {text}", text=text)
-            self._audit_event(
-                AuditKind.DECISION_REPEATS, subject_domid=r.key, count=r.count,
-                kinds=dict(r.kinds), summary=text,
-            )  # fmt: skip
-
     def _publish_dom0_label(self) -> None:
         label = self.engine.label_string(self.engine.dom0_label())
         self.enforcer.execute_action(WriteLabel(0, None, label))
@@ -560,107 +562,6 @@ class DaemonCore:
         finally:
             self.engine.end_sweep()
         self._check_idle()
-
-    def audit_event(self, kind: AuditKind | str, **details: object) -> Deferred[Any] | None:
-        """Record a daemon event (e.g. ``resource-label`` from the control socket); fires
-        once durable, None without an audit trail. Never raises."""
-        return self._audit_event(kind, **details)
-
-    def _audit_event(self, kind: AuditKind | str, **details: object) -> Deferred[Any] | None:
-        for observe in self.event_observers:  # e.g. TPM measurements (service.attestation)
-            observe(str(kind))
-        if self.audit is None:
-            return None
-        try:
-            d = self.audit.record_event(kind, **details)
-        except Exception:
-            _log.failure("audit: cannot record {kind}", kind=str(kind))
-            return None
-        return d.addErrback(_audit_lost, str(kind))
-
-    def _audit_decision(self, outcome: Outcome) -> Deferred[Any] | None:
-        """Record `outcome`; the Deferred fires once its fsync returned. In enforcing mode a
-        permit whose record cannot be written (fail-closed) is turned into the veto."""
-        if self.audit is None:
-            return None
-        details: dict[str, object] = {
-            "what": outcome.what,
-            "actions": [a.describe() for a in outcome.actions if is_veto(a)],
-        }
-        if outcome.resource is not None:
-            details["resource"] = outcome.resource
-        if outcome.clients:
-            details["clients"] = list(outcome.clients)
-        if outcome.planned and not outcome.enforced:
-            details["not_enforced"] = outcome.note or "not enforced"
-        try:
-            d = self.audit.record_decision(
-                outcome.decision,
-                subject=outcome.subject,
-                obj=outcome.peer,
-                policy_sha256=self.loaded.sha256,
-                mode=outcome.mode.value,
-                **details,
-            )
-        except Exception:
-            _log.failure("audit: cannot record {what}", what=outcome.what)
-            return None
-        d.addErrback(self._audit_record_failed, outcome)
-        self._unsynced.add(d)
-        d.addBoth(self._record_synced, d)
-        return d
-
-    def _record_synced(self, result: object, d: Deferred[Any]) -> object:
-        self._unsynced.discard(d)
-        return result
-
-    def audit_synced(self) -> Deferred[None]:
-        """Fires once the record of every decision taken so far is durable, or refused (then
-        a permit has been turned into a veto): the control socket answers admissions only
-        then. Already fired without an audit trail or nothing pending."""
-        if not self._unsynced:
-            return defer.succeed(None)
-        pending = defer.DeferredList(list(self._unsynced), consumeErrors=True)
-        return pending.addCallback(lambda _: None)
-
-    def _audit_record_failed(self, failure: Failure, outcome: Outcome) -> None:
-        _audit_lost(failure, outcome.what)
-        if (
-            not isinstance(failure.value, AuditUnavailable)
-            or not outcome.allowed
-            or outcome.mode is not Mode.ENFORCING
-            or not self.host.is_current(outcome.need)
-        ):
-            return
-        refused = self.engine.refuse(outcome.need, self.host, Rule.AUDIT, self._audit_reason())
-        ready = self.host.record_decision(
-            refused.need, False, label=outcome.label, reason=refused.decision.reason
-        )
-        self._emit(refused, record=False)  # it cannot be recorded: that is why it is denied
-        self._decide(deque(ready))
-
-    def _audit_refusing(self) -> bool:
-        """Fail-closed: the trail cannot record, so nothing new is allowed."""
-        return self.audit is not None and not self.audit.available
-
-    def _audit_reason(self) -> str:
-        return (
-            "the audit trail cannot record decisions (disk_full_action = fail-closed): "
-            "nothing new is allowed until it can"
-        )
-
-    def _audit_state(self, state: AuditState, reason: str) -> None:
-        if state is AuditState.OK:
-            _log.warn("audit trail writable again ({reason}): decisions resume", reason=reason)
-        else:
-            _log.critical(
-                "AUDIT TRAIL {state}: {reason}; new domains, devices and vchans are {what}",
-                state=state.value.upper(),
-                reason=reason,
-                what="DENIED" if state is AuditState.UNAVAILABLE else "decided but not recorded",
-            )
-        if self.metrics is not None:
-            self.metrics.dirty = True
 
 
 def published_labels(nodes: Iterable[tuple[str, bytes]]) -> dict[int, str]:
@@ -691,12 +592,6 @@ _LABEL_SUFFIX: Final = f"/{LABEL_DIR}/label"
 
 def _pid() -> int:
     return os.getpid()
-
-
-def _audit_lost(failure: Failure, what: str) -> None:
-    if isinstance(failure.value, AuditUnavailable):
-        return  # the state listener said it loudly once
-    _log.failure("audit: record of {what} failed", failure, what=what)
 
 
 def _listener_failed(failure: Failure, listener: Listener) -> None:

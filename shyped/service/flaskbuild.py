@@ -137,10 +137,20 @@ def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[bytes]:
     return proc
 
 
-def build(module: str, xen_source: Path, cache: Path = DEFAULT_CACHE) -> BuildResult:
-    """policy.conf and the binary policy for the generated `module` text."""
+def build(
+    module: str, xen_source: Path, cache: Path = DEFAULT_CACHE, *, work_in: Path | None = None
+) -> BuildResult:
+    """policy.conf and the binary policy for the generated `module` text. The tools work in
+    a temporary directory under `work_in` (None: the system's, e.g. ``/tmp``), removed after.
+    The daemon passes its cache directory: under the unit's ``ProtectSystem=strict``, ``/tmp``
+    is read-only (and deliberately not private), the ``CacheDirectory=`` is writable."""
     tree = policy_tree(xen_source, cache)
-    with tempfile.TemporaryDirectory(prefix="shyped-flask-") as d:
+    try:
+        tmp = tempfile.TemporaryDirectory(prefix=".build-", dir=work_in)
+    except OSError as e:
+        where = work_in or "the system's temporary directory"
+        raise FlaskBuildError(f"cannot make a work directory in {where}: {e}") from e
+    with tmp as d:
         work = Path(d)
         mod = work / f"{MODULE_NAME}.te"
         mod.write_text(module, encoding="ascii")

@@ -9,6 +9,9 @@
   context in Xen is checked and an unlabelled domain relabelled; a domain Xen refuses to
   relabel, or that runs in Xen under another label, is refused (the permit turns into the
   hook's veto, rule ``label``);
+- ``shypectl addlabel L mgt DOMAIN`` of a running domain (`relabel_running`): relabelled in
+  Xen before the daemon relabels it; Xen refuses → the daemon refuses; the daemon fails after Xen
+  accepted → `relabel_back`;
 - a policy switch (`switch`): compiled and loaded into Xen before the daemon switches; if
   Xen refuses, the daemon keeps its policy (`revert` loads Xen's previous one back when the
   daemon's switch fails after Xen's);
@@ -23,12 +26,12 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 
 from shyped.core.audit import Kind as AuditKind
 from shyped.core.engine import Outcome
-from shyped.core.xenflask import AvcRecord, Step, denial_summary
+from shyped.core.xenflask import AvcRecord, DomainPlan, Step, denial_summary
 from shyped.policy.decisions import Rule
 from shyped.policy.model import Policy
 from shyped.service.flaskbuild import FlaskBuildError
@@ -58,6 +61,10 @@ class FlaskCoupling:
         self._by_class: dict[str, int] = {}
         #: Xen's policy before the last switch (loaded back by `revert`).
         self._previous: Prepared | None = None
+        #: Held by a relabel of a running domain (from Xen's relabel to the daemon's) and by
+        #: what re-decides every domain (policy reload, switch to enforcing): no domain is
+        #: decided while Xen and the daemon hold different labels for it.
+        self.relabel_lock = DeferredLock()
         flask.on_avc = self._avc
 
     @property
@@ -161,10 +168,64 @@ class FlaskCoupling:
             _log.warn("Xen FLASK: domain {domid} {reason}", domid=domid, reason=plan.reason)
             self.core.audit_event(
                 AuditKind.FLASK_RELABEL, domid=domid, name=outcome.need.name, old=plan.have,
-                new=plan.want,
+                new=plan.want, result="relabelled", reason="admission",
             )  # fmt: skip
         elif plan.step is Step.REFUSE:
             self._refuse(outcome, plan.reason)
+        self.publish()
+
+    async def relabel_running(
+        self, domid: int, name: str | None, old: str | None, new: str
+    ) -> DomainPlan | None:
+        """``shypectl addlabel L mgt DOMAIN`` of running domain `domid` from label `old` to
+        `new`, in Xen first: the plan carried out (a REFUSE means Xen is unchanged and the
+        daemon must refuse the relabel too), None when FLASK is absent or for dom0
+        (``dom0_t`` whatever its label). Audited: ``flask-relabel`` with ``result``
+        relabelled or refused."""
+        if not self.present or domid == 0:
+            return None
+        plan = await self.flask.relabel_running(domid, old, new)
+        if plan.step is Step.RELABEL:
+            self.core.audit_event(
+                AuditKind.FLASK_RELABEL, domid=domid, name=name, old=plan.have, new=plan.want,
+                result="relabelled", reason="relabel",
+            )  # fmt: skip
+        elif plan.step is Step.REFUSE:
+            _log.warn("Xen FLASK: relabel of domain {domid} refused: {r}", domid=domid,
+                      r=plan.reason)  # fmt: skip
+            self.core.audit_event(
+                AuditKind.FLASK_RELABEL, domid=domid, name=name, old=plan.have, new=plan.want,
+                result="refused", error=plan.reason,
+            )  # fmt: skip
+        self.publish()
+        return plan
+
+    async def relabel_back(self, domid: int, name: str | None, plan: DomainPlan | None) -> None:
+        """The daemon could not relabel after Xen did (`relabel_running`): put Xen back. If
+        Xen refuses that too, the two disagree until the domain is decided again: every
+        decision of it (a policy switch, the daemon's restart) checks its context in Xen and
+        vetoes it then (fail closed); it is logged and audited (``result=undo-failed``)."""
+        if plan is None or plan.step is not Step.RELABEL or plan.have is None:
+            return
+        if self.core.host.domain(domid) is None:
+            return  # gone meanwhile: nothing left to put back
+        try:
+            await self.flask.relabel_back(domid, plan)
+        except FlaskError as e:
+            _log.critical(
+                "Xen FLASK: cannot put domain {domid} back to {old} ({e}): it runs in Xen as "
+                "{new} while shyped keeps its old label; its next decision vetoes it",
+                domid=domid, old=plan.have, new=plan.want, e=str(e),
+            )  # fmt: skip
+            self.core.audit_event(
+                AuditKind.FLASK_RELABEL, domid=domid, name=name, old=plan.want, new=plan.have,
+                result="undo-failed", error=str(e),
+            )  # fmt: skip
+        else:
+            self.core.audit_event(
+                AuditKind.FLASK_RELABEL, domid=domid, name=name, old=plan.want, new=plan.have,
+                result="relabelled", reason="undone: the daemon's relabel failed",
+            )  # fmt: skip
         self.publish()
 
     def _refuse(self, outcome: Outcome, reason: str) -> None:

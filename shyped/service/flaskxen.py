@@ -10,6 +10,8 @@ What it does for the daemon (docs/flask.md, "The daemon and Xen's FLASK"):
   loads only an update its own check accepted, and keeps its old policy when Xen refuses);
 - **labels domains** in Xen: `ensure_domain` reads the domain's context (``xl list -Z``) and
   relabels an unlabelled one to its label's context (`shyped.core.xenflask.plan_domain`);
+  `relabel_running` relabels a running domain the daemon relabels (``shypectl addlabel L
+  mgt DOMAIN``) before the daemon does, `relabel_back` undoes it;
 - **reads AVC messages** from Xen's console ring every `poll_interval` seconds (incremental,
   off the reactor) and hands the parsed denials to `on_avc`.
 
@@ -38,6 +40,7 @@ from shyped.core.xenflask import (
     Step,
     parse_list_z,
     plan_domain,
+    plan_running_relabel,
     read_console,
 )
 from shyped.policy.flask import compile_policy, context
@@ -74,7 +77,8 @@ def policy_builder(
                 "Xen has FLASK but no Xen source tarball is configured to compile the policy "
                 "([flask] xen_source in shyped.toml, or $SHYPED_XEN_SOURCE)"
             )
-        return build(compile_policy(policy).module, xen_source, cache).binary
+        module = compile_policy(policy).module
+        return build(module, xen_source, cache, work_in=cache).binary  # not /tmp: read-only
 
     return build_binary
 
@@ -219,13 +223,37 @@ class FlaskXen:
         plan = plan_domain(want, have)
         if plan.step is not Step.RELABEL:
             return plan
+        return await self._relabel(domid, plan)
+
+    async def relabel_running(self, domid: int, old: str | None, new: str) -> DomainPlan:
+        """Relabel running domain `domid` in Xen from `old`'s context to `new`'s (labels;
+        None: unlabelled) before the daemon does (`plan_running_relabel`): NONE, RELABEL
+        (done) or REFUSE (Xen unchanged; the daemon must not relabel either)."""
         try:
-            await self._call(self.boundary.relabel, domid, want)
+            have = (await self.refresh_contexts()).get(domid)
+        except FlaskError as e:
+            self.errors += 1
+            return DomainPlan(Step.REFUSE, context(new), None, f"cannot read Xen's contexts: {e}")
+        plan = plan_running_relabel(context(old), context(new), have)
+        if plan.step is Step.RELABEL:
+            return await self._relabel(domid, plan)
+        return plan
+
+    async def relabel_back(self, domid: int, plan: DomainPlan) -> None:
+        """Undo `plan` (a RELABEL `relabel_running` did); `FlaskError` if Xen refuses."""
+        assert plan.have is not None
+        await self._call(self.boundary.relabel, domid, plan.have)
+        self.relabels += 1
+        self.contexts[domid] = plan.have
+
+    async def _relabel(self, domid: int, plan: DomainPlan) -> DomainPlan:
+        try:
+            await self._call(self.boundary.relabel, domid, plan.want)
         except FlaskError as e:
             self.errors += 1
             return attrs.evolve(plan, step=Step.REFUSE, reason=f"Xen refused the relabel: {e}")
         self.relabels += 1
-        self.contexts[domid] = want
+        self.contexts[domid] = plan.want
         return plan
 
     # ---------------------------------------------------------------- AVC messages

@@ -22,9 +22,11 @@ from shyped.core.labelstore import (
     save_label_store,
 )
 from shyped.core.relabel import RelabelCheck, check_domain_relabel, check_resource_relabel
+from shyped.core.xenflask import Step
 from shyped.policy import update
 from shyped.policy.decisions import PolicyEngine
 from shyped.policy.errors import PolicyError
+from shyped.policy.update import Reason, UpdateProblem
 from shyped.service.config import Mode
 from shyped.service.eventpath import (
     DaemonCore,
@@ -82,7 +84,10 @@ class PolicyAndLabels(DaemonCore):
         if self.metrics is not None:
             self.metrics.set_mode(mode)
         if mode is Mode.ENFORCING:
-            self._sweep("mode switched to enforcing")
+            if self.flask is not None and self.flask.present:  # not amid a relabel
+                self.flask.relabel_lock.run(self._sweep, "mode switched to enforcing")
+            else:
+                self._sweep("mode switched to enforcing")
 
     def set_labels(self, labels: LabelStore) -> None:
         """Decide from `labels` from now on (running domains keep the label they run with)."""
@@ -115,13 +120,68 @@ class PolicyAndLabels(DaemonCore):
         """Relabel running domain `domid` if the Chinese Wall and its live channels and
         resources allow `label` (`shyped.core.relabel.check_domain_relabel`); else change nothing.
 
-        `before` runs once the check passed and before anything changes (the control socket
-        persists the label store there); if it raises, nothing changes. Then the Chinese Wall
+        With Xen's FLASK the domain is relabelled in Xen first (docs/flask.md): if Xen
+        refuses, the relabel is refused and nothing changes. `before` runs once the checks
+        passed and before the daemon changes anything (the control socket persists the label
+        store there); if it raises, nothing changes (Xen is put back). Then the Chinese Wall
         count, the host model and the label node in xenstore take the new label; the Deferred
         fires with the check once the label node is written.
         """
+        if self.flask is None or not self.flask.present:
+            return self._relabel_now(self._relabel_check(domid, label), before)
+        return Deferred.fromCoroutine(self._relabel_in_xen_first(self.flask, domid, label, before))
+
+    def _relabel_check(self, domid: int, label: str) -> RelabelCheck:
         system = self.engine.running_system(self.host)
-        check = check_domain_relabel(self.engine.policy, system, domid, label)
+        return check_domain_relabel(self.engine.policy, system, domid, label)
+
+    async def _relabel_in_xen_first(
+        self,
+        flask: FlaskCoupling,
+        domid: int,
+        label: str,
+        before: Callable[[], None] | None,
+    ) -> RelabelCheck:
+        async with flask.relabel_lock:  # no other relabel, reload or sweep meanwhile
+            return await self._relabel_locked(flask, domid, label, before)
+
+    async def _relabel_locked(
+        self,
+        flask: FlaskCoupling,
+        domid: int,
+        label: str,
+        before: Callable[[], None] | None,
+    ) -> RelabelCheck:
+        check = self._relabel_check(domid, label)
+        dom = self.host.domain(domid)
+        if not check.allowed or dom is None or check.new is None:
+            return check
+        plan = await flask.relabel_running(domid, dom.name, check.old, check.new)
+        if plan is not None and plan.step is Step.REFUSE:
+            problem = UpdateProblem(Reason.LABEL, f"Xen FLASK: {plan.reason}", (domid,))
+            return attrs.evolve(check, problems=(problem,))
+        # The running system may have changed while Xen relabelled: decide again
+        again = self._relabel_check(domid, label)
+        if again != check or self.host.domain(domid) is None:
+            await flask.relabel_back(domid, dom.name, plan)
+            if not again.allowed:
+                return again
+            why = f"domain {domid} changed during its relabel in Xen (undone): try again"
+            return attrs.evolve(again, problems=(UpdateProblem(Reason.LABEL, why, (domid,)),))
+        try:
+            if before is not None:
+                before()  # the label store: if it cannot be written, Xen is put back
+        except BaseException:
+            await flask.relabel_back(domid, dom.name, plan)
+            raise
+        return await self._relabel_now(check, None)
+
+    def _relabel_now(
+        self, check: RelabelCheck, before: Callable[[], None] | None
+    ) -> Deferred[RelabelCheck]:
+        """Apply an allowed `check` in the daemon (`before` first: if it raises, nothing)."""
+        domid = check.subject
+        assert isinstance(domid, int)
         dom = self.host.domain(domid)
         if not check.allowed or dom is None or check.new is None:
             return defer.succeed(check)
@@ -148,7 +208,12 @@ class PolicyAndLabels(DaemonCore):
 
     def reload_policy(self, path: str | Path | None = None) -> Deferred[ReloadResult]:
         """Load a policy (default: the configured file) and switch to it if the running
-        system satisfies it; the label store is re-read first. Never fails: see the result."""
+        system satisfies it; the label store is re-read first. Never fails: see the result.
+        With Xen's FLASK, not amid a relabel of a running domain (it re-decides them all)."""
+        if self.flask is not None and self.flask.present:
+            return self.flask.relabel_lock.run(
+                lambda: Deferred.fromCoroutine(self._reload_store_too(path))
+            )
         return Deferred.fromCoroutine(self._reload_store_too(path))
 
     async def _reload_store_too(self, path: str | Path | None) -> ReloadResult:

@@ -17,9 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Final
 
+from shyped.attest.akpublic import AK_ATTRIBUTES
+
 TIMEOUT: Final = 60.0
-_TOOLS: Final = ("tpm2_createek", "tpm2_createak", "tpm2_evictcontrol", "tpm2_readpublic",
-                 "tpm2_pcrread", "tpm2_pcrextend", "tpm2_quote", "tpm2_flushcontext")  # fmt: skip
+_TOOLS: Final = ("tpm2_createek", "tpm2_startauthsession", "tpm2_policysecret", "tpm2_create",
+                 "tpm2_load", "tpm2_evictcontrol", "tpm2_readpublic", "tpm2_pcrread",
+                 "tpm2_pcrextend", "tpm2_quote", "tpm2_flushcontext")  # fmt: skip
 
 
 class TpmError(Exception):
@@ -41,9 +44,19 @@ def _run(args: list[str], tcti: str | None, cwd: str | None = None) -> bytes:
     except subprocess.TimeoutExpired:
         raise TpmError(f"{args[0]}: no answer from the TPM in {TIMEOUT:g} s") from None
     if done.returncode != 0:
-        err = done.stderr.decode(errors="replace").strip().splitlines()
-        raise TpmError(f"{args[0]} failed: {err[-1] if err else f'exit {done.returncode}'}")
+        raise TpmError(f"{args[0]} failed: {_reason(done.stderr, done.returncode)}")
     return done.stdout
+
+
+def _reason(stderr: bytes, code: int) -> str:
+    """The TPM's own reason from tpm2-tools' stderr: the last ``Esys_...(0x18B) - tpm:...``
+    line (its response code decoded), else the last line (``Unable to run ...`` says
+    nothing)."""
+    lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
+    decoded = [ln for ln in lines if ln.startswith("ERROR: ") and "(0x" in ln and ") - " in ln]
+    if decoded:
+        return decoded[-1].removeprefix("ERROR: ")
+    return lines[-1] if lines else f"exit {code}"
 
 
 def _auth(flag: str, path: Path | None) -> list[str]:
@@ -89,21 +102,40 @@ class TpmTools:
             with contextlib.suppress(TpmError):
                 _run(["tpm2_flushcontext", flag], self.tcti)
 
-    def ak_public(self, handle: int) -> bytes | None:
-        """The PEM public key of the persistent key at `handle`, None if there is none."""
+    def _read_public(self, handle: int, form: str) -> bytes | None:
         with self._workdir() as tmp:
-            out = Path(tmp) / "ak.pem"
+            out = Path(tmp) / "ak.pub"
             try:
-                _run(["tpm2_readpublic", "-c", hex(handle), "-f", "pem", "-o", str(out)],
+                _run(["tpm2_readpublic", "-c", hex(handle), "-f", form, "-o", str(out)],
                      self.tcti)  # fmt: skip
             except TpmError:
                 return None
             return out.read_bytes()
 
+    def ak_public(self, handle: int) -> bytes | None:
+        """The PEM public key of the persistent key at `handle`, None if there is none."""
+        return self._read_public(handle, "pem")
+
+    def ak_public_area(self, handle: int) -> bytes | None:
+        """The marshalled TPM2B_PUBLIC of the persistent key at `handle` (its type and
+        attributes: `shyped.attest.akpublic`), None if there is none."""
+        return self._read_public(handle, "tss")
+
+    def _endorsement_session(self, tmp: str) -> list[str]:
+        """A policy session satisfying the EK's policy (PolicySecret of the endorsement
+        hierarchy), as tpm2_createak opens it: the EK's auth for `tpm2_create`/`tpm2_load`."""
+        _run(["tpm2_startauthsession", "--policy-session", "-S", "s.ctx"], self.tcti, tmp)
+        _run(["tpm2_policysecret", "-S", "s.ctx", "-c", "e"], self.tcti, tmp)
+        return ["-P", "session:s.ctx"]
+
     def ensure_ak(self, handle: int, auth: Path | None = None) -> bytes:
         """The attestation key at `handle`: created under the endorsement hierarchy (EK, then
-        a restricted RSA signing AK, with the auth value in file `auth` if given) and made
-        persistent if absent. Its PEM public part."""
+        a restricted RSA-2048 RSASSA/SHA-256 signing key, fixed to the TPM and ``noDA``
+        (`shyped.attest.akpublic.AK_ATTRIBUTES`), with the auth value in file `auth` if given)
+        and made persistent if absent. Its PEM public part.
+
+        ``tpm2_createak`` makes the same key but without ``noDA`` (it takes no attributes):
+        its steps are run here one by one (EK policy session, create, load) with them."""
         found = self.ak_public(handle)
         if found is not None:
             return found
@@ -112,9 +144,13 @@ class TpmTools:
                 _run(["tpm2_createek", "-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub"],
                      self.tcti, tmp)  # fmt: skip
                 self._flush()
-                _run(["tpm2_createak", "-C", "ek.ctx", "-c", "ak.ctx", "-G", "rsa", "-g",
-                      "sha256", "-s", "rsassa", "-u", "ak.pub", "-n", "ak.name",
-                      *_auth("-p", auth)], self.tcti, tmp)  # fmt: skip
+                _run(["tpm2_create", "-C", "ek.ctx", *self._endorsement_session(tmp), "-G",
+                      "rsa2048:rsassa-sha256:null", "-g", "sha256", "-a", AK_ATTRIBUTES,
+                      "-u", "ak.pub", "-r", "ak.priv", *_auth("-p", auth)],
+                     self.tcti, tmp)  # fmt: skip
+                self._flush()
+                _run(["tpm2_load", "-C", "ek.ctx", *self._endorsement_session(tmp), "-u",
+                      "ak.pub", "-r", "ak.priv", "-c", "ak.ctx"], self.tcti, tmp)  # fmt: skip
                 self._flush()
                 _run(["tpm2_evictcontrol", "-C", "o", "-c", "ak.ctx", hex(handle)],
                      self.tcti, tmp)  # fmt: skip

@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
-from shyped.xenstore import wire
+from shyped.xenstore import listing, wire
 from shyped.xenstore.errors import (
     Again,
     ConnectionLost,
@@ -167,7 +167,8 @@ class Transaction:
         return True
 
     def directory(self, path: str) -> tuple[str, ...]:
-        return wire.children(self._call(Op.DIRECTORY, wire.path_payload(_encode_path(path)), path))
+        """Child names, however many (`listing`: in parts where xenstored wants that)."""
+        return listing.directory(lambda op, p: self._call(op, p, path), path, _encode_path(path))
 
     def get_perms(self, path: str) -> tuple[Perm, ...]:
         return wire.perms(self._call(Op.GET_PERMS, wire.path_payload(_encode_path(path)), path))

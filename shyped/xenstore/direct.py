@@ -18,9 +18,12 @@ the gateway's connection.
 Bounds: at most `MAX_INFLIGHT` requests and `MAX_INFLIGHT_BYTES` bytes unanswered; the rest
 wait in a reactor-side backlog (Twisted never blocks on a write; the window keeps what it
 buffers small). Lifecycle: the gateway opens it after its own connection is up and drops it
-when that connection is lost; while it is down (or the transport is the xenbus device, which
-is not a socket) the gateway serves the same calls on its own connection. A reply that does
-not parse closes it (fail closed: every waiting request fails with `ConnectionLost`).
+when that connection is lost; lost alone (xenstored dropped only it), it is opened again
+after the gateway's reconnect delays. While it is down (or the transport is the xenbus device,
+which is not a socket) the gateway serves the same calls on its own connection. A reply that does
+not parse closes it (fail closed: every waiting request fails with `ConnectionLost`), and so
+does a request left unanswered for `STALL_AFTER` (oxenstored stopped reading it): its calls
+run again on the gateway's connection and a fresh direct connection is opened at once.
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ _log = Logger(namespace="shyped.xenstore")
 #: Requests and bytes written and not answered yet (see the module docstring).
 MAX_INFLIGHT = 256
 MAX_INFLIGHT_BYTES = 64 * 1024
+#: Seconds the oldest request may go unanswered before the connection counts as wedged
+#: (`DirectConnection`): oxenstored 4.17 reads no more requests from a connection whose
+#: writes fired more watch events than a lagging watcher had room for, and never resumes
+#: (tests/test_xenstore_direct_stall.py). Its calls then run on the gateway's connection.
+STALL_AFTER = 2.0
 
 
 class _DirectProtocol(protocol.Protocol):
@@ -132,6 +140,17 @@ class _DirectProtocol(protocol.Protocol):
         for call in done:
             call.complete()
 
+    def oldest(self) -> int | None:
+        """The request id of the oldest request not answered yet (xenstored answers in
+        order), or None."""
+        return next(iter(self._pending), None)
+
+    def stalled(self, why: str) -> None:
+        """Give up on this connection: every waiting call fails with ConnectionLost."""
+        self._fail_all(why)
+        if self._out is not None:
+            self._out.loseConnection()
+
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         why = reason.getErrorMessage() if reason is not None else "closed"
         self._fail_all(f"direct connection lost: {why}")
@@ -149,12 +168,23 @@ class _DirectProtocol(protocol.Protocol):
 class DirectConnection:
     """The reactor-side connection (see the module docstring); one per gateway connection."""
 
-    def __init__(self, reactor: Any, socket_path: str) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        socket_path: str,
+        on_lost: Callable[[DirectConnection], object] | None = None,
+    ) -> None:
         self.reactor = reactor
         self.socket_path = socket_path
+        #: called when the connection is lost without `close` (xenstored dropped it)
+        self.on_lost = on_lost
         self._proto: _DirectProtocol | None = None
         #: requests sent on it, round trips its transactions made (tests, benchmarks)
         self.requests = 0
+        #: called once when it is dropped as wedged (`STALL_AFTER`)
+        self.on_stalled: Callable[[], None] | None = None
+        self._watch: Any = None  # the pending stall check (IDelayedCall)
+        self._seen: int | None = None  # the oldest request at the last check
 
     @property
     def up(self) -> bool:
@@ -172,6 +202,7 @@ class DirectConnection:
         def opened(proto: Any) -> None:
             assert isinstance(proto, _DirectProtocol)
             self._proto = proto
+            self._arm()
 
         def refused(failure: Failure) -> Failure:
             if not isinstance(failure.value, error.ConnectError | OSError):
@@ -182,6 +213,7 @@ class DirectConnection:
         return done
 
     def close(self) -> None:
+        self._disarm()
         proto, self._proto = self._proto, None
         if proto is not None and proto._out is not None:
             proto._out.loseConnection()
@@ -189,6 +221,52 @@ class DirectConnection:
     def _lost(self, proto: _DirectProtocol, _why: str) -> None:
         if proto is self._proto:
             self._proto = None
+            self._disarm()
+            if self.on_lost is not None:
+                self.on_lost(self)
+
+    # -- the stall check: nothing on the hot path, one timer per `STALL_AFTER` ----------
+
+    def _arm(self) -> None:
+        self._watch = self.reactor.callLater(STALL_AFTER, self._check)
+
+    def _disarm(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None and watch.active():
+            watch.cancel()
+
+    def _check(self) -> None:
+        """The oldest request unanswered since the last check? Confirm after the reactor
+        has read the socket once more (it may have been busy, replies waiting unread)."""
+        self._watch = None
+        proto = self._proto
+        if proto is None:
+            return
+        oldest = proto.oldest()
+        if oldest is not None and oldest == self._seen:
+            self._watch = self.reactor.callLater(0, self._confirm, oldest)
+            return
+        self._seen = oldest
+        self._arm()
+
+    def _confirm(self, oldest: int) -> None:
+        self._watch = None
+        proto = self._proto
+        if proto is None:
+            return
+        if proto.oldest() != oldest:
+            self._seen = proto.oldest()
+            self._arm()
+            return
+        _log.warn(
+            "direct xenstore connection: no reply for {s}s (xenstored stopped reading it); "
+            "its calls go on the watch connection and a fresh one is opened",
+            s=STALL_AFTER,
+        )
+        self._proto = None
+        proto.stalled(f"direct connection stalled: no reply for {STALL_AFTER}s")
+        if self.on_stalled is not None:
+            self.on_stalled()
 
     def _send(self, calls: Sequence[_Call], tx_id: int = 0) -> None:
         proto = self._proto
@@ -335,6 +413,8 @@ class DirectRoutes:
     latency-critical calls on it while it is up, on the gateway's connection otherwise."""
 
     _direct: DirectConnection | None = None
+    _direct_retry: Any = None
+    _direct_delay = 0.0
     #: False sends the calls on the gateway's own connection even while the direct one is up
     #: (benchmarks compare both in one run: ``bench_daemon.py --ab-direct``).
     prefer_direct = True
@@ -363,13 +443,15 @@ class DirectRoutes:
         self._drop_direct()
         if not self.config.direct or self.config.transport != "unix":
             return defer.succeed(None)
-        direct = DirectConnection(self.reactor, self.config.socket_path)
+        direct = DirectConnection(self.reactor, self.config.socket_path, self._direct_down)
 
         def up(_: None) -> None:
             if self._router is None or self._state == "closed":
                 direct.close()
             else:
                 self._direct = direct
+                self._direct_delay = 0.0
+                direct.on_stalled = lambda: self._reopen_stalled(direct)
 
         def down(failure: Failure) -> None:
             _log.warn(
@@ -377,10 +459,40 @@ class DirectRoutes:
                 "watch connection",
                 f=failure.getErrorMessage(),
             )
+            self._direct_down(direct)
 
         return direct.connect().addCallbacks(up, down)
 
+    def _direct_down(self, direct: DirectConnection) -> None:
+        """The direct connection alone is lost (or would not open) while the gateway's own
+        is up: open it again after a capped, jittered, growing delay (the gateway's reconnect
+        settings). No reconnect of the gateway follows, so nothing else would."""
+        if direct is not self._direct and self._direct is not None:
+            return  # an older one
+        if self._router is None or self._state == "closed" or self._direct_retry is not None:
+            return  # the gateway's reconnect opens it again with its own connection
+        cfg = self.config
+        self._direct_delay = min(
+            max(self._direct_delay * cfg.reconnect_factor, cfg.reconnect_initial),
+            cfg.reconnect_max,
+        )
+        delay = random.uniform(self._direct_delay / 2, self._direct_delay)
+        self._direct_retry = self.reactor.callLater(delay, self._reopen_direct)
+
+    def _reopen_direct(self) -> None:
+        self._direct_retry = None
+        if self._router is not None and self._state != "closed":
+            self._open_direct()
+
+    def _reopen_stalled(self, wedged: DirectConnection) -> None:
+        """A fresh direct connection for one dropped as wedged, while the gateway is up."""
+        if self._direct is wedged and self._router is not None and self._state != "closed":
+            self._open_direct()
+
     def _drop_direct(self) -> None:
+        retry, self._direct_retry = self._direct_retry, None
+        if retry is not None and retry.active():
+            retry.cancel()
         direct, self._direct = self._direct, None
         if direct is not None:
             direct.close()

@@ -48,10 +48,11 @@ a loaded reactor.  We keep pyxs's connections (``UnixSocketConnection`` /
 ``XenBusConnection``) and its router thread scaffolding (terminator pair, send lock), and
 frame requests with :mod:`shyped.xenstore.wire`.
 
-Modules: this one holds `XenstoreGateway` (connection lifecycle, watches, the reactor-side
-request API); `shyped.xenstore.router` the reader thread, framing and inbox;
-`shyped.xenstore.blocking` the worker-thread requests, transactions and snapshots;
-`shyped.xenstore.gatewayconfig` the configuration, results and counters.
+Modules: this one holds `XenstoreGateway` (connection lifecycle, the reactor-side request
+API); `shyped.xenstore.watches` its watches (registration, dispatch, overflow);
+`shyped.xenstore.router` the reader thread, framing and inbox; `shyped.xenstore.blocking`
+the worker-thread requests, transactions and snapshots; `shyped.xenstore.gatewayconfig` the
+configuration, results and counters; `shyped.xenstore.direct` the second connection.
 
 Values are ``bytes`` both ways: anything a guest wrote is returned verbatim for a strict parser
 to decode.  Paths are ``str`` (xenstored only stores ASCII path characters).
@@ -64,7 +65,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-import attrs
 import pyxs
 from pyxs.connection import UnixSocketConnection, XenBusConnection
 from twisted.internet import defer, threads
@@ -73,7 +73,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from shyped.xenstore import wire
+from shyped.xenstore import listing, wire
 from shyped.xenstore.blocking import (
     Transaction,
     _run_transaction,
@@ -82,7 +82,6 @@ from shyped.xenstore.direct import DirectConnection, DirectRoutes
 from shyped.xenstore.errors import (
     ConnectionLost,
 )
-from shyped.xenstore.events import EventBatch
 from shyped.xenstore.gatewayconfig import (
     GatewayConfig,
     GatewayStats,
@@ -98,6 +97,7 @@ from shyped.xenstore.router import (
     _Router,
 )
 from shyped.xenstore.snapshot import Scan, _check_root, _run_scan, _run_snapshot
+from shyped.xenstore.watches import WatchRoutes, _WatchSpec
 from shyped.xenstore.wire import Op, Perm
 
 T = TypeVar("T")
@@ -107,20 +107,8 @@ _log = Logger(namespace="shyped.xenstore")
 
 # -- the gateway -----------------------------------------------------------------------------
 
-_TOKEN_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/@")
 
-
-@attrs.define(eq=False)
-class _WatchSpec:
-    path: str
-    token: str
-    raw_path: bytes
-    raw_token: bytes
-    on_event: Callable[[str, str], object]
-    on_overflow: Callable[[str], object] | None
-
-
-class XenstoreGateway(DirectRoutes):
+class XenstoreGateway(WatchRoutes, DirectRoutes):
     """One connection to xenstored, used from the reactor thread.  See the module docstring.
 
     Every method is called on the reactor thread; every Deferred fires there, and every
@@ -171,6 +159,11 @@ class XenstoreGateway(DirectRoutes):
     def connected(self) -> bool:
         """True while a connection is up and every watch is registered on it."""
         return self._state == "connected" and self._router is not None
+
+    @property
+    def reconnecting(self) -> bool:
+        """True while the connection is lost and being opened again."""
+        return self._state == "reconnecting"
 
     @property
     def reconnects(self) -> int:
@@ -287,22 +280,6 @@ class XenstoreGateway(DirectRoutes):
         done: Deferred[list[None]] = defer.gatherResults(arms, consumeErrors=True)
         return done.addCallbacks(lambda _: None, _first_error)
 
-    def _arm(self, spec: _WatchSpec) -> Deferred[None]:
-        """Register a recorded watch on a new connection.  Only a lost connection fails the
-        connect: a watch xenstored refuses (quota…) is logged and retried on the next one."""
-
-        def refused(failure: Failure) -> None:
-            if isinstance(failure.value, ConnectionLost):
-                raise failure.value
-            _log.error(
-                "xenstored refused watch {token} on {path}: {f}",
-                token=spec.token,
-                path=spec.path,
-                f=failure.getErrorMessage(),
-            )
-
-        return self._send_watch(spec, Op.WATCH).addErrback(refused)
-
     def _router_closed(self, router: _Router, reason: str) -> None:
         """Reader thread: its connection is gone."""
         self.reactor.callFromThread(self._connection_lost, router, reason)
@@ -359,95 +336,6 @@ class XenstoreGateway(DirectRoutes):
             self._schedule_reconnect()
 
         d.addCallbacks(up, down)
-
-    # -- watches -------------------------------------------------------------------------
-
-    def watch(
-        self,
-        path: str,
-        token: str,
-        on_event: Callable[[str, str], object],
-        on_overflow: Callable[[str], object] | None = None,
-    ) -> Deferred[None]:
-        """Watch ``path`` (and everything below it) under a token unique to this gateway.
-
-        ``on_event(path, token)`` runs on the reactor thread for each change (coalesced, see
-        :mod:`shyped.xenstore.events`), including once right after registration.
-        ``on_overflow(watched_path)`` runs when events of this watch were dropped: re-read the
-        subtree.  The watch survives reconnects.  While disconnected it is only recorded (and
-        registered on reconnect); otherwise the Deferred fires once xenstored accepted it.
-        """
-        try:
-            raw_path = _encode_path(path, watch=True)
-            raw_token = token.encode("ascii")
-            if not raw_token or len(raw_token) > 256 or not set(raw_token) <= _TOKEN_CHARS:
-                raise ValueError(f"invalid watch token {token!r}")
-        except (ValueError, TypeError, UnicodeEncodeError) as exc:
-            return defer.fail(exc)
-        if raw_token in self._watches:
-            return defer.fail(ValueError(f"watch token {token!r} already in use"))
-        spec = _WatchSpec(path, token, raw_path, raw_token, on_event, on_overflow)
-        self._watches[raw_token] = spec
-        self._inbox.lane_prefixes[raw_token] = raw_path if raw_path == b"/" else raw_path + b"/"
-        if self._router is None:
-            return defer.succeed(None)
-
-        def rejected(failure: Failure) -> Failure:
-            permanent = not isinstance(failure.value, ConnectionLost)
-            if permanent and self._watches.get(raw_token) is spec:
-                del self._watches[raw_token]
-                self._inbox.lane_prefixes.pop(raw_token, None)
-            return failure
-
-        return self._send_watch(spec, Op.WATCH).addErrback(rejected)
-
-    def unwatch(self, token: str) -> Deferred[None]:
-        """Remove a watch; its pending events are discarded."""
-        raw_token = token.encode("ascii")
-        spec = self._watches.pop(raw_token, None)
-        if spec is None:
-            return defer.fail(KeyError(token))
-        self._inbox.lane_prefixes.pop(raw_token, None)
-        self._inbox.discard_token(raw_token)
-        if self._router is None:
-            return defer.succeed(None)
-        return self._send_watch(spec, Op.UNWATCH)
-
-    def watched(self) -> dict[str, str]:
-        """token → path of every watch (armed or waiting for a connection)."""
-        return {spec.token: spec.path for spec in self._watches.values()}
-
-    def _send_watch(self, spec: _WatchSpec, op: int) -> Deferred[None]:
-        payload = wire.watch_payload(spec.raw_path, spec.raw_token)
-        return self._request(op, payload, spec.path, wire.ack)
-
-    def _dispatch(self, batch: EventBatch) -> None:
-        for raw_path, raw_token in batch.events:
-            spec = self._watches.get(raw_token)
-            if spec is None:
-                continue
-            try:
-                path = raw_path.decode("ascii")
-            except UnicodeDecodeError:
-                self._overflowed(spec)  # cannot happen with a sane xenstored; re-read instead
-                continue
-            try:
-                spec.on_event(path, spec.token)
-            except Exception:
-                _log.failure("watch callback for {token} raised", token=spec.token)
-        for raw_token in batch.overflowed:
-            spec = self._watches.get(raw_token)
-            if spec is not None:
-                self._overflowed(spec)
-
-    def _overflowed(self, spec: _WatchSpec) -> None:
-        _log.warn("xenstore watch {token} on {path} overflowed", token=spec.token, path=spec.path)
-        if spec.on_overflow is None:
-            return
-        try:
-            spec.on_overflow(spec.path)
-        except Exception:
-            _log.failure("overflow callback for {token} raised", token=spec.token)
 
     # -- the reactor side of requests ----------------------------------------------------
 
@@ -551,8 +439,12 @@ class XenstoreGateway(DirectRoutes):
         return batch.deferred
 
     def directory(self, path: str) -> Deferred[tuple[str, ...]]:
-        """Child names; NoEntry if absent."""
-        return self._path_request(Op.DIRECTORY, path, wire.children)
+        """Child names; NoEntry if absent. A list longer than a message is read in parts
+        where xenstored asks for that (E2BIG; `shyped.xenstore.listing`)."""
+        first = self._path_request(Op.DIRECTORY, path, wire.children)
+        return listing.directory_deferred(
+            first, lambda op, p: self._request(op, p, path, bytes), path
+        )
 
     def get_perms(self, path: str) -> Deferred[tuple[Perm, ...]]:
         """The permission list, owner first."""

@@ -210,7 +210,9 @@ class _Inbox:
         self._drain = drain
         self._lock = threading.Lock()
         self._calls: list[_Call] = []
-        self.events = EventQueue(max_events)
+        #: one lane (a guest's home) holds at most half the queue: a flooding guest overflows
+        #: its own lane, and only its tree is read again (`EventQueue`)
+        self.events = EventQueue(max_events, max_per_lane=max(1, max_events // 2))
         self._scheduled = False
         #: watch token → watched path + "/": events are laned by the next path component.
         #: Written on the reactor thread, read on the reader thread (single dict operations).
@@ -226,9 +228,9 @@ class _Inbox:
                 if prefix is not None and path.startswith(prefix):
                     start = len(prefix)
                     end = path.find(b"/", start)
-                    self.events.push(
-                        path, token, (token, path[start:end] if end > 0 else path[start:])
-                    )
+                    part = path[start:end] if end > 0 else path[start:]
+                    # dom0's own tree (/local/domain/0) is written by dom0 alone: not capped
+                    self.events.push(path, token, (token, part), capped=part != b"0")
                 else:
                     self.events.push(path, token)
             if self._scheduled or not (self._calls or self.events.has_work()):

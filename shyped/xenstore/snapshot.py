@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import attrs
 
-from shyped.xenstore import wire
+from shyped.xenstore import listing, wire
 from shyped.xenstore.blocking import _Channel
 from shyped.xenstore.errors import ConnectionLost, NoEntry, XenstoreError
 from shyped.xenstore.gatewayconfig import GatewayConfig, Node, Snapshot
@@ -190,17 +190,33 @@ def _read_tree(
                 at += count
                 if any(isinstance(a, NoEntry) for a in answers):
                     continue  # removed between its parent's listing and now
-                for answer in answers:
-                    if isinstance(answer, XenstoreError):
+                for i, answer in enumerate(answers):  # a long list (1) is read in parts
+                    if isinstance(answer, XenstoreError) and not (
+                        i == 1 and listing.is_too_big(answer)
+                    ):
                         raise answer
-                value, listing = answers[0], answers[1]
-                assert isinstance(value, bytes) and isinstance(listing, bytes)
+                try:
+                    kids = _children(channel, path, answers[1])
+                except NoEntry:
+                    continue  # removed while its list was read in parts
+                value = answers[0]
+                assert isinstance(value, bytes)
                 perms = answers[2] if want else None
                 assert perms is None or isinstance(perms, bytes)
-                kids = wire.children(listing)
                 yield path, value, kids, perms
                 next_level.extend(c for c in (_join(path, k) for k in kids) if not prune(c))
         level = next_level
+
+
+def _children(channel: _Channel, path: str, answer: bytes | XenstoreError) -> tuple[str, ...]:
+    """The child names of a DIRECTORY answer; a list xenstored refused as longer than a
+    message (C xenstored: E2BIG) is read in parts, in the walk's transaction (`listing`)."""
+    if isinstance(answer, bytes):
+        return wire.children(answer)
+    if not listing.is_too_big(answer):
+        raise answer
+    raw = _encode_path(path)
+    return listing.read_parts(lambda op, payload: channel.call(op, payload, path), path, raw)
 
 
 def _never(path: str) -> bool:

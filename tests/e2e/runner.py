@@ -32,6 +32,8 @@ from builder import Images, ensure_images
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = HERE / "scenarios"
+#: Functions the scenarios share, sourced before each (sent with the job, not in the image).
+SCENARIO_LIB = HERE / "scenario-lib.sh"
 REPO = HERE.parents[1]
 
 #: Xen's command line (as in shared/xen-4.17-reference: com1 console, 1 GB dom0 on one vCPU,
@@ -127,7 +129,7 @@ def host_paths() -> list[str]:
 
 
 def _cpio_job(scenario: Path, files: Mapping[str, bytes], env: Mapping[str, str]) -> bytes:
-    """The /job archive: run (lib + scenario), files/, env.  Built with the cpio tool from a
+    """The /job archive: run (libs + scenario), files/, env.  Built with the cpio tool from a
     scratch directory so it is a plain newc archive like the base initramfs."""
     with tempfile.TemporaryDirectory(prefix="shyped-e2e-job-") as tmp:
         root = Path(tmp)
@@ -137,11 +139,13 @@ def _cpio_job(scenario: Path, files: Mapping[str, bytes], env: Mapping[str, str]
             "#!/bin/sh\n"
             ". /usr/lib/shyped-e2e/lib.sh\n"
             ". /job/env\n"
+            ". /job/scenario-lib.sh\n"
             f"# scenario {scenario.name}\n"
             "cd /job/files\n"
             ". /job/scenario.sh\n"
         )
         (job / "run").write_text(run)
+        shutil.copyfile(SCENARIO_LIB, job / "scenario-lib.sh")
         shutil.copyfile(scenario, job / "scenario.sh")
         lines = [f"export {k}='{v}'\n" for k, v in env.items()]
         for k, v in env.items():

@@ -76,7 +76,9 @@ def test_a_plain_xl_create_guest_is_relabelled_before_it_runs(run: RunResult) ->
     assert f"Xen FLASK: domain {b} unlabelled in Xen: relabel to {context('beta')}" in run.text(
         "daemon.log"
     )
-    (rec,) = [r for r in audit(run) if r["kind"] == "flask-relabel"]
+    (rec,) = [
+        r for r in audit(run) if r["kind"] == "flask-relabel" and r.get("reason") == "admission"
+    ]
     assert rec["domid"] == b and rec["new"] == context("beta")
     assert rec["old"] == "system_u:system_r:shype__unlabelled_t"
     listed = {d["name"]: d for d in json.loads(run.text("list.json"))["domains"]}
@@ -104,6 +106,42 @@ def test_xen_refuses_guests_sharing_no_type_and_the_trail_records_it(run: RunRes
     # Guests' early console writes are denied without audit (the compiler's dontaudit).
     assert not [r for r in denied if r["perms"] == ["writeconsole"]], denied
     assert run.text("audit-verify.txt.rc").strip() == "0", run.text("audit-verify.txt")
+
+
+def test_a_relabel_of_a_running_guest_reaches_xen(run: RunResult) -> None:
+    """`shypectl addlabel gamma mgt alpha`: Xen relabels the running guest first (xl list -Z),
+    the guest keeps its xenstore and console channels (it still runs the guest program), and a
+    port it offers beta, which gamma may not reach, is refused by Xen; relabelled back, the
+    same offer works."""
+    a = domid(run, "alpha")
+    for name in ("relabel-gamma.json", "relabel-alpha.json"):
+        assert run.text(f"{name}.rc").strip() == "0", run.text(name)
+    assert json.loads(run.text("relabel-gamma.json"))["label"].endswith(":gamma")
+    assert xl_list_z(run.text("xl-list-Z-relabelled.txt"))["alpha"] == context("gamma")
+    assert xl_list_z(run.text("xl-list-Z-back.txt"))["alpha"] == context("alpha")
+    refused = peer(run, 8)
+    assert refused["evtchn-alloc-unbound"] == f"errno={EACCES} (EACCES)", refused
+    allowed = peer(run, 9)
+    assert "errno" not in allowed["evtchn-alloc-unbound"], allowed
+    gamma_t, beta_t = type_name("gamma"), type_name("beta")
+    assert any(
+        r["kind"] == "flask-avc"
+        and r["perms"] == ["bind"]
+        and r["scontext"].endswith(f":{gamma_t}_channel")
+        and r["tcontext"].endswith(f":{beta_t}")
+        for r in audit(run)
+    )
+    moves = [
+        (r["kind"], r.get("old"), r.get("new"))
+        for r in audit(run)
+        if r["kind"] in ("flask-relabel", "relabel") and r.get("domid") == a
+    ]
+    assert moves == [
+        ("flask-relabel", context("alpha"), context("gamma")),
+        ("relabel", "alpha", "gamma"),
+        ("flask-relabel", context("gamma"), context("alpha")),
+        ("relabel", "gamma", "alpha"),
+    ], moves
 
 
 def test_a_policy_xen_refuses_leaves_both_the_old(run: RunResult) -> None:

@@ -8,8 +8,8 @@ from typing import Final
 from shyped.core.assembler.local import LocalReader
 from shyped.core.assembler.state import (
     _EMPTY,
-    _XENBUS_STATE_MAX,
     GUEST_TYPES,
+    NO_BACK,
     PV_ONLY_NIC_TYPES,
     _Dom,
     _Record,
@@ -39,12 +39,6 @@ from shyped.core.events import (
 from shyped.core.xsparse import (
     parse_domid_component,
 )
-
-#: Every (state, online) a backend can have, one tuple object each: `_Record.em_be` shares them.
-_BE_FACTS: Final[dict[tuple[int | None, bool | None], tuple[int | None, bool | None]]] = {
-    (st, on): (st, on) for st in (None, *range(_XENBUS_STATE_MAX + 1)) for on in (None, False, True)
-}
-_NO_BE: Final = _BE_FACTS[None, None]
 
 
 class Flusher(LocalReader):
@@ -119,7 +113,7 @@ class Flusher(LocalReader):
             rec = hdom.records.get((kind, a)) if hdom is not None else None
             ends = (home, rec.emitted[0]) if rec is not None and rec.emitted else None
         else:
-            dk = self._be_index.get((home, kind, a, b))
+            dk = self._served_by(home, (kind, a, b))
             fdom = self._doms.get(a) if dk is not None else None
             rec = fdom.records.get((dk.kind, dk.devid)) if fdom and dk else None
             ends = (a, home) if rec is not None and rec.emitted else None
@@ -196,7 +190,10 @@ class Flusher(LocalReader):
         d = dom.domid
         self._dirty_res.add(d)
         self._dirty_devs.update(DeviceKey(k, d, i) for k, i in dom.records)
-        self._dirty_devs.update(dom.served)
+        if dom.served:
+            self._dirty_devs.update(dom.served.values())
+        if dom.shadowed:
+            self._dirty_devs.update(dom.shadowed)
         self._dirty_vchans.update((d, p) for p in dom.vchans)
 
     def _flush_device(self, dk: DeviceKey, out: list[Event]) -> None:
@@ -246,16 +243,13 @@ class Flusher(LocalReader):
             out.append(FrontendStateChanged(dk, state))
         bdom = self._doms.get(be)
         bk = bdom.backs.get((bkind, dk.frontend, dk.devid)) if bdom is not None else None
-        bfacts: tuple[int | None, bool | None] = _NO_BE
-        if bk is not None:
-            bfacts = (bk.state, bk.online)
-            bfacts = _BE_FACTS.get(bfacts, bfacts)
+        bfacts = NO_BACK if bk is None else bk  # shared tuples (`back_facts`)
         if bfacts != rec.em_be:
             rec.em_be = bfacts
             out.append(BackendStateChanged(dk, be, bfacts[0], bfacts[1]))
         rings = None
         if fe is not None and fe.refs and fe.ports and (state is None or state == 3 or state == 4):
-            rings = (tuple(sorted(fe.refs.items())), tuple(sorted(fe.ports.items())))
+            rings = (fe.refs, fe.ports)  # sorted already, shared with the front
         if rings != rec.em_rings:
             if rings is not None:
                 out.append(RingsPublished(dk, rings[0], rings[1]))
@@ -352,16 +346,16 @@ class Flusher(LocalReader):
                 yield base
                 if fe.state is not None:
                     yield base + "/state"
-                for k in fe.refs or ():
+                for k, _ in fe.refs:
                     yield base + "/" + k
-                for k in fe.ports or ():
+                for k, _ in fe.ports:
                     yield base + "/" + k
             for (bkind, fe_id, devid), bk in dom.backs.items():
                 base = f"{home}/backend/{bkind}/{fe_id}/{devid}"
                 yield base
-                if bk.state is not None:
+                if bk[0] is not None:
                     yield base + "/state"
-                if bk.online is not None:
+                if bk[1] is not None:
                     yield base + "/online"
             for vpath, vc in dom.vchans.items():
                 yield vpath

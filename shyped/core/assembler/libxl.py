@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from shyped.core.assembler.state import (
     _DEVID_MAX,
     _RECORD_KEYS,
@@ -12,6 +14,7 @@ from shyped.core.assembler.state import (
     _Record,
     _valid_kind,
     canon_kind,
+    canon_pair,
     pci_record_key,
 )
 from shyped.core.events import (
@@ -97,7 +100,7 @@ class LibxlReader(AssemblerState):
             dom.libxl = True
             self._dirty_doms.add(d)
         if n == 4 and comps[3] == "type":
-            self._guest_type(dom, parse_text(value, 16) or "(unreadable)")
+            self._guest_type(dom, sys.intern(parse_text(value, 16) or "(unreadable)"))
             return
         if n < 6 or comps[3] != "device":
             return
@@ -133,13 +136,16 @@ class LibxlReader(AssemblerState):
                 self._garbage(None, path, "record mode is not r or w")
             rec.writable = value != b"r"
         elif name == "script":
-            rec.script = parse_text(value, MAX_VALUE) or "(unreadable)"
+            # the same few scripts and types in every record (dom0-written): one object each
+            rec.script = sys.intern(parse_text(value, MAX_VALUE) or "(unreadable)")
         elif name == "type":
-            rec.rtype = parse_text(value, 32) or "(unreadable)"
+            rec.rtype = sys.intern(parse_text(value, 32) or "(unreadable)")
         elif name == _RESOURCE_KEY.get(kind):
             res = parse_text(value, MAX_VALUE)
             if res is None:
                 self._garbage(None, path, "record resource is not printable UTF-8")
+            elif kind == "vif":
+                res = sys.intern(res)  # a bridge: the same few names in every record
             rec.resource = res
 
     def _record_for(self, dom: _Dom, kind: str, devid: int, path: str) -> _Record | None:
@@ -150,6 +156,7 @@ class LibxlReader(AssemblerState):
             if len(dom.records) >= self._limits.records_per_domain:
                 self._garbage(None, path, "too many device records", limit=True)
                 return None
+            rkey = canon_pair(kind, devid)
             rec = dom.records[rkey] = _Record(DeviceKey(kind, dom.domid, devid))
         elif rec.gone:
             rec.reset()  # removed and written again within one batch
@@ -194,23 +201,33 @@ class LibxlReader(AssemblerState):
         rec.backend = target
         if target is not None:
             be, bkind = target
-            self._be_index[(be, bkind, dk.frontend, dk.devid)] = dk
             bdom = self._dom(be)
-            if not isinstance(bdom.served, set):
-                bdom.served = set()
-            bdom.served.add(dk)
+            if bdom.served is None:
+                bdom.served = {}
+            bkey = dk if bkind == dk.kind else (bkind, dk.frontend, dk.devid)
+            held = bdom.served.get(bkey)
+            if held is not None and held != dk:
+                if bdom.shadowed is None:
+                    bdom.shadowed = set()
+                bdom.shadowed.add(held)
+            bdom.served[bkey] = dk
 
     def _unlink_backend(self, fe: int, kind: str, devid: int, rec: _Record) -> None:
         if rec.backend is None:
             return
         be, bkind = rec.backend
         dk = DeviceKey(kind, fe, devid)
-        if self._be_index.get((be, bkind, fe, devid)) == dk:
-            del self._be_index[(be, bkind, fe, devid)]
         bdom = self._doms.get(be)
         if bdom is not None:
-            if isinstance(bdom.served, set):
-                bdom.served.discard(dk)
+            bkey = (bkind, fe, devid)
+            if bdom.served is not None and bdom.served.get(bkey) == dk:
+                del bdom.served[bkey]
+                if not bdom.served:
+                    bdom.served = None
+            if bdom.shadowed is not None:
+                bdom.shadowed.discard(dk)
+                if not bdom.shadowed:
+                    bdom.shadowed = None
             self._touched.add(be)
         rec.backend = None
 

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import cast
 
 from shyped.core.assembler.state import (
     _DEVID_MAX,
     _MEMORY_KEYS,
     _MEMORY_KIB_MAX,
+    _NO_ENTRIES,
     _VCPU_INDEX_MAX,
     _XENBUS_STATE_MAX,
-    _Back,
+    NO_BACK,
     _Dom,
     _Front,
     _is_port_key,
     _is_ref_key,
     _short,
     _valid_kind,
+    back_facts,
     canon_kind,
+    canon_pair,
+    ring_drop,
+    ring_get,
+    ring_put,
 )
 from shyped.core.assembler.vms import VmVchanReader
 from shyped.core.events import (
@@ -231,7 +238,7 @@ class LocalReader(VmVchanReader):
             self._dirty_res.add(d)
         dom.fronts.clear()
         for bkey in dom.backs:
-            dk = self._be_index.get((d, *bkey))
+            dk = self._served_by(d, bkey)
             if dk is not None:
                 self._dirty_devs.add(dk)
         dom.backs.clear()
@@ -240,7 +247,10 @@ class LocalReader(VmVchanReader):
             self._dirty_vchans.add((d, path))
         for kind, devid in dom.records:
             self._dirty_devs.add(DeviceKey(kind, d, devid))
-        self._dirty_devs.update(dom.served)
+        if dom.served:
+            self._dirty_devs.update(dom.served.values())
+        if dom.shadowed:
+            self._dirty_devs.update(dom.shadowed)
         # xenstored drops permissions naming a dead domain (XSA-322): it is no longer a client.
         for s, path in sorted(self._clients.get(d, ())):
             vc = self._doms[s].vchans[path]
@@ -299,9 +309,12 @@ class LocalReader(VmVchanReader):
                 pre = sub + "/"
                 if sub == "state":
                     fe.state = None
-                for table in (fe.refs or {}, fe.ports or {}):
-                    for k in [k for k in table if k == sub or k.startswith(pre)]:
-                        del table[k]
+
+                def keep(k: str) -> bool:
+                    return k != sub and not k.startswith(pre)
+
+                fe.refs = ring_drop(fe.refs, keep)
+                fe.ports = ring_drop(fe.ports, keep)
             self._front_dirty(dom, fkey)
             return
         if nrest == 0 or nrest > 2:
@@ -329,19 +342,26 @@ class LocalReader(VmVchanReader):
         fe = self._front_get(d, fkey, path)
         if fe is None:
             return
-        table = (fe.refs if ref else fe.ports) or {}
+        table = fe.refs if ref else fe.ports
         key = name if nrest == 1 else rest[0] + "/" + name
+        held = ring_get(table, key)
         if num is None:
             self._garbage(d, path, "grant ref or port is not a uint32")
-            if table.pop(key, None) is not None:
-                self._front_dirty(self._doms[d], fkey)
+            if held is not None:
+                table = ring_drop(table, key.__ne__)
+            else:
+                return
+        elif held == num:
             return
-        if table.get(key) == num:
-            return
-        if key not in table and fe.ring_keys() >= self._limits.ring_keys_per_device:
+        elif held is None and fe.ring_keys() >= self._limits.ring_keys_per_device:
             self._garbage(d, path, "too many ring keys in one device", limit=True)
             return
-        fe.table(ref)[sys.intern(key)] = num  # the same few names in every front: share them
+        else:
+            table = ring_put(table, sys.intern(key), num)  # the same few names in every front
+        if ref:
+            fe.refs = table
+        else:
+            fe.ports = table
         self._front_dirty(self._doms[d], fkey)
 
     def _front_get(self, d: int, fkey: tuple[str, int], path: str) -> _Front | None:
@@ -351,7 +371,7 @@ class LocalReader(VmVchanReader):
             if len(dom.fronts) >= self._limits.frontends_per_domain:
                 self._garbage(d, path, "too many frontend directories", limit=True)
                 return None
-            fkey = (canon_kind(fkey[0]), fkey[1])
+            fkey = canon_pair(*fkey)
             fe = dom.fronts[fkey] = _Front()
         return fe
 
@@ -399,13 +419,14 @@ class LocalReader(VmVchanReader):
                         self._touched.add(be)
                 return
             assert bkind is not None and fe is not None and devid is not None
-            bk = dom.backs.get((bkind, fe, devid))
+            bkey = (bkind, fe, devid)
+            bk = dom.backs.get(bkey)
             if bk is not None and comps[8] in ("state", "online"):
                 if comps[8] == "state":
-                    bk.state = None
+                    dom.backs[bkey] = back_facts(None, bk[1])
                 else:
-                    bk.online = None
-                self._back_dirty(be, (bkind, fe, devid))
+                    dom.backs[bkey] = back_facts(bk[0], None)
+                self._back_dirty(be, bkey)
             return
         if n != 9:
             return
@@ -419,33 +440,43 @@ class LocalReader(VmVchanReader):
             state = parse_uint(value, _XENBUS_STATE_MAX)
             if state is None:
                 self._garbage(be, path, "state is not a XenbusState")
-            bk = self._back_get(be, (bkind, fe, devid), path)
-            if bk is not None and bk.state != state:
-                bk.state = state
-                self._back_dirty(be, (bkind, fe, devid))
+            self._back_set(be, (bkind, fe, devid), path, state, 0)
         elif name == "online":
             online = None
             if value in (b"0", b"1"):
                 online = value == b"1"
             else:
                 self._garbage(be, path, "online is not 0 or 1")
-            bk = self._back_get(be, (bkind, fe, devid), path)
-            if bk is not None and bk.online != online:
-                bk.online = online
-                self._back_dirty(be, (bkind, fe, devid))
+            self._back_set(be, (bkind, fe, devid), path, online, 1)
 
-    def _back_get(self, be: int, bkey: tuple[str, int, int], path: str) -> _Back | None:
+    def _back_set(
+        self, be: int, bkey: tuple[str, int, int], path: str, fact: int | bool | None, at: int
+    ) -> None:
+        """Set the backend directory's state (`at` 0) or online flag (`at` 1); the directory
+        is made if new (not past the per-domain bound, counted)."""
         dom = self._dom(be)
         bk = dom.backs.get(bkey)
         if bk is None:
             if len(dom.backs) >= self._limits.backends_per_domain:
                 self._garbage(be, path, "too many backend directories", limit=True)
-                return None
-            bkey = (canon_kind(bkey[0]), bkey[1], bkey[2])
-            bk = dom.backs[bkey] = _Back()
-        return bk
+                return
+            # the key object of the device it serves where there is one (equal), else its own
+            dk = dom.served.get(bkey) if dom.served else None
+            bkey = dk if dk is not None and dk == bkey else (canon_kind(bkey[0]), *bkey[1:])
+            bk = NO_BACK
+            if dom.backs is _NO_ENTRIES:
+                dom.backs = {}
+        elif bk[at] == fact:
+            return
+        if at == 0:
+            dom.backs[bkey] = back_facts(fact, bk[1])
+        else:
+            dom.backs[bkey] = back_facts(bk[0], cast("bool | None", fact))
+        if bk is NO_BACK and fact is None:
+            return  # made with nothing in it: nothing to tell (as before)
+        self._back_dirty(be, bkey)
 
     def _back_dirty(self, be: int, bkey: tuple[str, int, int]) -> None:
-        dk = self._be_index.get((be, *bkey))
+        dk = self._served_by(be, bkey)
         if dk is not None:
             self._dirty_devs.add(dk)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
 from shyped.core.channels import (
     SharedNodeTracker,
@@ -127,6 +128,24 @@ def canon_kind(kind: str) -> str:
     return _KINDS.get(kind, kind)
 
 
+#: (kind, device id) keys of records and frontends seen, each one tuple object (bounded
+#: below): every domain has ``("vif", 0)``, ``("vbd", 51712)``, ``("console", 0)`` ...
+_DEV_PAIRS: dict[tuple[str, int], tuple[str, int]] = {}
+_DEV_PAIRS_MAX: Final = 4096
+
+
+def canon_pair(kind: str, devid: int) -> tuple[str, int]:
+    """The shared ``(kind, devid)`` tuple (a new one past the bound): same value."""
+    key = (kind, devid)
+    held = _DEV_PAIRS.get(key)
+    if held is not None:
+        return held
+    key = (canon_kind(kind), devid)
+    if len(_DEV_PAIRS) < _DEV_PAIRS_MAX:
+        _DEV_PAIRS[key] = key
+    return key
+
+
 # --------------------------------------------------------------------------------------------
 # Internal facts
 
@@ -180,6 +199,31 @@ class _Record:
         self.gone = False
 
 
+#: Grant refs or event channel ports of a frontend: (key, value) pairs sorted by key, the
+#: form `RingsPublished` carries, so that the front, what was emitted and the host model's
+#: device share one tuple (a dict per table cost ~200 bytes and a sorted copy per emission).
+RingTable = tuple[tuple[str, int], ...]
+
+
+def ring_get(table: RingTable, key: str) -> int | None:
+    """The value of `key` in `table`, or None."""
+    for k, v in table:
+        if k == key:
+            return v
+    return None
+
+
+def ring_put(table: RingTable, key: str, value: int) -> RingTable:
+    """`table` with `key` set to `value` (a new tuple, still sorted)."""
+    return tuple(sorted((*(kv for kv in table if kv[0] != key), (key, value))))
+
+
+def ring_drop(table: RingTable, keep: Callable[[str], bool]) -> RingTable:
+    """`table` without the keys `keep` refuses (`table` itself when none goes)."""
+    kept = tuple(kv for kv in table if keep(kv[0]))
+    return table if len(kept) == len(table) else kept
+
+
 class _Front:
     """Facts of a frontend directory (guest-written)."""
 
@@ -187,33 +231,28 @@ class _Front:
 
     def __init__(self) -> None:
         self.state: int | None = None
-        #: Grant refs and event channel ports by key; None until the first one (most fronts
-        #: of a host at rest have none, and an empty dict costs 64 bytes).
-        self.refs: dict[str, int] | None = None
-        self.ports: dict[str, int] | None = None
+        #: Grant refs and event channel ports (see `RingTable`), empty until the first one.
+        self.refs: RingTable = ()
+        self.ports: RingTable = ()
 
     def ring_keys(self) -> int:
-        return len(self.refs or ()) + len(self.ports or ())
-
-    def table(self, ref: bool) -> dict[str, int]:
-        """The refs (`ref`) or ports table, made on first use."""
-        if ref:
-            if self.refs is None:
-                self.refs = {}
-            return self.refs
-        if self.ports is None:
-            self.ports = {}
-        return self.ports
+        return len(self.refs) + len(self.ports)
 
 
-class _Back:
-    """Facts of a backend directory (written by the backend domain)."""
+#: A backend directory's facts (written by the backend domain): (XenbusState, online), None
+#: where absent. Every combination is one shared tuple object (`back_facts`), so a backend
+#: costs a dict entry and no object of its own.
+BackFacts = tuple[int | None, bool | None]
+_BACK_FACTS: Final[dict[BackFacts, BackFacts]] = {
+    (st, on): (st, on) for st in (None, *range(_XENBUS_STATE_MAX + 1)) for on in (None, False, True)
+}
+NO_BACK: Final = _BACK_FACTS[None, None]
 
-    __slots__ = ("online", "state")
 
-    def __init__(self) -> None:
-        self.state: int | None = None
-        self.online: bool | None = None
+def back_facts(state: int | None, online: bool | None) -> BackFacts:
+    """The shared (state, online) tuple."""
+    key = (state, online)
+    return _BACK_FACTS.get(key, key)
 
 
 class _Access:
@@ -263,6 +302,22 @@ class _Vchan:
         self.gone = False
 
 
+class _NoEntries(dict):  # type: ignore[type-arg]
+    """The empty table every domain starts with for its backends and vchans (most never
+    have any; an empty dict costs 64 bytes each): read like any empty dict, never written
+    (the writers put a dict of the domain's own in its place first)."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("the shared empty table is read-only")
+
+    __setitem__ = update = setdefault = _refuse
+
+
+_NO_ENTRIES: Final[dict[Any, Any]] = _NoEntries()
+
+
 class _Dom:
     """Everything tracked for one domain id."""
 
@@ -283,6 +338,7 @@ class _Dom:
         "name_set",
         "records",
         "served",
+        "shadowed",
         "uuid",
         "vchans",
     )
@@ -299,10 +355,17 @@ class _Dom:
         self.emitted: tuple[str, str | None, str] | None = None
         self.records: dict[tuple[str, int], _Record] = {}
         self.fronts: dict[tuple[str, int], _Front] = {}
-        self.backs: dict[tuple[str, int, int], _Back] = {}
-        self.vchans: dict[str, _Vchan] = {}
-        #: Devices this domain is the backend of (a set once it serves one: most never do).
-        self.served: set[DeviceKey] | frozenset[DeviceKey] = frozenset()
+        #: Backend directories and vchan candidates (`_NO_ENTRIES` until the first one).
+        self.backs: dict[tuple[str, int, int], BackFacts] = _NO_ENTRIES
+        self.vchans: dict[str, _Vchan] = _NO_ENTRIES
+        #: Devices this domain is the backend of: (backend kind, frontend, devid) -> device,
+        #: the index a backend write is resolved with (None until it serves one: most never
+        #: do). Where the backend kind is the device's kind the key is the `DeviceKey` object
+        #: itself (equal as a tuple): no key object of its own.
+        self.served: dict[tuple[str, int, int], DeviceKey] | None = None
+        #: Devices linked here whose `served` entry a later record of the same backend
+        #: directory took over (rare; None until then): still woken with this domain.
+        self.shadowed: set[DeviceKey] | None = None
         self.mem_target: int | None = None
         self.mem_max: int | None = None
         #: The vCPU indexes whose availability is known (bit ``1 << index``), and of those the
@@ -333,6 +396,7 @@ class _Dom:
             and not self.backs
             and not self.vchans
             and not self.served
+            and not self.shadowed
             and self.mem_target is None
             and self.mem_max is None
             and not self.cpus
@@ -348,13 +412,12 @@ class AssemblerState:
         self._limits = limits or Limits()
         self._doms: dict[int, _Dom] = {0: _Dom(0)}
         self._vms: set[str] = set()
-        #: UUID -> the domain ids whose ``vm`` pointer names it (index: no scan per ``/vm`` event).
-        self._by_uuid: dict[str, set[int]] = {}
+        #: UUID -> the domain id whose ``vm`` pointer names it, or the set of them when more
+        #: than one does (index: no scan per ``/vm`` event; a set only for a duplicate).
+        self._by_uuid: dict[str, int | set[int]] = {}
         #: Domain id -> the vchan candidates (server, path) whose permissions name it as a
         #: reader (index: a removed home visits only the candidates it is a client of).
         self._clients: dict[int, set[tuple[int, str]]] = {}
-        # (backend domid, backend kind, frontend domid, devid) -> device, for backend writes
-        self._be_index: dict[tuple[int, str, int, int], DeviceKey] = {}
         self._vchan_servers: set[int] = set()
         #: ``/libxl/pci`` component -> (domid, devid) of the record made from it.
         self._pci: dict[str, tuple[int, int]] = {}
@@ -387,19 +450,37 @@ class AssemblerState:
         old = dom.uuid
         if old == uuid:
             return
+        d = dom.domid
         if old is not None:
             ids = self._by_uuid.get(old)
-            if ids is not None:
-                ids.discard(dom.domid)
-                if not ids:
-                    del self._by_uuid[old]
+            if ids == d:
+                del self._by_uuid[old]
+            elif isinstance(ids, set):
+                ids.discard(d)
+                if len(ids) == 1:
+                    self._by_uuid[old] = next(iter(ids))
         if uuid is not None:
-            self._by_uuid.setdefault(uuid, set()).add(dom.domid)
+            ids = self._by_uuid.get(uuid)
+            if ids is None:
+                self._by_uuid[uuid] = d
+            elif isinstance(ids, set):
+                ids.add(d)
+            elif ids != d:
+                self._by_uuid[uuid] = {ids, d}
         dom.uuid = uuid
 
-    def _with_uuid(self, uuid: str) -> set[int]:
+    def _with_uuid(self, uuid: str) -> set[int] | tuple[int, ...]:
         """The domain ids whose ``vm`` pointer names `uuid` (from the index)."""
-        return self._by_uuid.get(uuid, set())
+        ids = self._by_uuid.get(uuid)
+        if ids is None:
+            return ()
+        return ids if isinstance(ids, set) else (ids,)
+
+    def _served_by(self, be: int, bkey: tuple[str, int, int]) -> DeviceKey | None:
+        """The device whose record names backend directory `bkey` of domain `be`."""
+        bdom = self._doms.get(be)
+        served = bdom.served if bdom is not None else None
+        return served.get(bkey) if served else None
 
     def _index_vchan(self, s: int, vpath: str, vc: _Vchan, *, drop: bool = False) -> None:
         """File the candidate under the readers its permissions name now (none with `drop`)."""

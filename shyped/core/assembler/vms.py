@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from shyped.core.assembler.libxl import LibxlReader
 from shyped.core.assembler.state import (
     _EMPTY,
+    _NO_ENTRIES,
     _Access,
     _Vchan,
 )
@@ -31,8 +32,8 @@ class VmVchanReader(LibxlReader):
         if n == 2:
             if value is None and self._vms:
                 self._vms.clear()
-                for ids in self._by_uuid.values():
-                    self._dirty_doms.update(ids)
+                for uuid in self._by_uuid:
+                    self._dirty_doms.update(self._with_uuid(uuid))
             return
         uuid = comps[2]
         if value is None:
@@ -91,6 +92,8 @@ class VmVchanReader(LibxlReader):
                     peers = frozenset(d for d, a in p.acl if a != "n" and d not in (0, s))
                     self._shared.over_limit(s, path, peers, p.default != "n")
                 return
+            if dom.vchans is _NO_ENTRIES:
+                dom.vchans = {}
             vc = dom.vchans[vpath] = _Vchan()
             self._vchan_servers.add(s)
         elif vc.gone:

@@ -20,12 +20,16 @@ from shyped.service.auditlog.writer import (
     AuditLog,
 )
 from shyped.service.auditlog.writerstate import (
+    HeadDraft,
     Listener,
     _Recorder,
     _StateView,
 )
 
 _log = Logger(namespace="shyped.audit")
+
+#: A record handed to the writer thread and its Deferred; (None, None): try to resume.
+_Queued = tuple[Draft | HeadDraft | None, Deferred[Record] | None]
 
 
 class AsyncAuditLog(_StateView, _Recorder["Deferred[Record]"]):
@@ -47,8 +51,8 @@ class AsyncAuditLog(_StateView, _Recorder["Deferred[Record]"]):
         self.log: Final = log
         self._reactor = reactor
         self._cond = threading.Condition()
-        self._queue: list[tuple[Draft | None, Deferred[Record] | None]] = []
-        self._tick: list[tuple[Draft | None, Deferred[Record] | None]] = []
+        self._queue: list[_Queued] = []
+        self._tick: list[_Queued] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._stopped: Deferred[None] | None = None
@@ -74,7 +78,7 @@ class AsyncAuditLog(_StateView, _Recorder["Deferred[Record]"]):
         interval = self.log.settings.retry_interval
         self._resume.start(interval if interval > 0 else 1.0, now=False)
 
-    def append(self, draft: Draft) -> Deferred[Record]:
+    def append(self, draft: Draft | HeadDraft) -> Deferred[Record]:
         if self._stopped is not None:
             raise RuntimeError("the audit log is stopping")
         d: Deferred[Record] = Deferred()
@@ -131,7 +135,7 @@ class AsyncAuditLog(_StateView, _Recorder["Deferred[Record]"]):
             finally:
                 self._reactor.callFromThread(self._finished)
 
-    def _commit(self, batch: list[tuple[Draft | None, Deferred[Record] | None]]) -> None:
+    def _commit(self, batch: list[_Queued]) -> None:
         done: list[tuple[Deferred[Record], Record | BaseException]] = []
         appended: list[tuple[Deferred[Record], Record]] = []
         for draft, d in batch:

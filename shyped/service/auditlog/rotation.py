@@ -20,6 +20,7 @@ from shyped.service.auditlog.settings import (
     log_file_name,
 )
 from shyped.service.auditlog.writerstate import (
+    HeadDraft,
     _Pending,
     _WriterState,
 )
@@ -32,12 +33,14 @@ class _Rotation(_WriterState):
 
     # ----------------------------------------------------------------- sealing
 
-    def _seal(self, draft: Draft, *, counted: bool) -> Record:
+    def _seal(self, draft: Draft | HeadDraft, *, counted: bool) -> Record:
         new_file = False
         if not self._pend_has_file:  # the log's very first record opens its first file
             new_file = True
         elif self._pend_size >= self.settings.max_file_bytes and self._pend_records > 0:
             self._seal_rotate()
+        if isinstance(draft, HeadDraft):
+            draft = draft.at(self._pend_seq - 1, self._pend_hash)
         rec = seal(draft, log=self._log_id, seq=self._pend_seq, prev=self._pend_hash)
         if new_file:
             self._switch_pending(rec)

@@ -53,6 +53,7 @@ from shyped.service.auditlog.settings import (
     log_file_name,
 )
 from shyped.service.auditlog.writerstate import (
+    HeadDraft,
     _Outage,
     _Pending,
 )
@@ -91,7 +92,7 @@ class AuditLog(_Rotation):
             self.close()
             raise
 
-    def append(self, draft: Draft) -> Record:
+    def append(self, draft: Draft | HeadDraft) -> Record:
         """Seal `draft` into the chain (not yet durable: `flush`).
 
         Raises `AuditUnavailable` while fail-closed and a retry (at most one per
@@ -101,7 +102,7 @@ class AuditLog(_Rotation):
         if self._state is AuditState.UNAVAILABLE:
             due = self._monotonic() - self._last_attempt >= self.settings.retry_interval
             if not (due and self.try_resume()):
-                self._refuse(draft)
+                self._refuse(draft.draft if isinstance(draft, HeadDraft) else draft)
                 raise AuditUnavailable(self._unavailable_text())
         if self._outage is not None and not self._resume_sealed:  # ignore mode, after errors
             self._seal_resumed()

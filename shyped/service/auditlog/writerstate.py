@@ -45,10 +45,24 @@ T = TypeVar("T")
 Listener = Callable[[AuditState, str], None]
 
 
+@attrs.frozen
+class HeadDraft:
+    """A draft that names the chain head it follows: ``head_seq`` and ``head_hash`` (seq and
+    hash of the record sealed just before it) are added to its body when it is sealed, i.e.
+    after every record appended before it, rotation and resume records included. A head read
+    before appending would miss the records still on their way to the writer."""
+
+    draft: Draft
+
+    def at(self, seq: int, head: str) -> Draft:
+        body = {**self.draft.body, "head_seq": seq, "head_hash": head}
+        return attrs.evolve(self.draft, body=body)
+
+
 class _Recorder(Generic[T]):
     """`record_decision` / `record_event`, the calls the daemon makes, over some `append`."""
 
-    def append(self, draft: Draft) -> T:
+    def append(self, draft: Draft | HeadDraft) -> T:
         raise NotImplementedError
 
     def now(self) -> str:
@@ -80,6 +94,10 @@ class _Recorder(Generic[T]):
     def record_event(self, kind: str | Kind, **details: object) -> T:
         """Audit a daemon event: policy load/reject, mode change, relabel, start/stop …"""
         return self.append(event_draft(kind, self.now(), **details))
+
+    def record_event_at_head(self, kind: str | Kind, **details: object) -> T:
+        """`record_event` naming the chain head it follows (`HeadDraft`), e.g. ``daemon-stop``."""
+        return self.append(HeadDraft(event_draft(kind, self.now(), **details)))
 
 
 @attrs.define

@@ -2,12 +2,11 @@
 # Mirrors the capture in shared/xen-4.17-reference: xl create -p, layout, xl unpause, wait until
 # vif and vbd are Connected on both ends, layout, xl list, destroy.  Also checks that the
 # host's venv Python runs in dom0 and reaches xenstored (what the daemon scenarios need).
-# Sourced by /job/run after e2e-lib.sh; cwd is /job/files.
+# Sourced by /job/run after e2e-lib.sh and scenario-lib.sh (BE, domid); cwd is /job/files.
 set -u
 CFG=$E2E_FILES/xsgold.cfg
 [ -f "$CFG" ] || e2e_fail "no xsgold.cfg in the job files"
 DOM=/local/domain/1
-BE=/local/domain/0/backend
 VIF_FE=$DOM/device/vif/0
 VBD_FE=$DOM/device/vbd/51712
 VIF_BE=$BE/vif/1/0
@@ -20,6 +19,7 @@ xenstore-ls -fp | e2e_put layout-before-create.txt
 e2e_step "disk image and xl create -p"
 dd if=/dev/zero of=/var/lib/xen/images/xsgold-xvda.img bs=1M count=8 2>/dev/null
 e2e_run xl-create.log xl -vvv create -p "$CFG" || e2e_fail "xl create -p"
+[ "$(domid xsgold)" = 1 ] || e2e_fail "xsgold is not domain 1"
 # xl returns once the hotplug scripts are done; xenconsoled's tty write and the backends'
 # InitWait come on their own, so wait for them before the dump (like the capture did).
 e2e_wait_for 60 "console tty" xenstore-read $DOM/console/tty || e2e_fail "no console tty"

@@ -9,11 +9,9 @@
 #   5. a permissive daemon: blue2's vif (same denial) connects, the denial is logged.
 # Every check the host makes is on result files; this script fails only when a step cannot go
 # on (a wait timed out), so the host test names what differed.
-# Sourced by /job/run after e2e-lib.sh; cwd is /job/files.
+# Sourced by /job/run after e2e-lib.sh and scenario-lib.sh; cwd is /job/files.
 set -u
 F=$E2E_FILES
-BE=/local/domain/0/backend
-PIDFILE=/run/shyped-e2e.pid
 SOCK=/run/shyped/control.sock
 XL_OPTS="--timeout 60 --admission-timeout 180"
 
@@ -25,34 +23,11 @@ die() {
     e2e_fail "$@"
 }
 
-# start_daemon CONFIG LOG: shyped in the background with the host's venv; its pid in PIDFILE.
-start_daemon() {
-    rm -f "$PIDFILE"
-    # shellcheck disable=SC2016
-    e2e_host /bin/sh -c 'echo $$ >'"$PIDFILE"'; exec shyped --config "$1" run' sh "$1" \
-        >"$2" 2>&1 </dev/null &
-    e2e_wait_for 30 "daemon pid" test -s "$PIDFILE" || die "daemon did not start"
-    e2e_wait_for 180 "daemon ready ($2)" grep -q "ready:" "$2" || {
-        e2e_put "$(basename "$2")" "$2"
-        die "daemon not ready"
-    }
-}
-
 # stop_daemon SIGNAL: signal the daemon and wait until it is gone.
 stop_daemon() {
     pid=$(cat "$PIDFILE")
     kill "-$1" "$pid"
     e2e_wait_for 60 "daemon $pid exited" sh -c "! kill -0 $pid" || die "daemon still runs"
-}
-
-domid() { xl domid "$1" 2>/dev/null; }
-
-# states NAME DOMID KIND DEVID: both ends' state (or "absent") of one device, one line each.
-states() {
-    for node in /local/domain/$2/device/$3/$4 $BE/$3/$2/$4; do
-        echo "$node/state = $(xenstore-read "$node/state" 2>/dev/null || echo absent)"
-        echo "$node/online = $(xenstore-read "$node/online" 2>/dev/null || echo absent)"
-    done | e2e_put "$1"
 }
 
 # watch_states OUT NODE...: record every value the nodes take (polled 5 times a second), in the
@@ -85,17 +60,7 @@ guest_up() {
 }
 
 mkdir -p /run/shyped /var/lib/xen/images
-# Under e2e_host, xl (shype-xl's and the daemon's actuator) is the host's and so are the tools
-# its hotplug scripts call, but /etc is dom0's: the host's /usr/bin/awk is a link into
-# /etc/alternatives (Debian's update-alternatives), missing in dom0 ("awk: command not found"
-# from vif-bridge).  Give dom0 the host's links; outside e2e_host nothing in dom0 uses them.
-if [ -d /etc/alternatives ]; then
-    for link in /host/etc/alternatives/*; do
-        [ -e "/etc/alternatives/${link##*/}" ] || cp -a "$link" /etc/alternatives/
-    done
-else
-    cp -a /host/etc/alternatives /etc/alternatives
-fi
+host_alternatives
 dd if=/dev/zero of=/var/lib/xen/images/green.img bs=1M count=8 2>/dev/null
 xenstore-ls -fp | e2e_put layout-before-daemon.txt
 

@@ -15,10 +15,9 @@
 # (xenconsoled's log here) and takes commands from xenpeer/cmd under its own xenstore home,
 # which this script writes and only that guest can read.  Every check is made by the host on
 # the result files; this script fails only when a step cannot go on.
-# Sourced by /job/run after e2e-lib.sh; cwd is /job/files.
+# Sourced by /job/run after e2e-lib.sh and scenario-lib.sh; cwd is /job/files.
 set -u
 F=$E2E_FILES
-CONSOLE=/var/log/xen/console
 
 [ "${E2E_XEN:-}" = flask ] || e2e_fail "this scenario needs the FLASK Xen (E2E_XEN=$E2E_XEN)"
 
@@ -37,38 +36,6 @@ on_poweroff = "destroy"
 on_reboot = "destroy"
 on_crash = "preserve"
 EOF
-}
-
-domid() { xl domid "$1" 2>/dev/null; }
-
-# peer_setup NAME: the guest's command node, dom0's, readable by that guest only.
-peer_setup() {
-    d=$(domid "$1") || e2e_fail "no domain $1"
-    xenstore-write "/local/domain/$d/xenpeer/cmd" "" || e2e_fail "xenstore-write $1"
-    xenstore-chmod "/local/domain/$d/xenpeer" n0 "r$d" || e2e_fail "chmod $1"
-    xenstore-chmod "/local/domain/$d/xenpeer/cmd" n0 "r$d" || e2e_fail "chmod $1"
-    e2e_wait_for 120 "$1 runs xenpeer" grep -q "XENPEER - serving" "$CONSOLE/guest-$1.log" ||
-        e2e_fail "guest program did not start in $1"
-}
-
-# peer NAME ID WORDS...: run a command in guest NAME, wait for it, send its lines as
-# peer-ID.txt (and keep them in /tmp/peer-ID.txt for the values the next steps need).
-peer() {
-    name=$1
-    id=$2
-    shift 2
-    e2e_step "$name: $id $*"
-    xenstore-write "/local/domain/$(domid "$name")/xenpeer/cmd" "$id $*"
-    e2e_wait_for 60 "$name: $id done" grep -q "XENPEER $id done" "$CONSOLE/guest-$name.log" ||
-        e2e_fail "$name did not finish command $id"
-    tr -d '\r' <"$CONSOLE/guest-$name.log" | grep "XENPEER $id " >"/tmp/peer-$id.txt"
-    e2e_put "peer-$id.txt" "/tmp/peer-$id.txt"
-}
-
-# value ID KEY: KEY=<value> from command ID's lines ("-" when absent).
-value() {
-    v=$(sed -n "s/.* $2=\([0-9]*\).*/\1/p" "/tmp/peer-$1.txt" | head -n 1)
-    echo "${v:--}"
 }
 
 e2e_step "Xen's view at boot"

@@ -8,6 +8,9 @@
 #      unlabelled) relabelled by the daemon from the label store before its admission;
 #   3. alpha and beta (share "shared") bind and map; gamma and alpha (share nothing) are
 #      refused by Xen, and the daemon's audit trail records the denials;
+#   3b. `shypectl addlabel gamma mgt alpha` (xm's relabel of a running domain): Xen relabels
+#      alpha first (xl list -Z), alpha keeps its xenstore/console channels, a port it offers
+#      beta is refused; relabelled back to alpha, the same offer works;
 #   4. a policy Xen refuses (the daemon's copy of Xen's policy tree broken on purpose):
 #      both keep 1.0, alpha and beta still bind;
 #   5. `shypectl policy load` of 1.2 (alpha and beta share nothing): both switch, a new port
@@ -17,11 +20,10 @@
 # Python's start-up alone exceeds under QEMU's TCG.
 # Port and grant numbers pass through dom0 (guest console, a xenstore node only the peer reads),
 # as in flask.sh.  Every check is made by the host on the result files; this script fails only
-# when a step cannot go on.  Sourced by /job/run after e2e-lib.sh; cwd is /job/files.
+# when a step cannot go on.  Sourced by /job/run after e2e-lib.sh
+# and scenario-lib.sh; cwd is /job/files.
 set -u
 F=$E2E_FILES
-CONSOLE=/var/log/xen/console
-PIDFILE=/run/shyped-e2e.pid
 LOG=/tmp/daemon.log
 XL_OPTS="--timeout 60 --admission-timeout 180"
 
@@ -33,47 +35,13 @@ die() {
     e2e_fail "$@"
 }
 
-domid() { xl domid "$1" 2>/dev/null; }
-
 ctl() { e2e_host shypectl --json "$@"; }
-
-peer_setup() {
-    d=$(domid "$1") || die "no domain $1"
-    xenstore-write "/local/domain/$d/xenpeer/cmd" "" || die "xenstore-write $1"
-    xenstore-chmod "/local/domain/$d/xenpeer" n0 "r$d" || die "chmod $1"
-    xenstore-chmod "/local/domain/$d/xenpeer/cmd" n0 "r$d" || die "chmod $1"
-    e2e_wait_for 120 "$1 runs xenpeer" grep -q "XENPEER - serving" "$CONSOLE/guest-$1.log" ||
-        die "guest program did not start in $1"
-}
-
-# peer NAME ID WORDS...: run a guest program command in NAME; its lines as peer-ID.txt.
-peer() {
-    name=$1
-    id=$2
-    shift 2
-    e2e_step "$name: $id $*"
-    xenstore-write "/local/domain/$(domid "$name")/xenpeer/cmd" "$id $*"
-    e2e_wait_for 60 "$name: $id done" grep -q "XENPEER $id done" "$CONSOLE/guest-$name.log" ||
-        die "$name did not finish command $id"
-    tr -d '\r' <"$CONSOLE/guest-$name.log" | grep "XENPEER $id " >"/tmp/peer-$id.txt"
-    e2e_put "peer-$id.txt" "/tmp/peer-$id.txt"
-}
-
-value() {
-    v=$(sed -n "s/.* $2=\([0-9]*\).*/\1/p" "/tmp/peer-$1.txt" | head -n 1)
-    echo "${v:--}"
-}
 
 mkdir -p /run/shyped
 xl dmesg -c >/dev/null 2>&1
 
 e2e_step "1: daemon (enforcing) on the FLASK Xen"
-rm -f "$PIDFILE"
-# shellcheck disable=SC2016
-e2e_host /bin/sh -c 'echo $$ >'"$PIDFILE"'; exec shyped --config "$1" run' sh "$F/shyped.toml" \
-    >"$LOG" 2>&1 </dev/null &
-e2e_wait_for 30 "daemon pid" test -s "$PIDFILE" || die "daemon did not start"
-e2e_wait_for 300 "daemon ready" grep -q "ready:" "$LOG" || die "daemon not ready"
+start_daemon "$F/shyped.toml" "$LOG" 300
 ctl status >/tmp/status-start.json 2>&1
 e2e_put status-start.json /tmp/status-start.json
 
@@ -106,6 +74,14 @@ peer alpha 4 take "$G" "$(value 3 port)" "$(value 3 gref)"
 sleep 3 # the daemon reads Xen's console ring every second
 xl dmesg >/tmp/xl-dmesg-1.txt 2>&1
 e2e_put xl-dmesg-1.txt /tmp/xl-dmesg-1.txt
+
+e2e_step "3b: shypectl relabel of running alpha to gamma (Xen first), and back"
+e2e_run relabel-gamma.json ctl addlabel gamma mgt alpha
+e2e_run xl-list-Z-relabelled.txt xl list -Z
+peer alpha 8 offer "$B" # as gamma alpha shares nothing with beta: Xen refuses the port
+e2e_run relabel-alpha.json ctl addlabel alpha mgt alpha
+e2e_run xl-list-Z-back.txt xl list -Z
+peer alpha 9 offer "$B" # alpha again: allowed
 
 e2e_step "4: a policy Xen refuses"
 AV=$(ls -d /tmp/shyped-flask-cache/*/xen/xsm/flask/policy)/access_vectors

@@ -3,10 +3,9 @@
 # vCPU, the guest "io" pings dom0 over its vif and writes its vbd (tests/e2e/metering/
 # work-init.sh, appended to the guest initramfs). The endpoint is scraped twice, 12 s apart,
 # each time followed at once by `xl list` and `xentop -b -i 1`; the host test compares them.
-# Sourced by /job/run after e2e-lib.sh; cwd is /job/files.
+# Sourced by /job/run after e2e-lib.sh and scenario-lib.sh; cwd is /job/files.
 set -u
 F=$E2E_FILES
-PIDFILE=/run/shyped-e2e.pid
 URL=http://127.0.0.1:9474/metrics
 XENTOP=$(command -v xentop || echo /usr/lib/xen-4.17/bin/xentop)
 
@@ -28,12 +27,7 @@ cat /guest/initrd.gz /tmp/overlay.cpio.gz >/var/lib/xen/images/work-initrd.gz
 dd if=/dev/zero of=/var/lib/xen/images/io.img bs=1M count=16 2>/dev/null
 
 e2e_step "shyped with metrics"
-rm -f "$PIDFILE"
-# shellcheck disable=SC2016
-e2e_host /bin/sh -c 'echo $$ >'"$PIDFILE"'; exec shyped --config "$1" run' sh "$F/shyped.toml" \
-    >/tmp/daemon.log 2>&1 </dev/null &
-e2e_wait_for 30 "daemon pid" test -s "$PIDFILE" || die "daemon did not start"
-e2e_wait_for 180 "daemon ready" grep -q "ready:" /tmp/daemon.log || die "daemon not ready"
+start_daemon "$F/shyped.toml" /tmp/daemon.log
 
 e2e_step "guests"
 e2e_run xl-create-burner.log xl create "$F/burner.cfg" || die "xl create burner"

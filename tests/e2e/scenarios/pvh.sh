@@ -7,8 +7,6 @@
 # The host test checks result files; this script fails only when a step cannot go on.
 set -u
 F=$E2E_FILES
-BE=/local/domain/0/backend
-PIDFILE=/run/shyped-e2e.pid
 LOG=/tmp/daemon-pvh.log
 
 die() {
@@ -17,33 +15,13 @@ die() {
     e2e_fail "$@"
 }
 
-domid() { xl domid "$1" 2>/dev/null; }
-
-states() {
-    for node in /local/domain/$2/device/$3/$4 $BE/$3/$2/$4; do
-        echo "$node/state = $(xenstore-read "$node/state" 2>/dev/null || echo absent)"
-        echo "$node/online = $(xenstore-read "$node/online" 2>/dev/null || echo absent)"
-    done | e2e_put "$1"
-}
-
 mkdir -p /run/shyped /var/lib/xen/images
-if [ -d /etc/alternatives ]; then
-    for link in /host/etc/alternatives/*; do
-        [ -e "/etc/alternatives/${link##*/}" ] || cp -a "$link" /etc/alternatives/
-    done
-else
-    cp -a /host/etc/alternatives /etc/alternatives
-fi
+host_alternatives
 dd if=/dev/zero of=/var/lib/xen/images/pvh-green.img bs=1M count=8 2>/dev/null
 e2e_run xl-info.txt xl info
 
 e2e_step "daemon (enforcing)"
-rm -f "$PIDFILE"
-# shellcheck disable=SC2016
-e2e_host /bin/sh -c 'echo $$ >'"$PIDFILE"'; exec shyped --config "$1" run' sh "$F/shyped.toml" \
-    >"$LOG" 2>&1 </dev/null &
-e2e_wait_for 30 "daemon pid" test -s "$PIDFILE" || die "daemon did not start"
-e2e_wait_for 180 "daemon ready" grep -q "ready:" "$LOG" || die "daemon not ready"
+start_daemon "$F/shyped.toml" "$LOG"
 xenstore-ls -fp | e2e_put layout-before-create.txt
 
 e2e_step "1: shype-xl create -p pvh-green"
