@@ -242,6 +242,45 @@ def test_sweep_readmits_running_domains_first_then_judges_the_rest() -> None:
     assert h.engine.counted() == {1: "bank-b-web"}
 
 
+def test_places_held_for_incoming_domains_count_for_new_admissions_only() -> None:
+    """Pool mode's granted reservations (`Engine.held`, UUID -> label): a domain started by
+    hand meanwhile is admitted as if the incoming ones ran (Chinese Wall, max_domains); the
+    holder itself takes its place; a running domain re-admitted by a sweep keeps its place."""
+    h2 = Host()
+    h2.engine.held = {uuid(9): "bank-a-web"}  # a place held for bank A's incoming web domain
+    out = h2.domain(4, "web-b1")  # bank B's, started by hand meanwhile
+    assert not out.allowed and "held for incoming domains" in out.decision.reason
+    assert h2.domain(3, "batch-a1").allowed  # bank A's batch domain: no conflict
+    (incoming,) = h2.feed(DomainAppeared(9, uuid(9), "web-a1"))
+    assert incoming.allowed
+    h3 = Host()
+    h3.domain(5, "web-b1")
+    h3.engine.held = {uuid(9): "bank-a-web"}  # granted after a policy change made them rivals
+    h3.engine.begin_sweep(h3.model)
+    start = len(h3.out)
+    h3.decide(list(h3.model.all_needs()))
+    assert [o.allowed for o in h3.out[start:]] == [True]  # the running domain keeps its place
+    quota = {f"00000000-0000-4000-8000-00000000010{n}": "bank-a-web" for n in range(4)}
+    h4 = Host()
+    h4.engine.held = quota  # bank-a-web: max_domains = 4, all held
+    out = h4.domain(6, "web-a1")
+    assert not out.allowed and out.decision.rule is Rule.QUOTA
+
+
+def test_a_held_place_whose_domain_runs_is_counted_once() -> None:
+    """Between the incoming domain's admission and the grant being settled, the place is not
+    counted twice (running and held) against the others: bank-a-web has max_domains = 4."""
+    h = Host()
+    h.engine.held = {uuid(9): "bank-a-web"}
+    (incoming,) = h.feed(DomainAppeared(9, uuid(9), "web-a1"))
+    assert incoming.allowed
+    for domid in (11, 12, 13):  # three more by hand: four run, none held any longer
+        (out,) = h.feed(DomainAppeared(domid, uuid(domid), "web-a1"))
+        assert out.allowed, out.decision.reason
+    (fifth,) = h.feed(DomainAppeared(14, uuid(14), "web-a1"))
+    assert not fifth.allowed and fifth.decision.rule is Rule.QUOTA
+
+
 def test_switch_policy_follows_renames() -> None:
     h = Host()
     h.domain(1, "shop-1")

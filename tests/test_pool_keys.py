@@ -91,3 +91,20 @@ def test_pool_config_is_off_by_default_and_checked() -> None:
     ):
         with pytest.raises(ConfigError, match=what):
             parse_config(f'[policy]\npath = "p.toml"\n[pool]\n{bad}\n')
+
+
+def test_writer_owned_keys_name_their_writer() -> None:
+    keys = k.PoolKeys("/p", "host-a")
+    assert keys.answer("f" * 32) == "/p/policy/answers/host-a/host-a/" + "f" * 32
+    theirs = keys.answer("f" * 32, "host-c", "host-b")
+    assert theirs == "/p/policy/answers/host-c/host-b/" + "f" * 32
+    assert keys.proposal("f" * 32) == "/p/policy/proposals/host-a/" + "f" * 32
+    assert keys.request("host-c", "1" * 32) == "/p/reservations/host-a/host-c/" + "1" * 32
+    assert keys.grant("1" * 32, "host-c") == "/p/grants/host-c/host-a/" + "1" * 32
+    assert keys.owned(keys.answers, keys.answer("e" * 32, "host-b")) == (
+        "host-b",
+        "host-a/" + "e" * 32,
+    )
+    for bad in ("/p/policy/answers/host-b", "/p/policy/answers/-x/1", "/p/policy/answers//1"):
+        assert keys.owned(keys.answers, bad) is None
+    assert keys.owned(keys.answers, "/p/grants/host-b/1") is None

@@ -5,6 +5,7 @@ lease, and a host keeps enforcing from its cache when etcd is gone."""
 from __future__ import annotations
 
 import base64
+import json
 import signal
 
 import pytest
@@ -248,7 +249,9 @@ async def test_a_label_write_etcd_did_not_take_is_retried_not_lost(
     assert a.label(U1) == "bank-b-web"  # in force here at once
     assert a.daemon.status().pool["unpublished"] == 1
     await eventually(lambda: bh.label(U1) == "bank-b-web", timeout=20)
-    assert failures["left"] == 0 and a.daemon.status().pool["unpublished"] == 0
+    # host-b may see the value before host-a's put returns and leaves the queue
+    await eventually(lambda: a.daemon.status().pool["unpublished"] == 0, timeout=10)
+    assert failures["left"] == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -347,8 +350,43 @@ async def test_a_pool_bigger_than_its_bound_is_refused_whole_not_held(
     _put(bh.cluster, f"{PREFIX}/labels/uuid/{U1}", "bank-b-web")
     await eventually(lambda: bh.label(U1) == "bank-b-web", timeout=10)
     for n in range(3):
-        _put(bh.cluster, f"{PREFIX}/policy/proposals/{n:032x}", "p" * 100_000)
+        _put(bh.cluster, f"{PREFIX}/policy/proposals/host-x/{n:032x}", "p" * 100_000)
     await eventually(lambda: "characters" in (bh.pool.error or ""), timeout=10)
     assert sum(len(k) + len(v) for k, v in bh.pool.entries.items()) <= 200_000
     assert len(str(cache_of(bh))) <= 200_000
     assert bh.label(U1) == "bank-b-web"
+
+
+@pytest_twisted.ensureDeferred
+async def test_addlabel_in_pool_mode_does_not_overwrite_a_hand_edit_of_the_local_file(
+    pool_hosts: list[PoolHost],
+) -> None:
+    """The local label file is behind the other hosts' changes by design, but a hand edit of it
+    since this daemon read or wrote it is not silently overwritten by addlabel: refused as on
+    a single host (nothing written to etcd), and the edit stays (before, it was lost)."""
+    a, bh, _ = pool_hosts
+    await a.start()
+    await bh.start()
+    bh.ctl.register_domain(b.RegisterDomainArgs(uuid=U2, label="bank-b-web"))
+    await eventually(lambda: a.label(U2) == "bank-b-web", timeout=10)
+    a.ctl.register_domain(b.RegisterDomainArgs(uuid=U1, label="bank-b-web"))  # file is behind
+    await eventually(lambda: a.daemon.status().pool["unpublished"] == 0, timeout=10)
+    written = a.labels.read_text()
+    doc = json.loads(written)
+    doc.setdefault("domains", {}).setdefault("name", {})["hand-1"] = "shop"
+    a.labels.write_text(json.dumps(doc))
+    with pytest.raises(ControlError) as caught:
+        a.ctl.register_domain(b.RegisterDomainArgs(uuid=U3, label="bank-a-web"))
+    assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+    assert "was changed since the daemon loaded it" in caught.value.message
+    assert "pool mode" in caught.value.message
+    assert json.loads(a.labels.read_text()) == doc
+    assert a.label(U3) is None and a.daemon.status().pool["unpublished"] == 0
+    client = EtcdClient(reactor, bh.cluster.endpoints)
+    try:
+        assert await client.get(f"{PREFIX}/labels/uuid/{U3}") is None
+    finally:
+        await client.close()
+    a.labels.write_text(written)  # put back: the change goes through
+    a.ctl.register_domain(b.RegisterDomainArgs(uuid=U3, label="bank-a-web"))
+    await eventually(lambda: bh.label(U3) == "bank-a-web", timeout=10)

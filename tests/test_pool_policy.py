@@ -142,7 +142,7 @@ async def test_a_flood_of_proposals_is_bounded_and_dead_proposers_are_ignored(
     def propose(n: int, proposer: str) -> None:
         pid = f"{n:032x}"
         doc = records.Proposal(pid, records.sha256_text(text), text, "f.toml", proposer, 0)
-        _put(a, f"{PREFIX}/policy/proposals/{pid}", doc.to_json())
+        _put(a, f"{PREFIX}/policy/proposals/{proposer}/{pid}", doc.to_json())
 
     pp = a.ctl.pool_policy
     assert pp is not None
@@ -174,7 +174,7 @@ async def test_a_past_flood_of_proposals_does_not_stop_a_host_answering(
         await eventually(lambda h=h: names <= set(h.pool.entries), timeout=15)
     pp = bh.ctl.pool_policy
     assert pp is not None
-    junk = [f"{PREFIX}/policy/proposals/{n:032x}" for n in range(4)]
+    junk = [f"{PREFIX}/policy/proposals/host-a/{n:032x}" for n in range(4)]
     for key in junk:
         _put(bh, key, "not a proposal")
     await eventually(lambda: pp.ignored >= 4, timeout=20)
@@ -185,3 +185,28 @@ async def test_a_past_flood_of_proposals_does_not_stop_a_host_answering(
     result = await _load(a, _policy("1.1"))
     assert result.policy.version == "1.1"
     await eventually(lambda: str(bh.daemon.loaded.policy.version) == "1.1", timeout=15)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_proposal_reusing_another_proposers_id_cannot_answer_for_it(
+    pool_hosts: list[PoolHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """host-b (hostile, writing only its own ranges) files a harmless proposal under the id
+    of host-a's pending one: host-c's answer to it must not count as host-c's answer to
+    host-a's proposal (before, answers were keyed by id alone, so host-c's "accepted" to b's
+    text overwrote its "refused" to a's and host-a would commit what host-c refused)."""
+    monkeypatch.setattr(poolpolicy, "ANSWER_TIMEOUT", 2.0)
+    a, _, c = pool_hosts
+    await _start_all(pool_hosts)
+    pid = "f" * 32
+    text = _policy("1.1")
+    doc = records.Proposal(pid, records.sha256_text(text), text, "f.toml", "host-b", 0)
+    _put(c, f"{PREFIX}/policy/proposals/host-b/{pid}", doc.to_json())
+    await eventually(
+        lambda: any("/policy/answers/host-c/" in k and pid in k for k in a.pool.entries),
+        timeout=20,
+    )
+    pp = a.ctl.pool_policy
+    assert pp is not None
+    answers = await pp._collect(pid, frozenset({"host-c"}))  # host-a's own proposal `pid`
+    assert answers == {}, answers

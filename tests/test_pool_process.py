@@ -16,6 +16,8 @@ from etcd_helpers import EtcdCluster, etcd_cluster_fixture  # noqa: F401 (fixtur
 from peercred_helpers import Accounts, as_user, code, needs_users, system_accounts
 from process_helpers import wait_until
 
+from shyped.pool.anchor import AuditAnchor
+from shyped.pool.keys import PoolKeys
 from shyped.sandbox.xenstored import SandboxXenstored
 
 PREFIX = "/shyped/proc-pool"
@@ -120,3 +122,17 @@ def test_verify_pool_without_a_pool_table_says_so(host: Host, tmp_path: Path) ->
     status, text = verify(host, "--pool", "--config", str(host.config))
     assert status == 2 and "no [pool] table" in text
     del tmp_path
+
+
+def test_verify_pool_takes_no_anchor_naming_another_host(
+    host: Host, etcd_cluster: EtcdCluster
+) -> None:
+    """An anchor filed in this host's range that names another host (copied there by a writer
+    of the prefix) is named as such, not checked as this host's head."""
+    forged = AuditAnchor("proc-2", "a" * 32, 3, "b" * 64, 1.0)
+    key = PoolKeys(PREFIX, "proc-1").audit_anchor(forged.log)
+    assert etcd_cluster.etcdctl("put", key, forged.to_json()).returncode == 0
+    host.write_config()
+    (host.directory / "audit").mkdir()
+    status, text = verify(host, "--pool", "--config", str(host.config))
+    assert status == 1 and "names host 'proc-2': not this host's" in text, text

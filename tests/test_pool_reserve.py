@@ -188,10 +188,119 @@ async def test_requests_not_from_a_live_member_get_no_answer(pool_hosts: list[Po
     for n in range(5):
         rid = f"{n:032x}"
         req = Request(rid, UA, "bank-a-web", "host-z", "host-c", "migrate")
-        _put(c, f"{PREFIX}/reservations/host-c/{rid}", req.to_json())
+        _put(c, f"{PREFIX}/reservations/host-z/host-c/{rid}", req.to_json())
     await eventually(lambda: reservations.ignored == 5, timeout=20)
     assert not reservations.held and reservations.granted == 0
     assert not [k for k in c.pool.entries if "/grants/" in k]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_domain_started_by_hand_counts_the_places_held_for_incoming_ones(
+    pool_hosts: list[PoolHost],
+) -> None:
+    """host-c granted bank A's web domain a place; bank B's web domain started on host-c by
+    hand meanwhile is refused (the held place counts as running), and the incoming domain
+    then takes its place (before, the hand-started rival was admitted and the incoming one
+    refused)."""
+    a, _, c = pool_hosts
+    await _start_all(pool_hosts)
+    got = await _reserve(a, UA, "host-c", "bank-a-web")
+    assert isinstance(got, b.ReserveResult) and got.granted, got
+    rival = "cccccccc-0000-4000-8000-00000000000c"
+    _put(c, f"{PREFIX}/labels/uuid/{rival}", "bank-b-web")
+    _put(c, f"{PREFIX}/labels/uuid/{UA}", "bank-a-web")
+    await eventually(lambda: c.label(rival) == "bank-b-web" and c.label(UA) == "bank-a-web")
+    h = c.harness
+    domid = await h.call(h.ts.create, domcfg("by-hand", uuid=rival))
+    await h.settle()
+    out = h.last(f"domain {domid}")
+    assert not out.allowed and "held for incoming" in str(out.checks), out
+    incoming = await h.call(h.ts.create, domcfg("web-a-1--incoming", uuid=UA))
+    await h.settle()
+    assert h.last(f"domain {incoming}").allowed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lapsed_grant_stops_holding_its_place_on_a_quiet_pool(
+    pool_hosts: list[PoolHost], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grant never used lapses after GRANT_TTL even if nothing else changes in the pool; a
+    rival started by hand is then admitted (before, the engine kept the place held until some
+    other pool entry changed)."""
+    from shyped.service import poolreserve
+
+    monkeypatch.setattr(poolreserve, "GRANT_TTL", 1.0)
+    a, _, c = pool_hosts
+    await _start_all(pool_hosts)
+    got = await _reserve(a, UA, "host-c", "bank-a-web")
+    assert isinstance(got, b.ReserveResult) and got.granted, got
+    assert c.daemon.engine.held == {UA: "bank-a-web"}
+    await eventually(lambda: not c.daemon.engine.held, timeout=10)
+    rival = "cccccccc-0000-4000-8000-00000000000c"
+    _put(c, f"{PREFIX}/labels/uuid/{rival}", "bank-b-web")
+    await eventually(lambda: c.label(rival) == "bank-b-web")
+    domid = await c.harness.call(c.harness.ts.create, domcfg("by-hand", uuid=rival))
+    await c.harness.settle()
+    assert c.harness.last(f"domain {domid}").allowed
+
+
+@pytest_twisted.ensureDeferred
+async def test_reservations_past_a_labels_max_domains_are_refused(
+    pool_hosts: list[PoolHost],
+) -> None:
+    """bank-a-web has max_domains = 4: host-c grants four places (held, counted as running)
+    and refuses the fifth with the quota (before, the fifth was granted and the incoming
+    domain then vetoed by the quota at admission)."""
+    a, _, c = pool_hosts
+    await _start_all(pool_hosts)
+    uuids = [f"dddddddd-0000-4000-8000-00000000000{n}" for n in range(5)]
+    for u in uuids[:4]:
+        got = await _reserve(a, u, "host-c", "bank-a-web")
+        assert isinstance(got, b.ReserveResult) and got.granted, got
+    refused = await _reserve(a, uuids[4], "host-c", "bank-a-web")
+    assert isinstance(refused, ControlError) and refused.code is ErrorCode.DENIED, refused
+    assert "max_domains = 4" in refused.message
+    reservations = c.ctl.reservations
+    assert reservations is not None and len(reservations.held) == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_filed_in_another_hosts_range_is_refused(
+    pool_hosts: list[PoolHost],
+) -> None:
+    """The source is taken from the key (the range only the source's etcd user may write): a
+    request in host-b's range that names host-a as its source is refused, not held."""
+    _, _, c = pool_hosts
+    await _start_all(pool_hosts)
+    reservations = c.ctl.reservations
+    assert reservations is not None
+    rid = "e" * 32
+    req = Request(rid, UA, "bank-a-web", "host-a", "host-c", "migrate")
+    _put(c, f"{PREFIX}/reservations/host-b/host-c/{rid}", req.to_json())
+    grant = f"{PREFIX}/grants/host-c/host-b/{rid}"  # answered in the range it is filed in
+    await eventually(lambda: grant in c.pool.entries, timeout=20)
+    assert '"refused"' in c.pool.entries[grant] and "range it is filed in" in c.pool.entries[grant]
+    assert not reservations.held and reservations.granted == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_reusing_another_sources_id_cannot_answer_for_it(
+    pool_hosts: list[PoolHost],
+) -> None:
+    """host-b (hostile, writing only its own ranges) files a harmless request to host-c under
+    the id of host-a's pending one: host-c's grant to it is not what host-a reads as the
+    answer to its own request (before, grants were keyed by destination and id alone, so a
+    grant to b's request answered a's too, and a refusal to a could be turned into a grant)."""
+    a, _, c = pool_hosts
+    await _start_all(pool_hosts)
+    rid = "a" * 32
+    req = Request(rid, UB, "shop", "host-b", "host-c", "migrate")
+    _put(c, f"{PREFIX}/reservations/host-b/host-c/{rid}", req.to_json())
+    reservations = c.ctl.reservations
+    assert reservations is not None
+    await eventually(lambda: reservations.granted == 1, timeout=20)
+    await eventually(lambda: any("/grants/host-c/" in k and rid in k for k in a.pool.entries))
+    assert a.pool.keys.grant(rid, "host-c") not in a.pool.entries  # host-a's answer for `rid`
 
 
 @pytest_twisted.ensureDeferred
@@ -209,7 +318,7 @@ async def test_a_past_flood_of_requests_does_not_stop_a_destination_answering(
     monkeypatch.setattr(poolreserve, "ANSWER_TIMEOUT", 5.0)
     a, _, c = pool_hosts
     await _start_all(pool_hosts)
-    junk = [f"{PREFIX}/reservations/host-c/{n:032x}" for n in range(3)]
+    junk = [f"{PREFIX}/reservations/host-a/host-c/{n:032x}" for n in range(3)]
     for key in junk:
         _put(c, key, "not a request")
     await eventually(lambda: all(k in c.pool.entries for k in junk), timeout=10)

@@ -34,6 +34,29 @@ def add_pool_commands(sub: Any) -> None:
     )
     p.add_argument("label", help="VM label (bare name or ACM:<policy>:<label>)")
     p.set_defaults(func=cmd_placement)
+    r: argparse.ArgumentParser = sub.add_parser(
+        "pool-roles",
+        help="pool mode: print the etcdctl commands that give each host its own etcd user and "
+        "a role that may write only that host's key ranges (docs/pool.md, per-host identities)",
+    )
+    r.add_argument("--prefix", required=True, help="the pool's key prefix ([pool] prefix)")
+    r.add_argument("--user-prefix", default="shyped-", help="user and role name = this + host")
+    r.add_argument("hosts", nargs="+", metavar="HOST", help="the pool's host names")
+    r.set_defaults(func=cmd_pool_roles)
+
+
+def cmd_pool_roles(ctx: Ctx) -> int:
+    """Offline: no daemon is asked. Bad prefix or host name: a clear error, exit 2."""
+    from shyped.pool.keys import PoolKeyError
+    from shyped.pool.rbac import etcdctl_commands
+
+    try:
+        lines = etcdctl_commands(ctx.args.prefix, ctx.args.hosts, ctx.args.user_prefix)
+    except PoolKeyError as exc:
+        print(f"pool-roles: {exc}", file=ctx.err)
+        return 2
+    ctx.emit({"commands": lines}, lambda: ctx.say("\n".join(lines)))
+    return EXIT_OK
 
 
 #: Most anchors (audit chains) of one host read back.
@@ -122,6 +145,9 @@ def verify_pool(directory: Path, config_path: Path, out: TextIO, err: TextIO) ->
             anchor = parse_anchor(text)
         except AnchorError as exc:
             problems.append(str(exc))
+            continue
+        if anchor.host != pool.host:
+            problems.append(f"an anchor under {key} names host {anchor.host!r}: not this host's")
             continue
         records = (
             rec for path in list_log_files(directory) for rec in iter_parsed(read_lines(path))

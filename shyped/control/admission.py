@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from shyped.control import backend as b
 from shyped.control import views
-from shyped.control.poolpolicy import PoolPolicy
+from shyped.control.poolpolicy import PoolPolicy, local_file_problem
 from shyped.control.protocol import ControlError, ErrorCode
 from shyped.core.engine import Outcome, resource_of
 from shyped.core.hostfacts import Device, Domain, DomainState
@@ -174,13 +174,13 @@ class DaemonBackendBase:
                 pool.check_writable()
             except PoolUnavailable as exc:
                 raise ControlError(ErrorCode.UNAVAILABLE, str(exc)) from None
-        else:
-            # A single host's file is the store: never overwrite a hand edit not reloaded. In
-            # pool mode the store is etcd's (docs/pool.md) and the file only its local copy,
-            # behind the pool's changes by design, so the comparison does not apply there.
-            problem = overwrite_problem(path, self._store)
-            if problem is not None:
-                raise ControlError(ErrorCode.INVALID_ARGUMENT, problem)
+        # Never overwrite a hand edit of the file. A single host's file is the store; in pool
+        # mode (docs/pool.md) it is the local copy, compared with what was last read or written.
+        problem = (
+            overwrite_problem(path, self._store) if pool is None else local_file_problem(path, pool)
+        )
+        if problem is not None:
+            raise ControlError(ErrorCode.INVALID_ARGUMENT, problem)
         previous = self.daemon.engine.labels
         try:
             save_label_store(store, path)
@@ -191,6 +191,7 @@ class DaemonBackendBase:
             ) from None
         self.daemon.set_labels(store)
         if pool is not None:
+            pool.file_labels = store
             pool.publish_labels(previous, store)
 
     @staticmethod

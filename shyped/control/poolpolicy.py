@@ -1,15 +1,17 @@
 """Pool policy switches and placement over the pool store (docs/pool.md).
 
 **Switch** (`PoolPolicy.propose`, ``shypectl policy load`` in pool mode): the proposer puts
-``P/policy/proposals/<id>`` (text, sha256, the pool policy seq it replaces); every live host's
-daemon (`on_entries`) parses it in the isolated worker (`shyped.control.policyparse`), runs the
-existing update check against *its own* running set and answers under
-``P/policy/answers/<id>/<host>``. The proposer waits for every live host (``P/hosts/``), then
-commits with ONE etcd transaction on ``P/policy/current`` (only if its revision is still the
-one the proposal was based on) when all accepted; else it is refused with each host's
-reasons and nothing is written. Each daemon applies a committed record it does not run yet
-through its usual load path (check, switch, audit). Proposals, answers and the committed
-record are untrusted input (`shyped.pool.records`).
+``P/policy/proposals/<proposer>/<id>`` (text, sha256, the pool policy seq it replaces); every
+live host's daemon (`on_entries`) parses it in the isolated worker
+(`shyped.control.policyparse`), runs the existing update check against *its own* running set
+and answers under ``P/policy/answers/<host>/<proposer>/<id>`` (each host writes only its own
+range: with per-host etcd users, `shyped.pool.rbac`, no host can answer, veto or withdraw for
+another; a host deletes its answer when the proposal is withdrawn). The proposer waits for
+every live host (``P/hosts/``), then commits with ONE etcd transaction on ``P/policy/current``
+(only if its revision is still the one the proposal was based on) when all accepted; else it
+is refused with each host's reasons and nothing is written. Each daemon applies a committed
+record it does not run yet through its usual load path (check, switch, audit). Proposals,
+answers and the committed record are untrusted input (`shyped.pool.records`).
 
 **Placement** (`PoolPolicy.placement`): `shyped.pool.placement` over the live hosts' states.
 """
@@ -17,6 +19,7 @@ record are untrusted input (`shyped.pool.records`).
 from __future__ import annotations
 
 import uuid as uuidlib
+from pathlib import Path
 from typing import Any, Final
 
 from twisted.internet import defer, task
@@ -26,6 +29,7 @@ from twisted.logger import Logger
 from shyped.control import backend as b
 from shyped.control.policyparse import parse_isolated
 from shyped.control.protocol import ControlError, ErrorCode
+from shyped.core.labelstore import overwrite_problem
 from shyped.policy import update
 from shyped.pool import records
 from shyped.pool.placement import place
@@ -40,6 +44,23 @@ ANSWER_TIMEOUT: Final = 10.0
 MAX_OPEN_PROPOSALS: Final = 4
 #: Proposal ids remembered as answered (those still filed under the prefix).
 MAX_ANSWERED: Final = 10_000
+
+
+#: What to do about a hand edit of the local label file in pool mode (a reload does not help).
+POOL_FILE_REMEDY: Final = (
+    "in pool mode the labels live in the pool store and this file is only this host's copy, "
+    "which a reload does not publish: put the file back (or remove it) and make the change "
+    "with addlabel/rmlabel"
+)
+
+
+def local_file_problem(path: Path, pool: PoolStore) -> str | None:
+    """Why an ``addlabel``/``rmlabel`` in pool mode would overwrite something in the local
+    label file at `path`, or None: the same check as on a single host
+    (`shyped.core.labelstore.overwrite_problem`: errors, a hand edit), but against what this
+    daemon last read from or wrote to the file, since the other hosts' changes reach this
+    host's store without being written to the file."""
+    return overwrite_problem(path, pool.file_labels, POOL_FILE_REMEDY)
 
 
 class PoolPolicy:
@@ -61,12 +82,15 @@ class PoolPolicy:
 
     def on_entries(self, entries: dict[str, str], changed: set[str] | None) -> None:
         keys = changed if changed is not None else set(entries)
-        filed = self.keys.policy + "proposals/"
+        filed = self.keys.proposals
         if changed is None:  # a whole snapshot: forget the ids no longer filed
             self._answered &= {k[len(filed) :] for k in entries if k.startswith(filed)}
         for key in sorted(keys):
             if key.startswith(filed) and key not in entries:  # withdrawn: forget its id
                 self._answered.discard(key[len(filed) :])
+                owned = self.keys.owned(filed, key)
+                if owned is not None and self.keys.answer(owned[1], None, owned[0]) in entries:
+                    self._withdraw_answer(self.keys.answer(owned[1], None, owned[0]))
             elif key.startswith(filed):
                 pid = key[len(filed) :]
                 if pid not in self._answered and len(self._answered) < MAX_ANSWERED:
@@ -74,6 +98,11 @@ class PoolPolicy:
                     self._checking.run(self._answer_later, key, entries[key])
         if self.keys.policy_current in keys and self.keys.policy_current in entries:
             self._maybe_apply(entries[self.keys.policy_current])
+
+    def _withdraw_answer(self, key: str) -> None:
+        """Delete this host's answer to a withdrawn proposal (only this host may)."""
+        d = Deferred.fromCoroutine(self.pool.client.delete(key))
+        d.addErrback(lambda f: _log.warn("pool: {key} not withdrawn: {e}", key=key, e=f.value))
 
     def _answer_later(self, key: str, text: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self._answer(key, text))
@@ -90,19 +119,22 @@ class PoolPolicy:
         live = self.pool.host_states()[0]
         if (
             key not in self.pool.entries
-            or key != self.keys.proposal(proposal.id)
+            or key != self.keys.proposal(proposal.id, proposal.proposer)
             or proposal.proposer not in live
         ):
             self.ignored += 1
             _log.warn(
-                "pool: proposal {id} ignored: withdrawn, misfiled or not from a live host",
+                "pool: proposal {id} ignored: withdrawn, not filed under its proposer's own "
+                "range, or not from a live host",
                 id=proposal.id,
             )
             return
         answer = await self._check(proposal)
         try:
             await self.pool.client.put(
-                self.keys.answer(proposal.id), answer.to_json(), self.pool.lease
+                self.keys.answer(proposal.id, None, proposal.proposer),
+                answer.to_json(),
+                self.pool.lease,
             )
         except EtcdError as exc:
             _log.error(
@@ -189,8 +221,8 @@ class PoolPolicy:
                 committed = await client.put_if_version(
                     self.keys.policy_current, record.to_json(), base_rev
                 )
-            await client.delete_prefix(self.keys.policy + "answers/" + pid + "/")
-            await client.delete(self.keys.proposal(pid))
+            await client.delete(self.keys.answer(pid))  # the others delete theirs on seeing
+            await client.delete(self.keys.proposal(pid))  # the withdrawal (only they may)
         except (EtcdError, records.RecordError) as exc:
             raise ControlError(
                 ErrorCode.UNAVAILABLE, f"pool policy switch not done: {exc}; nothing changed"
@@ -218,18 +250,19 @@ class PoolPolicy:
         return b.PolicyLoadResult(self.backend._policy_info(), previous)
 
     async def _collect(self, pid: str, live: frozenset[str]) -> dict[str, records.Answer]:
-        prefix = self.keys.policy + f"answers/{pid}/"
         deadline = self.backend.reactor.seconds() + ANSWER_TIMEOUT
         answers: dict[str, records.Answer] = {}
         while True:
-            for key, value in self.pool.entries.items():
-                if key.startswith(prefix) and key[len(prefix) :] in live:
-                    try:
-                        ans = records.parse_answer(value)
-                    except records.RecordError as exc:
-                        ans = records.Answer(key[len(prefix) :], False, (f"bad answer: {exc}",))
-                    if ans.host == key[len(prefix) :]:
-                        answers[ans.host] = ans
+            for host in live:  # each host's answer only from its own range
+                value = self.pool.entries.get(self.keys.answer(pid, host))
+                if value is None:
+                    continue
+                try:
+                    ans = records.parse_answer(value)
+                except records.RecordError as exc:
+                    ans = records.Answer(host, False, (f"bad answer: {exc}",))
+                if ans.host == host:
+                    answers[host] = ans
             if set(answers) >= live or self.backend.reactor.seconds() > deadline:
                 return answers
             await task.deferLater(self.backend.reactor, 0.02, lambda: None)

@@ -43,6 +43,8 @@ from __future__ import annotations
 
 from typing import cast
 
+import attrs
+
 from shyped.core import quota
 from shyped.core.accounting import HOOK_OF_KIND, account_domain
 from shyped.core.actions import (
@@ -71,7 +73,7 @@ from shyped.core.running import (
     adapt_running_system,
 )
 from shyped.core.vetoes import denied_party, exemption, veto_for
-from shyped.policy.chinese_wall import NotRunningError
+from shyped.policy.chinese_wall import NotRunningError, running_set
 from shyped.policy.decisions import Decision, Hook, Rule, UnknownLabelError
 from shyped.policy.instances import instance_resource
 
@@ -166,11 +168,21 @@ class Engine(EngineState):
             raw: str | None = previous
         else:
             raw = self._published.pop(domid, None) or self.labels.domain_label(need.uuid, need.name)
+        # Places held for incoming domains count for new admissions, not for a running
+        # domain asked again (sweep); not the holder's own, nor one whose domain is here.
+        uid = (need.uuid or "").lower()
+        held = [
+            lb
+            for u, lb in (self.held.items() if previous is None else ())
+            if u != uid and host.domain_by_uuid(u) is None
+        ]
         decision = self._running.admit(raw)
+        if decision.permitted and held:
+            decision = self._admit_with_held(raw, held)
         name = self._resolve(raw)
         checks = [decision]
         if decision.permitted and name is not None and self._has_quota(name):
-            others = self._others_counted(name, domid)
+            others = self._others_counted(name, domid) + held.count(name)
             checks = self._with_quota(checks, host, domid, name, Hook.DOMAIN_ADMIT, others)
         inst, clash = self._instances.admission(self._policy.policy, domid, name, need.uuid)
         if clash is not None and all(c.permitted for c in checks):
@@ -379,6 +391,20 @@ class Engine(EngineState):
         (a quota-free label, like dom0's, skips the O(devices) account on the hot path)."""
         vm = self._policy.policy.vm_label(label)
         return vm is not None and not vm.quota.is_unlimited
+
+    def _admit_with_held(self, raw: str | None, held: list[str]) -> Decision:
+        """The Chinese Wall check of `raw` with the `held` places counted as running."""
+        labels = [n for n, c in self._running.running_labels().items() for _ in range(c)]
+        try:
+            decision = running_set(self._policy, [*labels, *held]).admit(raw)
+        except UnknownLabelError:  # a held label the policy no longer knows: fail closed
+            return attrs.evolve(
+                self._running.admit(raw), permitted=False, reason="a held place has no label"
+            )
+        if decision.permitted:
+            return decision
+        why = f"{decision.reason} (counting {len(held)} place(s) held for incoming domains)"
+        return attrs.evolve(decision, reason=why)
 
     def _others_counted(self, label: str, domid: int) -> int:
         """Running domains counted with `label` besides `domid` (for max_domains). During a

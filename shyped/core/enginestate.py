@@ -60,6 +60,10 @@ class EngineState:
         self._published: dict[int, str] = {}
         #: During a sweep: the domains re-admitted so far (max_domains counts only those).
         self._swept: set[int] | None = None
+        #: Places held for incoming domains (pool mode's granted reservations, set by
+        #: `shyped.service.poolreserve`): UUID -> label. Any other domain is admitted as if
+        #: they ran (Chinese Wall and max_domains); the holder's own UUID takes its place.
+        self.held: Mapping[str, str] = {}
         self.labels = labels
         self.mode = mode
         self.domain_veto = domain_veto

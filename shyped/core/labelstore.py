@@ -496,11 +496,16 @@ def load_label_store(path: Path) -> LabelStore:
         raise LabelStoreError(f"{path}: {exc}") from None
 
 
-def overwrite_problem(path: Path, current: LabelStore) -> str | None:
+#: What `overwrite_problem` tells an operator to do first (a single host's file is its store).
+RELOAD_FIRST: Final = "reload (SIGHUP) to take the change in before changing labels"
+
+
+def overwrite_problem(path: Path, current: LabelStore, remedy: str = RELOAD_FIRST) -> str | None:
     """Why replacing the store file at `path` with a change to `current` (the store in use)
     would lose something, or None: the file has errors (every one, at its line), or it holds
     other assignments than `current` (edited by hand since it was loaded). `addlabel` and
-    `rmlabel` ask this first; a reload (SIGHUP) takes the file in, then they may write."""
+    `rmlabel` ask this first; a reload (SIGHUP) takes the file in, then they may write
+    (`remedy` says what to do instead where a reload does not: pool mode)."""
     try:
         text = read_bounded(path, LABELS_MAX_BYTES, "label store").decode("utf-8")
     except FileNotFoundError:
@@ -519,8 +524,8 @@ def overwrite_problem(path: Path, current: LabelStore) -> str | None:
         return f"the label store {path} cannot be used: {exc}"
     if on_disk != current:
         return (
-            f"the label store {path} was changed since the daemon loaded it; reload (SIGHUP) "
-            "to take the change in before changing labels, so that it is not overwritten"
+            f"the label store {path} was changed since the daemon loaded it; {remedy}, so "
+            "that the change is not overwritten"
         )
     return None
 

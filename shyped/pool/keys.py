@@ -8,6 +8,15 @@ Under the configured prefix ``P`` (a path such as ``/shyped/pool1``)::
                                                 are host-local); <rid> is percent-encoded
     P/hosts/<host>                -> JSON       a live host's published state, under its lease
     P/audit/<host>/<log id>       -> JSON       the head of one of the host's audit chains
+    P/policy/current              -> JSON       the committed pool policy
+    P/policy/proposals/<host>/<id>  -> JSON     a switch proposed by <host>
+    P/policy/answers/<host>/<proposer>/<id> -> JSON  <host>'s answer to that proposal
+    P/reservations/<src>/<dest>/<id> -> JSON    a reservation <src> asks of <dest>
+    P/grants/<dest>/<src>/<id>    -> JSON       <dest>'s answer to it
+
+Every key one host writes alone starts with a range named after it (``.../<host>/`` or
+``P/hosts/<host>``), so etcd's RBAC can give each host's own user write access to its ranges
+only (`shyped.pool.rbac`) and a reader takes the writer from the key.
 
 Everything read back is untrusted: another host (or anyone with write access to the prefix)
 may have written it. `labels_from_kvs` validates every entry with the label store's own rules
@@ -77,11 +86,48 @@ class PoolKeys:
     def policy_current(self) -> str:
         return self.policy + "current"
 
-    def proposal(self, pid: str) -> str:
-        return self.policy + "proposals/" + pid
+    @property
+    def proposals(self) -> str:
+        return self.policy + "proposals/"
 
-    def answer(self, pid: str, host: str | None = None) -> str:
-        return self.policy + f"answers/{pid}/{host or self.host}"
+    def proposal(self, pid: str, host: str | None = None) -> str:
+        """A proposal, filed under its proposer's own range (`host`, default this one)."""
+        return self.proposals + f"{host or self.host}/{pid}"
+
+    @property
+    def answers(self) -> str:
+        return self.policy + "answers/"
+
+    def answer(self, pid: str, host: str | None = None, proposer: str | None = None) -> str:
+        """`host`'s answer to `proposer`'s proposal `pid` (both default: this host), under the
+        answering host's own range. The proposer is part of the key: a proposal filed by
+        another host under the same id gets its own answer, never this one's."""
+        return self.answers + f"{host or self.host}/{proposer or self.host}/{pid}"
+
+    @property
+    def reservations(self) -> str:
+        return self.prefix + "/reservations/"
+
+    def request(self, dest: str, rid: str, source: str | None = None) -> str:
+        """A reservation request, under the requesting (source) host's own range."""
+        return self.reservations + f"{source or self.host}/{dest}/{rid}"
+
+    def grant(self, rid: str, dest: str | None = None, source: str | None = None) -> str:
+        """`dest`'s answer to `source`'s request `rid` (both default: this host), under the
+        destination's own range. The source is part of the key: a request another host files
+        under the same id gets its own answer, never this one's."""
+        return self.prefix + f"/grants/{dest or self.host}/{source or self.host}/{rid}"
+
+    def owned(self, base: str, key: str) -> tuple[str, str] | None:
+        """(writer host, rest) of a `key` filed under `base` + ``<host>/`` (None: not such a
+        key, or the host part is not a host name). Readers take the writer from the key, the
+        part etcd's RBAC lets only that host write (docs/pool.md, "Per-host identities")."""
+        if not key.startswith(base):
+            return None
+        host, sep, rest = key[len(base) :].partition("/")
+        if not sep or not rest or not HOST_RE.fullmatch(host):
+            return None
+        return host, rest
 
     @property
     def labels(self) -> str:

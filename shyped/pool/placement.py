@@ -9,7 +9,7 @@ decides for itself at admission (`shyped.pool.reservation`): placement is advice
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import attrs
 
@@ -48,5 +48,26 @@ def place(
             )
             continue
         decision = running.admit(label)
+        full = quota_full(engine, label, st.running_labels) if decision.permitted else None
+        if full is not None:
+            out.append(HostVerdict(st.host, False, full))
+            continue
         out.append(HostVerdict(st.host, decision.permitted, decision.reason))
     return tuple(out)
+
+
+def quota_full(engine: PolicyEngine, label: str, running: Mapping[str, int]) -> str | None:
+    """Why one more domain of `label` would pass its ``max_domains`` quota on a host running
+    `running` (label -> count), or None. The per-domain quotas (memory, vCPUs, devices…)
+    depend on the domain's configuration and the run-time label quotas on metering: the
+    destination's daemon judges those at admission, placement does not."""
+    try:
+        name = engine.resolve_domain(label).name
+    except UnknownLabelError:
+        return None  # the Chinese Wall check already refused it
+    vm = engine.policy.vm_label(name)
+    limit = None if vm is None else vm.quota.max_domains
+    count = running.get(name, 0)
+    if limit is not None and count >= limit:
+        return f"quota of {name}: max_domains = {limit} and {count} run there"
+    return None

@@ -1,11 +1,11 @@
 """Migration and restore reservations (pure): the request a source writes for a destination
 host, the destination daemon's grant or refusal, and the state each reservation is in.
 
-Only the destination's daemon answers requests for its host (``P/reservations/<host>/<id>``
--> ``P/grants/<host>/<id>``), one at a time in etcd's revision order, counting the
-reservations it granted and that are not settled yet as running domains: two concurrent
-requests for Chinese Wall rivals on one empty host get one grant and one refusal.
-"""
+Only the destination's daemon answers requests for its host
+(``P/reservations/<source>/<host>/<id>`` -> ``P/grants/<host>/<source>/<id>``), one at a time
+in etcd's revision order, counting the reservations it granted and that are not settled yet
+as running domains: two concurrent requests for Chinese Wall rivals on one empty host get one
+grant and one refusal."""
 
 from __future__ import annotations
 

@@ -81,6 +81,10 @@ class PoolStore:
         self.entries: dict[str, str] = {}
         #: called with the entries and the keys that changed (None: all) after each change
         self.listeners: list[Callable[[dict[str, str], set[str] | None], None]] = []
+        #: The label store the local label file held when this daemon last read (at start)
+        #: or wrote it (`addlabel`): a hand edit since is not overwritten
+        #: (`shyped.control.poolpolicy.local_file_problem`).
+        self.file_labels: LabelStore = daemon.engine.labels
         self._published: str | None = None
         self.refused: tuple[str, ...] = ()
         self.changes_applied = 0
