@@ -80,6 +80,7 @@ from shyped.service.cuttx import (
     path_cleanup,
     revoke_frontend,
 )
+from shyped.service.labelwindow import LabelWindow
 from shyped.service.vetoretry import VetoRetrier
 from shyped.xenstore import Change, NoEntry, Op, Perm, Transaction, XenstoreGateway
 
@@ -151,6 +152,7 @@ class Enforcer:
         #: Nodes whose write ends a cut's wait for the hotplug script (`_await_hotplug`).
         self._hotplug_nodes: dict[str, DeviceKey] = {}
         self._rechecks = 0  # frontend re-checks in flight (counted in stats.in_flight too)
+        self.labels = LabelWindow(reactor)  # label writes whose events are not seen yet
 
     # ---- public -------------------------------------------------------------------------
 
@@ -198,6 +200,7 @@ class Enforcer:
         gives up now, and what fails from here on (the connection closes) is counted as
         abandoned, not logged. Returns the action chains in flight (the daemon logs them)."""
         self.stopping = True
+        self.labels.close()
         # Counted before the wakes: a cut woken here may end (Stopping) at once, which would
         # take it off the count it belongs to.
         in_flight = self.stats.in_flight - self._rechecks
@@ -352,7 +355,10 @@ class Enforcer:
         # one decided, the transaction is aborted and nothing is written. On the reactor over
         # the gateway's direct connection when it is up (no thread hop).
         check = f"/local/domain/{d}/vm" if vm is not None else None
-        if not await self.gateway.apply_if(check, vm or b"", changes):
+        # within the window of label writes whose events are not seen yet (`labelwindow`)
+        if not await self.labels.write(
+            action.path, lambda: self.gateway.apply_if(check, vm or b"", changes)
+        ):
             _log.info("enforce: domain {domid} is gone; label not written", domid=d)
 
     def _wait_closed(self, key: DeviceKey) -> Deferred[str]:

@@ -268,6 +268,7 @@ class DaemonCore(DecisionRecords):
     def _on_event(self, path: str, _token: str) -> None:
         if self._own(path):
             self._own_events += 1
+            self.enforcer.labels.seen(path)
             return
         self.enforcer.touched(path)  # a cut's frontend, checked at once (not batched)
         self._pending.add(path, time.monotonic())
